@@ -1,0 +1,25 @@
+//! The CodeTogether wire protocol, shared by the relay and the agent.
+//!
+//! Nothing here opens a socket: every piece works over any `AsyncRead + AsyncWrite`, so it is tested over
+//! `tokio::io::duplex` and used unchanged over a QUIC stream or a WebSocket.
+//!
+//! - [`frame`]: length-prefixed JSON frames with a hard size limit, and typed reader/writer halves.
+//! - [`message`]: the two directional enums that make up a session after the handshake.
+//! - [`handshake`]: mutual ed25519 challenge–response bound to the TLS channel.
+//! - [`identity`]: key fingerprints, the names people see for keys.
+//! - [`pairing`]: the copy-pasteable pairing token and the one-time code inside it.
+//! - [`ws`]: carries the byte stream over WebSocket binary messages.
+//! - [`version`]: protocol and software versions and the compatibility rule.
+
+pub mod b64;
+pub mod frame;
+pub mod handshake;
+pub mod identity;
+pub mod message;
+pub mod pairing;
+pub mod version;
+pub mod ws;
+
+pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN};
+pub use identity::Fingerprint;
+pub use message::{AgentMessage, RelayMessage};

@@ -1,0 +1,41 @@
+//! Session messages: what flows after the handshake, one enum per direction.
+//!
+//! Both enums are internally tagged JSON (`{"type": "...", ...}`) so a newer peer's unknown message is a
+//! clear decode error rather than a misread field.
+
+use serde::{Deserialize, Serialize};
+
+/// Agent → relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// Keep-alive, sent on a fixed interval; any frame resets the peer's dead-link timer.
+    Heartbeat,
+    /// The agent closes this session on purpose (shutdown, or moving to a better transport).
+    Goodbye { reason: String },
+}
+
+/// Relay → agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayMessage {
+    /// Keep-alive, sent on a fixed interval; any frame resets the peer's dead-link timer.
+    Heartbeat,
+    /// The relay ends this session; `reason` tells the agent whether to come back.
+    Closing {
+        reason: CloseReason,
+        message: String,
+    },
+}
+
+/// Why the relay ended a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The relay is shutting down or restarting: reconnect at once.
+    Shutdown,
+    /// A newer connection with the same key took over this one: do not fight it.
+    Replaced,
+    /// The agent's key was revoked: do not reconnect; the owner must pair again.
+    Revoked,
+}
