@@ -7,6 +7,7 @@
 //! - [`message`]: the two directional enums that make up a session after the handshake.
 //! - [`handshake`]: mutual ed25519 challenge–response bound to the TLS channel.
 //! - [`identity`]: key fingerprints, the names people see for keys.
+//! - [`link`]: ALPN, WebSocket path, keep-alive timing per transport.
 //! - [`pairing`]: the copy-pasteable pairing token and the one-time code inside it.
 //! - [`ws`]: carries the byte stream over WebSocket binary messages.
 //! - [`version`]: protocol and software versions and the compatibility rule.
@@ -15,6 +16,7 @@ pub mod b64;
 pub mod frame;
 pub mod handshake;
 pub mod identity;
+pub mod link;
 pub mod message;
 pub mod pairing;
 pub mod version;
@@ -22,4 +24,5 @@ pub mod ws;
 
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME_LEN};
 pub use identity::Fingerprint;
+pub use link::Transport;
 pub use message::{AgentMessage, RelayMessage};

@@ -1,0 +1,207 @@
+//! The admin socket: a Unix socket (mode 0600) in the data directory that `ct-relay admin ...` talks to.
+//!
+//! One JSON request per line, one JSON reply per line. Only the relay's own user can open the socket, so it
+//! needs no further authentication; every request is logged.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::core::{AgentView, Core};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// What an operator can ask.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Mint a pairing token for a Discord user.
+    PairCode { user: String },
+    /// List agents.
+    Agents,
+    /// Revoke an agent by fingerprint or name.
+    Revoke { agent: String },
+    /// Addresses, key, counts.
+    Status,
+}
+
+/// The relay's answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    PairCode {
+        token: String,
+        expires_at: u64,
+        user: String,
+    },
+    Agents {
+        agents: Vec<AgentView>,
+    },
+    Revoked {
+        agent: AgentView,
+    },
+    Status(StatusInfo),
+    Error {
+        message: String,
+    },
+}
+
+/// What `ct-relay admin status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub version: String,
+    pub quic: Option<String>,
+    pub https: Option<String>,
+    pub public_addrs: Vec<String>,
+    pub relay_fingerprint: String,
+    pub agents_online: usize,
+    pub agents_paired: usize,
+    pub data_dir: String,
+    pub discord_bot: bool,
+}
+
+/// The admin socket's path for a data directory.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// Binds the socket, refusing to steal it from a relay that is still running on the same data directory.
+pub async fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another ct-relay is already running with this data directory (its admin socket {} answers): \
+                 stop it first, or use another --data-dir",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves admin requests until `shutdown`.
+pub async fn serve(
+    listener: UnixListener,
+    core: Arc<Core>,
+    status: Arc<dyn Fn() -> StatusInfo + Send + Sync>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            s = listener.accept() => match s {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let (core, status, shutdown) = (core.clone(), status.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                r = handle(stream, &core, &*status) => if let Err(e) = r {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                },
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    core: &Core,
+    status: &(dyn Fn() -> StatusInfo + Send + Sync),
+) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST));
+    while let Some(line) = lines.next().await {
+        let reply = match line {
+            Err(LinesCodecError::MaxLineLengthExceeded) => Reply::Error {
+                message: format!("request longer than {MAX_REQUEST} bytes"),
+            },
+            Err(e) => return Err(e.into()),
+            Ok(line) => match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    tracing::info!(request = ?req, "admin request");
+                    answer(req, core, status)
+                }
+                Err(e) => Reply::Error {
+                    message: format!("malformed request: {e}"),
+                },
+            },
+        };
+        let mut out = serde_json::to_vec(&reply)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + Sync)) -> Reply {
+    let result = match req {
+        Request::PairCode { user } => {
+            core.mint_pairing_token(&user)
+                .map(|(token, expires_at)| Reply::PairCode {
+                    token: token.to_string(),
+                    expires_at,
+                    user,
+                })
+        }
+        Request::Agents => core.agents().map(|agents| Reply::Agents { agents }),
+        Request::Revoke { agent } => core.revoke(&agent).and_then(|rec| {
+            let view = core
+                .agents()?
+                .into_iter()
+                .find(|a| a.fingerprint == rec.fingerprint);
+            Ok(Reply::Revoked {
+                agent: view.ok_or_else(|| crate::core::CoreError::NoSuchAgent(agent))?,
+            })
+        }),
+        Request::Status => Ok(Reply::Status(status())),
+    };
+    result.unwrap_or_else(|e| Reply::Error {
+        message: e.to_string(),
+    })
+}
+
+/// Sends one request to a running relay and returns its reply.
+pub async fn call(data_dir: &Path, req: &Request) -> Result<Reply> {
+    let path = socket_path(data_dir);
+    let stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "cannot reach a running relay through {}: is `ct-relay --data-dir {}` running (as this user)?",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut reply = String::new();
+    BufReader::new(read).read_line(&mut reply).await?;
+    anyhow::ensure!(
+        !reply.is_empty(),
+        "the relay closed the admin connection without answering"
+    );
+    Ok(serde_json::from_str(&reply)?)
+}

@@ -1,0 +1,514 @@
+//! The relay core: who may connect, pairing, and which agents are live right now.
+//!
+//! Front ends (the admin socket today, the Discord bot later) call these functions; the agent endpoint calls
+//! [`Core::admit`] after a handshake and holds a [`SessionGuard`] while the session lives.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ct_protocol::handshake::{Rejection, VerifiedAgent, Welcome};
+use ct_protocol::message::CloseReason;
+use ct_protocol::pairing::{PairCode, PairingToken};
+use ct_protocol::{Fingerprint, Transport};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::store::{now, AgentRecord, PairCodeRecord, Store, StoreError};
+
+/// Wrong secrets tried against one code before it is disabled.
+const MAX_CODE_FAILURES: u32 = 5;
+/// How long used and expired codes are remembered, so late attempts get the right error.
+const CODE_MEMORY: u64 = 24 * 3600;
+
+/// Errors a front end shows to a person.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0:?} is not a Discord user id (a number like 123456789012345678)")]
+    BadUser(String),
+    #[error("no agent matches {0:?}: list them with `ct-relay admin agents`")]
+    NoSuchAgent(String),
+    #[error("{query:?} matches several agents ({names}): use the fingerprint")]
+    Ambiguous { query: String, names: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Relay-wide settings the core needs.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Addresses put into pairing tokens.
+    pub public_addrs: Vec<String>,
+    pub pair_code_ttl: Duration,
+    /// Pairing attempts per address: burst, then one per this interval.
+    pub pair_burst: u32,
+    pub pair_refill: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            public_addrs: Vec::new(),
+            pair_code_ttl: Duration::from_secs(600),
+            pair_burst: 10,
+            pair_refill: Duration::from_secs(6),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LiveAgent {
+    session: u64,
+    transport: Transport,
+    since: u64,
+    peer: SocketAddr,
+    close: mpsc::Sender<CloseReason>,
+}
+
+/// What `agents` shows for one agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentView {
+    pub owner: String,
+    pub name: String,
+    pub fingerprint: Fingerprint,
+    pub online: bool,
+    pub transport: Option<Transport>,
+    /// Online since, or last seen, in Unix seconds.
+    pub since: Option<u64>,
+    pub peer: Option<String>,
+    pub revoked: bool,
+}
+
+/// The shared state of one relay.
+#[derive(Debug)]
+pub struct Core {
+    store: Store,
+    relay_key: ed25519_dalek::SigningKey,
+    relay: Fingerprint,
+    config: CoreConfig,
+    pub metrics: Arc<Metrics>,
+    live: Mutex<HashMap<Fingerprint, LiveAgent>>,
+    pair_limit: RateLimiter,
+    next_session: AtomicU64,
+}
+
+impl Core {
+    pub fn new(
+        store: Store,
+        relay_key: ed25519_dalek::SigningKey,
+        config: CoreConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            relay: Fingerprint::of(&relay_key.verifying_key()),
+            relay_key,
+            pair_limit: RateLimiter::new(config.pair_burst, config.pair_refill, 100_000),
+            store,
+            config,
+            metrics,
+            live: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The relay's signing key, for handshakes.
+    pub fn relay_key(&self) -> &ed25519_dalek::SigningKey {
+        &self.relay_key
+    }
+
+    /// The relay key fingerprint agents pin.
+    pub fn relay_fingerprint(&self) -> Fingerprint {
+        self.relay
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, LiveAgent>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Mints a one-time pairing token for a Discord user. `/register` and `ct-relay admin pair-code` call this.
+    pub fn mint_pairing_token(&self, owner: &str) -> Result<(PairingToken, u64), CoreError> {
+        if owner.is_empty() || owner.len() > 20 || !owner.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(CoreError::BadUser(owner.to_string()));
+        }
+        let t = now();
+        self.store.prune_pair_codes(t.saturating_sub(CODE_MEMORY))?;
+        let code = PairCode::generate();
+        let expires_at = t + self.config.pair_code_ttl.as_secs();
+        self.store.put_pair_code(&PairCodeRecord {
+            id: code.id.clone(),
+            secret: code.secret().to_string(),
+            owner: owner.to_string(),
+            created_at: t,
+            expires_at,
+            used_at: None,
+            failures: 0,
+        })?;
+        self.store.flush()?;
+        tracing::info!(owner, code_id = %code.id, "pairing code minted");
+        Ok((
+            PairingToken {
+                relays: self.config.public_addrs.clone(),
+                code,
+                relay: self.relay,
+            },
+            expires_at,
+        ))
+    }
+
+    /// Decides whether an authenticated agent may hold a session, pairing it first when it brings a code.
+    pub fn admit(
+        &self,
+        agent: &VerifiedAgent,
+        peer: IpAddr,
+    ) -> Result<Welcome, (Rejection, String)> {
+        let unavailable = |e: StoreError| {
+            tracing::error!(error = %e, "store failure while admitting an agent");
+            (
+                Rejection::Unavailable,
+                "the relay could not read its store; try again shortly".to_string(),
+            )
+        };
+        let known = self.store.agent(&agent.fingerprint).map_err(unavailable)?;
+        let (record, paired) = match (known, &agent.pair) {
+            (Some(rec), _) if rec.revoked_at.is_some() => {
+                return Err((
+                    Rejection::Revoked,
+                    format!(
+                        "this agent's key ({}) was revoked: pair it again with `ct-agent pair --force <token>` \
+                         (get a token with /register in Discord)",
+                        agent.fingerprint.short()
+                    ),
+                ))
+            }
+            (Some(rec), _) => (rec, false),
+            (None, None) => {
+                return Err((
+                    Rejection::UnknownKey,
+                    "this agent's key is not paired with this relay: run `ct-agent pair <token>` with a token \
+                     from /register in Discord"
+                        .to_string(),
+                ))
+            }
+            (None, Some(pair)) => {
+                if !self.pair_limit.allow(peer) {
+                    return Err((
+                        Rejection::RateLimited,
+                        "too many pairing attempts from your address: wait a minute and try again".to_string(),
+                    ));
+                }
+                (self.redeem(agent, &pair.code, &pair.name).map_err(|e| match e {
+                    Redeem::Rejected(r, m) => (r, m),
+                    Redeem::Store(e) => unavailable(e),
+                })?, true)
+            }
+        };
+        Ok(Welcome {
+            owner: record.owner,
+            owner_name: None,
+            agent_name: record.name,
+            paired,
+            heartbeat_ms: 0,
+        })
+    }
+
+    fn redeem(&self, agent: &VerifiedAgent, code: &str, name: &str) -> Result<AgentRecord, Redeem> {
+        let wrong = || {
+            Redeem::Rejected(
+                Rejection::CodeWrong,
+                "that pairing code is not valid for this relay: copy the whole token again, or get a new one \
+                 with /register in Discord"
+                    .to_string(),
+            )
+        };
+        let Ok(code) = code.parse::<PairCode>() else {
+            return Err(wrong());
+        };
+        let Some(rec) = self.store.pair_code(&code.id)? else {
+            return Err(wrong());
+        };
+        let stored = PairCode::from_parts(rec.id.clone(), rec.secret.clone());
+        if !stored.secret_matches(&code) {
+            let mut burned = rec.clone();
+            burned.failures += 1;
+            // A conflict means someone else updated it at the same moment; the attempt is refused either way.
+            let _ = self.store.swap_pair_code(&rec, &burned);
+            return Err(wrong());
+        }
+        let t = now();
+        if rec.failures >= MAX_CODE_FAILURES {
+            return Err(Redeem::Rejected(
+                Rejection::CodeWrong,
+                "that pairing code was disabled after too many wrong attempts: get a new one with /register"
+                    .to_string(),
+            ));
+        }
+        if rec.used_at.is_some() {
+            return Err(Redeem::Rejected(
+                Rejection::CodeUsed,
+                "that pairing code was already used (each code works once): get a new one with /register in \
+                 Discord"
+                    .to_string(),
+            ));
+        }
+        if t >= rec.expires_at {
+            return Err(Redeem::Rejected(
+                Rejection::CodeExpired,
+                format!(
+                    "that pairing code expired {} ago (codes last {} minutes): get a new one with /register in \
+                     Discord",
+                    human_duration(t - rec.expires_at),
+                    self.config.pair_code_ttl.as_secs() / 60
+                ),
+            ));
+        }
+        let mut used = rec.clone();
+        used.used_at = Some(t);
+        self.store.swap_pair_code(&rec, &used).map_err(|e| match e {
+            StoreError::Conflict => Redeem::Rejected(
+                Rejection::CodeUsed,
+                "that pairing code was just used by another agent: get a new one with /register".to_string(),
+            ),
+            e => Redeem::Store(e),
+        })?;
+        let record = AgentRecord {
+            key: agent.key.to_bytes(),
+            fingerprint: agent.fingerprint,
+            owner: rec.owner.clone(),
+            name: self.unique_name(&rec.owner, name)?,
+            paired_at: t,
+            last_seen: Some(t),
+            last_transport: None,
+            revoked_at: None,
+        };
+        self.store.put_agent(&record)?;
+        self.store.flush()?;
+        self.metrics.pairings.inc();
+        tracing::info!(owner = %record.owner, agent = %record.name, fingerprint = %record.fingerprint, "agent paired");
+        Ok(record)
+    }
+
+    /// The requested name, cleaned up and made unique among the owner's agents.
+    fn unique_name(&self, owner: &str, wanted: &str) -> Result<String, StoreError> {
+        let base: String = wanted
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(32)
+            .collect();
+        let base = if base.trim_matches('-').is_empty() {
+            "agent".to_string()
+        } else {
+            base
+        };
+        let taken: Vec<String> = self
+            .store
+            .agents()?
+            .into_iter()
+            .filter(|a| a.owner == owner && a.revoked_at.is_none())
+            .map(|a| a.name)
+            .collect();
+        Ok((1..)
+            .map(|n| {
+                if n == 1 {
+                    base.clone()
+                } else {
+                    format!("{base}-{n}")
+                }
+            })
+            .find(|n| !taken.contains(n))
+            .unwrap_or(base))
+    }
+
+    /// Records a live session; an older session with the same key is told it was replaced.
+    pub fn register_session(
+        self: &Arc<Self>,
+        fp: Fingerprint,
+        transport: Transport,
+        peer: SocketAddr,
+    ) -> SessionGuard {
+        let (close, close_rx) = mpsc::channel(1);
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let since = now();
+        let old = self.live().insert(
+            fp,
+            LiveAgent {
+                session,
+                transport,
+                since,
+                peer,
+                close,
+            },
+        );
+        if let Some(old) = old {
+            let _ = old.close.try_send(CloseReason::Replaced);
+        }
+        self.metrics.agents(transport).inc();
+        self.touch(&fp, Some(transport));
+        SessionGuard {
+            core: self.clone(),
+            fp,
+            session,
+            transport,
+            close_rx,
+        }
+    }
+
+    fn touch(&self, fp: &Fingerprint, transport: Option<Transport>) {
+        let update = || -> Result<(), StoreError> {
+            if let Some(mut rec) = self.store.agent(fp)? {
+                rec.last_seen = Some(now());
+                rec.last_transport = transport.or(rec.last_transport);
+                self.store.put_agent(&rec)?;
+            }
+            Ok(())
+        };
+        if let Err(e) = update() {
+            tracing::warn!(error = %e, "could not record when an agent was last seen");
+        }
+    }
+
+    /// Finds one agent by fingerprint (or a unique prefix of it), or by name (`name` or `owner/name`).
+    pub fn find_agent(&self, query: &str) -> Result<AgentRecord, CoreError> {
+        let all = self.store.agents()?;
+        let q = query.trim();
+        let matches: Vec<&AgentRecord> = all
+            .iter()
+            .filter(|a| {
+                let fp = a.fingerprint.to_string();
+                (q.len() >= 10 && fp.starts_with(q))
+                    || fp == q
+                    || a.name == q
+                    || format!("{}/{}", a.owner, a.name) == q
+            })
+            .collect();
+        match matches.as_slice() {
+            [] => Err(CoreError::NoSuchAgent(q.to_string())),
+            [one] => Ok((*one).clone()),
+            many => Err(CoreError::Ambiguous {
+                query: q.to_string(),
+                names: many
+                    .iter()
+                    .map(|a| format!("{}/{}", a.owner, a.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// Refuses an agent's key from now on and ends its live session.
+    pub fn revoke(&self, query: &str) -> Result<AgentRecord, CoreError> {
+        let mut rec = self.find_agent(query)?;
+        if rec.revoked_at.is_none() {
+            rec.revoked_at = Some(now());
+            self.store.put_agent(&rec)?;
+            self.store.flush()?;
+        }
+        if let Some(live) = self.live().remove(&rec.fingerprint) {
+            let _ = live.close.try_send(CloseReason::Revoked);
+            self.metrics.agents(live.transport).dec();
+        }
+        tracing::info!(owner = %rec.owner, agent = %rec.name, fingerprint = %rec.fingerprint, "agent revoked");
+        Ok(rec)
+    }
+
+    /// Every agent the relay knows, with its live state.
+    pub fn agents(&self) -> Result<Vec<AgentView>, CoreError> {
+        let live = self.live();
+        let mut out: Vec<AgentView> = self
+            .store
+            .agents()?
+            .into_iter()
+            .map(|a| {
+                let l = live.get(&a.fingerprint);
+                AgentView {
+                    online: l.is_some(),
+                    transport: l.map(|l| l.transport).or(a.last_transport),
+                    since: l.map(|l| l.since).or(a.last_seen),
+                    peer: l.map(|l| l.peer.to_string()),
+                    revoked: a.revoked_at.is_some(),
+                    owner: a.owner,
+                    name: a.name,
+                    fingerprint: a.fingerprint,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
+        Ok(out)
+    }
+
+    /// Live sessions right now.
+    pub fn online(&self) -> usize {
+        self.live().len()
+    }
+
+    /// Asks every live session to close for a shutdown.
+    pub fn close_all(&self, reason: CloseReason) {
+        for live in self.live().values() {
+            let _ = live.close.try_send(reason);
+        }
+    }
+}
+
+enum Redeem {
+    Rejected(Rejection, String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Redeem {
+    fn from(e: StoreError) -> Self {
+        Redeem::Store(e)
+    }
+}
+
+/// Held by a live session; dropping it removes the session from the live table (if it is still the
+/// current one for that key) and records when the agent was last seen.
+#[derive(Debug)]
+pub struct SessionGuard {
+    core: Arc<Core>,
+    fp: Fingerprint,
+    session: u64,
+    transport: Transport,
+    /// Receives the reason when the core wants this session closed (revoked, replaced, shutdown).
+    pub close_rx: mpsc::Receiver<CloseReason>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut live = self.core.live();
+        if live
+            .get(&self.fp)
+            .is_some_and(|l| l.session == self.session)
+        {
+            live.remove(&self.fp);
+            self.core.metrics.agents(self.transport).dec();
+            drop(live);
+            self.core.touch(&self.fp, None);
+        } else if live.get(&self.fp).is_some() {
+            // Replaced: the newer session owns the entry; this one only leaves the gauge.
+            self.core.metrics.agents(self.transport).dec();
+        }
+    }
+}
+
+/// "3 minutes", "2 hours": for messages people read.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=89 => format!("{secs} seconds"),
+        90..=5399 => format!("{} minutes", (secs + 30) / 60),
+        5400..=129_599 => format!("{} hours", (secs + 1800) / 3600),
+        _ => format!("{} days", (secs + 43_200) / 86_400),
+    }
+}

@@ -1,0 +1,235 @@
+//! The TCP side: TLS, then HTTP/1.1 serving the agent WebSocket, health, readiness and metrics.
+//!
+//! We run the accept loop ourselves rather than `axum::serve` for two reasons: the handshake needs each
+//! connection's TLS channel binding, which only exists below HTTP; and an upgraded WebSocket session should
+//! be owned by its connection's task (so shutdown can wait for it), not spawned off by a handler. The
+//! WebSocket handler therefore only answers 101 and parks hyper's upgrade future in a per-connection slot;
+//! the connection task picks it up once HTTP is done and runs the session itself.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use std::sync::Mutex;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use ct_protocol::handshake::{CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LEN};
+use ct_protocol::link::{WS_MAX_MESSAGE, WS_PATH};
+use ct_protocol::ws::{WsFrame, WsIo};
+use ct_protocol::Transport;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::debug;
+
+use super::session::{self, Link};
+use crate::core::Core;
+
+/// Time allowed for a TLS handshake and for request headers.
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State the HTTP handlers share.
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub core: Arc<Core>,
+    pub ready: Arc<AtomicBool>,
+    pub shutdown: CancellationToken,
+}
+
+/// Where the WebSocket handler leaves the upgrade for its connection's task.
+#[derive(Debug, Clone, Default)]
+struct UpgradeSlot(Arc<Mutex<Option<hyper::upgrade::OnUpgrade>>>);
+
+/// The HTTP routes.
+pub fn router(http: Http) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(WS_PATH, get(agent_ws))
+        .with_state(http)
+}
+
+async fn readyz(State(http): State<Http>) -> Response {
+    if http.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(http): State<Http>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        http.core.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn agent_ws(mut req: Request) -> Response {
+    let headers = req.headers();
+    let wants = |name: header::HeaderName, value: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(value))
+            })
+    };
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "this path is for ct-agent WebSocket connections\n",
+        )
+            .into_response();
+    };
+    if !wants(header::UPGRADE, "websocket")
+        || !wants(header::CONNECTION, "upgrade")
+        || !wants(header::SEC_WEBSOCKET_VERSION, "13")
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (version 13)\n",
+        )
+            .into_response();
+    }
+    let Some(slot) = req.extensions().get::<UpgradeSlot>().cloned() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(hyper::upgrade::on(&mut req));
+    let mut out = HeaderMap::new();
+    out.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        out.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    (StatusCode::SWITCHING_PROTOCOLS, out).into_response()
+}
+
+/// Runs an agent session over an upgraded connection.
+async fn websocket_session(
+    upgraded: hyper::upgrade::Upgraded,
+    http: &Http,
+    peer: SocketAddr,
+    channel_binding: [u8; CHANNEL_BINDING_LEN],
+) {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(WS_MAX_MESSAGE))
+        .max_frame_size(Some(WS_MAX_MESSAGE));
+    let ws =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let io = WsIo::new(ws, Message::Binary, |m| match m {
+        Message::Binary(b) => WsFrame::Data(b),
+        Message::Text(t) => WsFrame::Data(bytes::Bytes::copy_from_slice(t.as_bytes())),
+        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => WsFrame::Skip,
+        Message::Close(_) => WsFrame::Close,
+    });
+    let (reader, writer) = tokio::io::split(io);
+    let link = Link {
+        transport: Transport::WebSocket,
+        peer,
+        channel_binding,
+    };
+    session::run(
+        http.core.clone(),
+        reader,
+        writer,
+        link,
+        http.shutdown.clone(),
+    )
+    .await;
+}
+
+/// Accepts TLS connections on a bound listener until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    http: Http,
+    tasks: TaskTracker,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let app = router(http.clone());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning, and keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = http.shutdown.cancelled() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app, http) = (acceptor.clone(), app.clone(), http.clone());
+        tasks.spawn(async move {
+            if let Err(e) = connection(tcp, peer, acceptor, app, http).await {
+                debug!(%peer, error = %e, "HTTPS connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    app: Router,
+    http: Http,
+) -> anyhow::Result<()> {
+    let tls = tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
+    let mut channel_binding = [0u8; CHANNEL_BINDING_LEN];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut channel_binding, CHANNEL_BINDING_LABEL, Some(b""))
+        .map_err(|e| anyhow::anyhow!("TLS exporter unavailable: {e}"))?;
+    let slot = UpgradeSlot::default();
+    let slot_for_requests = slot.clone();
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(slot_for_requests.clone());
+            app.clone().oneshot(req)
+        });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(TLS_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r?,
+        () = http.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(3), conn).await;
+            return Ok(());
+        }
+    }
+    let upgrade = slot.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(upgrade) = upgrade {
+        let upgraded = tokio::time::timeout(TLS_TIMEOUT, upgrade)
+            .await
+            .map_err(|_| anyhow::anyhow!("WebSocket upgrade timed out"))??;
+        websocket_session(upgraded, &http, peer, channel_binding).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! The CodeTogether relay: the hosted server agents connect out to.
+//!
+//! - [`relay`]: lifecycle — bind from a [`RelayConfig`], run until a shutdown token fires, drain.
+//! - [`endpoint`]: the agent endpoint — [`endpoint::quic`] (UDP) and [`endpoint::https`] (TCP: WebSocket,
+//!   `/healthz`, `/readyz`, `/metrics`), both ending in [`endpoint::session`].
+//! - [`core`]: pairing, admission, the live-agent table, revocation; what front ends call.
+//! - [`store`]: the embedded sled store.
+//! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
+//! - [`tls`]: the relay key agents pin, and the certificate.
+//! - [`metrics`], [`ratelimit`], [`files`]: supporting pieces.
+//! - [`cli`]: the command line, kept out of `main.rs` so it can be tested.
+
+pub mod admin;
+pub mod cli;
+pub mod core;
+pub mod endpoint;
+pub mod files;
+pub mod metrics;
+pub mod ratelimit;
+pub mod relay;
+pub mod store;
+pub mod tls;
+
+pub use relay::{Relay, RelayConfig};

@@ -1,0 +1,108 @@
+//! Prometheus metrics for `/metrics`: agents connected by transport, handshakes by result, frames in and out.
+
+use std::sync::atomic::AtomicU64;
+
+use ct_protocol::Transport;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum TransportLabel {
+    Quic,
+    Websocket,
+}
+
+impl From<Transport> for TransportLabel {
+    fn from(t: Transport) -> Self {
+        match t {
+            Transport::Quic => Self::Quic,
+            Transport::WebSocket => Self::Websocket,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub transport: TransportLabel,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub transport: TransportLabel,
+    pub result: &'static str,
+}
+
+/// Every metric the relay exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub agents_connected: Family<TransportLabels, Gauge>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    pub frames_in: Family<TransportLabels, Counter>,
+    pub frames_out: Family<TransportLabels, Counter>,
+    pub pairings: Counter<u64, AtomicU64>,
+}
+
+impl Metrics {
+    /// The connected-agents gauge for one transport (a shared handle: updating it updates the metric).
+    pub fn agents(&self, t: Transport) -> Gauge {
+        self.agents_connected
+            .get_or_create(&TransportLabels {
+                transport: t.into(),
+            })
+            .clone()
+    }
+
+    /// Counts one handshake outcome.
+    pub fn handshake(&self, t: Transport, result: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                transport: t.into(),
+                result,
+            })
+            .inc();
+    }
+
+    /// The frame counters for one transport, fetched once per session so counting a frame takes no lock.
+    pub fn frames(&self, t: Transport) -> (Counter, Counter) {
+        let labels = TransportLabels {
+            transport: t.into(),
+        };
+        (
+            self.frames_in.get_or_create(&labels).clone(),
+            self.frames_out.get_or_create(&labels).clone(),
+        )
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::with_prefix("ct_relay");
+        registry.register(
+            "agents_connected",
+            "Agents with a live session",
+            self.agents_connected.clone(),
+        );
+        registry.register(
+            "handshakes",
+            "Agent handshakes by result",
+            self.handshakes.clone(),
+        );
+        registry.register(
+            "frames_in",
+            "Frames received from agents",
+            self.frames_in.clone(),
+        );
+        registry.register(
+            "frames_out",
+            "Frames sent to agents",
+            self.frames_out.clone(),
+        );
+        registry.register("pairings", "Agents paired", self.pairings.clone());
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

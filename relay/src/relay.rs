@@ -1,0 +1,289 @@
+//! The relay's lifecycle: bind everything from a [`RelayConfig`], serve until the shutdown token fires, then
+//! drain: readiness goes false, every agent is told to reconnect, sessions finish, the store is flushed.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ct_protocol::version::SOFTWARE_VERSION;
+use ct_protocol::Fingerprint;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::admin::{self, StatusInfo};
+use crate::core::{Core, CoreConfig};
+use crate::endpoint::{https, quic};
+use crate::files;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::tls::{self, CertSource};
+
+/// How long shutdown waits for sessions to send their goodbyes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything needed to start a relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub data_dir: PathBuf,
+    /// QUIC (UDP) and HTTPS (TCP) share this port number; port 0 picks a free one for both.
+    pub listen: SocketAddr,
+    /// Addresses put into pairing tokens; defaults to the bound address.
+    pub public_addrs: Vec<String>,
+    pub cert: CertSource,
+    pub quic: bool,
+    pub websocket: bool,
+    pub core: CoreConfig,
+    /// Whether a Discord bot token was given (the bot is a later part of the relay).
+    pub discord_token: bool,
+}
+
+impl RelayConfig {
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            public_addrs: Vec::new(),
+            cert: CertSource::SelfSigned,
+            quic: true,
+            websocket: true,
+            core: CoreConfig::default(),
+            discord_token: false,
+        }
+    }
+}
+
+/// A relay whose sockets are bound and whose store is open, ready to [`run`](Relay::run).
+#[derive(Debug)]
+pub struct Relay {
+    core: Arc<Core>,
+    quic: Option<quinn::Endpoint>,
+    tcp: Option<TcpListener>,
+    admin: UnixListener,
+    https_tls: Arc<rustls::ServerConfig>,
+    status: StatusInfo,
+    ready: Arc<AtomicBool>,
+    data_dir: PathBuf,
+}
+
+impl Relay {
+    /// Opens the store, loads or creates keys and certificate, and binds every listener.
+    pub async fn bind(config: RelayConfig) -> Result<Self> {
+        anyhow::ensure!(
+            config.quic || config.websocket,
+            "both QUIC and WebSocket are disabled: enable at least one"
+        );
+        files::private_dir(&config.data_dir)?;
+        let admin = admin::bind(&admin::socket_path(&config.data_dir)).await?;
+        let store = Store::open(&config.data_dir.join("db"))
+            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        let relay_key = tls::relay_key(&config.data_dir)?;
+        let (certs, key) = tls::certificate(&config.data_dir, &config.cert)?;
+        let https_tls = tls::https_config(certs.clone(), key.clone_key())?;
+        let quic_cfg = tls::quic_config(certs, key)?;
+
+        let (tcp, udp) = bind_pair(config.listen, config.websocket, config.quic)?;
+        let quic = udp
+            .map(|udp| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(quic_cfg),
+                    udp,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .transpose()
+            .context("starting the QUIC endpoint")?;
+        let tcp = tcp.map(TcpListener::from_std).transpose()?;
+        let quic_addr = quic.as_ref().map(|e| e.local_addr()).transpose()?;
+        let https_addr = tcp.as_ref().map(|t| t.local_addr()).transpose()?;
+        let bound = https_addr.or(quic_addr).context("nothing bound")?;
+
+        let mut core_cfg = config.core.clone();
+        core_cfg.public_addrs = if config.public_addrs.is_empty() {
+            let ip = if bound.ip().is_unspecified() {
+                Ipv4Addr::LOCALHOST.into()
+            } else {
+                bound.ip()
+            };
+            let addr = SocketAddr::new(ip, bound.port()).to_string();
+            if bound.ip().is_unspecified() {
+                tracing::warn!(
+                    %addr,
+                    "no --public-addr given: pairing tokens will point at {addr}, which only works on this machine; \
+                     set --public-addr HOST:PORT to the name agents use to reach this relay"
+                );
+            }
+            vec![addr]
+        } else {
+            config.public_addrs.clone()
+        };
+        let fingerprint = Fingerprint::of(&relay_key.verifying_key());
+        let status = StatusInfo {
+            version: SOFTWARE_VERSION.to_string(),
+            quic: quic_addr.map(|a| a.to_string()),
+            https: https_addr.map(|a| a.to_string()),
+            public_addrs: core_cfg.public_addrs.clone(),
+            relay_fingerprint: fingerprint.to_string(),
+            agents_online: 0,
+            agents_paired: 0,
+            data_dir: config.data_dir.display().to_string(),
+            discord_bot: config.discord_token,
+        };
+        let core = Arc::new(Core::new(
+            store,
+            relay_key,
+            core_cfg,
+            Arc::new(Metrics::default()),
+        ));
+        Ok(Self {
+            core,
+            quic,
+            tcp,
+            admin,
+            https_tls,
+            status,
+            ready: Arc::new(AtomicBool::new(false)),
+            data_dir: config.data_dir,
+        })
+    }
+
+    pub fn core(&self) -> Arc<Core> {
+        self.core.clone()
+    }
+
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|t| t.local_addr().ok())
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.core.relay_fingerprint()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let Relay {
+            core,
+            quic,
+            tcp,
+            admin,
+            https_tls,
+            status,
+            ready,
+            data_dir,
+        } = self;
+        let tasks = TaskTracker::new();
+        info!(
+            quic = ?status.quic,
+            https = ?status.https,
+            public = ?status.public_addrs,
+            fingerprint = %status.relay_fingerprint,
+            data_dir = %status.data_dir,
+            "relay listening"
+        );
+        if let Some(endpoint) = quic.clone() {
+            tasks.spawn(quic::serve(
+                endpoint,
+                core.clone(),
+                shutdown.clone(),
+                tasks.clone(),
+            ));
+        }
+        if let Some(tcp) = tcp {
+            let http = https::Http {
+                core: core.clone(),
+                ready: ready.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(https::serve(tcp, https_tls, http, tasks.clone()));
+        }
+        let status_core = core.clone();
+        let status_fn = Arc::new(move || StatusInfo {
+            agents_online: status_core.online(),
+            agents_paired: status_core
+                .agents()
+                .map(|a| a.iter().filter(|a| !a.revoked).count())
+                .unwrap_or(0),
+            ..status.clone()
+        });
+        tasks.spawn(admin::serve(
+            admin,
+            core.clone(),
+            status_fn,
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        ready.store(true, Ordering::Relaxed);
+
+        shutdown.cancelled().await;
+        ready.store(false, Ordering::Relaxed);
+        info!(
+            agents = core.online(),
+            "shutting down: asking agents to reconnect later"
+        );
+        tasks.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some connections did not finish within {DRAIN_TIMEOUT:?}; closing them"
+            );
+        }
+        if let Some(endpoint) = quic {
+            endpoint.close(0u32.into(), b"relay shutting down");
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+        core.store().flush()?;
+        let _ = std::fs::remove_file(admin::socket_path(&data_dir));
+        info!("relay stopped");
+        Ok(())
+    }
+}
+
+/// Binds TCP and UDP on the same port number. With port 0, the TCP port is chosen first and UDP follows it;
+/// if that UDP port is taken, try again with another.
+fn bind_pair(
+    addr: SocketAddr,
+    tcp: bool,
+    udp: bool,
+) -> Result<(Option<std::net::TcpListener>, Option<UdpSocket>)> {
+    let attempts = if addr.port() == 0 && tcp && udp {
+        20
+    } else {
+        1
+    };
+    let mut last_err = None;
+    for _ in 0..attempts {
+        let t = if tcp {
+            let l =
+                std::net::TcpListener::bind(addr).with_context(|| format!("binding TCP {addr}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        } else {
+            None
+        };
+        let port = t
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?
+            .map_or(addr.port(), |a| a.port());
+        if !udp {
+            return Ok((t, None));
+        }
+        match UdpSocket::bind(SocketAddr::new(addr.ip(), port)) {
+            Ok(u) => return Ok((t, Some(u))),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.map_or_else(|| anyhow::anyhow!("could not bind"), |e| anyhow::anyhow!(e)))
+        .with_context(|| format!("binding UDP for {addr}"))
+}

@@ -1,0 +1,129 @@
+//! The relay's identity and TLS: its ed25519 key (what agents pin), and the certificate both listeners use.
+//!
+//! Agents authenticate the relay by its ed25519 key through the handshake, which is bound to the TLS channel,
+//! so a self-signed certificate generated on first start is enough; operators may give real certificate files
+//! instead (for browsers, proxies that inspect SNI, or policy). Both are kept in the data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ct_protocol::link::{Transport, QUIC_ALPN};
+use ed25519_dalek::SigningKey;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::files;
+
+/// Where the certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// Generated on first start and kept in the data directory.
+    SelfSigned,
+    /// PEM files given by the operator.
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+/// Loads the relay key from `dir/relay.key`, creating it on first start.
+pub fn relay_key(dir: &Path) -> Result<SigningKey> {
+    let path = dir.join("relay.key");
+    if let Some(bytes) = files::read_private(&path)? {
+        let seed = ct_protocol::b64::decode_array::<32>(String::from_utf8_lossy(&bytes).trim())
+            .with_context(|| {
+                format!(
+                    "{} is not a relay key; restore it from a backup (agents pin it)",
+                    path.display()
+                )
+            })?;
+        return Ok(SigningKey::from_bytes(&seed));
+    }
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    files::write_private(&path, ct_protocol::b64::encode(&key.to_bytes()).as_bytes())?;
+    tracing::info!(path = %path.display(), "generated a new relay key");
+    Ok(key)
+}
+
+/// The certificate chain and private key to serve.
+pub fn certificate(
+    dir: &Path,
+    source: &CertSource,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let (cert_path, key_path) = match source {
+        CertSource::Files { cert, key } => (cert.clone(), key.clone()),
+        CertSource::SelfSigned => {
+            let tls_dir = dir.join("tls");
+            files::private_dir(&tls_dir)?;
+            let (cert, key) = (tls_dir.join("cert.pem"), tls_dir.join("key.pem"));
+            if !cert.exists() || !key.exists() {
+                let generated =
+                    rcgen::generate_simple_self_signed(vec!["codetogether-relay".to_string()])?;
+                files::write_private(&key, generated.key_pair.serialize_pem().as_bytes())?;
+                files::write_private(&cert, generated.cert.pem().as_bytes())?;
+                tracing::info!(path = %cert.display(), "generated a self-signed certificate");
+            }
+            (cert, key)
+        }
+    };
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(&cert_path)
+            .with_context(|| format!("opening certificate {}", cert_path.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("reading certificate {}", cert_path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no PEM certificate",
+        cert_path.display()
+    );
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(&key_path)
+            .with_context(|| format!("opening private key {}", key_path.display()))?,
+    ))?
+    .with_context(|| format!("{} holds no PEM private key", key_path.display()))?;
+    Ok((certs, key))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS 1.3 only: the channel binding relies on TLS 1.3's exporter.
+fn server_tls(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// The HTTPS (WebSocket, health, metrics) listener's TLS configuration.
+pub fn https_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>> {
+    Ok(Arc::new(server_tls(certs, key, b"http/1.1")?))
+}
+
+/// The QUIC endpoint's configuration, with keep-alive and idle timeout from the link timing.
+pub fn quic_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::ServerConfig> {
+    let tls = server_tls(certs, key, QUIC_ALPN)?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let timing = Transport::Quic.timing();
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(timing.heartbeat))
+        .max_idle_timeout(Some(timing.dead_after.try_into()?))
+        // One control stream per agent; later features may open a few more, never many.
+        .max_concurrent_bidi_streams(4u32.into())
+        .max_concurrent_uni_streams(0u32.into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
