@@ -418,7 +418,6 @@ impl Core {
         }
         if let Some(live) = self.live().remove(&rec.fingerprint) {
             let _ = live.close.try_send(CloseReason::Revoked);
-            self.metrics.agents(live.transport).dec();
         }
         tracing::info!(owner = %rec.owner, agent = %rec.name, fingerprint = %rec.fingerprint, "agent revoked");
         Ok(rec)
@@ -487,18 +486,17 @@ pub struct SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        // Each guard added one to its transport's gauge and takes exactly that one back, whatever happened
+        // to the live entry meanwhile (replaced by a newer session, or removed by a revocation).
+        self.core.metrics.agents(self.transport).dec();
         let mut live = self.core.live();
         if live
             .get(&self.fp)
             .is_some_and(|l| l.session == self.session)
         {
             live.remove(&self.fp);
-            self.core.metrics.agents(self.transport).dec();
             drop(live);
             self.core.touch(&self.fp, None);
-        } else if live.get(&self.fp).is_some() {
-            // Replaced: the newer session owns the entry; this one only leaves the gauge.
-            self.core.metrics.agents(self.transport).dec();
         }
     }
 }

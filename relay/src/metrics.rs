@@ -1,26 +1,28 @@
 //! Prometheus metrics for `/metrics`: agents connected by transport, handshakes by result, frames in and out.
 
+use ct_protocol::Transport;
+use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 
-use ct_protocol::Transport;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum TransportLabel {
-    Quic,
-    Websocket,
+/// A transport as a label value: `quic` or `websocket`, the same words logs and `admin agents` use.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub struct TransportLabel(Transport);
+
+impl EncodeLabelValue for TransportLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.0.as_str())
+    }
 }
 
 impl From<Transport> for TransportLabel {
     fn from(t: Transport) -> Self {
-        match t {
-            Transport::Quic => Self::Quic,
-            Transport::WebSocket => Self::Websocket,
-        }
+        Self(t)
     }
 }
 

@@ -66,7 +66,7 @@ pub async fn run<R, W>(
             core.metrics.handshake(link.transport, "rejected");
             info!(peer = %link.peer, fingerprint = %verified.fingerprint, ?reason, "agent refused");
             let _ = writer.send(&Verdict::Rejected { reason, message }).await;
-            let _ = writer.shutdown().await;
+            close_gently(&mut writer).await;
             return;
         }
     };
@@ -145,7 +145,7 @@ async fn live<R, W>(
             })
             .await;
         frames_out.inc();
-        let _ = writer.shutdown().await;
+        close_gently(&mut writer).await;
     }
     match &ended {
         Ended::LinkError(e) => warn!(error = %e, "agent link failed"),
@@ -153,6 +153,11 @@ async fn live<R, W>(
         other => debug!(?other, "session ended"),
     }
     info!("agent disconnected");
+}
+
+/// Ends our sending side. A WebSocket close waits on the peer, which may never answer: bound it.
+async fn close_gently<W: AsyncWrite + Unpin>(writer: &mut FrameWriter<W>) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer.shutdown()).await;
 }
 
 fn handshake_result(e: &HandshakeError) -> &'static str {

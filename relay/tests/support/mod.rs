@@ -1,0 +1,261 @@
+//! Test support: a relay started in-process on 127.0.0.1:0, and a raw client that can speak the protocol
+//! correctly or send anything at all, over QUIC or WebSocket.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ct_protocol::frame::{FrameReader, FrameWriter};
+use ct_protocol::handshake::{
+    self, ClientParams, HandshakeError, PairRequest, Welcome, CHANNEL_BINDING_LABEL,
+};
+use ct_protocol::link::{QUIC_ALPN, WS_PATH};
+use ct_protocol::pairing::PairingToken;
+use ct_protocol::ws::{WsFrame, WsIo};
+use ct_protocol::{Fingerprint, Transport};
+use ct_relay::core::Core;
+use ct_relay::{Relay, RelayConfig};
+use ed25519_dalek::SigningKey;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A relay running in this process.
+pub struct TestRelay {
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    pub core: Arc<Core>,
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestRelay {
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(RelayConfig::new(
+            data_dir.to_path_buf(),
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .await
+    }
+
+    pub async fn start_with(config: RelayConfig) -> Self {
+        let data_dir = config.data_dir.clone();
+        let relay = Relay::bind(config).await.expect("relay binds");
+        let addr = relay.https_addr().or(relay.quic_addr()).unwrap();
+        let (fingerprint, core) = (relay.fingerprint(), relay.core());
+        let shutdown = CancellationToken::new();
+        let task = Some(tokio::spawn(relay.run(shutdown.clone())));
+        Self {
+            addr,
+            fingerprint,
+            core,
+            data_dir,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Graceful stop, as on SIGTERM.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    pub fn token(&self, user: &str) -> PairingToken {
+        self.core.mint_pairing_token(user).unwrap().0
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Accepts any certificate but still checks the TLS 1.3 handshake signature; the handshake's channel
+/// binding is what authenticates the relay (as in the agent).
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 not allowed".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls(alpn: &[u8]) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg
+}
+
+/// A raw connection: the byte stream plus its channel binding. Keeps the QUIC endpoint alive.
+pub struct Raw {
+    pub read: BoxRead,
+    pub write: BoxWrite,
+    pub binding: [u8; 32],
+    pub quic: Option<(quinn::Endpoint, quinn::Connection)>,
+}
+
+pub async fn raw(transport: Transport, addr: SocketAddr) -> Raw {
+    match transport {
+        Transport::Quic => raw_quic(addr).await,
+        Transport::WebSocket => raw_ws(addr).await,
+    }
+}
+
+pub async fn raw_quic(addr: SocketAddr) -> Raw {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls(QUIC_ALPN)).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    let conn = endpoint.connect(addr, "relay").unwrap().await.unwrap();
+    let (send, recv) = conn.open_bi().await.unwrap();
+    let mut binding = [0; 32];
+    conn.export_keying_material(&mut binding, CHANNEL_BINDING_LABEL, b"")
+        .unwrap();
+    Raw {
+        read: Box::new(recv),
+        write: Box::new(send),
+        binding,
+        quic: Some((endpoint, conn)),
+    }
+}
+
+pub async fn raw_ws(addr: SocketAddr) -> Raw {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls(b"http/1.1")));
+    let tls = connector
+        .connect(ServerName::try_from("relay").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut binding = [0; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut binding, CHANNEL_BINDING_LABEL, Some(b""))
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://{addr}{WS_PATH}"), tls)
+        .await
+        .unwrap();
+    let io = WsIo::new(ws, Message::Binary, |m| match m {
+        Message::Binary(b) => WsFrame::Data(b),
+        Message::Close(_) => WsFrame::Close,
+        _ => WsFrame::Skip,
+    });
+    let (read, write) = tokio::io::split(io);
+    Raw {
+        read: Box::new(read),
+        write: Box::new(write),
+        binding,
+        quic: None,
+    }
+}
+
+/// A protocol-correct client session.
+pub struct Session {
+    pub reader: FrameReader<BoxRead>,
+    pub writer: FrameWriter<BoxWrite>,
+    pub welcome: Welcome,
+    pub raw_quic: Option<(quinn::Endpoint, quinn::Connection)>,
+}
+
+pub async fn handshake(
+    transport: Transport,
+    addr: SocketAddr,
+    key: &SigningKey,
+    relay: Fingerprint,
+    pair: Option<PairRequest>,
+) -> Result<Session, HandshakeError> {
+    let raw = raw(transport, addr).await;
+    let (mut reader, mut writer) = (FrameReader::new(raw.read), FrameWriter::new(raw.write));
+    let welcome = handshake::client(
+        &mut reader,
+        &mut writer,
+        ClientParams {
+            key,
+            relay,
+            channel_binding: &raw.binding,
+            pair,
+        },
+    )
+    .await?;
+    Ok(Session {
+        reader,
+        writer,
+        welcome,
+        raw_quic: raw.quic,
+    })
+}
+
+/// Pairs a fresh key with the relay and returns the key.
+pub async fn pair(relay: &TestRelay, transport: Transport, user: &str) -> SigningKey {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let token = relay.token(user);
+    let pair = PairRequest {
+        code: token.code.to_string(),
+        name: "test-agent".into(),
+    };
+    let s = handshake(transport, relay.addr, &key, relay.fingerprint, Some(pair))
+        .await
+        .expect("pairing succeeds");
+    assert!(s.welcome.paired);
+    key
+}
+
+/// Polls `f` until it is true, failing after `limit`. For state that changes on another task.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
