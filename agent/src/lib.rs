@@ -1,0 +1,36 @@
+//! The CodeTogether agent: pairs this machine with a relay and keeps an outbound, authenticated link to it.
+//!
+//! How the crate is laid out, in the order a connection uses it:
+//!
+//! - [`config`]: the config directory (`0700`), the agent key (`agent.key`, `0600`, atomic writes) and
+//!   `pairing.json`.
+//! - [`pair`]: `ct-agent pair <token>`: new key, handshake with the token's one-time code, then persist.
+//! - [`connect`]: reaching the relay: QUIC first, WebSocket/TLS raced after 500 ms, handshake, a [`Link`].
+//! - [`tls`]: the TLS 1.3 client config (relay authenticated by the handshake, not the certificate) and the
+//!   channel binding.
+//! - [`proxy`]: HTTP CONNECT proxies for WebSocket (`https_proxy`, `no_proxy`).
+//! - [`session`]: one session on a link: heartbeats, the dead-link timer, the dispatch of relay messages.
+//! - [`backoff`]: the reconnect delays (quick first retry, full jitter, 30 s cap, reset after a healthy minute).
+//! - [`run`]: `ct-agent run`: the reconnect loop, the move back to QUIC, status reporting, shutdown.
+//! - [`status`]: `status.json` and the `ct-agent status` report.
+//! - [`sys`]: host name and process liveness, the crate's only `unsafe` (libc calls).
+//!
+//! The binary (`main.rs`) only parses arguments, sets up logging and calls [`pair()`], [`run()`] or
+//! [`status::gather`]; tests drive the same functions.
+
+pub mod backoff;
+pub mod config;
+pub mod connect;
+pub mod pair;
+pub mod proxy;
+pub mod run;
+pub mod session;
+pub mod status;
+pub mod sys;
+pub mod tls;
+
+pub use config::{resolve_config_dir, AgentKey, ConfigDir, ConfigError, Pairing};
+pub use connect::{ConnectError, ConnectOptions, Link, TransportPolicy};
+pub use pair::{pair, pair_with, PairError, PairOutcome};
+pub use run::{run, LinkStatus, RunError, RunOptions, EXIT_PERMANENT};
+pub use status::{StatusFile, StatusReport};

@@ -1,0 +1,103 @@
+//! One session on an established [`Link`]: heartbeats out, relay messages in through one dispatch point,
+//! and the dead-link timer.
+//!
+//! The session ends with a [`SessionEnd`] saying why; what to do next (reconnect, stop, report) is the run
+//! loop's decision, not the session's.
+
+use std::time::Duration;
+
+use ct_protocol::message::CloseReason;
+use ct_protocol::{AgentMessage, FrameError, RelayMessage};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::connect::Link;
+
+/// The relay may ask for heartbeats more often than the transport default, but not absurdly often.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Our shutdown token fired; the caller says goodbye.
+    Shutdown,
+    /// The relay is restarting or shutting down: reconnect at once.
+    RelayRestarting,
+    /// The link failed (dead, closed, transport error, malformed frame): reconnect with backoff.
+    Lost(String),
+    /// Another connection with this agent's key took over this session.
+    Replaced(String),
+    /// The relay revoked this agent's key.
+    Revoked(String),
+}
+
+/// What the dispatcher wants after handling one message.
+enum Flow {
+    Continue,
+    End(SessionEnd),
+}
+
+/// Runs the session until it ends. Cancel-safe: dropping this future (to switch transports) loses nothing
+/// that the next session needs.
+pub async fn run_session(link: &mut Link, shutdown: &CancellationToken) -> SessionEnd {
+    let timing = link.transport.timing();
+    let requested = Duration::from_millis(link.welcome.heartbeat_ms).max(MIN_HEARTBEAT);
+    let heartbeat_every = timing.heartbeat.min(requested);
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+
+    loop {
+        let dead_at = last_heard + timing.dead_after;
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return SessionEnd::Shutdown,
+            () = tokio::time::sleep_until(dead_at) => {
+                return SessionEnd::Lost(format!(
+                    "nothing heard from the relay for {:?}: the link is dead",
+                    timing.dead_after
+                ));
+            }
+            _ = heartbeat.tick() => {
+                // Bounded: a peer that stops reading must not stall us past the dead-link timer.
+                match tokio::time::timeout(timing.dead_after, link.writer.send(&AgentMessage::Heartbeat)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return SessionEnd::Lost(format!("sending a heartbeat failed: {e}")),
+                    Err(_) => return SessionEnd::Lost("the relay stopped reading".into()),
+                }
+            }
+            received = link.reader.recv::<RelayMessage>() => {
+                last_heard = Instant::now();
+                match received {
+                    Ok(Some(msg)) => match dispatch(link, msg).await {
+                        Flow::Continue => {}
+                        Flow::End(end) => return end,
+                    },
+                    Ok(None) => return SessionEnd::Lost("the relay closed the connection".into()),
+                    Err(FrameError::Malformed(e)) => {
+                        // A newer relay's message we do not know, or garbage: the stream itself is still in
+                        // sync, but we cannot tell what we missed, so start a fresh session.
+                        tracing::warn!(error = %e, "malformed message from the relay; reconnecting");
+                        return SessionEnd::Lost(format!("malformed message from the relay: {e}"));
+                    }
+                    Err(e) => return SessionEnd::Lost(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+/// The one place relay messages are handled. New message kinds (tasks) get their arm here.
+async fn dispatch(_link: &mut Link, msg: RelayMessage) -> Flow {
+    match msg {
+        RelayMessage::Heartbeat => Flow::Continue,
+        RelayMessage::Closing { reason, message } => {
+            tracing::info!(?reason, %message, "relay is closing this session");
+            Flow::End(match reason {
+                CloseReason::Shutdown => SessionEnd::RelayRestarting,
+                CloseReason::Replaced => SessionEnd::Replaced(message),
+                CloseReason::Revoked => SessionEnd::Revoked(message),
+            })
+        }
+    }
+}

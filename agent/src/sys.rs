@@ -1,0 +1,53 @@
+//! The two operating-system questions the agent asks through libc: this machine's name, and whether a
+//! process id is still alive. Kept in one file so the only `unsafe` in the crate is in one place.
+
+#![allow(unsafe_code)]
+
+/// The machine's host name, the default name of a newly paired agent.
+pub fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for writes of its whole length, which is what we pass; gethostname
+    // writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    // POSIX leaves termination unspecified on truncation; take up to the first NUL or the whole buffer.
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Whether a process with this id exists (`kill(pid, 0)`). A process owned by another user counts as alive.
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // pid 0 and negative ids address process groups, not one process.
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_reaped_child_is_not() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+        assert!(!process_alive(0));
+    }
+
+    #[test]
+    fn hostname_is_something() {
+        assert!(hostname().is_some_and(|h| !h.is_empty()));
+    }
+}
