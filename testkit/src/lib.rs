@@ -1,0 +1,18 @@
+//! Test support for running the real Claude Code CLI offline.
+//!
+//! - [`claude`]: where the pinned CLI binary is (installed by `testkit/claude/install.sh`) and the hermetic
+//!   environment to run it in ([`ClaudeEnv`]).
+//! - [`anthropic`]: [`FakeAnthropic`], a scripted fake of the Anthropic Messages API on 127.0.0.1:0 that the CLI
+//!   is pointed at with `ANTHROPIC_BASE_URL`.
+//! - [`process`]: [`ClaudeProcess`], a running `--output-format stream-json` CLI read as JSON events, with
+//!   helpers for stream-json input and control responses.
+//!
+//! What the CLI was observed to do against the fake is written down in `testkit/CLAUDE-NOTES.md`.
+
+pub mod anthropic;
+pub mod claude;
+pub mod process;
+
+pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
+pub use claude::{claude_bin, ClaudeEnv, PINNED_VERSION};
+pub use process::{ClaudeProcess, SESSION_ARGS};
