@@ -361,3 +361,91 @@ async fn the_binary_pairs_runs_reports_status_and_stops_for_good_when_revoked() 
         "{err}"
     );
 }
+
+/// A minimal HTTP CONNECT proxy that resolves one made-up name to the relay and counts tunnels; the agent
+/// cannot reach the relay any other way, since nothing else knows that name.
+async fn connect_proxy(
+    name: &'static str,
+    target: SocketAddr,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tunnels = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = tunnels.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut client = BufReader::new(client);
+                let mut request = String::new();
+                client.read_line(&mut request).await.unwrap();
+                let mut line = String::new();
+                while client.read_line(&mut line).await.unwrap() > 2 {
+                    line.clear();
+                }
+                let wanted = format!("CONNECT {name}:{} HTTP/1.1", target.port());
+                if request.trim_end() != wanted {
+                    let _ = client
+                        .get_mut()
+                        .write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+                        .await;
+                    return;
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                client
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(client.get_mut(), &mut upstream).await;
+            });
+        }
+    });
+    (addr, tunnels)
+}
+
+#[tokio::test]
+async fn behind_an_https_proxy_the_agent_pairs_and_connects_over_websocket() {
+    let (relay_dir, agent_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut config = RelayConfig::new(relay_dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    // Learn a free port first, so the advertised name can carry it.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    config.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    config.public_addrs = vec![format!("relay.invalid:{port}")];
+    let relay = TestRelay::start(config).await;
+    let (proxy, tunnels) = connect_proxy("relay.invalid", relay.addr).await;
+
+    let proxy_url = format!("http://{proxy}");
+    let opts = ConnectOptions {
+        proxy: ProxyConfig::from_lookup(|name| (name == "HTTPS_PROXY").then(|| proxy_url.clone())),
+        policy: ct_agent::TransportPolicy::WebSocketOnly,
+        ..Default::default()
+    };
+    ct_agent::pair_with(agent_dir.path(), &relay.token("8"), None, false, &opts)
+        .await
+        .unwrap();
+    let mut run = RunOptions::new(agent_dir.path());
+    run.connect = opts;
+    let (tx, mut status) = watch::channel(LinkStatus::Connecting);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(ct_agent::run(run, shutdown.clone(), tx));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| matches!(s, LinkStatus::Connected { .. })),
+    )
+    .await
+    .expect("no connection through the proxy")
+    .unwrap();
+    assert_eq!(
+        tunnels.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "pairing and run each tunnelled once"
+    );
+    assert_eq!(relay.core.online(), 1);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}

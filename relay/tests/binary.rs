@@ -1,0 +1,170 @@
+//! The `ct-relay` binary as an operator uses it: start on embedded defaults, the admin commands (with the
+//! global flags before or after the subcommand), health over HTTPS, and a SIGTERM that drains and exits 0.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ct_protocol::handshake::PairRequest;
+use ct_protocol::pairing::PairingToken;
+use ct_protocol::Transport;
+use ed25519_dalek::SigningKey;
+
+fn relay() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ct-relay"));
+    cmd.env_remove("DISCORD_TOKEN").env("LOG_LEVEL", "info");
+    cmd
+}
+
+fn admin(dir: &Path, args: &[&str]) -> Output {
+    relay()
+        .arg("admin")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn operator_workflow_from_start_to_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = std::fs::File::create(dir.path().join("relay.log")).unwrap();
+    let mut child = Running(
+        relay()
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+
+    // The admin socket answers once the relay is up.
+    let started = Instant::now();
+    let status = loop {
+        let o = relay()
+            .args(["--data-dir"])
+            .arg(&data)
+            .args(["admin", "status", "--json"])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "relay did not come up: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let https = status["https"].as_str().unwrap().to_string();
+    assert_eq!(
+        status["quic"].as_str(),
+        Some(https.as_str()),
+        "QUIC and HTTPS share the port"
+    );
+    let human = stdout(&admin(&data, &["status"]));
+    assert!(
+        human.contains(&https)
+            && human.contains("SHA256:")
+            && human.contains("off (no DISCORD_TOKEN)"),
+        "{human}"
+    );
+
+    // Pairing token for a user, used by an agent.
+    let text = stdout(&admin(&data, &["pair-code", "--user", "4242"]));
+    let token_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("ctpair1_"))
+        .expect("token printed");
+    let token: PairingToken = token_line.trim().parse().unwrap();
+    assert!(
+        text.contains(&format!("ct-agent pair {}", token_line.trim())),
+        "{text}"
+    );
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pair = PairRequest {
+        code: token.code.to_string(),
+        name: "box".into(),
+    };
+    let addr = https.parse().unwrap();
+    let session = support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
+        .await
+        .unwrap();
+    assert_eq!(session.welcome.owner, "4242");
+
+    let agents = stdout(&admin(&data, &["agents"]));
+    assert!(
+        agents.contains("4242")
+            && agents.contains("box")
+            && agents.contains("online")
+            && agents.contains("quic"),
+        "{agents}"
+    );
+    let bad = admin(&data, &["pair-code", "--user", "not-a-number"]);
+    assert!(
+        !bad.status.success()
+            && String::from_utf8_lossy(&bad.stderr).contains("not a Discord user id")
+    );
+    let revoked = stdout(&admin(&data, &["revoke", "box"]));
+    assert!(revoked.contains("Revoked 4242/box"), "{revoked}");
+    assert!(stdout(&admin(&data, &["agents"])).contains("revoked"));
+
+    // SIGTERM: drain and exit 0, removing the admin socket.
+    let pid = child.0.id() as i32;
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(!data.join("admin.sock").exists());
+    let log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap();
+    assert!(log.contains("the Discord bot is off"), "{log}");
+    assert!(
+        log.contains("relay listening") && log.contains("relay stopped"),
+        "{log}"
+    );
+    let down = admin(&data, &["status"]);
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("is `ct-relay --data-dir"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+}
