@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use ct_protocol::message::CloseReason;
+use ct_protocol::task::{FinalState, TaskEvent};
 use ct_protocol::{AgentMessage, FrameError, RelayMessage};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -88,8 +89,34 @@ pub async fn run_session(link: &mut Link, shutdown: &CancellationToken) -> Sessi
 }
 
 /// The one place relay messages are handled. New message kinds (tasks) get their arm here.
-async fn dispatch(_link: &mut Link, msg: RelayMessage) -> Flow {
+async fn dispatch(link: &mut Link, msg: RelayMessage) -> Flow {
     match msg {
+        // Task messages arrive from relays that run tasks; until the Claude Code runner is wired in, a task is
+        // refused in words rather than left hanging.
+        RelayMessage::StartTask(spec) => {
+            let refusal = AgentMessage::Event {
+                task: spec.task,
+                seq: 1,
+                event: TaskEvent::Finished {
+                    state: FinalState::Failed,
+                    message: Some(format!(
+                        "this agent ({}) cannot run tasks yet: upgrade ct-agent on that machine",
+                        ct_protocol::version::SOFTWARE_VERSION
+                    )),
+                },
+            };
+            match link.writer.send(&refusal).await {
+                Ok(()) => Flow::Continue,
+                Err(e) => Flow::End(SessionEnd::Lost(e.to_string())),
+            }
+        }
+        RelayMessage::TaskInput { .. }
+        | RelayMessage::CancelTask { .. }
+        | RelayMessage::Decide { .. }
+        | RelayMessage::Ack { .. } => {
+            tracing::debug!(?msg, "task message for a task this agent does not run");
+            Flow::Continue
+        }
         RelayMessage::Heartbeat => Flow::Continue,
         RelayMessage::Closing { reason, message } => {
             tracing::info!(?reason, %message, "relay is closing this session");

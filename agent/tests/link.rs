@@ -272,7 +272,8 @@ impl Relay {
                     return;
                 }
                 msg = reader.recv::<AgentMessage>() => match msg {
-                    Ok(Some(AgentMessage::Heartbeat)) => {}
+                    // This stand-in relay runs no tasks.
+                    Ok(Some(AgentMessage::Heartbeat | AgentMessage::Running { .. } | AgentMessage::Event { .. })) => {}
                     Ok(Some(AgentMessage::Goodbye { reason })) => {
                         let _ = self.events.send(Event::Goodbye { transport, reason });
                         let _ = writer.shutdown().await;

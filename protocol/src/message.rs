@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::task::{Decision, TaskEvent, TaskSpec};
+
 /// Agent → relay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -13,6 +15,15 @@ pub enum AgentMessage {
     Heartbeat,
     /// The agent closes this session on purpose (shutdown, or moving to a better transport).
     Goodbye { reason: String },
+    /// Sent once after each handshake: the tasks this agent is still running. The relay marks any other task
+    /// it thought was running on this agent as lost.
+    Running { tasks: Vec<String> },
+    /// A task event with its per-task sequence number (from 1). Re-sent after a reconnect until acknowledged.
+    Event {
+        task: String,
+        seq: u64,
+        event: TaskEvent,
+    },
 }
 
 /// Relay → agent.
@@ -26,6 +37,20 @@ pub enum RelayMessage {
         reason: CloseReason,
         message: String,
     },
+    /// Start a task (a Claude Code session in a project).
+    StartTask(TaskSpec),
+    /// A follow-up message for a running task's session.
+    TaskInput { task: String, prompt: String },
+    /// Interrupt and end a task.
+    CancelTask { task: String },
+    /// The answer to an approval request.
+    Decide {
+        task: String,
+        approval: String,
+        decision: Decision,
+    },
+    /// Every event of `task` up to `seq` is stored; the agent may forget them.
+    Ack { task: String, seq: u64 },
 }
 
 /// Why the relay ended a session.

@@ -22,6 +22,8 @@ use crate::store::{now, AgentRecord, PairCodeRecord, Store, StoreError};
 
 /// Wrong secrets tried against one code before it is disabled.
 const MAX_CODE_FAILURES: u32 = 5;
+/// Messages waiting for one agent's session to write them. Bounded: a stuck agent cannot grow relay memory.
+const OUTBOUND_QUEUE: usize = 256;
 /// How long used and expired codes are remembered, so late attempts get the right error.
 const CODE_MEMORY: u64 = 24 * 3600;
 
@@ -61,12 +63,14 @@ impl Default for CoreConfig {
 }
 
 #[derive(Debug)]
-struct LiveAgent {
+pub(crate) struct LiveAgent {
     session: u64,
     transport: Transport,
     since: u64,
     peer: SocketAddr,
     close: mpsc::Sender<CloseReason>,
+    /// Messages for the agent (task starts, decisions, acks), written by its session.
+    pub(crate) outbound: mpsc::Sender<ct_protocol::RelayMessage>,
 }
 
 /// What `agents` shows for one agent.
@@ -94,6 +98,8 @@ pub struct Core {
     live: Mutex<HashMap<Fingerprint, LiveAgent>>,
     pair_limit: RateLimiter,
     next_session: AtomicU64,
+    /// Live followers of each task (admin `task`, later the Discord bot).
+    pub(crate) followers: crate::tasks::Followers,
 }
 
 impl Core {
@@ -112,6 +118,7 @@ impl Core {
             metrics,
             live: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            followers: Default::default(),
         }
     }
 
@@ -129,7 +136,7 @@ impl Core {
         self.relay
     }
 
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, LiveAgent>> {
+    pub(crate) fn live(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, LiveAgent>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -340,6 +347,7 @@ impl Core {
         peer: SocketAddr,
     ) -> SessionGuard {
         let (close, close_rx) = mpsc::channel(1);
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let since = now();
         let old = self.live().insert(
@@ -350,6 +358,7 @@ impl Core {
                 since,
                 peer,
                 close,
+                outbound,
             },
         );
         if let Some(old) = old {
@@ -363,6 +372,7 @@ impl Core {
             session,
             transport,
             close_rx,
+            outbound_rx,
         }
     }
 
@@ -482,6 +492,8 @@ pub struct SessionGuard {
     transport: Transport,
     /// Receives the reason when the core wants this session closed (revoked, replaced, shutdown).
     pub close_rx: mpsc::Receiver<CloseReason>,
+    /// Messages the core wants sent to the agent.
+    pub outbound_rx: mpsc::Receiver<ct_protocol::RelayMessage>,
 }
 
 impl Drop for SessionGuard {

@@ -4,6 +4,7 @@
 //! - [`endpoint`]: the agent endpoint — [`endpoint::quic`] (UDP) and [`endpoint::https`] (TCP: WebSocket,
 //!   `/healthz`, `/readyz`, `/metrics`), both ending in [`endpoint::session`].
 //! - [`core`]: pairing, admission, the live-agent table, revocation; what front ends call.
+//! - [`tasks`]: task submission and routing, the sequenced event log, following, cancel, approvals.
 //! - [`store`]: the embedded sled store.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
 //! - [`tls`]: the relay key agents pin, and the certificate.
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
 pub mod store;
+pub mod tasks;
 pub mod tls;
 
 pub use relay::{Relay, RelayConfig};

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use ct_protocol::Fingerprint;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sled::Transactional;
 
 /// Storage failures. The relay reports these to peers as "unavailable", never as their fault.
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +60,55 @@ pub struct PairCodeRecord {
     pub failures: u32,
 }
 
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Queued,
+    Running,
+    WaitingApproval,
+    Done,
+    Failed,
+    Cancelled,
+    /// The agent no longer runs it (it restarted, or the relay lost track): nothing more will arrive.
+    Lost,
+}
+
+impl TaskState {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Done | Self::Failed | Self::Cancelled | Self::Lost
+        )
+    }
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub spec: ct_protocol::task::TaskSpec,
+    /// The agent it runs on.
+    pub agent: Fingerprint,
+    pub state: TaskState,
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// Highest event sequence number stored (events are 1..=last_seq).
+    pub last_seq: u64,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Why it failed or was lost, in words for the user.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
 /// The open store.
 #[derive(Debug, Clone)]
 pub struct Store {
     db: sled::Db,
     agents: sled::Tree,
     pair_codes: sled::Tree,
+    tasks: sled::Tree,
+    events: sled::Tree,
 }
 
 impl Store {
@@ -76,6 +120,8 @@ impl Store {
         Ok(Self {
             agents: db.open_tree("agents")?,
             pair_codes: db.open_tree("pair_codes")?,
+            tasks: db.open_tree("tasks")?,
+            events: db.open_tree("events")?,
             db,
         })
     }
@@ -132,6 +178,84 @@ impl Store {
         }
         Ok(removed)
     }
+}
+
+impl Store {
+    pub fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        get(&self.tasks, id.as_bytes())
+    }
+
+    pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
+        put(&self.tasks, rec.spec.task.as_bytes(), rec)
+    }
+
+    /// Tasks on one agent that have not ended.
+    pub fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if rec.agent == *agent && !rec.state.is_final() {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores event `seq` of a task together with the task's new record, atomically: either both are written
+    /// or neither, so `last_seq` never runs ahead of the events it counts.
+    pub fn append_event(
+        &self,
+        rec: &TaskRecord,
+        seq: u64,
+        event: &ct_protocol::task::TaskEvent,
+    ) -> Result<()> {
+        let key = event_key(&rec.spec.task, seq);
+        let (event, task) = (serde_json::to_vec(event)?, serde_json::to_vec(rec)?);
+        let id = rec.spec.task.as_bytes();
+        (&self.tasks, &self.events)
+            .transaction(|(tasks, events)| {
+                events.insert(key.as_slice(), event.as_slice())?;
+                tasks.insert(id, task.as_slice())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => StoreError::Conflict,
+            })
+    }
+
+    /// A task's stored events after `after`, in order.
+    pub fn events(
+        &self,
+        task: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, ct_protocol::task::TaskEvent)>> {
+        let (from, to) = (
+            event_key(task, after.saturating_add(1)),
+            event_key(task, u64::MAX),
+        );
+        self.events
+            .range(from..=to)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = u64::from_be_bytes(
+                    k[k.len() - 8..]
+                        .try_into()
+                        .map_err(|_| StoreError::Conflict)?,
+                );
+                Ok((seq, serde_json::from_slice(&v)?))
+            })
+            .collect()
+    }
+}
+
+/// Events sort by task, then by sequence number (big-endian).
+fn event_key(task: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(task.len() + 9);
+    k.extend_from_slice(task.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>> {

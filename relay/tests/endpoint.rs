@@ -263,6 +263,7 @@ async fn revoking_drops_the_live_session_and_refuses_the_key_from_then_on() {
                     assert_eq!(reason, CloseReason::Revoked);
                     break;
                 }
+                Some(other) => panic!("unexpected message {other:?}"),
                 None => panic!("{t}: link closed without a Closing message"),
             }
         }
@@ -326,6 +327,7 @@ async fn a_newer_connection_with_the_same_key_replaces_the_older() {
             Some(RelayMessage::Closing { reason, .. }) => {
                 break assert_eq!(reason, CloseReason::Replaced)
             }
+            Some(other) => panic!("unexpected message {other:?}"),
             None => panic!("old session closed without being told why"),
         }
     }
@@ -492,6 +494,7 @@ async fn a_restarted_relay_keeps_its_key_and_its_agents() {
             Some(RelayMessage::Closing { reason, .. }) => {
                 break assert_eq!(reason, CloseReason::Shutdown)
             }
+            Some(other) => panic!("unexpected message {other:?}"),
             None => panic!("agent was not told the relay is restarting"),
         }
     }

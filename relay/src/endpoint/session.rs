@@ -112,9 +112,16 @@ async fn live<R, W>(
                 Ok(Some(msg)) => {
                     frames_in.inc();
                     deadline = Instant::now() + timing.dead_after;
-                    match msg {
-                        AgentMessage::Heartbeat => {}
+                    let reply = match msg {
+                        AgentMessage::Heartbeat => None,
                         AgentMessage::Goodbye { reason } => break Ended::AgentLeft(reason),
+                        other => handle(&core, &fingerprint, other),
+                    };
+                    if let Some(reply) = reply {
+                        if let Err(e) = writer.send(&reply).await {
+                            break Ended::LinkError(e);
+                        }
+                        frames_out.inc();
                     }
                 }
                 Ok(None) => break Ended::AgentLeft("closed the connection".into()),
@@ -122,6 +129,12 @@ async fn live<R, W>(
             },
             _ = heartbeat.tick() => {
                 if let Err(e) = writer.send(&RelayMessage::Heartbeat).await {
+                    break Ended::LinkError(e);
+                }
+                frames_out.inc();
+            }
+            Some(msg) = guard.outbound_rx.recv() => {
+                if let Err(e) = writer.send(&msg).await {
                     break Ended::LinkError(e);
                 }
                 frames_out.inc();
@@ -153,6 +166,34 @@ async fn live<R, W>(
         other => debug!(?other, "session ended"),
     }
     info!("agent disconnected");
+}
+
+/// Task traffic from the agent: stored by the core, answered with an acknowledgement when there is one.
+fn handle(
+    core: &Core,
+    agent: &ct_protocol::Fingerprint,
+    msg: AgentMessage,
+) -> Option<RelayMessage> {
+    match msg {
+        AgentMessage::Event { task, seq, event } => {
+            match core.record_event(agent, &task, seq, event) {
+                Ok(Some(seq)) => Some(RelayMessage::Ack { task, seq }),
+                Ok(None) => None,
+                Err(e) => {
+                    // Not acknowledged, so the agent sends it again later; nothing is lost.
+                    tracing::error!(%task, seq, error = %e, "could not store a task event");
+                    None
+                }
+            }
+        }
+        AgentMessage::Running { tasks } => {
+            if let Err(e) = core.agent_running(agent, &tasks) {
+                tracing::error!(error = %e, "could not reconcile the agent's running tasks");
+            }
+            None
+        }
+        AgentMessage::Heartbeat | AgentMessage::Goodbye { .. } => None,
+    }
 }
 
 /// Ends our sending side. A WebSocket close waits on the peer, which may never answer: bound it.

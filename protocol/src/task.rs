@@ -1,0 +1,211 @@
+//! Task messages: what the relay asks of an agent's Claude Code, and the events that come back.
+//!
+//! Delivery rule: every [`TaskEvent`] an agent sends carries a per-task sequence number starting at 1. The
+//! relay persists an event before acknowledging it, and acknowledges cumulatively (`Ack { seq }` covers every
+//! event up to `seq`). The agent keeps what is unacknowledged and sends it again, in order, after a
+//! reconnect; the relay drops any `seq` it already stored. So nothing a task printed is lost to a dropped link
+//! or a relay restart, and nothing is shown twice.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest prompt the relay forwards (bytes). Front ends refuse longer ones with a message.
+pub const MAX_PROMPT_LEN: usize = 100 * 1024;
+/// Longest text carried by one event (bytes); longer output is split into several events.
+pub const MAX_EVENT_TEXT: usize = 64 * 1024;
+
+/// Who asked for a task, as the relay established it (Discord user id), and in what capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    pub user: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub role: Role,
+}
+
+/// The requester's standing on this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Owner,
+    /// Shared with by the owner; approvals go to the owner.
+    Grantee,
+    /// Shared with at the trusted level; approvals go to the grantee.
+    TrustedGrantee,
+}
+
+/// Options a user may set per task.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permission_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_turns: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
+}
+
+/// Everything an agent needs to start a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Chosen by the relay; short enough to type (`/status t_k3m9x2`).
+    pub task: String,
+    /// A project name, or a path the agent's policy must allow.
+    pub project: String,
+    pub prompt: String,
+    pub requester: Requester,
+    #[serde(default)]
+    pub options: TaskOptions,
+    /// A Claude Code session to continue (`--resume`), when the task follows an earlier one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
+}
+
+/// A decision on an approval request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    /// Run this one tool use (optionally with edited input).
+    AllowOnce {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        updated_input: Option<Value>,
+    },
+    /// Run it, and stop asking about this tool for the rest of the session.
+    AllowSession,
+    /// Refuse, telling Claude why.
+    Deny { reason: String },
+    /// Answers to an AskUserQuestion request.
+    Answers { answers: Value },
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalState {
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// One thing that happened in a task, in the order it happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskEvent {
+    /// The agent accepted the task and Claude Code started in `cwd`.
+    Started { cwd: String },
+    /// Claude Code's session details (from its init message).
+    Session {
+        session_id: String,
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        claude_version: Option<String>,
+    },
+    /// Assistant text (at most [`MAX_EVENT_TEXT`] bytes; longer text arrives in several events).
+    Text { text: String },
+    /// A tool use, summarised for people: which tool, which file or command.
+    Tool { name: String, summary: String },
+    /// A tool's outcome, summarised.
+    ToolResult { is_error: bool, summary: String },
+    /// Claude Code asks permission; the answer is a [`Decision`] for `approval`.
+    ApprovalRequested {
+        approval: String,
+        tool: String,
+        summary: String,
+        input: Value,
+        /// True for AskUserQuestion: the answer is [`Decision::Answers`].
+        #[serde(default)]
+        question: bool,
+    },
+    /// The request is no longer pending: decided, timed out, or withdrawn by Claude Code.
+    ApprovalClosed { approval: String, outcome: String },
+    /// One turn ended (Claude Code's `result`).
+    TurnFinished {
+        is_error: bool,
+        subtype: String,
+        #[serde(default)]
+        text: Option<String>,
+        #[serde(default)]
+        cost_usd: Option<f64>,
+        #[serde(default)]
+        turns: Option<u32>,
+        #[serde(default)]
+        input_tokens: Option<u64>,
+        #[serde(default)]
+        output_tokens: Option<u64>,
+        #[serde(default)]
+        duration_ms: Option<u64>,
+    },
+    /// The task is over; `message` explains a failure in words the user can act on.
+    Finished {
+        state: FinalState,
+        #[serde(default)]
+        message: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AgentMessage, RelayMessage};
+
+    #[test]
+    fn task_messages_round_trip_as_frames() {
+        let spec = TaskSpec {
+            task: "t_abc".into(),
+            project: "web".into(),
+            prompt: "fix the build".into(),
+            requester: Requester {
+                user: "1".into(),
+                name: None,
+                role: Role::Grantee,
+            },
+            options: TaskOptions {
+                model: Some("sonnet".into()),
+                ..Default::default()
+            },
+            resume: None,
+        };
+        for msg in [
+            RelayMessage::StartTask(spec),
+            RelayMessage::Decide {
+                task: "t_abc".into(),
+                approval: "a1".into(),
+                decision: Decision::Deny {
+                    reason: "no".into(),
+                },
+            },
+            RelayMessage::Ack {
+                task: "t_abc".into(),
+                seq: 7,
+            },
+        ] {
+            let frame = crate::frame::encode(&msg).unwrap();
+            assert_eq!(
+                crate::frame::decode::<RelayMessage>(&frame)
+                    .unwrap()
+                    .unwrap()
+                    .0,
+                msg
+            );
+        }
+        let ev = AgentMessage::Event {
+            task: "t_abc".into(),
+            seq: 3,
+            event: TaskEvent::Finished {
+                state: FinalState::Failed,
+                message: Some("not logged in".into()),
+            },
+        };
+        let frame = crate::frame::encode(&ev).unwrap();
+        assert_eq!(
+            crate::frame::decode::<AgentMessage>(&frame)
+                .unwrap()
+                .unwrap()
+                .0,
+            ev
+        );
+    }
+}

@@ -1,0 +1,390 @@
+//! Tasks through the relay over real sockets, with a protocol-level stand-in for the agent: routing, the
+//! sequenced event log (exactly once across re-sends and a relay restart), lost tasks, cancel and approvals.
+
+mod support;
+
+use std::time::Duration;
+
+use ct_protocol::message::{AgentMessage, RelayMessage};
+use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
+use ct_protocol::Transport;
+use ct_relay::store::TaskState;
+use ct_relay::tasks::{Submit, TaskError};
+use support::{handshake, pair, Session, TestRelay};
+
+fn submit(user: &str, prompt: &str) -> Submit {
+    Submit {
+        user: user.into(),
+        agent: None,
+        project: "web".into(),
+        prompt: prompt.into(),
+        options: TaskOptions::default(),
+    }
+}
+
+/// Reads relay messages, skipping heartbeats.
+async fn recv(s: &mut Session) -> RelayMessage {
+    loop {
+        match s
+            .reader
+            .recv_timeout::<RelayMessage>(Duration::from_secs(10))
+            .await
+            .expect("relay message")
+        {
+            RelayMessage::Heartbeat => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn send_event(s: &mut Session, task: &str, seq: u64, event: TaskEvent) {
+    s.writer
+        .send(&AgentMessage::Event {
+            task: task.into(),
+            seq,
+            event,
+        })
+        .await
+        .unwrap();
+}
+
+async fn expect_ack(s: &mut Session, task: &str, seq: u64) {
+    assert_eq!(
+        recv(s).await,
+        RelayMessage::Ack {
+            task: task.into(),
+            seq
+        }
+    );
+}
+
+fn text(t: &str) -> TaskEvent {
+    TaskEvent::Text { text: t.into() }
+}
+
+#[tokio::test]
+async fn refusals_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    assert!(matches!(
+        relay.core.submit_task(submit("1", "hi")),
+        Err(TaskError::NoAgent)
+    ));
+    let _key = pair(&relay, Transport::Quic, "1").await;
+    support::eventually(Duration::from_secs(5), || relay.core.online() == 0).await;
+    let err = relay.core.submit_task(submit("1", "hi")).unwrap_err();
+    assert!(matches!(err, TaskError::Offline { .. }), "{err}");
+    assert!(
+        err.to_string().contains("ct-agent run") && err.to_string().contains("last seen"),
+        "{err}"
+    );
+    let huge = "x".repeat(ct_protocol::task::MAX_PROMPT_LEN + 1);
+    assert!(matches!(
+        relay.core.submit_task(submit("1", &huge)),
+        Err(TaskError::PromptTooLong { .. })
+    ));
+    assert!(matches!(
+        relay.core.submit_task(submit("1", "  ")),
+        Err(TaskError::EmptyPrompt)
+    ));
+    let _second = pair(&relay, Transport::Quic, "1").await;
+    let err = relay.core.submit_task(submit("1", "hi")).unwrap_err();
+    assert!(matches!(err, TaskError::WhichAgent(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let key = pair(&relay, Transport::WebSocket, "1").await;
+    let mut agent = handshake(
+        Transport::WebSocket,
+        relay.addr,
+        &key,
+        relay.fingerprint,
+        None,
+    )
+    .await
+    .unwrap();
+    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+
+    let rec = relay
+        .core
+        .submit_task(submit("1", "fix the build"))
+        .unwrap();
+    let id = rec.spec.task.clone();
+    let RelayMessage::StartTask(spec) = recv(&mut agent).await else {
+        panic!("expected StartTask")
+    };
+    assert_eq!(
+        (
+            spec.task.as_str(),
+            spec.prompt.as_str(),
+            spec.project.as_str()
+        ),
+        (id.as_str(), "fix the build", "web")
+    );
+    let (_, before, mut live) = relay.core.follow(&id).unwrap();
+    assert!(before.is_empty());
+
+    send_event(
+        &mut agent,
+        &id,
+        1,
+        TaskEvent::Started {
+            cwd: "/src/web".into(),
+        },
+    )
+    .await;
+    expect_ack(&mut agent, &id, 1).await;
+    send_event(&mut agent, &id, 2, text("hello")).await;
+    expect_ack(&mut agent, &id, 2).await;
+    // A re-send of something already stored (its ack was lost): acknowledged again, not stored twice.
+    send_event(&mut agent, &id, 2, text("hello")).await;
+    expect_ack(&mut agent, &id, 2).await;
+    // A gap is not acknowledged: the agent will re-send from the first unacknowledged event.
+    send_event(&mut agent, &id, 4, text("too early")).await;
+    send_event(
+        &mut agent,
+        &id,
+        3,
+        TaskEvent::Finished {
+            state: FinalState::Done,
+            message: None,
+        },
+    )
+    .await;
+    expect_ack(&mut agent, &id, 3).await;
+
+    let stored = relay.core.store().events(&id, 0).unwrap();
+    assert_eq!(
+        stored.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(stored[1].1, text("hello"));
+    for want in 1..=3 {
+        let (seq, _) = tokio::time::timeout(Duration::from_secs(5), live.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seq, want, "followers see each event once, in order");
+    }
+    assert_eq!(relay.core.task(&id).unwrap().state, TaskState::Done);
+}
+
+#[tokio::test]
+async fn across_a_relay_restart_nothing_is_lost_or_duplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let (addr, fp) = (relay.addr, relay.fingerprint);
+    let key = pair(&relay, Transport::Quic, "1").await;
+    let mut agent = handshake(Transport::Quic, addr, &key, fp, None)
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    let id = relay
+        .core
+        .submit_task(submit("1", "long job"))
+        .unwrap()
+        .spec
+        .task;
+    let other = relay
+        .core
+        .submit_task(submit("1", "short job"))
+        .unwrap()
+        .spec
+        .task;
+    assert!(matches!(recv(&mut agent).await, RelayMessage::StartTask(_)));
+    assert!(matches!(recv(&mut agent).await, RelayMessage::StartTask(_)));
+    send_event(&mut agent, &id, 1, TaskEvent::Started { cwd: "/p".into() }).await;
+    expect_ack(&mut agent, &id, 1).await;
+    send_event(&mut agent, &id, 2, text("two")).await;
+    expect_ack(&mut agent, &id, 2).await;
+
+    relay.stop().await;
+    let relay = TestRelay::start_with(ct_relay::RelayConfig::new(dir.path().into(), addr)).await;
+    let mut agent = handshake(Transport::Quic, addr, &key, fp, None)
+        .await
+        .unwrap();
+    // The agent still runs `id` (not `other`, which it finished or never started) and re-sends what it
+    // cannot know was stored: event 2 again, then what came after.
+    agent
+        .writer
+        .send(&AgentMessage::Running {
+            tasks: vec![id.clone()],
+        })
+        .await
+        .unwrap();
+    for (seq, ev) in [
+        (2, text("two")),
+        (3, text("three")),
+        (
+            4,
+            TaskEvent::Finished {
+                state: FinalState::Done,
+                message: None,
+            },
+        ),
+    ] {
+        send_event(&mut agent, &id, seq, ev).await;
+    }
+    for seq in [2, 3, 4] {
+        expect_ack(&mut agent, &id, seq).await;
+    }
+    let stored = relay.core.store().events(&id, 0).unwrap();
+    assert_eq!(
+        stored.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4],
+        "{stored:?}"
+    );
+    assert_eq!(relay.core.task(&id).unwrap().state, TaskState::Done);
+    let lost = relay.core.task(&other).unwrap();
+    assert_eq!(
+        lost.state,
+        TaskState::Lost,
+        "a task the agent no longer runs is marked lost"
+    );
+    assert!(lost.message.unwrap().contains("start it again"));
+}
+
+#[tokio::test]
+async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let key = pair(&relay, Transport::Quic, "1").await;
+    let mut agent = handshake(Transport::Quic, relay.addr, &key, relay.fingerprint, None)
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    let id = relay
+        .core
+        .submit_task(submit("1", "edit"))
+        .unwrap()
+        .spec
+        .task;
+    assert!(matches!(recv(&mut agent).await, RelayMessage::StartTask(_)));
+    send_event(
+        &mut agent,
+        &id,
+        1,
+        TaskEvent::ApprovalRequested {
+            approval: "a1".into(),
+            tool: "Write".into(),
+            summary: "Write src/main.rs".into(),
+            input: serde_json::json!({"file_path": "src/main.rs"}),
+            question: false,
+        },
+    )
+    .await;
+    expect_ack(&mut agent, &id, 1).await;
+    assert_eq!(
+        relay.core.task(&id).unwrap().state,
+        TaskState::WaitingApproval
+    );
+
+    let stranger = relay
+        .core
+        .decide("666", &id, "a1", Decision::AllowSession)
+        .unwrap_err();
+    assert!(matches!(stranger, TaskError::NotYours(_)), "{stranger}");
+    assert!(matches!(
+        relay.core.cancel_task("666", &id),
+        Err(TaskError::NotYours(_))
+    ));
+    relay
+        .core
+        .decide(
+            "1",
+            &id,
+            "a1",
+            Decision::Deny {
+                reason: "not that file".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        recv(&mut agent).await,
+        RelayMessage::Decide {
+            task: id.clone(),
+            approval: "a1".into(),
+            decision: Decision::Deny {
+                reason: "not that file".into()
+            }
+        }
+    );
+    relay.core.cancel_task("1", &id).unwrap();
+    assert_eq!(
+        recv(&mut agent).await,
+        RelayMessage::CancelTask { task: id.clone() }
+    );
+    send_event(
+        &mut agent,
+        &id,
+        2,
+        TaskEvent::Finished {
+            state: FinalState::Cancelled,
+            message: None,
+        },
+    )
+    .await;
+    expect_ack(&mut agent, &id, 2).await;
+    assert!(matches!(
+        relay.core.cancel_task("1", &id),
+        Err(TaskError::Ended { .. })
+    ));
+}
+
+#[tokio::test]
+async fn an_agent_cannot_write_events_into_another_agents_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let victim_key = pair(&relay, Transport::Quic, "1").await;
+    let attacker_key = pair(&relay, Transport::Quic, "2").await;
+    let mut victim = handshake(
+        Transport::Quic,
+        relay.addr,
+        &victim_key,
+        relay.fingerprint,
+        None,
+    )
+    .await
+    .unwrap();
+    let mut attacker = handshake(
+        Transport::Quic,
+        relay.addr,
+        &attacker_key,
+        relay.fingerprint,
+        None,
+    )
+    .await
+    .unwrap();
+    support::eventually(Duration::from_secs(5), || relay.core.online() == 2).await;
+    let id = relay
+        .core
+        .submit_task(submit("1", "work"))
+        .unwrap()
+        .spec
+        .task;
+    assert!(matches!(
+        recv(&mut victim).await,
+        RelayMessage::StartTask(_)
+    ));
+    send_event(&mut attacker, &id, 1, text("forged")).await;
+    attacker
+        .writer
+        .send(&AgentMessage::Running { tasks: vec![] })
+        .await
+        .unwrap();
+    // The victim's own event still gets sequence 1: the forged one was never stored.
+    send_event(&mut victim, &id, 1, text("real")).await;
+    expect_ack(&mut victim, &id, 1).await;
+    assert_eq!(
+        relay.core.store().events(&id, 0).unwrap(),
+        vec![(1, text("real"))]
+    );
+    assert_eq!(
+        relay.core.task(&id).unwrap().state,
+        TaskState::Queued,
+        "the attacker's Running{{}} did not mark it lost"
+    );
+}
