@@ -33,6 +33,27 @@ pub enum Request {
     Revoke { agent: String },
     /// Addresses, key, counts.
     Status,
+    /// Submit a task as a user and stream its events until it ends.
+    Task {
+        user: String,
+        #[serde(default)]
+        agent: Option<String>,
+        project: String,
+        prompt: String,
+        #[serde(default)]
+        options: ct_protocol::task::TaskOptions,
+    },
+    /// Stream a task's events (from the start) until it ends.
+    Follow { task: String },
+    /// Cancel a task as a user.
+    Cancel { user: String, task: String },
+    /// Answer an approval request as a user.
+    Decide {
+        user: String,
+        task: String,
+        approval: String,
+        decision: ct_protocol::task::Decision,
+    },
 }
 
 /// The relay's answers.
@@ -51,6 +72,25 @@ pub enum Reply {
         agent: AgentView,
     },
     Status(StatusInfo),
+    /// The first reply of a task stream.
+    Task {
+        task: String,
+        state: crate::store::TaskState,
+    },
+    /// One event of a task stream.
+    Event {
+        seq: u64,
+        event: ct_protocol::task::TaskEvent,
+    },
+    /// The last reply of a task stream.
+    End {
+        state: crate::store::TaskState,
+        message: Option<String>,
+    },
+    /// A request was carried out.
+    Done {
+        message: String,
+    },
     Error {
         message: String,
     },
@@ -140,6 +180,35 @@ async fn handle(
             },
             Err(e) => return Err(e.into()),
             Ok(line) => match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Task {
+                    user,
+                    agent,
+                    project,
+                    prompt,
+                    options,
+                }) => {
+                    tracing::info!(%user, ?agent, %project, "admin task request");
+                    let submit = crate::tasks::Submit {
+                        user,
+                        agent,
+                        project,
+                        prompt,
+                        options,
+                    };
+                    match core.submit_task(submit) {
+                        Ok(rec) => {
+                            stream_task(core, &rec.spec.task, &mut write).await?;
+                            continue;
+                        }
+                        Err(e) => Reply::Error {
+                            message: e.to_string(),
+                        },
+                    }
+                }
+                Ok(Request::Follow { task }) => {
+                    stream_task(core, &task, &mut write).await?;
+                    continue;
+                }
                 Ok(req) => {
                     tracing::info!(request = ?req, "admin request");
                     answer(req, core, status)
@@ -177,10 +246,133 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             })
         }),
         Request::Status => Ok(Reply::Status(status())),
+        Request::Cancel { user, task } => {
+            return match core.cancel_task(&user, &task) {
+                Ok(_) => Reply::Done {
+                    message: format!("asked the agent to cancel {task}"),
+                },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            }
+        }
+        Request::Decide {
+            user,
+            task,
+            approval,
+            decision,
+        } => {
+            return match core.decide(&user, &task, &approval, decision) {
+                Ok(()) => Reply::Done {
+                    message: format!("decision on {approval} sent to the agent"),
+                },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            }
+        }
+        Request::Task { .. } | Request::Follow { .. } => {
+            return Reply::Error {
+                message: "task streams are handled by the connection".into(),
+            }
+        }
     };
     result.unwrap_or_else(|e| Reply::Error {
         message: e.to_string(),
     })
+}
+
+async fn send_reply(write: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> Result<()> {
+    let mut out = serde_json::to_vec(reply)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+/// Streams a task: its stored events, then live ones, until it ends. A follower that falls behind the live
+/// channel re-reads the gap from the store, so it still sees every event once, in order.
+async fn stream_task(
+    core: &Core,
+    task: &str,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Result<()> {
+    let (rec, events, mut live) = match core.follow(task) {
+        Ok(f) => f,
+        Err(e) => {
+            return send_reply(
+                write,
+                &Reply::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await
+        }
+    };
+    send_reply(
+        write,
+        &Reply::Task {
+            task: task.to_string(),
+            state: rec.state,
+        },
+    )
+    .await?;
+    let mut last = 0;
+    let mut ended = rec.state.is_final();
+    for (seq, event) in events {
+        last = seq;
+        send_reply(write, &Reply::Event { seq, event }).await?;
+    }
+    while !ended {
+        let batch = match live.recv().await {
+            Ok((seq, event)) if seq > last => vec![(seq, event)],
+            Ok(_) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                core.store().events(task, last)?
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        };
+        for (seq, event) in batch {
+            ended |= matches!(event, ct_protocol::task::TaskEvent::Finished { .. });
+            last = seq;
+            send_reply(write, &Reply::Event { seq, event }).await?;
+        }
+    }
+    let rec = core.task(task)?;
+    send_reply(
+        write,
+        &Reply::End {
+            state: rec.state,
+            message: rec.message,
+        },
+    )
+    .await
+}
+
+/// Sends one request and passes each reply to `each` until it returns false or the relay stops answering.
+pub async fn call_stream(
+    data_dir: &Path,
+    req: &Request,
+    mut each: impl FnMut(Reply) -> bool,
+) -> Result<()> {
+    let path = socket_path(data_dir);
+    let stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "cannot reach a running relay through {}: is `ct-relay --data-dir {}` running (as this user)?",
+            path.display(),
+            data_dir.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(16 * 1024 * 1024));
+    while let Some(line) = lines.next().await {
+        if !each(serde_json::from_str(&line?)?) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Sends one request to a running relay and returns its reply.

@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, Reply, Request};
 use crate::core::{human_duration, AgentView};
 use crate::relay::{Relay, RelayConfig};
-use crate::store::now;
+use crate::store::{now, TaskState};
 use crate::tls::CertSource;
+use ct_protocol::task::TaskEvent;
 
 /// CodeTogether relay: agents connect out to it; Discord users drive them through it.
 #[derive(Debug, Parser)]
@@ -95,6 +96,46 @@ pub enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Run a task as a Discord user and follow its output here until it ends.
+    Task {
+        /// The Discord user id to act as.
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        /// The project (a name the agent knows, or an allowed path).
+        #[arg(long)]
+        project: String,
+        /// Which of the user's agents, when they have several.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Claude model for this task.
+        #[arg(long)]
+        model: Option<String>,
+        /// Claude Code permission mode (default, acceptEdits, plan, ...).
+        #[arg(long)]
+        mode: Option<String>,
+        /// The prompt.
+        #[arg(required = true, num_args = 1..)]
+        prompt: Vec<String>,
+    },
+    /// Follow a task's output from the start until it ends.
+    Follow { task: String },
+    /// Cancel a task, acting as a Discord user.
+    Cancel {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        task: String,
+    },
+    /// Answer an approval request, acting as a Discord user: allow, allow-session, or deny (with --reason).
+    Approve {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        task: String,
+        approval: String,
+        #[arg(value_parser = ["allow", "allow-session", "deny"])]
+        decision: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// The default data directory: `$XDG_DATA_HOME/ct-relay`, else `~/.local/share/ct-relay`.
@@ -173,6 +214,65 @@ async fn wait_for_signal() {
 
 async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Result<()> {
     let (req, json) = match &command {
+        AdminCommand::Task {
+            user,
+            project,
+            agent,
+            model,
+            mode,
+            prompt,
+        } => {
+            let options = ct_protocol::task::TaskOptions {
+                model: model.clone(),
+                permission_mode: mode.clone(),
+                ..Default::default()
+            };
+            let req = Request::Task {
+                user: user.clone(),
+                agent: agent.clone(),
+                project: project.clone(),
+                prompt: prompt.join(" "),
+                options,
+            };
+            return follow_task(data_dir, &req).await;
+        }
+        AdminCommand::Follow { task } => {
+            return follow_task(data_dir, &Request::Follow { task: task.clone() }).await
+        }
+        AdminCommand::Cancel { user, task } => (
+            Request::Cancel {
+                user: user.clone(),
+                task: task.clone(),
+            },
+            false,
+        ),
+        AdminCommand::Approve {
+            user,
+            task,
+            approval,
+            decision,
+            reason,
+        } => {
+            use ct_protocol::task::Decision;
+            let decision = match decision.as_str() {
+                "allow" => Decision::AllowOnce {
+                    updated_input: None,
+                },
+                "allow-session" => Decision::AllowSession,
+                _ => Decision::Deny {
+                    reason: reason
+                        .clone()
+                        .unwrap_or_else(|| "denied by the operator".into()),
+                },
+            };
+            let req = Request::Decide {
+                user: user.clone(),
+                task: task.clone(),
+                approval: approval.clone(),
+                decision,
+            };
+            (req, false)
+        }
         AdminCommand::PairCode { user } => (Request::PairCode { user: user.clone() }, false),
         AdminCommand::Agents { json } => (Request::Agents, *json),
         AdminCommand::Revoke { agent } => (
@@ -190,6 +290,10 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
     }
     match reply {
         Reply::Error { message } => anyhow::bail!(message),
+        Reply::Done { message } => println!("{message}"),
+        Reply::Task { .. } | Reply::Event { .. } | Reply::End { .. } => {
+            anyhow::bail!("unexpected task stream reply")
+        }
         Reply::PairCode {
             token,
             expires_at,
@@ -242,6 +346,73 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
         }
     }
     Ok(())
+}
+
+/// Streams a task's events to the terminal; fails (exit 1) unless the task ends done.
+async fn follow_task(data_dir: &std::path::Path, req: &Request) -> Result<()> {
+    use std::io::Write as _;
+    let mut outcome: Option<(TaskState, Option<String>)> = None;
+    let mut error = None;
+    admin::call_stream(data_dir, req, |reply| {
+        let mut out = std::io::stdout().lock();
+        match reply {
+            Reply::Task { task, state } => {
+                let _ = writeln!(out, "task {task} ({state:?})");
+            }
+            Reply::Event { event, .. } => {
+                let _ = write!(out, "{}", render_event(&event));
+                let _ = out.flush();
+            }
+            Reply::End { state, message } => {
+                outcome = Some((state, message));
+                return false;
+            }
+            Reply::Error { message } => {
+                error = Some(message);
+                return false;
+            }
+            other => error = Some(format!("unexpected reply {other:?}")),
+        }
+        true
+    })
+    .await?;
+    if let Some(message) = error {
+        anyhow::bail!(message);
+    }
+    match outcome {
+        Some((TaskState::Done, _)) => Ok(()),
+        Some((state, message)) => {
+            anyhow::bail!("task ended {state:?}{}", message.map(|m| format!(": {m}")).unwrap_or_default())
+        }
+        None => anyhow::bail!("the relay stopped streaming before the task ended (it may be restarting): follow it again with `ct-relay admin follow <task>`"),
+    }
+}
+
+/// One task event as terminal text.
+pub fn render_event(event: &TaskEvent) -> String {
+    match event {
+        TaskEvent::Started { cwd } => format!("> started in {cwd}\n"),
+        TaskEvent::Session { session_id, model, .. } => {
+            format!("> session {session_id}{}\n", model.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())
+        }
+        TaskEvent::Text { text } => format!("{text}\n"),
+        TaskEvent::Tool { name, summary } => format!("  - {name}: {summary}\n"),
+        TaskEvent::ToolResult { is_error: true, summary } => format!("    error: {summary}\n"),
+        TaskEvent::ToolResult { .. } => String::new(),
+        TaskEvent::ApprovalRequested { approval, tool, summary, .. } => format!(
+            "? approval {approval}: {tool} {summary}\n  answer: ct-relay admin approve --as <owner> <task> {approval} allow|allow-session|deny\n"
+        ),
+        TaskEvent::ApprovalClosed { approval, outcome } => format!("  approval {approval}: {outcome}\n"),
+        TaskEvent::TurnFinished { is_error, turns, cost_usd, .. } => format!(
+            "> turn {}{}{}\n",
+            if *is_error { "failed" } else { "done" },
+            turns.map(|t| format!(", {t} turns")).unwrap_or_default(),
+            cost_usd.map(|c| format!(", ${c:.4}")).unwrap_or_default()
+        ),
+        TaskEvent::Finished { state, message } => {
+            format!("> {state:?}{}\n", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())
+        }
+    }
 }
 
 /// The `admin agents` table.

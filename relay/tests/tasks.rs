@@ -388,3 +388,81 @@ async fn an_agent_cannot_write_events_into_another_agents_task() {
         "the attacker's Running{{}} did not mark it lost"
     );
 }
+
+#[tokio::test]
+async fn an_operator_submits_through_the_admin_socket_and_follows_to_the_end() {
+    use ct_relay::admin::{call_stream, Reply, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let key = pair(&relay, Transport::Quic, "31").await;
+    let mut agent = handshake(Transport::Quic, relay.addr, &key, relay.fingerprint, None)
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+
+    let data_dir = dir.path().to_path_buf();
+    let operator = tokio::spawn(async move {
+        let mut replies = Vec::new();
+        let req = Request::Task {
+            user: "31".into(),
+            agent: None,
+            project: "web".into(),
+            prompt: "say hi".into(),
+            options: TaskOptions::default(),
+        };
+        call_stream(&data_dir, &req, |r| {
+            let end = matches!(r, Reply::End { .. } | Reply::Error { .. });
+            replies.push(r);
+            !end
+        })
+        .await
+        .unwrap();
+        replies
+    });
+    let RelayMessage::StartTask(spec) = recv(&mut agent).await else {
+        panic!("expected StartTask")
+    };
+    let events = [
+        TaskEvent::Started { cwd: "/p".into() },
+        text("hi"),
+        TaskEvent::Finished {
+            state: FinalState::Done,
+            message: None,
+        },
+    ];
+    for (i, ev) in events.iter().enumerate() {
+        send_event(&mut agent, &spec.task, i as u64 + 1, ev.clone()).await;
+        expect_ack(&mut agent, &spec.task, i as u64 + 1).await;
+    }
+    let replies = tokio::time::timeout(Duration::from_secs(10), operator)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&replies[0], Reply::Task { task, .. } if *task == spec.task),
+        "{replies:?}"
+    );
+    let got: Vec<TaskEvent> = replies
+        .iter()
+        .filter_map(|r| {
+            if let Reply::Event { event, .. } = r {
+                Some(event.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(got, events.to_vec());
+    assert!(
+        matches!(
+            replies.last(),
+            Some(Reply::End {
+                state: TaskState::Done,
+                ..
+            })
+        ),
+        "{replies:?}"
+    );
+    let text = ct_relay::cli::render_event(&events[1]);
+    assert_eq!(text, "hi\n");
+}
