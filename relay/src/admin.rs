@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
@@ -377,23 +377,11 @@ pub async fn call_stream(
 
 /// Sends one request to a running relay and returns its reply.
 pub async fn call(data_dir: &Path, req: &Request) -> Result<Reply> {
-    let path = socket_path(data_dir);
-    let stream = UnixStream::connect(&path).await.with_context(|| {
-        format!(
-            "cannot reach a running relay through {}: is `ct-relay --data-dir {}` running (as this user)?",
-            path.display(),
-            data_dir.display()
-        )
-    })?;
-    let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    write.write_all(&line).await?;
-    let mut reply = String::new();
-    BufReader::new(read).read_line(&mut reply).await?;
-    anyhow::ensure!(
-        !reply.is_empty(),
-        "the relay closed the admin connection without answering"
-    );
-    Ok(serde_json::from_str(&reply)?)
+    let mut first = None;
+    call_stream(data_dir, req, |reply| {
+        first = Some(reply);
+        false
+    })
+    .await?;
+    first.context("the relay closed the admin connection without answering")
 }
