@@ -9,21 +9,32 @@
 //! - [`tls`]: the TLS 1.3 client config (relay authenticated by the handshake, not the certificate) and the
 //!   channel binding.
 //! - [`proxy`]: HTTP CONNECT proxies for WebSocket (`https_proxy`, `no_proxy`).
+//! - [`outbox`]: task events kept until the relay acknowledges them, re-sent after a reconnect.
 //! - [`session`]: one session on a link: heartbeats, the dead-link timer, the dispatch of relay messages.
 //! - [`backoff`]: the reconnect delays (quick first retry, full jitter, 30 s cap, reset after a healthy minute).
 //! - [`run`]: `ct-agent run`: the reconnect loop, the move back to QUIC, status reporting, shutdown.
 //! - [`status`]: `status.json` and the `ct-agent status` report.
+//! - [`projects`]: allowed folders (`ALLOWED_PROJECT_DIRS`, `projects.json`), named projects, share policy.
+//! - [`claude`]: running Claude Code: preflight, one stream-json process per session, approvals, cancel.
+//! - [`service`]: `ct-agent service install|uninstall|status|logs`: systemd, launchd, WSL (systemd or a
+//!   Windows logon task), rendered from the templates in `installers/`.
+//! - [`doctor`]: `ct-agent doctor`: Claude Code, the relay over both transports, key, clock, folders, service.
 //! - [`sys`]: host name and process liveness, the crate's only `unsafe` (libc calls).
 //!
 //! The binary (`main.rs`) only parses arguments, sets up logging and calls [`pair()`], [`run()`] or
 //! [`status::gather`]; tests drive the same functions.
 
 pub mod backoff;
+pub mod claude;
 pub mod config;
 pub mod connect;
+pub mod doctor;
+pub mod outbox;
 pub mod pair;
+pub mod projects;
 pub mod proxy;
 pub mod run;
+pub mod service;
 pub mod session;
 pub mod status;
 pub mod sys;

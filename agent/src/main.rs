@@ -45,6 +45,102 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Name the folders tasks may run in: add, list or remove projects
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Run the agent as a service that survives reboots and log-outs (systemd, launchd, WSL)
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+    /// Check Claude Code, the relay, the key, the clock, the allowed folders and the service
+    Doctor {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectCommand {
+    /// Name a folder; the folder becomes allowed for tasks
+    Add {
+        /// Short name used in /task (letters, digits, `.`, `_`, `-`)
+        name: String,
+        /// The folder (`~` and, inside WSL, Windows paths like C:\src\app are understood)
+        path: String,
+    },
+    /// The projects and every allowed folder
+    List {
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a project name
+    Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCommand {
+    /// Install and start the service (re-running it updates the service)
+    Install {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Which user a system unit runs as [default: $SUDO_USER, else you]
+        #[arg(long, value_name = "USER")]
+        run_as: Option<String>,
+        /// A folder Claude Code may work in (repeatable), added to ALLOWED_PROJECT_DIRS
+        #[arg(long = "allow-dir", value_name = "DIR")]
+        allow_dirs: Vec<PathBuf>,
+        /// Another path the service may write, e.g. ~/.cargo or ~/.npm (repeatable; systemd)
+        #[arg(long = "rw-path", value_name = "PATH")]
+        rw_paths: Vec<PathBuf>,
+        /// Let the service write anywhere in your home directory (systemd)
+        #[arg(long)]
+        writable_home: bool,
+        /// Print every file and command instead of changing anything
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop the service and remove everything `install` created
+    Uninstall {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Print every command and file instead of changing anything
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What the service manager says about the agent
+    Status {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Show the service's log
+    Logs {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// How many lines
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: u32,
+        /// Keep following the log
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ScopeArgs {
+    /// A systemd system unit instead of a user unit (needs sudo; the agent still runs as a user)
+    #[arg(long)]
+    system: bool,
+    /// Inside WSL: a Windows logon task even when systemd runs in the distribution
+    #[arg(long)]
+    windows_task: bool,
+    /// Plan for another platform (with --dry-run: see what would be installed there)
+    #[arg(long, value_enum, hide = true)]
+    target: Option<ct_agent::service::Os>,
 }
 
 fn main() -> ExitCode {
@@ -70,12 +166,162 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Service { command } = cli.command {
+        // The service's config dir is resolved for the user it runs as, so it gets the raw choice.
+        return service(cli.config_dir, command);
+    }
     let config_dir = ct_agent::resolve_config_dir(cli.config_dir)?;
     match cli.command {
         Command::Pair { token, name, force } => pair(&config_dir, &token, name, force).await,
         Command::Run => run(config_dir).await,
         Command::Status { json } => status(&config_dir, json),
+        Command::Doctor { json } => doctor(config_dir, json).await,
+        Command::Project { command } => project(&config_dir, command),
+        Command::Service { .. } => unreachable!("handled above"),
     }
+}
+
+fn project(config_dir: &std::path::Path, command: ProjectCommand) -> anyhow::Result<ExitCode> {
+    use ct_agent::projects::{Origin, Policy};
+    let dir = ct_agent::ConfigDir::open(config_dir)?;
+    let mut policy = Policy::load(&dir)?;
+    match command {
+        ProjectCommand::Add { name, path } => {
+            let p = policy.add(&name, &path, Origin::Local)?;
+            println!(
+                "Project {} is {} (tasks may now run there).",
+                p.name,
+                p.path.display()
+            );
+        }
+        ProjectCommand::Remove { name } => {
+            let p = policy.remove(&name)?;
+            println!("Removed project {} ({}).", p.name, p.path.display());
+        }
+        ProjectCommand::List { json } => {
+            let (projects, allowed) = (policy.list(), policy.allowed_dirs());
+            if json {
+                let out = serde_json::json!({ "projects": projects, "allowed_dirs": allowed });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if allowed.is_empty() {
+                println!(
+                    "No folder is allowed yet, so no task can run here. Allow one with \
+                     `ct-agent project add <name> <folder>` or ALLOWED_PROJECT_DIRS=/path/one,/path/two."
+                );
+            } else {
+                for p in &projects {
+                    println!("{:<20} {}", p.name, p.path.display());
+                }
+                println!("Allowed folders:");
+                for d in &allowed {
+                    println!("  {}", d.display());
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn service(config_dir: Option<PathBuf>, command: ServiceCommand) -> anyhow::Result<ExitCode> {
+    use ct_agent::service::{self, Options};
+    let (scope, mut opts) = match &command {
+        ServiceCommand::Install {
+            scope,
+            run_as,
+            allow_dirs,
+            rw_paths,
+            writable_home,
+            ..
+        } => (
+            scope,
+            Options {
+                run_as: run_as.clone(),
+                allow_dirs: allow_dirs.clone(),
+                rw_paths: rw_paths.clone(),
+                writable_home: *writable_home,
+                ..Options::default()
+            },
+        ),
+        ServiceCommand::Uninstall { scope, .. }
+        | ServiceCommand::Status { scope }
+        | ServiceCommand::Logs { scope, .. } => (scope, Options::default()),
+    };
+    opts.system = scope.system;
+    opts.windows_task = scope.windows_task;
+    opts.config_dir = config_dir;
+    let host = service::Host::probe(scope.target).context("cannot read this machine's setup")?;
+    let ctx = service::Context::resolve(&host, &opts, &service::lookup_user)?;
+    let mut stdout = std::io::stdout();
+    match command {
+        ServiceCommand::Install { dry_run, .. } | ServiceCommand::Uninstall { dry_run, .. } => {
+            let install = matches!(command, ServiceCommand::Install { .. });
+            let plan = if install {
+                service::install_plan(&ctx, &host)?
+            } else {
+                service::uninstall_plan(&ctx)?
+            };
+            if dry_run {
+                println!(
+                    "Dry run: {} the agent as a {} (nothing is changed). Steps:\n",
+                    if install { "install" } else { "uninstall" },
+                    ctx.manager
+                );
+                print!("{}", plan.describe());
+            } else {
+                plan.execute(&mut stdout, service::advice(&ctx, &host).as_deref())?;
+                if install {
+                    println!("\nInstalled the agent as a {}.", ctx.manager);
+                } else {
+                    println!("\nUninstalled the agent's {}.", ctx.manager);
+                }
+                for note in &plan.notes {
+                    println!("{note}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ServiceCommand::Status { .. } => {
+            let status = service::status(&ctx);
+            print!("{}", status.render());
+            Ok(if status.installed && status.running {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        ServiceCommand::Logs { lines, follow, .. } => {
+            let argv = service::logs_command(&ctx, lines, follow);
+            let status = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .status()
+                .with_context(|| format!("cannot run {}", argv[0]))?;
+            Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+async fn doctor(config_dir: PathBuf, json: bool) -> anyhow::Result<ExitCode> {
+    use ct_agent::service;
+    let mut opts = ct_agent::doctor::DoctorOptions::from_env(config_dir);
+    // The service check is best effort: a machine without a service manager still gets every other check.
+    opts.service = service::Host::probe(None).ok().and_then(|host| {
+        service::Context::resolve(&host, &service::Options::default(), &service::lookup_user).ok()
+    });
+    let report = ct_agent::doctor::run(&opts).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(if report.worst() == ct_agent::doctor::Level::Fail {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn pair(
@@ -123,7 +369,13 @@ async fn run(config_dir: PathBuf) -> anyhow::Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
             eprintln!("error: {e}");
-            Ok(ExitCode::from(e.exit_code()))
+            // Under launchd a permanent error exits 0 so KeepAlive does not restart it (see service).
+            let code = if e.exit_code() == ct_agent::EXIT_PERMANENT {
+                ct_agent::service::permanent_exit_code()
+            } else {
+                e.exit_code()
+            };
+            Ok(ExitCode::from(code))
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The two operating-system questions the agent asks through libc: this machine's name, and whether a
-//! process id is still alive. Kept in one file so the only `unsafe` in the crate is in one place.
+//! The agent's libc calls: this machine's name, whether a process id is alive, and signals to process groups
+//! (cancelling Claude Code). Kept in one file so the only `unsafe` in the crate is in one place.
 
 #![allow(unsafe_code)]
 
@@ -30,6 +30,46 @@ pub fn process_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists and may be signalled.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+// Process signalling for cancelling Claude Code (used by claude::process).
+pub const SIGKILL: i32 = libc::SIGKILL;
+pub const SIGINT: i32 = libc::SIGINT;
+
+/// `kill(pid, sig)`; errors (already gone) are ignored. pid 0 and ids that do not fit are refused: they
+/// would address groups rather than one process.
+pub fn kill(pid: u32, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid <= 0 {
+        return;
+    }
+    // SAFETY: kill takes plain integers and touches no memory of ours; a positive pid names one process.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// `kill(-pgid, sig)`: every process in the group.
+pub fn kill_group(pgid: u32, sig: i32) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: as above; a negative pid names the process group |pid|, which the caller checked is not ours.
+    unsafe {
+        libc::kill(-pgid, sig);
+    }
+}
+
+/// This process's group, which must never be signalled.
+pub fn own_process_group() -> Option<u32> {
+    // SAFETY: getpgrp takes no arguments and cannot fail.
+    let g = unsafe { libc::getpgrp() };
+    u32::try_from(g).ok()
 }
 
 #[cfg(test)]

@@ -1,0 +1,409 @@
+//! The stream-json lines the CLI prints, parsed into the few shapes the runner acts on ([`CliEvent`]), and
+//! the typed events a [`Session`](super::Session) hands to its owner ([`RunnerEvent`]).
+//!
+//! Parsing is by hand over `serde_json::Value` rather than strict structs: the CLI adds fields between
+//! versions, and a line we do not understand is kept as [`CliEvent::Other`] (forwarded as
+//! [`RunnerEvent::Raw`]) instead of failing the task.
+
+use serde_json::Value;
+
+use super::TaskError;
+
+/// Longest text kept for a tool summary or a tool result preview; the full data stays in the transcript.
+const SUMMARY_CHARS: usize = 300;
+const RESULT_PREVIEW_CHARS: usize = 2000;
+
+/// What a session reports to its owner, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunnerEvent {
+    /// A turn started (the CLI sends `system/init` at the start of every turn).
+    Init(Init),
+    /// Text the model wrote.
+    AssistantText { text: String },
+    /// The model called a tool; `summary` is the file path, command, pattern or URL it acts on.
+    ToolUse {
+        id: String,
+        name: String,
+        summary: String,
+    },
+    /// A tool finished; `text` is a preview of what it returned.
+    ToolResult {
+        tool_use_id: String,
+        is_error: bool,
+        text: String,
+    },
+    /// The CLI asks whether a tool may run: answer with [`Session::decide`](super::Session::decide).
+    ApprovalRequested(ApprovalRequest),
+    /// The CLI withdrew a pending approval (the turn was interrupted); a late decision is ignored.
+    ApprovalWithdrawn { id: String },
+    /// Nobody decided within the approval timeout: the tool use was denied.
+    ApprovalTimedOut { id: String },
+    /// The tool was allowed for this session earlier, so this request was allowed without asking.
+    ApprovalAutoAllowed { id: String, tool: String },
+    /// A prompt arrived while a turn was running; it is sent when the queue before it has run.
+    Queued { position: usize },
+    /// A turn ended.
+    TurnResult(TurnResult),
+    /// The task cannot go on, for a reason the user can act on (e.g. not logged in).
+    Failed(TaskError),
+    /// Something went wrong reading the CLI (a line over the size limit, a read error); the session goes on.
+    Error { message: String },
+    /// Any other line worth forwarding (`system/task_started`, `system/api_retry`, ...), as the CLI printed it.
+    Raw(Value),
+    /// The CLI process ended; always the last event.
+    Exited(ExitInfo),
+}
+
+/// How the CLI process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExitInfo {
+    /// Exit code, if it exited by itself.
+    pub code: Option<i32>,
+    /// The signal that ended it, if any.
+    pub signal: Option<i32>,
+    /// The end of what it wrote to stderr, for failure messages.
+    pub stderr_tail: String,
+}
+
+/// `system/init`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Init {
+    pub session_id: String,
+    pub model: String,
+    pub cwd: String,
+    pub tools: Vec<String>,
+    pub version: String,
+    pub permission_mode: String,
+    /// `none` when the CLI found no API key (which is also the case for a claude.ai login).
+    pub api_key_source: String,
+}
+
+/// A `can_use_tool` control request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRequest {
+    /// The control request id, to pass to [`Session::decide`](super::Session::decide).
+    pub id: String,
+    pub tool: String,
+    pub input: Value,
+    /// The CLI's short description (often the file name).
+    pub description: Option<String>,
+    /// What the CLI would change to allow this kind of call from now on (rules, modes, with destinations).
+    pub suggestions: Vec<Value>,
+    pub tool_use_id: Option<String>,
+    pub decision_reason: Option<String>,
+    pub blocked_path: Option<String>,
+}
+
+/// A `result` event: one turn ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnResult {
+    /// `success`, `error_max_turns`, `error_max_budget_usd`, `error_during_execution`.
+    pub subtype: String,
+    pub is_error: bool,
+    /// The final text (absent on error results other than API errors).
+    pub text: Option<String>,
+    /// Error details of error results.
+    pub errors: Vec<String>,
+    pub session_id: String,
+    /// Cumulative for the process.
+    pub total_cost_usd: Option<f64>,
+    /// API round trips of this turn.
+    pub num_turns: Option<u64>,
+    pub duration_ms: Option<u64>,
+    pub usage: Value,
+    pub api_error_status: Option<u64>,
+    pub permission_denials: Vec<Value>,
+}
+
+/// One tool result inside a `user` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolResultBlock {
+    pub tool_use_id: String,
+    pub is_error: bool,
+    pub text: String,
+}
+
+/// A stdout line, as far as the runner cares.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CliEvent {
+    Init(Init),
+    /// An `assistant` event: text and tool uses, plus the `error` of synthetic messages
+    /// (`authentication_failed`, ...).
+    Assistant {
+        texts: Vec<String>,
+        tool_uses: Vec<(String, String, Value)>,
+        error: Option<String>,
+    },
+    /// A `user` event carrying tool results.
+    ToolResults(Vec<ToolResultBlock>),
+    Result(TurnResult),
+    CanUseTool(ApprovalRequest),
+    /// `control_cancel_request`: the CLI withdraws the request with this id.
+    CancelRequest {
+        request_id: String,
+    },
+    /// The answer to a control request we sent.
+    ControlResponse {
+        request_id: String,
+        error: Option<String>,
+    },
+    /// Anything else, including lines that are not JSON (as a JSON string).
+    Other(Value),
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_owned()
+}
+
+fn opt_s(v: &Value) -> Option<String> {
+    v.as_str().map(str::to_owned)
+}
+
+/// Parses one stdout line. Never fails: what is not understood comes back as [`CliEvent::Other`].
+pub fn parse_line(line: &[u8]) -> CliEvent {
+    match serde_json::from_slice::<Value>(line) {
+        Ok(v) => parse_value(v),
+        Err(_) => CliEvent::Other(Value::String(String::from_utf8_lossy(line).into_owned())),
+    }
+}
+
+/// [`parse_line`] for an already parsed value.
+pub fn parse_value(v: Value) -> CliEvent {
+    match (v["type"].as_str(), v["subtype"].as_str()) {
+        (Some("system"), Some("init")) => CliEvent::Init(Init {
+            session_id: s(&v["session_id"]),
+            model: s(&v["model"]),
+            cwd: s(&v["cwd"]),
+            tools: v["tools"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|x| x.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            version: s(&v["claude_code_version"]),
+            permission_mode: s(&v["permissionMode"]),
+            api_key_source: s(&v["apiKeySource"]),
+        }),
+        (Some("assistant"), _) => {
+            let mut texts = Vec::new();
+            let mut tool_uses = Vec::new();
+            for block in v["message"]["content"].as_array().into_iter().flatten() {
+                match block["type"].as_str() {
+                    Some("text") => texts.push(s(&block["text"])),
+                    Some("tool_use") => {
+                        tool_uses.push((s(&block["id"]), s(&block["name"]), block["input"].clone()))
+                    }
+                    _ => {}
+                }
+            }
+            CliEvent::Assistant {
+                texts,
+                tool_uses,
+                error: opt_s(&v["error"]),
+            }
+        }
+        (Some("user"), _) => {
+            let blocks: Vec<ToolResultBlock> = v["message"]["content"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|b| b["type"] == "tool_result")
+                .map(|b| ToolResultBlock {
+                    tool_use_id: s(&b["tool_use_id"]),
+                    is_error: b["is_error"].as_bool().unwrap_or(false),
+                    text: cut(&content_text(&b["content"]), RESULT_PREVIEW_CHARS),
+                })
+                .collect();
+            if blocks.is_empty() {
+                CliEvent::Other(v)
+            } else {
+                CliEvent::ToolResults(blocks)
+            }
+        }
+        (Some("result"), _) => CliEvent::Result(TurnResult {
+            subtype: s(&v["subtype"]),
+            is_error: v["is_error"].as_bool().unwrap_or(false),
+            text: opt_s(&v["result"]),
+            errors: v["errors"]
+                .as_array()
+                .map(|e| {
+                    e.iter()
+                        .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            session_id: s(&v["session_id"]),
+            total_cost_usd: v["total_cost_usd"].as_f64(),
+            num_turns: v["num_turns"].as_u64(),
+            duration_ms: v["duration_ms"].as_u64(),
+            usage: v["usage"].clone(),
+            api_error_status: v["api_error_status"].as_u64(),
+            permission_denials: v["permission_denials"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        }),
+        (Some("control_request"), _) if v["request"]["subtype"] == "can_use_tool" => {
+            let r = &v["request"];
+            CliEvent::CanUseTool(ApprovalRequest {
+                id: s(&v["request_id"]),
+                tool: s(&r["tool_name"]),
+                input: r["input"].clone(),
+                description: opt_s(&r["description"]),
+                suggestions: r["permission_suggestions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+                tool_use_id: opt_s(&r["tool_use_id"]),
+                decision_reason: match &r["decision_reason"] {
+                    Value::Null => None,
+                    Value::String(s) => Some(s.clone()),
+                    other => Some(other.to_string()),
+                },
+                blocked_path: opt_s(&r["blocked_path"]),
+            })
+        }
+        (Some("control_cancel_request"), _) => CliEvent::CancelRequest {
+            request_id: s(&v["request_id"]),
+        },
+        (Some("control_response"), _) => {
+            let r = &v["response"];
+            CliEvent::ControlResponse {
+                request_id: s(&r["request_id"]),
+                error: (r["subtype"] == "error").then(|| {
+                    r["error"]
+                        .as_str()
+                        .map_or_else(|| r.to_string(), str::to_owned)
+                }),
+            }
+        }
+        _ => CliEvent::Other(v),
+    }
+}
+
+/// A tool result's content as text: a string, or the text blocks of an array.
+fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// What a tool call acts on, in one short line: a path, a command, a pattern, a URL.
+pub fn summarize_tool_input(input: &Value) -> String {
+    for key in [
+        "file_path",
+        "notebook_path",
+        "command",
+        "pattern",
+        "url",
+        "query",
+        "path",
+        "description",
+    ] {
+        if let Some(v) = input[key].as_str() {
+            return cut(v, SUMMARY_CHARS);
+        }
+    }
+    cut(&input.to_string(), SUMMARY_CHARS)
+}
+
+/// `text` cut to `max` characters (on a char boundary) with an ellipsis.
+pub(crate) fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
+}
+
+/// Whether an event belongs to a logged-out CLI: the synthetic `authentication_failed` assistant message or a
+/// result saying `Not logged in · Please run /login`. (An invalid key gives `Invalid API key`, which is not
+/// this: the user is "logged in" with a bad key, and the result says so.)
+pub fn is_logged_out_text(text: &str) -> bool {
+    text.starts_with("Not logged in") || text.contains("Please run /login")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_the_lines_that_matter_and_keeps_the_rest() {
+        let init = parse_line(
+            br#"{"type":"system","subtype":"init","session_id":"s1","model":"m","cwd":"/p","tools":["Bash","Write"],"claude_code_version":"2.1.197","permissionMode":"default","apiKeySource":"none"}"#,
+        );
+        assert!(
+            matches!(&init, CliEvent::Init(i) if i.tools.len() == 2 && i.api_key_source == "none")
+        );
+
+        let ask = parse_line(
+            br#"{"type":"control_request","request_id":"r1","request":{"subtype":"can_use_tool","tool_name":"Write","input":{"file_path":"/p/a"},"permission_suggestions":[{"type":"setMode"}],"tool_use_id":"t1"}}"#,
+        );
+        assert!(
+            matches!(&ask, CliEvent::CanUseTool(a) if a.id == "r1" && a.tool == "Write" && a.suggestions.len() == 1)
+        );
+
+        let result = parse_line(
+            br#"{"type":"result","subtype":"error_during_execution","is_error":true,"errors":["x"],"num_turns":3,"session_id":"s1"}"#,
+        );
+        assert!(
+            matches!(&result, CliEvent::Result(r) if r.text.is_none() && r.errors == ["x"] && r.num_turns == Some(3))
+        );
+
+        let tr = parse_line(
+            br#"{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","is_error":true,"content":"nope"}]}}"#,
+        );
+        assert_eq!(
+            tr,
+            CliEvent::ToolResults(vec![ToolResultBlock {
+                tool_use_id: "t1".into(),
+                is_error: true,
+                text: "nope".into()
+            }])
+        );
+        assert_eq!(
+            parse_line(br#"{"type":"control_cancel_request","request_id":"r1"}"#),
+            CliEvent::CancelRequest {
+                request_id: "r1".into()
+            }
+        );
+        assert!(matches!(
+            parse_line(b"not json"),
+            CliEvent::Other(Value::String(_))
+        ));
+        assert!(matches!(
+            parse_line(br#"{"type":"system","subtype":"api_retry"}"#),
+            CliEvent::Other(_)
+        ));
+    }
+
+    #[test]
+    fn summaries_pick_the_path_or_command() {
+        assert_eq!(
+            summarize_tool_input(&json!({"file_path": "/a/b", "content": "x"})),
+            "/a/b"
+        );
+        assert_eq!(
+            summarize_tool_input(&json!({"command": "sleep 300", "description": "Wait"})),
+            "sleep 300"
+        );
+        assert_eq!(cut("héllo", 2), "hé…");
+    }
+
+    #[test]
+    fn logged_out_texts() {
+        assert!(is_logged_out_text("Not logged in · Please run /login"));
+        assert!(!is_logged_out_text(
+            "Invalid API key · Fix external API key"
+        ));
+    }
+}
