@@ -133,8 +133,13 @@ impl Core {
             });
         };
         let t = now();
+        // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs.
+        let mut id = task_id();
+        while self.store().task(&id)?.is_some() {
+            id = task_id();
+        }
         let spec = TaskSpec {
-            task: task_id(),
+            task: id,
             project: req.project,
             prompt: req.prompt,
             requester: Requester {
