@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// Minutes a pairing code stays valid.
     #[arg(long, env = "CT_RELAY_PAIR_CODE_MINUTES", default_value_t = 10)]
     pub pair_code_minutes: u64,
+    /// Connections served at once (QUIC and TCP together); more are refused at accept.
+    #[arg(long, env = "CT_RELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
     /// Discord bot token; without it the relay serves agents and the bot is off.
     #[arg(long, env = "DISCORD_TOKEN", hide_env_values = true)]
     pub discord_token: Option<String>,
@@ -181,6 +184,7 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
     config.websocket = !cli.run.no_websocket;
     config.core.pair_code_ttl =
         std::time::Duration::from_secs(cli.run.pair_code_minutes.max(1) * 60);
+    config.core.max_connections = cli.run.max_connections.max(1);
     config.discord_token = cli.run.discord_token.is_some_and(|t| !t.is_empty());
     if config.discord_token {
         tracing::warn!("DISCORD_TOKEN is set, but this build has no Discord bot yet: serving agents and the admin socket only");

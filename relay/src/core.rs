@@ -49,6 +49,9 @@ pub struct CoreConfig {
     /// Pairing attempts per address: burst, then one per this interval.
     pub pair_burst: u32,
     pub pair_refill: Duration,
+    /// Connections (QUIC and TCP together, agents and HTTP alike) served at once; more are refused at
+    /// accept, so a flood of idle sockets cannot exhaust memory or file descriptors.
+    pub max_connections: usize,
 }
 
 impl Default for CoreConfig {
@@ -58,6 +61,7 @@ impl Default for CoreConfig {
             pair_code_ttl: Duration::from_secs(600),
             pair_burst: 10,
             pair_refill: Duration::from_secs(6),
+            max_connections: 50_000,
         }
     }
 }
@@ -98,6 +102,8 @@ pub struct Core {
     live: Mutex<HashMap<Fingerprint, LiveAgent>>,
     pair_limit: RateLimiter,
     next_session: AtomicU64,
+    /// One permit per connection being served; see [`CoreConfig::max_connections`].
+    pub connections: Arc<tokio::sync::Semaphore>,
     /// Live followers of each task (admin `task`, later the Discord bot).
     pub(crate) followers: crate::tasks::Followers,
 }
@@ -113,6 +119,7 @@ impl Core {
             relay: Fingerprint::of(&relay_key.verifying_key()),
             relay_key,
             pair_limit: RateLimiter::new(config.pair_burst, config.pair_refill, 100_000),
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             store,
             config,
             metrics,

@@ -544,3 +544,39 @@ async fn the_admin_socket_is_private_and_answers() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("already running"), "{err:#}");
 }
+
+#[tokio::test]
+async fn connections_past_the_limit_are_refused_and_others_stay_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ct_relay::RelayConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    config.core.max_connections = 2;
+    let relay = TestRelay::start_with(config).await;
+    let mut ok = bystander(&relay, Transport::WebSocket).await;
+    // The bystander holds one permit (pairing's connection has closed); one more fits.
+    eventually(Duration::from_secs(5), || {
+        relay.core.connections.available_permits() == 1
+    })
+    .await;
+    let _held = raw(Transport::Quic, relay.addr).await;
+    eventually(Duration::from_secs(5), || {
+        relay.core.connections.available_permits() == 0
+    })
+    .await;
+    // Over the limit: TCP is closed at once, QUIC is refused.
+    let mut tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "over-limit TCP connection was not closed: {n:?}"
+    );
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(support::quic_client_config());
+    let refused = endpoint.connect(relay.addr, "relay").unwrap().await;
+    assert!(refused.is_err(), "over-limit QUIC connection was accepted");
+    still_served(&mut ok).await;
+}

@@ -178,9 +178,15 @@ pub async fn serve(
             },
             () = http.shutdown.cancelled() => break,
         };
+        let Ok(permit) = http.core.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, app, http) = (acceptor.clone(), app.clone(), http.clone());
         tasks.spawn(async move {
+            let _permit = permit;
             if let Err(e) = connection(tcp, peer, acceptor, app, http).await {
                 debug!(%peer, error = %e, "HTTPS connection ended with an error");
             }

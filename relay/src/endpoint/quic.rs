@@ -31,8 +31,14 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        let Ok(permit) = core.connections.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
         let (core, shutdown) = (core.clone(), shutdown.clone());
         tasks.spawn(async move {
+            let _permit = permit;
             if let Err(e) = accept(incoming, core, shutdown).await {
                 debug!(error = %e, "QUIC connection failed before its session started");
             }

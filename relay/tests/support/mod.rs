@@ -151,10 +151,15 @@ pub async fn raw(transport: Transport, addr: SocketAddr) -> Raw {
     }
 }
 
+/// A QUIC client configuration that reaches the relay (the handshake, not the certificate, authenticates it).
+pub fn quic_client_config() -> quinn::ClientConfig {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls(QUIC_ALPN)).unwrap();
+    quinn::ClientConfig::new(Arc::new(crypto))
+}
+
 pub async fn raw_quic(addr: SocketAddr) -> Raw {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls(QUIC_ALPN)).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.set_default_client_config(quic_client_config());
     let conn = endpoint.connect(addr, "relay").unwrap().await.unwrap();
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut binding = [0; 32];
