@@ -113,7 +113,8 @@ async fn dispatch(link: &mut Link, msg: RelayMessage) -> Flow {
         RelayMessage::TaskInput { .. }
         | RelayMessage::CancelTask { .. }
         | RelayMessage::Decide { .. }
-        | RelayMessage::Ack { .. } => {
+        | RelayMessage::Ack { .. }
+        | RelayMessage::Project { .. } => {
             tracing::debug!(?msg, "task message for a task this agent does not run");
             Flow::Continue
         }

@@ -9,6 +9,7 @@
 //! - [`identity`]: key fingerprints, the names people see for keys.
 //! - [`link`]: ALPN, WebSocket path, keep-alive timing per transport.
 //! - [`pairing`]: the copy-pasteable pairing token and the one-time code inside it.
+//! - [`project`]: project requests the relay forwards to an agent, and the agent's report of its projects.
 //! - [`task`]: task specs, decisions and the sequenced events that come back.
 //! - [`ws`]: carries the byte stream over WebSocket binary messages.
 //! - [`version`]: protocol and software versions and the compatibility rule.
@@ -20,6 +21,7 @@ pub mod identity;
 pub mod link;
 pub mod message;
 pub mod pairing;
+pub mod project;
 pub mod task;
 pub mod version;
 pub mod ws;

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::project::{ProjectOp, ProjectReply, ProjectsReport};
 use crate::task::{Decision, TaskEvent, TaskSpec};
 
 /// Agent → relay.
@@ -24,6 +25,11 @@ pub enum AgentMessage {
         seq: u64,
         event: TaskEvent,
     },
+    /// The agent's projects and allowed folders: sent after each handshake and whenever they change, so the
+    /// relay can name them (autocomplete, "unknown project" errors) without asking.
+    Projects(ProjectsReport),
+    /// The answer to [`RelayMessage::Project`] with the same `id`.
+    ProjectReply { id: u64, reply: ProjectReply },
 }
 
 /// Relay → agent.
@@ -51,6 +57,9 @@ pub enum RelayMessage {
     },
     /// Every event of `task` up to `seq` is stored; the agent may forget them.
     Ack { task: String, seq: u64 },
+    /// Add, remove or list projects on the agent's own policy; answered by [`AgentMessage::ProjectReply`].
+    /// The agent checks paths against its allowed folders itself: the relay cannot widen them.
+    Project { id: u64, op: ProjectOp },
 }
 
 /// Why the relay ended a session.

@@ -192,6 +192,8 @@ fn handle(
             }
             None
         }
+        // Project traffic is wired into the core with shares and the bot's `/project`.
+        AgentMessage::Projects(_) | AgentMessage::ProjectReply { .. } => None,
         AgentMessage::Heartbeat | AgentMessage::Goodbye { .. } => None,
     }
 }
