@@ -273,7 +273,13 @@ impl Relay {
                 }
                 msg = reader.recv::<AgentMessage>() => match msg {
                     // This stand-in relay runs no tasks.
-                    Ok(Some(AgentMessage::Heartbeat | AgentMessage::Running { .. } | AgentMessage::Event { .. })) => {}
+                    Ok(Some(
+                        AgentMessage::Heartbeat
+                        | AgentMessage::Running { .. }
+                        | AgentMessage::Event { .. }
+                        | AgentMessage::Projects(_)
+                        | AgentMessage::ProjectReply { .. },
+                    )) => {}
                     Ok(Some(AgentMessage::Goodbye { reason })) => {
                         let _ = self.events.send(Event::Goodbye { transport, reason });
                         let _ = writer.shutdown().await;

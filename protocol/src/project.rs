@@ -28,8 +28,13 @@ pub struct ProjectsReport {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ProjectOp {
     /// Name `path` (as typed: `~`, relative to home, or a Windows path on WSL) `name`.
-    Add { name: String, path: String },
-    Remove { name: String },
+    Add {
+        name: String,
+        path: String,
+    },
+    Remove {
+        name: String,
+    },
     List,
 }
 
@@ -59,7 +64,10 @@ mod tests {
         };
         let frame = crate::frame::encode(&ask).unwrap();
         assert_eq!(
-            crate::frame::decode::<RelayMessage>(&frame).unwrap().unwrap().0,
+            crate::frame::decode::<RelayMessage>(&frame)
+                .unwrap()
+                .unwrap()
+                .0,
             ask
         );
         let report = ProjectsReport {
@@ -85,7 +93,10 @@ mod tests {
         ] {
             let frame = crate::frame::encode(&answer).unwrap();
             assert_eq!(
-                crate::frame::decode::<AgentMessage>(&frame).unwrap().unwrap().0,
+                crate::frame::decode::<AgentMessage>(&frame)
+                    .unwrap()
+                    .unwrap()
+                    .0,
                 answer
             );
         }
