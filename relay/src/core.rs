@@ -3,7 +3,7 @@
 //! Front ends (the admin socket today, the Discord bot later) call these functions; the agent endpoint calls
 //! [`Core::admit`] after a handshake and holds a [`SessionGuard`] while the session lives.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +52,12 @@ pub struct CoreConfig {
     /// Connections (QUIC and TCP together, agents and HTTP alike) served at once; more are refused at
     /// accept, so a flood of idle sockets cannot exhaust memory or file descriptors.
     pub max_connections: usize,
+    /// Tasks one agent runs at once (sent to it and not finished); more wait in its queue. At least 1.
+    pub max_running_per_agent: usize,
+    /// Tasks waiting in one agent's queue; beyond this a submit is refused rather than left waiting for hours.
+    pub max_queued_per_agent: usize,
+    /// How long a project request waits for the agent's answer.
+    pub project_timeout: Duration,
 }
 
 impl Default for CoreConfig {
@@ -62,19 +68,33 @@ impl Default for CoreConfig {
             pair_burst: 10,
             pair_refill: Duration::from_secs(6),
             max_connections: 50_000,
+            max_running_per_agent: 2,
+            max_queued_per_agent: 20,
+            project_timeout: Duration::from_secs(10),
         }
     }
 }
 
+/// Proof that the routing lock is held.
+pub(crate) type RoutingGuard<'a> = std::sync::MutexGuard<'a, ()>;
+
 #[derive(Debug)]
 pub(crate) struct LiveAgent {
-    session: u64,
+    pub(crate) session: u64,
     transport: Transport,
-    since: u64,
+    pub(crate) since: u64,
     peer: SocketAddr,
     close: mpsc::Sender<CloseReason>,
     /// Messages for the agent (task starts, decisions, acks), written by its session.
     pub(crate) outbound: mpsc::Sender<ct_protocol::RelayMessage>,
+    /// Whether this session's `Running` report was reconciled. Until then, the tasks sent during this
+    /// session are remembered in `dispatched_here`: the report was written before the agent saw them, so
+    /// their absence from it does not mean they were lost.
+    pub(crate) reconciled: bool,
+    pub(crate) dispatched_here: HashSet<String>,
+    /// A task start could not be queued for this session (its outbound queue was full); retried on the next
+    /// heartbeat so the task does not wait for an unrelated event.
+    pub(crate) retry_dispatch: bool,
 }
 
 /// What `agents` shows for one agent.
@@ -106,15 +126,24 @@ pub struct Core {
     pub connections: Arc<tokio::sync::Semaphore>,
     /// Live followers of each task (admin `task`, later the Discord bot).
     pub(crate) followers: crate::tasks::Followers,
+    /// Serialises every decision about who may run what where: submitting, dispatching from the queues,
+    /// reconciling, cancelling queued tasks and changing shares. Without it a share revoked while a task is
+    /// being submitted could let that task through. Held only around store calls, never across an await.
+    routing: Mutex<()>,
+    /// Project requests waiting for their agent's answer.
+    pub(crate) pending_projects: crate::projects::Pending,
+    next_request: AtomicU64,
 }
 
 impl Core {
     pub fn new(
         store: Store,
         relay_key: ed25519_dalek::SigningKey,
-        config: CoreConfig,
+        mut config: CoreConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // With no running slot, nothing would ever leave the queue.
+        config.max_running_per_agent = config.max_running_per_agent.max(1);
         Self {
             relay: Fingerprint::of(&relay_key.verifying_key()),
             relay_key,
@@ -126,7 +155,24 @@ impl Core {
             live: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             followers: Default::default(),
+            routing: Mutex::new(()),
+            pending_projects: Default::default(),
+            next_request: AtomicU64::new(1),
         }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Takes the routing lock (see the field). Functions that need it held take the guard as an argument.
+    pub(crate) fn routing(&self) -> RoutingGuard<'_> {
+        self.routing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh id for a request to an agent.
+    pub(crate) fn next_request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn store(&self) -> &Store {
@@ -301,6 +347,7 @@ impl Core {
             last_seen: Some(t),
             last_transport: None,
             revoked_at: None,
+            projects: None,
         };
         self.store.put_agent(&record)?;
         self.store.flush()?;
@@ -366,6 +413,9 @@ impl Core {
                 peer,
                 close,
                 outbound,
+                reconciled: false,
+                dispatched_here: HashSet::new(),
+                retry_dispatch: false,
             },
         );
         if let Some(old) = old {
@@ -384,15 +434,11 @@ impl Core {
     }
 
     fn touch(&self, fp: &Fingerprint, transport: Option<Transport>) {
-        let update = || -> Result<(), StoreError> {
-            if let Some(mut rec) = self.store.agent(fp)? {
-                rec.last_seen = Some(now());
-                rec.last_transport = transport.or(rec.last_transport);
-                self.store.put_agent(&rec)?;
-            }
-            Ok(())
-        };
-        if let Err(e) = update() {
+        let update = self.store.update_agent(fp, |rec| {
+            rec.last_seen = Some(now());
+            rec.last_transport = transport.or(rec.last_transport);
+        });
+        if let Err(e) = update {
             tracing::warn!(error = %e, "could not record when an agent was last seen");
         }
     }
@@ -425,17 +471,27 @@ impl Core {
         }
     }
 
-    /// Refuses an agent's key from now on and ends its live session.
+    /// Refuses an agent's key from now on and ends its live session. Its unfinished tasks end as lost: the
+    /// agent can never report on them again.
     pub fn revoke(&self, query: &str) -> Result<AgentRecord, CoreError> {
-        let mut rec = self.find_agent(query)?;
-        if rec.revoked_at.is_none() {
-            rec.revoked_at = Some(now());
-            self.store.put_agent(&rec)?;
+        let rec = self.find_agent(query)?;
+        let rec = if rec.revoked_at.is_none() {
+            let t = now();
+            let rec = self
+                .store
+                .update_agent(&rec.fingerprint, |r| {
+                    r.revoked_at.get_or_insert(t);
+                })?
+                .unwrap_or(rec);
             self.store.flush()?;
-        }
+            rec
+        } else {
+            rec
+        };
         if let Some(live) = self.live().remove(&rec.fingerprint) {
             let _ = live.close.try_send(CloseReason::Revoked);
         }
+        self.end_tasks_of_revoked(&rec);
         tracing::info!(owner = %rec.owner, agent = %rec.name, fingerprint = %rec.fingerprint, "agent revoked");
         Ok(rec)
     }
@@ -516,7 +572,11 @@ impl Drop for SessionGuard {
             live.remove(&self.fp);
             drop(live);
             self.core.touch(&self.fp, None);
+        } else {
+            drop(live);
         }
+        // Requests this session was asked can no longer be answered: their callers hear so at once.
+        self.core.drop_pending_projects(self.session);
     }
 }
 

@@ -4,7 +4,11 @@
 //! - [`endpoint`]: the agent endpoint — [`endpoint::quic`] (UDP) and [`endpoint::https`] (TCP: WebSocket,
 //!   `/healthz`, `/readyz`, `/metrics`), both ending in [`endpoint::session`].
 //! - [`core`]: pairing, admission, the live-agent table, revocation; what front ends call.
-//! - [`tasks`]: task submission and routing, the sequenced event log, following, cancel, approvals.
+//! - [`tasks`]: task submission, each agent's queue, the sequenced event log, following, follow-ups, cancel,
+//!   approvals.
+//! - [`shares`]: sharing one's agents with another user, and revoking that at once.
+//! - [`routing`]: which agent a request goes to (named, only, or default).
+//! - [`projects`]: project requests answered by the agent, and its stored project report.
 //! - [`store`]: the embedded sled store.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
 //! - [`tls`]: the relay key agents pin, and the certificate.
@@ -17,8 +21,11 @@ pub mod core;
 pub mod endpoint;
 pub mod files;
 pub mod metrics;
+pub mod projects;
 pub mod ratelimit;
 pub mod relay;
+pub mod routing;
+pub mod shares;
 pub mod store;
 pub mod tasks;
 pub mod tls;

@@ -43,6 +43,10 @@ pub struct AgentRecord {
     /// Set when revoked; the key is refused from then on.
     #[serde(default)]
     pub revoked_at: Option<u64>,
+    /// The agent's projects as it last reported them (kept while it is offline, for autocomplete and for
+    /// "unknown project" errors). `None` until an agent that reports projects has connected.
+    #[serde(default)]
+    pub projects: Option<ct_protocol::project::ProjectsReport>,
 }
 
 /// A one-time pairing code as stored: the secret is kept to compare in constant time.
@@ -99,6 +103,64 @@ pub struct TaskRecord {
     /// Why it failed or was lost, in words for the user.
     #[serde(default)]
     pub message: Option<String>,
+    /// When the relay sent it to the agent. `None` while it waits in the agent's queue: such a task is not the
+    /// agent's yet, so it is never marked lost and can be cancelled without the agent.
+    #[serde(default)]
+    pub dispatched_at: Option<u64>,
+    /// The earlier task this one continues (a reply after that one ended resumes its Claude Code session).
+    #[serde(default)]
+    pub follows: Option<String>,
+    /// Position in the agent's queue: increasing across restarts, so the queue is first in, first out.
+    #[serde(default)]
+    pub order: u64,
+}
+
+impl TaskRecord {
+    /// Whether the agent was given this task. Records from before `dispatched_at` existed count as dispatched
+    /// once they left the queued state.
+    pub fn is_dispatched(&self) -> bool {
+        self.dispatched_at.is_some() || self.state != TaskState::Queued
+    }
+}
+
+/// How far a share trusts the grantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareLevel {
+    /// The grantee runs tasks; the owner decides their approvals.
+    Standard,
+    /// The grantee also decides the approvals of their own tasks.
+    Trusted,
+}
+
+/// One owner's agents shared with one grantee.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareRecord {
+    /// Discord user id of the agents' owner.
+    pub owner: String,
+    /// Discord user id of the person allowed to use them.
+    pub grantee: String,
+    /// The project names the grantee may use; `None` means every project.
+    #[serde(default)]
+    pub projects: Option<Vec<String>>,
+    pub level: ShareLevel,
+    pub created_at: u64,
+}
+
+impl ShareRecord {
+    pub fn allows(&self, project: &str) -> bool {
+        self.projects
+            .as_ref()
+            .is_none_or(|p| p.iter().any(|n| n == project))
+    }
+}
+
+/// Per-user settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// The agent used when the user (or someone they shared with) names none and they have several.
+    #[serde(default)]
+    pub default_agent: Option<Fingerprint>,
 }
 
 /// The open store.
@@ -109,6 +171,13 @@ pub struct Store {
     pair_codes: sled::Tree,
     tasks: sled::Tree,
     events: sled::Tree,
+    /// Index of tasks that have not ended: agent fingerprint, queue order, task id → (). Derived from `tasks`
+    /// (rebuilt at open), so finding an agent's running and queued tasks does not scan the whole history.
+    open: sled::Tree,
+    /// (owner, grantee) → [`ShareRecord`].
+    shares: sled::Tree,
+    /// User id → [`UserRecord`].
+    users: sled::Tree,
 }
 
 impl Store {
@@ -117,13 +186,36 @@ impl Store {
             .path(dir)
             .mode(sled::Mode::LowSpace)
             .open()?;
-        Ok(Self {
+        let store = Self {
             agents: db.open_tree("agents")?,
             pair_codes: db.open_tree("pair_codes")?,
             tasks: db.open_tree("tasks")?,
             events: db.open_tree("events")?,
+            open: db.open_tree("open_tasks")?,
+            shares: db.open_tree("shares")?,
+            users: db.open_tree("users")?,
             db,
-        })
+        };
+        store.rebuild_open_index()?;
+        Ok(store)
+    }
+
+    /// Recomputes the open-task index from the task records, so it is right even after a relay older than
+    /// the index wrote tasks.
+    fn rebuild_open_index(&self) -> Result<()> {
+        self.open.clear()?;
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if !rec.state.is_final() {
+                self.open.insert(open_key(&rec), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh queue position, greater than every one handed out before (also across restarts).
+    pub fn next_order(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
     }
 
     /// Makes every write so far durable.
@@ -138,6 +230,30 @@ impl Store {
 
     pub fn put_agent(&self, rec: &AgentRecord) -> Result<()> {
         put(&self.agents, &rec.fingerprint.0, rec)
+    }
+
+    /// Changes one agent record in place; concurrent changes (a disconnect's last-seen and a projects report)
+    /// are retried rather than lost. Returns the new record, or `None` when there is no such agent.
+    pub fn update_agent(
+        &self,
+        fp: &Fingerprint,
+        mut change: impl FnMut(&mut AgentRecord),
+    ) -> Result<Option<AgentRecord>> {
+        loop {
+            let Some(old) = self.agents.get(fp.0)? else {
+                return Ok(None);
+            };
+            let mut rec: AgentRecord = serde_json::from_slice(&old)?;
+            change(&mut rec);
+            let new = serde_json::to_vec(&rec)?;
+            if self
+                .agents
+                .compare_and_swap(fp.0, Some(old), Some(new))?
+                .is_ok()
+            {
+                return Ok(Some(rec));
+            }
+        }
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRecord>> {
@@ -185,17 +301,49 @@ impl Store {
         get(&self.tasks, id.as_bytes())
     }
 
+    /// Stores a task record and keeps the open-task index in step with it, atomically.
     pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
-        put(&self.tasks, rec.spec.task.as_bytes(), rec)
+        let task = serde_json::to_vec(rec)?;
+        let (id, open) = (rec.spec.task.as_bytes(), open_key(rec));
+        let is_open = !rec.state.is_final();
+        (&self.tasks, &self.open)
+            .transaction(|(tasks, index)| {
+                tasks.insert(id, task.as_slice())?;
+                if is_open {
+                    index.insert(open.as_slice(), &[])?;
+                } else {
+                    index.remove(open.as_slice())?;
+                }
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(tx_error)
     }
 
-    /// Tasks on one agent that have not ended.
-    pub fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
-        let mut out = Vec::new();
+    /// The first task `pred` accepts, scanning the whole history: only for rare requests.
+    pub fn find_task(
+        &self,
+        mut pred: impl FnMut(&TaskRecord) -> bool,
+    ) -> Result<Option<TaskRecord>> {
         for v in self.tasks.iter().values() {
             let rec: TaskRecord = serde_json::from_slice(&v?)?;
-            if rec.agent == *agent && !rec.state.is_final() {
-                out.push(rec);
+            if pred(&rec) {
+                return Ok(Some(rec));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Tasks on one agent that have not ended, in queue order (oldest first).
+    pub fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for key in self.open.scan_prefix(agent.0).keys() {
+            let key = key?;
+            let id = std::str::from_utf8(&key[OPEN_PREFIX..]).map_err(|_| StoreError::Conflict)?;
+            // The index is derived data: a dangling entry (it cannot happen through this API) is skipped.
+            if let Some(rec) = self.task(id)? {
+                if !rec.state.is_final() {
+                    out.push(rec);
+                }
             }
         }
         Ok(out)
@@ -211,17 +359,20 @@ impl Store {
     ) -> Result<()> {
         let key = event_key(&rec.spec.task, seq);
         let (event, task) = (serde_json::to_vec(event)?, serde_json::to_vec(rec)?);
-        let id = rec.spec.task.as_bytes();
-        (&self.tasks, &self.events)
-            .transaction(|(tasks, events)| {
+        let (id, open) = (rec.spec.task.as_bytes(), open_key(rec));
+        let is_open = !rec.state.is_final();
+        (&self.tasks, &self.events, &self.open)
+            .transaction(|(tasks, events, index)| {
                 events.insert(key.as_slice(), event.as_slice())?;
                 tasks.insert(id, task.as_slice())?;
+                if is_open {
+                    index.insert(open.as_slice(), &[])?;
+                } else {
+                    index.remove(open.as_slice())?;
+                }
                 Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => StoreError::Conflict,
-            })
+            .map_err(tx_error)
     }
 
     /// A task's stored events after `after`, in order.
@@ -246,6 +397,85 @@ impl Store {
                 Ok((seq, serde_json::from_slice(&v)?))
             })
             .collect()
+    }
+}
+
+impl Store {
+    pub fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
+        get(&self.shares, &share_key(owner, grantee))
+    }
+
+    pub fn put_share(&self, rec: &ShareRecord) -> Result<()> {
+        put(&self.shares, &share_key(&rec.owner, &rec.grantee), rec)
+    }
+
+    /// Removes a share, returning what it was.
+    pub fn remove_share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
+        self.shares
+            .remove(share_key(owner, grantee))?
+            .map(|v| serde_json::from_slice(&v))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Everyone `owner` shares with.
+    pub fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>> {
+        let mut prefix = owner.as_bytes().to_vec();
+        prefix.push(0);
+        self.shares
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    /// Everyone who shares with `grantee`. Shares are few next to tasks, so a scan is fine.
+    pub fn shares_to(&self, grantee: &str) -> Result<Vec<ShareRecord>> {
+        let mut out = Vec::new();
+        for v in self.shares.iter().values() {
+            let rec: ShareRecord = serde_json::from_slice(&v?)?;
+            if rec.grantee == grantee {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn user(&self, id: &str) -> Result<UserRecord> {
+        Ok(get(&self.users, id.as_bytes())?.unwrap_or_default())
+    }
+
+    pub fn put_user(&self, id: &str, rec: &UserRecord) -> Result<()> {
+        put(&self.users, id.as_bytes(), rec)
+    }
+}
+
+/// Owner and grantee separated by a byte no user id contains, so one owner's shares form a key range.
+fn share_key(owner: &str, grantee: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(owner.len() + grantee.len() + 1);
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k.extend_from_slice(grantee.as_bytes());
+    k
+}
+
+/// Length of the open-index key before the task id: fingerprint, then queue order.
+const OPEN_PREFIX: usize = 32 + 8;
+
+/// Open tasks sort by agent, then queue order (big-endian), then id (which only breaks ties between records
+/// written before `order` existed).
+fn open_key(rec: &TaskRecord) -> Vec<u8> {
+    let mut k = Vec::with_capacity(OPEN_PREFIX + rec.spec.task.len());
+    k.extend_from_slice(&rec.agent.0);
+    k.extend_from_slice(&rec.order.to_be_bytes());
+    k.extend_from_slice(rec.spec.task.as_bytes());
+    k
+}
+
+fn tx_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Conflict,
     }
 }
 

@@ -1,9 +1,16 @@
-//! Tasks in the relay core: submission and routing to an agent, the per-task event log with its sequence
-//! numbers and acknowledgements, following a task live, cancelling, deciding approvals, and reconciling an
-//! agent's running tasks after it reconnects.
+//! Tasks in the relay core: submission (on the user's own agents or on agents shared with them), each agent's
+//! queue and its concurrency limit, the per-task event log with its sequence numbers and acknowledgements,
+//! following a task live, follow-ups, cancelling, deciding approvals, and reconciling an agent's running tasks
+//! after it reconnects.
 //!
 //! Front ends (the admin socket now, the Discord bot later) call the `pub` functions; the agent endpoint
 //! calls [`Core::record_event`] and [`Core::agent_running`].
+//!
+//! A task is stored as queued first. It is dispatched (sent to the agent as `StartTask`) while fewer than
+//! [`CoreConfig::max_running_per_agent`](crate::core::CoreConfig) of that agent's tasks are dispatched and
+//! unfinished; otherwise it waits, first in first out, and the queue moves whenever a task ends or the agent
+//! reconnects. Until it is dispatched a task belongs to the relay alone: it cannot be lost by the agent, the
+//! agent cannot write events into it, and cancelling it needs no agent.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,11 +22,17 @@ use ct_protocol::{Fingerprint, RelayMessage};
 use rand::Rng;
 use tokio::sync::broadcast;
 
-use crate::core::{human_duration, Core};
-use crate::store::{now, StoreError, TaskRecord, TaskState};
+use crate::core::{human_duration, Core, RoutingGuard};
+use crate::store::{now, AgentRecord, StoreError, TaskRecord, TaskState};
 
 /// Events buffered per follower before it is considered too slow and skips ahead (it can re-read the log).
 const FOLLOW_BUFFER: usize = 1024;
+/// Longest project (a name or a path) a task may name, in bytes.
+pub const MAX_PROJECT_LEN: usize = 1024;
+/// Longest display name kept for a requester, in characters (Discord's own limit is 32).
+const MAX_DISPLAY_NAME: usize = 64;
+/// Longest Claude Code session id accepted for `resume` (they are UUIDs).
+const MAX_SESSION_ID: usize = 128;
 
 /// What [`Core::follow`] returns: the task, its stored events, and a receiver for the ones that follow.
 pub type Following = (
@@ -32,34 +45,73 @@ pub type Following = (
 pub(crate) type Followers = Mutex<HashMap<String, broadcast::Sender<(u64, TaskEvent)>>>;
 
 /// A request to run a task.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Submit {
     /// Discord user id of the person asking.
     pub user: String,
-    /// Which of the user's agents (name or fingerprint); needed only when they have several.
+    /// The Discord user id of the agents' owner when running on someone else's agents (they must have
+    /// shared with `user`); `None` for the user's own agents.
+    pub target: Option<String>,
+    /// Which of the owner's agents (name or fingerprint); needed only when there are several and no default.
     pub agent: Option<String>,
+    /// The requester's display name, shown to the agent's owner.
+    pub name: Option<String>,
     pub project: String,
     pub prompt: String,
     pub options: TaskOptions,
+    /// A Claude Code session to continue: it must come from an earlier task on the same agent that this user
+    /// may act on (so nobody resumes, and reads, someone else's session).
+    pub resume: Option<String>,
 }
 
-/// Why a task request was refused; each message says what to do.
+/// What [`Core::reply`] did with a follow-up.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyOutcome {
+    /// The task was still running: the prompt went to its live session.
+    Sent(TaskRecord),
+    /// The task had ended: a new task (this record) resumes its Claude Code session.
+    Resumed(TaskRecord),
+}
+
+/// Why a request was refused; each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     #[error(
         "you have no agent paired yet: pair one with /register (or `ct-relay admin pair-code`)"
     )]
     NoAgent,
-    #[error("you have several agents ({0}): say which one to use")]
+    #[error("user {0} has no agent paired yet: ask them to pair one with /register")]
+    OwnerHasNoAgent(String),
+    #[error(
+        "you have several agents ({0}): say which one to use, or set a default with /agents default \
+         (`ct-relay admin default-agent AGENT --as YOU`)"
+    )]
     WhichAgent(String),
-    #[error("you have no agent called {wanted:?}; yours are: {names}")]
-    UnknownAgent { wanted: String, names: String },
+    #[error(
+        "user {owner} has several agents ({names}): say which one to use (or ask them to set a default)"
+    )]
+    WhichSharedAgent { owner: String, names: String },
+    #[error("{whose} no agent called {wanted:?}; the agents are: {names}")]
+    UnknownAgent {
+        wanted: String,
+        /// "you have" or "user 123 has".
+        whose: String,
+        names: String,
+    },
     #[error("agent {name} is offline ({seen}): start it on that machine with `ct-agent run`, or install it as a service")]
     Offline { name: String, seen: String },
     #[error("the prompt is {len} bytes, over the {max}-byte limit: shorten it or attach a file")]
     PromptTooLong { len: usize, max: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error(
+        "name a project: one the agent knows (see /project list), or a folder path on that machine"
+    )]
+    NoProject,
+    #[error(
+        "the project is {len} bytes, over the {max}-byte limit: use its name or a shorter path"
+    )]
+    ProjectTooLong { len: usize, max: usize },
     #[error("there is no task {0:?}")]
     NoSuchTask(String),
     #[error("task {0} is not yours to act on")]
@@ -68,6 +120,73 @@ pub enum TaskError {
     Ended { task: String, state: TaskState },
     #[error("agent {0} is not keeping up; try again in a moment")]
     AgentBusy(String),
+    #[error("{0:?} is not a Discord user id (a number like 123456789012345678)")]
+    BadUser(String),
+    #[error(
+        "user {owner} has not shared their agents with you: ask them to run /share add with your name \
+         (optionally limited to the projects you need)"
+    )]
+    NotShared { owner: String },
+    #[error(
+        "user {owner} shares only these projects with you: {allowed}; {project:?} is not one of them: \
+         use one of those, or ask them to add it to your share"
+    )]
+    ProjectNotShared {
+        owner: String,
+        project: String,
+        allowed: String,
+    },
+    #[error(
+        "agent {agent} does not accept tasks from people its owner shares with: ask user {owner} to allow \
+         shared tasks in its configuration"
+    )]
+    SharedNotAccepted { agent: String, owner: String },
+    #[error("unknown project {project:?}; agent {agent} has: {names} ({hint})")]
+    UnknownProject {
+        project: String,
+        agent: String,
+        names: String,
+        /// What the person can do about it (add one, or ask the owner to).
+        hint: String,
+    },
+    #[error(
+        "agent {agent} already has {queued} tasks waiting (the most it keeps): wait for some to finish, \
+         or cancel one"
+    )]
+    QueueFull { agent: String, queued: usize },
+    #[error("task {0} is still queued: wait until it starts to send more, or cancel it and start a new one")]
+    NotStarted(String),
+    #[error(
+        "task {0} ended before Claude Code started a session, so it cannot be continued: start a new task \
+         with /task"
+    )]
+    NoSession(String),
+    #[error(
+        "no task of yours on agent {agent} has Claude Code session {session:?}: reply in that task's thread \
+         instead"
+    )]
+    ResumeNotYours { agent: String, session: String },
+    #[error("that is not a Claude Code session id: reply in the task's thread to continue it")]
+    BadResume,
+    #[error("you cannot share with yourself: your own agents are always yours to use")]
+    ShareWithSelf,
+    #[error("{0}")]
+    BadShare(String),
+    #[error("you do not share with user {0}: nothing to remove (see /share list)")]
+    NoSuchShare(String),
+    #[error("{0}")]
+    BadProjectRequest(String),
+    #[error(
+        "agent {agent} did not answer within {secs} seconds: is it running? (`ct-agent status` on that \
+         machine)"
+    )]
+    NoAnswer { agent: String, secs: u64 },
+    #[error("agent {0} disconnected before answering: try again when it is back")]
+    AgentGone(String),
+    #[error("agent {agent} refused: {message}")]
+    ProjectRefused { agent: String, message: String },
+    #[error("agent {0} has too many project requests in flight: try again in a moment")]
+    TooManyRequests(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -81,49 +200,205 @@ fn task_id() -> String {
     format!("t_{body}")
 }
 
+fn check_prompt(prompt: &str) -> Result<(), TaskError> {
+    if prompt.trim().is_empty() {
+        return Err(TaskError::EmptyPrompt);
+    }
+    if prompt.len() > MAX_PROMPT_LEN {
+        return Err(TaskError::PromptTooLong {
+            len: prompt.len(),
+            max: MAX_PROMPT_LEN,
+        });
+    }
+    Ok(())
+}
+
+fn check_project_text(project: &str) -> Result<(), TaskError> {
+    if project.trim().is_empty() {
+        return Err(TaskError::NoProject);
+    }
+    if project.len() > MAX_PROJECT_LEN {
+        return Err(TaskError::ProjectTooLong {
+            len: project.len(),
+            max: MAX_PROJECT_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// A display name, trimmed and shortened; it is only shown, never trusted.
+fn display_name(name: Option<String>) -> Option<String> {
+    let name: String = name?
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_DISPLAY_NAME)
+        .collect();
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// Whether a project as typed is a path (which the agent's policy checks) rather than a project name.
+pub fn is_path(project: &str) -> bool {
+    project.contains('/') || project.contains('\\') || project.starts_with('~')
+}
+
+/// A task to put into an agent's queue, once the requester's standing has been established.
+struct NewTask {
+    agent: AgentRecord,
+    user: String,
+    name: Option<String>,
+    role: Role,
+    project: String,
+    prompt: String,
+    options: TaskOptions,
+    resume: Option<String>,
+    follows: Option<String>,
+}
+
 impl Core {
-    /// Starts a task on one of the user's agents. The agent must be online: a task for an offline machine
-    /// would otherwise wait unseen for hours.
+    /// Queues a task on one of the user's agents, or on an agent another user shared with them
+    /// ([`Submit::target`]), and dispatches it at once if the agent has a free slot. The agent must be
+    /// online: a task for an offline machine would otherwise wait unseen for hours.
     pub fn submit_task(&self, req: Submit) -> Result<TaskRecord, TaskError> {
-        if req.prompt.trim().is_empty() {
-            return Err(TaskError::EmptyPrompt);
+        check_prompt(&req.prompt)?;
+        check_project_text(&req.project)?;
+        if let Some(resume) = &req.resume {
+            if resume.is_empty()
+                || resume.len() > MAX_SESSION_ID
+                || !resume
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(TaskError::BadResume);
+            }
         }
-        if req.prompt.len() > MAX_PROMPT_LEN {
-            return Err(TaskError::PromptTooLong {
-                len: req.prompt.len(),
-                max: MAX_PROMPT_LEN,
+        let routing = self.routing();
+        let owner = match req.target {
+            Some(t) if t != req.user => t,
+            _ => req.user.clone(),
+        };
+        // The share is checked before anything about the owner's agents is looked at, so someone without a
+        // share learns nothing about them (not even their names).
+        let role = self.role_for(&req.user, &owner, &req.project)?;
+        let agent = self.choose_agent(&owner, req.agent.as_deref(), owner == req.user)?;
+        if let Some(session) = &req.resume {
+            self.check_resume(&req.user, &agent, session)?;
+        }
+        self.enqueue(
+            &routing,
+            NewTask {
+                agent,
+                user: req.user,
+                name: display_name(req.name),
+                role,
+                project: req.project,
+                prompt: req.prompt,
+                options: req.options,
+                resume: req.resume,
+                follows: None,
+            },
+        )
+    }
+
+    /// The requester's role on `owner`'s agents for `project`, or why they may not use them.
+    pub(crate) fn role_for(
+        &self,
+        user: &str,
+        owner: &str,
+        project: &str,
+    ) -> Result<Role, TaskError> {
+        if user == owner {
+            return Ok(Role::Owner);
+        }
+        let Some(share) = self.store().share(owner, user)? else {
+            return Err(TaskError::NotShared {
+                owner: owner.to_string(),
+            });
+        };
+        if !share.allows(project) {
+            return Err(TaskError::ProjectNotShared {
+                owner: owner.to_string(),
+                project: project.to_string(),
+                allowed: share.projects.unwrap_or_default().join(", "),
             });
         }
-        let mine: Vec<_> = self
-            .store()
-            .agents()?
-            .into_iter()
-            .filter(|a| a.owner == req.user && a.revoked_at.is_none())
+        Ok(crate::shares::role_of(share.level))
+    }
+
+    /// Refuses a `resume` of a session that does not come from a task on this agent the user may act on.
+    fn check_resume(
+        &self,
+        user: &str,
+        agent: &AgentRecord,
+        session: &str,
+    ) -> Result<(), TaskError> {
+        let mine = self.store().find_task(|t| {
+            t.agent == agent.fingerprint
+                && t.session_id.as_deref() == Some(session)
+                && (t.spec.requester.user == user || agent.owner == user)
+        })?;
+        match mine {
+            Some(_) => Ok(()),
+            None => Err(TaskError::ResumeNotYours {
+                agent: agent.name.clone(),
+                session: session.to_string(),
+            }),
+        }
+    }
+
+    /// Checks the project against what the agent reported (when it has), and whether it takes shared tasks.
+    fn check_agent_project(
+        &self,
+        agent: &AgentRecord,
+        role: Role,
+        user: &str,
+        project: &str,
+    ) -> Result<(), TaskError> {
+        let Some(report) = &agent.projects else {
+            // An agent that never reported its projects decides for itself.
+            return Ok(());
+        };
+        if role != Role::Owner && !report.accepts_shared {
+            return Err(TaskError::SharedNotAccepted {
+                agent: agent.name.clone(),
+                owner: agent.owner.clone(),
+            });
+        }
+        if is_path(project) || report.projects.iter().any(|p| p.name == project) {
+            return Ok(());
+        }
+        let share = if role == Role::Owner {
+            None
+        } else {
+            self.store().share(&agent.owner, user)?
+        };
+        let names: Vec<&str> = report
+            .projects
+            .iter()
+            .map(|p| p.name.as_str())
+            .filter(|n| share.as_ref().is_none_or(|s| s.allows(n)))
             .collect();
-        let names = || {
-            mine.iter()
-                .map(|a| a.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let agent = match (&req.agent, mine.as_slice()) {
-            (_, []) => return Err(TaskError::NoAgent),
-            (None, [one]) => one.clone(),
-            (None, _) => return Err(TaskError::WhichAgent(names())),
-            (Some(wanted), _) => mine
-                .iter()
-                .find(|a| &a.name == wanted || a.fingerprint.to_string() == *wanted)
-                .cloned()
-                .ok_or_else(|| TaskError::UnknownAgent {
-                    wanted: wanted.clone(),
-                    names: names(),
-                })?,
-        };
-        let outbound = self
-            .live()
-            .get(&agent.fingerprint)
-            .map(|l| l.outbound.clone());
-        let Some(outbound) = outbound else {
+        Err(TaskError::UnknownProject {
+            project: project.to_string(),
+            agent: agent.name.clone(),
+            names: if names.is_empty() {
+                "no projects yet".into()
+            } else {
+                names.join(", ")
+            },
+            hint: if role == Role::Owner {
+                "add one with /project add, or give a folder path".into()
+            } else {
+                format!("ask user {} to add one", agent.owner)
+            },
+        })
+    }
+
+    /// Stores a new task in its agent's queue and dispatches what the agent has room for.
+    fn enqueue(&self, routing: &RoutingGuard<'_>, task: NewTask) -> Result<TaskRecord, TaskError> {
+        let agent = task.agent;
+        self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
+        if !self.live().contains_key(&agent.fingerprint) {
             let seen = agent.last_seen.map_or("never connected".into(), |t| {
                 format!("last seen {} ago", human_duration(now().saturating_sub(t)))
             });
@@ -131,27 +406,36 @@ impl Core {
                 name: agent.name,
                 seen,
             });
-        };
+        }
+        let open = self.store().open_tasks(&agent.fingerprint)?;
+        let running = open.iter().filter(|t| t.is_dispatched()).count();
+        let queued = open.len() - running;
+        let must_wait = queued > 0 || running >= self.config().max_running_per_agent;
+        if must_wait && queued >= self.config().max_queued_per_agent {
+            return Err(TaskError::QueueFull {
+                agent: agent.name,
+                queued,
+            });
+        }
         let t = now();
         // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs.
         let mut id = task_id();
         while self.store().task(&id)?.is_some() {
             id = task_id();
         }
-        let spec = TaskSpec {
-            task: id,
-            project: req.project,
-            prompt: req.prompt,
-            requester: Requester {
-                user: req.user,
-                name: None,
-                role: Role::Owner,
-            },
-            options: req.options,
-            resume: None,
-        };
         let rec = TaskRecord {
-            spec: spec.clone(),
+            spec: TaskSpec {
+                task: id.clone(),
+                project: task.project,
+                prompt: task.prompt,
+                requester: Requester {
+                    user: task.user,
+                    name: task.name,
+                    role: task.role,
+                },
+                options: task.options,
+                resume: task.resume,
+            },
             agent: agent.fingerprint,
             state: TaskState::Queued,
             created_at: t,
@@ -159,14 +443,150 @@ impl Core {
             last_seq: 0,
             session_id: None,
             message: None,
+            dispatched_at: None,
+            follows: task.follows,
+            order: self.store().next_order()?,
         };
         self.store().put_task(&rec)?;
         self.store().flush()?;
-        outbound
-            .try_send(RelayMessage::StartTask(spec))
-            .map_err(|_| TaskError::AgentBusy(agent.name.clone()))?;
-        tracing::info!(task = %rec.spec.task, agent = %agent.name, user = %rec.spec.requester.user, "task submitted");
-        Ok(rec)
+        tracing::info!(task = %id, agent = %agent.name, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
+        self.dispatch_queued(routing, &agent.fingerprint)?;
+        self.task(&id)
+    }
+
+    /// Sends queued tasks to the agent, oldest first, while it has free slots. A task whose requester lost
+    /// their share while it waited is cancelled instead.
+    pub(crate) fn dispatch_queued(
+        &self,
+        _routing: &RoutingGuard<'_>,
+        agent: &Fingerprint,
+    ) -> Result<(), TaskError> {
+        if let Some(live) = self.live().get_mut(agent) {
+            live.retry_dispatch = false;
+        } else {
+            return Ok(());
+        }
+        let open = self.store().open_tasks(agent)?;
+        let mut running = open.iter().filter(|t| t.is_dispatched()).count();
+        for mut rec in open.into_iter().filter(|t| !t.is_dispatched()) {
+            if running >= self.config().max_running_per_agent {
+                break;
+            }
+            match self.standing(&rec) {
+                Ok(role) => rec.spec.requester.role = role,
+                Err(why) => {
+                    self.finish_here(&mut rec, TaskState::Cancelled, why)?;
+                    continue;
+                }
+            }
+            // Durable before it is sent: after a crash the relay must not send the same task twice.
+            rec.dispatched_at = Some(now());
+            rec.updated_at = now();
+            self.store().put_task(&rec)?;
+            self.store().flush()?;
+            let sent = match self.live().get_mut(agent) {
+                Some(live) => match live
+                    .outbound
+                    .try_send(RelayMessage::StartTask(rec.spec.clone()))
+                {
+                    Ok(()) => {
+                        if !live.reconciled {
+                            live.dispatched_here.insert(rec.spec.task.clone());
+                        }
+                        true
+                    }
+                    Err(_) => {
+                        live.retry_dispatch = true;
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !sent {
+                // Still the relay's: it goes out on a later attempt (a heartbeat, a reconnect, a task ending).
+                rec.dispatched_at = None;
+                self.store().put_task(&rec)?;
+                tracing::warn!(task = %rec.spec.task, "could not send a task to its agent now; it stays queued");
+                break;
+            }
+            running += 1;
+            tracing::info!(task = %rec.spec.task, "task dispatched");
+        }
+        Ok(())
+    }
+
+    /// Retries dispatching for an agent whose outbound queue was full the last time. Called on heartbeats.
+    pub(crate) fn retry_dispatch(&self, agent: &Fingerprint) {
+        if !self.live().get(agent).is_some_and(|l| l.retry_dispatch) {
+            return;
+        }
+        let routing = self.routing();
+        if let Err(e) = self.dispatch_queued(&routing, agent) {
+            tracing::error!(error = %e, "could not dispatch queued tasks");
+        }
+    }
+
+    /// The requester's current role on the task's agent, or (as the message for them) why they no longer
+    /// may run it: shares can be revoked or narrowed after a task was submitted.
+    pub(crate) fn standing(&self, rec: &TaskRecord) -> Result<Role, String> {
+        let owner = match self.store().agent(&rec.agent) {
+            Ok(Some(a)) => a.owner,
+            Ok(None) => return Err("cancelled: its agent no longer exists".into()),
+            Err(e) => {
+                // Refusing is the safe side when the store cannot say.
+                tracing::error!(error = %e, "could not read an agent while checking a share");
+                return Err(
+                    "cancelled: the relay could not check the share; start it again".into(),
+                );
+            }
+        };
+        let user = &rec.spec.requester.user;
+        if *user == owner {
+            return Ok(Role::Owner);
+        }
+        match self.store().share(&owner, user) {
+            Ok(Some(share)) if share.allows(&rec.spec.project) => {
+                Ok(crate::shares::role_of(share.level))
+            }
+            Ok(Some(_)) => Err(format!(
+                "cancelled: user {owner} no longer shares project {:?} with you",
+                rec.spec.project
+            )),
+            Ok(None) => Err(format!(
+                "cancelled: user {owner} stopped sharing their agents with you"
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "could not read a share");
+                Err("cancelled: the relay could not check the share; start it again".into())
+            }
+        }
+    }
+
+    /// Ends a task from the relay's side (one the agent does not have, or can no longer report on), through
+    /// the normal event path so followers see why.
+    pub(crate) fn finish_here(
+        &self,
+        rec: &mut TaskRecord,
+        state: TaskState,
+        message: String,
+    ) -> Result<(), TaskError> {
+        let event = TaskEvent::Finished {
+            state: match state {
+                TaskState::Cancelled => FinalState::Cancelled,
+                TaskState::Done => FinalState::Done,
+                _ => FinalState::Failed,
+            },
+            message: Some(message),
+        };
+        let seq = rec.last_seq + 1;
+        apply(rec, &event);
+        rec.state = state;
+        rec.last_seq = seq;
+        rec.updated_at = now();
+        self.store().append_event(rec, seq, &event)?;
+        self.publish(&rec.spec.task, seq, &event);
+        tracing::info!(task = %rec.spec.task, ?state, "task ended by the relay");
+        Ok(())
     }
 
     pub fn task(&self, id: &str) -> Result<TaskRecord, TaskError> {
@@ -205,12 +625,13 @@ impl Core {
     }
 
     /// Sends a message to an agent, if it is online and keeping up.
-    fn to_agent(&self, agent: &Fingerprint, msg: RelayMessage) -> bool {
+    pub(crate) fn to_agent(&self, agent: &Fingerprint, msg: RelayMessage) -> bool {
         let outbound = self.live().get(agent).map(|l| l.outbound.clone());
         outbound.is_some_and(|o| o.try_send(msg).is_ok())
     }
 
-    /// Asks the agent to interrupt and end a task. Only the requester or the agent's owner may.
+    /// Cancels a task. Only the requester or the agent's owner may. A queued task just ends (the agent never
+    /// had it); a dispatched one is interrupted by the agent, whose `Finished` event ends it.
     pub fn cancel_task(&self, user: &str, id: &str) -> Result<TaskRecord, TaskError> {
         let rec = self.task(id)?;
         self.may_act(user, &rec)?;
@@ -219,6 +640,31 @@ impl Core {
                 task: id.to_string(),
                 state: rec.state,
             });
+        }
+        if !rec.is_dispatched() {
+            let routing = self.routing();
+            // Read again under the lock: it may have been dispatched or ended meanwhile.
+            let mut rec = self.task(id)?;
+            if rec.state.is_final() {
+                return Err(TaskError::Ended {
+                    task: id.to_string(),
+                    state: rec.state,
+                });
+            }
+            if !rec.is_dispatched() {
+                let by = if user == rec.spec.requester.user {
+                    String::new()
+                } else {
+                    format!(" by user {user}")
+                };
+                self.finish_here(
+                    &mut rec,
+                    TaskState::Cancelled,
+                    format!("cancelled{by} before it started"),
+                )?;
+                self.dispatch_queued(&routing, &rec.agent)?;
+                return Ok(rec);
+            }
         }
         if !self.to_agent(
             &rec.agent,
@@ -234,8 +680,95 @@ impl Core {
         Ok(rec)
     }
 
-    /// Passes a decision on an approval request to the agent. Approvals belong to the agent's owner unless the
-    /// requester was trusted by the owner.
+    /// Continues a task with a follow-up prompt from `user` (its requester or the agent's owner). A task
+    /// that is still running gets the prompt in its live session; one that ended starts a new task on the
+    /// same agent and project that resumes its Claude Code session, with the user's standing checked afresh
+    /// (a share may have changed since).
+    pub fn reply(
+        &self,
+        user: &str,
+        id: &str,
+        prompt: String,
+        name: Option<String>,
+    ) -> Result<ReplyOutcome, TaskError> {
+        check_prompt(&prompt)?;
+        let rec = self.task(id)?;
+        self.may_act(user, &rec)?;
+        let agent = self
+            .store()
+            .agent(&rec.agent)?
+            .ok_or_else(|| TaskError::NoSuchTask(id.to_string()))?;
+        if !rec.state.is_final() {
+            if !rec.is_dispatched() {
+                return Err(TaskError::NotStarted(id.to_string()));
+            }
+            // A grantee whose share was revoked or narrowed may not keep talking to the owner's machine.
+            self.role_for(user, &agent.owner, &rec.spec.project)?;
+            let input = RelayMessage::TaskInput {
+                task: id.to_string(),
+                prompt,
+            };
+            if !self.to_agent(&rec.agent, input) {
+                return Err(TaskError::Offline {
+                    name: agent.name,
+                    seen: "not connected now".into(),
+                });
+            }
+            return Ok(ReplyOutcome::Sent(rec));
+        }
+        let Some(session) = rec.session_id.clone() else {
+            return Err(TaskError::NoSession(id.to_string()));
+        };
+        if agent.revoked_at.is_some() {
+            return Err(TaskError::Offline {
+                name: agent.name,
+                seen: "its key was revoked".into(),
+            });
+        }
+        let routing = self.routing();
+        let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
+        let new = self.enqueue(
+            &routing,
+            NewTask {
+                agent,
+                user: user.to_string(),
+                name: display_name(name),
+                role,
+                project: rec.spec.project,
+                prompt,
+                options: rec.spec.options,
+                resume: Some(session),
+                follows: Some(id.to_string()),
+            },
+        )?;
+        Ok(ReplyOutcome::Resumed(new))
+    }
+
+    /// Who decides the approvals of a task: the agent's owner, or the requester when the owner trusts them
+    /// (checked now, so downgrading or revoking a share takes effect at once). Front ends use it to say whom
+    /// an approval is waiting for.
+    pub fn approver(&self, id: &str) -> Result<String, TaskError> {
+        let rec = self.task(id)?;
+        self.approver_of(&rec)
+    }
+
+    fn approver_of(&self, rec: &TaskRecord) -> Result<String, TaskError> {
+        let owner = self
+            .store()
+            .agent(&rec.agent)?
+            .map(|a| a.owner)
+            .unwrap_or_default();
+        let trusted = rec.spec.requester.role == Role::TrustedGrantee
+            && self.standing(rec) == Ok(Role::TrustedGrantee);
+        Ok(if trusted {
+            rec.spec.requester.user.clone()
+        } else {
+            owner
+        })
+    }
+
+    /// Passes a decision on an approval request to the agent; only the task's [`approver`](Core::approver)
+    /// may decide.
     pub fn decide(
         &self,
         user: &str,
@@ -244,16 +777,7 @@ impl Core {
         decision: Decision,
     ) -> Result<(), TaskError> {
         let rec = self.task(id)?;
-        let owner = self
-            .store()
-            .agent(&rec.agent)?
-            .map(|a| a.owner)
-            .unwrap_or_default();
-        let decider = match rec.spec.requester.role {
-            Role::TrustedGrantee => rec.spec.requester.user.as_str(),
-            Role::Owner | Role::Grantee => owner.as_str(),
-        };
-        if user != decider {
+        if user != self.approver_of(&rec)? {
             return Err(TaskError::NotYours(id.to_string()));
         }
         let msg = RelayMessage::Decide {
@@ -279,7 +803,7 @@ impl Core {
         }
     }
 
-    fn agent_name(&self, fp: &Fingerprint) -> String {
+    pub(crate) fn agent_name(&self, fp: &Fingerprint) -> String {
         self.store()
             .agent(fp)
             .ok()
@@ -289,7 +813,7 @@ impl Core {
 
     /// Stores event `seq` of a task from `agent`, exactly once. Returns the sequence number to acknowledge
     /// (everything up to it is stored), or `None` when nothing can be acknowledged (a gap, or a task that is
-    /// not this agent's).
+    /// not this agent's). A task's end frees a slot, so the agent's queue moves on.
     pub fn record_event(
         &self,
         agent: &Fingerprint,
@@ -305,6 +829,14 @@ impl Core {
             tracing::warn!(task = id, "event for a task on another agent; ignored");
             return Ok(None);
         }
+        if !rec.is_dispatched() {
+            // Still in the queue: the agent was never given it, so it cannot have anything to say about it.
+            tracing::warn!(
+                task = id,
+                "event for a task not sent to this agent yet; ignored"
+            );
+            return Ok(None);
+        }
         if seq <= rec.last_seq {
             // Re-sent after a reconnect: already stored. Acknowledge again so the agent can let it go.
             return Ok(Some(rec.last_seq));
@@ -318,38 +850,94 @@ impl Core {
             );
             return Ok(None);
         }
+        let finished = matches!(event, TaskEvent::Finished { .. });
         apply(&mut rec, &event);
         rec.last_seq = seq;
         rec.updated_at = now();
         self.store().append_event(&rec, seq, &event)?;
         self.publish(id, seq, &event);
+        if finished {
+            let routing = self.routing();
+            self.dispatch_queued(&routing, agent)?;
+        }
         Ok(Some(seq))
     }
 
-    /// Reconciles after a (re)connect: the agent reports what it still runs; any other open task on it is lost.
+    /// Reconciles after a (re)connect: the agent reports what it still runs; any other task it had been sent
+    /// in an earlier session is lost. Queued tasks are the relay's and stay queued; then the queue moves. A
+    /// running task whose requester lost their share meanwhile is cancelled through the agent.
     pub fn agent_running(&self, agent: &Fingerprint, running: &[String]) -> Result<(), TaskError> {
+        let routing = self.routing();
+        let sent_here = match self.live().get_mut(agent) {
+            Some(live) if live.reconciled => {
+                // The report comes once per session; a second one was written after tasks we sent since, and
+                // could wrongly make them lost.
+                tracing::debug!("repeated Running report ignored");
+                return Ok(());
+            }
+            Some(live) => {
+                live.reconciled = true;
+                std::mem::take(&mut live.dispatched_here)
+            }
+            None => Default::default(),
+        };
         for mut rec in self.store().open_tasks(agent)? {
+            if !rec.is_dispatched() || sent_here.contains(&rec.spec.task) {
+                continue;
+            }
             if running.contains(&rec.spec.task) {
+                if self.standing(&rec).is_err() {
+                    let cancel = RelayMessage::CancelTask {
+                        task: rec.spec.task.clone(),
+                    };
+                    self.to_agent(agent, cancel);
+                }
                 continue;
             }
             // A task sent while the agent was going away never reached it; one it ran is gone with its process.
-            let event = TaskEvent::Finished {
-                state: FinalState::Failed,
-                message: Some(
-                    "the agent stopped running this task (it restarted or lost it): start it again"
-                        .into(),
-                ),
-            };
-            let seq = rec.last_seq + 1;
-            apply(&mut rec, &event);
-            rec.state = TaskState::Lost;
-            rec.last_seq = seq;
-            rec.updated_at = now();
-            self.store().append_event(&rec, seq, &event)?;
-            self.publish(&rec.spec.task, seq, &event);
+            self.finish_here(
+                &mut rec,
+                TaskState::Lost,
+                "the agent stopped running this task (it restarted or lost it): start it again"
+                    .into(),
+            )?;
             tracing::warn!(task = %rec.spec.task, "task lost: its agent no longer runs it");
         }
-        Ok(())
+        self.dispatch_queued(&routing, agent)
+    }
+
+    /// Called when an agent's session starts: what fits its free slots goes out now (tasks still counted as
+    /// running from before wait for its `Running` report).
+    pub(crate) fn agent_connected(&self, agent: &Fingerprint) {
+        let routing = self.routing();
+        if let Err(e) = self.dispatch_queued(&routing, agent) {
+            tracing::error!(error = %e, "could not dispatch queued tasks");
+        }
+    }
+
+    /// Ends a revoked agent's unfinished tasks: it will never connect again to report on them.
+    pub(crate) fn end_tasks_of_revoked(&self, agent: &AgentRecord) {
+        let _routing = self.routing();
+        let result = self
+            .store()
+            .open_tasks(&agent.fingerprint)
+            .and_then(|open| {
+                for mut rec in open {
+                    let message = format!(
+                        "agent {} was revoked, so this task can no longer run or report",
+                        agent.name
+                    );
+                    if let Err(TaskError::Store(e)) =
+                        self.finish_here(&mut rec, TaskState::Lost, message)
+                    {
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not end a revoked agent's tasks");
+        }
     }
 }
 

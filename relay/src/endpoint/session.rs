@@ -101,6 +101,8 @@ async fn live<R, W>(
 {
     let timing = link.transport.timing();
     let mut guard = core.register_session(fingerprint, link.transport, link.peer);
+    // Tasks queued while the agent was away go out now, as far as its free slots allow.
+    core.agent_connected(&fingerprint);
     let (frames_in, frames_out) = core.metrics.frames(link.transport);
     let mut heartbeat = interval_at(Instant::now() + timing.heartbeat, timing.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -132,6 +134,7 @@ async fn live<R, W>(
                     break Ended::LinkError(e);
                 }
                 frames_out.inc();
+                core.retry_dispatch(&fingerprint);
             }
             Some(msg) = guard.outbound_rx.recv() => {
                 if let Err(e) = writer.send(&msg).await {
@@ -192,8 +195,14 @@ fn handle(
             }
             None
         }
-        // Project traffic is wired into the core with shares and the bot's `/project`.
-        AgentMessage::Projects(_) | AgentMessage::ProjectReply { .. } => None,
+        AgentMessage::Projects(report) => {
+            core.projects_reported(agent, report);
+            None
+        }
+        AgentMessage::ProjectReply { id, reply } => {
+            core.project_reply(agent, id, reply);
+            None
+        }
         AgentMessage::Heartbeat | AgentMessage::Goodbye { .. } => None,
     }
 }

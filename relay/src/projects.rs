@@ -1,0 +1,250 @@
+//! Projects through the agent: the owner adds, removes and lists the names their agent gives to folders. The
+//! agent's own policy decides (the relay cannot widen its allowed folders); the relay asks, waits a bounded
+//! time for the answer, and keeps the agent's latest report so names are known while it is offline.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
+use ct_protocol::{Fingerprint, RelayMessage};
+use tokio::sync::oneshot;
+
+use crate::core::Core;
+use crate::tasks::{is_path, TaskError};
+
+/// Project requests waiting for an answer from one agent; more are refused, so a silent agent cannot make
+/// the relay hold an unbounded number of them.
+pub const MAX_PENDING_PER_AGENT: usize = 64;
+/// Longest project name, in bytes.
+pub const MAX_PROJECT_NAME: usize = 64;
+/// Longest path sent to or kept from an agent, in bytes.
+pub const MAX_PATH_LEN: usize = 4096;
+/// Most projects and allowed folders kept from one agent's report.
+pub const MAX_REPORTED: usize = 500;
+
+/// A request waiting for its answer.
+#[derive(Debug)]
+pub(crate) struct PendingRequest {
+    agent: Fingerprint,
+    /// The session the request went to; when it ends, the request can no longer be answered.
+    session: u64,
+    reply: oneshot::Sender<ProjectReply>,
+}
+
+pub(crate) type Pending = Mutex<HashMap<u64, PendingRequest>>;
+
+/// Removes a request from the pending map when its caller stops waiting, however that happens (answer,
+/// timeout, or the caller's future being dropped).
+struct Waiting<'a> {
+    core: &'a Core,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.core.pending().remove(&self.id);
+    }
+}
+
+fn check_op(op: &ProjectOp) -> Result<(), TaskError> {
+    let check_name = |name: &str| {
+        if name.trim().is_empty() {
+            return Err(TaskError::BadProjectRequest(
+                "name the project (a short word like `web`)".into(),
+            ));
+        }
+        if name.len() > MAX_PROJECT_NAME {
+            return Err(TaskError::BadProjectRequest(format!(
+                "project names are at most {MAX_PROJECT_NAME} bytes: pick a shorter one"
+            )));
+        }
+        if is_path(name) {
+            // A name that looks like a path would be taken for a path when a task names it.
+            return Err(TaskError::BadProjectRequest(
+                "a project name cannot contain / or \\ or start with ~: those are read as paths"
+                    .into(),
+            ));
+        }
+        Ok(())
+    };
+    match op {
+        ProjectOp::Add { name, path } => {
+            check_name(name)?;
+            if path.trim().is_empty() {
+                return Err(TaskError::BadProjectRequest(
+                    "give the folder on the agent's machine (for example ~/src/web)".into(),
+                ));
+            }
+            if path.len() > MAX_PATH_LEN {
+                return Err(TaskError::BadProjectRequest(format!(
+                    "the path is longer than {MAX_PATH_LEN} bytes"
+                )));
+            }
+            Ok(())
+        }
+        ProjectOp::Remove { name } => check_name(name),
+        ProjectOp::List => Ok(()),
+    }
+}
+
+/// Keeps what is worth keeping of an agent's report: bounded in count and length, so a misbehaving agent
+/// cannot make its stored record (read on every submit) large.
+fn sanitize(mut report: ProjectsReport) -> ProjectsReport {
+    let before = (report.projects.len(), report.allowed_dirs.len());
+    report
+        .projects
+        .retain(|p: &ProjectInfo| p.name.len() <= MAX_PROJECT_NAME && p.path.len() <= MAX_PATH_LEN);
+    report.projects.truncate(MAX_REPORTED);
+    report.allowed_dirs.retain(|d| d.len() <= MAX_PATH_LEN);
+    report.allowed_dirs.truncate(MAX_REPORTED);
+    if before != (report.projects.len(), report.allowed_dirs.len()) {
+        tracing::warn!("the agent's project report was too large; only part of it is kept");
+    }
+    report
+}
+
+impl Core {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingRequest>> {
+        self.pending_projects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds, removes or lists projects on one of the user's own agents (named, the only one, or the default)
+    /// and returns the agent's projects as they are after it. Only the owner may: the agent's folders are
+    /// theirs. The agent's policy decides; its refusal comes back as [`TaskError::ProjectRefused`].
+    pub async fn project(
+        &self,
+        user: &str,
+        agent: Option<&str>,
+        op: ProjectOp,
+    ) -> Result<ProjectsReport, TaskError> {
+        check_op(&op)?;
+        let agent = self.choose_agent(user, agent, true)?;
+        let session = self.live().get(&agent.fingerprint).map(|l| l.session);
+        let Some(session) = session else {
+            return Err(TaskError::Offline {
+                seen: agent.last_seen.map_or("never connected".into(), |t| {
+                    format!(
+                        "last seen {} ago",
+                        crate::core::human_duration(crate::store::now().saturating_sub(t))
+                    )
+                }),
+                name: agent.name,
+            });
+        };
+        let id = self.next_request_id();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending();
+            if pending
+                .values()
+                .filter(|p| p.agent == agent.fingerprint)
+                .count()
+                >= MAX_PENDING_PER_AGENT
+            {
+                return Err(TaskError::TooManyRequests(agent.name));
+            }
+            pending.insert(
+                id,
+                PendingRequest {
+                    agent: agent.fingerprint,
+                    session,
+                    reply: tx,
+                },
+            );
+        }
+        let _waiting = Waiting { core: self, id };
+        if !self.to_agent(&agent.fingerprint, RelayMessage::Project { id, op }) {
+            return Err(TaskError::AgentBusy(agent.name));
+        }
+        let timeout = self.config().project_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(ProjectReply::Ok(report))) => {
+                let report = sanitize(report);
+                self.store_projects(&agent.fingerprint, report.clone());
+                Ok(report)
+            }
+            Ok(Ok(ProjectReply::Refused { message })) => Err(TaskError::ProjectRefused {
+                agent: agent.name,
+                message: message.chars().take(2000).collect(),
+            }),
+            Ok(Err(_)) => Err(TaskError::AgentGone(agent.name)),
+            Err(_) => Err(TaskError::NoAnswer {
+                agent: agent.name,
+                secs: timeout.as_secs().max(1),
+            }),
+        }
+    }
+
+    /// An agent's answer to a project request. Only the agent that was asked can answer it: an id sent by
+    /// another agent is ignored (and leaves the request waiting for its real answer).
+    pub(crate) fn project_reply(&self, agent: &Fingerprint, id: u64, reply: ProjectReply) {
+        let mut pending = self.pending();
+        match pending.get(&id) {
+            Some(p) if p.agent == *agent => {
+                if let Some(p) = pending.remove(&id) {
+                    // The caller may have stopped waiting just now; nothing to do then.
+                    let _ = p.reply.send(reply);
+                }
+            }
+            Some(_) => tracing::warn!(id, "project reply for another agent's request; ignored"),
+            None => tracing::debug!(id, "project reply nobody waits for (timed out?); ignored"),
+        }
+    }
+
+    /// Fails the requests a session was asked, when it ends.
+    pub(crate) fn drop_pending_projects(&self, session: u64) {
+        self.pending().retain(|_, p| p.session != session);
+    }
+
+    /// An agent's projects report (after each handshake and each change).
+    pub(crate) fn projects_reported(&self, agent: &Fingerprint, report: ProjectsReport) {
+        self.store_projects(agent, sanitize(report));
+    }
+
+    fn store_projects(&self, agent: &Fingerprint, report: ProjectsReport) {
+        let stored = self
+            .store()
+            .update_agent(agent, |rec| rec.projects = Some(report.clone()));
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "could not store the agent's projects");
+        }
+    }
+
+    /// The agent's projects as it last reported them, kept while it is offline. `None` until it reports.
+    pub fn agent_projects(&self, agent: &Fingerprint) -> Result<Option<ProjectsReport>, TaskError> {
+        Ok(self.store().agent(agent)?.and_then(|a| a.projects))
+    }
+
+    /// The project names `user` may use on an agent of `target` (or their own when `None`): for
+    /// autocomplete. A grantee sees only what their share allows.
+    pub fn usable_projects(
+        &self,
+        user: &str,
+        target: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Vec<String>, TaskError> {
+        let owner = target.unwrap_or(user);
+        let share = if owner == user {
+            None
+        } else {
+            Some(
+                self.store()
+                    .share(owner, user)?
+                    .ok_or_else(|| TaskError::NotShared {
+                        owner: owner.to_string(),
+                    })?,
+            )
+        };
+        let agent = self.choose_agent(owner, agent, owner == user)?;
+        let known: Vec<String> = agent
+            .projects
+            .map(|r| r.projects.into_iter().map(|p| p.name).collect())
+            .unwrap_or_default();
+        Ok(match share.and_then(|s| s.projects) {
+            None => known,
+            Some(limited) => limited,
+        })
+    }
+}

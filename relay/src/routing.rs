@@ -1,0 +1,112 @@
+//! Which agent a request goes to: the one named, the owner's only one, or the owner's default; and setting
+//! that default.
+
+use crate::core::Core;
+use crate::store::{AgentRecord, UserRecord};
+use crate::tasks::TaskError;
+
+/// Shortest fingerprint prefix accepted in place of a name (as `ct-relay admin revoke` accepts).
+const MIN_PREFIX: usize = 10;
+
+fn matches(agent: &AgentRecord, wanted: &str) -> bool {
+    let fp = agent.fingerprint.to_string();
+    agent.name == wanted || fp == wanted || (wanted.len() >= MIN_PREFIX && fp.starts_with(wanted))
+}
+
+impl Core {
+    /// `owner`'s agents that have not been revoked.
+    pub(crate) fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>, TaskError> {
+        let mut mine: Vec<_> = self
+            .store()
+            .agents()?
+            .into_iter()
+            .filter(|a| a.owner == owner && a.revoked_at.is_none())
+            .collect();
+        mine.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(mine)
+    }
+
+    /// The agent of `owner`'s that a request means. `own` says whether the person asking is the owner, which
+    /// only changes the wording of refusals. Callers check a non-owner's share first.
+    pub(crate) fn choose_agent(
+        &self,
+        owner: &str,
+        wanted: Option<&str>,
+        own: bool,
+    ) -> Result<AgentRecord, TaskError> {
+        let mine = self.agents_of(owner)?;
+        let names = || {
+            mine.iter()
+                .map(|a| a.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (wanted.map(str::trim), mine.as_slice()) {
+            (_, []) if own => Err(TaskError::NoAgent),
+            (_, []) => Err(TaskError::OwnerHasNoAgent(owner.to_string())),
+            (None | Some(""), [one]) => Ok(one.clone()),
+            (None | Some(""), _) => {
+                let default = self.store().user(owner)?.default_agent;
+                if let Some(agent) = mine.iter().find(|a| Some(a.fingerprint) == default) {
+                    return Ok(agent.clone());
+                }
+                Err(if own {
+                    TaskError::WhichAgent(names())
+                } else {
+                    TaskError::WhichSharedAgent {
+                        owner: owner.to_string(),
+                        names: names(),
+                    }
+                })
+            }
+            (Some(wanted), _) => {
+                let found: Vec<&AgentRecord> = mine.iter().filter(|a| matches(a, wanted)).collect();
+                match found.as_slice() {
+                    [one] => Ok((*one).clone()),
+                    _ => Err(TaskError::UnknownAgent {
+                        wanted: wanted.to_string(),
+                        whose: if own {
+                            "you have".into()
+                        } else {
+                            format!("user {owner} has")
+                        },
+                        names: names(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Makes one of the user's agents (by name or fingerprint) the one used when they, or someone they share
+    /// with, name none. Returns that agent.
+    pub fn set_default_agent(&self, user: &str, agent: &str) -> Result<AgentRecord, TaskError> {
+        if agent.trim().is_empty() {
+            return Err(TaskError::UnknownAgent {
+                wanted: String::new(),
+                whose: "you have".into(),
+                names: self
+                    .agents_of(user)?
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        let rec = self.choose_agent(user, Some(agent), true)?;
+        let mut settings = self.store().user(user)?;
+        settings.default_agent = Some(rec.fingerprint);
+        self.store().put_user(user, &settings)?;
+        self.store().flush()?;
+        tracing::info!(%user, agent = %rec.name, "default agent set");
+        Ok(rec)
+    }
+
+    /// The user's default agent, if they set one and it is still theirs and not revoked.
+    pub fn default_agent(&self, user: &str) -> Result<Option<AgentRecord>, TaskError> {
+        let UserRecord { default_agent } = self.store().user(user)?;
+        Ok(self
+            .agents_of(user)?
+            .into_iter()
+            .find(|a| Some(a.fingerprint) == default_agent))
+    }
+}
