@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::{AgentView, Core};
+use crate::store::ShareLevel;
+use crate::tasks::ReplyOutcome;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -42,7 +44,46 @@ pub enum Request {
         prompt: String,
         #[serde(default)]
         options: ct_protocol::task::TaskOptions,
+        /// The owner whose shared agents to use (`None`: the user's own).
+        #[serde(default)]
+        target: Option<String>,
+        /// The user's display name.
+        #[serde(default)]
+        name: Option<String>,
     },
+    /// Send a follow-up to a task as a user: `Done` when it went to the running task, otherwise the stream
+    /// of the new task that resumes its session.
+    Reply {
+        user: String,
+        task: String,
+        prompt: String,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Share the user's agents with another user (all projects unless `projects` names some).
+    ShareAdd {
+        user: String,
+        grantee: String,
+        #[serde(default)]
+        projects: Option<Vec<String>>,
+        #[serde(default)]
+        trusted: bool,
+    },
+    /// Stop sharing with a user, cancelling their tasks on the user's agents.
+    ShareRemove { user: String, grantee: String },
+    /// Whom the user shares with.
+    ShareList { user: String },
+    /// Who shares with the user.
+    ShareAvailable { user: String },
+    /// Add, remove or list projects on one of the user's agents (answered by the agent).
+    Project {
+        user: String,
+        #[serde(default)]
+        agent: Option<String>,
+        op: ct_protocol::project::ProjectOp,
+    },
+    /// Set the agent used when the user names none.
+    DefaultAgent { user: String, agent: String },
     /// Stream a task's events (from the start) until it ends.
     Follow { task: String },
     /// Cancel a task as a user.
@@ -76,6 +117,9 @@ pub enum Reply {
     Task {
         task: String,
         state: crate::store::TaskState,
+        /// The earlier task this one continues.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        follows: Option<String>,
     },
     /// One event of a task stream.
     Event {
@@ -93,6 +137,16 @@ pub enum Reply {
     },
     Error {
         message: String,
+    },
+    Shares {
+        shares: Vec<crate::store::ShareRecord>,
+    },
+    Available {
+        available: Vec<crate::shares::Available>,
+    },
+    Projects {
+        agent: Option<String>,
+        report: ct_protocol::project::ProjectsReport,
     },
 }
 
@@ -186,14 +240,19 @@ async fn handle(
                     project,
                     prompt,
                     options,
+                    target,
+                    name,
                 }) => {
-                    tracing::info!(%user, ?agent, %project, "admin task request");
+                    tracing::info!(%user, ?agent, ?target, %project, "admin task request");
                     let submit = crate::tasks::Submit {
                         user,
+                        target,
                         agent,
+                        name,
                         project,
                         prompt,
                         options,
+                        resume: None,
                     };
                     match core.submit_task(submit) {
                         Ok(rec) => {
@@ -208,6 +267,35 @@ async fn handle(
                 Ok(Request::Follow { task }) => {
                     stream_task(core, &task, &mut write).await?;
                     continue;
+                }
+                Ok(Request::Reply {
+                    user,
+                    task,
+                    prompt,
+                    name,
+                }) => {
+                    tracing::info!(%user, %task, "admin reply request");
+                    match core.reply(&user, &task, prompt, name) {
+                        Ok(ReplyOutcome::Sent(_)) => Reply::Done {
+                            message: format!("sent to the running task {task}"),
+                        },
+                        Ok(ReplyOutcome::Resumed(new)) => {
+                            stream_task(core, &new.spec.task, &mut write).await?;
+                            continue;
+                        }
+                        Err(e) => Reply::Error {
+                            message: e.to_string(),
+                        },
+                    }
+                }
+                Ok(Request::Project { user, agent, op }) => {
+                    tracing::info!(%user, ?agent, ?op, "admin project request");
+                    match core.project(&user, agent.as_deref(), op).await {
+                        Ok(report) => Reply::Projects { agent, report },
+                        Err(e) => Reply::Error {
+                            message: e.to_string(),
+                        },
+                    }
                 }
                 Ok(req) => {
                     tracing::info!(request = ?req, "admin request");
@@ -271,9 +359,85 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
                 },
             }
         }
-        Request::Task { .. } | Request::Follow { .. } => {
+        Request::ShareAdd {
+            user,
+            grantee,
+            projects,
+            trusted,
+        } => {
+            let level = if trusted {
+                ShareLevel::Trusted
+            } else {
+                ShareLevel::Standard
+            };
+            return match core.share_add(&user, &grantee, projects, level) {
+                Ok(share) => Reply::Done {
+                    message: format!(
+                        "user {grantee} may now run tasks on your agents ({}, {})",
+                        share.projects.map_or("all projects".into(), |p| format!(
+                            "projects: {}",
+                            p.join(", ")
+                        )),
+                        match share.level {
+                            ShareLevel::Standard => "you decide their approvals",
+                            ShareLevel::Trusted => "trusted: they decide their own approvals",
+                        }
+                    ),
+                },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::ShareRemove { user, grantee } => {
+            return match core.share_remove(&user, &grantee) {
+                Ok(removed) => Reply::Done {
+                    message: format!(
+                        "stopped sharing with user {grantee}: {} queued task(s) cancelled, {} running task(s)                          being cancelled",
+                        removed.tasks.cancelled.len(),
+                        removed.tasks.stopping.len()
+                    ),
+                },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::ShareList { user } => {
+            return match core.shares_of(&user) {
+                Ok(shares) => Reply::Shares { shares },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::ShareAvailable { user } => {
+            return match core.shares_available(&user) {
+                Ok(available) => Reply::Available { available },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::DefaultAgent { user, agent } => {
+            return match core.set_default_agent(&user, &agent) {
+                Ok(rec) => Reply::Done {
+                    message: format!(
+                        "{} is now your default agent: tasks that name no agent run there",
+                        rec.name
+                    ),
+                },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::Task { .. }
+        | Request::Follow { .. }
+        | Request::Reply { .. }
+        | Request::Project { .. } => {
             return Reply::Error {
-                message: "task streams are handled by the connection".into(),
+                message: "task streams and agent requests are handled by the connection".into(),
             }
         }
     };
@@ -313,6 +477,7 @@ async fn stream_task(
         &Reply::Task {
             task: task.to_string(),
             state: rec.state,
+            follows: rec.follows.clone(),
         },
     )
     .await?;

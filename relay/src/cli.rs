@@ -116,9 +116,44 @@ pub enum AdminCommand {
         /// Claude Code permission mode (default, acceptEdits, plan, ...).
         #[arg(long)]
         mode: Option<String>,
+        /// Run on the agents of this Discord user, who shared them with USER.
+        #[arg(long, value_name = "OWNER")]
+        target: Option<String>,
+        /// USER's display name, shown to the agent's owner.
+        #[arg(long)]
+        name: Option<String>,
         /// The prompt.
         #[arg(required = true, num_args = 1..)]
         prompt: Vec<String>,
+    },
+    /// Send a follow-up to a task: to its live session while it runs, or as a new task that resumes its
+    /// session once it has ended (followed here until it ends).
+    Reply {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        /// USER's display name, shown to the agent's owner.
+        #[arg(long)]
+        name: Option<String>,
+        task: String,
+        #[arg(required = true, num_args = 1..)]
+        prompt: Vec<String>,
+    },
+    /// Share a user's agents with other users, stop, or list shares.
+    Share {
+        #[command(subcommand)]
+        command: ShareCommand,
+    },
+    /// Add, remove or list the projects of one of a user's agents (the agent must be online).
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
+    /// Set the agent used when USER names none.
+    DefaultAgent {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        /// Agent name or fingerprint.
+        agent: String,
     },
     /// Follow a task's output from the start until it ends.
     Follow { task: String },
@@ -138,6 +173,72 @@ pub enum AdminCommand {
         decision: String,
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShareCommand {
+    /// Let GRANTEE run tasks on all of USER's agents (all projects unless --project names some).
+    Add {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        grantee: String,
+        /// Limit the share to these projects (repeat, or separate with commas).
+        #[arg(long = "project", value_delimiter = ',')]
+        projects: Vec<String>,
+        /// Let GRANTEE decide the approvals of their own tasks.
+        #[arg(long)]
+        trusted: bool,
+    },
+    /// Stop sharing with GRANTEE at once, cancelling their queued and running tasks.
+    Remove {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        grantee: String,
+    },
+    /// Whom USER shares with.
+    List {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Who shares with USER, and which agents and projects that gives them.
+    Available {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectCommand {
+    /// Name a folder on the agent's machine (it must be inside the agent's allowed folders).
+    Add {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        #[arg(long)]
+        agent: Option<String>,
+        name: String,
+        path: String,
+    },
+    /// Forget a project name (the folder is untouched).
+    Remove {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        #[arg(long)]
+        agent: Option<String>,
+        name: String,
+    },
+    /// The agent's projects and allowed folders.
+    List {
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -224,6 +325,8 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             agent,
             model,
             mode,
+            target,
+            name,
             prompt,
         } => {
             let options = ct_protocol::task::TaskOptions {
@@ -237,9 +340,88 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
                 project: project.clone(),
                 prompt: prompt.join(" "),
                 options,
+                target: target.clone(),
+                name: name.clone(),
             };
             return follow_task(data_dir, &req).await;
         }
+        AdminCommand::Reply {
+            user,
+            name,
+            task,
+            prompt,
+        } => {
+            let req = Request::Reply {
+                user: user.clone(),
+                task: task.clone(),
+                prompt: prompt.join(" "),
+                name: name.clone(),
+            };
+            return follow_task(data_dir, &req).await;
+        }
+        AdminCommand::Share { command } => match command {
+            ShareCommand::Add {
+                user,
+                grantee,
+                projects,
+                trusted,
+            } => (
+                Request::ShareAdd {
+                    user: user.clone(),
+                    grantee: grantee.clone(),
+                    projects: (!projects.is_empty()).then(|| projects.clone()),
+                    trusted: *trusted,
+                },
+                false,
+            ),
+            ShareCommand::Remove { user, grantee } => (
+                Request::ShareRemove {
+                    user: user.clone(),
+                    grantee: grantee.clone(),
+                },
+                false,
+            ),
+            ShareCommand::List { user, json } => (Request::ShareList { user: user.clone() }, *json),
+            ShareCommand::Available { user, json } => {
+                (Request::ShareAvailable { user: user.clone() }, *json)
+            }
+        },
+        AdminCommand::Project { command } => {
+            use ct_protocol::project::ProjectOp;
+            let (user, agent, op, json) = match command {
+                ProjectCommand::Add {
+                    user,
+                    agent,
+                    name,
+                    path,
+                } => (
+                    user,
+                    agent,
+                    ProjectOp::Add {
+                        name: name.clone(),
+                        path: path.clone(),
+                    },
+                    false,
+                ),
+                ProjectCommand::Remove { user, agent, name } => {
+                    (user, agent, ProjectOp::Remove { name: name.clone() }, false)
+                }
+                ProjectCommand::List { user, agent, json } => (user, agent, ProjectOp::List, *json),
+            };
+            let req = Request::Project {
+                user: user.clone(),
+                agent: agent.clone(),
+                op,
+            };
+            (req, json)
+        }
+        AdminCommand::DefaultAgent { user, agent } => (
+            Request::DefaultAgent {
+                user: user.clone(),
+                agent: agent.clone(),
+            },
+            false,
+        ),
         AdminCommand::Follow { task } => {
             return follow_task(data_dir, &Request::Follow { task: task.clone() }).await
         }
@@ -311,6 +493,9 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             println!("On the machine the agent should run on:\n\n  ct-agent pair {token}");
         }
         Reply::Agents { agents } => print!("{}", agents_table(&agents)),
+        Reply::Shares { shares } => print!("{}", shares_table(&shares)),
+        Reply::Available { available } => print!("{}", available_text(&available)),
+        Reply::Projects { report, .. } => print!("{}", projects_text(&report)),
         Reply::Revoked { agent } => println!(
             "Revoked {}/{} ({}): its key is refused from now on{}.",
             agent.owner,
@@ -360,8 +545,21 @@ async fn follow_task(data_dir: &std::path::Path, req: &Request) -> Result<()> {
     admin::call_stream(data_dir, req, |reply| {
         let mut out = std::io::stdout().lock();
         match reply {
-            Reply::Task { task, state } => {
-                let _ = writeln!(out, "task {task} ({state:?})");
+            Reply::Task {
+                task,
+                state,
+                follows,
+            } => {
+                let follows = follows
+                    .map(|f| format!(", continuing {f}"))
+                    .unwrap_or_default();
+                let _ = writeln!(out, "task {task} ({state:?}{follows})");
+            }
+            // A follow-up that went to a running task: nothing to follow here.
+            Reply::Done { message } if outcome.is_none() => {
+                let _ = writeln!(out, "{message}");
+                outcome = Some((TaskState::Done, None));
+                return false;
             }
             Reply::Event { event, .. } => {
                 let _ = write!(out, "{}", render_event(&event));
@@ -419,6 +617,133 @@ pub fn render_event(event: &TaskEvent) -> String {
     }
 }
 
+/// Columns padded to their widest cell.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[&str]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+            + "\n"
+    };
+    let mut out = line(&header);
+    for r in rows {
+        out += &line(&r.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    out
+}
+
+fn seen(online: bool, since: Option<u64>) -> String {
+    let t = now();
+    if online {
+        since.map_or("online".into(), |s| {
+            format!("online for {}", human_duration(t.saturating_sub(s)))
+        })
+    } else {
+        since.map_or("never connected".into(), |s| {
+            format!("last seen {} ago", human_duration(t.saturating_sub(s)))
+        })
+    }
+}
+
+/// The `admin share list` table.
+pub fn shares_table(shares: &[crate::store::ShareRecord]) -> String {
+    if shares.is_empty() {
+        return "You share your agents with nobody. Share them with `ct-relay admin share add <user> --as <you>`.\n"
+            .into();
+    }
+    let rows: Vec<[String; 3]> = shares
+        .iter()
+        .map(|s| {
+            [
+                s.grantee.clone(),
+                format!("{:?}", s.level).to_lowercase(),
+                s.projects.as_ref().map_or("all".into(), |p| p.join(", ")),
+            ]
+        })
+        .collect();
+    table(["GRANTEE", "LEVEL", "PROJECTS"], &rows)
+}
+
+/// The `admin share available` text: each owner, then their agents.
+pub fn available_text(available: &[crate::shares::Available]) -> String {
+    if available.is_empty() {
+        return "Nobody shares their agents with you yet: ask an owner to run /share add with your name.\n".into();
+    }
+    let mut out = String::new();
+    for a in available {
+        out += &format!(
+            "user {} ({}; projects: {})\n",
+            a.owner,
+            format!("{:?}", a.level).to_lowercase(),
+            a.projects.as_ref().map_or("all".into(), |p| p.join(", "))
+        );
+        if a.agents.is_empty() {
+            out += "  no agents paired yet\n";
+        }
+        for agent in &a.agents {
+            let projects = if agent.projects.is_empty() {
+                "not reported yet".to_string()
+            } else {
+                agent.projects.join(", ")
+            };
+            let refuses = if agent.accepts_shared == Some(false) {
+                " (refuses shared tasks)"
+            } else {
+                ""
+            };
+            out += &format!(
+                "  {}  {}  projects: {projects}{refuses}\n",
+                agent.name,
+                seen(agent.online, agent.since)
+            );
+        }
+    }
+    out
+}
+
+/// The `admin project` output: the agent's projects, then its allowed folders.
+pub fn projects_text(report: &ct_protocol::project::ProjectsReport) -> String {
+    let mut out = if report.projects.is_empty() {
+        "No projects yet: add one with `ct-relay admin project add <name> <path> --as <you>`.\n"
+            .to_string()
+    } else {
+        let rows: Vec<[String; 2]> = report
+            .projects
+            .iter()
+            .map(|p| [p.name.clone(), p.path.clone()])
+            .collect();
+        table(["PROJECT", "PATH"], &rows)
+    };
+    out += &format!(
+        "allowed folders: {}\nshared users' tasks: {}\n",
+        if report.allowed_dirs.is_empty() {
+            "none".to_string()
+        } else {
+            report.allowed_dirs.join(", ")
+        },
+        if report.accepts_shared {
+            "accepted"
+        } else {
+            "refused"
+        }
+    );
+    out
+}
+
 /// The `admin agents` table.
 pub fn agents_table(agents: &[AgentView]) -> String {
     if agents.is_empty() {
@@ -452,30 +777,8 @@ pub fn agents_table(agents: &[AgentView]) -> String {
             ]
         })
         .collect();
-    let header = ["OWNER", "NAME", "FINGERPRINT", "STATUS", "TRANSPORT"];
-    let widths: Vec<usize> = (0..5)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].len())
-                .chain([header[i].len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[&str]| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-            + "\n"
-    };
-    let mut out = line(&header);
-    for r in &rows {
-        out += &line(&r.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-    out
+    table(
+        ["OWNER", "NAME", "FINGERPRINT", "STATUS", "TRANSPORT"],
+        &rows,
+    )
 }

@@ -15,10 +15,9 @@ use support::{handshake, pair, Session, TestRelay};
 fn submit(user: &str, prompt: &str) -> Submit {
     Submit {
         user: user.into(),
-        agent: None,
         project: "web".into(),
         prompt: prompt.into(),
-        options: TaskOptions::default(),
+        ..Default::default()
     }
 }
 
@@ -409,6 +408,8 @@ async fn an_operator_submits_through_the_admin_socket_and_follows_to_the_end() {
             project: "web".into(),
             prompt: "say hi".into(),
             options: TaskOptions::default(),
+            target: None,
+            name: None,
         };
         call_stream(&data_dir, &req, |r| {
             let end = matches!(r, Reply::End { .. } | Reply::Error { .. });
