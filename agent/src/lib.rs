@@ -11,6 +11,8 @@
 //! - [`proxy`]: HTTP CONNECT proxies for WebSocket (`https_proxy`, `no_proxy`).
 //! - [`outbox`]: task events kept until the relay acknowledges them, re-sent after a reconnect.
 //! - [`session`]: one session on a link: heartbeats, the dead-link timer, the dispatch of relay messages.
+//! - [`tasks`]: the task manager: policy checks, one Claude Code process per session, events through the
+//!   outbox, warm processes for follow-ups, project requests from the relay.
 //! - [`backoff`]: the reconnect delays (quick first retry, full jitter, 30 s cap, reset after a healthy minute).
 //! - [`run`]: `ct-agent run`: the reconnect loop, the move back to QUIC, status reporting, shutdown.
 //! - [`status`]: `status.json` and the `ct-agent status` report.
@@ -38,6 +40,7 @@ pub mod service;
 pub mod session;
 pub mod status;
 pub mod sys;
+pub mod tasks;
 pub mod tls;
 
 pub use config::{resolve_config_dir, AgentKey, ConfigDir, ConfigError, Pairing};

@@ -37,8 +37,34 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Keep this agent connected to the relay (until stopped)
-    Run,
+    /// Keep this agent connected to the relay and run the tasks it sends (until stopped)
+    Run {
+        /// Seconds a tool approval waits for an answer from Discord before it is denied
+        #[arg(
+            long,
+            env = "CT_AGENT_APPROVAL_TIMEOUT",
+            default_value_t = 600,
+            value_name = "SECS"
+        )]
+        approval_timeout: u64,
+        /// Seconds a finished task's Claude Code stays up for a follow-up before it exits (later follow-ups
+        /// resume the session from disk)
+        #[arg(
+            long,
+            env = "CT_AGENT_IDLE_TIMEOUT",
+            default_value_t = 600,
+            value_name = "SECS"
+        )]
+        idle_timeout: u64,
+        /// The `claude` to run [default: found on PATH or in the usual install places]
+        #[arg(long, env = "CT_AGENT_CLAUDE_BIN", value_name = "PATH")]
+        claude_bin: Option<PathBuf>,
+    },
+    /// Whether people you share this agent with (/share in Discord) may run tasks here; off by default
+    Sharing {
+        #[command(subcommand)]
+        command: Option<SharingCommand>,
+    },
     /// Show the pairing and whether the agent is connected
     Status {
         /// Machine-readable output
@@ -80,6 +106,21 @@ enum ProjectCommand {
     },
     /// Forget a project name
     Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum SharingCommand {
+    /// Show the setting (the default when no subcommand is given)
+    Show,
+    /// Only your own tasks run here
+    Off,
+    /// Anyone you shared the agent with in Discord
+    All,
+    /// Only these Discord user ids (and only while you share with them in Discord)
+    Only {
+        #[arg(required = true, value_name = "DISCORD_USER_ID")]
+        users: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,7 +214,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let config_dir = ct_agent::resolve_config_dir(cli.config_dir)?;
     match cli.command {
         Command::Pair { token, name, force } => pair(&config_dir, &token, name, force).await,
-        Command::Run => run(config_dir).await,
+        Command::Run {
+            approval_timeout,
+            idle_timeout,
+            claude_bin,
+        } => {
+            let mut opts = ct_agent::RunOptions::new(config_dir);
+            opts.tasks.approval_timeout = std::time::Duration::from_secs(approval_timeout);
+            opts.tasks.idle_timeout = std::time::Duration::from_secs(idle_timeout);
+            opts.tasks.claude_bin = claude_bin;
+            run(opts).await
+        }
+        Command::Sharing { command } => {
+            sharing(&config_dir, command.unwrap_or(SharingCommand::Show))
+        }
         Command::Status { json } => status(&config_dir, json),
         Command::Doctor { json } => doctor(config_dir, json).await,
         Command::Project { command } => project(&config_dir, command),
@@ -218,6 +272,35 @@ fn project(config_dir: &std::path::Path, command: ProjectCommand) -> anyhow::Res
                 }
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Result<ExitCode> {
+    use ct_agent::projects::{Policy, SharePolicy};
+    let dir = ct_agent::ConfigDir::open(config_dir)?;
+    let mut policy = Policy::load(&dir)?;
+    let new = match command {
+        SharingCommand::Show => None,
+        SharingCommand::Off => Some(SharePolicy::Off),
+        SharingCommand::All => Some(SharePolicy::All),
+        SharingCommand::Only { users } => Some(SharePolicy::Listed { users }),
+    };
+    if let Some(new) = new {
+        policy.set_sharing(new)?;
+    }
+    match policy.sharing() {
+        SharePolicy::Off => println!(
+            "Sharing is off: only your own tasks run on this agent, whatever /share says in Discord."
+        ),
+        SharePolicy::All => println!(
+            "Sharing is on: anyone you share this agent with in Discord (/share add) may run tasks here. \
+             Their approvals come to you unless you share at the trusted level."
+        ),
+        SharePolicy::Listed { users } => println!(
+            "Sharing is limited to {}: and only while you also share with them in Discord (/share add).",
+            users.join(", ")
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -359,11 +442,11 @@ async fn pair(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(config_dir: PathBuf) -> anyhow::Result<ExitCode> {
+async fn run(opts: ct_agent::RunOptions) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
     let (status, _) = tokio::sync::watch::channel(ct_agent::LinkStatus::Connecting);
-    let result = ct_agent::run(ct_agent::RunOptions::new(config_dir), shutdown, status).await;
+    let result = ct_agent::run(opts, shutdown, status).await;
     signals.abort();
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

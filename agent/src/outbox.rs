@@ -17,6 +17,8 @@ pub const DEFAULT_LIMIT: usize = 64 * 1024 * 1024;
 #[derive(Debug, Default)]
 struct TaskLog {
     next_seq: u64,
+    /// Highest seq handed to the current link; everything after it is still to send.
+    sent: u64,
     unacked: VecDeque<(u64, TaskEvent, usize)>,
     finished: bool,
 }
@@ -44,7 +46,7 @@ impl Outbox {
         }
     }
 
-    /// Numbers a new event and keeps it until acknowledged; returns the message to send now.
+    /// Numbers a new event and keeps it until acknowledged; it goes out with the next [`Outbox::take_unsent`].
     pub fn push(&mut self, task: &str, event: TaskEvent) -> AgentMessage {
         let size = serde_json::to_vec(&event).map_or(0, |v| v.len());
         let log = self.tasks.entry(task.to_string()).or_default();
@@ -73,6 +75,37 @@ impl Outbox {
         if log.finished && log.unacked.is_empty() {
             self.tasks.remove(task);
         }
+    }
+
+    /// Events not yet handed to the current link, each task's in sequence order, now marked as handed over.
+    pub fn take_unsent(&mut self) -> Vec<AgentMessage> {
+        let mut out = Vec::new();
+        for (task, log) in &mut self.tasks {
+            for (seq, event, _) in log.unacked.iter().filter(|(seq, _, _)| *seq > log.sent) {
+                out.push(AgentMessage::Event {
+                    task: task.clone(),
+                    seq: *seq,
+                    event: event.clone(),
+                });
+            }
+            log.sent = log.next_seq;
+        }
+        out
+    }
+
+    /// A new link: everything unacknowledged is to be sent again (the relay drops what it already stored).
+    pub fn rewind(&mut self) {
+        for log in self.tasks.values_mut() {
+            log.sent = log
+                .unacked
+                .front()
+                .map_or(log.next_seq, |(seq, _, _)| seq - 1);
+        }
+    }
+
+    /// Whether `task` has events here (running, or finished and not yet fully acknowledged).
+    pub fn knows(&self, task: &str) -> bool {
+        self.tasks.contains_key(task)
     }
 
     /// Everything unacknowledged, task by task in sequence order: what to send again after a reconnect.
@@ -166,6 +199,31 @@ mod tests {
         o.ack("a", 2);
         assert!(o.pending().is_empty() && o.bytes() == 0);
         o.ack("a", 9); // a late duplicate ack is harmless
+    }
+
+    #[test]
+    fn hands_each_event_to_a_link_once_and_everything_unacknowledged_again_after_rewind() {
+        let mut o = Outbox::default();
+        o.push("a", text("1"));
+        o.push("a", text("2"));
+        assert_eq!(
+            seqs(&o.take_unsent()),
+            vec![("a".into(), 1), ("a".into(), 2)]
+        );
+        assert!(o.take_unsent().is_empty(), "nothing is handed over twice");
+        o.push("a", text("3"));
+        assert_eq!(seqs(&o.take_unsent()), vec![("a".into(), 3)]);
+        o.ack("a", 1);
+        o.rewind();
+        assert_eq!(
+            seqs(&o.take_unsent()),
+            vec![("a".into(), 2), ("a".into(), 3)]
+        );
+        o.ack("a", 3);
+        o.rewind();
+        assert!(o.take_unsent().is_empty());
+        o.push("a", text("4"));
+        assert_eq!(seqs(&o.take_unsent()), vec![("a".into(), 4)]);
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::connect::{
 };
 use crate::session::{run_session, SessionEnd};
 use crate::status::StatusFile;
+use crate::tasks::{TaskConfig, Tasks};
 
 /// Exit status for errors a restart cannot fix (`EX_CONFIG` from sysexits.h): service managers are told
 /// not to restart on it.
@@ -44,6 +45,8 @@ pub struct RunOptions {
     /// Mean interval between QUIC attempts while on WebSocket; each wait is uniform in ±50% of it.
     pub quic_retry: Duration,
     pub connect: ConnectOptions,
+    /// How tasks run (Claude Code location, timeouts, limits).
+    pub tasks: TaskConfig,
 }
 
 impl RunOptions {
@@ -53,6 +56,7 @@ impl RunOptions {
             config_dir: config_dir.into(),
             quic_retry: QUIC_RETRY,
             connect: ConnectOptions::default(),
+            tasks: TaskConfig::default(),
         }
     }
 }
@@ -176,9 +180,14 @@ pub async fn run(
     };
     // Closing an old link (after a transport switch) runs in the background; the tracker owns those tasks
     // and `run` waits for them before returning.
-    let tasks = TaskTracker::new();
-    let result = run_loop(&opts, &dir, &shutdown, &reporter, &tasks).await;
-    tasks.close();
+    let closers = TaskTracker::new();
+    // Tasks outlive links, not the agent: when `run` ends, every Claude Code process tree is ended too.
+    let tasks_stop = shutdown.child_token();
+    let tasks = Tasks::new(dir.clone(), opts.tasks.clone(), tasks_stop.clone());
+    let result = run_loop(&opts, &dir, &shutdown, &reporter, &closers, &tasks).await;
+    tasks_stop.cancel();
+    closers.close();
+    closers.wait().await;
     tasks.wait().await;
     if let Err(e) = &result {
         tracing::error!(error = %e, "agent stopped");
@@ -194,7 +203,8 @@ async fn run_loop(
     dir: &ConfigDir,
     shutdown: &CancellationToken,
     reporter: &Reporter,
-    tasks: &TaskTracker,
+    closers: &TaskTracker,
+    tasks: &Tasks,
 ) -> Result<(), RunError> {
     let (key, pairing) = dir.load_identity()?.ok_or_else(|| RunError::NotPaired {
         dir: dir.path().to_path_buf(),
@@ -221,7 +231,8 @@ async fn run_loop(
             Err(e) if e.is_permanent() => return Err(permanent(e)),
             Err(e) => e.to_string(),
             Ok(link) => {
-                let (end, lasted) = serve(link, opts, &creds, shutdown, reporter, tasks).await;
+                let (end, lasted) =
+                    serve(link, opts, &creds, shutdown, reporter, closers, tasks).await;
                 backoff.session_ended(lasted);
                 match end {
                     SessionEnd::Shutdown => return Ok(()),
@@ -272,7 +283,8 @@ async fn serve(
     creds: &Credentials,
     shutdown: &CancellationToken,
     reporter: &Reporter,
-    tasks: &TaskTracker,
+    closers: &TaskTracker,
+    tasks: &Tasks,
 ) -> (SessionEnd, Duration) {
     let connected_at = Instant::now();
     loop {
@@ -296,7 +308,7 @@ async fn serve(
         let probe = retry_quic(&addr, creds, opts.quic_retry, &probing);
         tokio::pin!(probe);
         let mut step = tokio::select! {
-            end = run_session(&mut link, shutdown).instrument(span.clone()) => Step::Ended(end),
+            end = run_session(&mut link, shutdown, tasks).instrument(span.clone()) => Step::Ended(end),
             quic = &mut probe, if probe_quic => Step::Switch(Box::new(quic)),
         };
         if matches!(step, Step::Ended(SessionEnd::Replaced(_))) && probing.load(Ordering::Relaxed) {
@@ -316,7 +328,7 @@ async fn serve(
                 // The relay replaces the WebSocket session with the QUIC one by itself (that is the
                 // `Replaced` we no longer read); the Goodbye is a courtesy, so it does not hold up the new
                 // session.
-                tasks.spawn(old.close("switching to QUIC"));
+                closers.spawn(old.close("switching to QUIC"));
             }
             Step::Ended(end) => {
                 let end = match end {

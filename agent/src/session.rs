@@ -7,12 +7,12 @@
 use std::time::Duration;
 
 use ct_protocol::message::CloseReason;
-use ct_protocol::task::{FinalState, TaskEvent};
 use ct_protocol::{AgentMessage, FrameError, RelayMessage};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::connect::Link;
+use crate::tasks::Tasks;
 
 /// The relay may ask for heartbeats more often than the transport default, but not absurdly often.
 const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
@@ -39,9 +39,27 @@ enum Flow {
 }
 
 /// Runs the session until it ends. Cancel-safe: dropping this future (to switch transports) loses nothing
-/// that the next session needs.
-pub async fn run_session(link: &mut Link, shutdown: &CancellationToken) -> SessionEnd {
+/// that the next session needs: task events stay in the outbox until acknowledged, and the next session
+/// sends them again.
+pub async fn run_session(
+    link: &mut Link,
+    shutdown: &CancellationToken,
+    tasks: &Tasks,
+) -> SessionEnd {
     let timing = link.transport.timing();
+    // Bounded like every write: a relay that stops reading is a dead link.
+    macro_rules! send {
+        ($msg:expr) => {
+            match tokio::time::timeout(timing.dead_after, link.writer.send($msg)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return SessionEnd::Lost(format!("sending to the relay failed: {e}")),
+                Err(_) => return SessionEnd::Lost("the relay stopped reading".into()),
+            }
+        };
+    }
+    for msg in tasks.hello() {
+        send!(&msg);
+    }
     let requested = Duration::from_millis(link.welcome.heartbeat_ms).max(MIN_HEARTBEAT);
     let heartbeat_every = timing.heartbeat.min(requested);
     let mut heartbeat = tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
@@ -59,18 +77,16 @@ pub async fn run_session(link: &mut Link, shutdown: &CancellationToken) -> Sessi
                     timing.dead_after
                 ));
             }
-            _ = heartbeat.tick() => {
-                // Bounded: a peer that stops reading must not stall us past the dead-link timer.
-                match tokio::time::timeout(timing.dead_after, link.writer.send(&AgentMessage::Heartbeat)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return SessionEnd::Lost(format!("sending a heartbeat failed: {e}")),
-                    Err(_) => return SessionEnd::Lost("the relay stopped reading".into()),
+            _ = heartbeat.tick() => send!(&AgentMessage::Heartbeat),
+            out = tasks.outgoing() => {
+                for msg in &out {
+                    send!(msg);
                 }
             }
             received = link.reader.recv::<RelayMessage>() => {
                 last_heard = Instant::now();
                 match received {
-                    Ok(Some(msg)) => match dispatch(link, msg).await {
+                    Ok(Some(msg)) => match dispatch(msg, tasks) {
                         Flow::Continue => {}
                         Flow::End(end) => return end,
                     },
@@ -88,34 +104,16 @@ pub async fn run_session(link: &mut Link, shutdown: &CancellationToken) -> Sessi
     }
 }
 
-/// The one place relay messages are handled. New message kinds (tasks) get their arm here.
-async fn dispatch(link: &mut Link, msg: RelayMessage) -> Flow {
+/// The one place relay messages are handled: link control here, task and project messages to [`Tasks`].
+fn dispatch(msg: RelayMessage, tasks: &Tasks) -> Flow {
     match msg {
-        // Task messages arrive from relays that run tasks; until the Claude Code runner is wired in, a task is
-        // refused in words rather than left hanging.
-        RelayMessage::StartTask(spec) => {
-            let refusal = AgentMessage::Event {
-                task: spec.task,
-                seq: 1,
-                event: TaskEvent::Finished {
-                    state: FinalState::Failed,
-                    message: Some(format!(
-                        "this agent ({}) cannot run tasks yet: upgrade ct-agent on that machine",
-                        ct_protocol::version::SOFTWARE_VERSION
-                    )),
-                },
-            };
-            match link.writer.send(&refusal).await {
-                Ok(()) => Flow::Continue,
-                Err(e) => Flow::End(SessionEnd::Lost(e.to_string())),
-            }
-        }
-        RelayMessage::TaskInput { .. }
+        RelayMessage::StartTask(_)
+        | RelayMessage::TaskInput { .. }
         | RelayMessage::CancelTask { .. }
         | RelayMessage::Decide { .. }
         | RelayMessage::Ack { .. }
         | RelayMessage::Project { .. } => {
-            tracing::debug!(?msg, "task message for a task this agent does not run");
+            tasks.handle(msg);
             Flow::Continue
         }
         RelayMessage::Heartbeat => Flow::Continue,

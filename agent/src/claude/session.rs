@@ -194,6 +194,12 @@ impl Session {
         self.wait().await
     }
 
+    /// Starts [`Session::cancel`] without waiting for it: the caller keeps reading events (it must, or the
+    /// actor stalls on a full event channel) and sees [`RunnerEvent::Exited`] when the process is gone.
+    pub fn start_cancel(&self) {
+        let _ = self.command(Command::Cancel);
+    }
+
     /// Waits until the process has exited and everything it started is gone.
     pub async fn wait(&self) -> ExitInfo {
         let mut exit = self.exit.clone();

@@ -1,0 +1,999 @@
+//! The agent's tasks: what happens between a relay's `StartTask` and the last acknowledged event.
+//!
+//! [`Tasks`] lives as long as `ct-agent run`, across links: a task keeps running while the link is down, its
+//! events wait in the [`Outbox`], and the next session sends them (and whatever the relay did not
+//! acknowledge) once it is up. Per task it:
+//!
+//! 1. checks the requester (the owner, or a grantee this agent's own share policy accepts) and resolves the
+//!    project through [`Policy`] — the agent's folders, not the relay's word;
+//! 2. runs Claude Code through a [`claude::Session`] owned by one driver task, which turns [`RunnerEvent`]s
+//!    into [`TaskEvent`]s (text cut to [`MAX_EVENT_TEXT`], tool inputs bounded) and relayed decisions, input
+//!    and cancels into session calls;
+//! 3. ends the task when its last turn has a result, and keeps the Claude Code process warm for
+//!    [`TaskConfig::idle_timeout`]: a follow-up task that resumes that session, from the same person, is sent
+//!    to the same process; after the process ended, the follow-up runs `claude --resume` instead.
+//!
+//! Project requests from the relay (`/project add` in Discord) are answered here too, from the same policy.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
+use ct_protocol::task::{
+    Decision as WireDecision, FinalState, Role, TaskEvent, TaskSpec, MAX_EVENT_TEXT,
+};
+use ct_protocol::{AgentMessage, RelayMessage};
+use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::claude::{self, Decision, PermissionMode, RunnerEvent, Session, SessionSpec};
+use crate::config::ConfigDir;
+use crate::outbox::{self, Outbox};
+use crate::projects::{Host, Origin, Policy, PolicyError, SharePolicy};
+
+/// Project replies and reports waiting for a link; older ones are dropped (a report is re-sent on every
+/// handshake, and a reply nobody waits for any more is useless).
+const MAX_CONTROL: usize = 64;
+/// Longest string kept inside a tool input shown for approval (a whole file being written, say).
+const MAX_INPUT_STRING: usize = 4000;
+
+/// How tasks run on this machine.
+#[derive(Debug, Clone)]
+pub struct TaskConfig {
+    /// `claude` to run; `None` looks on `PATH` and in the usual install places.
+    pub claude_bin: Option<PathBuf>,
+    /// Start Claude Code with only `PATH`, `LANG` and [`TaskConfig::env`] (tests); normally it inherits the
+    /// agent's environment, which is where its login lives.
+    pub env_clear: bool,
+    pub env: Vec<(OsString, OsString)>,
+    /// `ALLOWED_PROJECT_DIRS` as given; `None` reads the variable (tests pass it to avoid process-wide env).
+    pub allowed_dirs: Option<String>,
+    /// A pending approval is denied after this long.
+    pub approval_timeout: Duration,
+    /// How long a finished task's Claude Code process waits for a follow-up before it exits.
+    pub idle_timeout: Duration,
+    /// Each step of a cancel (interrupt, SIGINT, closed stdin) waits this long before the next, harsher one.
+    pub cancel_step: Duration,
+    /// Claude Code processes at once (running and warm); a warm one is closed to make room.
+    pub max_sessions: usize,
+    /// Unacknowledged event bytes before tasks stop reading Claude Code's output.
+    pub outbox_limit: usize,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            claude_bin: None,
+            env_clear: false,
+            env: Vec::new(),
+            allowed_dirs: None,
+            approval_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(600),
+            cancel_step: Duration::from_secs(5),
+            max_sessions: 8,
+            outbox_limit: outbox::DEFAULT_LIMIT,
+        }
+    }
+}
+
+/// The agent's task manager. Cheap to clone; every clone is the same manager.
+#[derive(Clone)]
+pub struct Tasks {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: TaskConfig,
+    dir: ConfigDir,
+    outbox: Mutex<Outbox>,
+    /// Non-event messages for the next link (project replies and reports).
+    control: Mutex<VecDeque<AgentMessage>>,
+    /// Something is waiting to be sent (one waiter: the current session).
+    to_send: Notify,
+    /// The relay acknowledged events (waiters: drivers held back by a full outbox).
+    acked: Notify,
+    drivers: Mutex<Drivers>,
+    next_key: AtomicU64,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct Drivers {
+    /// Tasks being run, by task id.
+    running: HashMap<String, mpsc::UnboundedSender<Cmd>>,
+    /// Finished tasks' processes waiting for a follow-up, by Claude Code session id.
+    warm: HashMap<String, Warm>,
+}
+
+struct Warm {
+    key: u64,
+    tx: mpsc::UnboundedSender<Cmd>,
+    owner: Owner,
+}
+
+/// Who a Claude Code process belongs to: a follow-up from anyone else, or with other settings, gets its own
+/// process (a grantee must never inherit the owner's "allow for this session").
+#[derive(Debug, Clone, PartialEq)]
+struct Owner {
+    cwd: PathBuf,
+    user: String,
+    role: Role,
+    options: ct_protocol::task::TaskOptions,
+}
+
+#[derive(Debug)]
+enum Cmd {
+    /// Run task `task` on this (warm) process, starting with `prompt`.
+    Attach {
+        task: String,
+        prompt: String,
+    },
+    Input(String),
+    Decide {
+        approval: String,
+        decision: WireDecision,
+    },
+    Cancel,
+}
+
+impl Tasks {
+    /// A manager for the agent whose config directory is `dir`. `shutdown` ends every task (killing its
+    /// process tree); [`Tasks::wait`] returns once they are gone.
+    pub fn new(dir: ConfigDir, config: TaskConfig, shutdown: CancellationToken) -> Self {
+        let outbox = Outbox::new(config.outbox_limit);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                dir,
+                outbox: Mutex::new(outbox),
+                control: Mutex::new(VecDeque::new()),
+                to_send: Notify::new(),
+                acked: Notify::new(),
+                drivers: Mutex::new(Drivers::default()),
+                next_key: AtomicU64::new(1),
+                tracker: TaskTracker::new(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// Waits until every task's process is gone (after the shutdown token fired).
+    pub async fn wait(&self) {
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+
+    /// What a new link sends first: every event the relay has not acknowledged (the relay drops those it
+    /// already stored), then the tasks still running — after the events, so a task that finished while the
+    /// link was down is recorded as finished before the relay marks unreported tasks lost — then the projects.
+    pub fn hello(&self) -> Vec<AgentMessage> {
+        let mut out = {
+            let mut outbox = self.inner.outbox();
+            outbox.rewind();
+            let mut out = outbox.take_unsent();
+            out.push(AgentMessage::Running {
+                tasks: outbox.running(),
+            });
+            out
+        };
+        // Replies meant for the previous link are useless; the report below supersedes queued reports.
+        self.inner.control().clear();
+        out.push(AgentMessage::Projects(self.inner.report()));
+        out
+    }
+
+    /// The next messages to send on the current link, waiting until there are some. Cancel-safe: nothing is
+    /// taken until the future completes.
+    pub async fn outgoing(&self) -> Vec<AgentMessage> {
+        loop {
+            let mut out: Vec<AgentMessage> = self.inner.control().drain(..).collect();
+            out.extend(self.inner.outbox().take_unsent());
+            if !out.is_empty() {
+                return out;
+            }
+            self.inner.to_send.notified().await;
+        }
+    }
+
+    /// Handles a task or project message from the relay. Never blocks: work runs in owned tasks.
+    pub fn handle(&self, msg: RelayMessage) {
+        match msg {
+            RelayMessage::StartTask(spec) => self.start(spec),
+            RelayMessage::TaskInput { task, prompt } => self.command(&task, Cmd::Input(prompt)),
+            RelayMessage::CancelTask { task } => self.command(&task, Cmd::Cancel),
+            RelayMessage::Decide {
+                task,
+                approval,
+                decision,
+            } => self.command(&task, Cmd::Decide { approval, decision }),
+            RelayMessage::Ack { task, seq } => {
+                self.inner.outbox().ack(&task, seq);
+                self.inner.acked.notify_waiters();
+            }
+            RelayMessage::Project { id, op } => self.project(id, op),
+            RelayMessage::Heartbeat | RelayMessage::Closing { .. } => {}
+        }
+    }
+
+    /// Task ids this agent is running now (tests and status).
+    pub fn running(&self) -> Vec<String> {
+        self.inner.outbox().running()
+    }
+
+    fn command(&self, task: &str, cmd: Cmd) {
+        let tx = self.inner.drivers().running.get(task).cloned();
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(cmd);
+            }
+            None => tracing::debug!(task, ?cmd, "message for a task this agent does not run"),
+        }
+    }
+
+    fn start(&self, spec: TaskSpec) {
+        let id = spec.task.clone();
+        if self.inner.drivers().running.contains_key(&id) || self.inner.outbox().knows(&id) {
+            // Sent twice (a relay retry): the first one is running or has ended.
+            tracing::debug!(task = %id, "duplicate StartTask ignored");
+            return;
+        }
+        let owner = match self.admit(&spec) {
+            Ok(owner) => owner,
+            Err(message) => {
+                tracing::info!(task = %id, user = %spec.requester.user, %message, "task refused");
+                self.inner.emit_now(
+                    &id,
+                    TaskEvent::Finished {
+                        state: FinalState::Failed,
+                        message: Some(message),
+                    },
+                );
+                return;
+            }
+        };
+        tracing::info!(task = %id, user = %spec.requester.user, role = ?spec.requester.role, cwd = %owner.cwd.display(), "task accepted");
+        // Emitted before anything slow, so a reconnect in the next second reports this task as running.
+        self.inner.emit_now(
+            &id,
+            TaskEvent::Started {
+                cwd: owner.cwd.display().to_string(),
+            },
+        );
+
+        let mut drivers = self.inner.drivers();
+        let warm = spec
+            .resume
+            .as_ref()
+            .and_then(|sid| {
+                drivers
+                    .warm
+                    .get(sid)
+                    .filter(|w| w.owner == owner)
+                    .map(|_| sid.clone())
+            })
+            .and_then(|sid| drivers.warm.remove(&sid));
+        if let Some(warm) = warm {
+            // The driver is parked idle; the Attach wakes it before its idle timer can close it (it checks the
+            // warm map, which no longer has it, under this lock).
+            let _ = warm.tx.send(Cmd::Attach {
+                task: id.clone(),
+                prompt: spec.prompt,
+            });
+            drivers.running.insert(id, warm.tx);
+            return;
+        }
+        self.make_room(&mut drivers);
+        let (tx, rx) = mpsc::unbounded_channel();
+        drivers.running.insert(id.clone(), tx);
+        drop(drivers);
+        let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+        let inner = self.inner.clone();
+        let span = tracing::info_span!("task", task = %id);
+        self.inner
+            .tracker
+            .spawn(Driver::start(inner, key, spec, owner, rx).instrument(span));
+    }
+
+    /// Closes the oldest warm process when the machine already runs as many as it may.
+    fn make_room(&self, drivers: &mut Drivers) {
+        while drivers.running.len() + drivers.warm.len() >= self.inner.config.max_sessions {
+            let Some(oldest) = drivers
+                .warm
+                .iter()
+                .min_by_key(|(_, w)| w.key)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(w) = drivers.warm.remove(&oldest) {
+                let _ = w.tx.send(Cmd::Cancel);
+            }
+        }
+    }
+
+    /// Whether this requester may run this task here, and where. The error is the message the user sees.
+    fn admit(&self, spec: &TaskSpec) -> Result<Owner, String> {
+        let policy = self.inner.policy().map_err(|e| e.to_string())?;
+        if spec.requester.role != Role::Owner {
+            let who = spec
+                .requester
+                .name
+                .clone()
+                .unwrap_or_else(|| spec.requester.user.clone());
+            match policy.sharing() {
+                SharePolicy::Off => {
+                    return Err(format!(
+                        "this agent does not run tasks for people its owner shared it with (asked by {who}): \
+                         its owner can allow it on that machine with `ct-agent sharing all` or \
+                         `ct-agent sharing only <discord user id>`"
+                    ))
+                }
+                sharing if !sharing.accepts(&spec.requester.user) => {
+                    return Err(format!(
+                        "this agent's owner has not allowed {who} to run tasks on it: the owner can add them on \
+                         that machine with `ct-agent sharing only <ids...>`"
+                    ))
+                }
+                _ => {}
+            }
+        }
+        let total = self.inner.drivers().running.len();
+        if total >= self.inner.config.max_sessions {
+            return Err(format!(
+                "this agent already runs {total} tasks, its limit: wait for one to finish, or cancel one"
+            ));
+        }
+        if let Some(mode) = &spec.options.permission_mode {
+            mode.parse::<PermissionMode>()?;
+        }
+        let cwd = policy.resolve(&spec.project).map_err(|e| e.to_string())?;
+        Ok(Owner {
+            cwd,
+            user: spec.requester.user.clone(),
+            role: spec.requester.role,
+            options: spec.options.clone(),
+        })
+    }
+
+    fn project(&self, id: u64, op: ProjectOp) {
+        let changed = !matches!(op, ProjectOp::List);
+        let reply = match self.inner.policy() {
+            Err(e) => ProjectReply::Refused {
+                message: e.to_string(),
+            },
+            Ok(mut policy) => {
+                let done = match op {
+                    ProjectOp::Add { name, path } => {
+                        policy.add(&name, &path, Origin::Relay).map(|_| ())
+                    }
+                    ProjectOp::Remove { name } => policy.remove(&name).map(|_| ()),
+                    ProjectOp::List => Ok(()),
+                };
+                match done {
+                    Ok(()) => ProjectReply::Ok(report_of(&policy)),
+                    Err(e) => ProjectReply::Refused {
+                        message: e.to_string(),
+                    },
+                }
+            }
+        };
+        let report = match (&reply, changed) {
+            (ProjectReply::Ok(report), true) => Some(report.clone()),
+            _ => None,
+        };
+        self.inner
+            .send_control(AgentMessage::ProjectReply { id, reply });
+        if let Some(report) = report {
+            self.inner.send_control(AgentMessage::Projects(report));
+        }
+    }
+}
+
+impl Inner {
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn control(&self) -> MutexGuard<'_, VecDeque<AgentMessage>> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drivers(&self) -> MutexGuard<'_, Drivers> {
+        self.drivers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn policy(&self) -> Result<Policy, PolicyError> {
+        // Loaded per use, so `ct-agent project add` and `sharing` on this machine apply without a restart.
+        match &self.config.allowed_dirs {
+            Some(dirs) => Policy::load_with(&self.dir, dirs, Host::detect()),
+            None => Policy::load(&self.dir),
+        }
+    }
+
+    fn report(&self) -> ProjectsReport {
+        match self.policy() {
+            Ok(policy) => report_of(&policy),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the project policy for the relay");
+                ProjectsReport::default()
+            }
+        }
+    }
+
+    fn send_control(&self, msg: AgentMessage) {
+        {
+            let mut control = self.control();
+            if control.len() >= MAX_CONTROL {
+                control.pop_front();
+            }
+            control.push_back(msg);
+        }
+        self.to_send.notify_one();
+    }
+
+    /// Queues an event regardless of the outbox limit (a handful of small events per task).
+    fn emit_now(&self, task: &str, event: TaskEvent) {
+        self.outbox().push(task, event);
+        self.to_send.notify_one();
+    }
+
+    /// Queues an event once the outbox has room, so a task that prints faster than the relay acknowledges
+    /// stops reading Claude Code's output instead of growing memory. Gives up only at shutdown.
+    async fn emit(&self, task: &str, event: TaskEvent) {
+        loop {
+            // Created before the check, so an ack between the check and the wait still wakes us.
+            let acked = self.acked.notified();
+            if !self.outbox().is_full() {
+                break;
+            }
+            tokio::select! {
+                () = acked => {}
+                () = self.shutdown.cancelled() => break,
+            }
+        }
+        self.emit_now(task, event);
+    }
+}
+
+fn report_of(policy: &Policy) -> ProjectsReport {
+    ProjectsReport {
+        projects: policy
+            .list()
+            .into_iter()
+            .map(|p| ProjectInfo {
+                name: p.name,
+                path: p.path.display().to_string(),
+            })
+            .collect(),
+        allowed_dirs: policy
+            .allowed_dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect(),
+        accepts_shared: *policy.sharing() != SharePolicy::Off,
+    }
+}
+
+/// The task a driver's process is working for.
+struct Bound {
+    task: String,
+    /// Prompts sent whose turn has not ended yet; the task ends when this reaches zero.
+    turns_due: usize,
+    approvals: HashSet<String>,
+    cancelled: bool,
+    session_reported: bool,
+}
+
+/// Owns one Claude Code process for its whole life: one task, then (warm) perhaps follow-ups.
+struct Driver {
+    inner: Arc<Inner>,
+    key: u64,
+    owner: Owner,
+    session: Session,
+    events: mpsc::Receiver<RunnerEvent>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    bound: Option<Bound>,
+    session_id: Option<String>,
+    /// Kept so an idle driver can register itself as warm.
+    tx: Option<mpsc::UnboundedSender<Cmd>>,
+}
+
+impl Driver {
+    async fn start(
+        inner: Arc<Inner>,
+        key: u64,
+        spec: TaskSpec,
+        owner: Owner,
+        cmds: mpsc::UnboundedReceiver<Cmd>,
+    ) {
+        let task = spec.task.clone();
+        let session_spec = session_spec(&inner.config, &owner, &spec);
+        let started = Session::start(session_spec).await;
+        let (session, events) = match started {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "Claude Code did not start");
+                inner.drivers().running.remove(&task);
+                inner.emit_now(
+                    &task,
+                    TaskEvent::Finished {
+                        state: FinalState::Failed,
+                        message: Some(e.to_string()),
+                    },
+                );
+                return;
+            }
+        };
+        // A cancel that arrived while the process was starting is still in `cmds` and handled first.
+        let tx = inner.drivers().running.get(&task).cloned();
+        let mut driver = Driver {
+            inner,
+            key,
+            owner,
+            session,
+            events,
+            cmds,
+            bound: Some(Bound {
+                task,
+                turns_due: 1,
+                approvals: HashSet::new(),
+                cancelled: false,
+                session_reported: false,
+            }),
+            session_id: spec.resume.clone(),
+            tx,
+        };
+        if let Err(e) = driver.session.send(spec.prompt) {
+            driver.fail(e.to_string()).await;
+        }
+        driver.run().await;
+    }
+
+    async fn run(mut self) {
+        let shutdown = self.inner.shutdown.clone();
+        let mut shutting_down = false;
+        loop {
+            let idle = self.bound.is_none();
+            tokio::select! {
+                event = self.events.recv() => match event {
+                    Some(RunnerEvent::Exited(info)) => {
+                        self.exited(info).await;
+                        break;
+                    }
+                    Some(event) => self.on_event(event).await,
+                    None => break,
+                },
+                Some(cmd) = self.cmds.recv() => self.on_cmd(cmd).await,
+                () = tokio::time::sleep(self.inner.config.idle_timeout), if idle => {
+                    if self.leave_warm() {
+                        tracing::info!("no follow-up in {:?}: closing Claude Code", self.inner.config.idle_timeout);
+                        let _ = self.session.close();
+                    }
+                }
+                () = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    self.session.start_cancel();
+                }
+            }
+        }
+        self.leave_warm();
+        if let Some(bound) = &self.bound {
+            self.inner.drivers().running.remove(&bound.task);
+        }
+    }
+
+    /// Takes this driver out of the warm map; false when a follow-up already took it (an Attach is coming).
+    fn leave_warm(&self) -> bool {
+        let mut drivers = self.inner.drivers();
+        let mine = self
+            .session_id
+            .as_ref()
+            .is_some_and(|sid| drivers.warm.get(sid).is_some_and(|w| w.key == self.key));
+        if mine {
+            if let Some(sid) = &self.session_id {
+                drivers.warm.remove(sid);
+            }
+        }
+        mine
+    }
+
+    async fn emit(&self, event: TaskEvent) {
+        if let Some(bound) = &self.bound {
+            self.inner.emit(&bound.task, event).await;
+        }
+    }
+
+    async fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Attach { task, prompt } => {
+                self.bound = Some(Bound {
+                    task,
+                    turns_due: 1,
+                    approvals: HashSet::new(),
+                    cancelled: false,
+                    session_reported: false,
+                });
+                self.report_session().await;
+                if let Err(e) = self.session.send(prompt) {
+                    self.fail(e.to_string()).await;
+                }
+            }
+            Cmd::Input(prompt) => {
+                let Some(bound) = &mut self.bound else { return };
+                if bound.cancelled {
+                    return;
+                }
+                bound.turns_due += 1;
+                if let Err(e) = self.session.send(prompt) {
+                    if let Some(b) = &mut self.bound {
+                        b.turns_due -= 1;
+                    }
+                    self.emit(TaskEvent::Text {
+                        text: format!("⚠ that message was not passed on: {e}"),
+                    })
+                    .await;
+                }
+            }
+            Cmd::Decide { approval, decision } => {
+                let Some(bound) = &mut self.bound else { return };
+                if !bound.approvals.remove(&approval) {
+                    tracing::debug!(%approval, "decision for an approval that is no longer pending");
+                    return;
+                }
+                let outcome = match &decision {
+                    WireDecision::AllowOnce { .. } => "allowed",
+                    WireDecision::AllowSession => "allowed_for_session",
+                    WireDecision::Deny { .. } => "denied",
+                    WireDecision::Answers { .. } => "answered",
+                };
+                let decision = match decision {
+                    WireDecision::AllowOnce { updated_input } => {
+                        Decision::AllowOnce { updated_input }
+                    }
+                    WireDecision::AllowSession => Decision::AllowSession,
+                    WireDecision::Deny { reason } => Decision::Deny { reason },
+                    WireDecision::Answers { answers } => Decision::Answers(answers),
+                };
+                let _ = self.session.decide(&approval, decision);
+                self.emit(TaskEvent::ApprovalClosed {
+                    approval,
+                    outcome: outcome.into(),
+                })
+                .await;
+            }
+            Cmd::Cancel => {
+                if let Some(bound) = &mut self.bound {
+                    bound.cancelled = true;
+                }
+                self.session.start_cancel();
+            }
+        }
+    }
+
+    async fn report_session(&mut self) {
+        let Some(sid) = self.session_id.clone() else {
+            return;
+        };
+        let Some(bound) = &mut self.bound else { return };
+        if std::mem::replace(&mut bound.session_reported, true) {
+            return;
+        }
+        self.emit(TaskEvent::Session {
+            session_id: sid,
+            model: None,
+            claude_version: None,
+        })
+        .await;
+    }
+
+    async fn on_event(&mut self, event: RunnerEvent) {
+        match event {
+            RunnerEvent::Init(init) => {
+                self.session_id = Some(init.session_id.clone());
+                let Some(bound) = &mut self.bound else { return };
+                if std::mem::replace(&mut bound.session_reported, true) {
+                    return;
+                }
+                self.emit(TaskEvent::Session {
+                    session_id: init.session_id,
+                    model: Some(init.model).filter(|m| !m.is_empty()),
+                    claude_version: Some(init.version).filter(|v| !v.is_empty()),
+                })
+                .await;
+            }
+            RunnerEvent::AssistantText { text } => {
+                for text in chunks(&text, MAX_EVENT_TEXT) {
+                    self.emit(TaskEvent::Text { text }).await;
+                }
+            }
+            RunnerEvent::ToolUse { name, summary, .. } => {
+                self.emit(TaskEvent::Tool { name, summary }).await;
+            }
+            RunnerEvent::ToolResult { is_error, text, .. } => {
+                self.emit(TaskEvent::ToolResult {
+                    is_error,
+                    summary: text,
+                })
+                .await;
+            }
+            RunnerEvent::ApprovalRequested(req) => {
+                let Some(bound) = &mut self.bound else {
+                    // Only a running turn asks; an idle process has none. Refuse rather than leave it hanging.
+                    let _ = self.session.decide(
+                        &req.id,
+                        Decision::Deny {
+                            reason: "no task is running in this session".into(),
+                        },
+                    );
+                    return;
+                };
+                bound.approvals.insert(req.id.clone());
+                let summary = req
+                    .description
+                    .clone()
+                    .filter(|d| !d.is_empty())
+                    .unwrap_or_else(|| claude::events::summarize_tool_input(&req.input));
+                self.emit(TaskEvent::ApprovalRequested {
+                    approval: req.id,
+                    question: req.tool == "AskUserQuestion",
+                    tool: req.tool,
+                    summary,
+                    input: bound_value(req.input),
+                })
+                .await;
+            }
+            RunnerEvent::ApprovalWithdrawn { id } => self.close_approval(id, "withdrawn").await,
+            RunnerEvent::ApprovalTimedOut { id } => self.close_approval(id, "timed_out").await,
+            RunnerEvent::TurnResult(result) => {
+                let usage = |k: &str| result.usage.get(k).and_then(Value::as_u64);
+                let event = TaskEvent::TurnFinished {
+                    is_error: result.is_error,
+                    subtype: result.subtype.clone(),
+                    text: result.text.as_deref().map(|t| cut_bytes(t, MAX_EVENT_TEXT)),
+                    cost_usd: result.total_cost_usd,
+                    turns: result.num_turns.and_then(|n| u32::try_from(n).ok()),
+                    input_tokens: usage("input_tokens"),
+                    output_tokens: usage("output_tokens"),
+                    duration_ms: result.duration_ms,
+                };
+                if !result.session_id.is_empty() {
+                    self.session_id = Some(result.session_id.clone());
+                }
+                self.emit(event).await;
+                let Some(bound) = &mut self.bound else { return };
+                bound.turns_due = bound.turns_due.saturating_sub(1);
+                if bound.turns_due > 0 || bound.cancelled {
+                    return;
+                }
+                let (state, message) = if result.is_error {
+                    let detail = if result.errors.is_empty() {
+                        result
+                            .text
+                            .clone()
+                            .unwrap_or_else(|| result.subtype.clone())
+                    } else {
+                        result.errors.join("; ")
+                    };
+                    (
+                        FinalState::Failed,
+                        Some(format!("Claude Code stopped: {detail}")),
+                    )
+                } else {
+                    (FinalState::Done, None)
+                };
+                self.emit(TaskEvent::Finished { state, message }).await;
+                self.park();
+            }
+            RunnerEvent::Failed(e) => self.fail(e.to_string()).await,
+            RunnerEvent::Error { message } => {
+                tracing::warn!(%message, "Claude Code output problem");
+            }
+            RunnerEvent::ApprovalAutoAllowed { .. }
+            | RunnerEvent::Queued { .. }
+            | RunnerEvent::Raw(_)
+            | RunnerEvent::Exited(_) => {}
+        }
+    }
+
+    async fn close_approval(&mut self, id: String, outcome: &str) {
+        let Some(bound) = &mut self.bound else { return };
+        if bound.approvals.remove(&id) {
+            self.emit(TaskEvent::ApprovalClosed {
+                approval: id,
+                outcome: outcome.into(),
+            })
+            .await;
+        }
+    }
+
+    /// The task has ended; keep the process for a follow-up from the same person.
+    fn park(&mut self) {
+        let Some(bound) = self.bound.take() else {
+            return;
+        };
+        let mut drivers = self.inner.drivers();
+        drivers.running.remove(&bound.task);
+        match (&self.session_id, &self.tx) {
+            (Some(sid), Some(tx)) if !self.inner.shutdown.is_cancelled() => {
+                drivers.warm.insert(
+                    sid.clone(),
+                    Warm {
+                        key: self.key,
+                        tx: tx.clone(),
+                        owner: self.owner.clone(),
+                    },
+                );
+            }
+            _ => {
+                let _ = self.session.close();
+            }
+        }
+    }
+
+    /// The task cannot go on: say why, and stop the process.
+    async fn fail(&mut self, message: String) {
+        if self.bound.is_none() {
+            return;
+        }
+        self.emit(TaskEvent::Finished {
+            state: FinalState::Failed,
+            message: Some(message),
+        })
+        .await;
+        if let Some(bound) = self.bound.take() {
+            self.inner.drivers().running.remove(&bound.task);
+        }
+        self.session.start_cancel();
+    }
+
+    async fn exited(&mut self, info: claude::ExitInfo) {
+        let Some(bound) = &self.bound else { return };
+        let (state, message) = if bound.cancelled {
+            (FinalState::Cancelled, None)
+        } else if self.inner.shutdown.is_cancelled() {
+            (
+                FinalState::Cancelled,
+                Some("the agent on that machine is shutting down".to_string()),
+            )
+        } else {
+            let how = match (info.code, info.signal) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(sig)) => format!("signal {sig}"),
+                _ => "no exit status".into(),
+            };
+            let tail = info.stderr_tail.trim();
+            let tail = if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", cut_bytes(tail, 2000))
+            };
+            (
+                FinalState::Failed,
+                Some(format!("Claude Code exited unexpectedly ({how}){tail}")),
+            )
+        };
+        self.emit(TaskEvent::Finished { state, message }).await;
+    }
+}
+
+fn session_spec(config: &TaskConfig, owner: &Owner, spec: &TaskSpec) -> SessionSpec {
+    let mut s = SessionSpec::new(&owner.cwd);
+    s.claude_bin = config.claude_bin.clone();
+    s.env_clear = config.env_clear;
+    s.env = config.env.clone();
+    s.approval_timeout = config.approval_timeout;
+    s.cancel_step = config.cancel_step;
+    s.model = spec.options.model.clone();
+    s.permission_mode = spec
+        .options
+        .permission_mode
+        .as_deref()
+        .and_then(|m| m.parse().ok());
+    s.max_turns = spec.options.max_turns;
+    s.max_budget_usd = spec.options.max_budget_usd;
+    s.resume = spec.resume.clone();
+    s
+}
+
+/// `text` in pieces of at most `max` bytes, cut on char boundaries (preferring a line break in the last
+/// quarter, so a reader of one piece sees whole lines).
+fn chunks(text: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while rest.len() > max {
+        let mut at = max;
+        while !rest.is_char_boundary(at) {
+            at -= 1;
+        }
+        if let Some(nl) = rest[..at].rfind('\n').filter(|&nl| nl >= max * 3 / 4) {
+            at = nl + 1;
+        }
+        out.push(rest[..at].to_owned());
+        rest = &rest[at..];
+    }
+    if !rest.is_empty() || out.is_empty() {
+        out.push(rest.to_owned());
+    }
+    out
+}
+
+/// `text` cut to at most `max` bytes on a char boundary, with an ellipsis when cut.
+fn cut_bytes(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut at = max.saturating_sub(3);
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{}…", &text[..at])
+}
+
+/// A tool input small enough for one event: long strings (a whole file being written) are cut, saying how
+/// much was left out. The agent keeps the full input; an approval applies to it, not to this preview.
+fn bound_value(v: Value) -> Value {
+    match v {
+        Value::String(s) if s.len() > MAX_INPUT_STRING => {
+            let more = s.len() - MAX_INPUT_STRING;
+            Value::String(format!(
+                "{} [… {more} more bytes]",
+                cut_bytes(&s, MAX_INPUT_STRING)
+            ))
+        }
+        Value::Array(items) => Value::Array(items.into_iter().take(100).map(bound_value).collect()),
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .take(100)
+                .map(|(k, v)| (k, bound_value(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chunks_stay_under_the_limit_on_char_boundaries_and_lose_nothing() {
+        let text = "héllo wörld\n".repeat(10_000);
+        let parts = chunks(&text, 1000);
+        assert!(parts.iter().all(|p| p.len() <= 1000));
+        assert!(parts.iter().all(|p| p.ends_with('\n')), "cut at line ends");
+        assert_eq!(parts.concat(), text);
+        let one_line = "ü".repeat(3000);
+        let parts = chunks(&one_line, 1001);
+        assert!(parts.iter().all(|p| p.len() <= 1001));
+        assert_eq!(parts.concat(), one_line);
+        assert_eq!(chunks("", 10), vec![String::new()]);
+    }
+
+    #[test]
+    fn tool_inputs_are_bounded_for_display() {
+        let big = json!({"file_path": "/p/a.rs", "content": "x".repeat(100_000), "list": (0..1000).collect::<Vec<_>>()});
+        let shown = bound_value(big);
+        let size = serde_json::to_string(&shown).unwrap().len();
+        assert!(size < MAX_EVENT_TEXT, "{size}");
+        assert_eq!(shown["file_path"], "/p/a.rs");
+        assert!(shown["content"]
+            .as_str()
+            .unwrap()
+            .ends_with("[… 96000 more bytes]"));
+    }
+}

@@ -1,0 +1,538 @@
+//! Tasks end to end: the real relay (library, 127.0.0.1), the real agent (library), the real pinned Claude
+//! Code CLI, and the scripted fake of the Anthropic Messages API. A task is submitted through the relay core
+//! the way the Discord bot and `ct-relay admin task` do, and followed through the core's event log.
+
+mod support;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ct_agent::projects::{Host, Origin, Policy};
+use ct_agent::tasks::TaskConfig;
+use ct_agent::{ConfigDir, RunOptions};
+use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
+use ct_relay::store::TaskState;
+use ct_relay::tasks::Submit;
+use ct_testkit::process::{cmdline, descendants_of, poll_until};
+use ct_testkit::{claude_bin, ClaudeEnv, FakeAnthropic, Reply};
+use serde_json::json;
+use support::{pair, TestAgent, TestRelay};
+use tokio::sync::broadcast;
+
+/// Generous: two cores shared with other builds, and the CLI binary is large to load.
+const T: Duration = Duration::from_secs(90);
+const OWNER: &str = "100";
+
+struct World {
+    relay: TestRelay,
+    relay_dir: tempfile::TempDir,
+    agent_dir: tempfile::TempDir,
+    agent: TestAgent,
+    fake: FakeAnthropic,
+    _env: ClaudeEnv,
+    _root: tempfile::TempDir,
+    /// The project `app` (canonical), inside the allowed folder.
+    project: PathBuf,
+    /// A folder outside everything allowed.
+    outside: PathBuf,
+    _outside: tempfile::TempDir,
+}
+
+#[derive(Default)]
+struct Opts {
+    logged_out: bool,
+    idle_timeout: Option<Duration>,
+}
+
+async fn world() -> World {
+    world_with(Opts::default()).await
+}
+
+async fn world_with(opts: Opts) -> World {
+    let fake = FakeAnthropic::start([]).await.expect("fake API");
+    let env = if opts.logged_out {
+        ClaudeEnv::logged_out(fake.base_url())
+    } else {
+        ClaudeEnv::new(fake.base_url())
+    }
+    .expect("claude env");
+    let root = tempfile::tempdir().unwrap();
+    let allowed = std::fs::canonicalize(root.path()).unwrap();
+    let project = allowed.join("app");
+    std::fs::create_dir(&project).unwrap();
+    let outside_dir = tempfile::tempdir().unwrap();
+    let outside = std::fs::canonicalize(outside_dir.path()).unwrap();
+
+    let (relay_dir, agent_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let relay = TestRelay::on(relay_dir.path(), "127.0.0.1:0").await;
+    pair(&relay, agent_dir.path(), OWNER).await;
+    let allowed_env = allowed.display().to_string();
+    let config = ConfigDir::open(agent_dir.path()).unwrap();
+    Policy::load_with(&config, &allowed_env, Host::detect())
+        .unwrap()
+        .add("app", &project.display().to_string(), Origin::Local)
+        .unwrap();
+
+    let mut run = RunOptions::new(agent_dir.path());
+    run.tasks = TaskConfig {
+        claude_bin: Some(claude_bin()),
+        env_clear: true,
+        env: env
+            .vars()
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect(),
+        allowed_dirs: Some(allowed_env),
+        cancel_step: Duration::from_secs(10),
+        idle_timeout: opts.idle_timeout.unwrap_or(Duration::from_secs(600)),
+        ..TaskConfig::default()
+    };
+    let mut agent = TestAgent::start_with(run);
+    agent.connected(T).await;
+    World {
+        relay,
+        relay_dir,
+        agent_dir,
+        agent,
+        fake,
+        _env: env,
+        _root: root,
+        project,
+        outside,
+        _outside: outside_dir,
+    }
+}
+
+fn submit(user: &str, project: &str, prompt: &str, options: TaskOptions) -> Submit {
+    Submit {
+        user: user.into(),
+        target: None,
+        name: None,
+        agent: None,
+        project: project.into(),
+        prompt: prompt.into(),
+        options,
+        resume: None,
+    }
+}
+
+fn accept_edits() -> TaskOptions {
+    TaskOptions {
+        permission_mode: Some("acceptEdits".into()),
+        ..TaskOptions::default()
+    }
+}
+
+impl World {
+    fn start(&self, req: Submit) -> Follow {
+        let rec = self
+            .relay
+            .core
+            .submit_task(req)
+            .expect("task accepted by the relay");
+        self.follow(&rec.spec.task)
+    }
+
+    fn follow(&self, task: &str) -> Follow {
+        let (_, stored, rx) = self.relay.core.follow(task).expect("follow");
+        Follow {
+            task: task.into(),
+            seen: stored,
+            cursor: 0,
+            rx,
+        }
+    }
+
+    fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
+        self.relay
+            .core
+            .decide(user, &f.task, approval, decision)
+            .expect("decision accepted");
+    }
+}
+
+/// A task's events through the relay core: what was stored, then what arrives live.
+struct Follow {
+    task: String,
+    seen: Vec<(u64, TaskEvent)>,
+    /// How many of `seen` earlier waits have looked at.
+    cursor: usize,
+    rx: broadcast::Receiver<(u64, TaskEvent)>,
+}
+
+impl Follow {
+    /// The next event (in order) matching `pred`.
+    async fn until(&mut self, what: &str, pred: impl Fn(&TaskEvent) -> bool) -> TaskEvent {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            while self.cursor < self.seen.len() {
+                self.cursor += 1;
+                let ev = &self.seen[self.cursor - 1].1;
+                if pred(ev) {
+                    return ev.clone();
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Ok((seq, ev))) => {
+                    let last = self.seen.last().map_or(0, |(s, _)| *s);
+                    if seq > last {
+                        self.seen.push((seq, ev));
+                    }
+                }
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                    panic!("follower lagged; events so far: {:#?}", self.seen)
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                    panic!("no {what} within {T:?}; events: {:#?}", self.seen)
+                }
+            }
+        }
+    }
+
+    async fn approval(&mut self) -> (String, String) {
+        match self
+            .until("an approval request", |e| {
+                matches!(e, TaskEvent::ApprovalRequested { .. })
+            })
+            .await
+        {
+            TaskEvent::ApprovalRequested { approval, tool, .. } => (approval, tool),
+            _ => unreachable!(),
+        }
+    }
+
+    async fn finished(&mut self) -> (FinalState, Option<String>) {
+        match self
+            .until("the end of the task", |e| {
+                matches!(e, TaskEvent::Finished { .. })
+            })
+            .await
+        {
+            TaskEvent::Finished { state, message } => (state, message),
+            _ => unreachable!(),
+        }
+    }
+
+    fn kinds(&self) -> Vec<&'static str> {
+        self.seen.iter().map(|(_, e)| kind(e)).collect()
+    }
+}
+
+fn kind(e: &TaskEvent) -> &'static str {
+    match e {
+        TaskEvent::Started { .. } => "started",
+        TaskEvent::Session { .. } => "session",
+        TaskEvent::Text { .. } => "text",
+        TaskEvent::Tool { .. } => "tool",
+        TaskEvent::ToolResult { .. } => "tool_result",
+        TaskEvent::ApprovalRequested { .. } => "approval_requested",
+        TaskEvent::ApprovalClosed { .. } => "approval_closed",
+        TaskEvent::TurnFinished { .. } => "turn_finished",
+        TaskEvent::Finished { .. } => "finished",
+    }
+}
+
+fn write(path: &Path, content: &str) -> serde_json::Value {
+    json!({ "file_path": path.display().to_string(), "content": content })
+}
+
+/// The stored log must be 1..=n with no gap and no repeat.
+fn assert_contiguous(events: &[(u64, TaskEvent)]) {
+    let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
+    let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, want, "{events:#?}");
+}
+
+#[tokio::test]
+async fn a_task_writes_a_file_in_its_project_and_every_event_arrives_in_order() {
+    let w = world().await;
+    let target = w.project.join("hello.txt");
+    w.fake
+        .push(Reply::tool_use("Write", write(&target, "hi from claude\n")));
+    w.fake.push(Reply::text("I wrote hello.txt."));
+    let mut f = w.start(submit(OWNER, "app", "write hello.txt", accept_edits()));
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}; {:#?}", f.seen);
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "hi from claude\n"
+    );
+    assert_eq!(
+        f.kinds(),
+        [
+            "started",
+            "session",
+            "tool",
+            "tool_result",
+            "text",
+            "turn_finished",
+            "finished"
+        ],
+        "{:#?}",
+        f.seen
+    );
+    assert!(
+        matches!(&f.seen[0].1, TaskEvent::Started { cwd } if Path::new(cwd) == w.project),
+        "{:?}",
+        f.seen[0]
+    );
+    assert!(
+        matches!(&f.seen[2].1, TaskEvent::Tool { name, summary } if name == "Write" && summary.ends_with("hello.txt"))
+    );
+    // What the relay stored is the same log, numbered from 1 with no gap, and the task record agrees.
+    let (rec, stored, _) = w.relay.core.follow(&f.task).unwrap();
+    assert_contiguous(&stored);
+    assert_eq!(stored.len(), f.seen.len());
+    assert_eq!(rec.state, TaskState::Done);
+    assert!(rec.session_id.is_some(), "{rec:?}");
+}
+
+#[tokio::test]
+async fn folders_outside_the_allowed_ones_are_refused_by_the_agent() {
+    let w = world().await;
+    // A plain path outside, and a symlink inside the project that points outside: both resolve outside.
+    let link = w.project.join("escape");
+    std::os::unix::fs::symlink(&w.outside, &link).unwrap();
+    for asked in [
+        w.outside.display().to_string(),
+        link.display().to_string(),
+        format!("{}/../..", w.project.display()),
+    ] {
+        let mut f = w.start(submit(OWNER, &asked, "look around", TaskOptions::default()));
+        let (state, message) = f.finished().await;
+        let message = message.unwrap_or_default();
+        assert_eq!(state, FinalState::Failed, "{asked}: {message}");
+        assert!(
+            message.contains("not inside an allowed folder")
+                && message.contains(&w.project.parent().unwrap().display().to_string()),
+            "{asked}: the refusal names the allowed folders: {message}"
+        );
+        assert_eq!(f.kinds(), ["finished"], "nothing ran for {asked}");
+    }
+    assert!(
+        w.fake.main_requests().is_empty(),
+        "Claude Code never started for a refused folder"
+    );
+}
+
+#[tokio::test]
+async fn approvals_round_trip_through_the_relay_and_only_the_owner_decides() {
+    let w = world().await;
+    let (allowed, denied) = (w.project.join("a.txt"), w.project.join("b.txt"));
+    let outside = w.outside.join("x.txt");
+    w.fake.push(Reply::tool_use("Write", write(&allowed, "a")));
+    w.fake.push(Reply::tool_use("Write", write(&denied, "b")));
+    // Even in acceptEdits a write outside the project asks; denied, nothing lands there.
+    w.fake.push(Reply::tool_use("Write", write(&outside, "x")));
+    w.fake.push(Reply::text("finished"));
+    let options = TaskOptions {
+        permission_mode: Some("default".into()),
+        ..TaskOptions::default()
+    };
+    let mut f = w.start(submit(OWNER, "app", "write three files", options));
+
+    let (id, tool) = f.approval().await;
+    assert_eq!(tool, "Write");
+    assert_eq!(
+        w.relay.core.task(&f.task).unwrap().state,
+        TaskState::WaitingApproval
+    );
+    let stranger = w.relay.core.decide(
+        "999",
+        &f.task,
+        &id,
+        Decision::AllowOnce {
+            updated_input: None,
+        },
+    );
+    assert!(stranger.is_err(), "a stranger cannot approve");
+    w.decide(
+        OWNER,
+        &f,
+        &id,
+        Decision::AllowOnce {
+            updated_input: None,
+        },
+    );
+    f.until("the approval closing", |e| {
+        matches!(e, TaskEvent::ApprovalClosed { approval, outcome } if *approval == id && outcome == "allowed")
+    })
+    .await;
+
+    let (id, _) = f.approval().await;
+    w.decide(
+        OWNER,
+        &f,
+        &id,
+        Decision::Deny {
+            reason: "not b.txt, please".into(),
+        },
+    );
+    let (id, _) = f.approval().await;
+    w.decide(
+        OWNER,
+        &f,
+        &id,
+        Decision::Deny {
+            reason: "stay in the project".into(),
+        },
+    );
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}");
+    assert_eq!(std::fs::read_to_string(&allowed).unwrap(), "a");
+    assert!(!denied.exists(), "a denied write did not happen");
+    assert!(!outside.exists(), "nothing was written outside the project");
+    // Claude was told why.
+    let told: Vec<String> = w
+        .fake
+        .main_requests()
+        .iter()
+        .flat_map(|r| r.tool_results().into_iter().map(|v| v.to_string()))
+        .collect();
+    assert!(
+        told.iter().any(|t| t.contains("not b.txt, please")),
+        "{told:#?}"
+    );
+}
+
+#[tokio::test]
+async fn cancel_ends_the_task_and_leaves_no_process_behind() {
+    let w = world().await;
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": "sleep 300", "description": "Wait" }),
+    ));
+    let mut f = w.start(submit(OWNER, "app", "wait", TaskOptions::default()));
+    f.until(
+        "the Bash tool",
+        |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
+    )
+    .await;
+    let me = std::process::id();
+    let mut sleep_pid = None;
+    poll_until(T, "`sleep 300` running below the agent", || {
+        sleep_pid = descendants_of(me)
+            .into_iter()
+            .find(|&pid| cmdline(pid).is_some_and(|c| c == "sleep 300"));
+        sleep_pid.is_some()
+    })
+    .await
+    .expect("sleep started");
+    let claude: Vec<u32> = descendants_of(me)
+        .into_iter()
+        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains("stream-json")))
+        .collect();
+    assert!(!claude.is_empty());
+
+    w.relay.core.cancel_task(OWNER, &f.task).expect("cancel");
+    let (state, _) = f.finished().await;
+    assert_eq!(state, FinalState::Cancelled, "{:#?}", f.seen);
+    poll_until(T, "`sleep` and Claude Code gone", || {
+        claude
+            .iter()
+            .chain(sleep_pid.as_ref())
+            .all(|&pid| cmdline(pid).is_none())
+    })
+    .await
+    .expect("no orphans after cancel");
+    assert_eq!(
+        w.relay.core.task(&f.task).unwrap().state,
+        TaskState::Cancelled
+    );
+}
+
+#[tokio::test]
+async fn a_logged_out_claude_code_fails_the_task_saying_what_to_run() {
+    let w = world_with(Opts {
+        logged_out: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut f = w.start(submit(OWNER, "app", "hello", TaskOptions::default()));
+    let (state, message) = f.finished().await;
+    let message = message.unwrap_or_default();
+    assert_eq!(state, FinalState::Failed);
+    assert!(
+        message.contains("not logged in") && message.contains("claude login"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_once() {
+    let World {
+        relay,
+        relay_dir,
+        agent_dir: _agent_dir,
+        agent,
+        fake,
+        _env,
+        _root,
+        project: _,
+        outside: _,
+        _outside,
+    } = world().await;
+    // `sleep 3` runs unasked (read-only); its result, the text and the end happen while the relay is down.
+    fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": "sleep 3", "description": "Wait a little" }),
+    ));
+    fake.push(Reply::text("slept well"));
+    let rec = relay
+        .core
+        .submit_task(submit(OWNER, "app", "sleep", TaskOptions::default()))
+        .unwrap();
+    let task = rec.spec.task.clone();
+    let (_, stored, rx) = relay.core.follow(&task).unwrap();
+    let mut f = Follow {
+        task: task.clone(),
+        seen: stored,
+        cursor: 0,
+        rx,
+    };
+    f.until(
+        "the Bash tool",
+        |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
+    )
+    .await;
+    let before = f.seen.len();
+    let addr = relay.addr.to_string();
+    relay.stop().await;
+    // Long enough for the tool and the model's answer to finish while nobody listens.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let relay = TestRelay::on(relay_dir.path(), &addr).await;
+
+    let (_, stored, rx) = relay.core.follow(&task).unwrap();
+    let mut f = Follow {
+        task: task.clone(),
+        seen: stored,
+        cursor: 0,
+        rx,
+    };
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    let (rec, stored, _) = relay.core.follow(&task).unwrap();
+    assert_contiguous(&stored);
+    let kinds: Vec<&str> = stored.iter().map(|(_, e)| kind(e)).collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "session",
+            "tool",
+            "tool_result",
+            "text",
+            "turn_finished",
+            "finished"
+        ],
+        "each event stored once, in order"
+    );
+    assert_eq!(rec.state, TaskState::Done);
+    println!(
+        "relay restart mid-task: {before} events stored before, {} after (re-sent by the agent)",
+        stored.len() - before
+    );
+    agent.stop().await.unwrap();
+    relay.stop().await;
+}
