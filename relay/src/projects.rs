@@ -193,6 +193,11 @@ impl Core {
         }
     }
 
+    /// Project requests waiting for an answer, across all agents (for metrics and tests).
+    pub fn pending_project_requests(&self) -> usize {
+        self.pending().len()
+    }
+
     /// Fails the requests a session was asked, when it ends.
     pub(crate) fn drop_pending_projects(&self, session: u64) {
         self.pending().retain(|_, p| p.session != session);

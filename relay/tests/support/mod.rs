@@ -264,3 +264,116 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Reads relay messages, skipping heartbeats.
+pub async fn recv(s: &mut Session) -> ct_protocol::RelayMessage {
+    loop {
+        match s
+            .reader
+            .recv_timeout::<ct_protocol::RelayMessage>(Duration::from_secs(10))
+            .await
+            .expect("relay message")
+        {
+            ct_protocol::RelayMessage::Heartbeat => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads the next message, which must start a task; returns its spec.
+pub async fn expect_start(s: &mut Session) -> ct_protocol::task::TaskSpec {
+    match recv(s).await {
+        ct_protocol::RelayMessage::StartTask(spec) => spec,
+        other => panic!("expected StartTask, got {other:?}"),
+    }
+}
+
+pub async fn send_event(
+    s: &mut Session,
+    task: &str,
+    seq: u64,
+    event: ct_protocol::task::TaskEvent,
+) {
+    s.writer
+        .send(&ct_protocol::AgentMessage::Event {
+            task: task.into(),
+            seq,
+            event,
+        })
+        .await
+        .unwrap();
+}
+
+pub async fn expect_ack(s: &mut Session, task: &str, seq: u64) {
+    assert_eq!(
+        recv(s).await,
+        ct_protocol::RelayMessage::Ack {
+            task: task.into(),
+            seq
+        }
+    );
+}
+
+/// Sends event `seq` and waits for its acknowledgement, so the relay has stored it.
+pub async fn event_acked(
+    s: &mut Session,
+    task: &str,
+    seq: u64,
+    event: ct_protocol::task::TaskEvent,
+) {
+    send_event(s, task, seq, event).await;
+    expect_ack(s, task, seq).await;
+}
+
+pub fn finished(state: ct_protocol::task::FinalState) -> ct_protocol::task::TaskEvent {
+    ct_protocol::task::TaskEvent::Finished {
+        state,
+        message: None,
+    }
+}
+
+/// Whether the relay counts the agent with this key as online.
+pub fn is_online(relay: &TestRelay, key: &SigningKey) -> bool {
+    let fp = Fingerprint::of(&key.verifying_key());
+    relay
+        .core
+        .agents()
+        .unwrap()
+        .iter()
+        .any(|a| a.fingerprint == fp && a.online)
+}
+
+/// Pairs a fresh agent for `user` and connects it (QUIC), waiting until the relay has it online and the
+/// pairing session is gone.
+pub async fn agent(relay: &TestRelay, user: &str) -> (SigningKey, Session) {
+    let key = pair(relay, Transport::Quic, user).await;
+    let s = connect(relay, &key).await;
+    (key, s)
+}
+
+/// Connects an already paired agent and waits until the relay has registered this very session (an earlier
+/// one with the same key may still be live for a moment: the relay must not send to that one).
+pub async fn connect(relay: &TestRelay, key: &SigningKey) -> Session {
+    let s = handshake(Transport::Quic, relay.addr, key, relay.fingerprint, None)
+        .await
+        .unwrap();
+    let local = s
+        .raw_quic
+        .as_ref()
+        .unwrap()
+        .0
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let fp = Fingerprint::of(&key.verifying_key());
+    eventually(Duration::from_secs(5), || {
+        relay
+            .core
+            .agents()
+            .unwrap()
+            .iter()
+            .any(|a| a.fingerprint == fp && a.peer.as_deref() == Some(local.as_str()))
+    })
+    .await;
+    s
+}
