@@ -7,12 +7,17 @@
 //! - [`process`]: [`ClaudeProcess`], a running `--output-format stream-json` CLI read as JSON events, with
 //!   helpers for stream-json input and control responses.
 //!
+//! - [`discord`]: [`DiscordSim`], a Discord simulator (REST + gateway + HTTP-interaction signing) that the
+//!   bot runs against through `DISCORD_API_PROXY`.
+//!
 //! What the CLI was observed to do against the fake is written down in `testkit/CLAUDE-NOTES.md`.
 
 pub mod anthropic;
 pub mod claude;
+pub mod discord;
 pub mod process;
 
 pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
 pub use claude::{claude_bin, ClaudeEnv, PINNED_VERSION};
+pub use discord::DiscordSim;
 pub use process::{ClaudeProcess, SESSION_ARGS};
