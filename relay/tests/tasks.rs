@@ -1,5 +1,6 @@
 //! Tasks through the relay over real sockets, with a protocol-level stand-in for the agent: routing, the
-//! sequenced event log (exactly once across re-sends and a relay restart), lost tasks, cancel and approvals.
+//! sequenced event log (exactly once across re-sends and a relay restart), lost tasks, cancel, approvals and
+//! follow-ups.
 
 mod support;
 
@@ -9,8 +10,8 @@ use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_protocol::Transport;
 use ct_relay::store::TaskState;
-use ct_relay::tasks::{Submit, TaskError};
-use support::{handshake, pair, Session, TestRelay};
+use ct_relay::tasks::{ReplyOutcome, Submit, TaskError};
+use support::{expect_ack, handshake, pair, recv, send_event, TestRelay};
 
 fn submit(user: &str, prompt: &str) -> Submit {
     Submit {
@@ -19,42 +20,6 @@ fn submit(user: &str, prompt: &str) -> Submit {
         prompt: prompt.into(),
         ..Default::default()
     }
-}
-
-/// Reads relay messages, skipping heartbeats.
-async fn recv(s: &mut Session) -> RelayMessage {
-    loop {
-        match s
-            .reader
-            .recv_timeout::<RelayMessage>(Duration::from_secs(10))
-            .await
-            .expect("relay message")
-        {
-            RelayMessage::Heartbeat => continue,
-            other => return other,
-        }
-    }
-}
-
-async fn send_event(s: &mut Session, task: &str, seq: u64, event: TaskEvent) {
-    s.writer
-        .send(&AgentMessage::Event {
-            task: task.into(),
-            seq,
-            event,
-        })
-        .await
-        .unwrap();
-}
-
-async fn expect_ack(s: &mut Session, task: &str, seq: u64) {
-    assert_eq!(
-        recv(s).await,
-        RelayMessage::Ack {
-            task: task.into(),
-            seq
-        }
-    );
 }
 
 fn text(t: &str) -> TaskEvent {
@@ -466,4 +431,250 @@ async fn an_operator_submits_through_the_admin_socket_and_follows_to_the_end() {
     );
     let text = ct_relay::cli::render_event(&events[1]);
     assert_eq!(text, "hi\n");
+}
+
+#[tokio::test]
+async fn a_reply_goes_to_a_running_task_and_resumes_a_finished_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let (_key, mut agent) = support::agent(&relay, "1").await;
+    let id = relay
+        .core
+        .submit_task(submit("1", "start"))
+        .unwrap()
+        .spec
+        .task;
+    support::expect_start(&mut agent).await;
+    assert!(matches!(
+        relay.core.reply("2", &id, "me too".into(), None),
+        Err(TaskError::NotYours(_))
+    ));
+    assert!(matches!(
+        relay.core.reply("1", &id, " ".into(), None),
+        Err(TaskError::EmptyPrompt)
+    ));
+    let outcome = relay
+        .core
+        .reply("1", &id, "and the tests".into(), None)
+        .unwrap();
+    assert!(
+        matches!(outcome, ReplyOutcome::Sent(ref r) if r.spec.task == id),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        recv(&mut agent).await,
+        RelayMessage::TaskInput {
+            task: id.clone(),
+            prompt: "and the tests".into()
+        }
+    );
+    let session = TaskEvent::Session {
+        session_id: "0b7e-sess".into(),
+        model: None,
+        claude_version: None,
+    };
+    support::event_acked(&mut agent, &id, 1, session).await;
+    support::event_acked(&mut agent, &id, 2, support::finished(FinalState::Done)).await;
+
+    let ReplyOutcome::Resumed(new) = relay
+        .core
+        .reply("1", &id, "one more thing".into(), Some("Ann".into()))
+        .unwrap()
+    else {
+        panic!("expected a resumed task")
+    };
+    assert_eq!(new.follows.as_deref(), Some(id.as_str()));
+    let spec = support::expect_start(&mut agent).await;
+    assert_eq!(spec.task, new.spec.task);
+    assert_eq!(spec.resume.as_deref(), Some("0b7e-sess"));
+    assert_eq!(
+        (spec.project.as_str(), spec.prompt.as_str()),
+        ("web", "one more thing")
+    );
+    assert_eq!(spec.requester.name.as_deref(), Some("Ann"));
+}
+
+#[tokio::test]
+async fn a_reply_cannot_continue_what_it_should_not() {
+    use ct_relay::store::ShareLevel;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ct_relay::RelayConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    config.core.max_running_per_agent = 2;
+    let relay = TestRelay::start_with(config).await;
+    let core = &relay.core;
+    let (_key, mut agent) = support::agent(&relay, "1").await;
+
+    // Ended before Claude Code started a session: nothing to resume.
+    let early = core.submit_task(submit("1", "x")).unwrap().spec.task;
+    support::expect_start(&mut agent).await;
+    support::event_acked(&mut agent, &early, 1, support::finished(FinalState::Failed)).await;
+    let err = core.reply("1", &early, "again".into(), None).unwrap_err();
+    assert!(matches!(err, TaskError::NoSession(_)), "{err}");
+    assert!(err.to_string().contains("/task"), "{err}");
+
+    // A grantee's finished task, with a session.
+    core.share_add("1", "2", None, ShareLevel::Standard)
+        .unwrap();
+    let grantee = Submit {
+        target: Some("1".into()),
+        ..submit("2", "theirs")
+    };
+    let theirs = core.submit_task(grantee.clone()).unwrap().spec.task;
+    support::expect_start(&mut agent).await;
+    let session = |id: &str| TaskEvent::Session {
+        session_id: id.into(),
+        model: None,
+        claude_version: None,
+    };
+    support::event_acked(&mut agent, &theirs, 1, session("grantee-sess")).await;
+    support::event_acked(&mut agent, &theirs, 2, support::finished(FinalState::Done)).await;
+    // The owner's own finished task, with a session the grantee must not be able to resume (and read).
+    let mine = core.submit_task(submit("1", "private")).unwrap().spec.task;
+    support::expect_start(&mut agent).await;
+    support::event_acked(&mut agent, &mine, 1, session("owner-sess")).await;
+    support::event_acked(&mut agent, &mine, 2, support::finished(FinalState::Done)).await;
+    assert!(matches!(
+        core.reply("2", &mine, "show me".into(), None),
+        Err(TaskError::NotYours(_))
+    ));
+    let err = core
+        .submit_task(Submit {
+            resume: Some("owner-sess".into()),
+            ..grantee.clone()
+        })
+        .unwrap_err();
+    assert!(matches!(err, TaskError::ResumeNotYours { .. }), "{err}");
+    assert!(matches!(
+        core.submit_task(Submit {
+            resume: Some("../../etc".into()),
+            ..grantee.clone()
+        }),
+        Err(TaskError::BadResume)
+    ));
+    // Their own session they may resume, directly or by replying.
+    let resumed = core
+        .submit_task(Submit {
+            resume: Some("grantee-sess".into()),
+            ..grantee.clone()
+        })
+        .unwrap()
+        .spec
+        .task;
+    assert_eq!(
+        support::expect_start(&mut agent).await.resume.as_deref(),
+        Some("grantee-sess")
+    );
+
+    // Still queued: no session to talk to yet.
+    let blocker = core.submit_task(submit("1", "busy")).unwrap().spec.task;
+    support::expect_start(&mut agent).await;
+    let queued = core.submit_task(submit("1", "later")).unwrap().spec.task;
+    let err = core.reply("1", &queued, "hi".into(), None).unwrap_err();
+    assert!(matches!(err, TaskError::NotStarted(_)), "{err}");
+
+    // Once the share is gone, the grantee can neither talk to their running task nor resume a finished one.
+    core.share_remove("1", "2").unwrap();
+    assert_eq!(
+        recv(&mut agent).await,
+        RelayMessage::CancelTask {
+            task: resumed.clone()
+        }
+    );
+    let err = core
+        .reply("2", &resumed, "still there?".into(), None)
+        .unwrap_err();
+    assert!(matches!(err, TaskError::NotShared { .. }), "{err}");
+    let err = core.reply("2", &theirs, "again".into(), None).unwrap_err();
+    assert!(matches!(err, TaskError::NotShared { .. }), "{err}");
+    // Its end frees a slot for the queued task. The owner may continue the grantee's task, as the owner.
+    support::event_acked(
+        &mut agent,
+        &resumed,
+        1,
+        support::finished(FinalState::Cancelled),
+    )
+    .await;
+    assert_eq!(support::expect_start(&mut agent).await.task, queued);
+    support::event_acked(&mut agent, &blocker, 1, support::finished(FinalState::Done)).await;
+    let ReplyOutcome::Resumed(new) = core.reply("1", &theirs, "finish it".into(), None).unwrap()
+    else {
+        panic!("expected a resumed task")
+    };
+    assert_eq!(new.spec.requester.role, ct_protocol::task::Role::Owner);
+    assert_eq!(new.spec.resume.as_deref(), Some("grantee-sess"));
+}
+
+#[tokio::test]
+async fn an_operator_replies_through_the_admin_socket() {
+    use ct_relay::admin::{call, call_stream, Reply, Request};
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let (_key, mut agent) = support::agent(&relay, "31").await;
+    let id = relay
+        .core
+        .submit_task(submit("31", "go"))
+        .unwrap()
+        .spec
+        .task;
+    support::expect_start(&mut agent).await;
+    let req = |prompt: &str| Request::Reply {
+        user: "31".into(),
+        task: id.clone(),
+        prompt: prompt.into(),
+        name: None,
+    };
+    let reply = call(dir.path(), &req("more")).await.unwrap();
+    assert!(matches!(reply, Reply::Done { .. }), "{reply:?}");
+    assert!(matches!(
+        recv(&mut agent).await,
+        RelayMessage::TaskInput { .. }
+    ));
+    let session = TaskEvent::Session {
+        session_id: "s1".into(),
+        model: None,
+        claude_version: None,
+    };
+    support::event_acked(&mut agent, &id, 1, session).await;
+    support::event_acked(&mut agent, &id, 2, support::finished(FinalState::Done)).await;
+
+    let data_dir = dir.path().to_path_buf();
+    let request = req("resume it");
+    let operator = tokio::spawn(async move {
+        let mut replies = Vec::new();
+        call_stream(&data_dir, &request, |r| {
+            let end = matches!(r, Reply::End { .. } | Reply::Error { .. });
+            replies.push(r);
+            !end
+        })
+        .await
+        .unwrap();
+        replies
+    });
+    let spec = support::expect_start(&mut agent).await;
+    assert_eq!(spec.resume.as_deref(), Some("s1"));
+    support::event_acked(
+        &mut agent,
+        &spec.task,
+        1,
+        support::finished(FinalState::Done),
+    )
+    .await;
+    let replies = tokio::time::timeout(Duration::from_secs(10), operator)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&replies[0], Reply::Task { task, follows: Some(f), .. } if *task == spec.task && *f == id),
+        "{replies:?}"
+    );
+    assert!(
+        matches!(
+            replies.last(),
+            Some(Reply::End {
+                state: TaskState::Done,
+                ..
+            })
+        ),
+        "{replies:?}"
+    );
 }
