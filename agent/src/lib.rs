@@ -17,6 +17,7 @@
 //! - [`run`]: `ct-agent run`: the reconnect loop, the move back to QUIC, status reporting, shutdown.
 //! - [`status`]: `status.json` and the `ct-agent status` report.
 //! - [`projects`]: allowed folders (`ALLOWED_PROJECT_DIRS`, `projects.json`), named projects, share policy.
+//! - [`sandbox`]: bubblewrap around Claude Code: the project writable, credentials hidden, own PID namespace.
 //! - [`claude`]: running Claude Code: preflight, one stream-json process per session, approvals, cancel.
 //! - [`service`]: `ct-agent service install|uninstall|status|logs`: systemd, launchd, WSL (systemd or a
 //!   Windows logon task), rendered from the templates in `installers/`.
@@ -36,6 +37,7 @@ pub mod pair;
 pub mod projects;
 pub mod proxy;
 pub mod run;
+pub mod sandbox;
 pub mod service;
 pub mod session;
 pub mod status;

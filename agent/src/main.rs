@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: ProjectCommand,
     },
+    /// Who runs inside the bubblewrap sandbox (Linux): shared tasks always, your own if you choose
+    Sandbox {
+        #[command(subcommand)]
+        command: Option<SandboxCommand>,
+    },
     /// Run the agent as a service that survives reboots and log-outs (systemd, launchd, WSL)
     Service {
         #[command(subcommand)]
@@ -120,6 +125,22 @@ enum SharingCommand {
     Only {
         #[arg(required = true, value_name = "DISCORD_USER_ID")]
         users: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxCommand {
+    /// Show the settings and whether bubblewrap works here (the default)
+    Show,
+    /// Sandbox your own tasks too (`on`) or not (`off`, the default)
+    Owner {
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
+    /// Where bubblewrap is missing: refuse shared tasks (`required`, the default) or run them unsandboxed
+    Grantees {
+        #[arg(value_parser = ["required", "unsandboxed"])]
+        setting: String,
     },
 }
 
@@ -225,6 +246,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.tasks.claude_bin = claude_bin;
             run(opts).await
         }
+        Command::Sandbox { command } => {
+            sandbox(&config_dir, command.unwrap_or(SandboxCommand::Show))
+        }
         Command::Sharing { command } => {
             sharing(&config_dir, command.unwrap_or(SharingCommand::Show))
         }
@@ -302,6 +326,43 @@ fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Res
             users.join(", ")
         ),
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Result<ExitCode> {
+    use ct_agent::projects::Policy;
+    let dir = ct_agent::ConfigDir::open(config_dir)?;
+    let mut policy = Policy::load(&dir)?;
+    let mut settings = policy.sandbox().clone();
+    match command {
+        SandboxCommand::Show => {}
+        SandboxCommand::Owner { setting } => settings.owner = setting == "on",
+        SandboxCommand::Grantees { setting } => {
+            settings.unsandboxed_grantees = setting == "unsandboxed"
+        }
+    }
+    policy.set_sandbox(settings.clone())?;
+    match ct_agent::sandbox::detect() {
+        Ok(b) => println!("bubblewrap: {} (works here)", b.path.display()),
+        Err(Some(e)) => println!("bubblewrap: unusable: {e}"),
+        Err(None) => println!("bubblewrap: not installed (sudo apt install bubblewrap)"),
+    }
+    println!(
+        "Your own tasks: {}",
+        if settings.owner {
+            "sandboxed"
+        } else {
+            "not sandboxed"
+        }
+    );
+    println!(
+        "Shared tasks: sandboxed{}",
+        if settings.unsandboxed_grantees {
+            "; run without a sandbox where bubblewrap is unavailable"
+        } else {
+            "; refused where bubblewrap is unavailable"
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -179,6 +179,9 @@ pub struct ProjectsFile {
     /// Tasks from grantees.
     #[serde(default)]
     pub sharing: SharePolicy,
+    /// Who runs inside the bubblewrap sandbox.
+    #[serde(default)]
+    pub sandbox: crate::sandbox::SandboxSettings,
 }
 
 /// One project in `projects.json`.
@@ -319,6 +322,21 @@ impl Policy {
         }
         let mut file = self.file.clone();
         file.sharing = sharing;
+        self.save(file)
+    }
+
+    /// Who runs inside the sandbox.
+    pub fn sandbox(&self) -> &crate::sandbox::SandboxSettings {
+        &self.file.sandbox
+    }
+
+    /// Sets and saves who runs inside the sandbox.
+    pub fn set_sandbox(
+        &mut self,
+        sandbox: crate::sandbox::SandboxSettings,
+    ) -> Result<(), PolicyError> {
+        let mut file = self.file.clone();
+        file.sandbox = sandbox;
         self.save(file)
     }
 

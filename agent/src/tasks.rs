@@ -37,6 +37,7 @@ use crate::claude::{self, Decision, PermissionMode, RunnerEvent, Session, Sessio
 use crate::config::ConfigDir;
 use crate::outbox::{self, Outbox};
 use crate::projects::{Host, Origin, Policy, PolicyError, SharePolicy};
+use crate::sandbox::{self, Bwrap, SandboxError};
 
 /// Project replies and reports waiting for a link; older ones are dropped (a report is re-sent on every
 /// handshake, and a reply nobody waits for any more is useless).
@@ -133,6 +134,8 @@ struct Owner {
     user: String,
     role: Role,
     options: ct_protocol::task::TaskOptions,
+    /// Run inside bubblewrap (see [`crate::sandbox`]).
+    sandbox: Option<Bwrap>,
 }
 
 #[derive(Debug)]
@@ -361,11 +364,14 @@ impl Tasks {
             mode.parse::<PermissionMode>()?;
         }
         let cwd = policy.resolve(&spec.project).map_err(|e| e.to_string())?;
+        let sandbox = sandbox_for(spec.requester.role, policy.sandbox(), sandbox::detect())
+            .map_err(|e| e.to_string())?;
         Ok(Owner {
             cwd,
             user: spec.requester.user.clone(),
             role: spec.requester.role,
             options: spec.options.clone(),
+            sandbox,
         })
     }
 
@@ -521,7 +527,7 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Cmd>,
     ) {
         let task = spec.task.clone();
-        let session_spec = session_spec(&inner.config, &owner, &spec);
+        let session_spec = session_spec(&inner.config, inner.dir.path(), &owner, &spec);
         let started = Session::start(session_spec).await;
         let (session, events) = match started {
             Ok(s) => s,
@@ -890,8 +896,44 @@ impl Driver {
     }
 }
 
-fn session_spec(config: &TaskConfig, owner: &Owner, spec: &TaskSpec) -> SessionSpec {
+/// Whether a task runs sandboxed: grantees' always where bubblewrap works (else refused, unless the owner
+/// opted out), the owner's when the owner chose so.
+fn sandbox_for(
+    role: Role,
+    settings: &sandbox::SandboxSettings,
+    found: Result<Bwrap, Option<SandboxError>>,
+) -> Result<Option<Bwrap>, SandboxError> {
+    let wanted = role != Role::Owner || settings.owner;
+    match (wanted, found) {
+        (false, _) => Ok(None),
+        (true, Ok(bwrap)) => Ok(Some(bwrap)),
+        (true, Err(_)) if role != Role::Owner && settings.unsandboxed_grantees => {
+            tracing::warn!("running a shared task without a sandbox: the owner allowed it and bubblewrap is unavailable");
+            Ok(None)
+        }
+        (true, Err(Some(unusable))) => Err(unusable),
+        (true, Err(None)) if role == Role::Owner => Err(SandboxError::MissingForOwner),
+        (true, Err(None)) => Err(SandboxError::MissingForGrantee),
+    }
+}
+
+fn session_spec(
+    config: &TaskConfig,
+    agent_config: &std::path::Path,
+    owner: &Owner,
+    spec: &TaskSpec,
+) -> SessionSpec {
     let mut s = SessionSpec::new(&owner.cwd);
+    if let Some(bwrap) = &owner.sandbox {
+        let (home, claude_config_dir) = sandbox::claude_home(&config.env, config.env_clear);
+        s.wrapper = sandbox::Plan {
+            project: owner.cwd.clone(),
+            home,
+            claude_config_dir,
+            agent_config: agent_config.to_path_buf(),
+        }
+        .command(bwrap);
+    }
     s.claude_bin = config.claude_bin.clone();
     s.env_clear = config.env_clear;
     s.env = config.env.clone();
@@ -969,6 +1011,44 @@ fn bound_value(v: Value) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn grantees_are_sandboxed_or_refused_and_owners_only_by_choice() {
+        let bwrap = || {
+            Ok(Bwrap {
+                path: "/usr/bin/bwrap".into(),
+            })
+        };
+        let off = sandbox::SandboxSettings::default();
+        let owner_on = sandbox::SandboxSettings {
+            owner: true,
+            ..off.clone()
+        };
+        let opt_out = sandbox::SandboxSettings {
+            unsandboxed_grantees: true,
+            ..off.clone()
+        };
+        assert_eq!(sandbox_for(Role::Owner, &off, bwrap()), Ok(None));
+        assert!(sandbox_for(Role::Owner, &owner_on, bwrap())
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            sandbox_for(Role::Owner, &owner_on, Err(None)),
+            Err(SandboxError::MissingForOwner)
+        );
+        for role in [Role::Grantee, Role::TrustedGrantee] {
+            assert!(
+                sandbox_for(role, &off, bwrap()).unwrap().is_some(),
+                "{role:?}"
+            );
+            let refused = sandbox_for(role, &off, Err(None)).unwrap_err();
+            assert_eq!(refused, SandboxError::MissingForGrantee);
+            assert!(refused.to_string().contains("apt install bubblewrap"));
+            assert_eq!(sandbox_for(role, &opt_out, Err(None)), Ok(None));
+            // Even opted out, a working bubblewrap is used.
+            assert!(sandbox_for(role, &opt_out, bwrap()).unwrap().is_some());
+        }
+    }
 
     #[test]
     fn chunks_stay_under_the_limit_on_char_boundaries_and_lose_nothing() {

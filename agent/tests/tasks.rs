@@ -8,12 +8,12 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ct_agent::projects::{Host, Origin, Policy};
+use ct_agent::projects::{Host, Origin, Policy, SharePolicy};
 use ct_agent::tasks::TaskConfig;
 use ct_agent::{ConfigDir, RunOptions};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
-use ct_relay::store::TaskState;
-use ct_relay::tasks::Submit;
+use ct_relay::store::{ShareLevel, TaskState};
+use ct_relay::tasks::{ReplyOutcome, Submit};
 use ct_testkit::process::{cmdline, descendants_of, poll_until};
 use ct_testkit::{claude_bin, ClaudeEnv, FakeAnthropic, Reply};
 use serde_json::json;
@@ -26,11 +26,16 @@ const OWNER: &str = "100";
 
 struct World {
     relay: TestRelay,
+    agent_config: ConfigDir,
+    allowed_env: String,
+    /// Claude Code's HOME, as the agent gives it.
+    home: PathBuf,
     relay_dir: tempfile::TempDir,
     agent_dir: tempfile::TempDir,
     agent: TestAgent,
     fake: FakeAnthropic,
     _env: ClaudeEnv,
+    _home: tempfile::TempDir,
     _root: tempfile::TempDir,
     /// The project `app` (canonical), inside the allowed folder.
     project: PathBuf,
@@ -45,30 +50,47 @@ struct Opts {
     idle_timeout: Option<Duration>,
 }
 
+/// Temporary folders outside /tmp: a sandbox gives tasks a private /tmp, which would hide (or swallow
+/// writes to) anything a test put there for the wrong reason.
+fn scratch(prefix: &str) -> tempfile::TempDir {
+    let base = Path::new("/var/tmp");
+    let builder = tempfile::Builder::new().prefix(prefix).tempdir_in(base);
+    builder.unwrap_or_else(|_| tempfile::tempdir().unwrap())
+}
+
 async fn world() -> World {
     world_with(Opts::default()).await
 }
 
 async fn world_with(opts: Opts) -> World {
     let fake = FakeAnthropic::start([]).await.expect("fake API");
-    let env = if opts.logged_out {
+    let mut env = if opts.logged_out {
         ClaudeEnv::logged_out(fake.base_url())
     } else {
         ClaudeEnv::new(fake.base_url())
     }
     .expect("claude env");
-    let root = tempfile::tempdir().unwrap();
+    let home_dir = scratch("ct-home-");
+    let home = std::fs::canonicalize(home_dir.path()).unwrap();
+    std::fs::create_dir_all(home.join(".claude")).unwrap();
+    env.set_var("HOME", &home.display().to_string());
+    env.set_var(
+        "CLAUDE_CONFIG_DIR",
+        &home.join(".claude").display().to_string(),
+    );
+    let root = scratch("ct-root-");
     let allowed = std::fs::canonicalize(root.path()).unwrap();
     let project = allowed.join("app");
     std::fs::create_dir(&project).unwrap();
-    let outside_dir = tempfile::tempdir().unwrap();
+    let outside_dir = scratch("ct-outside-");
     let outside = std::fs::canonicalize(outside_dir.path()).unwrap();
 
     let (relay_dir, agent_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let relay = TestRelay::on(relay_dir.path(), "127.0.0.1:0").await;
     pair(&relay, agent_dir.path(), OWNER).await;
     let allowed_env = allowed.display().to_string();
-    let config = ConfigDir::open(agent_dir.path()).unwrap();
+    let agent_config = ConfigDir::open(agent_dir.path()).unwrap();
+    let config = agent_config.clone();
     Policy::load_with(&config, &allowed_env, Host::detect())
         .unwrap()
         .add("app", &project.display().to_string(), Origin::Local)
@@ -83,7 +105,7 @@ async fn world_with(opts: Opts) -> World {
             .iter()
             .map(|(k, v)| (OsString::from(k), OsString::from(v)))
             .collect(),
-        allowed_dirs: Some(allowed_env),
+        allowed_dirs: Some(allowed_env.clone()),
         cancel_step: Duration::from_secs(10),
         idle_timeout: opts.idle_timeout.unwrap_or(Duration::from_secs(600)),
         ..TaskConfig::default()
@@ -92,6 +114,10 @@ async fn world_with(opts: Opts) -> World {
     agent.connected(T).await;
     World {
         relay,
+        agent_config,
+        allowed_env,
+        home,
+        _home: home_dir,
         relay_dir,
         agent_dir,
         agent,
@@ -142,6 +168,13 @@ impl World {
             cursor: 0,
             rx,
         }
+    }
+
+    fn sharing(&self, sharing: SharePolicy) {
+        Policy::load_with(&self.agent_config, &self.allowed_env, Host::detect())
+            .unwrap()
+            .set_sharing(sharing)
+            .unwrap();
     }
 
     fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
@@ -419,10 +452,7 @@ async fn cancel_ends_the_task_and_leaves_no_process_behind() {
     })
     .await
     .expect("sleep started");
-    let claude: Vec<u32> = descendants_of(me)
-        .into_iter()
-        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains("stream-json")))
-        .collect();
+    let claude = claude_processes(&w.project);
     assert!(!claude.is_empty());
 
     w.relay.core.cancel_task(OWNER, &f.task).expect("cancel");
@@ -468,10 +498,10 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
         agent,
         fake,
         _env,
+        _home,
         _root,
-        project: _,
-        outside: _,
         _outside,
+        ..
     } = world().await;
     // `sleep 3` runs unasked (read-only); its result, the text and the end happen while the relay is down.
     fake.push(Reply::tool_use(
@@ -535,4 +565,288 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
     );
     agent.stop().await.unwrap();
     relay.stop().await;
+}
+
+const GRANTEE: &str = "200";
+
+fn as_grantee(project: &str, prompt: &str, options: TaskOptions) -> Submit {
+    Submit {
+        target: Some(OWNER.into()),
+        name: Some("Gina".into()),
+        ..submit(GRANTEE, project, prompt, options)
+    }
+}
+
+#[tokio::test]
+async fn an_agent_whose_owner_did_not_allow_sharing_refuses_a_grantee_even_when_the_relay_shares() {
+    let w = world().await;
+    w.relay
+        .core
+        .share_add(OWNER, GRANTEE, None, ShareLevel::Standard)
+        .unwrap();
+    let mut f = w.start(as_grantee("app", "hello", TaskOptions::default()));
+    let (state, message) = f.finished().await;
+    let message = message.unwrap_or_default();
+    assert_eq!(state, FinalState::Failed);
+    assert!(
+        message.contains("ct-agent sharing"),
+        "the refusal says how the owner allows it: {message}"
+    );
+    assert!(w.fake.main_requests().is_empty(), "Claude Code never ran");
+}
+
+#[tokio::test]
+async fn a_grantees_task_runs_sandboxed_and_its_approvals_go_to_the_owner() {
+    let w = world().await;
+    if let Err(e) = ct_agent::sandbox::detect() {
+        panic!("bubblewrap must work for this test (scripts/test installs it): {e:?}");
+    }
+    w.sharing(SharePolicy::All);
+    w.relay
+        .core
+        .share_add(OWNER, GRANTEE, None, ShareLevel::Standard)
+        .unwrap();
+    let secret = w.home.join(".ssh/id_ed25519");
+    std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
+    std::fs::write(&secret, "SECRET-KEY-MATERIAL\n").unwrap();
+    let escaped = w.outside.join("escaped.txt");
+    let written = w.project.join("ok.txt");
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": format!("cat {}", secret.display()), "description": "Read a key" }),
+    ));
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": format!("echo pwned > {}", escaped.display()), "description": "Write outside" }),
+    ));
+    w.fake.push(Reply::tool_use("Write", write(&written, "ok")));
+    w.fake.push(Reply::text("all done"));
+    let options = TaskOptions {
+        permission_mode: Some("default".into()),
+        ..TaskOptions::default()
+    };
+    let mut f = w.start(as_grantee("app", "try things", options));
+    assert_eq!(w.relay.core.approver(&f.task).unwrap(), OWNER);
+    let mut approvals = 0;
+    loop {
+        let ev = f
+            .until("an approval or the end", |e| {
+                matches!(
+                    e,
+                    TaskEvent::ApprovalRequested { .. } | TaskEvent::Finished { .. }
+                )
+            })
+            .await;
+        let TaskEvent::ApprovalRequested { approval, .. } = ev else {
+            break;
+        };
+        approvals += 1;
+        // The grantee cannot approve their own task's tool use; the owner can.
+        let own = w.relay.core.decide(
+            GRANTEE,
+            &f.task,
+            &approval,
+            Decision::AllowOnce {
+                updated_input: None,
+            },
+        );
+        assert!(own.is_err(), "a grantee approved their own tool use");
+        w.decide(
+            OWNER,
+            &f,
+            &approval,
+            Decision::AllowOnce {
+                updated_input: None,
+            },
+        );
+    }
+    assert!(
+        approvals >= 2,
+        "the writes asked for approval: {:#?}",
+        f.seen
+    );
+    let (state, message) = match &f.seen.last().unwrap().1 {
+        TaskEvent::Finished { state, message } => (*state, message.clone()),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        "ok",
+        "the project is writable"
+    );
+    assert!(
+        !escaped.exists(),
+        "a sandboxed task wrote outside its project"
+    );
+    let sent: String = w
+        .fake
+        .main_requests()
+        .iter()
+        .flat_map(|r| r.tool_results().into_iter().map(|v| v.to_string()))
+        .collect();
+    assert!(
+        !sent.contains("SECRET-KEY-MATERIAL"),
+        "the hidden key reached the model: {sent}"
+    );
+    assert!(
+        sent.contains("No such file") || sent.contains("Read-only"),
+        "the tools failed for the sandbox's reasons: {sent}"
+    );
+}
+
+#[tokio::test]
+async fn a_trusted_grantee_decides_their_own_approvals() {
+    let w = world().await;
+    w.sharing(SharePolicy::Listed {
+        users: vec![GRANTEE.into()],
+    });
+    w.relay
+        .core
+        .share_add(
+            OWNER,
+            GRANTEE,
+            Some(vec!["app".into()]),
+            ShareLevel::Trusted,
+        )
+        .unwrap();
+    let target = w.project.join("t.txt");
+    w.fake.push(Reply::tool_use("Write", write(&target, "t")));
+    w.fake.push(Reply::text("ok"));
+    let options = TaskOptions {
+        permission_mode: Some("default".into()),
+        ..TaskOptions::default()
+    };
+    let mut f = w.start(as_grantee("app", "write", options));
+    let (id, _) = f.approval().await;
+    assert_eq!(w.relay.core.approver(&f.task).unwrap(), GRANTEE);
+    w.decide(GRANTEE, &f, &id, Decision::AllowSession);
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}");
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "t");
+}
+
+/// The user messages (prompts) in the last main request the fake saw: the conversation Claude was given.
+fn prompts_in_last_request(fake: &FakeAnthropic) -> String {
+    let reqs = fake.main_requests();
+    let last = reqs.last().expect("a request");
+    last.body["messages"].to_string()
+}
+
+#[tokio::test]
+async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
+    let w = world().await;
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": "sleep 2", "description": "Think" }),
+    ));
+    w.fake.push(Reply::text("first answer"));
+    w.fake.push(Reply::text("second answer"));
+    let mut f = w.start(submit(
+        OWNER,
+        "app",
+        "first question",
+        TaskOptions::default(),
+    ));
+    f.until("the Bash tool", |e| matches!(e, TaskEvent::Tool { .. }))
+        .await;
+    // While the turn runs: the message is queued into the same session and the task waits for both turns.
+    let sent = w
+        .relay
+        .core
+        .reply(OWNER, &f.task, "second question".into(), None)
+        .unwrap();
+    assert!(matches!(sent, ReplyOutcome::Sent(_)), "{sent:?}");
+    let (state, _) = f.finished().await;
+    assert_eq!(state, FinalState::Done);
+    let turns = f.kinds().iter().filter(|k| **k == "turn_finished").count();
+    assert_eq!(turns, 2, "{:#?}", f.seen);
+    assert!(prompts_in_last_request(&w.fake).contains("second question"));
+    let session = w.relay.core.task(&f.task).unwrap().session_id.unwrap();
+    let claude_before: Vec<u32> = claude_processes(&w.project);
+    assert_eq!(claude_before.len(), 1, "one warm process");
+
+    // After the task ended: a new task resumes the session, on the same (warm) process.
+    w.fake.push(Reply::text("third answer"));
+    let resumed = w
+        .relay
+        .core
+        .reply(OWNER, &f.task, "third question".into(), None)
+        .unwrap();
+    let ReplyOutcome::Resumed(next) = resumed else {
+        panic!("{resumed:?}")
+    };
+    assert_eq!(next.follows.as_deref(), Some(f.task.as_str()));
+    let mut g = w.follow(&next.spec.task);
+    let (state, message) = g.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}");
+    let conversation = prompts_in_last_request(&w.fake);
+    assert!(
+        conversation.contains("first question") && conversation.contains("third question"),
+        "the follow-up continued the conversation: {conversation}"
+    );
+    assert!(
+        g.seen.iter().any(
+            |(_, e)| matches!(e, TaskEvent::Session { session_id, .. } if *session_id == session)
+        ),
+        "{:#?}",
+        g.seen
+    );
+    assert_eq!(
+        claude_processes(&w.project),
+        claude_before,
+        "the warm process was reused"
+    );
+}
+
+#[tokio::test]
+async fn after_the_process_ended_a_follow_up_resumes_the_session_from_disk() {
+    let w = world_with(Opts {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..Opts::default()
+    })
+    .await;
+    w.fake.push(Reply::text("first answer"));
+    let mut f = w.start(submit(
+        OWNER,
+        "app",
+        "remember the word kumquat",
+        TaskOptions::default(),
+    ));
+    assert_eq!(f.finished().await.0, FinalState::Done);
+    poll_until(T, "the idle Claude Code exits", || {
+        claude_processes(&w.project).is_empty()
+    })
+    .await
+    .expect("idle process closed");
+
+    w.fake.push(Reply::text("kumquat"));
+    let ReplyOutcome::Resumed(next) = w
+        .relay
+        .core
+        .reply(OWNER, &f.task, "which word?".into(), None)
+        .unwrap()
+    else {
+        panic!("a finished task is resumed")
+    };
+    let mut g = w.follow(&next.spec.task);
+    assert_eq!(g.finished().await.0, FinalState::Done, "{:#?}", g.seen);
+    let conversation = prompts_in_last_request(&w.fake);
+    assert!(
+        conversation.contains("kumquat") && conversation.contains("which word?"),
+        "--resume replayed the conversation: {conversation}"
+    );
+}
+
+/// Claude Code processes below this test process working in `project` (other tests run beside this one).
+fn claude_processes(project: &Path) -> Vec<u32> {
+    let mut pids: Vec<u32> = descendants_of(std::process::id())
+        .into_iter()
+        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains("stream-json")))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == project)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
 }

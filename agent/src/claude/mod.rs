@@ -159,6 +159,8 @@ pub struct SessionSpec {
     pub min_version: Version,
     /// Most prompts waiting behind a running turn.
     pub max_queued: usize,
+    /// A command the CLI runs under (`bwrap ... --`, see [`crate::sandbox`]); empty runs it directly.
+    pub wrapper: Vec<OsString>,
 }
 
 impl SessionSpec {
@@ -179,6 +181,7 @@ impl SessionSpec {
             allow_settings_writes: false,
             min_version: MIN_VERSION,
             max_queued: 32,
+            wrapper: Vec::new(),
         }
     }
 

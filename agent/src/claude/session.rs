@@ -79,7 +79,14 @@ impl Session {
         if !spec.cwd.is_dir() {
             return Err(spawn_err("the project folder does not exist".into()));
         }
-        let mut cmd = tokio::process::Command::new(&bin);
+        let mut cmd = match spec.wrapper.split_first() {
+            Some((wrapper, wrapper_args)) => {
+                let mut cmd = tokio::process::Command::new(wrapper);
+                cmd.args(wrapper_args).arg(&bin);
+                cmd
+            }
+            None => tokio::process::Command::new(&bin),
+        };
         if spec.env_clear {
             cmd.env_clear();
             for key in ["PATH", "LANG"] {
