@@ -1,5 +1,6 @@
 //! The `ct-relay` binary as an operator uses it: start on embedded defaults, the admin commands (with the
-//! global flags before or after the subcommand), health over HTTPS, and a SIGTERM that drains and exits 0.
+//! global flags before or after the subcommand; shares, projects, the default agent), health over HTTPS, and
+//! a SIGTERM that drains and exits 0.
 
 mod support;
 
@@ -8,7 +9,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ct_protocol::handshake::PairRequest;
+use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::pairing::PairingToken;
+use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
 use ct_protocol::Transport;
 use ed25519_dalek::SigningKey;
 
@@ -113,7 +116,7 @@ async fn operator_workflow_from_start_to_sigterm() {
         name: "box".into(),
     };
     let addr = https.parse().unwrap();
-    let session = support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
+    let mut session = support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
         .await
         .unwrap();
     assert_eq!(session.welcome.owner, "4242");
@@ -126,6 +129,100 @@ async fn operator_workflow_from_start_to_sigterm() {
             && agents.contains("quic"),
         "{agents}"
     );
+    // Shares, the default agent, and a project request the agent answers.
+    let added = stdout(&admin(
+        &data,
+        &["share", "add", "5", "--as", "4242", "--project", "web,api"],
+    ));
+    assert!(
+        added.contains("user 5 may now run tasks") && added.contains("projects: web, api"),
+        "{added}"
+    );
+    let list = stdout(&admin(&data, &["share", "list", "--as", "4242"]));
+    assert!(
+        list.contains("GRANTEE") && list.contains("web, api"),
+        "{list}"
+    );
+    let available = stdout(&admin(&data, &["share", "available", "--as", "5"]));
+    assert!(
+        available.contains("user 4242")
+            && available.contains("box")
+            && available.contains("online"),
+        "{available}"
+    );
+    let me = admin(&data, &["share", "add", "4242", "--as", "4242"]);
+    assert!(
+        !me.status.success() && String::from_utf8_lossy(&me.stderr).contains("yourself"),
+        "{me:?}"
+    );
+    let default = stdout(&admin(&data, &["default-agent", "box", "--as", "4242"]));
+    assert!(
+        default.contains("box is now your default agent"),
+        "{default}"
+    );
+    let dir_arg = data.clone();
+    let listing = tokio::task::spawn_blocking(move || {
+        admin(
+            &dir_arg,
+            &["project", "list", "--as", "4242", "--agent", "box"],
+        )
+    });
+    let id = loop {
+        match support::recv(&mut session).await {
+            RelayMessage::Project {
+                id,
+                op: ProjectOp::List,
+            } => break id,
+            other => panic!("expected a project request, got {other:?}"),
+        }
+    };
+    let report = ProjectsReport {
+        projects: vec![ProjectInfo {
+            name: "web".into(),
+            path: "/srv/web".into(),
+        }],
+        allowed_dirs: vec!["/srv".into()],
+        accepts_shared: true,
+    };
+    session
+        .writer
+        .send(&AgentMessage::ProjectReply {
+            id,
+            reply: ProjectReply::Ok(report),
+        })
+        .await
+        .unwrap();
+    let projects = stdout(&listing.await.unwrap());
+    assert!(
+        projects.contains("/srv/web") && projects.contains("allowed folders: /srv"),
+        "{projects}"
+    );
+    let removed = stdout(&admin(&data, &["share", "remove", "5", "--as", "4242"]));
+    assert!(removed.contains("stopped sharing with user 5"), "{removed}");
+    let refused = admin(
+        &data,
+        &[
+            "task",
+            "--as",
+            "5",
+            "--target",
+            "4242",
+            "--project",
+            "web",
+            "hi",
+        ],
+    );
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("has not shared"),
+        "{refused:?}"
+    );
+    let reply = admin(&data, &["reply", "--as", "4242", "t_nosuch", "more"]);
+    assert!(
+        String::from_utf8_lossy(&reply.stderr).contains("there is no task"),
+        "{reply:?}"
+    );
+
     let bad = admin(&data, &["pair-code", "--user", "not-a-number"]);
     assert!(
         !bad.status.success()
