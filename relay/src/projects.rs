@@ -19,8 +19,11 @@ pub const MAX_PENDING_PER_AGENT: usize = 64;
 pub const MAX_PROJECT_NAME: usize = 64;
 /// Longest path sent to or kept from an agent, in bytes.
 pub const MAX_PATH_LEN: usize = 4096;
-/// Most projects and allowed folders kept from one agent's report.
+/// Most projects, and most allowed folders, kept from one agent's report.
 pub const MAX_REPORTED: usize = 500;
+/// Bytes of names and paths kept from one report. The report lives in the agent's record, which is read
+/// whenever agents are listed or chosen, so it must stay small whatever the agent sends.
+pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 
 /// A request waiting for its answer.
 #[derive(Debug)]
@@ -91,12 +94,22 @@ fn check_op(op: &ProjectOp) -> Result<(), TaskError> {
 /// cannot make its stored record (read on every submit) large.
 fn sanitize(mut report: ProjectsReport) -> ProjectsReport {
     let before = (report.projects.len(), report.allowed_dirs.len());
+    let mut budget = MAX_REPORT_BYTES;
+    let mut fits = |len: usize| {
+        let ok = len <= budget;
+        budget = budget.saturating_sub(len);
+        ok
+    };
     report
         .projects
         .retain(|p: &ProjectInfo| p.name.len() <= MAX_PROJECT_NAME && p.path.len() <= MAX_PATH_LEN);
     report.projects.truncate(MAX_REPORTED);
+    report
+        .projects
+        .retain(|p| fits(p.name.len() + p.path.len()));
     report.allowed_dirs.retain(|d| d.len() <= MAX_PATH_LEN);
     report.allowed_dirs.truncate(MAX_REPORTED);
+    report.allowed_dirs.retain(|d| fits(d.len()));
     if before != (report.projects.len(), report.allowed_dirs.len()) {
         tracing::warn!("the agent's project report was too large; only part of it is kept");
     }

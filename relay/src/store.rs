@@ -116,10 +116,12 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
-    /// Whether the agent was given this task. Records from before `dispatched_at` existed count as dispatched
-    /// once they left the queued state.
+    /// Whether the agent was given this task. Running records from before `dispatched_at` existed count as
+    /// dispatched; a task the relay ended while it was queued (cancelled, or lost with a revoked agent) does
+    /// not.
     pub fn is_dispatched(&self) -> bool {
-        self.dispatched_at.is_some() || self.state != TaskState::Queued
+        self.dispatched_at.is_some()
+            || matches!(self.state, TaskState::Running | TaskState::WaitingApproval)
     }
 }
 

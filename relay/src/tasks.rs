@@ -702,7 +702,9 @@ impl Core {
             if !rec.is_dispatched() {
                 return Err(TaskError::NotStarted(id.to_string()));
             }
-            // A grantee whose share was revoked or narrowed may not keep talking to the owner's machine.
+            // A grantee whose share was revoked or narrowed may not keep talking to the owner's machine; the
+            // lock keeps a revocation from landing between this check and the send.
+            let _routing = self.routing();
             self.role_for(user, &agent.owner, &rec.spec.project)?;
             let input = RelayMessage::TaskInput {
                 task: id.to_string(),
@@ -829,17 +831,18 @@ impl Core {
             tracing::warn!(task = id, "event for a task on another agent; ignored");
             return Ok(None);
         }
-        if !rec.is_dispatched() {
-            // Still in the queue: the agent was never given it, so it cannot have anything to say about it.
-            tracing::warn!(
-                task = id,
-                "event for a task not sent to this agent yet; ignored"
-            );
-            return Ok(None);
-        }
         if seq <= rec.last_seq {
             // Re-sent after a reconnect: already stored. Acknowledge again so the agent can let it go.
             return Ok(Some(rec.last_seq));
+        }
+        if !rec.is_dispatched() {
+            // The agent was never given this task (it is queued, or the relay ended it while it was): it cannot
+            // have anything to say about it.
+            tracing::warn!(
+                task = id,
+                "event for a task never sent to this agent; ignored"
+            );
+            return Ok(None);
         }
         if seq != rec.last_seq + 1 {
             tracing::warn!(

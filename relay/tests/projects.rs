@@ -384,4 +384,41 @@ async fn an_oversized_report_is_cut_to_its_bound() {
     let kept = relay.core.agent_projects(&fp(&key)).unwrap().unwrap();
     assert_eq!(kept.projects.len(), ct_relay::projects::MAX_REPORTED);
     assert!(kept.projects.iter().all(|p| p.name.len() <= 64));
+
+    // Long paths: fewer entries, within the byte budget.
+    let long: Vec<ProjectInfo> = (0..200)
+        .map(|i| ProjectInfo {
+            name: format!("p{i}"),
+            path: format!("/{}", "d".repeat(4000)),
+        })
+        .collect();
+    let wide = ProjectsReport {
+        projects: long,
+        allowed_dirs: vec!["/".into()],
+        accepts_shared: true,
+    };
+    agent
+        .writer
+        .send(&AgentMessage::Projects(wide))
+        .await
+        .unwrap();
+    support::eventually(Duration::from_secs(5), || {
+        relay
+            .core
+            .agent_projects(&fp(&key))
+            .unwrap()
+            .unwrap()
+            .projects
+            .len()
+            < 200
+    })
+    .await;
+    let kept = relay.core.agent_projects(&fp(&key)).unwrap().unwrap();
+    let bytes: usize = kept
+        .projects
+        .iter()
+        .map(|p| p.name.len() + p.path.len())
+        .sum();
+    assert!(bytes <= ct_relay::projects::MAX_REPORT_BYTES, "{bytes}");
+    assert!(!kept.projects.is_empty());
 }

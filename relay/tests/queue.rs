@@ -197,11 +197,22 @@ async fn a_queued_task_is_cancelled_without_the_agent() {
         relay.core.cancel_task("1", &queued),
         Err(TaskError::Ended { .. })
     ));
+    // Nor can the agent write into it: it never had it.
+    support::send_event(
+        &mut agent,
+        &queued,
+        2,
+        TaskEvent::Text {
+            text: "forged".into(),
+        },
+    )
+    .await;
     // The agent never hears of it: the next message it gets is the acknowledgement, then the next task.
     support::send_event(&mut agent, &running, 1, finished(FinalState::Done)).await;
     expect_ack(&mut agent, &running, 1).await;
     let next = relay.core.submit_task(own("1")).unwrap().spec.task;
     assert_eq!(expect_start(&mut agent).await.task, next);
+    assert_eq!(relay.core.store().events(&queued, 0).unwrap().len(), 1);
 }
 
 #[tokio::test]
