@@ -59,6 +59,10 @@ enum Command {
         /// The `claude` to run [default: found on PATH or in the usual install places]
         #[arg(long, env = "CT_AGENT_CLAUDE_BIN", value_name = "PATH")]
         claude_bin: Option<PathBuf>,
+        /// Let "allow for this session" apply Claude Code's permission suggestions, which can write
+        /// .claude/settings*.json into your projects (off: approvals never edit files)
+        #[arg(long, env = "CT_AGENT_ALLOW_SETTINGS_WRITES")]
+        allow_settings_writes: bool,
     },
     /// Whether people you share this agent with (/share in Discord) may run tasks here; off by default
     Sharing {
@@ -239,11 +243,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             approval_timeout,
             idle_timeout,
             claude_bin,
+            allow_settings_writes,
         } => {
             let mut opts = ct_agent::RunOptions::new(config_dir);
             opts.tasks.approval_timeout = std::time::Duration::from_secs(approval_timeout);
             opts.tasks.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             opts.tasks.claude_bin = claude_bin;
+            opts.tasks.allow_settings_writes = allow_settings_writes;
             run(opts).await
         }
         Command::Sandbox { command } => {

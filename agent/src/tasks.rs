@@ -64,6 +64,9 @@ pub struct TaskConfig {
     pub cancel_step: Duration,
     /// Claude Code processes at once (running and warm); a warm one is closed to make room.
     pub max_sessions: usize,
+    /// Apply Claude Code's permission suggestions on "allow for this session", which may write
+    /// `.claude/settings*.json` into the project; off by default, so a decision in Discord never edits files.
+    pub allow_settings_writes: bool,
     /// Unacknowledged event bytes before tasks stop reading Claude Code's output.
     pub outbox_limit: usize,
 }
@@ -79,6 +82,7 @@ impl Default for TaskConfig {
             idle_timeout: Duration::from_secs(600),
             cancel_step: Duration::from_secs(5),
             max_sessions: 8,
+            allow_settings_writes: false,
             outbox_limit: outbox::DEFAULT_LIMIT,
         }
     }
@@ -938,6 +942,7 @@ fn session_spec(
     s.env_clear = config.env_clear;
     s.env = config.env.clone();
     s.approval_timeout = config.approval_timeout;
+    s.allow_settings_writes = config.allow_settings_writes;
     s.cancel_step = config.cancel_step;
     s.model = spec.options.model.clone();
     s.permission_mode = spec
