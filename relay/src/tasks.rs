@@ -168,6 +168,13 @@ pub enum TaskError {
     ResumeNotYours { agent: String, session: String },
     #[error("that is not a Claude Code session id: reply in the task's thread to continue it")]
     BadResume,
+    #[error("{0}")]
+    BadOption(String),
+    #[error(
+        "permission mode {mode:?} is not available on someone else's agent at your level: use one of {allowed} \
+         (the owner decides what runs unasked on their machine)"
+    )]
+    ModeNotAllowed { mode: String, allowed: String },
     #[error("you cannot share with yourself: your own agents are always yours to use")]
     ShareWithSelf,
     #[error("{0}")]
@@ -222,6 +229,56 @@ fn check_project_text(project: &str) -> Result<(), TaskError> {
             len: project.len(),
             max: MAX_PROJECT_LEN,
         });
+    }
+    Ok(())
+}
+
+/// Longest model name accepted, in bytes.
+const MAX_MODEL_LEN: usize = 100;
+/// Claude Code permission modes a grantee may choose. Modes that approve by themselves (`acceptEdits`, `auto`)
+/// would take the owner's approvals away, so only a trusted grantee (who decides their own) gets them;
+/// `bypassPermissions` stays the owner's alone. An owner's mode is passed on as given.
+const GRANTEE_MODES: &[&str] = &["default", "plan", "dontAsk"];
+const TRUSTED_MODES: &[&str] = &["default", "plan", "dontAsk", "acceptEdits", "auto"];
+
+/// Checks per-task options: bounded (they travel in one frame to the agent) and, for people the owner shares
+/// with, limited to the permission modes their level allows.
+pub(crate) fn check_options(role: Role, options: &TaskOptions) -> Result<(), TaskError> {
+    if options.model.as_ref().is_some_and(|m| {
+        m.is_empty() || m.len() > MAX_MODEL_LEN || m.chars().any(|c| c.is_control())
+    }) {
+        return Err(TaskError::BadOption(format!(
+            "the model must be a name like `sonnet` or `opus`, at most {MAX_MODEL_LEN} bytes"
+        )));
+    }
+    if options.max_turns == Some(0) {
+        return Err(TaskError::BadOption("max turns must be at least 1".into()));
+    }
+    if options
+        .max_budget_usd
+        .is_some_and(|b| !b.is_finite() || b <= 0.0)
+    {
+        return Err(TaskError::BadOption(
+            "the budget must be a positive amount of dollars".into(),
+        ));
+    }
+    if let Some(mode) = &options.permission_mode {
+        let allowed = match role {
+            Role::Owner => None,
+            Role::Grantee => Some(GRANTEE_MODES),
+            Role::TrustedGrantee => Some(TRUSTED_MODES),
+        };
+        if mode.len() > 32 {
+            return Err(TaskError::BadOption(
+                "that is not a permission mode (default, plan, acceptEdits, ...)".into(),
+            ));
+        }
+        if let Some(allowed) = allowed.filter(|a| !a.contains(&mode.as_str())) {
+            return Err(TaskError::ModeNotAllowed {
+                mode: mode.clone(),
+                allowed: allowed.join(", "),
+            });
+        }
     }
     Ok(())
 }
@@ -397,6 +454,7 @@ impl Core {
     /// Stores a new task in its agent's queue and dispatches what the agent has room for.
     fn enqueue(&self, routing: &RoutingGuard<'_>, task: NewTask) -> Result<TaskRecord, TaskError> {
         let agent = task.agent;
+        check_options(task.role, &task.options)?;
         self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
         if !self.live().contains_key(&agent.fingerprint) {
             let seen = agent.last_seen.map_or("never connected".into(), |t| {
@@ -472,7 +530,9 @@ impl Core {
             if running >= self.config().max_running_per_agent {
                 break;
             }
-            match self.standing(&rec) {
+            // The share may have been narrowed or downgraded while the task waited.
+            let standing = self.standing(&rec);
+            match standing {
                 Ok(role) => rec.spec.requester.role = role,
                 Err(why) => {
                     self.finish_here(&mut rec, TaskState::Cancelled, why)?;
@@ -527,8 +587,15 @@ impl Core {
     }
 
     /// The requester's current role on the task's agent, or (as the message for them) why they no longer
-    /// may run it: shares can be revoked or narrowed after a task was submitted.
+    /// may run it: shares can be revoked, narrowed or downgraded (below the task's permission mode) after a
+    /// task was submitted.
     pub(crate) fn standing(&self, rec: &TaskRecord) -> Result<Role, String> {
+        let role = self.share_standing(rec)?;
+        check_options(role, &rec.spec.options).map_err(|e| format!("cancelled: {e}"))?;
+        Ok(role)
+    }
+
+    fn share_standing(&self, rec: &TaskRecord) -> Result<Role, String> {
         let owner = match self.store().agent(&rec.agent) {
             Ok(Some(a)) => a.owner,
             Ok(None) => return Err("cancelled: its agent no longer exists".into()),

@@ -453,3 +453,98 @@ async fn a_share_revoked_while_the_agent_was_offline_is_enforced_when_it_reconne
     expect_ack(&mut agent, &task, 2).await;
     assert_eq!(core.task(&task).unwrap().state, TaskState::Cancelled);
 }
+
+#[tokio::test]
+async fn a_grantee_cannot_pick_a_permission_mode_that_approves_in_the_owners_place() {
+    use ct_protocol::task::TaskOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay_with_slots(dir.path(), 1).await;
+    let core = &relay.core;
+    let (_key, mut agent) = agent(&relay, "1").await;
+    let with_mode = |s: Submit, mode: &str| Submit {
+        options: TaskOptions {
+            permission_mode: Some(mode.into()),
+            ..Default::default()
+        },
+        ..s
+    };
+
+    core.share_add("1", "2", None, ShareLevel::Standard)
+        .unwrap();
+    for mode in ["bypassPermissions", "acceptEdits", "auto", "somethingNew"] {
+        let err = core
+            .submit_task(with_mode(shared("2", "1", "web"), mode))
+            .unwrap_err();
+        assert!(
+            matches!(err, TaskError::ModeNotAllowed { .. }),
+            "{mode}: {err}"
+        );
+    }
+    core.share_add("1", "2", None, ShareLevel::Trusted).unwrap();
+    let err = core
+        .submit_task(with_mode(shared("2", "1", "web"), "bypassPermissions"))
+        .unwrap_err();
+    assert!(matches!(err, TaskError::ModeNotAllowed { .. }), "{err}");
+    // Trusted: a mode that approves edits is theirs to choose (they decide their own approvals).
+    let running = core
+        .submit_task(with_mode(shared("2", "1", "web"), "acceptEdits"))
+        .unwrap()
+        .spec
+        .task;
+    assert_eq!(expect_start(&mut agent).await.task, running);
+    let queued = core
+        .submit_task(with_mode(shared("2", "1", "web"), "auto"))
+        .unwrap()
+        .spec
+        .task;
+    let plain = core
+        .submit_task(with_mode(shared("2", "1", "web"), "plan"))
+        .unwrap()
+        .spec
+        .task;
+
+    // Downgraded: the tasks that rely on the trusted level end at once; the plain one stays.
+    let enforced = core
+        .share_add("1", "2", None, ShareLevel::Standard)
+        .unwrap();
+    assert_eq!(enforced.level, ShareLevel::Standard);
+    assert_eq!(
+        recv(&mut agent).await,
+        RelayMessage::CancelTask {
+            task: running.clone()
+        }
+    );
+    let rec = core.task(&queued).unwrap();
+    assert_eq!(rec.state, TaskState::Cancelled);
+    assert!(rec.message.unwrap().contains("permission mode"));
+    assert_eq!(core.task(&plain).unwrap().state, TaskState::Queued);
+    event_acked(&mut agent, &running, 1, finished(FinalState::Cancelled)).await;
+    let spec = expect_start(&mut agent).await;
+    assert_eq!((spec.task, spec.requester.role), (plain, Role::Grantee));
+
+    // The owner's own mode passes; options that could not travel are refused for everyone.
+    core.submit_task(with_mode(own("1", "web"), "bypassPermissions"))
+        .unwrap();
+    for options in [
+        TaskOptions {
+            model: Some("m".repeat(1000)),
+            ..Default::default()
+        },
+        TaskOptions {
+            max_budget_usd: Some(f64::NAN),
+            ..Default::default()
+        },
+        TaskOptions {
+            max_turns: Some(0),
+            ..Default::default()
+        },
+    ] {
+        let err = core
+            .submit_task(Submit {
+                options,
+                ..own("1", "web")
+            })
+            .unwrap_err();
+        assert!(matches!(err, TaskError::BadOption(_)), "{err}");
+    }
+}
