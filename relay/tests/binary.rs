@@ -167,14 +167,12 @@ async fn operator_workflow_from_start_to_sigterm() {
             &["project", "list", "--as", "4242", "--agent", "box"],
         )
     });
-    let id = loop {
-        match support::recv(&mut session).await {
-            RelayMessage::Project {
-                id,
-                op: ProjectOp::List,
-            } => break id,
-            other => panic!("expected a project request, got {other:?}"),
-        }
+    let id = match support::recv(&mut session).await {
+        RelayMessage::Project {
+            id,
+            op: ProjectOp::List,
+        } => id,
+        other => panic!("expected a project request, got {other:?}"),
     };
     let report = ProjectsReport {
         projects: vec![ProjectInfo {
