@@ -335,6 +335,21 @@ impl Store {
         Ok(None)
     }
 
+    /// Every task `pred` accepts, scanning the whole history.
+    pub fn tasks_where(
+        &self,
+        mut pred: impl FnMut(&TaskRecord) -> bool,
+    ) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if pred(&rec) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
     /// Tasks on one agent that have not ended, in queue order (oldest first).
     pub fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
         let mut out = Vec::new();

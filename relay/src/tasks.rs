@@ -656,6 +656,25 @@ impl Core {
         Ok(())
     }
 
+    /// The user's most recent tasks, newest first: those they asked for and those on their agents (for
+    /// task-id autocomplete and history). Scans the task history, so front ends should not call it per
+    /// keystroke without a limit.
+    pub fn tasks_for(&self, user: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
+        let mine: std::collections::HashSet<Fingerprint> = self
+            .store()
+            .agents()?
+            .into_iter()
+            .filter(|a| a.owner == user)
+            .map(|a| a.fingerprint)
+            .collect();
+        let mut tasks = self
+            .store()
+            .tasks_where(|t| t.spec.requester.user == user || mine.contains(&t.agent))?;
+        tasks.sort_by(|a, b| (b.created_at, b.order).cmp(&(a.created_at, a.order)));
+        tasks.truncate(limit);
+        Ok(tasks)
+    }
+
     pub fn task(&self, id: &str) -> Result<TaskRecord, TaskError> {
         self.store()
             .task(id)?

@@ -323,3 +323,38 @@ async fn revoking_an_agent_ends_its_tasks() {
         RelayMessage::Closing { .. }
     ));
 }
+
+#[tokio::test]
+async fn a_user_sees_their_own_tasks_and_those_on_their_agents_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let core = &relay.core;
+    let (_k1, mut one) = agent(&relay, "1").await;
+    let (_k2, mut two) = agent(&relay, "2").await;
+    core.share_add("1", "3", None, ShareLevel::Standard)
+        .unwrap();
+    let first = core.submit_task(own("1")).unwrap().spec.task;
+    let theirs = core
+        .submit_task(Submit {
+            target: Some("1".into()),
+            ..own("3")
+        })
+        .unwrap()
+        .spec
+        .task;
+    let other = core.submit_task(own("2")).unwrap().spec.task;
+    expect_start(&mut one).await;
+    expect_start(&mut two).await;
+    let ids = |user: &str, limit| -> Vec<String> {
+        core.tasks_for(user, limit)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.spec.task)
+            .collect()
+    };
+    assert_eq!(ids("1", 10), vec![theirs.clone(), first.clone()]);
+    assert_eq!(ids("1", 1), vec![theirs.clone()]);
+    assert_eq!(ids("3", 10), vec![theirs]);
+    assert_eq!(ids("2", 10), vec![other]);
+    assert!(ids("4", 10).is_empty());
+}
