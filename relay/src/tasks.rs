@@ -670,7 +670,7 @@ impl Core {
         let mut tasks = self
             .store()
             .tasks_where(|t| t.spec.requester.user == user || mine.contains(&t.agent))?;
-        tasks.sort_by(|a, b| (b.created_at, b.order).cmp(&(a.created_at, a.order)));
+        tasks.sort_by_key(|t| std::cmp::Reverse((t.created_at, t.order)));
         tasks.truncate(limit);
         Ok(tasks)
     }
