@@ -33,6 +33,8 @@ pub const MAX_PROJECT_LEN: usize = 1024;
 const MAX_DISPLAY_NAME: usize = 64;
 /// Longest Claude Code session id accepted for `resume` (they are UUIDs).
 const MAX_SESSION_ID: usize = 128;
+/// Tasks remembered as sent during a session whose `Running` report has not arrived yet.
+const MAX_UNRECONCILED: usize = 1024;
 
 /// What [`Core::follow`] returns: the task, its stored events, and a receiver for the ones that follow.
 pub type Following = (
@@ -550,6 +552,12 @@ impl Core {
                     .try_send(RelayMessage::StartTask(rec.spec.clone()))
                 {
                     Ok(()) => {
+                        if live.dispatched_here.len() >= MAX_UNRECONCILED {
+                            // An agent that sent no report after this many tasks does not send one: stop
+                            // remembering (and stop expecting it) rather than grow without bound.
+                            live.reconciled = true;
+                            live.dispatched_here.clear();
+                        }
                         if !live.reconciled {
                             live.dispatched_here.insert(rec.spec.task.clone());
                         }
