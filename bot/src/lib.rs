@@ -1,1 +1,31 @@
-//! CodeTogether's Discord front end (`ct-bot`). Modules arrive in the following commits.
+//! CodeTogether's Discord front end (`ct-bot`).
+//!
+//! The bot runs inside `ct-relay`. Layout, one module per concern:
+//!
+//! - [`config`]: [`BotConfig`] from the environment — gateway or HTTP-interactions delivery, guild,
+//!   channel restriction, REST proxy; secrets never printed.
+//! - [`commands`]: the slash command definitions and their registration (one guild or global).
+//! - [`rest`]: [`Rest`], the bot's REST client: honours `X-RateLimit-*` headers and 429 `retry_after`
+//!   itself, because serenity's own rate limiter is off when a proxy is set.
+//! - [`gateway`]: connects a serenity client for a config and registers the commands on READY.
+//! - [`verify`]: HTTP-interactions mode — the ed25519 signature check and PING.
+//! - [`split`]: assistant text into ≤ 2,000-character messages, code fences kept whole.
+//! - [`render`]: what a task looks like in Discord — progress line and edit throttle, summary embed,
+//!   approval buttons and menus, attachment-or-message for long output.
+//! - [`custom_id`]: what a button, menu or modal means, encoded in its `custom_id` and parsed back.
+//! - [`backend`]: the [`Backend`] trait — everything the bot needs from the relay core, which the relay
+//!   implements. Nothing in this crate depends on the relay.
+
+pub mod backend;
+pub mod commands;
+pub mod config;
+pub mod custom_id;
+pub mod gateway;
+pub mod render;
+pub mod rest;
+pub mod split;
+pub mod verify;
+
+pub use backend::Backend;
+pub use config::BotConfig;
+pub use rest::Rest;

@@ -1,0 +1,205 @@
+//! The boundary between the bot and the relay core: [`Backend`] is everything the bot's command handlers
+//! need, in the bot's own terms; `ct-relay` implements it over its `Core` (this crate must not depend on the
+//! relay, which embeds the bot).
+//!
+//! Users are Discord user ids as strings, the relay's only human identity. Every refusal a user can cause
+//! comes back as [`BackendError::Refused`] with a message that says what to do (agent offline since when,
+//! unknown project with the list, not shared with you, path not allowed, Claude Code not logged in); the
+//! bot shows it ephemerally as is. Anything else is [`BackendError::Internal`]: logged, and the user is told
+//! to try again.
+//!
+//! Mapping to the core (as of writing; names there may still move):
+//! `submit` → `Core::submit_task`, `follow` → `Core::follow`, `cancel` → `Core::cancel_task`,
+//! `decide` → `Core::decide`, `task` → `Core::task`, `pairing_code` → `Core::mint_pairing_token`,
+//! `agents` → `Core::agents` (filtered to the user), `unregister` → `Core::revoke` (after an ownership check),
+//! and the project, share, reply and session-control calls → the core's API for them.
+
+use async_trait::async_trait;
+use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
+use tokio::sync::broadcast;
+
+/// Why a backend call did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The person asked for something that cannot be done; the message tells them what to do instead.
+    #[error("{0}")]
+    Refused(String),
+    /// Our fault (store, bug); not shown in detail.
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// One of a user's agents (or one shared with them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub name: String,
+    /// Short fingerprint of the agent's key, for telling machines apart.
+    pub fingerprint: String,
+    /// Discord user id of the owner.
+    pub owner: String,
+    pub online: bool,
+    /// Online since, or last seen, in Unix seconds.
+    pub since: Option<u64>,
+}
+
+/// A project: a name for a folder on one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectInfo {
+    pub name: String,
+    pub path: String,
+    pub agent: String,
+    /// Discord user id of the agent's owner (differs from the user for shared projects).
+    pub owner: String,
+}
+
+/// What sharing allows a grantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShareLevel {
+    /// Run tasks; approvals go to the owner.
+    Run,
+    /// Run tasks and answer their own approvals.
+    Trusted,
+}
+
+/// A share, seen from either side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareInfo {
+    pub owner: String,
+    pub grantee: String,
+    /// Empty: all projects.
+    pub projects: Vec<String>,
+    pub level: ShareLevel,
+}
+
+/// A task as the bot shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskInfo {
+    pub id: String,
+    pub project: String,
+    pub agent: String,
+    /// Discord user id of who asked.
+    pub requester: String,
+    /// `queued`, `running`, `waiting_approval`, `done`, `failed`, `cancelled`, `lost`.
+    pub state: String,
+    pub created_at: u64,
+    pub session_id: Option<String>,
+}
+
+/// A request to start a task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRequest {
+    pub user: String,
+    pub prompt: String,
+    pub project: Option<String>,
+    /// Run on this user's agent (they must have shared it).
+    pub target: Option<String>,
+    pub agent: Option<String>,
+    pub options: TaskOptions,
+}
+
+/// `/cc ...`: controls for a task's Claude Code session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionControl {
+    Clear,
+    Compact,
+    Model(String),
+    Status,
+    Stop,
+}
+
+/// A pairing code for `/register pair`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pairing {
+    /// The token to paste: `ct-agent pair <token>`.
+    pub token: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+}
+
+/// A task's stored events and the live ones that follow; a follower skips live events whose sequence
+/// number it already has (the two overlap by design, so nothing falls between them).
+#[derive(Debug)]
+pub struct TaskFeed {
+    pub task: TaskInfo,
+    pub past: Vec<(u64, TaskEvent)>,
+    pub live: broadcast::Receiver<(u64, TaskEvent)>,
+}
+
+/// One line of `/audit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub at: u64,
+    /// Discord user id of who did it.
+    pub actor: String,
+    pub what: String,
+}
+
+/// What the bot needs from the relay core. `user` is always the Discord user id of the person acting,
+/// as Discord reported it; the backend enforces every permission.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// `/register pair`.
+    async fn pairing_code(&self, user: &str) -> Result<Pairing>;
+    /// `/register status`, `/agents`: the user's agents and those shared with them.
+    async fn agents(&self, user: &str) -> Result<Vec<AgentInfo>>;
+    /// `/register unregister`.
+    async fn unregister(&self, user: &str, agent: &str) -> Result<AgentInfo>;
+
+    /// `/project add`: answered by the agent, which checks the path against its allowed folders.
+    async fn add_project(
+        &self,
+        user: &str,
+        name: &str,
+        path: &str,
+        agent: Option<&str>,
+    ) -> Result<ProjectInfo>;
+    /// `/project list` and project autocomplete.
+    async fn projects(&self, user: &str) -> Result<Vec<ProjectInfo>>;
+    async fn remove_project(&self, user: &str, name: &str) -> Result<()>;
+
+    /// `/task`.
+    async fn submit(&self, req: TaskRequest) -> Result<TaskInfo>;
+    /// A message in a task's thread, or `/reply`: continue the same session.
+    async fn reply(&self, user: &str, task: &str, prompt: &str) -> Result<TaskInfo>;
+    /// `/status`.
+    async fn task(&self, user: &str, task: &str) -> Result<TaskInfo>;
+    /// The user's recent tasks (task-id autocomplete, `/audit`).
+    async fn tasks(&self, user: &str) -> Result<Vec<TaskInfo>>;
+    /// The thread's event stream.
+    async fn follow(&self, task: &str) -> Result<TaskFeed>;
+    /// `/cancel`, the Stop button.
+    async fn cancel(&self, user: &str, task: &str) -> Result<()>;
+    /// Approval buttons, menus, modals and `/approve`.
+    async fn decide(
+        &self,
+        user: &str,
+        task: &str,
+        approval: &str,
+        decision: Decision,
+    ) -> Result<()>;
+    /// `/cc ...`; returns a line to show.
+    async fn session_control(
+        &self,
+        user: &str,
+        task: &str,
+        control: SessionControl,
+    ) -> Result<String>;
+
+    /// `/share add`.
+    async fn share(
+        &self,
+        owner: &str,
+        grantee: &str,
+        projects: Vec<String>,
+        level: ShareLevel,
+    ) -> Result<ShareInfo>;
+    /// `/share remove`: takes effect at once.
+    async fn unshare(&self, owner: &str, grantee: &str) -> Result<()>;
+    /// `/share list` (as owner) and `/share available` (as grantee): every share the user is part of.
+    async fn shares(&self, user: &str) -> Result<Vec<ShareInfo>>;
+
+    /// `/audit`.
+    async fn audit(&self, user: &str) -> Result<Vec<AuditEntry>>;
+}

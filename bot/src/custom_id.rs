@@ -1,0 +1,275 @@
+//! What a button, select menu or modal means, carried in its `custom_id` (Discord gives it back verbatim
+//! on a click, and allows at most 100 characters).
+//!
+//! Format: a two-letter verb, then fields separated by `:`, the approval id last so it may itself contain
+//! `:` (it comes from the agent). Task ids never contain `:`. Anything that does not parse is a stale or
+//! foreign component, and the handler says so instead of guessing.
+
+use std::fmt;
+
+/// Discord's limit on `custom_id`.
+pub const CUSTOM_ID_MAX: usize = 100;
+
+/// How far an approval reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// This one tool use.
+    Once,
+    /// This tool for the rest of the session.
+    Session,
+}
+
+/// The action behind a component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// "Allow once" / "Allow for session".
+    Allow {
+        task: String,
+        approval: String,
+        scope: Scope,
+    },
+    /// "Deny": opens the reason modal.
+    Deny { task: String, approval: String },
+    /// The reason modal, submitted.
+    DenyReason { task: String, approval: String },
+    /// A choice in the select menu of AskUserQuestion question `question`.
+    Answer {
+        task: String,
+        approval: String,
+        question: u8,
+    },
+    /// "Other…" for question `question`: opens a free-text modal.
+    AnswerOther {
+        task: String,
+        approval: String,
+        question: u8,
+    },
+    /// The free-text modal for question `question`, submitted.
+    AnswerText {
+        task: String,
+        approval: String,
+        question: u8,
+    },
+    /// The Stop button of a task.
+    Stop { task: String },
+}
+
+/// Why an action cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("custom_id would be {0} characters, over Discord's {CUSTOM_ID_MAX}")]
+    TooLong(usize),
+    #[error("task id {0:?} contains ':'")]
+    BadTask(String),
+}
+
+impl Action {
+    /// The `custom_id` for this action, or an error if the ids do not fit.
+    pub fn encode(&self) -> Result<String, EncodeError> {
+        let task = self.task();
+        if task.contains(':') {
+            return Err(EncodeError::BadTask(task.to_string()));
+        }
+        let id = self.to_string();
+        let n = id.chars().count();
+        if n > CUSTOM_ID_MAX {
+            return Err(EncodeError::TooLong(n));
+        }
+        Ok(id)
+    }
+
+    /// The action a `custom_id` stands for, if it is one of ours.
+    pub fn parse(id: &str) -> Option<Self> {
+        let (verb, rest) = id.split_once(':')?;
+        let task_approval = |s: &str| -> Option<(String, String)> {
+            let (t, a) = s.split_once(':')?;
+            (!t.is_empty() && !a.is_empty()).then(|| (t.to_string(), a.to_string()))
+        };
+        let question = |s: &str| -> Option<(u8, String, String)> {
+            let (q, rest) = s.split_once(':')?;
+            let (t, a) = task_approval(rest)?;
+            Some((q.parse().ok()?, t, a))
+        };
+        Some(match verb {
+            "ao" | "as" => {
+                let (task, approval) = task_approval(rest)?;
+                Self::Allow {
+                    task,
+                    approval,
+                    scope: if verb == "ao" {
+                        Scope::Once
+                    } else {
+                        Scope::Session
+                    },
+                }
+            }
+            "dn" => {
+                let (task, approval) = task_approval(rest)?;
+                Self::Deny { task, approval }
+            }
+            "dr" => {
+                let (task, approval) = task_approval(rest)?;
+                Self::DenyReason { task, approval }
+            }
+            "qa" | "qo" | "qt" => {
+                let (question, task, approval) = question(rest)?;
+                match verb {
+                    "qa" => Self::Answer {
+                        task,
+                        approval,
+                        question,
+                    },
+                    "qo" => Self::AnswerOther {
+                        task,
+                        approval,
+                        question,
+                    },
+                    _ => Self::AnswerText {
+                        task,
+                        approval,
+                        question,
+                    },
+                }
+            }
+            "st" if !rest.is_empty() && !rest.contains(':') => Self::Stop {
+                task: rest.to_string(),
+            },
+            _ => return None,
+        })
+    }
+
+    /// The task the action is about.
+    pub fn task(&self) -> &str {
+        match self {
+            Self::Allow { task, .. }
+            | Self::Deny { task, .. }
+            | Self::DenyReason { task, .. }
+            | Self::Answer { task, .. }
+            | Self::AnswerOther { task, .. }
+            | Self::AnswerText { task, .. }
+            | Self::Stop { task } => task,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Allow {
+                task,
+                approval,
+                scope,
+            } => {
+                let verb = match scope {
+                    Scope::Once => "ao",
+                    Scope::Session => "as",
+                };
+                write!(f, "{verb}:{task}:{approval}")
+            }
+            Self::Deny { task, approval } => write!(f, "dn:{task}:{approval}"),
+            Self::DenyReason { task, approval } => write!(f, "dr:{task}:{approval}"),
+            Self::Answer {
+                task,
+                approval,
+                question,
+            } => write!(f, "qa:{question}:{task}:{approval}"),
+            Self::AnswerOther {
+                task,
+                approval,
+                question,
+            } => write!(f, "qo:{question}:{task}:{approval}"),
+            Self::AnswerText {
+                task,
+                approval,
+                question,
+            } => write!(f, "qt:{question}:{task}:{approval}"),
+            Self::Stop { task } => write!(f, "st:{task}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_action_round_trips() {
+        let (t, a) = ("t_k3m9x2ab".to_string(), "toolu_01ABC:weird".to_string());
+        for action in [
+            Action::Allow {
+                task: t.clone(),
+                approval: a.clone(),
+                scope: Scope::Once,
+            },
+            Action::Allow {
+                task: t.clone(),
+                approval: a.clone(),
+                scope: Scope::Session,
+            },
+            Action::Deny {
+                task: t.clone(),
+                approval: a.clone(),
+            },
+            Action::DenyReason {
+                task: t.clone(),
+                approval: a.clone(),
+            },
+            Action::Answer {
+                task: t.clone(),
+                approval: a.clone(),
+                question: 3,
+            },
+            Action::AnswerOther {
+                task: t.clone(),
+                approval: a.clone(),
+                question: 0,
+            },
+            Action::AnswerText {
+                task: t.clone(),
+                approval: a.clone(),
+                question: 1,
+            },
+            Action::Stop { task: t.clone() },
+        ] {
+            let id = action.encode().unwrap();
+            assert!(id.len() <= CUSTOM_ID_MAX);
+            assert_eq!(Action::parse(&id), Some(action), "{id}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit() {
+        let long = Action::Deny {
+            task: "t_1".into(),
+            approval: "a".repeat(98),
+        };
+        assert_eq!(long.encode(), Err(EncodeError::TooLong(105)));
+        let colon = Action::Stop { task: "t:1".into() };
+        assert!(matches!(colon.encode(), Err(EncodeError::BadTask(_))));
+    }
+
+    #[test]
+    fn foreign_ids_do_not_parse() {
+        for id in [
+            "", "st", "st:", "xx:t:a", "ao:t_1", "ao::a", "qa:x:t:a", "qa:1:t", "st:a:b",
+        ] {
+            assert_eq!(Action::parse(id), None, "{id:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(id in ".{0,120}") {
+            let _ = Action::parse(&id);
+        }
+
+        #[test]
+        fn approvals_with_any_text_round_trip(task in "t_[a-z0-9]{1,12}", approval in "[^\\x00]{1,60}", q in 0u8..4) {
+            let action = Action::Answer { task, approval, question: q };
+            if let Ok(id) = action.encode() {
+                prop_assert_eq!(Action::parse(&id), Some(action));
+            }
+        }
+    }
+}
