@@ -102,13 +102,13 @@ struct Inner {
     buckets: Mutex<HashMap<String, Instant>>,
     /// Every call waits until this instant (a global 429).
     global: Mutex<Option<Instant>>,
-    max_wait: Duration,
 }
 
 /// The REST client; cheap to clone (shared state, one connection pool).
 #[derive(Clone)]
 pub struct Rest {
     inner: Arc<Inner>,
+    max_wait: Duration,
 }
 
 impl std::fmt::Debug for Rest {
@@ -171,8 +171,16 @@ impl Rest {
                 application_id: RwLock::new(None),
                 buckets: Mutex::new(HashMap::new()),
                 global: Mutex::new(None),
-                max_wait,
             }),
+            max_wait,
+        }
+    }
+
+    /// The same client (same rate-limit state) with another bound on how long one call may wait.
+    pub fn with_max_wait(&self, max_wait: Duration) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            max_wait,
         }
     }
 
@@ -209,7 +217,7 @@ impl Rest {
         body: Option<&Value>,
         files: &[Upload],
     ) -> Result<T, RestError> {
-        self.call_within(method, path, body, files, self.inner.max_wait)
+        self.call_within(method, path, body, files, self.max_wait)
             .await
     }
 
