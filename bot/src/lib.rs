@@ -8,6 +8,8 @@
 //! - [`rest`]: [`Rest`], the bot's REST client: honours `X-RateLimit-*` headers and 429 `retry_after`
 //!   itself, because serenity's own rate limiter is off when a proxy is set.
 //! - [`gateway`]: connects a serenity client for a config and registers the commands on READY.
+//! - [`respond`]: answer an interaction with the result of some work, deferring first when the work is
+//!   slow, so the 3-second deadline is never missed.
 //! - [`verify`]: HTTP-interactions mode — the ed25519 signature check and PING.
 //! - [`split`]: assistant text into ≤ 2,000-character messages, code fences kept whole.
 //! - [`render`]: what a task looks like in Discord — progress line and edit throttle, summary embed,
@@ -22,6 +24,7 @@ pub mod config;
 pub mod custom_id;
 pub mod gateway;
 pub mod render;
+pub mod respond;
 pub mod rest;
 pub mod split;
 pub mod verify;

@@ -92,8 +92,6 @@ pub async fn post(
         .await
         .with_context(|| format!("connecting to {host}:{port}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    // The connection future must be polled for the request to make progress; it ends with the request.
-    let conn = tokio::spawn(conn);
     let mut req = axum::http::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
         .header("host", format!("{host}:{port}"))
         .header("content-type", "application/json")
@@ -104,14 +102,18 @@ pub async fn post(
     for (k, v) in headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let resp = sender
-        .send_request(req.body(Body::from(body.to_vec()))?)
-        .await?;
-    let status = resp.status().as_u16();
-    let body = to_bytes(Body::new(resp.into_body()), 16 * 1024 * 1024).await?;
-    drop(sender);
-    let _ = conn.await;
-    Ok(HttpReply { status, body })
+    let req = req.body(Body::from(body.to_vec()))?;
+    let exchange = async move {
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = to_bytes(Body::new(resp.into_body()), 16 * 1024 * 1024).await?;
+        // With the sender gone and nothing in flight, the connection future below completes.
+        drop(sender);
+        Ok::<_, anyhow::Error>(HttpReply { status, body })
+    };
+    // The connection is driven here, alongside the exchange, rather than in a spawned task.
+    let (reply, _) = tokio::join!(exchange, conn);
+    reply
 }
 
 #[cfg(test)]

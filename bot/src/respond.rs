@@ -1,0 +1,110 @@
+//! Answering an interaction without ever missing Discord's 3-second deadline for the initial response.
+//!
+//! [`answer_in_time`] runs the work that produces the answer; if it finishes quickly the answer is the
+//! initial response itself, and if not, a deferred response ("thinking…") goes out first and the answer
+//! replaces it when ready (the interaction token allows that for 15 minutes). Command handlers can then be
+//! written as plain async functions returning an [`Answer`].
+
+use std::future::Future;
+use std::time::Duration;
+
+use serenity::all::{
+    CreateActionRow, CreateEmbed, CreateInteractionResponse, CreateInteractionResponseMessage,
+    EditInteractionResponse, InteractionId,
+};
+
+use crate::rest::{Rest, RestError};
+
+/// How long the work may take before the interaction is deferred: well inside 3 s, leaving room for the
+/// callback's own round trip (and a short rate-limit wait).
+pub const DEFER_AFTER: Duration = Duration::from_millis(1500);
+
+/// A message answering an interaction.
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    pub content: String,
+    pub embeds: Vec<CreateEmbed>,
+    pub components: Vec<CreateActionRow>,
+    /// Only the person who used the command sees it (errors, pairing codes).
+    pub ephemeral: bool,
+}
+
+impl Answer {
+    /// A visible text answer.
+    pub fn text(content: impl Into<String>) -> Self {
+        Self {
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+
+    /// A text only the person who asked sees: how every error a user can cause is answered.
+    pub fn private(content: impl Into<String>) -> Self {
+        Self {
+            content: content.into(),
+            ephemeral: true,
+            ..Self::default()
+        }
+    }
+
+    fn message(&self) -> CreateInteractionResponseMessage {
+        CreateInteractionResponseMessage::new()
+            .content(&self.content)
+            .embeds(self.embeds.clone())
+            .components(self.components.clone())
+            .ephemeral(self.ephemeral)
+    }
+
+    fn edit(&self) -> EditInteractionResponse {
+        EditInteractionResponse::new()
+            .content(&self.content)
+            .embeds(self.embeds.clone())
+            .components(self.components.clone())
+    }
+}
+
+/// How the answer went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// As the initial response.
+    Immediately,
+    /// Deferred first, then edited in.
+    AfterDefer,
+}
+
+/// Answers interaction `id` with the result of `work`, deferring first if `work` takes longer than
+/// [`DEFER_AFTER`]. `ephemeral_if_deferred` decides whether the "thinking…" message (and so the answer
+/// that replaces it) is private: Discord fixes that at the defer, before the answer is known.
+pub async fn answer_in_time(
+    rest: &Rest,
+    id: InteractionId,
+    token: &str,
+    ephemeral_if_deferred: bool,
+    work: impl Future<Output = Answer>,
+) -> Result<Delivered, RestError> {
+    answer_within(rest, id, token, ephemeral_if_deferred, DEFER_AFTER, work).await
+}
+
+/// [`answer_in_time`] with another defer threshold.
+pub async fn answer_within(
+    rest: &Rest,
+    id: InteractionId,
+    token: &str,
+    ephemeral_if_deferred: bool,
+    defer_after: Duration,
+    work: impl Future<Output = Answer>,
+) -> Result<Delivered, RestError> {
+    tokio::pin!(work);
+    if let Ok(answer) = tokio::time::timeout(defer_after, &mut work).await {
+        let response = CreateInteractionResponse::Message(answer.message());
+        rest.respond(id, token, &response, &[]).await?;
+        return Ok(Delivered::Immediately);
+    }
+    let defer = CreateInteractionResponse::Defer(
+        CreateInteractionResponseMessage::new().ephemeral(ephemeral_if_deferred),
+    );
+    rest.respond(id, token, &defer, &[]).await?;
+    let answer = work.await;
+    rest.edit_original(token, &answer.edit(), &[]).await?;
+    Ok(Delivered::AfterDefer)
+}
