@@ -74,6 +74,13 @@ pub enum RestError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("encoding the body of {method} {path}: {source}")]
+    Encode {
+        method: Method,
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error(
         "the application id is not known yet (it comes with READY, or from DISCORD_APPLICATION_ID)"
     )]
@@ -349,7 +356,7 @@ impl Rest {
         body: &impl Serialize,
         files: &[Upload],
     ) -> Result<T, RestError> {
-        let body = serde_json::to_value(body).map_err(|source| RestError::Decode {
+        let body = serde_json::to_value(body).map_err(|source| RestError::Encode {
             method: method.clone(),
             path: path.to_string(),
             source,
@@ -380,7 +387,7 @@ impl Rest {
         files: &[Upload],
     ) -> Result<(), RestError> {
         let path = format!("/interactions/{id}/{token}/callback");
-        let body = serde_json::to_value(response).map_err(|source| RestError::Decode {
+        let body = serde_json::to_value(response).map_err(|source| RestError::Encode {
             method: Method::POST,
             path: path.clone(),
             source,

@@ -41,7 +41,7 @@ pub fn split(text: &str) -> Vec<String> {
 
 /// The parts for `text` with at most `limit` characters each. The bodies, joined, are exactly `text`.
 ///
-/// `limit` must leave room for fence lines (it is at least 2 × ([`MAX_REOPEN_TAG`] + 8)).
+/// `limit` must leave room for fence lines: at least 144 characters.
 pub fn split_parts(text: &str, limit: usize) -> Vec<Part> {
     assert!(
         limit >= 2 * (MAX_REOPEN_TAG + 8),

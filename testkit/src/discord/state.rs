@@ -1,7 +1,7 @@
 //! What the simulator remembers: every REST call, the guild's channels and threads with their messages,
 //! registered commands, dispatched interactions and how each was answered, and the rate-limit buckets.
 //!
-//! All of it sits behind one mutex in [`super::Shared`]; handlers take the lock, do their work, and release
+//! All of it sits behind one mutex in the simulator's shared state; handlers take the lock, do their work, and release
 //! it before any await, so a test reading state sees each call applied whole.
 
 use std::collections::{BTreeMap, HashMap};
