@@ -1,7 +1,8 @@
 //! The admin socket: a Unix socket (mode 0600) in the data directory that `ct-relay admin ...` talks to.
 //!
 //! One JSON request per line, one JSON reply per line. Only the relay's own user can open the socket, so it
-//! needs no further authentication; every request is logged.
+//! needs no further authentication; every request is logged, and every change it makes is in the audit log
+//! with the actor [`OPERATOR`] (and the user it acted as).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::{AuditEntry, AuditFilter, Caller, OPERATOR};
 use crate::core::{AgentView, Core};
 use crate::store::ShareLevel;
 use crate::tasks::ReplyOutcome;
@@ -95,6 +97,20 @@ pub enum Request {
         approval: String,
         decision: ct_protocol::task::Decision,
     },
+    /// Read the audit log, newest first.
+    Audit {
+        #[serde(default)]
+        filter: AuditFilter,
+        #[serde(default = "default_audit_limit")]
+        limit: usize,
+        /// Only entries older than this sequence number (the next page).
+        #[serde(default)]
+        before: Option<u64>,
+    },
+}
+
+fn default_audit_limit() -> usize {
+    50
 }
 
 /// The relay's answers.
@@ -147,6 +163,9 @@ pub enum Reply {
     Projects {
         agent: Option<String>,
         report: ct_protocol::project::ProjectsReport,
+    },
+    Audit {
+        entries: Vec<AuditEntry>,
     },
 }
 
@@ -253,6 +272,7 @@ async fn handle(
                         prompt,
                         options,
                         resume: None,
+                        operator: true,
                     };
                     match core.submit_task(submit) {
                         Ok(rec) => {
@@ -275,7 +295,7 @@ async fn handle(
                     name,
                 }) => {
                     tracing::info!(%user, %task, "admin reply request");
-                    match core.reply(&user, &task, prompt, name) {
+                    match core.reply(Caller::operator(&user), &task, prompt, name) {
                         Ok(ReplyOutcome::Sent(_)) => Reply::Done {
                             message: format!("sent to the running task {task}"),
                         },
@@ -290,7 +310,10 @@ async fn handle(
                 }
                 Ok(Request::Project { user, agent, op }) => {
                     tracing::info!(%user, ?agent, ?op, "admin project request");
-                    match core.project(&user, agent.as_deref(), op).await {
+                    match core
+                        .project(Caller::operator(&user), agent.as_deref(), op)
+                        .await
+                    {
                         Ok(report) => Reply::Projects { agent, report },
                         Err(e) => Reply::Error {
                             message: e.to_string(),
@@ -324,7 +347,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
                 })
         }
         Request::Agents => core.agents().map(|agents| Reply::Agents { agents }),
-        Request::Revoke { agent } => core.revoke(&agent).and_then(|rec| {
+        Request::Revoke { agent } => core.revoke(&agent, OPERATOR).and_then(|rec| {
             let view = core
                 .agents()?
                 .into_iter()
@@ -335,7 +358,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
         }),
         Request::Status => Ok(Reply::Status(status())),
         Request::Cancel { user, task } => {
-            return match core.cancel_task(&user, &task) {
+            return match core.cancel_task(Caller::operator(&user), &task) {
                 Ok(_) => Reply::Done {
                     message: format!("asked the agent to cancel {task}"),
                 },
@@ -350,7 +373,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             approval,
             decision,
         } => {
-            return match core.decide(&user, &task, &approval, decision) {
+            return match core.decide(Caller::operator(&user), &task, &approval, decision) {
                 Ok(()) => Reply::Done {
                     message: format!("decision on {approval} sent to the agent"),
                 },
@@ -370,7 +393,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             } else {
                 ShareLevel::Standard
             };
-            return match core.share_add(&user, &grantee, projects, level) {
+            return match core.share_add(Caller::operator(&user), &grantee, projects, level) {
                 Ok(share) => Reply::Done {
                     message: format!(
                         "user {grantee} may now run tasks on your agents ({}, {})",
@@ -390,10 +413,10 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             };
         }
         Request::ShareRemove { user, grantee } => {
-            return match core.share_remove(&user, &grantee) {
+            return match core.share_remove(Caller::operator(&user), &grantee) {
                 Ok(removed) => Reply::Done {
                     message: format!(
-                        "stopped sharing with user {grantee}: {} queued task(s) cancelled, {} running task(s)                          being cancelled",
+                        "stopped sharing with user {grantee}: {} queued task(s) cancelled, {} running task(s) being cancelled",
                         removed.tasks.cancelled.len(),
                         removed.tasks.stopping.len()
                     ),
@@ -420,7 +443,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             };
         }
         Request::DefaultAgent { user, agent } => {
-            return match core.set_default_agent(&user, &agent) {
+            return match core.set_default_agent(Caller::operator(&user), &agent) {
                 Ok(rec) => Reply::Done {
                     message: format!(
                         "{} is now your default agent: tasks that name no agent run there",
@@ -432,6 +455,13 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
                 },
             };
         }
+        Request::Audit {
+            filter,
+            limit,
+            before,
+        } => core
+            .audit(&filter, limit, before)
+            .map(|entries| Reply::Audit { entries }),
         Request::Task { .. }
         | Request::Follow { .. }
         | Request::Reply { .. }
@@ -494,6 +524,7 @@ async fn stream_task(
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 core.store().events(task, last)?
             }
+            // The task was deleted (retention) while being followed: say so below.
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         };
         for (seq, event) in batch {
@@ -502,15 +533,16 @@ async fn stream_task(
             send_reply(write, &Reply::Event { seq, event }).await?;
         }
     }
-    let rec = core.task(task)?;
-    send_reply(
-        write,
-        &Reply::End {
+    let reply = match core.task(task) {
+        Ok(rec) => Reply::End {
             state: rec.state,
             message: rec.message,
         },
-    )
-    .await
+        Err(e) => Reply::Error {
+            message: format!("{e} (any more): it ended long enough ago to be deleted"),
+        },
+    };
+    send_reply(write, &reply).await
 }
 
 /// Sends one request and passes each reply to `each` until it returns false or the relay stops answering.

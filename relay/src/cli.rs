@@ -62,6 +62,21 @@ pub struct RunArgs {
     /// Connections served at once (QUIC and TCP together); more are refused at accept.
     #[arg(long, env = "CT_RELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
     pub max_connections: usize,
+    /// Tasks one person may start per minute (after a burst of half as many, at least 1).
+    #[arg(long, env = "CT_RELAY_TASKS_PER_MINUTE", default_value_t = 20)]
+    pub tasks_per_minute: u32,
+    /// Tasks one person may have queued or running at once, across all agents.
+    #[arg(long, env = "CT_RELAY_MAX_TASKS_PER_USER", default_value_t = 8)]
+    pub max_tasks_per_user: usize,
+    /// MiB of output the relay keeps per task; past it only approvals, turn results and the end are kept.
+    #[arg(long, env = "CT_RELAY_MAX_TASK_OUTPUT_MIB", default_value_t = 32)]
+    pub max_task_output_mib: u64,
+    /// Days an ended task and its output are kept.
+    #[arg(long, env = "CT_RELAY_TASK_RETENTION_DAYS", default_value_t = 30)]
+    pub task_retention_days: u64,
+    /// Days audit entries are kept.
+    #[arg(long, env = "CT_RELAY_AUDIT_RETENTION_DAYS", default_value_t = 180)]
+    pub audit_retention_days: u64,
     /// Discord bot token; without it the relay serves agents and the bot is off.
     #[arg(long, env = "DISCORD_TOKEN", hide_env_values = true)]
     pub discord_token: Option<String>,
@@ -162,6 +177,27 @@ pub enum AdminCommand {
         #[arg(long = "as", value_name = "USER")]
         user: String,
         task: String,
+    },
+    /// Show the audit log, newest first: pairings, revocations, share changes, grantees' tasks, approval
+    /// decisions, cancels, project and default-agent changes, and who did each.
+    Audit {
+        /// Only entries about this owner's agents.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Only entries by this actor (a Discord user id, or `operator`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only entries about this agent (name or fingerprint).
+        #[arg(long)]
+        agent: Option<String>,
+        /// How many entries (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Only entries older than this sequence number: the next page after the last one shown.
+        #[arg(long)]
+        before: Option<u64>,
+        #[arg(long)]
+        json: bool,
     },
     /// Answer an approval request, acting as a Discord user: allow, allow-session, or deny (with --reason).
     Approve {
@@ -286,6 +322,14 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
     config.core.pair_code_ttl =
         std::time::Duration::from_secs(cli.run.pair_code_minutes.max(1) * 60);
     config.core.max_connections = cli.run.max_connections.max(1);
+    config.core.tasks_per_minute = cli.run.tasks_per_minute.max(1);
+    config.core.task_burst = (cli.run.tasks_per_minute / 2).max(1);
+    config.core.max_tasks_per_user = cli.run.max_tasks_per_user.max(1);
+    config.core.max_task_output = cli.run.max_task_output_mib.max(1) * 1024 * 1024;
+    config.core.task_retention =
+        std::time::Duration::from_secs(cli.run.task_retention_days.max(1) * 86_400);
+    config.core.audit_retention =
+        std::time::Duration::from_secs(cli.run.audit_retention_days.max(1) * 86_400);
     config.discord_token = cli.run.discord_token.is_some_and(|t| !t.is_empty());
     if config.discord_token {
         tracing::warn!("DISCORD_TOKEN is set, but this build has no Discord bot yet: serving agents and the admin socket only");
@@ -459,6 +503,25 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             };
             (req, false)
         }
+        AdminCommand::Audit {
+            owner,
+            actor,
+            agent,
+            limit,
+            before,
+            json,
+        } => (
+            Request::Audit {
+                filter: crate::audit::AuditFilter {
+                    owner: owner.clone(),
+                    actor: actor.clone(),
+                    agent: agent.clone(),
+                },
+                limit: *limit,
+                before: *before,
+            },
+            *json,
+        ),
         AdminCommand::PairCode { user } => (Request::PairCode { user: user.clone() }, false),
         AdminCommand::Agents { json } => (Request::Agents, *json),
         AdminCommand::Revoke { agent } => (
@@ -496,6 +559,7 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
         Reply::Shares { shares } => print!("{}", shares_table(&shares)),
         Reply::Available { available } => print!("{}", available_text(&available)),
         Reply::Projects { report, .. } => print!("{}", projects_text(&report)),
+        Reply::Audit { entries } => print!("{}", audit_table(&entries)),
         Reply::Revoked { agent } => println!(
             "Revoked {}/{} ({}): its key is refused from now on{}.",
             agent.owner,
@@ -657,6 +721,38 @@ fn seen(online: bool, since: Option<u64>) -> String {
             format!("last seen {} ago", human_duration(t.saturating_sub(s)))
         })
     }
+}
+
+/// The `admin audit` table, newest first, with a hint for the next page.
+pub fn audit_table(entries: &[crate::audit::AuditEntry]) -> String {
+    if entries.is_empty() {
+        return "No audit entries match.\n".into();
+    }
+    let rows: Vec<[String; 6]> = entries
+        .iter()
+        .map(|e| {
+            let actor = match &e.acting_as {
+                Some(user) => format!("{} (as {user})", e.actor),
+                None => e.actor.clone(),
+            };
+            [
+                e.seq.to_string(),
+                crate::audit::utc(e.at),
+                e.kind.label().to_string(),
+                actor,
+                e.owner.clone(),
+                match &e.task {
+                    Some(task) => format!("[{task}] {}", e.detail),
+                    None => e.detail.clone(),
+                },
+            ]
+        })
+        .collect();
+    let mut out = table(["SEQ", "WHEN", "WHAT", "ACTOR", "OWNER", "DETAIL"], &rows);
+    if let Some(last) = entries.last().filter(|e| e.seq > 1) {
+        out += &format!("(older entries: add --before {})\n", last.seq);
+    }
+    out
 }
 
 /// The `admin share list` table.

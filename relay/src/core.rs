@@ -16,16 +16,17 @@ use ct_protocol::{Fingerprint, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::audit::{AuditEntry, AuditKind};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::{now, AgentRecord, PairCodeRecord, Store, StoreError};
 
 /// Wrong secrets tried against one code before it is disabled.
-const MAX_CODE_FAILURES: u32 = 5;
+pub(crate) const MAX_CODE_FAILURES: u32 = 5;
 /// Messages waiting for one agent's session to write them. Bounded: a stuck agent cannot grow relay memory.
 const OUTBOUND_QUEUE: usize = 256;
 /// How long used and expired codes are remembered, so late attempts get the right error.
-const CODE_MEMORY: u64 = 24 * 3600;
+pub(crate) const CODE_MEMORY: u64 = 24 * 3600;
 
 /// Errors a front end shows to a person.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,25 @@ pub struct CoreConfig {
     pub max_queued_per_agent: usize,
     /// How long a project request waits for the agent's answer.
     pub project_timeout: Duration,
+    /// Tasks one person may start per minute, on average (new tasks and replies that start one)...
+    pub tasks_per_minute: u32,
+    /// ...and at once after a quiet spell (the token bucket's size).
+    pub task_burst: u32,
+    /// Tasks one person may have queued or running at once, across all agents (their own and shared ones).
+    pub max_tasks_per_user: usize,
+    /// Pairing codes one user may hold that could still pair an agent. Minting another supersedes the
+    /// oldest rather than refusing: a person who lost a token can always get a working one, and fewer live
+    /// bearer secrets is the safer side.
+    pub max_pair_codes_per_user: usize,
+    /// Bytes of events kept per task. Past it the relay keeps acknowledging, but stores only the events that
+    /// change the task's course (approvals, turn results, the end) and one marker saying output was dropped.
+    pub max_task_output: u64,
+    /// How long a task and its events are kept after it ended.
+    pub task_retention: Duration,
+    /// How long audit entries are kept.
+    pub audit_retention: Duration,
+    /// Keys (users, addresses) one rate limiter remembers at most; see [`RateLimiter`].
+    pub rate_limit_keys: usize,
 }
 
 impl Default for CoreConfig {
@@ -71,6 +91,14 @@ impl Default for CoreConfig {
             max_running_per_agent: 2,
             max_queued_per_agent: 20,
             project_timeout: Duration::from_secs(10),
+            tasks_per_minute: 20,
+            task_burst: 10,
+            max_tasks_per_user: 8,
+            max_pair_codes_per_user: 5,
+            max_task_output: 32 * 1024 * 1024,
+            task_retention: Duration::from_secs(30 * 86_400),
+            audit_retention: Duration::from_secs(180 * 86_400),
+            rate_limit_keys: 100_000,
         }
     }
 }
@@ -121,6 +149,10 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     live: Mutex<HashMap<Fingerprint, LiveAgent>>,
     pair_limit: RateLimiter,
+    /// Tasks started per user; see [`CoreConfig::tasks_per_minute`].
+    pub(crate) task_limit: RateLimiter<String>,
+    /// Serialises minting, so two codes minted at once for one user cannot both slip under the cap.
+    minting: Mutex<()>,
     next_session: AtomicU64,
     /// One permit per connection being served; see [`CoreConfig::max_connections`].
     pub connections: Arc<tokio::sync::Semaphore>,
@@ -147,7 +179,17 @@ impl Core {
         Self {
             relay: Fingerprint::of(&relay_key.verifying_key()),
             relay_key,
-            pair_limit: RateLimiter::new(config.pair_burst, config.pair_refill, 100_000),
+            pair_limit: RateLimiter::new(
+                config.pair_burst,
+                config.pair_refill,
+                config.rate_limit_keys,
+            ),
+            task_limit: RateLimiter::new(
+                config.task_burst,
+                Duration::from_secs(60) / config.tasks_per_minute.max(1),
+                config.rate_limit_keys,
+            ),
+            minting: Mutex::new(()),
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
             store,
             config,
@@ -194,12 +236,33 @@ impl Core {
     }
 
     /// Mints a one-time pairing token for a Discord user. `/register` and `ct-relay admin pair-code` call this.
+    /// A user holds at most [`CoreConfig::max_pair_codes_per_user`] usable codes: minting another supersedes
+    /// the oldest (see there why).
     pub fn mint_pairing_token(&self, owner: &str) -> Result<(PairingToken, u64), CoreError> {
         if owner.is_empty() || owner.len() > 20 || !owner.bytes().all(|b| b.is_ascii_digit()) {
             return Err(CoreError::BadUser(owner.to_string()));
         }
+        let _minting = self.minting.lock().unwrap_or_else(|p| p.into_inner());
         let t = now();
         self.store.prune_pair_codes(t.saturating_sub(CODE_MEMORY))?;
+        let mut live: Vec<PairCodeRecord> = self
+            .store
+            .pair_codes_of(owner)?
+            .into_iter()
+            .filter(|c| c.outstanding(t, MAX_CODE_FAILURES))
+            .collect();
+        live.sort_by_key(|c| c.created_at);
+        let keep = self.config.max_pair_codes_per_user.max(1) - 1;
+        for old in live.iter().take(live.len().saturating_sub(keep)) {
+            let mut superseded = old.clone();
+            superseded.superseded_at = Some(t);
+            // A conflict means it was just used or burned: it is no longer outstanding either way.
+            match self.store.swap_pair_code(old, &superseded) {
+                Ok(()) | Err(StoreError::Conflict) => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(owner, code_id = %old.id, "older pairing code superseded");
+        }
         let code = PairCode::generate();
         let expires_at = t + self.config.pair_code_ttl.as_secs();
         self.store.put_pair_code(&PairCodeRecord {
@@ -210,6 +273,7 @@ impl Core {
             expires_at,
             used_at: None,
             failures: 0,
+            superseded_at: None,
         })?;
         self.store.flush()?;
         tracing::info!(owner, code_id = %code.id, "pairing code minted");
@@ -318,6 +382,16 @@ impl Core {
                     .to_string(),
             ));
         }
+        if rec.superseded_at.is_some() {
+            return Err(Redeem::Rejected(
+                Rejection::CodeExpired,
+                format!(
+                    "that pairing code was replaced by newer ones (at most {} work at once): use the newest \
+                     token, or get a new one with /register in Discord",
+                    self.config.max_pair_codes_per_user
+                ),
+            ));
+        }
         if t >= rec.expires_at {
             return Err(Redeem::Rejected(
                 Rejection::CodeExpired,
@@ -331,13 +405,6 @@ impl Core {
         }
         let mut used = rec.clone();
         used.used_at = Some(t);
-        self.store.swap_pair_code(&rec, &used).map_err(|e| match e {
-            StoreError::Conflict => Redeem::Rejected(
-                Rejection::CodeUsed,
-                "that pairing code was just used by another agent: get a new one with /register".to_string(),
-            ),
-            e => Redeem::Store(e),
-        })?;
         let record = AgentRecord {
             key: agent.key.to_bytes(),
             fingerprint: agent.fingerprint,
@@ -349,7 +416,27 @@ impl Core {
             revoked_at: None,
             projects: None,
         };
-        self.store.put_agent(&record)?;
+        // One transaction: the code is used, the agent exists and the log says so, or none of it. A failed
+        // audit write fails the pairing (the agent is told the relay is unavailable and may retry).
+        let entry = AuditEntry::new(
+            AuditKind::Paired,
+            &rec.owner,
+            &rec.owner,
+            format!("agent {} paired", record.name),
+        )
+        .on(&record);
+        self.store
+            .pair_agent_audited(&rec, &used, &record, &entry)
+            .map_err(|e| {
+                match e {
+                StoreError::Conflict => Redeem::Rejected(
+                    Rejection::CodeUsed,
+                    "that pairing code was just used by another agent: get a new one with /register"
+                        .to_string(),
+                ),
+                e => Redeem::Store(e),
+            }
+            })?;
         self.store.flush()?;
         self.metrics.pairings.inc();
         tracing::info!(owner = %record.owner, agent = %record.name, fingerprint = %record.fingerprint, "agent paired");
@@ -472,17 +559,23 @@ impl Core {
     }
 
     /// Refuses an agent's key from now on and ends its live session. Its unfinished tasks end as lost: the
-    /// agent can never report on them again.
-    pub fn revoke(&self, query: &str) -> Result<AgentRecord, CoreError> {
+    /// agent can never report on them again. `actor` is who did it, for the audit log: the owner's user id
+    /// (the bot checks ownership first), or [`OPERATOR`](crate::audit::OPERATOR). The revocation and its audit
+    /// entry are written together: if the entry cannot be written, nothing is revoked and the error says so.
+    pub fn revoke(&self, query: &str, actor: &str) -> Result<AgentRecord, CoreError> {
         let rec = self.find_agent(query)?;
         let rec = if rec.revoked_at.is_none() {
-            let t = now();
+            let entry = AuditEntry::new(
+                AuditKind::Revoked,
+                actor,
+                &rec.owner,
+                format!("agent {} revoked", rec.name),
+            )
+            .on(&rec);
             let rec = self
                 .store
-                .update_agent(&rec.fingerprint, |r| {
-                    r.revoked_at.get_or_insert(t);
-                })?
-                .unwrap_or(rec);
+                .revoke_agent_audited(&rec.fingerprint, now(), &entry)?
+                .map_or(rec, |(r, _)| r);
             self.store.flush()?;
             rec
         } else {

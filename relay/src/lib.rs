@@ -7,23 +7,30 @@
 //! - [`tasks`]: task submission, each agent's queue, the sequenced event log, following, follow-ups, cancel,
 //!   approvals.
 //! - [`shares`]: sharing one's agents with another user, and revoking that at once.
+//! - [`audit`]: the audit log — who did what to whose agents — and [`audit::Caller`], who is asking.
+//! - [`output`]: the cap on what one task may store.
+//! - [`retention`]: deleting old tasks, audit entries and pairing codes, hourly.
 //! - [`routing`]: which agent a request goes to (named, only, or default).
 //! - [`projects`]: project requests answered by the agent, and its stored project report.
 //! - [`store`]: the embedded sled store.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
 //! - [`tls`]: the relay key agents pin, and the certificate.
-//! - [`metrics`], [`ratelimit`], [`files`]: supporting pieces.
+//! - [`ratelimit`]: token buckets per address and per user, bounded in memory.
+//! - [`metrics`], [`files`]: supporting pieces.
 //! - [`cli`]: the command line, kept out of `main.rs` so it can be tested.
 
 pub mod admin;
+pub mod audit;
 pub mod cli;
 pub mod core;
 pub mod endpoint;
 pub mod files;
 pub mod metrics;
+pub mod output;
 pub mod projects;
 pub mod ratelimit;
 pub mod relay;
+pub mod retention;
 pub mod routing;
 pub mod shares;
 pub mod store;

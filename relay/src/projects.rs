@@ -9,6 +9,7 @@ use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport}
 use ct_protocol::{Fingerprint, RelayMessage};
 use tokio::sync::oneshot;
 
+use crate::audit::{AuditEntry, AuditKind, Caller, ProjectChange};
 use crate::core::Core;
 use crate::tasks::{is_path, TaskError};
 
@@ -126,12 +127,17 @@ impl Core {
     /// Adds, removes or lists projects on one of the user's own agents (named, the only one, or the default)
     /// and returns the agent's projects as they are after it. Only the owner may: the agent's folders are
     /// theirs. The agent's policy decides; its refusal comes back as [`TaskError::ProjectRefused`].
-    pub async fn project(
+    ///
+    /// Adding and removing are audited once the agent has made the change; a failure to write the entry is
+    /// logged as an error (the agent's change cannot be taken back from here).
+    pub async fn project<'a>(
         &self,
-        user: &str,
+        who: impl Into<Caller<'a>>,
         agent: Option<&str>,
         op: ProjectOp,
     ) -> Result<ProjectsReport, TaskError> {
+        let caller = who.into();
+        let user = caller.user;
         check_op(&op)?;
         let agent = self.choose_agent(user, agent, true)?;
         let session = self.live().get(&agent.fingerprint).map(|l| l.session);
@@ -168,6 +174,13 @@ impl Core {
             );
         }
         let _waiting = Waiting { core: self, id };
+        let change = match &op {
+            ProjectOp::Add { name, path } => {
+                Some((ProjectChange::Added, name.clone(), Some(path.clone())))
+            }
+            ProjectOp::Remove { name } => Some((ProjectChange::Removed, name.clone(), None)),
+            ProjectOp::List => None,
+        };
         if !self.to_agent(&agent.fingerprint, RelayMessage::Project { id, op }) {
             return Err(TaskError::AgentBusy(agent.name));
         }
@@ -176,6 +189,23 @@ impl Core {
             Ok(Ok(ProjectReply::Ok(report))) => {
                 let report = sanitize(report);
                 self.store_projects(&agent.fingerprint, report.clone());
+                if let Some((change, name, path)) = change {
+                    let detail = match (&change, &path) {
+                        (ProjectChange::Added, Some(path)) => {
+                            format!("added project {name} ({path}) on {}", agent.name)
+                        }
+                        _ => format!("removed project {name} from {}", agent.name),
+                    };
+                    let entry = AuditEntry::new(
+                        AuditKind::ProjectChanged { change, name, path },
+                        caller.actor(),
+                        &agent.owner,
+                        detail,
+                    )
+                    .by(caller)
+                    .on(&agent);
+                    self.audit_or_log(entry);
+                }
                 Ok(report)
             }
             Ok(Ok(ProjectReply::Refused { message })) => Err(TaskError::ProjectRefused {

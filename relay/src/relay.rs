@@ -90,7 +90,7 @@ impl Relay {
         let quic = udp
             .map(|udp| {
                 quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
+                    tls::quic_endpoint_config(&relay_key),
                     Some(quic_cfg),
                     udp,
                     Arc::new(quinn::TokioRuntime),
@@ -221,6 +221,8 @@ impl Relay {
             shutdown.clone(),
             tasks.clone(),
         ));
+        // Retention: old tasks, audit entries and pairing codes are deleted now and hourly.
+        tasks.spawn(crate::retention::run(core.clone(), shutdown.clone()));
         ready.store(true, Ordering::Relaxed);
 
         shutdown.cancelled().await;

@@ -1,6 +1,7 @@
 //! Which agent a request goes to: the one named, the owner's only one, or the owner's default; and setting
 //! that default.
 
+use crate::audit::{AuditEntry, AuditKind, Caller};
 use crate::core::Core;
 use crate::store::{AgentRecord, UserRecord};
 use crate::tasks::TaskError;
@@ -78,8 +79,15 @@ impl Core {
     }
 
     /// Makes one of the user's agents (by name or fingerprint) the one used when they, or someone they share
-    /// with, name none. Returns that agent.
-    pub fn set_default_agent(&self, user: &str, agent: &str) -> Result<AgentRecord, TaskError> {
+    /// with, name none. Returns that agent. The setting and its audit entry are written together (it decides
+    /// where grantees' tasks run).
+    pub fn set_default_agent<'a>(
+        &self,
+        who: impl Into<Caller<'a>>,
+        agent: &str,
+    ) -> Result<AgentRecord, TaskError> {
+        let caller = who.into();
+        let user = caller.user;
         if agent.trim().is_empty() {
             return Err(TaskError::UnknownAgent {
                 wanted: String::new(),
@@ -95,7 +103,15 @@ impl Core {
         let rec = self.choose_agent(user, Some(agent), true)?;
         let mut settings = self.store().user(user)?;
         settings.default_agent = Some(rec.fingerprint);
-        self.store().put_user(user, &settings)?;
+        let entry = AuditEntry::new(
+            AuditKind::DefaultAgentSet,
+            caller.actor(),
+            user,
+            format!("default agent set to {}", rec.name),
+        )
+        .by(caller)
+        .on(&rec);
+        self.store().put_user_audited(user, &settings, &entry)?;
         self.store().flush()?;
         tracing::info!(%user, agent = %rec.name, "default agent set");
         Ok(rec)

@@ -7,6 +7,7 @@ use ct_protocol::task::Role;
 use ct_protocol::{Fingerprint, RelayMessage};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{self, AuditEntry, AuditKind, Caller};
 use crate::core::{Core, RoutingGuard};
 use crate::store::{now, ShareLevel, ShareRecord, TaskState};
 use crate::tasks::TaskError;
@@ -76,13 +77,18 @@ pub struct AvailableAgent {
 impl Core {
     /// Shares all of `owner`'s agents with `grantee`, limited to `projects` when given. Adding a share that
     /// exists replaces its projects and level; a narrower share cancels the tasks it no longer covers.
-    pub fn share_add(
+    ///
+    /// The share and its audit entry (added, or changed from what it was) are written in one transaction: if
+    /// the entry cannot be written, the share does not change and the error says so.
+    pub fn share_add<'a>(
         &self,
-        owner: &str,
+        owner: impl Into<Caller<'a>>,
         grantee: &str,
         projects: Option<Vec<String>>,
         level: ShareLevel,
     ) -> Result<ShareRecord, TaskError> {
+        let caller = owner.into();
+        let owner = caller.user;
         check_user(owner)?;
         check_user(grantee)?;
         if owner == grantee {
@@ -136,7 +142,8 @@ impl Core {
             level,
             created_at,
         };
-        self.store().put_share(&rec)?;
+        self.store()
+            .put_share_audited(&rec, |before| audit::share_entry(caller, &rec, before))?;
         self.store().flush()?;
         tracing::info!(%owner, %grantee, projects = ?rec.projects, ?level, "share added");
         self.enforce_share(&routing, owner, grantee)?;
@@ -144,10 +151,32 @@ impl Core {
     }
 
     /// Stops sharing `owner`'s agents with `grantee`, at once: their queued tasks there are cancelled and
-    /// their running ones are cancelled through the agents.
-    pub fn share_remove(&self, owner: &str, grantee: &str) -> Result<ShareRemoved, TaskError> {
+    /// their running ones are cancelled through the agents. Audited like [`share_add`](Self::share_add): no
+    /// entry, no removal.
+    pub fn share_remove<'a>(
+        &self,
+        owner: impl Into<Caller<'a>>,
+        grantee: &str,
+    ) -> Result<ShareRemoved, TaskError> {
+        let caller = owner.into();
+        let owner = caller.user;
         let routing = self.routing();
-        let Some(share) = self.store().remove_share(owner, grantee)? else {
+        let removed = self.store().remove_share_audited(owner, grantee, |old| {
+            AuditEntry::new(
+                AuditKind::ShareRemoved {
+                    grantee: old.grantee.clone(),
+                },
+                caller.actor(),
+                owner,
+                format!(
+                    "stopped sharing with user {} (who had {})",
+                    old.grantee,
+                    audit::projects_text(&old.projects)
+                ),
+            )
+            .by(caller)
+        })?;
+        let Some((share, _)) = removed else {
             return Err(TaskError::NoSuchShare(grantee.to_string()));
         };
         self.store().flush()?;

@@ -8,7 +8,12 @@ use std::path::Path;
 
 use ct_protocol::Fingerprint;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
+};
 use sled::Transactional;
+
+use crate::audit::AuditEntry;
 
 /// Storage failures. The relay reports these to peers as "unavailable", never as their fault.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,19 @@ pub struct PairCodeRecord {
     /// Wrong secrets tried against this id; the code is burned after a few.
     #[serde(default)]
     pub failures: u32,
+    /// Set when a newer code for the same owner pushed this one out (only a few may be valid at once).
+    #[serde(default)]
+    pub superseded_at: Option<u64>,
+}
+
+impl PairCodeRecord {
+    /// Whether the code could still pair an agent at `t`.
+    pub fn outstanding(&self, t: u64, max_failures: u32) -> bool {
+        self.used_at.is_none()
+            && self.superseded_at.is_none()
+            && self.failures < max_failures
+            && t < self.expires_at
+    }
 }
 
 /// Where a task is in its life.
@@ -113,6 +131,13 @@ pub struct TaskRecord {
     /// Position in the agent's queue: increasing across restarts, so the queue is first in, first out.
     #[serde(default)]
     pub order: u64,
+    /// Bytes of events stored for this task (their JSON), counted against
+    /// [`CoreConfig::max_task_output`](crate::core::CoreConfig).
+    #[serde(default)]
+    pub output_bytes: u64,
+    /// Whether output past the cap was dropped (a marker event in the log says so where it started).
+    #[serde(default)]
+    pub output_truncated: bool,
 }
 
 impl TaskRecord {
@@ -180,7 +205,19 @@ pub struct Store {
     shares: sled::Tree,
     /// User id → [`UserRecord`].
     users: sled::Tree,
+    /// Index of open tasks by requester: user id, 0, task id → (). Derived like `open`; counts what one person
+    /// has queued or running across all agents without scanning them all.
+    open_by_user: sled::Tree,
+    /// The audit log: sequence number (big-endian u64) → [`AuditEntry`].
+    audit: sled::Tree,
+    /// Index of the audit log by the owner each entry concerns: owner, 0, sequence number → ().
+    audit_owner: sled::Tree,
+    /// Small counters: the audit log's last sequence number.
+    meta: sled::Tree,
 }
+
+/// The key in `meta` holding the last audit sequence number handed out.
+const AUDIT_SEQ: &[u8] = b"audit_seq";
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
@@ -196,6 +233,10 @@ impl Store {
             open: db.open_tree("open_tasks")?,
             shares: db.open_tree("shares")?,
             users: db.open_tree("users")?,
+            open_by_user: db.open_tree("open_by_user")?,
+            audit: db.open_tree("audit")?,
+            audit_owner: db.open_tree("audit_owner")?,
+            meta: db.open_tree("meta")?,
             db,
         };
         store.rebuild_open_index()?;
@@ -206,10 +247,12 @@ impl Store {
     /// the index wrote tasks.
     fn rebuild_open_index(&self) -> Result<()> {
         self.open.clear()?;
+        self.open_by_user.clear()?;
         for v in self.tasks.iter().values() {
             let rec: TaskRecord = serde_json::from_slice(&v?)?;
             if !rec.state.is_final() {
                 self.open.insert(open_key(&rec), &[])?;
+                self.open_by_user.insert(user_open_key(&rec), &[])?;
             }
         }
         Ok(())
@@ -258,6 +301,52 @@ impl Store {
         }
     }
 
+    /// Redeems a pairing code: marks it used (only if it is still exactly `code`, so two agents can never
+    /// redeem one code), stores the new agent and its audit entry, all in one transaction.
+    pub fn pair_agent_audited(
+        &self,
+        code: &PairCodeRecord,
+        used: &PairCodeRecord,
+        agent: &AgentRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry> {
+        let (old, new) = (serde_json::to_vec(code)?, serde_json::to_vec(used)?);
+        let value = serde_json::to_vec(agent)?;
+        let id = code.id.as_bytes();
+        let ((), e) = self.audited(&[&self.pair_codes, &self.agents], entry, |t| {
+            if t[0].get(id)?.as_deref() != Some(old.as_slice()) {
+                return Err(abort(()));
+            }
+            t[0].insert(id, new.as_slice())?;
+            t[1].insert(&agent.fingerprint.0, value.as_slice())?;
+            Ok(())
+        })?;
+        Ok(e)
+    }
+
+    /// Marks an agent revoked at `t` (keeping an earlier revocation time) and writes the audit entry, together.
+    /// `None` when there is no such agent.
+    pub fn revoke_agent_audited(
+        &self,
+        fp: &Fingerprint,
+        t: u64,
+        entry: &AuditEntry,
+    ) -> Result<Option<(AgentRecord, AuditEntry)>> {
+        if self.agents.get(fp.0)?.is_none() {
+            return Ok(None);
+        }
+        let (rec, e) = self.audited(&[&self.agents], entry, |tx| {
+            let Some(old) = tx[0].get(fp.0)? else {
+                return Err(abort(()));
+            };
+            let mut rec: AgentRecord = serde_json::from_slice(&old).map_err(abort)?;
+            rec.revoked_at.get_or_insert(t);
+            tx[0].insert(&fp.0, serde_json::to_vec(&rec).map_err(abort)?)?;
+            Ok(rec)
+        })?;
+        Ok(Some((rec, e)))
+    }
+
     pub fn agents(&self) -> Result<Vec<AgentRecord>> {
         self.agents
             .iter()
@@ -282,6 +371,19 @@ impl Store {
             .map_err(|_| StoreError::Conflict)
     }
 
+    /// Every code minted for `owner` that is still remembered. Codes are few (pruned a day after expiry), so
+    /// a scan is fine.
+    pub fn pair_codes_of(&self, owner: &str) -> Result<Vec<PairCodeRecord>> {
+        let mut out = Vec::new();
+        for v in self.pair_codes.iter().values() {
+            let rec: PairCodeRecord = serde_json::from_slice(&v?)?;
+            if rec.owner == owner {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes codes whose expiry passed before `cutoff`; they are kept a while after use or expiry so a
     /// late attempt is told "used" or "expired" rather than "wrong".
     pub fn prune_pair_codes(&self, cutoff: u64) -> Result<usize> {
@@ -303,22 +405,96 @@ impl Store {
         get(&self.tasks, id.as_bytes())
     }
 
-    /// Stores a task record and keeps the open-task index in step with it, atomically.
+    /// Stores a task record and keeps the open-task indexes in step with it, atomically.
     pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
-        let task = serde_json::to_vec(rec)?;
-        let (id, open) = (rec.spec.task.as_bytes(), open_key(rec));
-        let is_open = !rec.state.is_final();
-        (&self.tasks, &self.open)
-            .transaction(|(tasks, index)| {
-                tasks.insert(id, task.as_slice())?;
-                if is_open {
-                    index.insert(open.as_slice(), &[])?;
-                } else {
-                    index.remove(open.as_slice())?;
-                }
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
-            })
+        let write = TaskWrite::new(rec)?;
+        (&self.tasks, &self.open, &self.open_by_user)
+            .transaction(|(tasks, open, by_user)| write.apply(tasks, open, by_user))
             .map_err(tx_error)
+    }
+
+    /// Stores a new or changed task record and appends `entry` to the audit log, atomically: a task the log
+    /// must show (a grantee's) is not created unless its entry is written too.
+    pub fn put_task_audited(&self, rec: &TaskRecord, entry: &AuditEntry) -> Result<AuditEntry> {
+        let write = TaskWrite::new(rec)?;
+        let ((), entry) =
+            self.audited(&[&self.tasks, &self.open, &self.open_by_user], entry, |t| {
+                write.apply(&t[0], &t[1], &t[2])
+            })?;
+        Ok(entry)
+    }
+
+    /// How many tasks `user` asked for that have not ended, across all agents.
+    pub fn open_tasks_of_user(&self, user: &str) -> Result<usize> {
+        let mut n = 0;
+        for key in self.open_by_user.scan_prefix(user_prefix(user)).keys() {
+            key?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Final tasks last changed before `cutoff` (a final task changes no more, so this is when it ended), at
+    /// most `limit` of them, in id order after the task `after` (a cursor for the next batch).
+    pub fn ended_before(
+        &self,
+        cutoff: u64,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<Vec<TaskRecord>> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for v in self
+            .tasks
+            .range::<Vec<u8>, _>((from, Bound::Unbounded))
+            .values()
+        {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if rec.state.is_final() && rec.updated_at < cutoff {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a task and its events, if its record is still exactly `rec`. Returns the number of events
+    /// deleted, or `None` when the record changed meanwhile (it is left for a later attempt). The record goes
+    /// first, in a transaction that [`append_event`](Self::append_event) also checks against, so a late event
+    /// cannot bring back half a task.
+    pub fn delete_task(&self, rec: &TaskRecord) -> Result<Option<usize>> {
+        let expected = serde_json::to_vec(rec)?;
+        let (id, open, by_user) = (rec.spec.task.as_bytes(), open_key(rec), user_open_key(rec));
+        let removed = (&self.tasks, &self.open, &self.open_by_user)
+            .transaction(|(tasks, o, u)| {
+                if tasks.get(id)?.as_deref() != Some(expected.as_slice()) {
+                    return Ok(false);
+                }
+                tasks.remove(id)?;
+                o.remove(open.as_slice())?;
+                u.remove(by_user.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(true)
+            })
+            .map_err(tx_error)?;
+        if !removed {
+            return Ok(None);
+        }
+        let (from, to) = (
+            event_key(&rec.spec.task, 0),
+            event_key(&rec.spec.task, u64::MAX),
+        );
+        let mut n = 0;
+        for key in self.events.range(from..=to).keys() {
+            self.events.remove(key?)?;
+            n += 1;
+        }
+        Ok(Some(n))
     }
 
     /// The first task `pred` accepts, scanning the whole history: only for rare requests.
@@ -368,26 +544,22 @@ impl Store {
 
     /// Stores event `seq` of a task together with the task's new record, atomically: either both are written
     /// or neither, so `last_seq` never runs ahead of the events it counts.
-    pub fn append_event(
-        &self,
-        rec: &TaskRecord,
-        seq: u64,
-        event: &ct_protocol::task::TaskEvent,
-    ) -> Result<()> {
+    ///
+    /// The event comes as its stored bytes (the caller measured them against the task's output cap), or
+    /// `None` when it was dropped under that cap and only the record moves on. A task deleted meanwhile (by
+    /// retention) is not brought back: the write is refused as a conflict.
+    pub fn append_event(&self, rec: &TaskRecord, seq: u64, event: Option<&[u8]>) -> Result<()> {
         let key = event_key(&rec.spec.task, seq);
-        let (event, task) = (serde_json::to_vec(event)?, serde_json::to_vec(rec)?);
-        let (id, open) = (rec.spec.task.as_bytes(), open_key(rec));
-        let is_open = !rec.state.is_final();
-        (&self.tasks, &self.events, &self.open)
-            .transaction(|(tasks, events, index)| {
-                events.insert(key.as_slice(), event.as_slice())?;
-                tasks.insert(id, task.as_slice())?;
-                if is_open {
-                    index.insert(open.as_slice(), &[])?;
-                } else {
-                    index.remove(open.as_slice())?;
+        let write = TaskWrite::new(rec)?;
+        (&self.tasks, &self.events, &self.open, &self.open_by_user)
+            .transaction(|(tasks, events, open, by_user)| {
+                if tasks.get(write.id.as_slice())?.is_none() {
+                    return Err(ConflictableTransactionError::Abort(()));
                 }
-                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+                if let Some(event) = event {
+                    events.insert(key.as_slice(), event)?;
+                }
+                write.apply(tasks, open, by_user)
             })
             .map_err(tx_error)
     }
@@ -424,6 +596,50 @@ impl Store {
 
     pub fn put_share(&self, rec: &ShareRecord) -> Result<()> {
         put(&self.shares, &share_key(&rec.owner, &rec.grantee), rec)
+    }
+
+    /// Stores a share and its audit entry together. `entry` is made from the share as it was before (if any),
+    /// read inside the same transaction, so the log says exactly what changed.
+    pub fn put_share_audited(
+        &self,
+        rec: &ShareRecord,
+        entry: impl Fn(Option<&ShareRecord>) -> AuditEntry,
+    ) -> Result<(Option<ShareRecord>, AuditEntry)> {
+        let (key, value) = (
+            share_key(&rec.owner, &rec.grantee),
+            serde_json::to_vec(rec)?,
+        );
+        self.audited_with(&[&self.shares], |t| {
+            let before: Option<ShareRecord> = match t[0].insert(key.as_slice(), value.as_slice())? {
+                Some(old) => Some(serde_json::from_slice(&old).map_err(abort)?),
+                None => None,
+            };
+            let e = entry(before.as_ref());
+            Ok((before, e))
+        })
+    }
+
+    /// Removes a share and writes its audit entry together. `None` (and nothing written) when there was none.
+    pub fn remove_share_audited(
+        &self,
+        owner: &str,
+        grantee: &str,
+        entry: impl Fn(&ShareRecord) -> AuditEntry,
+    ) -> Result<Option<(ShareRecord, AuditEntry)>> {
+        let key = share_key(owner, grantee);
+        // Checked first so that removing nothing writes no entry; the transaction checks again.
+        if self.shares.get(&key)?.is_none() {
+            return Ok(None);
+        }
+        let (old, written) = self.audited_with(&[&self.shares], |t| {
+            let Some(old) = t[0].remove(key.as_slice())? else {
+                return Err(abort(()));
+            };
+            let old: ShareRecord = serde_json::from_slice(&old).map_err(abort)?;
+            let e = entry(&old);
+            Ok((old, e))
+        })?;
+        Ok(Some((old, written)))
     }
 
     /// Removes a share, returning what it was.
@@ -465,6 +681,203 @@ impl Store {
     pub fn put_user(&self, id: &str, rec: &UserRecord) -> Result<()> {
         put(&self.users, id.as_bytes(), rec)
     }
+
+    /// Stores a user's settings and an audit entry together.
+    pub fn put_user_audited(
+        &self,
+        id: &str,
+        rec: &UserRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry> {
+        let value = serde_json::to_vec(rec)?;
+        let ((), e) = self.audited(&[&self.users], entry, |t| {
+            t[0].insert(id.as_bytes(), value.as_slice())?;
+            Ok(())
+        })?;
+        Ok(e)
+    }
+}
+
+/// The audit log.
+impl Store {
+    /// Appends one entry on its own.
+    pub fn append_audit(&self, entry: &AuditEntry) -> Result<AuditEntry> {
+        Ok(self.audited(&[], entry, |_| Ok(()))?.1)
+    }
+
+    /// Applies `change` to `trees` and appends `entry` to the audit log in one transaction: both are written
+    /// or neither.
+    pub(crate) fn audited<T>(
+        &self,
+        trees: &[&sled::Tree],
+        entry: &AuditEntry,
+        change: impl Fn(&[TransactionalTree]) -> ConflictableTransactionResult<T, ()>,
+    ) -> Result<(T, AuditEntry)> {
+        self.audited_with(trees, |t| Ok((change(t)?, entry.clone())))
+    }
+
+    /// Like [`audited`](Self::audited), with the entry made inside the transaction from what `change` saw.
+    fn audited_with<T>(
+        &self,
+        trees: &[&sled::Tree],
+        change: impl Fn(&[TransactionalTree]) -> ConflictableTransactionResult<(T, AuditEntry), ()>,
+    ) -> Result<(T, AuditEntry)> {
+        let n = trees.len();
+        let mut all: Vec<&sled::Tree> = trees.to_vec();
+        all.extend([&self.audit, &self.audit_owner, &self.meta]);
+        all.as_slice()
+            .transaction(|t| {
+                let (out, mut entry) = change(&t[..n])?;
+                // The counter is read and bumped inside the transaction, so sequence numbers follow commit
+                // order without gaps: a missing number in the log means an entry was deleted.
+                let last = match t[n + 2].get(AUDIT_SEQ)? {
+                    Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(abort)?),
+                    None => 0,
+                };
+                entry.seq = last + 1;
+                t[n + 2].insert(AUDIT_SEQ, &entry.seq.to_be_bytes())?;
+                let value = serde_json::to_vec(&entry).map_err(abort)?;
+                t[n].insert(&entry.seq.to_be_bytes(), value)?;
+                t[n + 1].insert(audit_owner_key(&entry.owner, entry.seq), &[])?;
+                Ok((out, entry))
+            })
+            .map_err(tx_error)
+    }
+
+    /// Audit entries newest first, starting below `before`, that `keep` accepts, at most `limit`. Scans the
+    /// log: for operators' filters; owners' views use [`audit_of_owner`](Self::audit_of_owner).
+    pub fn audit_where(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        mut keep: impl FnMut(&AuditEntry) -> bool,
+    ) -> Result<Vec<AuditEntry>> {
+        let end = before.unwrap_or(u64::MAX).to_be_bytes();
+        let mut out = Vec::new();
+        for kv in self.audit.range(..end).rev() {
+            let (_, v) = kv?;
+            let e: AuditEntry = serde_json::from_slice(&v)?;
+            if keep(&e) {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The entries concerning `owner`, newest first, below `before`, at most `limit`: read through the owner
+    /// index, so the cost follows the page, not the log.
+    pub fn audit_of_owner(
+        &self,
+        owner: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>> {
+        let from = audit_owner_key(owner, 0);
+        let to = audit_owner_key(owner, before.unwrap_or(u64::MAX));
+        let mut out = Vec::new();
+        for key in self.audit_owner.range(from..to).keys().rev() {
+            let key = key?;
+            let seq = &key[key.len() - 8..];
+            // The index is written with the entry; one pruned in between is skipped.
+            if let Some(v) = self.audit.get(seq)? {
+                out.push(serde_json::from_slice(&v)?);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes entries written before `cutoff`, oldest first, stopping at the first younger one (entries are
+    /// written in time order, give or take a clock step). Returns how many were deleted.
+    pub fn prune_audit(&self, cutoff: u64) -> Result<usize> {
+        let mut removed = 0;
+        for kv in self.audit.iter() {
+            let (k, v) = kv?;
+            let e: AuditEntry = serde_json::from_slice(&v)?;
+            if e.at >= cutoff {
+                break;
+            }
+            self.audit_owner.remove(audit_owner_key(&e.owner, e.seq))?;
+            self.audit.remove(k)?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Number of entries in the log.
+    pub fn audit_len(&self) -> usize {
+        self.audit.len()
+    }
+}
+
+/// A task record's write, prepared outside a transaction (which may run its closure more than once).
+struct TaskWrite {
+    id: Vec<u8>,
+    value: Vec<u8>,
+    open: Vec<u8>,
+    by_user: Vec<u8>,
+    is_open: bool,
+}
+
+impl TaskWrite {
+    fn new(rec: &TaskRecord) -> Result<Self> {
+        Ok(Self {
+            id: rec.spec.task.as_bytes().to_vec(),
+            value: serde_json::to_vec(rec)?,
+            open: open_key(rec),
+            by_user: user_open_key(rec),
+            is_open: !rec.state.is_final(),
+        })
+    }
+
+    fn apply(
+        &self,
+        tasks: &TransactionalTree,
+        open: &TransactionalTree,
+        by_user: &TransactionalTree,
+    ) -> ConflictableTransactionResult<(), ()> {
+        tasks.insert(self.id.as_slice(), self.value.as_slice())?;
+        if self.is_open {
+            open.insert(self.open.as_slice(), &[])?;
+            by_user.insert(self.by_user.as_slice(), &[])?;
+        } else {
+            open.remove(self.open.as_slice())?;
+            by_user.remove(self.by_user.as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// Aborts a transaction (reported as [`StoreError::Conflict`]) for something that cannot happen through this
+/// API, such as a record that does not parse.
+fn abort<E>(_: E) -> ConflictableTransactionError<()> {
+    ConflictableTransactionError::Abort(())
+}
+
+fn user_prefix(user: &str) -> Vec<u8> {
+    let mut k = user.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// Open tasks by requester: user id (which never contains a 0 byte), 0, task id.
+fn user_open_key(rec: &TaskRecord) -> Vec<u8> {
+    let mut k = user_prefix(&rec.spec.requester.user);
+    k.extend_from_slice(rec.spec.task.as_bytes());
+    k
+}
+
+/// Audit entries by owner: owner, 0, sequence number (big-endian), so one owner's entries form a key range in
+/// log order.
+fn audit_owner_key(owner: &str, seq: u64) -> Vec<u8> {
+    let mut k = user_prefix(owner);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 /// Owner and grantee separated by a byte no user id contains, so one owner's shares form a key range.

@@ -22,7 +22,9 @@ use ct_protocol::{Fingerprint, RelayMessage};
 use rand::Rng;
 use tokio::sync::broadcast;
 
+use crate::audit::{describe_decision, preview, AuditEntry, AuditKind, Caller};
 use crate::core::{human_duration, Core, RoutingGuard};
+use crate::output::{self, Keep};
 use crate::store::{now, AgentRecord, StoreError, TaskRecord, TaskState};
 
 /// Events buffered per follower before it is considered too slow and skips ahead (it can re-read the log).
@@ -64,6 +66,8 @@ pub struct Submit {
     /// A Claude Code session to continue: it must come from an earlier task on the same agent that this user
     /// may act on (so nobody resumes, and reads, someone else's session).
     pub resume: Option<String>,
+    /// Whether the relay operator submits this as `user` through the admin socket (recorded in the audit log).
+    pub operator: bool,
 }
 
 /// What [`Core::reply`] did with a follow-up.
@@ -196,6 +200,21 @@ pub enum TaskError {
     ProjectRefused { agent: String, message: String },
     #[error("agent {0} has too many project requests in flight: try again in a moment")]
     TooManyRequests(String),
+    #[error(
+        "you are starting tasks too quickly (at most {per_minute} a minute, {burst} in a row): try again in \
+         {retry}"
+    )]
+    RateLimited {
+        per_minute: u32,
+        burst: u32,
+        /// How long until the next task would be accepted, in words.
+        retry: String,
+    },
+    #[error(
+        "you already have {open} tasks queued or running (at most {max} at once, across all agents): wait \
+         for one to finish, or cancel one with /cancel, then try again"
+    )]
+    TooManyTasks { open: usize, max: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -312,6 +331,8 @@ struct NewTask {
     options: TaskOptions,
     resume: Option<String>,
     follows: Option<String>,
+    /// Whether the operator acts as `user` (for the audit log).
+    operator: bool,
 }
 
 impl Core {
@@ -331,6 +352,7 @@ impl Core {
                 return Err(TaskError::BadResume);
             }
         }
+        self.take_task_token(&req.user)?;
         let routing = self.routing();
         let owner = match req.target {
             Some(t) if t != req.user => t,
@@ -355,8 +377,28 @@ impl Core {
                 options: req.options,
                 resume: req.resume,
                 follows: None,
+                operator: req.operator,
             },
         )
+    }
+
+    /// Counts a task started by `user` against [`CoreConfig::tasks_per_minute`](crate::core::CoreConfig).
+    /// Taken once the request is well-formed, before the store is consulted: failed attempts count too, so
+    /// a flood of them cannot keep the relay busy either.
+    fn take_task_token(&self, user: &str) -> Result<(), TaskError> {
+        self.task_limit.take(&user.to_string()).map_err(|wait| {
+            let config = self.config();
+            TaskError::RateLimited {
+                per_minute: config.tasks_per_minute,
+                burst: config.task_burst,
+                retry: human_duration(wait.as_secs_f64().ceil().max(1.0) as u64),
+            }
+        })
+    }
+
+    /// Users the task rate limiter remembers now (bounded by `CoreConfig::rate_limit_keys`).
+    pub fn rate_limited_users(&self) -> usize {
+        self.task_limit.len()
     }
 
     /// The requester's role on `owner`'s agents for `project`, or why they may not use them.
@@ -467,6 +509,11 @@ impl Core {
                 seen,
             });
         }
+        let max = self.config().max_tasks_per_user;
+        let mine = self.store().open_tasks_of_user(&task.user)?;
+        if mine >= max {
+            return Err(TaskError::TooManyTasks { open: mine, max });
+        }
         let open = self.store().open_tasks(&agent.fingerprint)?;
         let running = open.iter().filter(|t| t.is_dispatched()).count();
         let queued = open.len() - running;
@@ -506,8 +553,48 @@ impl Core {
             dispatched_at: None,
             follows: task.follows,
             order: self.store().next_order()?,
+            output_bytes: 0,
+            output_truncated: false,
         };
-        self.store().put_task(&rec)?;
+        if rec.spec.requester.role == Role::Owner {
+            self.store().put_task(&rec)?;
+        } else {
+            // A grantee's task and its audit entry are written together: the owner must be able to see every
+            // task someone else ran on their machine, so without the entry there is no task.
+            let user = &rec.spec.requester.user;
+            let caller = Caller {
+                user,
+                operator: task.operator,
+            };
+            let who = match &rec.spec.requester.name {
+                Some(name) => format!("user {user} ({name})"),
+                None => format!("user {user}"),
+            };
+            let what = if rec.follows.is_some() {
+                "continued a task"
+            } else {
+                "started a task"
+            };
+            let prompt = preview(&rec.spec.prompt);
+            let entry = AuditEntry::new(
+                AuditKind::GranteeTask {
+                    requester: user.clone(),
+                    project: rec.spec.project.clone(),
+                    prompt: prompt.clone(),
+                    follow_up: false,
+                },
+                caller.actor(),
+                &agent.owner,
+                format!(
+                    "{who} {what} in {} on {}: \"{prompt}\"",
+                    rec.spec.project, agent.name
+                ),
+            )
+            .by(caller)
+            .on(&agent)
+            .task(&id);
+            self.store().put_task_audited(&rec, &entry)?;
+        }
         self.store().flush()?;
         tracing::info!(task = %id, agent = %agent.name, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
         self.dispatch_queued(routing, &agent.fingerprint)?;
@@ -658,7 +745,10 @@ impl Core {
         rec.state = state;
         rec.last_seq = seq;
         rec.updated_at = now();
-        self.store().append_event(rec, seq, &event)?;
+        // The relay's own end is always kept: it is short, and followers wait for it.
+        let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
+        rec.output_bytes += bytes.len() as u64;
+        self.store().append_event(rec, seq, Some(&bytes))?;
         self.publish(&rec.spec.task, seq, &event);
         tracing::info!(task = %rec.spec.task, ?state, "task ended by the relay");
         Ok(())
@@ -706,6 +796,15 @@ impl Core {
             .clone()
     }
 
+    /// Drops a task's live channel, so whoever follows it sees it closed (the task was deleted) instead of
+    /// waiting for events that will never come.
+    pub(crate) fn close_followers(&self, id: &str) {
+        self.followers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
     fn publish(&self, id: &str, seq: u64, event: &TaskEvent) {
         let tx = self
             .followers
@@ -726,7 +825,16 @@ impl Core {
 
     /// Cancels a task. Only the requester or the agent's owner may. A queued task just ends (the agent never
     /// had it); a dispatched one is interrupted by the agent, whose `Finished` event ends it.
-    pub fn cancel_task(&self, user: &str, id: &str) -> Result<TaskRecord, TaskError> {
+    ///
+    /// Audited: if the entry cannot be written the cancel still happens (stopping work is the safe side), and
+    /// the failure is logged as an error.
+    pub fn cancel_task<'a>(
+        &self,
+        who: impl Into<Caller<'a>>,
+        id: &str,
+    ) -> Result<TaskRecord, TaskError> {
+        let caller = who.into();
+        let user = caller.user;
         let rec = self.task(id)?;
         self.may_act(user, &rec)?;
         if rec.state.is_final() {
@@ -757,6 +865,8 @@ impl Core {
                     format!("cancelled{by} before it started"),
                 )?;
                 self.dispatch_queued(&routing, &rec.agent)?;
+                drop(routing);
+                self.audit_cancel(caller, &rec, "before it started");
                 return Ok(rec);
             }
         }
@@ -771,20 +881,75 @@ impl Core {
                 seen: "not connected now".into(),
             });
         }
+        self.audit_cancel(caller, &rec, "while it ran");
         Ok(rec)
+    }
+
+    fn audit_cancel(&self, caller: Caller<'_>, rec: &TaskRecord, when: &str) {
+        let agent = match self.store().agent(&rec.agent) {
+            Ok(Some(a)) => a,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, task = %rec.spec.task, "could not audit a cancel: agent unreadable");
+                return;
+            }
+        };
+        let requester = &rec.spec.requester.user;
+        let whose = if requester == caller.user {
+            "their own task".to_string()
+        } else {
+            format!("user {requester}'s task")
+        };
+        let entry = AuditEntry::new(
+            AuditKind::TaskCancelled {
+                requester: requester.clone(),
+            },
+            caller.actor(),
+            &agent.owner,
+            format!("cancelled {whose} on {} {when}", agent.name),
+        )
+        .by(caller)
+        .on(&agent)
+        .task(&rec.spec.task);
+        self.audit_or_log(entry);
+    }
+
+    /// Sends `msg` to an agent only with `entry` in the audit log: a place in the agent's queue is reserved
+    /// first, so no entry is written for a message that then cannot go, and no message goes without its
+    /// entry. `Ok(false)` when the agent is offline or not keeping up.
+    fn to_agent_audited(
+        &self,
+        agent: &Fingerprint,
+        msg: RelayMessage,
+        entry: &AuditEntry,
+    ) -> Result<bool, StoreError> {
+        let Some(outbound) = self.live().get(agent).map(|l| l.outbound.clone()) else {
+            return Ok(false);
+        };
+        let Ok(permit) = outbound.try_reserve() else {
+            return Ok(false);
+        };
+        self.store().append_audit(entry)?;
+        permit.send(msg);
+        Ok(true)
     }
 
     /// Continues a task with a follow-up prompt from `user` (its requester or the agent's owner). A task
     /// that is still running gets the prompt in its live session; one that ended starts a new task on the
     /// same agent and project that resumes its Claude Code session, with the user's standing checked afresh
     /// (a share may have changed since).
-    pub fn reply(
+    ///
+    /// A grantee's follow-up is audited like their tasks (and not sent without its entry). A follow-up that
+    /// starts a new task counts against the user's task limits; one into a running task does not.
+    pub fn reply<'a>(
         &self,
-        user: &str,
+        who: impl Into<Caller<'a>>,
         id: &str,
         prompt: String,
         name: Option<String>,
     ) -> Result<ReplyOutcome, TaskError> {
+        let caller = who.into();
+        let user = caller.user;
         check_prompt(&prompt)?;
         let rec = self.task(id)?;
         self.may_act(user, &rec)?;
@@ -799,12 +964,35 @@ impl Core {
             // A grantee whose share was revoked or narrowed may not keep talking to the owner's machine; the
             // lock keeps a revocation from landing between this check and the send.
             let _routing = self.routing();
-            self.role_for(user, &agent.owner, &rec.spec.project)?;
+            let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
+            let preview = preview(&prompt);
             let input = RelayMessage::TaskInput {
                 task: id.to_string(),
                 prompt,
             };
-            if !self.to_agent(&rec.agent, input) {
+            let sent = if role == Role::Owner {
+                self.to_agent(&rec.agent, input)
+            } else {
+                let entry = AuditEntry::new(
+                    AuditKind::GranteeTask {
+                        requester: user.to_string(),
+                        project: rec.spec.project.clone(),
+                        prompt: preview.clone(),
+                        follow_up: true,
+                    },
+                    caller.actor(),
+                    &agent.owner,
+                    format!(
+                        "user {user} sent a follow-up in {} on {}: \"{preview}\"",
+                        rec.spec.project, agent.name
+                    ),
+                )
+                .by(caller)
+                .on(&agent)
+                .task(id);
+                self.to_agent_audited(&rec.agent, input, &entry)?
+            };
+            if !sent {
                 return Err(TaskError::Offline {
                     name: agent.name,
                     seen: "not connected now".into(),
@@ -821,6 +1009,7 @@ impl Core {
                 seen: "its key was revoked".into(),
             });
         }
+        self.take_task_token(user)?;
         let routing = self.routing();
         let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
         let new = self.enqueue(
@@ -835,6 +1024,7 @@ impl Core {
                 options: rec.spec.options,
                 resume: Some(session),
                 follows: Some(id.to_string()),
+                operator: caller.operator,
             },
         )?;
         Ok(ReplyOutcome::Resumed(new))
@@ -864,24 +1054,55 @@ impl Core {
     }
 
     /// Passes a decision on an approval request to the agent; only the task's [`approver`](Core::approver)
-    /// may decide.
-    pub fn decide(
+    /// may decide. The decision is audited before it is sent, and not sent if the entry cannot be written: a
+    /// decision lets something run on the owner's machine.
+    pub fn decide<'a>(
         &self,
-        user: &str,
+        who: impl Into<Caller<'a>>,
         id: &str,
         approval: &str,
         decision: Decision,
     ) -> Result<(), TaskError> {
+        let caller = who.into();
+        let user = caller.user;
         let rec = self.task(id)?;
         if user != self.approver_of(&rec)? {
             return Err(TaskError::NotYours(id.to_string()));
         }
+        let agent = self
+            .store()
+            .agent(&rec.agent)?
+            .ok_or_else(|| TaskError::NoSuchTask(id.to_string()))?;
+        let requester = &rec.spec.requester.user;
+        let described = describe_decision(&decision);
+        let approval: String = approval.chars().take(128).collect();
+        let whose = if requester == user {
+            "their own task".to_string()
+        } else {
+            format!("user {requester}'s task")
+        };
+        let entry = AuditEntry::new(
+            AuditKind::ApprovalDecided {
+                approval: approval.clone(),
+                decision: described.clone(),
+                requester: requester.clone(),
+            },
+            caller.actor(),
+            &agent.owner,
+            format!(
+                "decided approval {approval} in {whose} on {}: {described}",
+                agent.name
+            ),
+        )
+        .by(caller)
+        .on(&agent)
+        .task(id);
         let msg = RelayMessage::Decide {
             task: id.to_string(),
-            approval: approval.to_string(),
+            approval,
             decision,
         };
-        if !self.to_agent(&rec.agent, msg) {
+        if !self.to_agent_audited(&rec.agent, msg, &entry)? {
             return Err(TaskError::Offline {
                 name: self.agent_name(&rec.agent),
                 seen: "not connected now".into(),
@@ -948,11 +1169,35 @@ impl Core {
             return Ok(None);
         }
         let finished = matches!(event, TaskEvent::Finished { .. });
+        let was_final = rec.state.is_final();
         apply(&mut rec, &event);
         rec.last_seq = seq;
         rec.updated_at = now();
-        self.store().append_event(&rec, seq, &event)?;
-        self.publish(id, seq, &event);
+        let cap = self.config().max_task_output;
+        let len = serde_json::to_vec(&event).map_err(StoreError::from)?.len() as u64;
+        let kept = match output::keep(&rec, event, len, cap, was_final) {
+            Keep::Store(e) => Some(e),
+            Keep::Marker => {
+                rec.output_truncated = true;
+                tracing::warn!(
+                    task = id,
+                    cap,
+                    "task output past the cap; later output is dropped"
+                );
+                Some(output::marker(cap))
+            }
+            Keep::Drop => None,
+        };
+        match kept {
+            Some(event) => {
+                let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
+                rec.output_bytes += bytes.len() as u64;
+                self.store().append_event(&rec, seq, Some(&bytes))?;
+                self.publish(id, seq, &event);
+            }
+            // Acknowledged all the same, so the agent's outbox drains; the marker already said so.
+            None => self.store().append_event(&rec, seq, None)?,
+        }
         if finished {
             let routing = self.routing();
             self.dispatch_queued(&routing, agent)?;

@@ -255,7 +255,7 @@ async fn revoking_drops_the_live_session_and_refuses_the_key_from_then_on() {
             .await
             .unwrap();
         let fp = Fingerprint::of(&key.verifying_key());
-        relay.core.revoke(&fp.to_string()).unwrap();
+        relay.core.revoke(&fp.to_string(), "1").unwrap();
         loop {
             match next(&mut s).await {
                 Some(RelayMessage::Heartbeat) => continue,

@@ -307,7 +307,7 @@ async fn revoking_an_agent_ends_its_tasks() {
     let running = relay.core.submit_task(own("1")).unwrap().spec.task;
     expect_start(&mut agent).await;
     let queued = relay.core.submit_task(own("1")).unwrap().spec.task;
-    relay.core.revoke("test-agent").unwrap();
+    relay.core.revoke("test-agent", "1").unwrap();
     for id in [running, queued] {
         let rec = relay.core.task(&id).unwrap();
         assert_eq!(rec.state, TaskState::Lost, "{id}");

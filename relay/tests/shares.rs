@@ -33,6 +33,9 @@ fn shared(user: &str, owner: &str, project: &str) -> Submit {
 async fn relay_with_slots(dir: &std::path::Path, running: usize) -> TestRelay {
     let mut config = RelayConfig::new(dir.into(), "127.0.0.1:0".parse().unwrap());
     config.core.max_running_per_agent = running;
+    // The revocation race submits dozens of tasks in a second; the per-user rate limit has its own tests.
+    config.core.tasks_per_minute = 10_000;
+    config.core.task_burst = 1_000;
     TestRelay::start_with(config).await
 }
 
