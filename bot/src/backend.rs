@@ -12,7 +12,10 @@
 //! `submit` → `Core::submit_task`, `follow` → `Core::follow`, `cancel` → `Core::cancel_task`,
 //! `decide` → `Core::decide`, `task` → `Core::task`, `pairing_code` → `Core::mint_pairing_token`,
 //! `agents` → `Core::agents` (filtered to the user), `unregister` → `Core::revoke` (after an ownership check),
-//! and the project, share, reply and session-control calls → the core's API for them.
+//! `approver` → `Core::approver`, and the project, share and reply calls → the core's API for them.
+//!
+//! `/cc` needs nothing of its own here: the bot builds it from these calls (stop is [`Backend::cancel`],
+//! compact a [`Backend::reply`], clear and model a [`Backend::submit`] with or without `resume`).
 
 use async_trait::async_trait;
 use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
@@ -81,10 +84,18 @@ pub struct TaskInfo {
     pub agent: String,
     /// Discord user id of who asked.
     pub requester: String,
+    /// Discord user id of the agent's owner (differs from `requester` on a shared agent).
+    pub owner: String,
     /// `queued`, `running`, `waiting_approval`, `done`, `failed`, `cancelled`, `lost`.
     pub state: String,
     pub created_at: u64,
     pub session_id: Option<String>,
+    /// The model asked for (`None`: the agent's default).
+    pub model: Option<String>,
+    /// The permission mode asked for.
+    pub mode: Option<String>,
+    /// The earlier task this one continues (a follow-up after that one ended).
+    pub follows: Option<String>,
 }
 
 /// A request to start a task.
@@ -97,16 +108,11 @@ pub struct TaskRequest {
     pub target: Option<String>,
     pub agent: Option<String>,
     pub options: TaskOptions,
-}
-
-/// `/cc ...`: controls for a task's Claude Code session.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SessionControl {
-    Clear,
-    Compact,
-    Model(String),
-    Status,
-    Stop,
+    /// A Claude Code session to continue (`/cc model` switching model mid-conversation); the backend
+    /// checks it comes from a task of this user's on that agent.
+    pub resume: Option<String>,
+    /// The requester's display name, shown to the agent's owner.
+    pub name: Option<String>,
 }
 
 /// A pairing code for `/register pair`.
@@ -144,6 +150,9 @@ pub trait Backend: Send + Sync + 'static {
     async fn pairing_code(&self, user: &str) -> Result<Pairing>;
     /// `/register status`, `/agents`: the user's agents and those shared with them.
     async fn agents(&self, user: &str) -> Result<Vec<AgentInfo>>;
+    /// Waits until an agent pairs with `pairing` and returns it, or `None` once the code expired unused
+    /// (the bot then tells the user whose agent just paired).
+    async fn wait_paired(&self, user: &str, pairing: &Pairing) -> Result<Option<AgentInfo>>;
     /// `/register unregister`.
     async fn unregister(&self, user: &str, agent: &str) -> Result<AgentInfo>;
 
@@ -179,13 +188,8 @@ pub trait Backend: Send + Sync + 'static {
         approval: &str,
         decision: Decision,
     ) -> Result<()>;
-    /// `/cc ...`; returns a line to show.
-    async fn session_control(
-        &self,
-        user: &str,
-        task: &str,
-        control: SessionControl,
-    ) -> Result<String>;
+    /// Who may answer the task's approvals right now (the owner, or a trusted grantee): Discord user id.
+    async fn approver(&self, task: &str) -> Result<String>;
 
     /// `/share add`.
     async fn share(

@@ -134,7 +134,10 @@ pub async fn connect(
         .event_handler(handler)
         .await
         .context("building the Discord client")?;
-    tracing::info!(gateway = %client.ws_url.lock().await, "{}", config.describe());
+    // Read before logging: an await inside the macro's arguments would hold its formatting state across
+    // the await and make this future (and the relay's, which awaits it) not `Send`.
+    let gateway_url = client.ws_url.lock().await.clone();
+    tracing::info!(gateway = %gateway_url, "{}", config.describe());
     let shard_manager = client.shard_manager.clone();
     let task = tokio::spawn(async move { client.start().await });
     Ok(GatewayHandle {

@@ -15,20 +15,29 @@
 //! - [`render`]: what a task looks like in Discord — progress line and edit throttle, summary embed,
 //!   approval buttons and menus, attachment-or-message for long output.
 //! - [`custom_id`]: what a button, menu or modal means, encoded in its `custom_id` and parsed back.
+//! - [`app`]: [`Bot`], the running front end: gateway events or HTTP interactions in, every task it spawns
+//!   owned and stopped at shutdown.
+//! - [`dispatch`]: what each command, button, menu, modal and thread message does, in backend calls.
+//! - [`thread`]: a task's thread — which task of a follow-up chain it shows, and the follower posting the
+//!   task's progress, text, approvals and summary there.
 //! - [`backend`]: the [`Backend`] trait — everything the bot needs from the relay core, which the relay
 //!   implements. Nothing in this crate depends on the relay.
 
+pub mod app;
 pub mod backend;
 pub mod commands;
 pub mod config;
 pub mod custom_id;
+pub mod dispatch;
 pub mod gateway;
 pub mod render;
 pub mod respond;
 pub mod rest;
 pub mod split;
+pub mod thread;
 pub mod verify;
 
+pub use app::Bot;
 pub use backend::Backend;
 pub use config::BotConfig;
 pub use rest::Rest;

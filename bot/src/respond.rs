@@ -3,15 +3,19 @@
 //! [`answer_in_time`] runs the work that produces the answer; if it finishes quickly the answer is the
 //! initial response itself, and if not, a deferred response ("thinking…") goes out first and the answer
 //! replaces it when ready (the interaction token allows that for 15 minutes). Command handlers can then be
-//! written as plain async functions returning an [`Answer`].
+//! written as plain async functions returning an [`Answer`] (or, with [`deliver`], any [`Initial`]
+//! response, in gateway or HTTP-interactions mode alike).
 
 use std::future::Future;
 use std::time::Duration;
 
+use serde_json::Value;
 use serenity::all::{
-    CreateActionRow, CreateEmbed, CreateInteractionResponse, CreateInteractionResponseMessage,
+    AutocompleteChoice, CreateActionRow, CreateAutocompleteResponse, CreateEmbed,
+    CreateInteractionResponse, CreateInteractionResponseMessage, CreateModal,
     EditInteractionResponse, InteractionId,
 };
+use tokio::sync::oneshot;
 
 use crate::rest::{Rest, RestError};
 
@@ -105,6 +109,92 @@ pub async fn answer_within(
     );
     rest.respond(id, token, &defer, &[]).await?;
     let answer = work.await;
+    rest.edit_original(token, &answer.edit(), &[]).await?;
+    Ok(Delivered::AfterDefer)
+}
+
+/// Any initial response, not only a message: what the bot's handlers produce.
+#[derive(Debug, Clone)]
+pub enum Initial {
+    Message(Answer),
+    /// A form (deny reason, free-text answer); only valid as the initial response.
+    Modal(CreateModal),
+    /// A click taken note of with no message of its own (the message it was on is edited later).
+    Acknowledge,
+    /// Autocomplete suggestions (never deferred: Discord has no defer for them).
+    Choices(Vec<AutocompleteChoice>),
+}
+
+impl Initial {
+    fn response(&self) -> CreateInteractionResponse {
+        match self {
+            Self::Message(a) => CreateInteractionResponse::Message(a.message()),
+            Self::Modal(m) => CreateInteractionResponse::Modal(m.clone()),
+            Self::Acknowledge => CreateInteractionResponse::Acknowledge,
+            Self::Choices(c) => CreateInteractionResponse::Autocomplete(
+                CreateAutocompleteResponse::new().set_choices(c.clone()),
+            ),
+        }
+    }
+}
+
+/// Where an interaction's initial response goes: gateway interactions are answered by a callback POST;
+/// HTTP interactions by the body of the response to Discord's own POST, which the relay's HTTP handler
+/// waits for on the other end of the channel.
+#[derive(Debug)]
+pub enum Responder {
+    Rest { id: InteractionId },
+    Http(oneshot::Sender<Value>),
+}
+
+impl Responder {
+    async fn send(
+        self,
+        rest: &Rest,
+        token: &str,
+        response: &CreateInteractionResponse,
+    ) -> Result<(), RestError> {
+        match self {
+            Self::Rest { id } => rest.respond(id, token, response, &[]).await,
+            Self::Http(tx) => {
+                let body = serde_json::to_value(response).map_err(|source| RestError::Encode {
+                    method: reqwest::Method::POST,
+                    path: "/discord/interactions".into(),
+                    source,
+                })?;
+                // The HTTP handler gave up waiting (past Discord's deadline): nothing else can be done.
+                let _ = tx.send(body);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Like [`answer_in_time`] for any [`Initial`] and either delivery: the work's result is the initial
+/// response if it is ready within [`DEFER_AFTER`], else the interaction is deferred and the result edited
+/// into the deferred message. A modal or acknowledgement that comes too late for that is turned into a
+/// message (a modal can only open as the initial response), so the user is never left with "thinking…".
+pub async fn deliver(
+    rest: &Rest,
+    responder: Responder,
+    token: &str,
+    ephemeral_if_deferred: bool,
+    work: impl Future<Output = Initial>,
+) -> Result<Delivered, RestError> {
+    tokio::pin!(work);
+    if let Ok(initial) = tokio::time::timeout(DEFER_AFTER, &mut work).await {
+        responder.send(rest, token, &initial.response()).await?;
+        return Ok(Delivered::Immediately);
+    }
+    let defer = CreateInteractionResponse::Defer(
+        CreateInteractionResponseMessage::new().ephemeral(ephemeral_if_deferred),
+    );
+    responder.send(rest, token, &defer).await?;
+    let answer = match work.await {
+        Initial::Message(a) => a,
+        Initial::Modal(_) => Answer::private("That took too long to open a form: click again."),
+        Initial::Acknowledge | Initial::Choices(_) => Answer::private("Done."),
+    };
     rest.edit_original(token, &answer.edit(), &[]).await?;
     Ok(Delivered::AfterDefer)
 }

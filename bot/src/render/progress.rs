@@ -204,9 +204,13 @@ impl TaskProgress {
                 duration_ms,
                 ..
             } => {
-                // Each turn's `result` reports that turn's figures; the task's are their sum.
+                // Each turn's `result` reports that turn's turns, tokens and time, so the task's are their sum;
+                // but `total_cost_usd` is the Claude Code process's running total, so the latest one is the
+                // cost (summing would count every earlier turn again).
                 self.turns += turns.unwrap_or(0);
-                self.cost_usd += cost_usd.unwrap_or(0.0);
+                if let Some(cost) = cost_usd {
+                    self.cost_usd = *cost;
+                }
                 self.input_tokens += input_tokens.unwrap_or(0);
                 self.output_tokens += output_tokens.unwrap_or(0);
                 self.duration_ms += duration_ms.unwrap_or(0);
@@ -380,12 +384,12 @@ mod tests {
         });
         assert_eq!(p.phase, Phase::Running);
 
-        for turns in [2, 1] {
+        for (turns, cost) in [(2, 0.01), (1, 0.02)] {
             p.apply(&TaskEvent::TurnFinished {
                 is_error: false,
                 subtype: "success".into(),
                 text: None,
-                cost_usd: Some(0.01),
+                cost_usd: Some(cost),
                 turns: Some(turns),
                 input_tokens: Some(100),
                 output_tokens: Some(20),
@@ -396,7 +400,11 @@ mod tests {
             (p.turns, p.input_tokens, p.output_tokens, p.duration_ms),
             (3, 200, 40, 3000)
         );
-        assert!((p.cost_usd - 0.02).abs() < 1e-9);
+        assert!(
+            (p.cost_usd - 0.02).abs() < 1e-9,
+            "the cost is the process's running total, not a sum: {}",
+            p.cost_usd
+        );
 
         p.apply(&TaskEvent::Finished {
             state: FinalState::Failed,

@@ -1,0 +1,1190 @@
+//! What each interaction and thread message does: slash commands, autocomplete, buttons, select menus,
+//! modals, and follow-up messages in task threads, each turned into [`Backend`](crate::Backend) calls and
+//! answered within Discord's deadline ([`deliver`]).
+//!
+//! Every refusal a user can cause is answered ephemerally with the backend's own words; our own failures
+//! are logged and the user is told to try again.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
+use serenity::all::{
+    ActionRowComponent, AutocompleteChoice, ChannelId, CommandData, CommandDataOption,
+    CommandDataOptionValue, CommandInteraction, ComponentInteraction, ComponentInteractionDataKind,
+    CreateAllowedMentions, CreateInteractionResponseFollowup, CreateMessage, Interaction, Message,
+    ModalInteraction, UserId,
+};
+use tracing::{error, info, warn};
+
+use crate::app::Inner;
+use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest};
+use crate::commands::{completion_for, Completion};
+use crate::custom_id::{Action, Scope};
+use crate::render::approval::{answer_modal, deny_modal, not_yours, questions};
+use crate::render::summary::{summary_embed, SummaryContext};
+use crate::render::truncate;
+use crate::respond::{deliver, Answer, Initial, Responder};
+use crate::thread::{
+    answers_json, follow, phase_of, progress_of, question_count, upload_limit, ThreadInfo,
+};
+
+/// Autocomplete lists at most this many choices (Discord's limit).
+const MAX_CHOICES: usize = 25;
+/// Models offered by autocomplete; any name Claude Code accepts may be typed.
+const MODELS: &[&str] = &["sonnet", "opus", "haiku"];
+/// Thread names carry the task id first, so a restarted relay finds the task a thread belongs to.
+const THREAD_NAME_PROMPT: usize = 80;
+
+type After = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A handler's result: the initial response, and work to run once it is delivered (a follow-up message
+/// needs the response to exist first).
+struct Reply {
+    initial: Initial,
+    after: Option<After>,
+}
+
+impl From<Answer> for Reply {
+    fn from(a: Answer) -> Self {
+        Self {
+            initial: Initial::Message(a),
+            after: None,
+        }
+    }
+}
+
+impl From<Initial> for Reply {
+    fn from(initial: Initial) -> Self {
+        Self {
+            initial,
+            after: None,
+        }
+    }
+}
+
+/// The answer for a failed backend call: the refusal as is, or an apology for our own failure.
+fn failed(e: BackendError) -> Answer {
+    match e {
+        BackendError::Refused(m) => Answer::private(format!("⚠️ {m}")),
+        BackendError::Internal(err) => {
+            error!(error = %format!("{err:#}"), "backend failure");
+            Answer::private("Something went wrong on our side: try again in a moment.")
+        }
+    }
+}
+
+/// A command's options, with a subcommand's own options flattened.
+struct Args {
+    sub: Option<String>,
+    opts: Vec<CommandDataOption>,
+}
+
+impl Args {
+    fn of(data: &CommandData) -> Self {
+        match data.options.first() {
+            Some(CommandDataOption {
+                name,
+                value:
+                    CommandDataOptionValue::SubCommand(opts)
+                    | CommandDataOptionValue::SubCommandGroup(opts),
+                ..
+            }) => Self {
+                sub: Some(name.clone()),
+                opts: opts.clone(),
+            },
+            _ => Self {
+                sub: None,
+                opts: data.options.clone(),
+            },
+        }
+    }
+
+    fn str(&self, name: &str) -> Option<String> {
+        self.opts
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| match &o.value {
+                CommandDataOptionValue::String(s) => Some(s.trim().to_string()),
+                CommandDataOptionValue::Autocomplete { value, .. } => {
+                    Some(value.trim().to_string())
+                }
+                _ => None,
+            })
+            .filter(|s| !s.is_empty())
+    }
+
+    fn user(&self, name: &str) -> Option<UserId> {
+        self.opts
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| match &o.value {
+                CommandDataOptionValue::User(u) => Some(*u),
+                _ => None,
+            })
+    }
+}
+
+/// `<t:…:R>`: Discord shows it as "5 minutes ago" in the reader's own time zone.
+fn when(unix: u64) -> String {
+    format!("<t:{unix}:R>")
+}
+
+fn mention(user: &str) -> String {
+    format!("<@{user}>")
+}
+
+impl Inner {
+    /// One interaction, from the gateway or an HTTP POST.
+    pub(crate) async fn interaction(self: &Arc<Self>, ix: Interaction, responder: Responder) {
+        let (token, ephemeral, what) = match &ix {
+            Interaction::Command(c) => (
+                c.token.clone(),
+                !is_public(&c.data.name),
+                format!("/{}", c.data.name),
+            ),
+            Interaction::Autocomplete(c) => (
+                c.token.clone(),
+                true,
+                format!("autocomplete /{}", c.data.name),
+            ),
+            Interaction::Component(c) => (
+                c.token.clone(),
+                true,
+                format!("component {}", c.data.custom_id),
+            ),
+            Interaction::Modal(m) => (m.token.clone(), true, format!("modal {}", m.data.custom_id)),
+            _ => return,
+        };
+        let mut after = None;
+        let work = async {
+            let reply = match ix {
+                Interaction::Command(c) => self.command(c).await,
+                Interaction::Autocomplete(c) => self.autocomplete(c).await,
+                Interaction::Component(c) => self.component(c).await,
+                Interaction::Modal(m) => self.modal(m).await,
+                _ => Reply::from(Initial::Acknowledge),
+            };
+            after = reply.after;
+            reply.initial
+        };
+        if let Err(err) = deliver(&self.rest, responder, &token, ephemeral, work).await {
+            warn!(%err, %what, "could not answer the interaction");
+            return;
+        }
+        if let Some(after) = after {
+            self.spawn(after);
+        }
+    }
+
+    fn allowed(&self, channel: ChannelId, parent: Option<ChannelId>) -> Option<Reply> {
+        if self.config.allows_channel(channel, parent) {
+            return None;
+        }
+        let list: Vec<String> = self
+            .config
+            .channel_ids
+            .iter()
+            .map(|c| format!("<#{c}>"))
+            .collect();
+        Some(Answer::private(format!("I only work in {} here.", list.join(", "))).into())
+    }
+
+    async fn command(self: &Arc<Self>, c: CommandInteraction) -> Reply {
+        let parent = c.channel.as_ref().and_then(|ch| ch.parent_id);
+        if let Some(refusal) = self.allowed(c.channel_id, parent) {
+            return refusal;
+        }
+        let user = c.user.id.to_string();
+        let args = Args::of(&c.data);
+        let result = match (c.data.name.as_str(), args.sub.as_deref()) {
+            ("register", Some("pair")) => return self.register_pair(&user, &c.token).await,
+            ("register", Some("status")) => self.agents_text(&user, true).await,
+            ("register", Some("unregister")) => {
+                let agent = args.str("agent").unwrap_or_default();
+                self.backend.unregister(&user, &agent).await.map(|a| {
+                    Answer::private(format!(
+                        "🗑️ Agent **{}** (`{}`) is unregistered: its key is refused from now on.",
+                        a.name, a.fingerprint
+                    ))
+                })
+            }
+            ("project", Some("add")) => {
+                let (name, path) = (
+                    args.str("name").unwrap_or_default(),
+                    args.str("path").unwrap_or_default(),
+                );
+                self.backend
+                    .add_project(&user, &name, &path, args.str("agent").as_deref())
+                    .await
+                    .map(|p| {
+                        Answer::private(format!(
+                            "📁 Project **{}** is `{}` on **{}**.",
+                            p.name, p.path, p.agent
+                        ))
+                    })
+            }
+            ("project", Some("list")) => self.projects_text(&user).await,
+            ("project", Some("remove")) => {
+                let name = args.str("name").unwrap_or_default();
+                self.backend.remove_project(&user, &name).await.map(|()| {
+                    Answer::private(format!(
+                        "📁 Project **{name}** removed (the folder is untouched)."
+                    ))
+                })
+            }
+            ("task", _) => self.task_command(&c, &user, &args).await,
+            ("reply", _) => {
+                let prompt = args.str("prompt").unwrap_or_default();
+                self.continue_thread(
+                    &user,
+                    c.channel_id,
+                    &prompt,
+                    upload_limit(c.attachment_size_limit),
+                )
+                .await
+                .map(|t| {
+                    Answer::text(format!(
+                        "↪️ {} → `{}`: {}",
+                        mention(&user),
+                        t.id,
+                        truncate(&prompt, 1500)
+                    ))
+                })
+            }
+            ("status", _) => match self.task_arg(&user, &args, c.channel_id).await {
+                Ok(task) => self.status(&user, &task).await,
+                Err(e) => Err(e),
+            },
+            ("cancel", _) => match self.task_arg(&user, &args, c.channel_id).await {
+                Ok(task) => self
+                    .backend
+                    .cancel(&user, &task)
+                    .await
+                    .map(|()| Answer::text(format!("⏹️ Stopping `{task}`…"))),
+                Err(e) => Err(e),
+            },
+            ("approve", _) => match self.task_arg(&user, &args, c.channel_id).await {
+                Ok(task) => {
+                    self.approve_command(&user, &task, args.str("option").as_deref())
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            ("agents", _) => self.agents_text(&user, false).await,
+            ("share", Some(sub)) => self.share_command(&user, sub, &args).await,
+            ("cc", Some(sub)) => self.cc(&user, sub, &args, c.channel_id).await,
+            ("audit", _) => self.audit_text(&user).await,
+            (name, sub) => {
+                warn!(command = name, ?sub, "unknown command");
+                Ok(Answer::private(
+                    "I do not know that command: the list may be out of date, try again shortly.",
+                ))
+            }
+        };
+        result.unwrap_or_else(failed).into()
+    }
+
+    async fn register_pair(self: &Arc<Self>, user: &str, token: &str) -> Reply {
+        let pairing = match self.backend.pairing_code(user).await {
+            Ok(p) => p,
+            Err(e) => return failed(e).into(),
+        };
+        let minutes = pairing.expires_in.div_ceil(60).max(1);
+        let answer = Answer::private(format!(
+            "🔗 **Pair your computer** — run this on it (the code works once, for {minutes} minutes):\n\
+             ```\nct-agent pair {}\n```\n\
+             Keep it to yourself: whoever runs it pairs their machine as yours. I will tell you here when \
+             it has paired.",
+            pairing.token
+        ));
+        let (inner, user, token) = (self.clone(), user.to_string(), token.to_string());
+        let after: After =
+            Box::pin(async move { inner.tell_when_paired(&user, &token, pairing).await });
+        Reply {
+            initial: Initial::Message(answer),
+            after: Some(after),
+        }
+    }
+
+    /// Waits for the agent to pair, then tells the user through the interaction (ephemeral). The pairing
+    /// code expires before the interaction token does (15 minutes), so the follow-up can always be sent.
+    async fn tell_when_paired(&self, user: &str, token: &str, pairing: Pairing) {
+        let agent = match self.backend.wait_paired(user, &pairing).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "waiting for a pairing failed");
+                return;
+            }
+        };
+        let msg = CreateInteractionResponseFollowup::new()
+            .content(format!(
+                "✅ Agent **{}** paired (fingerprint `{}`). Next: name a folder on it with `/project add`.",
+                agent.name, agent.fingerprint
+            ))
+            .ephemeral(true);
+        if let Err(err) = self.rest.followup(token, &msg, &[]).await {
+            warn!(%err, "could not tell the user their agent paired");
+        }
+    }
+
+    async fn agents_text(&self, user: &str, own_only: bool) -> crate::backend::Result<Answer> {
+        let agents = self.backend.agents(user).await?;
+        let lines: Vec<String> = agents
+            .iter()
+            .filter(|a| !own_only || a.owner == user)
+            .map(|a| {
+                let state = match (a.online, a.since) {
+                    (true, Some(t)) => format!("🟢 online since {}", when(t)),
+                    (true, None) => "🟢 online".into(),
+                    (false, Some(t)) => format!("⚫ offline, last seen {}", when(t)),
+                    (false, None) => "⚫ never connected".into(),
+                };
+                let whose = if a.owner == user {
+                    String::new()
+                } else {
+                    format!(" · shared by {}", mention(&a.owner))
+                };
+                format!("**{}** · `{}` · {state}{whose}", a.name, a.fingerprint)
+            })
+            .collect();
+        Ok(Answer::private(if lines.is_empty() {
+            "You have no agents yet: pair one with `/register pair`.".to_string()
+        } else {
+            truncate(&lines.join("\n"), 2000)
+        }))
+    }
+
+    async fn projects_text(&self, user: &str) -> crate::backend::Result<Answer> {
+        let projects = self.backend.projects(user).await?;
+        let lines: Vec<String> = projects
+            .iter()
+            .map(|p| {
+                let whose = if p.owner == user {
+                    String::new()
+                } else {
+                    format!(" · shared by {}", mention(&p.owner))
+                };
+                let path = if p.path.is_empty() {
+                    String::new()
+                } else {
+                    format!(" · `{}`", p.path)
+                };
+                format!("**{}** on {}{path}{whose}", p.name, p.agent)
+            })
+            .collect();
+        Ok(Answer::private(if lines.is_empty() {
+            "No projects yet: add one with `/project add name path`.".to_string()
+        } else {
+            truncate(&lines.join("\n"), 2000)
+        }))
+    }
+
+    /// `/task`: submits, opens the thread, starts following. The thread is started from a message the bot
+    /// posts in the channel, so everything after this goes through the bot token (tasks outlive the
+    /// interaction token).
+    async fn task_command(
+        self: &Arc<Self>,
+        c: &CommandInteraction,
+        user: &str,
+        args: &Args,
+    ) -> crate::backend::Result<Answer> {
+        if self.config.token.is_none() {
+            return Err(BackendError::Refused(
+                "this bot has no DISCORD_TOKEN, so it cannot open task threads: ask the relay's operator".into(),
+            ));
+        }
+        let prompt = args.str("prompt").unwrap_or_default();
+        let req = TaskRequest {
+            user: user.to_string(),
+            prompt: prompt.clone(),
+            project: args.str("project"),
+            target: args.user("target").map(|u| u.to_string()),
+            agent: args.str("agent"),
+            options: TaskOptions {
+                model: args.str("model"),
+                permission_mode: args.str("mode"),
+                ..TaskOptions::default()
+            },
+            resume: None,
+            name: c
+                .member
+                .as_ref()
+                .and_then(|m| m.nick.clone())
+                .or_else(|| c.user.global_name.clone()),
+        };
+        let task = self.backend.submit(req).await?;
+        // A thread cannot hold a thread: inside one, open the new thread in its channel.
+        let channel = c
+            .channel
+            .as_ref()
+            .and_then(|ch| ch.parent_id)
+            .filter(|_| is_thread(c))
+            .unwrap_or(c.channel_id);
+        match self
+            .open_thread(
+                channel,
+                &task,
+                &prompt,
+                upload_limit(c.attachment_size_limit),
+            )
+            .await
+        {
+            Ok(thread) => Ok(Answer::private(format!(
+                "🧵 Started `{}` on **{}** in **{}**: <#{thread}>",
+                task.id, task.agent, task.project
+            ))),
+            Err(err) => {
+                warn!(%err, task = %task.id, "could not open the task's thread; cancelling the task");
+                // Nobody could see or answer it: stop it rather than let it run unseen.
+                if let Err(e) = self.backend.cancel(user, &task.id).await {
+                    warn!(error = %e, task = %task.id, "could not cancel the unseen task");
+                }
+                Err(BackendError::Refused(format!(
+                    "I could not open a thread for `{}` here ({err}), so I stopped it: check that I may \
+                     create threads in this channel",
+                    task.id
+                )))
+            }
+        }
+    }
+
+    async fn open_thread(
+        self: &Arc<Self>,
+        channel: ChannelId,
+        task: &TaskInfo,
+        prompt: &str,
+        limit: u64,
+    ) -> Result<ChannelId, crate::rest::RestError> {
+        let starter = CreateMessage::new()
+            .content(format!(
+                "🧵 `{}` · **{}** on **{}** · {}\n>>> {}",
+                task.id,
+                task.project,
+                task.agent,
+                mention(&task.requester),
+                truncate(prompt, 1500)
+            ))
+            .allowed_mentions(CreateAllowedMentions::new());
+        let msg = self.rest.send_message(channel, &starter, &[]).await?;
+        let first_line = prompt.lines().next().unwrap_or("");
+        let name = format!("{} · {}", task.id, truncate(first_line, THREAD_NAME_PROMPT));
+        let thread = self.rest.start_thread(channel, msg.id, &name).await?;
+        self.threads.insert(ThreadInfo::new(thread.id, task, limit));
+        self.start_follower(thread.id, task.clone(), limit);
+        Ok(thread.id)
+    }
+
+    pub(crate) fn start_follower(&self, thread: ChannelId, task: TaskInfo, limit: u64) {
+        let env = self.follower_env();
+        let stop = self.stop.clone();
+        info!(task = %task.id, %thread, "following task in its thread");
+        self.spawn(follow(env, thread, task, limit, stop));
+    }
+
+    /// The thread's task chain: remembered, or found again from the thread's name (`t_… · prompt`) after a
+    /// restart, walking forward through follow-ups to the newest task.
+    pub(crate) async fn thread_info(&self, channel: ChannelId, user: &str) -> Option<ThreadInfo> {
+        if let Some(info) = self.threads.get(channel) {
+            return Some(info);
+        }
+        if self.config.token.is_none() || !self.threads.maybe_thread(channel) {
+            return None;
+        }
+        let name = match self.rest.channel(channel).await {
+            Ok(serenity::all::Channel::Guild(g)) if g.thread_metadata.is_some() => g.name,
+            _ => {
+                self.threads.not_a_thread(channel);
+                return None;
+            }
+        };
+        let first = name
+            .split_whitespace()
+            .next()
+            .filter(|t| t.starts_with("t_"))?;
+        let mut task = self.backend.task(user, first).await.ok()?;
+        if let Ok(recent) = self.backend.tasks(user).await {
+            while let Some(next) = recent
+                .iter()
+                .find(|t| t.follows.as_deref() == Some(task.id.as_str()))
+            {
+                task = next.clone();
+            }
+        }
+        let info = ThreadInfo::new(channel, &task, upload_limit(0));
+        self.threads.insert(info.clone());
+        if !phase_of(&task.state).is_final() {
+            self.start_follower(channel, task, info.upload_limit);
+        }
+        Some(info)
+    }
+
+    /// A follow-up in a thread (a message or `/reply`): into the running session, or a new task that
+    /// resumes it; after `/cc clear` a fresh session, after `/cc model` the session on another model.
+    async fn continue_thread(
+        self: &Arc<Self>,
+        user: &str,
+        channel: ChannelId,
+        prompt: &str,
+        limit: u64,
+    ) -> crate::backend::Result<TaskInfo> {
+        let Some(info) = self.thread_info(channel, user).await else {
+            return Err(BackendError::Refused(
+                "this is not a task thread: start a task with /task, then reply in its thread"
+                    .into(),
+            ));
+        };
+        if info.fresh || info.next_model.is_some() {
+            let current = self.backend.task(user, &info.task).await?;
+            let ended = phase_of(&current.state).is_final();
+            if info.fresh && !ended {
+                return Err(BackendError::Refused(format!(
+                    "`{}` is still running: stop it first (`/cc stop`), then write again to start afresh",
+                    info.task
+                )));
+            }
+            if ended {
+                let resume = if info.fresh {
+                    None
+                } else {
+                    Some(current.session_id.clone().ok_or_else(|| {
+                        BackendError::Refused(format!(
+                            "`{}` ended before Claude Code started a session: use `/cc clear` to start afresh",
+                            info.task
+                        ))
+                    })?)
+                };
+                let req = TaskRequest {
+                    user: user.to_string(),
+                    prompt: prompt.to_string(),
+                    project: Some(info.project.clone()),
+                    target: (user != info.owner).then(|| info.owner.clone()),
+                    agent: Some(info.agent.clone()),
+                    options: TaskOptions {
+                        model: info.next_model.clone().or(info.model.clone()),
+                        permission_mode: info.mode.clone(),
+                        ..TaskOptions::default()
+                    },
+                    resume,
+                    name: None,
+                };
+                let task = self.backend.submit(req).await?;
+                self.threads.update(channel, |i| {
+                    i.task = task.id.clone();
+                    i.model = task.model.clone();
+                    i.fresh = false;
+                    i.next_model = None;
+                });
+                self.start_follower(channel, task.clone(), limit.max(info.upload_limit));
+                return Ok(task);
+            }
+        }
+        let task = self.backend.reply(user, &info.task, prompt).await?;
+        if task.id != info.task {
+            self.threads.update(channel, |i| i.task = task.id.clone());
+            self.start_follower(channel, task.clone(), info.upload_limit);
+        }
+        Ok(task)
+    }
+
+    /// A message in a thread: a follow-up if the thread is a task's; anything else is ignored.
+    pub(crate) async fn thread_message(self: &Arc<Self>, msg: Message) {
+        let user = msg.author.id.to_string();
+        if self.thread_info(msg.channel_id, &user).await.is_none() {
+            return;
+        }
+        let limit = self
+            .threads
+            .get(msg.channel_id)
+            .map_or(0, |i| i.upload_limit);
+        if let Err(e) = self
+            .continue_thread(&user, msg.channel_id, &msg.content, limit)
+            .await
+        {
+            // No interaction to answer privately: reply in the thread, to that person only.
+            let text = match e {
+                BackendError::Refused(m) => format!("⚠️ {}: {m}", mention(&user)),
+                BackendError::Internal(err) => {
+                    error!(error = %format!("{err:#}"), "backend failure on a follow-up");
+                    format!(
+                        "⚠️ {}: something went wrong on our side; try again in a moment.",
+                        mention(&user)
+                    )
+                }
+            };
+            let reply = CreateMessage::new()
+                .content(truncate(&text, 2000))
+                .reference_message(&msg)
+                .allowed_mentions(CreateAllowedMentions::new().users(vec![msg.author.id]));
+            if let Err(err) = self.rest.send_message(msg.channel_id, &reply, &[]).await {
+                warn!(%err, "could not answer a follow-up");
+            }
+        }
+    }
+
+    /// The task a command names, or the thread's task.
+    async fn task_arg(
+        &self,
+        user: &str,
+        args: &Args,
+        channel: ChannelId,
+    ) -> crate::backend::Result<String> {
+        if let Some(t) = args.str("task_id") {
+            return Ok(t);
+        }
+        match self.thread_info(channel, user).await {
+            Some(info) => Ok(info.task),
+            None => Err(BackendError::Refused(
+                "which task? Give its id (`task_id`), or use the command in the task's thread"
+                    .into(),
+            )),
+        }
+    }
+
+    async fn status(&self, user: &str, task: &str) -> crate::backend::Result<Answer> {
+        let info = self.backend.task(user, task).await?;
+        let feed = self.backend.follow(task).await?;
+        let progress = progress_of(&info, &feed.past);
+        let ctx = SummaryContext {
+            agent: info.agent.clone(),
+            project: info.project.clone(),
+            elapsed: std::time::Duration::from_secs(
+                crate::thread::unix_now().saturating_sub(info.created_at),
+            ),
+        };
+        let mut a = Answer::private(String::new());
+        a.embeds = vec![summary_embed(&progress, &ctx)];
+        Ok(a)
+    }
+
+    /// The open approval of a task: remembered here, or read from its log.
+    async fn open_approval(&self, task: &str) -> crate::backend::Result<Option<String>> {
+        let feed = self.backend.follow(task).await?;
+        let mut open: Vec<String> = Vec::new();
+        for (_, ev) in &feed.past {
+            match ev {
+                TaskEvent::ApprovalRequested { approval, .. } => open.push(approval.clone()),
+                TaskEvent::ApprovalClosed { approval, .. } => open.retain(|a| a != approval),
+                _ => {}
+            }
+        }
+        Ok(open.into_iter().next())
+    }
+
+    async fn approve_command(
+        &self,
+        user: &str,
+        task: &str,
+        option: Option<&str>,
+    ) -> crate::backend::Result<Answer> {
+        let Some(approval) = self.open_approval(task).await? else {
+            return Err(BackendError::Refused(format!(
+                "`{task}` has no approval waiting"
+            )));
+        };
+        if let Err(refusal) = self.gate(user, task).await? {
+            return Ok(refusal);
+        }
+        let (decision, said) = match option {
+            Some("session") => (Decision::AllowSession, "✅ Allowed for this session."),
+            Some("deny") => (
+                Decision::Deny {
+                    reason: String::new(),
+                },
+                "🚫 Denied.",
+            ),
+            _ => (
+                Decision::AllowOnce {
+                    updated_input: None,
+                },
+                "✅ Allowed once.",
+            ),
+        };
+        self.decide(user, task, &approval, decision).await?;
+        Ok(Answer::private(said))
+    }
+
+    /// `Ok(Ok(()))` when `user` may answer the task's approvals; `Ok(Err(answer))` says who may.
+    async fn gate(&self, user: &str, task: &str) -> crate::backend::Result<Result<(), Answer>> {
+        let approver = self.backend.approver(task).await?;
+        if approver == user {
+            return Ok(Ok(()));
+        }
+        let id = approver.parse().unwrap_or(UserId::new(1));
+        Ok(Err(Answer::private(not_yours(id))))
+    }
+
+    async fn decide(
+        &self,
+        user: &str,
+        task: &str,
+        approval: &str,
+        decision: Decision,
+    ) -> crate::backend::Result<()> {
+        self.backend.decide(user, task, approval, decision).await?;
+        let by = user.parse().ok();
+        self.threads
+            .update_approval(task, approval, |a| a.decided_by = by);
+        Ok(())
+    }
+
+    async fn share_command(
+        &self,
+        user: &str,
+        sub: &str,
+        args: &Args,
+    ) -> crate::backend::Result<Answer> {
+        match sub {
+            "add" => {
+                let Some(grantee) = args.user("user") else {
+                    return Err(BackendError::Refused("say whom to share with".into()));
+                };
+                let projects: Vec<String> = args
+                    .str("projects")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                let level = if args.str("level").as_deref() == Some("trusted") {
+                    ShareLevel::Trusted
+                } else {
+                    ShareLevel::Run
+                };
+                let s = self
+                    .backend
+                    .share(user, &grantee.to_string(), projects, level)
+                    .await?;
+                let what = if s.projects.is_empty() {
+                    "all your projects".to_string()
+                } else {
+                    format!("projects {}", s.projects.join(", "))
+                };
+                let approvals = match s.level {
+                    ShareLevel::Run => "their tool approvals come to you",
+                    ShareLevel::Trusted => "they answer their own tool approvals",
+                };
+                Ok(Answer::private(format!(
+                    "🤝 {} may now run tasks on your agents ({what}); {approvals}. Their agent must also accept \
+                     shared tasks (`ct-agent sharing`).",
+                    mention(&s.grantee)
+                )))
+            }
+            "remove" => {
+                let Some(grantee) = args.user("user") else {
+                    return Err(BackendError::Refused(
+                        "say whom to stop sharing with".into(),
+                    ));
+                };
+                self.backend.unshare(user, &grantee.to_string()).await?;
+                Ok(Answer::private(format!(
+                    "🔒 {} can no longer use your agents; their tasks there were stopped.",
+                    mention(&grantee.to_string())
+                )))
+            }
+            "list" | "available" => {
+                let shares = self.backend.shares(user).await?;
+                let lines: Vec<String> = shares
+                    .iter()
+                    .filter(|s| {
+                        if sub == "list" {
+                            s.owner == user
+                        } else {
+                            s.grantee == user
+                        }
+                    })
+                    .map(|s| {
+                        let who = if sub == "list" {
+                            mention(&s.grantee)
+                        } else {
+                            mention(&s.owner)
+                        };
+                        let what = if s.projects.is_empty() {
+                            "all projects".to_string()
+                        } else {
+                            s.projects.join(", ")
+                        };
+                        let level = match s.level {
+                            ShareLevel::Run => "run",
+                            ShareLevel::Trusted => "trusted",
+                        };
+                        format!("{who} · {what} · {level}")
+                    })
+                    .collect();
+                Ok(Answer::private(if lines.is_empty() {
+                    if sub == "list" {
+                        "You share with nobody. `/share add` lets someone run tasks on your agents."
+                            .to_string()
+                    } else {
+                        "Nobody shares their agents with you yet.".to_string()
+                    }
+                } else {
+                    truncate(&lines.join("\n"), 2000)
+                }))
+            }
+            _ => Ok(Answer::private("Unknown /share subcommand.")),
+        }
+    }
+
+    async fn cc(
+        self: &Arc<Self>,
+        user: &str,
+        sub: &str,
+        args: &Args,
+        channel: ChannelId,
+    ) -> crate::backend::Result<Answer> {
+        let Some(info) = self.thread_info(channel, user).await else {
+            return Err(BackendError::Refused(
+                "use /cc in a task's thread: it acts on that thread's session".into(),
+            ));
+        };
+        // Only people who may act on the task change its session (the backend checks who that is).
+        let task = self.backend.task(user, &info.task).await?;
+        match sub {
+            "stop" => {
+                self.backend.cancel(user, &task.id).await?;
+                Ok(Answer::text(format!("⏹️ Stopping `{}`…", task.id)))
+            }
+            "status" => {
+                let feed = self.backend.follow(&task.id).await?;
+                let p = progress_of(&task, &feed.past);
+                let model = p
+                    .model
+                    .clone()
+                    .or(task.model.clone())
+                    .unwrap_or_else(|| "default".into());
+                let mut lines = vec![
+                    format!(
+                        "{} `{}` · **{}** · model {model}",
+                        p.phase.icon(),
+                        task.id,
+                        p.phase.label()
+                    ),
+                    format!(
+                        "session `{}` · {} turns · ${:.4} so far",
+                        task.session_id.as_deref().unwrap_or("not started"),
+                        p.turns,
+                        p.cost_usd
+                    ),
+                ];
+                if info.fresh {
+                    lines.push("The next message starts a fresh session.".into());
+                }
+                if let Some(m) = &info.next_model {
+                    lines.push(format!("The next message switches to model **{m}**."));
+                }
+                Ok(Answer::private(lines.join("\n")))
+            }
+            "clear" => {
+                self.threads.update(channel, |i| i.fresh = true);
+                Ok(Answer::text(
+                    "🧹 The next message here starts a fresh Claude Code session (same project and agent).",
+                ))
+            }
+            "model" => {
+                let Some(name) = args.str("name") else {
+                    return Err(BackendError::Refused(
+                        "name a model, e.g. sonnet or opus".into(),
+                    ));
+                };
+                self.threads
+                    .update(channel, |i| i.next_model = Some(name.clone()));
+                Ok(Answer::text(format!(
+                    "🔁 From the next message on, Claude uses **{name}** (the conversation continues)."
+                )))
+            }
+            "compact" => {
+                let next = self
+                    .continue_thread(user, channel, "/compact", info.upload_limit)
+                    .await?;
+                Ok(Answer::text(format!(
+                    "🗜️ Compacting the conversation (`{}`)…",
+                    next.id
+                )))
+            }
+            _ => Ok(Answer::private("Unknown /cc subcommand.")),
+        }
+    }
+
+    async fn audit_text(&self, user: &str) -> crate::backend::Result<Answer> {
+        let entries = self.backend.audit(user).await?;
+        let lines: Vec<String> = entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} · {} · {}",
+                    when(e.at),
+                    mention(&e.actor),
+                    truncate(&e.what, 200)
+                )
+            })
+            .collect();
+        Ok(Answer::private(if lines.is_empty() {
+            "Nothing has happened on your agents yet.".to_string()
+        } else {
+            truncate(&lines.join("\n"), 2000)
+        }))
+    }
+
+    async fn autocomplete(&self, c: CommandInteraction) -> Reply {
+        let user = c.user.id.to_string();
+        let sub = Args::of(&c.data).sub;
+        let Some(focused) = c.data.autocomplete() else {
+            return Initial::Choices(Vec::new()).into();
+        };
+        let typed = focused.value.to_lowercase();
+        let names: Vec<(String, String)> =
+            match completion_for(&c.data.name, sub.as_deref(), focused.name) {
+                Some(Completion::Project) => self
+                    .backend
+                    .projects(&user)
+                    .await
+                    .map(|ps| {
+                        ps.into_iter()
+                            .map(|p| (format!("{} ({})", p.name, p.agent), p.name))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Some(Completion::Agent) => self
+                    .backend
+                    .agents(&user)
+                    .await
+                    .map(|a| {
+                        a.into_iter()
+                            .map(|a| {
+                                let on = if a.online { "online" } else { "offline" };
+                                (format!("{} ({on})", a.name), a.name)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Some(Completion::Task) => self
+                    .backend
+                    .tasks(&user)
+                    .await
+                    .map(|ts| {
+                        ts.into_iter()
+                            .map(|t| (format!("{} · {} · {}", t.id, t.project, t.state), t.id))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Some(Completion::Model) => {
+                    let mut m: Vec<(String, String)> = MODELS
+                        .iter()
+                        .map(|m| (m.to_string(), m.to_string()))
+                        .collect();
+                    if !typed.is_empty() && !MODELS.contains(&typed.as_str()) {
+                        m.insert(0, (focused.value.to_string(), focused.value.to_string()));
+                    }
+                    m
+                }
+                None => Vec::new(),
+            };
+        let choices = names
+            .into_iter()
+            .filter(|(label, _)| label.to_lowercase().contains(&typed))
+            .take(MAX_CHOICES)
+            .map(|(label, value)| {
+                AutocompleteChoice::new(truncate(&label, 100), truncate(&value, 100))
+            })
+            .collect();
+        Initial::Choices(choices).into()
+    }
+
+    async fn component(self: &Arc<Self>, c: ComponentInteraction) -> Reply {
+        let parent = c.channel.as_ref().and_then(|ch| ch.parent_id);
+        if let Some(refusal) = self.allowed(c.channel_id, parent) {
+            return refusal;
+        }
+        let user = c.user.id.to_string();
+        let Some(action) = Action::parse(&c.data.custom_id) else {
+            return Answer::private(
+                "This button is from an older version of the bot: use the commands instead.",
+            )
+            .into();
+        };
+        let task = action.task().to_string();
+        if let Action::Stop { .. } = action {
+            return match self.backend.cancel(&user, &task).await {
+                Ok(()) => Answer::private(format!("⏹️ Stopping `{task}`…")).into(),
+                Err(e) => failed(e).into(),
+            };
+        }
+        match self.gate(&user, &task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => return refusal.into(),
+            Err(e) => return failed(e).into(),
+        }
+        let result = match action {
+            Action::Allow {
+                approval, scope, ..
+            } => {
+                let decision = match scope {
+                    Scope::Once => Decision::AllowOnce {
+                        updated_input: None,
+                    },
+                    Scope::Session => Decision::AllowSession,
+                };
+                // The message is edited (buttons disabled, outcome shown) when the agent reports it closed.
+                self.decide(&user, &task, &approval, decision)
+                    .await
+                    .map(|()| Initial::Acknowledge)
+            }
+            Action::Deny { approval, .. } => Ok(match deny_modal(&task, &approval) {
+                Ok(m) => Initial::Modal(m),
+                Err(err) => Initial::Message(Answer::private(format!(
+                    "⚠️ {err}: deny with `/approve option:deny`"
+                ))),
+            }),
+            Action::Answer {
+                approval, question, ..
+            } => {
+                let values = match &c.data.kind {
+                    ComponentInteractionDataKind::StringSelect { values } => values.clone(),
+                    _ => Vec::new(),
+                };
+                let labels = self.threads.approval(&task, &approval).map(|open| {
+                    let qs = questions(&open.view.input);
+                    values
+                        .iter()
+                        .filter_map(|v| {
+                            let i: usize = v.parse().ok()?;
+                            qs.get(usize::from(question))?
+                                .options
+                                .get(i)
+                                .map(|(l, _)| l.clone())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                });
+                match labels {
+                    Some(answer) if !answer.is_empty() => self.answer(&user, &task, &approval, question, answer).await,
+                    _ => Ok(Initial::Message(Answer::private(
+                        "That question is no longer open here: answer in words, or wait for Claude to ask again.",
+                    ))),
+                }
+            }
+            Action::AnswerOther {
+                approval, question, ..
+            } => {
+                let text = self
+                    .threads
+                    .approval(&task, &approval)
+                    .and_then(|o| {
+                        questions(&o.view.input)
+                            .get(usize::from(question))
+                            .map(|q| q.text.clone())
+                    })
+                    .unwrap_or_default();
+                Ok(match answer_modal(&task, &approval, question, &text) {
+                    Ok(m) => Initial::Modal(m),
+                    Err(err) => Initial::Message(Answer::private(format!("⚠️ {err}"))),
+                })
+            }
+            Action::Stop { .. } | Action::DenyReason { .. } | Action::AnswerText { .. } => {
+                Ok(Initial::Message(Answer::private("That is not a button.")))
+            }
+        };
+        result
+            .unwrap_or_else(|e| Initial::Message(failed(e)))
+            .into()
+    }
+
+    /// Records one AskUserQuestion answer; sends them all once every question has one.
+    async fn answer(
+        &self,
+        user: &str,
+        task: &str,
+        approval: &str,
+        question: u8,
+        answer: String,
+    ) -> crate::backend::Result<Initial> {
+        let ready = self.threads.update_approval(task, approval, |open| {
+            open.answers.insert(question, answer.clone());
+            (open.answers.len() >= question_count(&open.view))
+                .then(|| answers_json(&open.view, &open.answers))
+        });
+        let answers = match ready {
+            Some(Some(a)) => a,
+            Some(None) => {
+                return Ok(Initial::Message(Answer::private(
+                    "Noted: answer the other questions too, then it goes to Claude.",
+                )))
+            }
+            // Not known here (after a restart): send what we have.
+            None => serde_json::json!({ format!("question {}", question + 1): answer }),
+        };
+        self.decide(user, task, approval, Decision::Answers { answers })
+            .await?;
+        Ok(Initial::Message(Answer::private(
+            "💬 Answer sent to Claude.",
+        )))
+    }
+
+    async fn modal(self: &Arc<Self>, m: ModalInteraction) -> Reply {
+        let parent = m.channel.as_ref().and_then(|ch| ch.parent_id);
+        if let Some(refusal) = self.allowed(m.channel_id, parent) {
+            return refusal;
+        }
+        let user = m.user.id.to_string();
+        let field = |id: &str| {
+            m.data
+                .components
+                .iter()
+                .flat_map(|row| &row.components)
+                .find_map(|c| match c {
+                    ActionRowComponent::InputText(t) if t.custom_id == id => t.value.clone(),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        };
+        let Some(action) = Action::parse(&m.data.custom_id) else {
+            return Answer::private(
+                "This form is from an older version of the bot: use the commands instead.",
+            )
+            .into();
+        };
+        let task = action.task().to_string();
+        match self.gate(&user, &task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => return refusal.into(),
+            Err(e) => return failed(e).into(),
+        }
+        let result = match action {
+            Action::DenyReason { approval, .. } => {
+                let reason = field("reason");
+                self.decide(&user, &task, &approval, Decision::Deny { reason })
+                    .await
+                    .map(|()| Initial::Message(Answer::private("🚫 Denied; Claude is told why.")))
+            }
+            Action::AnswerText {
+                approval, question, ..
+            } => {
+                self.answer(&user, &task, &approval, question, field("answer"))
+                    .await
+            }
+            _ => Ok(Initial::Message(Answer::private("That is not a form."))),
+        };
+        result
+            .unwrap_or_else(|e| Initial::Message(failed(e)))
+            .into()
+    }
+}
+
+/// Commands whose answer everyone in the channel should see (and so whose deferral is public too).
+fn is_public(name: &str) -> bool {
+    matches!(name, "reply" | "cancel" | "cc")
+}
+
+fn is_thread(c: &CommandInteraction) -> bool {
+    c.channel.as_ref().is_some_and(|ch| {
+        matches!(
+            ch.kind,
+            serenity::all::ChannelType::PublicThread
+                | serenity::all::ChannelType::PrivateThread
+                | serenity::all::ChannelType::NewsThread
+        )
+    })
+}

@@ -1,0 +1,586 @@
+//! A task's thread: which task a thread is following now, and the follower that turns the task's events
+//! into Discord messages.
+//!
+//! A thread follows a chain of tasks: `/task` starts the first, and a follow-up after a task ended starts a
+//! new task that resumes the same Claude Code session ([`Backend::reply`] returns it), which the same thread
+//! then follows. [`Threads`] remembers, per thread, the current task and the session settings `/cc` changes;
+//! in memory only, but the thread's name starts with the first task's id, so a relay that restarted finds
+//! the chain again from the thread (see `dispatch`).
+//!
+//! Each task gets a follower ([`follow`]) that posts, in the thread and always with the bot token (never the
+//! interaction webhook, whose token dies after 15 minutes while tasks may run for hours):
+//! - a progress message with a Stop button, edited at most about once a second ([`EditThrottle`]);
+//! - assistant text, split at 2,000 characters, or as an attachment when it is long ([`output::place`]);
+//! - one message per approval request with its buttons, edited (disabled, with the outcome) when the agent
+//!   reports it closed;
+//! - the summary embed when the task ends.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ct_protocol::task::TaskEvent;
+use serde_json::Value;
+use serenity::all::{
+    ChannelId, CreateActionRow, CreateAllowedMentions, CreateMessage, EditMessage, MessageId,
+    UserId,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::backend::{Backend, TaskInfo};
+use crate::render::approval::{
+    approval_components, approval_content, closed_content, stop_button, ApprovalView, Closed,
+};
+use crate::render::output::{place, OutputKind, Placement, DEFAULT_ATTACHMENT_LIMIT};
+use crate::render::progress::{EditDecision, EditThrottle, Phase, TaskProgress, EDIT_INTERVAL};
+use crate::render::summary::{summary_embed, SummaryContext};
+use crate::rest::{Rest, Upload};
+
+/// Threads remembered at once; the oldest are forgotten first (and found again from their name if used).
+const MAX_THREADS: usize = 10_000;
+
+/// What a thread is following, and the `/cc` settings for its next follow-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadInfo {
+    pub thread: ChannelId,
+    /// The chain's current task: follow-ups, `/cc` and the Stop button act on it.
+    pub task: String,
+    pub requester: String,
+    pub owner: String,
+    pub agent: String,
+    pub project: String,
+    /// The model the chain runs with (what a fresh task after `/cc clear` asks for).
+    pub model: Option<String>,
+    pub mode: Option<String>,
+    /// `/cc model`: the next follow-up starts a task with this model, resuming the session.
+    pub next_model: Option<String>,
+    /// `/cc clear`: the next follow-up starts a new session instead of resuming.
+    pub fresh: bool,
+    /// The guild's upload limit, from the interaction that started the thread.
+    pub upload_limit: u64,
+}
+
+impl ThreadInfo {
+    pub fn new(thread: ChannelId, task: &TaskInfo, upload_limit: u64) -> Self {
+        Self {
+            thread,
+            task: task.id.clone(),
+            requester: task.requester.clone(),
+            owner: task.owner.clone(),
+            agent: task.agent.clone(),
+            project: task.project.clone(),
+            model: task.model.clone(),
+            mode: task.mode.clone(),
+            next_model: None,
+            fresh: false,
+            upload_limit,
+        }
+    }
+}
+
+/// An approval request posted in a thread and still open.
+#[derive(Debug, Clone)]
+pub struct OpenApproval {
+    pub view: ApprovalView,
+    pub channel: ChannelId,
+    pub message: MessageId,
+    /// Who answered it through Discord, shown once the agent reports it closed.
+    pub decided_by: Option<UserId>,
+    /// AskUserQuestion: the answers given so far, by question index; sent when every question has one.
+    pub answers: BTreeMap<u8, String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    threads: HashMap<ChannelId, ThreadInfo>,
+    /// Insertion order, for forgetting the oldest.
+    order: VecDeque<ChannelId>,
+    by_task: HashMap<String, ChannelId>,
+    /// Open approvals by (task, approval id).
+    approvals: HashMap<(String, String), OpenApproval>,
+    /// Tasks with a live follower, so one task is never followed twice.
+    following: HashSet<String>,
+    /// Channels known not to be task threads, so messages there cost no lookup.
+    not_threads: HashSet<ChannelId>,
+}
+
+/// The bot's memory of its task threads.
+#[derive(Debug, Default)]
+pub struct Threads {
+    state: Mutex<State>,
+}
+
+impl Threads {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records (or replaces) what `info.thread` follows.
+    pub fn insert(&self, info: ThreadInfo) {
+        let mut st = self.lock();
+        st.by_task.insert(info.task.clone(), info.thread);
+        if st.threads.insert(info.thread, info.clone()).is_none() {
+            st.order.push_back(info.thread);
+        }
+        while st.order.len() > MAX_THREADS {
+            if let Some(old) = st.order.pop_front() {
+                if let Some(gone) = st.threads.remove(&old) {
+                    st.by_task.retain(|_, t| *t != gone.thread);
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, thread: ChannelId) -> Option<ThreadInfo> {
+        self.lock().threads.get(&thread).cloned()
+    }
+
+    /// Changes what a thread remembers; `None` if the thread is unknown.
+    pub fn update<T>(&self, thread: ChannelId, f: impl FnOnce(&mut ThreadInfo) -> T) -> Option<T> {
+        let mut st = self.lock();
+        let info = st.threads.get_mut(&thread)?;
+        let out = f(info);
+        let task = info.task.clone();
+        st.by_task.insert(task, thread);
+        Some(out)
+    }
+
+    /// Whether `channel` could be a task thread not remembered yet (worth looking up).
+    pub fn maybe_thread(&self, channel: ChannelId) -> bool {
+        !self.lock().not_threads.contains(&channel)
+    }
+
+    /// Remembers that `channel` is not a task thread.
+    pub fn not_a_thread(&self, channel: ChannelId) {
+        let mut st = self.lock();
+        // Bounded: forgetting them all only costs a lookup each again.
+        if st.not_threads.len() >= MAX_THREADS {
+            st.not_threads.clear();
+        }
+        st.not_threads.insert(channel);
+    }
+
+    /// The thread a task is shown in.
+    pub fn thread_of(&self, task: &str) -> Option<ChannelId> {
+        self.lock().by_task.get(task).copied()
+    }
+
+    /// Marks `task` followed; false if it already is.
+    fn start_following(&self, task: &str) -> bool {
+        self.lock().following.insert(task.to_string())
+    }
+
+    fn stop_following(&self, task: &str) {
+        self.lock().following.remove(task);
+    }
+
+    pub fn approval(&self, task: &str, approval: &str) -> Option<OpenApproval> {
+        self.lock()
+            .approvals
+            .get(&(task.to_string(), approval.to_string()))
+            .cloned()
+    }
+
+    /// Changes an open approval; `None` if it is not open (or not known here).
+    pub fn update_approval<T>(
+        &self,
+        task: &str,
+        approval: &str,
+        f: impl FnOnce(&mut OpenApproval) -> T,
+    ) -> Option<T> {
+        self.lock()
+            .approvals
+            .get_mut(&(task.to_string(), approval.to_string()))
+            .map(f)
+    }
+
+    fn open_approval(&self, task: &str, a: OpenApproval) {
+        self.lock()
+            .approvals
+            .insert((task.to_string(), a.view.approval.clone()), a);
+    }
+
+    fn close_approval(&self, task: &str, approval: &str) -> Option<OpenApproval> {
+        self.lock()
+            .approvals
+            .remove(&(task.to_string(), approval.to_string()))
+    }
+
+    fn close_all_approvals(&self, task: &str) -> Vec<OpenApproval> {
+        let mut st = self.lock();
+        let keys: Vec<_> = st
+            .approvals
+            .keys()
+            .filter(|(t, _)| t == task)
+            .cloned()
+            .collect();
+        keys.iter().filter_map(|k| st.approvals.remove(k)).collect()
+    }
+}
+
+/// What a follower needs from the bot.
+#[derive(Clone)]
+pub struct FollowerEnv {
+    pub backend: Arc<dyn Backend>,
+    pub rest: Rest,
+    pub threads: Arc<Threads>,
+}
+
+impl std::fmt::Debug for FollowerEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowerEnv")
+            .field("rest", &self.rest)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Wall-clock time since the task was created (Unix seconds), so a follower started after a restart
+/// still shows the task's real age.
+fn age(created_at: u64) -> Duration {
+    Duration::from_secs(unix_now().saturating_sub(created_at))
+}
+
+fn stop_row(task: &str, disabled: bool) -> Vec<CreateActionRow> {
+    match stop_button(task, disabled) {
+        Ok(b) => vec![CreateActionRow::Buttons(vec![b])],
+        Err(err) => {
+            warn!(%err, task, "no Stop button");
+            Vec::new()
+        }
+    }
+}
+
+/// One task's follower: its state between events.
+struct Follower {
+    env: FollowerEnv,
+    thread: ChannelId,
+    task: TaskInfo,
+    upload_limit: u64,
+    progress: TaskProgress,
+    progress_msg: Option<MessageId>,
+    throttle: EditThrottle,
+    last_seq: u64,
+}
+
+/// Follows `task` in `thread` until it ends or `stop` fires. Returns at once if the task already has a
+/// follower.
+pub async fn follow(
+    env: FollowerEnv,
+    thread: ChannelId,
+    task: TaskInfo,
+    upload_limit: u64,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if !env.threads.start_following(&task.id) {
+        return;
+    }
+    let id = task.id.clone();
+    let mut f = Follower {
+        progress: TaskProgress::new(&task.id),
+        env: env.clone(),
+        thread,
+        task,
+        upload_limit,
+        progress_msg: None,
+        throttle: EditThrottle::new(EDIT_INTERVAL),
+        last_seq: 0,
+    };
+    tokio::select! {
+        () = f.run() => {}
+        () = stop.cancelled() => debug!(task = %id, "follower stopped by shutdown"),
+    }
+    env.threads.stop_following(&id);
+}
+
+impl Follower {
+    async fn run(&mut self) {
+        self.post_progress().await;
+        let feed = match self.env.backend.follow(&self.task.id).await {
+            Ok(feed) => feed,
+            Err(err) => {
+                warn!(%err, task = %self.task.id, "cannot follow the task");
+                self.post_text(&format!("⚠️ Cannot follow `{}`: {err}", self.task.id))
+                    .await;
+                return;
+            }
+        };
+        self.progress.model = self.task.model.clone();
+        let mut live = feed.live;
+        for (seq, ev) in feed.past {
+            self.event(seq, ev).await;
+        }
+        while !self.progress.phase.is_final() {
+            let wake = match self.throttle.poll(Instant::now().into_std(), false) {
+                EditDecision::Now => {
+                    self.edit_progress().await;
+                    continue;
+                }
+                EditDecision::At(t) => Some(Instant::from_std(t)),
+                EditDecision::Idle => None,
+            };
+            tokio::select! {
+                got = live.recv() => match got {
+                    Ok((seq, ev)) => self.event(seq, ev).await,
+                    Err(RecvError::Lagged(n)) => {
+                        // Too slow for a burst of events: read the stored log again from where we are.
+                        debug!(task = %self.task.id, skipped = n, "follower lagged; re-reading the log");
+                        match self.env.backend.follow(&self.task.id).await {
+                            Ok(feed) => {
+                                live = feed.live;
+                                for (seq, ev) in feed.past {
+                                    self.event(seq, ev).await;
+                                }
+                            }
+                            Err(err) => {
+                                warn!(%err, task = %self.task.id, "cannot follow the task again");
+                                break;
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => {
+                        // The relay dropped the task (deleted by retention, or revoked): take its state.
+                        if let Ok(t) = self.env.backend.task(&self.task.requester, &self.task.id).await {
+                            self.progress.phase = phase_of(&t.state);
+                        }
+                        break;
+                    }
+                },
+                () = async { if let Some(t) = wake { tokio::time::sleep_until(t).await } else { std::future::pending().await } } => {}
+            }
+        }
+        self.finish().await;
+    }
+
+    async fn event(&mut self, seq: u64, ev: TaskEvent) {
+        if seq <= self.last_seq {
+            return;
+        }
+        self.last_seq = seq;
+        match &ev {
+            TaskEvent::Text { text } => self.post_output(text).await,
+            TaskEvent::ApprovalRequested {
+                approval,
+                tool,
+                summary,
+                input,
+                question,
+            } => {
+                let decider = match self.env.backend.approver(&self.task.id).await {
+                    Ok(u) => u,
+                    Err(err) => {
+                        warn!(%err, task = %self.task.id, "approver unknown; showing the owner");
+                        self.task.owner.clone()
+                    }
+                };
+                let view = ApprovalView {
+                    task: self.task.id.clone(),
+                    approval: approval.clone(),
+                    tool: tool.clone(),
+                    summary: summary.clone(),
+                    input: input.clone(),
+                    question: *question,
+                    decider: decider.parse().unwrap_or(UserId::new(1)),
+                };
+                self.post_approval(view).await;
+            }
+            TaskEvent::ApprovalClosed { approval, outcome } => {
+                if let Some(open) = self.env.threads.close_approval(&self.task.id, approval) {
+                    self.close_approval(&open, &Closed::from_outcome(outcome))
+                        .await;
+                }
+            }
+            _ => {}
+        }
+        if self.progress.apply(&ev) {
+            self.throttle.changed();
+        }
+    }
+
+    fn render(&self) -> String {
+        self.progress.render(age(self.task.created_at))
+    }
+
+    async fn post_progress(&mut self) {
+        let msg = CreateMessage::new()
+            .content(self.render())
+            .components(stop_row(&self.task.id, false))
+            .allowed_mentions(CreateAllowedMentions::new());
+        match self.env.rest.send_message(self.thread, &msg, &[]).await {
+            Ok(m) => self.progress_msg = Some(m.id),
+            Err(err) => warn!(%err, task = %self.task.id, "could not post the progress message"),
+        }
+    }
+
+    async fn edit_progress(&mut self) {
+        let Some(id) = self.progress_msg else {
+            return;
+        };
+        let fin = self.progress.phase.is_final();
+        let edit = EditMessage::new()
+            .content(self.render())
+            .components(stop_row(&self.task.id, fin));
+        if let Err(err) = self.env.rest.edit_message(self.thread, id, &edit).await {
+            warn!(%err, task = %self.task.id, "could not edit the progress message");
+        }
+    }
+
+    /// Posts plain text with mentions disabled: Claude's output must not ping anyone.
+    async fn post_text(&self, content: &str) {
+        let msg = CreateMessage::new()
+            .content(content)
+            .allowed_mentions(CreateAllowedMentions::new());
+        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
+            warn!(%err, task = %self.task.id, "could not post in the thread");
+        }
+    }
+
+    async fn post_output(&self, text: &str) {
+        if text.trim().is_empty() {
+            return;
+        }
+        let name = format!("{}-reply", self.task.id);
+        match place(text, OutputKind::Text, &name, self.upload_limit) {
+            Placement::Messages(parts) => {
+                for part in parts {
+                    self.post_text(&part).await;
+                }
+            }
+            Placement::Attachment {
+                filename,
+                data,
+                note,
+            } => {
+                let msg = CreateMessage::new()
+                    .content(note)
+                    .allowed_mentions(CreateAllowedMentions::new());
+                let file = Upload { filename, data };
+                if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[file]).await {
+                    warn!(%err, task = %self.task.id, "could not post the attachment");
+                }
+            }
+        }
+    }
+
+    async fn post_approval(&self, view: ApprovalView) {
+        let components = match approval_components(&view, false) {
+            Ok(c) => c,
+            Err(err) => {
+                // An approval id too long for a button: the user can still answer with /approve.
+                warn!(%err, task = %view.task, "approval has no buttons");
+                Vec::new()
+            }
+        };
+        let msg = CreateMessage::new()
+            .content(approval_content(&view))
+            .components(components)
+            // Ping the person who must decide, and nobody else.
+            .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]));
+        match self.env.rest.send_message(self.thread, &msg, &[]).await {
+            Ok(m) => self.env.threads.open_approval(
+                &self.task.id,
+                OpenApproval {
+                    view,
+                    channel: self.thread,
+                    message: m.id,
+                    decided_by: None,
+                    answers: BTreeMap::new(),
+                },
+            ),
+            Err(err) => warn!(%err, task = %view.task, "could not post the approval"),
+        }
+    }
+
+    async fn close_approval(&self, open: &OpenApproval, closed: &Closed) {
+        let edit = EditMessage::new()
+            .content(closed_content(&open.view, closed, open.decided_by))
+            .components(approval_components(&open.view, true).unwrap_or_default());
+        if let Err(err) = self
+            .env
+            .rest
+            .edit_message(open.channel, open.message, &edit)
+            .await
+        {
+            warn!(%err, task = %open.view.task, "could not disable the approval's buttons");
+        }
+    }
+
+    async fn finish(&mut self) {
+        for open in self.env.threads.close_all_approvals(&self.task.id) {
+            self.close_approval(&open, &Closed::Other("the task ended".into()))
+                .await;
+        }
+        self.edit_progress().await;
+        let ctx = SummaryContext {
+            agent: self.task.agent.clone(),
+            project: self.task.project.clone(),
+            elapsed: age(self.task.created_at),
+        };
+        let msg = CreateMessage::new()
+            .embed(summary_embed(&self.progress, &ctx))
+            .allowed_mentions(CreateAllowedMentions::new());
+        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
+            warn!(%err, task = %self.task.id, "could not post the summary");
+        }
+    }
+}
+
+/// The progress phase for a task state as the backend names it.
+pub fn phase_of(state: &str) -> Phase {
+    match state {
+        "queued" => Phase::Queued,
+        "running" => Phase::Running,
+        "waiting_approval" => Phase::WaitingApproval,
+        "done" => Phase::Done,
+        "failed" => Phase::Failed,
+        "cancelled" => Phase::Cancelled,
+        _ => Phase::Lost,
+    }
+}
+
+/// The upload limit an interaction reported, or Discord's default when it reported none.
+pub fn upload_limit(reported: u32) -> u64 {
+    if reported == 0 {
+        DEFAULT_ATTACHMENT_LIMIT
+    } else {
+        u64::from(reported)
+    }
+}
+
+/// A task's progress so far, from its stored events (`/status`, `/cc status`).
+pub fn progress_of(task: &TaskInfo, past: &[(u64, TaskEvent)]) -> TaskProgress {
+    let mut p = TaskProgress::new(&task.id);
+    p.model = task.model.clone();
+    for (_, ev) in past {
+        p.apply(ev);
+    }
+    if !p.phase.is_final() {
+        p.phase = phase_of(&task.state);
+    }
+    p
+}
+
+/// JSON answers for AskUserQuestion: `{question text: answer}`, as Claude Code reads them.
+pub fn answers_json(view: &ApprovalView, answers: &BTreeMap<u8, String>) -> Value {
+    let questions = crate::render::approval::questions(&view.input);
+    let mut out = serde_json::Map::new();
+    for (i, a) in answers {
+        let key = questions
+            .get(usize::from(*i))
+            .map_or_else(|| format!("question {}", i + 1), |q| q.text.clone());
+        out.insert(key, Value::String(a.clone()));
+    }
+    Value::Object(out)
+}
+
+/// How many questions an AskUserQuestion approval has (at least one).
+pub fn question_count(view: &ApprovalView) -> usize {
+    crate::render::approval::questions(&view.input).len().max(1)
+}
