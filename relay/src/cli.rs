@@ -330,11 +330,20 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
         std::time::Duration::from_secs(cli.run.task_retention_days.max(1) * 86_400);
     config.core.audit_retention =
         std::time::Duration::from_secs(cli.run.audit_retention_days.max(1) * 86_400);
-    config.discord_token = cli.run.discord_token.is_some_and(|t| !t.is_empty());
-    if config.discord_token {
-        tracing::warn!("DISCORD_TOKEN is set, but this build has no Discord bot yet: serving agents and the admin socket only");
-    } else {
-        tracing::info!("DISCORD_TOKEN is not set: the Discord bot is off; agents and the admin socket work as usual");
+    // The token may come from the flag as well as the environment; the rest of the bot's settings are
+    // read from the environment (see `ct_bot::config`).
+    let token = cli.run.discord_token.clone();
+    config.bot = crate::discord::BotConfig::from_lookup(|k| match k {
+        "DISCORD_TOKEN" => token.clone(),
+        _ => std::env::var(k).ok(),
+    })
+    .map_err(|e| anyhow::anyhow!("the Discord bot's configuration: {e}"))?;
+    match &config.bot {
+        Some(bot) => tracing::info!("{}", bot.describe()),
+        None => tracing::info!(
+            "neither DISCORD_TOKEN nor DISCORD_PUBLIC_KEY is set: the Discord bot is off; agents and the admin \
+             socket work as usual"
+        ),
     }
     let relay = Relay::bind(config).await?;
     let shutdown = CancellationToken::new();

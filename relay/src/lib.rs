@@ -14,6 +14,7 @@
 //! - [`projects`]: project requests answered by the agent, and its stored project report.
 //! - [`store`]: the embedded sled store.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
+//! - [`discord`]: the Discord bot's backend over the core, and starting the bot with the relay.
 //! - [`tls`]: the relay key agents pin, and the certificate.
 //! - [`ratelimit`]: token buckets per address and per user, bounded in memory.
 //! - [`metrics`], [`files`]: supporting pieces.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod audit;
 pub mod cli;
 pub mod core;
+pub mod discord;
 pub mod endpoint;
 pub mod files;
 pub mod metrics;

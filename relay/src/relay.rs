@@ -38,8 +38,8 @@ pub struct RelayConfig {
     pub quic: bool,
     pub websocket: bool,
     pub core: CoreConfig,
-    /// Whether a Discord bot token was given (the bot is a later part of the relay).
-    pub discord_token: bool,
+    /// The Discord bot, when configured (`DISCORD_TOKEN` or `DISCORD_PUBLIC_KEY`); `None`: the bot is off.
+    pub bot: Option<crate::discord::BotConfig>,
 }
 
 impl RelayConfig {
@@ -52,7 +52,7 @@ impl RelayConfig {
             quic: true,
             websocket: true,
             core: CoreConfig::default(),
-            discord_token: false,
+            bot: None,
         }
     }
 }
@@ -68,6 +68,7 @@ pub struct Relay {
     status: StatusInfo,
     ready: Arc<AtomicBool>,
     data_dir: PathBuf,
+    bot: Option<crate::discord::BotConfig>,
 }
 
 impl Relay {
@@ -132,7 +133,7 @@ impl Relay {
             agents_online: 0,
             agents_paired: 0,
             data_dir: config.data_dir.display().to_string(),
-            discord_bot: config.discord_token,
+            discord_bot: config.bot.is_some(),
         };
         let core = Arc::new(Core::new(
             store,
@@ -149,6 +150,7 @@ impl Relay {
             status,
             ready: Arc::new(AtomicBool::new(false)),
             data_dir: config.data_dir,
+            bot: config.bot,
         })
     }
 
@@ -179,6 +181,7 @@ impl Relay {
             status,
             ready,
             data_dir,
+            bot,
         } = self;
         let tasks = TaskTracker::new();
         info!(
@@ -197,11 +200,19 @@ impl Relay {
                 tasks.clone(),
             ));
         }
+        // The bot stops with the relay's shutdown token; its tasks are waited for with the others.
+        let discord = match bot {
+            Some(config) => {
+                crate::discord::start(core.clone(), config, shutdown.clone(), &tasks).await
+            }
+            None => None,
+        };
         if let Some(tcp) = tcp {
             let http = https::Http {
                 core: core.clone(),
                 ready: ready.clone(),
                 shutdown: shutdown.clone(),
+                discord,
             };
             tasks.spawn(https::serve(tcp, https_tls, http, tasks.clone()));
         }

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use ct_protocol::handshake::{CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LEN};
 use ct_protocol::link::{WS_MAX_MESSAGE, WS_PATH};
@@ -52,6 +52,8 @@ pub struct Http {
     pub core: Arc<Core>,
     pub ready: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
+    /// The Discord bot, for HTTP-interactions mode; `None` when the bot is off.
+    pub discord: Option<crate::discord::Bot>,
 }
 
 /// Where the WebSocket handler leaves the upgrade for its connection's task.
@@ -65,6 +67,7 @@ pub fn router(http: Http) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(WS_PATH, get(agent_ws))
+        .route(DISCORD_PATH, post(discord_interaction))
         .with_state(http)
 }
 
@@ -85,6 +88,29 @@ async fn metrics(State(http): State<Http>) -> Response {
         http.core.metrics.render(),
     )
         .into_response()
+}
+
+/// Where Discord POSTs interactions in HTTP-interactions mode (the "Interactions Endpoint URL" to set in
+/// the developer portal is `https://<relay>/discord/interactions`).
+pub const DISCORD_PATH: &str = "/discord/interactions";
+
+/// One signed interaction from Discord: the bot verifies the signature over the raw body (401 if it does
+/// not hold, as Discord requires), answers PING, and returns the interaction's initial response.
+async fn discord_interaction(
+    State(http): State<Http>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(bot) = &http.discord else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the Discord bot is off on this relay\n",
+        )
+            .into_response();
+    };
+    let (status, json) = bot.handle_http(&headers, &body).await;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(json)).into_response()
 }
 
 async fn agent_ws(mut req: Request) -> Response {

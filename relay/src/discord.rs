@@ -1,0 +1,534 @@
+//! The Discord bot inside the relay: [`CoreBackend`], the bot's [`Backend`] over the relay [`Core`], and
+//! [`start`], which runs the bot for the relay's lifetime.
+//!
+//! Everything here is a translation: permissions, limits and audit live in the core, and each refusal the
+//! core gives a person ([`TaskError`], [`CoreError`]) reaches them as is, as a [`BackendError::Refused`].
+//! Store failures are ours, and become [`BackendError::Internal`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ct_bot::backend::{
+    AgentInfo, AuditEntry, BackendError, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel,
+    TaskFeed, TaskInfo, TaskRequest,
+};
+use ct_bot::gateway::GatewayHandle;
+use ct_protocol::pairing::PairingToken;
+use ct_protocol::project::ProjectOp;
+use ct_protocol::task::Decision;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+pub use ct_bot::config::{BotConfig, Delivery};
+pub use ct_bot::{Backend, Bot};
+
+use crate::core::{AgentView, Core, CoreError};
+use crate::store::{self, now, AgentRecord, TaskRecord, TaskState};
+use crate::tasks::{ReplyOutcome, Submit, TaskError};
+
+/// How often a pairing code is checked while the bot waits to tell its user the agent paired.
+const PAIR_POLL: Duration = Duration::from_secs(1);
+/// Recent tasks offered to autocomplete and history.
+const RECENT_TASKS: usize = 25;
+/// Audit entries shown by `/audit`.
+const AUDIT_LINES: usize = 20;
+
+fn task_err(e: TaskError) -> BackendError {
+    match e {
+        TaskError::Store(e) => BackendError::Internal(e.into()),
+        other => BackendError::Refused(other.to_string()),
+    }
+}
+
+fn core_err(e: CoreError) -> BackendError {
+    match e {
+        CoreError::Store(e) => BackendError::Internal(e.into()),
+        other => BackendError::Refused(other.to_string()),
+    }
+}
+
+fn store_err(e: store::StoreError) -> BackendError {
+    BackendError::Internal(e.into())
+}
+
+fn state_name(s: TaskState) -> &'static str {
+    match s {
+        TaskState::Queued => "queued",
+        TaskState::Running => "running",
+        TaskState::WaitingApproval => "waiting_approval",
+        TaskState::Done => "done",
+        TaskState::Failed => "failed",
+        TaskState::Cancelled => "cancelled",
+        TaskState::Lost => "lost",
+    }
+}
+
+fn agent_info(a: &AgentView) -> AgentInfo {
+    AgentInfo {
+        name: a.name.clone(),
+        fingerprint: a.fingerprint.short(),
+        owner: a.owner.clone(),
+        online: a.online,
+        since: a.since,
+    }
+}
+
+/// The bot's backend: the relay core, called as the Discord user who acts.
+#[derive(Debug, Clone)]
+pub struct CoreBackend {
+    core: Arc<Core>,
+}
+
+impl CoreBackend {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    fn info(&self, rec: &TaskRecord) -> Result<TaskInfo> {
+        let agent = self.core.store().agent(&rec.agent).map_err(store_err)?;
+        let (agent, owner) =
+            agent.map_or_else(|| (rec.agent.short(), String::new()), |a| (a.name, a.owner));
+        Ok(TaskInfo {
+            id: rec.spec.task.clone(),
+            project: rec.spec.project.clone(),
+            agent,
+            requester: rec.spec.requester.user.clone(),
+            owner,
+            state: state_name(rec.state).to_string(),
+            created_at: rec.created_at,
+            session_id: rec.session_id.clone(),
+            model: rec.spec.options.model.clone(),
+            mode: rec.spec.options.permission_mode.clone(),
+            follows: rec.follows.clone(),
+        })
+    }
+
+    /// The user's own agents that are not revoked.
+    fn own_agents(&self, user: &str) -> Result<Vec<AgentRecord>> {
+        let mut mine: Vec<AgentRecord> = self
+            .core
+            .store()
+            .agents()
+            .map_err(store_err)?
+            .into_iter()
+            .filter(|a| a.owner == user && a.revoked_at.is_none())
+            .collect();
+        mine.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(mine)
+    }
+
+    /// Which of the user's agents a project request means (as the core will choose it), for naming it.
+    fn which_agent(&self, user: &str, wanted: Option<&str>) -> Result<Option<AgentRecord>> {
+        let mine = self.own_agents(user)?;
+        Ok(match wanted {
+            Some(w) => mine
+                .into_iter()
+                .find(|a| a.name == w || a.fingerprint.to_string().starts_with(w) && w.len() >= 10),
+            None if mine.len() == 1 => mine.into_iter().next(),
+            None => self.core.default_agent(user).map_err(task_err)?,
+        })
+    }
+
+    /// A task the user may see: theirs, or on their agents.
+    fn visible_task(&self, user: &str, id: &str) -> Result<TaskRecord> {
+        let rec = self.core.task(id).map_err(task_err)?;
+        let owner = self
+            .core
+            .store()
+            .agent(&rec.agent)
+            .map_err(store_err)?
+            .map(|a| a.owner);
+        if rec.spec.requester.user == user || owner.as_deref() == Some(user) {
+            Ok(rec)
+        } else {
+            Err(task_err(TaskError::NotYours(id.to_string())))
+        }
+    }
+
+    /// The project a `/task` without one means: the only one the user may use there.
+    fn default_project(&self, req: &TaskRequest) -> Result<String> {
+        let names = self
+            .core
+            .usable_projects(&req.user, req.target.as_deref(), req.agent.as_deref())
+            .map_err(task_err)?;
+        match names.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(BackendError::Refused(
+                "there are no projects to work in yet: add one with /project add, or give a folder path \
+                 as the project"
+                    .into(),
+            )),
+            many => Err(BackendError::Refused(format!(
+                "say which project: {}",
+                many.join(", ")
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for CoreBackend {
+    async fn pairing_code(&self, user: &str) -> Result<Pairing> {
+        let (token, expires_at) = self.core.mint_pairing_token(user).map_err(core_err)?;
+        Ok(Pairing {
+            token: token.to_string(),
+            expires_in: expires_at.saturating_sub(now()),
+        })
+    }
+
+    async fn wait_paired(&self, user: &str, pairing: &Pairing) -> Result<Option<AgentInfo>> {
+        let token: PairingToken = pairing
+            .token
+            .parse()
+            .map_err(|e| BackendError::Internal(anyhow::anyhow!("our own pairing token: {e}")))?;
+        // The core has no pairing notification; the code's record says when it was used. Polling is bounded
+        // by the code's life (minutes), once a second.
+        loop {
+            let rec = self
+                .core
+                .store()
+                .pair_code(&token.code.id)
+                .map_err(store_err)?;
+            let Some(rec) = rec else { return Ok(None) };
+            if let Some(used) = rec.used_at {
+                let agent = self
+                    .own_agents(user)?
+                    .into_iter()
+                    .filter(|a| a.paired_at >= used)
+                    .min_by_key(|a| a.paired_at);
+                let views = self.core.agents().map_err(core_err)?;
+                return Ok(agent.and_then(|a| {
+                    views
+                        .iter()
+                        .find(|v| v.fingerprint == a.fingerprint)
+                        .map(agent_info)
+                }));
+            }
+            if rec.superseded_at.is_some() || now() >= rec.expires_at {
+                return Ok(None);
+            }
+            tokio::time::sleep(PAIR_POLL).await;
+        }
+    }
+
+    async fn agents(&self, user: &str) -> Result<Vec<AgentInfo>> {
+        let mut out: Vec<AgentInfo> = self
+            .core
+            .agents()
+            .map_err(core_err)?
+            .iter()
+            .filter(|a| a.owner == user && !a.revoked)
+            .map(agent_info)
+            .collect();
+        for shared in self.core.shares_available(user).map_err(task_err)? {
+            out.extend(shared.agents.iter().map(|a| AgentInfo {
+                name: a.name.clone(),
+                fingerprint: a.fingerprint.short(),
+                owner: shared.owner.clone(),
+                online: a.online,
+                since: a.since,
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn unregister(&self, user: &str, agent: &str) -> Result<AgentInfo> {
+        // Only among the user's own agents: `find_agent` alone would match anyone's agent by name.
+        let wanted = agent.trim();
+        let mine = self.own_agents(user)?;
+        let found: Vec<&AgentRecord> = mine
+            .iter()
+            .filter(|a| {
+                a.name == wanted
+                    || (wanted.len() >= 10 && a.fingerprint.to_string().starts_with(wanted))
+            })
+            .collect();
+        let [one] = found.as_slice() else {
+            let names: Vec<&str> = mine.iter().map(|a| a.name.as_str()).collect();
+            return Err(BackendError::Refused(format!(
+                "you have no agent called {wanted:?}; yours are: {}",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )));
+        };
+        let rec = self
+            .core
+            .revoke(&one.fingerprint.to_string(), user)
+            .map_err(core_err)?;
+        Ok(AgentInfo {
+            name: rec.name,
+            fingerprint: rec.fingerprint.short(),
+            owner: rec.owner,
+            online: false,
+            since: rec.last_seen,
+        })
+    }
+
+    async fn add_project(
+        &self,
+        user: &str,
+        name: &str,
+        path: &str,
+        agent: Option<&str>,
+    ) -> Result<ProjectInfo> {
+        let report = self
+            .core
+            .project(
+                user,
+                agent,
+                ProjectOp::Add {
+                    name: name.to_string(),
+                    path: path.to_string(),
+                },
+            )
+            .await
+            .map_err(task_err)?;
+        let agent_name = self
+            .which_agent(user, agent)?
+            .map_or_else(|| agent.unwrap_or("your agent").to_string(), |a| a.name);
+        let added = report.projects.iter().find(|p| p.name == name);
+        Ok(ProjectInfo {
+            name: name.to_string(),
+            path: added.map_or_else(|| path.to_string(), |p| p.path.clone()),
+            agent: agent_name,
+            owner: user.to_string(),
+        })
+    }
+
+    async fn projects(&self, user: &str) -> Result<Vec<ProjectInfo>> {
+        let mut out = Vec::new();
+        for agent in self.own_agents(user)? {
+            let report = self
+                .core
+                .agent_projects(&agent.fingerprint)
+                .map_err(task_err)?;
+            for p in report.map(|r| r.projects).unwrap_or_default() {
+                out.push(ProjectInfo {
+                    name: p.name,
+                    path: p.path,
+                    agent: agent.name.clone(),
+                    owner: user.to_string(),
+                });
+            }
+        }
+        for shared in self.core.shares_available(user).map_err(task_err)? {
+            for agent in &shared.agents {
+                // A grantee sees names only: the owner's folder layout is not theirs to read.
+                out.extend(agent.projects.iter().map(|name| ProjectInfo {
+                    name: name.clone(),
+                    path: String::new(),
+                    agent: agent.name.clone(),
+                    owner: shared.owner.clone(),
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remove_project(&self, user: &str, name: &str) -> Result<()> {
+        self.core
+            .project(
+                user,
+                None,
+                ProjectOp::Remove {
+                    name: name.to_string(),
+                },
+            )
+            .await
+            .map_err(task_err)?;
+        Ok(())
+    }
+
+    async fn submit(&self, req: TaskRequest) -> Result<TaskInfo> {
+        let project = match &req.project {
+            Some(p) => p.clone(),
+            None => self.default_project(&req)?,
+        };
+        let rec = self
+            .core
+            .submit_task(Submit {
+                user: req.user,
+                target: req.target,
+                agent: req.agent,
+                name: req.name,
+                project,
+                prompt: req.prompt,
+                options: req.options,
+                resume: req.resume,
+                operator: false,
+            })
+            .map_err(task_err)?;
+        self.info(&rec)
+    }
+
+    async fn reply(&self, user: &str, task: &str, prompt: &str) -> Result<TaskInfo> {
+        let rec = match self
+            .core
+            .reply(user, task, prompt.to_string(), None)
+            .map_err(task_err)?
+        {
+            ReplyOutcome::Sent(rec) | ReplyOutcome::Resumed(rec) => rec,
+        };
+        self.info(&rec)
+    }
+
+    async fn task(&self, user: &str, task: &str) -> Result<TaskInfo> {
+        let rec = self.visible_task(user, task)?;
+        self.info(&rec)
+    }
+
+    async fn tasks(&self, user: &str) -> Result<Vec<TaskInfo>> {
+        self.core
+            .tasks_for(user, RECENT_TASKS)
+            .map_err(task_err)?
+            .iter()
+            .map(|r| self.info(r))
+            .collect()
+    }
+
+    async fn follow(&self, task: &str) -> Result<TaskFeed> {
+        let (rec, past, live) = self.core.follow(task).map_err(task_err)?;
+        Ok(TaskFeed {
+            task: self.info(&rec)?,
+            past,
+            live,
+        })
+    }
+
+    async fn cancel(&self, user: &str, task: &str) -> Result<()> {
+        self.core.cancel_task(user, task).map_err(task_err)?;
+        Ok(())
+    }
+
+    async fn decide(
+        &self,
+        user: &str,
+        task: &str,
+        approval: &str,
+        decision: Decision,
+    ) -> Result<()> {
+        self.core
+            .decide(user, task, approval, decision)
+            .map_err(task_err)
+    }
+
+    async fn approver(&self, task: &str) -> Result<String> {
+        self.core.approver(task).map_err(task_err)
+    }
+
+    async fn share(
+        &self,
+        owner: &str,
+        grantee: &str,
+        projects: Vec<String>,
+        level: ShareLevel,
+    ) -> Result<ShareInfo> {
+        let level = match level {
+            ShareLevel::Run => store::ShareLevel::Standard,
+            ShareLevel::Trusted => store::ShareLevel::Trusted,
+        };
+        let projects = (!projects.is_empty()).then_some(projects);
+        let rec = self
+            .core
+            .share_add(owner, grantee, projects, level)
+            .map_err(task_err)?;
+        Ok(share_info(&rec))
+    }
+
+    async fn unshare(&self, owner: &str, grantee: &str) -> Result<()> {
+        self.core.share_remove(owner, grantee).map_err(task_err)?;
+        Ok(())
+    }
+
+    async fn shares(&self, user: &str) -> Result<Vec<ShareInfo>> {
+        let mut out: Vec<ShareInfo> = self
+            .core
+            .shares_of(user)
+            .map_err(task_err)?
+            .iter()
+            .map(share_info)
+            .collect();
+        for a in self.core.shares_available(user).map_err(task_err)? {
+            out.push(ShareInfo {
+                owner: a.owner,
+                grantee: user.to_string(),
+                projects: a.projects.unwrap_or_default(),
+                level: match a.level {
+                    store::ShareLevel::Standard => ShareLevel::Run,
+                    store::ShareLevel::Trusted => ShareLevel::Trusted,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    async fn audit(&self, user: &str) -> Result<Vec<AuditEntry>> {
+        Ok(self
+            .core
+            .audit_for_owner(user, AUDIT_LINES, None)
+            .map_err(core_err)?
+            .into_iter()
+            .map(|e| AuditEntry {
+                at: e.at,
+                actor: e.actor,
+                what: e.detail,
+            })
+            .collect())
+    }
+}
+
+fn share_info(rec: &store::ShareRecord) -> ShareInfo {
+    ShareInfo {
+        owner: rec.owner.clone(),
+        grantee: rec.grantee.clone(),
+        projects: rec.projects.clone().unwrap_or_default(),
+        level: match rec.level {
+            store::ShareLevel::Standard => ShareLevel::Run,
+            store::ShareLevel::Trusted => ShareLevel::Trusted,
+        },
+    }
+}
+
+/// Starts the bot for `config` over `core`, for as long as `shutdown` is not cancelled: in gateway mode it
+/// connects; in HTTP mode it registers the commands and returns the [`Bot`] for the HTTPS endpoint's
+/// interactions route. The bot's own tasks stop at shutdown, before the relay drains (`tasks` waits).
+///
+/// A bot that cannot start (a refused token, Discord unreachable) is logged and left off: agents are still
+/// served.
+pub async fn start(
+    core: Arc<Core>,
+    config: BotConfig,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+) -> Option<Bot> {
+    let backend: Arc<dyn Backend> = Arc::new(CoreBackend::new(core));
+    let bot = match Bot::new(config, backend) {
+        Ok(bot) => bot,
+        Err(err) => {
+            error!(error = %format!("{err:#}"), "the Discord bot is off");
+            return None;
+        }
+    };
+    let gateway: Option<GatewayHandle> = match bot.connect().await {
+        Ok(handle) => handle,
+        Err(err) => {
+            error!(error = %format!("{err:#}"), "the Discord bot could not start; serving agents without it");
+            return None;
+        }
+    };
+    let running = bot.clone();
+    tasks.spawn(async move {
+        shutdown.cancelled().await;
+        if let Some(gateway) = gateway {
+            gateway.shutdown().await;
+        }
+        running.shutdown().await;
+        info!("Discord bot stopped");
+    });
+    Some(bot)
+}
