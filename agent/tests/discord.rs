@@ -1,0 +1,702 @@
+//! Discord end to end: the Discord simulator, the real relay with its bot (gateway mode, REST through the
+//! simulator), the real agent, and the real Claude Code CLI against the scripted Messages API. Users act
+//! only as they would in Discord — slash commands, button clicks, messages in threads — and everything is
+//! checked in what the simulator recorded: the messages as a person would see them.
+//!
+//! One world is shared by the whole journey (the CLI is slow to start; the steps build on each other).
+//! HTTP-interactions mode is checked separately, through the relay's HTTPS port.
+
+mod support;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ct_agent::projects::{Host, Policy, SharePolicy};
+use ct_agent::tasks::TaskConfig;
+use ct_agent::{ConfigDir, RunOptions};
+use ct_relay::discord::{BotConfig, Delivery};
+use ct_relay::RelayConfig;
+use ct_testkit::discord::{InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
+use ct_testkit::{claude_bin, ClaudeEnv, DiscordSim, FakeAnthropic, Reply};
+use serde_json::{json, Value};
+use support::{direct, TestAgent, TestRelay};
+
+/// Generous: two cores shared with other builds, and the CLI binary is large to load.
+const T: Duration = Duration::from_secs(90);
+
+/// Temporary folders outside /tmp: a sandboxed (grantee) task gets a private /tmp.
+fn scratch(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .unwrap_or_else(|_| tempfile::tempdir().unwrap())
+}
+
+/// The bot's configuration for the simulator: gateway mode, REST and gateway through its proxy base.
+fn gateway_config(sim: &DiscordSim) -> BotConfig {
+    let mut config = BotConfig::gateway(sim.token());
+    config.api_proxy = Some(sim.api_base());
+    config.guild_id = Some(sim.guild_id().parse().unwrap());
+    config
+}
+
+/// The message an interaction was answered with, once it is no longer "thinking…".
+async fn answer(sim: &DiscordSim, ix: &InteractionRef) -> SimMessage {
+    sim.wait_until(T, |s| {
+        let i = s.interaction(&ix.id)?;
+        let m = s.message(i.original_message.as_deref()?)?;
+        (m.flags & 128 == 0 && (!m.content.is_empty() || m.embeds != json!([]))).then_some(m)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("no answer to interaction {}: {e:#}", ix.id))
+}
+
+/// A private answer (only the person who asked sees it).
+async fn private(sim: &DiscordSim, ix: &InteractionRef) -> String {
+    let m = answer(sim, ix).await;
+    assert!(
+        m.is_ephemeral(),
+        "expected a private answer: {:?}",
+        m.content
+    );
+    m.content
+}
+
+/// The first message in `channel` that satisfies `pred`, waiting for it.
+async fn message_in(
+    sim: &DiscordSim,
+    channel: &str,
+    what: &str,
+    pred: impl Fn(&SimMessage) -> bool,
+) -> SimMessage {
+    sim.wait_until(T, |s| s.messages(channel).into_iter().find(|m| pred(m)))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no {what} in {channel}: {e:#}\nmessages: {:#?}",
+                sim.messages(channel)
+                    .iter()
+                    .map(|m| (&m.content, &m.embeds))
+                    .collect::<Vec<_>>()
+            )
+        })
+}
+
+fn embed_title(m: &SimMessage) -> String {
+    m.embeds[0]["title"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The summary embeds posted in a thread so far, titles only.
+fn summaries(sim: &DiscordSim, thread: &str) -> Vec<String> {
+    sim.messages(thread)
+        .iter()
+        .filter(|m| m.embeds.as_array().is_some_and(|e| !e.is_empty()))
+        .map(embed_title)
+        .collect()
+}
+
+/// Waits until the thread has `n` summaries; returns the last one's title.
+async fn nth_summary(sim: &DiscordSim, thread: &str, n: usize) -> String {
+    sim.wait_until(T, |s| {
+        let all = summaries(s, thread);
+        (all.len() >= n).then(|| all[n - 1].clone())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "no summary #{n} in the thread: {e:#}: {:#?}",
+            sim.messages(thread)
+        )
+    })
+}
+
+/// `<#123>` in a message: the channel it links to.
+fn linked_channel(content: &str) -> String {
+    let start = content.find("<#").expect("a channel link") + 2;
+    let end = content[start..].find('>').unwrap() + start;
+    content[start..end].to_string()
+}
+
+/// Starts `/task` as `user` and returns (task id, thread id) from the private answer.
+async fn start_task(sim: &DiscordSim, user: &SimUser, cmd: SlashCommand) -> (String, String) {
+    let ix = sim.send_slash(&sim.origin(user), &cmd).unwrap();
+    let said = private(sim, &ix).await;
+    assert!(said.starts_with("🧵 Started `t_"), "{said}");
+    let task = said.split('`').nth(1).unwrap().to_string();
+    (task, linked_channel(&said))
+}
+
+/// The approval message of `task` in a thread, once it is posted.
+async fn approval_message(sim: &DiscordSim, thread: &str, task: &str) -> SimMessage {
+    let prefix = format!("ao:{task}:");
+    message_in(sim, thread, "approval message", |m| {
+        m.custom_ids().iter().any(|c| c.starts_with(&prefix))
+            && !m.components.to_string().contains("\"disabled\":true")
+    })
+    .await
+}
+
+/// Clicks a button and returns the interaction.
+fn click(
+    sim: &DiscordSim,
+    user: &SimUser,
+    thread: &str,
+    msg: &SimMessage,
+    prefix: &str,
+) -> InteractionRef {
+    let id = msg
+        .custom_ids()
+        .into_iter()
+        .find(|c| c.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} button on {:?}", msg.custom_ids()));
+    sim.send_button(&sim.origin_in(user, thread), &msg.id, &id)
+        .unwrap()
+}
+
+struct World {
+    sim: DiscordSim,
+    relay: TestRelay,
+    fake: FakeAnthropic,
+    agent_dir: tempfile::TempDir,
+    allowed: PathBuf,
+    project: PathBuf,
+    claude_env: ClaudeEnv,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn world() -> World {
+    let sim = DiscordSim::start().await.unwrap();
+    let fake = FakeAnthropic::start([]).await.expect("fake API");
+    let mut claude_env = ClaudeEnv::new(fake.base_url()).expect("claude env");
+    let home_dir = scratch("ct-home-");
+    let home = std::fs::canonicalize(home_dir.path()).unwrap();
+    std::fs::create_dir_all(home.join(".claude")).unwrap();
+    claude_env.set_var("HOME", &home.display().to_string());
+    claude_env.set_var(
+        "CLAUDE_CONFIG_DIR",
+        &home.join(".claude").display().to_string(),
+    );
+    let root = scratch("ct-root-");
+    let allowed = std::fs::canonicalize(root.path()).unwrap();
+    let project = allowed.join("app");
+    std::fs::create_dir(&project).unwrap();
+
+    let relay_dir = tempfile::tempdir().unwrap();
+    let mut config = RelayConfig::new(
+        relay_dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    config.bot = Some(gateway_config(&sim));
+    let relay = TestRelay::start(config).await;
+    sim.wait_identified(T).await.unwrap();
+    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
+        .await
+        .unwrap();
+    World {
+        sim,
+        relay,
+        fake,
+        agent_dir: tempfile::tempdir().unwrap(),
+        allowed,
+        project,
+        claude_env,
+        _dirs: vec![home_dir, root, relay_dir],
+    }
+}
+
+impl World {
+    fn run_options(&self) -> RunOptions {
+        let mut run = RunOptions::new(self.agent_dir.path());
+        run.tasks = TaskConfig {
+            claude_bin: Some(claude_bin()),
+            env_clear: true,
+            env: self
+                .claude_env
+                .vars()
+                .iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+                .collect(),
+            allowed_dirs: Some(self.allowed.display().to_string()),
+            cancel_step: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
+            ..TaskConfig::default()
+        };
+        run
+    }
+
+    fn sharing(&self, sharing: SharePolicy) {
+        let dir = ConfigDir::open(self.agent_dir.path()).unwrap();
+        Policy::load_with(&dir, &self.allowed.display().to_string(), Host::detect())
+            .unwrap()
+            .set_sharing(sharing)
+            .unwrap();
+    }
+}
+
+fn write(path: &Path, content: &str) -> Value {
+    json!({ "file_path": path.display().to_string(), "content": content })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
+    let w = world().await;
+    let sim = &w.sim;
+    let (alice, bob, gina) = (sim.user("alice"), sim.user("bob"), sim.user("gina"));
+
+    // /register pair: a private answer with the token and the exact command to run.
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("register").sub("pair", []),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("ct-agent pair "))
+        .unwrap_or_else(|| panic!("no `ct-agent pair` line: {said}"));
+    let token: ct_protocol::pairing::PairingToken = line["ct-agent pair ".len()..]
+        .trim()
+        .parse()
+        .expect("a pairing token");
+
+    // The agent pairs with that token, and the user is told, privately, which agent it was.
+    let paired = ct_agent::pair_with(
+        w.agent_dir.path(),
+        &token,
+        Some("laptop".into()),
+        false,
+        &direct(),
+    )
+    .await
+    .expect("pairing with the token from Discord");
+    assert_eq!(paired.pairing.owner, alice.id);
+    let told = sim
+        .wait_for(
+            |c| c.is("POST", &format!("/webhooks/*/{}", ix.token)) && c.status == 200,
+            T,
+        )
+        .await
+        .unwrap();
+    let told_text = told.body["content"].as_str().unwrap_or_default();
+    assert!(
+        told_text.contains("**laptop** paired")
+            && told_text.contains(&paired.pairing.agent_fingerprint.short()),
+        "{told_text}"
+    );
+    assert_eq!(
+        told.body["flags"].as_u64().unwrap_or(0) & 64,
+        64,
+        "told privately"
+    );
+
+    // The owner lets the agent take shared tasks before it starts (it reports that to the relay when it
+    // connects); who may actually use it is still up to the owner's shares.
+    w.sharing(SharePolicy::All);
+    let mut agent = TestAgent::start_with(w.run_options());
+    agent.connected(T).await;
+
+    // /project add: the agent checks the folder; one outside its allowed folders is refused, with why.
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("project").sub(
+                "add",
+                [
+                    Opt::str("name", "app"),
+                    Opt::str("path", &w.project.display().to_string()),
+                ],
+            ),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(
+        said.contains("**app**") && said.contains("laptop"),
+        "{said}"
+    );
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("project")
+                .sub("add", [Opt::str("name", "etc"), Opt::str("path", "/etc")]),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(said.starts_with("⚠️") && said.contains("refused"), "{said}");
+
+    // /task: a thread with a progress message, an approval answered by button, text, and a summary.
+    let target = w.project.join("hello.txt");
+    w.fake
+        .push(Reply::tool_use("Write", write(&target, "hi from claude\n")));
+    w.fake.push(Reply::text("I wrote hello.txt."));
+    let (task, thread) = start_task(
+        sim,
+        &alice,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "write hello.txt"))
+            .opt(Opt::str("project", "app"))
+            .opt(Opt::str("mode", "default")),
+    )
+    .await;
+    let ch = sim.channel(&thread).expect("the thread exists");
+    assert!(ch.is_thread() && ch.name.starts_with(&task), "{ch:?}");
+    let approval = approval_message(sim, &thread, &task).await;
+    assert!(
+        approval.content.contains(&format!("for <@{}>", alice.id)),
+        "{}",
+        approval.content
+    );
+    // Someone else's click is refused, privately, naming who decides.
+    let ix = click(sim, &bob, &thread, &approval, "ao:");
+    let said = private(sim, &ix).await;
+    assert!(
+        said.contains(&format!("This approval is for <@{}>", alice.id)),
+        "{said}"
+    );
+    let ix = click(sim, &alice, &thread, &approval, "ao:");
+    let cb = sim
+        .wait_callback(&ix, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (cb.status, cb.body_type()),
+        (204, Some(6)),
+        "{}",
+        cb.response
+    );
+    let closed = message_in(sim, &thread, "closed approval", |m| {
+        m.id == approval.id && m.content.contains("Allowed once")
+    })
+    .await;
+    assert!(
+        closed.content.contains(&format!("by <@{}>", alice.id)),
+        "{}",
+        closed.content
+    );
+    assert!(closed.components.to_string().contains("\"disabled\":true"));
+    assert_eq!(
+        nth_summary(sim, &thread, 1).await,
+        format!("✅ Done · {task}")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "hi from claude\n"
+    );
+    let msgs = sim.messages(&thread);
+    let progress = &msgs[0];
+    assert!(
+        progress.content.starts_with("✅ **Done**") && progress.content.contains("Write"),
+        "{}",
+        progress.content
+    );
+    assert_eq!(progress.custom_ids(), [format!("st:{task}")]);
+    assert!(
+        progress
+            .components
+            .to_string()
+            .contains("\"disabled\":true"),
+        "Stop is disabled at the end"
+    );
+    assert!(
+        msgs.iter().any(|m| m.content == "I wrote hello.txt."),
+        "{msgs:#?}"
+    );
+
+    // A message in the thread continues the session: a new task in the same thread, same conversation.
+    w.fake.push(Reply::text("bye!"));
+    sim.send_message(&sim.origin_in(&alice, &thread), "now say bye")
+        .unwrap();
+    let second = nth_summary(sim, &thread, 2).await;
+    assert!(
+        second.starts_with("✅ Done · t_") && !second.ends_with(&task),
+        "{second}"
+    );
+    message_in(sim, &thread, "the follow-up's answer", |m| {
+        m.content == "bye!"
+    })
+    .await;
+    let conversation = w.fake.main_requests().last().unwrap().body["messages"].to_string();
+    assert!(
+        conversation.contains("write hello.txt") && conversation.contains("now say bye"),
+        "the follow-up resumed the session: {conversation}"
+    );
+
+    // Long text: split into messages of at most 2,000 characters; longer still: an attachment.
+    let long: String = (0..60)
+        .map(|i| format!("line {i:02} {}\n", "x".repeat(50)))
+        .collect(); // ~3,500
+    let huge = "y".repeat(80) + "\n";
+    let huge = huge.repeat(200); // ~16,000: more than two messages
+    w.fake.push(Reply::text(long.clone()));
+    sim.send_message(&sim.origin_in(&alice, &thread), "say a lot")
+        .unwrap();
+    nth_summary(sim, &thread, 3).await;
+    w.fake.push(Reply::text(huge.clone()));
+    sim.send_message(&sim.origin_in(&alice, &thread), "say even more")
+        .unwrap();
+    nth_summary(sim, &thread, 4).await;
+    let msgs = sim.messages(&thread);
+    let parts: Vec<&SimMessage> = msgs
+        .iter()
+        .filter(|m| m.content.starts_with("line "))
+        .collect();
+    assert!(parts.len() >= 2, "{parts:#?}");
+    assert!(parts.iter().all(|m| m.content.chars().count() <= 2000));
+    let joined: String = parts.iter().map(|m| m.content.as_str()).collect();
+    assert_eq!(
+        joined.trim_end(),
+        long.trim_end(),
+        "split on line boundaries, nothing lost"
+    );
+    let file = msgs
+        .iter()
+        .find(|m| !m.attachments.is_empty())
+        .unwrap_or_else(|| panic!("no attachment: {msgs:#?}"));
+    assert!(file.content.starts_with("📎"), "{}", file.content);
+    let size = file.attachments[0].size;
+    assert!(
+        size == huge.len() || size == huge.trim_end().len(),
+        "{size} bytes attached"
+    );
+
+    // /cancel on a running task.
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": "sleep 300", "description": "Wait" }),
+    ));
+    let (waiting, wthread) = start_task(
+        sim,
+        &alice,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "wait"))
+            .opt(Opt::str("project", "app")),
+    )
+    .await;
+    message_in(
+        sim,
+        &wthread,
+        "the Bash tool in the progress message",
+        |m| m.content.contains("▶ Bash `sleep 300`"),
+    )
+    .await;
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("cancel").opt(Opt::str("task_id", &waiting)),
+        )
+        .unwrap();
+    let said = answer(sim, &ix).await;
+    assert!(said.content.contains("Stopping"), "{}", said.content);
+    assert_eq!(
+        nth_summary(sim, &wthread, 1).await,
+        format!("⏹️ Cancelled · {waiting}")
+    );
+
+    // A grantee's task: the owner shares, the agent accepts shared tasks; only the owner answers approvals.
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("share").sub("add", [Opt::user("user", &gina)]),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(said.contains(&format!("<@{}>", gina.id)), "{said}");
+    let gtarget = w.project.join("gina.txt");
+    w.fake
+        .push(Reply::tool_use("Write", write(&gtarget, "from gina")));
+    w.fake.push(Reply::text("written for gina"));
+    let (gtask, gthread) = start_task(
+        sim,
+        &gina,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "write gina.txt"))
+            .opt(Opt::str("project", "app"))
+            .opt(Opt::user("target", &alice)),
+    )
+    .await;
+    let approval = approval_message(sim, &gthread, &gtask).await;
+    assert!(
+        approval.content.contains(&format!("for <@{}>", alice.id)),
+        "{}",
+        approval.content
+    );
+    let ix = click(sim, &gina, &gthread, &approval, "ao:");
+    let said = private(sim, &ix).await;
+    assert!(
+        said.contains(&format!("This approval is for <@{}>", alice.id)),
+        "{said}"
+    );
+    click(sim, &alice, &gthread, &approval, "ao:");
+    assert_eq!(
+        nth_summary(sim, &gthread, 1).await,
+        format!("✅ Done · {gtask}")
+    );
+    assert_eq!(std::fs::read_to_string(&gtarget).unwrap(), "from gina");
+
+    // A stranger cannot run tasks on someone's agent: refused privately, saying what to do.
+    let ix = sim
+        .send_slash(
+            &sim.origin(&bob),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "rm -rf ~"))
+                .opt(Opt::str("project", "app"))
+                .opt(Opt::user("target", &alice)),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(
+        said.starts_with("⚠️") && said.contains("has not shared"),
+        "{said}"
+    );
+
+    // Nothing the bot sent was refused by the simulator.
+    let refused: Vec<_> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.status >= 400)
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
+
+    agent.stop().await.unwrap();
+    w.relay.stop().await;
+}
+
+/// TLS to the relay's self-signed certificate, checking nothing: this test is about the interactions
+/// route, not the certificate (agents pin it; Discord needs a real one in front).
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// POSTs `body` with `headers` to the relay's interactions path over HTTPS; returns status and body.
+async fn post_https(
+    addr: std::net::SocketAddr,
+    body: &[u8],
+    headers: &[(String, String)],
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AnyCert))
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut req = format!(
+        "POST /discord/interactions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    // The server may close without TLS close_notify; what arrived is the whole response either way.
+    let _ = stream.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    let status: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn http_interactions_through_the_relays_https_port() {
+    let sim = DiscordSim::start().await.unwrap();
+    let mut config = gateway_config(&sim);
+    config.delivery = Delivery::Http {
+        public_key: sim.signer().public_key_hex(),
+    };
+    config.application_id = Some(sim.application_id().parse().unwrap());
+    let relay_dir = tempfile::tempdir().unwrap();
+    let mut rc = RelayConfig::new(
+        relay_dir.path().to_path_buf(),
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    rc.bot = Some(config);
+    let relay = TestRelay::start(rc).await;
+    // With a token, HTTP mode registers the commands over REST.
+    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
+        .await
+        .unwrap();
+
+    // PING → PONG.
+    let ping = serde_json::to_vec(&sim.ping_json()).unwrap();
+    let (status, body) = post_https(relay.addr, &ping, &sim.signer().headers(&ping)).await;
+    assert_eq!((status, body), (200, json!({"type": 1})));
+
+    // A forged or missing signature → 401, as Discord requires.
+    let forged = ct_testkit::discord::InteractionSigner::generate();
+    assert_eq!(
+        post_https(relay.addr, &ping, &forged.headers(&ping))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(post_https(relay.addr, &ping, &[]).await.0, 401);
+
+    // A signed /agents is answered in the response body, privately.
+    let alice = sim.user("alice");
+    let p = sim
+        .prepare_slash(&sim.origin(&alice), &SlashCommand::new("agents"))
+        .unwrap();
+    let body = serde_json::to_vec(&p.json).unwrap();
+    let (status, reply) = post_https(relay.addr, &body, &sim.signer().headers(&body)).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["type"], 4, "{reply}");
+    assert_eq!(reply["data"]["flags"], 64, "{reply}");
+    assert!(
+        reply["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("no agents yet"),
+        "{reply}"
+    );
+    relay.stop().await;
+}
