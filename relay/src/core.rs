@@ -251,7 +251,7 @@ impl Core {
             .into_iter()
             .filter(|c| c.outstanding(t, MAX_CODE_FAILURES))
             .collect();
-        live.sort_by_key(|c| c.created_at);
+        live.sort_by_key(|c| (c.created_at, c.order));
         let keep = self.config.max_pair_codes_per_user.max(1) - 1;
         for old in live.iter().take(live.len().saturating_sub(keep)) {
             let mut superseded = old.clone();
@@ -274,6 +274,7 @@ impl Core {
             used_at: None,
             failures: 0,
             superseded_at: None,
+            order: self.store.next_order()?,
         })?;
         self.store.flush()?;
         tracing::info!(owner, code_id = %code.id, "pairing code minted");
@@ -322,10 +323,16 @@ impl Core {
                 ))
             }
             (None, Some(pair)) => {
-                if !self.pair_limit.allow(peer) {
+                if let Err(wait) = self.pair_limit.take_addr(peer) {
                     return Err((
                         Rejection::RateLimited,
-                        "too many pairing attempts from your address: wait a minute and try again".to_string(),
+                        format!(
+                            "too many pairing attempts from your address (at most {} in a row, then one every {}): \
+                             try again in {}",
+                            self.config.pair_burst,
+                            human_duration(self.config.pair_refill.as_secs().max(1)),
+                            human_duration(wait.as_secs_f64().ceil().max(1.0) as u64)
+                        ),
                     ));
                 }
                 (self.redeem(agent, &pair.code, &pair.name).map_err(|e| match e {

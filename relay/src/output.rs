@@ -44,7 +44,9 @@ pub(crate) fn keep(
     was_final: bool,
 ) -> Keep {
     let total = rec.output_bytes.saturating_add(len);
-    if total <= cap {
+    // Once output was dropped, later output is too, even a piece that would still fit: text resuming after
+    // the marker would read as if nothing were missing.
+    if total <= cap && !(rec.output_truncated && is_output(&event)) {
         return Keep::Store(event);
     }
     match event {
@@ -139,6 +141,11 @@ mod tests {
     fn past_the_cap_output_becomes_one_marker_then_nothing() {
         assert_eq!(keep(&rec(95, false), text(), 10, 100, false), Keep::Marker);
         assert_eq!(keep(&rec(95, true), text(), 10, 100, false), Keep::Drop);
+        assert_eq!(
+            keep(&rec(50, true), text(), 10, 100, false),
+            Keep::Drop,
+            "a small piece after the marker is dropped too"
+        );
     }
 
     #[test]

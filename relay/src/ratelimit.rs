@@ -106,7 +106,12 @@ impl RateLimiter<IpAddr> {
     /// Takes one token for `addr` (grouped: an IPv6 host's whole /64 shares one bucket); false when none is
     /// left.
     pub fn allow(&self, addr: IpAddr) -> bool {
-        self.take(&group(addr)).is_ok()
+        self.take_addr(addr).is_ok()
+    }
+
+    /// Like [`allow`](Self::allow), saying how long until the next attempt would be allowed.
+    pub fn take_addr(&self, addr: IpAddr) -> Result<(), Duration> {
+        self.take(&group(addr))
     }
 }
 

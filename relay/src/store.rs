@@ -70,6 +70,9 @@ pub struct PairCodeRecord {
     /// Set when a newer code for the same owner pushed this one out (only a few may be valid at once).
     #[serde(default)]
     pub superseded_at: Option<u64>,
+    /// Mint order (increasing across restarts), so "the oldest" is well defined within one second.
+    #[serde(default)]
+    pub order: u64,
 }
 
 impl PairCodeRecord {
@@ -936,4 +939,79 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::AuditKind;
+
+    fn entry() -> AuditEntry {
+        AuditEntry::new(AuditKind::DefaultAgentSet, "1", "1", "test".into())
+    }
+
+    /// Security-relevant changes are written with their audit entry or not at all: with the log unwritable
+    /// (its counter corrupted), the change fails and leaves nothing behind.
+    #[test]
+    fn no_audit_entry_means_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let share = ShareRecord {
+            owner: "1".into(),
+            grantee: "2".into(),
+            projects: None,
+            level: ShareLevel::Standard,
+            created_at: 0,
+        };
+        store.put_share_audited(&share, |_| entry()).unwrap();
+        assert_eq!(store.audit_len(), 1);
+
+        store.meta.insert(AUDIT_SEQ, b"not a number").unwrap();
+        let wider = ShareRecord {
+            level: ShareLevel::Trusted,
+            ..share.clone()
+        };
+        assert!(matches!(
+            store.put_share_audited(&wider, |_| entry()),
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.share("1", "2").unwrap(), Some(share));
+        assert!(store.remove_share_audited("1", "2", |_| entry()).is_err());
+        assert!(store.share("1", "2").unwrap().is_some());
+        assert!(store
+            .put_user_audited("1", &UserRecord::default(), &entry())
+            .is_err());
+        assert!(get::<UserRecord>(&store.users, b"1").unwrap().is_none());
+        assert_eq!(store.audit_len(), 1);
+    }
+
+    #[test]
+    fn sequence_numbers_follow_commit_order_and_pages_read_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for owner in ["1", "2", "1", "12", "1"] {
+            let e = AuditEntry {
+                owner: owner.into(),
+                ..entry()
+            };
+            store.append_audit(&e).unwrap();
+        }
+        let ones: Vec<u64> = store
+            .audit_of_owner("1", None, 10)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(ones, vec![5, 3, 1]);
+        assert_eq!(
+            store.audit_of_owner("1", Some(5), 1).unwrap()[0].seq,
+            3,
+            "the next page starts below the last seen"
+        );
+        assert_eq!(store.audit_of_owner("12", None, 10).unwrap().len(), 1);
+        assert_eq!(store.prune_audit(u64::MAX).unwrap(), 5);
+        assert!(store.audit_of_owner("1", None, 10).unwrap().is_empty());
+        // Numbers are never reused after a prune.
+        assert_eq!(store.append_audit(&entry()).unwrap().seq, 6);
+    }
 }
