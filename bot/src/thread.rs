@@ -85,7 +85,9 @@ impl ThreadInfo {
 pub struct OpenApproval {
     pub view: ApprovalView,
     pub channel: ChannelId,
-    pub message: MessageId,
+    /// Set once posted. The approval is remembered before it is posted: a click can arrive as soon as
+    /// Discord has the message, before our call returns.
+    pub message: Option<MessageId>,
     /// Who answered it through Discord, shown once the agent reports it closed.
     pub decided_by: Option<UserId>,
     /// AskUserQuestion: the answers given so far, by question index; sent when every question has one.
@@ -483,29 +485,38 @@ impl Follower {
             .components(components)
             // Ping the person who must decide, and nobody else.
             .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]));
+        let approval = view.approval.clone();
+        self.env.threads.open_approval(
+            &self.task.id,
+            OpenApproval {
+                view,
+                channel: self.thread,
+                message: None,
+                decided_by: None,
+                answers: BTreeMap::new(),
+            },
+        );
         match self.env.rest.send_message(self.thread, &msg, &[]).await {
-            Ok(m) => self.env.threads.open_approval(
-                &self.task.id,
-                OpenApproval {
-                    view,
-                    channel: self.thread,
-                    message: m.id,
-                    decided_by: None,
-                    answers: BTreeMap::new(),
-                },
-            ),
-            Err(err) => warn!(%err, task = %view.task, "could not post the approval"),
+            Ok(m) => {
+                self.env
+                    .threads
+                    .update_approval(&self.task.id, &approval, |a| a.message = Some(m.id));
+            }
+            Err(err) => warn!(%err, task = %self.task.id, "could not post the approval"),
         }
     }
 
     async fn close_approval(&self, open: &OpenApproval, closed: &Closed) {
+        let Some(message) = open.message else {
+            return;
+        };
         let edit = EditMessage::new()
             .content(closed_content(&open.view, closed, open.decided_by))
             .components(approval_components(&open.view, true).unwrap_or_default());
         if let Err(err) = self
             .env
             .rest
-            .edit_message(open.channel, open.message, &edit)
+            .edit_message(open.channel, message, &edit)
             .await
         {
             warn!(%err, task = %open.view.task, "could not disable the approval's buttons");
