@@ -1,0 +1,725 @@
+//! The bot's behaviour against the Discord simulator with a scripted backend: what the relay and agent
+//! would do is played by [`Fake`], so each Discord-side rule is checked quickly and exactly — `/cc` on a
+//! thread's session, Deny with a reason, AskUserQuestion menus, closed approvals, the progress edit rate,
+//! failures shown in the thread, autocomplete, the channel restriction, and a thread found again after a
+//! restart. (The real relay, agent and Claude Code are in `agent/tests/discord.rs`.)
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ct_bot::backend::{
+    AgentInfo, AuditEntry, BackendError, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel,
+    TaskFeed, TaskInfo, TaskRequest,
+};
+use ct_bot::config::{BotConfig, Delivery};
+use ct_bot::{Backend, Bot};
+use ct_protocol::task::{Decision, FinalState, TaskEvent};
+use ct_testkit::discord::{DiscordSim, InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
+use serde_json::json;
+use tokio::sync::broadcast;
+
+const T: Duration = Duration::from_secs(10);
+
+/// One scripted task: its record, its log, and its live channel.
+struct FakeTask {
+    info: TaskInfo,
+    log: Vec<(u64, TaskEvent)>,
+    live: broadcast::Sender<(u64, TaskEvent)>,
+}
+
+/// A backend that records what it is asked and lets the test play the agent.
+#[derive(Default)]
+struct Fake {
+    owner: String,
+    tasks: Mutex<HashMap<String, FakeTask>>,
+    next: Mutex<u32>,
+    submits: Mutex<Vec<TaskRequest>>,
+    replies: Mutex<Vec<(String, String)>>,
+    decisions: Mutex<Vec<(String, String, Decision)>>,
+    cancels: Mutex<Vec<String>>,
+}
+
+impl Fake {
+    fn new(owner: &str) -> Arc<Self> {
+        Arc::new(Self {
+            owner: owner.into(),
+            ..Self::default()
+        })
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap()
+    }
+
+    fn create(&self, req: &TaskRequest, follows: Option<String>) -> TaskInfo {
+        let mut n = Self::lock(&self.next);
+        *n += 1;
+        let info = TaskInfo {
+            id: format!("t_fake{n}"),
+            project: req.project.clone().unwrap_or_else(|| "app".into()),
+            agent: "laptop".into(),
+            requester: req.user.clone(),
+            owner: self.owner.clone(),
+            state: "running".into(),
+            created_at: 0,
+            session_id: Some(format!("session-{n}")),
+            model: req.options.model.clone(),
+            mode: req.options.permission_mode.clone(),
+            follows,
+        };
+        Self::lock(&self.tasks).insert(
+            info.id.clone(),
+            FakeTask {
+                info: info.clone(),
+                log: Vec::new(),
+                live: broadcast::channel(1024).0,
+            },
+        );
+        info
+    }
+
+    /// The agent reports `event` for `task`.
+    fn emit(&self, task: &str, event: TaskEvent) {
+        let mut tasks = Self::lock(&self.tasks);
+        let t = tasks.get_mut(task).expect("a known task");
+        if let TaskEvent::Finished { state, .. } = &event {
+            t.info.state = match state {
+                FinalState::Done => "done",
+                FinalState::Failed => "failed",
+                FinalState::Cancelled => "cancelled",
+            }
+            .into();
+        }
+        let seq = t.log.len() as u64 + 1;
+        t.log.push((seq, event.clone()));
+        let _ = t.live.send((seq, event));
+    }
+
+    fn info(&self, task: &str) -> Result<TaskInfo> {
+        Self::lock(&self.tasks)
+            .get(task)
+            .map(|t| t.info.clone())
+            .ok_or_else(|| BackendError::Refused(format!("there is no task {task:?}")))
+    }
+}
+
+#[async_trait]
+impl Backend for Fake {
+    async fn pairing_code(&self, _: &str) -> Result<Pairing> {
+        Ok(Pairing {
+            token: "tok".into(),
+            expires_in: 600,
+        })
+    }
+    async fn wait_paired(&self, _: &str, _: &Pairing) -> Result<Option<AgentInfo>> {
+        Ok(None)
+    }
+    async fn agents(&self, user: &str) -> Result<Vec<AgentInfo>> {
+        Ok((0..40)
+            .map(|i| AgentInfo {
+                name: format!("box{i:02}"),
+                fingerprint: format!("fp{i}"),
+                owner: user.into(),
+                online: i % 2 == 0,
+                since: Some(1_700_000_000),
+            })
+            .collect())
+    }
+    async fn unregister(&self, _: &str, _: &str) -> Result<AgentInfo> {
+        Err(BackendError::Refused("no".into()))
+    }
+    async fn add_project(&self, _: &str, _: &str, _: &str, _: Option<&str>) -> Result<ProjectInfo> {
+        Err(BackendError::Refused("no".into()))
+    }
+    async fn projects(&self, _: &str) -> Result<Vec<ProjectInfo>> {
+        Ok(Vec::new())
+    }
+    async fn remove_project(&self, _: &str, _: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn submit(&self, req: TaskRequest) -> Result<TaskInfo> {
+        let info = self.create(&req, None);
+        Self::lock(&self.submits).push(req);
+        Ok(info)
+    }
+    async fn reply(&self, user: &str, task: &str, prompt: &str) -> Result<TaskInfo> {
+        Self::lock(&self.replies).push((task.into(), prompt.into()));
+        let cur = self.info(task)?;
+        if cur.state == "running" {
+            return Ok(cur);
+        }
+        let req = TaskRequest {
+            user: user.into(),
+            prompt: prompt.into(),
+            project: Some(cur.project.clone()),
+            target: None,
+            agent: None,
+            options: Default::default(),
+            resume: cur.session_id.clone(),
+            name: None,
+        };
+        Ok(self.create(&req, Some(task.into())))
+    }
+    async fn task(&self, _: &str, task: &str) -> Result<TaskInfo> {
+        self.info(task)
+    }
+    async fn tasks(&self, _: &str) -> Result<Vec<TaskInfo>> {
+        Ok(Self::lock(&self.tasks)
+            .values()
+            .map(|t| t.info.clone())
+            .collect())
+    }
+    async fn follow(&self, task: &str) -> Result<TaskFeed> {
+        let tasks = Self::lock(&self.tasks);
+        let t = tasks
+            .get(task)
+            .ok_or_else(|| BackendError::Refused("no such task".into()))?;
+        Ok(TaskFeed {
+            task: t.info.clone(),
+            past: t.log.clone(),
+            live: t.live.subscribe(),
+        })
+    }
+    async fn cancel(&self, _: &str, task: &str) -> Result<()> {
+        Self::lock(&self.cancels).push(task.into());
+        Ok(())
+    }
+    async fn decide(&self, user: &str, task: &str, _: &str, d: Decision) -> Result<()> {
+        Self::lock(&self.decisions).push((user.into(), task.into(), d));
+        Ok(())
+    }
+    async fn approver(&self, _: &str) -> Result<String> {
+        Ok(self.owner.clone())
+    }
+    async fn share(&self, _: &str, _: &str, _: Vec<String>, _: ShareLevel) -> Result<ShareInfo> {
+        Err(BackendError::Refused("no".into()))
+    }
+    async fn unshare(&self, _: &str, _: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn shares(&self, _: &str) -> Result<Vec<ShareInfo>> {
+        Ok(Vec::new())
+    }
+    async fn audit(&self, _: &str) -> Result<Vec<AuditEntry>> {
+        Ok(Vec::new())
+    }
+}
+
+struct World {
+    sim: DiscordSim,
+    fake: Arc<Fake>,
+    bot: Bot,
+    gateway: Option<ct_bot::gateway::GatewayHandle>,
+    alice: SimUser,
+}
+
+async fn world_with(tweak: impl FnOnce(&DiscordSim, &mut BotConfig)) -> World {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let mut config = BotConfig::gateway(sim.token());
+    config.api_proxy = Some(sim.api_base());
+    config.guild_id = Some(sim.guild_id().parse().unwrap());
+    tweak(&sim, &mut config);
+    let bot = Bot::new(config, fake.clone()).unwrap();
+    let gateway = bot.connect().await.unwrap();
+    sim.wait_identified(T).await.unwrap();
+    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
+        .await
+        .unwrap();
+    World {
+        sim,
+        fake,
+        bot,
+        gateway,
+        alice,
+    }
+}
+
+async fn world() -> World {
+    world_with(|_, _| {}).await
+}
+
+impl World {
+    async fn stop(self) {
+        if let Some(g) = self.gateway {
+            g.shutdown().await;
+        }
+        self.bot.shutdown().await;
+        self.sim.shutdown().await;
+    }
+
+    /// The message an interaction was answered with.
+    async fn answer(&self, ix: &InteractionRef) -> SimMessage {
+        self.sim
+            .wait_until(T, |s| {
+                let i = s.interaction(&ix.id)?;
+                let m = s.message(i.original_message.as_deref()?)?;
+                (m.flags & 128 == 0 && !m.content.is_empty()).then_some(m)
+            })
+            .await
+            .unwrap()
+    }
+
+    /// `/task` in #general; returns (task, thread).
+    async fn task(&self, prompt: &str) -> (String, String) {
+        let ix = self
+            .sim
+            .send_slash(
+                &self.sim.origin(&self.alice),
+                &SlashCommand::new("task").opt(Opt::str("prompt", prompt)),
+            )
+            .unwrap();
+        let said = self.answer(&ix).await.content;
+        let task = said.split('`').nth(1).unwrap().to_string();
+        let start = said.find("<#").unwrap() + 2;
+        let thread = said[start..said.len() - 1].to_string();
+        (task, thread)
+    }
+
+    async fn find(
+        &self,
+        channel: &str,
+        what: &str,
+        pred: impl Fn(&SimMessage) -> bool,
+    ) -> SimMessage {
+        self.sim
+            .wait_until(T, |s| s.messages(channel).into_iter().find(|m| pred(m)))
+            .await
+            .unwrap_or_else(|e| panic!("no {what}: {e:#}\n{:#?}", self.sim.messages(channel)))
+    }
+
+    async fn summary(&self, thread: &str, n: usize) -> SimMessage {
+        self.sim
+            .wait_until(T, |s| {
+                s.messages(thread)
+                    .into_iter()
+                    .filter(|m| m.embeds != json!([]))
+                    .nth(n - 1)
+            })
+            .await
+            .unwrap()
+    }
+
+    fn cc(&self, thread: &str, sub: &str, opts: Vec<Opt>) -> InteractionRef {
+        self.sim
+            .send_slash(
+                &self.sim.origin_in(&self.alice, thread),
+                &SlashCommand::new("cc").sub(sub, opts),
+            )
+            .unwrap()
+    }
+}
+
+fn finished(state: FinalState, message: Option<&str>) -> TaskEvent {
+    TaskEvent::Finished {
+        state,
+        message: message.map(Into::into),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cc_controls_the_threads_session() {
+    let w = world().await;
+    let (t1, thread) = w.task("first").await;
+    w.fake.emit(&t1, finished(FinalState::Done, None));
+    w.summary(&thread, 1).await;
+
+    // /cc model: the next message resumes the same session on the new model (a new task, same thread).
+    let said = w
+        .answer(&w.cc(&thread, "model", vec![Opt::str("name", "opus")]))
+        .await;
+    assert!(said.content.contains("**opus**"), "{}", said.content);
+    w.sim
+        .send_message(&w.sim.origin_in(&w.alice, &thread), "go on")
+        .unwrap();
+    w.sim
+        .wait_until(T, |_| {
+            (Fake::lock(&w.fake.submits).len() == 2).then_some(())
+        })
+        .await
+        .unwrap();
+    let req = Fake::lock(&w.fake.submits)[1].clone();
+    assert_eq!(req.options.model.as_deref(), Some("opus"));
+    assert_eq!(
+        req.resume.as_deref(),
+        Some("session-1"),
+        "the conversation continues"
+    );
+    assert_eq!(req.prompt, "go on");
+    let t2 = "t_fake2";
+    w.find(&thread, "t2's progress", |m| {
+        m.custom_ids() == [format!("st:{t2}")]
+    })
+    .await;
+
+    // /cc status: the session, model and cost so far, from the task's record and log.
+    w.fake.emit(
+        t2,
+        TaskEvent::TurnFinished {
+            is_error: false,
+            subtype: "success".into(),
+            text: None,
+            cost_usd: Some(0.25),
+            turns: Some(3),
+            input_tokens: None,
+            output_tokens: None,
+            duration_ms: None,
+        },
+    );
+    let said = w.answer(&w.cc(&thread, "status", vec![])).await;
+    assert!(said.is_ephemeral());
+    for part in [t2, "session-2", "opus", "$0.2500", "3 turns"] {
+        assert!(said.content.contains(part), "{part} in {}", said.content);
+    }
+
+    // /cc compact while it runs: "/compact" into the running session.
+    let said = w.answer(&w.cc(&thread, "compact", vec![])).await;
+    assert!(said.content.contains("Compacting"), "{}", said.content);
+    assert_eq!(
+        Fake::lock(&w.fake.replies).last().unwrap(),
+        &(t2.to_string(), "/compact".to_string())
+    );
+
+    // /cc clear: refused while running; after the end, the next message starts a fresh session.
+    w.answer(&w.cc(&thread, "clear", vec![])).await;
+    w.sim
+        .send_message(&w.sim.origin_in(&w.alice, &thread), "too early")
+        .unwrap();
+    let refusal = w
+        .find(&thread, "refusal", |m| m.content.contains("still running"))
+        .await;
+    assert!(refusal.content.contains(&format!("<@{}>", w.alice.id)));
+    w.fake.emit(t2, finished(FinalState::Done, None));
+    w.summary(&thread, 2).await;
+    w.sim
+        .send_message(&w.sim.origin_in(&w.alice, &thread), "start over")
+        .unwrap();
+    w.sim
+        .wait_until(T, |_| {
+            (Fake::lock(&w.fake.submits).len() == 3).then_some(())
+        })
+        .await
+        .unwrap();
+    let req = Fake::lock(&w.fake.submits)[2].clone();
+    assert_eq!(req.resume, None, "a fresh session");
+    assert_eq!(
+        req.options.model.as_deref(),
+        Some("opus"),
+        "the thread keeps its model"
+    );
+
+    // /cc stop: cancels the thread's current task.
+    w.answer(&w.cc(&thread, "stop", vec![])).await;
+    assert_eq!(Fake::lock(&w.fake.cancels).last().unwrap(), "t_fake3");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_deny_with_a_reason_questions_and_closing() {
+    let w = world().await;
+    let (task, thread) = w.task("ask me").await;
+
+    // Deny opens a modal; its reason goes to the agent.
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "a1".into(),
+            tool: "Bash".into(),
+            summary: "rm -rf build".into(),
+            input: json!({"command": "rm -rf build"}),
+            question: false,
+        },
+    );
+    let msg = w
+        .find(&thread, "approval", |m| {
+            m.custom_ids().contains(&format!("dn:{task}:a1"))
+        })
+        .await;
+    let ix = w
+        .sim
+        .send_button(
+            &w.sim.origin_in(&w.alice, &thread),
+            &msg.id,
+            &format!("dn:{task}:a1"),
+        )
+        .unwrap();
+    let cb = w.sim.wait_callback(&ix, T).await.unwrap();
+    assert_eq!(cb.body_type(), Some(9), "a modal: {}", cb.body);
+    let ix = w
+        .sim
+        .send_modal_submit(
+            &w.sim.origin_in(&w.alice, &thread),
+            &format!("dr:{task}:a1"),
+            &[("reason", "use a branch")],
+        )
+        .unwrap();
+    assert!(w.answer(&ix).await.content.contains("Denied"));
+    assert_eq!(
+        Fake::lock(&w.fake.decisions)[0].2,
+        Decision::Deny {
+            reason: "use a branch".into()
+        }
+    );
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalClosed {
+            approval: "a1".into(),
+            outcome: "denied".into(),
+        },
+    );
+    let closed = w
+        .find(&thread, "closed approval", |m| {
+            m.id == msg.id && m.content.contains("🚫 Denied")
+        })
+        .await;
+    assert!(closed.content.contains(&format!("by <@{}>", w.alice.id)));
+    assert!(closed.components.to_string().contains("\"disabled\":true"));
+
+    // AskUserQuestion: a select per question; the answers go once both have one.
+    let input = json!({"questions": [
+        {"question": "Which DB?", "header": "DB", "options": [{"label": "Postgres"}, {"label": "SQLite"}]},
+        {"question": "Tests?", "options": [{"label": "yes"}, {"label": "no"}]},
+    ]});
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "q1".into(),
+            tool: "AskUserQuestion".into(),
+            summary: String::new(),
+            input,
+            question: true,
+        },
+    );
+    let q = w
+        .find(&thread, "question", |m| {
+            m.custom_ids().contains(&format!("qa:0:{task}:q1"))
+        })
+        .await;
+    let origin = w.sim.origin_in(&w.alice, &thread);
+    let ix = w
+        .sim
+        .send_select(&origin, &q.id, &format!("qa:0:{task}:q1"), &["1"])
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    assert!(said.contains("other questions"), "{said}");
+    let ix = w
+        .sim
+        .send_select(&origin, &q.id, &format!("qa:1:{task}:q1"), &["0"])
+        .unwrap();
+    assert!(w.answer(&ix).await.content.contains("sent"));
+    assert_eq!(
+        Fake::lock(&w.fake.decisions)[1].2,
+        Decision::Answers {
+            answers: json!({"Which DB?": "SQLite", "Tests?": "yes"})
+        }
+    );
+
+    // An approval still open when the task ends is disabled too; the failure shows in progress and summary.
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "a2".into(),
+            tool: "Write".into(),
+            summary: "x".into(),
+            input: json!({}),
+            question: false,
+        },
+    );
+    let open = w
+        .find(&thread, "last approval", |m| {
+            m.custom_ids().contains(&format!("ao:{task}:a2"))
+        })
+        .await;
+    let why = "Claude Code is not logged in on laptop: run `claude login` there";
+    w.fake.emit(&task, finished(FinalState::Failed, Some(why)));
+    let summary = w.summary(&thread, 1).await;
+    assert_eq!(summary.embeds[0]["description"], why);
+    let progress = &w.sim.messages(&thread)[0];
+    assert!(
+        progress.content.starts_with("❌ **Failed**") && progress.content.ends_with(why),
+        "{}",
+        progress.content
+    );
+    let open = w.sim.message(&open.id).unwrap();
+    assert!(
+        open.components.to_string().contains("\"disabled\":true"),
+        "{}",
+        open.content
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_edited_at_most_about_once_a_second() {
+    let w = world().await;
+    let (task, thread) = w.task("busy").await;
+    let progress = w
+        .find(&thread, "progress", |m| {
+            m.custom_ids() == [format!("st:{task}")]
+        })
+        .await;
+    // A burst of tool activity over ~2.5 s.
+    for i in 0..50 {
+        w.fake.emit(
+            &task,
+            TaskEvent::Tool {
+                name: "Read".into(),
+                summary: format!("src/file{i}.rs"),
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.fake.emit(&task, finished(FinalState::Done, None));
+    w.summary(&thread, 1).await;
+    let edits = w.sim.calls_to(
+        "PATCH",
+        &format!("/channels/{thread}/messages/{}", progress.id),
+    );
+    assert!(
+        edits.len() >= 2 && edits.len() <= 5,
+        "{} edits",
+        edits.len()
+    );
+    // Every edit but the final one (never held back) waits out the interval after the one before.
+    for pair in edits[..edits.len() - 1].windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(gap >= Duration::from_millis(1000), "edits {gap:?} apart");
+    }
+    let last = w.sim.message(&progress.id).unwrap();
+    assert!(
+        last.content.contains("file49.rs") && last.content.contains("50 tools"),
+        "{}",
+        last.content
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_configured_channels_and_autocomplete_within_limits() {
+    let w = world_with(|sim, config| {
+        let other = sim.add_channel("bots");
+        config.channel_ids = vec![other.parse().unwrap()];
+    })
+    .await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task").opt(Opt::str("prompt", "x")),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await;
+    assert!(
+        said.is_ephemeral() && said.content.starts_with("I only work in <#"),
+        "{}",
+        said.content
+    );
+    assert!(
+        Fake::lock(&w.fake.submits).is_empty(),
+        "nothing was started"
+    );
+
+    // Autocomplete: at most 25 choices, filtered by what was typed.
+    let ix = w
+        .sim
+        .send_autocomplete(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "x"))
+                .opt(Opt::focused("agent", "box")),
+        )
+        .unwrap();
+    let cb = w.sim.wait_callback(&ix, T).await.unwrap();
+    assert_eq!(
+        (cb.status, cb.body_type()),
+        (204, Some(8)),
+        "{}",
+        cb.response
+    );
+    assert_eq!(cb.body["data"]["choices"].as_array().unwrap().len(), 25);
+    let ix = w
+        .sim
+        .send_autocomplete(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "x"))
+                .opt(Opt::focused("agent", "box07")),
+        )
+        .unwrap();
+    let cb = w.sim.wait_callback(&ix, T).await.unwrap();
+    assert_eq!(
+        cb.body["data"]["choices"],
+        json!([{"name": "box07 (offline)", "value": "box07"}])
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_bot_finds_the_threads_task_from_its_name() {
+    let w = world().await;
+    let (t1, thread) = w.task("first").await;
+    w.fake.emit(&t1, finished(FinalState::Done, None));
+    w.summary(&thread, 1).await;
+    // A follow-up chain t1 → t2, then the bot restarts (its memory of threads is gone).
+    w.sim
+        .send_message(&w.sim.origin_in(&w.alice, &thread), "second")
+        .unwrap();
+    w.find(&thread, "t2's progress", |m| {
+        m.custom_ids() == ["st:t_fake2".to_string()]
+    })
+    .await;
+    w.fake.emit("t_fake2", finished(FinalState::Done, None));
+    w.summary(&thread, 2).await;
+    let World {
+        sim,
+        fake,
+        bot,
+        gateway,
+        alice,
+    } = w;
+    if let Some(g) = gateway {
+        g.shutdown().await;
+    }
+    bot.shutdown().await;
+    // The new bot takes HTTP interactions, called directly: no gateway session to wait for.
+    let mut config = BotConfig::gateway(sim.token());
+    config.api_proxy = Some(sim.api_base());
+    config.delivery = Delivery::Http {
+        public_key: sim.signer().public_key_hex(),
+    };
+    config.application_id = Some(sim.application_id().parse().unwrap());
+    let bot = Bot::new(config, fake.clone()).unwrap();
+    let p = sim
+        .prepare_slash(
+            &sim.origin_in(&alice, &thread),
+            &SlashCommand::new("reply").opt(Opt::str("prompt", "third")),
+        )
+        .unwrap();
+    let body = serde_json::to_vec(&p.json).unwrap();
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in sim.signer().headers(&body) {
+        headers.insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let (status, reply) = bot.handle_http(&headers, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("t_fake3"),
+        "{reply}"
+    );
+    assert_eq!(
+        Fake::lock(&fake.replies)[1],
+        ("t_fake2".to_string(), "third".to_string()),
+        "the follow-up went to the newest task of the thread's chain"
+    );
+    bot.shutdown().await;
+    sim.shutdown().await;
+}
