@@ -538,6 +538,46 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
     );
     assert_eq!(std::fs::read_to_string(&gtarget).unwrap(), "from gina");
 
+    // Errors a user can cause, in the core's words: privately when the relay knows (an unknown project,
+    // with the list), in the thread and its summary when the agent refuses (a folder it does not allow).
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "hi"))
+                .opt(Opt::str("project", "nope")),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(
+        said.contains("unknown project \"nope\"") && said.contains("app"),
+        "{said}"
+    );
+    let (refused, rthread) = start_task(
+        sim,
+        &alice,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "look around"))
+            .opt(Opt::str("project", "/etc")),
+    )
+    .await;
+    assert_eq!(
+        nth_summary(sim, &rthread, 1).await,
+        format!("❌ Failed · {refused}")
+    );
+    let summary = sim
+        .messages(&rthread)
+        .into_iter()
+        .find(|m| m.embeds != json!([]))
+        .unwrap();
+    let why = summary.embeds[0]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("not inside an allowed folder"), "{why}");
+    assert!(sim.messages(&rthread)[0]
+        .content
+        .contains("not inside an allowed folder"));
+
     // A stranger cannot run tasks on someone's agent: refused privately, saying what to do.
     let ix = sim
         .send_slash(
@@ -562,7 +602,25 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
         .collect();
     assert!(refused.is_empty(), "{refused:#?}");
 
+    // With the agent gone: refused privately, saying since when and what to do.
     agent.stop().await.unwrap();
+    let core = w.relay.core.clone();
+    ct_testkit::process::poll_until(T, "the relay sees the agent offline", || core.online() == 0)
+        .await
+        .unwrap();
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "hi"))
+                .opt(Opt::str("project", "app")),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(
+        said.contains("is offline (last seen") && said.contains("ct-agent run"),
+        "{said}"
+    );
     w.relay.stop().await;
 }
 
