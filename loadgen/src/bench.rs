@@ -1,0 +1,497 @@
+//! Runs the scenarios a plan asks for, in an order that reuses what is expensive (one relay process and one
+//! set of paired agents serve the idle, churn and restart scenarios), and turns their outcomes into the
+//! table.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::time::Instant;
+
+use crate::dial::Dial;
+use crate::fleet;
+use crate::relay::RelayProcess;
+use crate::report::Report;
+use crate::scenario::{churn, dispatch, events, footprint, idle, rathole, restart, Plan, Tools};
+use crate::stats::{count, dur, kib};
+
+/// Every scenario's name, in the order they run.
+pub const SCENARIOS: &[&str] = &[
+    "footprint",
+    "idle",
+    "churn",
+    "restart",
+    "dispatch",
+    "events",
+    "rathole",
+];
+
+/// Everything the run measured, for the table and for tests that check the scenarios really happened.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    pub footprint: Option<footprint::Outcome>,
+    /// Time to pair the shared agents through the admin socket, and how many.
+    pub pairing: Option<(usize, Duration)>,
+    pub idle: Vec<idle::Outcome>,
+    pub churn: Option<churn::Outcome>,
+    pub restart: Option<restart::Outcome>,
+    pub dispatch: Option<dispatch::Outcome>,
+    pub events: Vec<(String, events::Outcome)>,
+    pub rathole: Option<rathole::Outcome>,
+}
+
+/// Runs the scenarios named in `only` (all when empty).
+pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<Outcomes> {
+    let wants = |name: &str| only.is_empty() || only.contains(name);
+    std::fs::create_dir_all(&tools.work_dir)?;
+    let mut out = Outcomes::default();
+
+    if wants("footprint") {
+        progress(&format!(
+            "footprint: the real agent idling for {:?}",
+            plan.agent_idle
+        ));
+        out.footprint = Some(footprint::run(tools, plan.agent_idle).await?);
+    }
+
+    if wants("idle") || wants("churn") || wants("restart") {
+        let dir = tools.work_dir.join("relay");
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut relay = RelayProcess::start(&tools.relay, &dir).await?;
+        let mut n = 0;
+        if wants("idle") {
+            n = n.max(plan.idle_agents);
+        }
+        if wants("churn") {
+            n = n.max(plan.churn_agents);
+        }
+        if wants("restart") {
+            n = n.max(plan.restart_agents);
+        }
+        progress(&format!(
+            "pairing {} agents through the admin socket",
+            count(n as u64)
+        ));
+        let started = Instant::now();
+        let ids = fleet::pair(&relay.target, 0, n, Dial::Quic, |user| {
+            let relay = &relay;
+            async move { relay.pair_code(&user).await }
+        })
+        .await?;
+        out.pairing = Some((n, started.elapsed()));
+
+        if wants("idle") {
+            let ids = &ids[..plan.idle_agents];
+            for (share, label) in [
+                (1.0, "QUIC"),
+                (0.0, "WebSocket"),
+                (plan.quic_share, "mixed"),
+            ] {
+                progress(&format!(
+                    "idle: {} agents, {label}",
+                    count(ids.len() as u64)
+                ));
+                out.idle
+                    .push(idle::run(&mut relay, ids, share, plan.idle_settle, label).await?);
+            }
+        }
+        if wants("churn") {
+            progress(&format!(
+                "churn: {} reconnect cycles",
+                count(plan.churn_cycles as u64)
+            ));
+            out.churn = Some(
+                churn::run(
+                    &mut relay,
+                    &ids[..plan.churn_agents],
+                    plan.churn_cycles,
+                    plan.quic_share,
+                )
+                .await?,
+            );
+        }
+        if wants("restart") {
+            progress(&format!(
+                "restart: SIGKILL under {} agents",
+                count(plan.restart_agents as u64)
+            ));
+            out.restart = Some(
+                restart::run(
+                    &mut relay,
+                    &ids[..plan.restart_agents],
+                    plan.restart_tasks,
+                    plan.restart_texts,
+                    plan.restart_pace,
+                    plan.quic_share,
+                )
+                .await?,
+            );
+            for bad in out.restart.iter().flat_map(|r| &r.bad_logs) {
+                progress(&format!("restart: incomplete log: {bad}"));
+            }
+        }
+        relay.stop().await?;
+    }
+
+    if wants("dispatch") {
+        progress(&format!(
+            "dispatch: {} agents, {} tasks/s for {:?}",
+            count(plan.dispatch_agents as u64),
+            plan.dispatch_rate,
+            plan.dispatch_duration
+        ));
+        let dir = fresh(tools, "dispatch")?;
+        out.dispatch = Some(
+            dispatch::run(
+                &dir,
+                plan.dispatch_agents,
+                plan.dispatch_rate,
+                plan.dispatch_duration,
+                plan.quic_share,
+            )
+            .await?,
+        );
+    }
+
+    if wants("events") {
+        let runs = [
+            (plan.small_events, plan.small_bytes, Dial::Quic),
+            (plan.bulk_events, plan.bulk_bytes, Dial::Quic),
+            (plan.bulk_events, plan.bulk_bytes, Dial::WebSocket),
+        ];
+        for (texts, bytes, dial) in runs {
+            let label = format!("{} × {} B Text, {dial:?}", count(texts as u64), bytes);
+            progress(&format!("events: {} tasks of {label}", plan.event_tasks));
+            let dir = fresh(tools, "events")?;
+            let outcome = events::run(&dir, plan.event_tasks, texts, bytes, dial).await?;
+            out.events.push((label, outcome));
+        }
+    }
+
+    if wants("rathole") {
+        match &tools.rathole {
+            Some(bin) if bin.exists() => {
+                progress("rathole: server, clients, tunnel throughput");
+                out.rathole = Some(
+                    rathole::run(
+                        bin,
+                        &tools.work_dir,
+                        plan.rathole_services,
+                        plan.rathole_clients,
+                        plan.rathole_bytes,
+                    )
+                    .await?,
+                );
+            }
+            _ => progress("rathole: not installed (scripts/bench installs it); skipped"),
+        }
+    }
+    Ok(out)
+}
+
+fn fresh(tools: &Tools, name: &str) -> Result<std::path::PathBuf> {
+    let dir = tools.work_dir.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn progress(what: &str) {
+    eprintln!("ct-loadgen: {what}");
+}
+
+/// The table for a run's outcomes.
+pub fn report(out: &Outcomes, plan: &Plan) -> Report {
+    let mut r = Report::default();
+    if let Some((n, took)) = out.pairing {
+        r.info(
+            "setup",
+            &format!("pair {} agents via admin socket", count(n as u64)),
+            format!("{} ({:.0}/s)", dur(took), n as f64 / took.as_secs_f64()),
+        );
+    }
+
+    let s = "idle agents, one relay process";
+    for o in &out.idle {
+        r.goal(
+            s,
+            &format!(
+                "{} agents connected ({})",
+                count(o.agents() as u64),
+                o.label
+            ),
+            &count(plan.idle_agents as u64),
+            format!("{} (in {})", count(o.online as u64), dur(o.connect_time)),
+            o.online >= plan.idle_agents,
+        );
+        let (goal, limit) = match o.label {
+            "QUIC" => ("≤ 100 KiB", Some(100.0)),
+            "WebSocket" => ("≤ 50 KiB", Some(50.0)),
+            _ => ("", None),
+        };
+        let measured = format!(
+            "{} ({} → {}, {} fds)",
+            kib(o.per_agent_kib()),
+            kib(o.before.rss_kib as f64),
+            kib(o.after.rss_kib as f64),
+            count(o.after.fds as u64)
+        );
+        let metric = format!("relay RSS per agent, {}", o.label);
+        match limit {
+            Some(limit) => r.goal(s, &metric, goal, measured, o.per_agent_kib() <= limit),
+            None => r.info(s, &metric, measured),
+        }
+    }
+
+    if let Some(d) = &out.dispatch {
+        let s = "dispatch latency (in-process relay + loopback agents)";
+        r.info(
+            s,
+            "tasks started / submitted",
+            format!(
+                "{} / {} on {} agents at {:.0}/s",
+                count(d.started as u64),
+                count(d.submitted as u64),
+                count(d.agents as u64),
+                d.achieved_rate
+            ),
+        );
+        r.goal(
+            s,
+            "submitted → agent has StartTask, p50",
+            "≤ 1 ms",
+            dur(d.latency.p50),
+            d.latency.p50 <= Duration::from_millis(1),
+        );
+        r.goal(
+            s,
+            "p99",
+            "≤ 5 ms",
+            format!("{} (max {})", dur(d.latency.p99), dur(d.latency.max)),
+            d.latency.p99 <= Duration::from_millis(5),
+        );
+        r.info(
+            s,
+            "of which the submit_task call, p50 / p99",
+            format!("{} / {}", dur(d.submit_call.p50), dur(d.submit_call.p99)),
+        );
+    }
+
+    for (label, e) in &out.events {
+        let s = "task events, stored + delivered to a follower (in-process)";
+        let bulk = e.text_bytes / e.events.max(1) > 10_000;
+        let metric = format!("{} tasks × {label}", e.tasks);
+        if bulk {
+            r.goal(
+                s,
+                &format!("bulk output, {metric}"),
+                "≥ 100 MB/s",
+                format!(
+                    "{:.0} MB/s ({:.0} events/s)",
+                    e.mb_per_s(),
+                    e.events_per_s()
+                ),
+                e.mb_per_s() >= 100.0,
+            );
+        } else {
+            r.goal(
+                s,
+                &format!("events/s, {metric}"),
+                "≥ 50,000/s",
+                format!("{}/s", count(e.events_per_s() as u64)),
+                e.events_per_s() >= 50_000.0,
+            );
+        }
+        if !e.contiguous {
+            r.goal(s, "logs contiguous", "yes", "no".into(), false);
+        }
+    }
+
+    if let Some(x) = &out.restart {
+        let s = "relay SIGKILLed and restarted";
+        r.info(
+            s,
+            "agents / tasks streaming through it",
+            format!("{} / {}", count(x.agents as u64), x.tasks),
+        );
+        r.info(s, "kill → new relay ready", dur(x.restart_time));
+        r.info(
+            s,
+            "kill → agent noticed, p50 QUIC / WebSocket",
+            format!(
+                "{} / {}",
+                dur(x.noticed_quic.p50),
+                dur(x.noticed_websocket.p50)
+            ),
+        );
+        r.goal(
+            s,
+            "ready → back online, p95",
+            "≤ 2 s",
+            format!("{} (p50 {})", dur(x.back.p95), dur(x.back.p50)),
+            x.not_back == 0 && x.back.p95 <= Duration::from_secs(2),
+        );
+        r.goal(
+            s,
+            "ready → back online, all",
+            "≤ 5 s",
+            format!(
+                "{} ({} not back; {} on QUIC, {} on WebSocket)",
+                dur(x.back.max),
+                x.not_back,
+                x.back_quic,
+                x.back_websocket
+            ),
+            x.not_back == 0 && x.back.max <= Duration::from_secs(5),
+        );
+        r.goal(
+            s,
+            "events lost (stored logs 1..N, task done)",
+            "0",
+            format!(
+                "{} of {} ({} of {} tasks incomplete)",
+                count(x.events_lost()),
+                count(x.events_expected),
+                x.bad_logs.len(),
+                x.tasks
+            ),
+            x.events_lost() == 0 && x.bad_logs.is_empty(),
+        );
+    }
+
+    if let Some(c) = &out.churn {
+        let s = "reconnect churn";
+        let flat_rss = c.end.rss_kib as f64 <= c.warm.rss_kib as f64 * 1.1 + 1024.0;
+        r.goal(
+            s,
+            &format!(
+                "relay RSS: start → after {} → after {}",
+                count(c.cycles as u64 / 10),
+                count(c.cycles as u64)
+            ),
+            "flat (end ≤ warm + 10%)",
+            format!(
+                "{} → {} → {}",
+                kib(c.start.rss_kib as f64),
+                kib(c.warm.rss_kib as f64),
+                kib(c.end.rss_kib as f64)
+            ),
+            flat_rss,
+        );
+        r.goal(
+            s,
+            "relay open fds: start → end",
+            "flat",
+            format!(
+                "{} → {} ({} sessions left)",
+                c.start.fds, c.end.fds, c.online_at_end
+            ),
+            c.end.fds <= c.start.fds + 2 && c.online_at_end == 0,
+        );
+        r.info(
+            s,
+            "cycles / failed handshakes",
+            format!(
+                "{} / {} in {} ({:.0}/s)",
+                count(c.cycles as u64),
+                c.failures,
+                dur(c.elapsed),
+                c.cycles as f64 / c.elapsed.as_secs_f64()
+            ),
+        );
+    }
+
+    if let Some(f) = &out.footprint {
+        let s = "idle agent (ct-agent run, release)";
+        r.goal(
+            s,
+            &format!(
+                "RSS, connected over {}",
+                f.transport.map_or("?".into(), |t| t.to_string())
+            ),
+            "≤ 7 MiB",
+            format!(
+                "{} (peak {})",
+                kib(f.end.rss_kib as f64),
+                kib(f.end.peak_kib as f64)
+            ),
+            f.end.rss_kib <= 7 * 1024,
+        );
+        r.info(
+            s,
+            &format!("CPU time over {:.0} s idle", f.window.as_secs_f64()),
+            format!(
+                "{:.0} ms ({:.3}% of a core), {:.1} wake-ups/s, {} threads",
+                f.cpu_ms(),
+                f.cpu_ms() / f.window.as_secs_f64() / 10.0,
+                f.wakeups_per_s(),
+                f.end.threads
+            ),
+        );
+        for (name, size) in &f.sizes {
+            r.info(
+                s,
+                &format!("{name} binary (release, stripped)"),
+                kib(*size as f64 / 1024.0),
+            );
+        }
+    }
+
+    let s = "beside rathole (same machine, same run)";
+    let quic = out.idle.iter().find(|o| o.label == "QUIC");
+    let ws = out.idle.iter().find(|o| o.label == "WebSocket");
+    if let Some(x) = &out.rathole {
+        r.info(s, "rathole version", x.version.clone());
+        if let Some(f) = &out.footprint {
+            r.info(s, "idle client RSS: ct-agent", kib(f.end.rss_kib as f64));
+        }
+        r.info(
+            s,
+            "idle client RSS: rathole client (1 service)",
+            kib(x.client_idle.rss_kib as f64),
+        );
+        if let (Some(q), Some(w)) = (quic, ws) {
+            r.info(
+                s,
+                "server memory per 1,000 clients: ct-relay QUIC / WebSocket",
+                format!(
+                    "{} / {}",
+                    kib(q.per_agent_kib() * 1000.0),
+                    kib(w.per_agent_kib() * 1000.0)
+                ),
+            );
+        }
+        r.info(
+            s,
+            &format!(
+                "server memory per 1,000 clients: rathole ({} control channels)",
+                count(x.services as u64)
+            ),
+            kib(x.server_per_1000_kib()),
+        );
+        for (label, e) in out.events.iter().filter(|(_, e)| e.text_bytes > 0) {
+            if e.text_bytes / e.events.max(1) > 10_000 {
+                r.info(
+                    s,
+                    &format!("throughput, ours: task output through the relay, stored ({label})"),
+                    format!("{:.0} MB/s", e.mb_per_s()),
+                );
+            }
+        }
+        let mbs = |d: Duration| x.bytes as f64 / 1e6 / d.as_secs_f64();
+        r.info(
+            s,
+            &format!(
+                "throughput, rathole: TCP through the tunnel ({} MiB)",
+                x.bytes >> 20
+            ),
+            format!("{:.0} MB/s", mbs(x.tunnel)),
+        );
+        r.info(
+            s,
+            "throughput, plain loopback TCP (ceiling)",
+            format!("{:.0} MB/s", mbs(x.direct)),
+        );
+    }
+    r
+}
