@@ -133,13 +133,10 @@ async fn world_with(opts: Opts) -> World {
 fn submit(user: &str, project: &str, prompt: &str, options: TaskOptions) -> Submit {
     Submit {
         user: user.into(),
-        target: None,
-        name: None,
-        agent: None,
         project: project.into(),
         prompt: prompt.into(),
         options,
-        resume: None,
+        ..Submit::default()
     }
 }
 
