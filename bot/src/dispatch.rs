@@ -16,7 +16,7 @@ use serenity::all::{
     CreateAllowedMentions, CreateInteractionResponseFollowup, CreateMessage, Interaction, Message,
     ModalInteraction, UserId,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::app::Inner;
 use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest};
@@ -592,7 +592,13 @@ impl Inner {
     /// A message in a thread: a follow-up if the thread is a task's; anything else is ignored.
     pub(crate) async fn thread_message(self: &Arc<Self>, msg: Message) {
         let user = msg.author.id.to_string();
-        if self.thread_info(msg.channel_id, &user).await.is_none() {
+        let Some(info) = self.thread_info(msg.channel_id, &user).await else {
+            return;
+        };
+        // Others may talk in a task's thread too; only the requester's and the owner's messages are
+        // follow-ups, and nobody else is answered with a refusal for chatting.
+        if let Err(e) = self.backend.task(&user, &info.task).await {
+            debug!(error = %e, %user, task = %info.task, "a message in a task thread from someone who may not act on it");
             return;
         }
         let limit = self
