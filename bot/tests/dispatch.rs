@@ -517,6 +517,52 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
         }
     );
 
+    // /approve is the fallback for buttons: it answers the thread's open approval.
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalClosed {
+            approval: "q1".into(),
+            outcome: "answered".into(),
+        },
+    );
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "a3".into(),
+            tool: "Edit".into(),
+            summary: "src/lib.rs".into(),
+            input: json!({}),
+            question: false,
+        },
+    );
+    w.find(&thread, "a3", |m| {
+        m.custom_ids().contains(&format!("ao:{task}:a3"))
+    })
+    .await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin_in(&w.alice, &thread),
+            &SlashCommand::new("approve").opt(Opt::str("option", "session")),
+        )
+        .unwrap();
+    assert!(w
+        .answer(&ix)
+        .await
+        .content
+        .contains("Allowed for this session"));
+    assert_eq!(
+        Fake::lock(&w.fake.decisions)[2],
+        (w.alice.id.clone(), task.clone(), Decision::AllowSession)
+    );
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalClosed {
+            approval: "a3".into(),
+            outcome: "allowed_for_session".into(),
+        },
+    );
+
     // An approval still open when the task ends is disabled too; the failure shows in progress and summary.
     w.fake.emit(
         &task,
