@@ -464,6 +464,57 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
         "{size} bytes attached"
     );
 
+    // /cc model (the CLI's default is another model): the next message continues the conversation on that model (the agent resumes the
+    // session in a process started with it).
+    let last_model =
+        |fake: &FakeAnthropic| fake.main_requests().last().unwrap().body["model"].to_string();
+    let before = last_model(&w.fake);
+    let cc = |sub: &str, opts: Vec<Opt>| {
+        sim.send_slash(
+            &sim.origin_in(&alice, &thread),
+            &SlashCommand::new("cc").sub(sub, opts),
+        )
+        .unwrap()
+    };
+    let said = answer(sim, &cc("model", vec![Opt::str("name", "sonnet")])).await;
+    assert!(said.content.contains("**sonnet**"), "{}", said.content);
+    w.fake.push(Reply::text("now on sonnet"));
+    sim.send_message(&sim.origin_in(&alice, &thread), "which model?")
+        .unwrap();
+    nth_summary(sim, &thread, 5).await;
+    let after = last_model(&w.fake);
+    assert!(
+        after.contains("sonnet") && after != before,
+        "{before} → {after}"
+    );
+    let conversation = w.fake.main_requests().last().unwrap().body["messages"].to_string();
+    assert!(
+        conversation.contains("write hello.txt"),
+        "the session continued: {conversation}"
+    );
+
+    // /cc status: the session's figures so far, privately.
+    let said = answer(sim, &cc("status", vec![])).await;
+    assert!(
+        said.is_ephemeral()
+            && said.content.contains("sonnet")
+            && said.content.contains("session `"),
+        "{}",
+        said.content
+    );
+
+    // /cc clear: the next message starts a new conversation in the same thread.
+    answer(sim, &cc("clear", vec![])).await;
+    w.fake.push(Reply::text("hello again"));
+    sim.send_message(&sim.origin_in(&alice, &thread), "fresh start")
+        .unwrap();
+    nth_summary(sim, &thread, 6).await;
+    let conversation = w.fake.main_requests().last().unwrap().body["messages"].to_string();
+    assert!(
+        conversation.contains("fresh start") && !conversation.contains("write hello.txt"),
+        "a new session: {conversation}"
+    );
+
     // /cancel on a running task.
     w.fake.push(Reply::tool_use(
         "Bash",
