@@ -16,7 +16,7 @@ use serenity::all::{
     CreateAllowedMentions, CreateInteractionResponseFollowup, CreateMessage, Interaction, Message,
     ModalInteraction, UserId,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::app::Inner;
 use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest};
@@ -481,7 +481,8 @@ impl Inner {
         let env = self.follower_env();
         let stop = self.stop.clone();
         info!(task = %task.id, %thread, "following task in its thread");
-        self.spawn(follow(env, thread, task, limit, stop));
+        let span = info_span!("follow", task = %task.id, %thread);
+        self.spawn(follow(env, thread, task, limit, stop).instrument(span));
     }
 
     /// The thread's task chain: remembered, or found again from the thread's name (`t_… · prompt`) after a
