@@ -295,13 +295,16 @@ impl Tasks {
             .and_then(|sid| drivers.warm.remove(&sid));
         if let Some(warm) = warm {
             // The driver is parked idle; the Attach wakes it before its idle timer can close it (it checks the
-            // warm map, which no longer has it, under this lock).
-            let _ = warm.tx.send(Cmd::Attach {
+            // warm map, which no longer has it, under this lock). If its process died meanwhile the send
+            // fails, and the task gets a fresh process below instead of waiting on a dead one.
+            let attach = Cmd::Attach {
                 task: id.clone(),
-                prompt: spec.prompt,
-            });
-            drivers.running.insert(id, warm.tx);
-            return;
+                prompt: spec.prompt.clone(),
+            };
+            if warm.tx.send(attach).is_ok() {
+                drivers.running.insert(id, warm.tx);
+                return;
+            }
         }
         self.make_room(&mut drivers);
         let (tx, rx) = mpsc::unbounded_channel();
