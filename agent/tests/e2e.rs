@@ -232,7 +232,7 @@ async fn the_binary_pairs_runs_reports_status_and_stops_for_good_when_revoked() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    relay.core.revoke("laptop").unwrap();
+    relay.core.revoke("laptop", "operator").unwrap();
     let code = tokio::time::timeout(Duration::from_secs(10), run.wait())
         .await
         .expect("agent kept running")
