@@ -126,7 +126,7 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
                 )
                 .await?,
             );
-            for bad in out.restart.iter().flat_map(|r| &r.bad_logs) {
+            for bad in out.restart.iter().flat_map(|r| &r.incomplete) {
                 progress(&format!("restart: incomplete log: {bad}"));
             }
         }
@@ -352,10 +352,10 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
                 "{} of {} ({} of {} tasks incomplete)",
                 count(x.events_lost()),
                 count(x.events_expected),
-                x.bad_logs.len(),
+                x.incomplete.len(),
                 x.tasks
             ),
-            x.events_lost() == 0 && x.bad_logs.is_empty(),
+            x.events_lost() == 0 && x.incomplete.is_empty() && x.gapped == 0,
         );
     }
 

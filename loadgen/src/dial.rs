@@ -131,6 +131,11 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
+    /// The QUIC connection under the link, if it is one.
+    pub fn quic_connection(&self) -> Option<&quinn::Connection> {
+        self.quic.as_ref().map(|(_, conn)| conn)
+    }
+
     /// Leaves politely, as `ct-agent` does on shutdown: Goodbye, then close, bounded so a dead relay cannot
     /// hold us up.
     pub async fn close(mut self, reason: &str) {

@@ -46,8 +46,11 @@ pub struct Outcome {
     pub events_expected: u64,
     /// Events in the stored logs (distinct sequence numbers).
     pub events_stored: u64,
-    /// Tasks whose stored log is not exactly 1..=N, ending in Finished, with the task done.
-    pub bad_logs: Vec<String>,
+    /// Tasks whose stored log is not all of 1..=N ending in Finished, with the task done: what was lost.
+    pub incomplete: Vec<String>,
+    /// Stored logs that are not a contiguous run 1, 2, ..., k (a hole, a repeat, out of order). Losing the
+    /// tail of a log is `incomplete`; a log with holes would mean the relay stored events it should not have.
+    pub gapped: usize,
 }
 
 impl Outcome {
@@ -155,17 +158,21 @@ pub async fn run(
     }
 
     let mut events_stored = 0;
-    let mut bad_logs = Vec::new();
+    let mut incomplete = Vec::new();
+    let mut gapped = 0;
     for task in &task_ids {
         let (events, state) = relay.follow(task, Duration::from_secs(5)).await?;
         let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
         let distinct: HashSet<u64> = seqs.iter().copied().collect();
         events_stored += distinct.len() as u64;
+        if seqs != (1..=seqs.len() as u64).collect::<Vec<_>>() {
+            gapped += 1;
+        }
         let complete = seqs == (1..=output.events()).collect::<Vec<_>>()
             && matches!(events.last(), Some((_, TaskEvent::Finished { .. })))
             && state.as_deref() == Some("Done");
         if !complete {
-            bad_logs.push(format!(
+            incomplete.push(format!(
                 "{task}: {} events stored (expected {}), state {}",
                 distinct.len(),
                 output.events(),
@@ -204,6 +211,7 @@ pub async fn run(
         tasks_done: done.len(),
         events_expected: output.events() * tasks as u64,
         events_stored,
-        bad_logs,
+        incomplete,
+        gapped,
     })
 }
