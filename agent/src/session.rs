@@ -52,7 +52,10 @@ pub async fn run_session(
         ($msg:expr) => {
             match tokio::time::timeout(timing.dead_after, link.writer.send($msg)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return SessionEnd::Lost(format!("sending to the relay failed: {e}")),
+                Ok(Err(e)) => {
+                    let lost = SessionEnd::Lost(format!("sending to the relay failed: {e}"));
+                    return said_before_closing(link, tasks, lost).await;
+                }
                 Err(_) => return SessionEnd::Lost("the relay stopped reading".into()),
             }
         };
@@ -102,6 +105,21 @@ pub async fn run_session(
             }
         }
     }
+}
+
+/// The relay may have said why it closed (`Closing{Replaced}`, `Revoked`) just before our write failed: read
+/// what is already buffered, briefly, so that is acted on (not reconnecting into a fight with another agent)
+/// rather than treated as a lost link.
+async fn said_before_closing(link: &mut Link, tasks: &Tasks, lost: SessionEnd) -> SessionEnd {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(Some(msg))) =
+        tokio::time::timeout_at(deadline, link.reader.recv::<RelayMessage>()).await
+    {
+        if let Flow::End(end) = dispatch(msg, tasks) {
+            return end;
+        }
+    }
+    lost
 }
 
 /// The one place relay messages are handled: link control here, task and project messages to [`Tasks`].
