@@ -411,9 +411,10 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
             ),
             "≤ 7 MiB",
             format!(
-                "{} (peak {})",
+                "{} ({} private + {} mapped binary and libraries)",
                 kib(f.end.rss_kib as f64),
-                kib(f.end.peak_kib as f64)
+                kib(f.end.anon_kib as f64),
+                kib(f.end.file_kib as f64)
             ),
             f.end.rss_kib <= 7 * 1024,
         );
@@ -442,13 +443,20 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
     let ws = out.idle.iter().find(|o| o.label == "WebSocket");
     if let Some(x) = &out.rathole {
         r.info(s, "rathole version", x.version.clone());
+        let rss = |st: &crate::procfs::Stats| {
+            format!(
+                "{} ({} private)",
+                kib(st.rss_kib as f64),
+                kib(st.anon_kib as f64)
+            )
+        };
         if let Some(f) = &out.footprint {
-            r.info(s, "idle client RSS: ct-agent", kib(f.end.rss_kib as f64));
+            r.info(s, "idle client RSS: ct-agent", rss(&f.end));
         }
         r.info(
             s,
             "idle client RSS: rathole client (1 service)",
-            kib(x.client_idle.rss_kib as f64),
+            rss(&x.client_idle),
         );
         if let (Some(q), Some(w)) = (quic, ws) {
             r.info(

@@ -12,6 +12,10 @@ pub struct Stats {
     pub rss_kib: u64,
     /// The largest resident set so far (`VmHWM`).
     pub peak_kib: u64,
+    /// Of the resident set: private memory (`RssAnon`: heap, stacks) and mapped files (`RssFile`: mostly the
+    /// program's own code, shared with every other process running it).
+    pub anon_kib: u64,
+    pub file_kib: u64,
     pub fds: usize,
     pub threads: u64,
     /// User plus system CPU time, in clock ticks (`/proc/PID/stat` fields 14 and 15).
@@ -55,6 +59,8 @@ pub fn stats(pid: u32) -> Result<Stats> {
     Ok(Stats {
         rss_kib: field("VmRSS:"),
         peak_kib: field("VmHWM:"),
+        anon_kib: field("RssAnon:"),
+        file_kib: field("RssFile:"),
         fds: std::fs::read_dir(dir.join("fd"))?.count(),
         threads: field("Threads:"),
         // After the ')' the state is field 3 of the man page, so utime (14) and stime (15) are 11 and 12.

@@ -59,7 +59,13 @@ pub async fn run(
         .arg("--version")
         .output()
         .await
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            // `--version` prints a build report; the line that matters is "Build Version: 0.5.0".
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix("Build Version:"))
+                .map_or_else(|| text.trim().to_string(), |v| v.trim().to_string())
+        })
         .unwrap_or_default();
 
     let sink = Sink::bind().await?;
