@@ -179,9 +179,25 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let out = bench::run(&plan, &tools, &only).await?;
     println!("Machine: {}", procfs::machine());
+    println!("Source:  {}", source_version());
+    println!(
+        "Run:     ct-loadgen {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
     println!();
     print!("{}", bench::report(&out, &plan));
     Ok(())
+}
+
+/// The commit measured, and whether the tree had uncommitted changes (`git describe --always --dirty`).
+fn source_version() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown (not a git checkout)".into())
 }
 
 /// Just enough of `ct-agent` to pair and run from this binary, through the agent library.

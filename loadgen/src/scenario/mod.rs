@@ -40,7 +40,8 @@ pub struct Plan {
     /// Text events per task, and their size, for the events/s figure.
     pub small_events: usize,
     pub small_bytes: usize,
-    /// The same for the bulk output figure.
+    /// The same for the bulk output figure. A task's output stays under the relay's per-task cap (32 MiB by
+    /// default), past which it stops storing Text and the figure would no longer mean stored output.
     pub bulk_events: usize,
     pub bulk_bytes: usize,
     pub restart_agents: usize,
@@ -74,7 +75,7 @@ impl Plan {
             event_tasks: 4,
             small_events: 25_000,
             small_bytes: 100,
-            bulk_events: 1_000,
+            bulk_events: 450,
             bulk_bytes: 64 * 1024,
             restart_agents: 1_000,
             restart_tasks: 200,
