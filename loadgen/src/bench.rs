@@ -230,11 +230,12 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
             _ => ("", None),
         };
         let measured = format!(
-            "{} ({} → {}, {} fds)",
+            "{} ({} → {}, {} fds; load generator {})",
             kib(o.per_agent_kib()),
             kib(o.before.rss_kib as f64),
             kib(o.after.rss_kib as f64),
-            count(o.after.fds as u64)
+            count(o.after.fds as u64),
+            kib(o.loadgen_rss_kib as f64)
         );
         let metric = format!("relay RSS per agent, {}", o.label);
         match limit {
@@ -417,6 +418,15 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
                 kib(f.end.file_kib as f64)
             ),
             f.end.rss_kib <= 7 * 1024,
+        );
+        r.info(
+            s,
+            "RSS after the relay restarted and it reconnected",
+            format!(
+                "{} ({} private)",
+                kib(f.reconnected.rss_kib as f64),
+                kib(f.reconnected.anon_kib as f64)
+            ),
         );
         r.info(
             s,

@@ -20,6 +20,8 @@ pub struct Outcome {
     /// At the start of the quiet window, and at its end.
     pub start: Stats,
     pub end: Stats,
+    /// After the relay was restarted (SIGTERM, started again) and the agent reconnected.
+    pub reconnected: Stats,
     pub window: Duration,
     /// Release binaries and their sizes in bytes.
     pub sizes: Vec<(String, u64)>,
@@ -80,24 +82,18 @@ pub async fn run(tools: &Tools, window: Duration) -> Result<Outcome> {
         .context("starting the agent")?;
     let pid = agent.id().context("the agent exited at once")?;
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let transport = loop {
-        if let Some(a) = relay.agents().await?.into_iter().find(|a| a.online) {
-            break a.transport;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the agent did not connect within 30 s; see {}",
-                dir.join("agent.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let transport = online(&relay, &dir).await?;
     // Start-up work (the handshake, the first reports) is not idling.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let start = procfs::stats(pid)?;
     tokio::time::sleep(window).await;
     let end = procfs::stats(pid)?;
+    // A reconnect builds a new QUIC endpoint and TLS session: memory should come back to the same level.
+    relay.stop().await?;
+    relay.restart().await?;
+    online(&relay, &dir).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reconnected = procfs::stats(pid)?;
 
     procfs::signal(pid, "TERM")?;
     let _ = tokio::time::timeout(Duration::from_secs(10), agent.wait()).await;
@@ -111,7 +107,25 @@ pub async fn run(tools: &Tools, window: Duration) -> Result<Outcome> {
         transport,
         start,
         end,
+        reconnected,
         window,
         sizes,
     })
+}
+
+/// Waits until the relay lists the agent online; returns its transport.
+async fn online(relay: &RelayProcess, dir: &std::path::Path) -> Result<Option<Transport>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(a) = relay.agents().await?.into_iter().find(|a| a.online) {
+            return Ok(a.transport);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the agent did not connect within 30 s; see {}",
+                dir.join("agent.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

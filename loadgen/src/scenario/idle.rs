@@ -30,6 +30,8 @@ pub struct Outcome {
     pub connect_time: Duration,
     pub before: Stats,
     pub after: Stats,
+    /// This load generator's own resident memory with every agent connected, for context.
+    pub loadgen_rss_kib: u64,
 }
 
 impl Outcome {
@@ -97,6 +99,7 @@ pub async fn run(
     let online = wait_for_count(relay, ids.len()).await?;
     tokio::time::sleep(settle).await;
     let after = relay.stats()?;
+    let loadgen_rss_kib = crate::procfs::own()?.rss_kib;
     fleet.stop().await;
     ensure!(
         online == ids.len(),
@@ -111,6 +114,7 @@ pub async fn run(
         connect_time,
         before,
         after,
+        loadgen_rss_kib,
     })
 }
 
