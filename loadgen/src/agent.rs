@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ct_agent::backoff::Backoff;
 use ct_agent::outbox::Outbox;
+use ct_protocol::handshake::HANDSHAKE_TIMEOUT;
 use ct_protocol::message::CloseReason;
 use ct_protocol::project::ProjectsReport;
 use ct_protocol::task::{FinalState, TaskEvent};
@@ -133,6 +134,8 @@ enum End {
     Shutdown,
     RelayRestarting,
     Lost,
+    /// Another session with this key took over.
+    Replaced(String),
     Refused(String),
 }
 
@@ -184,7 +187,16 @@ pub async fn run(
                     transport: link.transport,
                     at: connected,
                 });
-                let end = agent.session(link, &shutdown).await;
+                let raced = link.raced;
+                let end = match agent.session(link, &shutdown).await {
+                    // Our own losing race attempt completed at the relay after the winner, as `ct-agent`
+                    // knows can happen: reconnect, as it does.
+                    End::Replaced(_) if raced && connected.elapsed() < 2 * HANDSHAKE_TIMEOUT => {
+                        End::Lost
+                    }
+                    End::Replaced(message) => End::Refused(message),
+                    other => other,
+                };
                 let _ = agent.notes.send(Note::Offline {
                     agent: index,
                     at: Instant::now(),
@@ -192,7 +204,7 @@ pub async fn run(
                 backoff.session_ended(connected.elapsed());
                 match end {
                     End::Shutdown => return,
-                    End::Refused(error) => {
+                    End::Refused(error) | End::Replaced(error) => {
                         let _ = agent.notes.send(Note::Refused {
                             agent: index,
                             error,
@@ -335,7 +347,8 @@ impl Agent {
             RelayMessage::Closing { reason, message } => {
                 return Some(match reason {
                     CloseReason::Shutdown => End::RelayRestarting,
-                    CloseReason::Replaced | CloseReason::Revoked => End::Refused(message),
+                    CloseReason::Replaced => End::Replaced(message),
+                    CloseReason::Revoked => End::Refused(message),
                 });
             }
             RelayMessage::Heartbeat

@@ -38,9 +38,12 @@ pub struct Outcomes {
     pub dispatch: Option<dispatch::Outcome>,
     pub events: Vec<(String, events::Outcome)>,
     pub rathole: Option<rathole::Outcome>,
+    /// Scenarios that could not finish, with why.
+    pub failed: Vec<(String, String)>,
 }
 
-/// Runs the scenarios named in `only` (all when empty).
+/// Runs the scenarios named in `only` (all when empty). A scenario that fails is recorded in
+/// [`Outcomes::failed`] and the others still run, so one broken scenario does not cost the whole table.
 pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<Outcomes> {
     let wants = |name: &str| only.is_empty() || only.contains(name);
     std::fs::create_dir_all(&tools.work_dir)?;
@@ -51,86 +54,15 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
             "footprint: the real agent idling for {:?}",
             plan.agent_idle
         ));
-        out.footprint = Some(footprint::run(tools, plan.agent_idle).await?);
+        out.footprint = out.keep("footprint", footprint::run(tools, plan.agent_idle).await);
     }
 
     if wants("idle") || wants("churn") || wants("restart") {
-        let dir = tools.work_dir.join("relay");
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut relay = RelayProcess::start(&tools.relay, &dir).await?;
-        let mut n = 0;
-        if wants("idle") {
-            n = n.max(plan.idle_agents);
+        let shared = shared_relay(plan, tools, &wants, &mut out).await;
+        if let Some(e) = shared.err() {
+            out.failed
+                .push(("idle, churn, restart".into(), format!("{e:#}")));
         }
-        if wants("churn") {
-            n = n.max(plan.churn_agents);
-        }
-        if wants("restart") {
-            n = n.max(plan.restart_agents);
-        }
-        progress(&format!(
-            "pairing {} agents through the admin socket",
-            count(n as u64)
-        ));
-        let started = Instant::now();
-        let ids = fleet::pair(&relay.target, 0, n, Dial::Quic, |user| {
-            let relay = &relay;
-            async move { relay.pair_code(&user).await }
-        })
-        .await?;
-        out.pairing = Some((n, started.elapsed()));
-
-        if wants("idle") {
-            let ids = &ids[..plan.idle_agents];
-            for (share, label) in [
-                (1.0, "QUIC"),
-                (0.0, "WebSocket"),
-                (plan.quic_share, "mixed"),
-            ] {
-                progress(&format!(
-                    "idle: {} agents, {label}",
-                    count(ids.len() as u64)
-                ));
-                out.idle
-                    .push(idle::run(&mut relay, ids, share, plan.idle_settle, label).await?);
-            }
-        }
-        if wants("churn") {
-            progress(&format!(
-                "churn: {} reconnect cycles",
-                count(plan.churn_cycles as u64)
-            ));
-            out.churn = Some(
-                churn::run(
-                    &mut relay,
-                    &ids[..plan.churn_agents],
-                    plan.churn_cycles,
-                    plan.quic_share,
-                )
-                .await?,
-            );
-        }
-        if wants("restart") {
-            progress(&format!(
-                "restart: SIGKILL under {} agents",
-                count(plan.restart_agents as u64)
-            ));
-            out.restart = Some(
-                restart::run(
-                    &mut relay,
-                    &ids[..plan.restart_agents],
-                    plan.restart_tasks,
-                    plan.restart_texts,
-                    plan.restart_pace,
-                    plan.quic_share,
-                )
-                .await?,
-            );
-            for bad in out.restart.iter().flat_map(|r| &r.incomplete) {
-                progress(&format!("restart: incomplete log: {bad}"));
-            }
-        }
-        relay.stop().await?;
     }
 
     if wants("dispatch") {
@@ -141,16 +73,15 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
             plan.dispatch_duration
         ));
         let dir = fresh(tools, "dispatch")?;
-        out.dispatch = Some(
-            dispatch::run(
-                &dir,
-                plan.dispatch_agents,
-                plan.dispatch_rate,
-                plan.dispatch_duration,
-                plan.quic_share,
-            )
-            .await?,
-        );
+        let run = dispatch::run(
+            &dir,
+            plan.dispatch_agents,
+            plan.dispatch_rate,
+            plan.dispatch_duration,
+            plan.quic_share,
+        )
+        .await;
+        out.dispatch = out.keep("dispatch", run);
     }
 
     if wants("events") {
@@ -163,8 +94,10 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
             let label = format!("{} × {} B Text, {dial:?}", count(texts as u64), bytes);
             progress(&format!("events: {} tasks of {label}", plan.event_tasks));
             let dir = fresh(tools, "events")?;
-            let outcome = events::run(&dir, plan.event_tasks, texts, bytes, dial).await?;
-            out.events.push((label, outcome));
+            let run = events::run(&dir, plan.event_tasks, texts, bytes, dial).await;
+            if let Some(outcome) = out.keep("events", run) {
+                out.events.push((label, outcome));
+            }
         }
     }
 
@@ -172,21 +105,119 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
         match &tools.rathole {
             Some(bin) if bin.exists() => {
                 progress("rathole: server, clients, tunnel throughput");
-                out.rathole = Some(
-                    rathole::run(
-                        bin,
-                        &tools.work_dir,
-                        plan.rathole_services,
-                        plan.rathole_clients,
-                        plan.rathole_bytes,
-                    )
-                    .await?,
-                );
+                let run = rathole::run(
+                    bin,
+                    &tools.work_dir,
+                    plan.rathole_services,
+                    plan.rathole_clients,
+                    plan.rathole_bytes,
+                )
+                .await;
+                out.rathole = out.keep("rathole", run);
             }
             _ => progress("rathole: not installed (scripts/bench installs it); skipped"),
         }
     }
     Ok(out)
+}
+
+impl Outcomes {
+    /// The outcome, or `None` with the error recorded against `scenario`.
+    fn keep<T>(&mut self, scenario: &str, result: Result<T>) -> Option<T> {
+        match result {
+            Ok(t) => Some(t),
+            Err(e) => {
+                progress(&format!("{scenario} failed: {e:#}"));
+                self.failed.push((scenario.into(), format!("{e:#}")));
+                None
+            }
+        }
+    }
+}
+
+/// The scenarios that share one relay process and one set of paired agents: idle, churn, restart.
+async fn shared_relay(
+    plan: &Plan,
+    tools: &Tools,
+    wants: &impl Fn(&str) -> bool,
+    out: &mut Outcomes,
+) -> Result<()> {
+    let dir = tools.work_dir.join("relay");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut relay = RelayProcess::start(&tools.relay, &dir).await?;
+    let mut n = 0;
+    if wants("idle") {
+        n = n.max(plan.idle_agents);
+    }
+    if wants("churn") {
+        n = n.max(plan.churn_agents);
+    }
+    if wants("restart") {
+        n = n.max(plan.restart_agents);
+    }
+    progress(&format!(
+        "pairing {} agents through the admin socket",
+        count(n as u64)
+    ));
+    let started = Instant::now();
+    let ids = fleet::pair(&relay.target, 0, n, Dial::Quic, |user| {
+        let relay = &relay;
+        async move { relay.pair_code(&user).await }
+    })
+    .await?;
+    out.pairing = Some((n, started.elapsed()));
+
+    if wants("idle") {
+        let ids = &ids[..plan.idle_agents];
+        for (share, label) in [
+            (1.0, "QUIC"),
+            (0.0, "WebSocket"),
+            (plan.quic_share, "mixed"),
+        ] {
+            progress(&format!(
+                "idle: {} agents, {label}",
+                count(ids.len() as u64)
+            ));
+            let run = idle::run(&mut relay, ids, share, plan.idle_settle, label).await;
+            if let Some(o) = out.keep("idle", run) {
+                out.idle.push(o);
+            }
+        }
+    }
+    if wants("churn") {
+        progress(&format!(
+            "churn: {} reconnect cycles",
+            count(plan.churn_cycles as u64)
+        ));
+        let run = churn::run(
+            &mut relay,
+            &ids[..plan.churn_agents],
+            plan.churn_cycles,
+            plan.quic_share,
+        )
+        .await;
+        out.churn = out.keep("churn", run);
+    }
+    if wants("restart") {
+        progress(&format!(
+            "restart: SIGKILL under {} agents",
+            count(plan.restart_agents as u64)
+        ));
+        let run = restart::run(
+            &mut relay,
+            &ids[..plan.restart_agents],
+            plan.restart_tasks,
+            plan.restart_texts,
+            plan.restart_pace,
+            plan.quic_share,
+        )
+        .await;
+        out.restart = out.keep("restart", run);
+        for bad in out.restart.iter().flat_map(|r| &r.incomplete) {
+            progress(&format!("restart: incomplete log: {bad}"));
+        }
+    }
+    relay.stop().await
 }
 
 fn fresh(tools: &Tools, name: &str) -> Result<std::path::PathBuf> {
@@ -203,6 +234,9 @@ fn progress(what: &str) {
 /// The table for a run's outcomes.
 pub fn report(out: &Outcomes, plan: &Plan) -> Report {
     let mut r = Report::default();
+    for (scenario, error) in &out.failed {
+        r.goal(scenario, "FAILED", "runs", error.clone(), false);
+    }
     if let Some((n, took)) = out.pairing {
         r.info(
             "setup",

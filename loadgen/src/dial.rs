@@ -117,6 +117,9 @@ pub struct Link {
     pub reader: FrameReader<BoxRead>,
     pub writer: FrameWriter<BoxWrite>,
     pub welcome: Welcome,
+    /// Both transports were tried at once for this link, so the loser's handshake may still complete at the
+    /// relay and replace this session (the agent treats that as its own doing, not another agent's).
+    pub raced: bool,
     /// Kept so the QUIC connection (and its endpoint's socket) lives as long as the link.
     quic: Option<(quinn::Endpoint, quinn::Connection)>,
 }
@@ -208,7 +211,7 @@ async fn race(target: &Target, who: &Identity) -> Result<Link, DialError> {
         return ws.await;
     }
     tokio::pin!(ws);
-    tokio::select! {
+    let won = tokio::select! {
         r = &mut quic => match r {
             Ok(link) => Ok(link),
             Err(e) if e.permanent => Err(e),
@@ -219,7 +222,11 @@ async fn race(target: &Target, who: &Identity) -> Result<Link, DialError> {
             Err(e) if e.permanent => Err(e),
             Err(_) => quic.await,
         },
-    }
+    };
+    won.map(|link| Link {
+        raced: true,
+        ..link
+    })
 }
 
 async fn attempt(
@@ -246,6 +253,7 @@ async fn attempt(
                 reader,
                 writer,
                 welcome,
+                raced: false,
                 quic,
             }),
             Err(e) => Err(DialError {

@@ -135,7 +135,7 @@ pub async fn run(
         if back.len() == ids.len() {
             // Everyone is back: the tasks need at most their remaining output time. One that does not finish
             // by then has a gap in its log that nobody can fill; waiting longer would not change that.
-            deadline = deadline.min(Instant::now().max(ready + run_for) + Duration::from_secs(10));
+            deadline = deadline.min(Instant::now().max(ready + run_for) + Duration::from_secs(5));
         }
         match fleet.next_note(deadline).await {
             Some(Note::Offline { agent, at }) if at >= killed => {
@@ -161,7 +161,7 @@ pub async fn run(
     let mut incomplete = Vec::new();
     let mut gapped = 0;
     for task in &task_ids {
-        let (events, state) = relay.follow(task, Duration::from_secs(5)).await?;
+        let (events, state) = relay.follow(task, Duration::from_secs(2)).await?;
         let seqs: Vec<u64> = events.iter().map(|(s, _)| *s).collect();
         let distinct: HashSet<u64> = seqs.iter().copied().collect();
         events_stored += distinct.len() as u64;
