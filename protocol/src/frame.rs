@@ -113,13 +113,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads the next message. `Ok(None)` means the peer closed the stream cleanly between frames.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         loop {
+            if let Some(msg) = self.recv_buffered()? {
+                return Ok(Some(msg));
+            }
             match check(&self.buf)? {
-                Check::Complete(total) => {
-                    let msg = serde_json::from_slice(&self.buf[HEADER_LEN..total]);
-                    // Consume the frame even when it is malformed, so the caller may choose to carry on.
-                    self.buf.advance(total);
-                    return Ok(Some(msg?));
-                }
+                Check::Complete(_) => continue,
                 Check::Incomplete(want) => {
                     self.buf
                         .reserve(want.saturating_sub(self.buf.len()).min(64 * 1024));
@@ -131,6 +129,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     }
                 }
             }
+        }
+    }
+
+    /// The next message if it has already arrived whole, without reading from the connection: a caller takes
+    /// a burst in one go this way, bounded by what one read brought. `Ok(None)` when no whole frame is here.
+    pub fn recv_buffered<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        match check(&self.buf)? {
+            Check::Complete(total) => {
+                let msg = serde_json::from_slice(&self.buf[HEADER_LEN..total]);
+                // Consume the frame even when it is malformed, so the caller may choose to carry on.
+                self.buf.advance(total);
+                Ok(Some(msg?))
+            }
+            Check::Incomplete(_) => Ok(None),
         }
     }
 

@@ -143,6 +143,8 @@ pub struct AgentView {
 #[derive(Debug)]
 pub struct Core {
     store: Store,
+    /// Flushes the store for writes that must be durable before the relay answers (event acknowledgements).
+    commit: crate::durable::GroupCommit,
     relay_key: ed25519_dalek::SigningKey,
     relay: Fingerprint,
     config: CoreConfig,
@@ -191,6 +193,7 @@ impl Core {
             ),
             minting: Mutex::new(()),
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            commit: store.group_commit(),
             store,
             config,
             metrics,
@@ -219,6 +222,11 @@ impl Core {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Group commit for what must be on disk before the relay says so; see [`crate::durable`].
+    pub fn commit(&self) -> &crate::durable::GroupCommit {
+        &self.commit
     }
 
     /// The relay's signing key, for handshakes.

@@ -12,7 +12,8 @@
 //! - [`retention`]: deleting old tasks, audit entries and pairing codes, hourly.
 //! - [`routing`]: which agent a request goes to (named, only, or default).
 //! - [`projects`]: project requests answered by the agent, and its stored project report.
-//! - [`store`]: the embedded sled store.
+//! - [`store`]: the embedded sled store; [`durable`]: group commit, so acknowledgements wait for the disk
+//!   without an fsync each.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
 //! - [`discord`]: the Discord bot's backend over the core, and starting the bot with the relay.
 //! - [`tls`]: the relay key agents pin, and the certificate.
@@ -25,6 +26,7 @@ pub mod audit;
 pub mod cli;
 pub mod core;
 pub mod discord;
+pub mod durable;
 pub mod endpoint;
 pub mod files;
 pub mod metrics;

@@ -266,6 +266,11 @@ impl Store {
         Ok(self.db.generate_id()?)
     }
 
+    /// A flusher that makes writes durable in groups; see [`crate::durable`].
+    pub fn group_commit(&self) -> crate::durable::GroupCommit {
+        crate::durable::GroupCommit::start(self.db.clone())
+    }
+
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
@@ -545,22 +550,33 @@ impl Store {
         Ok(out)
     }
 
-    /// Stores event `seq` of a task together with the task's new record, atomically: either both are written
-    /// or neither, so `last_seq` never runs ahead of the events it counts.
+    /// Stores event `seq` of a task together with the task's new record; see [`Store::append_events`].
+    pub fn append_event(&self, rec: &TaskRecord, seq: u64, event: Option<&[u8]>) -> Result<()> {
+        self.append_events(rec, &[(seq, event)])
+    }
+
+    /// Stores a run of a task's events together with the task's new record, atomically: either all are
+    /// written or none, so `last_seq` never runs ahead of the events it counts. One transaction per run, not
+    /// per event: the record is rewritten once however many events a burst of output brings.
     ///
-    /// The event comes as its stored bytes (the caller measured them against the task's output cap), or
+    /// Each event comes as its stored bytes (the caller measured them against the task's output cap), or
     /// `None` when it was dropped under that cap and only the record moves on. A task deleted meanwhile (by
     /// retention) is not brought back: the write is refused as a conflict.
-    pub fn append_event(&self, rec: &TaskRecord, seq: u64, event: Option<&[u8]>) -> Result<()> {
-        let key = event_key(&rec.spec.task, seq);
+    pub fn append_events(&self, rec: &TaskRecord, run: &[(u64, Option<&[u8]>)]) -> Result<()> {
+        let keys: Vec<(Vec<u8>, Option<&[u8]>)> = run
+            .iter()
+            .map(|(seq, event)| (event_key(&rec.spec.task, *seq), *event))
+            .collect();
         let write = TaskWrite::new(rec)?;
         (&self.tasks, &self.events, &self.open, &self.open_by_user)
             .transaction(|(tasks, events, open, by_user)| {
                 if tasks.get(write.id.as_slice())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(()));
                 }
-                if let Some(event) = event {
-                    events.insert(key.as_slice(), event)?;
+                for (key, event) in &keys {
+                    if let Some(event) = event {
+                        events.insert(key.as_slice(), *event)?;
+                    }
                 }
                 write.apply(tasks, open, by_user)
             })

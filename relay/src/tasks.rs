@@ -595,9 +595,15 @@ impl Core {
             .task(&id);
             self.store().put_task_audited(&rec, &entry)?;
         }
-        self.store().flush()?;
         tracing::info!(task = %id, agent = %agent.name, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
-        self.dispatch_queued(routing, &agent.fingerprint)?;
+        // The task is durable before the caller hears of it. Dispatching flushes before it sends, which covers
+        // the write above; only a task left in the queue needs a flush of its own. One fsync, not two, on the
+        // path from submit to the agent.
+        let dispatched = self.dispatch_queued(routing, &agent.fingerprint);
+        if dispatched.is_err() || !self.task(&id)?.is_dispatched() {
+            self.store().flush()?;
+        }
+        dispatched?;
         self.task(&id)
     }
 
@@ -1128,15 +1134,25 @@ impl Core {
             .map_or_else(|| fp.short(), |a| a.name)
     }
 
-    /// Stores event `seq` of a task from `agent`, exactly once. Returns the sequence number to acknowledge
-    /// (everything up to it is stored), or `None` when nothing can be acknowledged (a gap, or a task that is
-    /// not this agent's). A task's end frees a slot, so the agent's queue moves on.
+    /// Stores event `seq` of a task from `agent`, exactly once; see [`Core::record_events`].
     pub fn record_event(
         &self,
         agent: &Fingerprint,
         id: &str,
         seq: u64,
         event: TaskEvent,
+    ) -> Result<Option<u64>, TaskError> {
+        self.record_events(agent, id, vec![(seq, event)])
+    }
+
+    /// Stores a run of events of one task from `agent`, each exactly once, in one write. Returns the sequence
+    /// number to acknowledge (everything up to it is stored), or `None` when nothing can be acknowledged (a
+    /// gap, or a task that is not this agent's). A task's end frees a slot, so the agent's queue moves on.
+    pub fn record_events(
+        &self,
+        agent: &Fingerprint,
+        id: &str,
+        run: Vec<(u64, TaskEvent)>,
     ) -> Result<Option<u64>, TaskError> {
         let Some(mut rec) = self.store().task(id)? else {
             tracing::warn!(task = id, "event for an unknown task; ignored");
@@ -1146,63 +1162,81 @@ impl Core {
             tracing::warn!(task = id, "event for a task on another agent; ignored");
             return Ok(None);
         }
-        if seq <= rec.last_seq {
-            // Re-sent after a reconnect: already stored. Acknowledge again so the agent can let it go.
-            return Ok(Some(rec.last_seq));
-        }
-        if !rec.is_dispatched() {
-            // The agent was never given this task (it is queued, or the relay ended it while it was): it cannot
-            // have anything to say about it.
-            tracing::warn!(
-                task = id,
-                "event for a task never sent to this agent; ignored"
-            );
-            return Ok(None);
-        }
-        if seq != rec.last_seq + 1 {
-            tracing::warn!(
-                task = id,
-                seq,
-                stored = rec.last_seq,
-                "event out of order; waiting for the gap to be re-sent"
-            );
-            return Ok(None);
-        }
-        let finished = matches!(event, TaskEvent::Finished { .. });
-        let was_final = rec.state.is_final();
-        apply(&mut rec, &event);
-        rec.last_seq = seq;
-        rec.updated_at = now();
         let cap = self.config().max_task_output;
-        let len = serde_json::to_vec(&event).map_err(StoreError::from)?.len() as u64;
-        let kept = match output::keep(&rec, event, len, cap, was_final) {
-            Keep::Store(e) => Some(e),
-            Keep::Marker => {
-                rec.output_truncated = true;
+        let mut writes: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let mut published = Vec::new();
+        let mut finished = false;
+        let mut resent = false;
+        for (seq, event) in run {
+            if seq <= rec.last_seq {
+                // Re-sent after a reconnect: already stored. Acknowledged again so the agent can let it go.
+                resent = true;
+                continue;
+            }
+            if !rec.is_dispatched() {
+                // The agent was never given this task (it is queued, or the relay ended it while it was): it
+                // cannot have anything to say about it.
                 tracing::warn!(
                     task = id,
-                    cap,
-                    "task output past the cap; later output is dropped"
+                    "event for a task never sent to this agent; ignored"
                 );
-                Some(output::marker(cap))
+                return Ok(None);
             }
-            Keep::Drop => None,
-        };
-        match kept {
-            Some(event) => {
-                let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
-                rec.output_bytes += bytes.len() as u64;
-                self.store().append_event(&rec, seq, Some(&bytes))?;
-                self.publish(id, seq, &event);
+            if seq != rec.last_seq + 1 {
+                tracing::warn!(
+                    task = id,
+                    seq,
+                    stored = rec.last_seq,
+                    "event out of order; waiting for the gap to be re-sent"
+                );
+                break;
             }
-            // Acknowledged all the same, so the agent's outbox drains; the marker already said so.
-            None => self.store().append_event(&rec, seq, None)?,
+            finished |= matches!(event, TaskEvent::Finished { .. });
+            let was_final = rec.state.is_final();
+            apply(&mut rec, &event);
+            rec.last_seq = seq;
+            let len = serde_json::to_vec(&event).map_err(StoreError::from)?.len() as u64;
+            let kept = match output::keep(&rec, event, len, cap, was_final) {
+                Keep::Store(e) => Some(e),
+                Keep::Marker => {
+                    rec.output_truncated = true;
+                    tracing::warn!(
+                        task = id,
+                        cap,
+                        "task output past the cap; later output is dropped"
+                    );
+                    Some(output::marker(cap))
+                }
+                // Acknowledged all the same, so the agent's outbox drains; the marker already said so.
+                Keep::Drop => None,
+            };
+            match kept {
+                Some(event) => {
+                    let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
+                    rec.output_bytes += bytes.len() as u64;
+                    writes.push((seq, Some(bytes)));
+                    published.push((seq, event));
+                }
+                None => writes.push((seq, None)),
+            }
+        }
+        if writes.is_empty() {
+            return Ok(resent.then_some(rec.last_seq));
+        }
+        rec.updated_at = now();
+        let run: Vec<(u64, Option<&[u8]>)> = writes
+            .iter()
+            .map(|(seq, bytes)| (*seq, bytes.as_deref()))
+            .collect();
+        self.store().append_events(&rec, &run)?;
+        for (seq, event) in &published {
+            self.publish(id, *seq, event);
         }
         if finished {
             let routing = self.routing();
             self.dispatch_queued(&routing, agent)?;
         }
-        Ok(Some(seq))
+        Ok(Some(rec.last_seq))
     }
 
     /// Reconciles after a (re)connect: the agent reports what it still runs; any other task it had been sent

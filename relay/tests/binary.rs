@@ -50,28 +50,32 @@ impl Drop for Running {
     }
 }
 
-#[tokio::test]
-async fn operator_workflow_from_start_to_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let log = std::fs::File::create(dir.path().join("relay.log")).unwrap();
-    let mut child = Running(
+/// Starts the relay on embedded defaults with its log appended to `log`.
+fn start(data: &Path, log: &Path) -> Running {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Running(
         relay()
             .arg("--data-dir")
-            .arg(&data)
+            .arg(data)
             .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap(),
-    );
+    )
+}
 
-    // The admin socket answers once the relay is up.
+/// Waits until the admin socket answers (the relay is ready) and returns `admin status --json`.
+fn ready(data: &Path) -> serde_json::Value {
     let started = Instant::now();
-    let status = loop {
+    loop {
         let o = relay()
             .args(["--data-dir"])
-            .arg(&data)
+            .arg(data)
             .args(["admin", "status", "--json"])
             .output()
             .unwrap();
@@ -84,7 +88,15 @@ async fn operator_workflow_from_start_to_sigterm() {
             String::from_utf8_lossy(&o.stderr)
         );
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+}
+
+#[tokio::test]
+async fn operator_workflow_from_start_to_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = start(&data, &dir.path().join("relay.log"));
+    let status = ready(&data);
     let https = status["https"].as_str().unwrap().to_string();
     assert_eq!(
         status["quic"].as_str(),
@@ -261,5 +273,83 @@ async fn operator_workflow_from_start_to_sigterm() {
         String::from_utf8_lossy(&down.stderr).contains("is `ct-relay --data-dir"),
         "{}",
         String::from_utf8_lossy(&down.stderr)
+    );
+}
+
+/// An acknowledgement lets the agent forget an event, so it must only go out once the event is on disk. Here
+/// the agent streams output, and the relay is SIGKILLed (no drain, no flush) the moment the last event is
+/// acknowledged: after a restart every acknowledged event must be in the task's log. With acknowledgements sent
+/// before the store flushed, the tail of the log was lost and the task could never finish.
+#[tokio::test]
+async fn acknowledged_events_survive_a_sigkill() {
+    use ct_protocol::task::TaskEvent;
+    use ct_relay::admin::{self, Reply, Request};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("relay.log");
+    let mut child = start(&data, &log);
+    let status = ready(&data);
+    let addr = status["https"].as_str().unwrap().parse().unwrap();
+
+    let token: PairingToken = match admin::call(&data, &Request::PairCode { user: "7".into() })
+        .await
+        .unwrap()
+    {
+        Reply::PairCode { token, .. } => token.parse().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pair = PairRequest {
+        code: token.code.to_string(),
+        name: "box".into(),
+    };
+    let mut session = support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
+        .await
+        .unwrap();
+    let submit = Request::Task {
+        user: "7".into(),
+        agent: None,
+        project: "/srv/web".into(),
+        prompt: "stream".into(),
+        options: Default::default(),
+        target: None,
+        name: None,
+    };
+    let task = match admin::call(&data, &submit).await.unwrap() {
+        Reply::Task { task, .. } => task,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(support::expect_start(&mut session).await.task, task);
+
+    // A burst, as Claude Code's output arrives: the relay acknowledges in batches, cumulatively.
+    const EVENTS: u64 = 300;
+    for seq in 1..=EVENTS {
+        let text = format!("line {seq} {}", "x".repeat(200));
+        support::send_event(&mut session, &task, seq, TaskEvent::Text { text }).await;
+    }
+    support::expect_ack(&mut session, &task, EVENTS).await;
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    drop(session);
+
+    let _child = start(&data, &log);
+    ready(&data);
+    let mut stored = Vec::new();
+    let req = Request::Follow { task: task.clone() };
+    let follow = admin::call_stream(&data, &req, |reply| match reply {
+        Reply::Event { seq, .. } => {
+            stored.push(seq);
+            true
+        }
+        Reply::Task { .. } => true,
+        _ => false,
+    });
+    // The task has not ended (its agent is gone), so following it waits for more: read what is stored.
+    let _ = tokio::time::timeout(Duration::from_secs(3), follow).await;
+    assert_eq!(
+        stored,
+        (1..=EVENTS).collect::<Vec<_>>(),
+        "every acknowledged event is stored after the crash"
     );
 }

@@ -104,6 +104,7 @@ async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
     send_event(&mut agent, &id, 2, text("hello")).await;
     expect_ack(&mut agent, &id, 2).await;
     // A re-send of something already stored (its ack was lost): acknowledged again, not stored twice.
+    agent.acked.clear();
     send_event(&mut agent, &id, 2, text("hello")).await;
     expect_ack(&mut agent, &id, 2).await;
     // A gap is not acknowledged: the agent will re-send from the first unacknowledged event.
@@ -119,6 +120,7 @@ async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
     )
     .await;
     expect_ack(&mut agent, &id, 3).await;
+    assert_eq!(agent.acked[&id], 3, "the early event 4 is not acknowledged");
 
     let stored = relay.core.store().events(&id, 0).unwrap();
     assert_eq!(
@@ -134,6 +136,82 @@ async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
         assert_eq!(seq, want, "followers see each event once, in order");
     }
     assert_eq!(relay.core.task(&id).unwrap().state, TaskState::Done);
+}
+
+/// Output arrives in bursts and is stored a burst at a time: the same rules hold inside one. Events after a
+/// gap wait for it, re-sent ones are acknowledged and not stored twice.
+#[tokio::test]
+async fn a_burst_of_events_is_stored_up_to_its_first_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let (mut agent, id) = running_task(&relay).await;
+    let seqs = |relay: &TestRelay| {
+        let stored = relay.core.store().events(&id, 0).unwrap();
+        stored.iter().map(|(s, _)| *s).collect::<Vec<_>>()
+    };
+
+    for seq in (1..=50).chain(52..=60) {
+        send_event(&mut agent, &id, seq, text(&format!("line {seq}"))).await;
+    }
+    expect_ack(&mut agent, &id, 50).await;
+    // Give the relay time to read all of it: nothing past the gap may be acknowledged or stored.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout(
+        Duration::from_millis(100),
+        agent.reader.recv::<RelayMessage>(),
+    )
+    .await
+    {
+        assert!(
+            matches!(msg, RelayMessage::Heartbeat),
+            "nothing past the gap is acknowledged: {msg:?}"
+        );
+    }
+    assert_eq!(agent.acked[&id], 50);
+    assert_eq!(seqs(&relay), (1..=50).collect::<Vec<_>>());
+
+    for seq in 51..=60 {
+        send_event(&mut agent, &id, seq, text(&format!("line {seq}"))).await;
+    }
+    expect_ack(&mut agent, &id, 60).await;
+    agent.acked.clear();
+    for seq in 10..=20 {
+        send_event(&mut agent, &id, seq, text("again")).await;
+    }
+    expect_ack(&mut agent, &id, 60).await;
+    let stored = relay.core.store().events(&id, 0).unwrap();
+    assert_eq!(
+        stored.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=60).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        stored[14].1,
+        text("line 15"),
+        "a re-send does not overwrite"
+    );
+}
+
+/// A paired agent on WebSocket with one task started on it.
+async fn running_task(relay: &TestRelay) -> (support::Session, String) {
+    let key = pair(relay, Transport::WebSocket, "1").await;
+    let mut agent = handshake(
+        Transport::WebSocket,
+        relay.addr,
+        &key,
+        relay.fingerprint,
+        None,
+    )
+    .await
+    .unwrap();
+    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    let id = relay
+        .core
+        .submit_task(submit("1", "stream"))
+        .unwrap()
+        .spec
+        .task;
+    assert_eq!(support::expect_start(&mut agent).await.task, id);
+    (agent, id)
 }
 
 #[tokio::test]

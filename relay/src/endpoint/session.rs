@@ -1,6 +1,7 @@
 //! One agent session, whatever carries it: handshake, admission, then heartbeats and messages until the
 //! link dies, the agent leaves, or the core closes it (revoked, replaced, shutdown).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::core::Core;
+use crate::durable::Ticket;
 
 /// What the endpoint knows about a connection before the handshake.
 #[derive(Debug, Clone, Copy)]
@@ -107,28 +109,61 @@ async fn live<R, W>(
     let mut heartbeat = interval_at(Instant::now() + timing.heartbeat, timing.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut deadline = Instant::now() + timing.dead_after;
+    let mut acks = Acks::default();
 
     let ended = loop {
+        acks.seal(&core);
+        let flushing = acks.flushing();
         tokio::select! {
             msg = reader.recv::<AgentMessage>() => match msg {
                 Ok(Some(msg)) => {
                     frames_in.inc();
                     deadline = Instant::now() + timing.dead_after;
-                    let reply = match msg {
-                        AgentMessage::Heartbeat => None,
-                        AgentMessage::Goodbye { reason } => break Ended::AgentLeft(reason),
-                        other => handle(&core, &fingerprint, other),
-                    };
-                    if let Some(reply) = reply {
-                        if let Err(e) = writer.send(&reply).await {
-                            break Ended::LinkError(e);
+                    // Task output comes in bursts: the events that have already arrived whole are stored
+                    // together, one write per task, before whatever message follows them.
+                    let mut events = Vec::new();
+                    let mut next = Some(msg);
+                    let mut failed = None;
+                    while let Some(AgentMessage::Event { task, seq, event }) = next.take_if(is_event) {
+                        events.push((task, seq, event));
+                        if events.len() >= MAX_BURST {
+                            break;
                         }
-                        frames_out.inc();
+                        match reader.recv_buffered::<AgentMessage>() {
+                            Ok(Some(more)) => {
+                                frames_in.inc();
+                                next = Some(more);
+                            }
+                            Ok(None) => {}
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    store_events(&core, &fingerprint, events, &mut acks);
+                    if let Some(e) = failed {
+                        break Ended::LinkError(e);
+                    }
+                    match next {
+                        None | Some(AgentMessage::Heartbeat) => {}
+                        Some(AgentMessage::Goodbye { reason }) => break Ended::AgentLeft(reason),
+                        Some(other) => handle(&core, &fingerprint, other),
                     }
                 }
                 Ok(None) => break Ended::AgentLeft("closed the connection".into()),
                 Err(e) => break Ended::LinkError(e),
             },
+            () = durable(&core, flushing), if flushing.is_some() => {
+                let mut failed = None;
+                for (task, seq) in acks.released() {
+                    if let Err(e) = writer.send(&RelayMessage::Ack { task, seq }).await {
+                        failed = Some(e);
+                        break;
+                    }
+                    frames_out.inc();
+                }
+                if let Some(e) = failed {
+                    break Ended::LinkError(e);
+                }
+            }
             _ = heartbeat.tick() => {
                 if let Err(e) = writer.send(&RelayMessage::Heartbeat).await {
                     break Ended::LinkError(e);
@@ -171,39 +206,93 @@ async fn live<R, W>(
     info!("agent disconnected");
 }
 
-/// Task traffic from the agent: stored by the core, answered with an acknowledgement when there is one.
-fn handle(
+/// Events stored in one go at most. What one read brought bounds a burst's bytes already; this bounds the
+/// time between two looks at the rest of the session (heartbeats, the core's messages).
+const MAX_BURST: usize = 512;
+
+fn is_event(msg: &mut AgentMessage) -> bool {
+    matches!(msg, AgentMessage::Event { .. })
+}
+
+/// Stores a burst of events, each task's consecutive run in one write, and notes what to acknowledge.
+fn store_events(
     core: &Core,
     agent: &ct_protocol::Fingerprint,
-    msg: AgentMessage,
-) -> Option<RelayMessage> {
-    match msg {
-        AgentMessage::Event { task, seq, event } => {
-            match core.record_event(agent, &task, seq, event) {
-                Ok(Some(seq)) => Some(RelayMessage::Ack { task, seq }),
-                Ok(None) => None,
-                Err(e) => {
-                    // Not acknowledged, so the agent sends it again later; nothing is lost.
-                    tracing::error!(%task, seq, error = %e, "could not store a task event");
-                    None
-                }
+    events: Vec<(String, u64, ct_protocol::task::TaskEvent)>,
+    acks: &mut Acks,
+) {
+    let mut events = events.into_iter().peekable();
+    while let Some((task, seq, event)) = events.next() {
+        let mut run = vec![(seq, event)];
+        while let Some((_, seq, event)) = events.next_if(|(t, _, _)| *t == task) {
+            run.push((seq, event));
+        }
+        match core.record_events(agent, &task, run) {
+            Ok(Some(seq)) => acks.stored(task, seq),
+            Ok(None) => {}
+            Err(e) => {
+                // Not acknowledged, so the agent sends it again later; nothing is lost.
+                tracing::error!(%task, seq, error = %e, "could not store task events");
             }
         }
+    }
+}
+
+/// Acknowledgements of stored events, sent only once the store has flushed them (see [`crate::durable`]):
+/// an agent forgets what is acknowledged, so an acknowledgement the relay could still lose in a crash would
+/// lose output. Events that arrive while one flush is under way are acknowledged together after the next.
+#[derive(Debug, Default)]
+struct Acks {
+    /// Stored, not yet covered by a ticket: task → highest sequence number stored.
+    next: HashMap<String, u64>,
+    /// Covered by a ticket, waiting for its flush.
+    waiting: Option<(Ticket, HashMap<String, u64>)>,
+}
+
+impl Acks {
+    fn stored(&mut self, task: String, seq: u64) {
+        let top = self.next.entry(task).or_default();
+        *top = (*top).max(seq);
+    }
+
+    /// Takes a ticket for what was stored since the last one, if nothing is waiting already. The ticket is
+    /// taken after those writes, so its flush covers them.
+    fn seal(&mut self, core: &Core) {
+        if self.waiting.is_none() && !self.next.is_empty() {
+            self.waiting = Some((core.commit().ticket(), std::mem::take(&mut self.next)));
+        }
+    }
+
+    fn flushing(&self) -> Option<Ticket> {
+        self.waiting.as_ref().map(|(t, _)| *t)
+    }
+
+    /// The acknowledgements whose flush completed.
+    fn released(&mut self) -> impl Iterator<Item = (String, u64)> {
+        self.waiting.take().into_iter().flat_map(|(_, acks)| acks)
+    }
+}
+
+/// Resolves when `ticket` is durable; never without one (its `select!` branch is disabled then).
+async fn durable(core: &Core, ticket: Option<Ticket>) {
+    match ticket {
+        Some(t) => core.commit().durable(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Other traffic from the agent: its running tasks and projects, handed to the core.
+fn handle(core: &Core, agent: &ct_protocol::Fingerprint, msg: AgentMessage) {
+    match msg {
         AgentMessage::Running { tasks } => {
             if let Err(e) = core.agent_running(agent, &tasks) {
                 tracing::error!(error = %e, "could not reconcile the agent's running tasks");
             }
-            None
         }
-        AgentMessage::Projects(report) => {
-            core.projects_reported(agent, report);
-            None
-        }
-        AgentMessage::ProjectReply { id, reply } => {
-            core.project_reply(agent, id, reply);
-            None
-        }
-        AgentMessage::Heartbeat | AgentMessage::Goodbye { .. } => None,
+        AgentMessage::Projects(report) => core.projects_reported(agent, report),
+        AgentMessage::ProjectReply { id, reply } => core.project_reply(agent, id, reply),
+        // The session loop itself deals with these.
+        AgentMessage::Event { .. } | AgentMessage::Heartbeat | AgentMessage::Goodbye { .. } => {}
     }
 }
 

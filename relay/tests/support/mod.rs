@@ -208,6 +208,18 @@ pub struct Session {
     pub writer: FrameWriter<BoxWrite>,
     pub welcome: Welcome,
     pub raw_quic: Option<(quinn::Endpoint, quinn::Connection)>,
+    /// Messages read while waiting for an acknowledgement, for the next [`recv`].
+    pub held: std::collections::VecDeque<ct_protocol::RelayMessage>,
+    /// The highest acknowledgement seen per task.
+    pub acked: std::collections::HashMap<String, u64>,
+}
+
+impl Session {
+    fn saw_ack(&mut self, task: String, seq: u64) {
+        let top = self.acked.entry(task).or_default();
+        assert!(seq >= *top, "acknowledgements only move forward");
+        *top = seq;
+    }
 }
 
 pub async fn handshake(
@@ -235,6 +247,8 @@ pub async fn handshake(
         writer,
         welcome,
         raw_quic: raw.quic,
+        held: Default::default(),
+        acked: Default::default(),
     })
 }
 
@@ -265,8 +279,23 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Reads relay messages, skipping heartbeats.
+/// Reads relay messages, skipping heartbeats and acknowledgements (recorded for [`expect_ack`]): the relay
+/// acknowledges once a flush covers an event, so acknowledgements arrive in batches and interleave freely
+/// with what the relay sends meanwhile.
 pub async fn recv(s: &mut Session) -> ct_protocol::RelayMessage {
+    if let Some(held) = s.held.pop_front() {
+        return held;
+    }
+    loop {
+        match read(s).await {
+            ct_protocol::RelayMessage::Ack { task, seq } => s.saw_ack(task, seq),
+            other => return other,
+        }
+    }
+}
+
+/// The next message off the wire other than a heartbeat.
+async fn read(s: &mut Session) -> ct_protocol::RelayMessage {
     loop {
         match s
             .reader
@@ -304,14 +333,15 @@ pub async fn send_event(
         .unwrap();
 }
 
+/// Waits until the relay has acknowledged `task` up to at least `seq` (acknowledgements are cumulative).
+/// Other messages that arrive meanwhile are kept for [`recv`], in order.
 pub async fn expect_ack(s: &mut Session, task: &str, seq: u64) {
-    assert_eq!(
-        recv(s).await,
-        ct_protocol::RelayMessage::Ack {
-            task: task.into(),
-            seq
+    while s.acked.get(task).copied().unwrap_or(0) < seq {
+        match read(s).await {
+            ct_protocol::RelayMessage::Ack { task, seq } => s.saw_ack(task, seq),
+            other => s.held.push_back(other),
         }
-    );
+    }
 }
 
 /// Sends event `seq` and waits for its acknowledgement, so the relay has stored it.

@@ -1,0 +1,170 @@
+//! Group commit: many writers, one fsync.
+//!
+//! An acknowledgement tells an agent it may forget an event, so the relay may send one only once the event is
+//! on disk: sled keeps recent writes in its own buffers, and a relay killed (SIGKILL, power loss) before they
+//! are flushed loses them. Flushing after every event would cost an fsync per event and cap a whole relay at
+//! a few thousand events a second; instead each writer takes a [`Ticket`] after its write, and one flusher
+//! thread flushes everything written so far and then releases every ticket that flush covered. Events that
+//! arrive during one fsync ride on the next, so a busy relay does fewer fsyncs per event, not more.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// Proof of a write that wants to be durable: it is once [`GroupCommit::durable`] reaches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+/// The flusher thread and the tickets waiting for it. Dropping it flushes what is outstanding and stops the
+/// thread.
+#[derive(Debug)]
+pub struct GroupCommit {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// The highest ticket known durable.
+    durable: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The last ticket handed out.
+    issued: u64,
+    stop: bool,
+}
+
+impl GroupCommit {
+    /// Starts the flusher for `db`.
+    pub fn start(db: sled::Db) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            durable: watch::Sender::new(0),
+        });
+        let thread = std::thread::Builder::new()
+            .name("ct-relay-flush".into())
+            .spawn({
+                let shared = shared.clone();
+                move || flusher(&shared, &db)
+            })
+            .expect("spawning the store's flusher thread");
+        Self {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Takes a ticket for everything this thread has written so far. Call it after the write.
+    pub fn ticket(&self) -> Ticket {
+        let mut state = self.shared.lock();
+        state.issued += 1;
+        self.shared.wake.notify_one();
+        Ticket(state.issued)
+    }
+
+    /// Resolves once `ticket`'s write is on disk. Cancel-safe: dropping it loses nothing but the wait.
+    pub async fn durable(&self, ticket: Ticket) {
+        let mut rx = self.shared.durable.subscribe();
+        // The sender lives as long as `self`, which outlives this borrow: the wait cannot fail.
+        let _ = rx.wait_for(|done| *done >= ticket.0).await;
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn flusher(shared: &Shared, db: &sled::Db) {
+    let mut flushed = 0;
+    loop {
+        let target = {
+            let mut state = shared.lock();
+            while state.issued == flushed && !state.stop {
+                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+            if state.issued == flushed {
+                return;
+            }
+            state.issued
+        };
+        // Every ticket up to `target` was taken after its write, so this flush covers them all.
+        match db.flush() {
+            Ok(_) => {
+                flushed = target;
+                shared.durable.send_replace(target);
+            }
+            Err(e) => {
+                // Nothing is released: agents keep what was not acknowledged and send it again. Retrying
+                // soon, not spinning, in case the disk recovers.
+                tracing::error!(error = %e, "could not flush the store; acknowledgements wait");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_ticket_resolves_after_a_flush_that_covers_its_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let commit = GroupCommit::start(db.clone());
+        db.insert(b"k", b"v").unwrap();
+        let t1 = commit.ticket();
+        db.insert(b"k2", b"v").unwrap();
+        let t2 = commit.ticket();
+        assert!(t2 > t1);
+        tokio::time::timeout(Duration::from_secs(10), commit.durable(t2))
+            .await
+            .expect("a flush releases the ticket");
+        // An earlier ticket is covered by the same flush.
+        tokio::time::timeout(Duration::from_millis(100), commit.durable(t1))
+            .await
+            .expect("covered already");
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_writers_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let commit = Arc::new(GroupCommit::start(db.clone()));
+        let mut waits = tokio::task::JoinSet::new();
+        for i in 0..200u32 {
+            let (db, commit) = (db.clone(), commit.clone());
+            waits.spawn(async move {
+                db.insert(i.to_be_bytes(), b"v").unwrap();
+                let t = commit.ticket();
+                commit.durable(t).await;
+            });
+        }
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(r) = waits.join_next().await {
+                r.unwrap();
+            }
+        })
+        .await
+        .expect("every ticket is released");
+    }
+}
