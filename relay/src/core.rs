@@ -478,9 +478,9 @@ impl Core {
         };
         let taken: Vec<String> = self
             .store
-            .agents()?
+            .agents_of(owner)?
             .into_iter()
-            .filter(|a| a.owner == owner && a.revoked_at.is_none())
+            .filter(|a| a.revoked_at.is_none())
             .map(|a| a.name)
             .collect();
         Ok((1..)

@@ -19,9 +19,9 @@ impl Core {
     pub(crate) fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>, TaskError> {
         let mut mine: Vec<_> = self
             .store()
-            .agents()?
+            .agents_of(owner)?
             .into_iter()
-            .filter(|a| a.owner == owner && a.revoked_at.is_none())
+            .filter(|a| a.revoked_at.is_none())
             .collect();
         mine.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(mine)

@@ -197,12 +197,7 @@ impl Core {
             stopping: Vec::new(),
         };
         // Revoked agents too: a task queued on one must not outlive the share either.
-        let agents: Vec<_> = self
-            .store()
-            .agents()?
-            .into_iter()
-            .filter(|a| a.owner == owner)
-            .collect();
+        let agents = self.store().agents_of(owner)?;
         for agent in agents {
             let mut touched = false;
             for mut rec in self.store().open_tasks(&agent.fingerprint)? {

@@ -4,7 +4,9 @@
 //! that must not race (redeeming a pairing code) use compare-and-swap, so two agents can never redeem the
 //! same code even on different connections at the same instant.
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use ct_protocol::Fingerprint;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -217,6 +219,34 @@ pub struct Store {
     audit_owner: sled::Tree,
     /// Small counters: the audit log's last sequence number.
     meta: sled::Tree,
+    /// Agents by owner, in memory: derived from `agents` at open and kept in step with every write to it, so
+    /// finding one person's agents (every task submission does) reads their records, not everyone's.
+    owners: Arc<Mutex<AgentOwners>>,
+}
+
+#[derive(Debug, Default)]
+struct AgentOwners {
+    by_owner: HashMap<String, BTreeSet<Fingerprint>>,
+    owner_of: HashMap<Fingerprint, String>,
+}
+
+impl AgentOwners {
+    fn set(&mut self, fp: Fingerprint, owner: &str) {
+        if let Some(old) = self.owner_of.insert(fp, owner.to_string()) {
+            if old != owner {
+                if let Some(set) = self.by_owner.get_mut(&old) {
+                    set.remove(&fp);
+                    if set.is_empty() {
+                        self.by_owner.remove(&old);
+                    }
+                }
+            }
+        }
+        self.by_owner
+            .entry(owner.to_string())
+            .or_default()
+            .insert(fp);
+    }
 }
 
 /// The key in `meta` holding the last audit sequence number handed out.
@@ -240,9 +270,13 @@ impl Store {
             audit: db.open_tree("audit")?,
             audit_owner: db.open_tree("audit_owner")?,
             meta: db.open_tree("meta")?,
+            owners: Default::default(),
             db,
         };
         store.rebuild_open_index()?;
+        for rec in store.agents()? {
+            store.index_agent(&rec);
+        }
         Ok(store)
     }
 
@@ -282,7 +316,35 @@ impl Store {
     }
 
     pub fn put_agent(&self, rec: &AgentRecord) -> Result<()> {
-        put(&self.agents, &rec.fingerprint.0, rec)
+        put(&self.agents, &rec.fingerprint.0, rec)?;
+        self.index_agent(rec);
+        Ok(())
+    }
+
+    fn index_agent(&self, rec: &AgentRecord) {
+        self.owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(rec.fingerprint, &rec.owner);
+    }
+
+    /// Every agent `owner` paired, revoked ones included.
+    pub fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>> {
+        let fps: Vec<Fingerprint> = self
+            .owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_owner
+            .get(owner)
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(fps.len());
+        for fp in fps {
+            if let Some(rec) = self.agent(&fp)?.filter(|a| a.owner == owner) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
     }
 
     /// Changes one agent record in place; concurrent changes (a disconnect's last-seen and a projects report)
@@ -304,6 +366,7 @@ impl Store {
                 .compare_and_swap(fp.0, Some(old), Some(new))?
                 .is_ok()
             {
+                self.index_agent(&rec);
                 return Ok(Some(rec));
             }
         }
@@ -329,6 +392,7 @@ impl Store {
             t[1].insert(&agent.fingerprint.0, value.as_slice())?;
             Ok(())
         })?;
+        self.index_agent(agent);
         Ok(e)
     }
 
@@ -999,6 +1063,53 @@ mod tests {
             .is_err());
         assert!(get::<UserRecord>(&store.users, b"1").unwrap().is_none());
         assert_eq!(store.audit_len(), 1);
+    }
+
+    /// Each owner sees exactly their agents, through every kind of write and across a reopen (the index
+    /// lives in memory and is rebuilt from the records).
+    #[test]
+    fn agents_of_an_owner_follow_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = |n: u8, owner: &str| AgentRecord {
+            key: [n; 32],
+            fingerprint: Fingerprint([n; 32]),
+            owner: owner.into(),
+            name: format!("a{n}"),
+            paired_at: 0,
+            last_seen: None,
+            last_transport: None,
+            revoked_at: None,
+            projects: None,
+        };
+        let names = |store: &Store, owner: &str| {
+            let mut v: Vec<String> = store
+                .agents_of(owner)
+                .unwrap()
+                .into_iter()
+                .map(|a| a.name)
+                .collect();
+            v.sort();
+            v
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for (n, owner) in [(1, "1"), (2, "1"), (3, "2"), (4, "12")] {
+                store.put_agent(&agent(n, owner)).unwrap();
+            }
+            assert_eq!(names(&store, "1"), ["a1", "a2"]);
+            assert_eq!(names(&store, "12"), ["a4"]);
+            assert!(names(&store, "3").is_empty());
+            // A record that changes hands leaves its old owner's list.
+            store
+                .update_agent(&Fingerprint([2; 32]), |a| a.owner = "2".into())
+                .unwrap();
+            assert_eq!(names(&store, "1"), ["a1"]);
+            assert_eq!(names(&store, "2"), ["a2", "a3"]);
+            store.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(names(&store, "1"), ["a1"]);
+        assert_eq!(names(&store, "2"), ["a2", "a3"]);
     }
 
     #[test]

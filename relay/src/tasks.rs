@@ -766,9 +766,8 @@ impl Core {
     pub fn tasks_for(&self, user: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
         let mine: std::collections::HashSet<Fingerprint> = self
             .store()
-            .agents()?
+            .agents_of(user)?
             .into_iter()
-            .filter(|a| a.owner == user)
             .map(|a| a.fingerprint)
             .collect();
         let mut tasks = self
