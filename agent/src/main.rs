@@ -562,20 +562,30 @@ fn status(config_dir: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// `LOG_LEVEL` (an env-filter directive, default `info`) and `LOG_FORMAT=json`. Logs go to stderr so
-/// `status --json` output stays clean.
+/// `LOG_LEVEL` (a level, or per-target levels such as `info,ct_agent=debug`; default `info`) and
+/// `LOG_FORMAT=json`. Logs go to stderr so `status --json` output stays clean.
+///
+/// The filter is `Targets`, not `EnvFilter`: the agent idles on laptops all day, and `EnvFilter`'s regular
+/// expressions (for span-field directives nobody sets on an agent) add about a megabyte of code to every
+/// agent's resident memory.
 fn init_tracing() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+    let filter = filter.parse::<Targets>().unwrap_or_else(|e| {
         eprintln!("warning: LOG_LEVEL={filter:?} is not a valid filter ({e}); using info");
-        tracing_subscriber::EnvFilter::new("info")
+        Targets::new().with_default(tracing::Level::INFO)
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
+        builder.json().finish().with(filter).init();
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .finish()
+            .with(filter)
+            .init();
     }
 }
