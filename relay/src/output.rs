@@ -18,7 +18,9 @@ const MAX_END_MESSAGE: usize = 4096;
 /// What to store for one incoming event.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Keep {
-    /// Store this (the event, or a shortened copy of it).
+    /// Store the event as it came (the caller may reuse bytes it already encoded).
+    Unchanged(TaskEvent),
+    /// Store this shortened copy of the event.
     Store(TaskEvent),
     /// Store the truncation marker in its place.
     Marker,
@@ -47,7 +49,7 @@ pub(crate) fn keep(
     // Once output was dropped, later output is too, even a piece that would still fit: text resuming after
     // the marker would read as if nothing were missing.
     if total <= cap && !(rec.output_truncated && is_output(&event)) {
-        return Keep::Store(event);
+        return Keep::Unchanged(event);
     }
     match event {
         // The end is what followers wait for: always kept (once), with its message bounded.
@@ -59,7 +61,7 @@ pub(crate) fn keep(
             && !matches!(e, TaskEvent::Finished { .. })
             && total <= cap.saturating_add(STRUCTURAL_SLACK) =>
         {
-            Keep::Store(e)
+            Keep::Unchanged(e)
         }
         _ if !rec.output_truncated => Keep::Marker,
         _ => Keep::Drop,
@@ -133,7 +135,7 @@ mod tests {
     fn under_the_cap_everything_is_kept() {
         assert_eq!(
             keep(&rec(90, false), text(), 10, 100, false),
-            Keep::Store(text())
+            Keep::Unchanged(text())
         );
     }
 
@@ -162,7 +164,7 @@ mod tests {
         };
         assert_eq!(
             keep(&rec(95, true), turn.clone(), 10, 100, false),
-            Keep::Store(turn.clone())
+            Keep::Unchanged(turn.clone())
         );
         let beyond = 100 + STRUCTURAL_SLACK;
         assert_eq!(

@@ -616,7 +616,7 @@ impl Store {
 
     /// Stores event `seq` of a task together with the task's new record; see [`Store::append_events`].
     pub fn append_event(&self, rec: &TaskRecord, seq: u64, event: Option<&[u8]>) -> Result<()> {
-        self.append_events(rec, &[(seq, event)])
+        self.append_events(rec, &[(seq, event)], None)
     }
 
     /// Stores a run of a task's events together with the task's new record, atomically: either all are
@@ -626,7 +626,15 @@ impl Store {
     /// Each event comes as its stored bytes (the caller measured them against the task's output cap), or
     /// `None` when it was dropped under that cap and only the record moves on. A task deleted meanwhile (by
     /// retention) is not brought back: the write is refused as a conflict.
-    pub fn append_events(&self, rec: &TaskRecord, run: &[(u64, Option<&[u8]>)]) -> Result<()> {
+    ///
+    /// `was_open` is whether the task was open (not ended) before the run, when the caller knows: the
+    /// open-task indexes are then written only if that changes, as most runs are plain output.
+    pub fn append_events(
+        &self,
+        rec: &TaskRecord,
+        run: &[(u64, Option<&[u8]>)],
+        was_open: Option<bool>,
+    ) -> Result<()> {
         let keys: Vec<(Vec<u8>, Option<&[u8]>)> = run
             .iter()
             .map(|(seq, event)| (event_key(&rec.spec.task, *seq), *event))
@@ -641,6 +649,10 @@ impl Store {
                     if let Some(event) = event {
                         events.insert(key.as_slice(), *event)?;
                     }
+                }
+                if was_open == Some(write.is_open) {
+                    tasks.insert(write.id.as_slice(), write.value.as_slice())?;
+                    return Ok(());
                 }
                 write.apply(tasks, open, by_user)
             })

@@ -1162,6 +1162,7 @@ impl Core {
             return Ok(None);
         }
         let cap = self.config().max_task_output;
+        let was_open = !rec.state.is_final();
         let mut writes: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
         let mut published = Vec::new();
         let mut finished = false;
@@ -1194,9 +1195,13 @@ impl Core {
             let was_final = rec.state.is_final();
             apply(&mut rec, &event);
             rec.last_seq = seq;
-            let len = serde_json::to_vec(&event).map_err(StoreError::from)?.len() as u64;
-            let kept = match output::keep(&rec, event, len, cap, was_final) {
-                Keep::Store(e) => Some(e),
+            let encoded = serde_json::to_vec(&event).map_err(StoreError::from)?;
+            let kept = match output::keep(&rec, event, encoded.len() as u64, cap, was_final) {
+                Keep::Unchanged(e) => Some((e, encoded)),
+                Keep::Store(e) => {
+                    let bytes = serde_json::to_vec(&e).map_err(StoreError::from)?;
+                    Some((e, bytes))
+                }
                 Keep::Marker => {
                     rec.output_truncated = true;
                     tracing::warn!(
@@ -1204,14 +1209,15 @@ impl Core {
                         cap,
                         "task output past the cap; later output is dropped"
                     );
-                    Some(output::marker(cap))
+                    let marker = output::marker(cap);
+                    let bytes = serde_json::to_vec(&marker).map_err(StoreError::from)?;
+                    Some((marker, bytes))
                 }
                 // Acknowledged all the same, so the agent's outbox drains; the marker already said so.
                 Keep::Drop => None,
             };
             match kept {
-                Some(event) => {
-                    let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
+                Some((event, bytes)) => {
                     rec.output_bytes += bytes.len() as u64;
                     writes.push((seq, Some(bytes)));
                     published.push((seq, event));
@@ -1227,7 +1233,7 @@ impl Core {
             .iter()
             .map(|(seq, bytes)| (*seq, bytes.as_deref()))
             .collect();
-        self.store().append_events(&rec, &run)?;
+        self.store().append_events(&rec, &run, Some(was_open))?;
         for (seq, event) in &published {
             self.publish(id, *seq, event);
         }
