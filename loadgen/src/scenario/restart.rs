@@ -59,6 +59,21 @@ impl Outcome {
     }
 }
 
+/// Submits a task, retrying for a while if the relay says the agent is offline: an agent whose QUIC and
+/// WebSocket attempts both completed sees its losing attempt replace the winner and reconnects at once (as
+/// `ct-agent` does), and a submission in that moment is refused, as it would be for a person.
+async fn submit_when_online(relay: &RelayProcess, user: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match relay.submit(user, "stream through a restart").await {
+            Err(e) if e.to_string().contains("offline") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs `ids` agents (a `quic_share` of them racing QUIC first, the rest WebSocket only) on a freshly started
 /// relay, starts `tasks` tasks that stream `texts` Text events `pace` apart, and kills and restarts the relay
 /// while they run.
@@ -99,7 +114,7 @@ pub async fn run(
     // Tasks go in through the admin socket, as an operator (or the bot) would submit them.
     let mut task_ids = Vec::new();
     for who in ids.iter().take(tasks) {
-        task_ids.push(relay.submit(&who.user, "stream through a restart").await?);
+        task_ids.push(submit_when_online(relay, &who.user).await?);
     }
     let mut started = HashSet::new();
     let mut done = HashSet::new();
