@@ -481,7 +481,7 @@ impl Store {
     pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
         let write = TaskWrite::new(rec)?;
         (&self.tasks, &self.open, &self.open_by_user)
-            .transaction(|(tasks, open, by_user)| write.apply(tasks, open, by_user))
+            .transaction(|(tasks, open, by_user)| write.apply(tasks, open, by_user, None))
             .map_err(tx_error)
     }
 
@@ -491,7 +491,7 @@ impl Store {
         let write = TaskWrite::new(rec)?;
         let ((), entry) =
             self.audited(&[&self.tasks, &self.open, &self.open_by_user], entry, |t| {
-                write.apply(&t[0], &t[1], &t[2])
+                write.apply(&t[0], &t[1], &t[2], None)
             })?;
         Ok(entry)
     }
@@ -650,11 +650,7 @@ impl Store {
                         events.insert(key.as_slice(), *event)?;
                     }
                 }
-                if was_open == Some(write.is_open) {
-                    tasks.insert(write.id.as_slice(), write.value.as_slice())?;
-                    return Ok(());
-                }
-                write.apply(tasks, open, by_user)
+                write.apply(tasks, open, by_user, was_open)
             })
             .map_err(tx_error)
     }
@@ -930,13 +926,19 @@ impl TaskWrite {
         })
     }
 
+    /// Writes the record and its open-task index entries. `was_open`, when known, is whether the task was open
+    /// before: the index entries are left alone when that has not changed.
     fn apply(
         &self,
         tasks: &TransactionalTree,
         open: &TransactionalTree,
         by_user: &TransactionalTree,
+        was_open: Option<bool>,
     ) -> ConflictableTransactionResult<(), ()> {
         tasks.insert(self.id.as_slice(), self.value.as_slice())?;
+        if was_open == Some(self.is_open) {
+            return Ok(());
+        }
         if self.is_open {
             open.insert(self.open.as_slice(), &[])?;
             by_user.insert(self.by_user.as_slice(), &[])?;

@@ -4,7 +4,7 @@
 //! after it reconnects.
 //!
 //! Front ends (the admin socket now, the Discord bot later) call the `pub` functions; the agent endpoint
-//! calls [`Core::record_event`] and [`Core::agent_running`].
+//! calls [`Core::record_events`] and [`Core::agent_running`].
 //!
 //! A task is stored as queued first. It is dispatched (sent to the agent as `StartTask`) while fewer than
 //! [`CoreConfig::max_running_per_agent`](crate::core::CoreConfig) of that agent's tasks are dispatched and
@@ -597,10 +597,10 @@ impl Core {
         }
         tracing::info!(task = %id, agent = %agent.name, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
         // The task is durable before the caller hears of it. Dispatching flushes before it sends, which covers
-        // the write above; only a task left in the queue needs a flush of its own. One fsync, not two, on the
-        // path from submit to the agent.
+        // the write above; only when it did not (the task stays queued) is a flush of its own needed. One
+        // fsync, not two, on the path from submit to the agent.
         let dispatched = self.dispatch_queued(routing, &agent.fingerprint);
-        if dispatched.is_err() || !self.task(&id)?.is_dispatched() {
+        if !matches!(dispatched, Ok(true)) {
             self.store().flush()?;
         }
         dispatched?;
@@ -608,17 +608,19 @@ impl Core {
     }
 
     /// Sends queued tasks to the agent, oldest first, while it has free slots. A task whose requester lost
-    /// their share while it waited is cancelled instead.
+    /// their share while it waited is cancelled instead. Returns whether it flushed the store (it does before
+    /// each send), which makes every earlier write durable too.
     pub(crate) fn dispatch_queued(
         &self,
         _routing: &RoutingGuard<'_>,
         agent: &Fingerprint,
-    ) -> Result<(), TaskError> {
+    ) -> Result<bool, TaskError> {
         if let Some(live) = self.live().get_mut(agent) {
             live.retry_dispatch = false;
         } else {
-            return Ok(());
+            return Ok(false);
         }
+        let mut flushed = false;
         let open = self.store().open_tasks(agent)?;
         let mut running = open.iter().filter(|t| t.is_dispatched()).count();
         for mut rec in open.into_iter().filter(|t| !t.is_dispatched()) {
@@ -639,6 +641,7 @@ impl Core {
             rec.updated_at = now();
             self.store().put_task(&rec)?;
             self.store().flush()?;
+            flushed = true;
             let sent = match self.live().get_mut(agent) {
                 Some(live) => match live
                     .outbound
@@ -673,7 +676,7 @@ impl Core {
             running += 1;
             tracing::info!(task = %rec.spec.task, "task dispatched");
         }
-        Ok(())
+        Ok(flushed)
     }
 
     /// Retries dispatching for an agent whose outbound queue was full the last time. Called on heartbeats.
@@ -1133,17 +1136,6 @@ impl Core {
             .map_or_else(|| fp.short(), |a| a.name)
     }
 
-    /// Stores event `seq` of a task from `agent`, exactly once; see [`Core::record_events`].
-    pub fn record_event(
-        &self,
-        agent: &Fingerprint,
-        id: &str,
-        seq: u64,
-        event: TaskEvent,
-    ) -> Result<Option<u64>, TaskError> {
-        self.record_events(agent, id, vec![(seq, event)])
-    }
-
     /// Stores a run of events of one task from `agent`, each exactly once, in one write. Returns the sequence
     /// number to acknowledge (everything up to it is stored), or `None` when nothing can be acknowledged (a
     /// gap, or a task that is not this agent's). A task's end frees a slot, so the agent's queue moves on.
@@ -1284,7 +1276,8 @@ impl Core {
             )?;
             tracing::warn!(task = %rec.spec.task, "task lost: its agent no longer runs it");
         }
-        self.dispatch_queued(&routing, agent)
+        self.dispatch_queued(&routing, agent)?;
+        Ok(())
     }
 
     /// Called when an agent's session starts: what fits its free slots goes out now (tasks still counted as

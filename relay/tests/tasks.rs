@@ -191,19 +191,9 @@ async fn a_burst_of_events_is_stored_up_to_its_first_gap() {
     );
 }
 
-/// A paired agent on WebSocket with one task started on it.
+/// A paired, connected agent with one task started on it.
 async fn running_task(relay: &TestRelay) -> (support::Session, String) {
-    let key = pair(relay, Transport::WebSocket, "1").await;
-    let mut agent = handshake(
-        Transport::WebSocket,
-        relay.addr,
-        &key,
-        relay.fingerprint,
-        None,
-    )
-    .await
-    .unwrap();
-    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    let (_, mut agent) = support::agent(relay, "1").await;
     let id = relay
         .core
         .submit_task(submit("1", "stream"))
