@@ -411,10 +411,9 @@ impl Core {
             return Err(Redeem::Rejected(
                 Rejection::CodeExpired,
                 format!(
-                    "that pairing code expired {} ago (codes last {} minutes): get a new one with /register in \
-                     Discord",
+                    "that pairing code expired {} ago (codes last {}): get a new one with /register in Discord",
                     human_duration(t - rec.expires_at),
-                    self.config.pair_code_ttl.as_secs() / 60
+                    human_duration(self.config.pair_code_ttl.as_secs())
                 ),
             ));
         }
@@ -691,6 +690,7 @@ impl Drop for SessionGuard {
 /// "3 minutes", "2 hours": for messages people read.
 pub fn human_duration(secs: u64) -> String {
     match secs {
+        1 => "1 second".to_string(),
         0..=89 => format!("{secs} seconds"),
         90..=5399 => format!("{} minutes", (secs + 30) / 60),
         5400..=129_599 => format!("{} hours", (secs + 1800) / 3600),

@@ -111,48 +111,53 @@ async fn pairing_then_reconnecting_with_the_key_on_both_transports() {
 #[tokio::test]
 async fn wrong_used_and_expired_codes_each_get_their_own_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = ct_relay::RelayConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
-    config.core.pair_code_ttl = Duration::from_secs(1);
-    let relay = TestRelay::start_with(config).await;
-    let attempt = |code: String| {
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let (addr, fp) = (relay.addr, relay.fingerprint);
-        async move {
-            match handshake(
-                Transport::Quic,
-                addr,
-                &key,
-                fp,
-                Some(PairRequest {
-                    code,
-                    name: "x".into(),
-                }),
-            )
-            .await
-            {
-                Err(HandshakeError::Rejected { reason, message }) => (reason, message),
-                other => panic!("expected a rejection, got {:?}", other.map(|s| s.welcome)),
-            }
-        }
-    };
+    let relay = TestRelay::start(dir.path()).await;
 
     let token = relay.token("7");
     let mut wrong = token.code.to_string();
     wrong.replace_range(wrong.len() - 3.., "abc");
-    let (reason, message) = attempt(wrong).await;
+    let (reason, message) = reject_pairing(&relay, wrong).await;
     assert_eq!(reason, Rejection::CodeWrong);
     assert!(message.contains("/register"), "{message}");
 
     pair_with(&relay, &token).await;
-    let (reason, message) = attempt(token.code.to_string()).await;
+    let (reason, message) = reject_pairing(&relay, token.code.to_string()).await;
     assert_eq!(reason, Rejection::CodeUsed, "{message}");
     assert!(message.contains("already used"), "{message}");
 
+    // Expiry gets its own relay with a one-second lifetime. Lifetimes count whole seconds, so such a
+    // code may live anywhere from 0 to 1 s: the checks above cannot share it without racing the clock.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ct_relay::RelayConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    config.core.pair_code_ttl = Duration::from_secs(1);
+    let relay = TestRelay::start_with(config).await;
     let token = relay.token("7");
-    tokio::time::sleep(Duration::from_millis(2100)).await; // the code's lifetime is whole seconds
-    let (reason, message) = attempt(token.code.to_string()).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (reason, message) = reject_pairing(&relay, token.code.to_string()).await;
     assert_eq!(reason, Rejection::CodeExpired, "{message}");
     assert!(message.contains("expired"), "{message}");
+    assert!(message.contains("codes last 1 second)"), "{message}");
+}
+
+/// Tries to pair a fresh key with `code` and returns the relay's rejection.
+async fn reject_pairing(relay: &TestRelay, code: String) -> (Rejection, String) {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pair = PairRequest {
+        code,
+        name: "x".into(),
+    };
+    match handshake(
+        Transport::Quic,
+        relay.addr,
+        &key,
+        relay.fingerprint,
+        Some(pair),
+    )
+    .await
+    {
+        Err(HandshakeError::Rejected { reason, message }) => (reason, message),
+        other => panic!("expected a rejection, got {:?}", other.map(|s| s.welcome)),
+    }
 }
 
 async fn pair_with(relay: &TestRelay, token: &ct_protocol::pairing::PairingToken) {
