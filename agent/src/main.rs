@@ -212,7 +212,9 @@ struct ScopeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the agent waits on a socket and a few child processes, so more threads would only add
+    // wake-ups (each keep-alive handed from thread to thread) and, on a many-core laptop, idle stacks.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -466,11 +466,12 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
             s,
             &format!("CPU time over {:.0} s idle", f.window.as_secs_f64()),
             format!(
-                "{:.0} ms ({:.3}% of a core), {:.1} wake-ups/s, {} threads",
+                "{:.0} ms ({:.3}% of a core), {:.1} wake-ups/s, {} thread{}",
                 f.cpu_ms(),
                 f.cpu_ms() / f.window.as_secs_f64() / 10.0,
                 f.wakeups_per_s(),
-                f.end.threads
+                f.end.threads,
+                if f.end.threads == 1 { "" } else { "s" }
             ),
         );
         for (name, size) in &f.sizes {
