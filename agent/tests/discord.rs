@@ -809,3 +809,115 @@ async fn http_interactions_through_the_relays_https_port() {
     );
     relay.stop().await;
 }
+
+/// The relay restarts while Claude Code is in the middle of a task: the agent keeps the task, the new relay
+/// stores what happened meanwhile, and its bot carries on in the task's thread by itself. Nothing is posted
+/// twice, the one progress message is edited to the end, and the summary comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restart_mid_task_keeps_its_thread_going() {
+    let w = world().await;
+    let alice = w.sim.user("alice");
+    support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
+    let mut agent = TestAgent::start_with(w.run_options());
+    agent.connected(T).await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&alice),
+            &SlashCommand::new("project").sub(
+                "add",
+                [
+                    Opt::str("name", "app"),
+                    Opt::str("path", &w.project.display().to_string()),
+                ],
+            ),
+        )
+        .unwrap();
+    private(&w.sim, &ix).await;
+
+    // `sleep 3` runs unasked (read-only); it, and the answer after it, happen while the relay is down.
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": "sleep 3", "description": "Wait a little" }),
+    ));
+    w.fake.push(Reply::text("slept well"));
+    let (task, thread) = start_task(
+        &w.sim,
+        &alice,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "sleep a little"))
+            .opt(Opt::str("project", "app")),
+    )
+    .await;
+    // The thread has got as far as the Bash tool (the mark is saved with each progress edit).
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (_, stored, _) = w.relay.core.follow(&task).unwrap();
+        let tool_seq = stored
+            .iter()
+            .find(|(_, e)| matches!(e, ct_protocol::task::TaskEvent::Tool { .. }))
+            .map(|(seq, _)| *seq);
+        let marks: Vec<(String, Value)> = w.relay.core.store().thread_marks().unwrap();
+        let posted = marks
+            .iter()
+            .find(|(t, _)| *t == task)
+            .and_then(|(_, m)| m["posted"].as_u64());
+        if tool_seq.is_some() && posted >= tool_seq {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the thread never got to the tool"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let World {
+        sim, relay, _dirs, ..
+    } = w;
+    let (relay_dir, addr) = (_dirs[2].path().to_path_buf(), relay.addr);
+    relay.stop().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut config = RelayConfig::new(relay_dir, addr);
+    config.bot = Some(gateway_config(&sim));
+    let relay = TestRelay::start(config).await;
+
+    nth_summary(&sim, &thread, 1).await;
+    let messages = sim.messages(&thread);
+    let count = |pred: &dyn Fn(&SimMessage) -> bool| messages.iter().filter(|m| pred(m)).count();
+    assert_eq!(
+        count(&|m| m.content.contains("relay restarted")),
+        1,
+        "{messages:#?}"
+    );
+    assert_eq!(count(&|m| m.content == "slept well"), 1, "{messages:#?}");
+    let progress: Vec<_> = messages
+        .iter()
+        .filter(|m| m.custom_ids().iter().any(|c| c.starts_with("st:")))
+        .collect();
+    assert_eq!(progress.len(), 1, "one progress message: {messages:#?}");
+    assert!(
+        progress[0]
+            .components
+            .to_string()
+            .contains("\"disabled\":true"),
+        "the progress message was edited to the end: {:#?}",
+        progress[0]
+    );
+    // The follower forgets its mark right after posting the summary.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let marks: Vec<(String, Value)> = relay.core.store().thread_marks().unwrap();
+        if marks.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the finished follower kept its mark: {marks:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.stop().await.unwrap();
+    relay.stop().await;
+    sim.shutdown().await;
+}

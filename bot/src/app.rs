@@ -87,10 +87,13 @@ impl Bot {
         &self.inner.rest
     }
 
-    /// Starts receiving interactions: in gateway mode connects (and registers the commands on READY);
+    /// Resumes the followers a restart interrupted, then starts receiving interactions: in gateway mode
+    /// connects (and registers the commands on READY);
     /// in HTTP mode registers the commands over REST when there is a token (interactions then arrive
     /// through [`Bot::handle_http`]), and returns `None`.
     pub async fn connect(&self) -> anyhow::Result<Option<GatewayHandle>> {
+        // Threads that were following tasks when the relay stopped carry on (over REST: no gateway needed).
+        self.inner.resume_followers().await;
         match self.inner.config.delivery {
             Delivery::Gateway => {
                 let handler = Handler { bot: self.clone() };

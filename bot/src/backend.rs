@@ -19,6 +19,7 @@
 
 use async_trait::async_trait;
 use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 /// Why a backend call did not happen.
@@ -142,6 +143,22 @@ pub struct AuditEntry {
     pub what: String,
 }
 
+/// Where a task's output is going in Discord and how far it got. The backend keeps it for the bot, so a
+/// restarted relay carries on in the same thread, editing the same progress message, without posting
+/// anything twice (up to the events of the last moment before a crash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadMark {
+    pub task: String,
+    /// The thread's channel id.
+    pub thread: u64,
+    /// The progress message with the Stop button, once posted.
+    pub progress: Option<u64>,
+    /// The last event whose output is in the thread.
+    pub posted: u64,
+    /// The guild's upload limit, from the interaction that started the thread.
+    pub upload_limit: u64,
+}
+
 /// What the bot needs from the relay core. `user` is always the Discord user id of the person acting,
 /// as Discord reported it; the backend enforces every permission.
 #[async_trait]
@@ -206,4 +223,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `/audit`.
     async fn audit(&self, user: &str) -> Result<Vec<AuditEntry>>;
+
+    /// Remembers where a task's output goes and how far it got; called as its follower posts.
+    async fn mark_thread(&self, mark: &ThreadMark) -> Result<()>;
+    /// Forgets a task's mark: its follower posted the summary.
+    async fn forget_thread(&self, task: &str) -> Result<()>;
+    /// Every mark still kept, with its task: followers that had not finished when the bot stopped. Marks of
+    /// tasks that no longer exist are dropped.
+    async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>>;
 }

@@ -19,7 +19,7 @@ use serenity::all::{
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::app::Inner;
-use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest};
+use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark};
 use crate::commands::{completion_for, Completion};
 use crate::custom_id::{Action, Scope};
 use crate::render::approval::{answer_modal, deny_modal, not_yours, questions};
@@ -478,11 +478,46 @@ impl Inner {
     }
 
     pub(crate) fn start_follower(&self, thread: ChannelId, task: TaskInfo, limit: u64) {
+        self.spawn_follower(thread, task, limit, None);
+    }
+
+    fn spawn_follower(
+        &self,
+        thread: ChannelId,
+        task: TaskInfo,
+        limit: u64,
+        resume: Option<ThreadMark>,
+    ) {
         let env = self.follower_env();
         let stop = self.stop.clone();
-        info!(task = %task.id, %thread, "following task in its thread");
+        info!(task = %task.id, %thread, resumed = resume.is_some(), "following task in its thread");
         let span = info_span!("follow", task = %task.id, %thread);
-        self.spawn(follow(env, thread, task, limit, stop).instrument(span));
+        self.spawn(follow(env, thread, task, limit, resume, stop).instrument(span));
+    }
+
+    /// After a restart: starts again every follower that had not posted its summary, from its mark, so
+    /// threads carry on by themselves (tasks keep running on the agents while the relay is down).
+    pub(crate) async fn resume_followers(&self) {
+        if self.config.token.is_none() {
+            return;
+        }
+        let mut marks = match self.backend.thread_marks().await {
+            Ok(marks) => marks,
+            Err(err) => {
+                warn!(%err, "cannot read which threads were following tasks; they resume when used");
+                return;
+            }
+        };
+        // Oldest first, so a thread's newest task is the one it remembers.
+        marks.sort_by_key(|(_, task)| task.created_at);
+        for (mark, task) in marks {
+            let Some(thread) = std::num::NonZeroU64::new(mark.thread).map(ChannelId::from) else {
+                continue;
+            };
+            self.threads
+                .insert(ThreadInfo::new(thread, &task, mark.upload_limit));
+            self.spawn_follower(thread, task, mark.upload_limit, Some(mark));
+        }
     }
 
     /// The thread's task chain: remembered, or found again from the thread's name (`t_… · prompt`) after a

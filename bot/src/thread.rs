@@ -14,6 +14,11 @@
 //! - one message per approval request with its buttons, edited (disabled, with the outcome) when the agent
 //!   reports it closed;
 //! - the summary embed when the task ends.
+//!
+//! The follower keeps a [`ThreadMark`] with the backend as it posts (the thread, the progress message, the
+//! last event posted) and forgets it after the summary. A relay that restarts finds the marks of followers
+//! that had not finished and starts them again from there ([`crate::Bot::connect`]): the thread carries on
+//! without anyone writing in it, and without posting anything twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -29,7 +34,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::backend::{Backend, TaskInfo};
+use crate::backend::{Backend, TaskInfo, ThreadMark};
 use crate::render::approval::{
     approval_components, approval_content, closed_content, stop_button, ApprovalView, Closed,
 };
@@ -270,15 +275,18 @@ struct Follower {
     progress_msg: Option<MessageId>,
     throttle: EditThrottle,
     last_seq: u64,
+    /// Carrying on from a mark left before a restart: events up to `last_seq` are already in the thread.
+    resumed: bool,
 }
 
 /// Follows `task` in `thread` until it ends or `stop` fires. Returns at once if the task already has a
-/// follower.
+/// follower. With `resume`, carries on where the mark says an earlier follower got to.
 pub async fn follow(
     env: FollowerEnv,
     thread: ChannelId,
     task: TaskInfo,
     upload_limit: u64,
+    resume: Option<ThreadMark>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     if !env.threads.start_following(&task.id) {
@@ -291,9 +299,10 @@ pub async fn follow(
         thread,
         task,
         upload_limit,
-        progress_msg: None,
+        progress_msg: resume.as_ref().and_then(|m| m.progress).map(MessageId::new),
         throttle: EditThrottle::new(EDIT_INTERVAL),
-        last_seq: 0,
+        last_seq: resume.as_ref().map_or(0, |m| m.posted),
+        resumed: resume.is_some(),
     };
     tokio::select! {
         () = f.run() => {}
@@ -304,7 +313,10 @@ pub async fn follow(
 
 impl Follower {
     async fn run(&mut self) {
-        self.post_progress().await;
+        if self.progress_msg.is_none() {
+            self.post_progress().await;
+        }
+        self.save_mark().await;
         let feed = match self.env.backend.follow(&self.task.id).await {
             Ok(feed) => feed,
             Err(err) => {
@@ -316,13 +328,27 @@ impl Follower {
         };
         self.progress.model = self.task.model.clone();
         let mut live = feed.live;
+        if self.resumed {
+            self.post_text(
+                "↻ The relay restarted; this task kept running and its output carries on here.",
+            )
+            .await;
+            self.throttle.changed();
+        }
+        let already_posted = self.last_seq;
         for (seq, ev) in feed.past {
-            self.event(seq, ev).await;
+            if seq <= already_posted {
+                // In the thread before the restart: it only counts towards the progress shown.
+                self.progress.apply(&ev);
+            } else {
+                self.event(seq, ev).await;
+            }
         }
         while !self.progress.phase.is_final() {
             let wake = match self.throttle.poll(Instant::now().into_std(), false) {
                 EditDecision::Now => {
                     self.edit_progress().await;
+                    self.save_mark().await;
                     continue;
                 }
                 EditDecision::At(t) => Some(Instant::from_std(t)),
@@ -366,6 +392,12 @@ impl Follower {
             return;
         }
         self.last_seq = seq;
+        let posts = matches!(
+            &ev,
+            TaskEvent::Text { .. }
+                | TaskEvent::ApprovalRequested { .. }
+                | TaskEvent::ApprovalClosed { .. }
+        );
         match &ev {
             TaskEvent::Text { text } => self.post_output(text).await,
             TaskEvent::ApprovalRequested {
@@ -401,8 +433,25 @@ impl Follower {
             }
             _ => {}
         }
+        if posts {
+            self.save_mark().await;
+        }
         if self.progress.apply(&ev) {
             self.throttle.changed();
+        }
+    }
+
+    /// Tells the backend how far this thread got, so a restarted relay neither skips nor repeats output.
+    async fn save_mark(&self) {
+        let mark = ThreadMark {
+            task: self.task.id.clone(),
+            thread: self.thread.get(),
+            progress: self.progress_msg.map(MessageId::get),
+            posted: self.last_seq,
+            upload_limit: self.upload_limit,
+        };
+        if let Err(err) = self.env.backend.mark_thread(&mark).await {
+            warn!(%err, task = %self.task.id, "could not record how far the thread got");
         }
     }
 
@@ -539,6 +588,9 @@ impl Follower {
             .allowed_mentions(CreateAllowedMentions::new());
         if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
             warn!(%err, task = %self.task.id, "could not post the summary");
+        }
+        if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {
+            warn!(%err, task = %self.task.id, "could not forget the finished thread's mark");
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ct_bot::backend::{
     AgentInfo, AuditEntry, BackendError, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel,
-    TaskFeed, TaskInfo, TaskRequest,
+    TaskFeed, TaskInfo, TaskRequest, ThreadMark,
 };
 use ct_bot::config::{BotConfig, Delivery};
 use ct_bot::{Backend, Bot};
@@ -39,6 +39,8 @@ struct Fake {
     replies: Mutex<Vec<(String, String)>>,
     decisions: Mutex<Vec<(String, String, Decision)>>,
     cancels: Mutex<Vec<String>>,
+    /// The relay's store of thread marks, which outlives a bot.
+    marks: Mutex<HashMap<String, ThreadMark>>,
 }
 
 impl Fake {
@@ -204,6 +206,21 @@ impl Backend for Fake {
     }
     async fn audit(&self, _: &str) -> Result<Vec<AuditEntry>> {
         Ok(Vec::new())
+    }
+    async fn mark_thread(&self, mark: &ThreadMark) -> Result<()> {
+        Self::lock(&self.marks).insert(mark.task.clone(), mark.clone());
+        Ok(())
+    }
+    async fn forget_thread(&self, task: &str) -> Result<()> {
+        Self::lock(&self.marks).remove(task);
+        Ok(())
+    }
+    async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>> {
+        let marks: Vec<ThreadMark> = Self::lock(&self.marks).values().cloned().collect();
+        Ok(marks
+            .into_iter()
+            .filter_map(|m| Some((m.clone(), self.info(&m.task).ok()?)))
+            .collect())
     }
 }
 
@@ -703,6 +720,153 @@ async fn only_configured_channels_and_autocomplete_within_limits() {
     w.stop().await;
 }
 
+/// Waits until `done` holds for the backend's own state, which the simulator does not watch.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + T;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A bot for the HTTP-interactions endpoint on `sim`, as a restarted relay makes one: interactions are
+/// called directly, so there is no gateway session to wait for.
+fn http_bot(sim: &DiscordSim, fake: &Arc<Fake>) -> Bot {
+    let mut config = BotConfig::gateway(sim.token());
+    config.api_proxy = Some(sim.api_base());
+    config.delivery = Delivery::Http {
+        public_key: sim.signer().public_key_hex(),
+    };
+    config.application_id = Some(sim.application_id().parse().unwrap());
+    Bot::new(config, fake.clone()).unwrap()
+}
+
+/// The relay restarts while a task runs on the agent: the new bot carries on in the same thread by itself,
+/// editing the same progress message, posting what arrived while it was down and what comes after, each
+/// once; a task whose summary was already posted is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_carries_on_in_the_thread_by_itself() {
+    let w = world().await;
+    let (done, done_thread) = w.task("short job").await;
+    w.fake.emit(&done, finished(FinalState::Done, None));
+    w.summary(&done_thread, 1).await;
+    let (task, thread) = w.task("long job").await;
+    w.fake.emit(
+        &task,
+        TaskEvent::Text {
+            text: "before the restart".into(),
+        },
+    );
+    w.find(&thread, "the first output", |m| {
+        m.content == "before the restart"
+    })
+    .await;
+    until("the mark of the first output", || {
+        Fake::lock(&w.fake.marks)
+            .get(&task)
+            .is_some_and(|m| m.posted >= 1 && m.progress.is_some())
+    })
+    .await;
+    assert!(
+        !Fake::lock(&w.fake.marks).contains_key(&done),
+        "a finished follower leaves no mark"
+    );
+
+    let World {
+        sim,
+        fake,
+        bot,
+        gateway,
+        ..
+    } = w;
+    if let Some(g) = gateway {
+        g.shutdown().await;
+    }
+    bot.shutdown().await;
+    // While the relay is down the agent keeps the task running; its output is stored when it reconnects.
+    fake.emit(
+        &task,
+        TaskEvent::Text {
+            text: "while the relay was down".into(),
+        },
+    );
+
+    let bot = http_bot(&sim, &fake);
+    assert!(bot.connect().await.unwrap().is_none());
+    let notice = sim
+        .wait_until(T, |s| {
+            s.messages(&thread)
+                .into_iter()
+                .find(|m| m.content.contains("relay restarted"))
+        })
+        .await
+        .unwrap();
+    fake.emit(
+        &task,
+        TaskEvent::Text {
+            text: "after the restart".into(),
+        },
+    );
+    fake.emit(&task, finished(FinalState::Done, None));
+    sim.wait_until(T, |s| {
+        s.messages(&thread)
+            .into_iter()
+            .find(|m| m.embeds != json!([]))
+    })
+    .await
+    .unwrap();
+
+    let messages = sim.messages(&thread);
+    let count = |text: &str| messages.iter().filter(|m| m.content == text).count();
+    assert_eq!(count("before the restart"), 1, "{messages:#?}");
+    assert_eq!(count("while the relay was down"), 1, "{messages:#?}");
+    assert_eq!(count("after the restart"), 1, "{messages:#?}");
+    let progress: Vec<_> = messages
+        .iter()
+        .filter(|m| m.custom_ids() == [format!("st:{task}")])
+        .collect();
+    assert_eq!(
+        progress.len(),
+        1,
+        "one progress message, edited: {messages:#?}"
+    );
+    assert!(
+        progress[0]
+            .components
+            .to_string()
+            .contains("\"disabled\":true"),
+        "the first progress message was edited to the end: {:#?}",
+        progress[0]
+    );
+    let position = |text: &str| messages.iter().position(|m| m.content == text).unwrap();
+    let notice_at = messages.iter().position(|m| m.id == notice.id).unwrap();
+    assert!(
+        position("before the restart") < notice_at
+            && notice_at < position("while the relay was down"),
+        "the notice sits where the restart happened: {messages:#?}"
+    );
+    assert_eq!(
+        messages.iter().filter(|m| m.embeds != json!([])).count(),
+        1,
+        "one summary: {messages:#?}"
+    );
+    assert!(
+        sim.messages(&done_thread)
+            .iter()
+            .all(|m| !m.content.contains("relay restarted")),
+        "the finished task's thread is left alone"
+    );
+    until("the finished follower to forget its mark", || {
+        Fake::lock(&fake.marks).is_empty()
+    })
+    .await;
+    bot.shutdown().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_bot_finds_the_threads_task_from_its_name() {
     let w = world().await;
@@ -730,14 +894,7 @@ async fn a_restarted_bot_finds_the_threads_task_from_its_name() {
         g.shutdown().await;
     }
     bot.shutdown().await;
-    // The new bot takes HTTP interactions, called directly: no gateway session to wait for.
-    let mut config = BotConfig::gateway(sim.token());
-    config.api_proxy = Some(sim.api_base());
-    config.delivery = Delivery::Http {
-        public_key: sim.signer().public_key_hex(),
-    };
-    config.application_id = Some(sim.application_id().parse().unwrap());
-    let bot = Bot::new(config, fake.clone()).unwrap();
+    let bot = http_bot(&sim, &fake);
     let p = sim
         .prepare_slash(
             &sim.origin_in(&alice, &thread),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ct_bot::backend::{
     AgentInfo, AuditEntry, BackendError, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel,
-    TaskFeed, TaskInfo, TaskRequest,
+    TaskFeed, TaskInfo, TaskRequest, ThreadMark,
 };
 use ct_bot::gateway::GatewayHandle;
 use ct_protocol::pairing::PairingToken;
@@ -389,6 +389,33 @@ impl Backend for CoreBackend {
             .iter()
             .map(|r| self.info(r))
             .collect()
+    }
+
+    async fn mark_thread(&self, mark: &ThreadMark) -> Result<()> {
+        self.core
+            .store()
+            .put_thread_mark(&mark.task, mark)
+            .map_err(store_err)
+    }
+
+    async fn forget_thread(&self, task: &str) -> Result<()> {
+        self.core
+            .store()
+            .delete_thread_mark(task)
+            .map_err(store_err)
+    }
+
+    async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>> {
+        let store = self.core.store();
+        let mut out = Vec::new();
+        for (task, mark) in store.thread_marks::<ThreadMark>().map_err(store_err)? {
+            match store.task(&task).map_err(store_err)? {
+                Some(rec) if mark.task == task => out.push((mark, self.info(&rec)?)),
+                // Deleted by retention (or a mark filed under another key): nothing left to follow.
+                _ => store.delete_thread_mark(&task).map_err(store_err)?,
+            }
+        }
+        Ok(out)
     }
 
     async fn follow(&self, task: &str) -> Result<TaskFeed> {

@@ -219,6 +219,9 @@ pub struct Store {
     audit_owner: sled::Tree,
     /// Small counters: the audit log's last sequence number.
     meta: sled::Tree,
+    /// Task id → where the Discord front end posts that task's output and how far it got (its own JSON,
+    /// `ct_bot::backend::ThreadMark`), while its follower has not finished.
+    thread_marks: sled::Tree,
     /// Agents by owner, in memory: derived from `agents` at open and kept in step with every write to it, so
     /// finding one person's agents (every task submission does) reads their records, not everyone's.
     owners: Arc<Mutex<AgentOwners>>,
@@ -270,6 +273,7 @@ impl Store {
             audit: db.open_tree("audit")?,
             audit_owner: db.open_tree("audit_owner")?,
             meta: db.open_tree("meta")?,
+            thread_marks: db.open_tree("thread_marks")?,
             owners: Default::default(),
             db,
         };
@@ -677,6 +681,34 @@ impl Store {
                 Ok((seq, serde_json::from_slice(&v)?))
             })
             .collect()
+    }
+}
+
+/// The Discord front end's thread marks. Not flushed on write: after a crash a mark may be up to one flush
+/// interval behind, which costs a few repeated messages, never a skipped one.
+impl Store {
+    pub fn put_thread_mark<T: Serialize>(&self, task: &str, mark: &T) -> Result<()> {
+        put(&self.thread_marks, task.as_bytes(), mark)
+    }
+
+    pub fn delete_thread_mark(&self, task: &str) -> Result<()> {
+        self.thread_marks.remove(task.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every mark, by task id. A mark that no longer decodes is skipped (and logged): it only costs that
+    /// thread its automatic resumption.
+    pub fn thread_marks<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>> {
+        let mut marks = Vec::new();
+        for kv in self.thread_marks.iter() {
+            let (k, v) = kv?;
+            let task = String::from_utf8_lossy(&k).into_owned();
+            match serde_json::from_slice(&v) {
+                Ok(mark) => marks.push((task, mark)),
+                Err(e) => tracing::warn!(%task, error = %e, "unreadable thread mark skipped"),
+            }
+        }
+        Ok(marks)
     }
 }
 

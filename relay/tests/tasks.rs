@@ -746,3 +746,41 @@ async fn an_operator_replies_through_the_admin_socket() {
         "{replies:?}"
     );
 }
+
+/// The bot's thread marks (where a task's output goes in Discord, and how far it got) outlive the relay, so
+/// its threads carry on after a restart; reading them drops the marks of tasks that no longer exist.
+#[tokio::test]
+async fn thread_marks_outlive_a_restart_and_marks_of_gone_tasks_are_dropped() {
+    use ct_bot::backend::{Backend, ThreadMark};
+    use ct_relay::discord::CoreBackend;
+
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let (_agent, id) = running_task(&relay).await;
+    let mark = |task: &str, posted: u64| ThreadMark {
+        task: task.into(),
+        thread: 42,
+        progress: Some(43),
+        posted,
+        upload_limit: 8 << 20,
+    };
+    let backend = CoreBackend::new(relay.core.clone());
+    backend.mark_thread(&mark(&id, 1)).await.unwrap();
+    backend.mark_thread(&mark(&id, 2)).await.unwrap();
+    backend.mark_thread(&mark("t_gone", 5)).await.unwrap();
+    let addr = relay.addr;
+    drop(backend);
+    relay.stop().await;
+
+    let relay = TestRelay::start_with(ct_relay::RelayConfig::new(dir.path().into(), addr)).await;
+    let backend = CoreBackend::new(relay.core.clone());
+    let marks = backend.thread_marks().await.unwrap();
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_eq!(marks[0].0, mark(&id, 2), "the newest mark, as written");
+    assert_eq!(marks[0].1.id, id);
+    let left: Vec<(String, ThreadMark)> = relay.core.store().thread_marks().unwrap();
+    assert_eq!(left.len(), 1, "the mark of a task that is gone was dropped");
+
+    backend.forget_thread(&id).await.unwrap();
+    assert!(backend.thread_marks().await.unwrap().is_empty());
+}
