@@ -64,6 +64,10 @@ struct BenchArgs {
     /// Agents in the idle scenario [default: 10,000; 1,000 with --quick]
     #[arg(long)]
     idle_agents: Option<usize>,
+    /// Reconnect cycles in the churn scenario, to see whether memory levels off [default: 10,000; 1,000 with
+    /// --quick]
+    #[arg(long)]
+    churn_cycles: Option<usize>,
     /// Share of QUIC agents where transports are mixed
     #[arg(long, default_value_t = 0.5)]
     quic_share: f64,
@@ -159,6 +163,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     };
     if let Some(n) = args.idle_agents {
         plan.idle_agents = n;
+    }
+    if let Some(n) = args.churn_cycles {
+        plan.churn_cycles = n.max(1);
     }
     plan.quic_share = args.quic_share.clamp(0.0, 1.0);
     let here = std::env::current_exe()?
