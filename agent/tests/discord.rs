@@ -19,7 +19,7 @@ use ct_agent::{ConfigDir, RunOptions};
 use ct_relay::discord::{BotConfig, Delivery};
 use ct_relay::RelayConfig;
 use ct_testkit::discord::{InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
-use ct_testkit::{claude_bin, ClaudeEnv, DiscordSim, FakeAnthropic, Reply};
+use ct_testkit::{claude_bin, eventually, ClaudeEnv, DiscordSim, FakeAnthropic, Reply};
 use serde_json::{json, Value};
 use support::{direct, TestAgent, TestRelay};
 
@@ -850,8 +850,7 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
     )
     .await;
     // The thread has got as far as the Bash tool (the mark is saved with each progress edit).
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
+    eventually(T, || {
         let (_, stored, _) = w.relay.core.follow(&task).unwrap();
         let tool_seq = stored
             .iter()
@@ -862,15 +861,9 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
             .iter()
             .find(|(t, _)| *t == task)
             .and_then(|(_, m)| m["posted"].as_u64());
-        if tool_seq.is_some() && posted >= tool_seq {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the thread never got to the tool"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        tool_seq.is_some() && posted >= tool_seq
+    })
+    .await;
 
     let World {
         sim, relay, _dirs, ..
@@ -905,18 +898,11 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
         progress[0]
     );
     // The follower forgets its mark right after posting the summary.
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
+    eventually(T, || {
         let marks: Vec<(String, Value)> = relay.core.store().thread_marks().unwrap();
-        if marks.is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the finished follower kept its mark: {marks:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        marks.is_empty()
+    })
+    .await;
     agent.stop().await.unwrap();
     relay.stop().await;
     sim.shutdown().await;

@@ -17,6 +17,7 @@ use ct_bot::config::{BotConfig, Delivery};
 use ct_bot::{Backend, Bot};
 use ct_protocol::task::{Decision, FinalState, TaskEvent};
 use ct_testkit::discord::{DiscordSim, InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
+use ct_testkit::eventually;
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -261,11 +262,17 @@ async fn world() -> World {
 
 impl World {
     async fn stop(self) {
+        let (sim, _, _) = self.stop_bot().await;
+        sim.shutdown().await;
+    }
+
+    /// Stops the bot as a relay restart does, keeping Discord, the backend (the relay's store) and the user.
+    async fn stop_bot(self) -> (DiscordSim, Arc<Fake>, SimUser) {
         if let Some(g) = self.gateway {
             g.shutdown().await;
         }
         self.bot.shutdown().await;
-        self.sim.shutdown().await;
+        (self.sim, self.fake, self.alice)
     }
 
     /// The message an interaction was answered with.
@@ -720,18 +727,6 @@ async fn only_configured_channels_and_autocomplete_within_limits() {
     w.stop().await;
 }
 
-/// Waits until `done` holds for the backend's own state, which the simulator does not watch.
-async fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + T;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// A bot for the HTTP-interactions endpoint on `sim`, as a restarted relay makes one: interactions are
 /// called directly, so there is no gateway session to wait for.
 fn http_bot(sim: &DiscordSim, fake: &Arc<Fake>) -> Bot {
@@ -764,7 +759,8 @@ async fn a_restarted_relay_carries_on_in_the_thread_by_itself() {
         m.content == "before the restart"
     })
     .await;
-    until("the mark of the first output", || {
+    // The mark of the first output (the backend's own state: the simulator does not see it).
+    eventually(T, || {
         Fake::lock(&w.fake.marks)
             .get(&task)
             .is_some_and(|m| m.posted >= 1 && m.progress.is_some())
@@ -775,17 +771,7 @@ async fn a_restarted_relay_carries_on_in_the_thread_by_itself() {
         "a finished follower leaves no mark"
     );
 
-    let World {
-        sim,
-        fake,
-        bot,
-        gateway,
-        ..
-    } = w;
-    if let Some(g) = gateway {
-        g.shutdown().await;
-    }
-    bot.shutdown().await;
+    let (sim, fake, _) = w.stop_bot().await;
     // While the relay is down the agent keeps the task running; its output is stored when it reconnects.
     fake.emit(
         &task,
@@ -859,10 +845,8 @@ async fn a_restarted_relay_carries_on_in_the_thread_by_itself() {
             .all(|m| !m.content.contains("relay restarted")),
         "the finished task's thread is left alone"
     );
-    until("the finished follower to forget its mark", || {
-        Fake::lock(&fake.marks).is_empty()
-    })
-    .await;
+    // The finished follower forgets its mark.
+    eventually(T, || Fake::lock(&fake.marks).is_empty()).await;
     bot.shutdown().await;
     sim.shutdown().await;
 }
@@ -883,17 +867,7 @@ async fn a_restarted_bot_finds_the_threads_task_from_its_name() {
     .await;
     w.fake.emit("t_fake2", finished(FinalState::Done, None));
     w.summary(&thread, 2).await;
-    let World {
-        sim,
-        fake,
-        bot,
-        gateway,
-        alice,
-    } = w;
-    if let Some(g) = gateway {
-        g.shutdown().await;
-    }
-    bot.shutdown().await;
+    let (sim, fake, alice) = w.stop_bot().await;
     let bot = http_bot(&sim, &fake);
     let p = sim
         .prepare_slash(

@@ -175,10 +175,10 @@ impl Core {
         relay_key: ed25519_dalek::SigningKey,
         mut config: CoreConfig,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         // With no running slot, nothing would ever leave the queue.
         config.max_running_per_agent = config.max_running_per_agent.max(1);
-        Self {
+        Ok(Self {
             relay: Fingerprint::of(&relay_key.verifying_key()),
             relay_key,
             pair_limit: RateLimiter::new(
@@ -193,7 +193,7 @@ impl Core {
             ),
             minting: Mutex::new(()),
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
-            commit: store.group_commit(),
+            commit: store.group_commit()?,
             store,
             config,
             metrics,
@@ -203,7 +203,7 @@ impl Core {
             routing: Mutex::new(()),
             pending_projects: Default::default(),
             next_request: AtomicU64::new(1),
-        }
+        })
     }
 
     pub fn config(&self) -> &CoreConfig {

@@ -41,8 +41,8 @@ struct State {
 }
 
 impl GroupCommit {
-    /// Starts the flusher for `db`.
-    pub fn start(db: sled::Db) -> Self {
+    /// Starts the flusher for `db`. Fails only if the system refuses a thread.
+    pub fn start(db: sled::Db) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -53,12 +53,11 @@ impl GroupCommit {
             .spawn({
                 let shared = shared.clone();
                 move || flusher(&shared, &db)
-            })
-            .expect("spawning the store's flusher thread");
-        Self {
+            })?;
+        Ok(Self {
             shared,
             thread: Some(thread),
-        }
+        })
     }
 
     /// Takes a ticket for everything this thread has written so far. Call it after the write.
@@ -130,7 +129,7 @@ mod tests {
     async fn a_ticket_resolves_after_a_flush_that_covers_its_write() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let commit = GroupCommit::start(db.clone());
+        let commit = GroupCommit::start(db.clone()).unwrap();
         db.insert(b"k", b"v").unwrap();
         let t1 = commit.ticket();
         db.insert(b"k2", b"v").unwrap();
@@ -149,7 +148,7 @@ mod tests {
     async fn many_concurrent_writers_all_complete() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let commit = Arc::new(GroupCommit::start(db.clone()));
+        let commit = Arc::new(GroupCommit::start(db.clone()).unwrap());
         let mut waits = tokio::task::JoinSet::new();
         for i in 0..200u32 {
             let (db, commit) = (db.clone(), commit.clone());

@@ -135,12 +135,10 @@ impl Relay {
             data_dir: config.data_dir.display().to_string(),
             discord_bot: config.bot.is_some(),
         };
-        let core = Arc::new(Core::new(
-            store,
-            relay_key,
-            core_cfg,
-            Arc::new(Metrics::default()),
-        ));
+        let core = Arc::new(
+            Core::new(store, relay_key, core_cfg, Arc::new(Metrics::default()))
+                .context("starting the store's flusher thread")?,
+        );
         Ok(Self {
             core,
             quic,

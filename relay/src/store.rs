@@ -305,7 +305,7 @@ impl Store {
     }
 
     /// A flusher that makes writes durable in groups; see [`crate::durable`].
-    pub fn group_commit(&self) -> crate::durable::GroupCommit {
+    pub fn group_commit(&self) -> std::io::Result<crate::durable::GroupCommit> {
         crate::durable::GroupCommit::start(self.db.clone())
     }
 

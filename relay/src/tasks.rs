@@ -1167,12 +1167,12 @@ impl Core {
             }
             if !rec.is_dispatched() {
                 // The agent was never given this task (it is queued, or the relay ended it while it was): it
-                // cannot have anything to say about it.
+                // cannot have anything to say about it. What came before in the run is still stored.
                 tracing::warn!(
                     task = id,
                     "event for a task never sent to this agent; ignored"
                 );
-                return Ok(None);
+                break;
             }
             if seq != rec.last_seq + 1 {
                 tracing::warn!(

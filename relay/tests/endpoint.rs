@@ -10,7 +10,7 @@ use ct_protocol::handshake::{ClientHello, HandshakeError, PairRequest, Rejection
 use ct_protocol::message::{AgentMessage, CloseReason, RelayMessage};
 use ct_protocol::{Fingerprint, Transport};
 use ed25519_dalek::SigningKey;
-use support::{eventually, handshake, pair, raw, Session, TestRelay};
+use support::{eventually, handshake, pair, raw, try_pair, Session, TestRelay};
 use tokio::io::AsyncWriteExt;
 
 const BOTH: [Transport; 2] = [Transport::Quic, Transport::WebSocket];
@@ -116,12 +116,14 @@ async fn wrong_used_and_expired_codes_each_get_their_own_answer() {
     let token = relay.token("7");
     let mut wrong = token.code.to_string();
     wrong.replace_range(wrong.len() - 3.., "abc");
-    let (reason, message) = reject_pairing(&relay, wrong).await;
+    let (reason, message) = try_pair(&relay, wrong).await.expect_err("refused");
     assert_eq!(reason, Rejection::CodeWrong);
     assert!(message.contains("/register"), "{message}");
 
     pair_with(&relay, &token).await;
-    let (reason, message) = reject_pairing(&relay, token.code.to_string()).await;
+    let (reason, message) = try_pair(&relay, token.code.to_string())
+        .await
+        .expect_err("refused");
     assert_eq!(reason, Rejection::CodeUsed, "{message}");
     assert!(message.contains("already used"), "{message}");
 
@@ -133,31 +135,12 @@ async fn wrong_used_and_expired_codes_each_get_their_own_answer() {
     let relay = TestRelay::start_with(config).await;
     let token = relay.token("7");
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let (reason, message) = reject_pairing(&relay, token.code.to_string()).await;
+    let (reason, message) = try_pair(&relay, token.code.to_string())
+        .await
+        .expect_err("refused");
     assert_eq!(reason, Rejection::CodeExpired, "{message}");
     assert!(message.contains("expired"), "{message}");
     assert!(message.contains("codes last 1 second)"), "{message}");
-}
-
-/// Tries to pair a fresh key with `code` and returns the relay's rejection.
-async fn reject_pairing(relay: &TestRelay, code: String) -> (Rejection, String) {
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    let pair = PairRequest {
-        code,
-        name: "x".into(),
-    };
-    match handshake(
-        Transport::Quic,
-        relay.addr,
-        &key,
-        relay.fingerprint,
-        Some(pair),
-    )
-    .await
-    {
-        Err(HandshakeError::Rejected { reason, message }) => (reason, message),
-        other => panic!("expected a rejection, got {:?}", other.map(|s| s.welcome)),
-    }
 }
 
 async fn pair_with(relay: &TestRelay, token: &ct_protocol::pairing::PairingToken) {
@@ -186,22 +169,9 @@ async fn guessing_codes_is_rate_limited_and_a_code_burns_after_wrong_secrets() {
     for i in 0..12 {
         let mut guess = token.code.to_string();
         guess.replace_range(guess.len() - 2.., &format!("{:02}", 22 + i % 7));
-        let key = SigningKey::generate(&mut rand::rngs::OsRng);
-        let pair = PairRequest {
-            code: guess,
-            name: "x".into(),
-        };
-        match handshake(
-            Transport::Quic,
-            relay.addr,
-            &key,
-            relay.fingerprint,
-            Some(pair),
-        )
-        .await
-        {
-            Err(HandshakeError::Rejected { reason, .. }) => results.push(reason),
-            other => panic!("guess {i} was not refused: {:?}", other.map(|s| s.welcome)),
+        match try_pair(&relay, guess).await {
+            Err((reason, _)) => results.push(reason),
+            Ok(()) => panic!("guess {i} was not refused"),
         }
     }
     assert!(

@@ -8,17 +8,15 @@ mod support;
 
 use std::time::Duration;
 
-use ct_protocol::handshake::{HandshakeError, PairRequest, Rejection};
+use ct_protocol::handshake::Rejection;
 use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::task::{FinalState, TaskEvent, MAX_EVENT_TEXT, MAX_PROMPT_LEN};
-use ct_protocol::Transport;
 use ct_relay::audit::AuditFilter;
 use ct_relay::output::STRUCTURAL_SLACK;
 use ct_relay::store::{now, ShareLevel, TaskState};
 use ct_relay::tasks::{ReplyOutcome, Submit, TaskError};
 use ct_relay::RelayConfig;
-use ed25519_dalek::SigningKey;
-use support::{agent, event_acked, expect_start, finished, handshake, recv, TestRelay};
+use support::{agent, event_acked, expect_start, finished, recv, try_pair, TestRelay};
 
 fn own(user: &str) -> Submit {
     Submit {
@@ -206,27 +204,6 @@ async fn prompt_size_is_checked_on_submit_and_on_both_kinds_of_reply() {
         recv(&mut agent).await,
         RelayMessage::TaskInput { prompt, .. } if prompt == "ok"
     ));
-}
-
-async fn try_pair(relay: &TestRelay, code: String) -> Result<(), (Rejection, String)> {
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    let pair = PairRequest {
-        code,
-        name: "x".into(),
-    };
-    match handshake(
-        Transport::Quic,
-        relay.addr,
-        &key,
-        relay.fingerprint,
-        Some(pair),
-    )
-    .await
-    {
-        Ok(_) => Ok(()),
-        Err(HandshakeError::Rejected { reason, message }) => Err((reason, message)),
-        Err(e) => panic!("unexpected handshake error: {e}"),
-    }
 }
 
 #[tokio::test]

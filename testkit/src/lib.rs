@@ -16,8 +16,10 @@ pub mod anthropic;
 pub mod claude;
 pub mod discord;
 pub mod process;
+pub mod wait;
 
 pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
 pub use claude::{claude_bin, ClaudeEnv, PINNED_VERSION};
 pub use discord::DiscordSim;
 pub use process::{ClaudeProcess, SESSION_ARGS};
+pub use wait::eventually;

@@ -222,6 +222,31 @@ impl Session {
     }
 }
 
+/// Pairs a fresh key with `code` over QUIC: `Ok` when paired, else the relay's rejection and its message.
+pub async fn try_pair(
+    relay: &TestRelay,
+    code: String,
+) -> Result<(), (handshake::Rejection, String)> {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pair = PairRequest {
+        code,
+        name: "x".into(),
+    };
+    match self::handshake(
+        Transport::Quic,
+        relay.addr,
+        &key,
+        relay.fingerprint,
+        Some(pair),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(HandshakeError::Rejected { reason, message }) => Err((reason, message)),
+        Err(e) => panic!("unexpected handshake error: {e}"),
+    }
+}
+
 pub async fn handshake(
     transport: Transport,
     addr: SocketAddr,
@@ -267,17 +292,7 @@ pub async fn pair(relay: &TestRelay, transport: Transport, user: &str) -> Signin
     key
 }
 
-/// Polls `f` until it is true, failing after `limit`. For state that changes on another task.
-pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + limit;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+pub use ct_testkit::eventually;
 
 /// Reads relay messages, skipping heartbeats and acknowledgements (recorded for [`expect_ack`]): the relay
 /// acknowledges once a flush covers an event, so acknowledgements arrive in batches and interleave freely
