@@ -7,6 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ct_protocol::Fingerprint;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -26,6 +27,10 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error("store: the record changed while it was being updated")]
     Conflict,
+    #[error(
+        "store: {0} is in use by another ct-relay: stop that one, or give this one its own --data-dir"
+    )]
+    InUse(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -252,15 +257,36 @@ impl AgentOwners {
     }
 }
 
+/// How long opening waits for sled's lock on the directory. A store closed in this process (a relay restarted
+/// in place) lets go of it only when sled's background thread has finished, a moment after the drop.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+fn open_db(dir: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::LowSpace)
+            .open()
+        {
+            // sled says so only in words: "could not acquire lock on ...".
+            Err(sled::Error::Io(e)) if e.to_string().contains("acquire lock") => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(StoreError::InUse(dir.display().to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 /// The key in `meta` holding the last audit sequence number handed out.
 const AUDIT_SEQ: &[u8] = b"audit_seq";
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::LowSpace)
-            .open()?;
+        let db = open_db(dir)?;
         let store = Self {
             agents: db.open_tree("agents")?,
             pair_codes: db.open_tree("pair_codes")?,
@@ -1156,6 +1182,18 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(names(&store, "1"), ["a1"]);
         assert_eq!(names(&store, "2"), ["a2", "a3"]);
+    }
+
+    /// A second relay on the same data directory is told what is wrong, not handed sled's lock error.
+    #[test]
+    fn a_store_in_use_is_refused_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let Err(err) = Store::open(dir.path()) else {
+            panic!("opened a store that is in use");
+        };
+        assert!(matches!(err, StoreError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("--data-dir"), "{err}");
     }
 
     #[test]
