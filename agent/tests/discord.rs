@@ -6,13 +6,12 @@
 //! One world is shared by the whole journey (the CLI is slow to start; the steps build on each other).
 //! HTTP-interactions mode is checked separately, through the relay's HTTPS port.
 
-mod support;
-
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{direct, TestAgent, TestRelay};
 use ct_agent::projects::{Host, Policy, SharePolicy};
 use ct_agent::tasks::TaskConfig;
 use ct_agent::{ConfigDir, RunOptions};
@@ -21,7 +20,6 @@ use ct_relay::RelayConfig;
 use ct_testkit::discord::{InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
 use ct_testkit::{claude_bin, eventually, ClaudeEnv, DiscordSim, FakeAnthropic, Reply};
 use serde_json::{json, Value};
-use support::{direct, TestAgent, TestRelay};
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
 const T: Duration = Duration::from_secs(90);
@@ -817,7 +815,7 @@ async fn http_interactions_through_the_relays_https_port() {
 async fn a_relay_restart_mid_task_keeps_its_thread_going() {
     let w = world().await;
     let alice = w.sim.user("alice");
-    support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
+    crate::support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
     let mut agent = TestAgent::start_with(w.run_options());
     agent.connected(T).await;
     let ix = w

@@ -7,16 +7,14 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-mod support;
-
 use ct_agent::connect::ConnectOptions;
 use ct_agent::proxy::ProxyConfig;
 use std::sync::Arc;
 
+use crate::support::{direct, pair, TestAgent, TestRelay};
 use ct_agent::{LinkStatus, RunOptions};
 use ct_protocol::Transport;
 use ct_relay::{Relay, RelayConfig};
-use support::{direct, pair, TestAgent, TestRelay};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -2,12 +2,11 @@
 //! Code CLI, and the scripted fake of the Anthropic Messages API. A task is submitted through the relay core
 //! the way the Discord bot and `ct-relay admin task` do, and followed through the core's event log.
 
-mod support;
-
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::{pair, TestAgent, TestRelay};
 use ct_agent::projects::{Host, Origin, Policy, SharePolicy};
 use ct_agent::tasks::TaskConfig;
 use ct_agent::{ConfigDir, RunOptions};
@@ -17,7 +16,6 @@ use ct_relay::tasks::{ReplyOutcome, Submit};
 use ct_testkit::process::{cmdline, descendants_of, poll_until};
 use ct_testkit::{claude_bin, ClaudeEnv, FakeAnthropic, Reply};
 use serde_json::json;
-use support::{pair, TestAgent, TestRelay};
 use tokio::sync::broadcast;
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
@@ -442,9 +440,11 @@ async fn cancel_ends_the_task_and_leaves_no_process_behind() {
     let me = std::process::id();
     let mut sleep_pid = None;
     poll_until(T, "`sleep 300` running below the agent", || {
-        sleep_pid = descendants_of(me)
-            .into_iter()
-            .find(|&pid| cmdline(pid).is_some_and(|c| c == "sleep 300"));
+        sleep_pid = descendants_of(me).into_iter().find(|&pid| {
+            // Other tests in this binary may run their own `sleep 300`: take the one in this project.
+            cmdline(pid).is_some_and(|c| c == "sleep 300")
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == w.project)
+        });
         sleep_pid.is_some()
     })
     .await

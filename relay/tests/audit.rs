@@ -3,10 +3,9 @@
 //! revocations carry their actor; what the operator does through the admin socket is attributed to
 //! `operator`; `ct-relay admin audit` prints it.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{agent, event_acked, expect_start, finished, recv, TestRelay};
 use ct_protocol::message::RelayMessage;
 use ct_protocol::task::{Decision, FinalState, TaskEvent};
 use ct_relay::admin::{self, Reply, Request};
@@ -14,7 +13,6 @@ use ct_relay::audit::{AuditEntry, AuditFilter, AuditKind, Caller, OPERATOR, PREV
 use ct_relay::core::CoreError;
 use ct_relay::store::ShareLevel;
 use ct_relay::tasks::{Submit, TaskError};
-use support::{agent, event_acked, expect_start, finished, recv, TestRelay};
 
 fn own(user: &str) -> Submit {
     Submit {

@@ -2,8 +2,6 @@
 //! global flags before or after the subcommand; shares, projects, the default agent), health over HTTPS, and
 //! a SIGTERM that drains and exits 0.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -128,9 +126,10 @@ async fn operator_workflow_from_start_to_sigterm() {
         name: "box".into(),
     };
     let addr = https.parse().unwrap();
-    let mut session = support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
-        .await
-        .unwrap();
+    let mut session =
+        crate::support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
+            .await
+            .unwrap();
     assert_eq!(session.welcome.owner, "4242");
 
     let agents = stdout(&admin(&data, &["agents"]));
@@ -179,7 +178,7 @@ async fn operator_workflow_from_start_to_sigterm() {
             &["project", "list", "--as", "4242", "--agent", "box"],
         )
     });
-    let id = match support::recv(&mut session).await {
+    let id = match crate::support::recv(&mut session).await {
         RelayMessage::Project {
             id,
             op: ProjectOp::List,
@@ -304,9 +303,10 @@ async fn acknowledged_events_survive_a_sigkill() {
         code: token.code.to_string(),
         name: "box".into(),
     };
-    let mut session = support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
-        .await
-        .unwrap();
+    let mut session =
+        crate::support::handshake(Transport::Quic, addr, &key, token.relay, Some(pair))
+            .await
+            .unwrap();
     let submit = Request::Task {
         user: "7".into(),
         agent: None,
@@ -320,15 +320,15 @@ async fn acknowledged_events_survive_a_sigkill() {
         Reply::Task { task, .. } => task,
         other => panic!("{other:?}"),
     };
-    assert_eq!(support::expect_start(&mut session).await.task, task);
+    assert_eq!(crate::support::expect_start(&mut session).await.task, task);
 
     // A burst, as Claude Code's output arrives: the relay acknowledges in batches, cumulatively.
     const EVENTS: u64 = 300;
     for seq in 1..=EVENTS {
         let text = format!("line {seq} {}", "x".repeat(200));
-        support::send_event(&mut session, &task, seq, TaskEvent::Text { text }).await;
+        crate::support::send_event(&mut session, &task, seq, TaskEvent::Text { text }).await;
     }
-    support::expect_ack(&mut session, &task, EVENTS).await;
+    crate::support::expect_ack(&mut session, &task, EVENTS).await;
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     drop(session);

@@ -1,16 +1,14 @@
 //! The agent endpoint over real sockets on 127.0.0.1, both transports: pairing, admission, keep-alive, and
 //! every kind of bad input, each of which must end only the offending connection.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{eventually, handshake, pair, raw, try_pair, Session, TestRelay};
 use ct_protocol::frame::{self, FrameReader, FrameWriter};
 use ct_protocol::handshake::{ClientHello, HandshakeError, PairRequest, Rejection, ServerHello};
 use ct_protocol::message::{AgentMessage, CloseReason, RelayMessage};
 use ct_protocol::{Fingerprint, Transport};
 use ed25519_dalek::SigningKey;
-use support::{eventually, handshake, pair, raw, try_pair, Session, TestRelay};
 use tokio::io::AsyncWriteExt;
 
 const BOTH: [Transport; 2] = [Transport::Quic, Transport::WebSocket];
@@ -550,7 +548,7 @@ async fn connections_past_the_limit_are_refused_and_others_stay_served() {
         "over-limit TCP connection was not closed: {n:?}"
     );
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(support::quic_client_config());
+    endpoint.set_default_client_config(crate::support::quic_client_config());
     let refused = endpoint.connect(relay.addr, "relay").unwrap().await;
     assert!(refused.is_err(), "over-limit QUIC connection was accepted");
     still_served(&mut ok).await;

@@ -4,10 +4,9 @@
 //! per-task output cap against an agent printing 40 MiB, and retention deleting old tasks, events and audit
 //! entries while keeping recent ones.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{agent, event_acked, expect_start, finished, recv, try_pair, TestRelay};
 use ct_protocol::handshake::Rejection;
 use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::task::{FinalState, TaskEvent, MAX_EVENT_TEXT, MAX_PROMPT_LEN};
@@ -16,7 +15,6 @@ use ct_relay::output::STRUCTURAL_SLACK;
 use ct_relay::store::{now, ShareLevel, TaskState};
 use ct_relay::tasks::{ReplyOutcome, Submit, TaskError};
 use ct_relay::RelayConfig;
-use support::{agent, event_acked, expect_start, finished, recv, try_pair, TestRelay};
 
 fn own(user: &str) -> Submit {
     Submit {
@@ -418,7 +416,7 @@ async fn output_past_the_cap_is_acknowledged_but_dropped_behind_one_marker() {
 
 /// Waits until the wall clock (in whole seconds, as the store keeps times) has passed `t`.
 async fn clock_past(t: u64) {
-    support::eventually(Duration::from_secs(3), || now() > t).await;
+    crate::support::eventually(Duration::from_secs(3), || now() > t).await;
 }
 
 #[tokio::test]
@@ -521,7 +519,7 @@ async fn the_relay_prunes_by_itself_when_it_starts() {
     let mut cfg = config(dir.path());
     cfg.core.task_retention = Duration::ZERO;
     let relay = TestRelay::start_with(cfg).await;
-    support::eventually(Duration::from_secs(10), || {
+    crate::support::eventually(Duration::from_secs(10), || {
         matches!(relay.core.task(&id), Err(TaskError::NoSuchTask(_)))
     })
     .await;

@@ -1,11 +1,10 @@
 //! Projects through the agent, with a protocol-level stand-in for it: requests answered (or not) by the agent,
 //! who may ask, who may answer, the bound on requests in flight, and the stored report used at submit.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{agent, event_acked, expect_start, recv, Session, TestRelay};
 use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
 use ct_protocol::task::{FinalState, TaskEvent};
@@ -14,7 +13,6 @@ use ct_relay::core::Core;
 use ct_relay::store::ShareLevel;
 use ct_relay::tasks::{Submit, TaskError};
 use ct_relay::RelayConfig;
-use support::{agent, event_acked, expect_start, recv, Session, TestRelay};
 
 fn report(names: &[&str], accepts_shared: bool) -> ProjectsReport {
     ProjectsReport {
@@ -237,7 +235,7 @@ async fn requests_in_flight_are_bounded_and_fail_when_the_agent_leaves() {
     let waiting: Vec<_> = (0..max)
         .map(|_| ask(&relay.core, "1", None, ProjectOp::List))
         .collect();
-    support::eventually(Duration::from_secs(5), || {
+    crate::support::eventually(Duration::from_secs(5), || {
         relay.core.pending_project_requests() == max
     })
     .await;
@@ -277,7 +275,7 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
         .send(&AgentMessage::Projects(report(&["web", "api"], false)))
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(5), || {
+    crate::support::eventually(Duration::from_secs(5), || {
         core.agent_projects(&fp(&key)).unwrap().is_some()
     })
     .await;
@@ -299,7 +297,13 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
         let id = core.submit_task(submit("1", None, fine)).unwrap().spec.task;
         let spec = expect_start(&mut agent).await;
         assert_eq!((spec.task, spec.project.as_str()), (id.clone(), fine));
-        event_acked(&mut agent, &id, 1, support::finished(FinalState::Done)).await;
+        event_acked(
+            &mut agent,
+            &id,
+            1,
+            crate::support::finished(FinalState::Done),
+        )
+        .await;
     }
 
     // This agent refuses shared tasks: a grantee hears so from the relay.
@@ -313,7 +317,7 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
         .send(&AgentMessage::Projects(report(&["web", "api"], true)))
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(5), || {
+    crate::support::eventually(Duration::from_secs(5), || {
         core.agent_projects(&fp(&key))
             .unwrap()
             .is_some_and(|r| r.accepts_shared)
@@ -347,7 +351,10 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
 
     // Kept while the agent is offline.
     drop(agent);
-    support::eventually(Duration::from_secs(5), || !support::is_online(&relay, &key)).await;
+    crate::support::eventually(Duration::from_secs(5), || {
+        !crate::support::is_online(&relay, &key)
+    })
+    .await;
     assert_eq!(
         core.agent_projects(&fp(&key)).unwrap(),
         Some(report(&["web", "api"], true))
@@ -377,7 +384,7 @@ async fn an_oversized_report_is_cut_to_its_bound() {
         .send(&AgentMessage::Projects(big))
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(5), || {
+    crate::support::eventually(Duration::from_secs(5), || {
         relay.core.agent_projects(&fp(&key)).unwrap().is_some()
     })
     .await;
@@ -402,7 +409,7 @@ async fn an_oversized_report_is_cut_to_its_bound() {
         .send(&AgentMessage::Projects(wide))
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(5), || {
+    crate::support::eventually(Duration::from_secs(5), || {
         relay
             .core
             .agent_projects(&fp(&key))

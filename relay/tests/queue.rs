@@ -2,16 +2,14 @@
 //! limit, first in first out, queued tasks across reconnects, cancelling without the agent, the queue's bound,
 //! and which agent a user with several gets.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{agent, connect, event_acked, expect_ack, expect_start, finished, TestRelay};
 use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::task::{FinalState, TaskEvent};
 use ct_relay::store::{ShareLevel, TaskState};
 use ct_relay::tasks::{Submit, TaskError};
 use ct_relay::RelayConfig;
-use support::{agent, connect, event_acked, expect_ack, expect_start, finished, TestRelay};
 
 fn own(user: &str) -> Submit {
     Submit {
@@ -46,7 +44,7 @@ async fn with_one_slot_the_second_task_waits_until_the_first_ends() {
 
     // The agent was never given the queued task: an event for it is not stored or acknowledged (the next
     // acknowledgement is for the running task).
-    support::send_event(
+    crate::support::send_event(
         &mut agent,
         &second,
         1,
@@ -92,7 +90,10 @@ async fn queued_tasks_survive_a_reconnect_and_are_not_marked_lost() {
     expect_start(&mut agent).await;
     let queued = relay.core.submit_task(own("1")).unwrap().spec.task;
     drop(agent);
-    support::eventually(Duration::from_secs(5), || !support::is_online(&relay, &key)).await;
+    crate::support::eventually(Duration::from_secs(5), || {
+        !crate::support::is_online(&relay, &key)
+    })
+    .await;
     let err = relay.core.submit_task(own("1")).unwrap_err();
     assert!(
         matches!(err, TaskError::Offline { .. }) && err.to_string().contains("last seen"),
@@ -120,7 +121,10 @@ async fn queued_tasks_survive_a_reconnect_and_are_not_marked_lost() {
 
     // Back again, having lost the first task: that one is lost, the queued one is sent, not lost.
     drop(agent);
-    support::eventually(Duration::from_secs(5), || !support::is_online(&relay, &key)).await;
+    crate::support::eventually(Duration::from_secs(5), || {
+        !crate::support::is_online(&relay, &key)
+    })
+    .await;
     let mut agent = connect(&relay, &key).await;
     agent
         .writer
@@ -198,7 +202,7 @@ async fn a_queued_task_is_cancelled_without_the_agent() {
         Err(TaskError::Ended { .. })
     ));
     // Nor can the agent write into it: it never had it.
-    support::send_event(
+    crate::support::send_event(
         &mut agent,
         &queued,
         2,
@@ -208,7 +212,7 @@ async fn a_queued_task_is_cancelled_without_the_agent() {
     )
     .await;
     // The agent never hears of it: the next message it gets is the acknowledgement, then the next task.
-    support::send_event(&mut agent, &running, 1, finished(FinalState::Done)).await;
+    crate::support::send_event(&mut agent, &running, 1, finished(FinalState::Done)).await;
     expect_ack(&mut agent, &running, 1).await;
     let next = relay.core.submit_task(own("1")).unwrap().spec.task;
     assert_eq!(expect_start(&mut agent).await.task, next);
@@ -319,7 +323,7 @@ async fn revoking_an_agent_ends_its_tasks() {
     ));
     // The session is closed with the reason.
     assert!(matches!(
-        support::recv(&mut agent).await,
+        crate::support::recv(&mut agent).await,
         RelayMessage::Closing { .. }
     ));
 }

@@ -2,17 +2,17 @@
 //! agents and projects, whose approvals they are, and revocation taking effect at once (also while a task is
 //! being submitted, and while the agent is offline).
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{
+    agent, connect, event_acked, expect_ack, expect_start, finished, recv, TestRelay,
+};
 use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::task::{Decision, FinalState, Role, TaskEvent};
 use ct_relay::store::{ShareLevel, TaskState};
 use ct_relay::tasks::{Submit, TaskError};
 use ct_relay::RelayConfig;
-use support::{agent, connect, event_acked, expect_ack, expect_start, finished, recv, TestRelay};
 
 fn own(user: &str, project: &str) -> Submit {
     Submit {
@@ -436,7 +436,10 @@ async fn a_share_revoked_while_the_agent_was_offline_is_enforced_when_it_reconne
     )
     .await;
     drop(agent);
-    support::eventually(Duration::from_secs(5), || !support::is_online(&relay, &key)).await;
+    crate::support::eventually(Duration::from_secs(5), || {
+        !crate::support::is_online(&relay, &key)
+    })
+    .await;
 
     let removed = core.share_remove("1", "2").unwrap();
     assert_eq!(removed.tasks.stopping, vec![task.clone()]);
@@ -452,7 +455,7 @@ async fn a_share_revoked_while_the_agent_was_offline_is_enforced_when_it_reconne
         recv(&mut agent).await,
         RelayMessage::CancelTask { task: task.clone() }
     );
-    support::send_event(&mut agent, &task, 2, finished(FinalState::Cancelled)).await;
+    crate::support::send_event(&mut agent, &task, 2, finished(FinalState::Cancelled)).await;
     expect_ack(&mut agent, &task, 2).await;
     assert_eq!(core.task(&task).unwrap().state, TaskState::Cancelled);
 }

@@ -2,16 +2,14 @@
 //! sequenced event log (exactly once across re-sends and a relay restart), lost tasks, cancel, approvals and
 //! follow-ups.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{expect_ack, handshake, pair, recv, send_event, TestRelay};
 use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_protocol::Transport;
 use ct_relay::store::TaskState;
 use ct_relay::tasks::{ReplyOutcome, Submit, TaskError};
-use support::{expect_ack, handshake, pair, recv, send_event, TestRelay};
 
 fn submit(user: &str, prompt: &str) -> Submit {
     Submit {
@@ -35,7 +33,7 @@ async fn refusals_say_what_to_do() {
         Err(TaskError::NoAgent)
     ));
     let _key = pair(&relay, Transport::Quic, "1").await;
-    support::eventually(Duration::from_secs(5), || relay.core.online() == 0).await;
+    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 0).await;
     let err = relay.core.submit_task(submit("1", "hi")).unwrap_err();
     assert!(matches!(err, TaskError::Offline { .. }), "{err}");
     assert!(
@@ -70,7 +68,7 @@ async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
     )
     .await
     .unwrap();
-    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
 
     let rec = relay
         .core
@@ -192,15 +190,15 @@ async fn a_burst_of_events_is_stored_up_to_its_first_gap() {
 }
 
 /// A paired, connected agent with one task started on it.
-async fn running_task(relay: &TestRelay) -> (support::Session, String) {
-    let (_, mut agent) = support::agent(relay, "1").await;
+async fn running_task(relay: &TestRelay) -> (crate::support::Session, String) {
+    let (_, mut agent) = crate::support::agent(relay, "1").await;
     let id = relay
         .core
         .submit_task(submit("1", "stream"))
         .unwrap()
         .spec
         .task;
-    assert_eq!(support::expect_start(&mut agent).await.task, id);
+    assert_eq!(crate::support::expect_start(&mut agent).await.task, id);
     (agent, id)
 }
 
@@ -213,7 +211,7 @@ async fn across_a_relay_restart_nothing_is_lost_or_duplicated() {
     let mut agent = handshake(Transport::Quic, addr, &key, fp, None)
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
     let id = relay
         .core
         .submit_task(submit("1", "long job"))
@@ -287,7 +285,7 @@ async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
     let mut agent = handshake(Transport::Quic, relay.addr, &key, relay.fingerprint, None)
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
     let id = relay
         .core
         .submit_task(submit("1", "edit"))
@@ -390,7 +388,7 @@ async fn an_agent_cannot_write_events_into_another_agents_task() {
     )
     .await
     .unwrap();
-    support::eventually(Duration::from_secs(5), || relay.core.online() == 2).await;
+    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 2).await;
     let id = relay
         .core
         .submit_task(submit("1", "work"))
@@ -430,7 +428,7 @@ async fn an_operator_submits_through_the_admin_socket_and_follows_to_the_end() {
     let mut agent = handshake(Transport::Quic, relay.addr, &key, relay.fingerprint, None)
         .await
         .unwrap();
-    support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
 
     let data_dir = dir.path().to_path_buf();
     let operator = tokio::spawn(async move {
@@ -505,14 +503,14 @@ async fn an_operator_submits_through_the_admin_socket_and_follows_to_the_end() {
 async fn a_reply_goes_to_a_running_task_and_resumes_a_finished_one() {
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
-    let (_key, mut agent) = support::agent(&relay, "1").await;
+    let (_key, mut agent) = crate::support::agent(&relay, "1").await;
     let id = relay
         .core
         .submit_task(submit("1", "start"))
         .unwrap()
         .spec
         .task;
-    support::expect_start(&mut agent).await;
+    crate::support::expect_start(&mut agent).await;
     assert!(matches!(
         relay.core.reply("2", &id, "me too".into(), None),
         Err(TaskError::NotYours(_))
@@ -541,8 +539,14 @@ async fn a_reply_goes_to_a_running_task_and_resumes_a_finished_one() {
         model: None,
         claude_version: None,
     };
-    support::event_acked(&mut agent, &id, 1, session).await;
-    support::event_acked(&mut agent, &id, 2, support::finished(FinalState::Done)).await;
+    crate::support::event_acked(&mut agent, &id, 1, session).await;
+    crate::support::event_acked(
+        &mut agent,
+        &id,
+        2,
+        crate::support::finished(FinalState::Done),
+    )
+    .await;
 
     let ReplyOutcome::Resumed(new) = relay
         .core
@@ -552,7 +556,7 @@ async fn a_reply_goes_to_a_running_task_and_resumes_a_finished_one() {
         panic!("expected a resumed task")
     };
     assert_eq!(new.follows.as_deref(), Some(id.as_str()));
-    let spec = support::expect_start(&mut agent).await;
+    let spec = crate::support::expect_start(&mut agent).await;
     assert_eq!(spec.task, new.spec.task);
     assert_eq!(spec.resume.as_deref(), Some("0b7e-sess"));
     assert_eq!(
@@ -570,12 +574,18 @@ async fn a_reply_cannot_continue_what_it_should_not() {
     config.core.max_running_per_agent = 2;
     let relay = TestRelay::start_with(config).await;
     let core = &relay.core;
-    let (_key, mut agent) = support::agent(&relay, "1").await;
+    let (_key, mut agent) = crate::support::agent(&relay, "1").await;
 
     // Ended before Claude Code started a session: nothing to resume.
     let early = core.submit_task(submit("1", "x")).unwrap().spec.task;
-    support::expect_start(&mut agent).await;
-    support::event_acked(&mut agent, &early, 1, support::finished(FinalState::Failed)).await;
+    crate::support::expect_start(&mut agent).await;
+    crate::support::event_acked(
+        &mut agent,
+        &early,
+        1,
+        crate::support::finished(FinalState::Failed),
+    )
+    .await;
     let err = core.reply("1", &early, "again".into(), None).unwrap_err();
     assert!(matches!(err, TaskError::NoSession(_)), "{err}");
     assert!(err.to_string().contains("/task"), "{err}");
@@ -588,19 +598,31 @@ async fn a_reply_cannot_continue_what_it_should_not() {
         ..submit("2", "theirs")
     };
     let theirs = core.submit_task(grantee.clone()).unwrap().spec.task;
-    support::expect_start(&mut agent).await;
+    crate::support::expect_start(&mut agent).await;
     let session = |id: &str| TaskEvent::Session {
         session_id: id.into(),
         model: None,
         claude_version: None,
     };
-    support::event_acked(&mut agent, &theirs, 1, session("grantee-sess")).await;
-    support::event_acked(&mut agent, &theirs, 2, support::finished(FinalState::Done)).await;
+    crate::support::event_acked(&mut agent, &theirs, 1, session("grantee-sess")).await;
+    crate::support::event_acked(
+        &mut agent,
+        &theirs,
+        2,
+        crate::support::finished(FinalState::Done),
+    )
+    .await;
     // The owner's own finished task, with a session the grantee must not be able to resume (and read).
     let mine = core.submit_task(submit("1", "private")).unwrap().spec.task;
-    support::expect_start(&mut agent).await;
-    support::event_acked(&mut agent, &mine, 1, session("owner-sess")).await;
-    support::event_acked(&mut agent, &mine, 2, support::finished(FinalState::Done)).await;
+    crate::support::expect_start(&mut agent).await;
+    crate::support::event_acked(&mut agent, &mine, 1, session("owner-sess")).await;
+    crate::support::event_acked(
+        &mut agent,
+        &mine,
+        2,
+        crate::support::finished(FinalState::Done),
+    )
+    .await;
     assert!(matches!(
         core.reply("2", &mine, "show me".into(), None),
         Err(TaskError::NotYours(_))
@@ -629,13 +651,16 @@ async fn a_reply_cannot_continue_what_it_should_not() {
         .spec
         .task;
     assert_eq!(
-        support::expect_start(&mut agent).await.resume.as_deref(),
+        crate::support::expect_start(&mut agent)
+            .await
+            .resume
+            .as_deref(),
         Some("grantee-sess")
     );
 
     // Still queued: no session to talk to yet.
     let blocker = core.submit_task(submit("1", "busy")).unwrap().spec.task;
-    support::expect_start(&mut agent).await;
+    crate::support::expect_start(&mut agent).await;
     let queued = core.submit_task(submit("1", "later")).unwrap().spec.task;
     let err = core.reply("1", &queued, "hi".into(), None).unwrap_err();
     assert!(matches!(err, TaskError::NotStarted(_)), "{err}");
@@ -655,15 +680,21 @@ async fn a_reply_cannot_continue_what_it_should_not() {
     let err = core.reply("2", &theirs, "again".into(), None).unwrap_err();
     assert!(matches!(err, TaskError::NotShared { .. }), "{err}");
     // Its end frees a slot for the queued task. The owner may continue the grantee's task, as the owner.
-    support::event_acked(
+    crate::support::event_acked(
         &mut agent,
         &resumed,
         1,
-        support::finished(FinalState::Cancelled),
+        crate::support::finished(FinalState::Cancelled),
     )
     .await;
-    assert_eq!(support::expect_start(&mut agent).await.task, queued);
-    support::event_acked(&mut agent, &blocker, 1, support::finished(FinalState::Done)).await;
+    assert_eq!(crate::support::expect_start(&mut agent).await.task, queued);
+    crate::support::event_acked(
+        &mut agent,
+        &blocker,
+        1,
+        crate::support::finished(FinalState::Done),
+    )
+    .await;
     let ReplyOutcome::Resumed(new) = core.reply("1", &theirs, "finish it".into(), None).unwrap()
     else {
         panic!("expected a resumed task")
@@ -677,14 +708,14 @@ async fn an_operator_replies_through_the_admin_socket() {
     use ct_relay::admin::{call, call_stream, Reply, Request};
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
-    let (_key, mut agent) = support::agent(&relay, "31").await;
+    let (_key, mut agent) = crate::support::agent(&relay, "31").await;
     let id = relay
         .core
         .submit_task(submit("31", "go"))
         .unwrap()
         .spec
         .task;
-    support::expect_start(&mut agent).await;
+    crate::support::expect_start(&mut agent).await;
     let req = |prompt: &str| Request::Reply {
         user: "31".into(),
         task: id.clone(),
@@ -702,8 +733,14 @@ async fn an_operator_replies_through_the_admin_socket() {
         model: None,
         claude_version: None,
     };
-    support::event_acked(&mut agent, &id, 1, session).await;
-    support::event_acked(&mut agent, &id, 2, support::finished(FinalState::Done)).await;
+    crate::support::event_acked(&mut agent, &id, 1, session).await;
+    crate::support::event_acked(
+        &mut agent,
+        &id,
+        2,
+        crate::support::finished(FinalState::Done),
+    )
+    .await;
 
     let data_dir = dir.path().to_path_buf();
     let request = req("resume it");
@@ -718,13 +755,13 @@ async fn an_operator_replies_through_the_admin_socket() {
         .unwrap();
         replies
     });
-    let spec = support::expect_start(&mut agent).await;
+    let spec = crate::support::expect_start(&mut agent).await;
     assert_eq!(spec.resume.as_deref(), Some("s1"));
-    support::event_acked(
+    crate::support::event_acked(
         &mut agent,
         &spec.task,
         1,
-        support::finished(FinalState::Done),
+        crate::support::finished(FinalState::Done),
     )
     .await;
     let replies = tokio::time::timeout(Duration::from_secs(10), operator)
