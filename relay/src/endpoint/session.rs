@@ -138,7 +138,7 @@ async fn live<R, W>(
                             Err(e) => failed = Some(e),
                         }
                     }
-                    store_events(&core, &fingerprint, events, &mut acks);
+                    off_the_runtime(|| store_events(&core, &fingerprint, events, &mut acks));
                     if let Some(e) = failed {
                         break Ended::LinkError(e);
                     }
@@ -215,6 +215,16 @@ fn is_event(msg: &mut AgentMessage) -> bool {
 }
 
 /// Stores a burst of events, each task's consecutive run in one write, and notes what to acknowledge.
+/// Runs store work, which can block on sled's locks and page splits for milliseconds under load, so that the
+/// runtime worker's other tasks (handshakes, heartbeats, other sessions) move to another worker meanwhile
+/// instead of waiting behind it. On a current-thread runtime (tests) it simply runs.
+fn off_the_runtime<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 fn store_events(
     core: &Core,
     agent: &ct_protocol::Fingerprint,
