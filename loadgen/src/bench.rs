@@ -383,6 +383,17 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
             ),
             x.not_back == 0 && x.back.max <= Duration::from_secs(5),
         );
+        r.info(
+            s,
+            "kill → all back: SYNs dropped by listeners / UDP receive-buffer drops",
+            format!(
+                "{} ({} accept-queue overflows, {} SYN-queue) / {}",
+                count(x.drops.listen_drops),
+                count(x.drops.listen_overflows),
+                count(x.drops.syn_queue_full),
+                count(x.drops.udp_rcvbuf_errors)
+            ),
+        );
         r.goal(
             s,
             "events lost (stored logs 1..N, task done)",

@@ -68,6 +68,10 @@ struct BenchArgs {
     /// --quick]
     #[arg(long)]
     churn_cycles: Option<usize>,
+    /// Tasks streaming output while the relay is killed in the restart scenario, 0 for none: sets the load
+    /// the agents' return competes with [default: 200; 40 with --quick]
+    #[arg(long)]
+    restart_tasks: Option<usize>,
     /// Share of QUIC agents where transports are mixed
     #[arg(long, default_value_t = 0.5)]
     quic_share: f64,
@@ -166,6 +170,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = args.churn_cycles {
         plan.churn_cycles = n.max(1);
+    }
+    if let Some(n) = args.restart_tasks {
+        plan.restart_tasks = n.min(plan.restart_agents);
     }
     plan.quic_share = args.quic_share.clamp(0.0, 1.0);
     let here = std::env::current_exe()?

@@ -169,3 +169,89 @@ pub fn listening_ports() -> Result<std::collections::HashSet<u16>> {
         })
         .collect())
 }
+
+/// The kernel's system-wide counters of connection attempts and datagrams it dropped, from `/proc/net/netstat`
+/// and `/proc/net/snmp`. System-wide: read them around a window in which only the relay and the load generator
+/// are busy, and take the difference.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NetDrops {
+    /// A SYN or final ACK dropped because a listener's accept queue was full (`TcpExt: ListenOverflows`).
+    pub listen_overflows: u64,
+    /// All SYNs dropped by listeners, overflows included (`TcpExt: ListenDrops`).
+    pub listen_drops: u64,
+    /// SYNs dropped because the SYN queue was full and cookies could not be used (`TcpExt: TCPReqQFullDrop`).
+    pub syn_queue_full: u64,
+    /// SYN cookies sent: the SYN queue overflowed but nothing was lost (`TcpExt: SyncookiesSent`).
+    pub syncookies_sent: u64,
+    /// Datagrams dropped because a UDP socket's receive buffer was full (`Udp: RcvbufErrors`).
+    pub udp_rcvbuf_errors: u64,
+}
+
+impl NetDrops {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &NetDrops) -> NetDrops {
+        NetDrops {
+            listen_overflows: self
+                .listen_overflows
+                .saturating_sub(earlier.listen_overflows),
+            listen_drops: self.listen_drops.saturating_sub(earlier.listen_drops),
+            syn_queue_full: self.syn_queue_full.saturating_sub(earlier.syn_queue_full),
+            syncookies_sent: self.syncookies_sent.saturating_sub(earlier.syncookies_sent),
+            udp_rcvbuf_errors: self
+                .udp_rcvbuf_errors
+                .saturating_sub(earlier.udp_rcvbuf_errors),
+        }
+    }
+}
+
+/// Reads the drop counters now.
+pub fn net_drops() -> Result<NetDrops> {
+    let netstat =
+        std::fs::read_to_string("/proc/net/netstat").context("reading /proc/net/netstat")?;
+    let snmp = std::fs::read_to_string("/proc/net/snmp").context("reading /proc/net/snmp")?;
+    let tcp = |name| counter(&netstat, "TcpExt:", name);
+    Ok(NetDrops {
+        listen_overflows: tcp("ListenOverflows"),
+        listen_drops: tcp("ListenDrops"),
+        syn_queue_full: tcp("TCPReqQFullDrop"),
+        syncookies_sent: tcp("SyncookiesSent"),
+        udp_rcvbuf_errors: counter(&snmp, "Udp:", "RcvbufErrors"),
+    })
+}
+
+/// One counter from a `/proc/net/{netstat,snmp}` table: a line of names, then a line of values, both starting
+/// with `section`. A counter this kernel does not have reads as 0.
+fn counter(table: &str, section: &str, name: &str) -> u64 {
+    let mut rows = table.lines().filter(|l| l.starts_with(section));
+    while let (Some(names), Some(values)) = (rows.next(), rows.next()) {
+        if let Some(i) = names.split_whitespace().position(|n| n == name) {
+            return values
+                .split_whitespace()
+                .nth(i)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_read_by_name_from_their_section() {
+        let table = "TcpExt: SyncookiesSent ListenOverflows\nTcpExt: 3 17\nIpExt: ListenOverflows\nIpExt: 99\n";
+        assert_eq!(counter(table, "TcpExt:", "ListenOverflows"), 17);
+        assert_eq!(counter(table, "TcpExt:", "SyncookiesSent"), 3);
+        assert_eq!(counter(table, "IpExt:", "ListenOverflows"), 99);
+        assert_eq!(counter(table, "TcpExt:", "NoSuchCounter"), 0);
+    }
+
+    #[test]
+    fn this_kernel_has_the_counters() {
+        let table = std::fs::read_to_string("/proc/net/netstat").unwrap();
+        assert!(table.contains(" ListenDrops"), "{table}");
+        net_drops().expect("readable on Linux");
+    }
+}

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::agent::{Behaviour, Note, Output};
 use crate::dial::{Dial, Identity};
 use crate::fleet::Fleet;
+use crate::procfs::{self, NetDrops};
 use crate::relay::RelayProcess;
 use crate::scenario::idle::{transport_for, DIAL_LIMIT};
 use crate::stats::Summary;
@@ -51,6 +52,9 @@ pub struct Outcome {
     /// Stored logs that are not a contiguous run 1, 2, ..., k (a hole, a repeat, out of order). Losing the
     /// tail of a log is `incomplete`; a log with holes would mean the relay stored events it should not have.
     pub gapped: usize,
+    /// What the kernel dropped from the kill until every agent was back (system-wide counters): whether a slow
+    /// return was connection attempts lost in the kernel or handshakes slow in the relay.
+    pub drops: NetDrops,
 }
 
 impl Outcome {
@@ -139,6 +143,7 @@ pub async fn run(
     let run_for = pace * texts as u32;
     tokio::time::sleep(run_for / 3).await;
 
+    let drops_before = procfs::net_drops()?;
     let killed = Instant::now();
     relay.kill().await?;
     let ready = relay.restart().await?;
@@ -146,6 +151,7 @@ pub async fn run(
     let mut noticed: HashMap<usize, Instant> = HashMap::new();
     let mut back: HashMap<usize, (Instant, Transport)> = HashMap::new();
     let mut deadline = ready + RECOVERY_LIMIT;
+    let mut drops = None;
     while back.len() < ids.len() || done.len() < tasks {
         if back.len() == ids.len() {
             // Everyone is back: the tasks need at most their remaining output time. One that does not finish
@@ -170,7 +176,15 @@ pub async fn run(
             Some(_) => {}
             None => break,
         }
+        if back.len() == ids.len() && drops.is_none() {
+            drops = Some(procfs::net_drops()?.since(&drops_before));
+        }
     }
+    // Not everyone came back: the window ran to the deadline.
+    let drops = match drops {
+        Some(d) => d,
+        None => procfs::net_drops()?.since(&drops_before),
+    };
 
     let mut events_stored = 0;
     let mut incomplete = Vec::new();
@@ -228,5 +242,6 @@ pub async fn run(
         events_stored,
         incomplete,
         gapped,
+        drops,
     })
 }
