@@ -17,6 +17,8 @@
 //! `/cc` needs nothing of its own here: the bot builds it from these calls (stop is [`Backend::cancel`],
 //! compact a [`Backend::reply`], clear and model a [`Backend::submit`] with or without `resume`).
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
 use serde::{Deserialize, Serialize};
@@ -157,6 +159,11 @@ pub struct ThreadMark {
     pub posted: u64,
     /// The guild's upload limit, from the interaction that started the thread.
     pub upload_limit: u64,
+    /// Approvals still open in the thread, by approval id, with the message carrying their buttons: a follower
+    /// resumed after a restart edits them (buttons disabled, outcome shown) when they close. Marks written
+    /// before this field existed have none.
+    #[serde(default)]
+    pub approvals: BTreeMap<String, u64>,
 }
 
 /// What the bot needs from the relay core. `user` is always the Discord user id of the person acting,

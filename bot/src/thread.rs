@@ -16,11 +16,12 @@
 //! - the summary embed when the task ends.
 //!
 //! The follower keeps a [`ThreadMark`] with the backend as it posts (the thread, the progress message, the
-//! last event posted) and forgets it after the summary. A relay that restarts finds the marks of followers
+//! last event posted, the messages of approvals still open) and forgets it after the summary. A relay that restarts finds the marks of followers
 //! that had not finished and starts them again from there ([`crate::Bot::connect`]): the thread carries on
 //! without anyone writing in it, and without posting anything twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -215,6 +216,16 @@ impl Threads {
             .remove(&(task.to_string(), approval.to_string()))
     }
 
+    /// The task's open approvals that have a message, by approval id: what a thread mark keeps.
+    fn approval_messages(&self, task: &str) -> BTreeMap<String, u64> {
+        self.lock()
+            .approvals
+            .iter()
+            .filter(|((t, _), _)| t == task)
+            .filter_map(|((_, approval), open)| Some((approval.clone(), open.message?.get())))
+            .collect()
+    }
+
     fn close_all_approvals(&self, task: &str) -> Vec<OpenApproval> {
         let mut st = self.lock();
         let keys: Vec<_> = st
@@ -277,6 +288,8 @@ struct Follower {
     last_seq: u64,
     /// Carrying on from a mark left before a restart: events up to `last_seq` are already in the thread.
     resumed: bool,
+    /// From that mark: approvals that were open, with their messages, to be reopened as their requests replay.
+    reopen: BTreeMap<String, u64>,
 }
 
 /// Follows `task` in `thread` until it ends or `stop` fires. Returns at once if the task already has a
@@ -299,10 +312,16 @@ pub async fn follow(
         thread,
         task,
         upload_limit,
-        progress_msg: resume.as_ref().and_then(|m| m.progress).map(MessageId::new),
+        // Discord ids are never 0, and `MessageId::new(0)` panics: a damaged mark must not take the bot down.
+        progress_msg: resume
+            .as_ref()
+            .and_then(|m| m.progress)
+            .and_then(NonZeroU64::new)
+            .map(MessageId::from),
         throttle: EditThrottle::new(EDIT_INTERVAL),
         last_seq: resume.as_ref().map_or(0, |m| m.posted),
         resumed: resume.is_some(),
+        reopen: resume.map(|m| m.approvals).unwrap_or_default(),
     };
     tokio::select! {
         () = f.run() => {}
@@ -338,8 +357,10 @@ impl Follower {
         let already_posted = self.last_seq;
         for (seq, ev) in feed.past {
             if seq <= already_posted {
-                // In the thread before the restart: it only counts towards the progress shown.
+                // In the thread before the restart: it only counts towards the progress shown, and brings
+                // back the approvals still open there.
                 self.progress.apply(&ev);
+                self.reopen(&ev).await;
             } else {
                 self.event(seq, ev).await;
             }
@@ -400,30 +421,10 @@ impl Follower {
         );
         match &ev {
             TaskEvent::Text { text } => self.post_output(text).await,
-            TaskEvent::ApprovalRequested {
-                approval,
-                tool,
-                summary,
-                input,
-                question,
-            } => {
-                let decider = match self.env.backend.approver(&self.task.id).await {
-                    Ok(u) => u,
-                    Err(err) => {
-                        warn!(%err, task = %self.task.id, "approver unknown; showing the owner");
-                        self.task.owner.clone()
-                    }
-                };
-                let view = ApprovalView {
-                    task: self.task.id.clone(),
-                    approval: approval.clone(),
-                    tool: tool.clone(),
-                    summary: summary.clone(),
-                    input: input.clone(),
-                    question: *question,
-                    decider: decider.parse().unwrap_or(UserId::new(1)),
-                };
-                self.post_approval(view).await;
+            TaskEvent::ApprovalRequested { .. } => {
+                if let Some(view) = self.approval_view(&ev).await {
+                    self.post_approval(view).await;
+                }
             }
             TaskEvent::ApprovalClosed { approval, outcome } => {
                 if let Some(open) = self.env.threads.close_approval(&self.task.id, approval) {
@@ -441,6 +442,65 @@ impl Follower {
         }
     }
 
+    /// How an approval request shows in the thread, with who must decide it now; `None` for other events.
+    async fn approval_view(&self, ev: &TaskEvent) -> Option<ApprovalView> {
+        let TaskEvent::ApprovalRequested {
+            approval,
+            tool,
+            summary,
+            input,
+            question,
+        } = ev
+        else {
+            return None;
+        };
+        let decider = match self.env.backend.approver(&self.task.id).await {
+            Ok(u) => u,
+            Err(err) => {
+                warn!(%err, task = %self.task.id, "approver unknown; showing the owner");
+                self.task.owner.clone()
+            }
+        };
+        Some(ApprovalView {
+            task: self.task.id.clone(),
+            approval: approval.clone(),
+            tool: tool.clone(),
+            summary: summary.clone(),
+            input: input.clone(),
+            question: *question,
+            decider: decider.parse().unwrap_or(UserId::new(1)),
+        })
+    }
+
+    /// Replaying an event posted before a restart: an approval the mark says is still open is known again,
+    /// with its message, so that when it closes its buttons are disabled in place and a click on them is
+    /// credited to whoever clicked.
+    async fn reopen(&mut self, ev: &TaskEvent) {
+        match ev {
+            TaskEvent::ApprovalRequested { approval, .. } => {
+                let Some(message) = self.reopen.remove(approval).and_then(NonZeroU64::new) else {
+                    return;
+                };
+                if let Some(view) = self.approval_view(ev).await {
+                    self.env.threads.open_approval(
+                        &self.task.id,
+                        OpenApproval {
+                            view,
+                            channel: self.thread,
+                            message: Some(MessageId::from(message)),
+                            decided_by: None,
+                            answers: BTreeMap::new(),
+                        },
+                    );
+                }
+            }
+            TaskEvent::ApprovalClosed { approval, .. } => {
+                self.env.threads.close_approval(&self.task.id, approval);
+            }
+            _ => {}
+        }
+    }
+
     /// Tells the backend how far this thread got, so a restarted relay neither skips nor repeats output.
     async fn save_mark(&self) {
         let mark = ThreadMark {
@@ -449,6 +509,7 @@ impl Follower {
             progress: self.progress_msg.map(MessageId::get),
             posted: self.last_seq,
             upload_limit: self.upload_limit,
+            approvals: self.env.threads.approval_messages(&self.task.id),
         };
         if let Err(err) = self.env.backend.mark_thread(&mark).await {
             warn!(%err, task = %self.task.id, "could not record how far the thread got");

@@ -739,6 +739,90 @@ fn http_bot(sim: &DiscordSim, fake: &Arc<Fake>) -> Bot {
     Bot::new(config, fake.clone()).unwrap()
 }
 
+/// An approval is waiting when the relay restarts: its message is found again, so a click on it after the
+/// restart is credited to who clicked, and when it closes its buttons are disabled in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_open_across_a_restart_is_closed_in_place() {
+    let w = world().await;
+    let (task, thread) = w.task("ask me").await;
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "a1".into(),
+            tool: "Bash".into(),
+            summary: "rm -rf build".into(),
+            input: json!({"command": "rm -rf build"}),
+            question: false,
+        },
+    );
+    let asked = w
+        .find(&thread, "the approval", |m| {
+            m.custom_ids().contains(&format!("dn:{task}:a1"))
+        })
+        .await;
+    eventually(T, || {
+        Fake::lock(&w.fake.marks)
+            .get(&task)
+            .is_some_and(|m| m.approvals.get("a1") == Some(&asked.id.parse::<u64>().unwrap()))
+    })
+    .await;
+
+    let (sim, fake, alice) = w.stop_bot().await;
+    let mut config = BotConfig::gateway(sim.token());
+    config.api_proxy = Some(sim.api_base());
+    let bot = Bot::new(config, fake.clone()).unwrap();
+    let gateway = bot.connect().await.unwrap().expect("a gateway bot");
+    sim.wait_identified(T).await.unwrap();
+    sim.wait_until(T, |s| {
+        s.messages(&thread)
+            .into_iter()
+            .find(|m| m.content.contains("relay restarted"))
+    })
+    .await
+    .unwrap();
+    // The same message's buttons, clicked after the restart: the click is credited to who made it.
+    let ix = sim
+        .send_button(
+            &sim.origin_in(&alice, &thread),
+            &asked.id,
+            &format!("ao:{task}:a1"),
+        )
+        .unwrap();
+    sim.wait_callback(&ix, T).await.unwrap();
+    fake.emit(
+        &task,
+        TaskEvent::ApprovalClosed {
+            approval: "a1".into(),
+            outcome: "allowed".into(),
+        },
+    );
+    let closed = sim
+        .wait_until(T, |s| {
+            s.messages(&thread)
+                .into_iter()
+                .find(|m| m.id == asked.id && m.content.contains("Allowed once"))
+        })
+        .await
+        .unwrap();
+    assert!(
+        closed.components.to_string().contains("\"disabled\":true"),
+        "buttons disabled in place: {closed:#?}"
+    );
+    assert!(
+        closed.content.contains(&format!("by <@{}>", alice.id)),
+        "{}",
+        closed.content
+    );
+    eventually(T, || {
+        Fake::lock(&fake.marks)
+            .get(&task)
+            .is_some_and(|m| m.approvals.is_empty())
+    })
+    .await;
+    gateway.shutdown().await;
+    bot.shutdown().await;
+}
+
 /// The relay restarts while a task runs on the agent: the new bot carries on in the same thread by itself,
 /// editing the same progress message, posting what arrived while it was down and what comes after, each
 /// once; a task whose summary was already posted is left alone.

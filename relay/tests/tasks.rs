@@ -800,6 +800,7 @@ async fn thread_marks_outlive_a_restart_and_marks_of_gone_tasks_are_dropped() {
         progress: Some(43),
         posted,
         upload_limit: 8 << 20,
+        approvals: [("a1".to_string(), 44)].into(),
     };
     let backend = CoreBackend::new(relay.core.clone());
     backend.mark_thread(&mark(&id, 1)).await.unwrap();
