@@ -48,6 +48,13 @@ pub enum Check {
     Complete(usize),
 }
 
+/// What [`FrameReader`] found at the front of its buffer.
+enum Taken<T> {
+    Message(T),
+    /// Not whole yet: header plus payload will be this many bytes.
+    Need(usize),
+}
+
 /// Looks at `buf` without consuming it: is a whole frame there, and is its announced size acceptable?
 pub fn check(buf: &[u8]) -> Result<Check, FrameError> {
     let Some(header) = buf.get(..HEADER_LEN) else {
@@ -113,21 +120,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads the next message. `Ok(None)` means the peer closed the stream cleanly between frames.
     pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         loop {
-            if let Some(msg) = self.recv_buffered()? {
-                return Ok(Some(msg));
-            }
-            match check(&self.buf)? {
-                Check::Complete(_) => continue,
-                Check::Incomplete(want) => {
-                    self.buf
-                        .reserve(want.saturating_sub(self.buf.len()).min(64 * 1024));
-                    if self.inner.read_buf(&mut self.buf).await? == 0 {
-                        return match self.buf.len() {
-                            0 => Ok(None),
-                            have => Err(FrameError::Truncated { have, want }),
-                        };
-                    }
-                }
+            let want = match self.take()? {
+                Taken::Message(msg) => return Ok(Some(msg)),
+                Taken::Need(want) => want,
+            };
+            self.buf
+                .reserve(want.saturating_sub(self.buf.len()).min(64 * 1024));
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return match self.buf.len() {
+                    0 => Ok(None),
+                    have => Err(FrameError::Truncated { have, want }),
+                };
             }
         }
     }
@@ -135,14 +138,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message if it has already arrived whole, without reading from the connection: a caller takes
     /// a burst in one go this way, bounded by what one read brought. `Ok(None)` when no whole frame is here.
     pub fn recv_buffered<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        Ok(match self.take()? {
+            Taken::Message(msg) => Some(msg),
+            Taken::Need(_) => None,
+        })
+    }
+
+    /// Takes the frame at the front of the buffer if it is whole, or says how many bytes in all it needs.
+    fn take<T: DeserializeOwned>(&mut self) -> Result<Taken<T>, FrameError> {
         match check(&self.buf)? {
             Check::Complete(total) => {
                 let msg = serde_json::from_slice(&self.buf[HEADER_LEN..total]);
                 // Consume the frame even when it is malformed, so the caller may choose to carry on.
                 self.buf.advance(total);
-                Ok(Some(msg?))
+                Ok(Taken::Message(msg?))
             }
-            Check::Incomplete(_) => Ok(None),
+            Check::Incomplete(want) => Ok(Taken::Need(want)),
         }
     }
 
