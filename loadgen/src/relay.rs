@@ -104,8 +104,12 @@ impl RelayProcess {
             .arg("--listen")
             .arg(self.listen.to_string())
             // Logging at `warn` measures the relay rather than its log formatting (`info` writes a line per
-            // connection); the table says so.
-            .env("LOG_LEVEL", "warn")
+            // connection); the table says so. `BENCH_RELAY_LOG` overrides it to look inside a run, e.g.
+            // `warn,quinn_proto::endpoint=debug` for the stateless resets a restarted relay sends.
+            .env(
+                "LOG_LEVEL",
+                std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("DISCORD_TOKEN")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
