@@ -16,9 +16,10 @@
 //! - the summary embed when the task ends.
 //!
 //! The follower keeps a [`ThreadMark`] with the backend as it posts (the thread, the progress message, the
-//! last event posted, the messages of approvals still open) and forgets it after the summary. A relay that restarts finds the marks of followers
-//! that had not finished and starts them again from there ([`crate::Bot::connect`]): the thread carries on
-//! without anyone writing in it, and without posting anything twice.
+//! last event posted, the messages of approvals still open) and forgets it after the summary. A relay that
+//! restarts finds the marks of followers that had not finished and starts them again from there
+//! ([`crate::Bot::connect`]): the thread carries on without anyone writing in it, and without posting
+//! anything twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU64;

@@ -315,6 +315,23 @@ impl World {
             .unwrap_or_else(|e| panic!("no {what}: {e:#}\n{:#?}", self.sim.messages(channel)))
     }
 
+    /// The agent asks to run `rm -rf build`; returns the approval message once it is in the thread.
+    async fn ask_bash(&self, task: &str, thread: &str, approval: &str) -> SimMessage {
+        self.fake.emit(
+            task,
+            TaskEvent::ApprovalRequested {
+                approval: approval.into(),
+                tool: "Bash".into(),
+                summary: "rm -rf build".into(),
+                input: json!({"command": "rm -rf build"}),
+                question: false,
+            },
+        );
+        let deny = format!("dn:{task}:{approval}");
+        self.find(thread, "approval", |m| m.custom_ids().contains(&deny))
+            .await
+    }
+
     async fn summary(&self, thread: &str, n: usize) -> SimMessage {
         self.sim
             .wait_until(T, |s| {
@@ -447,21 +464,7 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
     let (task, thread) = w.task("ask me").await;
 
     // Deny opens a modal; its reason goes to the agent.
-    w.fake.emit(
-        &task,
-        TaskEvent::ApprovalRequested {
-            approval: "a1".into(),
-            tool: "Bash".into(),
-            summary: "rm -rf build".into(),
-            input: json!({"command": "rm -rf build"}),
-            question: false,
-        },
-    );
-    let msg = w
-        .find(&thread, "approval", |m| {
-            m.custom_ids().contains(&format!("dn:{task}:a1"))
-        })
-        .await;
+    let msg = w.ask_bash(&task, &thread, "a1").await;
     let ix = w
         .sim
         .send_button(
@@ -745,21 +748,7 @@ fn http_bot(sim: &DiscordSim, fake: &Arc<Fake>) -> Bot {
 async fn an_approval_open_across_a_restart_is_closed_in_place() {
     let w = world().await;
     let (task, thread) = w.task("ask me").await;
-    w.fake.emit(
-        &task,
-        TaskEvent::ApprovalRequested {
-            approval: "a1".into(),
-            tool: "Bash".into(),
-            summary: "rm -rf build".into(),
-            input: json!({"command": "rm -rf build"}),
-            question: false,
-        },
-    );
-    let asked = w
-        .find(&thread, "the approval", |m| {
-            m.custom_ids().contains(&format!("dn:{task}:a1"))
-        })
-        .await;
+    let asked = w.ask_bash(&task, &thread, "a1").await;
     eventually(T, || {
         Fake::lock(&w.fake.marks)
             .get(&task)

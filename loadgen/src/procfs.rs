@@ -181,8 +181,6 @@ pub struct NetDrops {
     pub listen_drops: u64,
     /// SYNs dropped because the SYN queue was full and cookies could not be used (`TcpExt: TCPReqQFullDrop`).
     pub syn_queue_full: u64,
-    /// SYN cookies sent: the SYN queue overflowed but nothing was lost (`TcpExt: SyncookiesSent`).
-    pub syncookies_sent: u64,
     /// Datagrams dropped because a UDP socket's receive buffer was full (`Udp: RcvbufErrors`).
     pub udp_rcvbuf_errors: u64,
 }
@@ -196,7 +194,6 @@ impl NetDrops {
                 .saturating_sub(earlier.listen_overflows),
             listen_drops: self.listen_drops.saturating_sub(earlier.listen_drops),
             syn_queue_full: self.syn_queue_full.saturating_sub(earlier.syn_queue_full),
-            syncookies_sent: self.syncookies_sent.saturating_sub(earlier.syncookies_sent),
             udp_rcvbuf_errors: self
                 .udp_rcvbuf_errors
                 .saturating_sub(earlier.udp_rcvbuf_errors),
@@ -214,7 +211,6 @@ pub fn net_drops() -> Result<NetDrops> {
         listen_overflows: tcp("ListenOverflows"),
         listen_drops: tcp("ListenDrops"),
         syn_queue_full: tcp("TCPReqQFullDrop"),
-        syncookies_sent: tcp("SyncookiesSent"),
         udp_rcvbuf_errors: counter(&snmp, "Udp:", "RcvbufErrors"),
     })
 }

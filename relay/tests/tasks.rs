@@ -190,6 +190,17 @@ async fn a_burst_of_events_is_stored_up_to_its_first_gap() {
 }
 
 /// A paired, connected agent with one task started on it.
+/// The agent reports the task's Claude Code session, then that the task is done: a task a reply can resume.
+async fn finish_in_session(agent: &mut crate::support::Session, id: &str, session: &str) {
+    let session = TaskEvent::Session {
+        session_id: session.into(),
+        model: None,
+        claude_version: None,
+    };
+    crate::support::event_acked(agent, id, 1, session).await;
+    crate::support::event_acked(agent, id, 2, crate::support::finished(FinalState::Done)).await;
+}
+
 async fn running_task(relay: &TestRelay) -> (crate::support::Session, String) {
     let (_, mut agent) = crate::support::agent(relay, "1").await;
     let id = relay
@@ -534,19 +545,7 @@ async fn a_reply_goes_to_a_running_task_and_resumes_a_finished_one() {
             prompt: "and the tests".into()
         }
     );
-    let session = TaskEvent::Session {
-        session_id: "0b7e-sess".into(),
-        model: None,
-        claude_version: None,
-    };
-    crate::support::event_acked(&mut agent, &id, 1, session).await;
-    crate::support::event_acked(
-        &mut agent,
-        &id,
-        2,
-        crate::support::finished(FinalState::Done),
-    )
-    .await;
+    finish_in_session(&mut agent, &id, "0b7e-sess").await;
 
     let ReplyOutcome::Resumed(new) = relay
         .core
@@ -728,19 +727,7 @@ async fn an_operator_replies_through_the_admin_socket() {
         recv(&mut agent).await,
         RelayMessage::TaskInput { .. }
     ));
-    let session = TaskEvent::Session {
-        session_id: "s1".into(),
-        model: None,
-        claude_version: None,
-    };
-    crate::support::event_acked(&mut agent, &id, 1, session).await;
-    crate::support::event_acked(
-        &mut agent,
-        &id,
-        2,
-        crate::support::finished(FinalState::Done),
-    )
-    .await;
+    finish_in_session(&mut agent, &id, "s1").await;
 
     let data_dir = dir.path().to_path_buf();
     let request = req("resume it");

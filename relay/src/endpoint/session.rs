@@ -214,7 +214,6 @@ fn is_event(msg: &mut AgentMessage) -> bool {
     matches!(msg, AgentMessage::Event { .. })
 }
 
-/// Stores a burst of events, each task's consecutive run in one write, and notes what to acknowledge.
 /// Runs store work, which can block on sled's locks and page splits for milliseconds under load, so that the
 /// runtime worker's other tasks (handshakes, heartbeats, other sessions) move to another worker meanwhile
 /// instead of waiting behind it. On a current-thread runtime (tests) it simply runs.
@@ -225,6 +224,7 @@ fn off_the_runtime<R>(work: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Stores a burst of events, each task's consecutive run in one write, and notes what to acknowledge.
 fn store_events(
     core: &Core,
     agent: &ct_protocol::Fingerprint,
