@@ -106,6 +106,34 @@ async fn pairing_then_reconnecting_with_the_key_on_both_transports() {
     );
 }
 
+/// An agent counts itself connected the moment it reads its Welcome, and its owner may submit a task at once,
+/// so the relay must already have it online then. It used to send the Welcome first and register the session
+/// after: a task submitted in between was refused as "offline (last seen 0 seconds ago)", which is how the
+/// loadgen smoke test failed on a fresh clone. The window was short (it did not show in 40 tries here on the
+/// old order), so this guards the order rather than proving the old bug: on two workers, the relay's session
+/// task and this test run side by side, as they did in the loadgen run that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_online_as_soon_as_it_has_its_welcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    for t in BOTH {
+        let key = pair(&relay, t, "42").await;
+        let gone = || !crate::support::is_online(&relay, &key);
+        eventually(Duration::from_secs(5), gone).await;
+        for attempt in 0..40 {
+            let s = handshake(t, relay.addr, &key, relay.fingerprint, None)
+                .await
+                .unwrap();
+            assert!(
+                crate::support::is_online(&relay, &key),
+                "{t}, attempt {attempt}: the agent has its Welcome but the relay counts it offline"
+            );
+            drop(s);
+            eventually(Duration::from_secs(5), gone).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn wrong_used_and_expired_codes_each_get_their_own_answer() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::core::Core;
+use crate::core::{Core, SessionGuard};
 use crate::durable::Ticket;
 
 /// What the endpoint knows about a connection before the handshake.
@@ -77,6 +77,11 @@ pub async fn run<R, W>(
         heartbeat_ms: timing.heartbeat.as_millis() as u64,
         ..welcome
     };
+    // The agent counts itself connected the moment it reads the Welcome (`ct-agent status` says so, and its
+    // owner may submit a task at once), so it must already be in the live table by then: registered first, a
+    // task submitted in between is queued for this session and goes out after the Welcome. If the Welcome
+    // cannot be sent, dropping the guard takes the session out again.
+    let guard = core.register_session(verified.fingerprint, link.transport, link.peer);
     if let Err(e) = writer.send(&Verdict::Welcome(welcome.clone())).await {
         info!(peer = %link.peer, error = %e, "agent left during the handshake");
         return;
@@ -84,9 +89,17 @@ pub async fn run<R, W>(
     core.metrics.handshake(link.transport, "ok");
     let span = tracing::info_span!("agent", name = %welcome.agent_name, owner = %welcome.owner, transport = %link.transport);
     info!(parent: &span, peer = %link.peer, fingerprint = %verified.fingerprint, paired = welcome.paired, "agent connected");
-    live(core, reader, writer, link, verified.fingerprint, shutdown)
-        .instrument(span)
-        .await
+    live(
+        core,
+        reader,
+        writer,
+        link,
+        guard,
+        verified.fingerprint,
+        shutdown,
+    )
+    .instrument(span)
+    .await
 }
 
 /// The established session: heartbeats out, messages in, until something ends it.
@@ -95,6 +108,7 @@ async fn live<R, W>(
     mut reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
     link: Link,
+    mut guard: SessionGuard,
     fingerprint: ct_protocol::Fingerprint,
     shutdown: CancellationToken,
 ) where
@@ -102,7 +116,6 @@ async fn live<R, W>(
     W: AsyncWrite + Unpin,
 {
     let timing = link.transport.timing();
-    let mut guard = core.register_session(fingerprint, link.transport, link.peer);
     // Tasks queued while the agent was away go out now, as far as its free slots allow.
     core.agent_connected(&fingerprint);
     let (frames_in, frames_out) = core.metrics.frames(link.transport);
