@@ -351,13 +351,9 @@ async fn check_claude(opts: &DoctorOptions) -> Report {
     };
     match run_claude(opts, &bin, &["--version"]).await {
         Ok(out) if out.code == Some(0) => {
-            let version = out.stdout.trim().to_string();
-            report.add(
-                "claude",
-                Level::Ok,
-                format!("{} ({})", version, bin.display()),
-                None,
-            );
+            if !judge_version(&mut report, &bin, out.stdout.trim()) {
+                return report;
+            }
         }
         Ok(out) => {
             report.add(
@@ -416,6 +412,50 @@ async fn check_claude(opts: &DoctorOptions) -> Report {
         Err(e) => report.add("claude/login", Level::Fail, format!("cannot run `claude auth status`: {e}"), None),
     }
     report
+}
+
+/// Reports the installed CLI's version against the range this agent was tested on; false when tasks cannot
+/// run with it (too old), so the login check after it would only add noise.
+fn judge_version(report: &mut Report, bin: &Path, printed: &str) -> bool {
+    use crate::claude::{Support, Version, MIN_VERSION, NEWEST_TESTED};
+    let Some(version) = Version::parse(printed) else {
+        report.add(
+            "claude",
+            Level::Warn,
+            format!("Claude Code at {} printed a version doctor cannot read: {printed:?}", bin.display()),
+            Some("run `claude --version` yourself; reinstall Claude Code if it is not a version number".into()),
+        );
+        return true;
+    };
+    let (level, message, fix) = match version.support() {
+        Support::TooOld => (
+            Level::Fail,
+            format!(
+                "Claude Code {version} ({}) is older than {MIN_VERSION}, the oldest this agent supports: tasks are refused",
+                bin.display()
+            ),
+            Some("upgrade it: `npm install -g @anthropic-ai/claude-code@latest` (or `claude update`)".into()),
+        ),
+        Support::Tested => (
+            Level::Ok,
+            format!("Claude Code {version} ({}), tested with this agent", bin.display()),
+            None,
+        ),
+        Support::Newer => (
+            Level::Warn,
+            format!(
+                "Claude Code {version} ({}) is newer than {NEWEST_TESTED}, the newest tested with this agent: \
+                 it should work, but if tasks misbehave, this is why",
+                bin.display()
+            ),
+            Some(format!(
+                "upgrade ct-agent when a newer one is out, or pin a tested CLI: \
+                 `npm install -g @anthropic-ai/claude-code@{NEWEST_TESTED}`"
+            )),
+        ),
+    };
+    report.add("claude", level, message, fix);
+    level != Level::Fail
 }
 
 fn first_line<'a>(a: &'a str, b: &'a str) -> &'a str {

@@ -131,6 +131,10 @@ pub struct Plan {
     pub claude_config_dir: Option<PathBuf>,
     /// Hidden always: the agent's config directory holds its private key.
     pub agent_config: PathBuf,
+    /// Executables the sandbox must still run (Claude Code itself). The sandbox sees the host's tree
+    /// read-only, except a private `/tmp`: one installed under `/tmp` (a checkout there, `npx` caches) gets
+    /// its folders bound back in, read-only, or bubblewrap could not even start it.
+    pub programs: Vec<PathBuf>,
 }
 
 impl Plan {
@@ -166,6 +170,9 @@ impl Plan {
                 push(&["--ro-bind".as_ref(), "/dev/null".as_ref(), path.as_os_str()]);
             }
         }
+        for dir in self.program_dirs() {
+            push(&["--ro-bind".as_ref(), dir.as_os_str(), dir.as_os_str()]);
+        }
         let mut writable = vec![self.project.clone()];
         match &self.claude_config_dir {
             Some(dir) => writable.push(dir.clone()),
@@ -181,6 +188,24 @@ impl Plan {
         }
         push(&["--chdir".as_ref(), self.project.as_os_str(), "--".as_ref()]);
         args
+    }
+}
+
+impl Plan {
+    /// The folders of [`Plan::programs`] (as named, and after resolving links) that the private `/tmp` would
+    /// hide.
+    fn program_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for program in &self.programs {
+            let resolved = std::fs::canonicalize(program).ok();
+            for path in std::iter::once(program.clone()).chain(resolved) {
+                let Some(dir) = path.parent() else { continue };
+                if dir.starts_with("/tmp") && dir.is_dir() && !dirs.iter().any(|d| d == dir) {
+                    dirs.push(dir.to_path_buf());
+                }
+            }
+        }
+        dirs
     }
 }
 
@@ -232,11 +257,19 @@ mod tests {
         std::fs::create_dir_all(home.join("src/app")).unwrap();
         let agent_config = home.join(".config/codetogether");
         std::fs::create_dir_all(&agent_config).unwrap();
+        // Claude Code installed under /tmp (this test's home is a temp dir): a link in `.bin` to the real file.
+        let package = home.join("node_modules/claude-code/bin");
+        std::fs::create_dir_all(&package).unwrap();
+        std::fs::create_dir_all(home.join("node_modules/.bin")).unwrap();
+        std::fs::write(package.join("claude.exe"), "").unwrap();
+        let claude = home.join("node_modules/.bin/claude");
+        std::os::unix::fs::symlink("../claude-code/bin/claude.exe", &claude).unwrap();
         let plan = Plan {
             project: home.join("src/app"),
             home: Some(home.to_path_buf()),
             claude_config_dir: None,
             agent_config: agent_config.clone(),
+            programs: vec![claude],
         };
         let bwrap = Bwrap {
             path: "/usr/bin/bwrap".into(),
@@ -272,6 +305,13 @@ mod tests {
             joined.ends_with(&format!("--chdir {h}/src/app --")),
             "{joined}"
         );
+        if home.starts_with("/tmp") {
+            let real = std::fs::canonicalize(&package).unwrap();
+            for dir in [home.join("node_modules/.bin"), real] {
+                let d = dir.display();
+                assert!(joined.contains(&format!("--ro-bind {d} {d}")), "{joined}");
+            }
+        }
         // Writable binds come after the hiding mounts, so a project is never hidden by accident.
         let last_hide = args.iter().rposition(|a| a == "--tmpfs").unwrap();
         let first_bind = args.iter().position(|a| a == "--bind").unwrap();

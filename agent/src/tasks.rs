@@ -931,6 +931,9 @@ fn session_spec(
     spec: &TaskSpec,
 ) -> SessionSpec {
     let mut s = SessionSpec::new(&owner.cwd);
+    s.claude_bin = config.claude_bin.clone();
+    s.env_clear = config.env_clear;
+    s.env = config.env.clone();
     if let Some(bwrap) = &owner.sandbox {
         let (home, claude_config_dir) = sandbox::claude_home(&config.env, config.env_clear);
         s.wrapper = sandbox::Plan {
@@ -938,12 +941,11 @@ fn session_spec(
             home,
             claude_config_dir,
             agent_config: agent_config.to_path_buf(),
+            // Not found: the session says so itself, before bubblewrap matters.
+            programs: s.find_claude().into_iter().collect(),
         }
         .command(bwrap);
     }
-    s.claude_bin = config.claude_bin.clone();
-    s.env_clear = config.env_clear;
-    s.env = config.env.clone();
     s.approval_timeout = config.approval_timeout;
     s.allow_settings_writes = config.allow_settings_writes;
     s.cancel_step = config.cancel_step;

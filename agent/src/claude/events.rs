@@ -142,6 +142,12 @@ pub enum CliEvent {
     CancelRequest {
         request_id: String,
     },
+    /// A control request of a subtype this agent does not handle (a newer CLI's, or one we never enabled). The
+    /// CLI waits for an answer, so it gets an error response rather than silence.
+    UnknownControlRequest {
+        request_id: String,
+        subtype: String,
+    },
     /// The answer to a control request we sent.
     ControlResponse {
         request_id: String,
@@ -265,6 +271,13 @@ pub fn parse_value(v: Value) -> CliEvent {
                 blocked_path: opt_s(&r["blocked_path"]),
             })
         }
+        (Some("control_request"), _) => CliEvent::UnknownControlRequest {
+            request_id: s(&v["request_id"]),
+            subtype: v["request"]["subtype"]
+                .as_str()
+                .unwrap_or("(none)")
+                .to_owned(),
+        },
         (Some("control_cancel_request"), _) => CliEvent::CancelRequest {
             request_id: s(&v["request_id"]),
         },
@@ -281,6 +294,36 @@ pub fn parse_value(v: Value) -> CliEvent {
         }
         _ => CliEvent::Other(v),
     }
+}
+
+/// Which kind of line `v` is, as `type` or `type/subtype`, for logging what the runner skips.
+pub fn kind(v: &Value) -> String {
+    match (v["type"].as_str(), v["subtype"].as_str()) {
+        (Some(t), Some(sub)) => format!("{t}/{sub}"),
+        (Some(t), None) => t.to_owned(),
+        (None, _) if v.is_string() => "(not JSON)".to_owned(),
+        (None, _) => "(no type)".to_owned(),
+    }
+}
+
+/// Kinds of lines the CLI prints that the runner has no use for: skipped without a word in the log.
+const KNOWN_UNUSED: &[&str] = &[
+    "system/task_started",
+    "system/task_notification",
+    "system/task_progress",
+    "system/api_retry",
+    "system/status",
+    "system/compact_boundary",
+    "system/hook_started",
+    "system/hook_response",
+    "stream_event",
+    "rate_limit_event",
+    "user",
+];
+
+/// Whether a skipped line is of a kind the runner knows it does not need (as opposed to one it has never seen).
+pub fn is_known_unused(kind: &str) -> bool {
+    KNOWN_UNUSED.contains(&kind)
 }
 
 /// A tool result's content as text: a string, or the text blocks of an array.

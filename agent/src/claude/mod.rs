@@ -24,7 +24,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub use events::{ApprovalRequest, ExitInfo, Init, RunnerEvent, TurnResult};
-pub use preflight::{Version, MIN_VERSION};
+pub use preflight::{Support, Version, MIN_VERSION, NEWEST_TESTED};
 pub use session::Session;
 
 /// Why a task cannot run, in words the user can act on. Cheap to clone, so it can travel in events.
@@ -164,6 +164,19 @@ pub struct SessionSpec {
 }
 
 impl SessionSpec {
+    /// The `claude` this session runs: [`SessionSpec::claude_bin`], else the first on the `PATH` given to it
+    /// (or the agent's own), else the places the installers put it.
+    pub fn find_claude(&self) -> Result<PathBuf, TaskError> {
+        let path_env = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var_os("PATH"));
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        preflight::find_claude(self.claude_bin.as_deref(), path_env, home.as_deref())
+    }
+
     /// A session in `cwd` with the defaults: 10 minute approval timeout, 5 s cancel steps, no settings writes.
     pub fn new(cwd: impl Into<PathBuf>) -> Self {
         Self {

@@ -19,6 +19,34 @@ use super::TaskError;
 /// `system/init` per turn, `--max-budget-usd`.
 pub const MIN_VERSION: Version = Version(2, 1, 197);
 
+/// The newest CLI the runner's contract tests ran against (testkit/claude pins it). Newer ones are expected to
+/// work (unknown events and fields are skipped), but `ct-agent doctor` says they are untested.
+pub const NEWEST_TESTED: Version = Version(2, 1, 332);
+
+/// How an installed CLI's version compares with the range this agent was tested on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    /// Older than [`MIN_VERSION`]: tasks are refused.
+    TooOld,
+    /// From [`MIN_VERSION`] to [`NEWEST_TESTED`].
+    Tested,
+    /// Newer than [`NEWEST_TESTED`]: runs, but nobody has tested this pair yet.
+    Newer,
+}
+
+impl Version {
+    /// Where this version falls in the tested range.
+    pub fn support(self) -> Support {
+        if self < MIN_VERSION {
+            Support::TooOld
+        } else if self > NEWEST_TESTED {
+            Support::Newer
+        } else {
+            Support::Tested
+        }
+    }
+}
+
 /// How long `claude --version` may take on a loaded machine before it counts as broken.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -172,6 +200,11 @@ mod tests {
         assert_eq!(Version::parse("claude"), None);
         assert!(Version(2, 1, 196) < MIN_VERSION);
         assert!(Version(2, 10, 0) > MIN_VERSION);
+        assert!(MIN_VERSION <= NEWEST_TESTED);
+        assert_eq!(Version(2, 1, 196).support(), Support::TooOld);
+        assert_eq!(MIN_VERSION.support(), Support::Tested);
+        assert_eq!(NEWEST_TESTED.support(), Support::Tested);
+        assert_eq!(Version(2, 2, 0).support(), Support::Newer);
     }
 
     #[test]

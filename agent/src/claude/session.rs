@@ -61,14 +61,7 @@ impl Session {
     pub async fn start(
         spec: SessionSpec,
     ) -> Result<(Session, mpsc::Receiver<RunnerEvent>), TaskError> {
-        let path_env = spec
-            .env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.clone())
-            .or_else(|| std::env::var_os("PATH"));
-        let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-        let bin = preflight::find_claude(spec.claude_bin.as_deref(), path_env, home.as_deref())?;
+        let bin = spec.find_claude()?;
         preflight::check_version(&bin, spec.min_version).await?;
 
         let spawn_err = |detail: String| TaskError::Spawn {
@@ -143,6 +136,7 @@ impl Session {
             closing: false,
             pending: HashMap::new(),
             allowed_tools: HashSet::new(),
+            unknown_kinds: HashSet::new(),
             next_request: 1,
             logged_out: false,
             cancel: None,
@@ -286,6 +280,8 @@ struct Actor {
     pending: HashMap<String, Pending>,
     /// Tools allowed for the rest of the session.
     allowed_tools: HashSet<String>,
+    /// Kinds of lines and control requests skipped so far, so each is logged once.
+    unknown_kinds: HashSet<String>,
     next_request: u64,
     /// The CLI said it is not logged in during this turn.
     logged_out: bool,
@@ -418,7 +414,38 @@ impl Actor {
                     .await;
                 }
             }
-            CliEvent::Other(v) => self.emit(RunnerEvent::Raw(v)).await,
+            CliEvent::UnknownControlRequest {
+                request_id,
+                subtype,
+            } => {
+                if self
+                    .unknown_kinds
+                    .insert(format!("control_request/{subtype}"))
+                {
+                    tracing::warn!(
+                        %subtype,
+                        "Claude Code sent a control request this agent does not handle; answering with an error \
+                         (once per kind and session in this log)"
+                    );
+                }
+                let error = format!("ct-agent does not handle control request {subtype:?}");
+                self.write(&json!({
+                    "type": "control_response",
+                    "response": { "subtype": "error", "request_id": request_id, "error": error },
+                }))
+                .await;
+            }
+            CliEvent::Other(v) => {
+                let kind = events::kind(&v);
+                if !events::is_known_unused(&kind) && self.unknown_kinds.insert(kind.clone()) {
+                    tracing::info!(
+                        %kind,
+                        "skipping a line of a kind this agent does not know (a newer Claude Code?); \
+                         once per kind and session in this log"
+                    );
+                }
+                self.emit(RunnerEvent::Raw(v)).await
+            }
         }
     }
 
