@@ -1,6 +1,7 @@
 //! The agent's Claude Code runner against the real pinned CLI and the scripted fake API: approvals (allow
 //! once, deny, allow for the session, timeout, withdrawal), queued follow-ups, resume, cancel without
-//! orphans, and the preflight failures (not installed, too old, not logged in).
+//! orphans, and the preflight failures (not installed, too old, not logged in). The contract runs against both
+//! pinned CLIs (see [`contract!`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -8,12 +9,59 @@ use std::time::Duration;
 
 use ct_agent::claude::{Decision, RunnerEvent, Session, SessionSpec, TaskError, TurnResult};
 use ct_testkit::process::{cmdline, descendants_of, poll_until};
-use ct_testkit::{claude_bin, ClaudeEnv, FakeAnthropic, Reply};
+use ct_testkit::{ClaudeEnv, Cli, FakeAnthropic, LongJob, Reply};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 /// Generous: two cores shared with other builds, and the CLI binary is 245 MB to load.
 const T: Duration = Duration::from_secs(90);
+
+/// The runner's contract: each of these runs against both pinned CLIs (`claude_runner::newest::NAME` and
+/// `claude_runner::minimum::NAME`), the newest tested and the oldest supported ([`ct_agent::claude::MIN_VERSION`]).
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod newest {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(ct_testkit::Cli::Newest).await
+            })*
+        }
+        mod minimum {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(ct_testkit::Cli::Minimum).await
+            })*
+        }
+    };
+}
+
+contract!(
+    allow_once_writes_the_file_in_the_project,
+    deny_tells_the_model_why_and_writes_nothing,
+    allow_for_the_session_allows_the_next_write_without_asking_and_writes_no_settings,
+    a_follow_up_sent_during_a_turn_is_queued_and_gets_its_own_result,
+    resume_after_exit_continues_the_same_session,
+    cancel_leaves_no_process_behind,
+    dropping_the_handle_kills_the_whole_tree,
+    an_unanswered_approval_times_out_to_deny,
+    interrupt_withdraws_a_pending_approval_and_the_session_goes_on,
+    logged_out_fails_with_the_login_instruction,
+    ask_user_question_gets_the_users_answers,
+);
+
+/// The pins are the range the agent claims: the oldest is exactly `MIN_VERSION`, the newest exactly the newest
+/// version `ct-agent doctor` calls tested.
+#[test]
+fn the_pinned_clis_are_the_ends_of_the_supported_range() {
+    assert_eq!(
+        ct_agent::claude::MIN_VERSION.to_string(),
+        ct_testkit::MIN_PINNED_VERSION
+    );
+    assert_eq!(
+        ct_agent::claude::NEWEST_TESTED.to_string(),
+        ct_testkit::PINNED_VERSION
+    );
+}
 
 struct Setup {
     fake: FakeAnthropic,
@@ -23,18 +71,19 @@ struct Setup {
     project: PathBuf,
 }
 
-async fn setup() -> Setup {
-    setup_with(false).await
+async fn setup(cli: Cli) -> Setup {
+    setup_with(cli, false).await
 }
 
-async fn setup_with(logged_out: bool) -> Setup {
+async fn setup_with(cli: Cli, logged_out: bool) -> Setup {
     let fake = FakeAnthropic::start([]).await.expect("fake");
     let env = if logged_out {
         ClaudeEnv::logged_out(fake.base_url())
     } else {
         ClaudeEnv::new(fake.base_url())
     }
-    .expect("env");
+    .expect("env")
+    .with_cli(cli);
     let dir = tempfile::tempdir().expect("project dir");
     let project = std::fs::canonicalize(dir.path()).expect("canonical");
     Setup {
@@ -48,7 +97,7 @@ async fn setup_with(logged_out: bool) -> Setup {
 impl Setup {
     fn spec(&self) -> SessionSpec {
         let mut spec = SessionSpec::new(&self.project);
-        spec.claude_bin = Some(claude_bin());
+        spec.claude_bin = Some(self.env.cli().bin());
         spec.env_clear = true;
         spec.env = self
             .env
@@ -153,9 +202,8 @@ fn write_input(path: &Path, content: &str) -> Value {
     json!({ "file_path": path, "content": content })
 }
 
-#[tokio::test]
-async fn allow_once_writes_the_file_in_the_project() {
-    let s = setup().await;
+async fn allow_once_writes_the_file_in_the_project(cli: Cli) {
+    let s = setup(cli).await;
     let target = s.project.join("hello.txt");
     s.fake
         .push(Reply::tool_use("Write", write_input(&target, "hi\n")));
@@ -170,7 +218,7 @@ async fn allow_once_writes_the_file_in_the_project() {
         RunnerEvent::Init(i) => i,
         _ => unreachable!(),
     };
-    assert_eq!(init.version, ct_testkit::PINNED_VERSION);
+    assert_eq!(init.version, cli.version());
     assert_eq!(Path::new(&init.cwd), s.project);
     assert!(init.tools.iter().any(|t| t == "Write"), "{init:?}");
     assert_eq!(
@@ -219,10 +267,9 @@ async fn allow_once_writes_the_file_in_the_project() {
     assert_eq!(exit.code, Some(0), "{exit:?}");
 }
 
-#[tokio::test]
-async fn deny_tells_the_model_why_and_writes_nothing() {
+async fn deny_tells_the_model_why_and_writes_nothing(cli: Cli) {
     const REASON: &str = "not in this repo, please";
-    let s = setup().await;
+    let s = setup(cli).await;
     let target = s.project.join("nope.txt");
     s.fake
         .push(Reply::tool_use("Write", write_input(&target, "x")));
@@ -264,9 +311,10 @@ async fn deny_tells_the_model_why_and_writes_nothing() {
     assert!(!target.exists());
 }
 
-#[tokio::test]
-async fn allow_for_the_session_allows_the_next_write_without_asking_and_writes_no_settings() {
-    let s = setup().await;
+async fn allow_for_the_session_allows_the_next_write_without_asking_and_writes_no_settings(
+    cli: Cli,
+) {
+    let s = setup(cli).await;
     let a = s.project.join("a.txt");
     let b = s.project.join("b.txt");
     s.fake.push(Reply::tool_use("Write", write_input(&a, "a")));
@@ -308,10 +356,9 @@ async fn allow_for_the_session_allows_the_next_write_without_asking_and_writes_n
     assert!(!s.project.join(".claude/settings.local.json").exists());
 }
 
-#[tokio::test]
-async fn a_follow_up_sent_during_a_turn_is_queued_and_gets_its_own_result() {
+async fn a_follow_up_sent_during_a_turn_is_queued_and_gets_its_own_result(cli: Cli) {
     const FOLLOW_UP: &str = "and also this, later";
-    let s = setup().await;
+    let s = setup(cli).await;
     let target = s.project.join("first.txt");
     s.fake
         .push(Reply::tool_use("Write", write_input(&target, "1")));
@@ -352,10 +399,9 @@ async fn a_follow_up_sent_during_a_turn_is_queued_and_gets_its_own_result() {
     assert_eq!(ev.exited().await.code, Some(0));
 }
 
-#[tokio::test]
-async fn resume_after_exit_continues_the_same_session() {
+async fn resume_after_exit_continues_the_same_session(cli: Cli) {
     const MARKER: &str = "remember the number 4217";
-    let s = setup().await;
+    let s = setup(cli).await;
     s.fake.push(Reply::text("noted"));
     let (first, mut ev) = s.start(s.spec()).await;
     first.send(MARKER).expect("send");
@@ -382,14 +428,15 @@ async fn resume_after_exit_continues_the_same_session() {
     ev.exited().await;
 }
 
-/// Starts `sleep 300` through the Bash tool and returns its pid once it runs below the CLI.
-async fn start_sleep(s: &Setup, session: &Session, ev: &mut Events) -> u32 {
+/// Starts the project's long job through the Bash tool (answering its approval if the CLI asks) and returns
+/// the pid of the `sleep` it runs, once that runs below the CLI.
+async fn start_long_job(s: &Setup, session: &Session, ev: &mut Events) -> u32 {
+    let job = LongJob::write(&s.project, 300);
     s.fake.push(Reply::tool_use(
         "Bash",
-        json!({ "command": "sleep 300", "description": "Wait" }),
+        json!({ "command": job.command(), "description": "Run the long job" }),
     ));
-    session.send("wait a while").expect("send");
-    // `sleep` is read-only for 2.1.197 and runs unasked; allow it if a later version asks.
+    session.send("run the long job").expect("send");
     let started = ev
         .wait_for("the Bash tool starting or asking", |e| match e {
             RunnerEvent::ApprovalRequested(_) => true,
@@ -408,26 +455,23 @@ async fn start_sleep(s: &Setup, session: &Session, ev: &mut Events) -> u32 {
             .expect("allow");
     }
     let cli = session.pid();
-    let mut sleep_pid = None;
-    poll_until(T, "`sleep 300` runs below the CLI", || {
-        sleep_pid = descendants_of(cli)
-            .into_iter()
-            .find(|&pid| cmdline(pid).is_some_and(|c| c == "sleep 300"));
-        sleep_pid.is_some()
+    let mut child = None;
+    poll_until(T, "the long job's `sleep` runs below the CLI", || {
+        child = job.child_below(cli);
+        child.is_some()
     })
     .await
-    .expect("sleep started");
-    sleep_pid.expect("found above")
+    .expect("long job started");
+    child.expect("found above")
 }
 
-#[tokio::test]
-async fn cancel_leaves_no_process_behind() {
-    let s = setup().await;
+async fn cancel_leaves_no_process_behind(cli: Cli) {
+    let s = setup(cli).await;
     let (session, mut ev) = s.start(s.spec()).await;
-    let sleep_pid = start_sleep(&s, &session, &mut ev).await;
-    let cli = session.pid();
-    let tree = descendants_of(cli);
-    assert!(tree.contains(&sleep_pid));
+    let child = start_long_job(&s, &session, &mut ev).await;
+    let claude = session.pid();
+    let tree = descendants_of(claude);
+    assert!(tree.contains(&child));
 
     let exit = session.cancel().await;
     // The interrupt ended the turn, then stdin was closed: the CLI exits 1 after an error result.
@@ -436,41 +480,41 @@ async fn cancel_leaves_no_process_behind() {
     assert_eq!(result.subtype, "error_during_execution");
     ev.exited().await;
     poll_until(T, "every process of the tree is gone", || {
-        tree.iter().chain([&cli]).all(|&pid| cmdline(pid).is_none())
+        tree.iter()
+            .chain([&claude])
+            .all(|&pid| cmdline(pid).is_none())
     })
     .await
     .expect("no orphans");
     assert!(session.send("more?").is_err(), "the session has ended");
 }
 
-#[tokio::test]
-async fn dropping_the_handle_kills_the_whole_tree() {
-    // SIGKILL of the CLI alone would orphan `sleep` (the Bash tool gives it its own process group); the tree
+async fn dropping_the_handle_kills_the_whole_tree(cli: Cli) {
+    // SIGKILL of the CLI alone would orphan the job (the Bash tool gives it its own process group); the tree
     // kill must reach it.
-    let s = setup().await;
+    let s = setup(cli).await;
     let (session, mut ev) = s.start(s.spec()).await;
-    let sleep_pid = start_sleep(&s, &session, &mut ev).await;
-    let cli = session.pid();
-    let sleep_group = ct_agent::claude::process::proc_info(sleep_pid)
-        .expect("sleep in /proc")
+    let child = start_long_job(&s, &session, &mut ev).await;
+    let claude = session.pid();
+    let job_group = ct_agent::claude::process::proc_info(child)
+        .expect("the job's sleep in /proc")
         .pgrp;
     assert_ne!(
-        sleep_group, cli,
+        job_group, claude,
         "the Bash tool runs commands outside the CLI's process group"
     );
     drop(session);
     let exit = ev.exited().await;
     assert_eq!(exit.signal, Some(9), "{exit:?}");
-    poll_until(T, "the CLI and `sleep 300` are gone", || {
-        cmdline(sleep_pid).is_none() && cmdline(cli).is_none()
+    poll_until(T, "the CLI and the job are gone", || {
+        cmdline(child).is_none() && cmdline(claude).is_none()
     })
     .await
     .expect("no orphans");
 }
 
-#[tokio::test]
-async fn an_unanswered_approval_times_out_to_deny() {
-    let s = setup().await;
+async fn an_unanswered_approval_times_out_to_deny(cli: Cli) {
+    let s = setup(cli).await;
     let target = s.project.join("late.txt");
     s.fake
         .push(Reply::tool_use("Write", write_input(&target, "x")));
@@ -509,9 +553,8 @@ async fn an_unanswered_approval_times_out_to_deny() {
     assert!(!target.exists());
 }
 
-#[tokio::test]
-async fn interrupt_withdraws_a_pending_approval_and_the_session_goes_on() {
-    let s = setup().await;
+async fn interrupt_withdraws_a_pending_approval_and_the_session_goes_on(cli: Cli) {
+    let s = setup(cli).await;
     let target = s.project.join("never.txt");
     s.fake
         .push(Reply::tool_use("Write", write_input(&target, "x")));
@@ -546,9 +589,8 @@ async fn interrupt_withdraws_a_pending_approval_and_the_session_goes_on() {
     ev.exited().await;
 }
 
-#[tokio::test]
-async fn logged_out_fails_with_the_login_instruction() {
-    let s = setup_with(true).await;
+async fn logged_out_fails_with_the_login_instruction(cli: Cli) {
+    let s = setup_with(cli, true).await;
     let (session, mut ev) = s.start(s.spec()).await;
     session.send("hi").expect("send");
     let failed = ev
@@ -568,7 +610,7 @@ async fn logged_out_fails_with_the_login_instruction() {
 
 #[tokio::test]
 async fn a_missing_binary_says_how_to_install() {
-    let s = setup().await;
+    let s = setup(Cli::Newest).await;
     let mut spec = s.spec();
     spec.claude_bin = Some(s.project.join("no-such-claude"));
     let err = Session::start(spec).await.expect_err("must fail");
@@ -584,22 +626,12 @@ async fn a_missing_binary_says_how_to_install() {
 
 #[tokio::test]
 async fn a_too_old_binary_says_how_to_upgrade() {
-    use std::os::unix::fs::PermissionsExt;
-    let s = setup().await;
+    let s = setup(Cli::Newest).await;
     let old = s.project.join("claude");
-    std::fs::write(&old, "#!/bin/sh\necho '1.0.3 (Claude Code)'\n").expect("script");
-    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    ct_testkit::process::write_executable(&old, "#!/bin/sh\necho '1.0.3 (Claude Code)'\n");
     let mut spec = s.spec();
     spec.claude_bin = Some(old);
-    // A script just written can be "busy" for a moment if another test thread forked while it was open.
-    let mut err = Session::start(spec.clone()).await.expect_err("must fail");
-    for _ in 0..50 {
-        if !matches!(&err, TaskError::Broken { detail, .. } if detail.contains("busy")) {
-            break;
-        }
-        tokio::task::yield_now().await;
-        err = Session::start(spec.clone()).await.expect_err("must fail");
-    }
+    let err = Session::start(spec).await.expect_err("must fail");
     assert!(
         matches!(&err, TaskError::TooOld { found, .. } if found == "1.0.3"),
         "{err:?}"
@@ -612,9 +644,8 @@ async fn a_too_old_binary_says_how_to_upgrade() {
     );
 }
 
-#[tokio::test]
-async fn ask_user_question_gets_the_users_answers() {
-    let s = setup().await;
+async fn ask_user_question_gets_the_users_answers(cli: Cli) {
+    let s = setup(cli).await;
     s.fake.push(Reply::tool_use(
         "AskUserQuestion",
         json!({ "questions": [{
@@ -650,4 +681,64 @@ async fn ask_user_question_gets_the_users_answers() {
     );
     session.close().expect("close");
     ev.exited().await;
+}
+
+/// A newer CLI may print event types, content blocks and control requests this agent has never seen. None of
+/// them may break the task: unknown lines are skipped (and logged once), and an unknown control request gets an
+/// error answer, because the CLI waits for one. Fed by a scripted stand-in for the CLI, since no real version
+/// prints these on cue.
+#[tokio::test]
+async fn unknown_events_and_control_requests_are_skipped_and_the_turn_goes_on() {
+    let s = setup(Cli::Newest).await;
+    let cli = s.project.join("claude-from-the-future");
+    ct_testkit::process::write_executable(
+        &cli,
+        r#"#!/bin/sh
+case "$1" in --version) echo '2.1.332 (Claude Code)'; exit 0;; esac
+IFS= read -r prompt
+echo '{"type":"system","subtype":"init","session_id":"s-new","model":"m","cwd":"/p","tools":[],"claude_code_version":"9.9.9","permissionMode":"default","apiKeySource":"ANTHROPIC_API_KEY"}'
+echo '{"type":"hologram","subtype":"projected","extra":{"nested":[1,2]}}'
+echo 'not json at all'
+echo '{"type":"control_request","request_id":"cr-1","request":{"subtype":"teleport","where":"mars"}}'
+IFS= read -r answer
+printf '%s\n' "$answer" > control-answer.json
+echo '{"type":"assistant","message":{"content":[{"type":"text","text":"still fine"},{"type":"brand_new_block","x":1}]}}'
+echo '{"type":"result","subtype":"success","is_error":false,"result":"still fine","session_id":"s-new","num_turns":1,"a_new_field":true}'
+IFS= read -r rest || true
+exit 0
+"#,
+    );
+    let mut spec = s.spec();
+    spec.claude_bin = Some(cli);
+    let (session, mut ev) = s.start(spec).await;
+    session.send("go").expect("send");
+    let result = ev.result().await;
+    assert_eq!(result.text.as_deref(), Some("still fine"), "{:#?}", ev.seen);
+    assert!(!result.is_error);
+    let answer: Value = serde_json::from_str(
+        &std::fs::read_to_string(s.project.join("control-answer.json"))
+            .expect("the CLI got an answer"),
+    )
+    .expect("the answer is JSON");
+    assert_eq!(answer["type"], "control_response", "{answer}");
+    assert_eq!(answer["response"]["subtype"], "error", "{answer}");
+    assert_eq!(answer["response"]["request_id"], "cr-1", "{answer}");
+    assert!(
+        answer["response"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("teleport")),
+        "{answer}"
+    );
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::Failed(_) | RunnerEvent::Error { .. })),
+        0,
+        "{:#?}",
+        ev.seen
+    );
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::AssistantText { text } if text == "still fine")),
+        1
+    );
+    session.close().expect("close");
+    assert_eq!(ev.exited().await.code, Some(0));
 }

@@ -18,7 +18,8 @@ use ct_agent::{ConfigDir, RunOptions};
 use ct_relay::discord::{BotConfig, Delivery};
 use ct_relay::RelayConfig;
 use ct_testkit::discord::{InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
-use ct_testkit::{claude_bin, eventually, ClaudeEnv, DiscordSim, FakeAnthropic, Reply};
+use ct_testkit::process::poll_until;
+use ct_testkit::{claude_bin, eventually, ClaudeEnv, DiscordSim, FakeAnthropic, LongJob, Reply};
 use serde_json::{json, Value};
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
@@ -513,10 +514,11 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
         "a new session: {conversation}"
     );
 
-    // /cancel on a running task.
+    // /cancel on a running task (running the job, or waiting for its approval: cancel ends either).
+    let job = LongJob::write(&w.project, 300);
     w.fake.push(Reply::tool_use(
         "Bash",
-        json!({ "command": "sleep 300", "description": "Wait" }),
+        json!({ "command": job.command(), "description": "Run the long job" }),
     ));
     let (waiting, wthread) = start_task(
         sim,
@@ -530,7 +532,7 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
         sim,
         &wthread,
         "the Bash tool in the progress message",
-        |m| m.content.contains("▶ Bash `sleep 300`"),
+        |m| m.content.contains("▶ Bash `sh long-job.sh 300`"),
     )
     .await;
     let ix = sim
@@ -833,20 +835,34 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
         .unwrap();
     private(&w.sim, &ix).await;
 
-    // `sleep 3` runs unasked (read-only); it, and the answer after it, happen while the relay is down.
+    // The job runs until released: it ends, and Claude Code answers after it, while the relay is down.
+    let job = LongJob::gated(&w.project);
     w.fake.push(Reply::tool_use(
         "Bash",
-        json!({ "command": "sleep 3", "description": "Wait a little" }),
+        json!({ "command": job.command(), "description": "Run the long job" }),
     ));
     w.fake.push(Reply::text("slept well"));
     let (task, thread) = start_task(
         &w.sim,
         &alice,
         SlashCommand::new("task")
-            .opt(Opt::str("prompt", "sleep a little"))
+            .opt(Opt::str("prompt", "run the long job"))
             .opt(Opt::str("project", "app")),
     )
     .await;
+    // Whether the CLI asks before running a project script is its own business: allow it if asked.
+    let me = std::process::id();
+    tokio::select! {
+        approval = approval_message(&w.sim, &thread, &task) => {
+            click(&w.sim, &alice, &thread, &approval, "ao:");
+        }
+        started = poll_until(T, "the long job runs", || job.child_below(me).is_some()) => {
+            started.expect("the long job runs");
+        }
+    }
+    poll_until(T, "the long job runs", || job.child_below(me).is_some())
+        .await
+        .expect("the long job runs");
     // The thread has got as far as the Bash tool (the mark is saved with each progress edit).
     eventually(T, || {
         let (_, stored, _) = w.relay.core.follow(&task).unwrap();
@@ -864,11 +880,17 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
     .await;
 
     let World {
-        sim, relay, _dirs, ..
+        sim,
+        relay,
+        fake,
+        _dirs,
+        ..
     } = w;
     let (relay_dir, addr) = (_dirs[2].path().to_path_buf(), relay.addr);
     relay.stop().await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    job.release();
+    // Claude Code has had its answer (the request after the job's result), with no relay to tell.
+    eventually(T, || fake.main_requests().len() >= 2).await;
     let mut config = RelayConfig::new(relay_dir, addr);
     config.bot = Some(gateway_config(&sim));
     let relay = TestRelay::start(config).await;

@@ -9,7 +9,7 @@ use ct_agent::doctor::{self, DoctorOptions, Level, Report};
 use ct_agent::proxy::ProxyConfig;
 use ct_agent::{LinkStatus, RunOptions};
 use ct_relay::{Relay, RelayConfig};
-use ct_testkit::{claude_bin, ClaudeEnv, FakeAnthropic, PINNED_VERSION};
+use ct_testkit::{ClaudeEnv, Cli, FakeAnthropic, PINNED_VERSION};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +23,7 @@ fn direct() -> ConnectOptions {
 fn options(config_dir: &Path, claude: &ClaudeEnv, allowed: Option<String>) -> DoctorOptions {
     DoctorOptions {
         config_dir: config_dir.to_path_buf(),
-        claude_bin: Some(claude_bin()),
+        claude_bin: Some(claude.cli().bin()),
         claude_env: Some(claude.vars().to_vec()),
         allowed_dirs: allowed,
         proxy: ProxyConfig::direct(),
@@ -229,5 +229,88 @@ async fn a_key_others_can_read_and_a_missing_claude_are_reported() {
     let f = report.get("pairing").unwrap();
     assert_eq!(f.level, Level::Fail);
     assert!(f.fix.as_deref().unwrap().contains("ct-agent pair"), "{f:?}");
+    api.shutdown().await;
+}
+
+/// Doctor's Claude Code checks hold at both ends of the supported range: the version is named and called
+/// tested, a logged-out CLI is a failure with the login fix, a logged-in one passes.
+#[tokio::test]
+async fn claude_checks_pass_on_every_supported_cli() {
+    let api = FakeAnthropic::start([]).await.unwrap();
+    let unpaired = tempfile::tempdir().unwrap();
+    let config_dir = unpaired.path().join("none");
+    for cli in [Cli::Newest, Cli::Minimum] {
+        let out = ClaudeEnv::logged_out(api.base_url()).unwrap().with_cli(cli);
+        let report = doctor::run(&options(&config_dir, &out, None)).await;
+        let text = report.render();
+        let version = report.get("claude").unwrap();
+        assert_eq!(version.level, Level::Ok, "{cli:?}:\n{text}");
+        assert!(
+            version
+                .message
+                .contains(&format!("Claude Code {} (", cli.version())),
+            "{cli:?}:\n{text}"
+        );
+        assert!(version.message.contains("tested"), "{text}");
+        assert_eq!(
+            level(&report, "claude/login"),
+            Level::Fail,
+            "{cli:?}:\n{text}"
+        );
+
+        let logged_in = ClaudeEnv::new(api.base_url()).unwrap().with_cli(cli);
+        let report = doctor::run(&options(&config_dir, &logged_in, None)).await;
+        let text = report.render();
+        assert_eq!(
+            level(&report, "claude/login"),
+            Level::Ok,
+            "{cli:?}:\n{text}"
+        );
+    }
+    api.shutdown().await;
+}
+
+/// A CLI older than the minimum is a failure that says what to run; one newer than the newest tested is a
+/// warning, not a failure.
+#[tokio::test]
+async fn claude_versions_outside_the_tested_range_are_named() {
+    let api = FakeAnthropic::start([]).await.unwrap();
+    let claude = ClaudeEnv::logged_out(api.base_url()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("none");
+    for (printed, want) in [
+        ("2.0.5 (Claude Code)", Level::Fail),
+        ("9.1.0 (Claude Code)", Level::Warn),
+    ] {
+        let bin = dir.path().join(format!("claude-{}", &printed[..5]));
+        ct_testkit::process::write_executable(&bin, &format!("#!/bin/sh\necho '{printed}'\n"));
+        let mut opts = options(&config_dir, &claude, None);
+        opts.claude_bin = Some(bin);
+        let report = doctor::run(&opts).await;
+        let text = report.render();
+        let f = report.get("claude").unwrap();
+        assert_eq!(f.level, want, "{printed}:\n{text}");
+        let fix = f.fix.as_deref().unwrap_or_default();
+        if want == Level::Fail {
+            assert!(f.message.contains("older than 2.1.197"), "{text}");
+            assert!(
+                fix.contains("npm install -g @anthropic-ai/claude-code@latest"),
+                "{text}"
+            );
+            assert!(
+                report.get("claude/login").is_none(),
+                "no login check on a refused CLI:\n{text}"
+            );
+        } else {
+            assert!(
+                f.message.contains(&format!("newer than {PINNED_VERSION}")),
+                "{text}"
+            );
+            assert!(
+                fix.contains(&format!("@anthropic-ai/claude-code@{PINNED_VERSION}")),
+                "{text}"
+            );
+        }
+    }
     api.shutdown().await;
 }

@@ -14,7 +14,7 @@ use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_relay::store::{ShareLevel, TaskState};
 use ct_relay::tasks::{ReplyOutcome, Submit};
 use ct_testkit::process::{cmdline, descendants_of, poll_until};
-use ct_testkit::{claude_bin, ClaudeEnv, FakeAnthropic, Reply};
+use ct_testkit::{claude_bin, eventually, ClaudeEnv, FakeAnthropic, LongJob, Reply};
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -178,6 +178,28 @@ impl World {
             .decide(user, &f.task, approval, decision)
             .expect("decision accepted");
     }
+}
+
+/// Waits until `running` holds, allowing the tool use once if the CLI asks first: whether it asks before
+/// running a project script is the CLI's own business, and differs between versions.
+async fn allow_if_asked_until(relay: &TestRelay, f: &mut Follow, running: impl Fn() -> bool) {
+    tokio::select! {
+        (approval, _) = f.approval() => relay
+            .core
+            .decide(
+                OWNER,
+                &f.task,
+                &approval,
+                Decision::AllowOnce {
+                    updated_input: None,
+                },
+            )
+            .expect("decision accepted"),
+        started = poll_until(T, "the tool running", &running) => started.expect("the tool runs"),
+    }
+    poll_until(T, "the tool running", running)
+        .await
+        .expect("the tool runs");
 }
 
 /// A task's events through the relay core: what was stored, then what arrives live.
@@ -427,9 +449,10 @@ async fn approvals_round_trip_through_the_relay_and_only_the_owner_decides() {
 #[tokio::test]
 async fn cancel_ends_the_task_and_leaves_no_process_behind() {
     let w = world().await;
+    let job = LongJob::write(&w.project, 300);
     w.fake.push(Reply::tool_use(
         "Bash",
-        json!({ "command": "sleep 300", "description": "Wait" }),
+        json!({ "command": job.command(), "description": "Run the long job" }),
     ));
     let mut f = w.start(submit(OWNER, "app", "wait", TaskOptions::default()));
     f.until(
@@ -438,17 +461,14 @@ async fn cancel_ends_the_task_and_leaves_no_process_behind() {
     )
     .await;
     let me = std::process::id();
+    allow_if_asked_until(&w.relay, &mut f, || job.child_below(me).is_some()).await;
     let mut sleep_pid = None;
-    poll_until(T, "`sleep 300` running below the agent", || {
-        sleep_pid = descendants_of(me).into_iter().find(|&pid| {
-            // Other tests in this binary may run their own `sleep 300`: take the one in this project.
-            cmdline(pid).is_some_and(|c| c == "sleep 300")
-                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == w.project)
-        });
+    poll_until(T, "the long job running below the agent", || {
+        sleep_pid = job.child_below(me);
         sleep_pid.is_some()
     })
     .await
-    .expect("sleep started");
+    .expect("long job started");
     let claude = claude_processes(&w.project);
     assert!(!claude.is_empty());
 
@@ -498,17 +518,24 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
         _home,
         _root,
         _outside,
+        project,
         ..
     } = world().await;
-    // `sleep 3` runs unasked (read-only); its result, the text and the end happen while the relay is down.
+    // The job runs until released: it ends, and the model answers after it, while the relay is down.
+    let job = LongJob::gated(&project);
     fake.push(Reply::tool_use(
         "Bash",
-        json!({ "command": "sleep 3", "description": "Wait a little" }),
+        json!({ "command": job.command(), "description": "Run the long job" }),
     ));
     fake.push(Reply::text("slept well"));
     let rec = relay
         .core
-        .submit_task(submit(OWNER, "app", "sleep", TaskOptions::default()))
+        .submit_task(submit(
+            OWNER,
+            "app",
+            "run the long job",
+            TaskOptions::default(),
+        ))
         .unwrap();
     let task = rec.spec.task.clone();
     let (_, stored, rx) = relay.core.follow(&task).unwrap();
@@ -523,11 +550,16 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
         |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
     )
     .await;
+    allow_if_asked_until(&relay, &mut f, || {
+        job.child_below(std::process::id()).is_some()
+    })
+    .await;
     let before = f.seen.len();
     let addr = relay.addr.to_string();
     relay.stop().await;
-    // Long enough for the tool and the model's answer to finish while nobody listens.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    job.release();
+    // The model has had the job's result and answered, with no relay to tell.
+    eventually(T, || fake.main_requests().len() >= 2).await;
     let relay = TestRelay::on(relay_dir.path(), &addr).await;
 
     let (_, stored, rx) = relay.core.follow(&task).unwrap();
@@ -541,7 +573,12 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     let (rec, stored, _) = relay.core.follow(&task).unwrap();
     assert_contiguous(&stored);
-    let kinds: Vec<&str> = stored.iter().map(|(_, e)| kind(e)).collect();
+    // Whether the CLI asked before running the job is its own business.
+    let kinds: Vec<&str> = stored
+        .iter()
+        .map(|(_, e)| kind(e))
+        .filter(|k| !k.starts_with("approval_"))
+        .collect();
     assert_eq!(
         kinds,
         [
@@ -733,9 +770,10 @@ fn prompts_in_last_request(fake: &FakeAnthropic) -> String {
 #[tokio::test]
 async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
     let w = world().await;
+    let job = LongJob::gated(&w.project);
     w.fake.push(Reply::tool_use(
         "Bash",
-        json!({ "command": "sleep 2", "description": "Think" }),
+        json!({ "command": job.command(), "description": "Think" }),
     ));
     w.fake.push(Reply::text("first answer"));
     w.fake.push(Reply::text("second answer"));
@@ -747,6 +785,10 @@ async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
     ));
     f.until("the Bash tool", |e| matches!(e, TaskEvent::Tool { .. }))
         .await;
+    allow_if_asked_until(&w.relay, &mut f, || {
+        job.child_below(std::process::id()).is_some()
+    })
+    .await;
     // While the turn runs: the message is queued into the same session and the task waits for both turns.
     let sent = w
         .relay
@@ -754,6 +796,7 @@ async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
         .reply(OWNER, &f.task, "second question".into(), None)
         .unwrap();
     assert!(matches!(sent, ReplyOutcome::Sent(_)), "{sent:?}");
+    job.release();
     let (state, _) = f.finished().await;
     assert_eq!(state, FinalState::Done);
     let turns = f.kinds().iter().filter(|k| **k == "turn_finished").count();

@@ -6,22 +6,56 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use tempfile::TempDir;
 
-/// The CLI version testkit/claude/package-lock.json pins.
-pub const PINNED_VERSION: &str = "2.1.197";
+/// The newest CLI the project is tested with: what testkit/claude/package-lock.json pins.
+pub const PINNED_VERSION: &str = "2.1.332";
 
-/// Path of the pinned `claude` binary (testkit/claude/node_modules/.bin/claude).
-///
-/// # Panics
-/// If it is not installed, with a message telling the developer to run testkit/claude/install.sh.
+/// The oldest CLI the agent supports (`ct_agent::claude::MIN_VERSION`): what testkit/claude/min pins.
+pub const MIN_PINNED_VERSION: &str = "2.1.197";
+
+/// One of the two pinned Claude Code CLIs that `testkit/claude/install.sh` installs. The runner's contract
+/// tests run against both, so that the range the agent claims to support is tested at both of its ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cli {
+    /// The newest pin ([`PINNED_VERSION`]), in `testkit/claude/`.
+    Newest,
+    /// The oldest supported version ([`MIN_PINNED_VERSION`]), in `testkit/claude/min/`.
+    Minimum,
+}
+
+impl Cli {
+    /// The version `claude --version` prints for this pin.
+    pub fn version(self) -> &'static str {
+        match self {
+            Cli::Newest => PINNED_VERSION,
+            Cli::Minimum => MIN_PINNED_VERSION,
+        }
+    }
+
+    /// Path of this pin's `claude` binary.
+    ///
+    /// # Panics
+    /// If it is not installed, with a message telling the developer to run testkit/claude/install.sh.
+    pub fn bin(self) -> PathBuf {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("claude");
+        let dir = match self {
+            Cli::Newest => root,
+            Cli::Minimum => root.join("min"),
+        };
+        let bin = dir.join("node_modules/.bin/claude");
+        assert!(
+            bin.exists(),
+            "the pinned Claude Code CLI {} is missing at {}: run `bash {}/claude/install.sh` first",
+            self.version(),
+            bin.display(),
+            env!("CARGO_MANIFEST_DIR"),
+        );
+        bin
+    }
+}
+
+/// Path of the newest pinned `claude` binary ([`Cli::Newest`]).
 pub fn claude_bin() -> PathBuf {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("claude/node_modules/.bin/claude");
-    assert!(
-        bin.exists(),
-        "the pinned Claude Code CLI is missing at {}: run `bash {}/claude/install.sh` first",
-        bin.display(),
-        env!("CARGO_MANIFEST_DIR"),
-    );
-    bin
+    Cli::Newest.bin()
 }
 
 /// A throwaway HOME and config dir plus the variables that point the CLI at a fake API and keep it quiet.
@@ -32,6 +66,7 @@ pub fn claude_bin() -> PathBuf {
 pub struct ClaudeEnv {
     dir: TempDir,
     vars: Vec<(String, String)>,
+    cli: Cli,
 }
 
 impl ClaudeEnv {
@@ -69,7 +104,22 @@ impl ClaudeEnv {
         if let Some(key) = api_key {
             vars.push(("ANTHROPIC_API_KEY".into(), key.to_owned()));
         }
-        Ok(Self { dir, vars })
+        Ok(Self {
+            dir,
+            vars,
+            cli: Cli::Newest,
+        })
+    }
+
+    /// Runs `cli` instead of the newest pin.
+    pub fn with_cli(mut self, cli: Cli) -> Self {
+        self.cli = cli;
+        self
+    }
+
+    /// The CLI that [`ClaudeEnv::command`] runs.
+    pub fn cli(&self) -> Cli {
+        self.cli
     }
 
     /// The temp HOME.
@@ -100,7 +150,7 @@ impl ClaudeEnv {
 
     /// A `claude` command in `cwd` with the hermetic environment; stdin is null and the child is killed on drop.
     pub fn command(&self, cwd: &Path) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(claude_bin());
+        let mut cmd = tokio::process::Command::new(self.cli.bin());
         cmd.env_clear();
         for key in ["PATH", "LANG"] {
             if let Some(v) = std::env::var_os(key) {

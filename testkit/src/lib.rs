@@ -1,12 +1,13 @@
 //! Test support for running the real Claude Code CLI offline.
 //!
-//! - [`claude`]: where the pinned CLI binary is (installed by `testkit/claude/install.sh`) and the hermetic
+//! - [`claude`]: where the two pinned CLI binaries are (the newest and the oldest supported) (installed by `testkit/claude/install.sh`) and the hermetic
 //!   environment to run it in ([`ClaudeEnv`]).
 //! - [`anthropic`]: [`FakeAnthropic`], a scripted fake of the Anthropic Messages API on 127.0.0.1:0 that the CLI
 //!   is pointed at with `ANTHROPIC_BASE_URL`.
 //! - [`process`]: [`ClaudeProcess`], a running `--output-format stream-json` CLI read as JSON events, with
 //!   helpers for stream-json input and control responses.
 //!
+//! - [`job`]: [`LongJob`], a project script that keeps the Bash tool busy for cancel and interrupt tests.
 //! - [`discord`]: [`DiscordSim`], a Discord simulator (REST + gateway + HTTP-interaction signing) that the
 //!   bot runs against through `DISCORD_API_PROXY`.
 //!
@@ -15,11 +16,13 @@
 pub mod anthropic;
 pub mod claude;
 pub mod discord;
+pub mod job;
 pub mod process;
 pub mod wait;
 
 pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
-pub use claude::{claude_bin, ClaudeEnv, PINNED_VERSION};
+pub use claude::{claude_bin, ClaudeEnv, Cli, MIN_PINNED_VERSION, PINNED_VERSION};
 pub use discord::DiscordSim;
+pub use job::LongJob;
 pub use process::{ClaudeProcess, SESSION_ARGS};
 pub use wait::eventually;

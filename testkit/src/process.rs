@@ -321,3 +321,33 @@ pub async fn poll_until(
         }
     }
 }
+
+/// Writes an executable script at `path` that can be run at once.
+///
+/// A file written by this (multi-threaded) test process can be "busy" (ETXTBSY) when run: another test thread
+/// that forked while it was open for writing holds that descriptor until its child execs. So the file is
+/// written by a `sh` child instead, and the only descriptor ever open for writing is gone when it exits.
+///
+/// # Panics
+/// If the script cannot be written.
+pub fn write_executable(path: &Path, content: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("/bin/sh")
+        .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
+        .arg(path)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("running sh to write the script");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(content.as_bytes())
+        .expect("writing the script through sh");
+    let status = child.wait().expect("waiting for sh");
+    assert!(
+        status.success(),
+        "writing {} failed: {status}",
+        path.display()
+    );
+}

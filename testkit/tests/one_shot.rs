@@ -198,10 +198,9 @@ async fn logged_out() {
     let status = run(&env, &["auth", "status"]).await;
     assert_eq!(status.status.code(), Some(1));
     let json: Value = serde_json::from_slice(&status.stdout).expect("auth status prints JSON");
-    assert_eq!(
-        json,
-        serde_json::json!({ "loggedIn": false, "authMethod": "none", "apiProvider": "firstParty" })
-    );
+    // Only the fields `ct-agent doctor` reads: newer CLIs add more (configDirectory, loginExpiresAt, ...).
+    assert_eq!(json["loggedIn"], false, "{json}");
+    assert_eq!(json["authMethod"], "none", "{json}");
     let reqs = fake.requests();
     assert!(
         reqs.iter().all(is_probe),
@@ -212,11 +211,6 @@ async fn logged_out() {
     let status = run(&logged_in, &["auth", "status"]).await;
     assert_eq!(status.status.code(), Some(0));
     let json: Value = serde_json::from_slice(&status.stdout).expect("auth status prints JSON");
-    assert_eq!(
-        json,
-        serde_json::json!({
-            "loggedIn": true, "authMethod": "api_key", "apiProvider": "firstParty",
-            "apiKeySource": "ANTHROPIC_API_KEY",
-        })
-    );
+    assert_eq!(json["loggedIn"], true, "{json}");
+    assert_eq!(json["authMethod"], "api_key", "{json}");
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ct_testkit::process::{cmdline, poll_until};
-use ct_testkit::{ClaudeEnv, ClaudeProcess, FakeAnthropic, Reply, SESSION_ARGS};
+use ct_testkit::{ClaudeEnv, ClaudeProcess, FakeAnthropic, LongJob, Reply, SESSION_ARGS};
 use serde_json::{json, Value};
 
 /// Generous: two cores shared with other builds, and the CLI binary is 245 MB to load.
@@ -179,16 +179,18 @@ async fn deny_reaches_the_model_as_an_error_tool_result() {
 #[tokio::test]
 async fn interrupt_ends_the_turn_and_kills_the_bash_child() {
     let s = setup().await;
+    let project = std::fs::canonicalize(s.project.path()).expect("canonical project");
+    let job = LongJob::write(&project, 300);
     s.fake.push(Reply::tool_use(
         "Bash",
-        json!({ "command": "sleep 300", "description": "Wait" }),
+        json!({ "command": job.command(), "description": "Run the long job" }),
     ));
 
     let mut claude = ClaudeProcess::spawn(&s.env, s.project.path(), SESSION_ARGS).expect("spawn");
     let cli_pid = claude.pid().expect("pid");
     claude.send_user("wait a while").await.expect("send");
 
-    // `sleep` counts as read-only in 2.1.197, so it runs without a can_use_tool round trip; allow it if asked.
+    // Whether the CLI asks before running a project script is its own business: allow it if asked.
     let started = claude
         .wait_for(T, |e| {
             e["subtype"] == "task_started"
@@ -206,11 +208,8 @@ async fn interrupt_ends_the_turn_and_kills_the_bash_child() {
     }
 
     let mut sleep_pid = None;
-    poll_until(T, "`sleep 300` runs below the CLI", || {
-        sleep_pid = claude
-            .descendants()
-            .into_iter()
-            .find(|&pid| cmdline(pid).is_some_and(|c| c == "sleep 300"));
+    poll_until(T, "the long job's `sleep` runs below the CLI", || {
+        sleep_pid = job.child_below(cli_pid);
         sleep_pid.is_some()
     })
     .await
@@ -222,9 +221,12 @@ async fn interrupt_ends_the_turn_and_kills_the_bash_child() {
         .wait_for(T, |e| e["type"] == "control_response")
         .await
         .expect("interrupt acknowledged");
+    // The fields the agent reads; 2.1.332 adds `response: {"still_queued": [...]}`.
+    assert_eq!(ack["response"]["subtype"], "success", "{ack}");
     assert_eq!(
-        ack["response"],
-        json!({ "subtype": "success", "request_id": interrupt_id })
+        ack["response"]["request_id"],
+        interrupt_id.as_str(),
+        "{ack}"
     );
 
     let result = claude.wait_for_result(T).await.expect("result");
@@ -235,7 +237,7 @@ async fn interrupt_ends_the_turn_and_kills_the_bash_child() {
         result.get("result").is_none(),
         "no result text on error results: {result}"
     );
-    poll_until(T, "the interrupted `sleep 300` is gone", || {
+    poll_until(T, "the interrupted job is gone", || {
         cmdline(sleep_pid).is_none()
     })
     .await
