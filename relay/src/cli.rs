@@ -59,9 +59,20 @@ pub struct RunArgs {
     /// Minutes a pairing code stays valid.
     #[arg(long, env = "CT_RELAY_PAIR_CODE_MINUTES", default_value_t = 10)]
     pub pair_code_minutes: u64,
-    /// Connections served at once (QUIC and TCP together); more are refused at accept.
-    #[arg(long, env = "CT_RELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
-    pub max_connections: usize,
+    /// Connections served at once (QUIC and TCP together); more are refused at accept. Default: what the
+    /// descriptor limit allows (raised to its hard limit at start), less a reserve, at most 50,000.
+    #[arg(long, env = "CT_RELAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections one address (IPv6: one /64) may hold at once. Agents behind one NAT share an address.
+    #[arg(
+        long,
+        env = "CT_RELAY_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 128
+    )]
+    pub max_connections_per_address: usize,
+    /// Seconds a TCP client has for its TLS handshake and then for each HTTP request (headers and body).
+    #[arg(long, env = "CT_RELAY_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    pub request_timeout_secs: u64,
     /// Tasks one person may start per minute (after a burst of half as many, at least 1).
     #[arg(long, env = "CT_RELAY_TASKS_PER_MINUTE", default_value_t = 20)]
     pub tasks_per_minute: u32,
@@ -321,7 +332,10 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
     config.websocket = !cli.run.no_websocket;
     config.core.pair_code_ttl =
         std::time::Duration::from_secs(cli.run.pair_code_minutes.max(1) * 60);
-    config.core.max_connections = cli.run.max_connections.max(1);
+    config.core.max_connections = connection_limit(cli.run.max_connections);
+    config.core.max_connections_per_address = cli.run.max_connections_per_address.max(1);
+    config.core.request_timeout =
+        std::time::Duration::from_secs(cli.run.request_timeout_secs.max(1));
     config.core.tasks_per_minute = cli.run.tasks_per_minute.max(1);
     config.core.task_burst = (cli.run.tasks_per_minute / 2).max(1);
     config.core.max_tasks_per_user = cli.run.max_tasks_per_user.max(1);
@@ -353,6 +367,46 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
         signals.cancel();
     });
     relay.run(shutdown).await
+}
+
+/// The most connections served at once that the descriptor limit allows, or `chosen` (with a warning when it
+/// is more than that): past the descriptor limit `accept` fails with EMFILE for everyone, agents and health
+/// checks alike, while refusing at the limit keeps the connections already served working.
+fn connection_limit(chosen: Option<usize>) -> usize {
+    use crate::endpoint::limits::{connections_for, descriptor_reserve};
+    const CEILING: usize = 50_000;
+    let Some(descriptors) = crate::sys::raise_descriptor_limit() else {
+        let limit = chosen.unwrap_or(CEILING).max(1);
+        tracing::warn!(
+            limit,
+            "cannot read the descriptor limit; serving at most {limit} connections"
+        );
+        return limit;
+    };
+    let allowed = connections_for(descriptors, CEILING);
+    match chosen {
+        None => {
+            tracing::info!(
+                descriptors,
+                max_connections = allowed,
+                "serving at most {allowed} connections at once: the descriptor limit ({descriptors}) less {} \
+                 kept for the store and listeners; raise LimitNOFILE (or ulimit -n) for more",
+                descriptor_reserve(descriptors)
+            );
+            allowed
+        }
+        Some(n) => {
+            if n > allowed {
+                tracing::warn!(
+                    descriptors,
+                    max_connections = n,
+                    "--max-connections {n} is more than the descriptor limit ({descriptors}) leaves room for \
+                     ({allowed}): past it accept fails for everyone; raise LimitNOFILE or lower --max-connections"
+                );
+            }
+            n.max(1)
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -53,6 +53,12 @@ pub struct CoreConfig {
     /// Connections (QUIC and TCP together, agents and HTTP alike) served at once; more are refused at
     /// accept, so a flood of idle sockets cannot exhaust memory or file descriptors.
     pub max_connections: usize,
+    /// Connections one address (IPv6: one /64) may hold at once, so one party cannot take every slot of
+    /// `max_connections`. Agents behind one NAT share an address: keep this above the agents one office runs.
+    pub max_connections_per_address: usize,
+    /// Time a TCP client has for its TLS handshake, and then for each HTTP request's headers and for the
+    /// whole request (body included) to be read and answered. A client trickling bytes is cut off after it.
+    pub request_timeout: Duration,
     /// Tasks one agent runs at once (sent to it and not finished); more wait in its queue. At least 1.
     pub max_running_per_agent: usize,
     /// Tasks waiting in one agent's queue; beyond this a submit is refused rather than left waiting for hours.
@@ -88,6 +94,8 @@ impl Default for CoreConfig {
             pair_burst: 10,
             pair_refill: Duration::from_secs(6),
             max_connections: 50_000,
+            max_connections_per_address: 128,
+            request_timeout: Duration::from_secs(10),
             max_running_per_agent: 2,
             max_queued_per_agent: 20,
             project_timeout: Duration::from_secs(10),
@@ -158,6 +166,8 @@ pub struct Core {
     next_session: AtomicU64,
     /// One permit per connection being served; see [`CoreConfig::max_connections`].
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// Connections each address holds; see [`CoreConfig::max_connections_per_address`].
+    pub per_address: Arc<crate::endpoint::limits::PerAddress>,
     /// Live followers of each task (admin `task`, later the Discord bot).
     pub(crate) followers: crate::tasks::Followers,
     /// Serialises every decision about who may run what where: submitting, dispatching from the queues,
@@ -193,6 +203,9 @@ impl Core {
             ),
             minting: Mutex::new(()),
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            per_address: crate::endpoint::limits::PerAddress::new(
+                config.max_connections_per_address,
+            ),
             commit: store.group_commit()?,
             store,
             config,

@@ -18,7 +18,7 @@
 //! - [`discord`]: the Discord bot's backend over the core, and starting the bot with the relay.
 //! - [`tls`]: the relay key agents pin, and the certificate.
 //! - [`ratelimit`]: token buckets per address and per user, bounded in memory.
-//! - [`metrics`], [`files`]: supporting pieces.
+//! - [`metrics`], [`files`]: supporting pieces; [`sys`]: the descriptor limit, the crate's only `unsafe`.
 //! - [`cli`]: the command line, kept out of `main.rs` so it can be tested.
 
 pub mod admin;
@@ -38,6 +38,7 @@ pub mod retention;
 pub mod routing;
 pub mod shares;
 pub mod store;
+pub mod sys;
 pub mod tasks;
 pub mod tls;
 

@@ -6,6 +6,7 @@
 
 mod audit;
 mod binary;
+mod connections;
 mod endpoint;
 mod limits;
 mod projects;
