@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
+use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{
     Decision as WireDecision, FinalState, Role, TaskEvent, TaskSpec, MAX_EVENT_TEXT,
 };
@@ -42,8 +43,11 @@ use crate::sandbox::{self, Bwrap, SandboxError};
 /// Project replies and reports waiting for a link; older ones are dropped (a report is re-sent on every
 /// handshake, and a reply nobody waits for any more is useless).
 const MAX_CONTROL: usize = 64;
-/// Longest string kept inside a tool input shown for approval (a whole file being written, say).
+/// Longest string kept inside a tool input shown for approval when the whole input is too large to send.
 const MAX_INPUT_STRING: usize = 4000;
+/// An approval's tool input is sent whole up to this size (JSON bytes), so the approver can read all of what
+/// would run (the bot attaches it); past it, long strings are cut and the approval says so.
+const MAX_APPROVAL_INPUT: usize = 256 * 1024;
 
 /// How tasks run on this machine.
 #[derive(Debug, Clone)]
@@ -641,7 +645,11 @@ impl Driver {
                     session_reported: false,
                 });
                 self.report_session().await;
-                if let Err(e) = self.session.send(prompt) {
+                // A new task asks afresh: "allow for the session" rules of the task before it end with it
+                // (the driver is only ever reused for the same requester, but a rule must not outlive the
+                // task whose approver made it, unseen).
+                let forgotten = self.session.forget_rules();
+                if let Err(e) = forgotten.and_then(|()| self.session.send(prompt)) {
                     self.fail(e.to_string()).await;
                 }
             }
@@ -669,7 +677,9 @@ impl Driver {
                 }
                 let outcome = match &decision {
                     WireDecision::AllowOnce { .. } => "allowed",
-                    WireDecision::AllowSession => "allowed_for_session",
+                    WireDecision::AllowSession | WireDecision::AllowSessionPrefix { .. } => {
+                        "allowed_for_session"
+                    }
                     WireDecision::Deny { .. } => "denied",
                     WireDecision::Answers { .. } => "answered",
                 };
@@ -677,7 +687,10 @@ impl Driver {
                     WireDecision::AllowOnce { updated_input } => {
                         Decision::AllowOnce { updated_input }
                     }
-                    WireDecision::AllowSession => Decision::AllowSession,
+                    WireDecision::AllowSession => Decision::AllowSession { prefix: None },
+                    WireDecision::AllowSessionPrefix { prefix } => Decision::AllowSession {
+                        prefix: Some(prefix),
+                    },
                     WireDecision::Deny { reason } => Decision::Deny { reason },
                     WireDecision::Answers { answers } => Decision::Answers(answers),
                 };
@@ -734,7 +747,26 @@ impl Driver {
                 }
             }
             RunnerEvent::ToolUse { name, summary, .. } => {
-                self.emit(TaskEvent::Tool { name, summary }).await;
+                self.emit(TaskEvent::Tool {
+                    name,
+                    summary,
+                    auto_allowed: None,
+                })
+                .await;
+            }
+            RunnerEvent::ApprovalAutoAllowed {
+                tool,
+                summary,
+                rule,
+                ..
+            } => {
+                // Posted in the thread and audited by the relay: a use nobody was asked about is still seen.
+                self.emit(TaskEvent::Tool {
+                    name: tool,
+                    summary,
+                    auto_allowed: Some(wire_scope(rule)),
+                })
+                .await;
             }
             RunnerEvent::ToolResult { is_error, text, .. } => {
                 self.emit(TaskEvent::ToolResult {
@@ -755,17 +787,28 @@ impl Driver {
                     return;
                 };
                 bound.approvals.insert(req.id.clone());
-                let summary = req
-                    .description
-                    .clone()
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or_else(|| claude::events::summarize_tool_input(&req.input));
+                // What the use acts on, from its input: never the model's `description` in its place (the
+                // model writes that, and it can say "npm test" about anything).
+                let summary = claude::events::summarize_tool_input(&req.input);
+                let session = SessionScope::exact(&req.tool, &req.input).map(wire_scope);
+                let whole = serde_json::to_vec(&req.input).map_or(0, |v| v.len());
+                let (input, input_cut) = if whole <= MAX_APPROVAL_INPUT {
+                    (req.input, false)
+                } else {
+                    (bound_value(req.input), true)
+                };
                 self.emit(TaskEvent::ApprovalRequested {
                     approval: req.id,
                     question: req.tool == "AskUserQuestion",
                     tool: req.tool,
                     summary,
-                    input: bound_value(req.input),
+                    input,
+                    description: req
+                        .description
+                        .filter(|d| !d.is_empty())
+                        .map(|d| cut_bytes(&d, MAX_INPUT_STRING)),
+                    session,
+                    input_cut,
                 })
                 .await;
             }
@@ -815,7 +858,7 @@ impl Driver {
             RunnerEvent::Error { message } => {
                 tracing::warn!(%message, "Claude Code output problem");
             }
-            RunnerEvent::ApprovalAutoAllowed { .. }
+            RunnerEvent::RuleAdded { .. }
             | RunnerEvent::Queued { .. }
             | RunnerEvent::Raw(_)
             | RunnerEvent::Exited(_) => {}
@@ -957,6 +1000,18 @@ fn session_spec(
     s.max_budget_usd = spec.options.max_budget_usd;
     s.resume = spec.resume.clone();
     s
+}
+
+/// A rule as sent to the relay: an exact-input rule leaves out the input (the approval carried it already,
+/// and one use's input can be large).
+fn wire_scope(rule: SessionScope) -> SessionScope {
+    match rule {
+        SessionScope::Input { tool, .. } => SessionScope::Input {
+            tool,
+            input: Value::Null,
+        },
+        other => other,
+    }
 }
 
 /// `text` in pieces of at most `max` bytes, cut on char boundaries (preferring a line break in the last

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ct_agent::claude::{Decision, RunnerEvent, Session, SessionSpec, TaskError, TurnResult};
+use ct_protocol::scope::SessionScope;
 use ct_testkit::process::{cmdline, descendants_of, poll_until};
 use ct_testkit::{claude_bin, ClaudeEnv, FakeAnthropic, Reply};
 use serde_json::{json, Value};
@@ -264,41 +265,53 @@ async fn deny_tells_the_model_why_and_writes_nothing() {
     assert!(!target.exists());
 }
 
+/// "Allow for session" covers the same use, not the tool: the same file again passes without asking (and is
+/// reported), another file asks; nothing is written into the project's settings.
 #[tokio::test]
-async fn allow_for_the_session_allows_the_next_write_without_asking_and_writes_no_settings() {
+async fn allow_for_the_session_covers_the_same_file_only_and_writes_no_settings() {
     let s = setup().await;
     let a = s.project.join("a.txt");
     let b = s.project.join("b.txt");
     s.fake.push(Reply::tool_use("Write", write_input(&a, "a")));
+    s.fake
+        .push(Reply::tool_use("Write", write_input(&a, "a again")));
     s.fake.push(Reply::tool_use("Write", write_input(&b, "b")));
-    s.fake.push(Reply::text("both written"));
+    s.fake.push(Reply::text("written"));
 
     let (session, mut ev) = s.start(s.spec()).await;
-    session.send("write a and b").expect("send");
+    session.send("write a twice and b").expect("send");
     let ask = ev.approval().await;
     assert!(
         !ask.suggestions.is_empty(),
         "the CLI offers suggestions: {ask:?}"
     );
     session
-        .decide(&ask.id, Decision::AllowSession)
+        .decide(&ask.id, Decision::AllowSession { prefix: None })
+        .expect("decide");
+    // The second write of a.txt is allowed by the rule; b.txt is another file, so it asks.
+    let ask_b = ev.approval().await;
+    assert_eq!(ask_b.input["file_path"], json!(b), "{ask_b:?}");
+    let rule = SessionScope::File {
+        path: a.display().to_string(),
+    };
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::ApprovalAutoAllowed { tool, rule: r, .. } if tool == "Write" && *r == rule)),
+        1,
+        "{:#?}",
+        ev.seen
+    );
+    session
+        .decide(
+            &ask_b.id,
+            Decision::Deny {
+                reason: "not b".into(),
+            },
+        )
         .expect("decide");
     let result = ev.result().await;
-    assert_eq!(result.text.as_deref(), Some("both written"), "{result:?}");
-    assert_eq!(std::fs::read_to_string(&a).expect("a"), "a");
-    assert_eq!(std::fs::read_to_string(&b).expect("b"), "b");
-    assert_eq!(
-        ev.count(|e| matches!(e, RunnerEvent::ApprovalRequested(_))),
-        1,
-        "{:#?}",
-        ev.seen
-    );
-    assert_eq!(
-        ev.count(|e| matches!(e, RunnerEvent::ApprovalAutoAllowed { tool, .. } if tool == "Write")),
-        1,
-        "{:#?}",
-        ev.seen
-    );
+    assert_eq!(result.text.as_deref(), Some("written"), "{result:?}");
+    assert_eq!(std::fs::read_to_string(&a).expect("a"), "a again");
+    assert!(!b.exists(), "b.txt was asked about and denied");
     assert!(
         !s.project.join(".claude").exists(),
         "nothing may be written into the project's .claude/"
@@ -306,6 +319,76 @@ async fn allow_for_the_session_allows_the_next_write_without_asking_and_writes_n
     session.close().expect("close");
     ev.exited().await;
     assert!(!s.project.join(".claude/settings.local.json").exists());
+}
+
+/// A Bash prefix rule covers simple commands that start with it and nothing chained onto them; forgetting
+/// the rules (a new task on the same process) makes the same command ask again.
+#[tokio::test]
+async fn a_bash_prefix_rule_never_covers_a_chained_command_and_rules_can_be_forgotten() {
+    let s = setup().await;
+    let bash = |c: &str| json!({ "command": c, "description": "npm test" });
+    s.fake.push(Reply::tool_use("Bash", bash("touch one.txt")));
+    s.fake.push(Reply::tool_use("Bash", bash("touch two.txt")));
+    s.fake.push(Reply::tool_use(
+        "Bash",
+        bash("touch three.txt && touch four.txt"),
+    ));
+    s.fake.push(Reply::text("first turn"));
+    s.fake.push(Reply::tool_use("Bash", bash("touch five.txt")));
+    s.fake.push(Reply::text("second turn"));
+
+    let (session, mut ev) = s.start(s.spec()).await;
+    session.send("touch things").expect("send");
+    let ask = ev.approval().await;
+    assert_eq!(ask.input["command"], "touch one.txt");
+    session
+        .decide(
+            &ask.id,
+            Decision::AllowSession {
+                prefix: Some("touch".into()),
+            },
+        )
+        .expect("decide");
+    // `touch two.txt` passes under the rule; the chained command asks.
+    let chained = ev.approval().await;
+    assert_eq!(
+        chained.input["command"], "touch three.txt && touch four.txt",
+        "{:#?}",
+        ev.seen
+    );
+    session
+        .decide(
+            &chained.id,
+            Decision::Deny {
+                reason: "no".into(),
+            },
+        )
+        .expect("decide");
+    ev.result().await;
+    assert!(s.project.join("one.txt").exists() && s.project.join("two.txt").exists());
+    assert!(!s.project.join("three.txt").exists());
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::ApprovalAutoAllowed { summary, .. } if summary == "touch two.txt")),
+        1,
+        "{:#?}",
+        ev.seen
+    );
+
+    session.forget_rules().expect("forget");
+    session.send("touch five").expect("send");
+    let again = ev.approval().await;
+    assert_eq!(again.input["command"], "touch five.txt");
+    session
+        .decide(
+            &again.id,
+            Decision::AllowOnce {
+                updated_input: None,
+            },
+        )
+        .expect("decide");
+    ev.result().await;
+    session.close().expect("close");
+    ev.exited().await;
 }
 
 #[tokio::test]

@@ -306,7 +306,7 @@ async fn a_task_writes_a_file_in_its_project_and_every_event_arrives_in_order() 
         f.seen[0]
     );
     assert!(
-        matches!(&f.seen[2].1, TaskEvent::Tool { name, summary } if name == "Write" && summary.ends_with("hello.txt"))
+        matches!(&f.seen[2].1, TaskEvent::Tool { name, summary, .. } if name == "Write" && summary.ends_with("hello.txt"))
     );
     // What the relay stored is the same log, numbered from 1 with no gap, and the task record agrees.
     let (rec, stored, _) = w.relay.core.follow(&f.task).unwrap();

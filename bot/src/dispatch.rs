@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
 use serenity::all::{
     ActionRowComponent, AutocompleteChoice, ChannelId, CommandData, CommandDataOption,
@@ -22,7 +23,9 @@ use crate::app::Inner;
 use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark};
 use crate::commands::{completion_for, Completion};
 use crate::custom_id::{Action, Scope};
-use crate::render::approval::{answer_modal, deny_modal, not_yours, questions};
+use crate::render::approval::{
+    answer_modal, deny_modal, not_yours, prefix_modal, questions, rule_words,
+};
 use crate::render::summary::{summary_embed, SummaryContext};
 use crate::render::truncate;
 use crate::respond::{deliver, Answer, Initial, Responder};
@@ -1064,15 +1067,42 @@ impl Inner {
                 approval, scope, ..
             } => {
                 let decision = match scope {
-                    Scope::Once => Decision::AllowOnce {
+                    Scope::Once => Some(Decision::AllowOnce {
                         updated_input: None,
-                    },
-                    Scope::Session => Decision::AllowSession,
+                    }),
+                    Scope::Session => Some(Decision::AllowSession),
+                    // The word comes from the request this bot showed, never from the click.
+                    Scope::FirstWord => self
+                        .threads
+                        .approval(&task, &approval)
+                        .and_then(|open| {
+                            SessionScope::first_word(&open.view.tool, &open.view.input)
+                        })
+                        .map(|rule| Decision::AllowSessionPrefix {
+                            prefix: rule.subject().to_string(),
+                        }),
                 };
-                // The message is edited (buttons disabled, outcome shown) when the agent reports it closed.
-                self.decide(&user, &task, &approval, decision)
-                    .await
-                    .map(|()| Initial::Acknowledge)
+                match decision {
+                    // The message is edited (buttons disabled, outcome shown) when the agent reports it closed.
+                    Some(decision) => self
+                        .decide(&user, &task, &approval, decision)
+                        .await
+                        .map(|()| Initial::Acknowledge),
+                    None => Ok(Initial::Message(Answer::private(
+                        "That approval is no longer open here: allow this command only, or deny.",
+                    ))),
+                }
+            }
+            Action::Prefix { approval, .. } => {
+                let command = self
+                    .threads
+                    .approval(&task, &approval)
+                    .and_then(|o| o.view.input["command"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                Ok(match prefix_modal(&task, &approval, &command) {
+                    Ok(m) => Initial::Modal(m),
+                    Err(err) => Initial::Message(Answer::private(format!("⚠️ {err}"))),
+                })
             }
             Action::Deny { approval, .. } => Ok(match deny_modal(&task, &approval) {
                 Ok(m) => Initial::Modal(m),
@@ -1125,13 +1155,46 @@ impl Inner {
                     Err(err) => Initial::Message(Answer::private(format!("⚠️ {err}"))),
                 })
             }
-            Action::Stop { .. } | Action::DenyReason { .. } | Action::AnswerText { .. } => {
+            Action::Stop { .. }
+            | Action::DenyReason { .. }
+            | Action::AnswerText { .. }
+            | Action::PrefixText { .. } => {
                 Ok(Initial::Message(Answer::private("That is not a button.")))
             }
         };
         result
             .unwrap_or_else(|e| Initial::Message(failed(e)))
             .into()
+    }
+
+    /// "Allow a prefix…", submitted: the prefix must cover the command the approver was shown (the agent checks
+    /// it again), so allowing this use and adding the rule are one decision.
+    async fn allow_prefix(
+        &self,
+        user: &str,
+        task: &str,
+        approval: &str,
+        prefix: &str,
+    ) -> crate::backend::Result<Initial> {
+        let Some(open) = self.threads.approval(task, approval) else {
+            return Ok(Initial::Message(Answer::private(
+                "That approval is no longer open here: allow this command only, or deny.",
+            )));
+        };
+        let rule = match SessionScope::prefix(&open.view.tool, &open.view.input, prefix) {
+            Ok(rule) => rule,
+            Err(why) => {
+                return Ok(Initial::Message(Answer::private(format!(
+                    "⚠️ Not allowed: {why}. Nothing was decided; the approval is still open."
+                ))))
+            }
+        };
+        let said = format!("✅ Allowed for this session: {}.", rule_words(&rule));
+        let decision = Decision::AllowSessionPrefix {
+            prefix: rule.subject().to_string(),
+        };
+        self.decide(user, task, approval, decision).await?;
+        Ok(Initial::Message(Answer::private(said)))
     }
 
     /// Records one AskUserQuestion answer; sends them all once every question has one.
@@ -1205,6 +1268,10 @@ impl Inner {
                 approval, question, ..
             } => {
                 self.answer(&user, &task, &approval, question, field("answer"))
+                    .await
+            }
+            Action::PrefixText { approval, .. } => {
+                self.allow_prefix(&user, &task, &approval, &field("prefix"))
                     .await
             }
             _ => Ok(Initial::Message(Answer::private("That is not a form."))),

@@ -38,7 +38,8 @@ use tracing::{debug, warn};
 
 use crate::backend::{Backend, TaskInfo, ThreadMark};
 use crate::render::approval::{
-    approval_components, approval_content, closed_content, stop_button, ApprovalView, Closed,
+    approval_components, approval_content, attachment, auto_allowed_line, closed_content,
+    stop_button, ApprovalView, Closed,
 };
 use crate::render::output::{place, OutputKind, Placement, DEFAULT_ATTACHMENT_LIMIT};
 use crate::render::progress::{EditDecision, EditThrottle, Phase, TaskProgress, EDIT_INTERVAL};
@@ -419,9 +420,22 @@ impl Follower {
             TaskEvent::Text { .. }
                 | TaskEvent::ApprovalRequested { .. }
                 | TaskEvent::ApprovalClosed { .. }
+                | TaskEvent::Tool {
+                    auto_allowed: Some(_),
+                    ..
+                }
         );
         match &ev {
             TaskEvent::Text { text } => self.post_output(text).await,
+            TaskEvent::Tool {
+                name,
+                summary,
+                auto_allowed: Some(rule),
+            } => {
+                // Nobody was asked about this use, so the thread is told it happened.
+                self.post_text(&auto_allowed_line(name, summary, rule))
+                    .await;
+            }
             TaskEvent::ApprovalRequested { .. } => {
                 if let Some(view) = self.approval_view(&ev).await {
                     self.post_approval(view).await;
@@ -451,6 +465,9 @@ impl Follower {
             summary,
             input,
             question,
+            description,
+            session,
+            input_cut,
         } = ev
         else {
             return None;
@@ -469,6 +486,9 @@ impl Follower {
             summary: summary.clone(),
             input: input.clone(),
             question: *question,
+            description: description.clone(),
+            session: session.clone(),
+            input_cut: *input_cut,
             decider: decider.parse().unwrap_or(UserId::new(1)),
         })
     }
@@ -596,6 +616,13 @@ impl Follower {
             .components(components)
             // Ping the person who must decide, and nobody else.
             .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]));
+        // What did not fit in the message goes with it, whole, as a file (within the upload limit: the agent
+        // sends at most a few hundred KiB of input).
+        let files: Vec<Upload> = attachment(&view)
+            .filter(|(_, data)| data.len() as u64 <= self.upload_limit)
+            .map(|(filename, data)| Upload { filename, data })
+            .into_iter()
+            .collect();
         let approval = view.approval.clone();
         self.env.threads.open_approval(
             &self.task.id,
@@ -607,7 +634,7 @@ impl Follower {
                 answers: BTreeMap::new(),
             },
         );
-        match self.env.rest.send_message(self.thread, &msg, &[]).await {
+        match self.env.rest.send_message(self.thread, &msg, &files).await {
             Ok(m) => {
                 self.env
                     .threads

@@ -325,6 +325,9 @@ impl World {
                 summary: "rm -rf build".into(),
                 input: json!({"command": "rm -rf build"}),
                 question: false,
+                description: None,
+                session: None,
+                input_cut: false,
             },
         );
         let deny = format!("dn:{task}:{approval}");
@@ -518,6 +521,9 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
             summary: String::new(),
             input,
             question: true,
+            description: None,
+            session: None,
+            input_cut: false,
         },
     );
     let q = w
@@ -560,6 +566,9 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
             summary: "src/lib.rs".into(),
             input: json!({}),
             question: false,
+            description: None,
+            session: None,
+            input_cut: false,
         },
     );
     w.find(&thread, "a3", |m| {
@@ -599,6 +608,9 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
             summary: "x".into(),
             input: json!({}),
             question: false,
+            description: None,
+            session: None,
+            input_cut: false,
         },
     );
     let open = w
@@ -641,6 +653,7 @@ async fn progress_is_edited_at_most_about_once_a_second() {
             TaskEvent::Tool {
                 name: "Read".into(),
                 summary: format!("src/file{i}.rs"),
+                auto_allowed: None,
             },
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -725,7 +725,16 @@ pub fn render_event(event: &TaskEvent) -> String {
             format!("> session {session_id}{}\n", model.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())
         }
         TaskEvent::Text { text } => format!("{text}\n"),
-        TaskEvent::Tool { name, summary } => format!("  - {name}: {summary}\n"),
+        TaskEvent::Tool {
+            name,
+            summary,
+            auto_allowed: None,
+        } => format!("  - {name}: {summary}\n"),
+        TaskEvent::Tool {
+            name,
+            summary,
+            auto_allowed: Some(rule),
+        } => format!("  - {name}: {summary} (auto-allowed by the session rule: {rule})\n"),
         TaskEvent::ToolResult { is_error: true, summary } => format!("    error: {summary}\n"),
         TaskEvent::ToolResult { .. } => String::new(),
         TaskEvent::ApprovalRequested { approval, tool, summary, .. } => format!(

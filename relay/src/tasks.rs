@@ -1159,6 +1159,8 @@ impl Core {
         let mut published = Vec::new();
         let mut finished = false;
         let mut resent = false;
+        // Tool uses the agent allowed by a session rule, audited once they are stored.
+        let mut auto_allowed = Vec::new();
         for (seq, event) in run {
             if seq <= rec.last_seq {
                 // Re-sent after a reconnect: already stored. Acknowledged again so the agent can let it go.
@@ -1184,6 +1186,14 @@ impl Core {
                 break;
             }
             finished |= matches!(event, TaskEvent::Finished { .. });
+            if let TaskEvent::Tool {
+                name,
+                summary,
+                auto_allowed: Some(rule),
+            } = &event
+            {
+                auto_allowed.push((name.clone(), summary.clone(), rule.clone()));
+            }
             let was_final = rec.state.is_final();
             apply(&mut rec, &event);
             rec.last_seq = seq;
@@ -1226,6 +1236,9 @@ impl Core {
             .map(|(seq, bytes)| (*seq, bytes.as_deref()))
             .collect();
         self.store().append_events(&rec, &run, Some(was_open))?;
+        if !auto_allowed.is_empty() {
+            self.audit_auto_allowed(&rec, auto_allowed);
+        }
         for (seq, event) in &published {
             self.publish(id, *seq, event);
         }
@@ -1234,6 +1247,33 @@ impl Core {
             self.dispatch_queued(&routing, agent)?;
         }
         Ok(Some(rec.last_seq))
+    }
+
+    /// Audits uses the agent already allowed by a session rule. They have happened, so a missing entry is
+    /// logged rather than refused (like a cancel); the events themselves are stored and shown either way.
+    fn audit_auto_allowed(
+        &self,
+        rec: &TaskRecord,
+        uses: Vec<(String, String, ct_protocol::scope::SessionScope)>,
+    ) {
+        let agent = match self.store().agent(&rec.agent) {
+            Ok(Some(agent)) => agent,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, task = %rec.spec.task, "could not audit auto-allowed uses: agent unreadable");
+                return;
+            }
+        };
+        for (tool, summary, rule) in uses {
+            self.audit_or_log(crate::audit::auto_allowed_entry(
+                &agent,
+                &rec.spec.task,
+                &rec.spec.requester.user,
+                &tool,
+                &summary,
+                &rule,
+            ));
+        }
     }
 
     /// Reconciles after a (re)connect: the agent reports what it still runs; any other task it had been sent

@@ -5,6 +5,7 @@
 //! versions, and a line we do not understand is kept as [`CliEvent::Other`] (forwarded as
 //! [`RunnerEvent::Raw`]) instead of failing the task.
 
+use ct_protocol::scope::SessionScope;
 use serde_json::Value;
 
 use super::TaskError;
@@ -38,8 +39,17 @@ pub enum RunnerEvent {
     ApprovalWithdrawn { id: String },
     /// Nobody decided within the approval timeout: the tool use was denied.
     ApprovalTimedOut { id: String },
-    /// The tool was allowed for this session earlier, so this request was allowed without asking.
-    ApprovalAutoAllowed { id: String, tool: String },
+    /// An earlier "allow for the session" rule covers this request, so it was allowed without asking.
+    ApprovalAutoAllowed {
+        id: String,
+        tool: String,
+        /// What the use acts on ([`summarize_tool_input`]).
+        summary: String,
+        /// The rule that allowed it.
+        rule: SessionScope,
+    },
+    /// The approver allowed a use for the session: from now on `rule` is answered without asking.
+    RuleAdded { rule: SessionScope },
     /// A prompt arrived while a turn was running; it is sent when the queue before it has run.
     Queued { position: usize },
     /// A turn ended.
