@@ -146,6 +146,12 @@ enum SandboxCommand {
         #[arg(value_parser = ["required", "unsandboxed"])]
         setting: String,
     },
+    /// Let your own tasks run in bypassPermissions mode (`on`), or refuse that mode from the relay (`off`, the
+    /// default); shared tasks never get it
+    Bypass {
+        #[arg(value_parser = ["on", "off"])]
+        setting: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,6 +354,7 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
         SandboxCommand::Grantees { setting } => {
             settings.unsandboxed_grantees = setting == "unsandboxed"
         }
+        SandboxCommand::Bypass { setting } => settings.bypass_permissions = setting == "on",
     }
     policy.set_sandbox(settings.clone())?;
     match ct_agent::sandbox::detect() {
@@ -369,6 +376,14 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
             "; run without a sandbox where bubblewrap is unavailable"
         } else {
             "; refused where bubblewrap is unavailable"
+        }
+    );
+    println!(
+        "bypassPermissions: {}",
+        if settings.bypass_permissions {
+            "allowed for your own tasks"
+        } else {
+            "refused (approvals always apply)"
         }
     );
     Ok(ExitCode::SUCCESS)

@@ -4,8 +4,9 @@
 //! events wait in the [`Outbox`], and the next session sends them (and whatever the relay did not
 //! acknowledge) once it is up. Per task it:
 //!
-//! 1. checks the requester (the owner, or a grantee this agent's own share policy accepts) and resolves the
-//!    project through [`Policy`] — the agent's folders, not the relay's word;
+//! 1. checks the requester (the owner — the Discord id this agent was paired with, whatever role the relay
+//!    claims — or a grantee this agent's own share policy accepts) and resolves the project through
+//!    [`Policy`] — the agent's folders, not the relay's word;
 //! 2. runs Claude Code through a [`claude::Session`] owned by one driver task, which turns [`RunnerEvent`]s
 //!    into [`TaskEvent`]s (text cut to [`MAX_EVENT_TEXT`], tool inputs bounded) and relayed decisions, input
 //!    and cancels into session calls;
@@ -17,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -73,6 +74,19 @@ pub struct TaskConfig {
     pub allow_settings_writes: bool,
     /// Unacknowledged event bytes before tasks stop reading Claude Code's output.
     pub outbox_limit: usize,
+    /// Called with the project folder once it is open for a sandbox, before the sandbox starts. Only tests
+    /// set it: to swap the folder for a symlink in exactly that window.
+    pub before_sandbox: Option<SandboxHook>,
+}
+
+/// See [`TaskConfig::before_sandbox`].
+#[derive(Clone)]
+pub struct SandboxHook(pub Arc<dyn Fn(&Path) + Send + Sync>);
+
+impl std::fmt::Debug for SandboxHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SandboxHook")
+    }
 }
 
 impl Default for TaskConfig {
@@ -88,6 +102,7 @@ impl Default for TaskConfig {
             max_sessions: 8,
             allow_settings_writes: false,
             outbox_limit: outbox::DEFAULT_LIMIT,
+            before_sandbox: None,
         }
     }
 }
@@ -107,6 +122,8 @@ impl std::fmt::Debug for Tasks {
 struct Inner {
     config: TaskConfig,
     dir: ConfigDir,
+    /// The Discord id this agent was paired with: the only requester treated as the owner.
+    owner_id: Option<String>,
     outbox: Mutex<Outbox>,
     /// Non-event messages for the next link (project replies and reports).
     control: Mutex<VecDeque<AgentMessage>>,
@@ -166,10 +183,20 @@ impl Tasks {
     /// process tree); [`Tasks::wait`] returns once they are gone.
     pub fn new(dir: ConfigDir, config: TaskConfig, shutdown: CancellationToken) -> Self {
         let outbox = Outbox::new(config.outbox_limit);
+        // Read once: re-pairing (`ct-agent pair --force`) needs a restart anyway. Unpaired or unreadable,
+        // nobody is the owner, so every task is judged as a grantee's.
+        let owner_id = match dir.load_pairing() {
+            Ok(pairing) => pairing.map(|p| p.owner),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pairing: no task is treated as the owner's");
+                None
+            }
+        };
         Self {
             inner: Arc::new(Inner {
                 config,
                 dir,
+                owner_id,
                 outbox: Mutex::new(outbox),
                 control: Mutex::new(VecDeque::new()),
                 to_send: Notify::new(),
@@ -276,7 +303,7 @@ impl Tasks {
                 return;
             }
         };
-        tracing::info!(task = %id, user = %spec.requester.user, role = ?spec.requester.role, cwd = %owner.cwd.display(), "task accepted");
+        tracing::info!(task = %id, user = %spec.requester.user, role = ?owner.role, cwd = %owner.cwd.display(), "task accepted");
         // Emitted before anything slow, so a reconnect in the next second reports this task as running.
         self.inner.emit_now(
             &id,
@@ -342,7 +369,11 @@ impl Tasks {
     /// Whether this requester may run this task here, and where. The error is the message the user sees.
     fn admit(&self, spec: &TaskSpec) -> Result<Owner, String> {
         let policy = self.inner.policy().map_err(|e| e.to_string())?;
-        if spec.requester.role != Role::Owner {
+        let role = role_of(&spec.requester, self.inner.owner_id.as_deref());
+        if role != spec.requester.role {
+            tracing::warn!(user = %spec.requester.user, claimed = ?spec.requester.role, "the relay called a requester this agent's owner, but the agent is paired with someone else: treated as a grantee");
+        }
+        if role != Role::Owner {
             let who = spec
                 .requester
                 .name
@@ -372,15 +403,16 @@ impl Tasks {
             ));
         }
         if let Some(mode) = &spec.options.permission_mode {
-            mode.parse::<PermissionMode>()?;
+            let mode = mode.parse::<PermissionMode>()?;
+            check_mode(mode, role, policy.sandbox())?;
         }
         let cwd = policy.resolve(&spec.project).map_err(|e| e.to_string())?;
-        let sandbox = sandbox_for(spec.requester.role, policy.sandbox(), sandbox::detect())
-            .map_err(|e| e.to_string())?;
+        let sandbox =
+            sandbox_for(role, policy.sandbox(), sandbox::detect()).map_err(|e| e.to_string())?;
         Ok(Owner {
             cwd,
             user: spec.requester.user.clone(),
-            role: spec.requester.role,
+            role,
             options: spec.options.clone(),
             sandbox,
         })
@@ -538,8 +570,12 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Cmd>,
     ) {
         let task = spec.task.clone();
-        let session_spec = session_spec(&inner.config, inner.dir.path(), &owner, &spec);
-        let started = Session::start(session_spec).await;
+        let started = match session_spec(&inner.config, inner.dir.path(), &owner, &spec) {
+            Ok(session_spec) => Session::start(session_spec)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
         let (session, events) = match started {
             Ok(s) => s,
             Err(e) => {
@@ -967,26 +1003,56 @@ fn sandbox_for(
     }
 }
 
+/// Who the agent treats a requester as: the owner only when their Discord id is the one this agent was paired
+/// with. The relay's word is taken only to lower a role, never to raise one: a relay that labels someone
+/// else "owner" gets a grantee (judged by the share policy, sandboxed).
+fn role_of(requester: &ct_protocol::task::Requester, owner_id: Option<&str>) -> Role {
+    let is_owner = owner_id == Some(requester.user.as_str());
+    match requester.role {
+        Role::Owner if is_owner => Role::Owner,
+        Role::Owner => Role::Grantee,
+        // The owner asking through a share of their own agent is still the owner.
+        _ if is_owner => Role::Owner,
+        other => other,
+    }
+}
+
+/// Permission modes the agent refuses whatever the relay sends: `bypassPermissions` turns approvals off, so
+/// only the owner's own tasks may use it, and only once the owner allowed it on this machine.
+fn check_mode(
+    mode: PermissionMode,
+    role: Role,
+    settings: &sandbox::SandboxSettings,
+) -> Result<(), String> {
+    if mode != PermissionMode::BypassPermissions {
+        return Ok(());
+    }
+    if role != Role::Owner {
+        return Err("bypassPermissions is only for the owner's own tasks on this agent".into());
+    }
+    if !settings.bypass_permissions {
+        return Err(
+            "this agent does not run tasks in bypassPermissions mode: its owner can allow it on that \
+             machine with `ct-agent sandbox bypass on`"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn session_spec(
     config: &TaskConfig,
-    agent_config: &std::path::Path,
+    agent_config: &Path,
     owner: &Owner,
     spec: &TaskSpec,
-) -> SessionSpec {
+) -> Result<SessionSpec, String> {
     let mut s = SessionSpec::new(&owner.cwd);
-    if let Some(bwrap) = &owner.sandbox {
-        let (home, claude_config_dir) = sandbox::claude_home(&config.env, config.env_clear);
-        s.wrapper = sandbox::Plan {
-            project: owner.cwd.clone(),
-            home,
-            claude_config_dir,
-            agent_config: agent_config.to_path_buf(),
-        }
-        .command(bwrap);
-    }
     s.claude_bin = config.claude_bin.clone();
     s.env_clear = config.env_clear;
     s.env = config.env.clone();
+    if let Some(bwrap) = &owner.sandbox {
+        sandboxed(&mut s, bwrap, config, agent_config, owner)?;
+    }
     s.approval_timeout = config.approval_timeout;
     s.allow_settings_writes = config.allow_settings_writes;
     s.cancel_step = config.cancel_step;
@@ -999,7 +1065,80 @@ fn session_spec(
     s.max_turns = spec.options.max_turns;
     s.max_budget_usd = spec.options.max_budget_usd;
     s.resume = spec.resume.clone();
-    s
+    Ok(s)
+}
+
+/// Puts `s` inside the sandbox: the bubblewrap prefix, the allow-listed environment, the project descriptor
+/// it inherits, and the resolved Claude Code executable (reachable inside because its folder is bound).
+fn sandboxed(
+    s: &mut SessionSpec,
+    bwrap: &Bwrap,
+    config: &TaskConfig,
+    agent_config: &Path,
+    owner: &Owner,
+) -> Result<(), String> {
+    let source = sandbox::env::agent_env(config.env_clear, &config.env);
+    let var = |key: &str| {
+        source
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| PathBuf::from(v))
+            .filter(|p| p.is_absolute())
+    };
+    let owner_home = var("HOME");
+    // The owner's home path, so `~/...` paths read the same inside; it is an empty tmpfs there.
+    let home = owner_home
+        .clone()
+        .filter(|h| h.parent().is_some())
+        .unwrap_or_else(|| PathBuf::from("/home/sandbox"));
+    let (claude_config, credentials) = if owner.role == Role::Owner {
+        let claude_config = sandbox::ClaudeConfig::Owner {
+            config_dir: var("CLAUDE_CONFIG_DIR"),
+            home: home.clone(),
+        };
+        (claude_config, sandbox::env::Credentials::Owner)
+    } else {
+        let dir = sandbox::grantee_config_dir(agent_config, &owner.user).map_err(|e| {
+            format!("cannot prepare a Claude Code config folder for this shared task: {e}")
+        })?;
+        (
+            sandbox::ClaudeConfig::Own(dir),
+            sandbox::env::Credentials::ApiKeyOnly,
+        )
+    };
+    let path_env = source
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone());
+    let bin = claude::preflight::find_claude(
+        config.claude_bin.as_deref(),
+        path_env,
+        owner_home.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    let (bin, install) = sandbox::claude_install(&bin)
+        .map_err(|e| format!("cannot resolve {}: {e}", bin.display()))?;
+    let project = sandbox::ProjectDir::open(&owner.cwd).map_err(|e| e.to_string())?;
+    if let Some(hook) = &config.before_sandbox {
+        (hook.0)(project.path());
+    }
+    s.wrapper = sandbox::Plan {
+        project: &project,
+        home: home.clone(),
+        claude_install: Some(install),
+        config: &claude_config,
+    }
+    .command(bwrap);
+    s.inherit_fds = vec![project.shared_fd()];
+    s.claude_bin = Some(bin);
+    s.env_clear = true;
+    s.env = sandbox::env::sandbox_env(
+        source,
+        &home,
+        claude_config.dir_inside(&home).as_deref(),
+        credentials,
+    );
+    Ok(())
 }
 
 /// A rule as sent to the relay: an exact-input rule leaves out the input (the approval carried it already,
@@ -1111,6 +1250,42 @@ mod tests {
             // Even opted out, a working bubblewrap is used.
             assert!(sandbox_for(role, &opt_out, bwrap()).unwrap().is_some());
         }
+    }
+
+    #[test]
+    fn only_the_paired_owner_is_the_owner_whatever_the_relay_says() {
+        let who = |user: &str, role| ct_protocol::task::Requester {
+            user: user.into(),
+            name: None,
+            role,
+        };
+        let owner = Some("100");
+        assert_eq!(role_of(&who("100", Role::Owner), owner), Role::Owner);
+        assert_eq!(role_of(&who("200", Role::Owner), owner), Role::Grantee);
+        assert_eq!(role_of(&who("200", Role::Owner), None), Role::Grantee);
+        assert_eq!(
+            role_of(&who("200", Role::TrustedGrantee), owner),
+            Role::TrustedGrantee
+        );
+        assert_eq!(role_of(&who("100", Role::Grantee), owner), Role::Owner);
+    }
+
+    #[test]
+    fn bypass_permissions_needs_the_owner_and_their_local_setting() {
+        let off = sandbox::SandboxSettings::default();
+        let on = sandbox::SandboxSettings {
+            bypass_permissions: true,
+            ..off.clone()
+        };
+        let bypass = PermissionMode::BypassPermissions;
+        let refused = check_mode(bypass, Role::Owner, &off).unwrap_err();
+        assert!(refused.contains("ct-agent sandbox bypass on"), "{refused}");
+        assert_eq!(check_mode(bypass, Role::Owner, &on), Ok(()));
+        assert!(check_mode(bypass, Role::TrustedGrantee, &on).is_err());
+        assert_eq!(
+            check_mode(PermissionMode::AcceptEdits, Role::Grantee, &off),
+            Ok(())
+        );
     }
 
     #[test]

@@ -4,11 +4,12 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{pair, TestAgent, TestRelay};
 use ct_agent::projects::{Host, Origin, Policy, SharePolicy};
-use ct_agent::tasks::TaskConfig;
+use ct_agent::tasks::{SandboxHook, TaskConfig};
 use ct_agent::{ConfigDir, RunOptions};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_relay::store::{ShareLevel, TaskState};
@@ -19,38 +20,52 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
-const T: Duration = Duration::from_secs(90);
-const OWNER: &str = "100";
+pub(crate) const T: Duration = Duration::from_secs(90);
+pub(crate) const OWNER: &str = "100";
 
-struct World {
-    relay: TestRelay,
-    agent_config: ConfigDir,
-    allowed_env: String,
+pub(crate) struct World {
+    pub(crate) relay: TestRelay,
+    pub(crate) agent_config: ConfigDir,
+    pub(crate) allowed_env: String,
     /// Claude Code's HOME, as the agent gives it.
-    home: PathBuf,
+    pub(crate) home: PathBuf,
     relay_dir: tempfile::TempDir,
     agent_dir: tempfile::TempDir,
     agent: TestAgent,
-    fake: FakeAnthropic,
+    pub(crate) fake: FakeAnthropic,
     _env: ClaudeEnv,
     _home: tempfile::TempDir,
     _root: tempfile::TempDir,
     /// The project `app` (canonical), inside the allowed folder.
-    project: PathBuf,
+    pub(crate) project: PathBuf,
     /// A folder outside everything allowed.
-    outside: PathBuf,
+    pub(crate) outside: PathBuf,
     _outside: tempfile::TempDir,
 }
 
 #[derive(Default)]
-struct Opts {
-    logged_out: bool,
-    idle_timeout: Option<Duration>,
+pub(crate) struct Opts {
+    pub(crate) logged_out: bool,
+    pub(crate) idle_timeout: Option<Duration>,
+    /// More variables in the agent's environment for Claude Code (secrets a sandbox must keep out).
+    pub(crate) env: Vec<(String, String)>,
+    /// Pair at the relay as this user, while the agent keeps [`OWNER`] as its owner: a relay that has the
+    /// agent under someone else and so labels their tasks the owner's.
+    pub(crate) relay_owner: Option<&'static str>,
+    /// Replace the project folder by a symlink to the home after the agent opened it for a sandbox.
+    pub(crate) swap_project_for_home: bool,
+}
+
+impl World {
+    /// The agent's config directory.
+    pub(crate) fn agent_dir(&self) -> &Path {
+        self.agent_dir.path()
+    }
 }
 
 /// Temporary folders outside /tmp: a sandbox gives tasks a private /tmp, which would hide (or swallow
 /// writes to) anything a test put there for the wrong reason.
-fn scratch(prefix: &str) -> tempfile::TempDir {
+pub(crate) fn scratch(prefix: &str) -> tempfile::TempDir {
     let base = Path::new("/var/tmp");
     let builder = tempfile::Builder::new().prefix(prefix).tempdir_in(base);
     builder.unwrap_or_else(|_| tempfile::tempdir().unwrap())
@@ -60,7 +75,7 @@ async fn world() -> World {
     world_with(Opts::default()).await
 }
 
-async fn world_with(opts: Opts) -> World {
+pub(crate) async fn world_with(opts: Opts) -> World {
     let fake = FakeAnthropic::start([]).await.expect("fake API");
     let mut env = if opts.logged_out {
         ClaudeEnv::logged_out(fake.base_url())
@@ -76,6 +91,9 @@ async fn world_with(opts: Opts) -> World {
         "CLAUDE_CONFIG_DIR",
         &home.join(".claude").display().to_string(),
     );
+    for (k, v) in &opts.env {
+        env.set_var(k, v);
+    }
     let root = scratch("ct-root-");
     let allowed = std::fs::canonicalize(root.path()).unwrap();
     let project = allowed.join("app");
@@ -85,9 +103,14 @@ async fn world_with(opts: Opts) -> World {
 
     let (relay_dir, agent_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let relay = TestRelay::on(relay_dir.path(), "127.0.0.1:0").await;
-    pair(&relay, agent_dir.path(), OWNER).await;
+    pair(&relay, agent_dir.path(), opts.relay_owner.unwrap_or(OWNER)).await;
     let allowed_env = allowed.display().to_string();
     let agent_config = ConfigDir::open(agent_dir.path()).unwrap();
+    if opts.relay_owner.is_some() {
+        let mut pairing = agent_config.load_pairing().unwrap().unwrap();
+        pairing.owner = OWNER.into();
+        agent_config.store_pairing(&pairing).unwrap();
+    }
     let config = agent_config.clone();
     Policy::load_with(&config, &allowed_env, Host::detect())
         .unwrap()
@@ -106,6 +129,15 @@ async fn world_with(opts: Opts) -> World {
         allowed_dirs: Some(allowed_env.clone()),
         cancel_step: Duration::from_secs(10),
         idle_timeout: opts.idle_timeout.unwrap_or(Duration::from_secs(600)),
+        before_sandbox: opts.swap_project_for_home.then(|| {
+            let home = home.clone();
+            SandboxHook(Arc::new(move |project: &Path| {
+                let mut moved = project.as_os_str().to_owned();
+                moved.push(".moved");
+                std::fs::rename(project, moved).unwrap();
+                std::os::unix::fs::symlink(&home, project).unwrap();
+            }))
+        }),
         ..TaskConfig::default()
     };
     let mut agent = TestAgent::start_with(run);
@@ -128,7 +160,7 @@ async fn world_with(opts: Opts) -> World {
     }
 }
 
-fn submit(user: &str, project: &str, prompt: &str, options: TaskOptions) -> Submit {
+pub(crate) fn submit(user: &str, project: &str, prompt: &str, options: TaskOptions) -> Submit {
     Submit {
         user: user.into(),
         project: project.into(),
@@ -146,7 +178,7 @@ fn accept_edits() -> TaskOptions {
 }
 
 impl World {
-    fn start(&self, req: Submit) -> Follow {
+    pub(crate) fn start(&self, req: Submit) -> Follow {
         let rec = self
             .relay
             .core
@@ -165,14 +197,14 @@ impl World {
         }
     }
 
-    fn sharing(&self, sharing: SharePolicy) {
+    pub(crate) fn sharing(&self, sharing: SharePolicy) {
         Policy::load_with(&self.agent_config, &self.allowed_env, Host::detect())
             .unwrap()
             .set_sharing(sharing)
             .unwrap();
     }
 
-    fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
+    pub(crate) fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
         self.relay
             .core
             .decide(user, &f.task, approval, decision)
@@ -181,9 +213,9 @@ impl World {
 }
 
 /// A task's events through the relay core: what was stored, then what arrives live.
-struct Follow {
-    task: String,
-    seen: Vec<(u64, TaskEvent)>,
+pub(crate) struct Follow {
+    pub(crate) task: String,
+    pub(crate) seen: Vec<(u64, TaskEvent)>,
     /// How many of `seen` earlier waits have looked at.
     cursor: usize,
     rx: broadcast::Receiver<(u64, TaskEvent)>,
@@ -191,7 +223,11 @@ struct Follow {
 
 impl Follow {
     /// The next event (in order) matching `pred`.
-    async fn until(&mut self, what: &str, pred: impl Fn(&TaskEvent) -> bool) -> TaskEvent {
+    pub(crate) async fn until(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&TaskEvent) -> bool,
+    ) -> TaskEvent {
         let deadline = tokio::time::Instant::now() + T;
         loop {
             while self.cursor < self.seen.len() {
@@ -230,7 +266,7 @@ impl Follow {
         }
     }
 
-    async fn finished(&mut self) -> (FinalState, Option<String>) {
+    pub(crate) async fn finished(&mut self) -> (FinalState, Option<String>) {
         match self
             .until("the end of the task", |e| {
                 matches!(e, TaskEvent::Finished { .. })
@@ -261,7 +297,7 @@ fn kind(e: &TaskEvent) -> &'static str {
     }
 }
 
-fn write(path: &Path, content: &str) -> serde_json::Value {
+pub(crate) fn write(path: &Path, content: &str) -> serde_json::Value {
     json!({ "file_path": path.display().to_string(), "content": content })
 }
 
@@ -564,9 +600,9 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
     relay.stop().await;
 }
 
-const GRANTEE: &str = "200";
+pub(crate) const GRANTEE: &str = "200";
 
-fn as_grantee(project: &str, prompt: &str, options: TaskOptions) -> Submit {
+pub(crate) fn as_grantee(project: &str, prompt: &str, options: TaskOptions) -> Submit {
     Submit {
         target: Some(OWNER.into()),
         name: Some("Gina".into()),

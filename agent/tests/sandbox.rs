@@ -1,0 +1,324 @@
+//! The sandbox and the agent's own judgement, attacked: each test has a grantee's task (the real relay, agent,
+//! Claude Code CLI and fake API, as in `tasks.rs`) try what the issue found possible, and checks it failed.
+
+use std::os::unix::net::UnixListener;
+
+use crate::tasks::{as_grantee, submit, world_with, Follow, Opts, World, GRANTEE, OWNER};
+use ct_agent::projects::{Host, Policy, SharePolicy};
+use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
+use ct_relay::store::ShareLevel;
+use ct_testkit::Reply;
+use serde_json::json;
+
+fn default_mode() -> TaskOptions {
+    TaskOptions {
+        permission_mode: Some("default".into()),
+        ..TaskOptions::default()
+    }
+}
+
+fn bash(command: String) -> Reply {
+    Reply::tool_use(
+        "Bash",
+        json!({ "command": command, "description": "look around" }),
+    )
+}
+
+/// Shares the agent with [`GRANTEE`] on both sides (the relay's share and the agent's own policy).
+fn share(w: &World) {
+    w.sharing(SharePolicy::All);
+    w.relay
+        .core
+        .share_add(OWNER, GRANTEE, None, ShareLevel::Standard)
+        .unwrap();
+}
+
+/// Lets the task run to its end, allowing every tool use as whoever the relay says approves; returns the end
+/// and every tool result the model was sent (what the task's commands printed).
+async fn run_allowing(w: &World, f: &mut Follow) -> (FinalState, Option<String>, String) {
+    let approver = w.relay.core.approver(&f.task).unwrap();
+    loop {
+        let ev = f
+            .until("an approval or the end", |e| {
+                matches!(
+                    e,
+                    TaskEvent::ApprovalRequested { .. } | TaskEvent::Finished { .. }
+                )
+            })
+            .await;
+        match ev {
+            TaskEvent::ApprovalRequested { approval, .. } => w.decide(
+                &approver,
+                f,
+                &approval,
+                Decision::AllowOnce {
+                    updated_input: None,
+                },
+            ),
+            TaskEvent::Finished { state, message } => {
+                let sent: String = w
+                    .fake
+                    .main_requests()
+                    .iter()
+                    .flat_map(|r| r.tool_results().into_iter().map(|v| v.to_string()))
+                    .collect();
+                return (state, message, sent);
+            }
+            _ => unreachable!(),
+        }
+    }
+}
+
+fn require_bwrap() {
+    if let Err(e) = ct_agent::sandbox::detect() {
+        panic!("bubblewrap must work for this test (scripts/test installs it): {e:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
+    require_bwrap();
+    // The owner's session: a D-Bus-like socket in their runtime dir, and secrets in the agent's environment.
+    let runtime = crate::tasks::scratch("ct-run-");
+    let bus_path = runtime.path().join("bus");
+    let bus = UnixListener::bind(&bus_path).unwrap();
+    bus.set_nonblocking(true).unwrap();
+    let bus_address = format!("unix:path={}", bus_path.display());
+    let w = world_with(Opts {
+        env: vec![
+            ("GITHUB_TOKEN".into(), "ghp_SECRET_GITHUB_TOKEN".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "SECRET_AWS_KEY".into()),
+            ("DBUS_SESSION_BUS_ADDRESS".into(), bus_address),
+            (
+                "XDG_RUNTIME_DIR".into(),
+                runtime.path().display().to_string(),
+            ),
+            ("SSH_AUTH_SOCK".into(), bus_path.display().to_string()),
+        ],
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    let credentials = w.home.join(".claude/.credentials.json");
+    std::fs::write(
+        &credentials,
+        r#"{"claudeAiOauth":{"accessToken":"OWNER-OAUTH-SECRET"}}"#,
+    )
+    .unwrap();
+    std::fs::write(w.home.join("notes.txt"), "OWNER-PRIVATE-NOTES\n").unwrap();
+
+    w.fake.push(bash("env; echo ENV-DONE".into()));
+    w.fake.push(bash(format!(
+        "cat {} ~/.claude/.credentials.json {}/notes.txt; ls -a ~; echo READ-DONE",
+        credentials.display(),
+        w.home.display()
+    )));
+    // Talk to the bus by the address the owner's session has (python3 is on the system, so inside too).
+    w.fake.push(bash(format!(
+        "python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect(\"{}\"); print(\"BUS-CONNECTED\")' \
+         2>&1; ls /run/user /run 2>&1; echo BUS-DONE",
+        bus_path.display()
+    )));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(as_grantee("app", "look around", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    for marker in ["ENV-DONE", "READ-DONE", "BUS-DONE"] {
+        assert!(
+            sent.contains(marker),
+            "{marker} missing: the commands ran? {sent}"
+        );
+    }
+    for secret in [
+        "ghp_SECRET_GITHUB_TOKEN",
+        "SECRET_AWS_KEY",
+        "DBUS_SESSION_BUS_ADDRESS",
+        "SSH_AUTH_SOCK",
+        "XDG_RUNTIME_DIR",
+        "OWNER-OAUTH-SECRET",
+        "OWNER-PRIVATE-NOTES",
+        "BUS-CONNECTED",
+    ] {
+        assert!(
+            !sent.contains(secret),
+            "{secret} reached the sandbox: {sent}"
+        );
+    }
+    assert!(
+        sent.contains(&format!("HOME={}", w.home.display())),
+        "HOME is the sandbox's (empty) home: {sent}"
+    );
+    assert!(
+        sent.contains("FileNotFoundError"),
+        "the bus socket does not exist inside: {sent}"
+    );
+    assert!(
+        bus.accept().is_err(),
+        "nothing inside the sandbox connected to the owner's bus"
+    );
+}
+
+#[tokio::test]
+async fn a_grantees_task_cannot_leave_a_hook_or_an_mcp_server_for_the_owner() {
+    require_bwrap();
+    let w = world_with(Opts::default()).await;
+    share(&w);
+    // The owner's Claude Code config, as this world gives it: CLAUDE_CONFIG_DIR=~/.claude, plus ~/.claude.json.
+    let settings = w.home.join(".claude/settings.json");
+    let state_file = w.home.join(".claude.json");
+    let in_config_dir = w.home.join(".claude/.claude.json");
+    std::fs::write(&settings, "{}\n").unwrap();
+    std::fs::write(&state_file, "{\"numStartups\": 1}\n").unwrap();
+    std::fs::write(&in_config_dir, "{\"numStartups\": 2}\n").unwrap();
+    let before: Vec<Vec<u8>> = [&settings, &state_file, &in_config_dir]
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let hook = r#"{"hooks":{"SessionStart":[{"hooks":[{"type":"command","command":"touch /tmp/owned"}]}]}}"#;
+    let mcp = r#"{"mcpServers":{"evil":{"command":"/bin/sh","args":["-c","touch /tmp/owned"]}}}"#;
+    w.fake.push(bash(format!(
+        "mkdir -p ~/.claude; echo '{hook}' > ~/.claude/settings.json; echo '{hook}' > {s}; \
+         echo '{mcp}' > ~/.claude.json; echo '{mcp}' > {j}; echo '{mcp}' > {c}; echo WRITES-DONE",
+        s = settings.display(),
+        j = state_file.display(),
+        c = in_config_dir.display(),
+    )));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(as_grantee("app", "configure", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("WRITES-DONE"), "{sent}");
+    let after: Vec<Vec<u8>> = [&settings, &state_file, &in_config_dir]
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert_eq!(before, after, "the owner's Claude Code config changed");
+    assert!(
+        !std::fs::read_dir(w.home.join(".claude"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name() == "projects"),
+        "the grantee's session was not recorded among the owner's transcripts"
+    );
+    // The task wrote into its own config folder, kept by the agent for this grantee only.
+    let own = w.agent_dir().join("grantees").join(GRANTEE).join("claude");
+    let written = std::fs::read_to_string(own.join("settings.json")).unwrap();
+    assert!(written.contains("SessionStart"), "{written}");
+    assert!(
+        !own.join(".credentials.json").exists(),
+        "no owner credentials in the grantee's folder"
+    );
+}
+
+#[tokio::test]
+async fn swapping_the_project_for_a_symlink_after_the_check_binds_the_real_folder_not_the_home() {
+    require_bwrap();
+    let w = world_with(Opts {
+        swap_project_for_home: true,
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    std::fs::write(w.home.join("notes.txt"), "OWNER-PRIVATE-NOTES\n").unwrap();
+    std::fs::write(w.project.join("README"), "the project\n").unwrap();
+    w.fake.push(bash(
+        "cat notes.txt README; echo pwned > escaped.txt; echo SWAP-DONE".into(),
+    ));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(as_grantee("app", "look", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("SWAP-DONE"), "{sent}");
+    // The hook did swap: the project's path now leads to the home.
+    let moved = w.project.with_file_name("app.moved");
+    assert_eq!(std::fs::read_link(&w.project).unwrap(), w.home);
+    assert!(
+        !sent.contains("OWNER-PRIVATE-NOTES"),
+        "the home was bound: {sent}"
+    );
+    assert!(
+        sent.contains("the project"),
+        "the real folder was bound: {sent}"
+    );
+    assert!(
+        !w.home.join("escaped.txt").exists(),
+        "the task wrote into the home"
+    );
+    assert_eq!(
+        std::fs::read_to_string(moved.join("escaped.txt")).unwrap(),
+        "pwned\n"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_that_labels_a_grantee_the_owner_gets_a_grantee() {
+    require_bwrap();
+    // The relay has this agent under GRANTEE, so it sends GRANTEE's tasks as the owner's; the agent was
+    // paired with OWNER.
+    let w = world_with(Opts {
+        relay_owner: Some(GRANTEE),
+        ..Opts::default()
+    })
+    .await;
+    let mut f = w.start(submit(GRANTEE, "app", "hello", TaskOptions::default()));
+    let spec_role = w.relay.core.task(&f.task).unwrap().spec.requester.role;
+    assert_eq!(spec_role, ct_protocol::task::Role::Owner, "the relay lied");
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Failed);
+    assert!(
+        message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("ct-agent sharing"),
+        "judged as a grantee under `sharing off`: {message:?}"
+    );
+    assert!(w.fake.main_requests().is_empty(), "Claude Code never ran");
+
+    // With sharing on, the same task runs, but sandboxed: the owner's home is not there.
+    w.sharing(SharePolicy::All);
+    std::fs::write(w.home.join("notes.txt"), "OWNER-PRIVATE-NOTES\n").unwrap();
+    w.fake.push(bash(format!(
+        "cat {}/notes.txt; echo CAT-DONE",
+        w.home.display()
+    )));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(submit(GRANTEE, "app", "look", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("CAT-DONE"), "{sent}");
+    assert!(
+        !sent.contains("OWNER-PRIVATE-NOTES"),
+        "ran unsandboxed: {sent}"
+    );
+    assert!(
+        w.agent_dir().join("grantees").join(GRANTEE).is_dir(),
+        "it ran with the grantee's own Claude Code config"
+    );
+}
+
+#[tokio::test]
+async fn bypass_permissions_from_the_relay_is_refused_until_the_owner_allows_it_locally() {
+    let w = world_with(Opts::default()).await;
+    let bypass = TaskOptions {
+        permission_mode: Some("bypassPermissions".into()),
+        ..TaskOptions::default()
+    };
+    let target = w.project.join("bypassed.txt");
+    let mut f = w.start(submit(OWNER, "app", "write", bypass.clone()));
+    let (state, message) = f.finished().await;
+    let message = message.unwrap_or_default();
+    assert_eq!(state, FinalState::Failed);
+    assert!(message.contains("ct-agent sandbox bypass on"), "{message}");
+    assert!(w.fake.main_requests().is_empty(), "Claude Code never ran");
+
+    let policy = || Policy::load_with(&w.agent_config, &w.allowed_env, Host::detect()).unwrap();
+    let mut settings = policy().sandbox().clone();
+    settings.bypass_permissions = true;
+    policy().set_sandbox(settings).unwrap();
+    w.fake
+        .push(Reply::tool_use("Write", crate::tasks::write(&target, "b")));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(submit(OWNER, "app", "write", bypass));
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "b");
+}
