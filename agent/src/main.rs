@@ -63,6 +63,15 @@ enum Command {
         /// .claude/settings*.json into your projects (off: approvals never edit files)
         #[arg(long, env = "CT_AGENT_ALLOW_SETTINGS_WRITES")]
         allow_settings_writes: bool,
+        /// An Anthropic API key for shared tasks only (never your own login or key: a shared task could read
+        /// it); without one, shared tasks are refused. Give it its own spending limit.
+        #[arg(
+            long,
+            env = "CT_AGENT_SHARED_API_KEY",
+            hide_env_values = true,
+            value_name = "KEY"
+        )]
+        shared_api_key: Option<String>,
     },
     /// Whether people you share this agent with (/share in Discord) may run tasks here; off by default
     Sharing {
@@ -252,12 +261,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             idle_timeout,
             claude_bin,
             allow_settings_writes,
+            shared_api_key,
         } => {
             let mut opts = ct_agent::RunOptions::new(config_dir);
             opts.tasks.approval_timeout = std::time::Duration::from_secs(approval_timeout);
             opts.tasks.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             opts.tasks.claude_bin = claude_bin;
             opts.tasks.allow_settings_writes = allow_settings_writes;
+            opts.tasks.shared_api_key = shared_api_key
+                .filter(|k| !k.is_empty())
+                .map(ct_agent::tasks::SharedKey);
             run(opts).await
         }
         Command::Sandbox { command } => {

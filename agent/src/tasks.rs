@@ -77,6 +77,19 @@ pub struct TaskConfig {
     /// Called with the project folder once it is open for a sandbox, before the sandbox starts. Only tests
     /// set it: to swap the folder for a symlink in exactly that window.
     pub before_sandbox: Option<SandboxHook>,
+    /// The API key shared tasks use (`CT_AGENT_SHARED_API_KEY`). Shared tasks never get the owner's own key or
+    /// login: a task can read whatever its Claude Code holds. Without one, shared tasks are refused.
+    pub shared_api_key: Option<SharedKey>,
+}
+
+/// An API key the owner set aside for shared tasks. `Debug` never prints it.
+#[derive(Clone)]
+pub struct SharedKey(pub String);
+
+impl std::fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedKey(MASKED)")
+    }
 }
 
 /// See [`TaskConfig::before_sandbox`].
@@ -103,6 +116,7 @@ impl Default for TaskConfig {
             allow_settings_writes: false,
             outbox_limit: outbox::DEFAULT_LIMIT,
             before_sandbox: None,
+            shared_api_key: None,
         }
     }
 }
@@ -409,6 +423,9 @@ impl Tasks {
         let cwd = policy.resolve(&spec.project).map_err(|e| e.to_string())?;
         let sandbox =
             sandbox_for(role, policy.sandbox(), sandbox::detect()).map_err(|e| e.to_string())?;
+        if role != Role::Owner && sandbox.is_some() && self.inner.config.shared_api_key.is_none() {
+            return Err(NO_SHARED_KEY.into());
+        }
         Ok(Owner {
             cwd,
             user: spec.requester.user.clone(),
@@ -1003,6 +1020,12 @@ fn sandbox_for(
     }
 }
 
+/// Why a shared task is refused when the owner set no key for shared tasks.
+const NO_SHARED_KEY: &str = "this agent has no API key for shared tasks, so it runs only its owner's own: a shared \
+     task never gets the owner's Claude login or key (whatever runs in it could read them). The owner can set a \
+     key of its own for shared tasks (with its own spending limit) on that machine: \
+     `CT_AGENT_SHARED_API_KEY=sk-ant-... ct-agent run`";
+
 /// Who the agent treats a requester as: the owner only when their Discord id is the one this agent was paired
 /// with. The relay's word is taken only to lower a role, never to raise one: a relay that labels someone
 /// else "owner" gets a grantee (judged by the share policy, sandboxed).
@@ -1103,7 +1126,7 @@ fn sandboxed(
         })?;
         (
             sandbox::ClaudeConfig::Own(dir),
-            sandbox::env::Credentials::ApiKeyOnly,
+            sandbox::env::Credentials::None,
         )
     };
     let path_env = source
@@ -1138,6 +1161,11 @@ fn sandboxed(
         claude_config.dir_inside(&home).as_deref(),
         credentials,
     );
+    if owner.role != Role::Owner {
+        let key = config.shared_api_key.as_ref().ok_or(NO_SHARED_KEY)?;
+        s.env
+            .push(("ANTHROPIC_API_KEY".into(), key.0.clone().into()));
+    }
     Ok(())
 }
 

@@ -222,6 +222,8 @@ impl World {
             allowed_dirs: Some(self.allowed.display().to_string()),
             cancel_step: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
+            // Shared tasks run only with a key set aside for them (the fake API takes any).
+            shared_api_key: Some(ct_agent::tasks::SharedKey("shared-tasks-test-key".into())),
             ..TaskConfig::default()
         };
         run

@@ -3,7 +3,9 @@
 
 use std::os::unix::net::UnixListener;
 
-use crate::tasks::{as_grantee, submit, world_with, Follow, Opts, World, GRANTEE, OWNER};
+use crate::tasks::{
+    as_grantee, submit, world_with, Follow, Opts, World, GRANTEE, OWNER, SHARED_KEY,
+};
 use ct_agent::projects::{Host, Policy, SharePolicy};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_relay::store::ShareLevel;
@@ -86,6 +88,7 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
     let bus_address = format!("unix:path={}", bus_path.display());
     let w = world_with(Opts {
         env: vec![
+            ("ANTHROPIC_API_KEY".into(), "sk-ant-OWNER-SECRET-KEY".into()),
             ("GITHUB_TOKEN".into(), "ghp_SECRET_GITHUB_TOKEN".into()),
             ("AWS_SECRET_ACCESS_KEY".into(), "SECRET_AWS_KEY".into()),
             ("DBUS_SESSION_BUS_ADDRESS".into(), bus_address),
@@ -130,6 +133,7 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
         );
     }
     for secret in [
+        "sk-ant-OWNER-SECRET-KEY",
         "ghp_SECRET_GITHUB_TOKEN",
         "SECRET_AWS_KEY",
         "DBUS_SESSION_BUS_ADDRESS",
@@ -144,6 +148,10 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
             "{secret} reached the sandbox: {sent}"
         );
     }
+    assert!(
+        sent.contains(&format!("ANTHROPIC_API_KEY={SHARED_KEY}")),
+        "the key set aside for shared tasks, not the owner's: {sent}"
+    );
     assert!(
         sent.contains(&format!("HOME={}", w.home.display())),
         "HOME is the sandbox's (empty) home: {sent}"
@@ -321,4 +329,25 @@ async fn bypass_permissions_from_the_relay_is_refused_until_the_owner_allows_it_
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "b");
+}
+
+#[tokio::test]
+async fn without_a_key_for_shared_tasks_a_grantees_task_is_refused_not_given_the_owners() {
+    require_bwrap();
+    let w = world_with(Opts {
+        no_shared_key: true,
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    let mut f = w.start(as_grantee("app", "hello", default_mode()));
+    let (state, message) = f.finished().await;
+    let message = message.unwrap_or_default();
+    assert_eq!(state, FinalState::Failed);
+    assert!(message.contains("CT_AGENT_SHARED_API_KEY"), "{message}");
+    assert!(w.fake.main_requests().is_empty(), "Claude Code never ran");
+    // The owner's own tasks still run with the owner's credentials.
+    w.fake.push(Reply::text("hi owner"));
+    let mut f = w.start(submit(OWNER, "app", "hello", TaskOptions::default()));
+    assert_eq!(f.finished().await.0, FinalState::Done);
 }

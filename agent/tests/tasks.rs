@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::support::{pair, TestAgent, TestRelay};
 use ct_agent::projects::{Host, Origin, Policy, SharePolicy};
-use ct_agent::tasks::{SandboxHook, TaskConfig};
+use ct_agent::tasks::{SandboxHook, SharedKey, TaskConfig};
 use ct_agent::{ConfigDir, RunOptions};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_relay::store::{ShareLevel, TaskState};
@@ -54,7 +54,12 @@ pub(crate) struct Opts {
     pub(crate) relay_owner: Option<&'static str>,
     /// Replace the project folder by a symlink to the home after the agent opened it for a sandbox.
     pub(crate) swap_project_for_home: bool,
+    /// Run without a key for shared tasks (`CT_AGENT_SHARED_API_KEY`); otherwise it is [`SHARED_KEY`].
+    pub(crate) no_shared_key: bool,
 }
+
+/// The key the agent gives shared tasks in these tests (the fake API accepts any key).
+pub(crate) const SHARED_KEY: &str = "shared-tasks-test-key";
 
 impl World {
     /// The agent's config directory.
@@ -138,6 +143,7 @@ pub(crate) async fn world_with(opts: Opts) -> World {
                 std::os::unix::fs::symlink(&home, project).unwrap();
             }))
         }),
+        shared_api_key: (!opts.no_shared_key).then(|| SharedKey(SHARED_KEY.into())),
         ..TaskConfig::default()
     };
     let mut agent = TestAgent::start_with(run);

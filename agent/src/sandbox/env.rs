@@ -43,8 +43,8 @@ const CREDENTIALS: &[&str] = &[
 pub enum Credentials {
     /// The owner's own sandboxed task: their credential variables, as the agent has them.
     Owner,
-    /// A grantee's task: only an API key (an OAuth token is the owner's whole Claude account).
-    ApiKeyOnly,
+    /// A grantee's task: none of the agent's (the caller adds the key set aside for shared tasks).
+    None,
 }
 
 /// The variables for a sandboxed Claude Code. `source` is what the agent would have given it (its own
@@ -63,7 +63,7 @@ pub fn sandbox_env(
             || key == API_URL
             || match credentials {
                 Credentials::Owner => CREDENTIALS.contains(&key),
-                Credentials::ApiKeyOnly => key == "ANTHROPIC_API_KEY",
+                Credentials::None => false,
             }
     };
     let mut env: Vec<(OsString, OsString)> = source
@@ -122,7 +122,7 @@ mod tests {
             source.clone(),
             Path::new("/home/owner"),
             Some(Path::new("/home/owner/.claude")),
-            Credentials::ApiKeyOnly,
+            Credentials::None,
         );
         let keys: Vec<String> = env
             .iter()
@@ -131,7 +131,6 @@ mod tests {
         assert_eq!(
             keys,
             [
-                "ANTHROPIC_API_KEY",
                 "ANTHROPIC_BASE_URL",
                 "LC_ALL",
                 "PATH",
