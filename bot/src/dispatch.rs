@@ -724,14 +724,17 @@ impl Inner {
         task: &str,
         option: Option<&str>,
     ) -> crate::backend::Result<Answer> {
+        // Who asks is checked before anything of the task is read: a stranger is refused as if the id did
+        // not exist (the backend words both alike), and does not make the relay load the task's events.
+        self.backend.task(user, task).await?;
+        if let Err(refusal) = self.gate(user, task).await? {
+            return Ok(refusal);
+        }
         let Some(approval) = self.open_approval(task).await? else {
             return Err(BackendError::Refused(format!(
                 "`{task}` has no approval waiting"
             )));
         };
-        if let Err(refusal) = self.gate(user, task).await? {
-            return Ok(refusal);
-        }
         let (decision, said) = match option {
             Some("session") => (Decision::AllowSession, "✅ Allowed for this session."),
             Some("deny") => (

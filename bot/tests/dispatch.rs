@@ -40,6 +40,8 @@ struct Fake {
     replies: Mutex<Vec<(String, String)>>,
     decisions: Mutex<Vec<(String, String, Decision)>>,
     cancels: Mutex<Vec<String>>,
+    /// Times a task's stored events were read (`follow`): what a stranger must not make the relay do.
+    follows: std::sync::atomic::AtomicUsize,
     /// The relay's store of thread marks, which outlives a bot.
     marks: Mutex<HashMap<String, ThreadMark>>,
 }
@@ -165,8 +167,12 @@ impl Backend for Fake {
         };
         Ok(self.create(&req, Some(task.into())))
     }
-    async fn task(&self, _: &str, task: &str) -> Result<TaskInfo> {
+    async fn task(&self, user: &str, task: &str) -> Result<TaskInfo> {
+        // As the relay does: someone else's task reads exactly like one that does not exist.
         self.info(task)
+            .ok()
+            .filter(|t| t.requester == user || t.owner == user)
+            .ok_or_else(|| BackendError::Refused(format!("there is no task {task:?}")))
     }
     async fn tasks(&self, _: &str) -> Result<Vec<TaskInfo>> {
         Ok(Self::lock(&self.tasks)
@@ -175,6 +181,8 @@ impl Backend for Fake {
             .collect())
     }
     async fn follow(&self, task: &str) -> Result<TaskFeed> {
+        self.follows
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let tasks = Self::lock(&self.tasks);
         let t = tasks
             .get(task)
@@ -985,4 +993,37 @@ async fn a_restarted_bot_finds_the_threads_task_from_its_name() {
     );
     bot.shutdown().await;
     sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_strangers_approve_is_refused_before_the_tasks_events_are_read() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = world().await;
+    let (task, _thread) = w.task("fix the bug").await;
+    // The thread's follower reads the log once; after that, only a command would.
+    eventually(T, || w.fake.follows.load(SeqCst) >= 1).await;
+    let read = w.fake.follows.load(SeqCst);
+    let mallory = w.sim.user("mallory");
+    let mut answers = Vec::new();
+    for id in [task.as_str(), "t_nosuchtask"] {
+        let ix = w
+            .sim
+            .send_slash(
+                &w.sim.origin(&mallory),
+                &SlashCommand::new("approve").opt(Opt::str("task_id", id)),
+            )
+            .unwrap();
+        answers.push(w.answer(&ix).await.content.replace(id, "<id>"));
+    }
+    assert_eq!(
+        w.fake.follows.load(SeqCst),
+        read,
+        "a stranger's /approve made the relay read the task's events"
+    );
+    assert_eq!(
+        answers[0], answers[1],
+        "someone's task and no task must read alike"
+    );
+    assert!(Fake::lock(&w.fake.decisions).is_empty());
+    w.stop().await;
 }

@@ -118,9 +118,15 @@ pub enum TaskError {
         "the project is {len} bytes, over the {max}-byte limit: use its name or a shorter path"
     )]
     ProjectTooLong { len: usize, max: usize },
-    #[error("there is no task {0:?}")]
+    #[error(
+        "there is no task {0:?} that you can see: check the id (yours are offered as you type it)"
+    )]
     NoSuchTask(String),
-    #[error("task {0} is not yours to act on")]
+    /// Worded exactly like [`NoSuchTask`](TaskError::NoSuchTask): a stranger who names someone's task id
+    /// learns nothing, not even that it exists.
+    #[error(
+        "there is no task {0:?} that you can see: check the id (yours are offered as you type it)"
+    )]
     NotYours(String),
     #[error("task {task} has already ended ({state:?})")]
     Ended { task: String, state: TaskState },

@@ -12,5 +12,6 @@ mod limits;
 mod projects;
 mod queue;
 mod shares;
+mod strangers;
 mod support;
 mod tasks;
