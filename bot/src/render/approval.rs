@@ -28,15 +28,21 @@ const MAIN_PREVIEW: usize = 900;
 const REST_PREVIEW: usize = 350;
 /// How much of Claude's description is shown.
 const DESCRIPTION_PREVIEW: usize = 150;
+/// The longest open approval, in characters: Discord's 2,000 less room for the line added when it closes.
+const CONTENT_MAX: usize = 1850;
+/// Room kept for the "cut to fit" line.
+const CUT_NOTE_MAX: usize = 160;
+/// Labels, fences and line breaks around one shown field.
+const FIELD_OVERHEAD: usize = 40;
 /// The input fields that say what a tool acts on, in the order looked for, with how they are introduced.
 const MAIN_FIELDS: [(&str, &str); 7] = [
-    ("command", "the command that will run"),
-    ("file_path", "the file"),
-    ("notebook_path", "the notebook"),
-    ("url", "the URL"),
-    ("pattern", "the pattern"),
-    ("query", "the query"),
-    ("path", "the path"),
+    ("command", "The command that will run"),
+    ("file_path", "The file"),
+    ("notebook_path", "The notebook"),
+    ("url", "The URL"),
+    ("pattern", "The pattern"),
+    ("query", "The query"),
+    ("path", "The path"),
 ];
 /// Selects plus one row of "answer in words" buttons must fit Discord's 5 rows.
 const MAX_QUESTIONS: usize = 4;
@@ -146,23 +152,29 @@ struct Shown {
     cut: bool,
 }
 
-fn shown(view: &ApprovalView) -> Shown {
-    let mut text = String::new();
-    let mut cut = false;
+/// `budget`: characters the shown input may take, labels included.
+fn shown(view: &ApprovalView, budget: usize) -> Shown {
+    let description = view
+        .description
+        .as_deref()
+        .or_else(|| view.input["description"].as_str())
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| {
+            format!(
+                "\n-# Claude's description (its own words, not what runs): {}",
+                inline_code(d, DESCRIPTION_PREVIEW)
+            )
+        })
+        .unwrap_or_default();
     let mut rest = view.input.clone();
     let main = MAIN_FIELDS
         .iter()
         .find_map(|(key, label)| view.input[*key].as_str().map(|v| (*key, *label, v)));
-    if let Some((key, label, value)) = main {
-        let (block, was_cut) = code_block(value, MAIN_PREVIEW);
-        text.push_str(&format!("{label}:\n{block}"));
-        cut |= was_cut;
-        if let Some(obj) = rest.as_object_mut() {
+    if let Some(obj) = rest.as_object_mut() {
+        if let Some((key, ..)) = main {
             obj.remove(key);
         }
-    }
-    // The description is shown below, as Claude's words; not again as if it were part of what runs.
-    if let Some(obj) = rest.as_object_mut() {
+        // The description is shown below, as Claude's words; not again as if it were part of what runs.
         obj.remove("description");
     }
     let rest_is_empty = match &rest {
@@ -170,34 +182,66 @@ fn shown(view: &ApprovalView) -> Shown {
         Value::Null => true,
         _ => false,
     };
+    let mut left = budget.saturating_sub(description.chars().count());
+    // What runs gets the room first; the rest of the input what is left, up to its own share.
+    let rest_share = if rest_is_empty {
+        0
+    } else {
+        REST_PREVIEW.min(left / 3) + FIELD_OVERHEAD
+    };
+    let mut text = String::new();
+    let mut cut = false;
+    if let Some((_, label, value)) = main {
+        let room = MAIN_PREVIEW.min(left.saturating_sub(rest_share + FIELD_OVERHEAD));
+        let (block, was_cut) = code_block(value, room);
+        text.push_str(&format!("{label}:\n{block}"));
+        cut |= was_cut;
+        left = left.saturating_sub(text.chars().count());
+    }
     if !rest_is_empty {
         let json = serde_json::to_string_pretty(&rest).unwrap_or_default();
-        let (block, was_cut) = code_block(&json, REST_PREVIEW);
+        let room = REST_PREVIEW.min(left.saturating_sub(FIELD_OVERHEAD));
+        let (block, was_cut) = code_block(&json, room);
         let what = if main.is_some() {
-            "the rest of the input"
+            "The rest of the input"
         } else {
-            "the input"
+            "The input"
         };
         text.push_str(&format!("\n{what}:\n{block}"));
         cut |= was_cut;
     }
-    let description = view
-        .description
-        .as_deref()
-        .or_else(|| view.input["description"].as_str())
-        .filter(|d| !d.trim().is_empty());
-    if let Some(d) = description {
-        text.push_str(&format!(
-            "\n-# Claude's description (its own words, not what runs): {}",
-            inline_code(d, DESCRIPTION_PREVIEW)
-        ));
-    }
+    text.push_str(&description);
     Shown { text, cut }
+}
+
+/// The lines after the input: whether the agent could send all of it, and what "Allow for session" allows.
+fn tail(view: &ApprovalView) -> String {
+    let mut out = String::new();
+    if view.input_cut {
+        out.push_str(
+            "\n⚠️ **The input was too large for the agent to send whole**: even the attachment is not all of it. \
+             Deny unless you expected something this large.",
+        );
+    }
+    match &view.session {
+        Some(scope) => out.push_str(&format!("\n-# Allow for session: {}.", rule_words(scope))),
+        None => out.push_str(&format!(
+            "\n-# Allow for session: every {} use for the rest of the session (this agent is too old to narrow it).",
+            inline_code(&view.tool, 40)
+        )),
+    }
+    out
+}
+
+/// The input as shown in `view`'s message, within what the header and the tail leave.
+fn shown_in_message(view: &ApprovalView) -> Shown {
+    let fixed = header(view).chars().count() + tail(view).chars().count() + CUT_NOTE_MAX + 1;
+    shown(view, CONTENT_MAX.saturating_sub(fixed))
 }
 
 /// The whole input as a file, when the message could not show all of it: `(file name, bytes)`.
 pub fn attachment(view: &ApprovalView) -> Option<(String, Vec<u8>)> {
-    if view.question || view.input.is_null() || !shown(view).cut {
+    if view.question || view.input.is_null() || !shown_in_message(view).cut {
         return None;
     }
     let data = serde_json::to_string_pretty(&view.input).unwrap_or_default();
@@ -268,7 +312,7 @@ pub fn approval_content(view: &ApprovalView) -> String {
         return out;
     }
     if !view.input.is_null() {
-        let shown = shown(view);
+        let shown = shown_in_message(view);
         out.push('\n');
         out.push_str(&shown.text);
         if shown.cut {
@@ -278,22 +322,7 @@ pub fn approval_content(view: &ApprovalView) -> String {
             ));
         }
     }
-    if view.input_cut {
-        out.push_str(
-            "\n⚠️ **The input was too large for the agent to send whole**: even the attachment is not all of it. \
-             Deny unless you expected something this large.",
-        );
-    }
-    match &view.session {
-        Some(scope) => out.push_str(&format!(
-            "\n-# Allow for session: {}.",
-            rule_words(scope)
-        )),
-        None => out.push_str(&format!(
-            "\n-# Allow for session: every {} use for the rest of the session (this agent is too old to narrow it).",
-            inline_code(&view.tool, 40)
-        )),
-    }
+    out.push_str(&tail(view));
     out
 }
 
@@ -686,6 +715,37 @@ mod tests {
         if let Err(e) = limits::check_message(&msg, 1, false) {
             panic!("{}", e.body);
         }
+    }
+
+    #[test]
+    fn the_largest_approval_still_fits_when_closed() {
+        let input = json!({
+            "command": "\u{202E}".repeat(2000),
+            "extra": "\u{200B}".repeat(5000),
+            "more": {"a": "b".repeat(3000)},
+            "description": "d".repeat(3000),
+        });
+        let v = ApprovalView {
+            tool: "mcp__server__".to_string() + &"t".repeat(80),
+            task: "t_0123456789ab".into(),
+            description: Some("\u{2066}".repeat(500)),
+            session: Some(SessionScope::Prefix {
+                prefix: "\u{202E}".repeat(200),
+            }),
+            input_cut: true,
+            decider: UserId::new(u64::MAX),
+            ..view(false, input)
+        };
+        let content = closed_content(
+            &v,
+            &Closed::Other("x".repeat(500)),
+            Some(UserId::new(u64::MAX)),
+        );
+        let msg = message_json(content, approval_components(&v, true).unwrap());
+        if let Err(e) = limits::check_message(&msg, 1, false) {
+            panic!("{}", e.body);
+        }
+        assert!(attachment(&v).is_some());
     }
 
     #[test]
