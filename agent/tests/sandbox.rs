@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixListener;
 
 use crate::tasks::{
-    as_grantee, submit, world_with, Follow, Opts, World, GRANTEE, OWNER, SHARED_KEY,
+    as_grantee, submit, world_with, Follow, Opts, World, GRANTEE, OWNER, SHARED_KEY, T,
 };
 use ct_agent::projects::{Host, Policy, SharePolicy};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
@@ -350,4 +350,48 @@ async fn without_a_key_for_shared_tasks_a_grantees_task_is_refused_not_given_the
     w.fake.push(Reply::text("hi owner"));
     let mut f = w.start(submit(OWNER, "app", "hello", TaskOptions::default()));
     assert_eq!(f.finished().await.0, FinalState::Done);
+}
+
+#[tokio::test]
+async fn cancelling_a_grantees_task_ends_everything_in_its_sandbox() {
+    use ct_testkit::process::{cmdline, descendants_of, poll_until};
+    require_bwrap();
+    let w = world_with(Opts::default()).await;
+    share(&w);
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": "sleep 300", "description": "Wait" }),
+    ));
+    let mut f = w.start(as_grantee("app", "wait", default_mode()));
+    f.until(
+        "the Bash tool",
+        |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
+    )
+    .await;
+    // The sandbox runs in its own session and PID namespace; find its `sleep` by this world's HOME.
+    let home = format!("HOME={}", w.home.display());
+    let ours = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == home.as_bytes()))
+    };
+    let mut inside = Vec::new();
+    poll_until(T, "`sleep 300` running in the sandbox", || {
+        inside = descendants_of(std::process::id())
+            .into_iter()
+            .filter(|&pid| ours(pid))
+            .collect();
+        inside
+            .iter()
+            .any(|&pid| cmdline(pid).is_some_and(|c| c == "sleep 300"))
+    })
+    .await
+    .expect("sleep started");
+    w.relay.core.cancel_task(GRANTEE, &f.task).expect("cancel");
+    let (state, _) = f.finished().await;
+    assert_eq!(state, FinalState::Cancelled, "{:#?}", f.seen);
+    poll_until(T, "every process of the sandbox gone", || {
+        inside.iter().all(|&pid| cmdline(pid).is_none())
+    })
+    .await
+    .expect("no process left behind by a cancelled sandboxed task");
 }
