@@ -79,6 +79,20 @@ pub struct RunArgs {
     /// Tasks one person may have queued or running at once, across all agents.
     #[arg(long, env = "CT_RELAY_MAX_TASKS_PER_USER", default_value_t = 8)]
     pub max_tasks_per_user: usize,
+    /// Agents one person may have paired at once.
+    #[arg(long, env = "CT_RELAY_MAX_AGENTS_PER_USER", default_value_t = 20)]
+    pub max_agents_per_user: usize,
+    /// Project reports one agent may send per minute; more are ignored.
+    #[arg(
+        long,
+        env = "CT_RELAY_PROJECT_REPORTS_PER_MINUTE",
+        default_value_t = 12
+    )]
+    pub project_reports_per_minute: u32,
+    /// MiB of task output one person's tasks may keep; past it their new tasks are refused until old ones
+    /// are deleted by retention.
+    #[arg(long, env = "CT_RELAY_MAX_STORED_MIB_PER_USER", default_value_t = 512)]
+    pub max_stored_mib_per_user: u64,
     /// MiB of output the relay keeps per task; past it only approvals, turn results and the end are kept.
     #[arg(long, env = "CT_RELAY_MAX_TASK_OUTPUT_MIB", default_value_t = 32)]
     pub max_task_output_mib: u64,
@@ -340,6 +354,9 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
     config.core.task_burst = (cli.run.tasks_per_minute / 2).max(1);
     config.core.max_tasks_per_user = cli.run.max_tasks_per_user.max(1);
     config.core.max_task_output = cli.run.max_task_output_mib.max(1) * 1024 * 1024;
+    config.core.max_agents_per_user = cli.run.max_agents_per_user.max(1);
+    config.core.project_reports_per_minute = cli.run.project_reports_per_minute.max(1);
+    config.core.max_stored_per_user = cli.run.max_stored_mib_per_user.max(1) * 1024 * 1024;
     config.core.task_retention =
         std::time::Duration::from_secs(cli.run.task_retention_days.max(1) * 86_400);
     config.core.audit_retention =

@@ -221,6 +221,15 @@ pub enum TaskError {
          for one to finish, or cancel one with /cancel, then try again"
     )]
     TooManyTasks { open: usize, max: usize },
+    #[error(
+        "your tasks keep {used} of output on this relay, the most one person may ({max}): ended tasks are \
+         deleted {days} days after they end, which frees room; ask the relay's operator if you need more sooner"
+    )]
+    StorageFull {
+        used: String,
+        max: String,
+        days: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -359,6 +368,7 @@ impl Core {
             }
         }
         self.take_task_token(&req.user)?;
+        self.check_stored(&req.user)?;
         let routing = self.routing();
         let owner = match req.target {
             Some(t) if t != req.user => t,
@@ -386,6 +396,28 @@ impl Core {
                 operator: req.operator,
             },
         )
+    }
+
+    /// Refuses a new task when the output `user`'s tasks keep has reached `CoreConfig::max_stored_per_user`.
+    /// Scans the task history like [`Core::tasks_for`]; it runs after the task
+    /// rate limit, so one person cannot make it run more often than they may start tasks.
+    fn check_stored(&self, user: &str) -> Result<(), TaskError> {
+        let max = self.config().max_stored_per_user;
+        let mut used = 0u64;
+        self.store().tasks_where(|t| {
+            if t.spec.requester.user == user {
+                used = used.saturating_add(t.output_bytes);
+            }
+            false
+        })?;
+        if used >= max {
+            return Err(TaskError::StorageFull {
+                used: human_bytes(used),
+                max: human_bytes(max),
+                days: self.config().task_retention.as_secs().div_ceil(86_400),
+            });
+        }
+        Ok(())
     }
 
     /// Counts a task started by `user` against [`CoreConfig::tasks_per_minute`](crate::core::CoreConfig).
@@ -1379,5 +1411,15 @@ fn apply(rec: &mut TaskRecord, event: &TaskEvent) {
             rec.message = message.clone();
         }
         _ => {}
+    }
+}
+
+/// "12 MiB", "3 KiB": for messages people read.
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..=1023 => format!("{n} bytes"),
+        1024..=1_048_575 => format!("{} KiB", n / 1024),
+        1_048_576..=1_073_741_823 => format!("{} MiB", n / 1_048_576),
+        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
     }
 }

@@ -395,10 +395,10 @@ async fn healthy_within(addr: std::net::SocketAddr, limit: Duration) {
     loop {
         let attempt = tokio::time::timeout(
             Duration::from_secs(3),
-            crate::support::http_request(addr, "GET /healthz", b""),
+            crate::support::try_http_request(addr, "GET /healthz", b""),
         )
         .await;
-        if matches!(attempt, Ok((200, _))) {
+        if matches!(attempt, Ok(Ok((200, _)))) {
             return;
         }
         assert!(

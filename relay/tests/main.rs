@@ -9,6 +9,7 @@ mod binary;
 mod connections;
 mod endpoint;
 mod limits;
+mod per_user;
 mod projects;
 mod queue;
 mod shares;

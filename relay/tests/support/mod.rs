@@ -435,14 +435,25 @@ pub async fn https_connect(
 
 /// Sends one whole HTTP/1.1 request (`Connection: close`) and returns the status code and the response text.
 pub async fn http_request(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+    try_http_request(addr, head, body)
+        .await
+        .expect("an HTTP answer from the relay")
+}
+
+/// [`http_request`], saying why when there is no answer (refused, reset, not HTTP).
+pub async fn try_http_request(
+    addr: SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = https_connect(addr).await.expect("TLS to the relay");
+    let mut tls = https_connect(addr).await?;
     let request = format!(
         "{head} HTTP/1.1\r\nhost: relay\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    tls.write_all(body).await.unwrap();
+    tls.write_all(request.as_bytes()).await?;
+    tls.write_all(body).await?;
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out).await;
     let text = String::from_utf8_lossy(&out).into_owned();
@@ -450,6 +461,6 @@ pub async fn http_request(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, St
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-    (status, text)
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
+    Ok((status, text))
 }
