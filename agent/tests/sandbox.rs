@@ -395,3 +395,36 @@ async fn cancelling_a_grantees_task_ends_everything_in_its_sandbox() {
     .await
     .expect("no process left behind by a cancelled sandboxed task");
 }
+
+#[tokio::test]
+async fn the_owners_own_sandboxed_task_runs_with_the_owners_config_and_nothing_else_of_the_home() {
+    require_bwrap();
+    let w = world_with(Opts::default()).await;
+    let policy = || Policy::load_with(&w.agent_config, &w.allowed_env, Host::detect()).unwrap();
+    let mut settings = policy().sandbox().clone();
+    settings.owner = true;
+    policy().set_sandbox(settings).unwrap();
+    std::fs::write(w.home.join("notes.txt"), "OWNER-PRIVATE-NOTES\n").unwrap();
+    let target = w.project.join("mine.txt");
+    w.fake.push(bash(format!(
+        "cat {}/notes.txt; echo mine > {}; echo OWNER-DONE",
+        w.home.display(),
+        target.display()
+    )));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(submit(OWNER, "app", "work", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("OWNER-DONE"), "{sent}");
+    assert!(
+        !sent.contains("OWNER-PRIVATE-NOTES"),
+        "the home is empty inside: {sent}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "mine\n");
+    // The owner's own Claude Code config was used: the session is among the owner's transcripts.
+    assert!(
+        w.home.join(".claude/projects").is_dir(),
+        "the owner's config dir holds the session"
+    );
+    assert!(!w.agent_dir().join("grantees").exists());
+}
