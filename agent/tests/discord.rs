@@ -908,6 +908,20 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
     sim.shutdown().await;
 }
 
+/// The Claude Code processes this test started in `project` (running or warm), by pid.
+fn claude_processes(project: &Path) -> Vec<u32> {
+    use ct_testkit::process::{cmdline, descendants_of};
+    let mut pids: Vec<u32> = descendants_of(std::process::id())
+        .into_iter()
+        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains("stream-json")))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == project)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// An approval message in `thread` whose content has `text` and whose buttons are live.
 async fn approval_showing(sim: &DiscordSim, thread: &str, text: &str) -> SimMessage {
     message_in(
@@ -1100,6 +1114,7 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
         bash("touch three.txt && rm -rf x", "three"),
     ));
     w.fake.push(Reply::text("third done"));
+    let warm = claude_processes(&w.project);
     sim.send_message(&sim.origin_in(&alice, &thread2), "once more")
         .unwrap();
     let again = sim
@@ -1118,6 +1133,11 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
                 sim.messages(&thread2)
             )
         });
+    assert_eq!(
+        claude_processes(&w.project),
+        warm,
+        "the follow-up runs on the task's warm process, which had the rule"
+    );
     let ix = click(sim, &alice, &thread2, &again, "ap:");
     let cb = sim
         .wait_callback(&ix, Duration::from_secs(3))
