@@ -18,7 +18,7 @@
 //! - [`discord`]: the Discord bot's backend over the core, and starting the bot with the relay.
 //! - [`tls`]: the relay key agents pin, and the certificate.
 //! - [`ratelimit`]: token buckets per address and per user, bounded in memory.
-//! - [`metrics`], [`files`]: supporting pieces; [`sys`]: the descriptor limit, the crate's only `unsafe`.
+//! - [`metrics`], [`files`]: supporting pieces; [`sys`]: the descriptor limit and the umask, the crate's only `unsafe`.
 //! - [`cli`]: the command line, kept out of `main.rs` so it can be tested.
 
 pub mod admin;

@@ -25,3 +25,13 @@ pub fn raise_descriptor_limit() -> Option<u64> {
     #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux and macOS, but not by definition
     Some(lim.rlim_cur as u64)
 }
+
+/// Makes everything this process creates from now on private to its user (files 0600, directories 0700),
+/// including the files sled creates inside the store, which it opens with the default mode. Returns the
+/// previous mask.
+pub fn private_umask() -> u32 {
+    // SAFETY: umask only swaps the process's file mode creation mask.
+    #[allow(clippy::unnecessary_cast)] // mode_t is u32 on Linux, u16 on macOS
+    let old = unsafe { libc::umask(0o077) } as u32;
+    old
+}

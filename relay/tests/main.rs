@@ -10,6 +10,7 @@ mod connections;
 mod endpoint;
 mod limits;
 mod per_user;
+mod private_files;
 mod projects;
 mod queue;
 mod shares;
