@@ -142,7 +142,7 @@ pub fn all() -> Vec<CreateCommand> {
                 string("option", "Your answer")
                     .required(true)
                     .add_string_choice("Allow once", "once")
-                    .add_string_choice("Allow for this session", "session")
+                    .add_string_choice("Allow this exact use for the session", "session")
                     .add_string_choice("Deny", "deny"),
                 task_id(),
             ],

@@ -736,7 +736,10 @@ impl Inner {
             )));
         };
         let (decision, said) = match option {
-            Some("session") => (Decision::AllowSession, "✅ Allowed for this session."),
+            Some("session") => (
+                Decision::AllowSession,
+                "✅ Allowed for this session: this exact use (the same command, file or site).",
+            ),
             Some("deny") => (
                 Decision::Deny {
                     reason: String::new(),

@@ -177,6 +177,62 @@ mod tests {
     use crate::{AgentMessage, RelayMessage};
 
     #[test]
+    fn events_and_decisions_from_older_peers_still_parse() {
+        // An agent from before session scopes: no description, scope or cut flag; tools without auto_allowed.
+        let old: TaskEvent = serde_json::from_str(
+            r#"{"kind":"approval_requested","approval":"a1","tool":"Bash","summary":"ls","input":{"command":"ls"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            TaskEvent::ApprovalRequested {
+                description: None,
+                session: None,
+                input_cut: false,
+                ..
+            }
+        ));
+        let tool: TaskEvent =
+            serde_json::from_str(r#"{"kind":"tool","name":"Bash","summary":"ls"}"#).unwrap();
+        assert!(matches!(
+            tool,
+            TaskEvent::Tool {
+                auto_allowed: None,
+                ..
+            }
+        ));
+        // What a newer agent sends when nothing is new stays what older relays read.
+        let plain = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "ls".into(),
+            auto_allowed: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"kind":"tool","name":"Bash","summary":"ls"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Decision::AllowSession).unwrap(),
+            r#"{"decision":"allow_session"}"#
+        );
+        let prefix = Decision::AllowSessionPrefix {
+            prefix: "npm test".into(),
+        };
+        let back: Decision =
+            serde_json::from_str(&serde_json::to_string(&prefix).unwrap()).unwrap();
+        assert_eq!(back, prefix);
+        let auto = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "npm test".into(),
+            auto_allowed: Some(SessionScope::Prefix {
+                prefix: "npm".into(),
+            }),
+        };
+        let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&auto).unwrap()).unwrap();
+        assert_eq!(back, auto);
+    }
+
+    #[test]
     fn task_messages_round_trip_as_frames() {
         let spec = TaskSpec {
             task: "t_abc".into(),
