@@ -356,11 +356,14 @@ impl Rest {
         body: &impl Serialize,
         files: &[Upload],
     ) -> Result<T, RestError> {
-        let body = serde_json::to_value(body).map_err(|source| RestError::Encode {
+        let mut body = serde_json::to_value(body).map_err(|source| RestError::Encode {
             method: method.clone(),
             path: path.to_string(),
             source,
         })?;
+        if crate::mentions::carries_message(path) {
+            crate::mentions::quiet_message(&mut body);
+        }
         self.call(method, path, Some(&body), files).await
     }
 
@@ -387,11 +390,12 @@ impl Rest {
         files: &[Upload],
     ) -> Result<(), RestError> {
         let path = format!("/interactions/{id}/{token}/callback");
-        let body = serde_json::to_value(response).map_err(|source| RestError::Encode {
+        let mut body = serde_json::to_value(response).map_err(|source| RestError::Encode {
             method: Method::POST,
             path: path.clone(),
             source,
         })?;
+        crate::mentions::quiet_response(&mut body);
         // With files, `data` is what carries the attachment list.
         self.call_within(Method::POST, &path, Some(&body), files, CALLBACK_MAX_WAIT)
             .await

@@ -1027,3 +1027,66 @@ async fn a_strangers_approve_is_refused_before_the_tasks_events_are_read() {
     assert!(Fake::lock(&w.fake.decisions).is_empty());
     w.stop().await;
 }
+
+/// Where a recorded call carries a message, the `allowed_mentions` it sent (`Null` when it sent none).
+fn allowed_mentions_of(c: &ct_testkit::discord::Call) -> Option<serde_json::Value> {
+    let parts: Vec<&str> = c.path.trim_start_matches('/').split('/').collect();
+    let message = match parts.as_slice() {
+        ["channels", _, "messages"] | ["channels", _, "messages", _] => &c.body,
+        ["webhooks", ..] => &c.body,
+        ["interactions", _, _, "callback"] if [4, 7].contains(&c.body["type"].as_u64()?) => {
+            &c.body["data"]
+        }
+        _ => return None,
+    };
+    (c.method == "POST" || c.method == "PATCH").then(|| message["allowed_mentions"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_or_output_saying_everyone_pings_nobody() {
+    let w = world().await;
+    let ping = "@everyone @here <@&4242> <@9999>";
+    let (task, thread) = w.task(&format!("look {ping}")).await;
+    w.fake.emit(
+        &task,
+        TaskEvent::Text {
+            text: format!("done {ping}"),
+        },
+    );
+    w.fake.emit(&task, finished(FinalState::Done, None));
+    w.summary(&thread, 1).await;
+    let calls = w.sim.calls();
+    let posted: Vec<_> = calls
+        .iter()
+        .filter_map(|c| Some((c, allowed_mentions_of(c)?)))
+        .collect();
+    assert!(
+        posted
+            .iter()
+            .any(|(c, _)| c.body.to_string().contains("done @everyone")),
+        "the output was posted"
+    );
+    for (c, allowed) in &posted {
+        assert_eq!(
+            allowed["parse"],
+            json!([]),
+            "{} {} may ping by kind: {allowed}",
+            c.method,
+            c.path
+        );
+        assert!(
+            allowed["roles"].as_array().is_none_or(Vec::is_empty),
+            "{} {} may ping roles: {allowed}",
+            c.method,
+            c.path
+        );
+        let users = allowed["users"].as_array().cloned().unwrap_or_default();
+        assert!(
+            users.iter().all(|u| u == &json!(w.alice.id)),
+            "{} {} may ping someone other than the requester: {allowed}",
+            c.method,
+            c.path
+        );
+    }
+    w.stop().await;
+}
