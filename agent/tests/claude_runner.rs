@@ -367,6 +367,15 @@ async fn a_bash_prefix_rule_never_covers_a_chained_command_and_rules_can_be_forg
     ev.result().await;
     assert!(s.project.join("one.txt").exists() && s.project.join("two.txt").exists());
     assert!(!s.project.join("three.txt").exists());
+    let touch = SessionScope::Prefix {
+        prefix: "touch".into(),
+    };
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::RuleAdded { rule } if *rule == touch)),
+        1,
+        "{:#?}",
+        ev.seen
+    );
     assert_eq!(
         ev.count(|e| matches!(e, RunnerEvent::ApprovalAutoAllowed { summary, .. } if summary == "touch two.txt")),
         1,

@@ -1074,6 +1074,12 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
     })
     .await;
     assert!(auto.content.contains("`touch one.txt`"), "{}", auto.content);
+    message_in(sim, &thread2, "the approval closed with its rule", |m| {
+        m.id == one.id
+            && m.content
+                .contains("✅ Allowed for this session: this command by <@")
+    })
+    .await;
     let rm = approval_showing(sim, &thread2, "rm -rf x").await;
     deny(&thread2, &rm);
     nth_summary(sim, &thread2, 1).await;
@@ -1166,6 +1172,12 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
     );
     message_in(sim, &thread2, "the use the prefix allowed", |m| {
         m.content.starts_with("🔓") && m.content.contains("`touch two.txt`")
+    })
+    .await;
+    message_in(sim, &thread2, "the approval closed with the prefix", |m| {
+        m.id == again.id
+            && m.content
+                .contains("✅ Allowed for this session: simple Bash commands starting with `touch`")
     })
     .await;
     let chained = approval_showing(sim, &thread2, "touch three.txt && rm -rf x").await;

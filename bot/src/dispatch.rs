@@ -774,10 +774,22 @@ impl Inner {
         approval: &str,
         decision: Decision,
     ) -> crate::backend::Result<()> {
+        let rule = match &decision {
+            Decision::AllowSession => self
+                .threads
+                .approval(task, approval)
+                .and_then(|open| open.view.session),
+            Decision::AllowSessionPrefix { prefix } => Some(SessionScope::Prefix {
+                prefix: prefix.clone(),
+            }),
+            _ => None,
+        };
         self.backend.decide(user, task, approval, decision).await?;
         let by = user.parse().ok();
-        self.threads
-            .update_approval(task, approval, |a| a.decided_by = by);
+        self.threads.update_approval(task, approval, |a| {
+            a.decided_by = by;
+            a.rule = rule;
+        });
         Ok(())
     }
 

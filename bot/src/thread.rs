@@ -26,6 +26,7 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ct_protocol::scope::SessionScope;
 use ct_protocol::task::TaskEvent;
 use serde_json::Value;
 use serenity::all::{
@@ -98,6 +99,8 @@ pub struct OpenApproval {
     pub message: Option<MessageId>,
     /// Who answered it through Discord, shown once the agent reports it closed.
     pub decided_by: Option<UserId>,
+    /// The "allow for the session" rule chosen here, shown once the agent reports it closed.
+    pub rule: Option<SessionScope>,
     /// AskUserQuestion: the answers given so far, by question index; sent when every question has one.
     pub answers: BTreeMap<u8, String>,
 }
@@ -510,6 +513,7 @@ impl Follower {
                             channel: self.thread,
                             message: Some(MessageId::from(message)),
                             decided_by: None,
+                            rule: None,
                             answers: BTreeMap::new(),
                         },
                     );
@@ -631,6 +635,7 @@ impl Follower {
                 channel: self.thread,
                 message: None,
                 decided_by: None,
+                rule: None,
                 answers: BTreeMap::new(),
             },
         );
@@ -648,8 +653,12 @@ impl Follower {
         let Some(message) = open.message else {
             return;
         };
+        let closed = match (closed, &open.rule) {
+            (Closed::AllowedForSession, Some(rule)) => Closed::AllowedForRule(rule.clone()),
+            (closed, _) => closed.clone(),
+        };
         let edit = EditMessage::new()
-            .content(closed_content(&open.view, closed, open.decided_by))
+            .content(closed_content(&open.view, &closed, open.decided_by))
             .components(approval_components(&open.view, true).unwrap_or_default());
         if let Err(err) = self
             .env

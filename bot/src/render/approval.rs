@@ -112,6 +112,8 @@ pub fn questions(input: &Value) -> Vec<Question> {
 pub enum Closed {
     Allowed,
     AllowedForSession,
+    /// Allowed for the session, with the rule the approver chose (known to the bot that took the click).
+    AllowedForRule(SessionScope),
     Denied,
     Answered,
     TimedOut,
@@ -136,6 +138,23 @@ impl Closed {
         match self {
             Self::Allowed => "✅ Allowed once".into(),
             Self::AllowedForSession => "✅ Allowed for this session".into(),
+            Self::AllowedForRule(rule) => {
+                let what = match rule {
+                    SessionScope::Command { .. } => "this command".to_string(),
+                    SessionScope::Prefix { prefix } => {
+                        format!(
+                            "simple Bash commands starting with {}",
+                            inline_code(prefix, 50)
+                        )
+                    }
+                    SessionScope::File { .. } => "edits to this file".to_string(),
+                    SessionScope::Origin { .. } => "this site".to_string(),
+                    SessionScope::Input { .. } | SessionScope::Unknown => {
+                        "this exact input".to_string()
+                    }
+                };
+                format!("✅ Allowed for this session: {what}")
+            }
             Self::Denied => "🚫 Denied".into(),
             Self::Answered => "💬 Answered".into(),
             Self::TimedOut => "⌛ Timed out: nobody answered in time".into(),
@@ -736,14 +755,17 @@ mod tests {
             decider: UserId::new(u64::MAX),
             ..view(false, input)
         };
-        let content = closed_content(
-            &v,
-            &Closed::Other("x".repeat(500)),
-            Some(UserId::new(u64::MAX)),
-        );
-        let msg = message_json(content, approval_components(&v, true).unwrap());
-        if let Err(e) = limits::check_message(&msg, 1, false) {
-            panic!("{}", e.body);
+        for closed in [
+            Closed::Other("x".repeat(500)),
+            Closed::AllowedForRule(SessionScope::Prefix {
+                prefix: "\u{202E}".repeat(200),
+            }),
+        ] {
+            let content = closed_content(&v, &closed, Some(UserId::new(u64::MAX)));
+            let msg = message_json(content, approval_components(&v, true).unwrap());
+            if let Err(e) = limits::check_message(&msg, 1, false) {
+                panic!("{}", e.body);
+            }
         }
         assert!(attachment(&v).is_some());
     }
