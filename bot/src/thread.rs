@@ -622,11 +622,10 @@ impl Follower {
             .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]));
         // What did not fit in the message goes with it, whole, as a file (within the upload limit: the agent
         // sends at most a few hundred KiB of input).
-        let files: Vec<Upload> = attachment(&view)
-            .filter(|(_, data)| data.len() as u64 <= self.upload_limit)
+        let (files, too_big): (Vec<Upload>, Vec<Upload>) = attachment(&view)
             .map(|(filename, data)| Upload { filename, data })
             .into_iter()
-            .collect();
+            .partition(|f| f.data.len() as u64 <= self.upload_limit);
         let approval = view.approval.clone();
         self.env.threads.open_approval(
             &self.task.id,
@@ -646,6 +645,15 @@ impl Follower {
                     .update_approval(&self.task.id, &approval, |a| a.message = Some(m.id));
             }
             Err(err) => warn!(%err, task = %self.task.id, "could not post the approval"),
+        }
+        if let Some(f) = too_big.first() {
+            // The message says the input is attached; it must not leave the approver thinking so.
+            self.post_text(&format!(
+                "⚠️ The whole input of that approval ({} bytes) is over this server's upload limit and could not \
+                 be attached: deny it unless you expected something that large.",
+                f.data.len()
+            ))
+            .await;
         }
     }
 

