@@ -8,7 +8,8 @@
 //!   approvals.
 //! - [`shares`]: sharing one's agents with another user, and revoking that at once.
 //! - [`audit`]: the audit log — who did what to whose agents — and [`audit::Caller`], who is asking.
-//! - [`output`]: the cap on what one task may store.
+//! - [`output`]: the cap on what one task may store; [`redact`]: a grantee's task ends without the owner's
+//!   folders in its message.
 //! - [`retention`]: deleting old tasks, audit entries and pairing codes, hourly.
 //! - [`routing`]: which agent a request goes to (named, only, or default).
 //! - [`projects`]: project requests answered by the agent, and its stored project report.
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod output;
 pub mod projects;
 pub mod ratelimit;
+pub mod redact;
 pub mod relay;
 pub mod retention;
 pub mod routing;

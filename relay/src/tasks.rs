@@ -1224,6 +1224,18 @@ impl Core {
                 break;
             }
             finished |= matches!(event, TaskEvent::Finished { .. });
+            // The end message (often the agent's refusal, worded for its owner) lands in a thread the
+            // requester reads: someone else's task gets it without the owner's folders.
+            let event = match event {
+                TaskEvent::Finished {
+                    state,
+                    message: Some(m),
+                } if rec.spec.requester.role != Role::Owner => TaskEvent::Finished {
+                    state,
+                    message: Some(crate::redact::for_grantee(&m)),
+                },
+                other => other,
+            };
             if let TaskEvent::Tool {
                 name,
                 summary,

@@ -73,3 +73,58 @@ async fn someone_elses_task_reads_exactly_like_one_that_does_not_exist() {
     // And the owner still gets on with it.
     assert_eq!(backend.task("1", &id).await.unwrap().id, id);
 }
+
+/// The agent's refusal as it words it for its owner (`agent/src/projects.rs`, `PolicyError::OutsideAllowed`).
+const REFUSAL: &str = "/home/ana/clients/acme is not inside an allowed folder (allowed: /home/ana/src, \
+                       /home/ana/private): run `ct-agent project add <name> /home/ana/clients/acme` on this \
+                       machine, or add it to ALLOWED_PROJECT_DIRS";
+
+/// The end message of a task the agent refused with [`REFUSAL`], as followers (the thread) get it.
+async fn refused(relay: &TestRelay, agent: &mut crate::support::Session, submit: Submit) -> String {
+    use ct_protocol::task::{FinalState, TaskEvent};
+    let id = relay.core.submit_task(submit).unwrap().spec.task;
+    assert_eq!(crate::support::expect_start(agent).await.task, id);
+    crate::support::event_acked(
+        agent,
+        &id,
+        1,
+        TaskEvent::Finished {
+            state: FinalState::Failed,
+            message: Some(REFUSAL.into()),
+        },
+    )
+    .await;
+    let (_, past, _) = relay.core.follow(&id).unwrap();
+    match &past[..] {
+        [(1, TaskEvent::Finished { message, .. })] => message.clone().unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_shown_to_a_grantee_names_none_of_the_owners_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let (_, mut agent) = crate::support::agent(&relay, "1").await;
+    relay
+        .core
+        .share_add("1", "2", None, ct_relay::store::ShareLevel::Standard)
+        .unwrap();
+    let probe = |user: &str| Submit {
+        user: user.into(),
+        target: Some("1".into()),
+        project: "/home/ana/clients/acme".into(),
+        prompt: "list the files".into(),
+        ..Default::default()
+    };
+
+    let grantee_sees = refused(&relay, &mut agent, probe("2")).await;
+    assert!(!grantee_sees.contains("/home/ana"), "{grantee_sees}");
+    assert!(
+        grantee_sees.contains("is not inside an allowed folder"),
+        "{grantee_sees}"
+    );
+    // The owner's own task keeps every word: the folders are theirs.
+    let owner_sees = refused(&relay, &mut agent, probe("1")).await;
+    assert_eq!(owner_sees, REFUSAL);
+}
