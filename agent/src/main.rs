@@ -63,8 +63,8 @@ enum Command {
         /// .claude/settings*.json into your projects (off: approvals never edit files)
         #[arg(long, env = "CT_AGENT_ALLOW_SETTINGS_WRITES")]
         allow_settings_writes: bool,
-        /// An Anthropic API key for shared tasks only (never your own login or key: a shared task could read
-        /// it); without one, shared tasks are refused. Give it its own spending limit.
+        /// The Anthropic API key the agent adds to shared tasks' requests, outside their sandbox [default:
+        /// ANTHROPIC_API_KEY]; with neither (a `claude login` only), shared tasks are refused
         #[arg(
             long,
             env = "CT_AGENT_SHARED_API_KEY",
@@ -138,6 +138,13 @@ enum SharingCommand {
     Only {
         #[arg(required = true, value_name = "DISCORD_USER_ID")]
         users: Vec<String>,
+    },
+    /// Limit what one person's shared tasks may spend in total (`5usd`, `200000tokens`, `200k`), or `none`
+    Budget {
+        #[arg(value_name = "DISCORD_USER_ID")]
+        user: String,
+        #[arg(value_name = "AMOUNT")]
+        amount: String,
     },
 }
 
@@ -332,6 +339,17 @@ fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Res
     let dir = ct_agent::ConfigDir::open(config_dir)?;
     let mut policy = Policy::load(&dir)?;
     let new = match command {
+        SharingCommand::Budget { user, amount } => {
+            if user.is_empty() || !user.bytes().all(|b| b.is_ascii_digit()) {
+                anyhow::bail!("`{user}` is not a Discord user id (digits only)");
+            }
+            let budget = match amount.trim() {
+                "none" | "off" => None,
+                other => Some(ct_agent::meter::Budget::parse(other).map_err(anyhow::Error::msg)?),
+            };
+            ct_agent::meter::set_budget(&dir, &user, budget)?;
+            None
+        }
         SharingCommand::Show => None,
         SharingCommand::Off => Some(SharePolicy::Off),
         SharingCommand::All => Some(SharePolicy::All),
@@ -352,6 +370,19 @@ fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Res
             "Sharing is limited to {}: and only while you also share with them in Discord (/share add).",
             users.join(", ")
         ),
+    }
+    let budgets = ct_agent::meter::budgets(&dir)?;
+    let meter = ct_agent::meter::Meter::load(&dir)?;
+    for (user, budget) in &budgets {
+        println!(
+            "Budget for {user}: {budget}; used so far: {}.",
+            meter.used(user)
+        );
+    }
+    if budgets.is_empty() {
+        println!(
+            "No budgets: shared tasks may spend up to the key's own limit (`ct-agent sharing budget <id> 5usd`)."
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

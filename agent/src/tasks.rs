@@ -37,6 +37,7 @@ use tracing::Instrument as _;
 
 use crate::claude::{self, Decision, PermissionMode, RunnerEvent, Session, SessionSpec};
 use crate::config::ConfigDir;
+use crate::meter::{self, Meter};
 use crate::outbox::{self, Outbox};
 use crate::projects::{Host, Origin, Policy, PolicyError, SharePolicy};
 use crate::sandbox::{self, Bwrap, SandboxError};
@@ -77,8 +78,9 @@ pub struct TaskConfig {
     /// Called with the project folder once it is open for a sandbox, before the sandbox starts. Only tests
     /// set it: to swap the folder for a symlink in exactly that window.
     pub before_sandbox: Option<SandboxHook>,
-    /// The API key shared tasks use (`CT_AGENT_SHARED_API_KEY`). Shared tasks never get the owner's own key or
-    /// login: a task can read whatever its Claude Code holds. Without one, shared tasks are refused.
+    /// The API key the proxy adds for shared tasks (`CT_AGENT_SHARED_API_KEY`); `None` uses the owner's
+    /// `ANTHROPIC_API_KEY`. Either way the key stays outside the sandbox ([`crate::meter::proxy`]); with
+    /// neither (an owner signed in with `claude login` only), shared tasks are refused.
     pub shared_api_key: Option<SharedKey>,
 }
 
@@ -138,6 +140,10 @@ struct Inner {
     dir: ConfigDir,
     /// The Discord id this agent was paired with: the only requester treated as the owner.
     owner_id: Option<String>,
+    /// What grantees spent, against the owner's budgets.
+    meter: Meter,
+    /// The shared-task API proxy, started with the first shared task.
+    proxy: tokio::sync::OnceCell<meter::proxy::ApiProxy>,
     outbox: Mutex<Outbox>,
     /// Non-event messages for the next link (project replies and reports).
     control: Mutex<VecDeque<AgentMessage>>,
@@ -206,11 +212,17 @@ impl Tasks {
                 None
             }
         };
+        let meter = Meter::load(&dir).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read shared-task usage; counting from zero");
+            Meter::empty(&dir)
+        });
         Self {
             inner: Arc::new(Inner {
                 config,
                 dir,
                 owner_id,
+                meter,
+                proxy: tokio::sync::OnceCell::new(),
                 outbox: Mutex::new(outbox),
                 control: Mutex::new(VecDeque::new()),
                 to_send: Notify::new(),
@@ -423,8 +435,14 @@ impl Tasks {
         let cwd = policy.resolve(&spec.project).map_err(|e| e.to_string())?;
         let sandbox =
             sandbox_for(role, policy.sandbox(), sandbox::detect()).map_err(|e| e.to_string())?;
-        if role != Role::Owner && sandbox.is_some() && self.inner.config.shared_api_key.is_none() {
-            return Err(NO_SHARED_KEY.into());
+        if role != Role::Owner && sandbox.is_some() {
+            if upstream(&self.inner.config).is_none() {
+                return Err(NO_SHARED_KEY.into());
+            }
+            self.inner
+                .meter
+                .check(&spec.requester.user)
+                .map_err(|e| e.to_string())?;
         }
         Ok(Owner {
             cwd,
@@ -480,6 +498,24 @@ impl Inner {
 
     fn drivers(&self) -> MutexGuard<'_, Drivers> {
         self.drivers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A path through the shared-task API proxy for `user`, starting the proxy the first time.
+    async fn lease(&self, user: &str) -> Result<Option<meter::proxy::Lease>, String> {
+        let upstream = upstream(&self.config).ok_or(NO_SHARED_KEY)?;
+        let proxy = self
+            .proxy
+            .get_or_try_init(|| {
+                meter::proxy::ApiProxy::start(
+                    upstream,
+                    self.meter.clone(),
+                    self.shutdown.clone(),
+                    &self.tracker,
+                )
+            })
+            .await
+            .map_err(|e| format!("cannot start the API proxy for shared tasks: {e}"))?;
+        Ok(Some(proxy.lease(user)))
     }
 
     fn policy(&self) -> Result<Policy, PolicyError> {
@@ -576,6 +612,8 @@ struct Driver {
     session_id: Option<String>,
     /// Kept so an idle driver can register itself as warm.
     tx: Option<mpsc::UnboundedSender<Cmd>>,
+    /// A grantee session's path through the API proxy, closed with the process.
+    _lease: Option<meter::proxy::Lease>,
 }
 
 impl Driver {
@@ -587,13 +625,27 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Cmd>,
     ) {
         let task = spec.task.clone();
-        let started = match session_spec(&inner.config, inner.dir.path(), &owner, &spec) {
-            Ok(session_spec) => Session::start(session_spec)
+        let lease = match &owner.sandbox {
+            Some(_) if owner.role != Role::Owner => inner.lease(&owner.user).await,
+            _ => Ok(None),
+        };
+        let started = match lease.and_then(|lease| {
+            session_spec(
+                &inner.config,
+                inner.dir.path(),
+                &owner,
+                &spec,
+                lease.as_ref(),
+            )
+            .map(|s| (s, lease))
+        }) {
+            Ok((session_spec, lease)) => Session::start(session_spec)
                 .await
+                .map(|started| (started, lease))
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
-        let (session, events) = match started {
+        let ((session, events), lease) = match started {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "Claude Code did not start");
@@ -626,6 +678,7 @@ impl Driver {
             }),
             session_id: spec.resume.clone(),
             tx,
+            _lease: lease,
         };
         if let Err(e) = driver.session.send(spec.prompt) {
             driver.fail(e.to_string()).await;
@@ -1020,11 +1073,33 @@ fn sandbox_for(
     }
 }
 
-/// Why a shared task is refused when the owner set no key for shared tasks.
-const NO_SHARED_KEY: &str = "this agent has no API key for shared tasks, so it runs only its owner's own: a shared \
-     task never gets the owner's Claude login or key (whatever runs in it could read them). The owner can set a \
-     key of its own for shared tasks (with its own spending limit) on that machine: \
-     `CT_AGENT_SHARED_API_KEY=sk-ant-... ct-agent run`";
+/// Why a shared task is refused when the agent has no API key the proxy could add.
+const NO_SHARED_KEY: &str = "this agent has no API key it can use for shared tasks, so it runs only its owner's \
+     own: the owner's Claude Code is signed in with `claude login`, which is never lent. The owner can give the \
+     agent a key for shared tasks on that machine (`CT_AGENT_SHARED_API_KEY=sk-ant-... ct-agent run`); it stays \
+     outside the sandbox, and `ct-agent sharing budget` limits what each person may spend";
+
+/// Where the shared-task proxy forwards, with which key: the shared key, else the owner's API key; `None` when
+/// there is neither (an OAuth login cannot be added by a proxy, and is never lent).
+fn upstream(config: &TaskConfig) -> Option<meter::proxy::Upstream> {
+    let env = sandbox::env::agent_env(config.env_clear, &config.env);
+    let var = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.to_str())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let api_key = config
+        .shared_api_key
+        .as_ref()
+        .map(|k| k.0.clone())
+        .or_else(|| var("ANTHROPIC_API_KEY"))?;
+    Some(meter::proxy::Upstream {
+        base_url: var("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into()),
+        api_key,
+    })
+}
 
 /// Who the agent treats a requester as: the owner only when their Discord id is the one this agent was paired
 /// with. The relay's word is taken only to lower a role, never to raise one: a relay that labels someone
@@ -1068,13 +1143,14 @@ fn session_spec(
     agent_config: &Path,
     owner: &Owner,
     spec: &TaskSpec,
+    lease: Option<&meter::proxy::Lease>,
 ) -> Result<SessionSpec, String> {
     let mut s = SessionSpec::new(&owner.cwd);
     s.claude_bin = config.claude_bin.clone();
     s.env_clear = config.env_clear;
     s.env = config.env.clone();
     if let Some(bwrap) = &owner.sandbox {
-        sandboxed(&mut s, bwrap, config, agent_config, owner)?;
+        sandboxed(&mut s, bwrap, config, agent_config, owner, lease)?;
     }
     s.approval_timeout = config.approval_timeout;
     s.allow_settings_writes = config.allow_settings_writes;
@@ -1099,6 +1175,7 @@ fn sandboxed(
     config: &TaskConfig,
     agent_config: &Path,
     owner: &Owner,
+    lease: Option<&meter::proxy::Lease>,
 ) -> Result<(), String> {
     let source = sandbox::env::agent_env(config.env_clear, &config.env);
     let var = |key: &str| {
@@ -1162,9 +1239,13 @@ fn sandboxed(
         credentials,
     );
     if owner.role != Role::Owner {
-        let key = config.shared_api_key.as_ref().ok_or(NO_SHARED_KEY)?;
+        // Only the proxy's path and a placeholder key: the real key is added outside.
+        let lease = lease.ok_or(NO_SHARED_KEY)?;
+        s.env.retain(|(k, _)| k != "ANTHROPIC_BASE_URL");
         s.env
-            .push(("ANTHROPIC_API_KEY".into(), key.0.clone().into()));
+            .push(("ANTHROPIC_BASE_URL".into(), lease.base_url().into()));
+        s.env
+            .push(("ANTHROPIC_API_KEY".into(), meter::proxy::DUMMY_KEY.into()));
     }
     Ok(())
 }

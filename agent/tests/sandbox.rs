@@ -98,6 +98,7 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
             ),
             ("SSH_AUTH_SOCK".into(), bus_path.display().to_string()),
         ],
+        shared: true,
         ..Opts::default()
     })
     .await;
@@ -134,6 +135,8 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
     }
     for secret in [
         "sk-ant-OWNER-SECRET-KEY",
+        SHARED_KEY,
+        w.fake.base_url(),
         "ghp_SECRET_GITHUB_TOKEN",
         "SECRET_AWS_KEY",
         "DBUS_SESSION_BUS_ADDRESS",
@@ -149,8 +152,27 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
         );
     }
     assert!(
-        sent.contains(&format!("ANTHROPIC_API_KEY={SHARED_KEY}")),
-        "the key set aside for shared tasks, not the owner's: {sent}"
+        sent.contains(&format!(
+            "ANTHROPIC_API_KEY={}",
+            ct_agent::meter::proxy::DUMMY_KEY
+        )) && sent.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:"),
+        "only a placeholder key and the agent's proxy inside: {sent}"
+    );
+    // The real key for shared tasks reached the API, added by the proxy outside the sandbox.
+    let keys: Vec<Option<String>> = w
+        .fake
+        .main_requests()
+        .iter()
+        .map(|r| r.api_key.clone())
+        .collect();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| k.as_deref() == Some(SHARED_KEY)),
+        "{keys:?}"
+    );
+    let usage = std::fs::read_to_string(w.agent_dir().join("usage.json")).unwrap();
+    assert!(
+        usage.contains(GRANTEE),
+        "the grantee's use was metered: {usage}"
     );
     assert!(
         sent.contains(&format!("HOME={}", w.home.display())),
@@ -169,7 +191,11 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
 #[tokio::test]
 async fn a_grantees_task_cannot_leave_a_hook_or_an_mcp_server_for_the_owner() {
     require_bwrap();
-    let w = world_with(Opts::default()).await;
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
     share(&w);
     // The owner's Claude Code config, as this world gives it: CLAUDE_CONFIG_DIR=~/.claude, plus ~/.claude.json.
     let settings = w.home.join(".claude/settings.json");
@@ -222,6 +248,7 @@ async fn swapping_the_project_for_a_symlink_after_the_check_binds_the_real_folde
     require_bwrap();
     let w = world_with(Opts {
         swap_project_for_home: true,
+        shared: true,
         ..Opts::default()
     })
     .await;
@@ -332,10 +359,13 @@ async fn bypass_permissions_from_the_relay_is_refused_until_the_owner_allows_it_
 }
 
 #[tokio::test]
-async fn without_a_key_for_shared_tasks_a_grantees_task_is_refused_not_given_the_owners() {
+async fn an_owner_with_only_a_claude_login_gets_shared_tasks_refused_not_lent() {
     require_bwrap();
+    // No API key anywhere: the owner's Claude Code would use its OAuth login, which a proxy cannot add.
     let w = world_with(Opts {
+        logged_out: true,
         no_shared_key: true,
+        shared: true,
         ..Opts::default()
     })
     .await;
@@ -344,19 +374,75 @@ async fn without_a_key_for_shared_tasks_a_grantees_task_is_refused_not_given_the
     let (state, message) = f.finished().await;
     let message = message.unwrap_or_default();
     assert_eq!(state, FinalState::Failed);
-    assert!(message.contains("CT_AGENT_SHARED_API_KEY"), "{message}");
+    assert!(
+        message.contains("claude login") && message.contains("CT_AGENT_SHARED_API_KEY"),
+        "{message}"
+    );
+    assert_eq!(
+        f.seen.len(),
+        1,
+        "refused before anything ran: {:#?}",
+        f.seen
+    );
     assert!(w.fake.main_requests().is_empty(), "Claude Code never ran");
-    // The owner's own tasks still run with the owner's credentials.
+}
+
+#[tokio::test]
+async fn a_spent_budget_stops_a_grantees_requests_at_the_proxy_and_refuses_their_next_task() {
+    require_bwrap();
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    // One token: the first request is let through (nothing spent yet) and spends it.
+    ct_agent::meter::set_budget(
+        &w.agent_config,
+        GRANTEE,
+        Some(ct_agent::meter::Budget::Tokens(1)),
+    )
+    .unwrap();
+    w.fake.push(bash("echo FIRST-STEP".into()));
+    w.fake.push(Reply::text("this answer is never fetched"));
+    let mut f = w.start(as_grantee("app", "two steps", default_mode()));
+    let (state, message, _) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Failed, "{message:?}: {:#?}", f.seen);
+    let shown = format!("{message:?} {:?}", f.seen);
+    assert!(
+        shown.contains("budget") && shown.contains("ct-agent sharing budget"),
+        "the proxy's refusal reached the task: {shown}"
+    );
+    assert_eq!(
+        w.fake.main_requests().len(),
+        1,
+        "the second request never reached the API"
+    );
+    // The next task is refused before Claude Code starts.
+    let mut g = w.start(as_grantee("app", "again", default_mode()));
+    let (state, message) = g.finished().await;
+    assert_eq!(state, FinalState::Failed);
+    assert!(
+        message.unwrap_or_default().contains("budget"),
+        "{:#?}",
+        g.seen
+    );
+    assert_eq!(w.fake.main_requests().len(), 1);
+    // The owner's own tasks are not metered.
     w.fake.push(Reply::text("hi owner"));
-    let mut f = w.start(submit(OWNER, "app", "hello", TaskOptions::default()));
-    assert_eq!(f.finished().await.0, FinalState::Done);
+    let mut o = w.start(submit(OWNER, "app", "hello", TaskOptions::default()));
+    assert_eq!(o.finished().await.0, FinalState::Done);
 }
 
 #[tokio::test]
 async fn cancelling_a_grantees_task_ends_everything_in_its_sandbox() {
     use ct_testkit::process::{cmdline, descendants_of, poll_until};
     require_bwrap();
-    let w = world_with(Opts::default()).await;
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
     share(&w);
     w.fake.push(Reply::tool_use(
         "Bash",

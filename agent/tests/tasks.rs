@@ -54,6 +54,9 @@ pub(crate) struct Opts {
     pub(crate) relay_owner: Option<&'static str>,
     /// Replace the project folder by a symlink to the home after the agent opened it for a sandbox.
     pub(crate) swap_project_for_home: bool,
+    /// Accept shared tasks (`ct-agent sharing all`) from the start, so the agent's first report to the relay
+    /// already says so (set later, the relay may have stored the earlier "no" and refuse on its side).
+    pub(crate) shared: bool,
     /// Run without a key for shared tasks (`CT_AGENT_SHARED_API_KEY`); otherwise it is [`SHARED_KEY`].
     pub(crate) no_shared_key: bool,
 }
@@ -111,6 +114,12 @@ pub(crate) async fn world_with(opts: Opts) -> World {
     pair(&relay, agent_dir.path(), opts.relay_owner.unwrap_or(OWNER)).await;
     let allowed_env = allowed.display().to_string();
     let agent_config = ConfigDir::open(agent_dir.path()).unwrap();
+    if opts.shared {
+        Policy::load_with(&agent_config, &allowed_env, Host::detect())
+            .unwrap()
+            .set_sharing(SharePolicy::All)
+            .unwrap();
+    }
     if opts.relay_owner.is_some() {
         let mut pairing = agent_config.load_pairing().unwrap().unwrap();
         pairing.owner = OWNER.into();
