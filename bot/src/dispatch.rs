@@ -471,10 +471,21 @@ impl Inner {
                 truncate(prompt, 1500)
             ))
             .allowed_mentions(CreateAllowedMentions::new());
-        let msg = self.rest.send_message(channel, &starter, &[]).await?;
         let first_line = prompt.lines().next().unwrap_or("");
         let name = format!("{} · {}", task.id, truncate(first_line, THREAD_NAME_PROMPT));
-        let thread = self.rest.start_thread(channel, msg.id, &name).await?;
+        let thread = if self.config.private_threads {
+            // Nothing of the task in the channel: the thread is private, its people are added, and the
+            // prompt goes inside it.
+            let thread = self.rest.start_private_thread(channel, &name).await?;
+            for person in thread_people(task) {
+                self.rest.add_thread_member(thread.id, person).await?;
+            }
+            self.rest.send_message(thread.id, &starter, &[]).await?;
+            thread
+        } else {
+            let msg = self.rest.send_message(channel, &starter, &[]).await?;
+            self.rest.start_thread(channel, msg.id, &name).await?
+        };
         self.threads.insert(ThreadInfo::new(thread.id, task, limit));
         self.start_follower(thread.id, task.clone(), limit);
         Ok(thread.id)
@@ -1093,6 +1104,7 @@ impl Inner {
                     Scope::FirstWord => self
                         .threads
                         .approval(&task, &approval)
+                        .filter(|open| takes_prefixes(&open.view))
                         .and_then(|open| {
                             SessionScope::first_word(&open.view.tool, &open.view.input)
                         })
@@ -1194,7 +1206,11 @@ impl Inner {
         approval: &str,
         prefix: &str,
     ) -> crate::backend::Result<Initial> {
-        let Some(open) = self.threads.approval(task, approval) else {
+        let Some(open) = self
+            .threads
+            .approval(task, approval)
+            .filter(|open| takes_prefixes(&open.view))
+        else {
             return Ok(Initial::Message(Answer::private(
                 "That approval is no longer open here: allow this command only, or deny.",
             )));
@@ -1300,6 +1316,12 @@ impl Inner {
     }
 }
 
+/// Whether the agent behind an approval understands prefix rules: it said what "Allow for session" covers,
+/// and for Bash that is a command. An older agent would not parse the decision.
+fn takes_prefixes(view: &crate::render::approval::ApprovalView) -> bool {
+    matches!(view.session, Some(SessionScope::Command { .. }))
+}
+
 /// Commands whose answer everyone in the channel should see (and so whose deferral is public too).
 fn is_public(name: &str) -> bool {
     matches!(name, "reply" | "cancel" | "cc")
@@ -1314,4 +1336,15 @@ fn is_thread(c: &CommandInteraction) -> bool {
                 | serenity::all::ChannelType::NewsThread
         )
     })
+}
+
+/// Who is added to a task's private thread: its requester and the agent's owner. The approver is always one
+/// of them (the owner, or a requester the owner trusts with their own approvals).
+fn thread_people(task: &TaskInfo) -> Vec<UserId> {
+    let mut people: Vec<UserId> = [&task.requester, &task.owner]
+        .into_iter()
+        .filter_map(|id| id.parse().ok())
+        .collect();
+    people.dedup();
+    people
 }

@@ -1137,3 +1137,74 @@ async fn a_long_approval_attaches_its_input_or_says_why_it_could_not() {
     .await;
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_private_threads_a_task_is_seen_only_by_its_people() {
+    let w = world_with(|_, config| config.private_threads = true).await;
+    // Bob runs a task on Alice's agent (she shared it): both must be in the thread, nobody else.
+    let bob = w.sim.user("bob");
+    let secret = "rotate the keys of project nightingale";
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&bob),
+            &SlashCommand::new("task").opt(Opt::str("prompt", secret)),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    let thread = said
+        .split("<#")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('>')
+        .to_string();
+
+    let created = w
+        .sim
+        .calls_to("POST", &format!("/channels/{}/threads", w.sim.channel_id()));
+    assert_eq!(
+        created.len(),
+        1,
+        "one thread, not started from a channel message"
+    );
+    assert_eq!(created[0].body["type"], json!(12), "{}", created[0].body);
+    assert_eq!(created[0].body["invitable"], json!(false));
+    assert_eq!(w.sim.channel(&thread).unwrap().kind, 12);
+    let mut added: Vec<String> = w
+        .sim
+        .calls()
+        .iter()
+        .filter(|c| c.method == "PUT" && c.status == 204)
+        .filter_map(|c| {
+            c.path
+                .strip_prefix(&format!("/channels/{thread}/thread-members/"))
+                .map(str::to_string)
+        })
+        .collect();
+    added.sort();
+    let mut people = vec![bob.id.clone(), w.alice.id.clone()];
+    people.sort();
+    assert_eq!(
+        added, people,
+        "the requester and the agent's owner are added"
+    );
+
+    // The prompt is in the thread, and nowhere in the channel.
+    w.sim
+        .wait_until(T, |s| {
+            s.messages(&thread)
+                .iter()
+                .any(|m| m.content.contains(secret))
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    assert!(
+        w.sim
+            .messages(w.sim.channel_id())
+            .iter()
+            .all(|m| !m.content.contains("nightingale")),
+        "the channel shows the private task's prompt"
+    );
+    w.stop().await;
+}
