@@ -1208,3 +1208,38 @@ async fn with_private_threads_a_task_is_seen_only_by_its_people() {
     );
     w.stop().await;
 }
+
+/// An agent that did not scope its session rules would not understand a prefix: a prefix form submitted for
+/// its approval (Discord never showed one) is refused, and nothing is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_is_never_sent_for_an_older_agents_approval() {
+    let w = world().await;
+    let (task, thread) = w.task("old agent").await;
+    let approval = w.ask_bash(&task, &thread, "a1").await;
+    assert!(
+        approval
+            .content
+            .contains("Allow for session: every `Bash` use"),
+        "{}",
+        approval.content
+    );
+    assert!(
+        !approval
+            .custom_ids()
+            .iter()
+            .any(|c| c.starts_with("ap:") || c.starts_with("aw:")),
+        "{:?}",
+        approval.custom_ids()
+    );
+    let ix = w
+        .sim
+        .send_modal_submit(
+            &w.sim.origin_in(&w.alice, &thread),
+            &format!("pp:{task}:a1"),
+            &[("prefix", "rm")],
+        )
+        .unwrap();
+    assert!(w.answer(&ix).await.content.contains("no longer open here"));
+    assert!(Fake::lock(&w.fake.decisions).is_empty());
+    w.stop().await;
+}
