@@ -124,6 +124,11 @@ pub fn all() -> Vec<CreateCommand> {
                     .add_string_choice("Ask before acting (default)", "default")
                     .add_string_choice("Accept file edits", "acceptEdits")
                     .add_string_choice("Plan only, change nothing", "plan"),
+                CreateCommandOption::new(
+                    CommandOptionType::Boolean,
+                    "private",
+                    "Only you and the agent's owner see the thread (default: this server's setting)",
+                ),
             ],
         ),
         command(

@@ -118,6 +118,16 @@ impl Args {
             .filter(|s| !s.is_empty())
     }
 
+    fn bool(&self, name: &str) -> Option<bool> {
+        self.opts
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| match &o.value {
+                CommandDataOptionValue::Boolean(b) => Some(*b),
+                _ => None,
+            })
+    }
+
     fn user(&self, name: &str) -> Option<UserId> {
         self.opts
             .iter()
@@ -432,6 +442,7 @@ impl Inner {
                 &task,
                 &prompt,
                 upload_limit(c.attachment_size_limit),
+                args.bool("private").unwrap_or(self.config.private_threads),
             )
             .await
         {
@@ -460,6 +471,7 @@ impl Inner {
         task: &TaskInfo,
         prompt: &str,
         limit: u64,
+        private: bool,
     ) -> Result<ChannelId, crate::rest::RestError> {
         let starter = CreateMessage::new()
             .content(format!(
@@ -473,7 +485,7 @@ impl Inner {
             .allowed_mentions(CreateAllowedMentions::new());
         let first_line = prompt.lines().next().unwrap_or("");
         let name = format!("{} · {}", task.id, truncate(first_line, THREAD_NAME_PROMPT));
-        let thread = if self.config.private_threads {
+        let thread = if private {
             // Nothing of the task in the channel: the thread is private, its people are added, and the
             // prompt goes inside it.
             let thread = self.rest.start_private_thread(channel, &name).await?;

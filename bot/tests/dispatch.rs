@@ -1243,3 +1243,34 @@ async fn a_prefix_is_never_sent_for_an_older_agents_approval() {
     assert!(Fake::lock(&w.fake.decisions).is_empty());
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_chooses_a_private_thread_where_the_default_is_public() {
+    let w = world().await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "quietly fix it"))
+                .opt(Opt::bool("private", true)),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    let thread = said
+        .split("<#")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('>')
+        .to_string();
+    assert_eq!(w.sim.channel(&thread).unwrap().kind, 12, "{said}");
+    assert!(w
+        .sim
+        .messages(w.sim.channel_id())
+        .iter()
+        .all(|m| !m.content.contains("quietly")));
+    // Without the option, the server's default: public, started from a message in the channel.
+    let (_, public) = w.task("loudly fix it").await;
+    assert_eq!(w.sim.channel(&public).unwrap().kind, 11);
+    w.stop().await;
+}
