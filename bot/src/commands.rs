@@ -127,7 +127,7 @@ pub fn all() -> Vec<CreateCommand> {
                 CreateCommandOption::new(
                     CommandOptionType::Boolean,
                     "private",
-                    "Only you and the agent's owner see the thread (default: this server's setting)",
+                    "Only you and the agent's owner see the thread (always, where the server says so)",
                 ),
             ],
         ),

@@ -56,7 +56,7 @@ pub struct BotConfig {
     pub channel_ids: Vec<ChannelId>,
     pub api_proxy: Option<String>,
     pub message_content: bool,
-    /// `DISCORD_PRIVATE_THREADS=1`: by default (`/task private:` chooses per task) each task gets a private thread that only its requester, the agent's
+    /// `DISCORD_PRIVATE_THREADS=1`: every task (otherwise only those run with `/task private:True`) gets a private thread that only its requester, the agent's
     /// owner (who decides approvals, or shares that with a trusted requester) and server moderators see, and
     /// its prompt is posted inside it rather than in the channel. Otherwise threads are public: everyone who
     /// can read the channel reads the task.

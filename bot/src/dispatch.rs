@@ -442,7 +442,9 @@ impl Inner {
                 &task,
                 &prompt,
                 upload_limit(c.attachment_size_limit),
-                args.bool("private").unwrap_or(self.config.private_threads),
+                // A task may be more private than the server's setting, never less: a grantee must not
+                // publish the owner's work to a channel the owner expects not to see it.
+                self.config.private_threads || args.bool("private") == Some(true),
             )
             .await
         {

@@ -1245,7 +1245,7 @@ async fn a_prefix_is_never_sent_for_an_older_agents_approval() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_chooses_a_private_thread_where_the_default_is_public() {
+async fn a_task_can_be_more_private_than_the_servers_setting_never_less() {
     let w = world().await;
     let ix = w
         .sim
@@ -1272,5 +1272,26 @@ async fn a_task_chooses_a_private_thread_where_the_default_is_public() {
     // Without the option, the server's default: public, started from a message in the channel.
     let (_, public) = w.task("loudly fix it").await;
     assert_eq!(w.sim.channel(&public).unwrap().kind, 11);
+    w.stop().await;
+
+    // Where the server says private, a task cannot ask to be public.
+    let w = world_with(|_, config| config.private_threads = true).await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "publish it"))
+                .opt(Opt::bool("private", false)),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    let thread = said
+        .split("<#")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('>')
+        .to_string();
+    assert_eq!(w.sim.channel(&thread).unwrap().kind, 12, "{said}");
     w.stop().await;
 }
