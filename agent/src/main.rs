@@ -105,6 +105,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inside a shared task's sandbox: forward 127.0.0.1:PORT to the agent's API socket while COMMAND runs
+    #[command(hide = true)]
+    SandboxForward {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +170,12 @@ enum SandboxCommand {
     /// Where bubblewrap is missing: refuse shared tasks (`required`, the default) or run them unsandboxed
     Grantees {
         #[arg(value_parser = ["required", "unsandboxed"])]
+        setting: String,
+    },
+    /// Shared tasks reach only the Claude API, through the agent (`isolated`, the default), or the network
+    /// like any program of yours (`open`)
+    Network {
+        #[arg(value_parser = ["isolated", "open"])]
         setting: String,
     },
     /// Let your own tasks run in bypassPermissions mode (`on`), or refuse that mode from the relay (`off`, the
@@ -256,6 +272,14 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::SandboxForward {
+        port,
+        socket,
+        command,
+    } = cli.command
+    {
+        return ct_agent::sandbox::forward::run(port, socket, command).await;
+    }
     if let Command::Service { command } = cli.command {
         // The service's config dir is resolved for the user it runs as, so it gets the raw choice.
         return service(cli.config_dir, command);
@@ -275,6 +299,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.tasks.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             opts.tasks.claude_bin = claude_bin;
             opts.tasks.allow_settings_writes = allow_settings_writes;
+            // This very binary is what runs inside a shared task's sandbox as its way to the API.
+            opts.tasks.forwarder = std::env::current_exe().ok();
             opts.tasks.shared_api_key = shared_api_key
                 .filter(|k| !k.is_empty())
                 .map(ct_agent::tasks::SharedKey);
@@ -289,7 +315,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => status(&config_dir, json),
         Command::Doctor { json } => doctor(config_dir, json).await,
         Command::Project { command } => project(&config_dir, command),
-        Command::Service { .. } => unreachable!("handled above"),
+        Command::Service { .. } | Command::SandboxForward { .. } => unreachable!("handled above"),
     }
 }
 
@@ -399,6 +425,7 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
             settings.unsandboxed_grantees = setting == "unsandboxed"
         }
         SandboxCommand::Bypass { setting } => settings.bypass_permissions = setting == "on",
+        SandboxCommand::Network { setting } => settings.open_network = setting == "open",
     }
     policy.set_sandbox(settings.clone())?;
     match ct_agent::sandbox::detect() {
@@ -420,6 +447,14 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
             "; run without a sandbox where bubblewrap is unavailable"
         } else {
             "; refused where bubblewrap is unavailable"
+        }
+    );
+    println!(
+        "Shared tasks' network: {}",
+        if settings.open_network {
+            "open (they can reach the internet and services on this machine's loopback)"
+        } else {
+            "none but the Claude API, through the agent"
         }
     );
     println!(

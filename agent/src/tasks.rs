@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -82,6 +83,9 @@ pub struct TaskConfig {
     /// `ANTHROPIC_API_KEY`. Either way the key stays outside the sandbox ([`crate::meter::proxy`]); with
     /// neither (an owner signed in with `claude login` only), shared tasks are refused.
     pub shared_api_key: Option<SharedKey>,
+    /// The `ct-agent` executable, run inside a grantee's sandbox as its only way to the API
+    /// (`ct-agent sandbox-forward`); `None`: grantees' sandboxes keep the host's network.
+    pub forwarder: Option<PathBuf>,
 }
 
 /// An API key the owner set aside for shared tasks. `Debug` never prints it.
@@ -119,6 +123,7 @@ impl Default for TaskConfig {
             outbox_limit: outbox::DEFAULT_LIMIT,
             before_sandbox: None,
             shared_api_key: None,
+            forwarder: None,
         }
     }
 }
@@ -181,6 +186,8 @@ struct Owner {
     options: ct_protocol::task::TaskOptions,
     /// Run inside bubblewrap (see [`crate::sandbox`]).
     sandbox: Option<Bwrap>,
+    /// In the sandbox without a network (grantees, unless the owner opened it).
+    no_network: bool,
 }
 
 #[derive(Debug)]
@@ -444,7 +451,12 @@ impl Tasks {
                 .check(&spec.requester.user)
                 .map_err(|e| e.to_string())?;
         }
+        let no_network = sandbox.is_some()
+            && role != Role::Owner
+            && !policy.sandbox().open_network
+            && self.inner.config.forwarder.is_some();
         Ok(Owner {
+            no_network,
             cwd,
             user: spec.requester.user.clone(),
             role,
@@ -501,7 +513,11 @@ impl Inner {
     }
 
     /// A path through the shared-task API proxy for `user`, starting the proxy the first time.
-    async fn lease(&self, user: &str) -> Result<Option<meter::proxy::Lease>, String> {
+    async fn lease(
+        &self,
+        user: &str,
+        no_network: bool,
+    ) -> Result<Option<meter::proxy::Lease>, String> {
         let upstream = upstream(&self.config).ok_or(NO_SHARED_KEY)?;
         let proxy = self
             .proxy
@@ -515,7 +531,25 @@ impl Inner {
             })
             .await
             .map_err(|e| format!("cannot start the API proxy for shared tasks: {e}"))?;
-        Ok(Some(proxy.lease(user)))
+        let socket_dir = if no_network {
+            // The agent's own config directory is 0700, so nobody else can reach these sockets.
+            let dir = self.dir.path().join("run");
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            Some(dir)
+        } else {
+            None
+        };
+        let lease = proxy
+            .lease(
+                user,
+                socket_dir.as_deref().map(|d| (d, sandbox::forward::PORT)),
+            )
+            .map_err(|e| format!("cannot open the API proxy for this shared task: {e}"))?;
+        Ok(Some(lease))
     }
 
     fn policy(&self) -> Result<Policy, PolicyError> {
@@ -626,7 +660,9 @@ impl Driver {
     ) {
         let task = spec.task.clone();
         let lease = match &owner.sandbox {
-            Some(_) if owner.role != Role::Owner => inner.lease(&owner.user).await,
+            Some(_) if owner.role != Role::Owner => {
+                inner.lease(&owner.user, owner.no_network).await
+            }
             _ => Ok(None),
         };
         let started = match lease.and_then(|lease| {
@@ -1222,11 +1258,24 @@ fn sandboxed(
     if let Some(hook) = &config.before_sandbox {
         (hook.0)(project.path());
     }
+    let network = match (
+        owner.no_network,
+        lease.and_then(|l| l.socket()),
+        &config.forwarder,
+    ) {
+        (true, Some(socket), Some(forwarder)) => Some(sandbox::Network {
+            forwarder: forwarder.clone(),
+            socket: socket.to_path_buf(),
+        }),
+        (true, _, _) => return Err("the sandbox's way to the API is missing".into()),
+        (false, _, _) => None,
+    };
     s.wrapper = sandbox::Plan {
         project: &project,
         home: home.clone(),
         claude_install: Some(install),
         config: &claude_config,
+        network,
     }
     .command(bwrap);
     s.inherit_fds = vec![project.shared_fd()];

@@ -514,3 +514,48 @@ async fn the_owners_own_sandboxed_task_runs_with_the_owners_config_and_nothing_e
     );
     assert!(!w.agent_dir().join("grantees").exists());
 }
+
+#[tokio::test]
+async fn a_grantees_task_reaches_nothing_on_the_owners_loopback_unless_the_owner_opens_the_network()
+{
+    require_bwrap();
+    // A service of the owner's on 127.0.0.1 (a database, a dev server, an admin socket's TCP twin).
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    service.set_nonblocking(true).unwrap();
+    let port = service.local_addr().unwrap().port();
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    let dial = format!(
+        "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 5); print(\"LOOPBACK-\" + \"REACHED\")' \
+         2>&1 | tail -1; echo NET-DONE"
+    );
+    w.fake.push(bash(dial.clone()));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(as_grantee("app", "dial", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("NET-DONE"), "{sent}");
+    assert!(!sent.contains("LOOPBACK-REACHED"), "{sent}");
+    assert!(sent.contains("ConnectionRefusedError"), "{sent}");
+    assert!(
+        service.accept().is_err(),
+        "nothing in the sandbox reached the owner's service"
+    );
+
+    // The owner opens the network: the same task now reaches it (so the check above could fail).
+    let policy = || Policy::load_with(&w.agent_config, &w.allowed_env, Host::detect()).unwrap();
+    let mut settings = policy().sandbox().clone();
+    settings.open_network = true;
+    policy().set_sandbox(settings).unwrap();
+    w.fake.push(bash(dial));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(as_grantee("app", "dial", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("LOOPBACK-REACHED"), "{sent}");
+    assert!(service.accept().is_ok());
+}

@@ -153,6 +153,7 @@ pub(crate) async fn world_with(opts: Opts) -> World {
             }))
         }),
         shared_api_key: (!opts.no_shared_key).then(|| SharedKey(SHARED_KEY.into())),
+        forwarder: Some(env!("CARGO_BIN_EXE_ct-agent").into()),
         ..TaskConfig::default()
     };
     let mut agent = TestAgent::start_with(run);

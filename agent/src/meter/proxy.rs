@@ -2,12 +2,14 @@
 //!
 //! It listens on the owner's loopback, outside every sandbox. Each sandboxed grantee session gets a
 //! [`Lease`]: a base URL with an unguessable path (`http://127.0.0.1:PORT/s/<token>`) naming the grantee, and
-//! a dummy key. A request on that path is checked against the grantee's budget, forwarded to the real API with
+//! a dummy key. A sandbox without a network reaches the proxy through a unix socket of its own instead (served
+//! for the lease's life, bound into the sandbox, see [`crate::sandbox::forward`]). A request on that path is checked against the grantee's budget, forwarded to the real API with
 //! the real key (added here; whatever key the sandbox sent is dropped), and its streamed usage is added to
 //! the grantee's total as it passes. Dropping the lease closes the path.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -73,6 +75,9 @@ impl Shared {
 pub struct ApiProxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    app: axum::Router,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
 }
 
 impl std::fmt::Debug for ApiProxy {
@@ -83,18 +88,25 @@ impl std::fmt::Debug for ApiProxy {
     }
 }
 
-/// One session's path through the proxy. Dropping it closes the path.
+/// One session's path through the proxy. Dropping it closes the path (and its socket).
 #[derive(Debug)]
 pub struct Lease {
     token: String,
     base_url: String,
     shared: Arc<Shared>,
+    /// The unix socket served for a sandbox without a network, and what stops serving it.
+    socket: Option<(PathBuf, tokio_util::sync::DropGuard)>,
 }
 
 impl Lease {
     /// `ANTHROPIC_BASE_URL` for the sandbox.
     pub fn base_url(&self) -> &str {
         &self.base_url
+    }
+
+    /// The socket to bind into a sandbox without a network.
+    pub fn socket(&self) -> Option<&Path> {
+        self.socket.as_ref().map(|(p, _)| p.as_path())
     }
 }
 
@@ -107,6 +119,9 @@ impl std::fmt::Debug for Shared {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.shared.routes().remove(&self.token);
+        if let Some((path, _)) = &self.socket {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -135,29 +150,59 @@ impl ApiProxy {
         let app = axum::Router::new()
             .fallback(forward)
             .with_state(shared.clone());
+        let served = axum::serve(listener, app.clone())
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
+            let served = served.await;
             if let Err(e) = served {
                 tracing::warn!(error = %e, "the shared-task API proxy stopped");
             }
         });
         tracing::info!(%addr, "shared-task API proxy listening");
-        Ok(Self { addr, shared })
+        Ok(Self {
+            addr,
+            shared,
+            app,
+            shutdown,
+            tracker: tracker.clone(),
+        })
     }
 
-    /// A path through the proxy for grantee `user`.
-    pub fn lease(&self, user: &str) -> Lease {
+    /// A path through the proxy for grantee `user`: on the loopback, or, with `socket_dir`, on a unix socket of
+    /// its own in that (private) folder, for a sandbox without a network whose forwarder listens on
+    /// `127.0.0.1:inside_port`.
+    pub fn lease(&self, user: &str, socket_dir: Option<(&Path, u16)>) -> std::io::Result<Lease> {
         let mut bytes = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
         let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let (base_url, socket) = match socket_dir {
+            None => (format!("http://{}/s/{token}", self.addr), None),
+            Some((dir, inside_port)) => {
+                // Short names: a unix socket path must fit in 108 bytes.
+                let path = dir.join(format!("{}.sock", &token[..16]));
+                let _ = std::fs::remove_file(&path);
+                let listener = tokio::net::UnixListener::bind(&path)?;
+                let stop = self.shutdown.child_token();
+                let served = axum::serve(listener, self.app.clone())
+                    .with_graceful_shutdown(stop.clone().cancelled_owned());
+                self.tracker.spawn(async move {
+                    if let Err(e) = served.await {
+                        tracing::warn!(error = %e, "a shared task's API socket stopped");
+                    }
+                });
+                (
+                    format!("http://127.0.0.1:{inside_port}/s/{token}"),
+                    Some((path, stop.drop_guard())),
+                )
+            }
+        };
         self.shared.routes().insert(token.clone(), user.to_owned());
-        Lease {
-            base_url: format!("http://{}/s/{token}", self.addr),
+        Ok(Lease {
+            base_url,
             token,
             shared: self.shared.clone(),
-        }
+            socket,
+        })
     }
 }
 

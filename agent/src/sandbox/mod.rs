@@ -14,7 +14,10 @@
 //!   namespaces; the sandbox dies with the agent.
 //!
 //! Its environment is an explicit allow-list ([`env::sandbox_env`]): no token or socket address of the owner's
-//! gets in. The network stays: Claude Code needs the API.
+//! gets in. A grantee's sandbox has no network either ([`Network`]): the agent binary runs inside as a
+//! forwarder ([`forward`]) whose only way out is the agent's metering proxy, so a task reaches neither the
+//! internet nor anything listening on the owner's loopback, unless the owner opened the network
+//! (`ct-agent sandbox network open`).
 //!
 //! Grantees' tasks are sandboxed by default and the owner's optionally ([`SandboxSettings`]). Where
 //! bubblewrap is missing or cannot create namespaces, a task that should be sandboxed is refused with a
@@ -22,6 +25,7 @@
 
 mod config;
 pub mod env;
+pub mod forward;
 mod project;
 
 use std::ffi::OsString;
@@ -53,6 +57,10 @@ pub struct SandboxSettings {
     /// this machine (`ct-agent sandbox bypass on`), so a relay cannot turn approvals off by itself.
     #[serde(default)]
     pub bypass_permissions: bool,
+    /// Give grantees' sandboxes the host's network (`ct-agent sandbox network open`); off: they reach only the
+    /// API, through the agent's proxy.
+    #[serde(default)]
+    pub open_network: bool,
 }
 
 /// A usable bubblewrap.
@@ -135,6 +143,18 @@ pub struct Plan<'a> {
     pub claude_install: Option<PathBuf>,
     /// Which Claude Code config the task uses.
     pub config: &'a ClaudeConfig,
+    /// `Some`: no network but the way to the API proxy.
+    pub network: Option<Network>,
+}
+
+/// A sandbox without a network: its own empty namespace, the API proxy's socket bound in, and the agent binary
+/// (read-only) run first as the forwarder between the two.
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// The `ct-agent` executable.
+    pub forwarder: PathBuf,
+    /// The proxy's unix socket for this session (host path).
+    pub socket: PathBuf,
 }
 
 impl Plan<'_> {
@@ -189,10 +209,33 @@ impl Plan<'_> {
         for (from, to) in self.config.binds(&self.home) {
             push(&["--bind".as_ref(), from.as_os_str(), to.as_os_str()]);
         }
+        if let Some(net) = &self.network {
+            push(&[
+                "--unshare-net".as_ref(),
+                "--ro-bind".as_ref(),
+                net.forwarder.as_os_str(),
+                net.forwarder.as_os_str(),
+                "--bind".as_ref(),
+                net.socket.as_os_str(),
+                forward::SOCKET.as_ref(),
+            ]);
+        }
         let fd = OsString::from(self.project.fd().as_raw_fd().to_string());
         let project = self.project.path().as_os_str();
         push(&["--bind-fd".as_ref(), fd.as_os_str(), project]);
         push(&["--chdir".as_ref(), project, "--".as_ref()]);
+        if let Some(net) = &self.network {
+            let port = OsString::from(forward::PORT.to_string());
+            push(&[
+                net.forwarder.as_os_str(),
+                "sandbox-forward".as_ref(),
+                "--port".as_ref(),
+                port.as_os_str(),
+                "--socket".as_ref(),
+                forward::SOCKET.as_ref(),
+                "--".as_ref(),
+            ]);
+        }
         args
     }
 }
@@ -233,6 +276,7 @@ mod tests {
             home: "/home/owner".into(),
             claude_install: Some("/opt/claude/bin".into()),
             config: &config,
+            network: None,
         };
         let bwrap = Bwrap {
             path: "/usr/bin/bwrap".into(),
