@@ -559,3 +559,48 @@ async fn a_grantees_task_reaches_nothing_on_the_owners_loopback_unless_the_owner
     assert!(sent.contains("LOOPBACK-REACHED"), "{sent}");
     assert!(service.accept().is_ok());
 }
+
+#[test]
+fn the_owner_sets_budgets_and_network_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("cfg");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ct-agent"))
+            .arg("--config-dir")
+            .arg(&cfg)
+            .args(args)
+            .env("LOG_LEVEL", "error")
+            .output()
+            .unwrap();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), out)
+    };
+    let (ok, out) = run(&["sharing", "budget", GRANTEE, "5usd"]);
+    assert!(
+        ok && out.contains(&format!("Budget for {GRANTEE}: $5.00")),
+        "{out}"
+    );
+    let (ok, out) = run(&["sharing", "budget", GRANTEE, "lots"]);
+    assert!(!ok && out.contains("is not a budget"), "{out}");
+    let (ok, out) = run(&["sharing", "budget", "../100", "5usd"]);
+    assert!(!ok && out.contains("not a Discord user id"), "{out}");
+    let dir = ct_agent::ConfigDir::open(&cfg).unwrap();
+    assert_eq!(
+        ct_agent::meter::budgets(&dir).unwrap().get(GRANTEE),
+        Some(&ct_agent::meter::Budget::Usd(5.0))
+    );
+    let (ok, out) = run(&["sharing", "budget", GRANTEE, "none"]);
+    assert!(ok && out.contains("No budgets"), "{out}");
+
+    let (ok, out) = run(&["sandbox"]);
+    assert!(
+        ok && out.contains("none but the Claude API") && out.contains("refused"),
+        "isolated network and no bypassPermissions by default: {out}"
+    );
+    let (ok, out) = run(&["sandbox", "network", "open"]);
+    assert!(ok && out.contains("open (they can reach"), "{out}");
+}
