@@ -173,10 +173,12 @@ enum SandboxCommand {
         setting: String,
     },
     /// Shared tasks reach only the Claude API, through the agent (`isolated`, the default), or the network
-    /// like any program of yours (`open`)
+    /// like any program of yours (`open`); with ids, for those people only
     Network {
         #[arg(value_parser = ["isolated", "open"])]
         setting: String,
+        #[arg(value_name = "DISCORD_USER_ID")]
+        users: Vec<String>,
     },
     /// Let your own tasks run in bypassPermissions mode (`on`), or refuse that mode from the relay (`off`, the
     /// default); shared tasks never get it
@@ -425,7 +427,26 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
             settings.unsandboxed_grantees = setting == "unsandboxed"
         }
         SandboxCommand::Bypass { setting } => settings.bypass_permissions = setting == "on",
-        SandboxCommand::Network { setting } => settings.open_network = setting == "open",
+        SandboxCommand::Network { setting, users } => {
+            if let Some(bad) = users
+                .iter()
+                .find(|u| u.is_empty() || !u.bytes().all(|b| b.is_ascii_digit()))
+            {
+                anyhow::bail!("`{bad}` is not a Discord user id (digits only)");
+            }
+            let open = setting == "open";
+            if users.is_empty() {
+                settings.open_network = open;
+                if !open {
+                    settings.open_network_for.clear();
+                }
+            } else {
+                settings.open_network_for.retain(|u| !users.contains(u));
+                if open {
+                    settings.open_network_for.extend(users);
+                }
+            }
+        }
     }
     policy.set_sandbox(settings.clone())?;
     match ct_agent::sandbox::detect() {
@@ -452,9 +473,14 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
     println!(
         "Shared tasks' network: {}",
         if settings.open_network {
-            "open (they can reach the internet and services on this machine's loopback)"
+            "open (they can reach the internet and services on this machine's loopback)".to_owned()
+        } else if settings.open_network_for.is_empty() {
+            "none but the Claude API, through the agent".to_owned()
         } else {
-            "none but the Claude API, through the agent"
+            format!(
+                "none but the Claude API, through the agent; open for {}",
+                settings.open_network_for.join(", ")
+            )
         }
     );
     println!(

@@ -453,7 +453,7 @@ impl Tasks {
         }
         let no_network = sandbox.is_some()
             && role != Role::Owner
-            && !policy.sandbox().open_network
+            && !policy.sandbox().network_open_for(&spec.requester.user)
             && self.inner.config.forwarder.is_some();
         Ok(Owner {
             no_network,

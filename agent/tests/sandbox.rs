@@ -546,10 +546,10 @@ async fn a_grantees_task_reaches_nothing_on_the_owners_loopback_unless_the_owner
         "nothing in the sandbox reached the owner's service"
     );
 
-    // The owner opens the network: the same task now reaches it (so the check above could fail).
+    // The owner opens the network for this grantee: the same task now reaches it (so the check above could fail).
     let policy = || Policy::load_with(&w.agent_config, &w.allowed_env, Host::detect()).unwrap();
     let mut settings = policy().sandbox().clone();
-    settings.open_network = true;
+    settings.open_network_for = vec![GRANTEE.into()];
     policy().set_sandbox(settings).unwrap();
     w.fake.push(bash(dial));
     w.fake.push(Reply::text("done"));
@@ -601,6 +601,13 @@ fn the_owner_sets_budgets_and_network_from_the_command_line() {
         ok && out.contains("none but the Claude API") && out.contains("refused"),
         "isolated network and no bypassPermissions by default: {out}"
     );
+    let (ok, out) = run(&["sandbox", "network", "open", GRANTEE]);
+    assert!(ok && out.contains(&format!("open for {GRANTEE}")), "{out}");
     let (ok, out) = run(&["sandbox", "network", "open"]);
     assert!(ok && out.contains("open (they can reach"), "{out}");
+    let (ok, out) = run(&["sandbox", "network", "isolated"]);
+    assert!(
+        ok && out.contains("none but the Claude API") && !out.contains("open for"),
+        "{out}"
+    );
 }

@@ -57,10 +57,20 @@ pub struct SandboxSettings {
     /// this machine (`ct-agent sandbox bypass on`), so a relay cannot turn approvals off by itself.
     #[serde(default)]
     pub bypass_permissions: bool,
-    /// Give grantees' sandboxes the host's network (`ct-agent sandbox network open`); off: they reach only the
-    /// API, through the agent's proxy.
+    /// Give every grantee's sandbox the host's network (`ct-agent sandbox network open`); off: they reach only
+    /// the API, through the agent's proxy.
     #[serde(default)]
     pub open_network: bool,
+    /// Grantees (Discord ids) whose sandboxes get the host's network (`ct-agent sandbox network open ID`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open_network_for: Vec<String>,
+}
+
+impl SandboxSettings {
+    /// Whether grantee `user`'s sandbox keeps the host's network.
+    pub fn network_open_for(&self, user: &str) -> bool {
+        self.open_network || self.open_network_for.iter().any(|u| u == user)
+    }
 }
 
 /// A usable bubblewrap.
