@@ -659,29 +659,8 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Cmd>,
     ) {
         let task = spec.task.clone();
-        let lease = match &owner.sandbox {
-            Some(_) if owner.role != Role::Owner => {
-                inner.lease(&owner.user, owner.no_network).await
-            }
-            _ => Ok(None),
-        };
-        let started = match lease.and_then(|lease| {
-            session_spec(
-                &inner.config,
-                inner.dir.path(),
-                &owner,
-                &spec,
-                lease.as_ref(),
-            )
-            .map(|s| (s, lease))
-        }) {
-            Ok((session_spec, lease)) => Session::start(session_spec)
-                .await
-                .map(|started| (started, lease))
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        let ((session, events), lease) = match started {
+        let started = Self::spawn(&inner, &owner, &spec).await;
+        let (session, events, lease) = match started {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "Claude Code did not start");
@@ -720,6 +699,31 @@ impl Driver {
             driver.fail(e.to_string()).await;
         }
         driver.run().await;
+    }
+
+    /// Starts the Claude Code process: for a grantee, with a path through the API proxy first (the sandbox
+    /// needs its address and socket), kept for as long as the process lives.
+    async fn spawn(
+        inner: &Inner,
+        owner: &Owner,
+        spec: &TaskSpec,
+    ) -> Result<
+        (
+            Session,
+            mpsc::Receiver<RunnerEvent>,
+            Option<meter::proxy::Lease>,
+        ),
+        String,
+    > {
+        let lease = match &owner.sandbox {
+            Some(_) if owner.role != Role::Owner => {
+                inner.lease(&owner.user, owner.no_network).await?
+            }
+            _ => None,
+        };
+        let spec = session_spec(&inner.config, inner.dir.path(), owner, spec, lease.as_ref())?;
+        let (session, events) = Session::start(spec).await.map_err(|e| e.to_string())?;
+        Ok((session, events, lease))
     }
 
     async fn run(mut self) {
