@@ -336,6 +336,50 @@ mod tests {
     }
 
     #[test]
+    fn without_a_network_the_forwarder_runs_first_with_only_the_proxy_socket() {
+        let scratch = tempfile::tempdir().unwrap();
+        let project = std::fs::canonicalize(scratch.path()).unwrap();
+        let dir = ProjectDir::open(&project).unwrap();
+        let config = ClaudeConfig::Own(project.join("cfg"));
+        let plan = Plan {
+            project: &dir,
+            home: "/home/owner".into(),
+            claude_install: None,
+            config: &config,
+            network: Some(Network {
+                forwarder: "/home/owner/.cargo/bin/ct-agent".into(),
+                socket: "/home/owner/.config/codetogether/run/ab.sock".into(),
+            }),
+        };
+        let bwrap = Bwrap {
+            path: "/usr/bin/bwrap".into(),
+        };
+        let joined = strings(&plan.command(&bwrap)).join(" ");
+        assert!(joined.contains("--unshare-net"), "{joined}");
+        assert!(
+            joined.contains(&format!(
+                "--bind /home/owner/.config/codetogether/run/ab.sock {}",
+                forward::SOCKET
+            )),
+            "{joined}"
+        );
+        assert!(
+            joined.ends_with(&format!(
+                "-- /home/owner/.cargo/bin/ct-agent sandbox-forward --port {} --socket {} --",
+                forward::PORT,
+                forward::SOCKET
+            )),
+            "{joined}"
+        );
+        // The forwarder is bound after the home is emptied, so one installed under the home is reachable.
+        let home = joined.find("--tmpfs /home/owner").unwrap();
+        let fwd = joined
+            .find("--ro-bind /home/owner/.cargo/bin/ct-agent")
+            .unwrap();
+        assert!(home < fwd, "{joined}");
+    }
+
+    #[test]
     fn the_claude_install_is_found_through_symlinks() {
         let scratch = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(scratch.path()).unwrap();
