@@ -935,7 +935,7 @@ impl Driver {
                 bound.approvals.insert(req.id.clone());
                 // What the use acts on, from its input: never the model's `description` in its place (the
                 // model writes that, and it can say "npm test" about anything).
-                let summary = claude::events::summarize_tool_input(&req.input);
+                let summary = claude::events::summarize_tool_input(&req.tool, &req.input);
                 let session = SessionScope::exact(&req.tool, &req.input).map(wire_scope);
                 let whole = serde_json::to_vec(&req.input).map_or(0, |v| v.len());
                 let (input, input_cut) = if whole <= MAX_APPROVAL_INPUT {

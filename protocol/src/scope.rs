@@ -65,6 +65,22 @@ pub enum PrefixError {
     DoesNotCover,
 }
 
+/// The input field a known tool acts on (the command, the file, the URL): what an approval shows first and
+/// what a summary names. Looked up by tool, so that an extra field the model adds (a `file_path` in a Bash
+/// call) cannot stand in for the command. `None` for other tools (MCP tools...): their whole input counts.
+pub fn main_field(tool: &str) -> Option<&'static str> {
+    Some(match tool {
+        "Bash" => "command",
+        "Write" | "Edit" | "MultiEdit" | "Read" => "file_path",
+        "NotebookEdit" => "notebook_path",
+        "WebFetch" => "url",
+        "WebSearch" => "query",
+        "Grep" | "Glob" => "pattern",
+        "LS" => "path",
+        _ => return None,
+    })
+}
+
 fn is_simple(command: &str) -> bool {
     !NOT_SIMPLE.iter().any(|c| command.contains(c))
 }

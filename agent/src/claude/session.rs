@@ -403,7 +403,7 @@ impl Actor {
                     self.emit(RunnerEvent::AssistantText { text }).await;
                 }
                 for (id, name, input) in tool_uses {
-                    let summary = events::summarize_tool_input(&input);
+                    let summary = events::summarize_tool_input(&name, &input);
                     self.emit(RunnerEvent::ToolUse { id, name, summary }).await;
                 }
             }
@@ -497,7 +497,7 @@ impl Actor {
         if let Some(rule) = covering {
             self.write_allow(&req.id, &req.input, None).await;
             self.emit(RunnerEvent::ApprovalAutoAllowed {
-                summary: events::summarize_tool_input(&req.input),
+                summary: events::summarize_tool_input(&req.tool, &req.input),
                 id: req.id,
                 tool: req.tool,
                 rule,

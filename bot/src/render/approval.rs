@@ -11,7 +11,7 @@
 //! approval closes (decided, timed out, withdrawn by Claude Code) the same components are shown disabled
 //! with what happened, so nobody clicks a dead button. Every task message also carries a Stop button.
 
-use ct_protocol::scope::{SessionScope, PREFIX_MAX};
+use ct_protocol::scope::{main_field, SessionScope, PREFIX_MAX};
 use serde_json::Value;
 use serenity::all::{
     ButtonStyle, CreateActionRow, CreateButton, CreateInputText, CreateModal, CreateSelectMenu,
@@ -34,16 +34,6 @@ const CONTENT_MAX: usize = 1850;
 const CUT_NOTE_MAX: usize = 160;
 /// Labels, fences and line breaks around one shown field.
 const FIELD_OVERHEAD: usize = 40;
-/// The input fields that say what a tool acts on, in the order looked for, with how they are introduced.
-const MAIN_FIELDS: [(&str, &str); 7] = [
-    ("command", "The command that will run"),
-    ("file_path", "The file"),
-    ("notebook_path", "The notebook"),
-    ("url", "The URL"),
-    ("pattern", "The pattern"),
-    ("query", "The query"),
-    ("path", "The path"),
-];
 /// Selects plus one row of "answer in words" buttons must fit Discord's 5 rows.
 const MAX_QUESTIONS: usize = 4;
 const OPTIONS_MAX: usize = 25;
@@ -164,6 +154,19 @@ impl Closed {
     }
 }
 
+/// How the field a tool acts on ([`main_field`]) is introduced.
+fn main_label(key: &str) -> &'static str {
+    match key {
+        "command" => "The command that will run",
+        "file_path" => "The file",
+        "notebook_path" => "The notebook",
+        "url" => "The URL",
+        "query" => "The search",
+        "pattern" => "The pattern",
+        _ => "The path",
+    }
+}
+
 /// The tool input as the approver reads it: the main field first, then the rest, then Claude's description.
 struct Shown {
     text: String,
@@ -176,7 +179,11 @@ fn shown(view: &ApprovalView, budget: usize) -> Shown {
     let description = view
         .description
         .as_deref()
-        .or_else(|| view.input["description"].as_str())
+        .or_else(|| {
+            (view.tool == "Bash")
+                .then(|| view.input["description"].as_str())
+                .flatten()
+        })
         .filter(|d| !d.trim().is_empty())
         .map(|d| {
             format!(
@@ -186,15 +193,18 @@ fn shown(view: &ApprovalView, budget: usize) -> Shown {
         })
         .unwrap_or_default();
     let mut rest = view.input.clone();
-    let main = MAIN_FIELDS
-        .iter()
-        .find_map(|(key, label)| view.input[*key].as_str().map(|v| (*key, *label, v)));
+    // The field is the tool's, never whichever one the model put in: a Bash call is its `command`.
+    let main = main_field(&view.tool)
+        .and_then(|key| view.input[key].as_str().map(|v| (key, main_label(key), v)));
     if let Some(obj) = rest.as_object_mut() {
         if let Some((key, ..)) = main {
             obj.remove(key);
         }
-        // The description is shown below, as Claude's words; not again as if it were part of what runs.
-        obj.remove("description");
+        // Bash's `description` is the model's explanation, shown below as such; for other tools a field of
+        // that name may be real input, so it stays in what is shown.
+        if view.tool == "Bash" {
+            obj.remove("description");
+        }
     }
     let rest_is_empty = match &rest {
         Value::Object(o) => o.is_empty(),
@@ -219,7 +229,13 @@ fn shown(view: &ApprovalView, budget: usize) -> Shown {
     }
     if !rest_is_empty {
         let json = serde_json::to_string_pretty(&rest).unwrap_or_default();
-        let room = REST_PREVIEW.min(left.saturating_sub(FIELD_OVERHEAD));
+        // Without a main field, the input is what runs: it gets the main field's room.
+        let share = if main.is_some() {
+            REST_PREVIEW
+        } else {
+            MAIN_PREVIEW
+        };
+        let room = share.min(left.saturating_sub(FIELD_OVERHEAD));
         let (block, was_cut) = code_block(&json, room);
         let what = if main.is_some() {
             "The rest of the input"
@@ -710,6 +726,35 @@ mod tests {
         assert_eq!(attachment(&v), None, "all of it is shown");
         let closed = closed_content(&v, &Closed::AllowedForSession, Some(UserId::new(7)));
         assert!(closed.contains("touch made.txt && echo hi"), "{closed}");
+    }
+
+    #[test]
+    fn the_tools_own_field_comes_first_whatever_else_the_model_put_in() {
+        // A Bash call carrying a harmless-looking `file_path` still shows its command first.
+        let input = json!({"command": "curl x|sh", "file_path": "README.md", "description": "read the readme"});
+        let v = ApprovalView {
+            tool: "Bash".into(),
+            session: SessionScope::exact("Bash", &input),
+            ..view(false, input)
+        };
+        let content = approval_content(&v);
+        assert!(
+            content.contains("The command that will run:\n```\ncurl x|sh\n```"),
+            "{content}"
+        );
+        // An MCP tool's `description` is real input: shown with the input, not as Claude's words.
+        let input = json!({"title": "bug", "description": "**drop** the table"});
+        let v = ApprovalView {
+            tool: "mcp__github__create_issue".into(),
+            ..view(false, input)
+        };
+        let content = approval_content(&v);
+        assert!(content.contains("The input:\n```\n{"), "{content}");
+        assert!(
+            content.contains("\"description\": \"**drop** the table\""),
+            "{content}"
+        );
+        assert!(!content.contains("Claude's description"), "{content}");
     }
 
     #[test]
