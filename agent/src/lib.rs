@@ -17,7 +17,10 @@
 //! - [`run`]: `ct-agent run`: the reconnect loop, the move back to QUIC, status reporting, shutdown.
 //! - [`status`]: `status.json` and the `ct-agent status` report.
 //! - [`projects`]: allowed folders (`ALLOWED_PROJECT_DIRS`, `projects.json`), named projects, share policy.
-//! - [`sandbox`]: bubblewrap around Claude Code: the project writable, credentials hidden, own PID namespace.
+//! - [`sandbox`]: bubblewrap around Claude Code, an allow-list: system folders read-only, an empty home with the
+//!   requester's own Claude config, the project bound by descriptor, an allow-listed environment, own namespaces.
+//! - [`meter`]: the local Messages API proxy for shared tasks: the real key added outside the sandbox, usage
+//!   metered per grantee, the owner's budgets enforced.
 //! - [`claude`]: running Claude Code: preflight, one stream-json process per session, approvals, cancel.
 //! - [`service`]: `ct-agent service install|uninstall|status|logs`: systemd, launchd, WSL (systemd or a
 //!   Windows logon task), rendered from the templates in `installers/`.
@@ -32,6 +35,7 @@ pub mod claude;
 pub mod config;
 pub mod connect;
 pub mod doctor;
+pub mod meter;
 pub mod outbox;
 pub mod pair;
 pub mod projects;

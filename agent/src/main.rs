@@ -63,6 +63,15 @@ enum Command {
         /// .claude/settings*.json into your projects (off: approvals never edit files)
         #[arg(long, env = "CT_AGENT_ALLOW_SETTINGS_WRITES")]
         allow_settings_writes: bool,
+        /// The Anthropic API key the agent adds to shared tasks' requests, outside their sandbox [default:
+        /// ANTHROPIC_API_KEY]; with neither (a `claude login` only), shared tasks are refused
+        #[arg(
+            long,
+            env = "CT_AGENT_SHARED_API_KEY",
+            hide_env_values = true,
+            value_name = "KEY"
+        )]
+        shared_api_key: Option<String>,
     },
     /// Whether people you share this agent with (/share in Discord) may run tasks here; off by default
     Sharing {
@@ -95,6 +104,16 @@ enum Command {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+    },
+    /// Inside a shared task's sandbox: forward 127.0.0.1:PORT to the agent's API socket while COMMAND runs
+    #[command(hide = true)]
+    SandboxForward {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -130,6 +149,13 @@ enum SharingCommand {
         #[arg(required = true, value_name = "DISCORD_USER_ID")]
         users: Vec<String>,
     },
+    /// Limit what one person's shared tasks may spend in total (`5usd`, `200000tokens`, `200k`), or `none`
+    Budget {
+        #[arg(value_name = "DISCORD_USER_ID")]
+        user: String,
+        #[arg(value_name = "AMOUNT")]
+        amount: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +170,20 @@ enum SandboxCommand {
     /// Where bubblewrap is missing: refuse shared tasks (`required`, the default) or run them unsandboxed
     Grantees {
         #[arg(value_parser = ["required", "unsandboxed"])]
+        setting: String,
+    },
+    /// Shared tasks reach only the Claude API, through the agent (`isolated`, the default), or the network
+    /// like any program of yours (`open`); with ids, for those people only
+    Network {
+        #[arg(value_parser = ["isolated", "open"])]
+        setting: String,
+        #[arg(value_name = "DISCORD_USER_ID")]
+        users: Vec<String>,
+    },
+    /// Let your own tasks run in bypassPermissions mode (`on`), or refuse that mode from the relay (`off`, the
+    /// default); shared tasks never get it
+    Bypass {
+        #[arg(value_parser = ["on", "off"])]
         setting: String,
     },
 }
@@ -234,6 +274,14 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::SandboxForward {
+        port,
+        socket,
+        command,
+    } = cli.command
+    {
+        return ct_agent::sandbox::forward::run(port, socket, command).await;
+    }
     if let Command::Service { command } = cli.command {
         // The service's config dir is resolved for the user it runs as, so it gets the raw choice.
         return service(cli.config_dir, command);
@@ -246,12 +294,18 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             idle_timeout,
             claude_bin,
             allow_settings_writes,
+            shared_api_key,
         } => {
             let mut opts = ct_agent::RunOptions::new(config_dir);
             opts.tasks.approval_timeout = std::time::Duration::from_secs(approval_timeout);
             opts.tasks.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             opts.tasks.claude_bin = claude_bin;
             opts.tasks.allow_settings_writes = allow_settings_writes;
+            // This very binary is what runs inside a shared task's sandbox as its way to the API.
+            opts.tasks.forwarder = std::env::current_exe().ok();
+            opts.tasks.shared_api_key = shared_api_key
+                .filter(|k| !k.is_empty())
+                .map(ct_agent::tasks::SharedKey);
             run(opts).await
         }
         Command::Sandbox { command } => {
@@ -263,7 +317,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json } => status(&config_dir, json),
         Command::Doctor { json } => doctor(config_dir, json).await,
         Command::Project { command } => project(&config_dir, command),
-        Command::Service { .. } => unreachable!("handled above"),
+        Command::Service { .. } | Command::SandboxForward { .. } => unreachable!("handled above"),
     }
 }
 
@@ -313,6 +367,17 @@ fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Res
     let dir = ct_agent::ConfigDir::open(config_dir)?;
     let mut policy = Policy::load(&dir)?;
     let new = match command {
+        SharingCommand::Budget { user, amount } => {
+            if user.is_empty() || !user.bytes().all(|b| b.is_ascii_digit()) {
+                anyhow::bail!("`{user}` is not a Discord user id (digits only)");
+            }
+            let budget = match amount.trim() {
+                "none" | "off" => None,
+                other => Some(ct_agent::meter::Budget::parse(other).map_err(anyhow::Error::msg)?),
+            };
+            ct_agent::meter::set_budget(&dir, &user, budget)?;
+            None
+        }
         SharingCommand::Show => None,
         SharingCommand::Off => Some(SharePolicy::Off),
         SharingCommand::All => Some(SharePolicy::All),
@@ -334,6 +399,19 @@ fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Res
             users.join(", ")
         ),
     }
+    let budgets = ct_agent::meter::budgets(&dir)?;
+    let meter = ct_agent::meter::Meter::load(&dir)?;
+    for (user, budget) in &budgets {
+        println!(
+            "Budget for {user}: {budget}; used so far: {}.",
+            meter.used(user)
+        );
+    }
+    if budgets.is_empty() {
+        println!(
+            "No budgets: shared tasks may spend up to the key's own limit (`ct-agent sharing budget <id> 5usd`)."
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -347,6 +425,27 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
         SandboxCommand::Owner { setting } => settings.owner = setting == "on",
         SandboxCommand::Grantees { setting } => {
             settings.unsandboxed_grantees = setting == "unsandboxed"
+        }
+        SandboxCommand::Bypass { setting } => settings.bypass_permissions = setting == "on",
+        SandboxCommand::Network { setting, users } => {
+            if let Some(bad) = users
+                .iter()
+                .find(|u| u.is_empty() || !u.bytes().all(|b| b.is_ascii_digit()))
+            {
+                anyhow::bail!("`{bad}` is not a Discord user id (digits only)");
+            }
+            let open = setting == "open";
+            if users.is_empty() {
+                settings.open_network = open;
+                if !open {
+                    settings.open_network_for.clear();
+                }
+            } else {
+                settings.open_network_for.retain(|u| !users.contains(u));
+                if open {
+                    settings.open_network_for.extend(users);
+                }
+            }
         }
     }
     policy.set_sandbox(settings.clone())?;
@@ -369,6 +468,27 @@ fn sandbox(config_dir: &std::path::Path, command: SandboxCommand) -> anyhow::Res
             "; run without a sandbox where bubblewrap is unavailable"
         } else {
             "; refused where bubblewrap is unavailable"
+        }
+    );
+    println!(
+        "Shared tasks' network: {}",
+        if settings.open_network {
+            "open (they can reach the internet and services on this machine's loopback)".to_owned()
+        } else if settings.open_network_for.is_empty() {
+            "none but the Claude API, through the agent".to_owned()
+        } else {
+            format!(
+                "none but the Claude API, through the agent; open for {}",
+                settings.open_network_for.join(", ")
+            )
+        }
+    );
+    println!(
+        "bypassPermissions: {}",
+        if settings.bypass_permissions {
+            "allowed for your own tasks"
+        } else {
+            "refused (approvals always apply)"
         }
     );
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,5 @@
-//! The agent's libc calls: this machine's name, whether a process id is alive, and signals to process groups
-//! (cancelling Claude Code). Kept in one file so the only `unsafe` in the crate is in one place.
+//! The agent's libc calls: this machine's name, whether a process id is alive, signals to process groups
+//! (cancelling Claude Code), and handing a descriptor to one child (the sandbox's project folder). Kept in one file so the only `unsafe` in the crate is in one place.
 
 #![allow(unsafe_code)]
 
@@ -70,6 +70,28 @@ pub fn own_process_group() -> Option<u32> {
     // SAFETY: getpgrp takes no arguments and cannot fail.
     let g = unsafe { libc::getpgrp() };
     u32::try_from(g).ok()
+}
+
+/// Lets the child of `cmd` inherit `fds` across exec. They stay close-on-exec in the agent, so no other
+/// child (a concurrent spawn) gets them; only this one clears the flag, after its fork.
+pub fn inherit_fds(cmd: &mut tokio::process::Command, fds: Vec<std::os::fd::RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which is
+    // async-signal-safe, on descriptor numbers; it allocates nothing. The caller keeps the descriptors open
+    // until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

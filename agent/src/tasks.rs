@@ -4,8 +4,9 @@
 //! events wait in the [`Outbox`], and the next session sends them (and whatever the relay did not
 //! acknowledge) once it is up. Per task it:
 //!
-//! 1. checks the requester (the owner, or a grantee this agent's own share policy accepts) and resolves the
-//!    project through [`Policy`] — the agent's folders, not the relay's word;
+//! 1. checks the requester (the owner — the Discord id this agent was paired with, whatever role the relay
+//!    claims — or a grantee this agent's own share policy accepts) and resolves the project through
+//!    [`Policy`] — the agent's folders, not the relay's word;
 //! 2. runs Claude Code through a [`claude::Session`] owned by one driver task, which turns [`RunnerEvent`]s
 //!    into [`TaskEvent`]s (text cut to [`MAX_EVENT_TEXT`], tool inputs bounded) and relayed decisions, input
 //!    and cancels into session calls;
@@ -17,12 +18,14 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
+use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{
     Decision as WireDecision, FinalState, Role, TaskEvent, TaskSpec, MAX_EVENT_TEXT,
 };
@@ -35,6 +38,7 @@ use tracing::Instrument as _;
 
 use crate::claude::{self, Decision, PermissionMode, RunnerEvent, Session, SessionSpec};
 use crate::config::ConfigDir;
+use crate::meter::{self, Meter};
 use crate::outbox::{self, Outbox};
 use crate::projects::{Host, Origin, Policy, PolicyError, SharePolicy};
 use crate::sandbox::{self, Bwrap, SandboxError};
@@ -42,8 +46,11 @@ use crate::sandbox::{self, Bwrap, SandboxError};
 /// Project replies and reports waiting for a link; older ones are dropped (a report is re-sent on every
 /// handshake, and a reply nobody waits for any more is useless).
 const MAX_CONTROL: usize = 64;
-/// Longest string kept inside a tool input shown for approval (a whole file being written, say).
+/// Longest string kept inside a tool input shown for approval when the whole input is too large to send.
 const MAX_INPUT_STRING: usize = 4000;
+/// An approval's tool input is sent whole up to this size (JSON bytes), so the approver can read all of what
+/// would run (the bot attaches it); past it, long strings are cut and the approval says so.
+const MAX_APPROVAL_INPUT: usize = 256 * 1024;
 
 /// How tasks run on this machine.
 #[derive(Debug, Clone)]
@@ -69,6 +76,36 @@ pub struct TaskConfig {
     pub allow_settings_writes: bool,
     /// Unacknowledged event bytes before tasks stop reading Claude Code's output.
     pub outbox_limit: usize,
+    /// Called with the project folder once it is open for a sandbox, before the sandbox starts. Only tests
+    /// set it: to swap the folder for a symlink in exactly that window.
+    pub before_sandbox: Option<SandboxHook>,
+    /// The API key the proxy adds for shared tasks (`CT_AGENT_SHARED_API_KEY`); `None` uses the owner's
+    /// `ANTHROPIC_API_KEY`. Either way the key stays outside the sandbox ([`crate::meter::proxy`]); with
+    /// neither (an owner signed in with `claude login` only), shared tasks are refused.
+    pub shared_api_key: Option<SharedKey>,
+    /// The `ct-agent` executable, run inside a grantee's sandbox as its only way to the API
+    /// (`ct-agent sandbox-forward`); `None`: grantees' sandboxes keep the host's network.
+    pub forwarder: Option<PathBuf>,
+}
+
+/// An API key the owner set aside for shared tasks. `Debug` never prints it.
+#[derive(Clone)]
+pub struct SharedKey(pub String);
+
+impl std::fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedKey(MASKED)")
+    }
+}
+
+/// See [`TaskConfig::before_sandbox`].
+#[derive(Clone)]
+pub struct SandboxHook(pub Arc<dyn Fn(&Path) + Send + Sync>);
+
+impl std::fmt::Debug for SandboxHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SandboxHook")
+    }
 }
 
 impl Default for TaskConfig {
@@ -84,6 +121,9 @@ impl Default for TaskConfig {
             max_sessions: 8,
             allow_settings_writes: false,
             outbox_limit: outbox::DEFAULT_LIMIT,
+            before_sandbox: None,
+            shared_api_key: None,
+            forwarder: None,
         }
     }
 }
@@ -103,6 +143,12 @@ impl std::fmt::Debug for Tasks {
 struct Inner {
     config: TaskConfig,
     dir: ConfigDir,
+    /// The Discord id this agent was paired with: the only requester treated as the owner.
+    owner_id: Option<String>,
+    /// What grantees spent, against the owner's budgets.
+    meter: Meter,
+    /// The shared-task API proxy, started with the first shared task.
+    proxy: tokio::sync::OnceCell<meter::proxy::ApiProxy>,
     outbox: Mutex<Outbox>,
     /// Non-event messages for the next link (project replies and reports).
     control: Mutex<VecDeque<AgentMessage>>,
@@ -140,6 +186,8 @@ struct Owner {
     options: ct_protocol::task::TaskOptions,
     /// Run inside bubblewrap (see [`crate::sandbox`]).
     sandbox: Option<Bwrap>,
+    /// In the sandbox without a network (grantees, unless the owner opened it).
+    no_network: bool,
 }
 
 #[derive(Debug)]
@@ -162,10 +210,26 @@ impl Tasks {
     /// process tree); [`Tasks::wait`] returns once they are gone.
     pub fn new(dir: ConfigDir, config: TaskConfig, shutdown: CancellationToken) -> Self {
         let outbox = Outbox::new(config.outbox_limit);
+        // Read once: re-pairing (`ct-agent pair --force`) needs a restart anyway. Unpaired or unreadable,
+        // nobody is the owner, so every task is judged as a grantee's.
+        let owner_id = match dir.load_pairing() {
+            Ok(pairing) => pairing.map(|p| p.owner),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the pairing: no task is treated as the owner's");
+                None
+            }
+        };
+        let meter = Meter::load(&dir).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read shared-task usage; counting from zero");
+            Meter::empty(&dir)
+        });
         Self {
             inner: Arc::new(Inner {
                 config,
                 dir,
+                owner_id,
+                meter,
+                proxy: tokio::sync::OnceCell::new(),
                 outbox: Mutex::new(outbox),
                 control: Mutex::new(VecDeque::new()),
                 to_send: Notify::new(),
@@ -272,7 +336,7 @@ impl Tasks {
                 return;
             }
         };
-        tracing::info!(task = %id, user = %spec.requester.user, role = ?spec.requester.role, cwd = %owner.cwd.display(), "task accepted");
+        tracing::info!(task = %id, user = %spec.requester.user, role = ?owner.role, cwd = %owner.cwd.display(), "task accepted");
         // Emitted before anything slow, so a reconnect in the next second reports this task as running.
         self.inner.emit_now(
             &id,
@@ -338,7 +402,11 @@ impl Tasks {
     /// Whether this requester may run this task here, and where. The error is the message the user sees.
     fn admit(&self, spec: &TaskSpec) -> Result<Owner, String> {
         let policy = self.inner.policy().map_err(|e| e.to_string())?;
-        if spec.requester.role != Role::Owner {
+        let role = role_of(&spec.requester, self.inner.owner_id.as_deref());
+        if role != spec.requester.role {
+            tracing::warn!(user = %spec.requester.user, claimed = ?spec.requester.role, "the relay called a requester this agent's owner, but the agent is paired with someone else: treated as a grantee");
+        }
+        if role != Role::Owner {
             let who = spec
                 .requester
                 .name
@@ -368,15 +436,30 @@ impl Tasks {
             ));
         }
         if let Some(mode) = &spec.options.permission_mode {
-            mode.parse::<PermissionMode>()?;
+            let mode = mode.parse::<PermissionMode>()?;
+            check_mode(mode, role, policy.sandbox())?;
         }
         let cwd = policy.resolve(&spec.project).map_err(|e| e.to_string())?;
-        let sandbox = sandbox_for(spec.requester.role, policy.sandbox(), sandbox::detect())
-            .map_err(|e| e.to_string())?;
+        let sandbox =
+            sandbox_for(role, policy.sandbox(), sandbox::detect()).map_err(|e| e.to_string())?;
+        if role != Role::Owner && sandbox.is_some() {
+            if upstream(&self.inner.config).is_none() {
+                return Err(NO_SHARED_KEY.into());
+            }
+            self.inner
+                .meter
+                .check(&spec.requester.user)
+                .map_err(|e| e.to_string())?;
+        }
+        let no_network = sandbox.is_some()
+            && role != Role::Owner
+            && !policy.sandbox().network_open_for(&spec.requester.user)
+            && self.inner.config.forwarder.is_some();
         Ok(Owner {
+            no_network,
             cwd,
             user: spec.requester.user.clone(),
-            role: spec.requester.role,
+            role,
             options: spec.options.clone(),
             sandbox,
         })
@@ -427,6 +510,46 @@ impl Inner {
 
     fn drivers(&self) -> MutexGuard<'_, Drivers> {
         self.drivers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A path through the shared-task API proxy for `user`, starting the proxy the first time.
+    async fn lease(
+        &self,
+        user: &str,
+        no_network: bool,
+    ) -> Result<Option<meter::proxy::Lease>, String> {
+        let upstream = upstream(&self.config).ok_or(NO_SHARED_KEY)?;
+        let proxy = self
+            .proxy
+            .get_or_try_init(|| {
+                meter::proxy::ApiProxy::start(
+                    upstream,
+                    self.meter.clone(),
+                    self.shutdown.clone(),
+                    &self.tracker,
+                )
+            })
+            .await
+            .map_err(|e| format!("cannot start the API proxy for shared tasks: {e}"))?;
+        let socket_dir = if no_network {
+            // The agent's own config directory is 0700, so nobody else can reach these sockets.
+            let dir = self.dir.path().join("run");
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            Some(dir)
+        } else {
+            None
+        };
+        let lease = proxy
+            .lease(
+                user,
+                socket_dir.as_deref().map(|d| (d, sandbox::forward::PORT)),
+            )
+            .map_err(|e| format!("cannot open the API proxy for this shared task: {e}"))?;
+        Ok(Some(lease))
     }
 
     fn policy(&self) -> Result<Policy, PolicyError> {
@@ -523,6 +646,8 @@ struct Driver {
     session_id: Option<String>,
     /// Kept so an idle driver can register itself as warm.
     tx: Option<mpsc::UnboundedSender<Cmd>>,
+    /// A grantee session's path through the API proxy, closed with the process.
+    _lease: Option<meter::proxy::Lease>,
 }
 
 impl Driver {
@@ -534,9 +659,8 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Cmd>,
     ) {
         let task = spec.task.clone();
-        let session_spec = session_spec(&inner.config, inner.dir.path(), &owner, &spec);
-        let started = Session::start(session_spec).await;
-        let (session, events) = match started {
+        let started = Self::spawn(&inner, &owner, &spec).await;
+        let (session, events, lease) = match started {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "Claude Code did not start");
@@ -569,11 +693,37 @@ impl Driver {
             }),
             session_id: spec.resume.clone(),
             tx,
+            _lease: lease,
         };
         if let Err(e) = driver.session.send(spec.prompt) {
             driver.fail(e.to_string()).await;
         }
         driver.run().await;
+    }
+
+    /// Starts the Claude Code process: for a grantee, with a path through the API proxy first (the sandbox
+    /// needs its address and socket), kept for as long as the process lives.
+    async fn spawn(
+        inner: &Inner,
+        owner: &Owner,
+        spec: &TaskSpec,
+    ) -> Result<
+        (
+            Session,
+            mpsc::Receiver<RunnerEvent>,
+            Option<meter::proxy::Lease>,
+        ),
+        String,
+    > {
+        let lease = match &owner.sandbox {
+            Some(_) if owner.role != Role::Owner => {
+                inner.lease(&owner.user, owner.no_network).await?
+            }
+            _ => None,
+        };
+        let spec = session_spec(&inner.config, inner.dir.path(), owner, spec, lease.as_ref())?;
+        let (session, events) = Session::start(spec).await.map_err(|e| e.to_string())?;
+        Ok((session, events, lease))
     }
 
     async fn run(mut self) {
@@ -641,7 +791,11 @@ impl Driver {
                     session_reported: false,
                 });
                 self.report_session().await;
-                if let Err(e) = self.session.send(prompt) {
+                // A new task asks afresh: "allow for the session" rules of the task before it end with it
+                // (the driver is only ever reused for the same requester, but a rule must not outlive the
+                // task whose approver made it, unseen).
+                let forgotten = self.session.forget_rules();
+                if let Err(e) = forgotten.and_then(|()| self.session.send(prompt)) {
                     self.fail(e.to_string()).await;
                 }
             }
@@ -669,7 +823,9 @@ impl Driver {
                 }
                 let outcome = match &decision {
                     WireDecision::AllowOnce { .. } => "allowed",
-                    WireDecision::AllowSession => "allowed_for_session",
+                    WireDecision::AllowSession | WireDecision::AllowSessionPrefix { .. } => {
+                        "allowed_for_session"
+                    }
                     WireDecision::Deny { .. } => "denied",
                     WireDecision::Answers { .. } => "answered",
                 };
@@ -677,7 +833,10 @@ impl Driver {
                     WireDecision::AllowOnce { updated_input } => {
                         Decision::AllowOnce { updated_input }
                     }
-                    WireDecision::AllowSession => Decision::AllowSession,
+                    WireDecision::AllowSession => Decision::AllowSession { prefix: None },
+                    WireDecision::AllowSessionPrefix { prefix } => Decision::AllowSession {
+                        prefix: Some(prefix),
+                    },
                     WireDecision::Deny { reason } => Decision::Deny { reason },
                     WireDecision::Answers { answers } => Decision::Answers(answers),
                 };
@@ -734,7 +893,26 @@ impl Driver {
                 }
             }
             RunnerEvent::ToolUse { name, summary, .. } => {
-                self.emit(TaskEvent::Tool { name, summary }).await;
+                self.emit(TaskEvent::Tool {
+                    name,
+                    summary,
+                    auto_allowed: None,
+                })
+                .await;
+            }
+            RunnerEvent::ApprovalAutoAllowed {
+                tool,
+                summary,
+                rule,
+                ..
+            } => {
+                // Posted in the thread and audited by the relay: a use nobody was asked about is still seen.
+                self.emit(TaskEvent::Tool {
+                    name: tool,
+                    summary,
+                    auto_allowed: Some(wire_scope(rule)),
+                })
+                .await;
             }
             RunnerEvent::ToolResult { is_error, text, .. } => {
                 self.emit(TaskEvent::ToolResult {
@@ -755,17 +933,28 @@ impl Driver {
                     return;
                 };
                 bound.approvals.insert(req.id.clone());
-                let summary = req
-                    .description
-                    .clone()
-                    .filter(|d| !d.is_empty())
-                    .unwrap_or_else(|| claude::events::summarize_tool_input(&req.input));
+                // What the use acts on, from its input: never the model's `description` in its place (the
+                // model writes that, and it can say "npm test" about anything).
+                let summary = claude::events::summarize_tool_input(&req.tool, &req.input);
+                let session = SessionScope::exact(&req.tool, &req.input).map(wire_scope);
+                let whole = serde_json::to_vec(&req.input).map_or(0, |v| v.len());
+                let (input, input_cut) = if whole <= MAX_APPROVAL_INPUT {
+                    (req.input, false)
+                } else {
+                    (bound_value(req.input), true)
+                };
                 self.emit(TaskEvent::ApprovalRequested {
                     approval: req.id,
                     question: req.tool == "AskUserQuestion",
                     tool: req.tool,
                     summary,
-                    input: bound_value(req.input),
+                    input,
+                    description: req
+                        .description
+                        .filter(|d| !d.is_empty())
+                        .map(|d| cut_bytes(&d, MAX_INPUT_STRING)),
+                    session,
+                    input_cut,
                 })
                 .await;
             }
@@ -815,7 +1004,7 @@ impl Driver {
             RunnerEvent::Error { message } => {
                 tracing::warn!(%message, "Claude Code output problem");
             }
-            RunnerEvent::ApprovalAutoAllowed { .. }
+            RunnerEvent::RuleAdded { .. }
             | RunnerEvent::Queued { .. }
             | RunnerEvent::Raw(_)
             | RunnerEvent::Exited(_) => {}
@@ -924,27 +1113,84 @@ fn sandbox_for(
     }
 }
 
+/// Why a shared task is refused when the agent has no API key the proxy could add.
+const NO_SHARED_KEY: &str = "this agent has no API key it can use for shared tasks, so it runs only its owner's \
+     own: the owner's Claude Code is signed in with `claude login`, which is never lent. The owner can give the \
+     agent a key for shared tasks on that machine (`CT_AGENT_SHARED_API_KEY=sk-ant-... ct-agent run`); it stays \
+     outside the sandbox, and `ct-agent sharing budget` limits what each person may spend";
+
+/// Where the shared-task proxy forwards, with which key: the shared key, else the owner's API key; `None` when
+/// there is neither (an OAuth login cannot be added by a proxy, and is never lent).
+fn upstream(config: &TaskConfig) -> Option<meter::proxy::Upstream> {
+    let env = sandbox::env::agent_env(config.env_clear, &config.env);
+    let var = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.to_str())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let api_key = config
+        .shared_api_key
+        .as_ref()
+        .map(|k| k.0.clone())
+        .or_else(|| var("ANTHROPIC_API_KEY"))?;
+    Some(meter::proxy::Upstream {
+        base_url: var("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into()),
+        api_key,
+    })
+}
+
+/// Who the agent treats a requester as: the owner only when their Discord id is the one this agent was paired
+/// with. The relay's word is taken only to lower a role, never to raise one: a relay that labels someone
+/// else "owner" gets a grantee (judged by the share policy, sandboxed).
+fn role_of(requester: &ct_protocol::task::Requester, owner_id: Option<&str>) -> Role {
+    let is_owner = owner_id == Some(requester.user.as_str());
+    match requester.role {
+        Role::Owner if is_owner => Role::Owner,
+        Role::Owner => Role::Grantee,
+        // The owner asking through a share of their own agent is still the owner.
+        _ if is_owner => Role::Owner,
+        other => other,
+    }
+}
+
+/// Permission modes the agent refuses whatever the relay sends: `bypassPermissions` turns approvals off, so
+/// only the owner's own tasks may use it, and only once the owner allowed it on this machine.
+fn check_mode(
+    mode: PermissionMode,
+    role: Role,
+    settings: &sandbox::SandboxSettings,
+) -> Result<(), String> {
+    if mode != PermissionMode::BypassPermissions {
+        return Ok(());
+    }
+    if role != Role::Owner {
+        return Err("bypassPermissions is only for the owner's own tasks on this agent".into());
+    }
+    if !settings.bypass_permissions {
+        return Err(
+            "this agent does not run tasks in bypassPermissions mode: its owner can allow it on that \
+             machine with `ct-agent sandbox bypass on`"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 fn session_spec(
     config: &TaskConfig,
-    agent_config: &std::path::Path,
+    agent_config: &Path,
     owner: &Owner,
     spec: &TaskSpec,
-) -> SessionSpec {
+    lease: Option<&meter::proxy::Lease>,
+) -> Result<SessionSpec, String> {
     let mut s = SessionSpec::new(&owner.cwd);
     s.claude_bin = config.claude_bin.clone();
     s.env_clear = config.env_clear;
     s.env = config.env.clone();
     if let Some(bwrap) = &owner.sandbox {
-        let (home, claude_config_dir) = sandbox::claude_home(&config.env, config.env_clear);
-        s.wrapper = sandbox::Plan {
-            project: owner.cwd.clone(),
-            home,
-            claude_config_dir,
-            agent_config: agent_config.to_path_buf(),
-            // Not found: the session says so itself, before bubblewrap matters.
-            programs: s.find_claude().into_iter().collect(),
-        }
-        .command(bwrap);
+        sandboxed(&mut s, bwrap, config, agent_config, owner, lease)?;
     }
     s.approval_timeout = config.approval_timeout;
     s.allow_settings_writes = config.allow_settings_writes;
@@ -958,7 +1204,115 @@ fn session_spec(
     s.max_turns = spec.options.max_turns;
     s.max_budget_usd = spec.options.max_budget_usd;
     s.resume = spec.resume.clone();
-    s
+    Ok(s)
+}
+
+/// Puts `s` inside the sandbox: the bubblewrap prefix, the allow-listed environment, the project descriptor
+/// it inherits, and the resolved Claude Code executable (reachable inside because its folder is bound).
+fn sandboxed(
+    s: &mut SessionSpec,
+    bwrap: &Bwrap,
+    config: &TaskConfig,
+    agent_config: &Path,
+    owner: &Owner,
+    lease: Option<&meter::proxy::Lease>,
+) -> Result<(), String> {
+    let source = sandbox::env::agent_env(config.env_clear, &config.env);
+    let var = |key: &str| {
+        source
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| PathBuf::from(v))
+            .filter(|p| p.is_absolute())
+    };
+    let owner_home = var("HOME");
+    // The owner's home path, so `~/...` paths read the same inside; it is an empty tmpfs there.
+    let home = owner_home
+        .clone()
+        .filter(|h| h.parent().is_some())
+        .unwrap_or_else(|| PathBuf::from("/home/sandbox"));
+    let (claude_config, credentials) = if owner.role == Role::Owner {
+        let claude_config = sandbox::ClaudeConfig::Owner {
+            config_dir: var("CLAUDE_CONFIG_DIR"),
+            home: home.clone(),
+        };
+        (claude_config, sandbox::env::Credentials::Owner)
+    } else {
+        let dir = sandbox::grantee_config_dir(agent_config, &owner.user).map_err(|e| {
+            format!("cannot prepare a Claude Code config folder for this shared task: {e}")
+        })?;
+        (
+            sandbox::ClaudeConfig::Own(dir),
+            sandbox::env::Credentials::None,
+        )
+    };
+    let path_env = source
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone());
+    let bin = claude::preflight::find_claude(
+        config.claude_bin.as_deref(),
+        path_env,
+        owner_home.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    let (bin, install) = sandbox::claude_install(&bin)
+        .map_err(|e| format!("cannot resolve {}: {e}", bin.display()))?;
+    let project = sandbox::ProjectDir::open(&owner.cwd).map_err(|e| e.to_string())?;
+    if let Some(hook) = &config.before_sandbox {
+        (hook.0)(project.path());
+    }
+    let network = match (
+        owner.no_network,
+        lease.and_then(|l| l.socket()),
+        &config.forwarder,
+    ) {
+        (true, Some(socket), Some(forwarder)) => Some(sandbox::Network {
+            forwarder: forwarder.clone(),
+            socket: socket.to_path_buf(),
+        }),
+        (true, _, _) => return Err("the sandbox's way to the API is missing".into()),
+        (false, _, _) => None,
+    };
+    s.wrapper = sandbox::Plan {
+        project: &project,
+        home: home.clone(),
+        claude_install: Some(install),
+        config: &claude_config,
+        network,
+    }
+    .command(bwrap);
+    s.inherit_fds = vec![project.shared_fd()];
+    s.claude_bin = Some(bin);
+    s.env_clear = true;
+    s.env = sandbox::env::sandbox_env(
+        source,
+        &home,
+        claude_config.dir_inside(&home).as_deref(),
+        credentials,
+    );
+    if owner.role != Role::Owner {
+        // Only the proxy's path and a placeholder key: the real key is added outside.
+        let lease = lease.ok_or(NO_SHARED_KEY)?;
+        s.env.retain(|(k, _)| k != "ANTHROPIC_BASE_URL");
+        s.env
+            .push(("ANTHROPIC_BASE_URL".into(), lease.base_url().into()));
+        s.env
+            .push(("ANTHROPIC_API_KEY".into(), meter::proxy::DUMMY_KEY.into()));
+    }
+    Ok(())
+}
+
+/// A rule as sent to the relay: an exact-input rule leaves out the input (the approval carried it already,
+/// and one use's input can be large).
+fn wire_scope(rule: SessionScope) -> SessionScope {
+    match rule {
+        SessionScope::Input { tool, .. } => SessionScope::Input {
+            tool,
+            input: Value::Null,
+        },
+        other => other,
+    }
 }
 
 /// `text` in pieces of at most `max` bytes, cut on char boundaries (preferring a line break in the last
@@ -1058,6 +1412,42 @@ mod tests {
             // Even opted out, a working bubblewrap is used.
             assert!(sandbox_for(role, &opt_out, bwrap()).unwrap().is_some());
         }
+    }
+
+    #[test]
+    fn only_the_paired_owner_is_the_owner_whatever_the_relay_says() {
+        let who = |user: &str, role| ct_protocol::task::Requester {
+            user: user.into(),
+            name: None,
+            role,
+        };
+        let owner = Some("100");
+        assert_eq!(role_of(&who("100", Role::Owner), owner), Role::Owner);
+        assert_eq!(role_of(&who("200", Role::Owner), owner), Role::Grantee);
+        assert_eq!(role_of(&who("200", Role::Owner), None), Role::Grantee);
+        assert_eq!(
+            role_of(&who("200", Role::TrustedGrantee), owner),
+            Role::TrustedGrantee
+        );
+        assert_eq!(role_of(&who("100", Role::Grantee), owner), Role::Owner);
+    }
+
+    #[test]
+    fn bypass_permissions_needs_the_owner_and_their_local_setting() {
+        let off = sandbox::SandboxSettings::default();
+        let on = sandbox::SandboxSettings {
+            bypass_permissions: true,
+            ..off.clone()
+        };
+        let bypass = PermissionMode::BypassPermissions;
+        let refused = check_mode(bypass, Role::Owner, &off).unwrap_err();
+        assert!(refused.contains("ct-agent sandbox bypass on"), "{refused}");
+        assert_eq!(check_mode(bypass, Role::Owner, &on), Ok(()));
+        assert!(check_mode(bypass, Role::TrustedGrantee, &on).is_err());
+        assert_eq!(
+            check_mode(PermissionMode::AcceptEdits, Role::Grantee, &off),
+            Ok(())
+        );
     }
 
     #[test]

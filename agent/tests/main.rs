@@ -10,6 +10,7 @@ mod doctor;
 mod e2e;
 mod link;
 mod project_cli;
+mod sandbox;
 mod service;
 mod support;
 mod tasks;

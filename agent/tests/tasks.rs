@@ -4,11 +4,12 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{pair, TestAgent, TestRelay};
 use ct_agent::projects::{Host, Origin, Policy, SharePolicy};
-use ct_agent::tasks::TaskConfig;
+use ct_agent::tasks::{SandboxHook, SharedKey, TaskConfig};
 use ct_agent::{ConfigDir, RunOptions};
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_relay::store::{ShareLevel, TaskState};
@@ -19,38 +20,60 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
-const T: Duration = Duration::from_secs(90);
-const OWNER: &str = "100";
+pub(crate) const T: Duration = Duration::from_secs(90);
+pub(crate) const OWNER: &str = "100";
 
-struct World {
-    relay: TestRelay,
-    agent_config: ConfigDir,
-    allowed_env: String,
+pub(crate) struct World {
+    pub(crate) relay: TestRelay,
+    pub(crate) agent_config: ConfigDir,
+    pub(crate) allowed_env: String,
     /// Claude Code's HOME, as the agent gives it.
-    home: PathBuf,
+    pub(crate) home: PathBuf,
     relay_dir: tempfile::TempDir,
     agent_dir: tempfile::TempDir,
     agent: TestAgent,
-    fake: FakeAnthropic,
+    pub(crate) fake: FakeAnthropic,
     _env: ClaudeEnv,
     _home: tempfile::TempDir,
     _root: tempfile::TempDir,
     /// The project `app` (canonical), inside the allowed folder.
-    project: PathBuf,
+    pub(crate) project: PathBuf,
     /// A folder outside everything allowed.
-    outside: PathBuf,
+    pub(crate) outside: PathBuf,
     _outside: tempfile::TempDir,
 }
 
 #[derive(Default)]
-struct Opts {
-    logged_out: bool,
-    idle_timeout: Option<Duration>,
+pub(crate) struct Opts {
+    pub(crate) logged_out: bool,
+    pub(crate) idle_timeout: Option<Duration>,
+    /// More variables in the agent's environment for Claude Code (secrets a sandbox must keep out).
+    pub(crate) env: Vec<(String, String)>,
+    /// Pair at the relay as this user, while the agent keeps [`OWNER`] as its owner: a relay that has the
+    /// agent under someone else and so labels their tasks the owner's.
+    pub(crate) relay_owner: Option<&'static str>,
+    /// Replace the project folder by a symlink to the home after the agent opened it for a sandbox.
+    pub(crate) swap_project_for_home: bool,
+    /// Accept shared tasks (`ct-agent sharing all`) from the start, so the agent's first report to the relay
+    /// already says so (set later, the relay may have stored the earlier "no" and refuse on its side).
+    pub(crate) shared: bool,
+    /// Run without a key for shared tasks (`CT_AGENT_SHARED_API_KEY`); otherwise it is [`SHARED_KEY`].
+    pub(crate) no_shared_key: bool,
+}
+
+/// The key the agent gives shared tasks in these tests (the fake API accepts any key).
+pub(crate) const SHARED_KEY: &str = "shared-tasks-test-key";
+
+impl World {
+    /// The agent's config directory.
+    pub(crate) fn agent_dir(&self) -> &Path {
+        self.agent_dir.path()
+    }
 }
 
 /// Temporary folders outside /tmp: a sandbox gives tasks a private /tmp, which would hide (or swallow
 /// writes to) anything a test put there for the wrong reason.
-fn scratch(prefix: &str) -> tempfile::TempDir {
+pub(crate) fn scratch(prefix: &str) -> tempfile::TempDir {
     let base = Path::new("/var/tmp");
     let builder = tempfile::Builder::new().prefix(prefix).tempdir_in(base);
     builder.unwrap_or_else(|_| tempfile::tempdir().unwrap())
@@ -60,7 +83,7 @@ async fn world() -> World {
     world_with(Opts::default()).await
 }
 
-async fn world_with(opts: Opts) -> World {
+pub(crate) async fn world_with(opts: Opts) -> World {
     let fake = FakeAnthropic::start([]).await.expect("fake API");
     let mut env = if opts.logged_out {
         ClaudeEnv::logged_out(fake.base_url())
@@ -76,6 +99,9 @@ async fn world_with(opts: Opts) -> World {
         "CLAUDE_CONFIG_DIR",
         &home.join(".claude").display().to_string(),
     );
+    for (k, v) in &opts.env {
+        env.set_var(k, v);
+    }
     let root = scratch("ct-root-");
     let allowed = std::fs::canonicalize(root.path()).unwrap();
     let project = allowed.join("app");
@@ -85,9 +111,20 @@ async fn world_with(opts: Opts) -> World {
 
     let (relay_dir, agent_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let relay = TestRelay::on(relay_dir.path(), "127.0.0.1:0").await;
-    pair(&relay, agent_dir.path(), OWNER).await;
+    pair(&relay, agent_dir.path(), opts.relay_owner.unwrap_or(OWNER)).await;
     let allowed_env = allowed.display().to_string();
     let agent_config = ConfigDir::open(agent_dir.path()).unwrap();
+    if opts.shared {
+        Policy::load_with(&agent_config, &allowed_env, Host::detect())
+            .unwrap()
+            .set_sharing(SharePolicy::All)
+            .unwrap();
+    }
+    if opts.relay_owner.is_some() {
+        let mut pairing = agent_config.load_pairing().unwrap().unwrap();
+        pairing.owner = OWNER.into();
+        agent_config.store_pairing(&pairing).unwrap();
+    }
     let config = agent_config.clone();
     Policy::load_with(&config, &allowed_env, Host::detect())
         .unwrap()
@@ -106,6 +143,17 @@ async fn world_with(opts: Opts) -> World {
         allowed_dirs: Some(allowed_env.clone()),
         cancel_step: Duration::from_secs(10),
         idle_timeout: opts.idle_timeout.unwrap_or(Duration::from_secs(600)),
+        before_sandbox: opts.swap_project_for_home.then(|| {
+            let home = home.clone();
+            SandboxHook(Arc::new(move |project: &Path| {
+                let mut moved = project.as_os_str().to_owned();
+                moved.push(".moved");
+                std::fs::rename(project, moved).unwrap();
+                std::os::unix::fs::symlink(&home, project).unwrap();
+            }))
+        }),
+        shared_api_key: (!opts.no_shared_key).then(|| SharedKey(SHARED_KEY.into())),
+        forwarder: Some(env!("CARGO_BIN_EXE_ct-agent").into()),
         ..TaskConfig::default()
     };
     let mut agent = TestAgent::start_with(run);
@@ -128,7 +176,7 @@ async fn world_with(opts: Opts) -> World {
     }
 }
 
-fn submit(user: &str, project: &str, prompt: &str, options: TaskOptions) -> Submit {
+pub(crate) fn submit(user: &str, project: &str, prompt: &str, options: TaskOptions) -> Submit {
     Submit {
         user: user.into(),
         project: project.into(),
@@ -146,7 +194,7 @@ fn accept_edits() -> TaskOptions {
 }
 
 impl World {
-    fn start(&self, req: Submit) -> Follow {
+    pub(crate) fn start(&self, req: Submit) -> Follow {
         let rec = self
             .relay
             .core
@@ -165,14 +213,14 @@ impl World {
         }
     }
 
-    fn sharing(&self, sharing: SharePolicy) {
+    pub(crate) fn sharing(&self, sharing: SharePolicy) {
         Policy::load_with(&self.agent_config, &self.allowed_env, Host::detect())
             .unwrap()
             .set_sharing(sharing)
             .unwrap();
     }
 
-    fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
+    pub(crate) fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
         self.relay
             .core
             .decide(user, &f.task, approval, decision)
@@ -182,7 +230,11 @@ impl World {
 
 /// Waits until `running` holds, allowing the tool use once if the CLI asks first: whether it asks before
 /// running a project script is the CLI's own business, and differs between versions.
-async fn allow_if_asked_until(relay: &TestRelay, f: &mut Follow, running: impl Fn() -> bool) {
+pub(crate) async fn allow_if_asked_until(
+    relay: &TestRelay,
+    f: &mut Follow,
+    running: impl Fn() -> bool,
+) {
     tokio::select! {
         (approval, _) = f.approval() => relay
             .core
@@ -203,9 +255,9 @@ async fn allow_if_asked_until(relay: &TestRelay, f: &mut Follow, running: impl F
 }
 
 /// A task's events through the relay core: what was stored, then what arrives live.
-struct Follow {
-    task: String,
-    seen: Vec<(u64, TaskEvent)>,
+pub(crate) struct Follow {
+    pub(crate) task: String,
+    pub(crate) seen: Vec<(u64, TaskEvent)>,
     /// How many of `seen` earlier waits have looked at.
     cursor: usize,
     rx: broadcast::Receiver<(u64, TaskEvent)>,
@@ -213,7 +265,11 @@ struct Follow {
 
 impl Follow {
     /// The next event (in order) matching `pred`.
-    async fn until(&mut self, what: &str, pred: impl Fn(&TaskEvent) -> bool) -> TaskEvent {
+    pub(crate) async fn until(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&TaskEvent) -> bool,
+    ) -> TaskEvent {
         let deadline = tokio::time::Instant::now() + T;
         loop {
             while self.cursor < self.seen.len() {
@@ -252,7 +308,7 @@ impl Follow {
         }
     }
 
-    async fn finished(&mut self) -> (FinalState, Option<String>) {
+    pub(crate) async fn finished(&mut self) -> (FinalState, Option<String>) {
         match self
             .until("the end of the task", |e| {
                 matches!(e, TaskEvent::Finished { .. })
@@ -283,7 +339,7 @@ fn kind(e: &TaskEvent) -> &'static str {
     }
 }
 
-fn write(path: &Path, content: &str) -> serde_json::Value {
+pub(crate) fn write(path: &Path, content: &str) -> serde_json::Value {
     json!({ "file_path": path.display().to_string(), "content": content })
 }
 
@@ -328,7 +384,7 @@ async fn a_task_writes_a_file_in_its_project_and_every_event_arrives_in_order() 
         f.seen[0]
     );
     assert!(
-        matches!(&f.seen[2].1, TaskEvent::Tool { name, summary } if name == "Write" && summary.ends_with("hello.txt"))
+        matches!(&f.seen[2].1, TaskEvent::Tool { name, summary, .. } if name == "Write" && summary.ends_with("hello.txt"))
     );
     // What the relay stored is the same log, numbered from 1 with no gap, and the task record agrees.
     let (rec, stored, _) = w.relay.core.follow(&f.task).unwrap();
@@ -601,9 +657,9 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
     relay.stop().await;
 }
 
-const GRANTEE: &str = "200";
+pub(crate) const GRANTEE: &str = "200";
 
-fn as_grantee(project: &str, prompt: &str, options: TaskOptions) -> Submit {
+pub(crate) fn as_grantee(project: &str, prompt: &str, options: TaskOptions) -> Submit {
     Submit {
         target: Some(OWNER.into()),
         name: Some("Gina".into()),

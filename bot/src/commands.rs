@@ -124,6 +124,11 @@ pub fn all() -> Vec<CreateCommand> {
                     .add_string_choice("Ask before acting (default)", "default")
                     .add_string_choice("Accept file edits", "acceptEdits")
                     .add_string_choice("Plan only, change nothing", "plan"),
+                CreateCommandOption::new(
+                    CommandOptionType::Boolean,
+                    "private",
+                    "Only you and the agent's owner see the thread (always, where the server says so)",
+                ),
             ],
         ),
         command(
@@ -142,7 +147,7 @@ pub fn all() -> Vec<CreateCommand> {
                 string("option", "Your answer")
                     .required(true)
                     .add_string_choice("Allow once", "once")
-                    .add_string_choice("Allow for this session", "session")
+                    .add_string_choice("Allow this exact use for the session", "session")
                     .add_string_choice("Deny", "deny"),
                 task_id(),
             ],

@@ -56,6 +56,11 @@ pub struct BotConfig {
     pub channel_ids: Vec<ChannelId>,
     pub api_proxy: Option<String>,
     pub message_content: bool,
+    /// `DISCORD_PRIVATE_THREADS=1`: every task (otherwise only those run with `/task private:True`) gets a private thread that only its requester, the agent's
+    /// owner (who decides approvals, or shares that with a trusted requester) and server moderators see, and
+    /// its prompt is posted inside it rather than in the channel. Otherwise threads are public: everyone who
+    /// can read the channel reads the task.
+    pub private_threads: bool,
 }
 
 /// A configuration that cannot work; each message names the variable to fix.
@@ -130,6 +135,10 @@ impl BotConfig {
             get("DISCORD_MESSAGE_CONTENT").as_deref().map(str::trim),
             Some("0" | "false" | "no" | "off")
         );
+        let private_threads = matches!(
+            get("DISCORD_PRIVATE_THREADS").as_deref().map(str::trim),
+            Some("1" | "true" | "yes" | "on")
+        );
         Ok(Some(Self {
             delivery,
             token,
@@ -138,6 +147,7 @@ impl BotConfig {
             channel_ids,
             api_proxy,
             message_content,
+            private_threads,
         }))
     }
 
@@ -151,6 +161,7 @@ impl BotConfig {
             channel_ids: Vec::new(),
             api_proxy: None,
             message_content: true,
+            private_threads: false,
         }
     }
 
@@ -185,7 +196,12 @@ impl BotConfig {
             .api_proxy
             .as_deref()
             .map_or_else(String::new, |p| format!(", REST via {p}"));
-        format!("Discord bot: {mode}, {scope}{channels}{proxy}")
+        let threads = if self.private_threads {
+            "private task threads"
+        } else {
+            "public task threads (DISCORD_PRIVATE_THREADS=1 for private ones)"
+        };
+        format!("Discord bot: {mode}, {scope}{channels}{proxy}, {threads}")
     }
 }
 

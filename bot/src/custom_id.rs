@@ -15,8 +15,10 @@ pub const CUSTOM_ID_MAX: usize = 100;
 pub enum Scope {
     /// This one tool use.
     Once,
-    /// This tool for the rest of the session.
+    /// The same use (this command, file, site or input) for the rest of the session.
     Session,
+    /// Bash: simple commands starting with this command's first word, for the rest of the session.
+    FirstWord,
 }
 
 /// The action behind a component.
@@ -28,6 +30,10 @@ pub enum Action {
         approval: String,
         scope: Scope,
     },
+    /// "Allow a prefix…": opens the prefix modal.
+    Prefix { task: String, approval: String },
+    /// The prefix modal, submitted.
+    PrefixText { task: String, approval: String },
     /// "Deny": opens the reason modal.
     Deny { task: String, approval: String },
     /// The reason modal, submitted.
@@ -91,17 +97,25 @@ impl Action {
             Some((q.parse().ok()?, t, a))
         };
         Some(match verb {
-            "ao" | "as" => {
+            "ao" | "as" | "aw" => {
                 let (task, approval) = task_approval(rest)?;
                 Self::Allow {
                     task,
                     approval,
-                    scope: if verb == "ao" {
-                        Scope::Once
-                    } else {
-                        Scope::Session
+                    scope: match verb {
+                        "ao" => Scope::Once,
+                        "as" => Scope::Session,
+                        _ => Scope::FirstWord,
                     },
                 }
+            }
+            "ap" => {
+                let (task, approval) = task_approval(rest)?;
+                Self::Prefix { task, approval }
+            }
+            "pp" => {
+                let (task, approval) = task_approval(rest)?;
+                Self::PrefixText { task, approval }
             }
             "dn" => {
                 let (task, approval) = task_approval(rest)?;
@@ -142,6 +156,8 @@ impl Action {
     pub fn task(&self) -> &str {
         match self {
             Self::Allow { task, .. }
+            | Self::Prefix { task, .. }
+            | Self::PrefixText { task, .. }
             | Self::Deny { task, .. }
             | Self::DenyReason { task, .. }
             | Self::Answer { task, .. }
@@ -163,9 +179,12 @@ impl fmt::Display for Action {
                 let verb = match scope {
                     Scope::Once => "ao",
                     Scope::Session => "as",
+                    Scope::FirstWord => "aw",
                 };
                 write!(f, "{verb}:{task}:{approval}")
             }
+            Self::Prefix { task, approval } => write!(f, "ap:{task}:{approval}"),
+            Self::PrefixText { task, approval } => write!(f, "pp:{task}:{approval}"),
             Self::Deny { task, approval } => write!(f, "dn:{task}:{approval}"),
             Self::DenyReason { task, approval } => write!(f, "dr:{task}:{approval}"),
             Self::Answer {
@@ -206,6 +225,19 @@ mod tests {
                 task: t.clone(),
                 approval: a.clone(),
                 scope: Scope::Session,
+            },
+            Action::Allow {
+                task: t.clone(),
+                approval: a.clone(),
+                scope: Scope::FirstWord,
+            },
+            Action::Prefix {
+                task: t.clone(),
+                approval: a.clone(),
+            },
+            Action::PrefixText {
+                task: t.clone(),
+                approval: a.clone(),
             },
             Action::Deny {
                 task: t.clone(),

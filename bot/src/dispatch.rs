@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
 use serenity::all::{
     ActionRowComponent, AutocompleteChoice, ChannelId, CommandData, CommandDataOption,
@@ -22,7 +23,9 @@ use crate::app::Inner;
 use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark};
 use crate::commands::{completion_for, Completion};
 use crate::custom_id::{Action, Scope};
-use crate::render::approval::{answer_modal, deny_modal, not_yours, questions};
+use crate::render::approval::{
+    answer_modal, deny_modal, not_yours, prefix_modal, questions, rule_words,
+};
 use crate::render::summary::{summary_embed, SummaryContext};
 use crate::render::truncate;
 use crate::respond::{deliver, Answer, Initial, Responder};
@@ -113,6 +116,16 @@ impl Args {
                 _ => None,
             })
             .filter(|s| !s.is_empty())
+    }
+
+    fn bool(&self, name: &str) -> Option<bool> {
+        self.opts
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| match &o.value {
+                CommandDataOptionValue::Boolean(b) => Some(*b),
+                _ => None,
+            })
     }
 
     fn user(&self, name: &str) -> Option<UserId> {
@@ -429,6 +442,9 @@ impl Inner {
                 &task,
                 &prompt,
                 upload_limit(c.attachment_size_limit),
+                // A task may be more private than the server's setting, never less: a grantee must not
+                // publish the owner's work to a channel the owner expects not to see it.
+                self.config.private_threads || args.bool("private") == Some(true),
             )
             .await
         {
@@ -457,6 +473,7 @@ impl Inner {
         task: &TaskInfo,
         prompt: &str,
         limit: u64,
+        private: bool,
     ) -> Result<ChannelId, crate::rest::RestError> {
         let starter = CreateMessage::new()
             .content(format!(
@@ -468,10 +485,21 @@ impl Inner {
                 truncate(prompt, 1500)
             ))
             .allowed_mentions(CreateAllowedMentions::new());
-        let msg = self.rest.send_message(channel, &starter, &[]).await?;
         let first_line = prompt.lines().next().unwrap_or("");
         let name = format!("{} · {}", task.id, truncate(first_line, THREAD_NAME_PROMPT));
-        let thread = self.rest.start_thread(channel, msg.id, &name).await?;
+        let thread = if private {
+            // Nothing of the task in the channel: the thread is private, its people are added, and the
+            // prompt goes inside it.
+            let thread = self.rest.start_private_thread(channel, &name).await?;
+            for person in thread_people(task) {
+                self.rest.add_thread_member(thread.id, person).await?;
+            }
+            self.rest.send_message(thread.id, &starter, &[]).await?;
+            thread
+        } else {
+            let msg = self.rest.send_message(channel, &starter, &[]).await?;
+            self.rest.start_thread(channel, msg.id, &name).await?
+        };
         self.threads.insert(ThreadInfo::new(thread.id, task, limit));
         self.start_follower(thread.id, task.clone(), limit);
         Ok(thread.id)
@@ -721,16 +749,22 @@ impl Inner {
         task: &str,
         option: Option<&str>,
     ) -> crate::backend::Result<Answer> {
+        // Who asks is checked before anything of the task is read: a stranger is refused as if the id did
+        // not exist (the backend words both alike), and does not make the relay load the task's events.
+        self.backend.task(user, task).await?;
+        if let Err(refusal) = self.gate(user, task).await? {
+            return Ok(refusal);
+        }
         let Some(approval) = self.open_approval(task).await? else {
             return Err(BackendError::Refused(format!(
                 "`{task}` has no approval waiting"
             )));
         };
-        if let Err(refusal) = self.gate(user, task).await? {
-            return Ok(refusal);
-        }
         let (decision, said) = match option {
-            Some("session") => (Decision::AllowSession, "✅ Allowed for this session."),
+            Some("session") => (
+                Decision::AllowSession,
+                "✅ Allowed for this session: this exact use (the same command, file or site).",
+            ),
             Some("deny") => (
                 Decision::Deny {
                     reason: String::new(),
@@ -765,10 +799,22 @@ impl Inner {
         approval: &str,
         decision: Decision,
     ) -> crate::backend::Result<()> {
+        let rule = match &decision {
+            Decision::AllowSession => self
+                .threads
+                .approval(task, approval)
+                .and_then(|open| open.view.session),
+            Decision::AllowSessionPrefix { prefix } => Some(SessionScope::Prefix {
+                prefix: prefix.clone(),
+            }),
+            _ => None,
+        };
         self.backend.decide(user, task, approval, decision).await?;
         let by = user.parse().ok();
-        self.threads
-            .update_approval(task, approval, |a| a.decided_by = by);
+        self.threads.update_approval(task, approval, |a| {
+            a.decided_by = by;
+            a.rule = rule;
+        });
         Ok(())
     }
 
@@ -1064,15 +1110,43 @@ impl Inner {
                 approval, scope, ..
             } => {
                 let decision = match scope {
-                    Scope::Once => Decision::AllowOnce {
+                    Scope::Once => Some(Decision::AllowOnce {
                         updated_input: None,
-                    },
-                    Scope::Session => Decision::AllowSession,
+                    }),
+                    Scope::Session => Some(Decision::AllowSession),
+                    // The word comes from the request this bot showed, never from the click.
+                    Scope::FirstWord => self
+                        .threads
+                        .approval(&task, &approval)
+                        .filter(|open| takes_prefixes(&open.view))
+                        .and_then(|open| {
+                            SessionScope::first_word(&open.view.tool, &open.view.input)
+                        })
+                        .map(|rule| Decision::AllowSessionPrefix {
+                            prefix: rule.subject().to_string(),
+                        }),
                 };
-                // The message is edited (buttons disabled, outcome shown) when the agent reports it closed.
-                self.decide(&user, &task, &approval, decision)
-                    .await
-                    .map(|()| Initial::Acknowledge)
+                match decision {
+                    // The message is edited (buttons disabled, outcome shown) when the agent reports it closed.
+                    Some(decision) => self
+                        .decide(&user, &task, &approval, decision)
+                        .await
+                        .map(|()| Initial::Acknowledge),
+                    None => Ok(Initial::Message(Answer::private(
+                        "That approval is no longer open here: allow this command only, or deny.",
+                    ))),
+                }
+            }
+            Action::Prefix { approval, .. } => {
+                let command = self
+                    .threads
+                    .approval(&task, &approval)
+                    .and_then(|o| o.view.input["command"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                Ok(match prefix_modal(&task, &approval, &command) {
+                    Ok(m) => Initial::Modal(m),
+                    Err(err) => Initial::Message(Answer::private(format!("⚠️ {err}"))),
+                })
             }
             Action::Deny { approval, .. } => Ok(match deny_modal(&task, &approval) {
                 Ok(m) => Initial::Modal(m),
@@ -1125,13 +1199,50 @@ impl Inner {
                     Err(err) => Initial::Message(Answer::private(format!("⚠️ {err}"))),
                 })
             }
-            Action::Stop { .. } | Action::DenyReason { .. } | Action::AnswerText { .. } => {
+            Action::Stop { .. }
+            | Action::DenyReason { .. }
+            | Action::AnswerText { .. }
+            | Action::PrefixText { .. } => {
                 Ok(Initial::Message(Answer::private("That is not a button.")))
             }
         };
         result
             .unwrap_or_else(|e| Initial::Message(failed(e)))
             .into()
+    }
+
+    /// "Allow a prefix…", submitted: the prefix must cover the command the approver was shown (the agent checks
+    /// it again), so allowing this use and adding the rule are one decision.
+    async fn allow_prefix(
+        &self,
+        user: &str,
+        task: &str,
+        approval: &str,
+        prefix: &str,
+    ) -> crate::backend::Result<Initial> {
+        let Some(open) = self
+            .threads
+            .approval(task, approval)
+            .filter(|open| takes_prefixes(&open.view))
+        else {
+            return Ok(Initial::Message(Answer::private(
+                "That approval is no longer open here: allow this command only, or deny.",
+            )));
+        };
+        let rule = match SessionScope::prefix(&open.view.tool, &open.view.input, prefix) {
+            Ok(rule) => rule,
+            Err(why) => {
+                return Ok(Initial::Message(Answer::private(format!(
+                    "⚠️ Not allowed: {why}. Nothing was decided; the approval is still open."
+                ))))
+            }
+        };
+        let said = format!("✅ Allowed for this session: {}.", rule_words(&rule));
+        let decision = Decision::AllowSessionPrefix {
+            prefix: rule.subject().to_string(),
+        };
+        self.decide(user, task, approval, decision).await?;
+        Ok(Initial::Message(Answer::private(said)))
     }
 
     /// Records one AskUserQuestion answer; sends them all once every question has one.
@@ -1207,12 +1318,22 @@ impl Inner {
                 self.answer(&user, &task, &approval, question, field("answer"))
                     .await
             }
+            Action::PrefixText { approval, .. } => {
+                self.allow_prefix(&user, &task, &approval, &field("prefix"))
+                    .await
+            }
             _ => Ok(Initial::Message(Answer::private("That is not a form."))),
         };
         result
             .unwrap_or_else(|e| Initial::Message(failed(e)))
             .into()
     }
+}
+
+/// Whether the agent behind an approval understands prefix rules: it said what "Allow for session" covers,
+/// and for Bash that is a command. An older agent would not parse the decision.
+fn takes_prefixes(view: &crate::render::approval::ApprovalView) -> bool {
+    matches!(view.session, Some(SessionScope::Command { .. }))
 }
 
 /// Commands whose answer everyone in the channel should see (and so whose deferral is public too).
@@ -1229,4 +1350,15 @@ fn is_thread(c: &CommandInteraction) -> bool {
                 | serenity::all::ChannelType::NewsThread
         )
     })
+}
+
+/// Who is added to a task's private thread: its requester and the agent's owner. The approver is always one
+/// of them (the owner, or a requester the owner trusts with their own approvals).
+fn thread_people(task: &TaskInfo) -> Vec<UserId> {
+    let mut people: Vec<UserId> = [&task.requester, &task.owner]
+        .into_iter()
+        .filter_map(|id| id.parse().ok())
+        .collect();
+    people.dedup();
+    people
 }

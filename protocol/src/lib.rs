@@ -10,6 +10,7 @@
 //! - [`link`]: ALPN, WebSocket path, keep-alive timing per transport.
 //! - [`pairing`]: the copy-pasteable pairing token and the one-time code inside it.
 //! - [`project`]: project requests the relay forwards to an agent, and the agent's report of its projects.
+//! - [`scope`]: what an "allow for the session" rule covers, shared by the agent, the relay and the bot.
 //! - [`task`]: task specs, decisions and the sequenced events that come back.
 //! - [`ws`]: carries the byte stream over WebSocket binary messages.
 //! - [`version`]: protocol and software versions and the compatibility rule.
@@ -22,6 +23,7 @@ pub mod link;
 pub mod message;
 pub mod pairing;
 pub mod project;
+pub mod scope;
 pub mod task;
 pub mod version;
 pub mod ws;

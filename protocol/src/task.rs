@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::scope::SessionScope;
+
 /// Longest prompt the relay forwards (bytes). Front ends refuse longer ones with a message.
 pub const MAX_PROMPT_LEN: usize = 100 * 1024;
 /// Longest text carried by one event (bytes); longer output is split into several events.
@@ -72,8 +74,13 @@ pub enum Decision {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         updated_input: Option<Value>,
     },
-    /// Run it, and stop asking about this tool for the rest of the session.
+    /// Run it, and allow the same use for the rest of the task without asking: the exact command, file,
+    /// origin or input (see [`SessionScope::exact`]); never the whole tool.
     AllowSession,
+    /// Bash: run it, and allow simple commands starting with `prefix` for the rest of the task (see
+    /// [`SessionScope::prefix`]). Only offered for approvals that came with a
+    /// [`session`](TaskEvent::ApprovalRequested) scope, i.e. from agents that understand it.
+    AllowSessionPrefix { prefix: String },
     /// Refuse, telling Claude why.
     Deny { reason: String },
     /// Answers to an AskUserQuestion request.
@@ -106,7 +113,14 @@ pub enum TaskEvent {
     /// Assistant text (at most [`MAX_EVENT_TEXT`] bytes; longer text arrives in several events).
     Text { text: String },
     /// A tool use, summarised for people: which tool, which file or command.
-    Tool { name: String, summary: String },
+    Tool {
+        name: String,
+        summary: String,
+        /// Set when the agent allowed this use itself, without asking, because an earlier "allow for the
+        /// session" rule covers it (the rule). Such an event follows the plain one for the same use.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        auto_allowed: Option<SessionScope>,
+    },
     /// A tool's outcome, summarised.
     ToolResult { is_error: bool, summary: String },
     /// Claude Code asks permission; the answer is a [`Decision`] for `approval`.
@@ -118,6 +132,17 @@ pub enum TaskEvent {
         /// True for AskUserQuestion: the answer is [`Decision::Answers`].
         #[serde(default)]
         question: bool,
+        /// What the model says the use is for. Claude's words, not a description of what runs: shown after
+        /// the input, labelled as Claude's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        description: Option<String>,
+        /// What "Allow for session" allows for this request; absent from agents that allowed the whole tool.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<SessionScope>,
+        /// The input was too large for one event and long strings in `input` were cut: the approver cannot
+        /// see all of it (the agent still applies the decision to the whole input).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        input_cut: bool,
     },
     /// The request is no longer pending: decided, timed out, or withdrawn by Claude Code.
     ApprovalClosed { approval: String, outcome: String },
@@ -150,6 +175,62 @@ pub enum TaskEvent {
 mod tests {
     use super::*;
     use crate::{AgentMessage, RelayMessage};
+
+    #[test]
+    fn events_and_decisions_from_older_peers_still_parse() {
+        // An agent from before session scopes: no description, scope or cut flag; tools without auto_allowed.
+        let old: TaskEvent = serde_json::from_str(
+            r#"{"kind":"approval_requested","approval":"a1","tool":"Bash","summary":"ls","input":{"command":"ls"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            TaskEvent::ApprovalRequested {
+                description: None,
+                session: None,
+                input_cut: false,
+                ..
+            }
+        ));
+        let tool: TaskEvent =
+            serde_json::from_str(r#"{"kind":"tool","name":"Bash","summary":"ls"}"#).unwrap();
+        assert!(matches!(
+            tool,
+            TaskEvent::Tool {
+                auto_allowed: None,
+                ..
+            }
+        ));
+        // What a newer agent sends when nothing is new stays what older relays read.
+        let plain = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "ls".into(),
+            auto_allowed: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&plain).unwrap(),
+            r#"{"kind":"tool","name":"Bash","summary":"ls"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Decision::AllowSession).unwrap(),
+            r#"{"decision":"allow_session"}"#
+        );
+        let prefix = Decision::AllowSessionPrefix {
+            prefix: "npm test".into(),
+        };
+        let back: Decision =
+            serde_json::from_str(&serde_json::to_string(&prefix).unwrap()).unwrap();
+        assert_eq!(back, prefix);
+        let auto = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "npm test".into(),
+            auto_allowed: Some(SessionScope::Prefix {
+                prefix: "npm".into(),
+            }),
+        };
+        let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&auto).unwrap()).unwrap();
+        assert_eq!(back, auto);
+    }
 
     #[test]
     fn task_messages_round_trip_as_frames() {

@@ -24,10 +24,42 @@ use crate::store::{now, AgentRecord, ShareLevel, ShareRecord};
 
 /// The actor recorded for actions taken through the admin socket.
 pub const OPERATOR: &str = "operator";
+/// The actor recorded when the agent allowed a tool use itself, under a rule an approver made earlier.
+pub const AGENT: &str = "agent";
 /// Longest prompt preview kept in an entry, in characters.
 pub const PREVIEW_CHARS: usize = 200;
 /// Most entries one read returns.
 pub const MAX_PAGE: usize = 1000;
+
+/// The entry for a tool use the agent allowed by a session rule (`summary`: what it acted on).
+pub(crate) fn auto_allowed_entry(
+    agent: &AgentRecord,
+    task: &str,
+    requester: &str,
+    tool: &str,
+    summary: &str,
+    rule: &ct_protocol::scope::SessionScope,
+) -> AuditEntry {
+    let summary = preview(summary);
+    let rule = preview(&rule.to_string());
+    let detail = format!(
+        "agent {} allowed {tool} `{summary}` in user {requester}'s task without asking, by the session rule: {rule}",
+        agent.name
+    );
+    AuditEntry::new(
+        AuditKind::AutoAllowed {
+            tool: preview(tool),
+            summary,
+            rule,
+            requester: requester.to_string(),
+        },
+        AGENT,
+        &agent.owner,
+        detail,
+    )
+    .on(agent)
+    .task(task)
+}
 
 /// Who is asking: a Discord user acting for themselves, or the relay operator acting as that user through the
 /// admin socket. Permissions are checked for `user` either way; the audit log records who really acted.
@@ -135,6 +167,16 @@ pub enum AuditKind {
         /// Whose task it was.
         requester: String,
     },
+    /// The agent allowed a tool use without asking, because an "allow for the session" rule covers it.
+    AutoAllowed {
+        tool: String,
+        /// What the use acted on (the command, the path), shortened like a prompt.
+        summary: String,
+        /// The rule, in words.
+        rule: String,
+        /// Whose task it was.
+        requester: String,
+    },
     /// A task was cancelled by a person.
     TaskCancelled { requester: String },
     /// A project was added to or removed from an agent through the relay.
@@ -159,6 +201,7 @@ impl AuditKind {
             Self::ShareRemoved { .. } => "share-removed",
             Self::GranteeTask { .. } => "grantee-task",
             Self::ApprovalDecided { .. } => "approval",
+            Self::AutoAllowed { .. } => "auto-allowed",
             Self::TaskCancelled { .. } => "cancelled",
             Self::ProjectChanged { .. } => "project",
             Self::DefaultAgentSet => "default-agent",
@@ -285,7 +328,11 @@ pub fn preview(prompt: &str) -> String {
 pub fn describe_decision(d: &Decision) -> String {
     match d {
         Decision::AllowOnce { .. } => "allow once".into(),
-        Decision::AllowSession => "allow for the session".into(),
+        Decision::AllowSession => "allow for the session (this exact use)".into(),
+        Decision::AllowSessionPrefix { prefix } => format!(
+            "allow for the session: simple Bash commands starting with {:?}",
+            preview(prefix)
+        ),
         Decision::Deny { reason } => format!("deny: {}", preview(reason)),
         Decision::Answers { .. } => "answered".into(),
     }

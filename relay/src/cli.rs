@@ -59,15 +59,40 @@ pub struct RunArgs {
     /// Minutes a pairing code stays valid.
     #[arg(long, env = "CT_RELAY_PAIR_CODE_MINUTES", default_value_t = 10)]
     pub pair_code_minutes: u64,
-    /// Connections served at once (QUIC and TCP together); more are refused at accept.
-    #[arg(long, env = "CT_RELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
-    pub max_connections: usize,
+    /// Connections served at once (QUIC and TCP together); more are refused at accept. Default: what the
+    /// descriptor limit allows (raised to its hard limit at start), less a reserve, at most 50,000.
+    #[arg(long, env = "CT_RELAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections one address (IPv6: one /64) may hold at once. Agents behind one NAT share an address.
+    #[arg(
+        long,
+        env = "CT_RELAY_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 128
+    )]
+    pub max_connections_per_address: usize,
+    /// Seconds a TCP client has for its TLS handshake and then for each HTTP request (headers and body).
+    #[arg(long, env = "CT_RELAY_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    pub request_timeout_secs: u64,
     /// Tasks one person may start per minute (after a burst of half as many, at least 1).
     #[arg(long, env = "CT_RELAY_TASKS_PER_MINUTE", default_value_t = 20)]
     pub tasks_per_minute: u32,
     /// Tasks one person may have queued or running at once, across all agents.
     #[arg(long, env = "CT_RELAY_MAX_TASKS_PER_USER", default_value_t = 8)]
     pub max_tasks_per_user: usize,
+    /// Agents one person may have paired at once.
+    #[arg(long, env = "CT_RELAY_MAX_AGENTS_PER_USER", default_value_t = 20)]
+    pub max_agents_per_user: usize,
+    /// Project reports one agent may send per minute; more are ignored.
+    #[arg(
+        long,
+        env = "CT_RELAY_PROJECT_REPORTS_PER_MINUTE",
+        default_value_t = 12
+    )]
+    pub project_reports_per_minute: u32,
+    /// MiB of task output one person's tasks may keep; past it their new tasks are refused until old ones
+    /// are deleted by retention.
+    #[arg(long, env = "CT_RELAY_MAX_STORED_MIB_PER_USER", default_value_t = 512)]
+    pub max_stored_mib_per_user: u64,
     /// MiB of output the relay keeps per task; past it only approvals, turn results and the end are kept.
     #[arg(long, env = "CT_RELAY_MAX_TASK_OUTPUT_MIB", default_value_t = 32)]
     pub max_task_output_mib: u64,
@@ -321,11 +346,17 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
     config.websocket = !cli.run.no_websocket;
     config.core.pair_code_ttl =
         std::time::Duration::from_secs(cli.run.pair_code_minutes.max(1) * 60);
-    config.core.max_connections = cli.run.max_connections.max(1);
+    config.core.max_connections = connection_limit(cli.run.max_connections);
+    config.core.max_connections_per_address = cli.run.max_connections_per_address.max(1);
+    config.core.request_timeout =
+        std::time::Duration::from_secs(cli.run.request_timeout_secs.max(1));
     config.core.tasks_per_minute = cli.run.tasks_per_minute.max(1);
     config.core.task_burst = (cli.run.tasks_per_minute / 2).max(1);
     config.core.max_tasks_per_user = cli.run.max_tasks_per_user.max(1);
     config.core.max_task_output = cli.run.max_task_output_mib.max(1) * 1024 * 1024;
+    config.core.max_agents_per_user = cli.run.max_agents_per_user.max(1);
+    config.core.project_reports_per_minute = cli.run.project_reports_per_minute.max(1);
+    config.core.max_stored_per_user = cli.run.max_stored_mib_per_user.max(1) * 1024 * 1024;
     config.core.task_retention =
         std::time::Duration::from_secs(cli.run.task_retention_days.max(1) * 86_400);
     config.core.audit_retention =
@@ -353,6 +384,46 @@ async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
         signals.cancel();
     });
     relay.run(shutdown).await
+}
+
+/// The most connections served at once that the descriptor limit allows, or `chosen` (with a warning when it
+/// is more than that): past the descriptor limit `accept` fails with EMFILE for everyone, agents and health
+/// checks alike, while refusing at the limit keeps the connections already served working.
+fn connection_limit(chosen: Option<usize>) -> usize {
+    use crate::endpoint::limits::{connections_for, descriptor_reserve};
+    const CEILING: usize = 50_000;
+    let Some(descriptors) = crate::sys::raise_descriptor_limit() else {
+        let limit = chosen.unwrap_or(CEILING).max(1);
+        tracing::warn!(
+            limit,
+            "cannot read the descriptor limit; serving at most {limit} connections"
+        );
+        return limit;
+    };
+    let allowed = connections_for(descriptors, CEILING);
+    match chosen {
+        None => {
+            tracing::info!(
+                descriptors,
+                max_connections = allowed,
+                "serving at most {allowed} connections at once: the descriptor limit ({descriptors}) less {} \
+                 kept for the store and listeners; raise LimitNOFILE (or ulimit -n) for more",
+                descriptor_reserve(descriptors)
+            );
+            allowed
+        }
+        Some(n) => {
+            if n > allowed {
+                tracing::warn!(
+                    descriptors,
+                    max_connections = n,
+                    "--max-connections {n} is more than the descriptor limit ({descriptors}) leaves room for \
+                     ({allowed}): past it accept fails for everyone; raise LimitNOFILE or lower --max-connections"
+                );
+            }
+            n.max(1)
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -671,7 +742,16 @@ pub fn render_event(event: &TaskEvent) -> String {
             format!("> session {session_id}{}\n", model.as_deref().map(|m| format!(" ({m})")).unwrap_or_default())
         }
         TaskEvent::Text { text } => format!("{text}\n"),
-        TaskEvent::Tool { name, summary } => format!("  - {name}: {summary}\n"),
+        TaskEvent::Tool {
+            name,
+            summary,
+            auto_allowed: None,
+        } => format!("  - {name}: {summary}\n"),
+        TaskEvent::Tool {
+            name,
+            summary,
+            auto_allowed: Some(rule),
+        } => format!("  - {name}: {summary} (auto-allowed by the session rule: {rule})\n"),
         TaskEvent::ToolResult { is_error: true, summary } => format!("    error: {summary}\n"),
         TaskEvent::ToolResult { .. } => String::new(),
         TaskEvent::ApprovalRequested { approval, tool, summary, .. } => format!(

@@ -37,6 +37,11 @@ pub enum CoreError {
     NoSuchAgent(String),
     #[error("{query:?} matches several agents ({names}): use the fingerprint")]
     Ambiguous { query: String, names: String },
+    #[error(
+        "you already have {have} agents paired, the most one person may have on this relay ({max}): \
+         unregister one you no longer use (/register unregister) first"
+    )]
+    TooManyAgents { have: usize, max: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -53,6 +58,12 @@ pub struct CoreConfig {
     /// Connections (QUIC and TCP together, agents and HTTP alike) served at once; more are refused at
     /// accept, so a flood of idle sockets cannot exhaust memory or file descriptors.
     pub max_connections: usize,
+    /// Connections one address (IPv6: one /64) may hold at once, so one party cannot take every slot of
+    /// `max_connections`. Agents behind one NAT share an address: keep this above the agents one office runs.
+    pub max_connections_per_address: usize,
+    /// Time a TCP client has for its TLS handshake, and then for each HTTP request's headers and for the
+    /// whole request (body included) to be read and answered. A client trickling bytes is cut off after it.
+    pub request_timeout: Duration,
     /// Tasks one agent runs at once (sent to it and not finished); more wait in its queue. At least 1.
     pub max_running_per_agent: usize,
     /// Tasks waiting in one agent's queue; beyond this a submit is refused rather than left waiting for hours.
@@ -65,6 +76,16 @@ pub struct CoreConfig {
     pub task_burst: u32,
     /// Tasks one person may have queued or running at once, across all agents (their own and shared ones).
     pub max_tasks_per_user: usize,
+    /// Agents one person may have paired (not revoked). Each agent costs a stored record, a live session and
+    /// its reports; pairing is refused past this, with what to do.
+    pub max_agents_per_user: usize,
+    /// Project reports one agent may send per minute (after a burst of as many). Each report rewrites the
+    /// agent's stored record; reports past the rate are dropped (the next one in time is kept).
+    pub project_reports_per_minute: u32,
+    /// Bytes of task output one person's tasks may keep in the store, counted over the tasks they asked for.
+    /// Past it new tasks are refused until retention deletes old ones; running tasks finish (each within
+    /// `max_task_output`).
+    pub max_stored_per_user: u64,
     /// Pairing codes one user may hold that could still pair an agent. Minting another supersedes the
     /// oldest rather than refusing: a person who lost a token can always get a working one, and fewer live
     /// bearer secrets is the safer side.
@@ -88,12 +109,17 @@ impl Default for CoreConfig {
             pair_burst: 10,
             pair_refill: Duration::from_secs(6),
             max_connections: 50_000,
+            max_connections_per_address: 128,
+            request_timeout: Duration::from_secs(10),
             max_running_per_agent: 2,
             max_queued_per_agent: 20,
             project_timeout: Duration::from_secs(10),
             tasks_per_minute: 20,
             task_burst: 10,
             max_tasks_per_user: 8,
+            max_agents_per_user: 20,
+            project_reports_per_minute: 12,
+            max_stored_per_user: 512 * 1024 * 1024,
             max_pair_codes_per_user: 5,
             max_task_output: 32 * 1024 * 1024,
             task_retention: Duration::from_secs(30 * 86_400),
@@ -153,11 +179,17 @@ pub struct Core {
     pair_limit: RateLimiter,
     /// Tasks started per user; see [`CoreConfig::tasks_per_minute`].
     pub(crate) task_limit: RateLimiter<String>,
+    /// Project reports per agent; see [`CoreConfig::project_reports_per_minute`].
+    pub(crate) report_limit: RateLimiter<Fingerprint>,
+    /// At most one warning a minute per agent whose reports are being dropped.
+    pub(crate) report_warnings: RateLimiter<Fingerprint>,
     /// Serialises minting, so two codes minted at once for one user cannot both slip under the cap.
     minting: Mutex<()>,
     next_session: AtomicU64,
     /// One permit per connection being served; see [`CoreConfig::max_connections`].
     pub connections: Arc<tokio::sync::Semaphore>,
+    /// Connections each address holds; see [`CoreConfig::max_connections_per_address`].
+    pub per_address: Arc<crate::endpoint::limits::PerAddress>,
     /// Live followers of each task (admin `task`, later the Discord bot).
     pub(crate) followers: crate::tasks::Followers,
     /// Serialises every decision about who may run what where: submitting, dispatching from the queues,
@@ -191,8 +223,17 @@ impl Core {
                 Duration::from_secs(60) / config.tasks_per_minute.max(1),
                 config.rate_limit_keys,
             ),
+            report_limit: RateLimiter::new(
+                config.project_reports_per_minute,
+                Duration::from_secs(60) / config.project_reports_per_minute.max(1),
+                config.rate_limit_keys,
+            ),
+            report_warnings: RateLimiter::new(1, Duration::from_secs(60), config.rate_limit_keys),
             minting: Mutex::new(()),
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections)),
+            per_address: crate::endpoint::limits::PerAddress::new(
+                config.max_connections_per_address,
+            ),
             commit: store.group_commit()?,
             store,
             config,
@@ -251,6 +292,7 @@ impl Core {
             return Err(CoreError::BadUser(owner.to_string()));
         }
         let _minting = self.minting.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_agent_count(owner)?;
         let t = now();
         self.store.prune_pair_codes(t.saturating_sub(CODE_MEMORY))?;
         let mut live: Vec<PairCodeRecord> = self
@@ -294,6 +336,23 @@ impl Core {
             },
             expires_at,
         ))
+    }
+
+    /// Refuses a new agent for `owner` when they have [`CoreConfig::max_agents_per_user`] already. Checked when
+    /// a code is minted (so the person hears it in Discord) and again when one is redeemed (codes minted
+    /// earlier, or several at once).
+    fn check_agent_count(&self, owner: &str) -> Result<(), CoreError> {
+        let have = self
+            .store
+            .agents_of(owner)?
+            .iter()
+            .filter(|a| a.revoked_at.is_none())
+            .count();
+        let max = self.config.max_agents_per_user.max(1);
+        if have >= max {
+            return Err(CoreError::TooManyAgents { have, max });
+        }
+        Ok(())
     }
 
     /// Decides whether an authenticated agent may hold a session, pairing it first when it brings a code.
@@ -416,6 +475,12 @@ impl Core {
                     human_duration(self.config.pair_code_ttl.as_secs())
                 ),
             ));
+        }
+        match self.check_agent_count(&rec.owner) {
+            Ok(()) => {}
+            Err(CoreError::Store(e)) => return Err(Redeem::Store(e)),
+            // The code stays usable: once an agent is unregistered, the same token pairs.
+            Err(e) => return Err(Redeem::Rejected(Rejection::Unavailable, e.to_string())),
         }
         let mut used = rec.clone();
         used.used_at = Some(t);

@@ -23,6 +23,32 @@ pub fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Takes group and other permissions off everything under `dir` (files 0600 at most, directories 0700 at
+/// most), for stores written before the relay set a private umask. Returns how many entries it changed.
+pub fn make_private(dir: &Path) -> Result<usize> {
+    let mut changed = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta =
+            fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode & !0o077))
+                .with_context(|| format!("making {} private", path.display()))?;
+            changed += 1;
+        }
+        if meta.is_dir() {
+            for entry in fs::read_dir(&path)? {
+                pending.push(entry?.path());
+            }
+        }
+    }
+    Ok(changed)
+}
+
 /// Writes `data` to `path` with mode 0600: temp file, fsync, rename, fsync the directory.
 pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().context("path has no parent directory")?;

@@ -8,7 +8,8 @@
 //!   approvals.
 //! - [`shares`]: sharing one's agents with another user, and revoking that at once.
 //! - [`audit`]: the audit log — who did what to whose agents — and [`audit::Caller`], who is asking.
-//! - [`output`]: the cap on what one task may store.
+//! - [`output`]: the cap on what one task may store; [`redact`]: a grantee's task ends without the owner's
+//!   folders in its message.
 //! - [`retention`]: deleting old tasks, audit entries and pairing codes, hourly.
 //! - [`routing`]: which agent a request goes to (named, only, or default).
 //! - [`projects`]: project requests answered by the agent, and its stored project report.
@@ -18,7 +19,7 @@
 //! - [`discord`]: the Discord bot's backend over the core, and starting the bot with the relay.
 //! - [`tls`]: the relay key agents pin, and the certificate.
 //! - [`ratelimit`]: token buckets per address and per user, bounded in memory.
-//! - [`metrics`], [`files`]: supporting pieces.
+//! - [`metrics`], [`files`]: supporting pieces; [`sys`]: the descriptor limit and the umask, the crate's only `unsafe`.
 //! - [`cli`]: the command line, kept out of `main.rs` so it can be tested.
 
 pub mod admin;
@@ -33,11 +34,13 @@ pub mod metrics;
 pub mod output;
 pub mod projects;
 pub mod ratelimit;
+pub mod redact;
 pub mod relay;
 pub mod retention;
 pub mod routing;
 pub mod shares;
 pub mod store;
+pub mod sys;
 pub mod tasks;
 pub mod tls;
 

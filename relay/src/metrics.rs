@@ -37,6 +37,12 @@ pub struct HandshakeLabels {
     pub result: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `limit` (the relay's connection limit) or `per_address` (that address holds its share).
+    pub reason: &'static str,
+}
+
 /// Every metric the relay exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -45,6 +51,7 @@ pub struct Metrics {
     pub frames_in: Family<TransportLabels, Counter>,
     pub frames_out: Family<TransportLabels, Counter>,
     pub pairings: Counter<u64, AtomicU64>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -78,6 +85,14 @@ impl Metrics {
         )
     }
 
+    /// Counts one connection refused at accept. Refusals are counted rather than logged one by one: a flood
+    /// would otherwise flood the log as well.
+    pub fn refused(&self, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+    }
+
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
         let mut registry = Registry::with_prefix("ct_relay");
@@ -102,6 +117,11 @@ impl Metrics {
             self.frames_out.clone(),
         );
         registry.register("pairings", "Agents paired", self.pairings.clone());
+        registry.register(
+            "connections_refused",
+            "Connections refused at accept, by reason",
+            self.connections_refused.clone(),
+        );
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

@@ -28,11 +28,17 @@ pub(crate) enum Keep {
     Drop,
 }
 
-/// Text, tool calls and tool results are output; everything else changes the task's course.
+/// Text, tool calls and tool results are output; everything else changes the task's course. A tool use the
+/// agent allowed by a session rule counts as a decision: nobody was asked, so the thread must still show it.
 fn is_output(event: &TaskEvent) -> bool {
     matches!(
         event,
-        TaskEvent::Text { .. } | TaskEvent::Tool { .. } | TaskEvent::ToolResult { .. }
+        TaskEvent::Text { .. }
+            | TaskEvent::Tool {
+                auto_allowed: None,
+                ..
+            }
+            | TaskEvent::ToolResult { .. }
     )
 }
 
@@ -129,6 +135,27 @@ mod tests {
             state: FinalState::Done,
             message,
         }
+    }
+
+    #[test]
+    fn past_the_cap_an_auto_allowed_use_is_still_kept() {
+        let auto = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "npm test".into(),
+            auto_allowed: Some(ct_protocol::scope::SessionScope::Prefix {
+                prefix: "npm".into(),
+            }),
+        };
+        assert_eq!(
+            keep(&rec(95, true), auto.clone(), 10, 100, false),
+            Keep::Unchanged(auto)
+        );
+        let plain = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "npm test".into(),
+            auto_allowed: None,
+        };
+        assert_eq!(keep(&rec(95, true), plain, 10, 100, false), Keep::Drop);
     }
 
     #[test]

@@ -247,7 +247,19 @@ impl Core {
     }
 
     /// An agent's projects report (after each handshake and each change).
+    /// Reports past [`CoreConfig::project_reports_per_minute`](crate::core::CoreConfig) are dropped: each
+    /// one rewrites the agent's stored record, and an agent sending them in a loop would keep the store busy.
     pub(crate) fn projects_reported(&self, agent: &Fingerprint, report: ProjectsReport) {
+        if self.report_limit.take(agent).is_err() {
+            if self.report_warnings.take(agent).is_ok() {
+                tracing::warn!(
+                    %agent,
+                    per_minute = self.config().project_reports_per_minute,
+                    "this agent sends project reports faster than the relay keeps them; ignoring the extra ones"
+                );
+            }
+            return;
+        }
         self.store_projects(agent, sanitize(report));
     }
 

@@ -115,7 +115,9 @@ impl RateLimiter<IpAddr> {
     }
 }
 
-fn group(addr: IpAddr) -> IpAddr {
+/// The key one party is counted under: the address itself, or for IPv6 its /64 (one host usually holds a
+/// whole /64, so counting single addresses would let it rotate past any cap).
+pub(crate) fn group(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
             let s = v6.segments();

@@ -78,10 +78,20 @@ impl Relay {
             config.quic || config.websocket,
             "both QUIC and WebSocket are disabled: enable at least one"
         );
+        // Everything the relay writes is private to its user: keys, certificate, admin socket, and the
+        // store's files, which sled creates with the default mode (0644 under the usual umask).
+        crate::sys::private_umask();
         files::private_dir(&config.data_dir)?;
         let admin = admin::bind(&admin::socket_path(&config.data_dir)).await?;
         let store = Store::open(&config.data_dir.join("db"))
             .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        let loosened = files::make_private(&config.data_dir)?;
+        if loosened > 0 {
+            tracing::warn!(
+                loosened,
+                "files in the data directory were readable by other users; they are private (0600) now"
+            );
+        }
         let relay_key = tls::relay_key(&config.data_dir)?;
         let (certs, key) = tls::certificate(&config.data_dir, &config.cert)?;
         let https_tls = tls::https_config(certs.clone(), key.clone_key())?;

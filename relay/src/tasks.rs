@@ -118,9 +118,15 @@ pub enum TaskError {
         "the project is {len} bytes, over the {max}-byte limit: use its name or a shorter path"
     )]
     ProjectTooLong { len: usize, max: usize },
-    #[error("there is no task {0:?}")]
+    #[error(
+        "there is no task {0:?} that you can see: check the id (yours are offered as you type it)"
+    )]
     NoSuchTask(String),
-    #[error("task {0} is not yours to act on")]
+    /// Worded exactly like [`NoSuchTask`](TaskError::NoSuchTask): a stranger who names someone's task id
+    /// learns nothing, not even that it exists.
+    #[error(
+        "there is no task {0:?} that you can see: check the id (yours are offered as you type it)"
+    )]
     NotYours(String),
     #[error("task {task} has already ended ({state:?})")]
     Ended { task: String, state: TaskState },
@@ -215,6 +221,15 @@ pub enum TaskError {
          for one to finish, or cancel one with /cancel, then try again"
     )]
     TooManyTasks { open: usize, max: usize },
+    #[error(
+        "your tasks keep {used} of output on this relay, the most one person may ({max}): ended tasks are \
+         deleted {days} days after they end, which frees room; ask the relay's operator if you need more sooner"
+    )]
+    StorageFull {
+        used: String,
+        max: String,
+        days: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -353,6 +368,7 @@ impl Core {
             }
         }
         self.take_task_token(&req.user)?;
+        self.check_stored(&req.user)?;
         let routing = self.routing();
         let owner = match req.target {
             Some(t) if t != req.user => t,
@@ -380,6 +396,28 @@ impl Core {
                 operator: req.operator,
             },
         )
+    }
+
+    /// Refuses a new task when the output `user`'s tasks keep has reached `CoreConfig::max_stored_per_user`.
+    /// Scans the task history like [`Core::tasks_for`]; it runs after the task
+    /// rate limit, so one person cannot make it run more often than they may start tasks.
+    fn check_stored(&self, user: &str) -> Result<(), TaskError> {
+        let max = self.config().max_stored_per_user;
+        let mut used = 0u64;
+        self.store().tasks_where(|t| {
+            if t.spec.requester.user == user {
+                used = used.saturating_add(t.output_bytes);
+            }
+            false
+        })?;
+        if used >= max {
+            return Err(TaskError::StorageFull {
+                used: human_bytes(used),
+                max: human_bytes(max),
+                days: self.config().task_retention.as_secs().div_ceil(86_400),
+            });
+        }
+        Ok(())
     }
 
     /// Counts a task started by `user` against [`CoreConfig::tasks_per_minute`](crate::core::CoreConfig).
@@ -1159,6 +1197,8 @@ impl Core {
         let mut published = Vec::new();
         let mut finished = false;
         let mut resent = false;
+        // Tool uses the agent allowed by a session rule, audited once they are stored.
+        let mut auto_allowed = Vec::new();
         for (seq, event) in run {
             if seq <= rec.last_seq {
                 // Re-sent after a reconnect: already stored. Acknowledged again so the agent can let it go.
@@ -1184,6 +1224,26 @@ impl Core {
                 break;
             }
             finished |= matches!(event, TaskEvent::Finished { .. });
+            // The end message (often the agent's refusal, worded for its owner) lands in a thread the
+            // requester reads: someone else's task gets it without the owner's folders.
+            let event = match event {
+                TaskEvent::Finished {
+                    state,
+                    message: Some(m),
+                } if rec.spec.requester.role != Role::Owner => TaskEvent::Finished {
+                    state,
+                    message: Some(crate::redact::for_grantee(&m)),
+                },
+                other => other,
+            };
+            if let TaskEvent::Tool {
+                name,
+                summary,
+                auto_allowed: Some(rule),
+            } = &event
+            {
+                auto_allowed.push((name.clone(), summary.clone(), rule.clone()));
+            }
             let was_final = rec.state.is_final();
             apply(&mut rec, &event);
             rec.last_seq = seq;
@@ -1226,6 +1286,9 @@ impl Core {
             .map(|(seq, bytes)| (*seq, bytes.as_deref()))
             .collect();
         self.store().append_events(&rec, &run, Some(was_open))?;
+        if !auto_allowed.is_empty() {
+            self.audit_auto_allowed(&rec, auto_allowed);
+        }
         for (seq, event) in &published {
             self.publish(id, *seq, event);
         }
@@ -1234,6 +1297,33 @@ impl Core {
             self.dispatch_queued(&routing, agent)?;
         }
         Ok(Some(rec.last_seq))
+    }
+
+    /// Audits uses the agent already allowed by a session rule. They have happened, so a missing entry is
+    /// logged rather than refused (like a cancel); the events themselves are stored and shown either way.
+    fn audit_auto_allowed(
+        &self,
+        rec: &TaskRecord,
+        uses: Vec<(String, String, ct_protocol::scope::SessionScope)>,
+    ) {
+        let agent = match self.store().agent(&rec.agent) {
+            Ok(Some(agent)) => agent,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, task = %rec.spec.task, "could not audit auto-allowed uses: agent unreadable");
+                return;
+            }
+        };
+        for (tool, summary, rule) in uses {
+            self.audit_or_log(crate::audit::auto_allowed_entry(
+                &agent,
+                &rec.spec.task,
+                &rec.spec.requester.user,
+                &tool,
+                &summary,
+                &rule,
+            ));
+        }
     }
 
     /// Reconciles after a (re)connect: the agent reports what it still runs; any other task it had been sent
@@ -1333,5 +1423,15 @@ fn apply(rec: &mut TaskRecord, event: &TaskEvent) {
             rec.message = message.clone();
         }
         _ => {}
+    }
+}
+
+/// "12 MiB", "3 KiB": for messages people read.
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..=1023 => format!("{n} bytes"),
+        1024..=1_048_575 => format!("{} KiB", n / 1024),
+        1_048_576..=1_073_741_823 => format!("{} MiB", n / 1_048_576),
+        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
     }
 }

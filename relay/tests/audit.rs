@@ -38,6 +38,9 @@ fn approval() -> TaskEvent {
         summary: "rm -rf build".into(),
         input: serde_json::json!({"command": "rm -rf build"}),
         question: false,
+        description: None,
+        session: None,
+        input_cut: false,
     }
 }
 
@@ -487,4 +490,66 @@ async fn the_operators_actions_are_attributed_to_the_operator() {
     tokio::time::timeout(Duration::from_secs(5), relay.stop())
         .await
         .unwrap();
+}
+
+/// A tool use the agent allowed by a session rule is in the owner's log once, with the agent as actor, even when
+/// the agent sends the event again after a reconnect.
+#[tokio::test]
+async fn a_use_allowed_by_a_session_rule_is_audited_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let core = &relay.core;
+    let (_key, mut agent) = agent(&relay, "1").await;
+    core.share_add("1", "2", None, ShareLevel::Standard)
+        .unwrap();
+    let theirs = core
+        .submit_task(shared("2", "1", "run the tests"))
+        .unwrap()
+        .spec
+        .task;
+    expect_start(&mut agent).await;
+    let auto = TaskEvent::Tool {
+        name: "Bash".into(),
+        summary: "npm test\n--ci".into(),
+        auto_allowed: Some(ct_protocol::scope::SessionScope::Prefix {
+            prefix: "npm test".into(),
+        }),
+    };
+    event_acked(&mut agent, &theirs, 1, auto.clone()).await;
+    // Re-sent after a reconnect: stored once, audited once.
+    event_acked(&mut agent, &theirs, 1, auto).await;
+    let plain = TaskEvent::Tool {
+        name: "Bash".into(),
+        summary: "ls".into(),
+        auto_allowed: None,
+    };
+    event_acked(&mut agent, &theirs, 2, plain).await;
+
+    let log = core.audit_for_owner("1", 100, None).unwrap();
+    let autos: Vec<&AuditEntry> = log
+        .iter()
+        .filter(|e| matches!(e.kind, AuditKind::AutoAllowed { .. }))
+        .collect();
+    assert_eq!(autos.len(), 1, "{log:#?}");
+    let e = autos[0];
+    assert_eq!(
+        (e.actor.as_str(), e.owner.as_str(), e.task.as_deref()),
+        (ct_relay::audit::AGENT, "1", Some(theirs.as_str()))
+    );
+    assert_eq!(
+        e.kind,
+        AuditKind::AutoAllowed {
+            tool: "Bash".into(),
+            summary: "npm test --ci".into(),
+            rule: "simple Bash commands starting with \"npm test\"".into(),
+            requester: "2".into(),
+        }
+    );
+    assert!(e.detail.contains("user 2's task"), "{}", e.detail);
+    // Not in the grantee's own log (they own no agents).
+    assert!(core
+        .audit_for_owner("2", 100, None)
+        .unwrap()
+        .iter()
+        .all(|e| !matches!(e.kind, AuditKind::AutoAllowed { .. })));
 }

@@ -353,3 +353,97 @@ async fn acknowledged_events_survive_a_sigkill() {
         "every acknowledged event is stored after the crash"
     );
 }
+
+/// Starts the relay under a descriptor limit of 64 (soft and hard, so it cannot raise it), with `args`.
+fn start_with_64_descriptors(data: &Path, log: &Path, args: &[&str]) -> Running {
+    let log = std::fs::File::create(log).unwrap();
+    Running(
+        Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -n 64 && exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_ct-relay"))
+            .arg("--data-dir")
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0", "--no-quic"])
+            .args(["--max-connections-per-address", "1000"])
+            .args(["--request-timeout-secs", "2"])
+            .args(args)
+            .env_remove("DISCORD_TOKEN")
+            .env("LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Opens `n` TCP connections that say nothing, holds them for `hold`, and returns whether every one was
+/// either served or refused (none left hanging past the relay's time limit).
+async fn flood(addr: std::net::SocketAddr, n: usize, hold: Duration) {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(hold).await;
+}
+
+/// `GET /healthz` answers 200 within `limit` (retried: the relay may still be shedding a flood).
+async fn healthy_within(addr: std::net::SocketAddr, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(3),
+            crate::support::try_http_request(addr, "GET /healthz", b""),
+        )
+        .await;
+        if matches!(attempt, Ok(Ok((200, _)))) {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the relay is not serving after a flood"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn at_a_low_descriptor_limit_the_relay_keeps_serving_and_does_not_flood_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // Default: the connection limit is derived from the 64 descriptors, so a flood is refused at accept and
+    // accept itself never fails.
+    let data = dir.path().join("derived");
+    let log = dir.path().join("derived.log");
+    let _relay = start_with_64_descriptors(&data, &log, &[]);
+    let addr: std::net::SocketAddr = ready(&data)["https"].as_str().unwrap().parse().unwrap();
+    flood(addr, 100, Duration::from_millis(500)).await;
+    healthy_within(addr, Duration::from_secs(20)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("serving at most 32 connections at once: the descriptor limit (64)"),
+        "{text}"
+    );
+    assert!(!text.contains("accept failed"), "{text}");
+
+    // An operator who sets the limit past the descriptors gets a warning, and when accept does fail
+    // (EMFILE) the relay backs off and says so once, not hundreds of times.
+    let data = dir.path().join("forced");
+    let log = dir.path().join("forced.log");
+    let _relay = start_with_64_descriptors(&data, &log, &["--max-connections", "1000"]);
+    let addr: std::net::SocketAddr = ready(&data)["https"].as_str().unwrap().parse().unwrap();
+    flood(addr, 100, Duration::from_secs(1)).await;
+    healthy_within(addr, Duration::from_secs(20)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("is more than the descriptor limit (64) leaves room for"),
+        "{text}"
+    );
+    let failures = text.matches("accept failed").count();
+    assert!(
+        (1..=2).contains(&failures),
+        "{failures} accept failures logged:\n{text}"
+    );
+}

@@ -342,6 +342,9 @@ async fn output_past_the_cap_is_acknowledged_but_dropped_behind_one_marker() {
         summary: "ls".into(),
         input: serde_json::json!({"command": "ls"}),
         question: false,
+        description: None,
+        session: None,
+        input_cut: false,
     };
     event_acked(&mut agent, &id, next(), approval.clone()).await;
     let turn = TaskEvent::TurnFinished {
@@ -362,6 +365,7 @@ async fn output_past_the_cap_is_acknowledged_but_dropped_behind_one_marker() {
         TaskEvent::Tool {
             name: "Bash".into(),
             summary: "x".repeat(1000),
+            auto_allowed: None,
         },
     )
     .await;

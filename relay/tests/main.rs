@@ -6,10 +6,14 @@
 
 mod audit;
 mod binary;
+mod connections;
 mod endpoint;
 mod limits;
+mod per_user;
+mod private_files;
 mod projects;
 mod queue;
 mod shares;
+mod strangers;
 mod support;
 mod tasks;

@@ -46,6 +46,9 @@ fn approval() -> TaskEvent {
         summary: "rm -rf build".into(),
         input: serde_json::json!({"command": "rm -rf build"}),
         question: false,
+        description: None,
+        session: None,
+        input_cut: false,
     }
 }
 

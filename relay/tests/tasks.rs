@@ -314,6 +314,9 @@ async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
             summary: "Write src/main.rs".into(),
             input: serde_json::json!({"file_path": "src/main.rs"}),
             question: false,
+            description: None,
+            session: None,
+            input_cut: false,
         },
     )
     .await;

@@ -152,6 +152,8 @@ pub struct RecordedRequest {
     pub body: Value,
     /// How the fake classified (and so answered) it.
     pub kind: RequestKind,
+    /// The `x-api-key` header a `/v1/messages` request carried (the agent's proxy adds the real one).
+    pub api_key: Option<String>,
 }
 
 impl RecordedRequest {
@@ -365,6 +367,7 @@ async fn ok(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> Stat
         path: path_of(&uri),
         body: Value::Null,
         kind: RequestKind::Other,
+        api_key: None,
     });
     StatusCode::OK
 }
@@ -382,6 +385,7 @@ async fn unknown(
         path,
         body: parse_body(&body),
         kind: RequestKind::Unknown,
+        api_key: None,
     });
     error_response(StatusCode::NOT_FOUND, "not_found_error", "Not found")
 }
@@ -395,6 +399,7 @@ async fn count_tokens(State(shared): State<Arc<Shared>>, uri: Uri, body: Bytes) 
         path: path_of(&uri),
         body,
         kind: RequestKind::Other,
+        api_key: None,
     });
     axum::Json(json!({ "input_tokens": input_tokens })).into_response()
 }
@@ -432,6 +437,10 @@ async fn messages(
         path: path_of(&uri),
         body,
         kind,
+        api_key: headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
     });
 
     match reply.0 {

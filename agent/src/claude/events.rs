@@ -5,6 +5,7 @@
 //! versions, and a line we do not understand is kept as [`CliEvent::Other`] (forwarded as
 //! [`RunnerEvent::Raw`]) instead of failing the task.
 
+use ct_protocol::scope::{main_field, SessionScope};
 use serde_json::Value;
 
 use super::TaskError;
@@ -38,8 +39,17 @@ pub enum RunnerEvent {
     ApprovalWithdrawn { id: String },
     /// Nobody decided within the approval timeout: the tool use was denied.
     ApprovalTimedOut { id: String },
-    /// The tool was allowed for this session earlier, so this request was allowed without asking.
-    ApprovalAutoAllowed { id: String, tool: String },
+    /// An earlier "allow for the session" rule covers this request, so it was allowed without asking.
+    ApprovalAutoAllowed {
+        id: String,
+        tool: String,
+        /// What the use acts on ([`summarize_tool_input`]).
+        summary: String,
+        /// The rule that allowed it.
+        rule: SessionScope,
+    },
+    /// The approver allowed a use for the session: from now on `rule` is answered without asking.
+    RuleAdded { rule: SessionScope },
     /// A prompt arrived while a turn was running; it is sent when the queue before it has run.
     Queued { position: usize },
     /// A turn ended.
@@ -340,8 +350,16 @@ fn content_text(content: &Value) -> String {
     }
 }
 
-/// What a tool call acts on, in one short line: a path, a command, a pattern, a URL.
-pub fn summarize_tool_input(input: &Value) -> String {
+/// What a call of `tool` acts on, in one short line: its command, path, pattern or URL ([`main_field`]);
+/// for other tools the first such field found, else the input itself. Never the model's `description` of a
+/// known tool.
+pub fn summarize_tool_input(tool: &str, input: &Value) -> String {
+    if let Some(key) = main_field(tool) {
+        return match input[key].as_str() {
+            Some(v) => cut(v, SUMMARY_CHARS),
+            None => cut(&input.to_string(), SUMMARY_CHARS),
+        };
+    }
     for key in [
         "file_path",
         "notebook_path",
@@ -432,11 +450,29 @@ mod tests {
     #[test]
     fn summaries_pick_the_path_or_command() {
         assert_eq!(
-            summarize_tool_input(&json!({"file_path": "/a/b", "content": "x"})),
+            summarize_tool_input("Write", &json!({"file_path": "/a/b", "content": "x"})),
             "/a/b"
         );
+        // An extra field does not stand in for what a known tool acts on.
         assert_eq!(
-            summarize_tool_input(&json!({"command": "sleep 300", "description": "Wait"})),
+            summarize_tool_input(
+                "Bash",
+                &json!({"command": "rm -rf ~", "file_path": "README.md", "description": "read"})
+            ),
+            "rm -rf ~"
+        );
+        assert_eq!(
+            summarize_tool_input(
+                "mcp__x__y",
+                &json!({"url": "https://x", "description": "d"})
+            ),
+            "https://x"
+        );
+        assert_eq!(
+            summarize_tool_input(
+                "Bash",
+                &json!({"command": "sleep 300", "description": "Wait"})
+            ),
             "sleep 300"
         );
         assert_eq!(cut("héllo", 2), "hé…");

@@ -122,8 +122,10 @@ impl FromStr for PermissionMode {
 pub enum Decision {
     /// Run it this once; `updated_input` replaces the tool input (default: the input as requested).
     AllowOnce { updated_input: Option<Value> },
-    /// Run it, and allow this tool for the rest of the session without asking (remembered by the agent).
-    AllowSession,
+    /// Run it, and allow the same use without asking until [`Session::forget_rules`] (remembered by the
+    /// agent): the exact command, file, origin or input ([`SessionScope::exact`](ct_protocol::scope::SessionScope::exact)), or for Bash the simple
+    /// commands starting with `prefix` ([`SessionScope::prefix`](ct_protocol::scope::SessionScope::prefix)). Never the whole tool.
+    AllowSession { prefix: Option<String> },
     /// Do not run it; the model is told `reason`.
     Deny { reason: String },
     /// The user's answers to an `AskUserQuestion` (sent as `updatedInput.answers`).
@@ -161,6 +163,9 @@ pub struct SessionSpec {
     pub max_queued: usize,
     /// A command the CLI runs under (`bwrap ... --`, see [`crate::sandbox`]); empty runs it directly.
     pub wrapper: Vec<OsString>,
+    /// Descriptors the wrapper inherits (the sandbox's project folder, bound by descriptor); kept open for
+    /// the session's life.
+    pub inherit_fds: Vec<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl SessionSpec {
@@ -195,6 +200,7 @@ impl SessionSpec {
             min_version: MIN_VERSION,
             max_queued: 32,
             wrapper: Vec::new(),
+            inherit_fds: Vec::new(),
         }
     }
 

@@ -11,13 +11,19 @@
 //!   are queued here and sent one per `result`;
 //! - `updatedInput` is required on allow and `message` on deny;
 //! - a `control_cancel_request` withdraws a pending `can_use_tool`, which must then not be answered;
+//! - "allow for the session" is remembered here as narrow rules ([`SessionScope`]), never as the CLI's own
+//!   permission rules: the actor answers a request a rule covers itself and reports it
+//!   ([`RunnerEvent::ApprovalAutoAllowed`]), so every such use is seen; the rules end with
+//!   [`Session::forget_rules`] (the agent calls it when the process is handed to a follow-up task);
 //! - SIGTERM orphans the Bash tool's children, so cancel goes interrupt → SIGINT → close stdin → SIGKILL of
 //!   the whole tree.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::{ExitStatus, Stdio};
 
+use ct_protocol::scope::SessionScope;
 use serde_json::{json, Value};
 use tokio::io::{AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, ChildStdin};
@@ -34,8 +40,8 @@ use super::{preflight, Decision, SessionSpec, TaskError};
 const EVENT_BUFFER: usize = 1024;
 /// Parsed lines between the reader task and the actor.
 const LINE_BUFFER: usize = 64;
-/// The tool whose "approval" is a question to the user: never allowed for the whole session.
-const ASK_USER_QUESTION: &str = "AskUserQuestion";
+/// Most session rules one process keeps; past it, "allow for the session" allows that one use only.
+const MAX_RULES: usize = 256;
 
 /// A handle on one live CLI process. Commands return at once; what happens shows up as [`RunnerEvent`]s.
 #[derive(Debug)]
@@ -50,6 +56,7 @@ pub struct Session {
 enum Command {
     Send(String),
     Decide(String, Decision),
+    ForgetRules,
     Interrupt,
     Cancel,
     Close,
@@ -97,6 +104,10 @@ impl Session {
             // Its own group, so the tree can be signalled without touching the agent.
             .process_group(0)
             .kill_on_drop(true);
+        crate::sys::inherit_fds(
+            &mut cmd,
+            spec.inherit_fds.iter().map(|fd| fd.as_raw_fd()).collect(),
+        );
         let mut child = cmd.spawn().map_err(|e| spawn_err(e.to_string()))?;
         let pid = child
             .id()
@@ -135,7 +146,7 @@ impl Session {
             queue: VecDeque::new(),
             closing: false,
             pending: HashMap::new(),
-            allowed_tools: HashSet::new(),
+            rules: Vec::new(),
             unknown_kinds: HashSet::new(),
             next_request: 1,
             logged_out: false,
@@ -175,6 +186,12 @@ impl Session {
     /// answered is ignored.
     pub fn decide(&self, id: &str, decision: Decision) -> Result<(), TaskError> {
         self.command(Command::Decide(id.to_owned(), decision))
+    }
+
+    /// Drops every "allow for the session" rule: later requests ask again. Ordered with the other commands,
+    /// so a prompt sent after this call is never answered by an older rule.
+    pub fn forget_rules(&self) -> Result<(), TaskError> {
+        self.command(Command::ForgetRules)
     }
 
     /// Ends the running turn (the `interrupt` control request) and drops queued prompts; the session stays
@@ -278,8 +295,8 @@ struct Actor {
     /// No more prompts are accepted; stdin is closed once the queue has run.
     closing: bool,
     pending: HashMap<String, Pending>,
-    /// Tools allowed for the rest of the session.
-    allowed_tools: HashSet<String>,
+    /// Uses allowed for the rest of the session (until [`Session::forget_rules`]).
+    rules: Vec<SessionScope>,
     /// Kinds of lines and control requests skipped so far, so each is logged once.
     unknown_kinds: HashSet<String>,
     next_request: u64,
@@ -382,7 +399,7 @@ impl Actor {
                     self.emit(RunnerEvent::AssistantText { text }).await;
                 }
                 for (id, name, input) in tool_uses {
-                    let summary = events::summarize_tool_input(&input);
+                    let summary = events::summarize_tool_input(&name, &input);
                     self.emit(RunnerEvent::ToolUse { id, name, summary }).await;
                 }
             }
@@ -499,11 +516,18 @@ impl Actor {
             self.write_deny(&req.id, "The task was cancelled.").await;
             return;
         }
-        if req.tool != ASK_USER_QUESTION && self.allowed_tools.contains(&req.tool) {
+        let covering = self
+            .rules
+            .iter()
+            .find(|r| r.covers(&req.tool, &req.input))
+            .cloned();
+        if let Some(rule) = covering {
             self.write_allow(&req.id, &req.input, None).await;
             self.emit(RunnerEvent::ApprovalAutoAllowed {
+                summary: events::summarize_tool_input(&req.tool, &req.input),
                 id: req.id,
                 tool: req.tool,
+                rule,
             })
             .await;
             return;
@@ -569,6 +593,7 @@ impl Actor {
                 Some(pending) => self.answer(&id, pending, decision).await,
                 None => tracing::debug!(id, "decision for a request that is no longer pending"),
             },
+            Command::ForgetRules => self.rules.clear(),
             Command::Interrupt => {
                 self.queue.clear();
                 if self.turn_running {
@@ -631,11 +656,30 @@ impl Actor {
                 let input = updated_input.unwrap_or(pending.input);
                 self.write_allow(id, &input, None).await;
             }
-            Decision::AllowSession => {
-                self.allowed_tools.insert(pending.tool);
-                // The agent remembers the tool itself. The CLI's suggestions are passed on only if the owner
+            Decision::AllowSession { prefix } => {
+                // A prefix the bot offered always covers the use; one that does not (a stale or hand-made
+                // decision) falls back to the exact use rather than to something wider.
+                let rule = prefix
+                    .and_then(|p| {
+                        SessionScope::prefix(&pending.tool, &pending.input, &p)
+                            .inspect_err(
+                                |e| tracing::warn!(%e, "prefix refused; allowing the exact use"),
+                            )
+                            .ok()
+                    })
+                    .or_else(|| SessionScope::exact(&pending.tool, &pending.input));
+                match rule {
+                    Some(rule) if self.rules.len() < MAX_RULES => {
+                        if !self.rules.contains(&rule) {
+                            self.rules.push(rule.clone());
+                        }
+                        self.emit(RunnerEvent::RuleAdded { rule }).await;
+                    }
+                    _ => tracing::debug!(tool = %pending.tool, "no session rule added"),
+                }
+                // The agent remembers the rule itself. The CLI's suggestions are passed on only if the owner
                 // chose so: they may write .claude/settings.local.json into the project, or widen the
-                // permission mode beyond this one tool.
+                // permission mode beyond this one use (and uses they cover are then not seen here).
                 let permissions = self
                     .spec
                     .allow_settings_writes

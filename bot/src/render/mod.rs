@@ -5,12 +5,15 @@
 //!   state always).
 //! - [`summary`]: the embed posted when a task ends (state, duration, turns, cost, tokens, model, agent,
 //!   project, session), always within Discord's embed limits.
+//! - [`escape`]: model- and tool-written text shown as exactly what it is (code blocks that cannot be broken
+//!   out of, hidden and bidirectional characters written out).
 //! - [`approval`]: approval requests as buttons, AskUserQuestion as select menus, the deny-reason and
 //!   free-text modals, disabled versions once an approval is closed, and the Stop button.
 //! - [`output`]: whether long output (tool results, diffs) goes in messages or an attachment, within the
 //!   interaction's upload limit.
 
 pub mod approval;
+pub mod escape;
 pub mod output;
 pub mod progress;
 pub mod summary;

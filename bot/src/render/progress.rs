@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use ct_protocol::task::{FinalState, TaskEvent};
 
+use super::escape::{inline_code, visible};
 use super::{human_duration, truncate};
 
 /// Tool lines kept on the message; older ones are counted, not shown.
@@ -102,9 +103,11 @@ pub struct TaskProgress {
     pub message: Option<String>,
 }
 
-/// `🔧 Edit src/main.rs`, `▶ Bash `cargo test``: which tool, on what.
+/// `🔧 Edit `src/main.rs``, `▶ Bash `cargo test``: which tool, on what. The summary is the model's or a
+/// tool's text, so it is shown in a code span (no Markdown, no mentions, hidden characters written out), all
+/// of it on one line.
 pub fn tool_line(name: &str, summary: &str) -> String {
-    let summary = truncate(summary.lines().next().unwrap_or("").trim(), SUMMARY_MAX);
+    let summary = summary.trim();
     let icon = match name {
         "Bash" | "BashOutput" | "KillShell" => "▶",
         "Read" => "📖",
@@ -114,13 +117,13 @@ pub fn tool_line(name: &str, summary: &str) -> String {
         "Task" | "Agent" => "🤖",
         _ => "🔧",
     };
+    // Tool names come from the CLI, but an MCP server names its own tools.
+    let name = truncate(&visible(name), 60)
+        .replace(['*', '_', '`', '~', '|', '<', '>', '@', '#', '['], "·");
     if summary.is_empty() {
         format!("{icon} {name}")
-    } else if icon == "▶" {
-        // A backtick inside would end the code span early; a look-alike keeps the command readable.
-        format!("{icon} {name} `{}`", summary.replace('`', "ˋ"))
     } else {
-        format!("{icon} {name} {summary}")
+        format!("{icon} {name} {}", inline_code(summary, SUMMARY_MAX))
     }
 }
 
@@ -161,7 +164,12 @@ impl TaskProgress {
                 }
             }
             TaskEvent::Text { .. } => return false,
-            TaskEvent::Tool { name, summary } => {
+            // The same use was counted when the model called the tool; the thread gets its own line for it.
+            TaskEvent::Tool {
+                auto_allowed: Some(_),
+                ..
+            } => return false,
+            TaskEvent::Tool { name, summary, .. } => {
                 self.tools_used += 1;
                 self.recent.push_back(Activity {
                     line: tool_line(name, summary),
@@ -322,19 +330,25 @@ mod tests {
         TaskEvent::Tool {
             name: name.into(),
             summary: summary.into(),
+            auto_allowed: None,
         }
     }
 
     #[test]
     fn tool_lines_are_compact() {
-        assert_eq!(tool_line("Edit", "src/main.rs"), "🔧 Edit src/main.rs");
+        assert_eq!(tool_line("Edit", "src/main.rs"), "🔧 Edit `src/main.rs`");
         assert_eq!(tool_line("Bash", "cargo test"), "▶ Bash `cargo test`");
         assert_eq!(
             tool_line("Bash", "echo `date`\nmore"),
-            "▶ Bash `echo ˋdateˋ`"
+            "▶ Bash `echo ˋdateˋ ⏎ more`"
+        );
+        // Summaries are never Markdown, and hide nothing.
+        assert_eq!(
+            tool_line("Write", "**x** @everyone [a](http://b)\u{202E}"),
+            "🔧 Write `**x** @everyone [a](http://b)<U+202E>`"
         );
         assert_eq!(tool_line("Read", ""), "📖 Read");
-        assert!(tool_line("Write", &"x".repeat(500)).chars().count() < 100);
+        assert!(tool_line("Write", &"x".repeat(500)).chars().count() <= 100);
     }
 
     #[test]
@@ -364,7 +378,7 @@ mod tests {
         let shown = p.render(Duration::from_secs(65));
         assert_eq!(
             shown,
-            "⚙️ **Running** · `t_abc` · 1m 05s · 2 tools · claude-sonnet\n🔧 Edit src/main.rs\n▶ Bash `cargo test` ⚠️"
+            "⚙️ **Running** · `t_abc` · 1m 05s · 2 tools · claude-sonnet\n🔧 Edit `src/main.rs`\n▶ Bash `cargo test` ⚠️"
         );
 
         p.apply(&TaskEvent::ApprovalRequested {
@@ -373,11 +387,14 @@ mod tests {
             summary: "src/lib.rs".into(),
             input: json!({}),
             question: false,
+            description: None,
+            session: None,
+            input_cut: false,
         });
         assert_eq!(p.phase, Phase::WaitingApproval);
         assert!(p
             .render(Duration::ZERO)
-            .ends_with("✋ Approval needed: 🔧 Write src/lib.rs"));
+            .ends_with("✋ Approval needed: 🔧 Write `src/lib.rs`"));
         p.apply(&TaskEvent::ApprovalClosed {
             approval: "a1".into(),
             outcome: "allowed".into(),

@@ -34,11 +34,13 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::debug;
 
+use super::limits::AcceptBackoff;
 use super::session::{self, Link};
 use crate::core::Core;
 
-/// Time allowed for a TLS handshake and for request headers.
-const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request body the relay reads. Only Discord's interaction POSTs carry one, and those are a few
+/// KiB; anything much larger is refused with 413 before it is buffered.
+pub const MAX_BODY: usize = 256 * 1024;
 
 /// tungstenite's read buffer per WebSocket. Its default, 128 KiB, is zero-filled to full capacity on every
 /// read, so each idle agent cost the relay 128 KiB of resident memory: 154 KiB per WebSocket agent in all,
@@ -68,6 +70,7 @@ pub fn router(http: Http) -> Router {
         .route("/metrics", get(metrics))
         .route(WS_PATH, get(agent_ws))
         .route(DISCORD_PATH, post(discord_interaction))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(http)
 }
 
@@ -198,33 +201,77 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let app = router(http.clone());
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => { backoff.succeeded(); a }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning, and keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    let wait = backoff.failed(&e, "tcp");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => continue,
+                        () = http.shutdown.cancelled() => break,
+                    }
                 }
             },
             () = http.shutdown.cancelled() => break,
         };
         let Ok(permit) = http.core.connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; refusing");
+            debug!(%peer, "connection limit reached; refusing");
+            http.core.metrics.refused("limit");
+            drop(tcp);
+            continue;
+        };
+        let Some(slot) = http.core.per_address.try_acquire(peer.ip()) else {
+            debug!(%peer, "this address holds its share of connections; refusing");
+            http.core.metrics.refused("per_address");
             drop(tcp);
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let (acceptor, app, http) = (acceptor.clone(), app.clone(), http.clone());
         tasks.spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             if let Err(e) = connection(tcp, peer, acceptor, app, http).await {
                 debug!(%peer, error = %e, "HTTPS connection ended with an error");
             }
         });
     }
+}
+
+/// The answer to a request that was not read and answered within the time limit. The connection closes after
+/// it (hyper does not keep a connection whose request body was left unread).
+fn too_slow(limit: Duration) -> Response {
+    (
+        StatusCode::REQUEST_TIMEOUT,
+        [(header::CONNECTION, "close")],
+        format!(
+            "the request was not received within {}s\n",
+            limit.as_secs_f64()
+        ),
+    )
+        .into_response()
+}
+
+/// The request's declared body length, when it declares one.
+fn body_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn too_large_answer() -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        [(header::CONNECTION, "close")],
+        format!("request bodies are limited to {MAX_BODY} bytes\n"),
+    )
+        .into_response()
 }
 
 async fn connection(
@@ -234,7 +281,12 @@ async fn connection(
     app: Router,
     http: Http,
 ) -> anyhow::Result<()> {
-    let tls = tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(tcp))
+    // One limit for each step a client could stretch: the TLS handshake, each request's headers (hyper's
+    // header timer, which also runs while a kept-alive connection sits idle), and each whole request, body
+    // included. Without the last, a client that sent headers and then one body byte a minute held its
+    // connection, and its place in the connection limit, forever.
+    let limit = http.core.config().request_timeout;
+    let tls = tokio::time::timeout(limit, acceptor.accept(tcp))
         .await
         .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
     let mut channel_binding = [0u8; CHANNEL_BINDING_LEN];
@@ -247,11 +299,23 @@ async fn connection(
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(slot_for_requests.clone());
-            app.clone().oneshot(req)
+            // A declared length over the cap is refused before a byte of the body is read; a chunked body
+            // is cut off at the cap by the routes' body limit.
+            let too_large = body_length(req.headers()).is_some_and(|n| n > MAX_BODY as u64);
+            let answer = app.clone().oneshot(req);
+            async move {
+                if too_large {
+                    return Ok(too_large_answer());
+                }
+                match tokio::time::timeout(limit, answer).await {
+                    Ok(answered) => answered,
+                    Err(_) => Ok(too_slow(limit)),
+                }
+            }
         });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(TLS_TIMEOUT)
+        .header_read_timeout(limit)
         .serve_connection(TokioIo::new(tls), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -265,7 +329,7 @@ async fn connection(
     }
     let upgrade = slot.0.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(upgrade) = upgrade {
-        let upgraded = tokio::time::timeout(TLS_TIMEOUT, upgrade)
+        let upgraded = tokio::time::timeout(limit, upgrade)
             .await
             .map_err(|_| anyhow::anyhow!("WebSocket upgrade timed out"))??;
         websocket_session(upgraded, &http, peer, channel_binding).await;

@@ -32,13 +32,28 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let Ok(permit) = core.connections.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %incoming.remote_address(), "connection limit reached; refusing");
+            debug!(peer = %incoming.remote_address(), "connection limit reached; refusing");
+            core.metrics.refused("limit");
             incoming.refuse();
+            continue;
+        };
+        let peer = incoming.remote_address();
+        let Some(slot) = core.per_address.try_acquire(peer.ip()) else {
+            // A UDP source address can be forged. Before refusing in its name, make the peer prove it owns
+            // the address (a Retry round trip, stateless for us): a forger never completes it, so it cannot
+            // use up someone else's share beyond what its unvalidated attempts hold for the handshake time.
+            if !incoming.remote_address_validated() && incoming.may_retry() {
+                let _ = incoming.retry();
+            } else {
+                debug!(%peer, "this address holds its share of connections; refusing");
+                core.metrics.refused("per_address");
+                incoming.refuse();
+            }
             continue;
         };
         let (core, shutdown) = (core.clone(), shutdown.clone());
         tasks.spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             if let Err(e) = accept(incoming, core, shutdown).await {
                 debug!(error = %e, "QUIC connection failed before its session started");
             }

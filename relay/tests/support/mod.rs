@@ -422,3 +422,45 @@ pub async fn connect(relay: &TestRelay, key: &SigningKey) -> Session {
     .await;
     s
 }
+
+/// A TLS connection to the relay's HTTPS port, as a browser or Discord would open it.
+pub async fn https_connect(
+    addr: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(tls(b"http/1.1")))
+        .connect(ServerName::try_from("relay").unwrap(), tcp)
+        .await
+}
+
+/// Sends one whole HTTP/1.1 request (`Connection: close`) and returns the status code and the response text.
+pub async fn http_request(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+    try_http_request(addr, head, body)
+        .await
+        .expect("an HTTP answer from the relay")
+}
+
+/// [`http_request`], saying why when there is no answer (refused, reset, not HTTP).
+pub async fn try_http_request(
+    addr: SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = https_connect(addr).await?;
+    let request = format!(
+        "{head} HTTP/1.1\r\nhost: relay\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await?;
+    tls.write_all(body).await?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
+    Ok((status, text))
+}

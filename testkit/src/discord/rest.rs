@@ -363,6 +363,15 @@ fn route(sh: &Shared, st: &mut super::state::State, req: &Req, now: Instant) -> 
             st.channels.insert(thread.id.clone(), thread);
             Ok((201, json))
         }
+        ("PUT", ["channels", t, "thread-members", _user]) => match st.channels.get(*t) {
+            Some(thread) if matches!(thread.kind, 10..=12) => Ok((204, Value::Null)),
+            Some(_) => Err(DiscordError::new(
+                400,
+                50_024,
+                "Cannot execute action on this channel type",
+            )),
+            None => Err(unknown("Channel", 10003)),
+        },
         ("POST", ["channels", c, "threads"]) => {
             let Some(parent) = st.channels.get(*c).cloned() else {
                 return Err(unknown("Channel", 10003));
