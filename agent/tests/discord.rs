@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{direct, TestAgent, TestRelay};
+use crate::tasks::claude_processes;
 use ct_agent::projects::{Host, Policy, SharePolicy};
 use ct_agent::tasks::TaskConfig;
 use ct_agent::{ConfigDir, RunOptions};
@@ -128,6 +129,23 @@ async fn start_task(sim: &DiscordSim, user: &SimUser, cmd: SlashCommand) -> (Str
     assert!(said.starts_with("🧵 Started `t_"), "{said}");
     let task = said.split('`').nth(1).unwrap().to_string();
     (task, linked_channel(&said))
+}
+
+/// `/project add app PATH` as `user`; returns what the bot told them privately.
+async fn add_project(sim: &DiscordSim, user: &SimUser, project: &Path) -> String {
+    let ix = sim
+        .send_slash(
+            &sim.origin(user),
+            &SlashCommand::new("project").sub(
+                "add",
+                [
+                    Opt::str("name", "app"),
+                    Opt::str("path", &project.display().to_string()),
+                ],
+            ),
+        )
+        .unwrap();
+    private(sim, &ix).await
 }
 
 /// The approval message of `task` in a thread, once it is posted.
@@ -303,19 +321,7 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
     agent.connected(T).await;
 
     // /project add: the agent checks the folder; one outside its allowed folders is refused, with why.
-    let ix = sim
-        .send_slash(
-            &sim.origin(&alice),
-            &SlashCommand::new("project").sub(
-                "add",
-                [
-                    Opt::str("name", "app"),
-                    Opt::str("path", &w.project.display().to_string()),
-                ],
-            ),
-        )
-        .unwrap();
-    let said = private(sim, &ix).await;
+    let said = add_project(sim, &alice, &w.project).await;
     assert!(
         said.contains("**app**") && said.contains("laptop"),
         "{said}"
@@ -822,20 +828,7 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
     crate::support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
     let mut agent = TestAgent::start_with(w.run_options());
     agent.connected(T).await;
-    let ix = w
-        .sim
-        .send_slash(
-            &w.sim.origin(&alice),
-            &SlashCommand::new("project").sub(
-                "add",
-                [
-                    Opt::str("name", "app"),
-                    Opt::str("path", &w.project.display().to_string()),
-                ],
-            ),
-        )
-        .unwrap();
-    private(&w.sim, &ix).await;
+    add_project(&w.sim, &alice, &w.project).await;
 
     // The job runs until released: it ends, and Claude Code answers after it, while the relay is down.
     let job = LongJob::gated(&w.project);
@@ -930,20 +923,6 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
     sim.shutdown().await;
 }
 
-/// The Claude Code processes this test started in `project` (running or warm), by pid.
-fn claude_processes(project: &Path) -> Vec<u32> {
-    use ct_testkit::process::{cmdline, descendants_of};
-    let mut pids: Vec<u32> = descendants_of(std::process::id())
-        .into_iter()
-        .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains("stream-json")))
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == project)
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
 /// An approval message in `thread` whose content has `text` and whose buttons are live.
 async fn approval_showing(sim: &DiscordSim, thread: &str, text: &str) -> SimMessage {
     message_in(
@@ -971,19 +950,7 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
     crate::support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
     let mut agent = TestAgent::start_with(w.run_options());
     agent.connected(T).await;
-    let ix = sim
-        .send_slash(
-            &sim.origin(&alice),
-            &SlashCommand::new("project").sub(
-                "add",
-                [
-                    Opt::str("name", "app"),
-                    Opt::str("path", &w.project.display().to_string()),
-                ],
-            ),
-        )
-        .unwrap();
-    private(sim, &ix).await;
+    add_project(sim, &alice, &w.project).await;
     let bash = |command: &str, description: &str| json!({ "command": command, "description": description });
     let deny = |thread: &str, approval: &SimMessage| {
         let id = approval

@@ -296,6 +296,27 @@ impl World {
     }
 
     /// `/task` in #general; returns (task, thread).
+    /// `/task PROMPT private:PRIVATE` by alice: what she was told, and the thread it names.
+    async fn task_private(&self, prompt: &str, private: bool) -> (String, String) {
+        let ix = self
+            .sim
+            .send_slash(
+                &self.sim.origin(&self.alice),
+                &SlashCommand::new("task")
+                    .opt(Opt::str("prompt", prompt))
+                    .opt(Opt::bool("private", private)),
+            )
+            .unwrap();
+        let said = self.answer(&ix).await.content;
+        let thread = said
+            .split("<#")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches('>')
+            .to_string();
+        (said, thread)
+    }
+
     async fn task(&self, prompt: &str) -> (String, String) {
         let ix = self
             .sim
@@ -1247,22 +1268,7 @@ async fn a_prefix_is_never_sent_for_an_older_agents_approval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_can_be_more_private_than_the_servers_setting_never_less() {
     let w = world().await;
-    let ix = w
-        .sim
-        .send_slash(
-            &w.sim.origin(&w.alice),
-            &SlashCommand::new("task")
-                .opt(Opt::str("prompt", "quietly fix it"))
-                .opt(Opt::bool("private", true)),
-        )
-        .unwrap();
-    let said = w.answer(&ix).await.content;
-    let thread = said
-        .split("<#")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches('>')
-        .to_string();
+    let (said, thread) = w.task_private("quietly fix it", true).await;
     assert_eq!(w.sim.channel(&thread).unwrap().kind, 12, "{said}");
     assert!(w
         .sim
@@ -1276,22 +1282,7 @@ async fn a_task_can_be_more_private_than_the_servers_setting_never_less() {
 
     // Where the server says private, a task cannot ask to be public.
     let w = world_with(|_, config| config.private_threads = true).await;
-    let ix = w
-        .sim
-        .send_slash(
-            &w.sim.origin(&w.alice),
-            &SlashCommand::new("task")
-                .opt(Opt::str("prompt", "publish it"))
-                .opt(Opt::bool("private", false)),
-        )
-        .unwrap();
-    let said = w.answer(&ix).await.content;
-    let thread = said
-        .split("<#")
-        .nth(1)
-        .unwrap()
-        .trim_end_matches('>')
-        .to_string();
+    let (said, thread) = w.task_private("publish it", false).await;
     assert_eq!(w.sim.channel(&thread).unwrap().kind, 12, "{said}");
     w.stop().await;
 }
