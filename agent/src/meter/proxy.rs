@@ -3,7 +3,8 @@
 //! It listens on the owner's loopback, outside every sandbox. Each sandboxed grantee session gets a
 //! [`Lease`]: a base URL with an unguessable path (`http://127.0.0.1:PORT/s/<token>`) naming the grantee, and
 //! a dummy key. A sandbox without a network reaches the proxy through a unix socket of its own instead (served
-//! for the lease's life, bound into the sandbox, see [`crate::sandbox::forward`]). A request on that path is checked against the grantee's budget, forwarded to the real API with
+//! for the lease's life, bound into the sandbox, see [`crate::sandbox::forward`]). A request on that path is
+//! checked against the grantee's budget, forwarded to the real API with
 //! the real key (added here; whatever key the sandbox sent is dropped), and its streamed usage is added to
 //! the grantee's total as it passes. Dropping the lease closes the path.
 
@@ -239,12 +240,25 @@ async fn forward(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             "this shared task's session has ended",
         );
     };
-    if let Err(spent) = shared.meter.check(&user) {
-        return api_error(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            &spent.to_string(),
-        );
+    // The budgets are re-read from disk on every request (so a change applies at once): off the runtime.
+    let (meter, who) = (shared.meter.clone(), user.clone());
+    match tokio::task::spawn_blocking(move || meter.check(&who)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(spent)) => {
+            return api_error(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                &spent.to_string(),
+            )
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "shared-task API proxy: the budget check failed");
+            return api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "the agent could not check this person's budget",
+            );
+        }
     }
     let url = format!(
         "{}{}",
