@@ -870,18 +870,54 @@ fn check_folders(opts: &DoctorOptions, report: &mut Report) {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
-    if dirs.is_empty() {
+    // Folders named with `ct-agent project add` are allowed too, whatever the variable says.
+    let added: Vec<PathBuf> = if opts.config_dir.is_dir() {
+        crate::config::ConfigDir::open(&opts.config_dir)
+            .ok()
+            .and_then(|dir| {
+                crate::projects::Policy::load_with(&dir, "", crate::projects::Host::detect()).ok()
+            })
+            .map(|p| p.allowed_dirs())
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    if dirs.is_empty() && added.is_empty() {
         report.add(
             "folders",
             Level::Warn,
-            "ALLOWED_PROJECT_DIRS is not set here, so no folder is allowed for tasks",
+            "no folder is allowed for tasks: ALLOWED_PROJECT_DIRS is not set here and no project was added",
             Some(
-                "set ALLOWED_PROJECT_DIRS=/path/a,/path/b for `ct-agent run`, or install the service with \
-                 `ct-agent service install --allow-dir /path/a` (doctor reads the variable from its own environment)"
+                "name a project folder with `ct-agent project add NAME FOLDER`, or set \
+                 ALLOWED_PROJECT_DIRS=/path/a,/path/b for `ct-agent run` (or install the service with \
+                 `ct-agent service install --allow-dir /path/a`; doctor reads the variable from its own environment)"
                     .into(),
             ),
         );
         return;
+    }
+    for dir in &added {
+        if dir.is_dir() {
+            report.add(
+                "folders",
+                Level::Ok,
+                format!(
+                    "{} (added with `ct-agent project add`) exists",
+                    dir.display()
+                ),
+                None,
+            );
+        } else {
+            report.add(
+                "folders",
+                Level::Fail,
+                format!("{} (added with `ct-agent project add`) no longer exists", dir.display()),
+                Some(format!(
+                    "create it again (`mkdir -p {}`) or remove its project (`ct-agent project remove NAME`)",
+                    dir.display()
+                )),
+            );
+        }
     }
     let wsl = wsl::is_wsl_kernel(&opts.kernel_release);
     for dir in dirs {

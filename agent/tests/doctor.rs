@@ -218,6 +218,31 @@ async fn a_key_others_can_read_and_a_missing_claude_are_reported() {
     );
     assert_eq!(level(&report, "claude"), Level::Fail, "{text}");
     assert_eq!(level(&report, "folders"), Level::Warn, "{text}");
+    assert!(text.contains("ct-agent project add NAME FOLDER"), "{text}");
+    // A folder named with `ct-agent project add` is allowed without the variable: doctor says so, and says
+    // when the folder is gone.
+    let app = tempfile::tempdir().unwrap();
+    let app_path = std::fs::canonicalize(app.path()).unwrap();
+    let config = ct_agent::ConfigDir::open(agent_dir.path()).unwrap();
+    let mut policy =
+        ct_agent::projects::Policy::load_with(&config, "", ct_agent::projects::Host::detect())
+            .unwrap();
+    policy
+        .add(
+            "app",
+            &app_path.display().to_string(),
+            ct_agent::projects::Origin::Local,
+        )
+        .unwrap();
+    let report = doctor::run(&opts).await;
+    let text = report.render();
+    assert_eq!(level(&report, "folders"), Level::Ok, "{text}");
+    assert!(text.contains("added with `ct-agent project add`"), "{text}");
+    drop(app);
+    let report = doctor::run(&opts).await;
+    let text = report.render();
+    assert_eq!(level(&report, "folders"), Level::Fail, "{text}");
+    assert!(text.contains("no longer exists"), "{text}");
     assert!(
         report.get("relay/quic").is_none(),
         "no relay check without a usable key:\n{text}"
