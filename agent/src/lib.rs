@@ -48,6 +48,7 @@ pub mod status;
 pub mod sys;
 pub mod tasks;
 pub mod tls;
+pub mod worktree;
 
 pub use config::{resolve_config_dir, AgentKey, ConfigDir, ConfigError, Pairing};
 pub use connect::{ConnectError, ConnectOptions, Link, TransportPolicy};

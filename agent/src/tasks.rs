@@ -27,7 +27,8 @@ use std::time::Duration;
 use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
 use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{
-    Decision as WireDecision, FinalState, Role, TaskEvent, TaskSpec, MAX_EVENT_TEXT,
+    Decision as WireDecision, FinalState, Isolation, Requester, Role, TaskEvent, TaskSpec,
+    WorktreeAction, WorktreeOutcome, MAX_EVENT_TEXT,
 };
 use ct_protocol::{AgentMessage, RelayMessage};
 use serde_json::Value;
@@ -42,6 +43,7 @@ use crate::meter::{self, Meter};
 use crate::outbox::{self, Outbox};
 use crate::projects::{Host, Origin, Policy, PolicyError, SharePolicy};
 use crate::sandbox::{self, Bwrap, SandboxError};
+use crate::worktree::{self, Merged, WorktreeError, Worktrees};
 
 /// Project replies and reports waiting for a link; older ones are dropped (a report is re-sent on every
 /// handshake, and a reply nobody waits for any more is useless).
@@ -158,6 +160,8 @@ struct Inner {
     acked: Notify,
     drivers: Mutex<Drivers>,
     next_key: AtomicU64,
+    /// Tasks' git worktrees (in the agent's data folder).
+    worktrees: Worktrees,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -188,6 +192,8 @@ struct Owner {
     sandbox: Option<Bwrap>,
     /// In the sandbox without a network (grantees, unless the owner opened it).
     no_network: bool,
+    /// The task whose git worktree this process runs in (`cwd` is inside it).
+    worktree: Option<String>,
 }
 
 #[derive(Debug)]
@@ -225,6 +231,7 @@ impl Tasks {
         });
         Self {
             inner: Arc::new(Inner {
+                worktrees: Worktrees::new(dir.path().join("worktrees")),
                 config,
                 dir,
                 owner_id,
@@ -296,6 +303,18 @@ impl Tasks {
                 self.inner.acked.notify_waiters();
             }
             RelayMessage::Project { id, op } => self.project(id, op),
+            RelayMessage::Worktree {
+                id,
+                task,
+                action,
+                requester,
+            } => {
+                let inner = self.inner.clone();
+                self.inner.tracker.spawn(async move {
+                    let outcome = inner.worktree_action(&task, action, &requester).await;
+                    inner.send_control(AgentMessage::WorktreeReply { id, outcome });
+                });
+            }
             RelayMessage::Heartbeat | RelayMessage::Closing { .. } => {}
         }
     }
@@ -455,13 +474,28 @@ impl Tasks {
             && role != Role::Owner
             && !policy.sandbox().network_open_for(&spec.requester.user)
             && self.inner.config.forwarder.is_some();
+        // A follow-up resumes in the worktree its session ran in (Claude Code finds a session only from the
+        // folder it ran in), whatever isolation it asks for.
+        let resumed = spec
+            .resume
+            .as_deref()
+            .and_then(|sid| self.inner.worktrees.of_session(sid))
+            .filter(|w| cwd.starts_with(&w.repo) && w.cwd.is_dir());
+        let (cwd, worktree) = match resumed {
+            Some(w) => (w.cwd, Some(w.task)),
+            None => (cwd, None),
+        };
+        // The isolation wanted is carried outside `options`, which must compare equal for a warm follow-up.
+        let mut options = spec.options.clone();
+        options.isolation = None;
         Ok(Owner {
             no_network,
             cwd,
             user: spec.requester.user.clone(),
             role,
-            options: spec.options.clone(),
+            options,
             sandbox,
+            worktree,
         })
     }
 
@@ -550,6 +584,106 @@ impl Inner {
             )
             .map_err(|e| format!("cannot open the API proxy for this shared task: {e}"))?;
         Ok(Some(lease))
+    }
+
+    /// Merges, keeps or discards a finished task's worktree, for its requester or the owner only.
+    async fn worktree_action(
+        &self,
+        task: &str,
+        action: WorktreeAction,
+        requester: &Requester,
+    ) -> WorktreeOutcome {
+        let refuse = |message: String| WorktreeOutcome {
+            ok: false,
+            message,
+            conflicts: Vec::new(),
+        };
+        let Some(w) = self.worktrees.of_task(task) else {
+            return refuse(format!(
+                "task {task} has no worktree on this agent (any more)"
+            ));
+        };
+        let is_owner = role_of(requester, self.owner_id.as_deref()) == Role::Owner;
+        if !is_owner && requester.user != w.user {
+            tracing::warn!(user = %requester.user, task, ?action, "worktree request from someone who is neither the requester nor the owner");
+            return refuse(format!(
+                "only the person who started task {task}, or this agent's owner, may merge, keep or discard its branch"
+            ));
+        }
+        {
+            let mut drivers = self.drivers();
+            let in_use = std::iter::once(&w.task)
+                .chain(&w.tasks)
+                .any(|t| drivers.running.contains_key(t));
+            if in_use {
+                return refuse(format!(
+                    "a task is still running in {}: wait for it to end, or cancel it",
+                    w.branch
+                ));
+            }
+            if action != WorktreeAction::Keep {
+                // A warm process there would resume in a folder that is about to go.
+                let warm: Vec<String> = drivers
+                    .warm
+                    .iter()
+                    .filter(|(_, warm)| warm.owner.worktree.as_deref() == Some(w.task.as_str()))
+                    .map(|(sid, _)| sid.clone())
+                    .collect();
+                for sid in warm {
+                    if let Some(warm) = drivers.warm.remove(&sid) {
+                        let _ = warm.tx.send(Cmd::Cancel);
+                    }
+                }
+            }
+        }
+        let done = match action {
+            WorktreeAction::Keep => Ok(format!(
+                "kept branch {} (worktree {})",
+                w.branch,
+                w.path.display()
+            )),
+            WorktreeAction::Discard => worktree::remove(&w, true)
+                .await
+                .map(|()| format!("discarded {}: its worktree and branch are gone", w.branch)),
+            WorktreeAction::Merge => match worktree::merge(&w).await {
+                Ok(Merged::Conflict(conflicts)) => return WorktreeOutcome {
+                    ok: false,
+                    message: format!(
+                        "{} conflicts with the project's branch in {} file(s); nothing was changed",
+                        w.branch,
+                        conflicts.len()
+                    ),
+                    conflicts,
+                },
+                Ok(how) => {
+                    let how = if how == Merged::FastForward {
+                        "fast-forward"
+                    } else {
+                        "merge commit"
+                    };
+                    worktree::remove(&w, true).await.map(|()| {
+                        format!(
+                            "merged {} into the project ({how}); its worktree and branch are gone",
+                            w.branch
+                        )
+                    })
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match done {
+            Ok(message) => {
+                if action != WorktreeAction::Keep {
+                    self.worktrees.forget(&w.task);
+                }
+                WorktreeOutcome {
+                    ok: true,
+                    message,
+                    conflicts: Vec::new(),
+                }
+            }
+            Err(e) => refuse(e.to_string()),
+        }
     }
 
     fn policy(&self) -> Result<Policy, PolicyError> {
@@ -659,6 +793,52 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Cmd>,
     ) {
         let task = spec.task.clone();
+        let mut owner = owner;
+        if let Some(of) = &owner.worktree {
+            inner.worktrees.add_task(of, &task);
+        } else if spec.options.isolation == Some(Isolation::Worktree) {
+            match inner.worktrees.create(&owner.cwd, &task, &owner.user).await {
+                Ok(created) => {
+                    let w = created.worktree;
+                    tracing::info!(branch = %w.branch, path = %w.path.display(), "task runs in a worktree");
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Worktree {
+                            branch: w.branch.clone(),
+                            base: w.base.clone(),
+                            note: created.note,
+                            change: None,
+                            diff: None,
+                            diff_cut: false,
+                        },
+                    );
+                    owner.cwd = w.cwd;
+                    owner.worktree = Some(w.task);
+                }
+                Err(e @ WorktreeError::NotARepo(_)) => {
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Text {
+                            text: format!("⚠ {e}"),
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "no worktree for the task");
+                    inner.drivers().running.remove(&task);
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Finished {
+                            state: FinalState::Failed,
+                            message: Some(format!(
+                                "this task asked for a worktree of its own: {e}"
+                            )),
+                        },
+                    );
+                    return;
+                }
+            }
+        }
         let started = Self::spawn(&inner, &owner, &spec).await;
         let (session, events, lease) = match started {
             Ok(s) => s,
@@ -876,6 +1056,9 @@ impl Driver {
         match event {
             RunnerEvent::Init(init) => {
                 self.session_id = Some(init.session_id.clone());
+                if let Some(of) = &self.owner.worktree {
+                    self.inner.worktrees.add_session(of, &init.session_id);
+                }
                 let Some(bound) = &mut self.bound else { return };
                 if std::mem::replace(&mut bound.session_reported, true) {
                     return;
@@ -974,6 +1157,9 @@ impl Driver {
                 };
                 if !result.session_id.is_empty() {
                     self.session_id = Some(result.session_id.clone());
+                    if let Some(of) = &self.owner.worktree {
+                        self.inner.worktrees.add_session(of, &result.session_id);
+                    }
                 }
                 self.emit(event).await;
                 let Some(bound) = &mut self.bound else { return };
@@ -997,6 +1183,7 @@ impl Driver {
                 } else {
                     (FinalState::Done, None)
                 };
+                self.worktree_summary().await;
                 self.emit(TaskEvent::Finished { state, message }).await;
                 self.park();
             }
@@ -1088,7 +1275,43 @@ impl Driver {
                 Some(format!("Claude Code exited unexpectedly ({how}){tail}")),
             )
         };
+        self.worktree_summary().await;
         self.emit(TaskEvent::Finished { state, message }).await;
+    }
+
+    /// For a task in a worktree: commits what it left there on its branch and reports the change against
+    /// where the worktree started, before the task's end.
+    async fn worktree_summary(&self) {
+        let Some(of) = &self.owner.worktree else {
+            return;
+        };
+        let Some(w) = self.inner.worktrees.of_task(of) else {
+            return;
+        };
+        let finished = self
+            .bound
+            .as_ref()
+            .map_or_else(|| w.task.clone(), |b| b.task.clone());
+        let event = match worktree::summarize(&w, &finished).await {
+            Ok((change, diff, diff_cut)) => TaskEvent::Worktree {
+                branch: w.branch.clone(),
+                base: w.base.clone(),
+                note: None,
+                change: Some(change),
+                diff: Some(diff),
+                diff_cut,
+            },
+            Err(e) => TaskEvent::Worktree {
+                branch: w.branch.clone(),
+                base: w.base.clone(),
+                note: Some(format!("could not record what the task changed: {e}")),
+                change: None,
+                diff: None,
+                diff_cut: false,
+            },
+        };
+        self.inner.worktrees.ended(of);
+        self.emit(event).await;
     }
 }
 

@@ -79,7 +79,7 @@ pub(crate) fn scratch(prefix: &str) -> tempfile::TempDir {
     builder.unwrap_or_else(|_| tempfile::tempdir().unwrap())
 }
 
-async fn world() -> World {
+pub(crate) async fn world() -> World {
     world_with(Opts::default()).await
 }
 
@@ -203,7 +203,7 @@ impl World {
         self.follow(&rec.spec.task)
     }
 
-    fn follow(&self, task: &str) -> Follow {
+    pub(crate) fn follow(&self, task: &str) -> Follow {
         let (_, stored, rx) = self.relay.core.follow(task).expect("follow");
         Follow {
             task: task.into(),
@@ -336,6 +336,7 @@ fn kind(e: &TaskEvent) -> &'static str {
         TaskEvent::ApprovalClosed { .. } => "approval_closed",
         TaskEvent::TurnFinished { .. } => "turn_finished",
         TaskEvent::Finished { .. } => "finished",
+        TaskEvent::Worktree { .. } => "worktree",
     }
 }
 

@@ -764,6 +764,18 @@ pub fn render_event(event: &TaskEvent) -> String {
             turns.map(|t| format!(", {t} turns")).unwrap_or_default(),
             cost_usd.map(|c| format!(", ${c:.4}")).unwrap_or_default()
         ),
+        TaskEvent::Worktree { branch, base, note, change: None, .. } => format!(
+            "> in worktree branch {branch} from {}{}\n",
+            &base[..base.len().min(10)],
+            note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+        ),
+        TaskEvent::Worktree { branch, change: Some(c), diff_cut, .. } => format!(
+            "> branch {branch}: {} file(s) changed, {} insertion(s)(+), {} deletion(s)(-){}\n  merge, keep or discard it: ct-relay admin worktree merge|keep|discard --as <you> <task>\n",
+            c.files_changed,
+            c.insertions,
+            c.deletions,
+            if *diff_cut { " (diff cut)" } else { "" }
+        ),
         TaskEvent::Finished { state, message } => {
             format!("> {state:?}{}\n", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())
         }

@@ -43,5 +43,6 @@ pub mod store;
 pub mod sys;
 pub mod tasks;
 pub mod tls;
+pub mod worktrees;
 
 pub use relay::{Relay, RelayConfig};
