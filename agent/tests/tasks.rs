@@ -818,7 +818,7 @@ async fn a_trusted_grantee_decides_their_own_approvals() {
 }
 
 /// The user messages (prompts) in the last main request the fake saw: the conversation Claude was given.
-fn prompts_in_last_request(fake: &FakeAnthropic) -> String {
+pub(crate) fn prompts_in_last_request(fake: &FakeAnthropic) -> String {
     let reqs = fake.main_requests();
     let last = reqs.last().expect("a request");
     last.body["messages"].to_string()
@@ -936,7 +936,7 @@ async fn after_the_process_ended_a_follow_up_resumes_the_session_from_disk() {
 }
 
 /// Claude Code processes below this test process working in `project` (other tests run beside this one).
-fn claude_processes(project: &Path) -> Vec<u32> {
+pub(crate) fn claude_processes(project: &Path) -> Vec<u32> {
     let mut pids: Vec<u32> = descendants_of(std::process::id())
         .into_iter()
         .filter(|&pid| cmdline(pid).is_some_and(|c| c.contains("stream-json")))

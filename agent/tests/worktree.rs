@@ -5,9 +5,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use crate::tasks::{submit, world_with, write, Follow, Opts, World, OWNER};
+use crate::tasks::{
+    claude_processes, prompts_in_last_request, submit, world_with, write, Follow, Opts, World,
+    OWNER, T,
+};
 use ct_protocol::task::{DiffStat, FinalState, Isolation, TaskEvent, TaskOptions, WorktreeAction};
+use ct_relay::tasks::ReplyOutcome;
+use ct_testkit::process::poll_until;
 use ct_testkit::Reply;
 use serde_json::Value;
 
@@ -28,7 +34,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// The world's project as a git repository with one commit on `main`.
-fn repo(w: &World) {
+pub(crate) fn repo(w: &World) {
     git(&w.project, &["init", "-q", "-b", "main"]);
     git(&w.project, &["config", "user.name", "Test"]);
     git(&w.project, &["config", "user.email", "test@example.com"]);
@@ -46,7 +52,7 @@ fn in_worktree() -> TaskOptions {
 }
 
 /// Where the agent puts task `task`'s worktree: its own data folder.
-fn worktree_of(w: &World, task: &str) -> PathBuf {
+pub(crate) fn worktree_of(w: &World, task: &str) -> PathBuf {
     std::fs::canonicalize(w.agent_dir())
         .unwrap()
         .join("worktrees")
@@ -284,4 +290,68 @@ async fn bad_repositories_get_a_clear_message_and_stay_untouched() {
     assert!(message.unwrap().contains("middle of a rebase"));
     assert!(!worktree_of(&w, &f.task).exists());
     git(&w.project, &["rebase", "--abort"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_after_the_process_ended_resumes_in_the_same_worktree() {
+    let w = world_with(Opts {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..Opts::default()
+    })
+    .await;
+    repo(&w);
+    let rec = w
+        .relay
+        .core
+        .submit_task(submit(OWNER, "app", "remember kumquat", in_worktree()))
+        .unwrap();
+    let tree = worktree_of(&w, &rec.spec.task);
+    w.fake.push(Reply::tool_use(
+        "Write",
+        write(&tree.join("one.txt"), "1\n"),
+    ));
+    w.fake.push(Reply::text("first answer"));
+    let mut f = w.follow(&rec.spec.task);
+    assert_eq!(f.finished().await.0, FinalState::Done, "{:#?}", f.seen);
+    poll_until(T, "the idle Claude Code exits", || {
+        claude_processes(&tree).is_empty()
+    })
+    .await
+    .expect("idle process closed");
+
+    w.fake.push(Reply::tool_use(
+        "Write",
+        write(&tree.join("two.txt"), "2\n"),
+    ));
+    w.fake.push(Reply::text("kumquat"));
+    let ReplyOutcome::Resumed(next) = w
+        .relay
+        .core
+        .reply(OWNER, &f.task, "which word?".into(), None)
+        .unwrap()
+    else {
+        panic!("a finished task is resumed")
+    };
+    let mut g = w.follow(&next.spec.task);
+    let (branch, stat, _) = worktree_end(&mut g).await;
+    assert_eq!(g.finished().await.0, FinalState::Done, "{:#?}", g.seen);
+    assert_eq!(branch, format!("ct/{}", rec.spec.task));
+    assert_eq!(stat.files_changed, 2, "both tasks' files on the one branch");
+    let conversation = prompts_in_last_request(&w.fake);
+    assert!(
+        conversation.contains("kumquat") && conversation.contains("which word?"),
+        "--resume found the session from the worktree: {conversation}"
+    );
+    assert!(tree.join("two.txt").exists());
+    assert!(!w.project.join("two.txt").exists() && !w.project.join("one.txt").exists());
+
+    // The follow-up's id names the same worktree: merging it takes both.
+    let merged = w
+        .relay
+        .core
+        .worktree(OWNER, &next.spec.task, WorktreeAction::Merge)
+        .await
+        .unwrap();
+    assert!(merged.ok, "{merged:?}");
+    assert!(w.project.join("one.txt").exists() && w.project.join("two.txt").exists());
 }
