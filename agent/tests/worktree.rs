@@ -17,7 +17,7 @@ use ct_testkit::process::poll_until;
 use ct_testkit::Reply;
 use serde_json::Value;
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)

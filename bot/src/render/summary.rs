@@ -71,6 +71,22 @@ pub fn summary_embed(p: &TaskProgress, ctx: &SummaryContext) -> CreateEmbed {
         )
         .field("Agent", field(ctx.agent.clone()), true)
         .field("Project", field(ctx.project.clone()), true);
+    if let Some(w) = &p.worktree {
+        let mut value = crate::render::escape::inline_code(&w.branch, 200);
+        if let Some(c) = &w.change {
+            value.push_str(&format!(
+                " · {} file{} changed, +{} −{}",
+                c.files_changed,
+                if c.files_changed == 1 { "" } else { "s" },
+                c.insertions,
+                c.deletions
+            ));
+        }
+        if let Some(note) = &w.note {
+            value.push_str(&format!("\n{note}"));
+        }
+        e = e.field("Branch", field(value), false);
+    }
     if let Some(m) = &p.message {
         e = e.description(truncate(m, 1500));
     }
