@@ -134,6 +134,13 @@ enum ProjectCommand {
     },
     /// Forget a project name
     Remove { name: String },
+    /// Change a project's setting: `isolation=worktree` (each task in a git worktree and branch of its
+    /// own) or `isolation=shared` (tasks edit the project's folder itself, even side by side)
+    Set {
+        name: String,
+        /// KEY=VALUE
+        setting: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -332,6 +339,19 @@ fn project(config_dir: &std::path::Path, command: ProjectCommand) -> anyhow::Res
                 "Project {} is {} (tasks may now run there).",
                 p.name,
                 p.path.display()
+            );
+        }
+        ProjectCommand::Set { name, setting } => {
+            let value = setting.strip_prefix("isolation=").ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the setting is `isolation=worktree` or `isolation=shared`, not `{setting}`"
+                )
+            })?;
+            let isolation: ct_protocol::task::Isolation =
+                value.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            policy.set_isolation(&name, isolation)?;
+            println!(
+                "Tasks in project {name} now run with isolation={value} unless they ask otherwise."
             );
         }
         ProjectCommand::Remove { name } => {

@@ -172,6 +172,9 @@ struct Drivers {
     running: HashMap<String, mpsc::UnboundedSender<Cmd>>,
     /// Finished tasks' processes waiting for a follow-up, by Claude Code session id.
     warm: HashMap<String, Warm>,
+    /// The folder of each task started in a project's own folder (entries whose task no longer runs are
+    /// dropped when read): another task there gets a worktree unless the owner chose otherwise.
+    shared: HashMap<String, PathBuf>,
 }
 
 struct Warm {
@@ -334,7 +337,7 @@ impl Tasks {
         }
     }
 
-    fn start(&self, spec: TaskSpec) {
+    fn start(&self, mut spec: TaskSpec) {
         let id = spec.task.clone();
         if self.inner.drivers().running.contains_key(&id) || self.inner.outbox().knows(&id) {
             // Sent twice (a relay retry): the first one is running or has ended.
@@ -355,7 +358,22 @@ impl Tasks {
                 return;
             }
         };
-        tracing::info!(task = %id, user = %spec.requester.user, role = ?owner.role, cwd = %owner.cwd.display(), "task accepted");
+        if spec.options.isolation.is_none() {
+            // The owner's default for the project (read per task, like the rest of the policy).
+            spec.options.isolation = self
+                .inner
+                .policy()
+                .ok()
+                .and_then(|p| p.isolation_of(&spec.project));
+        }
+        let crowded = spec.resume.is_none()
+            && owner.worktree.is_none()
+            && spec.options.isolation.is_none()
+            && self.crowded(&owner.cwd);
+        if crowded {
+            spec.options.isolation = Some(Isolation::Worktree);
+        }
+        tracing::info!(task = %id, user = %spec.requester.user, role = ?owner.role, cwd = %owner.cwd.display(), isolation = ?spec.options.isolation, "task accepted");
         // Emitted before anything slow, so a reconnect in the next second reports this task as running.
         self.inner.emit_now(
             &id,
@@ -363,6 +381,8 @@ impl Tasks {
                 cwd: owner.cwd.display().to_string(),
             },
         );
+        let in_project =
+            owner.worktree.is_none() && spec.options.isolation != Some(Isolation::Worktree);
 
         let mut drivers = self.inner.drivers();
         let warm = spec
@@ -385,12 +405,18 @@ impl Tasks {
                 prompt: spec.prompt.clone(),
             };
             if warm.tx.send(attach).is_ok() {
+                if warm.owner.worktree.is_none() {
+                    drivers.shared.insert(id.clone(), warm.owner.cwd.clone());
+                }
                 drivers.running.insert(id, warm.tx);
                 return;
             }
         }
         self.make_room(&mut drivers);
         let (tx, rx) = mpsc::unbounded_channel();
+        if in_project {
+            drivers.shared.insert(id.clone(), owner.cwd.clone());
+        }
         drivers.running.insert(id.clone(), tx);
         drop(drivers);
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
@@ -398,7 +424,19 @@ impl Tasks {
         let span = tracing::info_span!("task", task = %id);
         self.inner
             .tracker
-            .spawn(Driver::start(inner, key, spec, owner, rx).instrument(span));
+            .spawn(Driver::start(inner, key, spec, owner, rx, crowded).instrument(span));
+    }
+
+    /// Whether a task already runs in `cwd`, the project's own folder.
+    fn crowded(&self, cwd: &Path) -> bool {
+        let mut drivers = self.inner.drivers();
+        let Drivers {
+            running, shared, ..
+        } = &mut *drivers;
+        shared.retain(|task, _| running.contains_key(task));
+        shared
+            .values()
+            .any(|c| c.starts_with(cwd) || cwd.starts_with(c))
     }
 
     /// Closes the oldest warm process when the machine already runs as many as it may.
@@ -646,15 +684,17 @@ impl Inner {
                 .await
                 .map(|()| format!("discarded {}: its worktree and branch are gone", w.branch)),
             WorktreeAction::Merge => match worktree::merge(&w).await {
-                Ok(Merged::Conflict(conflicts)) => return WorktreeOutcome {
-                    ok: false,
-                    message: format!(
+                Ok(Merged::Conflict(conflicts)) => {
+                    return WorktreeOutcome {
+                        ok: false,
+                        message: format!(
                         "{} conflicts with the project's branch in {} file(s); nothing was changed",
                         w.branch,
                         conflicts.len()
                     ),
-                    conflicts,
-                },
+                        conflicts,
+                    }
+                }
                 Ok(how) => {
                     let how = if how == Merged::FastForward {
                         "fast-forward"
@@ -791,15 +831,37 @@ impl Driver {
         spec: TaskSpec,
         owner: Owner,
         cmds: mpsc::UnboundedReceiver<Cmd>,
+        crowded: bool,
     ) {
         let task = spec.task.clone();
         let mut owner = owner;
         if let Some(of) = &owner.worktree {
             inner.worktrees.add_task(of, &task);
+        } else if spec.options.isolation == Some(Isolation::Worktree) && spec.resume.is_some() {
+            // Claude Code resumes a session only from the folder it ran in, which was the project's.
+            inner.emit_now(
+                &task,
+                TaskEvent::Text {
+                    text: "ⓘ this follow-up continues a session that ran in the project's own folder, \
+                           so it runs there too (a worktree would lose the conversation)"
+                        .into(),
+                },
+            );
         } else if spec.options.isolation == Some(Isolation::Worktree) {
             match inner.worktrees.create(&owner.cwd, &task, &owner.user).await {
                 Ok(created) => {
                     let w = created.worktree;
+                    if crowded {
+                        inner.emit_now(
+                            &task,
+                            TaskEvent::Text {
+                                text: "ⓘ another task is running in this project's folder, so this one \
+                                       runs in a git worktree of its own (the owner can choose otherwise: \
+                                       `ct-agent project set NAME isolation=shared`)"
+                                    .into(),
+                            },
+                        );
+                    }
                     tracing::info!(branch = %w.branch, path = %w.path.display(), "task runs in a worktree");
                     inner.emit_now(
                         &task,
@@ -814,6 +876,19 @@ impl Driver {
                     );
                     owner.cwd = w.cwd;
                     owner.worktree = Some(w.task);
+                }
+                // Not asked for (only crowded): a project that is no repository runs shared as it always did.
+                Err(WorktreeError::NotARepo(_)) if crowded => {}
+                Err(e) if crowded => {
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Text {
+                            text: format!(
+                                "ⓘ another task is running in this project's folder, and this one could not \
+                                 get a worktree of its own, so it runs beside it: {e}"
+                            ),
+                        },
+                    );
                 }
                 Err(e @ WorktreeError::NotARepo(_)) => {
                     inner.emit_now(

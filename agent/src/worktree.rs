@@ -544,4 +544,34 @@ mod tests {
         assert!(!w.path.exists());
         assert_eq!(sh(&repo, &["branch", "--list", "ct/*"]), "");
     }
+
+    #[tokio::test]
+    async fn a_hook_the_task_wrote_never_runs_when_the_agent_commits_or_merges() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (dir, repo) = repo();
+        // The project uses hooks from its own tree, as husky sets it up: a task can write them.
+        sh(&repo, &["config", "core.hooksPath", ".husky"]);
+        let trees = Worktrees::new(dir.path().join("wt"));
+        let w = trees.create(&repo, "t_4", "1").await.unwrap().worktree;
+        let marker = dir.path().join("hook-ran");
+        std::fs::create_dir(w.path.join(".husky")).unwrap();
+        for hook in [
+            "pre-commit",
+            "commit-msg",
+            "post-commit",
+            "pre-merge-commit",
+            "post-merge",
+        ] {
+            let path = w.path.join(".husky").join(hook);
+            std::fs::write(&path, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        summarize(&w, "t_4").await.unwrap();
+        assert_eq!(sh(&w.path, &["status", "--porcelain"]), "", "committed");
+        assert_eq!(merge(&w).await.unwrap(), Merged::FastForward);
+        assert!(
+            !marker.exists(),
+            "a hook from the task's tree ran outside its sandbox"
+        );
+    }
 }

@@ -11,6 +11,7 @@ use crate::tasks::{
     claude_processes, prompts_in_last_request, submit, world_with, write, Follow, Opts, World,
     OWNER, T,
 };
+use ct_agent::projects::{Host, Policy};
 use ct_protocol::task::{DiffStat, FinalState, Isolation, TaskEvent, TaskOptions, WorktreeAction};
 use ct_relay::tasks::ReplyOutcome;
 use ct_testkit::process::poll_until;
@@ -354,4 +355,59 @@ async fn a_follow_up_after_the_process_ended_resumes_in_the_same_worktree() {
         .unwrap();
     assert!(merged.ok, "{merged:?}");
     assert!(w.project.join("one.txt").exists() && w.project.join("two.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_beside_a_running_one_gets_a_worktree_unless_the_owner_chose_shared() {
+    let w = world_with(Opts::default()).await;
+    repo(&w);
+    let ask = TaskOptions {
+        permission_mode: Some("default".into()),
+        ..TaskOptions::default()
+    };
+    // A waits on an approval, running in the project's own folder.
+    w.fake.push(Reply::tool_use(
+        "Write",
+        write(&w.project.join("a.txt"), "a\n"),
+    ));
+    let mut a = w.start(submit(OWNER, "app", "a", ask.clone()));
+    a.until("A's approval", |e| {
+        matches!(e, TaskEvent::ApprovalRequested { .. })
+    })
+    .await;
+
+    // B asks for no isolation: beside A, it gets a worktree, and says why.
+    w.fake.push(Reply::text("done"));
+    let mut b = w.start(submit(OWNER, "app", "b", ask.clone()));
+    b.until(
+        "the reason",
+        |e| matches!(e, TaskEvent::Text { text } if text.contains("another task is running")),
+    )
+    .await;
+    b.until("B's worktree", |e| {
+        matches!(e, TaskEvent::Worktree { change: None, .. })
+    })
+    .await;
+    assert_eq!(b.finished().await.0, FinalState::Done, "{:#?}", b.seen);
+    assert!(worktree_of(&w, &b.task).is_dir());
+
+    // The owner chose shared for the project: C runs in its folder, beside A.
+    Policy::load_with(&w.agent_config, &w.allowed_env, Host::detect())
+        .unwrap()
+        .set_isolation("app", Isolation::Shared)
+        .unwrap();
+    w.fake.push(Reply::text("done"));
+    let mut c = w.start(submit(OWNER, "app", "c", ask));
+    assert_eq!(c.finished().await.0, FinalState::Done, "{:#?}", c.seen);
+    assert!(
+        !c.seen
+            .iter()
+            .any(|(_, e)| matches!(e, TaskEvent::Worktree { .. })),
+        "{:#?}",
+        c.seen
+    );
+    assert!(!worktree_of(&w, &c.task).exists());
+
+    w.relay.core.cancel_task(OWNER, &a.task).unwrap();
+    assert_eq!(a.finished().await.0, FinalState::Cancelled);
 }
