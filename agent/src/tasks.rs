@@ -234,7 +234,7 @@ impl Tasks {
         });
         Self {
             inner: Arc::new(Inner {
-                worktrees: Worktrees::new(dir.path().join("worktrees")),
+                worktrees: Worktrees::load(dir.path().join("worktrees")),
                 config,
                 dir,
                 owner_id,
@@ -714,7 +714,7 @@ impl Inner {
         match done {
             Ok(message) => {
                 if action != WorktreeAction::Keep {
-                    self.worktrees.forget(&w.task);
+                    self.worktrees.forget(&w.task).await;
                 }
                 WorktreeOutcome {
                     ok: true,
@@ -836,7 +836,7 @@ impl Driver {
         let task = spec.task.clone();
         let mut owner = owner;
         if let Some(of) = &owner.worktree {
-            inner.worktrees.add_task(of, &task);
+            inner.worktrees.add_task(of, &task).await;
         } else if spec.options.isolation == Some(Isolation::Worktree) && spec.resume.is_some() {
             // Claude Code resumes a session only from the folder it ran in, which was the project's.
             inner.emit_now(
@@ -1132,7 +1132,7 @@ impl Driver {
             RunnerEvent::Init(init) => {
                 self.session_id = Some(init.session_id.clone());
                 if let Some(of) = &self.owner.worktree {
-                    self.inner.worktrees.add_session(of, &init.session_id);
+                    self.inner.worktrees.add_session(of, &init.session_id).await;
                 }
                 let Some(bound) = &mut self.bound else { return };
                 if std::mem::replace(&mut bound.session_reported, true) {
@@ -1233,7 +1233,10 @@ impl Driver {
                 if !result.session_id.is_empty() {
                     self.session_id = Some(result.session_id.clone());
                     if let Some(of) = &self.owner.worktree {
-                        self.inner.worktrees.add_session(of, &result.session_id);
+                        self.inner
+                            .worktrees
+                            .add_session(of, &result.session_id)
+                            .await;
                     }
                 }
                 self.emit(event).await;
@@ -1385,7 +1388,7 @@ impl Driver {
                 diff_cut: false,
             },
         };
-        self.inner.worktrees.ended(of);
+        self.inner.worktrees.ended(of).await;
         self.emit(event).await;
     }
 }

@@ -34,7 +34,7 @@ pub enum WorktreeError {
 }
 
 /// One task's worktree: where it is, what it started from, and who may decide its fate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Worktree {
     /// The task that created it.
     pub task: String,
@@ -65,20 +65,58 @@ pub struct Created {
     pub note: Option<String>,
 }
 
-/// The agent's worktrees, by the task that created them. Cheap to share behind an `Arc`; nothing is held
-/// locked across an await.
+/// The agent's worktrees, by the task that created them, kept in `index.json` under their folder so a
+/// restarted agent still knows them (for follow-ups, merges and retention). Nothing is held locked across an
+/// await, except the save lock, which orders writes of the index.
 #[derive(Debug)]
 pub struct Worktrees {
     root: PathBuf,
     by_task: Mutex<HashMap<String, Worktree>>,
+    saving: tokio::sync::Mutex<()>,
 }
 
+const INDEX: &str = "index.json";
+
 impl Worktrees {
-    /// Worktrees under `root` (inside the agent's data folder, which is 0700).
-    pub fn new(root: PathBuf) -> Self {
+    /// The worktrees under `root` (inside the agent's data folder, which is 0700), as the index last saved
+    /// them. Read once at start, before any task runs: none of them is in use, so each counts as ended.
+    pub fn load(root: PathBuf) -> Self {
+        let mut by_task: HashMap<String, Worktree> = match std::fs::read(root.join(INDEX)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the worktree index is unreadable; starting without it");
+                HashMap::new()
+            }),
+            Err(_) => HashMap::new(),
+        };
+        let now = crate::config::unix_now();
+        for w in by_task.values_mut() {
+            w.ended.get_or_insert(now);
+        }
         Self {
             root,
-            by_task: Mutex::new(HashMap::new()),
+            by_task: Mutex::new(by_task),
+            saving: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Writes the index (atomically, off the runtime threads). A failure is logged: the worktrees still
+    /// work until the agent restarts.
+    async fn save(&self) {
+        let _order = self.saving.lock().await;
+        let bytes = match serde_json::to_vec_pretty(&*self.map()) {
+            Ok(b) => b,
+            Err(e) => return tracing::warn!(error = %e, "cannot encode the worktree index"),
+        };
+        let root = self.root.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+            crate::config::write_atomic(&root, INDEX, &bytes, 0o600).map_err(|e| e.to_string())
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the worktree index"),
+            Err(e) => tracing::warn!(error = %e, "cannot save the worktree index"),
         }
     }
 
@@ -103,34 +141,42 @@ impl Worktrees {
     }
 
     /// Notes that `task` (a follow-up) runs in the worktree created by `owner_task`.
-    pub fn add_task(&self, owner_task: &str, task: &str) {
+    pub async fn add_task(&self, owner_task: &str, task: &str) {
         if let Some(w) = self.map().get_mut(owner_task) {
             if w.task != task && !w.tasks.iter().any(|t| t == task) {
                 w.tasks.push(task.to_owned());
             }
             w.ended = None;
         }
+        self.save().await;
     }
 
     /// Notes that Claude Code session `session` runs in `owner_task`'s worktree.
-    pub fn add_session(&self, owner_task: &str, session: &str) {
-        if let Some(w) = self.map().get_mut(owner_task) {
-            if !w.sessions.iter().any(|s| s == session) {
+    pub async fn add_session(&self, owner_task: &str, session: &str) {
+        let added = match self.map().get_mut(owner_task) {
+            Some(w) if !w.sessions.iter().any(|s| s == session) => {
                 w.sessions.push(session.to_owned());
+                true
             }
+            _ => false,
+        };
+        if added {
+            self.save().await;
         }
     }
 
     /// Notes that the last task in `owner_task`'s worktree ended now.
-    pub fn ended(&self, owner_task: &str) {
+    pub async fn ended(&self, owner_task: &str) {
         if let Some(w) = self.map().get_mut(owner_task) {
             w.ended = Some(crate::config::unix_now());
         }
+        self.save().await;
     }
 
     /// Forgets a worktree (after it was removed).
-    pub fn forget(&self, owner_task: &str) {
+    pub async fn forget(&self, owner_task: &str) {
         self.map().remove(owner_task);
+        self.save().await;
     }
 
     /// Worktrees whose last task ended more than `retention_secs` ago.
@@ -246,6 +292,7 @@ impl Worktrees {
             ended: None,
         };
         self.map().insert(task.to_owned(), worktree.clone());
+        self.save().await;
         Ok(Created { worktree, note })
     }
 }
@@ -497,7 +544,7 @@ mod tests {
         let (dir, repo) = repo();
         sh(&repo, &["branch", "ct/t_1"]);
         let before = status(&repo);
-        let trees = Worktrees::new(dir.path().join("wt"));
+        let trees = Worktrees::load(dir.path().join("wt"));
         let err = trees.create(&repo, "t_1", "1").await.unwrap_err();
         assert!(matches!(err, WorktreeError::BranchExists(ref b) if b == "ct/t_1"));
         assert!(err.to_string().contains("already exists"));
@@ -514,7 +561,7 @@ mod tests {
         let root = dir.path().join("wt");
         std::fs::create_dir(&root).unwrap();
         std::fs::write(root.join("t_2"), "in the way").unwrap();
-        let trees = Worktrees::new(root);
+        let trees = Worktrees::load(root);
         let err = trees.create(&repo, "t_2", "1").await.unwrap_err();
         assert!(matches!(err, WorktreeError::Create(_)), "{err}");
         assert_eq!(sh(&repo, &["branch", "--list", "ct/*"]), "");
@@ -524,7 +571,7 @@ mod tests {
     #[tokio::test]
     async fn a_diverged_branch_merges_with_a_merge_commit_and_is_removed() {
         let (dir, repo) = repo();
-        let trees = Worktrees::new(dir.path().join("wt"));
+        let trees = Worktrees::load(dir.path().join("wt"));
         let w = trees.create(&repo, "t_3", "1").await.unwrap().worktree;
         std::fs::write(w.path.join("b.txt"), "b\n").unwrap();
         let (stat, diff, cut) = summarize(&w, "t_3").await.unwrap();
@@ -551,7 +598,7 @@ mod tests {
         let (dir, repo) = repo();
         // The project uses hooks from its own tree, as husky sets it up: a task can write them.
         sh(&repo, &["config", "core.hooksPath", ".husky"]);
-        let trees = Worktrees::new(dir.path().join("wt"));
+        let trees = Worktrees::load(dir.path().join("wt"));
         let w = trees.create(&repo, "t_4", "1").await.unwrap().worktree;
         let marker = dir.path().join("hook-ran");
         std::fs::create_dir(w.path.join(".husky")).unwrap();

@@ -31,7 +31,9 @@ pub(crate) struct World {
     pub(crate) home: PathBuf,
     relay_dir: tempfile::TempDir,
     agent_dir: tempfile::TempDir,
-    agent: TestAgent,
+    agent: Option<TestAgent>,
+    /// How the agent was started, to start it again.
+    run: RunOptions,
     pub(crate) fake: FakeAnthropic,
     _env: ClaudeEnv,
     _home: tempfile::TempDir,
@@ -65,6 +67,16 @@ pub(crate) struct Opts {
 pub(crate) const SHARED_KEY: &str = "shared-tasks-test-key";
 
 impl World {
+    /// Stops the agent (its tasks end, its warm processes close) and starts it again on the same folder.
+    pub(crate) async fn restart_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop().await.unwrap();
+        }
+        let mut agent = TestAgent::start_with(self.run.clone());
+        agent.connected(T).await;
+        self.agent = Some(agent);
+    }
+
     /// The agent's config directory.
     pub(crate) fn agent_dir(&self) -> &Path {
         self.agent_dir.path()
@@ -156,9 +168,10 @@ pub(crate) async fn world_with(opts: Opts) -> World {
         forwarder: Some(env!("CARGO_BIN_EXE_ct-agent").into()),
         ..TaskConfig::default()
     };
-    let mut agent = TestAgent::start_with(run);
+    let mut agent = TestAgent::start_with(run.clone());
     agent.connected(T).await;
     World {
+        run,
         relay,
         agent_config,
         allowed_env,
@@ -166,7 +179,7 @@ pub(crate) async fn world_with(opts: Opts) -> World {
         _home: home_dir,
         relay_dir,
         agent_dir,
-        agent,
+        agent: Some(agent),
         fake,
         _env: env,
         _root: root,
@@ -654,7 +667,7 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
         "relay restart mid-task: {before} events stored before, {} after (re-sent by the agent)",
         stored.len() - before
     );
-    agent.stop().await.unwrap();
+    agent.expect("the agent").stop().await.unwrap();
     relay.stop().await;
 }
 

@@ -104,7 +104,7 @@ fn branches(dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
-    let w = world_with(Opts::default()).await;
+    let mut w = world_with(Opts::default()).await;
     repo(&w);
     let head = git(&w.project, &["rev-parse", "HEAD"]);
     let core = &w.relay.core;
@@ -174,6 +174,10 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
     assert_eq!(branch_b, format!("ct/{tb}"));
     assert!(diff_b.contains("+from B"), "{diff_b}");
     assert_eq!(core.task(&ta).unwrap().worktree, Some(branch_a.clone()));
+
+    // A restarted agent still knows its worktrees.
+    w.restart_agent().await;
+    let core = &w.relay.core;
 
     // Someone who is neither the requester nor the owner cannot decide.
     assert!(core
