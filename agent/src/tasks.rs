@@ -69,6 +69,8 @@ pub struct TaskConfig {
     pub approval_timeout: Duration,
     /// How long a finished task's Claude Code process waits for a follow-up before it exits.
     pub idle_timeout: Duration,
+    /// How long a worktree is kept after its last task ended; then it is removed (its branch stays).
+    pub worktree_retention: Duration,
     /// Each step of a cancel (interrupt, SIGINT, closed stdin) waits this long before the next, harsher one.
     pub cancel_step: Duration,
     /// Claude Code processes at once (running and warm); a warm one is closed to make room.
@@ -119,6 +121,7 @@ impl Default for TaskConfig {
             allowed_dirs: None,
             approval_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(600),
+            worktree_retention: Duration::from_secs(7 * 86_400),
             cancel_step: Duration::from_secs(5),
             max_sessions: 8,
             allow_settings_writes: false,
@@ -384,6 +387,14 @@ impl Tasks {
         let in_project =
             owner.worktree.is_none() && spec.options.isolation != Some(Isolation::Worktree);
 
+        // Worktrees past their retention go now, off this thread (never one a task uses: this one's is
+        // claimed first).
+        if let Some(of) = &owner.worktree {
+            self.inner.worktrees.claim(of, &id);
+        }
+        let inner = self.inner.clone();
+        self.inner.tracker.spawn(async move { inner.sweep().await });
+
         let mut drivers = self.inner.drivers();
         let warm = spec
             .resume
@@ -622,6 +633,37 @@ impl Inner {
             )
             .map_err(|e| format!("cannot open the API proxy for this shared task: {e}"))?;
         Ok(Some(lease))
+    }
+
+    /// Whether a task runs, or a warm process waits, in the worktree `w`.
+    fn in_use(&self, w: &worktree::Worktree) -> bool {
+        let drivers = self.drivers();
+        std::iter::once(&w.task)
+            .chain(&w.tasks)
+            .any(|t| drivers.running.contains_key(t))
+            || drivers
+                .warm
+                .values()
+                .any(|warm| warm.owner.worktree.as_deref() == Some(w.task.as_str()))
+    }
+
+    /// Removes the worktrees whose last task ended longer ago than the retention, keeping their branches.
+    async fn sweep(&self) {
+        let retention = self.config.worktree_retention.as_secs();
+        for w in self.worktrees.expired(retention) {
+            if self.in_use(&w) {
+                continue;
+            }
+            match worktree::remove(&w, false).await {
+                Ok(()) => {
+                    tracing::info!(branch = %w.branch, path = %w.path.display(), "worktree past its retention removed; its branch stays");
+                    self.worktrees.forget(&w.task).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %w.path.display(), "cannot remove a worktree past its retention")
+                }
+            }
+        }
     }
 
     /// Merges, keeps or discards a finished task's worktree, for its requester or the owner only.

@@ -140,14 +140,20 @@ impl Worktrees {
             .cloned()
     }
 
-    /// Notes that `task` (a follow-up) runs in the worktree created by `owner_task`.
-    pub async fn add_task(&self, owner_task: &str, task: &str) {
+    /// Notes, at once, that `task` (a follow-up) runs in the worktree created by `owner_task`: from here on
+    /// retention leaves it alone. [`Worktrees::add_task`] saves it.
+    pub fn claim(&self, owner_task: &str, task: &str) {
         if let Some(w) = self.map().get_mut(owner_task) {
             if w.task != task && !w.tasks.iter().any(|t| t == task) {
                 w.tasks.push(task.to_owned());
             }
             w.ended = None;
         }
+    }
+
+    /// [`Worktrees::claim`], saved.
+    pub async fn add_task(&self, owner_task: &str, task: &str) {
+        self.claim(owner_task, task);
         self.save().await;
     }
 

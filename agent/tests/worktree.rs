@@ -415,3 +415,66 @@ async fn a_task_beside_a_running_one_gets_a_worktree_unless_the_owner_chose_shar
     w.relay.core.cancel_task(OWNER, &a.task).unwrap();
     assert_eq!(a.finished().await.0, FinalState::Cancelled);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worktrees_past_their_retention_go_but_never_one_in_use_and_their_branch_stays() {
+    let w = world_with(Opts {
+        idle_timeout: Some(Duration::from_millis(300)),
+        worktree_retention: Some(Duration::ZERO),
+        ..Opts::default()
+    })
+    .await;
+    repo(&w);
+    // A ended, and its process is gone.
+    w.fake.push(Reply::text("done"));
+    let mut a = w.start(submit(OWNER, "app", "a", in_worktree()));
+    assert_eq!(a.finished().await.0, FinalState::Done);
+    let wa = worktree_of(&w, &a.task);
+    assert!(wa.is_dir());
+    poll_until(T, "A's idle Claude Code exits", || {
+        claude_processes(&wa).is_empty()
+    })
+    .await
+    .expect("idle process closed");
+
+    // B waits on an approval in its worktree while C starts: starting tasks sweeps A's worktree, never B's.
+    w.fake.push(Reply::tool_use(
+        "Write",
+        write(&w.project.join("x.txt"), "x\n"),
+    ));
+    let mut b = w.start(submit(
+        OWNER,
+        "app",
+        "b",
+        TaskOptions {
+            permission_mode: Some("default".into()),
+            isolation: Some(Isolation::Worktree),
+            ..TaskOptions::default()
+        },
+    ));
+    b.until("B's approval", |e| {
+        matches!(e, TaskEvent::ApprovalRequested { .. })
+    })
+    .await;
+    w.fake.push(Reply::text("done"));
+    let mut c = w.start(submit(
+        OWNER,
+        "app",
+        "c",
+        TaskOptions {
+            isolation: Some(Isolation::Shared),
+            ..TaskOptions::default()
+        },
+    ));
+    assert_eq!(c.finished().await.0, FinalState::Done);
+    poll_until(T, "A's worktree removed", || !wa.exists())
+        .await
+        .expect("past its retention");
+    assert!(
+        branches(&w.project).contains(&format!("ct/{}", a.task)),
+        "its branch stays"
+    );
+    assert!(worktree_of(&w, &b.task).is_dir(), "B's is in use");
+    w.relay.core.cancel_task(OWNER, &b.task).unwrap();
+    assert_eq!(b.finished().await.0, FinalState::Cancelled);
+}
