@@ -12,7 +12,10 @@
 //!    and cancels into session calls;
 //! 3. ends the task when its last turn has a result, and keeps the Claude Code process warm for
 //!    [`TaskConfig::idle_timeout`]: a follow-up task that resumes that session, from the same person, is sent
-//!    to the same process; after the process ended, the follow-up runs `claude --resume` instead.
+//!    to the same process; after the process ended, the follow-up runs `claude --resume` instead;
+//! 4. with isolation (asked for, the project's default, or because another task already runs in the
+//!    project's folder), runs the task in a git [`worktree`] of its own, reports its diff at the end, and
+//!    merges, keeps or discards it when the requester or the owner asks.
 //!
 //! Project requests from the relay (`/project add` in Discord) are answered here too, from the same policy.
 
@@ -1718,6 +1721,66 @@ fn bound_value(v: Value) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn only_the_requester_or_the_paired_owner_may_decide_a_worktree_whatever_the_relay_says()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = std::fs::canonicalize(dir.path()).unwrap().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        let sh = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&repo)
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        sh(&["init", "-q", "-b", "main"]);
+        sh(&[
+            "-c",
+            "user.name=T",
+            "-c",
+            "user.email=t@e",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "one",
+        ]);
+        let config = ConfigDir::open(dir.path().join("agent")).unwrap();
+        let tasks = Tasks::new(config, TaskConfig::default(), CancellationToken::new());
+        let inner = &tasks.inner;
+        let w = inner
+            .worktrees
+            .create(&repo, "t_1", "300")
+            .await
+            .unwrap()
+            .worktree;
+        // This agent is not paired: nobody is its owner, so a relay calling someone "owner" proves nothing.
+        let who = |user: &str, role| Requester {
+            user: user.into(),
+            name: None,
+            role,
+        };
+        for stranger in [who("400", Role::Owner), who("400", Role::Grantee)] {
+            let out = inner
+                .worktree_action("t_1", WorktreeAction::Discard, &stranger)
+                .await;
+            assert!(
+                !out.ok && out.message.contains("only the person"),
+                "{out:?}"
+            );
+            assert!(w.path.is_dir());
+        }
+        let out = inner
+            .worktree_action("t_1", WorktreeAction::Discard, &who("300", Role::Grantee))
+            .await;
+        assert!(out.ok, "{out:?}");
+        assert!(!w.path.exists());
+    }
 
     #[test]
     fn grantees_are_sandboxed_or_refused_and_owners_only_by_choice() {

@@ -310,6 +310,76 @@ mod tests {
     }
 
     #[test]
+    fn worktree_options_events_and_requests_are_additive() {
+        // Options from an older relay: no isolation.
+        let old: TaskOptions = serde_json::from_str(r#"{"model":"sonnet"}"#).unwrap();
+        assert_eq!(old.isolation, None);
+        // Unset, nothing new is sent to older agents.
+        assert_eq!(
+            serde_json::to_string(&TaskOptions::default()).unwrap(),
+            "{}"
+        );
+        let set = TaskOptions {
+            isolation: Some(Isolation::Worktree),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&set).unwrap(),
+            r#"{"isolation":"worktree"}"#
+        );
+        assert_eq!("shared".parse::<Isolation>(), Ok(Isolation::Shared));
+        assert!("both".parse::<Isolation>().is_err());
+        let ev = TaskEvent::Worktree {
+            branch: "ct/t_1".into(),
+            base: "abc".into(),
+            note: None,
+            change: Some(DiffStat {
+                files_changed: 1,
+                insertions: 2,
+                deletions: 3,
+            }),
+            diff: Some("+x".into()),
+            diff_cut: false,
+        };
+        let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
+        assert_eq!(back, ev);
+        let req = RelayMessage::Worktree {
+            id: 1,
+            task: "t_1".into(),
+            action: WorktreeAction::Merge,
+            requester: Requester {
+                user: "1".into(),
+                name: None,
+                role: Role::Owner,
+            },
+        };
+        let frame = crate::frame::encode(&req).unwrap();
+        assert_eq!(
+            crate::frame::decode::<RelayMessage>(&frame)
+                .unwrap()
+                .unwrap()
+                .0,
+            req
+        );
+        let reply = AgentMessage::WorktreeReply {
+            id: 1,
+            outcome: WorktreeOutcome {
+                ok: false,
+                message: "conflict".into(),
+                conflicts: vec!["a.txt".into()],
+            },
+        };
+        let frame = crate::frame::encode(&reply).unwrap();
+        assert_eq!(
+            crate::frame::decode::<AgentMessage>(&frame)
+                .unwrap()
+                .unwrap()
+                .0,
+            reply
+        );
+    }
+
+    #[test]
     fn task_messages_round_trip_as_frames() {
         let spec = TaskSpec {
             task: "t_abc".into(),
