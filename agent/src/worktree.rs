@@ -42,6 +42,11 @@ pub struct Worktree {
     pub repo: PathBuf,
     /// The worktree's top level.
     pub path: PathBuf,
+    /// Its administrative folder inside the project's repository (`.git/worktrees/<task>`), read when it
+    /// was created. The agent's git commands in the worktree name it, never discovering it from the
+    /// worktree's `.git` file: the task can rewrite that file, to point the agent's git at a repository
+    /// whose config runs commands (`core.fsmonitor`) outside the sandbox.
+    pub git_dir: PathBuf,
     /// Where the task runs: the worktree's counterpart of the project folder (a project may be a
     /// subfolder of its repository).
     pub cwd: PathBuf,
@@ -280,6 +285,10 @@ impl Worktrees {
         let path = tokio::fs::canonicalize(&path)
             .await
             .map_err(|e| WorktreeError::Create(e.to_string()))?;
+        // Read now, before any task ran there.
+        let git_dir = git_ok(&path, &["rev-parse", "--absolute-git-dir"])
+            .await
+            .map(|d| PathBuf::from(d.trim()))?;
         let cwd = if prefix.is_empty() {
             path.clone()
         } else {
@@ -289,6 +298,7 @@ impl Worktrees {
             task: task.to_owned(),
             repo,
             path,
+            git_dir,
             cwd,
             branch,
             base,
@@ -309,21 +319,31 @@ pub async fn summarize(
     w: &Worktree,
     finished_task: &str,
 ) -> Result<(DiffStat, String, bool), WorktreeError> {
-    let status = git_ok(&w.path, &["status", "--porcelain"]).await?;
-    if !status.trim().is_empty() {
-        git_ok(&w.path, &["add", "-A"]).await?;
-        let message = format!("CodeTogether task {finished_task}");
-        let mut args = identity(&w.path).await;
-        args.extend(
-            ["commit", "-q", "--no-verify", "-m", &message]
-                .iter()
-                .map(|s| s.to_string()),
-        );
+    let gd = format!("--git-dir={}", w.git_dir.display());
+    let wt = format!("--work-tree={}", w.path.display());
+    let tree = |args: &[&'static str]| -> Vec<String> {
+        [gd.as_str(), wt.as_str()]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: Vec<String>| async move {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        git_ok(&w.path, &args).await?;
+        git_ok(&w.path, &args).await
+    };
+    let status = run(tree(&["status", "--porcelain"])).await?;
+    if !status.trim().is_empty() {
+        run(tree(&["add", "-A"])).await?;
+        let message = format!("CodeTogether task {finished_task}");
+        // The identity comes from the project's repository, never from the worktree.
+        let mut args = identity(&w.repo).await;
+        args.extend(tree(&["commit", "-q", "--no-verify", "-m"]));
+        args.push(message);
+        run(args).await?;
     }
-    let range = format!("{}..HEAD", w.base);
-    let numstat = git_ok(&w.path, &["diff", "--numstat", &range]).await?;
+    let range = format!("{}..{}", w.base, w.branch);
+    let numstat = git_ok(&w.repo, &["diff", "--numstat", &range]).await?;
     let mut stat = DiffStat::default();
     for line in numstat.lines() {
         let mut cols = line.split('\t');
@@ -333,7 +353,7 @@ pub async fn summarize(
         stat.insertions += ins;
         stat.deletions += del;
     }
-    let diff = git_ok(&w.path, &["diff", "--binary", &range]).await?;
+    let diff = git_ok(&w.repo, &["diff", "--binary", &range]).await?;
     let cut = diff.len() > MAX_DIFF_LEN;
     let diff = if cut {
         let mut at = MAX_DIFF_LEN;
@@ -431,10 +451,15 @@ pub async fn merge(w: &Worktree) -> Result<Merged, WorktreeError> {
 pub async fn remove(w: &Worktree, branch: bool) -> Result<(), WorktreeError> {
     let path = w.path.display().to_string();
     if tokio::fs::symlink_metadata(&w.path).await.is_ok() {
-        git_ok(&w.repo, &["worktree", "remove", "--force", &path]).await?;
-    } else {
-        let _ = git(&w.repo, &["worktree", "prune"]).await;
+        let removed = git(&w.repo, &["worktree", "remove", "--force", &path]).await?;
+        if !removed.ok {
+            // Git refuses a worktree whose `.git` file the task changed: the folder goes anyway.
+            tokio::fs::remove_dir_all(&w.path)
+                .await
+                .map_err(|e| WorktreeError::Git(format!("cannot remove {path}: {e}")))?;
+        }
     }
+    let _ = git(&w.repo, &["worktree", "prune"]).await;
     if branch {
         git_ok(&w.repo, &["branch", "-D", &w.branch]).await?;
     }
@@ -626,5 +651,41 @@ mod tests {
             !marker.exists(),
             "a hook from the task's tree ran outside its sandbox"
         );
+    }
+
+    #[tokio::test]
+    async fn a_git_file_the_task_rewrote_never_redirects_the_agents_git() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (dir, repo) = repo();
+        let trees = Worktrees::load(dir.path().join("wt"));
+        let w = trees.create(&repo, "t_5", "1").await.unwrap().worktree;
+        // The task builds a repository of its own inside its worktree, whose config runs a command on any
+        // `git status`, and points the worktree's `.git` file at it.
+        let marker = dir.path().join("fsmonitor-ran");
+        let evil = w.path.join("evil");
+        sh(&w.path, &["init", "-q", "--bare", evil.to_str().unwrap()]);
+        let script = w.path.join("run.sh");
+        std::fs::write(&script, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        sh(
+            &evil,
+            &["config", "core.fsmonitor", script.to_str().unwrap()],
+        );
+        sh(&evil, &["config", "core.bare", "false"]);
+        std::fs::write(w.path.join(".git"), format!("gitdir: {}\n", evil.display())).unwrap();
+        std::fs::write(w.path.join("work.txt"), "work\n").unwrap();
+
+        let (stat, _, _) = summarize(&w, "t_5").await.unwrap();
+        assert!(
+            !marker.exists(),
+            "the task's git config ran a command outside its sandbox"
+        );
+        assert!(stat.files_changed >= 1, "{stat:?}");
+        // The work is on the task's branch of the project's repository.
+        let files = sh(&repo, &["ls-tree", "-r", "--name-only", &w.branch]);
+        assert!(files.lines().any(|f| f == "work.txt"), "{files}");
+        remove(&w, true).await.unwrap();
+        assert!(!w.path.exists());
+        assert_eq!(sh(&repo, &["branch", "--list", "ct/*"]), "");
     }
 }
