@@ -217,6 +217,14 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
     );
     assert!(wb.exists());
 
+    // Keeping leaves both where they are.
+    let kept = core
+        .worktree(OWNER, &tb, WorktreeAction::Keep)
+        .await
+        .unwrap();
+    assert!(kept.ok && kept.message.contains(&branch_b), "{kept:?}");
+    assert!(wb.exists() && branches(&w.project).contains(&branch_b));
+
     // Discarding removes its worktree and its branch.
     let discarded = core
         .worktree(OWNER, &tb, WorktreeAction::Discard)
