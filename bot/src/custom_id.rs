@@ -285,6 +285,18 @@ mod tests {
                 question: 1,
             },
             Action::Stop { task: t.clone() },
+            Action::Worktree {
+                task: t.clone(),
+                action: ct_protocol::task::WorktreeAction::Merge,
+            },
+            Action::Worktree {
+                task: t.clone(),
+                action: ct_protocol::task::WorktreeAction::Keep,
+            },
+            Action::Worktree {
+                task: t.clone(),
+                action: ct_protocol::task::WorktreeAction::Discard,
+            },
         ] {
             let id = action.encode().unwrap();
             assert!(id.len() <= CUSTOM_ID_MAX);
@@ -306,7 +318,8 @@ mod tests {
     #[test]
     fn foreign_ids_do_not_parse() {
         for id in [
-            "", "st", "st:", "xx:t:a", "ao:t_1", "ao::a", "qa:x:t:a", "qa:1:t", "st:a:b",
+            "", "st", "st:", "xx:t:a", "ao:t_1", "ao::a", "qa:x:t:a", "qa:1:t", "st:a:b", "wm:",
+            "wd:a:b",
         ] {
             assert_eq!(Action::parse(id), None, "{id:?}");
         }
