@@ -201,6 +201,17 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
     assert!(!wa.exists());
     assert!(!branches(&w.project).contains(&branch_a));
 
+    let audit = core
+        .audit(&ct_relay::audit::AuditFilter::default(), 50, None)
+        .unwrap();
+    assert!(
+        audit.iter().any(|e| matches!(
+            &e.kind,
+            ct_relay::audit::AuditKind::WorktreeDecided { action, ok: true, .. } if action == "merge"
+        ) && e.task.as_deref() == Some(ta.as_str())),
+        "the merge is audited: {audit:#?}"
+    );
+
     // The second conflicts: reported with the file, nothing changed.
     let before = git(&w.project, &["rev-parse", "HEAD"]);
     let conflict = core

@@ -6,7 +6,7 @@ use ct_protocol::task::{Requester, Role, WorktreeAction, WorktreeOutcome};
 use ct_protocol::RelayMessage;
 use tokio::sync::oneshot;
 
-use crate::audit::Caller;
+use crate::audit::{AuditEntry, AuditKind, Caller};
 use crate::core::Core;
 use crate::projects::{Answer, PendingRequest, Waiting, MAX_PENDING_PER_AGENT};
 use crate::tasks::TaskError;
@@ -106,6 +106,31 @@ impl Core {
                 for file in &mut outcome.conflicts {
                     *file = file.chars().take(512).collect();
                 }
+                // What changed the owner's repository (or tried to) is on the record, with who asked.
+                let verb = match action {
+                    WorktreeAction::Merge => "merge",
+                    WorktreeAction::Keep => "keep",
+                    WorktreeAction::Discard => "discard",
+                };
+                let requester = rec.spec.requester.user.clone();
+                let entry = AuditEntry::new(
+                    AuditKind::WorktreeDecided {
+                        action: verb.into(),
+                        branch: branch.clone(),
+                        requester,
+                        ok: outcome.ok,
+                    },
+                    caller.actor(),
+                    &agent.owner,
+                    format!(
+                        "{verb} {branch} of task {id} on {}: {}",
+                        agent.name, outcome.message
+                    ),
+                )
+                .by(caller)
+                .on(&agent)
+                .task(id);
+                self.audit_or_log(entry);
                 Ok(outcome)
             }
             Ok(Ok(Answer::Project(_)) | Err(_)) => Err(TaskError::AgentGone(agent.name)),
