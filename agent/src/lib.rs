@@ -13,6 +13,8 @@
 //! - [`session`]: one session on a link: heartbeats, the dead-link timer, the dispatch of relay messages.
 //! - [`tasks`]: the task manager: policy checks, one Claude Code process per session, events through the
 //!   outbox, warm processes for follow-ups, project requests from the relay.
+//! - [`worktree`]: a git worktree and branch per task (`git` run through `tokio::process`), its diff, and
+//!   merging, keeping or discarding it.
 //! - [`backoff`]: the reconnect delays (quick first retry, full jitter, 30 s cap, reset after a healthy minute).
 //! - [`run`]: `ct-agent run`: the reconnect loop, the move back to QUIC, status reporting, shutdown.
 //! - [`status`]: `status.json` and the `ct-agent status` report.
@@ -48,6 +50,7 @@ pub mod status;
 pub mod sys;
 pub mod tasks;
 pub mod tls;
+pub mod worktree;
 
 pub use config::{resolve_config_dir, AgentKey, ConfigDir, ConfigError, Pairing};
 pub use connect::{ConnectError, ConnectOptions, Link, TransportPolicy};

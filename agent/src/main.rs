@@ -56,6 +56,15 @@ enum Command {
             value_name = "SECS"
         )]
         idle_timeout: u64,
+        /// Days a task's git worktree is kept after its last task ended before the agent removes it (its
+        /// branch stays); never while a task uses it
+        #[arg(
+            long,
+            env = "CT_AGENT_WORKTREE_RETENTION_DAYS",
+            default_value_t = 7,
+            value_name = "DAYS"
+        )]
+        worktree_retention_days: u64,
         /// The `claude` to run [default: found on PATH or in the usual install places]
         #[arg(long, env = "CT_AGENT_CLAUDE_BIN", value_name = "PATH")]
         claude_bin: Option<PathBuf>,
@@ -134,6 +143,13 @@ enum ProjectCommand {
     },
     /// Forget a project name
     Remove { name: String },
+    /// Change a project's setting: `isolation=worktree` (each task in a git worktree and branch of its
+    /// own) or `isolation=shared` (tasks edit the project's folder itself, even side by side)
+    Set {
+        name: String,
+        /// KEY=VALUE
+        setting: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +308,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             approval_timeout,
             idle_timeout,
+            worktree_retention_days,
             claude_bin,
             allow_settings_writes,
             shared_api_key,
@@ -299,6 +316,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut opts = ct_agent::RunOptions::new(config_dir);
             opts.tasks.approval_timeout = std::time::Duration::from_secs(approval_timeout);
             opts.tasks.idle_timeout = std::time::Duration::from_secs(idle_timeout);
+            opts.tasks.worktree_retention =
+                std::time::Duration::from_secs(worktree_retention_days.saturating_mul(86_400));
             opts.tasks.claude_bin = claude_bin;
             opts.tasks.allow_settings_writes = allow_settings_writes;
             // This very binary is what runs inside a shared task's sandbox as its way to the API.
@@ -332,6 +351,19 @@ fn project(config_dir: &std::path::Path, command: ProjectCommand) -> anyhow::Res
                 "Project {} is {} (tasks may now run there).",
                 p.name,
                 p.path.display()
+            );
+        }
+        ProjectCommand::Set { name, setting } => {
+            let value = setting.strip_prefix("isolation=").ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the setting is `isolation=worktree` or `isolation=shared`, not `{setting}`"
+                )
+            })?;
+            let isolation: ct_protocol::task::Isolation =
+                value.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+            policy.set_isolation(&name, isolation)?;
+            println!(
+                "Tasks in project {name} now run with isolation={value} unless they ask otherwise."
             );
         }
         ProjectCommand::Remove { name } => {

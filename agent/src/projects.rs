@@ -191,6 +191,10 @@ pub struct ProjectEntry {
     /// Added on this machine (so the folder itself is allowed) rather than from the relay.
     #[serde(default)]
     pub local: bool,
+    /// Where its tasks edit unless a task asks otherwise (`ct-agent project set NAME isolation=...`);
+    /// unset, a task gets a worktree only when another task already runs in the project's own folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<ct_protocol::task::Isolation>,
 }
 
 /// The facts about the machine that path handling depends on, injectable for tests.
@@ -367,6 +371,7 @@ impl Policy {
             ProjectEntry {
                 path: canonical.clone(),
                 local: origin == Origin::Local,
+                isolation: None,
             },
         );
         self.save(file)?;
@@ -374,6 +379,31 @@ impl Policy {
             name: name.to_owned(),
             path: canonical,
         })
+    }
+
+    /// The owner's choice of isolation for the project named `name` (a path has none).
+    pub fn isolation_of(&self, name: &str) -> Option<ct_protocol::task::Isolation> {
+        self.file
+            .projects
+            .get(name.trim())
+            .and_then(|e| e.isolation)
+    }
+
+    /// Sets and saves the isolation its tasks get by default.
+    pub fn set_isolation(
+        &mut self,
+        name: &str,
+        isolation: ct_protocol::task::Isolation,
+    ) -> Result<(), PolicyError> {
+        let mut file = self.file.clone();
+        let Some(entry) = file.projects.get_mut(name) else {
+            return Err(PolicyError::UnknownProject {
+                name: name.to_owned(),
+                known: self.file.projects.keys().cloned().collect(),
+            });
+        };
+        entry.isolation = Some(isolation);
+        self.save(file)
     }
 
     /// Forgets project `name` (and, for a local project, no longer allows its folder on that account).

@@ -130,7 +130,8 @@ fn dispatch(msg: RelayMessage, tasks: &Tasks) -> Flow {
         | RelayMessage::CancelTask { .. }
         | RelayMessage::Decide { .. }
         | RelayMessage::Ack { .. }
-        | RelayMessage::Project { .. } => {
+        | RelayMessage::Project { .. }
+        | RelayMessage::Worktree { .. } => {
             tasks.handle(msg);
             Flow::Continue
         }

@@ -12,7 +12,10 @@
 //!    and cancels into session calls;
 //! 3. ends the task when its last turn has a result, and keeps the Claude Code process warm for
 //!    [`TaskConfig::idle_timeout`]: a follow-up task that resumes that session, from the same person, is sent
-//!    to the same process; after the process ended, the follow-up runs `claude --resume` instead.
+//!    to the same process; after the process ended, the follow-up runs `claude --resume` instead;
+//! 4. with isolation (asked for, the project's default, or because another task already runs in the
+//!    project's folder), runs the task in a git [`worktree`] of its own, reports its diff at the end, and
+//!    merges, keeps or discards it when the requester or the owner asks.
 //!
 //! Project requests from the relay (`/project add` in Discord) are answered here too, from the same policy.
 
@@ -27,7 +30,8 @@ use std::time::Duration;
 use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
 use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{
-    Decision as WireDecision, FinalState, Role, TaskEvent, TaskSpec, MAX_EVENT_TEXT,
+    Decision as WireDecision, FinalState, Isolation, Requester, Role, TaskEvent, TaskSpec,
+    WorktreeAction, WorktreeOutcome, MAX_EVENT_TEXT,
 };
 use ct_protocol::{AgentMessage, RelayMessage};
 use serde_json::Value;
@@ -42,6 +46,7 @@ use crate::meter::{self, Meter};
 use crate::outbox::{self, Outbox};
 use crate::projects::{Host, Origin, Policy, PolicyError, SharePolicy};
 use crate::sandbox::{self, Bwrap, SandboxError};
+use crate::worktree::{self, Merged, WorktreeError, Worktrees};
 
 /// Project replies and reports waiting for a link; older ones are dropped (a report is re-sent on every
 /// handshake, and a reply nobody waits for any more is useless).
@@ -67,6 +72,8 @@ pub struct TaskConfig {
     pub approval_timeout: Duration,
     /// How long a finished task's Claude Code process waits for a follow-up before it exits.
     pub idle_timeout: Duration,
+    /// How long a worktree is kept after its last task ended; then it is removed (its branch stays).
+    pub worktree_retention: Duration,
     /// Each step of a cancel (interrupt, SIGINT, closed stdin) waits this long before the next, harsher one.
     pub cancel_step: Duration,
     /// Claude Code processes at once (running and warm); a warm one is closed to make room.
@@ -117,6 +124,7 @@ impl Default for TaskConfig {
             allowed_dirs: None,
             approval_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(600),
+            worktree_retention: Duration::from_secs(7 * 86_400),
             cancel_step: Duration::from_secs(5),
             max_sessions: 8,
             allow_settings_writes: false,
@@ -158,6 +166,8 @@ struct Inner {
     acked: Notify,
     drivers: Mutex<Drivers>,
     next_key: AtomicU64,
+    /// Tasks' git worktrees (in the agent's data folder).
+    worktrees: Worktrees,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -168,6 +178,9 @@ struct Drivers {
     running: HashMap<String, mpsc::UnboundedSender<Cmd>>,
     /// Finished tasks' processes waiting for a follow-up, by Claude Code session id.
     warm: HashMap<String, Warm>,
+    /// The folder of each task started in a project's own folder (entries whose task no longer runs are
+    /// dropped when read): another task there gets a worktree unless the owner chose otherwise.
+    shared: HashMap<String, PathBuf>,
 }
 
 struct Warm {
@@ -188,6 +201,8 @@ struct Owner {
     sandbox: Option<Bwrap>,
     /// In the sandbox without a network (grantees, unless the owner opened it).
     no_network: bool,
+    /// The task whose git worktree this process runs in (`cwd` is inside it).
+    worktree: Option<String>,
 }
 
 #[derive(Debug)]
@@ -225,6 +240,7 @@ impl Tasks {
         });
         Self {
             inner: Arc::new(Inner {
+                worktrees: Worktrees::load(dir.path().join("worktrees")),
                 config,
                 dir,
                 owner_id,
@@ -296,6 +312,18 @@ impl Tasks {
                 self.inner.acked.notify_waiters();
             }
             RelayMessage::Project { id, op } => self.project(id, op),
+            RelayMessage::Worktree {
+                id,
+                task,
+                action,
+                requester,
+            } => {
+                let inner = self.inner.clone();
+                self.inner.tracker.spawn(async move {
+                    let outcome = inner.worktree_action(&task, action, &requester).await;
+                    inner.send_control(AgentMessage::WorktreeReply { id, outcome });
+                });
+            }
             RelayMessage::Heartbeat | RelayMessage::Closing { .. } => {}
         }
     }
@@ -315,7 +343,7 @@ impl Tasks {
         }
     }
 
-    fn start(&self, spec: TaskSpec) {
+    fn start(&self, mut spec: TaskSpec) {
         let id = spec.task.clone();
         if self.inner.drivers().running.contains_key(&id) || self.inner.outbox().knows(&id) {
             // Sent twice (a relay retry): the first one is running or has ended.
@@ -336,7 +364,22 @@ impl Tasks {
                 return;
             }
         };
-        tracing::info!(task = %id, user = %spec.requester.user, role = ?owner.role, cwd = %owner.cwd.display(), "task accepted");
+        if spec.options.isolation.is_none() {
+            // The owner's default for the project (read per task, like the rest of the policy).
+            spec.options.isolation = self
+                .inner
+                .policy()
+                .ok()
+                .and_then(|p| p.isolation_of(&spec.project));
+        }
+        let crowded = spec.resume.is_none()
+            && owner.worktree.is_none()
+            && spec.options.isolation.is_none()
+            && self.crowded(&owner.cwd);
+        if crowded {
+            spec.options.isolation = Some(Isolation::Worktree);
+        }
+        tracing::info!(task = %id, user = %spec.requester.user, role = ?owner.role, cwd = %owner.cwd.display(), isolation = ?spec.options.isolation, "task accepted");
         // Emitted before anything slow, so a reconnect in the next second reports this task as running.
         self.inner.emit_now(
             &id,
@@ -344,6 +387,16 @@ impl Tasks {
                 cwd: owner.cwd.display().to_string(),
             },
         );
+        let in_project =
+            owner.worktree.is_none() && spec.options.isolation != Some(Isolation::Worktree);
+
+        // Worktrees past their retention go now, off this thread (never one a task uses: this one's is
+        // claimed first).
+        if let Some(of) = &owner.worktree {
+            self.inner.worktrees.claim(of, &id);
+        }
+        let inner = self.inner.clone();
+        self.inner.tracker.spawn(async move { inner.sweep().await });
 
         let mut drivers = self.inner.drivers();
         let warm = spec
@@ -366,12 +419,18 @@ impl Tasks {
                 prompt: spec.prompt.clone(),
             };
             if warm.tx.send(attach).is_ok() {
+                if warm.owner.worktree.is_none() {
+                    drivers.shared.insert(id.clone(), warm.owner.cwd.clone());
+                }
                 drivers.running.insert(id, warm.tx);
                 return;
             }
         }
         self.make_room(&mut drivers);
         let (tx, rx) = mpsc::unbounded_channel();
+        if in_project {
+            drivers.shared.insert(id.clone(), owner.cwd.clone());
+        }
         drivers.running.insert(id.clone(), tx);
         drop(drivers);
         let key = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
@@ -379,7 +438,19 @@ impl Tasks {
         let span = tracing::info_span!("task", task = %id);
         self.inner
             .tracker
-            .spawn(Driver::start(inner, key, spec, owner, rx).instrument(span));
+            .spawn(Driver::start(inner, key, spec, owner, rx, crowded).instrument(span));
+    }
+
+    /// Whether a task already runs in `cwd`, the project's own folder.
+    fn crowded(&self, cwd: &Path) -> bool {
+        let mut drivers = self.inner.drivers();
+        let Drivers {
+            running, shared, ..
+        } = &mut *drivers;
+        shared.retain(|task, _| running.contains_key(task));
+        shared
+            .values()
+            .any(|c| c.starts_with(cwd) || cwd.starts_with(c))
     }
 
     /// Closes the oldest warm process when the machine already runs as many as it may.
@@ -455,13 +526,28 @@ impl Tasks {
             && role != Role::Owner
             && !policy.sandbox().network_open_for(&spec.requester.user)
             && self.inner.config.forwarder.is_some();
+        // A follow-up resumes in the worktree its session ran in (Claude Code finds a session only from the
+        // folder it ran in), whatever isolation it asks for.
+        let resumed = spec
+            .resume
+            .as_deref()
+            .and_then(|sid| self.inner.worktrees.of_session(sid))
+            .filter(|w| cwd.starts_with(&w.repo) && w.cwd.is_dir());
+        let (cwd, worktree) = match resumed {
+            Some(w) => (w.cwd, Some(w.task)),
+            None => (cwd, None),
+        };
+        // The isolation wanted is carried outside `options`, which must compare equal for a warm follow-up.
+        let mut options = spec.options.clone();
+        options.isolation = None;
         Ok(Owner {
             no_network,
             cwd,
             user: spec.requester.user.clone(),
             role,
-            options: spec.options.clone(),
+            options,
             sandbox,
+            worktree,
         })
     }
 
@@ -550,6 +636,139 @@ impl Inner {
             )
             .map_err(|e| format!("cannot open the API proxy for this shared task: {e}"))?;
         Ok(Some(lease))
+    }
+
+    /// Whether a task runs, or a warm process waits, in the worktree `w`.
+    fn in_use(&self, w: &worktree::Worktree) -> bool {
+        let drivers = self.drivers();
+        std::iter::once(&w.task)
+            .chain(&w.tasks)
+            .any(|t| drivers.running.contains_key(t))
+            || drivers
+                .warm
+                .values()
+                .any(|warm| warm.owner.worktree.as_deref() == Some(w.task.as_str()))
+    }
+
+    /// Removes the worktrees whose last task ended longer ago than the retention, keeping their branches.
+    async fn sweep(&self) {
+        let retention = self.config.worktree_retention.as_secs();
+        for w in self.worktrees.expired(retention) {
+            if self.in_use(&w) {
+                continue;
+            }
+            match worktree::remove(&w, false).await {
+                Ok(()) => {
+                    tracing::info!(branch = %w.branch, path = %w.path.display(), "worktree past its retention removed; its branch stays");
+                    self.worktrees.forget(&w.task).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %w.path.display(), "cannot remove a worktree past its retention")
+                }
+            }
+        }
+    }
+
+    /// Merges, keeps or discards a finished task's worktree, for its requester or the owner only.
+    async fn worktree_action(
+        &self,
+        task: &str,
+        action: WorktreeAction,
+        requester: &Requester,
+    ) -> WorktreeOutcome {
+        let refuse = |message: String| WorktreeOutcome {
+            ok: false,
+            message,
+            conflicts: Vec::new(),
+        };
+        let Some(w) = self.worktrees.of_task(task) else {
+            return refuse(format!(
+                "task {task} has no worktree on this agent (any more)"
+            ));
+        };
+        let is_owner = role_of(requester, self.owner_id.as_deref()) == Role::Owner;
+        if !is_owner && requester.user != w.user {
+            tracing::warn!(user = %requester.user, task, ?action, "worktree request from someone who is neither the requester nor the owner");
+            return refuse(format!(
+                "only the person who started task {task}, or this agent's owner, may merge, keep or discard its branch"
+            ));
+        }
+        {
+            let mut drivers = self.drivers();
+            let in_use = std::iter::once(&w.task)
+                .chain(&w.tasks)
+                .any(|t| drivers.running.contains_key(t));
+            if in_use {
+                return refuse(format!(
+                    "a task is still running in {}: wait for it to end, or cancel it",
+                    w.branch
+                ));
+            }
+            if action != WorktreeAction::Keep {
+                // A warm process there would resume in a folder that is about to go.
+                let warm: Vec<String> = drivers
+                    .warm
+                    .iter()
+                    .filter(|(_, warm)| warm.owner.worktree.as_deref() == Some(w.task.as_str()))
+                    .map(|(sid, _)| sid.clone())
+                    .collect();
+                for sid in warm {
+                    if let Some(warm) = drivers.warm.remove(&sid) {
+                        let _ = warm.tx.send(Cmd::Cancel);
+                    }
+                }
+            }
+        }
+        let done = match action {
+            WorktreeAction::Keep => Ok(format!(
+                "kept branch {} (worktree {})",
+                w.branch,
+                w.path.display()
+            )),
+            WorktreeAction::Discard => worktree::remove(&w, true)
+                .await
+                .map(|()| format!("discarded {}: its worktree and branch are gone", w.branch)),
+            WorktreeAction::Merge => match worktree::merge(&w).await {
+                Ok(Merged::Conflict(conflicts)) => {
+                    return WorktreeOutcome {
+                        ok: false,
+                        message: format!(
+                        "{} conflicts with the project's branch in {} file(s); nothing was changed",
+                        w.branch,
+                        conflicts.len()
+                    ),
+                        conflicts,
+                    }
+                }
+                Ok(how) => {
+                    let how = if how == Merged::FastForward {
+                        "fast-forward"
+                    } else {
+                        "merge commit"
+                    };
+                    worktree::remove(&w, true).await.map(|()| {
+                        format!(
+                            "merged {} into the project ({how}); its worktree and branch are gone",
+                            w.branch
+                        )
+                    })
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match done {
+            Ok(message) => {
+                if action != WorktreeAction::Keep {
+                    self.worktrees.forget(&w.task).await;
+                }
+                WorktreeOutcome {
+                    ok: true,
+                    message,
+                    conflicts: Vec::new(),
+                }
+            }
+            Err(e) => refuse(e.to_string()),
+        }
     }
 
     fn policy(&self) -> Result<Policy, PolicyError> {
@@ -657,8 +876,89 @@ impl Driver {
         spec: TaskSpec,
         owner: Owner,
         cmds: mpsc::UnboundedReceiver<Cmd>,
+        crowded: bool,
     ) {
         let task = spec.task.clone();
+        let mut owner = owner;
+        if let Some(of) = &owner.worktree {
+            inner.worktrees.add_task(of, &task).await;
+        } else if spec.options.isolation == Some(Isolation::Worktree) && spec.resume.is_some() {
+            // Claude Code resumes a session only from the folder it ran in, which was the project's.
+            inner.emit_now(
+                &task,
+                TaskEvent::Text {
+                    text: "ⓘ this follow-up continues a session that ran in the project's own folder, \
+                           so it runs there too (a worktree would lose the conversation)"
+                        .into(),
+                },
+            );
+        } else if spec.options.isolation == Some(Isolation::Worktree) {
+            match inner.worktrees.create(&owner.cwd, &task, &owner.user).await {
+                Ok(created) => {
+                    let w = created.worktree;
+                    if crowded {
+                        inner.emit_now(
+                            &task,
+                            TaskEvent::Text {
+                                text: "ⓘ another task is running in this project's folder, so this one \
+                                       runs in a git worktree of its own (the owner can choose otherwise: \
+                                       `ct-agent project set NAME isolation=shared`)"
+                                    .into(),
+                            },
+                        );
+                    }
+                    tracing::info!(branch = %w.branch, path = %w.path.display(), "task runs in a worktree");
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Worktree {
+                            branch: w.branch.clone(),
+                            base: w.base.clone(),
+                            note: created.note,
+                            change: None,
+                            diff: None,
+                            diff_cut: false,
+                        },
+                    );
+                    owner.cwd = w.cwd;
+                    owner.worktree = Some(w.task);
+                }
+                // Not asked for (only crowded): a project that is no repository runs shared as it always did.
+                Err(WorktreeError::NotARepo(_)) if crowded => {}
+                Err(e) if crowded => {
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Text {
+                            text: format!(
+                                "ⓘ another task is running in this project's folder, and this one could not \
+                                 get a worktree of its own, so it runs beside it: {e}"
+                            ),
+                        },
+                    );
+                }
+                Err(e @ WorktreeError::NotARepo(_)) => {
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Text {
+                            text: format!("⚠ {e}"),
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "no worktree for the task");
+                    inner.drivers().running.remove(&task);
+                    inner.emit_now(
+                        &task,
+                        TaskEvent::Finished {
+                            state: FinalState::Failed,
+                            message: Some(format!(
+                                "this task asked for a worktree of its own: {e}"
+                            )),
+                        },
+                    );
+                    return;
+                }
+            }
+        }
         let started = Self::spawn(&inner, &owner, &spec).await;
         let (session, events, lease) = match started {
             Ok(s) => s,
@@ -876,6 +1176,9 @@ impl Driver {
         match event {
             RunnerEvent::Init(init) => {
                 self.session_id = Some(init.session_id.clone());
+                if let Some(of) = &self.owner.worktree {
+                    self.inner.worktrees.add_session(of, &init.session_id).await;
+                }
                 let Some(bound) = &mut self.bound else { return };
                 if std::mem::replace(&mut bound.session_reported, true) {
                     return;
@@ -974,6 +1277,12 @@ impl Driver {
                 };
                 if !result.session_id.is_empty() {
                     self.session_id = Some(result.session_id.clone());
+                    if let Some(of) = &self.owner.worktree {
+                        self.inner
+                            .worktrees
+                            .add_session(of, &result.session_id)
+                            .await;
+                    }
                 }
                 self.emit(event).await;
                 let Some(bound) = &mut self.bound else { return };
@@ -997,6 +1306,7 @@ impl Driver {
                 } else {
                     (FinalState::Done, None)
                 };
+                self.worktree_summary().await;
                 self.emit(TaskEvent::Finished { state, message }).await;
                 self.park();
             }
@@ -1088,7 +1398,43 @@ impl Driver {
                 Some(format!("Claude Code exited unexpectedly ({how}){tail}")),
             )
         };
+        self.worktree_summary().await;
         self.emit(TaskEvent::Finished { state, message }).await;
+    }
+
+    /// For a task in a worktree: commits what it left there on its branch and reports the change against
+    /// where the worktree started, before the task's end.
+    async fn worktree_summary(&self) {
+        let Some(of) = &self.owner.worktree else {
+            return;
+        };
+        let Some(w) = self.inner.worktrees.of_task(of) else {
+            return;
+        };
+        let finished = self
+            .bound
+            .as_ref()
+            .map_or_else(|| w.task.clone(), |b| b.task.clone());
+        let event = match worktree::summarize(&w, &finished).await {
+            Ok((change, diff, diff_cut)) => TaskEvent::Worktree {
+                branch: w.branch.clone(),
+                base: w.base.clone(),
+                note: None,
+                change: Some(change),
+                diff: Some(diff),
+                diff_cut,
+            },
+            Err(e) => TaskEvent::Worktree {
+                branch: w.branch.clone(),
+                base: w.base.clone(),
+                note: Some(format!("could not record what the task changed: {e}")),
+                change: None,
+                diff: None,
+                diff_cut: false,
+            },
+        };
+        self.inner.worktrees.ended(of).await;
+        self.emit(event).await;
     }
 }
 
@@ -1375,6 +1721,66 @@ fn bound_value(v: Value) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn only_the_requester_or_the_paired_owner_may_decide_a_worktree_whatever_the_relay_says()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = std::fs::canonicalize(dir.path()).unwrap().join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        let sh = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&repo)
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        sh(&["init", "-q", "-b", "main"]);
+        sh(&[
+            "-c",
+            "user.name=T",
+            "-c",
+            "user.email=t@e",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "one",
+        ]);
+        let config = ConfigDir::open(dir.path().join("agent")).unwrap();
+        let tasks = Tasks::new(config, TaskConfig::default(), CancellationToken::new());
+        let inner = &tasks.inner;
+        let w = inner
+            .worktrees
+            .create(&repo, "t_1", "300")
+            .await
+            .unwrap()
+            .worktree;
+        // This agent is not paired: nobody is its owner, so a relay calling someone "owner" proves nothing.
+        let who = |user: &str, role| Requester {
+            user: user.into(),
+            name: None,
+            role,
+        };
+        for stranger in [who("400", Role::Owner), who("400", Role::Grantee)] {
+            let out = inner
+                .worktree_action("t_1", WorktreeAction::Discard, &stranger)
+                .await;
+            assert!(
+                !out.ok && out.message.contains("only the person"),
+                "{out:?}"
+            );
+            assert!(w.path.is_dir());
+        }
+        let out = inner
+            .worktree_action("t_1", WorktreeAction::Discard, &who("300", Role::Grantee))
+            .await;
+        assert!(out.ok, "{out:?}");
+        assert!(!w.path.exists());
+    }
 
     #[test]
     fn grantees_are_sandboxed_or_refused_and_owners_only_by_choice() {

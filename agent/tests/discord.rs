@@ -1185,3 +1185,93 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
     agent.stop().await.unwrap();
     w.relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_in_a_worktree_shows_its_branch_and_diff_and_only_its_requester_merges_it() {
+    use crate::worktree::git;
+    let w = world().await;
+    let sim = &w.sim;
+    let (alice, bob) = (sim.user("alice"), sim.user("bob"));
+    crate::support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
+    let mut agent = TestAgent::start_with(w.run_options());
+    agent.connected(T).await;
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("project").sub(
+                "add",
+                [
+                    Opt::str("name", "app"),
+                    Opt::str("path", &w.project.display().to_string()),
+                ],
+            ),
+        )
+        .unwrap();
+    private(sim, &ix).await;
+    git(&w.project, &["init", "-q", "-b", "main"]);
+    git(&w.project, &["config", "user.name", "T"]);
+    git(&w.project, &["config", "user.email", "t@example.com"]);
+    std::fs::write(w.project.join("README"), "hi\n").unwrap();
+    git(&w.project, &["add", "README"]);
+    git(&w.project, &["commit", "-q", "-m", "one"]);
+
+    // The model writes into whichever worktree the task got (the only one there is).
+    let root = std::fs::canonicalize(w.agent_dir.path())
+        .unwrap()
+        .join("worktrees");
+    w.fake.push(Reply::with(move |_| {
+        let tree = std::fs::read_dir(&root)
+            .unwrap()
+            .next()
+            .expect("the task's worktree")
+            .unwrap()
+            .path();
+        Reply::tool_use("Write", write(&tree.join("hello.txt"), "hello\n"))
+    }));
+    w.fake.push(Reply::text("wrote it"));
+    let (task, thread) = start_task(
+        sim,
+        &alice,
+        SlashCommand::new("task")
+            .opt(Opt::str("prompt", "write hello.txt"))
+            .opt(Opt::str("project", "app"))
+            .opt(Opt::str("mode", "acceptEdits"))
+            .opt(Opt::str("isolation", "worktree")),
+    )
+    .await;
+    let summary = message_in(sim, &thread, "the summary with its branch", |m| {
+        m.embeds.to_string().contains("Branch")
+    })
+    .await;
+    let embed = summary.embeds.to_string();
+    assert!(embed.contains(&format!("ct/{task}")), "{embed}");
+    assert!(embed.contains("1 file changed, +1 −0"), "{embed}");
+    assert!(
+        summary
+            .attachments
+            .iter()
+            .any(|a| a.filename == format!("{task}.patch") && a.size > 0),
+        "{:?}",
+        summary.attachments
+    );
+    assert!(!w.project.join("hello.txt").exists());
+
+    // Someone else's click changes nothing.
+    let ix = click(sim, &bob, &thread, &summary, "wm:");
+    let said = private(sim, &ix).await;
+    assert!(said.contains("no task"), "{said}");
+    assert!(!w.project.join("hello.txt").exists());
+
+    // The requester's merges it into the project's branch.
+    let ix = click(sim, &alice, &thread, &summary, "wm:");
+    let said = answer(sim, &ix).await.content;
+    assert!(
+        said.contains("merged") && said.contains("fast-forward"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.project.join("hello.txt")).unwrap(),
+        "hello\n"
+    );
+    agent.stop().await.unwrap();
+}

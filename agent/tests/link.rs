@@ -278,7 +278,8 @@ impl Relay {
                         | AgentMessage::Running { .. }
                         | AgentMessage::Event { .. }
                         | AgentMessage::Projects(_)
-                        | AgentMessage::ProjectReply { .. },
+                        | AgentMessage::ProjectReply { .. }
+                        | AgentMessage::WorktreeReply { .. },
                     )) => {}
                     Ok(Some(AgentMessage::Goodbye { reason })) => {
                         let _ = self.events.send(Event::Goodbye { transport, reason });

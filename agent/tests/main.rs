@@ -14,3 +14,4 @@ mod sandbox;
 mod service;
 mod support;
 mod tasks;
+mod worktree;

@@ -612,3 +612,56 @@ fn the_owner_sets_budgets_and_network_from_the_command_line() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn a_grantees_task_in_a_worktree_writes_only_its_own_worktree() {
+    require_bwrap();
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    crate::worktree::repo(&w);
+    let isolated = |mode: &str| TaskOptions {
+        permission_mode: Some(mode.into()),
+        isolation: Some(ct_protocol::task::Isolation::Worktree),
+        ..TaskOptions::default()
+    };
+    // The owner's task, in its own worktree.
+    w.fake.push(Reply::text("done"));
+    let mut owners = w.start(submit(OWNER, "app", "hello", isolated("acceptEdits")));
+    assert_eq!(owners.finished().await.0, FinalState::Done);
+    let theirs = crate::worktree::worktree_of(&w, &owners.task);
+    assert!(theirs.is_dir());
+
+    let rec = w
+        .relay
+        .core
+        .submit_task(as_grantee("app", "write around", isolated("default")))
+        .unwrap();
+    let mine = crate::worktree::worktree_of(&w, &rec.spec.task);
+    w.fake.push(bash(format!(
+        "echo pwned > {o}/owned.txt; echo pwned > {p}/owned.txt; echo own > mine.txt; echo WRITES-DONE",
+        o = theirs.display(),
+        p = w.project.display(),
+    )));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.follow(&rec.spec.task);
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("WRITES-DONE"), "{sent}");
+    assert_eq!(
+        std::fs::read_to_string(mine.join("mine.txt")).unwrap(),
+        "own\n",
+        "the grantee's own worktree is writable"
+    );
+    assert!(
+        !theirs.join("owned.txt").exists(),
+        "the grantee wrote into the owner's task's worktree"
+    );
+    assert!(
+        !w.project.join("owned.txt").exists(),
+        "the grantee wrote into the project's own tree"
+    );
+}

@@ -31,7 +31,9 @@ pub(crate) struct World {
     pub(crate) home: PathBuf,
     relay_dir: tempfile::TempDir,
     agent_dir: tempfile::TempDir,
-    agent: TestAgent,
+    agent: Option<TestAgent>,
+    /// How the agent was started, to start it again.
+    run: RunOptions,
     pub(crate) fake: FakeAnthropic,
     _env: ClaudeEnv,
     _home: tempfile::TempDir,
@@ -47,6 +49,7 @@ pub(crate) struct World {
 pub(crate) struct Opts {
     pub(crate) logged_out: bool,
     pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) worktree_retention: Option<Duration>,
     /// More variables in the agent's environment for Claude Code (secrets a sandbox must keep out).
     pub(crate) env: Vec<(String, String)>,
     /// Pair at the relay as this user, while the agent keeps [`OWNER`] as its owner: a relay that has the
@@ -65,6 +68,16 @@ pub(crate) struct Opts {
 pub(crate) const SHARED_KEY: &str = "shared-tasks-test-key";
 
 impl World {
+    /// Stops the agent (its tasks end, its warm processes close) and starts it again on the same folder.
+    pub(crate) async fn restart_agent(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop().await.unwrap();
+        }
+        let mut agent = TestAgent::start_with(self.run.clone());
+        agent.connected(T).await;
+        self.agent = Some(agent);
+    }
+
     /// The agent's config directory.
     pub(crate) fn agent_dir(&self) -> &Path {
         self.agent_dir.path()
@@ -79,7 +92,7 @@ pub(crate) fn scratch(prefix: &str) -> tempfile::TempDir {
     builder.unwrap_or_else(|_| tempfile::tempdir().unwrap())
 }
 
-async fn world() -> World {
+pub(crate) async fn world() -> World {
     world_with(Opts::default()).await
 }
 
@@ -143,6 +156,9 @@ pub(crate) async fn world_with(opts: Opts) -> World {
         allowed_dirs: Some(allowed_env.clone()),
         cancel_step: Duration::from_secs(10),
         idle_timeout: opts.idle_timeout.unwrap_or(Duration::from_secs(600)),
+        worktree_retention: opts
+            .worktree_retention
+            .unwrap_or(Duration::from_secs(86_400)),
         before_sandbox: opts.swap_project_for_home.then(|| {
             let home = home.clone();
             SandboxHook(Arc::new(move |project: &Path| {
@@ -156,9 +172,10 @@ pub(crate) async fn world_with(opts: Opts) -> World {
         forwarder: Some(env!("CARGO_BIN_EXE_ct-agent").into()),
         ..TaskConfig::default()
     };
-    let mut agent = TestAgent::start_with(run);
+    let mut agent = TestAgent::start_with(run.clone());
     agent.connected(T).await;
     World {
+        run,
         relay,
         agent_config,
         allowed_env,
@@ -166,7 +183,7 @@ pub(crate) async fn world_with(opts: Opts) -> World {
         _home: home_dir,
         relay_dir,
         agent_dir,
-        agent,
+        agent: Some(agent),
         fake,
         _env: env,
         _root: root,
@@ -203,7 +220,7 @@ impl World {
         self.follow(&rec.spec.task)
     }
 
-    fn follow(&self, task: &str) -> Follow {
+    pub(crate) fn follow(&self, task: &str) -> Follow {
         let (_, stored, rx) = self.relay.core.follow(task).expect("follow");
         Follow {
             task: task.into(),
@@ -336,6 +353,7 @@ fn kind(e: &TaskEvent) -> &'static str {
         TaskEvent::ApprovalClosed { .. } => "approval_closed",
         TaskEvent::TurnFinished { .. } => "turn_finished",
         TaskEvent::Finished { .. } => "finished",
+        TaskEvent::Worktree { .. } => "worktree",
     }
 }
 
@@ -653,7 +671,7 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
         "relay restart mid-task: {before} events stored before, {} after (re-sent by the agent)",
         stored.len() - before
     );
-    agent.stop().await.unwrap();
+    agent.expect("the agent").stop().await.unwrap();
     relay.stop().await;
 }
 
@@ -817,7 +835,7 @@ async fn a_trusted_grantee_decides_their_own_approvals() {
 }
 
 /// The user messages (prompts) in the last main request the fake saw: the conversation Claude was given.
-fn prompts_in_last_request(fake: &FakeAnthropic) -> String {
+pub(crate) fn prompts_in_last_request(fake: &FakeAnthropic) -> String {
     let reqs = fake.main_requests();
     let last = reqs.last().expect("a request");
     last.body["messages"].to_string()

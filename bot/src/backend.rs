@@ -204,6 +204,18 @@ pub trait Backend: Send + Sync + 'static {
     async fn follow(&self, task: &str) -> Result<TaskFeed>;
     /// `/cancel`, the Stop button.
     async fn cancel(&self, user: &str, task: &str) -> Result<()>;
+    /// Merges, keeps or discards a finished task's worktree branch (the requester or the agent's owner only);
+    /// a refusal or a conflict is `ok: false` with the reason and the conflicting files.
+    async fn worktree(
+        &self,
+        _user: &str,
+        _task: &str,
+        _action: ct_protocol::task::WorktreeAction,
+    ) -> Result<ct_protocol::task::WorktreeOutcome> {
+        Err(BackendError::Refused(
+            "this relay cannot merge, keep or discard task branches".into(),
+        ))
+    }
     /// Approval buttons, menus, modals and `/approve`.
     async fn decide(
         &self,

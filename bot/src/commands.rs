@@ -124,6 +124,9 @@ pub fn all() -> Vec<CreateCommand> {
                     .add_string_choice("Ask before acting (default)", "default")
                     .add_string_choice("Accept file edits", "acceptEdits")
                     .add_string_choice("Plan only, change nothing", "plan"),
+                string("isolation", "Where the task edits files")
+                    .add_string_choice("A git worktree and branch of its own", "worktree")
+                    .add_string_choice("The project's own folder", "shared"),
                 CreateCommandOption::new(
                     CommandOptionType::Boolean,
                     "private",

@@ -58,6 +58,11 @@ pub enum Action {
     },
     /// The Stop button of a task.
     Stop { task: String },
+    /// Merge / Keep / Discard on a finished task's worktree branch.
+    Worktree {
+        task: String,
+        action: ct_protocol::task::WorktreeAction,
+    },
 }
 
 /// Why an action cannot be encoded.
@@ -148,6 +153,14 @@ impl Action {
             "st" if !rest.is_empty() && !rest.contains(':') => Self::Stop {
                 task: rest.to_string(),
             },
+            "wm" | "wk" | "wd" if !rest.is_empty() && !rest.contains(':') => Self::Worktree {
+                task: rest.to_string(),
+                action: match verb {
+                    "wm" => ct_protocol::task::WorktreeAction::Merge,
+                    "wk" => ct_protocol::task::WorktreeAction::Keep,
+                    _ => ct_protocol::task::WorktreeAction::Discard,
+                },
+            },
             _ => return None,
         })
     }
@@ -163,7 +176,8 @@ impl Action {
             | Self::Answer { task, .. }
             | Self::AnswerOther { task, .. }
             | Self::AnswerText { task, .. }
-            | Self::Stop { task } => task,
+            | Self::Stop { task }
+            | Self::Worktree { task, .. } => task,
         }
     }
 }
@@ -203,6 +217,14 @@ impl fmt::Display for Action {
                 question,
             } => write!(f, "qt:{question}:{task}:{approval}"),
             Self::Stop { task } => write!(f, "st:{task}"),
+            Self::Worktree { task, action } => {
+                let verb = match action {
+                    ct_protocol::task::WorktreeAction::Merge => "wm",
+                    ct_protocol::task::WorktreeAction::Keep => "wk",
+                    ct_protocol::task::WorktreeAction::Discard => "wd",
+                };
+                write!(f, "{verb}:{task}")
+            }
         }
     }
 }
@@ -263,6 +285,18 @@ mod tests {
                 question: 1,
             },
             Action::Stop { task: t.clone() },
+            Action::Worktree {
+                task: t.clone(),
+                action: ct_protocol::task::WorktreeAction::Merge,
+            },
+            Action::Worktree {
+                task: t.clone(),
+                action: ct_protocol::task::WorktreeAction::Keep,
+            },
+            Action::Worktree {
+                task: t.clone(),
+                action: ct_protocol::task::WorktreeAction::Discard,
+            },
         ] {
             let id = action.encode().unwrap();
             assert!(id.len() <= CUSTOM_ID_MAX);
@@ -284,7 +318,8 @@ mod tests {
     #[test]
     fn foreign_ids_do_not_parse() {
         for id in [
-            "", "st", "st:", "xx:t:a", "ao:t_1", "ao::a", "qa:x:t:a", "qa:1:t", "st:a:b",
+            "", "st", "st:", "xx:t:a", "ao:t_1", "ao::a", "qa:x:t:a", "qa:1:t", "st:a:b", "wm:",
+            "wd:a:b",
         ] {
             assert_eq!(Action::parse(id), None, "{id:?}");
         }

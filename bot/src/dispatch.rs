@@ -419,6 +419,7 @@ impl Inner {
             options: TaskOptions {
                 model: args.str("model"),
                 permission_mode: args.str("mode"),
+                isolation: args.str("isolation").and_then(|i| i.parse().ok()),
                 ..TaskOptions::default()
             },
             resume: None,
@@ -1100,6 +1101,32 @@ impl Inner {
                 Err(e) => failed(e).into(),
             };
         }
+        if let Action::Worktree { action, .. } = action {
+            // The relay allows only the task's requester or the agent's owner; the agent checks again.
+            return match self.backend.worktree(&user, &task, action).await {
+                Ok(outcome) => {
+                    let files = if outcome.conflicts.is_empty() {
+                        String::new()
+                    } else {
+                        let list: Vec<String> = outcome
+                            .conflicts
+                            .iter()
+                            .take(20)
+                            .map(|f| crate::render::escape::inline_code(f, 200))
+                            .collect();
+                        format!("\nConflicting files: {}", list.join(", "))
+                    };
+                    let icon = if outcome.ok { "✅" } else { "⚠️" };
+                    let text = crate::render::truncate(&outcome.message, 1500);
+                    if outcome.ok {
+                        Answer::text(format!("{icon} {text}")).into()
+                    } else {
+                        Answer::private(format!("{icon} {text}{files}")).into()
+                    }
+                }
+                Err(e) => failed(e).into(),
+            };
+        }
         match self.gate(&user, &task).await {
             Ok(Ok(())) => {}
             Ok(Err(refusal)) => return refusal.into(),
@@ -1200,6 +1227,7 @@ impl Inner {
                 })
             }
             Action::Stop { .. }
+            | Action::Worktree { .. }
             | Action::DenyReason { .. }
             | Action::AnswerText { .. }
             | Action::PrefixText { .. } => {

@@ -30,8 +30,8 @@ use ct_protocol::scope::SessionScope;
 use ct_protocol::task::TaskEvent;
 use serde_json::Value;
 use serenity::all::{
-    ChannelId, CreateActionRow, CreateAllowedMentions, CreateMessage, EditMessage, MessageId,
-    UserId,
+    ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateMessage,
+    EditMessage, MessageId, UserId,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
@@ -269,6 +269,33 @@ pub(crate) fn unix_now() -> u64 {
 /// still shows the task's real age.
 fn age(created_at: u64) -> Duration {
     Duration::from_secs(unix_now().saturating_sub(created_at))
+}
+
+/// Merge / Keep / Discard for a finished task's worktree branch.
+fn worktree_row(task: &str) -> Vec<CreateActionRow> {
+    use ct_protocol::task::WorktreeAction;
+    let buttons: Result<Vec<CreateButton>, _> = [
+        (WorktreeAction::Merge, "Merge", ButtonStyle::Success),
+        (WorktreeAction::Keep, "Keep branch", ButtonStyle::Secondary),
+        (WorktreeAction::Discard, "Discard", ButtonStyle::Danger),
+    ]
+    .into_iter()
+    .map(|(action, label, style)| {
+        crate::custom_id::Action::Worktree {
+            task: task.to_string(),
+            action,
+        }
+        .encode()
+        .map(|id| CreateButton::new(id).label(label).style(style))
+    })
+    .collect();
+    match buttons {
+        Ok(b) => vec![CreateActionRow::Buttons(b)],
+        Err(err) => {
+            warn!(%err, task, "no worktree buttons");
+            Vec::new()
+        }
+    }
 }
 
 fn stop_row(task: &str, disabled: bool) -> Vec<CreateActionRow> {
@@ -689,10 +716,30 @@ impl Follower {
             project: self.task.project.clone(),
             elapsed: age(self.task.created_at),
         };
-        let msg = CreateMessage::new()
+        let mut msg = CreateMessage::new()
             .embed(summary_embed(&self.progress, &ctx))
             .allowed_mentions(CreateAllowedMentions::new());
-        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
+        let mut files = Vec::new();
+        if let Some(w) = self
+            .progress
+            .worktree
+            .as_ref()
+            .filter(|w| w.change.is_some())
+        {
+            // The whole diff rides along as a file (where it fits Discord's upload limit); the buttons decide
+            // the branch's fate, for the requester or the owner only (the relay checks who clicks).
+            if let Some(diff) = w.diff.as_deref().filter(|d| !d.is_empty()) {
+                let limit = usize::try_from(DEFAULT_ATTACHMENT_LIMIT).unwrap_or(usize::MAX);
+                if diff.len() <= limit {
+                    files.push(Upload {
+                        filename: format!("{}.patch", self.task.id),
+                        data: diff.as_bytes().to_vec(),
+                    });
+                }
+            }
+            msg = msg.components(worktree_row(&self.task.id));
+        }
+        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &files).await {
             warn!(%err, task = %self.task.id, "could not post the summary");
         }
         if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {

@@ -354,7 +354,8 @@ impl Agent {
             RelayMessage::Heartbeat
             | RelayMessage::TaskInput { .. }
             | RelayMessage::Decide { .. }
-            | RelayMessage::Project { .. } => {}
+            | RelayMessage::Project { .. }
+            | RelayMessage::Worktree { .. } => {}
         }
         None
     }

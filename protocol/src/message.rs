@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::project::{ProjectOp, ProjectReply, ProjectsReport};
-use crate::task::{Decision, TaskEvent, TaskSpec};
+use crate::task::{Decision, Requester, TaskEvent, TaskSpec, WorktreeAction, WorktreeOutcome};
 
 /// Agent → relay.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +30,8 @@ pub enum AgentMessage {
     Projects(ProjectsReport),
     /// The answer to [`RelayMessage::Project`] with the same `id`.
     ProjectReply { id: u64, reply: ProjectReply },
+    /// The answer to [`RelayMessage::Worktree`] with the same `id`.
+    WorktreeReply { id: u64, outcome: WorktreeOutcome },
 }
 
 /// Relay → agent.
@@ -60,6 +62,15 @@ pub enum RelayMessage {
     /// Add, remove or list projects on the agent's own policy; answered by [`AgentMessage::ProjectReply`].
     /// The agent checks paths against its allowed folders itself: the relay cannot widen them.
     Project { id: u64, op: ProjectOp },
+    /// Merge, keep or discard the worktree branch of a finished `task`; answered by
+    /// [`AgentMessage::WorktreeReply`]. Sent only for tasks whose agent reported a worktree (so only to agents
+    /// that understand it). The agent checks `requester` itself: the task's requester or its owner.
+    Worktree {
+        id: u64,
+        task: String,
+        action: WorktreeAction,
+        requester: Requester,
+    },
 }
 
 /// Why the relay ended a session.

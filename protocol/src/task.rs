@@ -47,6 +47,66 @@ pub struct TaskOptions {
     pub max_turns: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_budget_usd: Option<f64>,
+    /// Where the task edits files; unset, the project's default on the agent applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
+}
+
+/// Where a task edits files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// In the project's own working tree, alongside anything else running there.
+    Shared,
+    /// In a git worktree of its own, on branch `ct/<task>`, created from the project's HEAD.
+    Worktree,
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "shared" => Ok(Self::Shared),
+            "worktree" => Ok(Self::Worktree),
+            other => Err(format!(
+                "isolation is `worktree` or `shared`, not `{other}`"
+            )),
+        }
+    }
+}
+
+/// Longest diff a [`TaskEvent::Worktree`] carries (bytes); a longer one is cut and says so.
+pub const MAX_DIFF_LEN: usize = 256 * 1024;
+
+/// What a task in a worktree changed against the commit it started from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffStat {
+    pub files_changed: u32,
+    pub insertions: u32,
+    pub deletions: u32,
+}
+
+/// What to do with a finished task's worktree branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorktreeAction {
+    /// Merge the branch into the project's checked-out branch (fast-forward, else a merge commit), then
+    /// remove the worktree and the branch.
+    Merge,
+    /// Remove the worktree, keep the branch.
+    Keep,
+    /// Remove the worktree and delete the branch.
+    Discard,
+}
+
+/// How a [`WorktreeAction`] went: `ok` false says why in `message` (with the conflicting files for a merge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorktreeOutcome {
+    pub ok: bool,
+    pub message: String,
+    /// Files a merge would conflict on; nothing was changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<String>,
 }
 
 /// Everything an agent needs to start a task.
@@ -163,6 +223,23 @@ pub enum TaskEvent {
         #[serde(default)]
         duration_ms: Option<u64>,
     },
+    /// The task runs (at start) or ran (before [`TaskEvent::Finished`], with `change`) in a git worktree on
+    /// `branch`, created from commit `base`. Only sent for tasks in a worktree, which older relays never ask
+    /// for.
+    Worktree {
+        branch: String,
+        base: String,
+        /// Something the user should know (uncommitted changes left out, why it runs shared instead).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        change: Option<DiffStat>,
+        /// The whole diff against `base`, at most [`MAX_DIFF_LEN`] bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diff: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        diff_cut: bool,
+    },
     /// The task is over; `message` explains a failure in words the user can act on.
     Finished {
         state: FinalState,
@@ -230,6 +307,76 @@ mod tests {
         };
         let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&auto).unwrap()).unwrap();
         assert_eq!(back, auto);
+    }
+
+    #[test]
+    fn worktree_options_events_and_requests_are_additive() {
+        // Options from an older relay: no isolation.
+        let old: TaskOptions = serde_json::from_str(r#"{"model":"sonnet"}"#).unwrap();
+        assert_eq!(old.isolation, None);
+        // Unset, nothing new is sent to older agents.
+        assert_eq!(
+            serde_json::to_string(&TaskOptions::default()).unwrap(),
+            "{}"
+        );
+        let set = TaskOptions {
+            isolation: Some(Isolation::Worktree),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&set).unwrap(),
+            r#"{"isolation":"worktree"}"#
+        );
+        assert_eq!("shared".parse::<Isolation>(), Ok(Isolation::Shared));
+        assert!("both".parse::<Isolation>().is_err());
+        let ev = TaskEvent::Worktree {
+            branch: "ct/t_1".into(),
+            base: "abc".into(),
+            note: None,
+            change: Some(DiffStat {
+                files_changed: 1,
+                insertions: 2,
+                deletions: 3,
+            }),
+            diff: Some("+x".into()),
+            diff_cut: false,
+        };
+        let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&ev).unwrap()).unwrap();
+        assert_eq!(back, ev);
+        let req = RelayMessage::Worktree {
+            id: 1,
+            task: "t_1".into(),
+            action: WorktreeAction::Merge,
+            requester: Requester {
+                user: "1".into(),
+                name: None,
+                role: Role::Owner,
+            },
+        };
+        let frame = crate::frame::encode(&req).unwrap();
+        assert_eq!(
+            crate::frame::decode::<RelayMessage>(&frame)
+                .unwrap()
+                .unwrap()
+                .0,
+            req
+        );
+        let reply = AgentMessage::WorktreeReply {
+            id: 1,
+            outcome: WorktreeOutcome {
+                ok: false,
+                message: "conflict".into(),
+                conflicts: vec!["a.txt".into()],
+            },
+        };
+        let frame = crate::frame::encode(&reply).unwrap();
+        assert_eq!(
+            crate::frame::decode::<AgentMessage>(&frame)
+                .unwrap()
+                .unwrap()
+                .0,
+            reply
+        );
     }
 
     #[test]

@@ -97,6 +97,12 @@ pub enum Request {
         approval: String,
         decision: ct_protocol::task::Decision,
     },
+    /// Merge, keep or discard a finished task's worktree branch, acting as a Discord user.
+    Worktree {
+        user: String,
+        task: String,
+        action: ct_protocol::task::WorktreeAction,
+    },
     /// Read the audit log, newest first.
     Audit {
         #[serde(default)]
@@ -320,6 +326,30 @@ async fn handle(
                         },
                     }
                 }
+                Ok(Request::Worktree { user, task, action }) => {
+                    tracing::info!(%user, %task, ?action, "admin worktree request");
+                    match core.worktree(Caller::operator(&user), &task, action).await {
+                        Ok(outcome) if outcome.ok => Reply::Done {
+                            message: outcome.message,
+                        },
+                        Ok(outcome) => {
+                            let files = if outcome.conflicts.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "\nconflicting files:\n  {}",
+                                    outcome.conflicts.join("\n  ")
+                                )
+                            };
+                            Reply::Error {
+                                message: format!("{}{files}", outcome.message),
+                            }
+                        }
+                        Err(e) => Reply::Error {
+                            message: e.to_string(),
+                        },
+                    }
+                }
                 Ok(req) => {
                     tracing::info!(request = ?req, "admin request");
                     answer(req, core, status)
@@ -465,7 +495,8 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
         Request::Task { .. }
         | Request::Follow { .. }
         | Request::Reply { .. }
-        | Request::Project { .. } => {
+        | Request::Project { .. }
+        | Request::Worktree { .. } => {
             return Reply::Error {
                 message: "task streams and agent requests are handled by the connection".into(),
             }

@@ -188,6 +188,15 @@ pub enum AuditKind {
     },
     /// The owner's default agent was set.
     DefaultAgentSet,
+    /// A finished task's worktree branch was merged, kept or discarded (or that was refused: `ok` false).
+    WorktreeDecided {
+        /// "merge", "keep" or "discard".
+        action: String,
+        branch: String,
+        /// Whose task it was.
+        requester: String,
+        ok: bool,
+    },
 }
 
 impl AuditKind {
@@ -203,6 +212,7 @@ impl AuditKind {
             Self::ApprovalDecided { .. } => "approval",
             Self::AutoAllowed { .. } => "auto-allowed",
             Self::TaskCancelled { .. } => "cancelled",
+            Self::WorktreeDecided { .. } => "worktree",
             Self::ProjectChanged { .. } => "project",
             Self::DefaultAgentSet => "default-agent",
         }

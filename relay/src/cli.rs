@@ -156,6 +156,10 @@ pub enum AdminCommand {
         /// Claude Code permission mode (default, acceptEdits, plan, ...).
         #[arg(long)]
         mode: Option<String>,
+        /// Where the task edits: `worktree` (a git worktree and branch ct/<task> of its own) or `shared`
+        /// (the project's own folder); unset, the project's default on the agent.
+        #[arg(long, value_parser = ["worktree", "shared"])]
+        isolation: Option<String>,
         /// Run on the agents of this Discord user, who shared them with USER.
         #[arg(long, value_name = "OWNER")]
         target: Option<String>,
@@ -223,6 +227,15 @@ pub enum AdminCommand {
         before: Option<u64>,
         #[arg(long)]
         json: bool,
+    },
+    /// Merge a finished task's worktree branch into the project's checked-out branch, keep the branch, or
+    /// discard it (worktree and branch), acting as a Discord user: the task's requester or the agent's owner.
+    Worktree {
+        #[arg(value_parser = ["merge", "keep", "discard"])]
+        action: String,
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        task: String,
     },
     /// Answer an approval request, acting as a Discord user: allow, allow-session, or deny (with --reason).
     Approve {
@@ -449,6 +462,7 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             agent,
             model,
             mode,
+            isolation,
             target,
             name,
             prompt,
@@ -456,6 +470,7 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             let options = ct_protocol::task::TaskOptions {
                 model: model.clone(),
                 permission_mode: mode.clone(),
+                isolation: isolation.as_deref().and_then(|i| i.parse().ok()),
                 ..Default::default()
             };
             let req = Request::Task {
@@ -556,6 +571,20 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             },
             false,
         ),
+        AdminCommand::Worktree { action, user, task } => {
+            use ct_protocol::task::WorktreeAction;
+            let action = match action.as_str() {
+                "merge" => WorktreeAction::Merge,
+                "keep" => WorktreeAction::Keep,
+                _ => WorktreeAction::Discard,
+            };
+            let req = Request::Worktree {
+                user: user.clone(),
+                task: task.clone(),
+                action,
+            };
+            (req, false)
+        }
         AdminCommand::Approve {
             user,
             task,
@@ -763,6 +792,18 @@ pub fn render_event(event: &TaskEvent) -> String {
             if *is_error { "failed" } else { "done" },
             turns.map(|t| format!(", {t} turns")).unwrap_or_default(),
             cost_usd.map(|c| format!(", ${c:.4}")).unwrap_or_default()
+        ),
+        TaskEvent::Worktree { branch, base, note, change: None, .. } => format!(
+            "> in worktree branch {branch} from {}{}\n",
+            &base[..base.len().min(10)],
+            note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+        ),
+        TaskEvent::Worktree { branch, change: Some(c), diff_cut, .. } => format!(
+            "> branch {branch}: {} file(s) changed, {} insertion(s)(+), {} deletion(s)(-){}\n  merge, keep or discard it: ct-relay admin worktree merge|keep|discard --as <you> <task>\n",
+            c.files_changed,
+            c.insertions,
+            c.deletions,
+            if *diff_cut { " (diff cut)" } else { "" }
         ),
         TaskEvent::Finished { state, message } => {
             format!("> {state:?}{}\n", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())

@@ -432,6 +432,18 @@ impl Backend for CoreBackend {
         Ok(())
     }
 
+    async fn worktree(
+        &self,
+        user: &str,
+        task: &str,
+        action: ct_protocol::task::WorktreeAction,
+    ) -> Result<ct_protocol::task::WorktreeOutcome> {
+        self.core
+            .worktree(user, task, action)
+            .await
+            .map_err(task_err)
+    }
+
     async fn decide(
         &self,
         user: &str,

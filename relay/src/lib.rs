@@ -13,6 +13,7 @@
 //! - [`retention`]: deleting old tasks, audit entries and pairing codes, hourly.
 //! - [`routing`]: which agent a request goes to (named, only, or default).
 //! - [`projects`]: project requests answered by the agent, and its stored project report.
+//! - [`worktrees`]: merge, keep or discard a finished task's worktree branch: who may ask, and the agent's answer.
 //! - [`store`]: the embedded sled store; [`durable`]: group commit, so acknowledgements wait for the disk
 //!   without an fsync each.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
@@ -43,5 +44,6 @@ pub mod store;
 pub mod sys;
 pub mod tasks;
 pub mod tls;
+pub mod worktrees;
 
 pub use relay::{Relay, RelayConfig};

@@ -29,19 +29,26 @@ pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 /// A request waiting for its answer.
 #[derive(Debug)]
 pub(crate) struct PendingRequest {
-    agent: Fingerprint,
+    pub(crate) agent: Fingerprint,
     /// The session the request went to; when it ends, the request can no longer be answered.
-    session: u64,
-    reply: oneshot::Sender<ProjectReply>,
+    pub(crate) session: u64,
+    pub(crate) reply: oneshot::Sender<Answer>,
+}
+
+/// An agent's answer to a request the relay is waiting on.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Project(ProjectReply),
+    Worktree(ct_protocol::task::WorktreeOutcome),
 }
 
 pub(crate) type Pending = Mutex<HashMap<u64, PendingRequest>>;
 
 /// Removes a request from the pending map when its caller stops waiting, however that happens (answer,
 /// timeout, or the caller's future being dropped).
-struct Waiting<'a> {
-    core: &'a Core,
-    id: u64,
+pub(crate) struct Waiting<'a> {
+    pub(crate) core: &'a Core,
+    pub(crate) id: u64,
 }
 
 impl Drop for Waiting<'_> {
@@ -118,7 +125,7 @@ fn sanitize(mut report: ProjectsReport) -> ProjectsReport {
 }
 
 impl Core {
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingRequest>> {
+    pub(crate) fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingRequest>> {
         self.pending_projects
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -186,7 +193,7 @@ impl Core {
         }
         let timeout = self.config().project_timeout;
         match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(ProjectReply::Ok(report))) => {
+            Ok(Ok(Answer::Project(ProjectReply::Ok(report)))) => {
                 let report = sanitize(report);
                 self.store_projects(&agent.fingerprint, report.clone());
                 if let Some((change, name, path)) = change {
@@ -208,11 +215,13 @@ impl Core {
                 }
                 Ok(report)
             }
-            Ok(Ok(ProjectReply::Refused { message })) => Err(TaskError::ProjectRefused {
-                agent: agent.name,
-                message: message.chars().take(2000).collect(),
-            }),
-            Ok(Err(_)) => Err(TaskError::AgentGone(agent.name)),
+            Ok(Ok(Answer::Project(ProjectReply::Refused { message }))) => {
+                Err(TaskError::ProjectRefused {
+                    agent: agent.name,
+                    message: message.chars().take(2000).collect(),
+                })
+            }
+            Ok(Ok(Answer::Worktree(_)) | Err(_)) => Err(TaskError::AgentGone(agent.name)),
             Err(_) => Err(TaskError::NoAnswer {
                 agent: agent.name,
                 secs: timeout.as_secs().max(1),
@@ -222,7 +231,7 @@ impl Core {
 
     /// An agent's answer to a project request. Only the agent that was asked can answer it: an id sent by
     /// another agent is ignored (and leaves the request waiting for its real answer).
-    pub(crate) fn project_reply(&self, agent: &Fingerprint, id: u64, reply: ProjectReply) {
+    pub(crate) fn answer(&self, agent: &Fingerprint, id: u64, reply: Answer) {
         let mut pending = self.pending();
         match pending.get(&id) {
             Some(p) if p.agent == *agent => {

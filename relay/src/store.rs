@@ -148,6 +148,10 @@ pub struct TaskRecord {
     /// Whether output past the cap was dropped (a marker event in the log says so where it started).
     #[serde(default)]
     pub output_truncated: bool,
+    /// The git branch the agent reported this task's worktree on: only such tasks can be merged, kept or
+    /// discarded (and only agents that report one understand the request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worktree: Option<String>,
 }
 
 impl TaskRecord {

@@ -593,6 +593,7 @@ impl Core {
             order: self.store().next_order()?,
             output_bytes: 0,
             output_truncated: false,
+            worktree: None,
         };
         if rec.spec.requester.role == Role::Owner {
             self.store().put_task(&rec)?;
@@ -1157,7 +1158,7 @@ impl Core {
         Ok(())
     }
 
-    fn may_act(&self, user: &str, rec: &TaskRecord) -> Result<(), TaskError> {
+    pub(crate) fn may_act(&self, user: &str, rec: &TaskRecord) -> Result<(), TaskError> {
         let owner = self.store().agent(&rec.agent)?.map(|a| a.owner);
         if rec.spec.requester.user == user || owner.as_deref() == Some(user) {
             Ok(())
@@ -1422,6 +1423,7 @@ fn apply(rec: &mut TaskRecord, event: &TaskEvent) {
             };
             rec.message = message.clone();
         }
+        TaskEvent::Worktree { branch, .. } => rec.worktree = Some(branch.clone()),
         _ => {}
     }
 }

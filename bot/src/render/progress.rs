@@ -101,6 +101,19 @@ pub struct TaskProgress {
     pub duration_ms: u64,
     /// Why it failed, in words the user can act on.
     pub message: Option<String>,
+    /// The git worktree branch the task runs on, and what it changed once it ended.
+    pub worktree: Option<WorktreeShown>,
+}
+
+/// A task's worktree as the summary shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorktreeShown {
+    pub branch: String,
+    pub note: Option<String>,
+    pub change: Option<ct_protocol::task::DiffStat>,
+    /// The diff for a `.patch` attachment, and whether the agent cut it.
+    pub diff: Option<String>,
+    pub diff_cut: bool,
 }
 
 /// `🔧 Edit `src/main.rs``, `▶ Bash `cargo test``: which tool, on what. The summary is the model's or a
@@ -144,6 +157,7 @@ impl TaskProgress {
             output_tokens: 0,
             duration_ms: 0,
             message: None,
+            worktree: None,
         }
     }
 
@@ -164,6 +178,25 @@ impl TaskProgress {
                 }
             }
             TaskEvent::Text { .. } => return false,
+            TaskEvent::Worktree {
+                branch,
+                note,
+                change,
+                diff,
+                diff_cut,
+                ..
+            } => {
+                let shown = self.worktree.get_or_insert_with(WorktreeShown::default);
+                shown.branch.clone_from(branch);
+                if note.is_some() {
+                    shown.note.clone_from(note);
+                }
+                if change.is_some() {
+                    shown.change.clone_from(change);
+                    shown.diff.clone_from(diff);
+                    shown.diff_cut = *diff_cut;
+                }
+            }
             // The same use was counted when the model called the tool; the thread gets its own line for it.
             TaskEvent::Tool {
                 auto_allowed: Some(_),

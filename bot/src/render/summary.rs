@@ -71,6 +71,25 @@ pub fn summary_embed(p: &TaskProgress, ctx: &SummaryContext) -> CreateEmbed {
         )
         .field("Agent", field(ctx.agent.clone()), true)
         .field("Project", field(ctx.project.clone()), true);
+    if let Some(w) = &p.worktree {
+        let mut value = crate::render::escape::inline_code(&w.branch, 200);
+        if let Some(c) = &w.change {
+            value.push_str(&format!(
+                " · {} file{} changed, +{} −{}",
+                c.files_changed,
+                if c.files_changed == 1 { "" } else { "s" },
+                c.insertions,
+                c.deletions
+            ));
+            if w.diff_cut {
+                value.push_str(" (the attached diff is cut)");
+            }
+        }
+        if let Some(note) = &w.note {
+            value.push_str(&format!("\n{note}"));
+        }
+        e = e.field("Branch", field(value), false);
+    }
     if let Some(m) = &p.message {
         e = e.description(truncate(m, 1500));
     }
@@ -147,6 +166,50 @@ mod tests {
         assert_eq!(get("Agent"), "laptop");
         assert_eq!(get("Project"), "web");
         assert_eq!(v["footer"]["text"], "session 0b6c-session");
+    }
+
+    #[test]
+    fn names_the_branch_and_its_change_and_stays_within_limits() {
+        let mut p = done();
+        p.apply(&TaskEvent::Worktree {
+            branch: "ct/t_abc".into(),
+            base: "abc".into(),
+            note: None,
+            change: Some(ct_protocol::task::DiffStat {
+                files_changed: 2,
+                insertions: 3,
+                deletions: 1,
+            }),
+            diff: Some("+x".into()),
+            diff_cut: true,
+        });
+        let v = serde_json::to_value(summary_embed(&p, &ctx("laptop", "web"))).unwrap();
+        let branch = v["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "Branch")
+            .expect("a Branch field")["value"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            branch,
+            "`ct/t_abc` · 2 files changed, +3 −1 (the attached diff is cut)"
+        );
+        // A branch name and note from the agent cannot break the embed.
+        p.apply(&TaskEvent::Worktree {
+            branch: "b".repeat(5000),
+            base: "abc".into(),
+            note: Some("n".repeat(5000)),
+            change: None,
+            diff: None,
+            diff_cut: false,
+        });
+        let body = json!({"embeds": [summary_embed(&p, &ctx("laptop", "web"))]});
+        if let Err(err) = ct_testkit::discord::limits::check_message(&body, 0, false) {
+            panic!("Discord would refuse the summary: {}", err.body);
+        }
     }
 
     #[test]

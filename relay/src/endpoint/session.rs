@@ -313,7 +313,12 @@ fn handle(core: &Core, agent: &ct_protocol::Fingerprint, msg: AgentMessage) {
             }
         }
         AgentMessage::Projects(report) => core.projects_reported(agent, report),
-        AgentMessage::ProjectReply { id, reply } => core.project_reply(agent, id, reply),
+        AgentMessage::ProjectReply { id, reply } => {
+            core.answer(agent, id, crate::projects::Answer::Project(reply))
+        }
+        AgentMessage::WorktreeReply { id, outcome } => {
+            core.answer(agent, id, crate::projects::Answer::Worktree(outcome))
+        }
         // The session loop itself deals with these.
         AgentMessage::Event { .. } | AgentMessage::Heartbeat | AgentMessage::Goodbye { .. } => {}
     }

@@ -1,0 +1,143 @@
+//! A finished task's git worktree: its requester or the agent's owner merges, keeps or discards its branch.
+//! The relay checks who asks and that the agent reported a worktree for the task (so only agents that
+//! understand the request get it); the agent checks the requester again and does the git work.
+
+use ct_protocol::task::{Requester, Role, WorktreeAction, WorktreeOutcome};
+use ct_protocol::RelayMessage;
+use tokio::sync::oneshot;
+
+use crate::audit::{AuditEntry, AuditKind, Caller};
+use crate::core::Core;
+use crate::projects::{Answer, PendingRequest, Waiting, MAX_PENDING_PER_AGENT};
+use crate::tasks::TaskError;
+
+/// Longest outcome message kept from an agent, and most conflicting files listed.
+const MAX_MESSAGE: usize = 2000;
+const MAX_CONFLICTS: usize = 50;
+
+impl Core {
+    /// Asks the agent of task `id` to merge, keep or discard its worktree branch, and waits (bounded) for
+    /// the outcome. Only the task's requester or the agent's owner may ask.
+    pub async fn worktree<'a>(
+        &self,
+        who: impl Into<Caller<'a>>,
+        id: &str,
+        action: WorktreeAction,
+    ) -> Result<WorktreeOutcome, TaskError> {
+        let caller = who.into();
+        let user = caller.user;
+        let rec = self.task(id)?;
+        self.may_act(user, &rec)?;
+        let refused = |message: String| WorktreeOutcome {
+            ok: false,
+            message,
+            conflicts: Vec::new(),
+        };
+        let Some(branch) = rec.worktree.clone() else {
+            return Ok(refused(format!(
+                "task {id} did not run in a worktree of its own, so it has no branch to merge, keep or discard"
+            )));
+        };
+        if !rec.state.is_final() {
+            return Ok(refused(format!(
+                "task {id} is still running: {branch} can be merged, kept or discarded once it ends"
+            )));
+        }
+        let agent = self
+            .store()
+            .agent(&rec.agent)?
+            .ok_or_else(|| TaskError::NoSuchTask(id.to_string()))?;
+        let Some(session) = self.live().get(&agent.fingerprint).map(|l| l.session) else {
+            return Err(TaskError::Offline {
+                name: agent.name,
+                seen: "not connected now".into(),
+            });
+        };
+        let request_id = self.next_request_id();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending();
+            if pending
+                .values()
+                .filter(|p| p.agent == agent.fingerprint)
+                .count()
+                >= MAX_PENDING_PER_AGENT
+            {
+                return Err(TaskError::TooManyRequests(agent.name));
+            }
+            pending.insert(
+                request_id,
+                PendingRequest {
+                    agent: agent.fingerprint,
+                    session,
+                    reply: tx,
+                },
+            );
+        }
+        let _waiting = Waiting {
+            core: self,
+            id: request_id,
+        };
+        // The agent judges the role by the id it was paired with; the relay's word can only lower it.
+        let role = if agent.owner == user {
+            Role::Owner
+        } else {
+            rec.spec.requester.role
+        };
+        let msg = RelayMessage::Worktree {
+            id: request_id,
+            task: id.to_string(),
+            action,
+            requester: Requester {
+                user: user.to_string(),
+                name: None,
+                role,
+            },
+        };
+        if !self.to_agent(&agent.fingerprint, msg) {
+            return Err(TaskError::AgentBusy(agent.name));
+        }
+        tracing::info!(task = id, %user, ?action, "worktree request sent");
+        let timeout = self.config().project_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Answer::Worktree(mut outcome))) => {
+                outcome.message = outcome.message.chars().take(MAX_MESSAGE).collect();
+                outcome.conflicts.truncate(MAX_CONFLICTS);
+                for file in &mut outcome.conflicts {
+                    *file = file.chars().take(512).collect();
+                }
+                // What changed the owner's repository (or tried to) is on the record, with who asked.
+                let verb = match action {
+                    WorktreeAction::Merge => "merge",
+                    WorktreeAction::Keep => "keep",
+                    WorktreeAction::Discard => "discard",
+                };
+                let requester = rec.spec.requester.user.clone();
+                let entry = AuditEntry::new(
+                    AuditKind::WorktreeDecided {
+                        action: verb.into(),
+                        branch: branch.clone(),
+                        requester,
+                        ok: outcome.ok,
+                    },
+                    caller.actor(),
+                    &agent.owner,
+                    format!(
+                        "{verb} {branch} of task {id} on {}: {}",
+                        agent.name, outcome.message
+                    ),
+                )
+                .by(caller)
+                .on(&agent)
+                .task(id);
+                self.audit_or_log(entry);
+                Ok(outcome)
+            }
+            Ok(Ok(Answer::Project(_)) | Err(_)) => Err(TaskError::AgentGone(agent.name)),
+            Err(_) => Err(TaskError::NoAnswer {
+                agent: agent.name,
+                secs: timeout.as_secs().max(1),
+            }),
+        }
+    }
+}
