@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::audit::{AuditEntry, AuditKind, Caller, ProjectChange};
 use crate::core::Core;
+use crate::store::AgentRecord;
 use crate::tasks::{is_path, TaskError};
 
 /// Project requests waiting for an answer from one agent; more are refused, so a silent agent cannot make
@@ -147,40 +148,6 @@ impl Core {
         let user = caller.user;
         check_op(&op)?;
         let agent = self.choose_agent(user, agent, true)?;
-        let session = self.live().get(&agent.fingerprint).map(|l| l.session);
-        let Some(session) = session else {
-            return Err(TaskError::Offline {
-                seen: agent.last_seen.map_or("never connected".into(), |t| {
-                    format!(
-                        "last seen {} ago",
-                        crate::core::human_duration(crate::store::now().saturating_sub(t))
-                    )
-                }),
-                name: agent.name,
-            });
-        };
-        let id = self.next_request_id();
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = self.pending();
-            if pending
-                .values()
-                .filter(|p| p.agent == agent.fingerprint)
-                .count()
-                >= MAX_PENDING_PER_AGENT
-            {
-                return Err(TaskError::TooManyRequests(agent.name));
-            }
-            pending.insert(
-                id,
-                PendingRequest {
-                    agent: agent.fingerprint,
-                    session,
-                    reply: tx,
-                },
-            );
-        }
-        let _waiting = Waiting { core: self, id };
         let change = match &op {
             ProjectOp::Add { name, path } => {
                 Some((ProjectChange::Added, name.clone(), Some(path.clone())))
@@ -188,12 +155,11 @@ impl Core {
             ProjectOp::Remove { name } => Some((ProjectChange::Removed, name.clone(), None)),
             ProjectOp::List => None,
         };
-        if !self.to_agent(&agent.fingerprint, RelayMessage::Project { id, op }) {
-            return Err(TaskError::AgentBusy(agent.name));
-        }
-        let timeout = self.config().project_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Answer::Project(ProjectReply::Ok(report)))) => {
+        match self
+            .ask_agent(&agent, |id| RelayMessage::Project { id, op })
+            .await?
+        {
+            Answer::Project(ProjectReply::Ok(report)) => {
                 let report = sanitize(report);
                 self.store_projects(&agent.fingerprint, report.clone());
                 if let Some((change, name, path)) = change {
@@ -215,15 +181,65 @@ impl Core {
                 }
                 Ok(report)
             }
-            Ok(Ok(Answer::Project(ProjectReply::Refused { message }))) => {
-                Err(TaskError::ProjectRefused {
-                    agent: agent.name,
-                    message: message.chars().take(2000).collect(),
-                })
-            }
-            Ok(Ok(Answer::Worktree(_)) | Err(_)) => Err(TaskError::AgentGone(agent.name)),
-            Err(_) => Err(TaskError::NoAnswer {
+            Answer::Project(ProjectReply::Refused { message }) => Err(TaskError::ProjectRefused {
                 agent: agent.name,
+                message: message.chars().take(2000).collect(),
+            }),
+            Answer::Worktree(_) => Err(TaskError::AgentGone(agent.name)),
+        }
+    }
+
+    /// Sends the request `msg(id)` to the agent's live session and waits (bounded by the project timeout)
+    /// for its answer to that id. At most [`MAX_PENDING_PER_AGENT`] requests wait on one agent; the request
+    /// leaves the pending map however the wait ends.
+    pub(crate) async fn ask_agent(
+        &self,
+        agent: &AgentRecord,
+        msg: impl FnOnce(u64) -> RelayMessage,
+    ) -> Result<Answer, TaskError> {
+        let session = self.live().get(&agent.fingerprint).map(|l| l.session);
+        let Some(session) = session else {
+            return Err(TaskError::Offline {
+                seen: agent.last_seen.map_or("never connected".into(), |t| {
+                    format!(
+                        "last seen {} ago",
+                        crate::core::human_duration(crate::store::now().saturating_sub(t))
+                    )
+                }),
+                name: agent.name.clone(),
+            });
+        };
+        let id = self.next_request_id();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending();
+            if pending
+                .values()
+                .filter(|p| p.agent == agent.fingerprint)
+                .count()
+                >= MAX_PENDING_PER_AGENT
+            {
+                return Err(TaskError::TooManyRequests(agent.name.clone()));
+            }
+            pending.insert(
+                id,
+                PendingRequest {
+                    agent: agent.fingerprint,
+                    session,
+                    reply: tx,
+                },
+            );
+        }
+        let _waiting = Waiting { core: self, id };
+        if !self.to_agent(&agent.fingerprint, msg(id)) {
+            return Err(TaskError::AgentBusy(agent.name.clone()));
+        }
+        let timeout = self.config().project_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(TaskError::AgentGone(agent.name.clone())),
+            Err(_) => Err(TaskError::NoAnswer {
+                agent: agent.name.clone(),
                 secs: timeout.as_secs().max(1),
             }),
         }

@@ -4,11 +4,10 @@
 
 use ct_protocol::task::{Requester, Role, WorktreeAction, WorktreeOutcome};
 use ct_protocol::RelayMessage;
-use tokio::sync::oneshot;
 
 use crate::audit::{AuditEntry, AuditKind, Caller};
 use crate::core::Core;
-use crate::projects::{Answer, PendingRequest, Waiting, MAX_PENDING_PER_AGENT};
+use crate::projects::Answer;
 use crate::tasks::TaskError;
 
 /// Longest outcome message kept from an agent, and most conflicting files listed.
@@ -47,60 +46,28 @@ impl Core {
             .store()
             .agent(&rec.agent)?
             .ok_or_else(|| TaskError::NoSuchTask(id.to_string()))?;
-        let Some(session) = self.live().get(&agent.fingerprint).map(|l| l.session) else {
-            return Err(TaskError::Offline {
-                name: agent.name,
-                seen: "not connected now".into(),
-            });
-        };
-        let request_id = self.next_request_id();
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = self.pending();
-            if pending
-                .values()
-                .filter(|p| p.agent == agent.fingerprint)
-                .count()
-                >= MAX_PENDING_PER_AGENT
-            {
-                return Err(TaskError::TooManyRequests(agent.name));
-            }
-            pending.insert(
-                request_id,
-                PendingRequest {
-                    agent: agent.fingerprint,
-                    session,
-                    reply: tx,
-                },
-            );
-        }
-        let _waiting = Waiting {
-            core: self,
-            id: request_id,
-        };
         // The agent judges the role by the id it was paired with; the relay's word can only lower it.
         let role = if agent.owner == user {
             Role::Owner
         } else {
             rec.spec.requester.role
         };
-        let msg = RelayMessage::Worktree {
-            id: request_id,
-            task: id.to_string(),
-            action,
-            requester: Requester {
-                user: user.to_string(),
-                name: None,
-                role,
-            },
+        let requester = Requester {
+            user: user.to_string(),
+            name: None,
+            role,
         };
-        if !self.to_agent(&agent.fingerprint, msg) {
-            return Err(TaskError::AgentBusy(agent.name));
-        }
-        tracing::info!(task = id, %user, ?action, "worktree request sent");
-        let timeout = self.config().project_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Answer::Worktree(mut outcome))) => {
+        let answer = self
+            .ask_agent(&agent, |request| RelayMessage::Worktree {
+                id: request,
+                task: id.to_string(),
+                action,
+                requester,
+            })
+            .await;
+        tracing::info!(task = id, %user, ?action, "worktree request answered");
+        match answer? {
+            Answer::Worktree(mut outcome) => {
                 outcome.message = outcome.message.chars().take(MAX_MESSAGE).collect();
                 outcome.conflicts.truncate(MAX_CONFLICTS);
                 for file in &mut outcome.conflicts {
@@ -133,11 +100,7 @@ impl Core {
                 self.audit_or_log(entry);
                 Ok(outcome)
             }
-            Ok(Ok(Answer::Project(_)) | Err(_)) => Err(TaskError::AgentGone(agent.name)),
-            Err(_) => Err(TaskError::NoAnswer {
-                agent: agent.name,
-                secs: timeout.as_secs().max(1),
-            }),
+            Answer::Project(_) => Err(TaskError::AgentGone(agent.name)),
         }
     }
 }
