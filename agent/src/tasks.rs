@@ -1620,15 +1620,25 @@ fn sandboxed(
         (true, _, _) => return Err("the sandbox's way to the API is missing".into()),
         (false, _, _) => None,
     };
+    // A grantee may change the project's files, not what runs as the owner later unseen (git hooks and
+    // config, Claude Code's project settings): those are bound read-only over the project.
+    let protected = if owner.role == Role::Owner {
+        Vec::new()
+    } else {
+        project.protected().map_err(|e| e.to_string())?
+    };
     s.wrapper = sandbox::Plan {
         project: &project,
+        protected: &protected,
         home: home.clone(),
         claude_install: Some(install),
         config: &claude_config,
         network,
     }
     .command(bwrap);
-    s.inherit_fds = vec![project.shared_fd()];
+    s.inherit_fds = std::iter::once(project.shared_fd())
+        .chain(protected.iter().map(|p| p.shared_fd()))
+        .collect();
     s.claude_bin = Some(bin);
     s.env_clear = true;
     s.env = sandbox::env::sandbox_env(

@@ -244,6 +244,61 @@ async fn a_grantees_task_cannot_leave_a_hook_or_an_mcp_server_for_the_owner() {
     );
 }
 
+/// What runs as the owner later without showing in a diff stays out of a grantee's reach inside the project
+/// too: a git hook, `core.fsmonitor` in `.git/config` (run by the owner's next `git status`), and hooks in the
+/// project's `.claude/settings.local.json` (run by the owner's next Claude Code session there). The project's
+/// files themselves stay writable.
+#[tokio::test]
+async fn a_grantees_task_cannot_plant_git_hooks_or_project_claude_settings_for_the_owner() {
+    require_bwrap();
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    let git = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(&w.project)
+        .status()
+        .unwrap();
+    assert!(git.success());
+    let config = w.project.join(".git/config");
+    let before = std::fs::read(&config).unwrap();
+    let hook = w.project.join(".git/hooks/post-checkout");
+    let settings = w.project.join(".claude/settings.local.json");
+    w.fake.push(bash(format!(
+        "echo '#!/bin/sh' > {hook} ; printf '[core]\\n\\tfsmonitor = touch /tmp/owned\\n' >> {config} ; \
+         mkdir -p {claude} ; echo '{{\"hooks\":{{}}}}' > {settings} ; echo ok > {file} ; echo WRITES-DONE",
+        hook = hook.display(),
+        config = config.display(),
+        claude = w.project.join(".claude").display(),
+        settings = settings.display(),
+        file = w.project.join("work.txt").display(),
+    )));
+    w.fake.push(Reply::text("done"));
+    let mut f = w.start(as_grantee("app", "set things up", default_mode()));
+    let (state, message, sent) = run_allowing(&w, &mut f).await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    assert!(sent.contains("WRITES-DONE"), "{sent}");
+    assert!(sent.contains("Read-only file system"), "{sent}");
+    assert!(!hook.exists(), "a git hook was planted for the owner");
+    assert_eq!(
+        std::fs::read(&config).unwrap(),
+        before,
+        "the repository's config changed"
+    );
+    assert!(
+        !settings.exists(),
+        "project Claude Code settings were planted for the owner"
+    );
+    assert_eq!(
+        std::fs::read_to_string(w.project.join("work.txt")).unwrap(),
+        "ok\n",
+        "the project's own files stay the grantee's to change"
+    );
+}
+
 #[tokio::test]
 async fn swapping_the_project_for_a_symlink_after_the_check_binds_the_real_folder_not_the_home() {
     require_bwrap();

@@ -36,7 +36,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 
 pub use config::{grantee_config_dir, ClaudeConfig, GRANTEES_DIR};
-pub use project::{ProjectDir, ProjectError};
+pub use project::{ProjectDir, ProjectError, Protected, RUNS_AS_OWNER};
 
 /// System folders bound read-only (or recreated as the symlinks they are). Everything a task may run lives
 /// here; nothing here belongs to one user.
@@ -147,6 +147,9 @@ fn probe() -> Result<Bwrap, Option<SandboxError>> {
 pub struct Plan<'a> {
     /// Writable; also the working directory. Bound from its descriptor, which the child must inherit.
     pub project: &'a ProjectDir,
+    /// Entries of the project bound read-only over it (a grantee's task: [`ProjectDir::protected`]), from
+    /// descriptors the child must inherit too.
+    pub protected: &'a [Protected],
     /// `$HOME` inside the sandbox: an empty tmpfs at this path.
     pub home: PathBuf,
     /// The folder holding the Claude Code executable (resolved), bound read-only at the same path.
@@ -233,6 +236,14 @@ impl Plan<'_> {
         let fd = OsString::from(self.project.fd().as_raw_fd().to_string());
         let project = self.project.path().as_os_str();
         push(&["--bind-fd".as_ref(), fd.as_os_str(), project]);
+        for entry in self.protected {
+            let fd = OsString::from(entry.fd().to_string());
+            push(&[
+                "--ro-bind-fd".as_ref(),
+                fd.as_os_str(),
+                entry.path.as_os_str(),
+            ]);
+        }
         push(&["--chdir".as_ref(), project, "--".as_ref()]);
         if let Some(net) = &self.network {
             let port = OsString::from(forward::PORT.to_string());
@@ -283,6 +294,7 @@ mod tests {
         let config = ClaudeConfig::Own(own.clone());
         let plan = Plan {
             project: &dir,
+            protected: &[],
             home: "/home/owner".into(),
             claude_install: Some("/opt/claude/bin".into()),
             config: &config,
@@ -343,6 +355,7 @@ mod tests {
         let config = ClaudeConfig::Own(project.join("cfg"));
         let plan = Plan {
             project: &dir,
+            protected: &[],
             home: "/home/owner".into(),
             claude_install: None,
             config: &config,
