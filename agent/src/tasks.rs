@@ -74,6 +74,9 @@ pub struct TaskConfig {
     pub idle_timeout: Duration,
     /// How long a worktree is kept after its last task ended; then it is removed (its branch stays).
     pub worktree_retention: Duration,
+    /// How often an agent looks for worktrees past their retention, besides at every task start (so an idle
+    /// agent lets them go too). The first look is at start.
+    pub worktree_sweep_every: Duration,
     /// Each step of a cancel (interrupt, SIGINT, closed stdin) waits this long before the next, harsher one.
     pub cancel_step: Duration,
     /// Claude Code processes at once (running and warm); a warm one is closed to make room.
@@ -125,6 +128,7 @@ impl Default for TaskConfig {
             approval_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(600),
             worktree_retention: Duration::from_secs(7 * 86_400),
+            worktree_sweep_every: Duration::from_secs(3600),
             cancel_step: Duration::from_secs(5),
             max_sessions: 8,
             allow_settings_writes: false,
@@ -238,7 +242,7 @@ impl Tasks {
             tracing::warn!(error = %e, "cannot read shared-task usage; counting from zero");
             Meter::empty(&dir)
         });
-        Self {
+        let tasks = Self {
             inner: Arc::new(Inner {
                 worktrees: Worktrees::load(dir.path().join("worktrees")),
                 config,
@@ -255,7 +259,19 @@ impl Tasks {
                 tracker: TaskTracker::new(),
                 shutdown,
             }),
-        }
+        };
+        let inner = tasks.inner.clone();
+        tasks.inner.tracker.spawn(async move {
+            let mut every = tokio::time::interval(inner.config.worktree_sweep_every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = inner.shutdown.cancelled() => break,
+                    _ = every.tick() => inner.sweep().await,
+                }
+            }
+        });
+        tasks
     }
 
     /// Waits until every task's process is gone (after the shutdown token fired).

@@ -50,6 +50,7 @@ pub(crate) struct Opts {
     pub(crate) logged_out: bool,
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) worktree_retention: Option<Duration>,
+    pub(crate) worktree_sweep_every: Option<Duration>,
     /// More variables in the agent's environment for Claude Code (secrets a sandbox must keep out).
     pub(crate) env: Vec<(String, String)>,
     /// Pair at the relay as this user, while the agent keeps [`OWNER`] as its owner: a relay that has the
@@ -159,6 +160,9 @@ pub(crate) async fn world_with(opts: Opts) -> World {
         worktree_retention: opts
             .worktree_retention
             .unwrap_or(Duration::from_secs(86_400)),
+        worktree_sweep_every: opts
+            .worktree_sweep_every
+            .unwrap_or(Duration::from_secs(3600)),
         before_sandbox: opts.swap_project_for_home.then(|| {
             let home = home.clone();
             SandboxHook(Arc::new(move |project: &Path| {

@@ -497,3 +497,27 @@ async fn worktrees_past_their_retention_go_but_never_one_in_use_and_their_branch
     w.relay.core.cancel_task(OWNER, &b.task).unwrap();
     assert_eq!(b.finished().await.0, FinalState::Cancelled);
 }
+
+/// An idle agent lets go of worktrees past their retention too: no other task has to start.
+#[tokio::test]
+async fn an_idle_agent_removes_worktrees_past_their_retention_by_itself() {
+    let w = world_with(Opts {
+        idle_timeout: Some(Duration::from_millis(300)),
+        worktree_retention: Some(Duration::ZERO),
+        worktree_sweep_every: Some(Duration::from_millis(200)),
+        ..Opts::default()
+    })
+    .await;
+    repo(&w);
+    w.fake.push(Reply::text("done"));
+    let mut a = w.start(submit(OWNER, "app", "a", in_worktree()));
+    assert_eq!(a.finished().await.0, FinalState::Done);
+    let wa = worktree_of(&w, &a.task);
+    poll_until(T, "the idle agent removes A's worktree", || !wa.exists())
+        .await
+        .expect("removed without another task starting");
+    assert!(
+        branches(&w.project).contains(&format!("ct/{}", a.task)),
+        "its branch stays"
+    );
+}
