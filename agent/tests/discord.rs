@@ -131,6 +131,14 @@ async fn start_task(sim: &DiscordSim, user: &SimUser, cmd: SlashCommand) -> (Str
     (task, linked_channel(&said))
 }
 
+/// `/task PROMPT project:app mode:default`: a task in the test project that asks before every tool use.
+fn task_in_app(prompt: &str) -> SlashCommand {
+    SlashCommand::new("task")
+        .opt(Opt::str("prompt", prompt))
+        .opt(Opt::str("project", "app"))
+        .opt(Opt::str("mode", "default"))
+}
+
 /// `/project add app PATH` as `user`; returns what the bot told them privately.
 async fn add_project(sim: &DiscordSim, user: &SimUser, project: &Path) -> String {
     let ix = sim
@@ -341,15 +349,7 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
     w.fake
         .push(Reply::tool_use("Write", write(&target, "hi from claude\n")));
     w.fake.push(Reply::text("I wrote hello.txt."));
-    let (task, thread) = start_task(
-        sim,
-        &alice,
-        SlashCommand::new("task")
-            .opt(Opt::str("prompt", "write hello.txt"))
-            .opt(Opt::str("project", "app"))
-            .opt(Opt::str("mode", "default")),
-    )
-    .await;
+    let (task, thread) = start_task(sim, &alice, task_in_app("write hello.txt")).await;
     let ch = sim.channel(&thread).expect("the thread exists");
     assert!(ch.is_thread() && ch.name.starts_with(&task), "{ch:?}");
     let approval = approval_message(sim, &thread, &task).await;
@@ -976,15 +976,7 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
     w.fake
         .push(Reply::tool_use("Bash", bash(&padded, "npm test")));
     w.fake.push(Reply::text("first done"));
-    let (task, thread) = start_task(
-        sim,
-        &alice,
-        SlashCommand::new("task")
-            .opt(Opt::str("prompt", "run the tests"))
-            .opt(Opt::str("project", "app"))
-            .opt(Opt::str("mode", "default")),
-    )
-    .await;
+    let (task, thread) = start_task(sim, &alice, task_in_app("run the tests")).await;
     let first = approval_message(sim, &thread, &task).await;
     let shown = &first.content;
     let command_at = shown
@@ -1041,15 +1033,7 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
     w.fake
         .push(Reply::tool_use("Bash", bash("rm -rf x", "tidy up")));
     w.fake.push(Reply::text("second done"));
-    let (task2, thread2) = start_task(
-        sim,
-        &alice,
-        SlashCommand::new("task")
-            .opt(Opt::str("prompt", "make one"))
-            .opt(Opt::str("project", "app"))
-            .opt(Opt::str("mode", "default")),
-    )
-    .await;
+    let (task2, thread2) = start_task(sim, &alice, task_in_app("make one")).await;
     let one = approval_message(sim, &thread2, &task2).await;
     assert!(
         one.content

@@ -27,6 +27,17 @@ fn bash(command: String) -> Reply {
     )
 }
 
+/// A world whose agent takes shared tasks from its first report, shared with [`GRANTEE`] on both sides.
+async fn shared_world() -> World {
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
+    share(&w);
+    w
+}
+
 /// Shares the agent with [`GRANTEE`] on both sides (the relay's share and the agent's own policy).
 fn share(w: &World) {
     w.sharing(SharePolicy::All);
@@ -192,12 +203,7 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
 #[tokio::test]
 async fn a_grantees_task_cannot_leave_a_hook_or_an_mcp_server_for_the_owner() {
     require_bwrap();
-    let w = world_with(Opts {
-        shared: true,
-        ..Opts::default()
-    })
-    .await;
-    share(&w);
+    let w = shared_world().await;
     // The owner's Claude Code config, as this world gives it: CLAUDE_CONFIG_DIR=~/.claude, plus ~/.claude.json.
     let settings = w.home.join(".claude/settings.json");
     let state_file = w.home.join(".claude.json");
@@ -251,12 +257,7 @@ async fn a_grantees_task_cannot_leave_a_hook_or_an_mcp_server_for_the_owner() {
 #[tokio::test]
 async fn a_grantees_task_cannot_plant_git_hooks_or_project_claude_settings_for_the_owner() {
     require_bwrap();
-    let w = world_with(Opts {
-        shared: true,
-        ..Opts::default()
-    })
-    .await;
-    share(&w);
+    let w = shared_world().await;
     let git = std::process::Command::new("git")
         .args(["init", "-q"])
         .current_dir(&w.project)
@@ -446,12 +447,7 @@ async fn an_owner_with_only_a_claude_login_gets_shared_tasks_refused_not_lent() 
 #[tokio::test]
 async fn a_spent_budget_stops_a_grantees_requests_at_the_proxy_and_refuses_their_next_task() {
     require_bwrap();
-    let w = world_with(Opts {
-        shared: true,
-        ..Opts::default()
-    })
-    .await;
-    share(&w);
+    let w = shared_world().await;
     // One token: the first request is let through (nothing spent yet) and spends it.
     ct_agent::meter::set_budget(
         &w.agent_config,
@@ -494,12 +490,7 @@ async fn a_spent_budget_stops_a_grantees_requests_at_the_proxy_and_refuses_their
 async fn cancelling_a_grantees_task_ends_everything_in_its_sandbox() {
     use ct_testkit::process::{cmdline, descendants_of, poll_until};
     require_bwrap();
-    let w = world_with(Opts {
-        shared: true,
-        ..Opts::default()
-    })
-    .await;
-    share(&w);
+    let w = shared_world().await;
     let job = ct_testkit::LongJob::write(&w.project, 300);
     w.fake.push(Reply::tool_use(
         "Bash",
@@ -579,12 +570,7 @@ async fn a_grantees_task_reaches_nothing_on_the_owners_loopback_unless_the_owner
     let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     service.set_nonblocking(true).unwrap();
     let port = service.local_addr().unwrap().port();
-    let w = world_with(Opts {
-        shared: true,
-        ..Opts::default()
-    })
-    .await;
-    share(&w);
+    let w = shared_world().await;
     let dial = format!(
         "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 5); print(\"LOOPBACK-\" + \"REACHED\")' \
          2>&1 | tail -1; echo NET-DONE"
@@ -671,12 +657,7 @@ fn the_owner_sets_budgets_and_network_from_the_command_line() {
 #[tokio::test]
 async fn a_grantees_task_in_a_worktree_writes_only_its_own_worktree() {
     require_bwrap();
-    let w = world_with(Opts {
-        shared: true,
-        ..Opts::default()
-    })
-    .await;
-    share(&w);
+    let w = shared_world().await;
     crate::worktree::repo(&w);
     let isolated = |mode: &str| TaskOptions {
         permission_mode: Some(mode.into()),

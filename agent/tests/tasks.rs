@@ -234,6 +234,19 @@ impl World {
         }
     }
 
+    /// The owner's follow-up to a finished task: it resumes as a new task, followed here.
+    pub(crate) fn resume_as_owner(&self, task: &str, text: &str) -> Follow {
+        let ReplyOutcome::Resumed(next) = self
+            .relay
+            .core
+            .reply(OWNER, task, text.into(), None)
+            .unwrap()
+        else {
+            panic!("a finished task is resumed")
+        };
+        self.follow(&next.spec.task)
+    }
+
     pub(crate) fn sharing(&self, sharing: SharePolicy) {
         Policy::load_with(&self.agent_config, &self.allowed_env, Host::detect())
             .unwrap()
@@ -939,15 +952,7 @@ async fn after_the_process_ended_a_follow_up_resumes_the_session_from_disk() {
     .expect("idle process closed");
 
     w.fake.push(Reply::text("kumquat"));
-    let ReplyOutcome::Resumed(next) = w
-        .relay
-        .core
-        .reply(OWNER, &f.task, "which word?".into(), None)
-        .unwrap()
-    else {
-        panic!("a finished task is resumed")
-    };
-    let mut g = w.follow(&next.spec.task);
+    let mut g = w.resume_as_owner(&f.task, "which word?");
     assert_eq!(g.finished().await.0, FinalState::Done, "{:#?}", g.seen);
     let conversation = prompts_in_last_request(&w.fake);
     assert!(

@@ -13,7 +13,6 @@ use crate::tasks::{
 };
 use ct_agent::projects::{Host, Policy};
 use ct_protocol::task::{DiffStat, FinalState, Isolation, TaskEvent, TaskOptions, WorktreeAction};
-use ct_relay::tasks::ReplyOutcome;
 use ct_testkit::process::poll_until;
 use ct_testkit::Reply;
 use serde_json::Value;
@@ -348,15 +347,7 @@ async fn a_follow_up_after_the_process_ended_resumes_in_the_same_worktree() {
         write(&tree.join("two.txt"), "2\n"),
     ));
     w.fake.push(Reply::text("kumquat"));
-    let ReplyOutcome::Resumed(next) = w
-        .relay
-        .core
-        .reply(OWNER, &f.task, "which word?".into(), None)
-        .unwrap()
-    else {
-        panic!("a finished task is resumed")
-    };
-    let mut g = w.follow(&next.spec.task);
+    let mut g = w.resume_as_owner(&f.task, "which word?");
     let (branch, stat, _) = worktree_end(&mut g).await;
     assert_eq!(g.finished().await.0, FinalState::Done, "{:#?}", g.seen);
     assert_eq!(branch, format!("ct/{}", rec.spec.task));
@@ -373,7 +364,7 @@ async fn a_follow_up_after_the_process_ended_resumes_in_the_same_worktree() {
     let merged = w
         .relay
         .core
-        .worktree(OWNER, &next.spec.task, WorktreeAction::Merge)
+        .worktree(OWNER, &g.task, WorktreeAction::Merge)
         .await
         .unwrap();
     assert!(merged.ok, "{merged:?}");
