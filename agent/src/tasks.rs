@@ -173,6 +173,8 @@ struct Inner {
     /// Tasks' git worktrees (in the agent's data folder).
     worktrees: Worktrees,
     tracker: TaskTracker,
+    /// Held by the one worktree sweep running (see [`Inner::sweep`]).
+    sweeping: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
 }
 
@@ -257,6 +259,7 @@ impl Tasks {
                 drivers: Mutex::new(Drivers::default()),
                 next_key: AtomicU64::new(1),
                 tracker: TaskTracker::new(),
+                sweeping: tokio::sync::Mutex::new(()),
                 shutdown,
             }),
         };
@@ -668,9 +671,15 @@ impl Inner {
 
     /// Removes the worktrees whose last task ended longer ago than the retention, keeping their branches.
     async fn sweep(&self) {
+        // One sweep at a time: the hourly one and those at task starts would otherwise remove the same
+        // worktree twice.
+        let Ok(_one_at_a_time) = self.sweeping.try_lock() else {
+            return;
+        };
         let retention = self.config.worktree_retention.as_secs();
         for w in self.worktrees.expired(retention) {
-            if self.in_use(&w) {
+            // Looked at again just before removing: a follow-up may have claimed it since it was listed.
+            if self.in_use(&w) || !self.worktrees.still_expired(&w.task, retention) {
                 continue;
             }
             match worktree::remove(&w, false).await {

@@ -203,6 +203,16 @@ impl Worktrees {
             .collect()
     }
 
+    /// Whether `task`'s worktree is still past its retention now (no follow-up claimed it since it was
+    /// listed by [`Worktrees::expired`]).
+    pub fn still_expired(&self, task: &str, retention_secs: u64) -> bool {
+        let now = crate::config::unix_now();
+        self.map().get(task).is_some_and(|w| {
+            w.ended
+                .is_some_and(|e| now.saturating_sub(e) >= retention_secs)
+        })
+    }
+
     /// Creates worktree and branch `ct/<task>` from the HEAD of the repository holding `project`, for
     /// `user`. On any failure nothing is left behind and the project is untouched.
     pub async fn create(

@@ -1423,10 +1423,17 @@ fn apply(rec: &mut TaskRecord, event: &TaskEvent) {
             };
             rec.message = message.clone();
         }
-        TaskEvent::Worktree { branch, .. } => rec.worktree = Some(branch.clone()),
+        // The record is rewritten with every event: keep only as much of the agent's branch name as git
+        // itself would take.
+        TaskEvent::Worktree { branch, .. } => {
+            rec.worktree = Some(branch.chars().take(MAX_BRANCH_CHARS).collect())
+        }
         _ => {}
     }
 }
+
+/// Longest worktree branch name kept from an agent.
+const MAX_BRANCH_CHARS: usize = 255;
 
 /// "12 MiB", "3 KiB": for messages people read.
 fn human_bytes(n: u64) -> String {

@@ -275,6 +275,9 @@ enum CancelStep {
     Killed,
 }
 
+/// Kinds of unknown lines a session remembers (to log each once).
+const MAX_UNKNOWN_KINDS: usize = 64;
+
 #[derive(Debug)]
 struct Actor {
     spec: SessionSpec,
@@ -435,10 +438,7 @@ impl Actor {
                 request_id,
                 subtype,
             } => {
-                if self
-                    .unknown_kinds
-                    .insert(format!("control_request/{subtype}"))
-                {
+                if self.note_unknown(&format!("control_request/{subtype}")) {
                     tracing::warn!(
                         %subtype,
                         "Claude Code sent a control request this agent does not handle; answering with an error \
@@ -454,7 +454,7 @@ impl Actor {
             }
             CliEvent::Other(v) => {
                 let kind = events::kind(&v);
-                if !events::is_known_unused(&kind) && self.unknown_kinds.insert(kind.clone()) {
+                if !events::is_known_unused(&kind) && self.note_unknown(&kind) {
                     tracing::info!(
                         %kind,
                         "skipping a line of a kind this agent does not know (a newer Claude Code?); \
@@ -464,6 +464,12 @@ impl Actor {
                 self.emit(RunnerEvent::Raw(v)).await
             }
         }
+    }
+
+    /// True the first time `kind` is seen (so it is logged once). The kinds come from the CLI's output, so
+    /// only the first [`MAX_UNKNOWN_KINDS`] are remembered; past that nothing more is logged.
+    fn note_unknown(&mut self, kind: &str) -> bool {
+        self.unknown_kinds.len() < MAX_UNKNOWN_KINDS && self.unknown_kinds.insert(kind.to_owned())
     }
 
     async fn on_result(&mut self, result: events::TurnResult) {
