@@ -1199,17 +1199,17 @@ async fn a_task_in_a_worktree_shows_its_branch_and_diff_and_only_its_requester_m
     git(&w.project, &["add", "README"]);
     git(&w.project, &["commit", "-q", "-m", "one"]);
 
-    // The model writes into whichever worktree the task got (the only one there is).
+    // The model writes into whichever worktree the task got (the only folder there: the agent's index of its
+    // worktrees, index.json, lies beside it, and read_dir returns the two in no particular order).
     let root = std::fs::canonicalize(w.agent_dir.path())
         .unwrap()
         .join("worktrees");
     w.fake.push(Reply::with(move |_| {
         let tree = std::fs::read_dir(&root)
             .unwrap()
-            .next()
-            .expect("the task's worktree")
-            .unwrap()
-            .path();
+            .map(|e| e.unwrap().path())
+            .find(|p| p.is_dir())
+            .expect("the task's worktree");
         Reply::tool_use("Write", write(&tree.join("hello.txt"), "hello\n"))
     }));
     w.fake.push(Reply::text("wrote it"));
