@@ -16,16 +16,14 @@
 //! would be worse than a gap in the log.
 
 use ct_protocol::task::Decision;
-use ct_protocol::Fingerprint;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Core, CoreError};
-use crate::store::{now, AgentRecord, ShareLevel, ShareRecord};
+use crate::store::{AgentRecord, ShareLevel, ShareRecord};
 
-/// The actor recorded for actions taken through the admin socket.
-pub const OPERATOR: &str = "operator";
-/// The actor recorded when the agent allowed a tool use itself, under a rule an approver made earlier.
-pub const AGENT: &str = "agent";
+pub use crate::store::records::{
+    AuditAgent, AuditEntry, AuditKind, ProjectChange, AGENT, OPERATOR,
+};
 /// Longest prompt preview kept in an entry, in characters.
 pub const PREVIEW_CHARS: usize = 200;
 /// Most entries one read returns.
@@ -116,178 +114,11 @@ impl<'a> From<&'a String> for Caller<'a> {
     }
 }
 
-/// A project change made through the relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProjectChange {
-    Added,
-    Removed,
-}
-
-/// What happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum AuditKind {
-    /// An agent was paired with the owner's account.
-    Paired,
-    /// An agent's key was revoked.
-    Revoked,
-    /// The owner began sharing their agents with `grantee`.
-    ShareAdded {
-        grantee: String,
-        /// `None`: all projects.
-        projects: Option<Vec<String>>,
-        level: ShareLevel,
-    },
-    /// An existing share's projects or level changed.
-    ShareChanged {
-        grantee: String,
-        projects: Option<Vec<String>>,
-        level: ShareLevel,
-        was_projects: Option<Vec<String>>,
-        was_level: ShareLevel,
-    },
-    /// The owner stopped sharing with `grantee`.
-    ShareRemoved { grantee: String },
-    /// A grantee started a task on the owner's agent (or sent a follow-up into one).
-    GranteeTask {
-        requester: String,
-        project: String,
-        /// The prompt's first [`PREVIEW_CHARS`] characters, control characters blanked.
-        prompt: String,
-        /// True for a follow-up sent into a running task rather than a new task.
-        #[serde(default)]
-        follow_up: bool,
-    },
-    /// An approval request was decided.
-    ApprovalDecided {
-        approval: String,
-        /// "allow once", "allow for the session", "deny: reason", "answered".
-        decision: String,
-        /// Whose task it was.
-        requester: String,
-    },
-    /// The agent allowed a tool use without asking, because an "allow for the session" rule covers it.
-    AutoAllowed {
-        tool: String,
-        /// What the use acted on (the command, the path), shortened like a prompt.
-        summary: String,
-        /// The rule, in words.
-        rule: String,
-        /// Whose task it was.
-        requester: String,
-    },
-    /// A task was cancelled by a person.
-    TaskCancelled { requester: String },
-    /// A project was added to or removed from an agent through the relay.
-    ProjectChanged {
-        change: ProjectChange,
-        name: String,
-        #[serde(default)]
-        path: Option<String>,
-    },
-    /// The owner's default agent was set.
-    DefaultAgentSet,
-    /// A finished task's worktree branch was merged, kept or discarded (or that was refused: `ok` false).
-    WorktreeDecided {
-        /// "merge", "keep" or "discard".
-        action: String,
-        branch: String,
-        /// Whose task it was.
-        requester: String,
-        ok: bool,
-    },
-}
-
-impl AuditKind {
-    /// A short label for tables.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Paired => "paired",
-            Self::Revoked => "revoked",
-            Self::ShareAdded { .. } => "share-added",
-            Self::ShareChanged { .. } => "share-changed",
-            Self::ShareRemoved { .. } => "share-removed",
-            Self::GranteeTask { .. } => "grantee-task",
-            Self::ApprovalDecided { .. } => "approval",
-            Self::AutoAllowed { .. } => "auto-allowed",
-            Self::TaskCancelled { .. } => "cancelled",
-            Self::WorktreeDecided { .. } => "worktree",
-            Self::ProjectChanged { .. } => "project",
-            Self::DefaultAgentSet => "default-agent",
-        }
-    }
-}
-
-/// The agent an entry concerns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditAgent {
-    pub fingerprint: Fingerprint,
-    pub name: String,
-}
-
-impl From<&AgentRecord> for AuditAgent {
-    fn from(a: &AgentRecord) -> Self {
-        Self {
-            fingerprint: a.fingerprint,
-            name: a.name.clone(),
-        }
-    }
-}
-
-/// One entry of the audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Position in the log: increasing, without gaps except where entries were pruned.
-    pub seq: u64,
-    /// Unix seconds.
-    pub at: u64,
-    pub kind: AuditKind,
-    /// Discord user id of whoever did it, or [`OPERATOR`].
-    pub actor: String,
-    /// The user the operator acted as (admin `--as`), when the actor is the operator.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acting_as: Option<String>,
-    /// Discord user id of the agents' owner this concerns.
-    pub owner: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent: Option<AuditAgent>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task: Option<String>,
-    /// One sentence for people.
-    pub detail: String,
-}
-
 impl AuditEntry {
-    /// A new entry (its `seq` is given when it is written).
-    pub fn new(kind: AuditKind, actor: &str, owner: &str, detail: String) -> Self {
-        Self {
-            seq: 0,
-            at: now(),
-            kind,
-            actor: actor.to_string(),
-            acting_as: None,
-            owner: owner.to_string(),
-            agent: None,
-            task: None,
-            detail,
-        }
-    }
-
     /// The same entry, attributed to `caller` (the operator, acting as someone, or a user).
     pub fn by(mut self, caller: Caller<'_>) -> Self {
         self.actor = caller.actor().to_string();
         self.acting_as = caller.acting_as();
-        self
-    }
-
-    pub fn on(mut self, agent: &AgentRecord) -> Self {
-        self.agent = Some(agent.into());
-        self
-    }
-
-    pub fn task(mut self, task: &str) -> Self {
-        self.task = Some(task.to_string());
         self
     }
 }
@@ -459,7 +290,7 @@ impl Core {
             Some(owner) if filter.actor.is_none() && filter.agent.is_none() => {
                 store.audit_of_owner(owner, before, limit)?
             }
-            _ => store.audit_where(before, limit, |e| filter.matches(e))?,
+            _ => store.audit_where(before, limit, &mut |e| filter.matches(e))?,
         })
     }
 

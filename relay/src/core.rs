@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::audit::{AuditEntry, AuditKind};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::store::{now, AgentRecord, PairCodeRecord, Store, StoreError};
+use crate::store::{now, AgentRecord, PairCodeRecord, SharedStore, StoreError};
 
 /// Wrong secrets tried against one code before it is disabled.
 pub(crate) const MAX_CODE_FAILURES: u32 = 5;
@@ -168,7 +168,7 @@ pub struct AgentView {
 /// The shared state of one relay.
 #[derive(Debug)]
 pub struct Core {
-    store: Store,
+    store: SharedStore,
     /// Flushes the store for writes that must be durable before the relay answers (event acknowledgements).
     commit: crate::durable::GroupCommit,
     relay_key: ed25519_dalek::SigningKey,
@@ -203,7 +203,7 @@ pub struct Core {
 
 impl Core {
     pub fn new(
-        store: Store,
+        store: SharedStore,
         relay_key: ed25519_dalek::SigningKey,
         mut config: CoreConfig,
         metrics: Arc<Metrics>,
@@ -234,7 +234,7 @@ impl Core {
             per_address: crate::endpoint::limits::PerAddress::new(
                 config.max_connections_per_address,
             ),
-            commit: store.group_commit()?,
+            commit: crate::durable::GroupCommit::start(store.clone())?,
             store,
             config,
             metrics,
@@ -261,7 +261,7 @@ impl Core {
         self.next_request.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &SharedStore {
         &self.store
     }
 
@@ -600,7 +600,7 @@ impl Core {
     }
 
     fn touch(&self, fp: &Fingerprint, transport: Option<Transport>) {
-        let update = self.store.update_agent(fp, |rec| {
+        let update = self.store.update_agent(fp, &mut |rec| {
             rec.last_seen = Some(now());
             rec.last_transport = transport.or(rec.last_transport);
         });

@@ -394,7 +394,10 @@ impl Backend for CoreBackend {
     async fn mark_thread(&self, mark: &ThreadMark) -> Result<()> {
         self.core
             .store()
-            .put_thread_mark(&mark.task, mark)
+            .put_thread_mark(
+                &mark.task,
+                &serde_json::to_vec(mark).map_err(|e| store_err(e.into()))?,
+            )
             .map_err(store_err)
     }
 

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::store::{SharedStore, Store};
+
 /// Proof of a write that wants to be durable: it is once [`GroupCommit::durable`] reaches it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Ticket(u64);
@@ -41,8 +43,8 @@ struct State {
 }
 
 impl GroupCommit {
-    /// Starts the flusher for `db`. Fails only if the system refuses a thread.
-    pub fn start(db: sled::Db) -> std::io::Result<Self> {
+    /// Starts the flusher for `store`. Fails only if the system refuses a thread.
+    pub fn start(store: SharedStore) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -52,7 +54,7 @@ impl GroupCommit {
             .name("ct-relay-flush".into())
             .spawn({
                 let shared = shared.clone();
-                move || flusher(&shared, &db)
+                move || flusher(&shared, &*store)
             })?;
         Ok(Self {
             shared,
@@ -82,7 +84,7 @@ impl Shared {
     }
 }
 
-fn flusher(shared: &Shared, db: &sled::Db) {
+fn flusher(shared: &Shared, store: &dyn Store) {
     let mut flushed = 0;
     loop {
         let target = {
@@ -96,7 +98,7 @@ fn flusher(shared: &Shared, db: &sled::Db) {
             state.issued
         };
         // Every ticket up to `target` was taken after its write, so this flush covers them all.
-        match db.flush() {
+        match store.flush() {
             Ok(_) => {
                 flushed = target;
                 shared.durable.send_replace(target);
@@ -124,15 +126,16 @@ impl Drop for GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sled::SledStore;
 
     #[tokio::test]
     async fn a_ticket_resolves_after_a_flush_that_covers_its_write() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let commit = GroupCommit::start(db.clone()).unwrap();
-        db.insert(b"k", b"v").unwrap();
+        let store: SharedStore = Arc::new(SledStore::open(dir.path()).unwrap());
+        let commit = GroupCommit::start(store.clone()).unwrap();
+        store.put_thread_mark("k", b"v").unwrap();
         let t1 = commit.ticket();
-        db.insert(b"k2", b"v").unwrap();
+        store.put_thread_mark("k2", b"v").unwrap();
         let t2 = commit.ticket();
         assert!(t2 > t1);
         tokio::time::timeout(Duration::from_secs(10), commit.durable(t2))
@@ -147,13 +150,13 @@ mod tests {
     #[tokio::test]
     async fn many_concurrent_writers_all_complete() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let commit = Arc::new(GroupCommit::start(db.clone()).unwrap());
+        let store: SharedStore = Arc::new(SledStore::open(dir.path()).unwrap());
+        let commit = Arc::new(GroupCommit::start(store.clone()).unwrap());
         let mut waits = tokio::task::JoinSet::new();
         for i in 0..200u32 {
-            let (db, commit) = (db.clone(), commit.clone());
+            let (store, commit) = (store.clone(), commit.clone());
             waits.spawn(async move {
-                db.insert(i.to_be_bytes(), b"v").unwrap();
+                store.put_thread_mark(&i.to_string(), b"v").unwrap();
                 let t = commit.ticket();
                 commit.durable(t).await;
             });

@@ -291,7 +291,7 @@ impl Core {
     fn store_projects(&self, agent: &Fingerprint, report: ProjectsReport) {
         let stored = self
             .store()
-            .update_agent(agent, |rec| rec.projects = Some(report.clone()));
+            .update_agent(agent, &mut |rec| rec.projects = Some(report.clone()));
         if let Err(e) = stored {
             tracing::error!(error = %e, "could not store the agent's projects");
         }

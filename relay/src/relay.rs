@@ -20,7 +20,8 @@ use crate::core::{Core, CoreConfig};
 use crate::endpoint::{https, quic};
 use crate::files;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::sled::SledStore;
+use crate::store::SharedStore;
 use crate::tls::{self, CertSource};
 
 /// How long shutdown waits for sessions to send their goodbyes.
@@ -83,8 +84,10 @@ impl Relay {
         crate::sys::private_umask();
         files::private_dir(&config.data_dir)?;
         let admin = admin::bind(&admin::socket_path(&config.data_dir)).await?;
-        let store = Store::open(&config.data_dir.join("db"))
-            .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+        let store: SharedStore = Arc::new(
+            SledStore::open(&config.data_dir.join("db"))
+                .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
+        );
         let loosened = files::make_private(&config.data_dir)?;
         if loosened > 0 {
             tracing::warn!(

@@ -34,11 +34,11 @@ impl Core {
         let config = self.config();
         let mut done = Pruned::default();
         let task_cutoff = now.saturating_sub(config.task_retention.as_secs());
-        let mut after: Option<String> = None;
+        let mut after: Option<crate::store::TaskRecord> = None;
         loop {
             let due = self
                 .store()
-                .ended_before(task_cutoff, BATCH, after.as_deref())?;
+                .ended_before(task_cutoff, BATCH, after.as_ref())?;
             for rec in &due {
                 // `None`: it changed since it was read (a late event); it is looked at again next time.
                 if let Some(events) = self.store().delete_task(rec)? {
@@ -48,7 +48,7 @@ impl Core {
                 }
             }
             match due.last() {
-                Some(last) if due.len() == BATCH => after = Some(last.spec.task.clone()),
+                Some(last) if due.len() == BATCH => after = Some(last.clone()),
                 _ => break,
             }
         }

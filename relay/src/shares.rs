@@ -143,7 +143,7 @@ impl Core {
             created_at,
         };
         self.store()
-            .put_share_audited(&rec, |before| audit::share_entry(caller, &rec, before))?;
+            .put_share_audited(&rec, &|before| audit::share_entry(caller, &rec, before))?;
         self.store().flush()?;
         tracing::info!(%owner, %grantee, projects = ?rec.projects, ?level, "share added");
         self.enforce_share(&routing, owner, grantee)?;
@@ -161,7 +161,7 @@ impl Core {
         let caller = owner.into();
         let owner = caller.user;
         let routing = self.routing();
-        let removed = self.store().remove_share_audited(owner, grantee, |old| {
+        let removed = self.store().remove_share_audited(owner, grantee, &|old| {
             AuditEntry::new(
                 AuditKind::ShareRemoved {
                     grantee: old.grantee.clone(),

@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 use crate::audit::{describe_decision, preview, AuditEntry, AuditKind, Caller};
 use crate::core::{human_duration, Core, RoutingGuard};
 use crate::output::{self, Keep};
-use crate::store::{now, AgentRecord, StoreError, TaskRecord, TaskState};
+use crate::store::{now, AgentRecord, EventRun, StoreError, TaskRecord, TaskState};
 
 /// Events buffered per follower before it is considered too slow and skips ahead (it can re-read the log).
 const FOLLOW_BUFFER: usize = 1024;
@@ -403,13 +403,7 @@ impl Core {
     /// rate limit, so one person cannot make it run more often than they may start tasks.
     fn check_stored(&self, user: &str) -> Result<(), TaskError> {
         let max = self.config().max_stored_per_user;
-        let mut used = 0u64;
-        self.store().tasks_where(|t| {
-            if t.spec.requester.user == user {
-                used = used.saturating_add(t.output_bytes);
-            }
-            false
-        })?;
+        let used = self.store().stored_bytes_of_user(user)?;
         if used >= max {
             return Err(TaskError::StorageFull {
                 used: human_bytes(used),
@@ -471,14 +465,14 @@ impl Core {
         agent: &AgentRecord,
         session: &str,
     ) -> Result<(), TaskError> {
-        let mine = self.store().find_task(|t| {
-            t.agent == agent.fingerprint
-                && t.session_id.as_deref() == Some(session)
-                && (t.spec.requester.user == user || agent.owner == user)
-        })?;
+        let mine = self
+            .store()
+            .tasks_with_session(&agent.fingerprint, session)?
+            .into_iter()
+            .any(|t| t.spec.requester.user == user || agent.owner == user);
         match mine {
-            Some(_) => Ok(()),
-            None => Err(TaskError::ResumeNotYours {
+            true => Ok(()),
+            false => Err(TaskError::ResumeNotYours {
                 agent: agent.name.clone(),
                 session: session.to_string(),
             }),
@@ -796,7 +790,12 @@ impl Core {
         // The relay's own end is always kept: it is short, and followers wait for it.
         let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
         rec.output_bytes += bytes.len() as u64;
-        self.store().append_event(rec, seq, Some(&bytes))?;
+        let run = [(seq, Some(bytes.as_slice()))];
+        self.store().append_event_runs(&[EventRun {
+            task: rec,
+            events: &run,
+            was_open: None,
+        }])?;
         self.publish(&rec.spec.task, seq, &event);
         tracing::info!(task = %rec.spec.task, ?state, "task ended by the relay");
         Ok(())
@@ -806,18 +805,13 @@ impl Core {
     /// task-id autocomplete and history). Scans the task history, so front ends should not call it per
     /// keystroke without a limit.
     pub fn tasks_for(&self, user: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
-        let mine: std::collections::HashSet<Fingerprint> = self
+        let mine: Vec<Fingerprint> = self
             .store()
             .agents_of(user)?
             .into_iter()
             .map(|a| a.fingerprint)
             .collect();
-        let mut tasks = self
-            .store()
-            .tasks_where(|t| t.spec.requester.user == user || mine.contains(&t.agent))?;
-        tasks.sort_by_key(|t| std::cmp::Reverse((t.created_at, t.order)));
-        tasks.truncate(limit);
-        Ok(tasks)
+        Ok(self.store().recent_tasks(user, &mine, limit)?)
     }
 
     pub fn task(&self, id: &str) -> Result<TaskRecord, TaskError> {
@@ -1286,7 +1280,11 @@ impl Core {
             .iter()
             .map(|(seq, bytes)| (*seq, bytes.as_deref()))
             .collect();
-        self.store().append_events(&rec, &run, Some(was_open))?;
+        self.store().append_event_runs(&[EventRun {
+            task: &rec,
+            events: &run,
+            was_open: Some(was_open),
+        }])?;
         if !auto_allowed.is_empty() {
             self.audit_auto_allowed(&rec, auto_allowed);
         }

@@ -1,8 +1,10 @@
-//! The relay's embedded store: sled trees of JSON records, one tree per kind of thing.
+//! The embedded backend: sled trees of JSON records, one tree per kind of thing, and index trees derived from
+//! them.
 //!
-//! Records are JSON so an operator can inspect them and a newer relay can read an older one's data. Writes
-//! that must not race (redeeming a pairing code) use compare-and-swap, so two agents can never redeem the
-//! same code even on different connections at the same instant.
+//! Operations that change several trees (a task with its indexes, a change with its audit entry, a batch of
+//! event runs) are sled transactions, so they are atomic also across a crash. Writes that must not race
+//! (redeeming a pairing code) use compare-and-swap, so two agents can never redeem the same code even on
+//! different connections at the same instant.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -10,203 +12,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ct_protocol::Fingerprint;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use sled::transaction::{
     ConflictableTransactionError, ConflictableTransactionResult, TransactionalTree,
 };
 use sled::Transactional;
 
-use crate::audit::AuditEntry;
-
-/// Storage failures. The relay reports these to peers as "unavailable", never as their fault.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store: {0}")]
-    Sled(#[from] sled::Error),
-    #[error("store: corrupt record: {0}")]
-    Corrupt(#[from] serde_json::Error),
-    #[error("store: the record changed while it was being updated")]
-    Conflict,
-    #[error(
-        "store: {0} is in use by another ct-relay: stop that one, or give this one its own --data-dir"
-    )]
-    InUse(String),
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// A paired agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentRecord {
-    /// The raw ed25519 public key.
-    #[serde(with = "ct_protocol::b64::array")]
-    pub key: [u8; 32],
-    pub fingerprint: Fingerprint,
-    /// Discord user id of the owner.
-    pub owner: String,
-    /// Unique among the owner's agents.
-    pub name: String,
-    pub paired_at: u64,
-    /// Unix seconds of the last disconnect (or connect, while online).
-    #[serde(default)]
-    pub last_seen: Option<u64>,
-    #[serde(default)]
-    pub last_transport: Option<ct_protocol::Transport>,
-    /// Set when revoked; the key is refused from then on.
-    #[serde(default)]
-    pub revoked_at: Option<u64>,
-    /// The agent's projects as it last reported them (kept while it is offline, for autocomplete and for
-    /// "unknown project" errors). `None` until an agent that reports projects has connected.
-    #[serde(default)]
-    pub projects: Option<ct_protocol::project::ProjectsReport>,
-}
-
-/// A one-time pairing code as stored: the secret is kept to compare in constant time.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PairCodeRecord {
-    pub id: String,
-    pub secret: String,
-    pub owner: String,
-    pub created_at: u64,
-    pub expires_at: u64,
-    #[serde(default)]
-    pub used_at: Option<u64>,
-    /// Wrong secrets tried against this id; the code is burned after a few.
-    #[serde(default)]
-    pub failures: u32,
-    /// Set when a newer code for the same owner pushed this one out (only a few may be valid at once).
-    #[serde(default)]
-    pub superseded_at: Option<u64>,
-    /// Mint order (increasing across restarts), so "the oldest" is well defined within one second.
-    #[serde(default)]
-    pub order: u64,
-}
-
-impl PairCodeRecord {
-    /// Whether the code could still pair an agent at `t`.
-    pub fn outstanding(&self, t: u64, max_failures: u32) -> bool {
-        self.used_at.is_none()
-            && self.superseded_at.is_none()
-            && self.failures < max_failures
-            && t < self.expires_at
-    }
-}
-
-/// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskState {
-    Queued,
-    Running,
-    WaitingApproval,
-    Done,
-    Failed,
-    Cancelled,
-    /// The agent no longer runs it (it restarted, or the relay lost track): nothing more will arrive.
-    Lost,
-}
-
-impl TaskState {
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Self::Done | Self::Failed | Self::Cancelled | Self::Lost
-        )
-    }
-}
-
-/// A task as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskRecord {
-    pub spec: ct_protocol::task::TaskSpec,
-    /// The agent it runs on.
-    pub agent: Fingerprint,
-    pub state: TaskState,
-    pub created_at: u64,
-    pub updated_at: u64,
-    /// Highest event sequence number stored (events are 1..=last_seq).
-    pub last_seq: u64,
-    #[serde(default)]
-    pub session_id: Option<String>,
-    /// Why it failed or was lost, in words for the user.
-    #[serde(default)]
-    pub message: Option<String>,
-    /// When the relay sent it to the agent. `None` while it waits in the agent's queue: such a task is not the
-    /// agent's yet, so it is never marked lost and can be cancelled without the agent.
-    #[serde(default)]
-    pub dispatched_at: Option<u64>,
-    /// The earlier task this one continues (a reply after that one ended resumes its Claude Code session).
-    #[serde(default)]
-    pub follows: Option<String>,
-    /// Position in the agent's queue: increasing across restarts, so the queue is first in, first out.
-    #[serde(default)]
-    pub order: u64,
-    /// Bytes of events stored for this task (their JSON), counted against
-    /// [`CoreConfig::max_task_output`](crate::core::CoreConfig).
-    #[serde(default)]
-    pub output_bytes: u64,
-    /// Whether output past the cap was dropped (a marker event in the log says so where it started).
-    #[serde(default)]
-    pub output_truncated: bool,
-    /// The git branch the agent reported this task's worktree on: only such tasks can be merged, kept or
-    /// discarded (and only agents that report one understand the request).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub worktree: Option<String>,
-}
-
-impl TaskRecord {
-    /// Whether the agent was given this task. Running records from before `dispatched_at` existed count as
-    /// dispatched; a task the relay ended while it was queued (cancelled, or lost with a revoked agent) does
-    /// not.
-    pub fn is_dispatched(&self) -> bool {
-        self.dispatched_at.is_some()
-            || matches!(self.state, TaskState::Running | TaskState::WaitingApproval)
-    }
-}
-
-/// How far a share trusts the grantee.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ShareLevel {
-    /// The grantee runs tasks; the owner decides their approvals.
-    Standard,
-    /// The grantee also decides the approvals of their own tasks.
-    Trusted,
-}
-
-/// One owner's agents shared with one grantee.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShareRecord {
-    /// Discord user id of the agents' owner.
-    pub owner: String,
-    /// Discord user id of the person allowed to use them.
-    pub grantee: String,
-    /// The project names the grantee may use; `None` means every project.
-    #[serde(default)]
-    pub projects: Option<Vec<String>>,
-    pub level: ShareLevel,
-    pub created_at: u64,
-}
-
-impl ShareRecord {
-    pub fn allows(&self, project: &str) -> bool {
-        self.projects
-            .as_ref()
-            .is_none_or(|p| p.iter().any(|n| n == project))
-    }
-}
-
-/// Per-user settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserRecord {
-    /// The agent used when the user (or someone they shared with) names none and they have several.
-    #[serde(default)]
-    pub default_agent: Option<Fingerprint>,
-}
+use super::{
+    AgentRecord, AuditEntry, EventRun, PairCodeRecord, Result, ShareRecord, Store, StoreError,
+    TaskRecord, UserRecord,
+};
 
 /// The open store.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct SledStore {
     db: sled::Db,
     agents: sled::Tree,
     pair_codes: sled::Tree,
@@ -288,7 +107,7 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
 /// The key in `meta` holding the last audit sequence number handed out.
 const AUDIT_SEQ: &[u8] = b"audit_seq";
 
-impl Store {
+impl SledStore {
     pub fn open(dir: &Path) -> Result<Self> {
         let db = open_db(dir)?;
         let store = Self {
@@ -329,32 +148,6 @@ impl Store {
         Ok(())
     }
 
-    /// A fresh queue position, greater than every one handed out before (also across restarts).
-    pub fn next_order(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
-    }
-
-    /// A flusher that makes writes durable in groups; see [`crate::durable`].
-    pub fn group_commit(&self) -> std::io::Result<crate::durable::GroupCommit> {
-        crate::durable::GroupCommit::start(self.db.clone())
-    }
-
-    /// Makes every write so far durable.
-    pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
-        Ok(())
-    }
-
-    pub fn agent(&self, fp: &Fingerprint) -> Result<Option<AgentRecord>> {
-        get(&self.agents, &fp.0)
-    }
-
-    pub fn put_agent(&self, rec: &AgentRecord) -> Result<()> {
-        put(&self.agents, &rec.fingerprint.0, rec)?;
-        self.index_agent(rec);
-        Ok(())
-    }
-
     fn index_agent(&self, rec: &AgentRecord) {
         self.owners
             .lock()
@@ -362,505 +155,9 @@ impl Store {
             .set(rec.fingerprint, &rec.owner);
     }
 
-    /// Every agent `owner` paired, revoked ones included.
-    pub fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>> {
-        let fps: Vec<Fingerprint> = self
-            .owners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_owner
-            .get(owner)
-            .map(|set| set.iter().copied().collect())
-            .unwrap_or_default();
-        let mut out = Vec::with_capacity(fps.len());
-        for fp in fps {
-            if let Some(rec) = self.agent(&fp)?.filter(|a| a.owner == owner) {
-                out.push(rec);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Changes one agent record in place; concurrent changes (a disconnect's last-seen and a projects report)
-    /// are retried rather than lost. Returns the new record, or `None` when there is no such agent.
-    pub fn update_agent(
-        &self,
-        fp: &Fingerprint,
-        mut change: impl FnMut(&mut AgentRecord),
-    ) -> Result<Option<AgentRecord>> {
-        loop {
-            let Some(old) = self.agents.get(fp.0)? else {
-                return Ok(None);
-            };
-            let mut rec: AgentRecord = serde_json::from_slice(&old)?;
-            change(&mut rec);
-            let new = serde_json::to_vec(&rec)?;
-            if self
-                .agents
-                .compare_and_swap(fp.0, Some(old), Some(new))?
-                .is_ok()
-            {
-                self.index_agent(&rec);
-                return Ok(Some(rec));
-            }
-        }
-    }
-
-    /// Redeems a pairing code: marks it used (only if it is still exactly `code`, so two agents can never
-    /// redeem one code), stores the new agent and its audit entry, all in one transaction.
-    pub fn pair_agent_audited(
-        &self,
-        code: &PairCodeRecord,
-        used: &PairCodeRecord,
-        agent: &AgentRecord,
-        entry: &AuditEntry,
-    ) -> Result<AuditEntry> {
-        let (old, new) = (serde_json::to_vec(code)?, serde_json::to_vec(used)?);
-        let value = serde_json::to_vec(agent)?;
-        let id = code.id.as_bytes();
-        let ((), e) = self.audited(&[&self.pair_codes, &self.agents], entry, |t| {
-            if t[0].get(id)?.as_deref() != Some(old.as_slice()) {
-                return Err(abort(()));
-            }
-            t[0].insert(id, new.as_slice())?;
-            t[1].insert(&agent.fingerprint.0, value.as_slice())?;
-            Ok(())
-        })?;
-        self.index_agent(agent);
-        Ok(e)
-    }
-
-    /// Marks an agent revoked at `t` (keeping an earlier revocation time) and writes the audit entry, together.
-    /// `None` when there is no such agent.
-    pub fn revoke_agent_audited(
-        &self,
-        fp: &Fingerprint,
-        t: u64,
-        entry: &AuditEntry,
-    ) -> Result<Option<(AgentRecord, AuditEntry)>> {
-        if self.agents.get(fp.0)?.is_none() {
-            return Ok(None);
-        }
-        let (rec, e) = self.audited(&[&self.agents], entry, |tx| {
-            let Some(old) = tx[0].get(fp.0)? else {
-                return Err(abort(()));
-            };
-            let mut rec: AgentRecord = serde_json::from_slice(&old).map_err(abort)?;
-            rec.revoked_at.get_or_insert(t);
-            tx[0].insert(&fp.0, serde_json::to_vec(&rec).map_err(abort)?)?;
-            Ok(rec)
-        })?;
-        Ok(Some((rec, e)))
-    }
-
-    pub fn agents(&self) -> Result<Vec<AgentRecord>> {
-        self.agents
-            .iter()
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
-            .collect()
-    }
-
-    pub fn pair_code(&self, id: &str) -> Result<Option<PairCodeRecord>> {
-        get(&self.pair_codes, id.as_bytes())
-    }
-
-    pub fn put_pair_code(&self, rec: &PairCodeRecord) -> Result<()> {
-        put(&self.pair_codes, rec.id.as_bytes(), rec)
-    }
-
-    /// Replaces `old` with `new` only if the stored record is still exactly `old`.
-    pub fn swap_pair_code(&self, old: &PairCodeRecord, new: &PairCodeRecord) -> Result<()> {
-        let (old_bytes, new_bytes) = (serde_json::to_vec(old)?, serde_json::to_vec(new)?);
-        self.pair_codes
-            .compare_and_swap(old.id.as_bytes(), Some(old_bytes), Some(new_bytes))?
-            .map_err(|_| StoreError::Conflict)
-    }
-
-    /// Every code minted for `owner` that is still remembered. Codes are few (pruned a day after expiry), so
-    /// a scan is fine.
-    pub fn pair_codes_of(&self, owner: &str) -> Result<Vec<PairCodeRecord>> {
-        let mut out = Vec::new();
-        for v in self.pair_codes.iter().values() {
-            let rec: PairCodeRecord = serde_json::from_slice(&v?)?;
-            if rec.owner == owner {
-                out.push(rec);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Removes codes whose expiry passed before `cutoff`; they are kept a while after use or expiry so a
-    /// late attempt is told "used" or "expired" rather than "wrong".
-    pub fn prune_pair_codes(&self, cutoff: u64) -> Result<usize> {
-        let mut removed = 0;
-        for entry in self.pair_codes.iter() {
-            let (k, v) = entry?;
-            let rec: PairCodeRecord = serde_json::from_slice(&v)?;
-            if rec.expires_at < cutoff {
-                self.pair_codes.remove(k)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-}
-
-impl Store {
-    pub fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
-        get(&self.tasks, id.as_bytes())
-    }
-
-    /// Stores a task record and keeps the open-task indexes in step with it, atomically.
-    pub fn put_task(&self, rec: &TaskRecord) -> Result<()> {
-        let write = TaskWrite::new(rec)?;
-        (&self.tasks, &self.open, &self.open_by_user)
-            .transaction(|(tasks, open, by_user)| write.apply(tasks, open, by_user, None))
-            .map_err(tx_error)
-    }
-
-    /// Stores a new or changed task record and appends `entry` to the audit log, atomically: a task the log
-    /// must show (a grantee's) is not created unless its entry is written too.
-    pub fn put_task_audited(&self, rec: &TaskRecord, entry: &AuditEntry) -> Result<AuditEntry> {
-        let write = TaskWrite::new(rec)?;
-        let ((), entry) =
-            self.audited(&[&self.tasks, &self.open, &self.open_by_user], entry, |t| {
-                write.apply(&t[0], &t[1], &t[2], None)
-            })?;
-        Ok(entry)
-    }
-
-    /// How many tasks `user` asked for that have not ended, across all agents.
-    pub fn open_tasks_of_user(&self, user: &str) -> Result<usize> {
-        let mut n = 0;
-        for key in self.open_by_user.scan_prefix(user_prefix(user)).keys() {
-            key?;
-            n += 1;
-        }
-        Ok(n)
-    }
-
-    /// Final tasks last changed before `cutoff` (a final task changes no more, so this is when it ended), at
-    /// most `limit` of them, in id order after the task `after` (a cursor for the next batch).
-    pub fn ended_before(
-        &self,
-        cutoff: u64,
-        limit: usize,
-        after: Option<&str>,
-    ) -> Result<Vec<TaskRecord>> {
-        use std::ops::Bound;
-        let from = match after {
-            Some(id) => Bound::Excluded(id.as_bytes().to_vec()),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        for v in self
-            .tasks
-            .range::<Vec<u8>, _>((from, Bound::Unbounded))
-            .values()
-        {
-            let rec: TaskRecord = serde_json::from_slice(&v?)?;
-            if rec.state.is_final() && rec.updated_at < cutoff {
-                out.push(rec);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Deletes a task and its events, if its record is still exactly `rec`. Returns the number of events
-    /// deleted, or `None` when the record changed meanwhile (it is left for a later attempt). The record goes
-    /// first, in a transaction that [`append_event`](Self::append_event) also checks against, so a late event
-    /// cannot bring back half a task.
-    pub fn delete_task(&self, rec: &TaskRecord) -> Result<Option<usize>> {
-        let expected = serde_json::to_vec(rec)?;
-        let (id, open, by_user) = (rec.spec.task.as_bytes(), open_key(rec), user_open_key(rec));
-        let removed = (&self.tasks, &self.open, &self.open_by_user)
-            .transaction(|(tasks, o, u)| {
-                if tasks.get(id)?.as_deref() != Some(expected.as_slice()) {
-                    return Ok(false);
-                }
-                tasks.remove(id)?;
-                o.remove(open.as_slice())?;
-                u.remove(by_user.as_slice())?;
-                Ok::<_, ConflictableTransactionError<()>>(true)
-            })
-            .map_err(tx_error)?;
-        if !removed {
-            return Ok(None);
-        }
-        let (from, to) = (
-            event_key(&rec.spec.task, 0),
-            event_key(&rec.spec.task, u64::MAX),
-        );
-        let mut n = 0;
-        for key in self.events.range(from..=to).keys() {
-            self.events.remove(key?)?;
-            n += 1;
-        }
-        Ok(Some(n))
-    }
-
-    /// The first task `pred` accepts, scanning the whole history: only for rare requests.
-    pub fn find_task(
-        &self,
-        mut pred: impl FnMut(&TaskRecord) -> bool,
-    ) -> Result<Option<TaskRecord>> {
-        for v in self.tasks.iter().values() {
-            let rec: TaskRecord = serde_json::from_slice(&v?)?;
-            if pred(&rec) {
-                return Ok(Some(rec));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Every task `pred` accepts, scanning the whole history.
-    pub fn tasks_where(
-        &self,
-        mut pred: impl FnMut(&TaskRecord) -> bool,
-    ) -> Result<Vec<TaskRecord>> {
-        let mut out = Vec::new();
-        for v in self.tasks.iter().values() {
-            let rec: TaskRecord = serde_json::from_slice(&v?)?;
-            if pred(&rec) {
-                out.push(rec);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Tasks on one agent that have not ended, in queue order (oldest first).
-    pub fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
-        let mut out = Vec::new();
-        for key in self.open.scan_prefix(agent.0).keys() {
-            let key = key?;
-            let id = std::str::from_utf8(&key[OPEN_PREFIX..]).map_err(|_| StoreError::Conflict)?;
-            // The index is derived data: a dangling entry (it cannot happen through this API) is skipped.
-            if let Some(rec) = self.task(id)? {
-                if !rec.state.is_final() {
-                    out.push(rec);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Stores event `seq` of a task together with the task's new record; see [`Store::append_events`].
-    pub fn append_event(&self, rec: &TaskRecord, seq: u64, event: Option<&[u8]>) -> Result<()> {
-        self.append_events(rec, &[(seq, event)], None)
-    }
-
-    /// Stores a run of a task's events together with the task's new record, atomically: either all are
-    /// written or none, so `last_seq` never runs ahead of the events it counts. One transaction per run, not
-    /// per event: the record is rewritten once however many events a burst of output brings.
-    ///
-    /// Each event comes as its stored bytes (the caller measured them against the task's output cap), or
-    /// `None` when it was dropped under that cap and only the record moves on. A task deleted meanwhile (by
-    /// retention) is not brought back: the write is refused as a conflict.
-    ///
-    /// `was_open` is whether the task was open (not ended) before the run, when the caller knows: the
-    /// open-task indexes are then written only if that changes, as most runs are plain output.
-    pub fn append_events(
-        &self,
-        rec: &TaskRecord,
-        run: &[(u64, Option<&[u8]>)],
-        was_open: Option<bool>,
-    ) -> Result<()> {
-        let keys: Vec<(Vec<u8>, Option<&[u8]>)> = run
-            .iter()
-            .map(|(seq, event)| (event_key(&rec.spec.task, *seq), *event))
-            .collect();
-        let write = TaskWrite::new(rec)?;
-        (&self.tasks, &self.events, &self.open, &self.open_by_user)
-            .transaction(|(tasks, events, open, by_user)| {
-                if tasks.get(write.id.as_slice())?.is_none() {
-                    return Err(ConflictableTransactionError::Abort(()));
-                }
-                for (key, event) in &keys {
-                    if let Some(event) = event {
-                        events.insert(key.as_slice(), *event)?;
-                    }
-                }
-                write.apply(tasks, open, by_user, was_open)
-            })
-            .map_err(tx_error)
-    }
-
-    /// A task's stored events after `after`, in order.
-    pub fn events(
-        &self,
-        task: &str,
-        after: u64,
-    ) -> Result<Vec<(u64, ct_protocol::task::TaskEvent)>> {
-        let (from, to) = (
-            event_key(task, after.saturating_add(1)),
-            event_key(task, u64::MAX),
-        );
-        self.events
-            .range(from..=to)
-            .map(|kv| {
-                let (k, v) = kv?;
-                let seq = u64::from_be_bytes(
-                    k[k.len() - 8..]
-                        .try_into()
-                        .map_err(|_| StoreError::Conflict)?,
-                );
-                Ok((seq, serde_json::from_slice(&v)?))
-            })
-            .collect()
-    }
-}
-
-/// The Discord front end's thread marks. Not flushed on write: after a crash a mark may be up to one flush
-/// interval behind, which costs a few repeated messages, never a skipped one.
-impl Store {
-    pub fn put_thread_mark<T: Serialize>(&self, task: &str, mark: &T) -> Result<()> {
-        put(&self.thread_marks, task.as_bytes(), mark)
-    }
-
-    pub fn delete_thread_mark(&self, task: &str) -> Result<()> {
-        self.thread_marks.remove(task.as_bytes())?;
-        Ok(())
-    }
-
-    /// Every mark, by task id. A mark that no longer decodes is skipped (and logged): it only costs that
-    /// thread its automatic resumption.
-    pub fn thread_marks<T: DeserializeOwned>(&self) -> Result<Vec<(String, T)>> {
-        let mut marks = Vec::new();
-        for kv in self.thread_marks.iter() {
-            let (k, v) = kv?;
-            let task = String::from_utf8_lossy(&k).into_owned();
-            match serde_json::from_slice(&v) {
-                Ok(mark) => marks.push((task, mark)),
-                Err(e) => tracing::warn!(%task, error = %e, "unreadable thread mark skipped"),
-            }
-        }
-        Ok(marks)
-    }
-}
-
-impl Store {
-    pub fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
-        get(&self.shares, &share_key(owner, grantee))
-    }
-
-    pub fn put_share(&self, rec: &ShareRecord) -> Result<()> {
-        put(&self.shares, &share_key(&rec.owner, &rec.grantee), rec)
-    }
-
-    /// Stores a share and its audit entry together. `entry` is made from the share as it was before (if any),
-    /// read inside the same transaction, so the log says exactly what changed.
-    pub fn put_share_audited(
-        &self,
-        rec: &ShareRecord,
-        entry: impl Fn(Option<&ShareRecord>) -> AuditEntry,
-    ) -> Result<(Option<ShareRecord>, AuditEntry)> {
-        let (key, value) = (
-            share_key(&rec.owner, &rec.grantee),
-            serde_json::to_vec(rec)?,
-        );
-        self.audited_with(&[&self.shares], |t| {
-            let before: Option<ShareRecord> = match t[0].insert(key.as_slice(), value.as_slice())? {
-                Some(old) => Some(serde_json::from_slice(&old).map_err(abort)?),
-                None => None,
-            };
-            let e = entry(before.as_ref());
-            Ok((before, e))
-        })
-    }
-
-    /// Removes a share and writes its audit entry together. `None` (and nothing written) when there was none.
-    pub fn remove_share_audited(
-        &self,
-        owner: &str,
-        grantee: &str,
-        entry: impl Fn(&ShareRecord) -> AuditEntry,
-    ) -> Result<Option<(ShareRecord, AuditEntry)>> {
-        let key = share_key(owner, grantee);
-        // Checked first so that removing nothing writes no entry; the transaction checks again.
-        if self.shares.get(&key)?.is_none() {
-            return Ok(None);
-        }
-        let (old, written) = self.audited_with(&[&self.shares], |t| {
-            let Some(old) = t[0].remove(key.as_slice())? else {
-                return Err(abort(()));
-            };
-            let old: ShareRecord = serde_json::from_slice(&old).map_err(abort)?;
-            let e = entry(&old);
-            Ok((old, e))
-        })?;
-        Ok(Some((old, written)))
-    }
-
-    /// Removes a share, returning what it was.
-    pub fn remove_share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
-        self.shares
-            .remove(share_key(owner, grantee))?
-            .map(|v| serde_json::from_slice(&v))
-            .transpose()
-            .map_err(Into::into)
-    }
-
-    /// Everyone `owner` shares with.
-    pub fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>> {
-        let mut prefix = owner.as_bytes().to_vec();
-        prefix.push(0);
-        self.shares
-            .scan_prefix(prefix)
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
-            .collect()
-    }
-
-    /// Everyone who shares with `grantee`. Shares are few next to tasks, so a scan is fine.
-    pub fn shares_to(&self, grantee: &str) -> Result<Vec<ShareRecord>> {
-        let mut out = Vec::new();
-        for v in self.shares.iter().values() {
-            let rec: ShareRecord = serde_json::from_slice(&v?)?;
-            if rec.grantee == grantee {
-                out.push(rec);
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn user(&self, id: &str) -> Result<UserRecord> {
-        Ok(get(&self.users, id.as_bytes())?.unwrap_or_default())
-    }
-
-    pub fn put_user(&self, id: &str, rec: &UserRecord) -> Result<()> {
-        put(&self.users, id.as_bytes(), rec)
-    }
-
-    /// Stores a user's settings and an audit entry together.
-    pub fn put_user_audited(
-        &self,
-        id: &str,
-        rec: &UserRecord,
-        entry: &AuditEntry,
-    ) -> Result<AuditEntry> {
-        let value = serde_json::to_vec(rec)?;
-        let ((), e) = self.audited(&[&self.users], entry, |t| {
-            t[0].insert(id.as_bytes(), value.as_slice())?;
-            Ok(())
-        })?;
-        Ok(e)
-    }
-}
-
-/// The audit log.
-impl Store {
-    /// Appends one entry on its own.
-    pub fn append_audit(&self, entry: &AuditEntry) -> Result<AuditEntry> {
-        Ok(self.audited(&[], entry, |_| Ok(()))?.1)
-    }
-
     /// Applies `change` to `trees` and appends `entry` to the audit log in one transaction: both are written
     /// or neither.
-    pub(crate) fn audited<T>(
+    fn audited<T>(
         &self,
         trees: &[&sled::Tree],
         entry: &AuditEntry,
@@ -896,14 +193,353 @@ impl Store {
             })
             .map_err(tx_error)
     }
+}
 
-    /// Audit entries newest first, starting below `before`, that `keep` accepts, at most `limit`. Scans the
-    /// log: for operators' filters; owners' views use [`audit_of_owner`](Self::audit_of_owner).
-    pub fn audit_where(
+impl Store for SledStore {
+    fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn next_order(&self) -> Result<u64> {
+        Ok(self.db.generate_id()?)
+    }
+
+    fn agent(&self, fp: &Fingerprint) -> Result<Option<AgentRecord>> {
+        get(&self.agents, &fp.0)
+    }
+
+    fn put_agent(&self, rec: &AgentRecord) -> Result<()> {
+        put(&self.agents, &rec.fingerprint.0, rec)?;
+        self.index_agent(rec);
+        Ok(())
+    }
+
+    fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>> {
+        let fps: Vec<Fingerprint> = self
+            .owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_owner
+            .get(owner)
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(fps.len());
+        for fp in fps {
+            if let Some(rec) = self.agent(&fp)?.filter(|a| a.owner == owner) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>> {
+        self.agents
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn update_agent(
+        &self,
+        fp: &Fingerprint,
+        change: &mut dyn FnMut(&mut AgentRecord),
+    ) -> Result<Option<AgentRecord>> {
+        loop {
+            let Some(old) = self.agents.get(fp.0)? else {
+                return Ok(None);
+            };
+            let mut rec: AgentRecord = serde_json::from_slice(&old)?;
+            change(&mut rec);
+            let new = serde_json::to_vec(&rec)?;
+            if self
+                .agents
+                .compare_and_swap(fp.0, Some(old), Some(new))?
+                .is_ok()
+            {
+                self.index_agent(&rec);
+                return Ok(Some(rec));
+            }
+        }
+    }
+
+    fn pair_agent_audited(
+        &self,
+        code: &PairCodeRecord,
+        used: &PairCodeRecord,
+        agent: &AgentRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry> {
+        let (old, new) = (serde_json::to_vec(code)?, serde_json::to_vec(used)?);
+        let value = serde_json::to_vec(agent)?;
+        let id = code.id.as_bytes();
+        let ((), e) = self.audited(&[&self.pair_codes, &self.agents], entry, |t| {
+            if t[0].get(id)?.as_deref() != Some(old.as_slice()) {
+                return Err(abort(()));
+            }
+            t[0].insert(id, new.as_slice())?;
+            t[1].insert(&agent.fingerprint.0, value.as_slice())?;
+            Ok(())
+        })?;
+        self.index_agent(agent);
+        Ok(e)
+    }
+
+    fn revoke_agent_audited(
+        &self,
+        fp: &Fingerprint,
+        t: u64,
+        entry: &AuditEntry,
+    ) -> Result<Option<(AgentRecord, AuditEntry)>> {
+        if self.agents.get(fp.0)?.is_none() {
+            return Ok(None);
+        }
+        let (rec, e) = self.audited(&[&self.agents], entry, |tx| {
+            let Some(old) = tx[0].get(fp.0)? else {
+                return Err(abort(()));
+            };
+            let mut rec: AgentRecord = serde_json::from_slice(&old).map_err(abort)?;
+            rec.revoked_at.get_or_insert(t);
+            tx[0].insert(&fp.0, serde_json::to_vec(&rec).map_err(abort)?)?;
+            Ok(rec)
+        })?;
+        Ok(Some((rec, e)))
+    }
+
+    fn pair_code(&self, id: &str) -> Result<Option<PairCodeRecord>> {
+        get(&self.pair_codes, id.as_bytes())
+    }
+
+    fn put_pair_code(&self, rec: &PairCodeRecord) -> Result<()> {
+        put(&self.pair_codes, rec.id.as_bytes(), rec)
+    }
+
+    fn swap_pair_code(&self, old: &PairCodeRecord, new: &PairCodeRecord) -> Result<()> {
+        let (old_bytes, new_bytes) = (serde_json::to_vec(old)?, serde_json::to_vec(new)?);
+        self.pair_codes
+            .compare_and_swap(old.id.as_bytes(), Some(old_bytes), Some(new_bytes))?
+            .map_err(|_| StoreError::Conflict)
+    }
+
+    fn pair_codes_of(&self, owner: &str) -> Result<Vec<PairCodeRecord>> {
+        let mut out = Vec::new();
+        for v in self.pair_codes.iter().values() {
+            let rec: PairCodeRecord = serde_json::from_slice(&v?)?;
+            if rec.owner == owner {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn prune_pair_codes(&self, cutoff: u64) -> Result<usize> {
+        let mut removed = 0;
+        for entry in self.pair_codes.iter() {
+            let (k, v) = entry?;
+            let rec: PairCodeRecord = serde_json::from_slice(&v)?;
+            if rec.expires_at < cutoff {
+                self.pair_codes.remove(k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        get(&self.tasks, id.as_bytes())
+    }
+
+    fn put_task(&self, rec: &TaskRecord) -> Result<()> {
+        let write = TaskWrite::new(rec)?;
+        (&self.tasks, &self.open, &self.open_by_user)
+            .transaction(|(tasks, open, by_user)| write.apply(tasks, open, by_user, None))
+            .map_err(tx_error)
+    }
+
+    fn put_task_audited(&self, rec: &TaskRecord, entry: &AuditEntry) -> Result<AuditEntry> {
+        let write = TaskWrite::new(rec)?;
+        let ((), entry) =
+            self.audited(&[&self.tasks, &self.open, &self.open_by_user], entry, |t| {
+                write.apply(&t[0], &t[1], &t[2], None)
+            })?;
+        Ok(entry)
+    }
+
+    fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for key in self.open.scan_prefix(agent.0).keys() {
+            let key = key?;
+            let id = std::str::from_utf8(&key[OPEN_PREFIX..]).map_err(|_| StoreError::Conflict)?;
+            // The index is derived data: a dangling entry (it cannot happen through this API) is skipped.
+            if let Some(rec) = self.task(id)? {
+                if !rec.state.is_final() {
+                    out.push(rec);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn open_tasks_of_user(&self, user: &str) -> Result<usize> {
+        let mut n = 0;
+        for key in self.open_by_user.scan_prefix(user_prefix(user)).keys() {
+            key?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn ended_before(
+        &self,
+        cutoff: u64,
+        limit: usize,
+        after: Option<&TaskRecord>,
+    ) -> Result<Vec<TaskRecord>> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(rec) => Bound::Excluded(rec.spec.task.as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for v in self
+            .tasks
+            .range::<Vec<u8>, _>((from, Bound::Unbounded))
+            .values()
+        {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if rec.state.is_final() && rec.updated_at < cutoff {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete_task(&self, rec: &TaskRecord) -> Result<Option<usize>> {
+        let expected = serde_json::to_vec(rec)?;
+        let (id, open, by_user) = (rec.spec.task.as_bytes(), open_key(rec), user_open_key(rec));
+        let removed = (&self.tasks, &self.open, &self.open_by_user)
+            .transaction(|(tasks, o, u)| {
+                if tasks.get(id)?.as_deref() != Some(expected.as_slice()) {
+                    return Ok(false);
+                }
+                tasks.remove(id)?;
+                o.remove(open.as_slice())?;
+                u.remove(by_user.as_slice())?;
+                Ok::<_, ConflictableTransactionError<()>>(true)
+            })
+            .map_err(tx_error)?;
+        if !removed {
+            return Ok(None);
+        }
+        let (from, to) = (
+            event_key(&rec.spec.task, 0),
+            event_key(&rec.spec.task, u64::MAX),
+        );
+        let mut n = 0;
+        for key in self.events.range(from..=to).keys() {
+            self.events.remove(key?)?;
+            n += 1;
+        }
+        Ok(Some(n))
+    }
+
+    fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
+        get(&self.shares, &share_key(owner, grantee))
+    }
+
+    fn put_share_audited(
+        &self,
+        rec: &ShareRecord,
+        entry: &dyn Fn(Option<&ShareRecord>) -> AuditEntry,
+    ) -> Result<(Option<ShareRecord>, AuditEntry)> {
+        let (key, value) = (
+            share_key(&rec.owner, &rec.grantee),
+            serde_json::to_vec(rec)?,
+        );
+        self.audited_with(&[&self.shares], |t| {
+            let before: Option<ShareRecord> = match t[0].insert(key.as_slice(), value.as_slice())? {
+                Some(old) => Some(serde_json::from_slice(&old).map_err(abort)?),
+                None => None,
+            };
+            let e = entry(before.as_ref());
+            Ok((before, e))
+        })
+    }
+
+    fn remove_share_audited(
+        &self,
+        owner: &str,
+        grantee: &str,
+        entry: &dyn Fn(&ShareRecord) -> AuditEntry,
+    ) -> Result<Option<(ShareRecord, AuditEntry)>> {
+        let key = share_key(owner, grantee);
+        // Checked first so that removing nothing writes no entry; the transaction checks again.
+        if self.shares.get(&key)?.is_none() {
+            return Ok(None);
+        }
+        let (old, written) = self.audited_with(&[&self.shares], |t| {
+            let Some(old) = t[0].remove(key.as_slice())? else {
+                return Err(abort(()));
+            };
+            let old: ShareRecord = serde_json::from_slice(&old).map_err(abort)?;
+            let e = entry(&old);
+            Ok((old, e))
+        })?;
+        Ok(Some((old, written)))
+    }
+
+    fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>> {
+        let mut prefix = owner.as_bytes().to_vec();
+        prefix.push(0);
+        self.shares
+            .scan_prefix(prefix)
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn shares_to(&self, grantee: &str) -> Result<Vec<ShareRecord>> {
+        let mut out = Vec::new();
+        for v in self.shares.iter().values() {
+            let rec: ShareRecord = serde_json::from_slice(&v?)?;
+            if rec.grantee == grantee {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn user(&self, id: &str) -> Result<UserRecord> {
+        Ok(get(&self.users, id.as_bytes())?.unwrap_or_default())
+    }
+
+    fn put_user_audited(
+        &self,
+        id: &str,
+        rec: &UserRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry> {
+        let value = serde_json::to_vec(rec)?;
+        let ((), e) = self.audited(&[&self.users], entry, |t| {
+            t[0].insert(id.as_bytes(), value.as_slice())?;
+            Ok(())
+        })?;
+        Ok(e)
+    }
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<AuditEntry> {
+        Ok(self.audited(&[], entry, |_| Ok(()))?.1)
+    }
+
+    fn audit_where(
         &self,
         before: Option<u64>,
         limit: usize,
-        mut keep: impl FnMut(&AuditEntry) -> bool,
+        keep: &mut dyn FnMut(&AuditEntry) -> bool,
     ) -> Result<Vec<AuditEntry>> {
         let end = before.unwrap_or(u64::MAX).to_be_bytes();
         let mut out = Vec::new();
@@ -920,9 +556,7 @@ impl Store {
         Ok(out)
     }
 
-    /// The entries concerning `owner`, newest first, below `before`, at most `limit`: read through the owner
-    /// index, so the cost follows the page, not the log.
-    pub fn audit_of_owner(
+    fn audit_of_owner(
         &self,
         owner: &str,
         before: Option<u64>,
@@ -945,9 +579,7 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes entries written before `cutoff`, oldest first, stopping at the first younger one (entries are
-    /// written in time order, give or take a clock step). Returns how many were deleted.
-    pub fn prune_audit(&self, cutoff: u64) -> Result<usize> {
+    fn prune_audit(&self, cutoff: u64) -> Result<usize> {
         let mut removed = 0;
         for kv in self.audit.iter() {
             let (k, v) = kv?;
@@ -962,9 +594,131 @@ impl Store {
         Ok(removed)
     }
 
-    /// Number of entries in the log.
-    pub fn audit_len(&self) -> usize {
-        self.audit.len()
+    fn audit_len(&self) -> Result<usize> {
+        Ok(self.audit.len())
+    }
+
+    fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()> {
+        self.thread_marks.insert(task.as_bytes(), mark)?;
+        Ok(())
+    }
+
+    fn delete_thread_mark(&self, task: &str) -> Result<()> {
+        self.thread_marks.remove(task.as_bytes())?;
+        Ok(())
+    }
+
+    fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.thread_marks
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn stored_bytes_of_user(&self, user: &str) -> Result<u64> {
+        let mut used = 0u64;
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if rec.spec.requester.user == user {
+                used = used.saturating_add(rec.output_bytes);
+            }
+        }
+        Ok(used)
+    }
+
+    fn recent_tasks(
+        &self,
+        user: &str,
+        agents: &[Fingerprint],
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if rec.spec.requester.user == user || agents.contains(&rec.agent) {
+                out.push(rec);
+            }
+        }
+        out.sort_by_key(|t| std::cmp::Reverse((t.created_at, t.order)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn tasks_with_session(&self, agent: &Fingerprint, session: &str) -> Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            if rec.agent == *agent && rec.session_id.as_deref() == Some(session) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn append_event_runs(&self, runs: &[EventRun<'_>]) -> Result<Vec<bool>> {
+        struct Prepared {
+            write: TaskWrite,
+            events: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+            was_open: Option<bool>,
+        }
+        let prepared = runs
+            .iter()
+            .map(|run| {
+                Ok(Prepared {
+                    write: TaskWrite::new(run.task)?,
+                    events: run
+                        .events
+                        .iter()
+                        .map(|(seq, e)| {
+                            (event_key(&run.task.spec.task, *seq), e.map(<[u8]>::to_vec))
+                        })
+                        .collect(),
+                    was_open: run.was_open,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        (&self.tasks, &self.events, &self.open, &self.open_by_user)
+            .transaction(|(tasks, events, open, by_user)| {
+                let mut written = Vec::with_capacity(prepared.len());
+                for p in &prepared {
+                    // A task deleted meanwhile (by retention) is not brought back by a late run.
+                    if tasks.get(p.write.id.as_slice())?.is_none() {
+                        written.push(false);
+                        continue;
+                    }
+                    for (key, event) in &p.events {
+                        if let Some(event) = event {
+                            events.insert(key.as_slice(), event.as_slice())?;
+                        }
+                    }
+                    p.write.apply(tasks, open, by_user, p.was_open)?;
+                    written.push(true);
+                }
+                Ok(written)
+            })
+            .map_err(tx_error)
+    }
+
+    fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let (from, to) = (
+            event_key(task, after.saturating_add(1)),
+            event_key(task, u64::MAX),
+        );
+        self.events
+            .range(from..=to)
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = u64::from_be_bytes(
+                    k[k.len() - 8..]
+                        .try_into()
+                        .map_err(|_| StoreError::Conflict)?,
+                );
+                Ok((seq, v.to_vec()))
+            })
+            .collect()
     }
 }
 
@@ -1089,18 +843,10 @@ fn put<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Result<()> {
     Ok(())
 }
 
-/// Seconds since the Unix epoch.
-pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::AuditKind;
+    use crate::store::{AuditKind, ShareLevel};
 
     fn entry() -> AuditEntry {
         AuditEntry::new(AuditKind::DefaultAgentSet, "1", "1", "test".into())
@@ -1111,7 +857,7 @@ mod tests {
     #[test]
     fn no_audit_entry_means_no_change() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         let share = ShareRecord {
             owner: "1".into(),
             grantee: "2".into(),
@@ -1119,8 +865,8 @@ mod tests {
             level: ShareLevel::Standard,
             created_at: 0,
         };
-        store.put_share_audited(&share, |_| entry()).unwrap();
-        assert_eq!(store.audit_len(), 1);
+        store.put_share_audited(&share, &|_| entry()).unwrap();
+        assert_eq!(store.audit_len().unwrap(), 1);
 
         store.meta.insert(AUDIT_SEQ, b"not a number").unwrap();
         let wider = ShareRecord {
@@ -1128,17 +874,17 @@ mod tests {
             ..share.clone()
         };
         assert!(matches!(
-            store.put_share_audited(&wider, |_| entry()),
+            store.put_share_audited(&wider, &|_| entry()),
             Err(StoreError::Conflict)
         ));
         assert_eq!(store.share("1", "2").unwrap(), Some(share));
-        assert!(store.remove_share_audited("1", "2", |_| entry()).is_err());
+        assert!(store.remove_share_audited("1", "2", &|_| entry()).is_err());
         assert!(store.share("1", "2").unwrap().is_some());
         assert!(store
             .put_user_audited("1", &UserRecord::default(), &entry())
             .is_err());
         assert!(get::<UserRecord>(&store.users, b"1").unwrap().is_none());
-        assert_eq!(store.audit_len(), 1);
+        assert_eq!(store.audit_len().unwrap(), 1);
     }
 
     /// Each owner sees exactly their agents, through every kind of write and across a reopen (the index
@@ -1157,7 +903,7 @@ mod tests {
             revoked_at: None,
             projects: None,
         };
-        let names = |store: &Store, owner: &str| {
+        let names = |store: &SledStore, owner: &str| {
             let mut v: Vec<String> = store
                 .agents_of(owner)
                 .unwrap()
@@ -1168,7 +914,7 @@ mod tests {
             v
         };
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = SledStore::open(dir.path()).unwrap();
             for (n, owner) in [(1, "1"), (2, "1"), (3, "2"), (4, "12")] {
                 store.put_agent(&agent(n, owner)).unwrap();
             }
@@ -1177,13 +923,13 @@ mod tests {
             assert!(names(&store, "3").is_empty());
             // A record that changes hands leaves its old owner's list.
             store
-                .update_agent(&Fingerprint([2; 32]), |a| a.owner = "2".into())
+                .update_agent(&Fingerprint([2; 32]), &mut |a| a.owner = "2".into())
                 .unwrap();
             assert_eq!(names(&store, "1"), ["a1"]);
             assert_eq!(names(&store, "2"), ["a2", "a3"]);
             store.flush().unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(names(&store, "1"), ["a1"]);
         assert_eq!(names(&store, "2"), ["a2", "a3"]);
     }
@@ -1192,8 +938,8 @@ mod tests {
     #[test]
     fn a_store_in_use_is_refused_in_words() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
-        let Err(err) = Store::open(dir.path()) else {
+        let _first = SledStore::open(dir.path()).unwrap();
+        let Err(err) = SledStore::open(dir.path()) else {
             panic!("opened a store that is in use");
         };
         assert!(matches!(err, StoreError::InUse(_)), "{err}");
@@ -1203,7 +949,7 @@ mod tests {
     #[test]
     fn sequence_numbers_follow_commit_order_and_pages_read_newest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
         for owner in ["1", "2", "1", "12", "1"] {
             let e = AuditEntry {
                 owner: owner.into(),

@@ -1,0 +1,243 @@
+//! Storage: the relay's records and the operations it performs on them, behind one interface.
+//!
+//! [`Store`] is written at the level of the relay's own operations (create a task with its audit entry, append
+//! a run of events, list what is open on an agent, redeem a pairing code with compare-and-swap), not as a
+//! key-value API, so a SQL backend implements each one as a statement or a short transaction as naturally as
+//! [`sled`] does with its trees. The records ([`records`]) are plain data; this module imports nothing else of
+//! the relay.
+//!
+//! Backends are synchronous on purpose. The core calls them from its own thread (see `crate::core`), and
+//! read-only queries from the blocking pool, never from an async runtime worker; a backend may block on disk or
+//! on a network round trip without holding anything else up. Every backend passes the same contract tests
+//! (`relay/tests/store.rs`).
+//!
+//! Durability: writes are visible at once and durable after the next [`Store::flush`]. The relay's group commit
+//! (`crate::durable`) calls `flush` from its own thread and releases every write made before it, so callers wait
+//! for the disk without an fsync each.
+
+use std::sync::Arc;
+
+use ct_protocol::Fingerprint;
+
+pub mod records;
+pub mod sled;
+
+pub use records::*;
+
+/// Storage failures. The relay reports these to peers as "unavailable", never as their fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] ::sled::Error),
+    #[error("store: corrupt record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("store: the record changed while it was being updated")]
+    Conflict,
+    #[error(
+        "store: {0} is in use by another ct-relay: stop that one, or give this one its own --data-dir"
+    )]
+    InUse(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The store as the relay holds it: shared by the core's thread, the group commit and read-only queries.
+pub type SharedStore = Arc<dyn Store>;
+
+/// One task's run of events, written with the task's new record (see [`Store::append_event_runs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct EventRun<'a> {
+    /// The task's record after the run (its `last_seq` is the run's last event).
+    pub task: &'a TaskRecord,
+    /// Sequence number and stored bytes of each event; `None` for an event dropped under the output cap,
+    /// which moves the record on without being stored.
+    pub events: &'a [(u64, Option<&'a [u8]>)],
+    /// Whether the task was open before the run, when the caller knows (most runs are plain output and do not
+    /// change it, so the open-task indexes need no write).
+    pub was_open: Option<bool>,
+}
+
+/// What the relay keeps, and every operation it performs on it.
+///
+/// Each method is one atomic operation: it happens entirely or not at all, also across a crash. Methods that
+/// write an [`AuditEntry`] write it in the same operation as the change it records, and give it its sequence
+/// number there (numbers follow commit order, without gaps).
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<()>;
+    /// A number greater than every one handed out before, also across restarts (queue and mint order).
+    fn next_order(&self) -> Result<u64>;
+
+    // --- agents ---
+
+    fn agent(&self, fp: &Fingerprint) -> Result<Option<AgentRecord>>;
+    fn put_agent(&self, rec: &AgentRecord) -> Result<()>;
+    /// Every agent `owner` paired, revoked ones included.
+    fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>>;
+    /// Every agent the relay knows (operators' lists; pairing checks names through [`agents_of`](Self::agents_of)).
+    fn agents(&self) -> Result<Vec<AgentRecord>>;
+    /// Changes one agent record in place; a concurrent change is retried rather than lost. `None` when there
+    /// is no such agent.
+    fn update_agent(
+        &self,
+        fp: &Fingerprint,
+        change: &mut dyn FnMut(&mut AgentRecord),
+    ) -> Result<Option<AgentRecord>>;
+    /// Redeems a pairing code: marks it `used` only if it is still exactly `code` (else
+    /// [`StoreError::Conflict`]: two agents can never redeem one code), and stores the agent and the entry.
+    fn pair_agent_audited(
+        &self,
+        code: &PairCodeRecord,
+        used: &PairCodeRecord,
+        agent: &AgentRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry>;
+    /// Marks an agent revoked at `t` (an earlier revocation time is kept) with its entry. `None` when there is
+    /// no such agent.
+    fn revoke_agent_audited(
+        &self,
+        fp: &Fingerprint,
+        t: u64,
+        entry: &AuditEntry,
+    ) -> Result<Option<(AgentRecord, AuditEntry)>>;
+
+    // --- pairing codes ---
+
+    fn pair_code(&self, id: &str) -> Result<Option<PairCodeRecord>>;
+    fn put_pair_code(&self, rec: &PairCodeRecord) -> Result<()>;
+    /// Replaces `old` with `new` only if the stored record is still exactly `old`; else
+    /// [`StoreError::Conflict`].
+    fn swap_pair_code(&self, old: &PairCodeRecord, new: &PairCodeRecord) -> Result<()>;
+    /// Every code minted for `owner` that is still remembered.
+    fn pair_codes_of(&self, owner: &str) -> Result<Vec<PairCodeRecord>>;
+    /// Removes codes that expired before `cutoff`; returns how many.
+    fn prune_pair_codes(&self, cutoff: u64) -> Result<usize>;
+
+    // --- tasks ---
+
+    fn task(&self, id: &str) -> Result<Option<TaskRecord>>;
+    /// Stores a new or changed task record (and keeps every index of tasks in step).
+    fn put_task(&self, rec: &TaskRecord) -> Result<()>;
+    /// Stores a task record with an audit entry: a task the log must show is not written without it.
+    fn put_task_audited(&self, rec: &TaskRecord, entry: &AuditEntry) -> Result<AuditEntry>;
+    /// Tasks on one agent that have not ended, in queue order (oldest first).
+    fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>>;
+    /// How many tasks `user` asked for that have not ended, across all agents.
+    fn open_tasks_of_user(&self, user: &str) -> Result<usize>;
+    /// Bytes of events stored for the tasks `user` asked for (the sum of their `output_bytes`).
+    fn stored_bytes_of_user(&self, user: &str) -> Result<u64>;
+    /// The most recent tasks `user` asked for or that ran on one of `agents`, newest (highest `order`) first,
+    /// at most `limit`; each task once.
+    fn recent_tasks(
+        &self,
+        user: &str,
+        agents: &[Fingerprint],
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>>;
+    /// Tasks on `agent` whose Claude Code session is `session`.
+    fn tasks_with_session(&self, agent: &Fingerprint, session: &str) -> Result<Vec<TaskRecord>>;
+    /// Final tasks that ended before `cutoff` (by `updated_at`), at most `limit`, oldest first, after the
+    /// task `after` in that order (a cursor for the next batch).
+    fn ended_before(
+        &self,
+        cutoff: u64,
+        limit: usize,
+        after: Option<&TaskRecord>,
+    ) -> Result<Vec<TaskRecord>>;
+    /// Deletes a task and its events if its record is still exactly `rec`. The number of events deleted, or
+    /// `None` when the record changed meanwhile.
+    fn delete_task(&self, rec: &TaskRecord) -> Result<Option<usize>>;
+    /// Writes several tasks' runs of events, each with its task's new record, in one operation. A run whose
+    /// task no longer exists (deleted by retention) is not written, and is `false` in the result; the others
+    /// are written.
+    fn append_event_runs(&self, runs: &[EventRun<'_>]) -> Result<Vec<bool>>;
+    /// A task's stored events after `after`, in order, as stored bytes.
+    fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    // --- the Discord front end's thread marks (its own JSON) ---
+
+    fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()>;
+    fn delete_thread_mark(&self, task: &str) -> Result<()>;
+    fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>>;
+
+    // --- shares and users ---
+
+    fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>>;
+    /// Stores a share with an entry made from the share as it was before (if any), read in the same
+    /// operation, so the log says exactly what changed.
+    fn put_share_audited(
+        &self,
+        rec: &ShareRecord,
+        entry: &dyn Fn(Option<&ShareRecord>) -> AuditEntry,
+    ) -> Result<(Option<ShareRecord>, AuditEntry)>;
+    /// Removes a share with its entry. `None` (and nothing written) when there was none.
+    fn remove_share_audited(
+        &self,
+        owner: &str,
+        grantee: &str,
+        entry: &dyn Fn(&ShareRecord) -> AuditEntry,
+    ) -> Result<Option<(ShareRecord, AuditEntry)>>;
+    /// Everyone `owner` shares with.
+    fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>>;
+    /// Everyone who shares with `grantee`.
+    fn shares_to(&self, grantee: &str) -> Result<Vec<ShareRecord>>;
+    /// A user's settings (the defaults when none were stored).
+    fn user(&self, id: &str) -> Result<UserRecord>;
+    fn put_user_audited(
+        &self,
+        id: &str,
+        rec: &UserRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry>;
+
+    // --- the audit log ---
+
+    /// Appends one entry on its own.
+    fn append_audit(&self, entry: &AuditEntry) -> Result<AuditEntry>;
+    /// Entries newest first, below `before`, that `keep` accepts, at most `limit` (operators' filters).
+    fn audit_where(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        keep: &mut dyn FnMut(&AuditEntry) -> bool,
+    ) -> Result<Vec<AuditEntry>>;
+    /// The entries concerning `owner`, newest first, below `before`, at most `limit`, read through an index.
+    fn audit_of_owner(
+        &self,
+        owner: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>>;
+    /// Deletes entries written before `cutoff`; returns how many.
+    fn prune_audit(&self, cutoff: u64) -> Result<usize>;
+    /// Entries in the log.
+    fn audit_len(&self) -> Result<usize>;
+}
+
+/// Typed conveniences over the byte-level methods, for callers (tests, front ends) that want records.
+impl dyn Store {
+    /// A task's stored events after `after`, decoded.
+    pub fn events(
+        &self,
+        task: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, ct_protocol::task::TaskEvent)>> {
+        self.event_bytes(task, after)?
+            .into_iter()
+            .map(|(seq, bytes)| Ok((seq, serde_json::from_slice(&bytes)?)))
+            .collect()
+    }
+
+    /// Every thread mark, decoded as `T`. A mark that no longer decodes is skipped (and logged): it only costs
+    /// that thread its automatic resumption.
+    pub fn thread_marks<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<(String, T)>> {
+        let mut marks = Vec::new();
+        for (task, bytes) in self.thread_mark_bytes()? {
+            match serde_json::from_slice(&bytes) {
+                Ok(mark) => marks.push((task, mark)),
+                Err(e) => tracing::warn!(%task, error = %e, "unreadable thread mark skipped"),
+            }
+        }
+        Ok(marks)
+    }
+}
