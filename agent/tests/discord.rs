@@ -20,7 +20,9 @@ use ct_relay::discord::{BotConfig, Delivery};
 use ct_relay::RelayConfig;
 use ct_testkit::discord::{InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
 use ct_testkit::process::poll_until;
-use ct_testkit::{claude_bin, eventually, ClaudeEnv, DiscordSim, FakeAnthropic, LongJob, Reply};
+use ct_testkit::{
+    claude_bin, eventually, eventually_async, ClaudeEnv, DiscordSim, FakeAnthropic, LongJob, Reply,
+};
 use serde_json::{json, Value};
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
@@ -664,9 +666,8 @@ async fn a_user_pairs_adds_a_project_and_drives_tasks_from_discord() {
     // With the agent gone: refused privately, saying since when and what to do.
     agent.stop().await.unwrap();
     let core = w.relay.core.clone();
-    ct_testkit::process::poll_until(T, "the relay sees the agent offline", || core.online() == 0)
-        .await
-        .unwrap();
+    // The relay sees the agent offline.
+    eventually_async(T, async || core.online().await == 0).await;
     let ix = sim
         .send_slash(
             &sim.origin(&alice),
@@ -859,8 +860,8 @@ async fn a_relay_restart_mid_task_keeps_its_thread_going() {
         .await
         .expect("the long job runs");
     // The thread has got as far as the Bash tool (the mark is saved with each progress edit).
-    eventually(T, || {
-        let (_, stored, _) = w.relay.core.follow(&task).unwrap();
+    eventually_async(T, async || {
+        let (_, stored, _) = w.relay.core.follow(&task).await.unwrap();
         let tool_seq = stored
             .iter()
             .find(|(_, e)| matches!(e, ct_protocol::task::TaskEvent::Tool { .. }))
@@ -1066,6 +1067,7 @@ async fn approvals_show_what_runs_and_session_rules_cover_only_what_was_allowed(
         .relay
         .core
         .audit(&ct_relay::audit::AuditFilter::default(), 1000, None)
+        .await
         .unwrap();
     let auto_allowed: Vec<_> = audited
         .iter()

@@ -50,7 +50,7 @@ async fn paired_with_a_dead_relay(config_dir: &Path) {
     ))
     .await
     .unwrap();
-    let token = relay.core().mint_pairing_token("42").unwrap().0;
+    let token = relay.core().mint_pairing_token("42").await.unwrap().0;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     ct_agent::pair_with(config_dir, &token, Some("doc".into()), false, &direct())
@@ -116,7 +116,7 @@ async fn logged_in_claude_and_a_live_relay_pass_and_the_clock_is_measured() {
     .await
     .unwrap();
     let core = relay.core();
-    let token = core.mint_pairing_token("7").unwrap().0;
+    let token = core.mint_pairing_token("7").await.unwrap().0;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(relay.run(shutdown.clone()));
     let agent_dir = tempfile::tempdir().unwrap();

@@ -28,7 +28,7 @@ async fn an_agent_pairs_connects_over_quic_and_shows_up_at_the_relay() {
         agent.connected(Duration::from_secs(10)).await,
         Transport::Quic
     );
-    let views = relay.core.agents().unwrap();
+    let views = relay.core.agents().await.unwrap();
     assert_eq!(views.len(), 1);
     assert!(
         views[0].online && views[0].transport == Some(Transport::Quic),
@@ -41,7 +41,7 @@ async fn an_agent_pairs_connects_over_quic_and_shows_up_at_the_relay() {
     agent.stop().await.unwrap();
     // The agent said goodbye: the relay sees it gone at once, not after the dead-link timeout.
     let start = Instant::now();
-    while relay.core.online() > 0 {
+    while relay.core.online().await > 0 {
         assert!(
             start.elapsed() < Duration::from_secs(3),
             "relay still lists the agent online"
@@ -95,7 +95,7 @@ async fn after_a_relay_restart_agents_come_back_by_themselves() {
         "relay restart: agent back over {transport} {:?} after the relay was ready",
         ready.elapsed()
     );
-    assert_eq!(relay.core.online(), 1);
+    assert_eq!(relay.core.online().await, 1);
     agent.stop().await.unwrap();
 }
 
@@ -116,7 +116,7 @@ async fn a_dead_link_is_noticed_and_repaired() {
             let relay = Relay::bind(RelayConfig::new(dir, "127.0.0.1:0".parse().unwrap()))
                 .await
                 .unwrap();
-            let token = relay.core().mint_pairing_token("1").unwrap().0;
+            let token = relay.core().mint_pairing_token("1").await.unwrap().0;
             ready_tx.send((relay.https_addr().unwrap(), token)).unwrap();
             tokio::spawn(relay.run(CancellationToken::new()));
         });
@@ -166,7 +166,12 @@ async fn the_binary_pairs_runs_reports_status_and_stops_for_good_when_revoked() 
     let relay = TestRelay::on(relay_dir.path(), "127.0.0.1:0").await;
 
     let out = agent_cmd(agent_dir.path())
-        .args(["pair", &relay.token("555").to_string(), "--name", "laptop"])
+        .args([
+            "pair",
+            &relay.token("555").await.to_string(),
+            "--name",
+            "laptop",
+        ])
         .output()
         .await
         .unwrap();
@@ -197,7 +202,7 @@ async fn the_binary_pairs_runs_reports_status_and_stops_for_good_when_revoked() 
 
     // Pairing again with a used code fails and names the reason.
     let again = agent_cmd(&agent_dir.path().join("other"))
-        .args(["pair", &relay.token("555").to_string()])
+        .args(["pair", &relay.token("555").await.to_string()])
         .output()
         .await
         .unwrap();
@@ -230,7 +235,7 @@ async fn the_binary_pairs_runs_reports_status_and_stops_for_good_when_revoked() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    relay.core.revoke("laptop", "operator").unwrap();
+    relay.core.revoke("laptop", "operator").await.unwrap();
     let code = tokio::time::timeout(Duration::from_secs(10), run.wait())
         .await
         .expect("agent kept running")
@@ -313,9 +318,15 @@ async fn behind_an_https_proxy_the_agent_pairs_and_connects_over_websocket() {
         policy: ct_agent::TransportPolicy::WebSocketOnly,
         ..Default::default()
     };
-    ct_agent::pair_with(agent_dir.path(), &relay.token("8"), None, false, &opts)
-        .await
-        .unwrap();
+    ct_agent::pair_with(
+        agent_dir.path(),
+        &relay.token("8").await,
+        None,
+        false,
+        &opts,
+    )
+    .await
+    .unwrap();
     let mut run = RunOptions::new(agent_dir.path());
     run.connect = opts;
     let (tx, mut status) = watch::channel(LinkStatus::Connecting);
@@ -333,7 +344,7 @@ async fn behind_an_https_proxy_the_agent_pairs_and_connects_over_websocket() {
         2,
         "pairing and run each tunnelled once"
     );
-    assert_eq!(relay.core.online(), 1);
+    assert_eq!(relay.core.online().await, 1);
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }

@@ -34,23 +34,24 @@ async fn shared_world() -> World {
         ..Opts::default()
     })
     .await;
-    share(&w);
+    share(&w).await;
     w
 }
 
 /// Shares the agent with [`GRANTEE`] on both sides (the relay's share and the agent's own policy).
-fn share(w: &World) {
+async fn share(w: &World) {
     w.sharing(SharePolicy::All);
     w.relay
         .core
         .share_add(OWNER, GRANTEE, None, ShareLevel::Standard)
+        .await
         .unwrap();
 }
 
 /// Lets the task run to its end, allowing every tool use as whoever the relay says approves; returns the end
 /// and every tool result the model was sent (what the task's commands printed).
 async fn run_allowing(w: &World, f: &mut Follow) -> (FinalState, Option<String>, String) {
-    let approver = w.relay.core.approver(&f.task).unwrap();
+    let approver = w.relay.core.approver(&f.task).await.unwrap();
     loop {
         let ev = f
             .until("an approval or the end", |e| {
@@ -61,14 +62,17 @@ async fn run_allowing(w: &World, f: &mut Follow) -> (FinalState, Option<String>,
             })
             .await;
         match ev {
-            TaskEvent::ApprovalRequested { approval, .. } => w.decide(
-                &approver,
-                f,
-                &approval,
-                Decision::AllowOnce {
-                    updated_input: None,
-                },
-            ),
+            TaskEvent::ApprovalRequested { approval, .. } => {
+                w.decide(
+                    &approver,
+                    f,
+                    &approval,
+                    Decision::AllowOnce {
+                        updated_input: None,
+                    },
+                )
+                .await
+            }
             TaskEvent::Finished { state, message } => {
                 let sent: String = w
                     .fake
@@ -114,7 +118,7 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
         ..Opts::default()
     })
     .await;
-    share(&w);
+    share(&w).await;
     let credentials = w.home.join(".claude/.credentials.json");
     std::fs::write(
         &credentials,
@@ -136,7 +140,9 @@ async fn a_grantees_task_sees_no_secret_no_owner_login_and_no_session_bus() {
         bus_path.display()
     )));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(as_grantee("app", "look around", default_mode()));
+    let mut f = w
+        .start(as_grantee("app", "look around", default_mode()))
+        .await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     for marker in ["ENV-DONE", "READ-DONE", "BUS-DONE"] {
@@ -225,7 +231,9 @@ async fn a_grantees_task_cannot_leave_a_hook_or_an_mcp_server_for_the_owner() {
         c = in_config_dir.display(),
     )));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(as_grantee("app", "configure", default_mode()));
+    let mut f = w
+        .start(as_grantee("app", "configure", default_mode()))
+        .await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("WRITES-DONE"), "{sent}");
@@ -278,7 +286,9 @@ async fn a_grantees_task_cannot_plant_git_hooks_or_project_claude_settings_for_t
         file = w.project.join("work.txt").display(),
     )));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(as_grantee("app", "set things up", default_mode()));
+    let mut f = w
+        .start(as_grantee("app", "set things up", default_mode()))
+        .await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("WRITES-DONE"), "{sent}");
@@ -309,14 +319,14 @@ async fn swapping_the_project_for_a_symlink_after_the_check_binds_the_real_folde
         ..Opts::default()
     })
     .await;
-    share(&w);
+    share(&w).await;
     std::fs::write(w.home.join("notes.txt"), "OWNER-PRIVATE-NOTES\n").unwrap();
     std::fs::write(w.project.join("README"), "the project\n").unwrap();
     w.fake.push(bash(
         "cat notes.txt README; echo pwned > escaped.txt; echo SWAP-DONE".into(),
     ));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(as_grantee("app", "look", default_mode()));
+    let mut f = w.start(as_grantee("app", "look", default_mode())).await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("SWAP-DONE"), "{sent}");
@@ -351,8 +361,18 @@ async fn a_relay_that_labels_a_grantee_the_owner_gets_a_grantee() {
         ..Opts::default()
     })
     .await;
-    let mut f = w.start(submit(GRANTEE, "app", "hello", TaskOptions::default()));
-    let spec_role = w.relay.core.task(&f.task).unwrap().spec.requester.role;
+    let mut f = w
+        .start(submit(GRANTEE, "app", "hello", TaskOptions::default()))
+        .await;
+    let spec_role = w
+        .relay
+        .core
+        .task(&f.task)
+        .await
+        .unwrap()
+        .spec
+        .requester
+        .role;
     assert_eq!(spec_role, ct_protocol::task::Role::Owner, "the relay lied");
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Failed);
@@ -373,7 +393,9 @@ async fn a_relay_that_labels_a_grantee_the_owner_gets_a_grantee() {
         w.home.display()
     )));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(submit(GRANTEE, "app", "look", default_mode()));
+    let mut f = w
+        .start(submit(GRANTEE, "app", "look", default_mode()))
+        .await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("CAT-DONE"), "{sent}");
@@ -395,7 +417,7 @@ async fn bypass_permissions_from_the_relay_is_refused_until_the_owner_allows_it_
         ..TaskOptions::default()
     };
     let target = w.project.join("bypassed.txt");
-    let mut f = w.start(submit(OWNER, "app", "write", bypass.clone()));
+    let mut f = w.start(submit(OWNER, "app", "write", bypass.clone())).await;
     let (state, message) = f.finished().await;
     let message = message.unwrap_or_default();
     assert_eq!(state, FinalState::Failed);
@@ -409,7 +431,7 @@ async fn bypass_permissions_from_the_relay_is_refused_until_the_owner_allows_it_
     w.fake
         .push(Reply::tool_use("Write", crate::tasks::write(&target, "b")));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(submit(OWNER, "app", "write", bypass));
+    let mut f = w.start(submit(OWNER, "app", "write", bypass)).await;
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "b");
@@ -426,8 +448,8 @@ async fn an_owner_with_only_a_claude_login_gets_shared_tasks_refused_not_lent() 
         ..Opts::default()
     })
     .await;
-    share(&w);
-    let mut f = w.start(as_grantee("app", "hello", default_mode()));
+    share(&w).await;
+    let mut f = w.start(as_grantee("app", "hello", default_mode())).await;
     let (state, message) = f.finished().await;
     let message = message.unwrap_or_default();
     assert_eq!(state, FinalState::Failed);
@@ -457,7 +479,9 @@ async fn a_spent_budget_stops_a_grantees_requests_at_the_proxy_and_refuses_their
     .unwrap();
     w.fake.push(bash("echo FIRST-STEP".into()));
     w.fake.push(Reply::text("this answer is never fetched"));
-    let mut f = w.start(as_grantee("app", "two steps", default_mode()));
+    let mut f = w
+        .start(as_grantee("app", "two steps", default_mode()))
+        .await;
     let (state, message, _) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Failed, "{message:?}: {:#?}", f.seen);
     let shown = format!("{message:?} {:?}", f.seen);
@@ -471,7 +495,7 @@ async fn a_spent_budget_stops_a_grantees_requests_at_the_proxy_and_refuses_their
         "the second request never reached the API"
     );
     // The next task is refused before Claude Code starts.
-    let mut g = w.start(as_grantee("app", "again", default_mode()));
+    let mut g = w.start(as_grantee("app", "again", default_mode())).await;
     let (state, message) = g.finished().await;
     assert_eq!(state, FinalState::Failed);
     assert!(
@@ -482,7 +506,9 @@ async fn a_spent_budget_stops_a_grantees_requests_at_the_proxy_and_refuses_their
     assert_eq!(w.fake.main_requests().len(), 1);
     // The owner's own tasks are not metered.
     w.fake.push(Reply::text("hi owner"));
-    let mut o = w.start(submit(OWNER, "app", "hello", TaskOptions::default()));
+    let mut o = w
+        .start(submit(OWNER, "app", "hello", TaskOptions::default()))
+        .await;
     assert_eq!(o.finished().await.0, FinalState::Done);
 }
 
@@ -496,7 +522,7 @@ async fn cancelling_a_grantees_task_ends_everything_in_its_sandbox() {
         "Bash",
         json!({ "command": job.command(), "description": "Run the long job" }),
     ));
-    let mut f = w.start(as_grantee("app", "wait", default_mode()));
+    let mut f = w.start(as_grantee("app", "wait", default_mode())).await;
     f.until(
         "the Bash tool",
         |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
@@ -519,7 +545,11 @@ async fn cancelling_a_grantees_task_ends_everything_in_its_sandbox() {
         .into_iter()
         .filter(|&pid| ours(pid))
         .collect();
-    w.relay.core.cancel_task(GRANTEE, &f.task).expect("cancel");
+    w.relay
+        .core
+        .cancel_task(GRANTEE, &f.task)
+        .await
+        .expect("cancel");
     let (state, _) = f.finished().await;
     assert_eq!(state, FinalState::Cancelled, "{:#?}", f.seen);
     poll_until(T, "every process of the sandbox gone", || {
@@ -545,7 +575,7 @@ async fn the_owners_own_sandboxed_task_runs_with_the_owners_config_and_nothing_e
         target.display()
     )));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(submit(OWNER, "app", "work", default_mode()));
+    let mut f = w.start(submit(OWNER, "app", "work", default_mode())).await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("OWNER-DONE"), "{sent}");
@@ -577,7 +607,7 @@ async fn a_grantees_task_reaches_nothing_on_the_owners_loopback_unless_the_owner
     );
     w.fake.push(bash(dial.clone()));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(as_grantee("app", "dial", default_mode()));
+    let mut f = w.start(as_grantee("app", "dial", default_mode())).await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("NET-DONE"), "{sent}");
@@ -595,7 +625,7 @@ async fn a_grantees_task_reaches_nothing_on_the_owners_loopback_unless_the_owner
     policy().set_sandbox(settings).unwrap();
     w.fake.push(bash(dial));
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(as_grantee("app", "dial", default_mode()));
+    let mut f = w.start(as_grantee("app", "dial", default_mode())).await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("LOOPBACK-REACHED"), "{sent}");
@@ -666,7 +696,9 @@ async fn a_grantees_task_in_a_worktree_writes_only_its_own_worktree() {
     };
     // The owner's task, in its own worktree.
     w.fake.push(Reply::text("done"));
-    let mut owners = w.start(submit(OWNER, "app", "hello", isolated("acceptEdits")));
+    let mut owners = w
+        .start(submit(OWNER, "app", "hello", isolated("acceptEdits")))
+        .await;
     assert_eq!(owners.finished().await.0, FinalState::Done);
     let theirs = crate::worktree::worktree_of(&w, &owners.task);
     assert!(theirs.is_dir());
@@ -675,6 +707,7 @@ async fn a_grantees_task_in_a_worktree_writes_only_its_own_worktree() {
         .relay
         .core
         .submit_task(as_grantee("app", "write around", isolated("default")))
+        .await
         .unwrap();
     let mine = crate::worktree::worktree_of(&w, &rec.spec.task);
     w.fake.push(bash(format!(
@@ -683,7 +716,7 @@ async fn a_grantees_task_in_a_worktree_writes_only_its_own_worktree() {
         p = w.project.display(),
     )));
     w.fake.push(Reply::text("done"));
-    let mut f = w.follow(&rec.spec.task);
+    let mut f = w.follow(&rec.spec.task).await;
     let (state, message, sent) = run_allowing(&w, &mut f).await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
     assert!(sent.contains("WRITES-DONE"), "{sent}");

@@ -215,17 +215,18 @@ fn accept_edits() -> TaskOptions {
 }
 
 impl World {
-    pub(crate) fn start(&self, req: Submit) -> Follow {
+    pub(crate) async fn start(&self, req: Submit) -> Follow {
         let rec = self
             .relay
             .core
             .submit_task(req)
+            .await
             .expect("task accepted by the relay");
-        self.follow(&rec.spec.task)
+        self.follow(&rec.spec.task).await
     }
 
-    pub(crate) fn follow(&self, task: &str) -> Follow {
-        let (_, stored, rx) = self.relay.core.follow(task).expect("follow");
+    pub(crate) async fn follow(&self, task: &str) -> Follow {
+        let (_, stored, rx) = self.relay.core.follow(task).await.expect("follow");
         Follow {
             task: task.into(),
             seen: stored,
@@ -235,16 +236,17 @@ impl World {
     }
 
     /// The owner's follow-up to a finished task: it resumes as a new task, followed here.
-    pub(crate) fn resume_as_owner(&self, task: &str, text: &str) -> Follow {
+    pub(crate) async fn resume_as_owner(&self, task: &str, text: &str) -> Follow {
         let ReplyOutcome::Resumed(next) = self
             .relay
             .core
             .reply(OWNER, task, text.into(), None)
+            .await
             .unwrap()
         else {
             panic!("a finished task is resumed")
         };
-        self.follow(&next.spec.task)
+        self.follow(&next.spec.task).await
     }
 
     pub(crate) fn sharing(&self, sharing: SharePolicy) {
@@ -254,10 +256,11 @@ impl World {
             .unwrap();
     }
 
-    pub(crate) fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
+    pub(crate) async fn decide(&self, user: &str, f: &Follow, approval: &str, decision: Decision) {
         self.relay
             .core
             .decide(user, &f.task, approval, decision)
+            .await
             .expect("decision accepted");
     }
 }
@@ -279,7 +282,7 @@ pub(crate) async fn allow_if_asked_until(
                 Decision::AllowOnce {
                     updated_input: None,
                 },
-            )
+            ).await
             .expect("decision accepted"),
         started = poll_until(T, "the tool running", &running) => started.expect("the tool runs"),
     }
@@ -392,7 +395,9 @@ async fn a_task_writes_a_file_in_its_project_and_every_event_arrives_in_order() 
     w.fake
         .push(Reply::tool_use("Write", write(&target, "hi from claude\n")));
     w.fake.push(Reply::text("I wrote hello.txt."));
-    let mut f = w.start(submit(OWNER, "app", "write hello.txt", accept_edits()));
+    let mut f = w
+        .start(submit(OWNER, "app", "write hello.txt", accept_edits()))
+        .await;
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Done, "{message:?}; {:#?}", f.seen);
     assert_eq!(
@@ -422,7 +427,7 @@ async fn a_task_writes_a_file_in_its_project_and_every_event_arrives_in_order() 
         matches!(&f.seen[2].1, TaskEvent::Tool { name, summary, .. } if name == "Write" && summary.ends_with("hello.txt"))
     );
     // What the relay stored is the same log, numbered from 1 with no gap, and the task record agrees.
-    let (rec, stored, _) = w.relay.core.follow(&f.task).unwrap();
+    let (rec, stored, _) = w.relay.core.follow(&f.task).await.unwrap();
     assert_contiguous(&stored);
     assert_eq!(stored.len(), f.seen.len());
     assert_eq!(rec.state, TaskState::Done);
@@ -440,7 +445,9 @@ async fn folders_outside_the_allowed_ones_are_refused_by_the_agent() {
         link.display().to_string(),
         format!("{}/../..", w.project.display()),
     ] {
-        let mut f = w.start(submit(OWNER, &asked, "look around", TaskOptions::default()));
+        let mut f = w
+            .start(submit(OWNER, &asked, "look around", TaskOptions::default()))
+            .await;
         let (state, message) = f.finished().await;
         let message = message.unwrap_or_default();
         assert_eq!(state, FinalState::Failed, "{asked}: {message}");
@@ -471,22 +478,28 @@ async fn approvals_round_trip_through_the_relay_and_only_the_owner_decides() {
         permission_mode: Some("default".into()),
         ..TaskOptions::default()
     };
-    let mut f = w.start(submit(OWNER, "app", "write three files", options));
+    let mut f = w
+        .start(submit(OWNER, "app", "write three files", options))
+        .await;
 
     let (id, tool) = f.approval().await;
     assert_eq!(tool, "Write");
     assert_eq!(
-        w.relay.core.task(&f.task).unwrap().state,
+        w.relay.core.task(&f.task).await.unwrap().state,
         TaskState::WaitingApproval
     );
-    let stranger = w.relay.core.decide(
-        "999",
-        &f.task,
-        &id,
-        Decision::AllowOnce {
-            updated_input: None,
-        },
-    );
+    let stranger = w
+        .relay
+        .core
+        .decide(
+            "999",
+            &f.task,
+            &id,
+            Decision::AllowOnce {
+                updated_input: None,
+            },
+        )
+        .await;
     assert!(stranger.is_err(), "a stranger cannot approve");
     w.decide(
         OWNER,
@@ -495,7 +508,8 @@ async fn approvals_round_trip_through_the_relay_and_only_the_owner_decides() {
         Decision::AllowOnce {
             updated_input: None,
         },
-    );
+    )
+    .await;
     f.until("the approval closing", |e| {
         matches!(e, TaskEvent::ApprovalClosed { approval, outcome } if *approval == id && outcome == "allowed")
     })
@@ -509,7 +523,8 @@ async fn approvals_round_trip_through_the_relay_and_only_the_owner_decides() {
         Decision::Deny {
             reason: "not b.txt, please".into(),
         },
-    );
+    )
+    .await;
     let (id, _) = f.approval().await;
     w.decide(
         OWNER,
@@ -518,7 +533,8 @@ async fn approvals_round_trip_through_the_relay_and_only_the_owner_decides() {
         Decision::Deny {
             reason: "stay in the project".into(),
         },
-    );
+    )
+    .await;
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Done, "{message:?}");
     assert_eq!(std::fs::read_to_string(&allowed).unwrap(), "a");
@@ -545,7 +561,9 @@ async fn cancel_ends_the_task_and_leaves_no_process_behind() {
         "Bash",
         json!({ "command": job.command(), "description": "Run the long job" }),
     ));
-    let mut f = w.start(submit(OWNER, "app", "wait", TaskOptions::default()));
+    let mut f = w
+        .start(submit(OWNER, "app", "wait", TaskOptions::default()))
+        .await;
     f.until(
         "the Bash tool",
         |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
@@ -563,7 +581,11 @@ async fn cancel_ends_the_task_and_leaves_no_process_behind() {
     let claude = claude_processes(&w.project);
     assert!(!claude.is_empty());
 
-    w.relay.core.cancel_task(OWNER, &f.task).expect("cancel");
+    w.relay
+        .core
+        .cancel_task(OWNER, &f.task)
+        .await
+        .expect("cancel");
     let (state, _) = f.finished().await;
     assert_eq!(state, FinalState::Cancelled, "{:#?}", f.seen);
     poll_until(T, "`sleep` and Claude Code gone", || {
@@ -575,7 +597,7 @@ async fn cancel_ends_the_task_and_leaves_no_process_behind() {
     .await
     .expect("no orphans after cancel");
     assert_eq!(
-        w.relay.core.task(&f.task).unwrap().state,
+        w.relay.core.task(&f.task).await.unwrap().state,
         TaskState::Cancelled
     );
 }
@@ -587,7 +609,9 @@ async fn a_logged_out_claude_code_fails_the_task_saying_what_to_run() {
         ..Opts::default()
     })
     .await;
-    let mut f = w.start(submit(OWNER, "app", "hello", TaskOptions::default()));
+    let mut f = w
+        .start(submit(OWNER, "app", "hello", TaskOptions::default()))
+        .await;
     let (state, message) = f.finished().await;
     let message = message.unwrap_or_default();
     assert_eq!(state, FinalState::Failed);
@@ -627,9 +651,10 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
             "run the long job",
             TaskOptions::default(),
         ))
+        .await
         .unwrap();
     let task = rec.spec.task.clone();
-    let (_, stored, rx) = relay.core.follow(&task).unwrap();
+    let (_, stored, rx) = relay.core.follow(&task).await.unwrap();
     let mut f = Follow {
         task: task.clone(),
         seen: stored,
@@ -653,7 +678,7 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
     eventually(T, || fake.main_requests().len() >= 2).await;
     let relay = TestRelay::on(relay_dir.path(), &addr).await;
 
-    let (_, stored, rx) = relay.core.follow(&task).unwrap();
+    let (_, stored, rx) = relay.core.follow(&task).await.unwrap();
     let mut f = Follow {
         task: task.clone(),
         seen: stored,
@@ -662,7 +687,7 @@ async fn a_relay_restart_in_the_middle_of_a_task_delivers_every_event_exactly_on
     };
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
-    let (rec, stored, _) = relay.core.follow(&task).unwrap();
+    let (rec, stored, _) = relay.core.follow(&task).await.unwrap();
     assert_contiguous(&stored);
     // Whether the CLI asked before running the job is its own business.
     let kinds: Vec<&str> = stored
@@ -708,8 +733,11 @@ async fn an_agent_whose_owner_did_not_allow_sharing_refuses_a_grantee_even_when_
     w.relay
         .core
         .share_add(OWNER, GRANTEE, None, ShareLevel::Standard)
+        .await
         .unwrap();
-    let mut f = w.start(as_grantee("app", "hello", TaskOptions::default()));
+    let mut f = w
+        .start(as_grantee("app", "hello", TaskOptions::default()))
+        .await;
     let (state, message) = f.finished().await;
     let message = message.unwrap_or_default();
     assert_eq!(state, FinalState::Failed);
@@ -730,6 +758,7 @@ async fn a_grantees_task_runs_sandboxed_and_its_approvals_go_to_the_owner() {
     w.relay
         .core
         .share_add(OWNER, GRANTEE, None, ShareLevel::Standard)
+        .await
         .unwrap();
     let secret = w.home.join(".ssh/id_ed25519");
     std::fs::create_dir_all(secret.parent().unwrap()).unwrap();
@@ -750,8 +779,8 @@ async fn a_grantees_task_runs_sandboxed_and_its_approvals_go_to_the_owner() {
         permission_mode: Some("default".into()),
         ..TaskOptions::default()
     };
-    let mut f = w.start(as_grantee("app", "try things", options));
-    assert_eq!(w.relay.core.approver(&f.task).unwrap(), OWNER);
+    let mut f = w.start(as_grantee("app", "try things", options)).await;
+    assert_eq!(w.relay.core.approver(&f.task).await.unwrap(), OWNER);
     let mut approvals = 0;
     loop {
         let ev = f
@@ -767,14 +796,18 @@ async fn a_grantees_task_runs_sandboxed_and_its_approvals_go_to_the_owner() {
         };
         approvals += 1;
         // The grantee cannot approve their own task's tool use; the owner can.
-        let own = w.relay.core.decide(
-            GRANTEE,
-            &f.task,
-            &approval,
-            Decision::AllowOnce {
-                updated_input: None,
-            },
-        );
+        let own = w
+            .relay
+            .core
+            .decide(
+                GRANTEE,
+                &f.task,
+                &approval,
+                Decision::AllowOnce {
+                    updated_input: None,
+                },
+            )
+            .await;
         assert!(own.is_err(), "a grantee approved their own tool use");
         w.decide(
             OWNER,
@@ -783,7 +816,8 @@ async fn a_grantees_task_runs_sandboxed_and_its_approvals_go_to_the_owner() {
             Decision::AllowOnce {
                 updated_input: None,
             },
-        );
+        )
+        .await;
     }
     assert!(
         approvals >= 2,
@@ -834,6 +868,7 @@ async fn a_trusted_grantee_decides_their_own_approvals() {
             Some(vec!["app".into()]),
             ShareLevel::Trusted,
         )
+        .await
         .unwrap();
     let target = w.project.join("t.txt");
     w.fake.push(Reply::tool_use("Write", write(&target, "t")));
@@ -842,10 +877,10 @@ async fn a_trusted_grantee_decides_their_own_approvals() {
         permission_mode: Some("default".into()),
         ..TaskOptions::default()
     };
-    let mut f = w.start(as_grantee("app", "write", options));
+    let mut f = w.start(as_grantee("app", "write", options)).await;
     let (id, _) = f.approval().await;
-    assert_eq!(w.relay.core.approver(&f.task).unwrap(), GRANTEE);
-    w.decide(GRANTEE, &f, &id, Decision::AllowSession);
+    assert_eq!(w.relay.core.approver(&f.task).await.unwrap(), GRANTEE);
+    w.decide(GRANTEE, &f, &id, Decision::AllowSession).await;
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Done, "{message:?}");
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "t");
@@ -868,12 +903,14 @@ async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
     ));
     w.fake.push(Reply::text("first answer"));
     w.fake.push(Reply::text("second answer"));
-    let mut f = w.start(submit(
-        OWNER,
-        "app",
-        "first question",
-        TaskOptions::default(),
-    ));
+    let mut f = w
+        .start(submit(
+            OWNER,
+            "app",
+            "first question",
+            TaskOptions::default(),
+        ))
+        .await;
     f.until("the Bash tool", |e| matches!(e, TaskEvent::Tool { .. }))
         .await;
     allow_if_asked_until(&w.relay, &mut f, || {
@@ -885,6 +922,7 @@ async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
         .relay
         .core
         .reply(OWNER, &f.task, "second question".into(), None)
+        .await
         .unwrap();
     assert!(matches!(sent, ReplyOutcome::Sent(_)), "{sent:?}");
     job.release();
@@ -893,7 +931,14 @@ async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
     let turns = f.kinds().iter().filter(|k| **k == "turn_finished").count();
     assert_eq!(turns, 2, "{:#?}", f.seen);
     assert!(prompts_in_last_request(&w.fake).contains("second question"));
-    let session = w.relay.core.task(&f.task).unwrap().session_id.unwrap();
+    let session = w
+        .relay
+        .core
+        .task(&f.task)
+        .await
+        .unwrap()
+        .session_id
+        .unwrap();
     let claude_before: Vec<u32> = claude_processes(&w.project);
     assert_eq!(claude_before.len(), 1, "one warm process");
 
@@ -903,12 +948,13 @@ async fn follow_ups_go_to_the_running_session_then_to_the_warm_process() {
         .relay
         .core
         .reply(OWNER, &f.task, "third question".into(), None)
+        .await
         .unwrap();
     let ReplyOutcome::Resumed(next) = resumed else {
         panic!("{resumed:?}")
     };
     assert_eq!(next.follows.as_deref(), Some(f.task.as_str()));
-    let mut g = w.follow(&next.spec.task);
+    let mut g = w.follow(&next.spec.task).await;
     let (state, message) = g.finished().await;
     assert_eq!(state, FinalState::Done, "{message:?}");
     let conversation = prompts_in_last_request(&w.fake);
@@ -938,12 +984,14 @@ async fn after_the_process_ended_a_follow_up_resumes_the_session_from_disk() {
     })
     .await;
     w.fake.push(Reply::text("first answer"));
-    let mut f = w.start(submit(
-        OWNER,
-        "app",
-        "remember the word kumquat",
-        TaskOptions::default(),
-    ));
+    let mut f = w
+        .start(submit(
+            OWNER,
+            "app",
+            "remember the word kumquat",
+            TaskOptions::default(),
+        ))
+        .await;
     assert_eq!(f.finished().await.0, FinalState::Done);
     poll_until(T, "the idle Claude Code exits", || {
         claude_processes(&w.project).is_empty()
@@ -952,7 +1000,7 @@ async fn after_the_process_ended_a_follow_up_resumes_the_session_from_disk() {
     .expect("idle process closed");
 
     w.fake.push(Reply::text("kumquat"));
-    let mut g = w.resume_as_owner(&f.task, "which word?");
+    let mut g = w.resume_as_owner(&f.task, "which word?").await;
     assert_eq!(g.finished().await.0, FinalState::Done, "{:#?}", g.seen);
     let conversation = prompts_in_last_request(&w.fake);
     assert!(

@@ -115,6 +115,7 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
             "marker-A: write same.txt",
             in_worktree(),
         ))
+        .await
         .expect("accepted");
     let b = core
         .submit_task(submit(
@@ -123,6 +124,7 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
             "marker-B: write same.txt",
             in_worktree(),
         ))
+        .await
         .expect("accepted");
     let (ta, tb) = (a.spec.task.clone(), b.spec.task.clone());
     let (wa, wb) = (worktree_of(&w, &ta), worktree_of(&w, &tb));
@@ -141,7 +143,7 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
     for _ in 0..4 {
         w.fake.push(write_for(markers.clone()));
     }
-    let (mut fa, mut fb) = (w.follow(&ta), w.follow(&tb));
+    let (mut fa, mut fb) = (w.follow(&ta).await, w.follow(&tb).await);
     // The summary (before the end) names each branch and its change against where it started.
     let (branch_a, stat_a, diff_a) = worktree_end(&mut fa).await;
     let (branch_b, _, diff_b) = worktree_end(&mut fb).await;
@@ -172,7 +174,10 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
     assert!(diff_a.contains("+from A"), "{diff_a}");
     assert_eq!(branch_b, format!("ct/{tb}"));
     assert!(diff_b.contains("+from B"), "{diff_b}");
-    assert_eq!(core.task(&ta).unwrap().worktree, Some(branch_a.clone()));
+    assert_eq!(
+        core.task(&ta).await.unwrap().worktree,
+        Some(branch_a.clone())
+    );
 
     // A restarted agent still knows its worktrees.
     w.restart_agent().await;
@@ -202,6 +207,7 @@ async fn parallel_tasks_in_worktrees_do_not_collide_and_merge_back() {
 
     let audit = core
         .audit(&ct_relay::audit::AuditFilter::default(), 50, None)
+        .await
         .unwrap();
     assert!(
         audit.iter().any(|e| matches!(
@@ -252,7 +258,7 @@ async fn bad_repositories_get_a_clear_message_and_stay_untouched() {
 
     // Not a repository: said so, and the task runs in the project's own folder.
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree()));
+    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree())).await;
     let said = f
         .until(
             "the note",
@@ -266,7 +272,7 @@ async fn bad_repositories_get_a_clear_message_and_stay_untouched() {
     // Uncommitted changes: the worktree starts from HEAD and says so; the change stays in the project only.
     std::fs::write(w.project.join("README"), "edited\n").unwrap();
     w.fake.push(Reply::text("done"));
-    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree()));
+    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree())).await;
     let note = f
         .until("the start note", |e| {
             matches!(e, TaskEvent::Worktree { change: None, .. })
@@ -286,7 +292,7 @@ async fn bad_repositories_get_a_clear_message_and_stay_untouched() {
     // Detached HEAD: refused with a message, nothing created.
     let head = git(&w.project, &["rev-parse", "HEAD"]);
     git(&w.project, &["checkout", "-q", "--detach", &head]);
-    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree()));
+    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree())).await;
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Failed);
     assert!(message.unwrap().contains("detached"));
@@ -307,7 +313,7 @@ async fn bad_repositories_get_a_clear_message_and_stay_untouched() {
         .output()
         .unwrap();
     assert!(!rebase.status.success(), "the rebase stops on its conflict");
-    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree()));
+    let mut f = w.start(submit(OWNER, "app", "hi", in_worktree())).await;
     let (state, message) = f.finished().await;
     assert_eq!(state, FinalState::Failed);
     assert!(message.unwrap().contains("middle of a rebase"));
@@ -327,6 +333,7 @@ async fn a_follow_up_after_the_process_ended_resumes_in_the_same_worktree() {
         .relay
         .core
         .submit_task(submit(OWNER, "app", "remember kumquat", in_worktree()))
+        .await
         .unwrap();
     let tree = worktree_of(&w, &rec.spec.task);
     w.fake.push(Reply::tool_use(
@@ -334,7 +341,7 @@ async fn a_follow_up_after_the_process_ended_resumes_in_the_same_worktree() {
         write(&tree.join("one.txt"), "1\n"),
     ));
     w.fake.push(Reply::text("first answer"));
-    let mut f = w.follow(&rec.spec.task);
+    let mut f = w.follow(&rec.spec.task).await;
     assert_eq!(f.finished().await.0, FinalState::Done, "{:#?}", f.seen);
     poll_until(T, "the idle Claude Code exits", || {
         claude_processes(&tree).is_empty()
@@ -347,7 +354,7 @@ async fn a_follow_up_after_the_process_ended_resumes_in_the_same_worktree() {
         write(&tree.join("two.txt"), "2\n"),
     ));
     w.fake.push(Reply::text("kumquat"));
-    let mut g = w.resume_as_owner(&f.task, "which word?");
+    let mut g = w.resume_as_owner(&f.task, "which word?").await;
     let (branch, stat, _) = worktree_end(&mut g).await;
     assert_eq!(g.finished().await.0, FinalState::Done, "{:#?}", g.seen);
     assert_eq!(branch, format!("ct/{}", rec.spec.task));
@@ -384,7 +391,7 @@ async fn a_task_beside_a_running_one_gets_a_worktree_unless_the_owner_chose_shar
         "Write",
         write(&w.project.join("a.txt"), "a\n"),
     ));
-    let mut a = w.start(submit(OWNER, "app", "a", ask.clone()));
+    let mut a = w.start(submit(OWNER, "app", "a", ask.clone())).await;
     a.until("A's approval", |e| {
         matches!(e, TaskEvent::ApprovalRequested { .. })
     })
@@ -392,7 +399,7 @@ async fn a_task_beside_a_running_one_gets_a_worktree_unless_the_owner_chose_shar
 
     // B asks for no isolation: beside A, it gets a worktree, and says why.
     w.fake.push(Reply::text("done"));
-    let mut b = w.start(submit(OWNER, "app", "b", ask.clone()));
+    let mut b = w.start(submit(OWNER, "app", "b", ask.clone())).await;
     b.until(
         "the reason",
         |e| matches!(e, TaskEvent::Text { text } if text.contains("another task is running")),
@@ -411,7 +418,7 @@ async fn a_task_beside_a_running_one_gets_a_worktree_unless_the_owner_chose_shar
         .set_isolation("app", Isolation::Shared)
         .unwrap();
     w.fake.push(Reply::text("done"));
-    let mut c = w.start(submit(OWNER, "app", "c", ask));
+    let mut c = w.start(submit(OWNER, "app", "c", ask)).await;
     assert_eq!(c.finished().await.0, FinalState::Done, "{:#?}", c.seen);
     assert!(
         !c.seen
@@ -422,7 +429,7 @@ async fn a_task_beside_a_running_one_gets_a_worktree_unless_the_owner_chose_shar
     );
     assert!(!worktree_of(&w, &c.task).exists());
 
-    w.relay.core.cancel_task(OWNER, &a.task).unwrap();
+    w.relay.core.cancel_task(OWNER, &a.task).await.unwrap();
     assert_eq!(a.finished().await.0, FinalState::Cancelled);
 }
 
@@ -437,7 +444,7 @@ async fn worktrees_past_their_retention_go_but_never_one_in_use_and_their_branch
     repo(&w);
     // A ended, and its process is gone.
     w.fake.push(Reply::text("done"));
-    let mut a = w.start(submit(OWNER, "app", "a", in_worktree()));
+    let mut a = w.start(submit(OWNER, "app", "a", in_worktree())).await;
     assert_eq!(a.finished().await.0, FinalState::Done);
     let wa = worktree_of(&w, &a.task);
     assert!(wa.is_dir());
@@ -452,30 +459,34 @@ async fn worktrees_past_their_retention_go_but_never_one_in_use_and_their_branch
         "Write",
         write(&w.project.join("x.txt"), "x\n"),
     ));
-    let mut b = w.start(submit(
-        OWNER,
-        "app",
-        "b",
-        TaskOptions {
-            permission_mode: Some("default".into()),
-            isolation: Some(Isolation::Worktree),
-            ..TaskOptions::default()
-        },
-    ));
+    let mut b = w
+        .start(submit(
+            OWNER,
+            "app",
+            "b",
+            TaskOptions {
+                permission_mode: Some("default".into()),
+                isolation: Some(Isolation::Worktree),
+                ..TaskOptions::default()
+            },
+        ))
+        .await;
     b.until("B's approval", |e| {
         matches!(e, TaskEvent::ApprovalRequested { .. })
     })
     .await;
     w.fake.push(Reply::text("done"));
-    let mut c = w.start(submit(
-        OWNER,
-        "app",
-        "c",
-        TaskOptions {
-            isolation: Some(Isolation::Shared),
-            ..TaskOptions::default()
-        },
-    ));
+    let mut c = w
+        .start(submit(
+            OWNER,
+            "app",
+            "c",
+            TaskOptions {
+                isolation: Some(Isolation::Shared),
+                ..TaskOptions::default()
+            },
+        ))
+        .await;
     assert_eq!(c.finished().await.0, FinalState::Done);
     poll_until(T, "A's worktree removed", || !wa.exists())
         .await
@@ -485,7 +496,7 @@ async fn worktrees_past_their_retention_go_but_never_one_in_use_and_their_branch
         "its branch stays"
     );
     assert!(worktree_of(&w, &b.task).is_dir(), "B's is in use");
-    w.relay.core.cancel_task(OWNER, &b.task).unwrap();
+    w.relay.core.cancel_task(OWNER, &b.task).await.unwrap();
     assert_eq!(b.finished().await.0, FinalState::Cancelled);
 }
 
@@ -501,7 +512,7 @@ async fn an_idle_agent_removes_worktrees_past_their_retention_by_itself() {
     .await;
     repo(&w);
     w.fake.push(Reply::text("done"));
-    let mut a = w.start(submit(OWNER, "app", "a", in_worktree()));
+    let mut a = w.start(submit(OWNER, "app", "a", in_worktree())).await;
     assert_eq!(a.finished().await.0, FinalState::Done);
     let wa = worktree_of(&w, &a.task);
     poll_until(T, "the idle agent removes A's worktree", || !wa.exists())

@@ -265,7 +265,7 @@ impl RelayProcess {
 /// A relay library running in this process on loopback, with its core at hand.
 #[derive(Debug)]
 pub struct InProcessRelay {
-    pub core: Arc<Core>,
+    pub core: Core,
     pub target: Arc<Target>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<Result<()>>>,

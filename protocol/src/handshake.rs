@@ -348,7 +348,7 @@ where
 
 /// An agent that proved possession of its key on this connection. The relay decides what to do with it
 /// and answers with a [`Verdict`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct VerifiedAgent {
     pub key: VerifyingKey,
     pub fingerprint: Fingerprint,

@@ -5,7 +5,6 @@
 //! with the actor [`OPERATOR`] (and the user it acted as).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -216,8 +215,8 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
 /// Serves admin requests until `shutdown`.
 pub async fn serve(
     listener: UnixListener,
-    core: Arc<Core>,
-    status: Arc<dyn Fn() -> StatusInfo + Send + Sync>,
+    core: Core,
+    status: StatusInfo,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -236,7 +235,7 @@ pub async fn serve(
         let (core, status, shutdown) = (core.clone(), status.clone(), shutdown.clone());
         tasks.spawn(async move {
             tokio::select! {
-                r = handle(stream, &core, &*status) => if let Err(e) = r {
+                r = handle(stream, &core, &status) => if let Err(e) = r {
                     tracing::debug!(error = %e, "admin connection ended with an error");
                 },
                 () = shutdown.cancelled() => {}
@@ -245,11 +244,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    core: &Core,
-    status: &(dyn Fn() -> StatusInfo + Send + Sync),
-) -> Result<()> {
+async fn handle(stream: UnixStream, core: &Core, status: &StatusInfo) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST));
     while let Some(line) = lines.next().await {
@@ -280,7 +275,7 @@ async fn handle(
                         resume: None,
                         operator: true,
                     };
-                    match core.submit_task(submit) {
+                    match core.submit_task(submit).await {
                         Ok(rec) => {
                             stream_task(core, &rec.spec.task, &mut write).await?;
                             continue;
@@ -301,7 +296,10 @@ async fn handle(
                     name,
                 }) => {
                     tracing::info!(%user, %task, "admin reply request");
-                    match core.reply(Caller::operator(&user), &task, prompt, name) {
+                    match core
+                        .reply(Caller::operator(&user), &task, prompt, name)
+                        .await
+                    {
                         Ok(ReplyOutcome::Sent(_)) => Reply::Done {
                             message: format!("sent to the running task {task}"),
                         },
@@ -352,7 +350,7 @@ async fn handle(
                 }
                 Ok(req) => {
                     tracing::info!(request = ?req, "admin request");
-                    answer(req, core, status)
+                    answer(req, core, status).await
                 }
                 Err(e) => Reply::Error {
                     message: format!("malformed request: {e}"),
@@ -366,29 +364,36 @@ async fn handle(
     Ok(())
 }
 
-fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + Sync)) -> Reply {
+async fn answer(req: Request, core: &Core, status: &StatusInfo) -> Reply {
     let result = match req {
         Request::PairCode { user } => {
             core.mint_pairing_token(&user)
+                .await
                 .map(|(token, expires_at)| Reply::PairCode {
                     token: token.to_string(),
                     expires_at,
                     user,
                 })
         }
-        Request::Agents => core.agents().map(|agents| Reply::Agents { agents }),
-        Request::Revoke { agent } => core.revoke(&agent, OPERATOR).and_then(|rec| {
-            let view = core
-                .agents()?
-                .into_iter()
-                .find(|a| a.fingerprint == rec.fingerprint);
-            Ok(Reply::Revoked {
-                agent: view.ok_or_else(|| crate::core::CoreError::NoSuchAgent(agent))?,
+        Request::Agents => core.agents().await.map(|agents| Reply::Agents { agents }),
+        Request::Revoke { agent } => match core.revoke(&agent, OPERATOR).await {
+            Ok(rec) => core.agents().await.and_then(|views| {
+                let view = views.into_iter().find(|a| a.fingerprint == rec.fingerprint);
+                Ok(Reply::Revoked {
+                    agent: view.ok_or_else(|| crate::core::CoreError::NoSuchAgent(agent))?,
+                })
+            }),
+            Err(e) => Err(e),
+        },
+        Request::Status => core.agents().await.map(|agents| {
+            Reply::Status(StatusInfo {
+                agents_online: agents.iter().filter(|a| a.online).count(),
+                agents_paired: agents.iter().filter(|a| !a.revoked).count(),
+                ..status.clone()
             })
         }),
-        Request::Status => Ok(Reply::Status(status())),
         Request::Cancel { user, task } => {
-            return match core.cancel_task(Caller::operator(&user), &task) {
+            return match core.cancel_task(Caller::operator(&user), &task).await {
                 Ok(_) => Reply::Done {
                     message: format!("asked the agent to cancel {task}"),
                 },
@@ -403,7 +408,10 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             approval,
             decision,
         } => {
-            return match core.decide(Caller::operator(&user), &task, &approval, decision) {
+            return match core
+                .decide(Caller::operator(&user), &task, &approval, decision)
+                .await
+            {
                 Ok(()) => Reply::Done {
                     message: format!("decision on {approval} sent to the agent"),
                 },
@@ -423,7 +431,10 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             } else {
                 ShareLevel::Standard
             };
-            return match core.share_add(Caller::operator(&user), &grantee, projects, level) {
+            return match core
+                .share_add(Caller::operator(&user), &grantee, projects, level)
+                .await
+            {
                 Ok(share) => Reply::Done {
                     message: format!(
                         "user {grantee} may now run tasks on your agents ({}, {})",
@@ -443,7 +454,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             };
         }
         Request::ShareRemove { user, grantee } => {
-            return match core.share_remove(Caller::operator(&user), &grantee) {
+            return match core.share_remove(Caller::operator(&user), &grantee).await {
                 Ok(removed) => Reply::Done {
                     message: format!(
                         "stopped sharing with user {grantee}: {} queued task(s) cancelled, {} running task(s) being cancelled",
@@ -457,7 +468,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             };
         }
         Request::ShareList { user } => {
-            return match core.shares_of(&user) {
+            return match core.shares_of(&user).await {
                 Ok(shares) => Reply::Shares { shares },
                 Err(e) => Reply::Error {
                     message: e.to_string(),
@@ -465,7 +476,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             };
         }
         Request::ShareAvailable { user } => {
-            return match core.shares_available(&user) {
+            return match core.shares_available(&user).await {
                 Ok(available) => Reply::Available { available },
                 Err(e) => Reply::Error {
                     message: e.to_string(),
@@ -473,7 +484,10 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             };
         }
         Request::DefaultAgent { user, agent } => {
-            return match core.set_default_agent(Caller::operator(&user), &agent) {
+            return match core
+                .set_default_agent(Caller::operator(&user), &agent)
+                .await
+            {
                 Ok(rec) => Reply::Done {
                     message: format!(
                         "{} is now your default agent: tasks that name no agent run there",
@@ -491,6 +505,7 @@ fn answer(req: Request, core: &Core, status: &(dyn Fn() -> StatusInfo + Send + S
             before,
         } => core
             .audit(&filter, limit, before)
+            .await
             .map(|entries| Reply::Audit { entries }),
         Request::Task { .. }
         | Request::Follow { .. }
@@ -521,7 +536,7 @@ async fn stream_task(
     task: &str,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> Result<()> {
-    let (rec, events, mut live) = match core.follow(task) {
+    let (rec, events, mut live) = match core.follow(task).await {
         Ok(f) => f,
         Err(e) => {
             return send_reply(
@@ -553,7 +568,8 @@ async fn stream_task(
             Ok((seq, event)) if seq > last => vec![(seq, event)],
             Ok(_) => continue,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                core.store().events(task, last)?
+                let task = task.to_string();
+                core.read(move |store| store.events(&task, last)).await??
             }
             // The task was deleted (retention) while being followed: say so below.
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
@@ -564,7 +580,7 @@ async fn stream_task(
             send_reply(write, &Reply::Event { seq, event }).await?;
         }
     }
-    let reply = match core.task(task) {
+    let reply = match core.task(task).await {
         Ok(rec) => Reply::End {
             state: rec.state,
             message: rec.message,

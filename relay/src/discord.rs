@@ -25,8 +25,9 @@ pub use ct_bot::config::{BotConfig, Delivery};
 pub use ct_bot::{Backend, Bot};
 
 use crate::core::{AgentView, Core, CoreError};
-use crate::store::{self, now, AgentRecord, TaskRecord, TaskState};
+use crate::store::{self, now, AgentRecord, Store, TaskRecord, TaskState};
 use crate::tasks::{ReplyOutcome, Submit, TaskError};
+use ct_protocol::Fingerprint;
 
 /// How often a pairing code is checked while the bot waits to tell its user the agent paired.
 const PAIR_POLL: Duration = Duration::from_secs(1);
@@ -78,67 +79,79 @@ fn agent_info(a: &AgentView) -> AgentInfo {
 /// The bot's backend: the relay core, called as the Discord user who acts.
 #[derive(Debug, Clone)]
 pub struct CoreBackend {
-    core: Arc<Core>,
+    core: Core,
 }
 
 impl CoreBackend {
-    pub fn new(core: Arc<Core>) -> Self {
+    pub fn new(core: Core) -> Self {
         Self { core }
     }
 
-    fn info(&self, rec: &TaskRecord) -> Result<TaskInfo> {
-        let agent = self.core.store().agent(&rec.agent).map_err(store_err)?;
-        let (agent, owner) =
-            agent.map_or_else(|| (rec.agent.short(), String::new()), |a| (a.name, a.owner));
-        Ok(TaskInfo {
-            id: rec.spec.task.clone(),
-            project: rec.spec.project.clone(),
-            agent,
-            requester: rec.spec.requester.user.clone(),
-            owner,
-            state: state_name(rec.state).to_string(),
-            created_at: rec.created_at,
-            session_id: rec.session_id.clone(),
-            model: rec.spec.options.model.clone(),
-            mode: rec.spec.options.permission_mode.clone(),
-            follows: rec.follows.clone(),
-        })
+    /// Runs a store read on the blocking pool.
+    async fn read<R: Send + 'static>(
+        &self,
+        query: impl FnOnce(&dyn Store) -> store::Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.core
+            .read(query)
+            .await
+            .map_err(|e| BackendError::Internal(e.into()))?
+            .map_err(store_err)
+    }
+
+    async fn info(&self, rec: &TaskRecord) -> Result<TaskInfo> {
+        Ok(self.infos(std::slice::from_ref(rec)).await?.remove(0))
+    }
+
+    /// What the bot shows of each task, with its agent's name and owner read in one go.
+    async fn infos(&self, recs: &[TaskRecord]) -> Result<Vec<TaskInfo>> {
+        let fps: Vec<Fingerprint> = recs.iter().map(|r| r.agent).collect();
+        let agents = self
+            .read(move |store| {
+                fps.iter()
+                    .map(|fp| store.agent(fp))
+                    .collect::<store::Result<Vec<_>>>()
+            })
+            .await?;
+        Ok(recs
+            .iter()
+            .zip(agents)
+            .map(|(rec, agent)| task_info(rec, agent))
+            .collect())
     }
 
     /// The user's own agents that are not revoked.
-    fn own_agents(&self, user: &str) -> Result<Vec<AgentRecord>> {
+    async fn own_agents(&self, user: &str) -> Result<Vec<AgentRecord>> {
+        let user = user.to_string();
         let mut mine: Vec<AgentRecord> = self
-            .core
-            .store()
-            .agents()
-            .map_err(store_err)?
+            .read(move |store| store.agents_of(&user))
+            .await?
             .into_iter()
-            .filter(|a| a.owner == user && a.revoked_at.is_none())
+            .filter(|a| a.revoked_at.is_none())
             .collect();
         mine.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(mine)
     }
 
     /// Which of the user's agents a project request means (as the core will choose it), for naming it.
-    fn which_agent(&self, user: &str, wanted: Option<&str>) -> Result<Option<AgentRecord>> {
-        let mine = self.own_agents(user)?;
+    async fn which_agent(&self, user: &str, wanted: Option<&str>) -> Result<Option<AgentRecord>> {
+        let mine = self.own_agents(user).await?;
         Ok(match wanted {
             Some(w) => mine
                 .into_iter()
                 .find(|a| a.name == w || a.fingerprint.to_string().starts_with(w) && w.len() >= 10),
             None if mine.len() == 1 => mine.into_iter().next(),
-            None => self.core.default_agent(user).map_err(task_err)?,
+            None => self.core.default_agent(user).await.map_err(task_err)?,
         })
     }
 
     /// A task the user may see: theirs, or on their agents.
-    fn visible_task(&self, user: &str, id: &str) -> Result<TaskRecord> {
-        let rec = self.core.task(id).map_err(task_err)?;
+    async fn visible_task(&self, user: &str, id: &str) -> Result<TaskRecord> {
+        let rec = self.core.task(id).await.map_err(task_err)?;
+        let fp = rec.agent;
         let owner = self
-            .core
-            .store()
-            .agent(&rec.agent)
-            .map_err(store_err)?
+            .read(move |store| store.agent(&fp))
+            .await?
             .map(|a| a.owner);
         if rec.spec.requester.user == user || owner.as_deref() == Some(user) {
             Ok(rec)
@@ -148,10 +161,11 @@ impl CoreBackend {
     }
 
     /// The project a `/task` without one means: the only one the user may use there.
-    fn default_project(&self, req: &TaskRequest) -> Result<String> {
+    async fn default_project(&self, req: &TaskRequest) -> Result<String> {
         let names = self
             .core
             .usable_projects(&req.user, req.target.as_deref(), req.agent.as_deref())
+            .await
             .map_err(task_err)?;
         match names.as_slice() {
             [one] => Ok(one.clone()),
@@ -168,10 +182,29 @@ impl CoreBackend {
     }
 }
 
+/// What the bot shows of a task, given its agent's record (if it still exists).
+fn task_info(rec: &TaskRecord, agent: Option<AgentRecord>) -> TaskInfo {
+    let (agent, owner) =
+        agent.map_or_else(|| (rec.agent.short(), String::new()), |a| (a.name, a.owner));
+    TaskInfo {
+        id: rec.spec.task.clone(),
+        project: rec.spec.project.clone(),
+        agent,
+        requester: rec.spec.requester.user.clone(),
+        owner,
+        state: state_name(rec.state).to_string(),
+        created_at: rec.created_at,
+        session_id: rec.session_id.clone(),
+        model: rec.spec.options.model.clone(),
+        mode: rec.spec.options.permission_mode.clone(),
+        follows: rec.follows.clone(),
+    }
+}
+
 #[async_trait]
 impl Backend for CoreBackend {
     async fn pairing_code(&self, user: &str) -> Result<Pairing> {
-        let (token, expires_at) = self.core.mint_pairing_token(user).map_err(core_err)?;
+        let (token, expires_at) = self.core.mint_pairing_token(user).await.map_err(core_err)?;
         Ok(Pairing {
             token: token.to_string(),
             expires_in: expires_at.saturating_sub(now()),
@@ -186,19 +219,17 @@ impl Backend for CoreBackend {
         // The core has no pairing notification; the code's record says when it was used. Polling is bounded
         // by the code's life (minutes), once a second.
         loop {
-            let rec = self
-                .core
-                .store()
-                .pair_code(&token.code.id)
-                .map_err(store_err)?;
+            let id = token.code.id.clone();
+            let rec = self.read(move |store| store.pair_code(&id)).await?;
             let Some(rec) = rec else { return Ok(None) };
             if let Some(used) = rec.used_at {
                 let agent = self
-                    .own_agents(user)?
+                    .own_agents(user)
+                    .await?
                     .into_iter()
                     .filter(|a| a.paired_at >= used)
                     .min_by_key(|a| a.paired_at);
-                let views = self.core.agents().map_err(core_err)?;
+                let views = self.core.agents().await.map_err(core_err)?;
                 return Ok(agent.and_then(|a| {
                     views
                         .iter()
@@ -217,12 +248,13 @@ impl Backend for CoreBackend {
         let mut out: Vec<AgentInfo> = self
             .core
             .agents()
+            .await
             .map_err(core_err)?
             .iter()
             .filter(|a| a.owner == user && !a.revoked)
             .map(agent_info)
             .collect();
-        for shared in self.core.shares_available(user).map_err(task_err)? {
+        for shared in self.core.shares_available(user).await.map_err(task_err)? {
             out.extend(shared.agents.iter().map(|a| AgentInfo {
                 name: a.name.clone(),
                 fingerprint: a.fingerprint.short(),
@@ -237,7 +269,7 @@ impl Backend for CoreBackend {
     async fn unregister(&self, user: &str, agent: &str) -> Result<AgentInfo> {
         // Only among the user's own agents: `find_agent` alone would match anyone's agent by name.
         let wanted = agent.trim();
-        let mine = self.own_agents(user)?;
+        let mine = self.own_agents(user).await?;
         let found: Vec<&AgentRecord> = mine
             .iter()
             .filter(|a| {
@@ -259,6 +291,7 @@ impl Backend for CoreBackend {
         let rec = self
             .core
             .revoke(&one.fingerprint.to_string(), user)
+            .await
             .map_err(core_err)?;
         Ok(AgentInfo {
             name: rec.name,
@@ -289,7 +322,8 @@ impl Backend for CoreBackend {
             .await
             .map_err(task_err)?;
         let agent_name = self
-            .which_agent(user, agent)?
+            .which_agent(user, agent)
+            .await?
             .map_or_else(|| agent.unwrap_or("your agent").to_string(), |a| a.name);
         let added = report.projects.iter().find(|p| p.name == name);
         Ok(ProjectInfo {
@@ -302,10 +336,11 @@ impl Backend for CoreBackend {
 
     async fn projects(&self, user: &str) -> Result<Vec<ProjectInfo>> {
         let mut out = Vec::new();
-        for agent in self.own_agents(user)? {
+        for agent in self.own_agents(user).await? {
             let report = self
                 .core
                 .agent_projects(&agent.fingerprint)
+                .await
                 .map_err(task_err)?;
             for p in report.map(|r| r.projects).unwrap_or_default() {
                 out.push(ProjectInfo {
@@ -316,7 +351,7 @@ impl Backend for CoreBackend {
                 });
             }
         }
-        for shared in self.core.shares_available(user).map_err(task_err)? {
+        for shared in self.core.shares_available(user).await.map_err(task_err)? {
             for agent in &shared.agents {
                 // A grantee sees names only: the owner's folder layout is not theirs to read.
                 out.extend(agent.projects.iter().map(|name| ProjectInfo {
@@ -347,7 +382,7 @@ impl Backend for CoreBackend {
     async fn submit(&self, req: TaskRequest) -> Result<TaskInfo> {
         let project = match &req.project {
             Some(p) => p.clone(),
-            None => self.default_project(&req)?,
+            None => self.default_project(&req).await?,
         };
         let rec = self
             .core
@@ -362,76 +397,85 @@ impl Backend for CoreBackend {
                 resume: req.resume,
                 operator: false,
             })
+            .await
             .map_err(task_err)?;
-        self.info(&rec)
+        self.info(&rec).await
     }
 
     async fn reply(&self, user: &str, task: &str, prompt: &str) -> Result<TaskInfo> {
         let rec = match self
             .core
             .reply(user, task, prompt.to_string(), None)
+            .await
             .map_err(task_err)?
         {
             ReplyOutcome::Sent(rec) | ReplyOutcome::Resumed(rec) => rec,
         };
-        self.info(&rec)
+        self.info(&rec).await
     }
 
     async fn task(&self, user: &str, task: &str) -> Result<TaskInfo> {
-        let rec = self.visible_task(user, task)?;
-        self.info(&rec)
+        let rec = self.visible_task(user, task).await?;
+        self.info(&rec).await
     }
 
     async fn tasks(&self, user: &str) -> Result<Vec<TaskInfo>> {
-        self.core
+        let recs = self
+            .core
             .tasks_for(user, RECENT_TASKS)
-            .map_err(task_err)?
-            .iter()
-            .map(|r| self.info(r))
-            .collect()
+            .await
+            .map_err(task_err)?;
+        self.infos(&recs).await
     }
 
+    // Thread marks are the bot's own bookkeeping, not the core's state: written straight to the store, on the
+    // blocking pool.
     async fn mark_thread(&self, mark: &ThreadMark) -> Result<()> {
-        self.core
-            .store()
-            .put_thread_mark(
-                &mark.task,
-                &serde_json::to_vec(mark).map_err(|e| store_err(e.into()))?,
-            )
-            .map_err(store_err)
+        let (task, mark) = (
+            mark.task.clone(),
+            serde_json::to_vec(mark).map_err(|e| store_err(e.into()))?,
+        );
+        self.read(move |store| store.put_thread_mark(&task, &mark))
+            .await
     }
 
     async fn forget_thread(&self, task: &str) -> Result<()> {
-        self.core
-            .store()
-            .delete_thread_mark(task)
-            .map_err(store_err)
+        let task = task.to_string();
+        self.read(move |store| store.delete_thread_mark(&task))
+            .await
     }
 
     async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>> {
-        let store = self.core.store();
-        let mut out = Vec::new();
-        for (task, mark) in store.thread_marks::<ThreadMark>().map_err(store_err)? {
-            match store.task(&task).map_err(store_err)? {
-                Some(rec) if mark.task == task => out.push((mark, self.info(&rec)?)),
-                // Deleted by retention (or a mark filed under another key): nothing left to follow.
-                _ => store.delete_thread_mark(&task).map_err(store_err)?,
-            }
-        }
-        Ok(out)
+        let marked = self
+            .read(|store| {
+                let mut out = Vec::new();
+                for (task, mark) in store.thread_marks::<ThreadMark>()? {
+                    match store.task(&task)? {
+                        Some(rec) if mark.task == task => {
+                            let agent = store.agent(&rec.agent)?;
+                            out.push((mark, task_info(&rec, agent)));
+                        }
+                        // Deleted by retention (or a mark filed under another key): nothing left to follow.
+                        _ => store.delete_thread_mark(&task)?,
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(marked)
     }
 
     async fn follow(&self, task: &str) -> Result<TaskFeed> {
-        let (rec, past, live) = self.core.follow(task).map_err(task_err)?;
+        let (rec, past, live) = self.core.follow(task).await.map_err(task_err)?;
         Ok(TaskFeed {
-            task: self.info(&rec)?,
+            task: self.info(&rec).await?,
             past,
             live,
         })
     }
 
     async fn cancel(&self, user: &str, task: &str) -> Result<()> {
-        self.core.cancel_task(user, task).map_err(task_err)?;
+        self.core.cancel_task(user, task).await.map_err(task_err)?;
         Ok(())
     }
 
@@ -456,11 +500,12 @@ impl Backend for CoreBackend {
     ) -> Result<()> {
         self.core
             .decide(user, task, approval, decision)
+            .await
             .map_err(task_err)
     }
 
     async fn approver(&self, task: &str) -> Result<String> {
-        self.core.approver(task).map_err(task_err)
+        self.core.approver(task).await.map_err(task_err)
     }
 
     async fn share(
@@ -478,12 +523,16 @@ impl Backend for CoreBackend {
         let rec = self
             .core
             .share_add(owner, grantee, projects, level)
+            .await
             .map_err(task_err)?;
         Ok(share_info(&rec))
     }
 
     async fn unshare(&self, owner: &str, grantee: &str) -> Result<()> {
-        self.core.share_remove(owner, grantee).map_err(task_err)?;
+        self.core
+            .share_remove(owner, grantee)
+            .await
+            .map_err(task_err)?;
         Ok(())
     }
 
@@ -491,11 +540,12 @@ impl Backend for CoreBackend {
         let mut out: Vec<ShareInfo> = self
             .core
             .shares_of(user)
+            .await
             .map_err(task_err)?
             .iter()
             .map(share_info)
             .collect();
-        for a in self.core.shares_available(user).map_err(task_err)? {
+        for a in self.core.shares_available(user).await.map_err(task_err)? {
             out.push(ShareInfo {
                 owner: a.owner,
                 grantee: user.to_string(),
@@ -513,6 +563,7 @@ impl Backend for CoreBackend {
         Ok(self
             .core
             .audit_for_owner(user, AUDIT_LINES, None)
+            .await
             .map_err(core_err)?
             .into_iter()
             .map(|e| AuditEntry {
@@ -543,7 +594,7 @@ fn share_info(rec: &store::ShareRecord) -> ShareInfo {
 /// A bot that cannot start (a refused token, Discord unreachable) is logged and left off: agents are still
 /// served.
 pub async fn start(
-    core: Arc<Core>,
+    core: Core,
     config: BotConfig,
     shutdown: CancellationToken,
     tasks: &TaskTracker,

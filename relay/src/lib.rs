@@ -3,19 +3,11 @@
 //! - [`relay`]: lifecycle — bind from a [`RelayConfig`], run until a shutdown token fires, drain.
 //! - [`endpoint`]: the agent endpoint — [`endpoint::quic`] (UDP) and [`endpoint::https`] (TCP: WebSocket,
 //!   `/healthz`, `/readyz`, `/metrics`), both ending in [`endpoint::session`].
-//! - [`core`]: pairing, admission, the live-agent table, revocation; what front ends call.
-//! - [`tasks`]: task submission, each agent's queue, the sequenced event log, following, follow-ups, cancel,
-//!   approvals.
-//! - [`shares`]: sharing one's agents with another user, and revoking that at once.
-//! - [`audit`]: the audit log — who did what to whose agents — and [`audit::Caller`], who is asking.
-//! - [`output`]: the cap on what one task may store; [`redact`]: a grantee's task ends without the owner's
-//!   folders in its message.
-//! - [`retention`]: deleting old tasks, audit entries and pairing codes, hourly.
-//! - [`routing`]: which agent a request goes to (named, only, or default).
-//! - [`projects`]: project requests answered by the agent, and its stored project report.
-//! - [`worktrees`]: merge, keep or discard a finished task's worktree branch: who may ask, and the agent's answer.
-//! - [`store`]: the embedded sled store; [`durable`]: group commit, so acknowledgements wait for the disk
-//!   without an fsync each.
+//! - [`store`]: what the relay keeps ([`store::records`]) and the operations on it, behind one interface
+//!   ([`store::Store`]), with sled as the embedded backend; it imports nothing else of the relay.
+//! - [`durable`]: group commit, so acknowledgements wait for the disk without an fsync each.
+//! - [`core`]: users, agents, pairing, shares, projects, tasks and their queues. One thread owns its state; front
+//!   ends and sessions hold a cheap [`core::Core`] handle with async methods. Its folder has one file per concern.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
 //! - [`discord`]: the Discord bot's backend over the core, and starting the bot with the relay.
 //! - [`tls`]: the relay key agents pin, and the certificate.
@@ -24,7 +16,6 @@
 //! - [`cli`]: the command line, kept out of `main.rs` so it can be tested.
 
 pub mod admin;
-pub mod audit;
 pub mod cli;
 pub mod core;
 pub mod discord;
@@ -32,18 +23,15 @@ pub mod durable;
 pub mod endpoint;
 pub mod files;
 pub mod metrics;
-pub mod output;
-pub mod projects;
 pub mod ratelimit;
-pub mod redact;
 pub mod relay;
-pub mod retention;
-pub mod routing;
-pub mod shares;
 pub mod store;
 pub mod sys;
-pub mod tasks;
 pub mod tls;
-pub mod worktrees;
+
+// The core's concerns, where front ends and tests have always found them.
+pub use crate::core::{
+    audit, output, projects, redact, retention, routing, shares, tasks, worktrees,
+};
 
 pub use relay::{Relay, RelayConfig};

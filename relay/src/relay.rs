@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::admin::{self, StatusInfo};
 use crate::core::{Core, CoreConfig};
+use crate::endpoint::limits::Admission;
 use crate::endpoint::{https, quic};
 use crate::files;
 use crate::metrics::Metrics;
@@ -61,7 +62,8 @@ impl RelayConfig {
 /// A relay whose sockets are bound and whose store is open, ready to [`run`](Relay::run).
 #[derive(Debug)]
 pub struct Relay {
-    core: Arc<Core>,
+    core: Core,
+    admission: Admission,
     quic: Option<quinn::Endpoint>,
     tcp: Option<TcpListener>,
     admin: UnixListener,
@@ -148,12 +150,15 @@ impl Relay {
             data_dir: config.data_dir.display().to_string(),
             discord_bot: config.bot.is_some(),
         };
-        let core = Arc::new(
-            Core::new(store, relay_key, core_cfg, Arc::new(Metrics::default()))
-                .context("starting the store's flusher thread")?,
+        let admission = Admission::new(
+            core_cfg.max_connections,
+            core_cfg.max_connections_per_address,
         );
+        let core = Core::start(store, relay_key, core_cfg, Arc::new(Metrics::default()))
+            .context("starting the core's thread and the store's flusher thread")?;
         Ok(Self {
             core,
+            admission,
             quic,
             tcp,
             admin,
@@ -165,8 +170,13 @@ impl Relay {
         })
     }
 
-    pub fn core(&self) -> Arc<Core> {
+    pub fn core(&self) -> Core {
         self.core.clone()
+    }
+
+    /// The connection limits the endpoints enforce (for tests and metrics).
+    pub fn admission(&self) -> Admission {
+        self.admission.clone()
     }
 
     pub fn quic_addr(&self) -> Option<SocketAddr> {
@@ -185,6 +195,7 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let Relay {
             core,
+            admission,
             quic,
             tcp,
             admin,
@@ -207,6 +218,7 @@ impl Relay {
             tasks.spawn(quic::serve(
                 endpoint,
                 core.clone(),
+                admission.clone(),
                 shutdown.clone(),
                 tasks.clone(),
             ));
@@ -221,25 +233,17 @@ impl Relay {
         if let Some(tcp) = tcp {
             let http = https::Http {
                 core: core.clone(),
+                admission,
                 ready: ready.clone(),
                 shutdown: shutdown.clone(),
                 discord,
             };
             tasks.spawn(https::serve(tcp, https_tls, http, tasks.clone()));
         }
-        let status_core = core.clone();
-        let status_fn = Arc::new(move || StatusInfo {
-            agents_online: status_core.online(),
-            agents_paired: status_core
-                .agents()
-                .map(|a| a.iter().filter(|a| !a.revoked).count())
-                .unwrap_or(0),
-            ..status.clone()
-        });
         tasks.spawn(admin::serve(
             admin,
             core.clone(),
-            status_fn,
+            status,
             shutdown.clone(),
             tasks.clone(),
         ));
@@ -249,8 +253,9 @@ impl Relay {
 
         shutdown.cancelled().await;
         ready.store(false, Ordering::Relaxed);
+        let online = core.online().await;
         info!(
-            agents = core.online(),
+            agents = online,
             "shutting down: asking agents to reconnect later"
         );
         tasks.close();
@@ -266,7 +271,7 @@ impl Relay {
             endpoint.close(0u32.into(), b"relay shutting down");
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
-        core.store().flush()?;
+        core.flush().await?;
         let _ = std::fs::remove_file(admin::socket_path(&data_dir));
         info!("relay stopped");
         Ok(())

@@ -55,10 +55,11 @@ async fn a_grantees_task_and_the_owners_decision_are_in_the_owners_log_and_nobod
     let core = &relay.core;
     let (_key, mut agent) = agent(&relay, "1").await;
     core.share_add("1", "2", None, ShareLevel::Standard)
+        .await
         .unwrap();
 
     // The owner's own task is theirs to run: it is not a grantee task and leaves no entry.
-    let mine = core.submit_task(own("1")).unwrap().spec.task;
+    let mine = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
     event_acked(&mut agent, &mine, 1, finished(FinalState::Done)).await;
 
@@ -68,6 +69,7 @@ async fn a_grantees_task_and_the_owners_decision_are_in_the_owners_log_and_nobod
             name: Some("Bob".into()),
             ..shared("2", "1", &long)
         })
+        .await
         .unwrap()
         .spec
         .task;
@@ -81,13 +83,14 @@ async fn a_grantees_task_and_the_owners_decision_are_in_the_owners_log_and_nobod
             updated_input: None,
         },
     )
+    .await
     .unwrap();
     assert!(matches!(
         recv(&mut agent).await,
         RelayMessage::Decide { .. }
     ));
 
-    let log = core.audit_for_owner("1", 50, None).unwrap();
+    let log = core.audit_for_owner("1", 50, None).await.unwrap();
     assert_eq!(
         labels(&log),
         vec!["approval", "grantee-task", "share-added", "paired"],
@@ -148,31 +151,44 @@ async fn a_grantees_task_and_the_owners_decision_are_in_the_owners_log_and_nobod
 
     // A follow-up the grantee sends into the running task is recorded too.
     core.reply("2", &theirs, "and the docs".into(), None)
+        .await
         .unwrap();
     assert!(matches!(
         recv(&mut agent).await,
         RelayMessage::TaskInput { .. }
     ));
-    let latest = &core.audit_for_owner("1", 1, None).unwrap()[0];
+    let latest = &core.audit_for_owner("1", 1, None).await.unwrap()[0];
     assert!(matches!(
         &latest.kind,
         AuditKind::GranteeTask { follow_up: true, prompt, .. } if prompt == "and the docs"
     ));
 
     // Neither the grantee nor a stranger sees the owner's entries: each reads only what concerns them.
-    assert!(core.audit_for_owner("2", 50, None).unwrap().is_empty());
-    assert!(core.audit_for_owner("3", 50, None).unwrap().is_empty());
+    assert!(core
+        .audit_for_owner("2", 50, None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(core
+        .audit_for_owner("3", 50, None)
+        .await
+        .unwrap()
+        .is_empty());
     // Something that is not a user id does not read across owners either (a prefix, an empty id).
     for bad in ["", "1\0", "1%", "operator"] {
         assert!(
             matches!(
-                core.audit_for_owner(bad, 50, None),
+                core.audit_for_owner(bad, 50, None).await,
                 Err(CoreError::BadUser(_))
             ),
             "{bad:?}"
         );
     }
-    assert!(core.audit_for_owner("11", 50, None).unwrap().is_empty());
+    assert!(core
+        .audit_for_owner("11", 50, None)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -182,42 +198,54 @@ async fn refused_attempts_leave_no_entries_and_strangers_cannot_act() {
     let core = &relay.core;
     let (_key, mut agent) = agent(&relay, "1").await;
     core.share_add("1", "2", Some(vec!["web".into()]), ShareLevel::Standard)
+        .await
         .unwrap();
     let before = core
         .audit(&AuditFilter::default(), 100, None)
+        .await
         .unwrap()
         .len();
 
     // A stranger's task, a grantee outside their projects, decisions and cancels by the wrong people.
     assert!(matches!(
-        core.submit_task(shared("3", "1", "x")),
+        core.submit_task(shared("3", "1", "x")).await,
         Err(TaskError::NotShared { .. })
     ));
     assert!(matches!(
         core.submit_task(Submit {
             project: "api".into(),
             ..shared("2", "1", "x")
-        }),
+        })
+        .await,
         Err(TaskError::ProjectNotShared { .. })
     ));
-    let theirs = core.submit_task(shared("2", "1", "x")).unwrap().spec.task;
+    let theirs = core
+        .submit_task(shared("2", "1", "x"))
+        .await
+        .unwrap()
+        .spec
+        .task;
     expect_start(&mut agent).await;
     event_acked(&mut agent, &theirs, 1, approval()).await;
     for who in ["2", "3"] {
         assert!(matches!(
-            core.decide(who, &theirs, "a1", Decision::AllowSession),
+            core.decide(who, &theirs, "a1", Decision::AllowSession)
+                .await,
             Err(TaskError::NotYours(_))
         ));
     }
     assert!(matches!(
-        core.cancel_task("3", &theirs),
+        core.cancel_task("3", &theirs).await,
         Err(TaskError::NotYours(_))
     ));
     assert!(matches!(
-        core.share_remove("3", "2"),
+        core.share_remove("3", "2").await,
         Err(TaskError::NoSuchShare(_))
     ));
-    let after = core.audit(&AuditFilter::default(), 100, None).unwrap();
+    let after = core
+        .audit(&AuditFilter::default(), 100, None)
+        .await
+        .unwrap();
     assert_eq!(
         labels(&after[..after.len() - before]),
         vec!["grantee-task"],
@@ -225,12 +253,12 @@ async fn refused_attempts_leave_no_entries_and_strangers_cannot_act() {
     );
 
     // The grantee cancels their own task: recorded for the owner, with the grantee as the actor.
-    core.cancel_task("2", &theirs).unwrap();
+    core.cancel_task("2", &theirs).await.unwrap();
     assert!(matches!(
         recv(&mut agent).await,
         RelayMessage::CancelTask { .. }
     ));
-    let cancel = &core.audit_for_owner("1", 1, None).unwrap()[0];
+    let cancel = &core.audit_for_owner("1", 1, None).await.unwrap()[0];
     assert_eq!(
         (
             cancel.kind.label(),
@@ -249,15 +277,18 @@ async fn share_changes_and_revocations_are_recorded_with_their_actor() {
     let (_key, _agent) = agent(&relay, "1").await;
 
     core.share_add("1", "2", Some(vec!["web".into()]), ShareLevel::Standard)
+        .await
         .unwrap();
-    core.share_add("1", "2", None, ShareLevel::Trusted).unwrap();
-    core.share_remove("1", "2").unwrap();
-    core.set_default_agent("1", "test-agent").unwrap();
-    core.revoke("test-agent", "1").unwrap();
+    core.share_add("1", "2", None, ShareLevel::Trusted)
+        .await
+        .unwrap();
+    core.share_remove("1", "2").await.unwrap();
+    core.set_default_agent("1", "test-agent").await.unwrap();
+    core.revoke("test-agent", "1").await.unwrap();
     // Revoking what is already revoked changes nothing and is not recorded again.
-    core.revoke("test-agent", "1").unwrap();
+    core.revoke("test-agent", "1").await.unwrap();
 
-    let log = core.audit_for_owner("1", 50, None).unwrap();
+    let log = core.audit_for_owner("1", 50, None).await.unwrap();
     assert_eq!(
         labels(&log),
         vec![
@@ -285,14 +316,20 @@ async fn share_changes_and_revocations_are_recorded_with_their_actor() {
     assert_eq!(log[0].agent.as_ref().unwrap().name, "test-agent");
 
     // Paging: newest first, then what is older than the last one seen, without overlap or gaps.
-    let first = core.audit_for_owner("1", 2, None).unwrap();
-    let rest = core.audit_for_owner("1", 50, Some(first[1].seq)).unwrap();
+    let first = core.audit_for_owner("1", 2, None).await.unwrap();
+    let rest = core
+        .audit_for_owner("1", 50, Some(first[1].seq))
+        .await
+        .unwrap();
     assert_eq!(
         first.iter().chain(&rest).map(|e| e.seq).collect::<Vec<_>>(),
         log.iter().map(|e| e.seq).collect::<Vec<_>>()
     );
     // Sequence numbers have no gaps: a missing one would mean a deleted entry.
-    let all = core.audit(&AuditFilter::default(), 100, None).unwrap();
+    let all = core
+        .audit(&AuditFilter::default(), 100, None)
+        .await
+        .unwrap();
     assert!(all.windows(2).all(|w| w[0].seq == w[1].seq + 1), "{all:#?}");
     // The operator's filters: by actor, by agent (name or fingerprint prefix).
     let fp = log[0].agent.as_ref().unwrap().fingerprint.to_string();
@@ -303,18 +340,21 @@ async fn share_changes_and_revocations_are_recorded_with_their_actor() {
     };
     assert_eq!(
         core.audit(&filter(Some("1"), None), 100, None)
+            .await
             .unwrap()
             .len(),
         6
     );
     assert!(core
         .audit(&filter(Some("2"), None), 100, None)
+        .await
         .unwrap()
         .is_empty());
     assert_eq!(
         labels(
             &core
                 .audit(&filter(None, Some(&fp[..14])), 100, None)
+                .await
                 .unwrap()
         ),
         vec!["revoked", "default-agent", "paired"]
@@ -355,6 +395,7 @@ async fn the_operators_actions_are_attributed_to_the_operator() {
             operator: true,
             ..shared("2", "1", "x")
         })
+        .await
         .unwrap()
         .spec
         .task;
@@ -397,7 +438,7 @@ async fn the_operators_actions_are_attributed_to_the_operator() {
         Reply::Revoked { .. }
     ));
 
-    let log = core.audit_for_owner("1", 50, None).unwrap();
+    let log = core.audit_for_owner("1", 50, None).await.unwrap();
     assert_eq!(
         labels(&log),
         vec![
@@ -501,9 +542,11 @@ async fn a_use_allowed_by_a_session_rule_is_audited_once() {
     let core = &relay.core;
     let (_key, mut agent) = agent(&relay, "1").await;
     core.share_add("1", "2", None, ShareLevel::Standard)
+        .await
         .unwrap();
     let theirs = core
         .submit_task(shared("2", "1", "run the tests"))
+        .await
         .unwrap()
         .spec
         .task;
@@ -525,7 +568,7 @@ async fn a_use_allowed_by_a_session_rule_is_audited_once() {
     };
     event_acked(&mut agent, &theirs, 2, plain).await;
 
-    let log = core.audit_for_owner("1", 100, None).unwrap();
+    let log = core.audit_for_owner("1", 100, None).await.unwrap();
     let autos: Vec<&AuditEntry> = log
         .iter()
         .filter(|e| matches!(e.kind, AuditKind::AutoAllowed { .. }))
@@ -549,6 +592,7 @@ async fn a_use_allowed_by_a_session_rule_is_audited_once() {
     // Not in the grantee's own log (they own no agents).
     assert!(core
         .audit_for_owner("2", 100, None)
+        .await
         .unwrap()
         .iter()
         .all(|e| !matches!(e.kind, AuditKind::AutoAllowed { .. })));

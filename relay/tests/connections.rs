@@ -132,7 +132,7 @@ async fn one_address_cannot_hold_every_connection() {
         slow.push(tokio::net::TcpStream::connect(relay.addr).await.unwrap());
     }
     eventually(Duration::from_secs(5), || {
-        relay.core.per_address.held_by(me) == 4
+        relay.admission.per_address.held_by(me) == 4
     })
     .await;
 
@@ -149,13 +149,13 @@ async fn one_address_cannot_hold_every_connection() {
         "a QUIC connection past the share was accepted"
     );
     assert_eq!(
-        relay.core.per_address.held_by(me),
+        relay.admission.per_address.held_by(me),
         4,
         "the four slow connections are still held: the fifth was refused, not timed out"
     );
     assert!(relay
         .core
-        .metrics
+        .metrics()
         .render()
         .contains("ct_relay_connections_refused_total{reason=\"per_address\"}"));
 

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::{eventually, handshake, pair, raw, try_pair, Session, TestRelay};
+use crate::support::{
+    eventually, eventually_async, handshake, pair, raw, try_pair, Session, TestRelay,
+};
 use ct_protocol::frame::{self, FrameReader, FrameWriter};
 use ct_protocol::handshake::{ClientHello, HandshakeError, PairRequest, Rejection, ServerHello};
 use ct_protocol::message::{AgentMessage, CloseReason, RelayMessage};
@@ -88,14 +90,17 @@ async fn pairing_then_reconnecting_with_the_key_on_both_transports() {
         );
         sessions.push(s);
     }
-    eventually(Duration::from_secs(5), || relay.core.online() == 2).await;
-    let agents = relay.core.agents().unwrap();
+    eventually_async(Duration::from_secs(5), async || {
+        relay.core.online().await == 2
+    })
+    .await;
+    let agents = relay.core.agents().await.unwrap();
     assert_eq!(agents.len(), 2);
     assert_ne!(
         agents[0].name, agents[1].name,
         "names stay unique per owner: {agents:?}"
     );
-    let metrics = relay.core.metrics.render();
+    let metrics = relay.core.metrics().render();
     assert!(
         metrics.contains("ct_relay_agents_connected{transport=\"quic\"} 1"),
         "{metrics}"
@@ -118,18 +123,18 @@ async fn an_agent_is_online_as_soon_as_it_has_its_welcome() {
     let relay = TestRelay::start(dir.path()).await;
     for t in BOTH {
         let key = pair(&relay, t, "42").await;
-        let gone = || !crate::support::is_online(&relay, &key);
-        eventually(Duration::from_secs(5), gone).await;
+        let gone = async || !crate::support::is_online(&relay, &key).await;
+        eventually_async(Duration::from_secs(5), &gone).await;
         for attempt in 0..40 {
             let s = handshake(t, relay.addr, &key, relay.fingerprint, None)
                 .await
                 .unwrap();
             assert!(
-                crate::support::is_online(&relay, &key),
+                crate::support::is_online(&relay, &key).await,
                 "{t}, attempt {attempt}: the agent has its Welcome but the relay counts it offline"
             );
             drop(s);
-            eventually(Duration::from_secs(5), gone).await;
+            eventually_async(Duration::from_secs(5), &gone).await;
         }
     }
 }
@@ -139,7 +144,7 @@ async fn wrong_used_and_expired_codes_each_get_their_own_answer() {
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
 
-    let token = relay.token("7");
+    let token = relay.token("7").await;
     let mut wrong = token.code.to_string();
     wrong.replace_range(wrong.len() - 3.., "abc");
     let (reason, message) = try_pair(&relay, wrong).await.expect_err("refused");
@@ -159,7 +164,7 @@ async fn wrong_used_and_expired_codes_each_get_their_own_answer() {
     let mut config = ct_relay::RelayConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
     config.core.pair_code_ttl = Duration::from_secs(1);
     let relay = TestRelay::start_with(config).await;
-    let token = relay.token("7");
+    let token = relay.token("7").await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (reason, message) = try_pair(&relay, token.code.to_string())
         .await
@@ -190,7 +195,7 @@ async fn pair_with(relay: &TestRelay, token: &ct_protocol::pairing::PairingToken
 async fn guessing_codes_is_rate_limited_and_a_code_burns_after_wrong_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
-    let token = relay.token("9");
+    let token = relay.token("9").await;
     let mut results = Vec::new();
     for i in 0..12 {
         let mut guess = token.code.to_string();
@@ -256,7 +261,7 @@ async fn revoking_drops_the_live_session_and_refuses_the_key_from_then_on() {
             .await
             .unwrap();
         let fp = Fingerprint::of(&key.verifying_key());
-        relay.core.revoke(&fp.to_string(), "1").unwrap();
+        relay.core.revoke(&fp.to_string(), "1").await.unwrap();
         loop {
             match next(&mut s).await {
                 Some(RelayMessage::Heartbeat) => continue,
@@ -284,7 +289,7 @@ async fn revoking_drops_the_live_session_and_refuses_the_key_from_then_on() {
         );
         assert!(err.is_permanent());
     }
-    assert_eq!(relay.core.online(), 0);
+    assert_eq!(relay.core.online().await, 0);
 }
 
 #[tokio::test]
@@ -335,15 +340,15 @@ async fn a_newer_connection_with_the_same_key_replaces_the_older() {
     eventually(Duration::from_secs(3), || {
         relay
             .core
-            .metrics
+            .metrics()
             .render()
             .contains("ct_relay_agents_connected{transport=\"websocket\"} 0")
     })
     .await;
-    assert_eq!(relay.core.online(), 1);
+    assert_eq!(relay.core.online().await, 1);
     assert!(relay
         .core
-        .metrics
+        .metrics()
         .render()
         .contains("ct_relay_agents_connected{transport=\"quic\"} 1"));
 }
@@ -377,7 +382,11 @@ async fn oversized_frames_close_only_that_connection() {
         assert_closed_after(&relay, t, &just_over, false).await;
         still_served(&mut ok).await;
     }
-    assert!(relay.core.metrics.render().contains("result=\"malformed\""));
+    assert!(relay
+        .core
+        .metrics()
+        .render()
+        .contains("result=\"malformed\""));
 }
 
 #[tokio::test]
@@ -452,7 +461,7 @@ async fn an_agent_too_old_for_the_relay_is_told_so_in_words() {
     }
     assert!(relay
         .core
-        .metrics
+        .metrics()
         .render()
         .contains("result=\"incompatible\""));
 }
@@ -476,7 +485,7 @@ async fn a_handshake_that_never_completes_is_closed_by_the_relay() {
         started.elapsed() >= ct_protocol::handshake::HANDSHAKE_TIMEOUT - Duration::from_millis(500)
     );
     still_served(&mut ok).await;
-    assert!(relay.core.metrics.render().contains("result=\"timeout\""));
+    assert!(relay.core.metrics().render().contains("result=\"timeout\""));
 }
 
 #[tokio::test]
@@ -555,12 +564,12 @@ async fn connections_past_the_limit_are_refused_and_others_stay_served() {
     let mut ok = bystander(&relay, Transport::WebSocket).await;
     // The bystander holds one permit (pairing's connection has closed); one more fits.
     eventually(Duration::from_secs(5), || {
-        relay.core.connections.available_permits() == 1
+        relay.admission.connections.available_permits() == 1
     })
     .await;
     let _held = raw(Transport::Quic, relay.addr).await;
     eventually(Duration::from_secs(5), || {
-        relay.core.connections.available_permits() == 0
+        relay.admission.connections.available_permits() == 0
     })
     .await;
     // Over the limit: TCP is closed at once, QUIC is refused.

@@ -50,16 +50,16 @@ async fn tasks_per_minute_are_limited_for_new_tasks_and_replies_that_start_one()
     let core = &relay.core;
     let (_key, mut agent) = agent(&relay, "1").await;
 
-    let first = core.submit_task(own("1")).unwrap().spec.task;
+    let first = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
     event_acked(&mut agent, &first, 1, session("s-1")).await;
     event_acked(&mut agent, &first, 2, finished(FinalState::Done)).await;
-    let running = core.submit_task(own("1")).unwrap().spec.task;
+    let running = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
-    core.submit_task(own("1")).unwrap();
+    core.submit_task(own("1")).await.unwrap();
     expect_start(&mut agent).await;
 
-    let err = core.submit_task(own("1")).unwrap_err();
+    let err = core.submit_task(own("1")).await.unwrap_err();
     assert!(matches!(err, TaskError::RateLimited { .. }), "{err}");
     let msg = err.to_string();
     assert!(
@@ -67,16 +67,19 @@ async fn tasks_per_minute_are_limited_for_new_tasks_and_replies_that_start_one()
         "{msg}"
     );
     // A reply that would start a new task (the first one ended) counts the same...
-    let err = core.reply("1", &first, "more".into(), None).unwrap_err();
+    let err = core
+        .reply("1", &first, "more".into(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TaskError::RateLimited { .. }), "{err}");
     // ...one into a running task does not start anything.
     assert!(matches!(
-        core.reply("1", &running, "more".into(), None),
+        core.reply("1", &running, "more".into(), None).await,
         Ok(ReplyOutcome::Sent(_))
     ));
     // Another person is not held up (user 2 has no agent: that, not the limit, is what they hear).
     assert!(matches!(
-        core.submit_task(own("2")),
+        core.submit_task(own("2")).await,
         Err(TaskError::NoAgent)
     ));
 }
@@ -93,6 +96,7 @@ async fn tasks_open_at_once_per_user_are_limited_across_agents() {
     let (_b, mut desktop) = agent(&relay, "1").await;
     let (_c, mut other) = agent(&relay, "5").await;
     core.share_add("5", "1", None, ShareLevel::Standard)
+        .await
         .unwrap();
     let on = |agent: &str| Submit {
         agent: Some(agent.into()),
@@ -100,19 +104,20 @@ async fn tasks_open_at_once_per_user_are_limited_across_agents() {
     };
 
     // One running on each of the user's agents, one on an agent shared with them: three, in all.
-    let a = core.submit_task(on("test-agent")).unwrap().spec.task;
+    let a = core.submit_task(on("test-agent")).await.unwrap().spec.task;
     expect_start(&mut laptop).await;
     event_acked(&mut laptop, &a, 1, session("s-a")).await;
-    core.submit_task(on("test-agent-2")).unwrap();
+    core.submit_task(on("test-agent-2")).await.unwrap();
     expect_start(&mut desktop).await;
     core.submit_task(Submit {
         target: Some("5".into()),
         ..own("1")
     })
+    .await
     .unwrap();
     expect_start(&mut other).await;
 
-    let err = core.submit_task(on("test-agent")).unwrap_err();
+    let err = core.submit_task(on("test-agent")).await.unwrap_err();
     assert!(
         matches!(err, TaskError::TooManyTasks { open: 3, max: 3 }),
         "{err}"
@@ -123,18 +128,18 @@ async fn tasks_open_at_once_per_user_are_limited_across_agents() {
         "{err}"
     );
     // The owner of the shared agent is not limited by their grantee's tasks.
-    core.submit_task(own("5")).unwrap();
+    core.submit_task(own("5")).await.unwrap();
 
     // Once one ends there is room again; a reply that resumes it takes that room.
     event_acked(&mut laptop, &a, 2, finished(FinalState::Done)).await;
-    let resumed = core.reply("1", &a, "again".into(), None).unwrap();
+    let resumed = core.reply("1", &a, "again".into(), None).await.unwrap();
     assert!(matches!(resumed, ReplyOutcome::Resumed(_)));
     assert!(matches!(
-        core.submit_task(on("test-agent")),
+        core.submit_task(on("test-agent")).await,
         Err(TaskError::TooManyTasks { .. })
     ));
     assert!(matches!(
-        core.reply("1", &a, "and again".into(), None),
+        core.reply("1", &a, "and again".into(), None).await,
         Err(TaskError::TooManyTasks { .. })
     ));
     // Cancelling a running task frees its place once the agent confirms.
@@ -143,7 +148,7 @@ async fn tasks_open_at_once_per_user_are_limited_across_agents() {
     };
     assert!(resumed.dispatched_at.is_some());
     assert_eq!(expect_start(&mut laptop).await.task, resumed.spec.task);
-    core.cancel_task("1", &resumed.spec.task).unwrap();
+    core.cancel_task("1", &resumed.spec.task).await.unwrap();
     assert!(matches!(
         recv(&mut laptop).await,
         RelayMessage::CancelTask { .. }
@@ -155,7 +160,7 @@ async fn tasks_open_at_once_per_user_are_limited_across_agents() {
         finished(FinalState::Cancelled),
     )
     .await;
-    core.submit_task(on("test-agent")).unwrap();
+    core.submit_task(on("test-agent")).await.unwrap();
 }
 
 #[tokio::test]
@@ -172,6 +177,7 @@ async fn prompt_size_is_checked_on_submit_and_on_both_kinds_of_reply() {
             prompt: huge.clone(),
             ..own("1")
         })
+        .await
         .unwrap_err();
     assert!(err.to_string().contains(&limit), "{err}");
     // Exactly at the limit is fine.
@@ -180,24 +186,25 @@ async fn prompt_size_is_checked_on_submit_and_on_both_kinds_of_reply() {
             prompt: "y".repeat(MAX_PROMPT_LEN),
             ..own("1")
         })
+        .await
         .unwrap()
         .spec
         .task;
     expect_start(&mut agent).await;
-    let ended = core.submit_task(own("1")).unwrap().spec.task;
+    let ended = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
     event_acked(&mut agent, &ended, 1, session("s-1")).await;
     event_acked(&mut agent, &ended, 2, finished(FinalState::Done)).await;
 
     for task in [&running, &ended] {
-        let err = core.reply("1", task, huge.clone(), None).unwrap_err();
+        let err = core.reply("1", task, huge.clone(), None).await.unwrap_err();
         assert!(
             matches!(err, TaskError::PromptTooLong { len, max } if len == MAX_PROMPT_LEN + 1 && max == MAX_PROMPT_LEN),
             "{err}"
         );
     }
     // Nothing reached the agent: the next message it gets is the one sent after.
-    core.reply("1", &running, "ok".into(), None).unwrap();
+    core.reply("1", &running, "ok".into(), None).await.unwrap();
     assert!(matches!(
         recv(&mut agent).await,
         RelayMessage::TaskInput { prompt, .. } if prompt == "ok"
@@ -210,8 +217,11 @@ async fn outstanding_pairing_codes_are_capped_per_user_and_the_oldest_gives_way(
     let relay = TestRelay::start(dir.path()).await;
     let max = relay.core.config().max_pair_codes_per_user;
     assert_eq!(max, 5);
-    let tokens: Vec<_> = (0..max + 2).map(|_| relay.token("7")).collect();
-    let other = relay.token("8");
+    let mut tokens = Vec::new();
+    for _ in 0..max + 2 {
+        tokens.push(relay.token("7").await);
+    }
+    let other = relay.token("8").await;
 
     let t = now();
     let live = |user: &str| {
@@ -249,7 +259,7 @@ async fn pairing_attempts_per_address_are_limited_even_with_the_right_code() {
     cfg.core.pair_burst = 2;
     cfg.core.pair_refill = Duration::from_secs(60);
     let relay = TestRelay::start_with(cfg).await;
-    let token = relay.token("9");
+    let token = relay.token("9").await;
     let mut wrong = token.code.to_string();
     wrong.replace_range(wrong.len() - 2.., "zz");
     for _ in 0..2 {
@@ -281,18 +291,18 @@ async fn the_task_rate_limiter_stays_bounded_under_100k_distinct_users() {
     cfg.core.task_burst = 1;
     let relay = TestRelay::start_with(cfg).await;
     let core = relay.core.clone();
-    let most = tokio::task::spawn_blocking(move || {
+    let most = tokio::spawn(async move {
         let mut most = 0;
         for user in 1_000_000..1_100_000u64 {
             // Each gets through the limiter (a fresh bucket) and is then refused for having no agent.
-            let err = core.submit_task(own(&user.to_string())).unwrap_err();
+            let err = core.submit_task(own(&user.to_string())).await.unwrap_err();
             assert!(matches!(err, TaskError::NoAgent), "{err}");
-            most = most.max(core.rate_limited_users());
+            most = most.max(core.rate_limited_users().await);
         }
         // A user seen just now is still limited: the flood did not reset the recent ones.
         let last = (1_100_000 - 1).to_string();
         assert!(matches!(
-            core.submit_task(own(&last)),
+            core.submit_task(own(&last)).await,
             Err(TaskError::RateLimited { .. })
         ));
         most
@@ -311,9 +321,9 @@ async fn output_past_the_cap_is_acknowledged_but_dropped_behind_one_marker() {
     let relay = TestRelay::start_with(cfg).await;
     let core = &relay.core;
     let (_key, mut agent) = agent(&relay, "1").await;
-    let id = core.submit_task(own("1")).unwrap().spec.task;
+    let id = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
-    let (_, _, mut live) = core.follow(&id).unwrap();
+    let (_, _, mut live) = core.follow(&id).await.unwrap();
 
     let mut seq = 0;
     let mut next = || {
@@ -374,7 +384,7 @@ async fn output_past_the_cap_is_acknowledged_but_dropped_behind_one_marker() {
     // A re-sent end (its acknowledgement lost) is acknowledged again, not stored again.
     event_acked(&mut agent, &id, last, finished(FinalState::Done)).await;
 
-    let rec = core.task(&id).unwrap();
+    let rec = core.task(&id).await.unwrap();
     assert_eq!((rec.state, rec.last_seq), (TaskState::Done, last));
     assert!(rec.output_truncated);
     let stored = core.store().events(&id, 0).unwrap();
@@ -433,36 +443,45 @@ async fn prune_deletes_old_tasks_events_and_audit_entries_and_keeps_recent_ones(
     let core = &relay.core;
     let (_key, mut agent) = agent(&relay, "1").await;
 
-    let old = core.submit_task(own("1")).unwrap().spec.task;
+    let old = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
     event_acked(&mut agent, &old, 1, TaskEvent::Text { text: "a".into() }).await;
     event_acked(&mut agent, &old, 2, finished(FinalState::Done)).await;
-    let open = core.submit_task(own("1")).unwrap().spec.task;
+    let open = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
-    let (_, _, mut following) = core.follow(&old).unwrap();
-    let old_ended = core.task(&old).unwrap().updated_at;
+    let (_, _, mut following) = core.follow(&old).await.unwrap();
+    let old_ended = core.task(&old).await.unwrap().updated_at;
 
     clock_past(old_ended).await;
     core.share_add("1", "2", None, ShareLevel::Standard)
+        .await
         .unwrap();
-    let recent = core.submit_task(own("1")).unwrap().spec.task;
+    let recent = core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
     event_acked(&mut agent, &recent, 1, finished(FinalState::Done)).await;
-    let t = core.task(&recent).unwrap().updated_at;
+    let t = core.task(&recent).await.unwrap().updated_at;
     assert!(t > old_ended);
     // An entry written at `t` or later, which must outlive the older ones.
-    core.share_add("1", "2", None, ShareLevel::Trusted).unwrap();
-    let entries = core.audit(&AuditFilter::default(), 100, None).unwrap();
+    core.share_add("1", "2", None, ShareLevel::Trusted)
+        .await
+        .unwrap();
+    let entries = core
+        .audit(&AuditFilter::default(), 100, None)
+        .await
+        .unwrap();
     let due = entries.iter().filter(|e| e.at < t).count();
     assert!(due >= 1, "the pairing, at least, is older than {t}");
 
     // Ten seconds after `t`: the old task is past its retention, the recent one not, the open one never.
-    let pruned = core.prune(t + 10).unwrap();
+    let pruned = core.prune(t + 10).await.unwrap();
     assert_eq!((pruned.tasks, pruned.events, pruned.audit), (1, 2, 0));
-    assert!(matches!(core.task(&old), Err(TaskError::NoSuchTask(_))));
+    assert!(matches!(
+        core.task(&old).await,
+        Err(TaskError::NoSuchTask(_))
+    ));
     assert!(core.store().events(&old, 0).unwrap().is_empty());
     assert_eq!(core.store().events(&recent, 0).unwrap().len(), 1);
-    assert!(!core.task(&open).unwrap().state.is_final());
+    assert!(!core.task(&open).await.unwrap().state.is_final());
     // Whoever followed the deleted task is told it is gone instead of waiting forever.
     let closed = tokio::time::timeout(Duration::from_secs(5), following.recv())
         .await
@@ -487,24 +506,30 @@ async fn prune_deletes_old_tasks_events_and_audit_entries_and_keeps_recent_ones(
         TaskEvent::Started { cwd: "/w".into() },
     )
     .await;
-    assert!(matches!(core.task(&old), Err(TaskError::NoSuchTask(_))));
+    assert!(matches!(
+        core.task(&old).await,
+        Err(TaskError::NoSuchTask(_))
+    ));
 
     // 1000 seconds after `t`: audit entries from before `t` go, those from `t` on stay.
-    let pruned = core.prune(t + 1000).unwrap();
+    let pruned = core.prune(t + 1000).await.unwrap();
     assert_eq!(pruned.tasks, 1, "the recent task's time came too");
     assert_eq!(pruned.audit, due);
-    let left = core.audit(&AuditFilter::default(), 100, None).unwrap();
+    let left = core
+        .audit(&AuditFilter::default(), 100, None)
+        .await
+        .unwrap();
     assert!(
         !left.is_empty() && left.iter().all(|e| e.at >= t),
         "{left:#?}"
     );
-    assert_eq!(core.task(&open).unwrap().state, TaskState::Running);
+    assert_eq!(core.task(&open).await.unwrap().state, TaskState::Running);
 
     // A day after pairing codes expired, they go too; nothing open is ever pruned.
-    relay.token("1");
-    let pruned = core.prune(now() + 2 * 86_400).unwrap();
+    relay.token("1").await;
+    let pruned = core.prune(now() + 2 * 86_400).await.unwrap();
     assert!(pruned.pair_codes >= 1);
-    assert_eq!(core.task(&open).unwrap().state, TaskState::Running);
+    assert_eq!(core.task(&open).await.unwrap().state, TaskState::Running);
 }
 
 #[tokio::test]
@@ -512,10 +537,10 @@ async fn the_relay_prunes_by_itself_when_it_starts() {
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start_with(config(dir.path())).await;
     let (_key, mut agent) = agent(&relay, "1").await;
-    let id = relay.core.submit_task(own("1")).unwrap().spec.task;
+    let id = relay.core.submit_task(own("1")).await.unwrap().spec.task;
     expect_start(&mut agent).await;
     event_acked(&mut agent, &id, 1, finished(FinalState::Done)).await;
-    let ended = relay.core.task(&id).unwrap().updated_at;
+    let ended = relay.core.task(&id).await.unwrap().updated_at;
     drop(agent);
     relay.stop().await;
 
@@ -523,8 +548,8 @@ async fn the_relay_prunes_by_itself_when_it_starts() {
     let mut cfg = config(dir.path());
     cfg.core.task_retention = Duration::ZERO;
     let relay = TestRelay::start_with(cfg).await;
-    crate::support::eventually(Duration::from_secs(10), || {
-        matches!(relay.core.task(&id), Err(TaskError::NoSuchTask(_)))
+    crate::support::eventually_async(Duration::from_secs(10), async || {
+        matches!(relay.core.task(&id).await, Err(TaskError::NoSuchTask(_)))
     })
     .await;
 }

@@ -50,6 +50,7 @@ async fn nothing_in_the_data_directory_is_readable_by_other_users() {
             prompt: "print the secret".into(),
             ..Default::default()
         })
+        .await
         .unwrap()
         .spec
         .task;

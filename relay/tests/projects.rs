@@ -1,7 +1,6 @@
 //! Projects through the agent, with a protocol-level stand-in for it: requests answered (or not) by the agent,
 //! who may ask, who may answer, the bound on requests in flight, and the stored report used at submit.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{agent, event_acked, expect_start, recv, Session, TestRelay};
@@ -36,7 +35,7 @@ async fn relay_with_timeout(dir: &std::path::Path, timeout: Duration) -> TestRel
 
 /// Starts a project request in the background, as a front end would.
 fn ask(
-    core: &Arc<Core>,
+    core: &Core,
     user: &str,
     agent: Option<&str>,
     op: ProjectOp,
@@ -68,7 +67,7 @@ async fn project_requests_are_answered_by_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
     let (key, mut agent) = agent(&relay, "1").await;
-    assert_eq!(relay.core.agent_projects(&fp(&key)).unwrap(), None);
+    assert_eq!(relay.core.agent_projects(&fp(&key)).await.unwrap(), None);
 
     let add = ProjectOp::Add {
         name: "web".into(),
@@ -82,7 +81,7 @@ async fn project_requests_are_answered_by_the_agent() {
     assert_eq!(got, report(&["web"], false));
     // The answer is also kept as the agent's report.
     assert_eq!(
-        relay.core.agent_projects(&fp(&key)).unwrap(),
+        relay.core.agent_projects(&fp(&key)).await.unwrap(),
         Some(report(&["web"], false))
     );
 
@@ -108,7 +107,7 @@ async fn project_requests_are_answered_by_the_agent() {
     let err = pending.await.unwrap().unwrap_err();
     assert!(matches!(err, TaskError::ProjectRefused { .. }), "{err}");
     assert!(err.to_string().contains(refusal), "{err}");
-    assert_eq!(relay.core.pending_project_requests(), 0);
+    assert_eq!(relay.core.pending_project_requests().await, 0);
 
     // Requests that would confuse names with paths, or are too large, never reach the agent.
     for bad in [
@@ -146,7 +145,7 @@ async fn a_silent_agent_times_out_and_leaves_nothing_pending() {
     let err = pending.await.unwrap().unwrap_err();
     assert!(matches!(err, TaskError::NoAnswer { .. }), "{err}");
     assert!(err.to_string().contains("is it running?"), "{err}");
-    assert_eq!(relay.core.pending_project_requests(), 0);
+    assert_eq!(relay.core.pending_project_requests().await, 0);
     // A late answer is ignored and the session carries on.
     answer(&mut agent, id, ProjectReply::Ok(report(&["late"], true))).await;
     let task = relay
@@ -157,6 +156,7 @@ async fn a_silent_agent_times_out_and_leaves_nothing_pending() {
             prompt: "hi".into(),
             ..Default::default()
         })
+        .await
         .unwrap()
         .spec
         .task;
@@ -188,6 +188,7 @@ async fn only_the_owner_asks_and_only_the_asked_agent_answers() {
     relay
         .core
         .share_add("1", "3", None, ShareLevel::Trusted)
+        .await
         .unwrap();
     assert!(relay
         .core
@@ -210,6 +211,7 @@ async fn only_the_owner_asks_and_only_the_asked_agent_answers() {
             prompt: "hi".into(),
             ..Default::default()
         })
+        .await
         .unwrap()
         .spec
         .task;
@@ -235,8 +237,8 @@ async fn requests_in_flight_are_bounded_and_fail_when_the_agent_leaves() {
     let waiting: Vec<_> = (0..max)
         .map(|_| ask(&relay.core, "1", None, ProjectOp::List))
         .collect();
-    crate::support::eventually(Duration::from_secs(5), || {
-        relay.core.pending_project_requests() == max
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay.core.pending_project_requests().await == max
     })
     .await;
     let err = relay
@@ -255,7 +257,7 @@ async fn requests_in_flight_are_bounded_and_fail_when_the_agent_leaves() {
             .unwrap_err();
         assert!(matches!(err, TaskError::AgentGone(_)), "{err}");
     }
-    assert_eq!(relay.core.pending_project_requests(), 0);
+    assert_eq!(relay.core.pending_project_requests().await, 0);
     let err = relay
         .core
         .project("1", None, ProjectOp::List)
@@ -275,8 +277,8 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
         .send(&AgentMessage::Projects(report(&["web", "api"], false)))
         .await
         .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || {
-        core.agent_projects(&fp(&key)).unwrap().is_some()
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        core.agent_projects(&fp(&key)).await.unwrap().is_some()
     })
     .await;
 
@@ -287,14 +289,22 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
         prompt: "go".into(),
         ..Default::default()
     };
-    let err = core.submit_task(submit("1", None, "nope")).unwrap_err();
+    let err = core
+        .submit_task(submit("1", None, "nope"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TaskError::UnknownProject { .. }), "{err}");
     assert!(
         err.to_string().contains("web, api") && err.to_string().contains("/project add"),
         "{err}"
     );
     for fine in ["web", "~/src/other", "/home/one/src/x", "C:\\src\\app"] {
-        let id = core.submit_task(submit("1", None, fine)).unwrap().spec.task;
+        let id = core
+            .submit_task(submit("1", None, fine))
+            .await
+            .unwrap()
+            .spec
+            .task;
         let spec = expect_start(&mut agent).await;
         assert_eq!((spec.task, spec.project.as_str()), (id.clone(), fine));
         event_acked(
@@ -308,8 +318,12 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
 
     // This agent refuses shared tasks: a grantee hears so from the relay.
     core.share_add("1", "2", None, ShareLevel::Standard)
+        .await
         .unwrap();
-    let err = core.submit_task(submit("2", Some("1"), "web")).unwrap_err();
+    let err = core
+        .submit_task(submit("2", Some("1"), "web"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, TaskError::SharedNotAccepted { .. }), "{err}");
 
     agent
@@ -317,50 +331,53 @@ async fn the_agents_report_is_kept_and_unknown_projects_are_refused_with_the_lis
         .send(&AgentMessage::Projects(report(&["web", "api"], true)))
         .await
         .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || {
+    crate::support::eventually_async(Duration::from_secs(5), async || {
         core.agent_projects(&fp(&key))
+            .await
             .unwrap()
             .is_some_and(|r| r.accepts_shared)
     })
     .await;
     let err = core
         .submit_task(submit("2", Some("1"), "nope"))
+        .await
         .unwrap_err();
     assert!(
         err.to_string().contains("web, api") && err.to_string().contains("ask user 1"),
         "{err}"
     );
     assert_eq!(
-        core.usable_projects("2", Some("1"), None).unwrap(),
+        core.usable_projects("2", Some("1"), None).await.unwrap(),
         vec!["web", "api"]
     );
     // A limited grantee sees only their projects, in the list and in refusals.
     core.share_add("1", "2", Some(vec!["web".into()]), ShareLevel::Standard)
+        .await
         .unwrap();
     assert_eq!(
-        core.usable_projects("2", Some("1"), None).unwrap(),
+        core.usable_projects("2", Some("1"), None).await.unwrap(),
         vec!["web"]
     );
-    let available = core.shares_available("2").unwrap();
+    let available = core.shares_available("2").await.unwrap();
     assert_eq!(available[0].agents[0].projects, vec!["web"]);
     assert_eq!(available[0].agents[0].accepts_shared, Some(true));
     assert!(matches!(
-        core.usable_projects("3", Some("1"), None),
+        core.usable_projects("3", Some("1"), None).await,
         Err(TaskError::NotShared { .. })
     ));
 
     // Kept while the agent is offline.
     drop(agent);
-    crate::support::eventually(Duration::from_secs(5), || {
-        !crate::support::is_online(&relay, &key)
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        !crate::support::is_online(&relay, &key).await
     })
     .await;
     assert_eq!(
-        core.agent_projects(&fp(&key)).unwrap(),
+        core.agent_projects(&fp(&key)).await.unwrap(),
         Some(report(&["web", "api"], true))
     );
     assert_eq!(
-        core.usable_projects("1", None, None).unwrap(),
+        core.usable_projects("1", None, None).await.unwrap(),
         vec!["web", "api"]
     );
 }
@@ -384,11 +401,16 @@ async fn an_oversized_report_is_cut_to_its_bound() {
         .send(&AgentMessage::Projects(big))
         .await
         .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || {
-        relay.core.agent_projects(&fp(&key)).unwrap().is_some()
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay
+            .core
+            .agent_projects(&fp(&key))
+            .await
+            .unwrap()
+            .is_some()
     })
     .await;
-    let kept = relay.core.agent_projects(&fp(&key)).unwrap().unwrap();
+    let kept = relay.core.agent_projects(&fp(&key)).await.unwrap().unwrap();
     assert_eq!(kept.projects.len(), ct_relay::projects::MAX_REPORTED);
     assert!(kept.projects.iter().all(|p| p.name.len() <= 64));
 
@@ -409,10 +431,11 @@ async fn an_oversized_report_is_cut_to_its_bound() {
         .send(&AgentMessage::Projects(wide))
         .await
         .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || {
+    crate::support::eventually_async(Duration::from_secs(5), async || {
         relay
             .core
             .agent_projects(&fp(&key))
+            .await
             .unwrap()
             .unwrap()
             .projects
@@ -420,7 +443,7 @@ async fn an_oversized_report_is_cut_to_its_bound() {
             < 200
     })
     .await;
-    let kept = relay.core.agent_projects(&fp(&key)).unwrap().unwrap();
+    let kept = relay.core.agent_projects(&fp(&key)).await.unwrap().unwrap();
     let bytes: usize = kept
         .projects
         .iter()

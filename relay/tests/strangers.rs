@@ -19,6 +19,7 @@ async fn owners_task(relay: &TestRelay) -> (crate::support::Session, String) {
             prompt: "rotate the production keys".into(),
             ..Default::default()
         })
+        .await
         .unwrap()
         .spec
         .task;
@@ -82,7 +83,7 @@ const REFUSAL: &str = "/home/ana/clients/acme is not inside an allowed folder (a
 /// The end message of a task the agent refused with [`REFUSAL`], as followers (the thread) get it.
 async fn refused(relay: &TestRelay, agent: &mut crate::support::Session, submit: Submit) -> String {
     use ct_protocol::task::{FinalState, TaskEvent};
-    let id = relay.core.submit_task(submit).unwrap().spec.task;
+    let id = relay.core.submit_task(submit).await.unwrap().spec.task;
     assert_eq!(crate::support::expect_start(agent).await.task, id);
     crate::support::event_acked(
         agent,
@@ -94,7 +95,7 @@ async fn refused(relay: &TestRelay, agent: &mut crate::support::Session, submit:
         },
     )
     .await;
-    let (_, past, _) = relay.core.follow(&id).unwrap();
+    let (_, past, _) = relay.core.follow(&id).await.unwrap();
     match &past[..] {
         [(1, TaskEvent::Finished { message, .. })] => message.clone().unwrap(),
         other => panic!("{other:?}"),
@@ -109,6 +110,7 @@ async fn a_refusal_shown_to_a_grantee_names_none_of_the_owners_folders() {
     relay
         .core
         .share_add("1", "2", None, ct_relay::store::ShareLevel::Standard)
+        .await
         .unwrap();
     let probe = |user: &str| Submit {
         user: user.into(),

@@ -29,12 +29,15 @@ async fn refusals_say_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
     assert!(matches!(
-        relay.core.submit_task(submit("1", "hi")),
+        relay.core.submit_task(submit("1", "hi")).await,
         Err(TaskError::NoAgent)
     ));
     let _key = pair(&relay, Transport::Quic, "1").await;
-    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 0).await;
-    let err = relay.core.submit_task(submit("1", "hi")).unwrap_err();
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay.core.online().await == 0
+    })
+    .await;
+    let err = relay.core.submit_task(submit("1", "hi")).await.unwrap_err();
     assert!(matches!(err, TaskError::Offline { .. }), "{err}");
     assert!(
         err.to_string().contains("ct-agent run") && err.to_string().contains("last seen"),
@@ -42,15 +45,15 @@ async fn refusals_say_what_to_do() {
     );
     let huge = "x".repeat(ct_protocol::task::MAX_PROMPT_LEN + 1);
     assert!(matches!(
-        relay.core.submit_task(submit("1", &huge)),
+        relay.core.submit_task(submit("1", &huge)).await,
         Err(TaskError::PromptTooLong { .. })
     ));
     assert!(matches!(
-        relay.core.submit_task(submit("1", "  ")),
+        relay.core.submit_task(submit("1", "  ")).await,
         Err(TaskError::EmptyPrompt)
     ));
     let _second = pair(&relay, Transport::Quic, "1").await;
-    let err = relay.core.submit_task(submit("1", "hi")).unwrap_err();
+    let err = relay.core.submit_task(submit("1", "hi")).await.unwrap_err();
     assert!(matches!(err, TaskError::WhichAgent(_)), "{err}");
 }
 
@@ -68,11 +71,15 @@ async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
     )
     .await
     .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay.core.online().await == 1
+    })
+    .await;
 
     let rec = relay
         .core
         .submit_task(submit("1", "fix the build"))
+        .await
         .unwrap();
     let id = rec.spec.task.clone();
     let RelayMessage::StartTask(spec) = recv(&mut agent).await else {
@@ -86,7 +93,7 @@ async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
         ),
         (id.as_str(), "fix the build", "web")
     );
-    let (_, before, mut live) = relay.core.follow(&id).unwrap();
+    let (_, before, mut live) = relay.core.follow(&id).await.unwrap();
     assert!(before.is_empty());
 
     send_event(
@@ -133,7 +140,7 @@ async fn a_task_reaches_its_agent_and_every_event_is_stored_once_in_order() {
             .unwrap();
         assert_eq!(seq, want, "followers see each event once, in order");
     }
-    assert_eq!(relay.core.task(&id).unwrap().state, TaskState::Done);
+    assert_eq!(relay.core.task(&id).await.unwrap().state, TaskState::Done);
 }
 
 /// Output arrives in bursts and is stored a burst at a time: the same rules hold inside one. Events after a
@@ -206,6 +213,7 @@ async fn running_task(relay: &TestRelay) -> (crate::support::Session, String) {
     let id = relay
         .core
         .submit_task(submit("1", "stream"))
+        .await
         .unwrap()
         .spec
         .task;
@@ -222,16 +230,21 @@ async fn across_a_relay_restart_nothing_is_lost_or_duplicated() {
     let mut agent = handshake(Transport::Quic, addr, &key, fp, None)
         .await
         .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay.core.online().await == 1
+    })
+    .await;
     let id = relay
         .core
         .submit_task(submit("1", "long job"))
+        .await
         .unwrap()
         .spec
         .task;
     let other = relay
         .core
         .submit_task(submit("1", "short job"))
+        .await
         .unwrap()
         .spec
         .task;
@@ -278,8 +291,8 @@ async fn across_a_relay_restart_nothing_is_lost_or_duplicated() {
         vec![1, 2, 3, 4],
         "{stored:?}"
     );
-    assert_eq!(relay.core.task(&id).unwrap().state, TaskState::Done);
-    let lost = relay.core.task(&other).unwrap();
+    assert_eq!(relay.core.task(&id).await.unwrap().state, TaskState::Done);
+    let lost = relay.core.task(&other).await.unwrap();
     assert_eq!(
         lost.state,
         TaskState::Lost,
@@ -296,10 +309,14 @@ async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
     let mut agent = handshake(Transport::Quic, relay.addr, &key, relay.fingerprint, None)
         .await
         .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay.core.online().await == 1
+    })
+    .await;
     let id = relay
         .core
         .submit_task(submit("1", "edit"))
+        .await
         .unwrap()
         .spec
         .task;
@@ -322,17 +339,18 @@ async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
     .await;
     expect_ack(&mut agent, &id, 1).await;
     assert_eq!(
-        relay.core.task(&id).unwrap().state,
+        relay.core.task(&id).await.unwrap().state,
         TaskState::WaitingApproval
     );
 
     let stranger = relay
         .core
         .decide("666", &id, "a1", Decision::AllowSession)
+        .await
         .unwrap_err();
     assert!(matches!(stranger, TaskError::NotYours(_)), "{stranger}");
     assert!(matches!(
-        relay.core.cancel_task("666", &id),
+        relay.core.cancel_task("666", &id).await,
         Err(TaskError::NotYours(_))
     ));
     relay
@@ -345,6 +363,7 @@ async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
                 reason: "not that file".into(),
             },
         )
+        .await
         .unwrap();
     assert_eq!(
         recv(&mut agent).await,
@@ -356,7 +375,7 @@ async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
             }
         }
     );
-    relay.core.cancel_task("1", &id).unwrap();
+    relay.core.cancel_task("1", &id).await.unwrap();
     assert_eq!(
         recv(&mut agent).await,
         RelayMessage::CancelTask { task: id.clone() }
@@ -373,7 +392,7 @@ async fn only_the_owner_decides_approvals_and_cancels_reach_the_agent() {
     .await;
     expect_ack(&mut agent, &id, 2).await;
     assert!(matches!(
-        relay.core.cancel_task("1", &id),
+        relay.core.cancel_task("1", &id).await,
         Err(TaskError::Ended { .. })
     ));
 }
@@ -402,10 +421,14 @@ async fn an_agent_cannot_write_events_into_another_agents_task() {
     )
     .await
     .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 2).await;
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay.core.online().await == 2
+    })
+    .await;
     let id = relay
         .core
         .submit_task(submit("1", "work"))
+        .await
         .unwrap()
         .spec
         .task;
@@ -427,7 +450,7 @@ async fn an_agent_cannot_write_events_into_another_agents_task() {
         vec![(1, text("real"))]
     );
     assert_eq!(
-        relay.core.task(&id).unwrap().state,
+        relay.core.task(&id).await.unwrap().state,
         TaskState::Queued,
         "the attacker's Running{{}} did not mark it lost"
     );
@@ -442,7 +465,10 @@ async fn an_operator_submits_through_the_admin_socket_and_follows_to_the_end() {
     let mut agent = handshake(Transport::Quic, relay.addr, &key, relay.fingerprint, None)
         .await
         .unwrap();
-    crate::support::eventually(Duration::from_secs(5), || relay.core.online() == 1).await;
+    crate::support::eventually_async(Duration::from_secs(5), async || {
+        relay.core.online().await == 1
+    })
+    .await;
 
     let data_dir = dir.path().to_path_buf();
     let operator = tokio::spawn(async move {
@@ -521,21 +547,23 @@ async fn a_reply_goes_to_a_running_task_and_resumes_a_finished_one() {
     let id = relay
         .core
         .submit_task(submit("1", "start"))
+        .await
         .unwrap()
         .spec
         .task;
     crate::support::expect_start(&mut agent).await;
     assert!(matches!(
-        relay.core.reply("2", &id, "me too".into(), None),
+        relay.core.reply("2", &id, "me too".into(), None).await,
         Err(TaskError::NotYours(_))
     ));
     assert!(matches!(
-        relay.core.reply("1", &id, " ".into(), None),
+        relay.core.reply("1", &id, " ".into(), None).await,
         Err(TaskError::EmptyPrompt)
     ));
     let outcome = relay
         .core
         .reply("1", &id, "and the tests".into(), None)
+        .await
         .unwrap();
     assert!(
         matches!(outcome, ReplyOutcome::Sent(ref r) if r.spec.task == id),
@@ -553,6 +581,7 @@ async fn a_reply_goes_to_a_running_task_and_resumes_a_finished_one() {
     let ReplyOutcome::Resumed(new) = relay
         .core
         .reply("1", &id, "one more thing".into(), Some("Ann".into()))
+        .await
         .unwrap()
     else {
         panic!("expected a resumed task")
@@ -579,7 +608,7 @@ async fn a_reply_cannot_continue_what_it_should_not() {
     let (_key, mut agent) = crate::support::agent(&relay, "1").await;
 
     // Ended before Claude Code started a session: nothing to resume.
-    let early = core.submit_task(submit("1", "x")).unwrap().spec.task;
+    let early = core.submit_task(submit("1", "x")).await.unwrap().spec.task;
     crate::support::expect_start(&mut agent).await;
     crate::support::event_acked(
         &mut agent,
@@ -588,18 +617,22 @@ async fn a_reply_cannot_continue_what_it_should_not() {
         crate::support::finished(FinalState::Failed),
     )
     .await;
-    let err = core.reply("1", &early, "again".into(), None).unwrap_err();
+    let err = core
+        .reply("1", &early, "again".into(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TaskError::NoSession(_)), "{err}");
     assert!(err.to_string().contains("/task"), "{err}");
 
     // A grantee's finished task, with a session.
     core.share_add("1", "2", None, ShareLevel::Standard)
+        .await
         .unwrap();
     let grantee = Submit {
         target: Some("1".into()),
         ..submit("2", "theirs")
     };
-    let theirs = core.submit_task(grantee.clone()).unwrap().spec.task;
+    let theirs = core.submit_task(grantee.clone()).await.unwrap().spec.task;
     crate::support::expect_start(&mut agent).await;
     let session = |id: &str| TaskEvent::Session {
         session_id: id.into(),
@@ -615,7 +648,12 @@ async fn a_reply_cannot_continue_what_it_should_not() {
     )
     .await;
     // The owner's own finished task, with a session the grantee must not be able to resume (and read).
-    let mine = core.submit_task(submit("1", "private")).unwrap().spec.task;
+    let mine = core
+        .submit_task(submit("1", "private"))
+        .await
+        .unwrap()
+        .spec
+        .task;
     crate::support::expect_start(&mut agent).await;
     crate::support::event_acked(&mut agent, &mine, 1, session("owner-sess")).await;
     crate::support::event_acked(
@@ -626,7 +664,7 @@ async fn a_reply_cannot_continue_what_it_should_not() {
     )
     .await;
     assert!(matches!(
-        core.reply("2", &mine, "show me".into(), None),
+        core.reply("2", &mine, "show me".into(), None).await,
         Err(TaskError::NotYours(_))
     ));
     let err = core
@@ -634,13 +672,15 @@ async fn a_reply_cannot_continue_what_it_should_not() {
             resume: Some("owner-sess".into()),
             ..grantee.clone()
         })
+        .await
         .unwrap_err();
     assert!(matches!(err, TaskError::ResumeNotYours { .. }), "{err}");
     assert!(matches!(
         core.submit_task(Submit {
             resume: Some("../../etc".into()),
             ..grantee.clone()
-        }),
+        })
+        .await,
         Err(TaskError::BadResume)
     ));
     // Their own session they may resume, directly or by replying.
@@ -649,6 +689,7 @@ async fn a_reply_cannot_continue_what_it_should_not() {
             resume: Some("grantee-sess".into()),
             ..grantee.clone()
         })
+        .await
         .unwrap()
         .spec
         .task;
@@ -661,14 +702,27 @@ async fn a_reply_cannot_continue_what_it_should_not() {
     );
 
     // Still queued: no session to talk to yet.
-    let blocker = core.submit_task(submit("1", "busy")).unwrap().spec.task;
+    let blocker = core
+        .submit_task(submit("1", "busy"))
+        .await
+        .unwrap()
+        .spec
+        .task;
     crate::support::expect_start(&mut agent).await;
-    let queued = core.submit_task(submit("1", "later")).unwrap().spec.task;
-    let err = core.reply("1", &queued, "hi".into(), None).unwrap_err();
+    let queued = core
+        .submit_task(submit("1", "later"))
+        .await
+        .unwrap()
+        .spec
+        .task;
+    let err = core
+        .reply("1", &queued, "hi".into(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TaskError::NotStarted(_)), "{err}");
 
     // Once the share is gone, the grantee can neither talk to their running task nor resume a finished one.
-    core.share_remove("1", "2").unwrap();
+    core.share_remove("1", "2").await.unwrap();
     assert_eq!(
         recv(&mut agent).await,
         RelayMessage::CancelTask {
@@ -677,9 +731,13 @@ async fn a_reply_cannot_continue_what_it_should_not() {
     );
     let err = core
         .reply("2", &resumed, "still there?".into(), None)
+        .await
         .unwrap_err();
     assert!(matches!(err, TaskError::NotShared { .. }), "{err}");
-    let err = core.reply("2", &theirs, "again".into(), None).unwrap_err();
+    let err = core
+        .reply("2", &theirs, "again".into(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, TaskError::NotShared { .. }), "{err}");
     // Its end frees a slot for the queued task. The owner may continue the grantee's task, as the owner.
     crate::support::event_acked(
@@ -697,7 +755,10 @@ async fn a_reply_cannot_continue_what_it_should_not() {
         crate::support::finished(FinalState::Done),
     )
     .await;
-    let ReplyOutcome::Resumed(new) = core.reply("1", &theirs, "finish it".into(), None).unwrap()
+    let ReplyOutcome::Resumed(new) = core
+        .reply("1", &theirs, "finish it".into(), None)
+        .await
+        .unwrap()
     else {
         panic!("expected a resumed task")
     };
@@ -714,6 +775,7 @@ async fn an_operator_replies_through_the_admin_socket() {
     let id = relay
         .core
         .submit_task(submit("31", "go"))
+        .await
         .unwrap()
         .spec
         .task;

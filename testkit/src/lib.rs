@@ -25,4 +25,4 @@ pub use claude::{claude_bin, ClaudeEnv, Cli, MIN_PINNED_VERSION, PINNED_VERSION}
 pub use discord::DiscordSim;
 pub use job::LongJob;
 pub use process::{ClaudeProcess, SESSION_ARGS};
-pub use wait::eventually;
+pub use wait::{eventually, eventually_async};

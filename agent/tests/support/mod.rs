@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ct_agent::connect::ConnectOptions;
@@ -19,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 pub struct TestRelay {
     pub addr: SocketAddr,
-    pub core: Arc<Core>,
+    pub core: Core,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -48,8 +47,8 @@ impl TestRelay {
         self.task.await.unwrap().unwrap();
     }
 
-    pub fn token(&self, user: &str) -> ct_protocol::pairing::PairingToken {
-        self.core.mint_pairing_token(user).unwrap().0
+    pub async fn token(&self, user: &str) -> ct_protocol::pairing::PairingToken {
+        self.core.mint_pairing_token(user).await.unwrap().0
     }
 }
 
@@ -124,7 +123,7 @@ impl TestAgent {
 pub async fn pair(relay: &TestRelay, config_dir: &Path, user: &str) {
     let out = ct_agent::pair_with(
         config_dir,
-        &relay.token(user),
+        &relay.token(user).await,
         Some("e2e".into()),
         false,
         &direct(),

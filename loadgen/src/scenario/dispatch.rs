@@ -52,7 +52,7 @@ pub async fn run(
     let core = relay.core.clone();
     let ids = fleet::pair(&relay.target, 0, agents, crate::dial::Dial::Quic, |user| {
         let core = core.clone();
-        async move { Ok(core.mint_pairing_token(&user)?.0) }
+        async move { Ok(core.mint_pairing_token(&user).await?.0) }
     })
     .await?;
     let mut fleet = Fleet::default();
@@ -79,18 +79,14 @@ pub async fn run(
     let total = (rate as f64 * duration.as_secs_f64()).round() as usize;
     let users: Vec<String> = ids.iter().map(|w| w.user.clone()).collect();
     let submit_core = relay.core.clone();
-    // A blocking thread: `submit_task` writes to the store and flushes it, which must not stall the
-    // runtime the relay and the agents share.
-    let submitter = tokio::task::spawn_blocking(move || {
-        let start = std::time::Instant::now();
+    // Submits at a steady rate, as front ends would: each submit awaits the core (and its task's flush).
+    let submitter = tokio::spawn(async move {
+        let start = Instant::now();
         let every = Duration::from_secs_f64(1.0 / rate as f64);
         let mut sent = Vec::with_capacity(total);
         let mut refused = 0;
         for k in 0..total {
-            let due = start + every * k as u32;
-            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-                std::thread::sleep(wait);
-            }
+            tokio::time::sleep_until(start + every * k as u32).await;
             let t0 = Instant::now();
             let req = Submit {
                 user: users[k % users.len()].clone(),
@@ -98,7 +94,7 @@ pub async fn run(
                 prompt: format!("benchmark task {k}"),
                 ..Default::default()
             };
-            match submit_core.submit_task(req) {
+            match submit_core.submit_task(req).await {
                 Ok(rec) => sent.push((rec.spec.task, t0, t0.elapsed())),
                 Err(e) => {
                     refused += 1;

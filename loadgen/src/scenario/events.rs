@@ -5,7 +5,6 @@
 //! The clock starts when the first task is submitted and stops when the last follower has the last event.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -57,7 +56,7 @@ pub async fn run(
     let core = relay.core.clone();
     let ids = fleet::pair(&relay.target, 0, tasks, dial, |user| {
         let core = core.clone();
-        async move { Ok(core.mint_pairing_token(&user)?.0) }
+        async move { Ok(core.mint_pairing_token(&user).await?.0) }
     })
     .await?;
     let output = Output {
@@ -87,6 +86,7 @@ pub async fn run(
                 prompt: "stream output".into(),
                 ..Default::default()
             })
+            .await
             .context("submitting")?;
         followers.spawn(follow(core.clone(), rec.spec.task));
     }
@@ -148,8 +148,8 @@ impl Followed {
 
 /// Follows a task to its end as a front end does: the stored log first, then live events; a follower that
 /// falls behind the live channel reads the gap back from the store.
-async fn follow(core: Arc<Core>, task: String) -> Result<Followed> {
-    let (_, stored, mut live) = core.follow(&task)?;
+async fn follow(core: Core, task: String) -> Result<Followed> {
+    let (_, stored, mut live) = core.follow(&task).await?;
     let mut f = Followed {
         events: 0,
         text_bytes: 0,
@@ -165,7 +165,10 @@ async fn follow(core: Arc<Core>, task: String) -> Result<Followed> {
     loop {
         let batch = match live.recv().await {
             Ok(one) => vec![one],
-            Err(RecvError::Lagged(_)) => core.store().events(&task, f.last_seq)?,
+            Err(RecvError::Lagged(_)) => {
+                let (task, after) = (task.clone(), f.last_seq);
+                core.read(move |store| store.events(&task, after)).await??
+            }
             Err(RecvError::Closed) => bail!("the relay stopped publishing {task}"),
         };
         for (seq, event) in &batch {

@@ -51,7 +51,8 @@ const WS_READ_BUFFER: usize = 4 * 1024;
 /// State the HTTP handlers share.
 #[derive(Debug, Clone)]
 pub struct Http {
-    pub core: Arc<Core>,
+    pub core: Core,
+    pub admission: super::limits::Admission,
     pub ready: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
     /// The Discord bot, for HTTP-interactions mode; `None` when the bot is off.
@@ -88,7 +89,7 @@ async fn metrics(State(http): State<Http>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        http.core.metrics.render(),
+        http.core.metrics().render(),
     )
         .into_response()
 }
@@ -217,15 +218,15 @@ pub async fn serve(
             },
             () = http.shutdown.cancelled() => break,
         };
-        let Ok(permit) = http.core.connections.clone().try_acquire_owned() else {
+        let Ok(permit) = http.admission.connections.clone().try_acquire_owned() else {
             debug!(%peer, "connection limit reached; refusing");
-            http.core.metrics.refused("limit");
+            http.core.metrics().refused("limit");
             drop(tcp);
             continue;
         };
-        let Some(slot) = http.core.per_address.try_acquire(peer.ip()) else {
+        let Some(slot) = http.admission.per_address.try_acquire(peer.ip()) else {
             debug!(%peer, "this address holds its share of connections; refusing");
-            http.core.metrics.refused("per_address");
+            http.core.metrics().refused("per_address");
             drop(tcp);
             continue;
         };

@@ -6,6 +6,25 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// What the endpoint admits: the connection limit and each address's share of it. One per relay, shared by
+/// the QUIC and TCP endpoints.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// One permit per connection being served; see `CoreConfig::max_connections`.
+    pub connections: Arc<tokio::sync::Semaphore>,
+    /// Connections each address holds; see `CoreConfig::max_connections_per_address`.
+    pub per_address: Arc<PerAddress>,
+}
+
+impl Admission {
+    pub fn new(max_connections: usize, per_address: usize) -> Self {
+        Self {
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            per_address: PerAddress::new(per_address),
+        }
+    }
+}
+
 /// Counts the connections each address (IPv6: each /64) holds, so one party cannot take every slot of the
 /// global limit. The table only holds addresses with a live connection, so it is bounded by that limit.
 #[derive(Debug, Default)]

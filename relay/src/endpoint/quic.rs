@@ -1,6 +1,5 @@
 //! The QUIC side of the agent endpoint: each agent opens one bidirectional stream for its session.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ct_protocol::handshake::{CHANNEL_BINDING_LABEL, CHANNEL_BINDING_LEN};
@@ -9,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::limits::Admission;
 use super::session::{self, Link};
 use crate::core::Core;
 
@@ -19,7 +19,8 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// sessions have drained, so each agent receives its Closing message first.
 pub async fn serve(
     endpoint: quinn::Endpoint,
-    core: Arc<Core>,
+    core: Core,
+    admission: Admission,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -31,14 +32,14 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let Ok(permit) = core.connections.clone().try_acquire_owned() else {
+        let Ok(permit) = admission.connections.clone().try_acquire_owned() else {
             debug!(peer = %incoming.remote_address(), "connection limit reached; refusing");
-            core.metrics.refused("limit");
+            core.metrics().refused("limit");
             incoming.refuse();
             continue;
         };
         let peer = incoming.remote_address();
-        let Some(slot) = core.per_address.try_acquire(peer.ip()) else {
+        let Some(slot) = admission.per_address.try_acquire(peer.ip()) else {
             // A UDP source address can be forged. Before refusing in its name, make the peer prove it owns
             // the address (a Retry round trip, stateless for us): a forger never completes it, so it cannot
             // use up someone else's share beyond what its unvalidated attempts hold for the handshake time.
@@ -46,7 +47,7 @@ pub async fn serve(
                 let _ = incoming.retry();
             } else {
                 debug!(%peer, "this address holds its share of connections; refusing");
-                core.metrics.refused("per_address");
+                core.metrics().refused("per_address");
                 incoming.refuse();
             }
             continue;
@@ -63,7 +64,7 @@ pub async fn serve(
 
 async fn accept(
     incoming: quinn::Incoming,
-    core: Arc<Core>,
+    core: Core,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let peer = incoming.remote_address();

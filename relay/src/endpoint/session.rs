@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use ct_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use ct_protocol::handshake::{self, HandshakeError, Verdict};
@@ -36,13 +35,8 @@ pub enum Ended {
 }
 
 /// Runs a session to its end. Errors a peer causes are logged here and end only this connection.
-pub async fn run<R, W>(
-    core: Arc<Core>,
-    reader: R,
-    writer: W,
-    link: Link,
-    shutdown: CancellationToken,
-) where
+pub async fn run<R, W>(core: Core, reader: R, writer: W, link: Link, shutdown: CancellationToken)
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -57,15 +51,16 @@ pub async fn run<R, W>(
     {
         Ok(v) => v,
         Err(e) => {
-            core.metrics.handshake(link.transport, handshake_result(&e));
+            core.metrics()
+                .handshake(link.transport, handshake_result(&e));
             info!(peer = %link.peer, transport = %link.transport, error = %e, "handshake failed");
             return;
         }
     };
-    let welcome = match core.admit(&verified, link.peer.ip()) {
+    let welcome = match core.admit(&verified, link.peer.ip()).await {
         Ok(w) => w,
         Err((reason, message)) => {
-            core.metrics.handshake(link.transport, "rejected");
+            core.metrics().handshake(link.transport, "rejected");
             info!(peer = %link.peer, fingerprint = %verified.fingerprint, ?reason, "agent refused");
             let _ = writer.send(&Verdict::Rejected { reason, message }).await;
             close_gently(&mut writer).await;
@@ -81,12 +76,24 @@ pub async fn run<R, W>(
     // owner may submit a task at once), so it must already be in the live table by then: registered first, a
     // task submitted in between is queued for this session and goes out after the Welcome. If the Welcome
     // cannot be sent, dropping the guard takes the session out again.
-    let guard = core.register_session(verified.fingerprint, link.transport, link.peer);
+    let guard = match core
+        .register_session(verified.fingerprint, link.transport, link.peer)
+        .await
+    {
+        Ok(guard) => guard,
+        Err(e) => {
+            let message = e.to_string();
+            let reason = ct_protocol::handshake::Rejection::Unavailable;
+            let _ = writer.send(&Verdict::Rejected { reason, message }).await;
+            close_gently(&mut writer).await;
+            return;
+        }
+    };
     if let Err(e) = writer.send(&Verdict::Welcome(welcome.clone())).await {
         info!(peer = %link.peer, error = %e, "agent left during the handshake");
         return;
     }
-    core.metrics.handshake(link.transport, "ok");
+    core.metrics().handshake(link.transport, "ok");
     let span = tracing::info_span!("agent", name = %welcome.agent_name, owner = %welcome.owner, transport = %link.transport);
     info!(parent: &span, peer = %link.peer, fingerprint = %verified.fingerprint, paired = welcome.paired, "agent connected");
     live(
@@ -104,7 +111,7 @@ pub async fn run<R, W>(
 
 /// The established session: heartbeats out, messages in, until something ends it.
 async fn live<R, W>(
-    core: Arc<Core>,
+    core: Core,
     mut reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
     link: Link,
@@ -117,15 +124,15 @@ async fn live<R, W>(
 {
     let timing = link.transport.timing();
     // Tasks queued while the agent was away go out now, as far as its free slots allow.
-    core.agent_connected(&fingerprint);
-    let (frames_in, frames_out) = core.metrics.frames(link.transport);
+    core.agent_connected(fingerprint).await;
+    let (frames_in, frames_out) = core.metrics().frames(link.transport);
     let mut heartbeat = interval_at(Instant::now() + timing.heartbeat, timing.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut deadline = Instant::now() + timing.dead_after;
     let mut acks = Acks::default();
 
     let ended = loop {
-        acks.seal(&core);
+        acks.seal();
         let flushing = acks.flushing();
         tokio::select! {
             msg = reader.recv::<AgentMessage>() => match msg {
@@ -151,14 +158,14 @@ async fn live<R, W>(
                             Err(e) => failed = Some(e),
                         }
                     }
-                    off_the_runtime(|| store_events(&core, &fingerprint, events, &mut acks));
+                    store_events(&core, fingerprint, events, &mut acks).await;
                     if let Some(e) = failed {
                         break Ended::LinkError(e);
                     }
                     match next {
                         None | Some(AgentMessage::Heartbeat) => {}
                         Some(AgentMessage::Goodbye { reason }) => break Ended::AgentLeft(reason),
-                        Some(other) => handle(&core, &fingerprint, other),
+                        Some(other) => handle(&core, fingerprint, other).await,
                     }
                 }
                 Ok(None) => break Ended::AgentLeft("closed the connection".into()),
@@ -182,10 +189,14 @@ async fn live<R, W>(
                     break Ended::LinkError(e);
                 }
                 frames_out.inc();
-                core.retry_dispatch(&fingerprint);
+                core.retry_dispatch(fingerprint).await;
             }
-            Some(msg) = guard.outbound_rx.recv() => {
-                if let Err(e) = writer.send(&msg).await {
+            Some(out) = guard.outbound_rx.recv() => {
+                // A task start waits until the record saying it was sent is on disk (see `Outbound`).
+                if let Some(ticket) = out.after {
+                    core.commit().durable(ticket).await;
+                }
+                if let Err(e) = writer.send(&out.msg).await {
                     break Ended::LinkError(e);
                 }
                 frames_out.inc();
@@ -227,37 +238,24 @@ fn is_event(msg: &mut AgentMessage) -> bool {
     matches!(msg, AgentMessage::Event { .. })
 }
 
-/// Runs store work, which can block on sled's locks and page splits for milliseconds under load, so that the
-/// runtime worker's other tasks (handshakes, heartbeats, other sessions) move to another worker meanwhile
-/// instead of waiting behind it. On a current-thread runtime (tests) it simply runs.
-fn off_the_runtime<R>(work: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
-        _ => work(),
-    }
-}
-
-/// Stores a burst of events, each task's consecutive run in one write, and notes what to acknowledge.
-fn store_events(
+/// Hands a burst of events to the core, each task's consecutive run together, and notes what to acknowledge.
+async fn store_events(
     core: &Core,
-    agent: &ct_protocol::Fingerprint,
+    agent: ct_protocol::Fingerprint,
     events: Vec<(String, u64, ct_protocol::task::TaskEvent)>,
     acks: &mut Acks,
 ) {
-    let mut events = events.into_iter().peekable();
-    while let Some((task, seq, event)) = events.next() {
-        let mut run = vec![(seq, event)];
-        while let Some((_, seq, event)) = events.next_if(|(t, _, _)| *t == task) {
-            run.push((seq, event));
+    let mut runs: Vec<crate::core::events::Run> = Vec::new();
+    for (task, seq, event) in events {
+        match runs.last_mut() {
+            Some((last, run)) if *last == task => run.push((seq, event)),
+            _ => runs.push((task, vec![(seq, event)])),
         }
-        match core.record_events(agent, &task, run) {
-            Ok(Some(seq)) => acks.stored(task, seq),
-            Ok(None) => {}
-            Err(e) => {
-                // Not acknowledged, so the agent sends it again later; nothing is lost.
-                tracing::error!(%task, seq, error = %e, "could not store task events");
-            }
-        }
+    }
+    match core.record_events(agent, runs).await {
+        Ok(recorded) => acks.stored(recorded),
+        // Not acknowledged, so the agent sends them again later; nothing is lost.
+        Err(e) => tracing::error!(error = %e, "could not store task events"),
     }
 }
 
@@ -266,23 +264,31 @@ fn store_events(
 /// lose output. Events that arrive while one flush is under way are acknowledged together after the next.
 #[derive(Debug, Default)]
 struct Acks {
-    /// Stored, not yet covered by a ticket: task → highest sequence number stored.
+    /// Stored, not yet waited for: task → highest sequence number stored.
     next: HashMap<String, u64>,
+    /// The ticket covering everything in `next` (the latest the core gave: tickets only grow).
+    next_ticket: Option<Ticket>,
     /// Covered by a ticket, waiting for its flush.
     waiting: Option<(Ticket, HashMap<String, u64>)>,
 }
 
 impl Acks {
-    fn stored(&mut self, task: String, seq: u64) {
-        let top = self.next.entry(task).or_default();
-        *top = (*top).max(seq);
+    fn stored(&mut self, recorded: crate::core::events::Recorded) {
+        for (task, seq) in recorded.acks {
+            let top = self.next.entry(task).or_default();
+            *top = (*top).max(seq);
+        }
+        self.next_ticket = self.next_ticket.max(recorded.ticket);
     }
 
-    /// Takes a ticket for what was stored since the last one, if nothing is waiting already. The ticket is
-    /// taken after those writes, so its flush covers them.
-    fn seal(&mut self, core: &Core) {
-        if self.waiting.is_none() && !self.next.is_empty() {
-            self.waiting = Some((core.commit().ticket(), std::mem::take(&mut self.next)));
+    /// Starts waiting for what was stored since the last wait, if nothing is waiting already. The core took
+    /// the ticket after those writes, so its flush covers them.
+    fn seal(&mut self) {
+        if self.waiting.is_some() || self.next.is_empty() {
+            return;
+        }
+        if let Some(ticket) = self.next_ticket.take() {
+            self.waiting = Some((ticket, std::mem::take(&mut self.next)));
         }
     }
 
@@ -305,19 +311,21 @@ async fn durable(core: &Core, ticket: Option<Ticket>) {
 }
 
 /// Other traffic from the agent: its running tasks and projects, handed to the core.
-fn handle(core: &Core, agent: &ct_protocol::Fingerprint, msg: AgentMessage) {
+async fn handle(core: &Core, agent: ct_protocol::Fingerprint, msg: AgentMessage) {
     match msg {
         AgentMessage::Running { tasks } => {
-            if let Err(e) = core.agent_running(agent, &tasks) {
+            if let Err(e) = core.agent_running(agent, tasks).await {
                 tracing::error!(error = %e, "could not reconcile the agent's running tasks");
             }
         }
-        AgentMessage::Projects(report) => core.projects_reported(agent, report),
+        AgentMessage::Projects(report) => core.projects_reported(agent, report).await,
         AgentMessage::ProjectReply { id, reply } => {
             core.answer(agent, id, crate::projects::Answer::Project(reply))
+                .await
         }
         AgentMessage::WorktreeReply { id, outcome } => {
             core.answer(agent, id, crate::projects::Answer::Worktree(outcome))
+                .await
         }
         // The session loop itself deals with these.
         AgentMessage::Event { .. } | AgentMessage::Heartbeat | AgentMessage::Goodbye { .. } => {}

@@ -31,7 +31,9 @@ pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 pub struct TestRelay {
     pub addr: SocketAddr,
     pub fingerprint: Fingerprint,
-    pub core: Arc<Core>,
+    pub core: Core,
+    /// The endpoints' connection limits.
+    pub admission: ct_relay::endpoint::limits::Admission,
     pub data_dir: PathBuf,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -50,13 +52,14 @@ impl TestRelay {
         let data_dir = config.data_dir.clone();
         let relay = Relay::bind(config).await.expect("relay binds");
         let addr = relay.https_addr().or(relay.quic_addr()).unwrap();
-        let (fingerprint, core) = (relay.fingerprint(), relay.core());
+        let (fingerprint, core, admission) = (relay.fingerprint(), relay.core(), relay.admission());
         let shutdown = CancellationToken::new();
         let task = Some(tokio::spawn(relay.run(shutdown.clone())));
         Self {
             addr,
             fingerprint,
             core,
+            admission,
             data_dir,
             shutdown,
             task,
@@ -71,8 +74,8 @@ impl TestRelay {
         }
     }
 
-    pub fn token(&self, user: &str) -> PairingToken {
-        self.core.mint_pairing_token(user).unwrap().0
+    pub async fn token(&self, user: &str) -> PairingToken {
+        self.core.mint_pairing_token(user).await.unwrap().0
     }
 }
 
@@ -280,7 +283,7 @@ pub async fn handshake(
 /// Pairs a fresh key with the relay and returns the key.
 pub async fn pair(relay: &TestRelay, transport: Transport, user: &str) -> SigningKey {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    let token = relay.token(user);
+    let token = relay.token(user).await;
     let pair = PairRequest {
         code: token.code.to_string(),
         name: "test-agent".into(),
@@ -292,7 +295,7 @@ pub async fn pair(relay: &TestRelay, transport: Transport, user: &str) -> Signin
     key
 }
 
-pub use ct_testkit::eventually;
+pub use ct_testkit::{eventually, eventually_async};
 
 /// Reads relay messages, skipping heartbeats and acknowledgements (recorded for [`expect_ack`]): the relay
 /// acknowledges once a flush covers an event, so acknowledgements arrive in batches and interleave freely
@@ -378,11 +381,12 @@ pub fn finished(state: ct_protocol::task::FinalState) -> ct_protocol::task::Task
 }
 
 /// Whether the relay counts the agent with this key as online.
-pub fn is_online(relay: &TestRelay, key: &SigningKey) -> bool {
+pub async fn is_online(relay: &TestRelay, key: &SigningKey) -> bool {
     let fp = Fingerprint::of(&key.verifying_key());
     relay
         .core
         .agents()
+        .await
         .unwrap()
         .iter()
         .any(|a| a.fingerprint == fp && a.online)
@@ -411,10 +415,11 @@ pub async fn connect(relay: &TestRelay, key: &SigningKey) -> Session {
         .unwrap()
         .to_string();
     let fp = Fingerprint::of(&key.verifying_key());
-    eventually(Duration::from_secs(5), || {
+    eventually_async(Duration::from_secs(5), async || {
         relay
             .core
             .agents()
+            .await
             .unwrap()
             .iter()
             .any(|a| a.fingerprint == fp && a.peer.as_deref() == Some(local.as_str()))

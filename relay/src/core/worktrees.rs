@@ -5,10 +5,11 @@
 use ct_protocol::task::{Requester, Role, WorktreeAction, WorktreeOutcome};
 use ct_protocol::RelayMessage;
 
-use crate::audit::{AuditEntry, AuditKind, Caller};
-use crate::core::Core;
-use crate::projects::Answer;
-use crate::tasks::TaskError;
+use super::audit::{Caller, OwnedCaller};
+use super::projects::Answer;
+use super::tasks::TaskError;
+use super::Core;
+use crate::store::{AuditEntry, AuditKind};
 
 /// Longest outcome message kept from an agent, and most conflicting files listed.
 const MAX_MESSAGE: usize = 2000;
@@ -23,10 +24,19 @@ impl Core {
         id: &str,
         action: WorktreeAction,
     ) -> Result<WorktreeOutcome, TaskError> {
-        let caller = who.into();
+        let owned = OwnedCaller::from(who.into());
+        let caller = owned.as_caller();
         let user = caller.user;
-        let rec = self.task(id)?;
-        self.may_act(user, &rec)?;
+        let (rec, agent) = {
+            let (user, id) = (user.to_string(), id.to_string());
+            self.run(move |state| {
+                let rec = state.task(&id)?;
+                state.may_act(&user, &rec)?;
+                let agent = state.store().agent(&rec.agent)?;
+                Ok::<_, TaskError>((rec, agent))
+            })
+            .await?
+        };
         let refused = |message: String| WorktreeOutcome {
             ok: false,
             message,
@@ -42,10 +52,7 @@ impl Core {
                 "task {id} is still running: {branch} can be merged, kept or discarded once it ends"
             )));
         }
-        let agent = self
-            .store()
-            .agent(&rec.agent)?
-            .ok_or_else(|| TaskError::NoSuchTask(id.to_string()))?;
+        let agent = agent.ok_or_else(|| TaskError::NoSuchTask(id.to_string()))?;
         // The agent judges the role by the id it was paired with; the relay's word can only lower it.
         let role = if agent.owner == user {
             Role::Owner
@@ -58,11 +65,14 @@ impl Core {
             role,
         };
         let answer = self
-            .ask_agent(&agent, |request| RelayMessage::Worktree {
-                id: request,
-                task: id.to_string(),
-                action,
-                requester,
+            .ask_agent(&agent, {
+                let task = id.to_string();
+                move |request| RelayMessage::Worktree {
+                    id: request,
+                    task,
+                    action,
+                    requester,
+                }
             })
             .await;
         tracing::info!(task = id, %user, ?action, "worktree request answered");
@@ -97,7 +107,11 @@ impl Core {
                 .by(caller)
                 .on(&agent)
                 .task(id);
-                self.audit_or_log(entry);
+                self.run(move |state| {
+                    state.audit_or_log(entry);
+                    Ok::<_, TaskError>(())
+                })
+                .await?;
                 Ok(outcome)
             }
             Answer::Project(_) => Err(TaskError::AgentGone(agent.name)),

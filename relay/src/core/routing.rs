@@ -1,10 +1,11 @@
 //! Which agent a request goes to: the one named, the owner's only one, or the owner's default; and setting
 //! that default.
 
-use crate::audit::{AuditEntry, AuditKind, Caller};
-use crate::core::Core;
-use crate::store::{AgentRecord, UserRecord};
-use crate::tasks::TaskError;
+use super::audit::{Caller, OwnedCaller};
+use super::state::State;
+use super::tasks::TaskError;
+use super::Core;
+use crate::store::{AgentRecord, AuditEntry, AuditKind, UserRecord};
 
 /// Shortest fingerprint prefix accepted in place of a name (as `ct-relay admin revoke` accepts).
 const MIN_PREFIX: usize = 10;
@@ -15,6 +16,27 @@ fn matches(agent: &AgentRecord, wanted: &str) -> bool {
 }
 
 impl Core {
+    /// Makes one of the user's agents (by name or fingerprint) the one used when they, or someone they share
+    /// with, name none. Returns that agent. The setting and its audit entry are written together (it decides
+    /// where grantees' tasks run).
+    pub async fn set_default_agent<'a>(
+        &self,
+        who: impl Into<Caller<'a>>,
+        agent: &str,
+    ) -> Result<AgentRecord, TaskError> {
+        let (caller, agent) = (OwnedCaller::from(who.into()), agent.to_string());
+        self.run(move |state| state.set_default_agent(caller.as_caller(), &agent))
+            .await
+    }
+
+    /// The user's default agent, if they set one and it is still theirs and not revoked.
+    pub async fn default_agent(&self, user: &str) -> Result<Option<AgentRecord>, TaskError> {
+        let user = user.to_string();
+        self.run(move |state| state.default_agent(&user)).await
+    }
+}
+
+impl State {
     /// `owner`'s agents that have not been revoked.
     pub(crate) fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>, TaskError> {
         let mut mine: Vec<_> = self
@@ -78,15 +100,11 @@ impl Core {
         }
     }
 
-    /// Makes one of the user's agents (by name or fingerprint) the one used when they, or someone they share
-    /// with, name none. Returns that agent. The setting and its audit entry are written together (it decides
-    /// where grantees' tasks run).
-    pub fn set_default_agent<'a>(
-        &self,
-        who: impl Into<Caller<'a>>,
+    fn set_default_agent(
+        &mut self,
+        caller: Caller<'_>,
         agent: &str,
     ) -> Result<AgentRecord, TaskError> {
-        let caller = who.into();
         let user = caller.user;
         if agent.trim().is_empty() {
             return Err(TaskError::UnknownAgent {
@@ -112,13 +130,12 @@ impl Core {
         .by(caller)
         .on(&rec);
         self.store().put_user_audited(user, &settings, &entry)?;
-        self.store().flush()?;
+        self.must_be_durable();
         tracing::info!(%user, agent = %rec.name, "default agent set");
         Ok(rec)
     }
 
-    /// The user's default agent, if they set one and it is still theirs and not revoked.
-    pub fn default_agent(&self, user: &str) -> Result<Option<AgentRecord>, TaskError> {
+    fn default_agent(&self, user: &str) -> Result<Option<AgentRecord>, TaskError> {
         let UserRecord { default_agent } = self.store().user(user)?;
         Ok(self
             .agents_of(user)?

@@ -7,10 +7,11 @@ use ct_protocol::task::Role;
 use ct_protocol::{Fingerprint, RelayMessage};
 use serde::{Deserialize, Serialize};
 
-use crate::audit::{self, AuditEntry, AuditKind, Caller};
-use crate::core::{Core, RoutingGuard};
-use crate::store::{now, ShareLevel, ShareRecord, TaskState};
-use crate::tasks::TaskError;
+use super::audit::{self, Caller, OwnedCaller};
+use super::state::State;
+use super::tasks::TaskError;
+use super::Core;
+use crate::store::{now, AuditEntry, AuditKind, ShareLevel, ShareRecord, TaskState};
 
 /// Most projects one share may name.
 pub const MAX_SHARE_PROJECTS: usize = 50;
@@ -80,14 +81,54 @@ impl Core {
     ///
     /// The share and its audit entry (added, or changed from what it was) are written in one transaction: if
     /// the entry cannot be written, the share does not change and the error says so.
-    pub fn share_add<'a>(
+    pub async fn share_add<'a>(
         &self,
         owner: impl Into<Caller<'a>>,
         grantee: &str,
         projects: Option<Vec<String>>,
         level: ShareLevel,
     ) -> Result<ShareRecord, TaskError> {
-        let caller = owner.into();
+        let (caller, grantee) = (OwnedCaller::from(owner.into()), grantee.to_string());
+        self.run(move |state| state.share_add(caller.as_caller(), &grantee, projects, level))
+            .await
+    }
+
+    /// Stops sharing `owner`'s agents with `grantee`, at once: their queued tasks there are cancelled and
+    /// their running ones are cancelled through the agents. Audited like [`share_add`](Self::share_add): no
+    /// entry, no removal.
+    pub async fn share_remove<'a>(
+        &self,
+        owner: impl Into<Caller<'a>>,
+        grantee: &str,
+    ) -> Result<ShareRemoved, TaskError> {
+        let (caller, grantee) = (OwnedCaller::from(owner.into()), grantee.to_string());
+        self.run(move |state| state.share_remove(caller.as_caller(), &grantee))
+            .await
+    }
+
+    /// Everyone `owner` shares with.
+    pub async fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>, TaskError> {
+        let owner = owner.to_string();
+        self.run(move |state| state.shares_of(&owner)).await
+    }
+
+    /// Who shares with `grantee`: each owner with their agents (online or when last seen) and the projects
+    /// the grantee may use there.
+    pub async fn shares_available(&self, grantee: &str) -> Result<Vec<Available>, TaskError> {
+        let grantee = grantee.to_string();
+        self.run(move |state| state.shares_available(&grantee))
+            .await
+    }
+}
+
+impl State {
+    fn share_add(
+        &mut self,
+        caller: Caller<'_>,
+        grantee: &str,
+        projects: Option<Vec<String>>,
+        level: ShareLevel,
+    ) -> Result<ShareRecord, TaskError> {
         let owner = caller.user;
         check_user(owner)?;
         check_user(grantee)?;
@@ -130,7 +171,6 @@ impl Core {
                 Some(clean)
             }
         };
-        let routing = self.routing();
         let created_at = self
             .store()
             .share(owner, grantee)?
@@ -144,23 +184,18 @@ impl Core {
         };
         self.store()
             .put_share_audited(&rec, &|before| audit::share_entry(caller, &rec, before))?;
-        self.store().flush()?;
+        self.must_be_durable();
         tracing::info!(%owner, %grantee, projects = ?rec.projects, ?level, "share added");
-        self.enforce_share(&routing, owner, grantee)?;
+        self.enforce_share(owner, grantee)?;
         Ok(rec)
     }
 
-    /// Stops sharing `owner`'s agents with `grantee`, at once: their queued tasks there are cancelled and
-    /// their running ones are cancelled through the agents. Audited like [`share_add`](Self::share_add): no
-    /// entry, no removal.
-    pub fn share_remove<'a>(
-        &self,
-        owner: impl Into<Caller<'a>>,
+    fn share_remove(
+        &mut self,
+        caller: Caller<'_>,
         grantee: &str,
     ) -> Result<ShareRemoved, TaskError> {
-        let caller = owner.into();
         let owner = caller.user;
-        let routing = self.routing();
         let removed = self.store().remove_share_audited(owner, grantee, &|old| {
             AuditEntry::new(
                 AuditKind::ShareRemoved {
@@ -179,19 +214,14 @@ impl Core {
         let Some((share, _)) = removed else {
             return Err(TaskError::NoSuchShare(grantee.to_string()));
         };
-        self.store().flush()?;
+        self.must_be_durable();
         tracing::info!(%owner, %grantee, "share removed");
-        let tasks = self.enforce_share(&routing, owner, grantee)?;
+        let tasks = self.enforce_share(owner, grantee)?;
         Ok(ShareRemoved { share, tasks })
     }
 
     /// Ends the grantee's tasks on the owner's agents that the current share (if any) no longer covers.
-    fn enforce_share(
-        &self,
-        routing: &RoutingGuard<'_>,
-        owner: &str,
-        grantee: &str,
-    ) -> Result<ShareEnforced, TaskError> {
+    fn enforce_share(&mut self, owner: &str, grantee: &str) -> Result<ShareEnforced, TaskError> {
         let mut done = ShareEnforced {
             cancelled: Vec::new(),
             stopping: Vec::new(),
@@ -223,29 +253,26 @@ impl Core {
                 }
             }
             if touched {
-                self.dispatch_queued(routing, &agent.fingerprint)?;
+                self.dispatch_queued(&agent.fingerprint)?;
             }
         }
         Ok(done)
     }
 
-    /// Everyone `owner` shares with.
-    pub fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>, TaskError> {
+    fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>, TaskError> {
         let mut shares = self.store().shares_of(owner)?;
         shares.sort_by(|a, b| a.grantee.cmp(&b.grantee));
         Ok(shares)
     }
 
-    /// Who shares with `grantee`: each owner with their agents (online or when last seen) and the projects
-    /// the grantee may use there.
-    pub fn shares_available(&self, grantee: &str) -> Result<Vec<Available>, TaskError> {
+    fn shares_available(&self, grantee: &str) -> Result<Vec<Available>, TaskError> {
         let mut out = Vec::new();
         for share in self.store().shares_to(grantee)? {
             let agents = self
                 .agents_of(&share.owner)?
                 .into_iter()
                 .map(|a| {
-                    let live = self.live().get(&a.fingerprint).map(|l| l.since);
+                    let live = self.live.get(&a.fingerprint).map(|l| l.since);
                     let projects = match (&share.projects, &a.projects) {
                         (Some(limited), _) => limited.clone(),
                         (None, Some(report)) => {

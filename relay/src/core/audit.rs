@@ -18,7 +18,8 @@
 use ct_protocol::task::Decision;
 use serde::{Deserialize, Serialize};
 
-use crate::core::{Core, CoreError};
+use super::state::State;
+use super::{Core, CoreError};
 use crate::store::{AgentRecord, ShareLevel, ShareRecord};
 
 pub use crate::store::records::{
@@ -111,6 +112,31 @@ impl<'a> From<&'a str> for Caller<'a> {
 impl<'a> From<&'a String> for Caller<'a> {
     fn from(user: &'a String) -> Self {
         Self::user(user)
+    }
+}
+
+/// A [`Caller`] that owns its user id, to carry a request to the core's thread.
+#[derive(Debug, Clone)]
+pub(crate) struct OwnedCaller {
+    user: String,
+    operator: bool,
+}
+
+impl From<Caller<'_>> for OwnedCaller {
+    fn from(c: Caller<'_>) -> Self {
+        Self {
+            user: c.user.to_string(),
+            operator: c.operator,
+        }
+    }
+}
+
+impl OwnedCaller {
+    pub(crate) fn as_caller(&self) -> Caller<'_> {
+        Caller {
+            user: &self.user,
+            operator: self.operator,
+        }
     }
 }
 
@@ -261,7 +287,9 @@ impl Core {
     /// The entries concerning `owner`'s agents, newest first: at most `limit` (capped at [`MAX_PAGE`]), and
     /// only those older than entry `before` when given (pass the last `seq` of a page to get the next).
     /// What `/audit` shows; the bot passes the id of the person asking, so nobody reads another's log.
-    pub fn audit_for_owner(
+    ///
+    /// Like every read of the log, it runs on the blocking pool: the core's thread is not involved.
+    pub async fn audit_for_owner(
         &self,
         owner: &str,
         limit: usize,
@@ -270,30 +298,35 @@ impl Core {
         if owner.is_empty() || owner.len() > 20 || !owner.bytes().all(|b| b.is_ascii_digit()) {
             return Err(CoreError::BadUser(owner.to_string()));
         }
+        let owner = owner.to_string();
         Ok(self
-            .store()
-            .audit_of_owner(owner, before, limit.min(MAX_PAGE))?)
+            .read(move |store| store.audit_of_owner(&owner, before, limit.min(MAX_PAGE)))
+            .await??)
     }
 
     /// Entries matching `filter`, newest first, paged like [`audit_for_owner`](Self::audit_for_owner). For
     /// operators (`ct-relay admin audit`).
-    pub fn audit(
+    pub async fn audit(
         &self,
         filter: &AuditFilter,
         limit: usize,
         before: Option<u64>,
     ) -> Result<Vec<AuditEntry>, CoreError> {
         let limit = limit.min(MAX_PAGE);
-        let store = self.store();
-        Ok(match &filter.owner {
-            // The owner index narrows the scan; the other fields filter what it yields.
-            Some(owner) if filter.actor.is_none() && filter.agent.is_none() => {
-                store.audit_of_owner(owner, before, limit)?
-            }
-            _ => store.audit_where(before, limit, &mut |e| filter.matches(e))?,
-        })
+        let filter = filter.clone();
+        Ok(self
+            .read(move |store| match &filter.owner {
+                // The owner index narrows the scan; the other fields filter what it yields.
+                Some(owner) if filter.actor.is_none() && filter.agent.is_none() => {
+                    store.audit_of_owner(owner, before, limit)
+                }
+                _ => store.audit_where(before, limit, &mut |e| filter.matches(e)),
+            })
+            .await??)
     }
+}
 
+impl State {
     /// Writes an entry for an action that goes ahead whether or not it is logged (see the module doc): a
     /// failure is logged as an error, with the entry, so the gap can be found.
     pub(crate) fn audit_or_log(&self, entry: AuditEntry) {

@@ -2,17 +2,15 @@
 //! agent's own policy decides (the relay cannot widen its allowed folders); the relay asks, waits a bounded
 //! time for the answer, and keeps the agent's latest report so names are known while it is offline.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
 use ct_protocol::{Fingerprint, RelayMessage};
 use tokio::sync::oneshot;
 
-use crate::audit::{AuditEntry, AuditKind, Caller, ProjectChange};
-use crate::core::Core;
-use crate::store::AgentRecord;
-use crate::tasks::{is_path, TaskError};
+use super::audit::{Caller, OwnedCaller};
+use super::state::State;
+use super::tasks::{is_path, TaskError};
+use super::{human_duration, Core};
+use crate::store::{now, AgentRecord, AuditEntry, AuditKind, ProjectChange};
 
 /// Project requests waiting for an answer from one agent; more are refused, so a silent agent cannot make
 /// the relay hold an unbounded number of them.
@@ -43,18 +41,19 @@ pub(crate) enum Answer {
     Worktree(ct_protocol::task::WorktreeOutcome),
 }
 
-pub(crate) type Pending = Mutex<HashMap<u64, PendingRequest>>;
-
 /// Removes a request from the pending map when its caller stops waiting, however that happens (answer,
 /// timeout, or the caller's future being dropped).
-pub(crate) struct Waiting<'a> {
-    pub(crate) core: &'a Core,
-    pub(crate) id: u64,
+struct Waiting<'a> {
+    core: &'a Core,
+    id: u64,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.core.pending().remove(&self.id);
+        let id = self.id;
+        self.core.fire(move |state| {
+            state.pending.remove(&id);
+        });
     }
 }
 
@@ -126,12 +125,6 @@ fn sanitize(mut report: ProjectsReport) -> ProjectsReport {
 }
 
 impl Core {
-    pub(crate) fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingRequest>> {
-        self.pending_projects
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Adds, removes or lists projects on one of the user's own agents (named, the only one, or the default)
     /// and returns the agent's projects as they are after it. Only the owner may: the agent's folders are
     /// theirs. The agent's policy decides; its refusal comes back as [`TaskError::ProjectRefused`].
@@ -144,10 +137,16 @@ impl Core {
         agent: Option<&str>,
         op: ProjectOp,
     ) -> Result<ProjectsReport, TaskError> {
-        let caller = who.into();
-        let user = caller.user;
+        let caller = OwnedCaller::from(who.into());
         check_op(&op)?;
-        let agent = self.choose_agent(user, agent, true)?;
+        let agent = {
+            let (user, wanted) = (
+                caller.as_caller().user.to_string(),
+                agent.map(str::to_string),
+            );
+            self.run(move |state| state.choose_agent(&user, wanted.as_deref(), true))
+                .await?
+        };
         let change = match &op {
             ProjectOp::Add { name, path } => {
                 Some((ProjectChange::Added, name.clone(), Some(path.clone())))
@@ -156,29 +155,35 @@ impl Core {
             ProjectOp::List => None,
         };
         match self
-            .ask_agent(&agent, |id| RelayMessage::Project { id, op })
+            .ask_agent(&agent, move |id| RelayMessage::Project { id, op })
             .await?
         {
             Answer::Project(ProjectReply::Ok(report)) => {
                 let report = sanitize(report);
-                self.store_projects(&agent.fingerprint, report.clone());
-                if let Some((change, name, path)) = change {
-                    let detail = match (&change, &path) {
-                        (ProjectChange::Added, Some(path)) => {
-                            format!("added project {name} ({path}) on {}", agent.name)
-                        }
-                        _ => format!("removed project {name} from {}", agent.name),
-                    };
-                    let entry = AuditEntry::new(
-                        AuditKind::ProjectChanged { change, name, path },
-                        caller.actor(),
-                        &agent.owner,
-                        detail,
-                    )
-                    .by(caller)
-                    .on(&agent);
-                    self.audit_or_log(entry);
-                }
+                let kept = report.clone();
+                self.run(move |state| {
+                    state.store_projects(&agent.fingerprint, kept);
+                    if let Some((change, name, path)) = change {
+                        let detail = match (&change, &path) {
+                            (ProjectChange::Added, Some(path)) => {
+                                format!("added project {name} ({path}) on {}", agent.name)
+                            }
+                            _ => format!("removed project {name} from {}", agent.name),
+                        };
+                        let caller = caller.as_caller();
+                        let entry = AuditEntry::new(
+                            AuditKind::ProjectChanged { change, name, path },
+                            caller.actor(),
+                            &agent.owner,
+                            detail,
+                        )
+                        .by(caller)
+                        .on(&agent);
+                        state.audit_or_log(entry);
+                    }
+                    Ok::<_, TaskError>(())
+                })
+                .await?;
                 Ok(report)
             }
             Answer::Project(ProjectReply::Refused { message }) => Err(TaskError::ProjectRefused {
@@ -195,45 +200,12 @@ impl Core {
     pub(crate) async fn ask_agent(
         &self,
         agent: &AgentRecord,
-        msg: impl FnOnce(u64) -> RelayMessage,
+        msg: impl FnOnce(u64) -> RelayMessage + Send + 'static,
     ) -> Result<Answer, TaskError> {
-        let session = self.live().get(&agent.fingerprint).map(|l| l.session);
-        let Some(session) = session else {
-            return Err(TaskError::Offline {
-                seen: agent.last_seen.map_or("never connected".into(), |t| {
-                    format!(
-                        "last seen {} ago",
-                        crate::core::human_duration(crate::store::now().saturating_sub(t))
-                    )
-                }),
-                name: agent.name.clone(),
-            });
-        };
-        let id = self.next_request_id();
         let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = self.pending();
-            if pending
-                .values()
-                .filter(|p| p.agent == agent.fingerprint)
-                .count()
-                >= MAX_PENDING_PER_AGENT
-            {
-                return Err(TaskError::TooManyRequests(agent.name.clone()));
-            }
-            pending.insert(
-                id,
-                PendingRequest {
-                    agent: agent.fingerprint,
-                    session,
-                    reply: tx,
-                },
-            );
-        }
+        let asked = agent.clone();
+        let id = self.run(move |state| state.ask(&asked, msg, tx)).await?;
         let _waiting = Waiting { core: self, id };
-        if !self.to_agent(&agent.fingerprint, msg(id)) {
-            return Err(TaskError::AgentBusy(agent.name.clone()));
-        }
         let timeout = self.config().project_timeout;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => Ok(answer),
@@ -245,13 +217,104 @@ impl Core {
         }
     }
 
-    /// An agent's answer to a project request. Only the agent that was asked can answer it: an id sent by
-    /// another agent is ignored (and leaves the request waiting for its real answer).
-    pub(crate) fn answer(&self, agent: &Fingerprint, id: u64, reply: Answer) {
-        let mut pending = self.pending();
-        match pending.get(&id) {
+    /// An agent's answer to a request. Only the agent that was asked can answer it: an id sent by another
+    /// agent is ignored (and leaves the request waiting for its real answer).
+    pub(crate) async fn answer(&self, agent: Fingerprint, id: u64, reply: Answer) {
+        let _ = self
+            .call(move |state| state.answer(&agent, id, reply))
+            .await;
+    }
+
+    /// Requests waiting for an agent's answer, across all agents (for metrics and tests).
+    pub async fn pending_project_requests(&self) -> usize {
+        self.call(|state| state.pending.len()).await.unwrap_or(0)
+    }
+
+    /// An agent's projects report (after each handshake and each change).
+    /// Reports past [`CoreConfig::project_reports_per_minute`](super::CoreConfig) are dropped: each one
+    /// rewrites the agent's stored record, and an agent sending them in a loop would keep the store busy.
+    pub(crate) async fn projects_reported(&self, agent: Fingerprint, report: ProjectsReport) {
+        let _ = self
+            .call(move |state| state.projects_reported(&agent, report))
+            .await;
+    }
+
+    /// The agent's projects as it last reported them, kept while it is offline. `None` until it reports.
+    pub async fn agent_projects(
+        &self,
+        agent: &Fingerprint,
+    ) -> Result<Option<ProjectsReport>, TaskError> {
+        let agent = *agent;
+        Ok(self
+            .read(move |store| store.agent(&agent))
+            .await??
+            .and_then(|a| a.projects))
+    }
+
+    /// The project names `user` may use on an agent of `target` (or their own when `None`): for
+    /// autocomplete. A grantee sees only what their share allows.
+    pub async fn usable_projects(
+        &self,
+        user: &str,
+        target: Option<&str>,
+        agent: Option<&str>,
+    ) -> Result<Vec<String>, TaskError> {
+        let (user, target, agent) = (
+            user.to_string(),
+            target.map(str::to_string),
+            agent.map(str::to_string),
+        );
+        self.run(move |state| state.usable_projects(&user, target.as_deref(), agent.as_deref()))
+            .await
+    }
+}
+
+impl State {
+    /// Registers a request to an agent's live session and sends it. Returns its id.
+    fn ask(
+        &mut self,
+        agent: &AgentRecord,
+        msg: impl FnOnce(u64) -> RelayMessage,
+        reply: oneshot::Sender<Answer>,
+    ) -> Result<u64, TaskError> {
+        let Some(session) = self.live.get(&agent.fingerprint).map(|l| l.session) else {
+            return Err(TaskError::Offline {
+                seen: agent.last_seen.map_or("never connected".into(), |t| {
+                    format!("last seen {} ago", human_duration(now().saturating_sub(t)))
+                }),
+                name: agent.name.clone(),
+            });
+        };
+        if self
+            .pending
+            .values()
+            .filter(|p| p.agent == agent.fingerprint)
+            .count()
+            >= MAX_PENDING_PER_AGENT
+        {
+            return Err(TaskError::TooManyRequests(agent.name.clone()));
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        self.pending.insert(
+            id,
+            PendingRequest {
+                agent: agent.fingerprint,
+                session,
+                reply,
+            },
+        );
+        if !self.to_agent(&agent.fingerprint, msg(id)) {
+            self.pending.remove(&id);
+            return Err(TaskError::AgentBusy(agent.name.clone()));
+        }
+        Ok(id)
+    }
+
+    fn answer(&mut self, agent: &Fingerprint, id: u64, reply: Answer) {
+        match self.pending.get(&id) {
             Some(p) if p.agent == *agent => {
-                if let Some(p) = pending.remove(&id) {
+                if let Some(p) = self.pending.remove(&id) {
                     // The caller may have stopped waiting just now; nothing to do then.
                     let _ = p.reply.send(reply);
                 }
@@ -261,20 +324,12 @@ impl Core {
         }
     }
 
-    /// Project requests waiting for an answer, across all agents (for metrics and tests).
-    pub fn pending_project_requests(&self) -> usize {
-        self.pending().len()
-    }
-
     /// Fails the requests a session was asked, when it ends.
-    pub(crate) fn drop_pending_projects(&self, session: u64) {
-        self.pending().retain(|_, p| p.session != session);
+    pub(crate) fn drop_pending_requests(&mut self, session: u64) {
+        self.pending.retain(|_, p| p.session != session);
     }
 
-    /// An agent's projects report (after each handshake and each change).
-    /// Reports past [`CoreConfig::project_reports_per_minute`](crate::core::CoreConfig) are dropped: each
-    /// one rewrites the agent's stored record, and an agent sending them in a loop would keep the store busy.
-    pub(crate) fn projects_reported(&self, agent: &Fingerprint, report: ProjectsReport) {
+    fn projects_reported(&mut self, agent: &Fingerprint, report: ProjectsReport) {
         if self.report_limit.take(agent).is_err() {
             if self.report_warnings.take(agent).is_ok() {
                 tracing::warn!(
@@ -297,14 +352,7 @@ impl Core {
         }
     }
 
-    /// The agent's projects as it last reported them, kept while it is offline. `None` until it reports.
-    pub fn agent_projects(&self, agent: &Fingerprint) -> Result<Option<ProjectsReport>, TaskError> {
-        Ok(self.store().agent(agent)?.and_then(|a| a.projects))
-    }
-
-    /// The project names `user` may use on an agent of `target` (or their own when `None`): for
-    /// autocomplete. A grantee sees only what their share allows.
-    pub fn usable_projects(
+    fn usable_projects(
         &self,
         user: &str,
         target: Option<&str>,

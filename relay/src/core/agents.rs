@@ -1,0 +1,249 @@
+//! Agents: the live table of sessions (one per agent key), what is shown about each agent, and revoking one.
+//! The agent endpoint holds a [`SessionGuard`] while a session lives.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use ct_protocol::message::CloseReason;
+use ct_protocol::{Fingerprint, Transport};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::state::{LiveAgent, Outbound, State};
+use super::{Core, CoreError, Stopped};
+use crate::store::{now, AgentRecord, AuditEntry, AuditKind};
+
+/// Messages waiting for one agent's session to write them. Bounded: a stuck agent cannot grow relay memory.
+const OUTBOUND_QUEUE: usize = 256;
+
+/// What `agents` shows for one agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentView {
+    pub owner: String,
+    pub name: String,
+    pub fingerprint: Fingerprint,
+    pub online: bool,
+    pub transport: Option<Transport>,
+    /// Online since, or last seen, in Unix seconds.
+    pub since: Option<u64>,
+    pub peer: Option<String>,
+    pub revoked: bool,
+}
+
+impl Core {
+    /// Records a live session; an older session with the same key is told it was replaced. The session lives
+    /// as long as the returned guard.
+    pub async fn register_session(
+        &self,
+        fp: Fingerprint,
+        transport: Transport,
+        peer: SocketAddr,
+    ) -> Result<SessionGuard, Stopped> {
+        let (close, close_rx) = mpsc::channel(1);
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let session = self
+            .call(move |state| state.register_session(fp, transport, peer, close, outbound))
+            .await?;
+        self.metrics().agents(transport).inc();
+        Ok(SessionGuard {
+            core: self.clone(),
+            fp,
+            session,
+            transport,
+            close_rx,
+            outbound_rx,
+        })
+    }
+
+    /// Finds one agent by fingerprint (or a unique prefix of it), or by name (`name` or `owner/name`).
+    pub async fn find_agent(&self, query: &str) -> Result<AgentRecord, CoreError> {
+        let query = query.to_string();
+        self.run(move |state| state.find_agent(&query)).await
+    }
+
+    /// Refuses an agent's key from now on and ends its live session. Its unfinished tasks end as lost: the
+    /// agent can never report on them again. `actor` is who did it, for the audit log: the owner's user id
+    /// (the bot checks ownership first), or [`OPERATOR`](crate::audit::OPERATOR). The revocation and its audit
+    /// entry are written together: if the entry cannot be written, nothing is revoked and the error says so.
+    pub async fn revoke(&self, query: &str, actor: &str) -> Result<AgentRecord, CoreError> {
+        let (query, actor) = (query.to_string(), actor.to_string());
+        self.run(move |state| state.revoke(&query, &actor)).await
+    }
+
+    /// Every agent the relay knows, with its live state.
+    pub async fn agents(&self) -> Result<Vec<AgentView>, CoreError> {
+        self.run(|state| state.agents()).await
+    }
+
+    /// Live sessions right now.
+    pub async fn online(&self) -> usize {
+        self.call(|state| state.live.len()).await.unwrap_or(0)
+    }
+
+    /// Asks every live session to close for a shutdown.
+    pub async fn close_all(&self, reason: CloseReason) {
+        let _ = self
+            .call(move |state| {
+                for live in state.live.values() {
+                    let _ = live.close.try_send(reason);
+                }
+            })
+            .await;
+    }
+}
+
+impl State {
+    fn register_session(
+        &mut self,
+        fp: Fingerprint,
+        transport: Transport,
+        peer: SocketAddr,
+        close: mpsc::Sender<CloseReason>,
+        outbound: mpsc::Sender<Outbound>,
+    ) -> u64 {
+        let session = self.next_session;
+        self.next_session += 1;
+        let old = self.live.insert(
+            fp,
+            LiveAgent {
+                session,
+                transport,
+                since: now(),
+                peer,
+                close,
+                outbound,
+                reconciled: false,
+                dispatched_here: HashSet::new(),
+                retry_dispatch: false,
+            },
+        );
+        if let Some(old) = old {
+            let _ = old.close.try_send(CloseReason::Replaced);
+        }
+        self.touch(&fp, Some(transport));
+        session
+    }
+
+    /// A session ended: it leaves the live table (if it is still the current one for its key), the agent's
+    /// last-seen time is recorded, and requests it was asked fail at once.
+    fn session_ended(&mut self, fp: &Fingerprint, session: u64) {
+        if self.live.get(fp).is_some_and(|l| l.session == session) {
+            self.live.remove(fp);
+            self.touch(fp, None);
+        }
+        self.drop_pending_requests(session);
+    }
+
+    fn touch(&self, fp: &Fingerprint, transport: Option<Transport>) {
+        let update = self.store.update_agent(fp, &mut |rec| {
+            rec.last_seen = Some(now());
+            rec.last_transport = transport.or(rec.last_transport);
+        });
+        if let Err(e) = update {
+            tracing::warn!(error = %e, "could not record when an agent was last seen");
+        }
+    }
+
+    pub(crate) fn find_agent(&self, query: &str) -> Result<AgentRecord, CoreError> {
+        let all = self.store.agents()?;
+        let q = query.trim();
+        let matches: Vec<&AgentRecord> = all
+            .iter()
+            .filter(|a| {
+                let fp = a.fingerprint.to_string();
+                (q.len() >= 10 && fp.starts_with(q))
+                    || fp == q
+                    || a.name == q
+                    || format!("{}/{}", a.owner, a.name) == q
+            })
+            .collect();
+        match matches.as_slice() {
+            [] => Err(CoreError::NoSuchAgent(q.to_string())),
+            [one] => Ok((*one).clone()),
+            many => Err(CoreError::Ambiguous {
+                query: q.to_string(),
+                names: many
+                    .iter()
+                    .map(|a| format!("{}/{}", a.owner, a.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    fn revoke(&mut self, query: &str, actor: &str) -> Result<AgentRecord, CoreError> {
+        let rec = self.find_agent(query)?;
+        let rec = if rec.revoked_at.is_none() {
+            let entry = AuditEntry::new(
+                AuditKind::Revoked,
+                actor,
+                &rec.owner,
+                format!("agent {} revoked", rec.name),
+            )
+            .on(&rec);
+            let rec = self
+                .store
+                .revoke_agent_audited(&rec.fingerprint, now(), &entry)?
+                .map_or(rec, |(r, _)| r);
+            self.must_be_durable();
+            rec
+        } else {
+            rec
+        };
+        if let Some(live) = self.live.remove(&rec.fingerprint) {
+            let _ = live.close.try_send(CloseReason::Revoked);
+        }
+        self.end_tasks_of_revoked(&rec);
+        tracing::info!(owner = %rec.owner, agent = %rec.name, fingerprint = %rec.fingerprint, "agent revoked");
+        Ok(rec)
+    }
+
+    fn agents(&self) -> Result<Vec<AgentView>, CoreError> {
+        let live = &self.live;
+        let mut out: Vec<AgentView> = self
+            .store
+            .agents()?
+            .into_iter()
+            .map(|a| {
+                let l = live.get(&a.fingerprint);
+                AgentView {
+                    online: l.is_some(),
+                    transport: l.map(|l| l.transport).or(a.last_transport),
+                    since: l.map(|l| l.since).or(a.last_seen),
+                    peer: l.map(|l| l.peer.to_string()),
+                    revoked: a.revoked_at.is_some(),
+                    owner: a.owner,
+                    name: a.name,
+                    fingerprint: a.fingerprint,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
+        Ok(out)
+    }
+}
+
+/// Held by a live session; dropping it removes the session from the live table (if it is still the
+/// current one for that key) and records when the agent was last seen.
+#[derive(Debug)]
+pub struct SessionGuard {
+    core: Core,
+    fp: Fingerprint,
+    session: u64,
+    transport: Transport,
+    /// Receives the reason when the core wants this session closed (revoked, replaced, shutdown).
+    pub close_rx: mpsc::Receiver<CloseReason>,
+    /// Messages the core wants sent to the agent, each once what it waits for is durable.
+    pub outbound_rx: mpsc::Receiver<Outbound>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        // Each guard added one to its transport's gauge and takes exactly that one back, whatever happened
+        // to the live entry meanwhile (replaced by a newer session, or removed by a revocation).
+        self.core.metrics().agents(self.transport).dec();
+        let (fp, session) = (self.fp, self.session);
+        self.core
+            .fire(move |state| state.session_ended(&fp, session));
+    }
+}

@@ -1,0 +1,461 @@
+//! The per-task event log: each event stored exactly once under its sequence number, acknowledged once it is
+//! durable, and published to live followers.
+//!
+//! Sessions hand their bursts of events to the core's thread as [`EventsJob`]s. The thread takes every event
+//! job waiting at that moment, from all sessions, and writes them in one store operation
+//! ([`Store::append_event_runs`](crate::store::Store::append_event_runs)); one group-commit ticket then covers
+//! the lot, and each session acknowledges its events once that ticket is durable. Under load a flush therefore
+//! carries many sessions' writes, and the disk sees one write and one flush for all of them.
+
+use std::collections::{BTreeSet, HashMap};
+
+use ct_protocol::task::{FinalState, Role, TaskEvent};
+use ct_protocol::Fingerprint;
+use tokio::sync::{broadcast, oneshot};
+
+use super::output::{self, Keep};
+use super::state::{Job, State};
+use super::tasks::TaskError;
+use super::{Core, Stopped};
+use crate::durable::Ticket;
+use crate::store::{now, EventRun, StoreError, TaskRecord, TaskState};
+
+/// Events buffered per follower before it is considered too slow and skips ahead (it can re-read the log).
+const FOLLOW_BUFFER: usize = 1024;
+
+/// What [`Core::follow`] returns: the task, its stored events, and a receiver for the ones that follow.
+pub type Following = (
+    TaskRecord,
+    Vec<(u64, TaskEvent)>,
+    broadcast::Receiver<(u64, TaskEvent)>,
+);
+
+/// One task's run of consecutive events, as an agent sent them.
+pub type Run = (String, Vec<(u64, TaskEvent)>);
+
+/// A session's burst of events, for the core's thread.
+pub(crate) struct EventsJob {
+    pub(crate) agent: Fingerprint,
+    pub(crate) runs: Vec<Run>,
+    reply: oneshot::Sender<Recorded>,
+}
+
+/// What became of a burst of events.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Per task, the sequence number to acknowledge (everything up to it is stored).
+    pub acks: Vec<(String, u64)>,
+    /// Acknowledge only once this is durable.
+    pub ticket: Option<Ticket>,
+}
+
+/// A run checked and encoded, waiting for the batch's write.
+struct Prepared {
+    job: usize,
+    rec: TaskRecord,
+    was_open: bool,
+    writes: Vec<(u64, Option<Vec<u8>>)>,
+    published: Vec<(u64, TaskEvent)>,
+    finished: bool,
+    /// Tool uses the agent allowed by a session rule, audited once they are stored.
+    auto_allowed: Vec<(String, String, ct_protocol::scope::SessionScope)>,
+}
+
+/// What checking a run came to.
+enum Checked {
+    /// Nothing to store or acknowledge (a gap, or a task that is not this agent's).
+    Nothing,
+    /// Only events stored before (re-sent after a reconnect): acknowledged again up to this.
+    Resent(u64),
+    Write(Box<Prepared>),
+}
+
+impl Core {
+    /// Stores a burst of events from `agent`, each exactly once; a task's end frees a slot, so the agent's
+    /// queue moves on. Returns what to acknowledge, and the ticket to wait for first.
+    pub async fn record_events(
+        &self,
+        agent: Fingerprint,
+        runs: Vec<Run>,
+    ) -> Result<Recorded, Stopped> {
+        let (reply, done) = oneshot::channel();
+        self.send(Job::Events(EventsJob { agent, runs, reply }))
+            .await?;
+        done.await.map_err(|_| Stopped)
+    }
+
+    /// The user's most recent tasks, newest first: those they asked for and those on their agents (for
+    /// task-id autocomplete and history). Read through the store's indexes: the cost follows `limit`, not the
+    /// history.
+    pub async fn tasks_for(&self, user: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
+        let user = user.to_string();
+        self.run(move |state| state.tasks_for(&user, limit)).await
+    }
+
+    pub async fn task(&self, id: &str) -> Result<TaskRecord, TaskError> {
+        let id = id.to_string();
+        self.run(move |state| state.task(&id)).await
+    }
+
+    /// The task's stored events, and a receiver for those that follow. Subscribing happens before reading the
+    /// log, so nothing falls between the two; a follower skips live events whose `seq` it already has. The log
+    /// (up to the output cap) is read on the blocking pool, not on the core's thread.
+    pub async fn follow(&self, id: &str) -> Result<Following, TaskError> {
+        let id = id.to_string();
+        let (rec, rx) = {
+            let id = id.clone();
+            self.run(move |state| state.subscribe(&id)).await?
+        };
+        let events = self.read(move |store| store.events(&id, 0)).await??;
+        Ok((rec, events, rx))
+    }
+}
+
+impl State {
+    /// Writes a batch of event jobs in one store operation, then acknowledges, publishes and moves queues.
+    pub(crate) fn record_batch(&mut self, batch: Vec<EventsJob>) {
+        let mut acks: Vec<Vec<(String, u64)>> = vec![Vec::new(); batch.len()];
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut prepared = Vec::new();
+        // A task's record as the runs before in this batch left it (an agent may interleave tasks).
+        let mut latest: HashMap<String, TaskRecord> = HashMap::new();
+        for (i, job) in batch.into_iter().enumerate() {
+            for (id, run) in job.runs {
+                match self.check_run(i, &job.agent, &id, run, &mut latest) {
+                    Ok(Checked::Nothing) => {}
+                    Ok(Checked::Resent(seq)) => acks[i].push((id, seq)),
+                    Ok(Checked::Write(p)) => prepared.push(*p),
+                    // Not acknowledged, so the agent sends it again later; nothing is lost.
+                    Err(e) => {
+                        tracing::error!(task = %id, error = %e, "could not store task events")
+                    }
+                }
+            }
+            replies.push((job.agent, job.reply));
+        }
+        let written = if prepared.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.write_runs(&prepared)
+        };
+        let mut finished = BTreeSet::new();
+        match written {
+            Ok(written) => {
+                for (p, ok) in prepared.into_iter().zip(written) {
+                    if !ok {
+                        tracing::warn!(task = %p.rec.spec.task, "events for a task deleted meanwhile; dropped");
+                        continue;
+                    }
+                    if !p.auto_allowed.is_empty() {
+                        self.audit_auto_allowed(&p.rec, p.auto_allowed);
+                    }
+                    for (seq, event) in &p.published {
+                        self.publish(&p.rec.spec.task, *seq, event);
+                    }
+                    if p.finished {
+                        finished.insert(replies[p.job].0);
+                    }
+                    acks[p.job].push((p.rec.spec.task.clone(), p.rec.last_seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, runs = prepared.len(), "could not store task events")
+            }
+        }
+        for agent in finished {
+            if let Err(e) = self.dispatch_queued(&agent) {
+                tracing::error!(error = %e, "could not dispatch queued tasks");
+            }
+        }
+        // One ticket for the whole batch, taken after its write: its flush covers every run in it.
+        let ticket = acks.iter().any(|a| !a.is_empty()).then(|| self.ticket());
+        for ((_, reply), acks) in replies.into_iter().zip(acks) {
+            let _ = reply.send(Recorded { acks, ticket });
+        }
+    }
+
+    fn write_runs(&self, prepared: &[Prepared]) -> Result<Vec<bool>, StoreError> {
+        let events: Vec<Vec<(u64, Option<&[u8]>)>> = prepared
+            .iter()
+            .map(|p| {
+                p.writes
+                    .iter()
+                    .map(|(seq, bytes)| (*seq, bytes.as_deref()))
+                    .collect()
+            })
+            .collect();
+        let runs: Vec<EventRun<'_>> = prepared
+            .iter()
+            .zip(&events)
+            .map(|(p, events)| EventRun {
+                task: &p.rec,
+                events,
+                was_open: Some(p.was_open),
+            })
+            .collect();
+        self.store().append_event_runs(&runs)
+    }
+
+    /// Checks one task's run from `agent` against the task's record and the output cap, and encodes what is
+    /// to be stored. Nothing is written here.
+    fn check_run(
+        &self,
+        job: usize,
+        agent: &Fingerprint,
+        id: &str,
+        run: Vec<(u64, TaskEvent)>,
+        latest: &mut HashMap<String, TaskRecord>,
+    ) -> Result<Checked, TaskError> {
+        let rec = match latest.get(id) {
+            Some(rec) => Some(rec.clone()),
+            None => self.store().task(id)?,
+        };
+        let Some(mut rec) = rec else {
+            tracing::warn!(task = id, "event for an unknown task; ignored");
+            return Ok(Checked::Nothing);
+        };
+        if rec.agent != *agent {
+            tracing::warn!(task = id, "event for a task on another agent; ignored");
+            return Ok(Checked::Nothing);
+        }
+        let cap = self.config().max_task_output;
+        let was_open = !rec.state.is_final();
+        let mut writes: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
+        let mut published = Vec::new();
+        let mut finished = false;
+        let mut resent = false;
+        let mut auto_allowed = Vec::new();
+        for (seq, event) in run {
+            if seq <= rec.last_seq {
+                // Re-sent after a reconnect: already stored. Acknowledged again so the agent can let it go.
+                resent = true;
+                continue;
+            }
+            if !rec.is_dispatched() {
+                // The agent was never given this task (it is queued, or the relay ended it while it was): it
+                // cannot have anything to say about it. What came before in the run is still stored.
+                tracing::warn!(
+                    task = id,
+                    "event for a task never sent to this agent; ignored"
+                );
+                break;
+            }
+            if seq != rec.last_seq + 1 {
+                tracing::warn!(
+                    task = id,
+                    seq,
+                    stored = rec.last_seq,
+                    "event out of order; waiting for the gap to be re-sent"
+                );
+                break;
+            }
+            finished |= matches!(event, TaskEvent::Finished { .. });
+            // The end message (often the agent's refusal, worded for its owner) lands in a thread the
+            // requester reads: someone else's task gets it without the owner's folders.
+            let event = match event {
+                TaskEvent::Finished {
+                    state,
+                    message: Some(m),
+                } if rec.spec.requester.role != Role::Owner => TaskEvent::Finished {
+                    state,
+                    message: Some(super::redact::for_grantee(&m)),
+                },
+                other => other,
+            };
+            if let TaskEvent::Tool {
+                name,
+                summary,
+                auto_allowed: Some(rule),
+            } = &event
+            {
+                auto_allowed.push((name.clone(), summary.clone(), rule.clone()));
+            }
+            let was_final = rec.state.is_final();
+            apply(&mut rec, &event);
+            rec.last_seq = seq;
+            let encoded = serde_json::to_vec(&event).map_err(StoreError::from)?;
+            let kept = match output::keep(&rec, event, encoded.len() as u64, cap, was_final) {
+                Keep::Unchanged(e) => Some((e, encoded)),
+                Keep::Store(e) => {
+                    let bytes = serde_json::to_vec(&e).map_err(StoreError::from)?;
+                    Some((e, bytes))
+                }
+                Keep::Marker => {
+                    rec.output_truncated = true;
+                    tracing::warn!(
+                        task = id,
+                        cap,
+                        "task output past the cap; later output is dropped"
+                    );
+                    let marker = output::marker(cap);
+                    let bytes = serde_json::to_vec(&marker).map_err(StoreError::from)?;
+                    Some((marker, bytes))
+                }
+                // Acknowledged all the same, so the agent's outbox drains; the marker already said so.
+                Keep::Drop => None,
+            };
+            match kept {
+                Some((event, bytes)) => {
+                    rec.output_bytes += bytes.len() as u64;
+                    writes.push((seq, Some(bytes)));
+                    published.push((seq, event));
+                }
+                None => writes.push((seq, None)),
+            }
+        }
+        if writes.is_empty() {
+            return Ok(if resent {
+                Checked::Resent(rec.last_seq)
+            } else {
+                Checked::Nothing
+            });
+        }
+        rec.updated_at = now();
+        latest.insert(id.to_string(), rec.clone());
+        Ok(Checked::Write(Box::new(Prepared {
+            job,
+            rec,
+            was_open,
+            writes,
+            published,
+            finished,
+            auto_allowed,
+        })))
+    }
+
+    /// Audits uses the agent already allowed by a session rule. They have happened, so a missing entry is
+    /// logged rather than refused (like a cancel); the events themselves are stored and shown either way.
+    fn audit_auto_allowed(
+        &self,
+        rec: &TaskRecord,
+        uses: Vec<(String, String, ct_protocol::scope::SessionScope)>,
+    ) {
+        let agent = match self.store().agent(&rec.agent) {
+            Ok(Some(agent)) => agent,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, task = %rec.spec.task, "could not audit auto-allowed uses: agent unreadable");
+                return;
+            }
+        };
+        for (tool, summary, rule) in uses {
+            self.audit_or_log(crate::audit::auto_allowed_entry(
+                &agent,
+                &rec.spec.task,
+                &rec.spec.requester.user,
+                &tool,
+                &summary,
+                &rule,
+            ));
+        }
+    }
+
+    /// Ends a task from the relay's side (one the agent does not have, or can no longer report on), through
+    /// the normal event path so followers see why.
+    pub(crate) fn finish_here(
+        &mut self,
+        rec: &mut TaskRecord,
+        state: TaskState,
+        message: String,
+    ) -> Result<(), TaskError> {
+        let event = TaskEvent::Finished {
+            state: match state {
+                TaskState::Cancelled => FinalState::Cancelled,
+                TaskState::Done => FinalState::Done,
+                _ => FinalState::Failed,
+            },
+            message: Some(message),
+        };
+        let seq = rec.last_seq + 1;
+        apply(rec, &event);
+        rec.state = state;
+        rec.last_seq = seq;
+        rec.updated_at = now();
+        // The relay's own end is always kept: it is short, and followers wait for it.
+        let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
+        rec.output_bytes += bytes.len() as u64;
+        let run = [(seq, Some(bytes.as_slice()))];
+        self.store().append_event_runs(&[EventRun {
+            task: rec,
+            events: &run,
+            was_open: None,
+        }])?;
+        self.publish(&rec.spec.task, seq, &event);
+        tracing::info!(task = %rec.spec.task, ?state, "task ended by the relay");
+        Ok(())
+    }
+
+    fn tasks_for(&self, user: &str, limit: usize) -> Result<Vec<TaskRecord>, TaskError> {
+        let mine: Vec<Fingerprint> = self
+            .store()
+            .agents_of(user)?
+            .into_iter()
+            .map(|a| a.fingerprint)
+            .collect();
+        Ok(self.store().recent_tasks(user, &mine, limit)?)
+    }
+
+    pub(crate) fn task(&self, id: &str) -> Result<TaskRecord, TaskError> {
+        self.store()
+            .task(id)?
+            .ok_or_else(|| TaskError::NoSuchTask(id.to_string()))
+    }
+
+    /// Subscribes to a task's live events, then reads its record: see [`Core::follow`].
+    fn subscribe(
+        &mut self,
+        id: &str,
+    ) -> Result<(TaskRecord, broadcast::Receiver<(u64, TaskEvent)>), TaskError> {
+        let rx = self.followers_of(id).subscribe();
+        Ok((self.task(id)?, rx))
+    }
+
+    fn followers_of(&mut self, id: &str) -> broadcast::Sender<(u64, TaskEvent)> {
+        self.followers.retain(|_, tx| tx.receiver_count() > 0);
+        self.followers
+            .entry(id.to_string())
+            .or_insert_with(|| broadcast::channel(FOLLOW_BUFFER).0)
+            .clone()
+    }
+
+    /// Drops a task's live channel, so whoever follows it sees it closed (the task was deleted) instead of
+    /// waiting for events that will never come.
+    pub(crate) fn close_followers(&mut self, id: &str) {
+        self.followers.remove(id);
+    }
+
+    fn publish(&self, id: &str, seq: u64, event: &TaskEvent) {
+        if let Some(tx) = self.followers.get(id) {
+            let _ = tx.send((seq, event.clone()));
+        }
+    }
+}
+
+/// The state change an event implies.
+fn apply(rec: &mut TaskRecord, event: &TaskEvent) {
+    match event {
+        TaskEvent::Started { .. } => rec.state = TaskState::Running,
+        TaskEvent::Session { session_id, .. } => rec.session_id = Some(session_id.clone()),
+        TaskEvent::ApprovalRequested { .. } => rec.state = TaskState::WaitingApproval,
+        TaskEvent::ApprovalClosed { .. } if rec.state == TaskState::WaitingApproval => {
+            rec.state = TaskState::Running
+        }
+        TaskEvent::Finished { state, message } => {
+            rec.state = match state {
+                FinalState::Done => TaskState::Done,
+                FinalState::Failed => TaskState::Failed,
+                FinalState::Cancelled => TaskState::Cancelled,
+            };
+            rec.message = message.clone();
+        }
+        // The record is rewritten with every event: keep only as much of the agent's branch name as git
+        // itself would take.
+        TaskEvent::Worktree { branch, .. } => {
+            rec.worktree = Some(branch.chars().take(MAX_BRANCH_CHARS).collect())
+        }
+        _ => {}
+    }
+}
+
+/// Longest worktree branch name kept from an agent.
+const MAX_BRANCH_CHARS: usize = 255;

@@ -1,0 +1,230 @@
+//! Each agent's queue: tasks wait, first in first out, until the agent has a free slot
+//! ([`CoreConfig::max_running_per_agent`](super::CoreConfig)); the queue moves when a task ends, when the agent
+//! reconnects, and on heartbeats after its outbound queue was full. After a reconnect the agent's report of
+//! what it still runs is reconciled with what the relay sent it.
+
+use ct_protocol::task::Role;
+use ct_protocol::{Fingerprint, RelayMessage};
+
+use super::state::{Outbound, State};
+use super::tasks::{check_options, TaskError};
+use super::Core;
+use crate::store::{now, AgentRecord, TaskRecord, TaskState};
+
+/// Tasks remembered as sent during a session whose `Running` report has not arrived yet.
+const MAX_UNRECONCILED: usize = 1024;
+
+impl Core {
+    /// Called when an agent's session starts: what fits its free slots goes out now (tasks still counted as
+    /// running from before wait for its `Running` report).
+    pub async fn agent_connected(&self, agent: Fingerprint) {
+        let _ = self.call(move |state| state.agent_connected(&agent)).await;
+    }
+
+    /// Retries dispatching for an agent whose outbound queue was full the last time. Called on heartbeats.
+    pub async fn retry_dispatch(&self, agent: Fingerprint) {
+        let _ = self.call(move |state| state.retry_dispatch(&agent)).await;
+    }
+
+    /// Reconciles after a (re)connect: the agent reports what it still runs; any other task it had been sent
+    /// in an earlier session is lost. Queued tasks are the relay's and stay queued; then the queue moves. A
+    /// running task whose requester lost their share meanwhile is cancelled through the agent.
+    pub async fn agent_running(
+        &self,
+        agent: Fingerprint,
+        running: Vec<String>,
+    ) -> Result<(), TaskError> {
+        self.run(move |state| state.agent_running(&agent, &running))
+            .await
+    }
+}
+
+impl State {
+    /// Sends queued tasks to the agent, oldest first, while it has free slots. A task whose requester lost
+    /// their share while it waited is cancelled instead.
+    pub(crate) fn dispatch_queued(&mut self, agent: &Fingerprint) -> Result<(), TaskError> {
+        if let Some(live) = self.live.get_mut(agent) {
+            live.retry_dispatch = false;
+        } else {
+            return Ok(());
+        }
+        let open = self.store().open_tasks(agent)?;
+        let mut running = open.iter().filter(|t| t.is_dispatched()).count();
+        for mut rec in open.into_iter().filter(|t| !t.is_dispatched()) {
+            if running >= self.config().max_running_per_agent {
+                break;
+            }
+            // The share may have been narrowed or downgraded while the task waited.
+            let standing = self.standing(&rec);
+            match standing {
+                Ok(role) => rec.spec.requester.role = role,
+                Err(why) => {
+                    self.finish_here(&mut rec, TaskState::Cancelled, why)?;
+                    continue;
+                }
+            }
+            // Durable before it is sent: after a crash the relay must not send the same task twice. The session
+            // writes the start once the ticket's flush is done.
+            rec.dispatched_at = Some(now());
+            rec.updated_at = now();
+            self.store().put_task(&rec)?;
+            let start = Outbound {
+                after: Some(self.ticket()),
+                msg: RelayMessage::StartTask(rec.spec.clone()),
+            };
+            let sent = match self.live.get_mut(agent) {
+                Some(live) => match live.outbound.try_send(start) {
+                    Ok(()) => {
+                        if live.dispatched_here.len() >= MAX_UNRECONCILED {
+                            // An agent that sent no report after this many tasks does not send one: stop
+                            // remembering (and stop expecting it) rather than grow without bound.
+                            live.reconciled = true;
+                            live.dispatched_here.clear();
+                        }
+                        if !live.reconciled {
+                            live.dispatched_here.insert(rec.spec.task.clone());
+                        }
+                        true
+                    }
+                    Err(_) => {
+                        live.retry_dispatch = true;
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !sent {
+                // Still the relay's: it goes out on a later attempt (a heartbeat, a reconnect, a task ending).
+                rec.dispatched_at = None;
+                self.store().put_task(&rec)?;
+                tracing::warn!(task = %rec.spec.task, "could not send a task to its agent now; it stays queued");
+                break;
+            }
+            running += 1;
+            tracing::info!(task = %rec.spec.task, "task dispatched");
+        }
+        Ok(())
+    }
+
+    fn retry_dispatch(&mut self, agent: &Fingerprint) {
+        if !self.live.get(agent).is_some_and(|l| l.retry_dispatch) {
+            return;
+        }
+        if let Err(e) = self.dispatch_queued(agent) {
+            tracing::error!(error = %e, "could not dispatch queued tasks");
+        }
+    }
+
+    /// The requester's current role on the task's agent, or (as the message for them) why they no longer
+    /// may run it: shares can be revoked, narrowed or downgraded (below the task's permission mode) after a
+    /// task was submitted.
+    pub(crate) fn standing(&self, rec: &TaskRecord) -> Result<Role, String> {
+        let role = self.share_standing(rec)?;
+        check_options(role, &rec.spec.options).map_err(|e| format!("cancelled: {e}"))?;
+        Ok(role)
+    }
+
+    fn share_standing(&self, rec: &TaskRecord) -> Result<Role, String> {
+        let owner = match self.store().agent(&rec.agent) {
+            Ok(Some(a)) => a.owner,
+            Ok(None) => return Err("cancelled: its agent no longer exists".into()),
+            Err(e) => {
+                // Refusing is the safe side when the store cannot say.
+                tracing::error!(error = %e, "could not read an agent while checking a share");
+                return Err(
+                    "cancelled: the relay could not check the share; start it again".into(),
+                );
+            }
+        };
+        let user = &rec.spec.requester.user;
+        if *user == owner {
+            return Ok(Role::Owner);
+        }
+        match self.store().share(&owner, user) {
+            Ok(Some(share)) if share.allows(&rec.spec.project) => {
+                Ok(crate::shares::role_of(share.level))
+            }
+            Ok(Some(_)) => Err(format!(
+                "cancelled: user {owner} no longer shares project {:?} with you",
+                rec.spec.project
+            )),
+            Ok(None) => Err(format!(
+                "cancelled: user {owner} stopped sharing their agents with you"
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "could not read a share");
+                Err("cancelled: the relay could not check the share; start it again".into())
+            }
+        }
+    }
+
+    fn agent_running(&mut self, agent: &Fingerprint, running: &[String]) -> Result<(), TaskError> {
+        let sent_here = match self.live.get_mut(agent) {
+            Some(live) if live.reconciled => {
+                // The report comes once per session; a second one was written after tasks we sent since, and
+                // could wrongly make them lost.
+                tracing::debug!("repeated Running report ignored");
+                return Ok(());
+            }
+            Some(live) => {
+                live.reconciled = true;
+                std::mem::take(&mut live.dispatched_here)
+            }
+            None => Default::default(),
+        };
+        for mut rec in self.store().open_tasks(agent)? {
+            if !rec.is_dispatched() || sent_here.contains(&rec.spec.task) {
+                continue;
+            }
+            if running.contains(&rec.spec.task) {
+                if self.standing(&rec).is_err() {
+                    let cancel = RelayMessage::CancelTask {
+                        task: rec.spec.task.clone(),
+                    };
+                    self.to_agent(agent, cancel);
+                }
+                continue;
+            }
+            // A task sent while the agent was going away never reached it; one it ran is gone with its process.
+            self.finish_here(
+                &mut rec,
+                TaskState::Lost,
+                "the agent stopped running this task (it restarted or lost it): start it again"
+                    .into(),
+            )?;
+            tracing::warn!(task = %rec.spec.task, "task lost: its agent no longer runs it");
+        }
+        self.dispatch_queued(agent)?;
+        Ok(())
+    }
+
+    fn agent_connected(&mut self, agent: &Fingerprint) {
+        if let Err(e) = self.dispatch_queued(agent) {
+            tracing::error!(error = %e, "could not dispatch queued tasks");
+        }
+    }
+
+    /// Ends a revoked agent's unfinished tasks: it will never connect again to report on them.
+    pub(crate) fn end_tasks_of_revoked(&mut self, agent: &AgentRecord) {
+        let result = self
+            .store()
+            .open_tasks(&agent.fingerprint)
+            .and_then(|open| {
+                for mut rec in open {
+                    let message = format!(
+                        "agent {} was revoked, so this task can no longer run or report",
+                        agent.name
+                    );
+                    if let Err(TaskError::Store(e)) =
+                        self.finish_here(&mut rec, TaskState::Lost, message)
+                    {
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            });
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not end a revoked agent's tasks");
+        }
+    }
+}

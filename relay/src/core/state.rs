@@ -1,0 +1,204 @@
+//! The core's state and the thread that owns it: every job from a [`Core`](super::Core) handle runs here, one
+//! at a time, in arrival order. See the module docs of [`crate::core`] for why.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ct_protocol::message::CloseReason;
+use ct_protocol::task::TaskEvent;
+use ct_protocol::{Fingerprint, RelayMessage, Transport};
+use tokio::sync::{broadcast, mpsc};
+
+use super::config::CoreConfig;
+use super::events::EventsJob;
+use super::projects::PendingRequest;
+use crate::durable::{GroupCommit, Ticket};
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::store::{SharedStore, Store};
+
+/// Event jobs written together at most: bounds one store operation, and the time other jobs wait behind it.
+const MAX_EVENT_BATCH: usize = 64;
+
+/// Work for the core's thread.
+pub(crate) enum Job {
+    /// Any operation: runs with the state, replies through whatever it captured.
+    Call(Box<dyn FnOnce(&mut State) + Send>),
+    /// A session's burst of task events. Consecutive ones are written together (see [`super::events`]).
+    Events(EventsJob),
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Call(_) => f.write_str("Job::Call"),
+            Job::Events(e) => write!(f, "Job::Events({} runs)", e.runs.len()),
+        }
+    }
+}
+
+/// A message for an agent's session to write, once `after` (if any) is durable: a task start must not reach
+/// the agent before the record saying it was sent is on disk, or a crash could send it twice.
+#[derive(Debug)]
+pub struct Outbound {
+    pub after: Option<Ticket>,
+    pub msg: RelayMessage,
+}
+
+/// One live session in the live table.
+#[derive(Debug)]
+pub(crate) struct LiveAgent {
+    pub(crate) session: u64,
+    pub(crate) transport: Transport,
+    pub(crate) since: u64,
+    pub(crate) peer: SocketAddr,
+    pub(crate) close: mpsc::Sender<CloseReason>,
+    /// Messages for the agent (task starts, decisions, requests), written by its session in order.
+    pub(crate) outbound: mpsc::Sender<Outbound>,
+    /// Whether this session's `Running` report was reconciled. Until then, the tasks sent during this
+    /// session are remembered in `dispatched_here`: the report was written before the agent saw them, so
+    /// their absence from it does not mean they were lost.
+    pub(crate) reconciled: bool,
+    pub(crate) dispatched_here: HashSet<String>,
+    /// A task start could not be queued for this session (its outbound queue was full); retried on the next
+    /// heartbeat so the task does not wait for an unrelated event.
+    pub(crate) retry_dispatch: bool,
+}
+
+/// Everything the core changes, owned by its thread.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) store: SharedStore,
+    commit: Arc<GroupCommit>,
+    pub(crate) config: Arc<CoreConfig>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The relay key's fingerprint, put into pairing tokens.
+    pub(crate) relay: Fingerprint,
+    pub(crate) live: HashMap<Fingerprint, LiveAgent>,
+    pub(crate) next_session: u64,
+    pub(crate) pair_limit: RateLimiter,
+    /// Tasks started per user; see [`CoreConfig::tasks_per_minute`].
+    pub(crate) task_limit: RateLimiter<String>,
+    /// Project reports per agent; see [`CoreConfig::project_reports_per_minute`].
+    pub(crate) report_limit: RateLimiter<Fingerprint>,
+    /// At most one warning a minute per agent whose reports are being dropped.
+    pub(crate) report_warnings: RateLimiter<Fingerprint>,
+    /// Live followers of each task (admin `task`, the Discord bot).
+    pub(crate) followers: HashMap<String, broadcast::Sender<(u64, TaskEvent)>>,
+    /// Requests waiting for an agent's answer, by request id.
+    pub(crate) pending: HashMap<u64, PendingRequest>,
+    pub(crate) next_request: u64,
+    /// Set when the running job wrote something that must be durable before its caller hears back.
+    durable: Option<Ticket>,
+}
+
+impl State {
+    pub(crate) fn new(
+        store: SharedStore,
+        commit: Arc<GroupCommit>,
+        config: Arc<CoreConfig>,
+        metrics: Arc<Metrics>,
+        relay: Fingerprint,
+    ) -> Self {
+        Self {
+            pair_limit: RateLimiter::new(
+                config.pair_burst,
+                config.pair_refill,
+                config.rate_limit_keys,
+            ),
+            task_limit: RateLimiter::new(
+                config.task_burst,
+                Duration::from_secs(60) / config.tasks_per_minute.max(1),
+                config.rate_limit_keys,
+            ),
+            report_limit: RateLimiter::new(
+                config.project_reports_per_minute,
+                Duration::from_secs(60) / config.project_reports_per_minute.max(1),
+                config.rate_limit_keys,
+            ),
+            report_warnings: RateLimiter::new(1, Duration::from_secs(60), config.rate_limit_keys),
+            store,
+            commit,
+            config,
+            metrics,
+            relay,
+            live: HashMap::new(),
+            next_session: 1,
+            followers: HashMap::new(),
+            pending: HashMap::new(),
+            next_request: 1,
+            durable: None,
+        }
+    }
+
+    pub(crate) fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    pub(crate) fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Marks the running job's writes so far as ones its caller must not hear of before they are durable.
+    pub(crate) fn must_be_durable(&mut self) {
+        self.durable = Some(self.commit.ticket());
+    }
+
+    /// A ticket for everything written so far, for a message that must wait for it (see [`Outbound`]).
+    pub(crate) fn ticket(&self) -> Ticket {
+        self.commit.ticket()
+    }
+
+    pub(crate) fn take_durable(&mut self) -> Option<Ticket> {
+        self.durable.take()
+    }
+
+    /// The thread's loop: until every handle is gone. Consecutive event jobs are taken together.
+    pub(crate) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut next = None;
+        loop {
+            let job = match next.take() {
+                Some(job) => job,
+                None => match jobs.blocking_recv() {
+                    Some(job) => job,
+                    None => break,
+                },
+            };
+            match job {
+                Job::Call(job) => self.guarded(|state| job(state)),
+                Job::Events(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_EVENT_BATCH {
+                        match jobs.try_recv() {
+                            Ok(Job::Events(more)) => batch.push(more),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.guarded(|state| state.record_batch(batch));
+                }
+            }
+        }
+        tracing::debug!("the core's thread stops: every handle is gone");
+    }
+
+    /// Runs one job. A panic is a bug; it is logged and costs that job (its caller sees the relay as
+    /// unavailable), not the relay.
+    fn guarded(&mut self, job: impl FnOnce(&mut State)) {
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| job(self))) {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "a core job panicked; the relay goes on without it");
+            self.durable = None;
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Submitting: a new task on the user's own agents or on agents shared with them, and a follow-up to an ended
+//! task, which starts a new task resuming its Claude Code session. Every check runs on the core's thread, so
+//! nothing (a share revoked, the queue filling) changes between a check and the task it admits.
+
+use ct_protocol::task::{Requester, Role, TaskOptions, TaskSpec};
+use ct_protocol::RelayMessage;
+use rand::Rng;
+
+use super::audit::{preview, Caller, OwnedCaller};
+use super::state::State;
+use super::tasks::{
+    check_options, check_project_text, check_prompt, is_path, ReplyOutcome, Submit, TaskError,
+};
+use super::{human_duration, Core};
+use crate::store::{now, AgentRecord, AuditEntry, AuditKind, TaskRecord, TaskState};
+
+/// Longest Claude Code session id accepted for `resume` (they are UUIDs).
+const MAX_SESSION_ID: usize = 128;
+/// Longest display name kept for a requester, in characters (Discord's own limit is 32).
+const MAX_DISPLAY_NAME: usize = 64;
+
+impl Core {
+    /// Queues a task on one of the user's agents, or on an agent another user shared with them
+    /// ([`Submit::target`]), and dispatches it at once if the agent has a free slot. The agent must be
+    /// online: a task for an offline machine would otherwise wait unseen for hours. The task is on disk
+    /// before this returns.
+    pub async fn submit_task(&self, req: Submit) -> Result<TaskRecord, TaskError> {
+        self.run(move |state| state.submit_task(req)).await
+    }
+
+    /// Continues a task with a follow-up prompt from `user` (its requester or the agent's owner). A task
+    /// that is still running gets the prompt in its live session; one that ended starts a new task on the
+    /// same agent and project that resumes its Claude Code session, with the user's standing checked afresh
+    /// (a share may have changed since).
+    ///
+    /// A grantee's follow-up is audited like their tasks (and not sent without its entry). A follow-up that
+    /// starts a new task counts against the user's task limits; one into a running task does not.
+    pub async fn reply<'a>(
+        &self,
+        who: impl Into<Caller<'a>>,
+        id: &str,
+        prompt: String,
+        name: Option<String>,
+    ) -> Result<ReplyOutcome, TaskError> {
+        let (caller, id) = (OwnedCaller::from(who.into()), id.to_string());
+        self.run(move |state| state.reply(caller.as_caller(), &id, prompt, name))
+            .await
+    }
+
+    /// Users the task rate limiter remembers now (bounded by `CoreConfig::rate_limit_keys`).
+    pub async fn rate_limited_users(&self) -> usize {
+        self.call(|state| state.rate_limited_users())
+            .await
+            .unwrap_or(0)
+    }
+}
+
+impl State {
+    fn submit_task(&mut self, req: Submit) -> Result<TaskRecord, TaskError> {
+        check_prompt(&req.prompt)?;
+        check_project_text(&req.project)?;
+        if let Some(resume) = &req.resume {
+            if resume.is_empty()
+                || resume.len() > MAX_SESSION_ID
+                || !resume
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(TaskError::BadResume);
+            }
+        }
+        self.take_task_token(&req.user)?;
+        self.check_stored(&req.user)?;
+        let owner = match req.target {
+            Some(t) if t != req.user => t,
+            _ => req.user.clone(),
+        };
+        // The share is checked before anything about the owner's agents is looked at, so someone without a
+        // share learns nothing about them (not even their names).
+        let role = self.role_for(&req.user, &owner, &req.project)?;
+        let agent = self.choose_agent(&owner, req.agent.as_deref(), owner == req.user)?;
+        if let Some(session) = &req.resume {
+            self.check_resume(&req.user, &agent, session)?;
+        }
+        self.enqueue(NewTask {
+            agent,
+            user: req.user,
+            name: display_name(req.name),
+            role,
+            project: req.project,
+            prompt: req.prompt,
+            options: req.options,
+            resume: req.resume,
+            follows: None,
+            operator: req.operator,
+        })
+    }
+
+    /// Refuses a new task when the output `user`'s tasks keep has reached `CoreConfig::max_stored_per_user`.
+    /// Scans the task history like [`Core::tasks_for`]; it runs after the task
+    /// rate limit, so one person cannot make it run more often than they may start tasks.
+    fn check_stored(&mut self, user: &str) -> Result<(), TaskError> {
+        let max = self.config().max_stored_per_user;
+        let used = self.store().stored_bytes_of_user(user)?;
+        if used >= max {
+            return Err(TaskError::StorageFull {
+                used: human_bytes(used),
+                max: human_bytes(max),
+                days: self.config().task_retention.as_secs().div_ceil(86_400),
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts a task started by `user` against [`CoreConfig::tasks_per_minute`](crate::core::CoreConfig).
+    /// Taken once the request is well-formed, before the store is consulted: failed attempts count too, so
+    /// a flood of them cannot keep the relay busy either.
+    fn take_task_token(&mut self, user: &str) -> Result<(), TaskError> {
+        self.task_limit.take(&user.to_string()).map_err(|wait| {
+            let config = self.config();
+            TaskError::RateLimited {
+                per_minute: config.tasks_per_minute,
+                burst: config.task_burst,
+                retry: human_duration(wait.as_secs_f64().ceil().max(1.0) as u64),
+            }
+        })
+    }
+
+    fn rate_limited_users(&self) -> usize {
+        self.task_limit.len()
+    }
+
+    /// The requester's role on `owner`'s agents for `project`, or why they may not use them.
+    pub(crate) fn role_for(
+        &mut self,
+        user: &str,
+        owner: &str,
+        project: &str,
+    ) -> Result<Role, TaskError> {
+        if user == owner {
+            return Ok(Role::Owner);
+        }
+        let Some(share) = self.store().share(owner, user)? else {
+            return Err(TaskError::NotShared {
+                owner: owner.to_string(),
+            });
+        };
+        if !share.allows(project) {
+            return Err(TaskError::ProjectNotShared {
+                owner: owner.to_string(),
+                project: project.to_string(),
+                allowed: share.projects.unwrap_or_default().join(", "),
+            });
+        }
+        Ok(crate::shares::role_of(share.level))
+    }
+
+    /// Refuses a `resume` of a session that does not come from a task on this agent the user may act on.
+    fn check_resume(
+        &mut self,
+        user: &str,
+        agent: &AgentRecord,
+        session: &str,
+    ) -> Result<(), TaskError> {
+        let mine = self
+            .store()
+            .tasks_with_session(&agent.fingerprint, session)?
+            .into_iter()
+            .any(|t| t.spec.requester.user == user || agent.owner == user);
+        match mine {
+            true => Ok(()),
+            false => Err(TaskError::ResumeNotYours {
+                agent: agent.name.clone(),
+                session: session.to_string(),
+            }),
+        }
+    }
+
+    /// Checks the project against what the agent reported (when it has), and whether it takes shared tasks.
+    fn check_agent_project(
+        &mut self,
+        agent: &AgentRecord,
+        role: Role,
+        user: &str,
+        project: &str,
+    ) -> Result<(), TaskError> {
+        let Some(report) = &agent.projects else {
+            // An agent that never reported its projects decides for itself.
+            return Ok(());
+        };
+        if role != Role::Owner && !report.accepts_shared {
+            return Err(TaskError::SharedNotAccepted {
+                agent: agent.name.clone(),
+                owner: agent.owner.clone(),
+            });
+        }
+        if is_path(project) || report.projects.iter().any(|p| p.name == project) {
+            return Ok(());
+        }
+        let share = if role == Role::Owner {
+            None
+        } else {
+            self.store().share(&agent.owner, user)?
+        };
+        let names: Vec<&str> = report
+            .projects
+            .iter()
+            .map(|p| p.name.as_str())
+            .filter(|n| share.as_ref().is_none_or(|s| s.allows(n)))
+            .collect();
+        Err(TaskError::UnknownProject {
+            project: project.to_string(),
+            agent: agent.name.clone(),
+            names: if names.is_empty() {
+                "no projects yet".into()
+            } else {
+                names.join(", ")
+            },
+            hint: if role == Role::Owner {
+                "add one with /project add, or give a folder path".into()
+            } else {
+                format!("ask user {} to add one", agent.owner)
+            },
+        })
+    }
+
+    /// Stores a new task in its agent's queue and dispatches what the agent has room for.
+    fn enqueue(&mut self, task: NewTask) -> Result<TaskRecord, TaskError> {
+        let agent = task.agent;
+        check_options(task.role, &task.options)?;
+        self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
+        if !self.live.contains_key(&agent.fingerprint) {
+            let seen = agent.last_seen.map_or("never connected".into(), |t| {
+                format!("last seen {} ago", human_duration(now().saturating_sub(t)))
+            });
+            return Err(TaskError::Offline {
+                name: agent.name,
+                seen,
+            });
+        }
+        let max = self.config().max_tasks_per_user;
+        let mine = self.store().open_tasks_of_user(&task.user)?;
+        if mine >= max {
+            return Err(TaskError::TooManyTasks { open: mine, max });
+        }
+        let open = self.store().open_tasks(&agent.fingerprint)?;
+        let running = open.iter().filter(|t| t.is_dispatched()).count();
+        let queued = open.len() - running;
+        let must_wait = queued > 0 || running >= self.config().max_running_per_agent;
+        if must_wait && queued >= self.config().max_queued_per_agent {
+            return Err(TaskError::QueueFull {
+                agent: agent.name,
+                queued,
+            });
+        }
+        let t = now();
+        // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs.
+        let mut id = task_id();
+        while self.store().task(&id)?.is_some() {
+            id = task_id();
+        }
+        let rec = TaskRecord {
+            spec: TaskSpec {
+                task: id.clone(),
+                project: task.project,
+                prompt: task.prompt,
+                requester: Requester {
+                    user: task.user,
+                    name: task.name,
+                    role: task.role,
+                },
+                options: task.options,
+                resume: task.resume,
+            },
+            agent: agent.fingerprint,
+            state: TaskState::Queued,
+            created_at: t,
+            updated_at: t,
+            last_seq: 0,
+            session_id: None,
+            message: None,
+            dispatched_at: None,
+            follows: task.follows,
+            order: self.store().next_order()?,
+            output_bytes: 0,
+            output_truncated: false,
+            worktree: None,
+        };
+        if rec.spec.requester.role == Role::Owner {
+            self.store().put_task(&rec)?;
+        } else {
+            // A grantee's task and its audit entry are written together: the owner must be able to see every
+            // task someone else ran on their machine, so without the entry there is no task.
+            let user = &rec.spec.requester.user;
+            let caller = Caller {
+                user,
+                operator: task.operator,
+            };
+            let who = match &rec.spec.requester.name {
+                Some(name) => format!("user {user} ({name})"),
+                None => format!("user {user}"),
+            };
+            let what = if rec.follows.is_some() {
+                "continued a task"
+            } else {
+                "started a task"
+            };
+            let prompt = preview(&rec.spec.prompt);
+            let entry = AuditEntry::new(
+                AuditKind::GranteeTask {
+                    requester: user.clone(),
+                    project: rec.spec.project.clone(),
+                    prompt: prompt.clone(),
+                    follow_up: false,
+                },
+                caller.actor(),
+                &agent.owner,
+                format!(
+                    "{who} {what} in {} on {}: \"{prompt}\"",
+                    rec.spec.project, agent.name
+                ),
+            )
+            .by(caller)
+            .on(&agent)
+            .task(&id);
+            self.store().put_task_audited(&rec, &entry)?;
+        }
+        tracing::info!(task = %id, agent = %agent.name, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
+        // The task is durable before the caller hears of it (and before the agent does: dispatching sends the
+        // start only once the write is on disk). One flush covers both.
+        self.must_be_durable();
+        self.dispatch_queued(&agent.fingerprint)?;
+        self.task(&id)
+    }
+
+    fn reply(
+        &mut self,
+        caller: Caller<'_>,
+        id: &str,
+        prompt: String,
+        name: Option<String>,
+    ) -> Result<ReplyOutcome, TaskError> {
+        let user = caller.user;
+        check_prompt(&prompt)?;
+        let rec = self.task(id)?;
+        self.may_act(user, &rec)?;
+        let agent = self
+            .store()
+            .agent(&rec.agent)?
+            .ok_or_else(|| TaskError::NoSuchTask(id.to_string()))?;
+        if !rec.state.is_final() {
+            if !rec.is_dispatched() {
+                return Err(TaskError::NotStarted(id.to_string()));
+            }
+            // A grantee whose share was revoked or narrowed may not keep talking to the owner's machine; the
+            // lock keeps a revocation from landing between this check and the send.
+            let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
+            let preview = preview(&prompt);
+            let input = RelayMessage::TaskInput {
+                task: id.to_string(),
+                prompt,
+            };
+            let sent = if role == Role::Owner {
+                self.to_agent(&rec.agent, input)
+            } else {
+                let entry = AuditEntry::new(
+                    AuditKind::GranteeTask {
+                        requester: user.to_string(),
+                        project: rec.spec.project.clone(),
+                        prompt: preview.clone(),
+                        follow_up: true,
+                    },
+                    caller.actor(),
+                    &agent.owner,
+                    format!(
+                        "user {user} sent a follow-up in {} on {}: \"{preview}\"",
+                        rec.spec.project, agent.name
+                    ),
+                )
+                .by(caller)
+                .on(&agent)
+                .task(id);
+                self.to_agent_audited(&rec.agent, input, &entry)?
+            };
+            if !sent {
+                return Err(TaskError::Offline {
+                    name: agent.name,
+                    seen: "not connected now".into(),
+                });
+            }
+            return Ok(ReplyOutcome::Sent(rec));
+        }
+        let Some(session) = rec.session_id.clone() else {
+            return Err(TaskError::NoSession(id.to_string()));
+        };
+        if agent.revoked_at.is_some() {
+            return Err(TaskError::Offline {
+                name: agent.name,
+                seen: "its key was revoked".into(),
+            });
+        }
+        self.take_task_token(user)?;
+        let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
+        let new = self.enqueue(NewTask {
+            agent,
+            user: user.to_string(),
+            name: display_name(name),
+            role,
+            project: rec.spec.project,
+            prompt,
+            options: rec.spec.options,
+            resume: Some(session),
+            follows: Some(id.to_string()),
+            operator: caller.operator,
+        })?;
+        Ok(ReplyOutcome::Resumed(new))
+    }
+}
+
+/// A task to put into an agent's queue, once the requester's standing has been established.
+struct NewTask {
+    agent: AgentRecord,
+    user: String,
+    name: Option<String>,
+    role: Role,
+    project: String,
+    prompt: String,
+    options: TaskOptions,
+    resume: Option<String>,
+    follows: Option<String>,
+    /// Whether the operator acts as `user` (for the audit log).
+    operator: bool,
+}
+
+fn task_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
+    let mut rng = rand::rngs::OsRng;
+    let body: String = (0..8)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("t_{body}")
+}
+
+/// A display name, trimmed and shortened; it is only shown, never trusted.
+fn display_name(name: Option<String>) -> Option<String> {
+    let name: String = name?
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_DISPLAY_NAME)
+        .collect();
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// "12 MiB", "3 KiB": for messages people read.
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..=1023 => format!("{n} bytes"),
+        1024..=1_048_575 => format!("{} KiB", n / 1024),
+        1_048_576..=1_073_741_823 => format!("{} MiB", n / 1_048_576),
+        _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
+    }
+}
