@@ -339,7 +339,7 @@ impl State {
             }
         };
         for (tool, summary, rule) in uses {
-            self.audit_or_log(crate::audit::auto_allowed_entry(
+            self.audit_or_log(super::audit::auto_allowed_entry(
                 &agent,
                 &rec.spec.task,
                 &rec.spec.requester.user,

@@ -251,10 +251,13 @@ impl Core {
             Err(mpsc::error::TrySendError::Full(job)) => {
                 // The queue is full for a moment: wait for room on the runtime rather than lose the job (it
                 // ends a session, or removes a request nobody waits for).
+                // The waiting task holds a weak sender, so it never keeps the core alive past its last handle.
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let jobs = self.shared.jobs.clone();
+                    let jobs = self.shared.jobs.downgrade();
                     runtime.spawn(async move {
-                        let _ = jobs.send(job).await;
+                        if let Some(jobs) = jobs.upgrade() {
+                            let _ = jobs.send(job).await;
+                        }
                     });
                 }
             }

@@ -142,7 +142,7 @@ impl State {
         }
         match self.store().share(&owner, user) {
             Ok(Some(share)) if share.allows(&rec.spec.project) => {
-                Ok(crate::shares::role_of(share.level))
+                Ok(super::shares::role_of(share.level))
             }
             Ok(Some(_)) => Err(format!(
                 "cancelled: user {owner} no longer shares project {:?} with you",

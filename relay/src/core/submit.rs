@@ -152,7 +152,7 @@ impl State {
                 allowed: share.projects.unwrap_or_default().join(", "),
             });
         }
-        Ok(crate::shares::role_of(share.level))
+        Ok(super::shares::role_of(share.level))
     }
 
     /// Refuses a `resume` of a session that does not come from a task on this agent the user may act on.

@@ -116,7 +116,7 @@ pub struct TaskRecord {
     #[serde(default)]
     pub order: u64,
     /// Bytes of events stored for this task (their JSON), counted against
-    /// [`CoreConfig::max_task_output`](crate::core::CoreConfig).
+    /// `CoreConfig::max_task_output` (the relay core's limit).
     #[serde(default)]
     pub output_bytes: u64,
     /// Whether output past the cap was dropped (a marker event in the log says so where it started).
