@@ -729,7 +729,27 @@ pub(crate) fn as_grantee(project: &str, prompt: &str, options: TaskOptions) -> S
 
 #[tokio::test]
 async fn an_agent_whose_owner_did_not_allow_sharing_refuses_a_grantee_even_when_the_relay_shares() {
-    let w = world().await;
+    // The relay refuses on its own when the agent has reported that it takes no shared tasks; to reach the
+    // agent's own check, the relay must believe it does. So the agent starts out sharing, the relay stores
+    // that report, and then the owner turns sharing off on the machine (which the agent reads per task).
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
+    let core = w.relay.core.clone();
+    ct_testkit::eventually_async(T, async || {
+        let agents = core.agents().await.unwrap();
+        let Some(agent) = agents.iter().find(|a| a.owner == OWNER) else {
+            return false;
+        };
+        core.agent_projects(&agent.fingerprint)
+            .await
+            .unwrap()
+            .is_some_and(|r| r.accepts_shared)
+    })
+    .await;
+    w.sharing(SharePolicy::Off);
     w.relay
         .core
         .share_add(OWNER, GRANTEE, None, ShareLevel::Standard)

@@ -86,11 +86,18 @@ impl Relay {
         crate::sys::private_umask();
         files::private_dir(&config.data_dir)?;
         let admin = admin::bind(&admin::socket_path(&config.data_dir)).await?;
-        let store: SharedStore = Arc::new(
-            SledStore::open(&config.data_dir.join("db"))
-                .with_context(|| format!("opening the store in {}", config.data_dir.display()))?,
-        );
-        let loosened = files::make_private(&config.data_dir)?;
+        // Opening the store reads its indexes (and rebuilds them after an upgrade), and the permission check
+        // walks the data directory: both on the blocking pool, not on a runtime worker.
+        let (store, loosened) = {
+            let dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || -> Result<(SharedStore, usize)> {
+                let store = SledStore::open(&dir.join("db"))
+                    .with_context(|| format!("opening the store in {}", dir.display()))?;
+                Ok((Arc::new(store), files::make_private(&dir)?))
+            })
+            .await
+            .context("opening the store")??
+        };
         if loosened > 0 {
             tracing::warn!(
                 loosened,

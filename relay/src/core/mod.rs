@@ -281,3 +281,40 @@ pub fn human_duration(secs: u64) -> String {
         _ => format!("{} days", (secs + 43_200) / 86_400),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::SledStore;
+
+    fn core(dir: &std::path::Path) -> Core {
+        let store: SharedStore = Arc::new(SledStore::open(dir).unwrap());
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        Core::start(store, key, CoreConfig::default(), Default::default()).unwrap()
+    }
+
+    /// A job that panics (a bug) costs that job: its caller hears the relay is unavailable, and the next job
+    /// runs as usual on the same thread.
+    #[tokio::test]
+    async fn a_panicking_job_costs_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        let failed = core.call(|_| -> usize { panic!("a bug") }).await;
+        assert!(failed.is_err());
+        assert_eq!(core.call(|state| state.live.len()).await.unwrap(), 0);
+        assert_eq!(core.online().await, 0);
+    }
+
+    /// The core's thread stops with the last handle, and the store is closed with it: the same directory opens
+    /// again at once (a relay restarted in place).
+    #[tokio::test]
+    async fn the_last_handle_stops_the_thread_and_closes_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = core(dir.path());
+        let other = core.clone();
+        assert_eq!(other.online().await, 0);
+        drop(other);
+        drop(core);
+        SledStore::open(dir.path()).expect("the store was closed");
+    }
+}
