@@ -8,6 +8,7 @@ mod audit;
 mod binary;
 mod connections;
 mod endpoint;
+mod layout;
 mod limits;
 mod per_user;
 mod private_files;

@@ -6,13 +6,13 @@
 //! [`sled`] does with its trees. The records ([`records`]) are plain data; this module imports nothing else of
 //! the relay.
 //!
-//! Backends are synchronous on purpose. The core calls them from its own thread (see `crate::core`), and
+//! Backends are synchronous on purpose. The relay core calls them from its own thread, and
 //! read-only queries from the blocking pool, never from an async runtime worker; a backend may block on disk or
 //! on a network round trip without holding anything else up. Every backend passes the same contract tests
 //! (`relay/tests/store.rs`).
 //!
 //! Durability: writes are visible at once and durable after the next [`Store::flush`]. The relay's group commit
-//! (`crate::durable`) calls `flush` from its own thread and releases every write made before it, so callers wait
+//! calls `flush` from its own thread and releases every write made before it, so callers wait
 //! for the disk without an fsync each.
 
 use std::sync::Arc;
