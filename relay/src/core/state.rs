@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -168,7 +167,7 @@ impl State {
                 },
             };
             match job {
-                Job::Call(job) => self.guarded(|state| job(state)),
+                Job::Call(job) => job(&mut self),
                 Job::Events(first) => {
                     let mut batch = vec![first];
                     while batch.len() < MAX_EVENT_BATCH {
@@ -181,24 +180,10 @@ impl State {
                             Err(_) => break,
                         }
                     }
-                    self.guarded(|state| state.record_batch(batch));
+                    self.record_batch(batch);
                 }
             }
         }
         tracing::debug!("the core's thread stops: every handle is gone");
-    }
-
-    /// Runs one job. A panic is a bug; it is logged and costs that job (its caller sees the relay as
-    /// unavailable), not the relay.
-    fn guarded(&mut self, job: impl FnOnce(&mut State)) {
-        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| job(self))) {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(panic = %what, "a core job panicked; the relay goes on without it");
-            self.durable = None;
-        }
     }
 }
