@@ -87,6 +87,16 @@ pub async fn run(dir: &Path, tasks: usize, users: usize, calls: usize) -> Result
         tokio::task::spawn_blocking(move || populate(&db, &who, tasks, users)).await??
     };
 
+    // sled lets go of its lock on the directory when its last thread has finished, a moment after the store
+    // is dropped; the relay would wait for that (up to 2 s), and the wait is not the relay's start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store_locked(&dir.join("db"))? {
+        ensure!(
+            Instant::now() < deadline,
+            "the history's store was still locked 10 s after it was closed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let t0 = Instant::now();
     let relay = InProcessRelay::start(dir).await?;
     let start = t0.elapsed();
@@ -336,4 +346,20 @@ fn populate(db: &Path, who: &Identity, tasks: usize, users: usize) -> Result<Dur
     let took = t0.elapsed();
     drop(store);
     Ok(took)
+}
+
+/// Whether a store (in this process or another) holds sled's lock on the database at `db`: an exclusive
+/// `flock` on its `db` file, which sled takes at open.
+#[allow(unsafe_code)]
+fn store_locked(db: &Path) -> Result<bool> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(db.join("db"))
+        .context("opening the store's lock file")?;
+    // SAFETY: flock takes only a descriptor, which `file` keeps open for the call. The lock it may take
+    // belongs to this open file, and closing `file` releases it.
+    let taken = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    Ok(!taken)
 }
