@@ -2,9 +2,9 @@
 //! set of paired agents serve the idle, churn and restart scenarios), and turns their outcomes into the
 //! table.
 //!
-//! The in-process scenarios (dispatch, events, history) run before the 10,000-agent ones: those leave this process
-//! with hundreds of MiB of freed heap that the allocator keeps, and events/s measured after them came out
-//! 20–35% lower (42–53k/s against 56–66k/s alone), which is this process's state, not the relay's.
+//! The in-process scenarios (dispatch, events, history) run before the 10,000-agent ones: those leave this
+//! process with hundreds of MiB of freed heap that the allocator keeps, and events/s measured after them came
+//! out 20–35% lower (42–53k/s against 56–66k/s alone), which is this process's state, not the relay's.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
