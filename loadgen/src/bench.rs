@@ -2,9 +2,9 @@
 //! set of paired agents serve the idle, churn and restart scenarios), and turns their outcomes into the
 //! table.
 //!
-//! The in-process scenarios (dispatch, events) run before the 10,000-agent ones: those leave this process
-//! with hundreds of MiB of freed heap that the allocator keeps, and events/s measured after them came out
-//! 20–35% lower (42–53k/s against 56–66k/s alone), which is this process's state, not the relay's.
+//! The in-process scenarios (dispatch, events, history) run before the 10,000-agent ones: those leave this
+//! process with hundreds of MiB of freed heap that the allocator keeps, and events/s measured after them came
+//! out 20–35% lower (42–53k/s against 56–66k/s alone), which is this process's state, not the relay's.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -16,14 +16,18 @@ use crate::dial::Dial;
 use crate::fleet;
 use crate::relay::RelayProcess;
 use crate::report::Report;
-use crate::scenario::{churn, dispatch, events, footprint, idle, rathole, restart, Plan, Tools};
-use crate::stats::{count, dur, kib};
+use crate::scenario::history::AUTOCOMPLETE;
+use crate::scenario::{
+    churn, dispatch, events, footprint, history, idle, rathole, restart, Plan, Tools,
+};
+use crate::stats::{count, dur, kib, Summary};
 
 /// Every scenario's name, in the order they run.
 pub const SCENARIOS: &[&str] = &[
     "footprint",
     "dispatch",
     "events",
+    "history",
     "idle",
     "churn",
     "restart",
@@ -41,6 +45,7 @@ pub struct Outcomes {
     pub restart: Option<restart::Outcome>,
     pub dispatch: Option<dispatch::Outcome>,
     pub events: Vec<(String, events::Outcome)>,
+    pub history: Option<history::Outcome>,
     pub rathole: Option<rathole::Outcome>,
     /// Scenarios that could not finish, with why.
     pub failed: Vec<(String, String)>,
@@ -95,6 +100,23 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
                 out.events.push((label, outcome));
             }
         }
+    }
+
+    if wants("history") {
+        progress(&format!(
+            "history: {} stored tasks of {} users, then the relay's hot paths",
+            count(plan.history_tasks as u64),
+            plan.history_users
+        ));
+        let dir = fresh(tools, "history")?;
+        let run = history::run(
+            &dir,
+            plan.history_tasks,
+            plan.history_users,
+            plan.history_calls,
+        )
+        .await;
+        out.history = out.keep("history", run);
     }
 
     if wants("idle") || wants("churn") || wants("restart") {
@@ -305,9 +327,9 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
         r.goal(
             s,
             "p99",
-            "≤ 5 ms",
+            "≤ 2 ms",
             format!("{} (max {})", dur(d.latency.p99), dur(d.latency.max)),
-            d.latency.p99 <= Duration::from_millis(5),
+            d.latency.p99 <= Duration::from_millis(2),
         );
         r.info(
             s,
@@ -324,26 +346,100 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
             r.goal(
                 s,
                 &format!("bulk output, {metric}"),
-                "≥ 100 MB/s",
+                "≥ 200 MB/s",
                 format!(
                     "{:.0} MB/s ({:.0} events/s)",
                     e.mb_per_s(),
                     e.events_per_s()
                 ),
-                e.mb_per_s() >= 100.0,
+                e.mb_per_s() >= 200.0,
             );
         } else {
             r.goal(
                 s,
                 &format!("events/s, {metric}"),
-                "≥ 50,000/s",
+                "≥ 100,000/s",
                 format!("{}/s", count(e.events_per_s() as u64)),
-                e.events_per_s() >= 50_000.0,
+                e.events_per_s() >= 100_000.0,
             );
         }
         if !e.contiguous {
             r.goal(s, "logs contiguous", "yes", "no".into(), false);
         }
+    }
+
+    if let Some(h) = &out.history {
+        let s = &format!(
+            "relay hot paths with {} stored tasks (in-process)",
+            count(h.stored as u64)
+        );
+        let calls = |x: &Summary| {
+            format!(
+                "{} / {} (max {}, {} calls)",
+                dur(x.p50),
+                dur(x.p99),
+                dur(x.max),
+                x.count
+            )
+        };
+        r.info(
+            s,
+            "tasks written into the stopped relay's store (users × tasks each)",
+            format!(
+                "{} ({} × {}) in {} ({}/s)",
+                count(h.stored as u64),
+                h.users,
+                count((h.stored / h.users.max(1)) as u64),
+                dur(h.populate),
+                count((h.stored as f64 / h.populate.as_secs_f64()) as u64)
+            ),
+        );
+        r.info(
+            s,
+            &format!(
+                "relay start with {} tasks stored (open, bind, ready)",
+                count(h.stored as u64)
+            ),
+            dur(h.start),
+        );
+        r.info(
+            s,
+            "retention sweep with nothing due (at start, then hourly)",
+            dur(h.sweep),
+        );
+        // Both goals are the same 10 ms, an order of magnitude under what people notice and an order or two
+        // under a scan of this history (hundreds of ms), so the row tells an index from a scan on any machine.
+        // Autocomplete is asked on every keystroke and must keep up with typing; a submit includes the group
+        // commit's fsync (a few ms on an ordinary SSD), so it cannot be held to dispatch's 2 ms here.
+        r.goal(
+            s,
+            &format!("task-id autocomplete (tasks_for, {AUTOCOMPLETE} newest), p50 / p99"),
+            "p99 ≤ 10 ms",
+            calls(&h.autocomplete),
+            h.autocomplete.p99 <= Duration::from_millis(10),
+        );
+        r.goal(
+            s,
+            "submit_task call (checked, stored, flushed, dispatched), p50 / p99",
+            "p99 ≤ 10 ms",
+            calls(&h.submit),
+            h.submit.p99 <= Duration::from_millis(10),
+        );
+        r.info(
+            s,
+            "submit resuming a session from the history (the resume check), p50 / p99",
+            calls(&h.resume),
+        );
+        r.info(
+            s,
+            "share added (enforced over the owner's open tasks), p50 / p99",
+            calls(&h.share_add),
+        );
+        r.info(
+            s,
+            "share removed (enforced likewise), p50 / p99",
+            calls(&h.share_remove),
+        );
     }
 
     if let Some(x) = &out.restart {
@@ -366,14 +462,14 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
         r.goal(
             s,
             "ready → back online, p95",
-            "≤ 2 s",
+            "≤ 1 s",
             format!("{} (p50 {})", dur(x.back.p95), dur(x.back.p50)),
-            x.not_back == 0 && x.back.p95 <= Duration::from_secs(2),
+            x.not_back == 0 && x.back.p95 <= Duration::from_secs(1),
         );
         r.goal(
             s,
             "ready → back online, all",
-            "≤ 5 s",
+            "≤ 2 s",
             format!(
                 "{} ({} not back; {} on QUIC, {} on WebSocket)",
                 dur(x.back.max),
@@ -381,7 +477,7 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
                 x.back_quic,
                 x.back_websocket
             ),
-            x.not_back == 0 && x.back.max <= Duration::from_secs(5),
+            x.not_back == 0 && x.back.max <= Duration::from_secs(2),
         );
         r.info(
             s,
@@ -411,22 +507,25 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
 
     if let Some(c) = &out.churn {
         let s = "reconnect churn";
-        let flat_rss = c.end.rss_kib as f64 <= c.warm.rss_kib as f64 * 1.1 + 1024.0;
+        // "Warm" is the RSS the scenario reads after the first tenth of the cycles (1,000 of 10,000), once
+        // pools and caches have grown to their working size; the goal (issue 14) is the end within 10% of it.
+        let growth = c.end.rss_kib as f64 / (c.warm.rss_kib as f64).max(1.0) - 1.0;
         r.goal(
             s,
             &format!(
-                "relay RSS: start → after {} → after {}",
-                count(c.cycles as u64 / 10),
+                "relay RSS: start → after {} (warm) → after {}",
+                count((c.cycles as u64 / 10).max(1)),
                 count(c.cycles as u64)
             ),
-            "flat (end ≤ warm + 10%)",
+            "end within 10% of warm",
             format!(
-                "{} → {} → {}",
+                "{} → {} → {} ({:+.1}% over warm)",
                 kib(c.start.rss_kib as f64),
                 kib(c.warm.rss_kib as f64),
-                kib(c.end.rss_kib as f64)
+                kib(c.end.rss_kib as f64),
+                growth * 100.0
             ),
-            flat_rss,
+            growth <= 0.10,
         );
         r.goal(
             s,

@@ -46,7 +46,8 @@ struct BenchArgs {
     /// The smoke test's sizes: every scenario happens, nothing meaningful is measured
     #[arg(long, conflicts_with = "quick")]
     tiny: bool,
-    /// Only these scenarios (comma-separated): footprint, idle, churn, restart, dispatch, events, rathole
+    /// Only these scenarios (comma-separated): footprint, dispatch, events, history, idle, churn, restart,
+    /// rathole
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The ct-relay binary [default: next to this one]

@@ -86,10 +86,37 @@ async fn every_scenario_happens_at_a_tiny_size() {
         assert!(e.text_bytes > 0);
     }
 
+    let h = out.history.as_ref().expect("history ran");
+    assert_eq!(
+        h.stored, plan.history_tasks,
+        "the whole history was written"
+    );
+    assert_eq!(h.users, plan.history_users);
+    for (figure, s) in [
+        ("autocomplete", &h.autocomplete),
+        ("submit", &h.submit),
+        ("resume", &h.resume),
+        ("share added", &h.share_add),
+        ("share removed", &h.share_remove),
+    ] {
+        assert_eq!(s.count, plan.history_calls, "{figure}: every call was made");
+    }
+    assert_eq!(
+        h.autocomplete_found,
+        ct_loadgen::scenario::history::AUTOCOMPLETE,
+        "autocomplete found a full page of the user's tasks"
+    );
+    assert_eq!(
+        h.finished,
+        2 * plan.history_calls,
+        "every submitted and resumed task finished"
+    );
+
     assert!(out.rathole.is_none(), "no rathole binary was given");
     // The table renders with a row per figure.
     let table = bench::report(&out, &plan).to_string();
     assert!(table.contains("relay RSS per agent, QUIC"), "{table}");
+    assert!(table.contains("task-id autocomplete"), "{table}");
 }
 
 /// The restart figures depend on this: a relay started again on the same data directory answers an agent's

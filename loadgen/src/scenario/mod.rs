@@ -4,6 +4,8 @@
 //! - [`idle`]: agents held by one relay process; its memory per agent, per transport.
 //! - [`dispatch`]: task submitted → agent has `StartTask`, under a steady submission rate.
 //! - [`events`]: task output through the relay, stored and delivered to a follower.
+//! - [`history`]: the relay's hot paths (autocomplete, submit, resume check, share changes) with 100,000 tasks
+//!   stored.
 //! - [`restart`]: the relay killed and restarted under load; how fast agents return; no event lost.
 //! - [`churn`]: thousands of reconnect cycles; the relay's memory and descriptors before and after.
 //! - [`footprint`]: the real `ct-agent` binary idling: memory, CPU between keep-alives, binary sizes.
@@ -13,6 +15,7 @@ pub mod churn;
 pub mod dispatch;
 pub mod events;
 pub mod footprint;
+pub mod history;
 pub mod idle;
 pub mod rathole;
 pub mod restart;
@@ -44,6 +47,11 @@ pub struct Plan {
     /// default), past which it stops storing Text and the figure would no longer mean stored output.
     pub bulk_events: usize,
     pub bulk_bytes: usize,
+    /// Finished tasks stored before the relay starts in the history scenario, spread evenly over
+    /// `history_users` users, and the calls each of its figures is taken over (fewer if they are slow).
+    pub history_tasks: usize,
+    pub history_users: usize,
+    pub history_calls: usize,
     pub restart_agents: usize,
     /// Tasks producing output while the relay is killed.
     pub restart_tasks: usize,
@@ -77,6 +85,9 @@ impl Plan {
             small_bytes: 100,
             bulk_events: 450,
             bulk_bytes: 64 * 1024,
+            history_tasks: 100_000,
+            history_users: 100,
+            history_calls: 300,
             restart_agents: 1_000,
             restart_tasks: 200,
             restart_texts: 500,
@@ -99,6 +110,8 @@ impl Plan {
             dispatch_duration: Duration::from_secs(5),
             small_events: 5_000,
             bulk_events: 200,
+            history_tasks: 10_000,
+            history_calls: 100,
             restart_agents: 200,
             restart_tasks: 40,
             restart_texts: 250,
@@ -124,6 +137,9 @@ impl Plan {
             small_events: 200,
             bulk_events: 10,
             bulk_bytes: 16 * 1024,
+            history_tasks: 500,
+            history_users: 10,
+            history_calls: 10,
             restart_agents: 20,
             restart_tasks: 5,
             restart_texts: 100,
