@@ -30,6 +30,9 @@ pub type Following = (
     broadcast::Receiver<(u64, TaskEvent)>,
 );
 
+/// An event as [`EventRun`] carries it: its sequence number and stored bytes (`None`: dropped under the cap).
+type StoredEvent<'a> = (u64, Option<&'a [u8]>);
+
 /// One task's run of consecutive events, as an agent sent them.
 pub type Run = (String, Vec<(u64, TaskEvent)>);
 
@@ -175,7 +178,8 @@ impl State {
     }
 
     fn write_runs(&self, prepared: &[Prepared]) -> Result<Vec<bool>, StoreError> {
-        let events: Vec<Vec<(u64, Option<&[u8]>)>> = prepared
+        // Each run's events as the store takes them: borrowed from the prepared runs.
+        let events: Vec<Vec<StoredEvent<'_>>> = prepared
             .iter()
             .map(|p| {
                 p.writes
