@@ -1,9 +1,9 @@
 //! The storage contract: what every backend of [`Store`] must do, one test per case.
 //!
 //! The cases use only the trait and the records in `ct_relay::store`, never a backend's own types, so a new
-//! backend passes the same suite by adding one line to the `contract!` list at the bottom of this header: a
-//! module name and a function that opens the backend on a directory. The function is called again on the same
-//! directory to check that what was written survives a reopen.
+//! backend runs the same suite with one line, `contract!(name, open)`: a module name and a function that opens
+//! the backend on a directory. The function is called again on the same directory to check that what was
+//! written survives a reopen.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -22,9 +22,42 @@ use tempfile::TempDir;
 /// Opens a backend on `dir`: a fresh store on an empty directory, the same store again on a used one.
 type Open = fn(&Path) -> SharedStore;
 
-/// One `#[test]` per case for the backend `open` opens, in a module named `$backend`.
+/// One `#[test]` per contract case, in a module named `$backend`, each on a store that `$open` opens.
 macro_rules! contract {
-    ($backend:ident: $open:expr; $($case:ident),* $(,)?) => {
+    ($backend:ident, $open:expr) => {
+        contract!(@cases $backend, $open;
+            records_round_trip_and_survive_a_reopen,
+            next_order_increases_also_across_a_reopen,
+            agents_of_follows_every_write_and_a_change_of_owner,
+            update_agent_retries_a_concurrent_change_instead_of_losing_it,
+            two_redeems_of_one_code_exactly_one_wins,
+            racing_redeems_of_one_code_exactly_one_wins,
+            a_swap_against_a_stale_pairing_code_is_a_conflict,
+            pair_codes_of_an_owner_and_pruning,
+            revoking_keeps_the_first_time_and_writes_its_entry,
+            audit_numbers_follow_commit_order_without_gaps,
+            concurrent_audited_writes_get_distinct_numbers_without_gaps,
+            a_refused_audited_write_leaves_nothing_behind,
+            put_share_entry_sees_the_previous_share,
+            removing_a_missing_share_writes_nothing,
+            shares_of_and_shares_to_follow_every_change,
+            users_have_defaults_and_audited_settings,
+            open_tasks_in_queue_order_and_only_open_ones,
+            open_tasks_of_user_counts_across_agents,
+            stored_bytes_of_user_follow_every_write_and_delete,
+            recent_tasks_newest_first_across_own_and_agents_tasks_once_each,
+            tasks_with_session_follow_the_session_a_later_write_sets,
+            ended_before_pages_through_final_tasks_with_the_cursor,
+            delete_task_only_when_unchanged_and_with_its_events,
+            append_event_runs_writes_several_tasks_and_not_a_deleted_one,
+            events_are_read_after_a_sequence_number,
+            dropped_events_move_the_record_but_store_nothing,
+            thread_marks_are_kept_and_deleted,
+            audit_pages_newest_first_by_owner_and_by_filter,
+            indexes_agree_with_the_records_after_random_operations
+        );
+    };
+    (@cases $backend:ident, $open:expr; $($case:ident),* $(,)?) => {
         mod $backend {
             // For `$open`, written where the macro is used.
             use super::*;
@@ -37,41 +70,11 @@ macro_rules! contract {
     };
 }
 
+contract!(sled, open_sled);
+
 fn open_sled(dir: &Path) -> SharedStore {
     Arc::new(SledStore::open(dir).expect("the sled store opens"))
 }
-
-contract!(sled: open_sled;
-    records_round_trip_and_survive_a_reopen,
-    next_order_increases_also_across_a_reopen,
-    agents_of_follows_every_write_and_a_change_of_owner,
-    update_agent_retries_a_concurrent_change_instead_of_losing_it,
-    two_redeems_of_one_code_exactly_one_wins,
-    racing_redeems_of_one_code_exactly_one_wins,
-    a_swap_against_a_stale_pairing_code_is_a_conflict,
-    pair_codes_of_an_owner_and_pruning,
-    revoking_keeps_the_first_time_and_writes_its_entry,
-    audit_numbers_follow_commit_order_without_gaps,
-    concurrent_audited_writes_get_distinct_numbers_without_gaps,
-    a_refused_audited_write_leaves_nothing_behind,
-    put_share_entry_sees_the_previous_share,
-    removing_a_missing_share_writes_nothing,
-    shares_of_and_shares_to_follow_every_change,
-    users_have_defaults_and_audited_settings,
-    open_tasks_in_queue_order_and_only_open_ones,
-    open_tasks_of_user_counts_across_agents,
-    stored_bytes_of_user_follow_every_write_and_delete,
-    recent_tasks_newest_first_across_own_and_agents_tasks_once_each,
-    tasks_with_session_follow_the_session_a_later_write_sets,
-    ended_before_pages_through_final_tasks_with_the_cursor,
-    delete_task_only_when_unchanged_and_with_its_events,
-    append_event_runs_writes_several_tasks_and_not_a_deleted_one,
-    events_are_read_after_a_sequence_number,
-    dropped_events_move_the_record_but_store_nothing,
-    thread_marks_are_kept_and_deleted,
-    audit_pages_newest_first_by_owner_and_by_filter,
-    indexes_agree_with_the_records_after_random_operations,
-);
 
 // --- records ---
 

@@ -564,7 +564,7 @@ impl Store for SledStore {
         for agent in agents {
             ranges.push(NewestFirst::new(
                 self.idx.by_agent.scan_prefix(agent.0),
-                AGENT_ORDER_PREFIX - 8,
+                agent.0.len(),
             )?);
         }
         let mut out = Vec::new();
