@@ -960,6 +960,8 @@ fn ended_before_pages_through_final_tasks_with_the_cursor(open: Open) {
         let mut seen = Vec::new();
         let mut after: Option<TaskRecord> = None;
         loop {
+            // A cursor that does not move on would page forever: fail instead.
+            assert!(seen.len() <= all.len(), "batches of {batch} repeat tasks");
             let got = store.ended_before(cutoff, batch, after.as_ref()).unwrap();
             assert!(got.len() <= batch);
             seen.extend(got.iter().cloned());
@@ -1289,6 +1291,11 @@ fn check_indexes(store: &SharedStore, known: &BTreeMap<String, TaskRecord>, step
         let mut seen = Vec::new();
         let mut after: Option<TaskRecord> = None;
         loop {
+            assert!(
+                seen.len() <= want.len(),
+                "{}",
+                at("ended: the cursor moves on")
+            );
             let got = store.ended_before(cutoff, 3, after.as_ref()).unwrap();
             seen.extend(got.iter().cloned());
             match got.last() {
