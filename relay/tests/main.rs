@@ -15,6 +15,7 @@ mod private_files;
 mod projects;
 mod queue;
 mod shares;
+mod store;
 mod strangers;
 mod support;
 mod tasks;

@@ -1,0 +1,1487 @@
+//! The storage contract: what every backend of [`Store`] must do, one test per case.
+//!
+//! The cases use only the trait and the records in `ct_relay::store`, never a backend's own types, so a new
+//! backend runs the same suite with one line, `contract!(name, open)`: a module name and a function that opens
+//! the backend on a directory. The function is called again on the same directory to check that what was
+//! written survives a reopen.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+
+use ct_protocol::task::{Requester, Role, TaskSpec};
+use ct_protocol::Fingerprint;
+use ct_relay::store::sled::SledStore;
+use ct_relay::store::{
+    AgentRecord, AuditEntry, AuditKind, EventRun, PairCodeRecord, ShareLevel, ShareRecord,
+    SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
+};
+use tempfile::TempDir;
+
+/// Opens a backend on `dir`: a fresh store on an empty directory, the same store again on a used one.
+type Open = fn(&Path) -> SharedStore;
+
+/// One `#[test]` per contract case, in a module named `$backend`, each on a store that `$open` opens.
+macro_rules! contract {
+    ($backend:ident, $open:expr) => {
+        contract!(@cases $backend, $open;
+            records_round_trip_and_survive_a_reopen,
+            next_order_increases_also_across_a_reopen,
+            agents_of_follows_every_write_and_a_change_of_owner,
+            update_agent_retries_a_concurrent_change_instead_of_losing_it,
+            two_redeems_of_one_code_exactly_one_wins,
+            racing_redeems_of_one_code_exactly_one_wins,
+            a_swap_against_a_stale_pairing_code_is_a_conflict,
+            pair_codes_of_an_owner_and_pruning,
+            revoking_keeps_the_first_time_and_writes_its_entry,
+            audit_numbers_follow_commit_order_without_gaps,
+            concurrent_audited_writes_get_distinct_numbers_without_gaps,
+            a_refused_audited_write_leaves_nothing_behind,
+            put_share_entry_sees_the_previous_share,
+            removing_a_missing_share_writes_nothing,
+            shares_of_and_shares_to_follow_every_change,
+            users_have_defaults_and_audited_settings,
+            open_tasks_in_queue_order_and_only_open_ones,
+            open_tasks_of_user_counts_across_agents,
+            stored_bytes_of_user_follow_every_write_and_delete,
+            recent_tasks_newest_first_across_own_and_agents_tasks_once_each,
+            tasks_with_session_follow_the_session_a_later_write_sets,
+            ended_before_pages_through_final_tasks_with_the_cursor,
+            delete_task_only_when_unchanged_and_with_its_events,
+            append_event_runs_writes_several_tasks_and_not_a_deleted_one,
+            events_are_read_after_a_sequence_number,
+            dropped_events_move_the_record_but_store_nothing,
+            thread_marks_are_kept_and_deleted,
+            audit_pages_newest_first_by_owner_and_by_filter,
+            indexes_agree_with_the_records_after_random_operations
+        );
+    };
+    (@cases $backend:ident, $open:expr; $($case:ident),* $(,)?) => {
+        mod $backend {
+            // For `$open`, written where the macro is used.
+            use super::*;
+
+            $(#[test]
+            fn $case() {
+                super::$case($open)
+            })*
+        }
+    };
+}
+
+contract!(sled, open_sled);
+
+fn open_sled(dir: &Path) -> SharedStore {
+    Arc::new(SledStore::open(dir).expect("the sled store opens"))
+}
+
+// --- records ---
+
+fn fresh(open: Open) -> (TempDir, SharedStore) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(dir.path());
+    (dir, store)
+}
+
+/// Closes `store` (every clone must be gone) and opens the same directory again.
+fn reopen(open: Open, dir: &TempDir, store: SharedStore) -> SharedStore {
+    store.flush().expect("flush");
+    assert_eq!(
+        Arc::strong_count(&store),
+        1,
+        "a clone of the store is still open"
+    );
+    drop(store);
+    open(dir.path())
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint([n; 32])
+}
+
+fn agent(n: u8, owner: &str) -> AgentRecord {
+    AgentRecord {
+        key: [n; 32],
+        fingerprint: fp(n),
+        owner: owner.into(),
+        name: format!("a{n}"),
+        paired_at: 0,
+        last_seen: None,
+        last_transport: None,
+        revoked_at: None,
+        projects: None,
+    }
+}
+
+fn task(id: &str, user: &str, agent: u8, order: u64) -> TaskRecord {
+    TaskRecord {
+        spec: TaskSpec {
+            task: id.into(),
+            project: "p".into(),
+            prompt: format!("prompt of {id}"),
+            requester: Requester {
+                user: user.into(),
+                name: None,
+                role: Role::Owner,
+            },
+            options: Default::default(),
+            resume: None,
+        },
+        agent: fp(agent),
+        state: TaskState::Queued,
+        created_at: 1_000 + order,
+        updated_at: 1_000 + order,
+        last_seq: 0,
+        session_id: None,
+        message: None,
+        dispatched_at: None,
+        follows: None,
+        order,
+        output_bytes: 0,
+        output_truncated: false,
+        worktree: None,
+    }
+}
+
+fn ended(mut rec: TaskRecord, at: u64) -> TaskRecord {
+    rec.state = TaskState::Done;
+    rec.updated_at = at;
+    rec
+}
+
+fn share(owner: &str, grantee: &str, level: ShareLevel) -> ShareRecord {
+    ShareRecord {
+        owner: owner.into(),
+        grantee: grantee.into(),
+        projects: None,
+        level,
+        created_at: 0,
+    }
+}
+
+fn code(id: &str, owner: &str, expires_at: u64) -> PairCodeRecord {
+    PairCodeRecord {
+        id: id.into(),
+        secret: "secret".into(),
+        owner: owner.into(),
+        created_at: 0,
+        expires_at,
+        used_at: None,
+        failures: 0,
+        superseded_at: None,
+        order: 0,
+    }
+}
+
+fn entry(owner: &str) -> AuditEntry {
+    AuditEntry::new(AuditKind::DefaultAgentSet, owner, owner, "test".into())
+}
+
+fn ids(tasks: &[TaskRecord]) -> Vec<String> {
+    tasks.iter().map(|t| t.spec.task.clone()).collect()
+}
+
+fn sorted_ids(tasks: &[TaskRecord]) -> Vec<String> {
+    let mut v = ids(tasks);
+    v.sort();
+    v
+}
+
+/// Appends `n` stored events of `size` bytes to `rec` (as the relay does: the record moves with them).
+fn append(store: &SharedStore, rec: &mut TaskRecord, n: u64, size: usize) -> bool {
+    let body = vec![b'e'; size];
+    let first = rec.last_seq + 1;
+    rec.last_seq += n;
+    rec.output_bytes += n * size as u64;
+    let events: Vec<(u64, Option<&[u8]>)> = (first..=rec.last_seq)
+        .map(|seq| (seq, Some(body.as_slice())))
+        .collect();
+    let run = EventRun {
+        task: rec,
+        events: &events,
+        was_open: Some(!rec.state.is_final()),
+    };
+    store.append_event_runs(&[run]).expect("append")[0]
+}
+
+fn seqs(entries: &[AuditEntry]) -> Vec<u64> {
+    entries.iter().map(|e| e.seq).collect()
+}
+
+fn all_audit(store: &SharedStore) -> Vec<AuditEntry> {
+    store.audit_where(None, usize::MAX, &mut |_| true).unwrap()
+}
+
+// --- the cases ---
+
+fn records_round_trip_and_survive_a_reopen(open: Open) {
+    let (dir, store) = fresh(open);
+    store.put_agent(&agent(1, "1")).unwrap();
+    store.put_pair_code(&code("c1", "1", 100)).unwrap();
+    let mut t = task("t1", "1", 1, store.next_order().unwrap());
+    t.session_id = Some("s".into());
+    store.put_task(&t).unwrap();
+    assert!(append(&store, &mut t, 3, 10));
+    let done = ended(task("t2", "1", 1, store.next_order().unwrap()), 50);
+    store.put_task_audited(&done, &entry("1")).unwrap();
+    store
+        .put_share_audited(&share("1", "2", ShareLevel::Trusted), &|_| entry("1"))
+        .unwrap();
+    let user = UserRecord {
+        default_agent: Some(fp(1)),
+    };
+    store.put_user_audited("1", &user, &entry("1")).unwrap();
+    store.put_thread_mark("t1", b"{\"m\":1}").unwrap();
+
+    let store = reopen(open, &dir, store);
+    assert_eq!(store.agent(&fp(1)).unwrap(), Some(agent(1, "1")));
+    assert_eq!(store.agents_of("1").unwrap(), vec![agent(1, "1")]);
+    assert_eq!(store.pair_code("c1").unwrap(), Some(code("c1", "1", 100)));
+    assert_eq!(store.task("t1").unwrap(), Some(t.clone()));
+    assert_eq!(store.task("t2").unwrap(), Some(done.clone()));
+    assert_eq!(store.event_bytes("t1", 0).unwrap().len(), 3);
+    assert_eq!(ids(&store.open_tasks(&fp(1)).unwrap()), ["t1"]);
+    assert_eq!(store.open_tasks_of_user("1").unwrap(), 1);
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 30);
+    assert_eq!(
+        ids(&store.recent_tasks("1", &[], 10).unwrap()),
+        ["t2", "t1"]
+    );
+    assert_eq!(ids(&store.tasks_with_session(&fp(1), "s").unwrap()), ["t1"]);
+    assert_eq!(ids(&store.ended_before(100, 10, None).unwrap()), ["t2"]);
+    assert_eq!(
+        store.share("1", "2").unwrap(),
+        Some(share("1", "2", ShareLevel::Trusted))
+    );
+    assert_eq!(store.shares_to("2").unwrap().len(), 1);
+    assert_eq!(store.user("1").unwrap(), user);
+    assert_eq!(store.thread_mark_bytes().unwrap().len(), 1);
+    assert_eq!(store.audit_len().unwrap(), 3);
+    assert_eq!(store.audit_of_owner("1", None, 10).unwrap().len(), 3);
+    // Numbering goes on where it stopped.
+    assert_eq!(store.append_audit(&entry("1")).unwrap().seq, 4);
+}
+
+fn next_order_increases_also_across_a_reopen(open: Open) {
+    let (dir, store) = fresh(open);
+    let mut last = store.next_order().unwrap();
+    for _ in 0..100 {
+        let n = store.next_order().unwrap();
+        assert!(n > last, "{n} after {last}");
+        last = n;
+    }
+    let store = reopen(open, &dir, store);
+    assert!(store.next_order().unwrap() > last);
+}
+
+fn agents_of_follows_every_write_and_a_change_of_owner(open: Open) {
+    let (dir, store) = fresh(open);
+    let names = |store: &SharedStore, owner: &str| {
+        let mut v: Vec<String> = store
+            .agents_of(owner)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        v.sort();
+        v
+    };
+    for (n, owner) in [(1, "1"), (2, "1"), (3, "2"), (4, "12")] {
+        store.put_agent(&agent(n, owner)).unwrap();
+    }
+    let pairing = code("c", "1", u64::MAX);
+    let used = PairCodeRecord {
+        used_at: Some(1),
+        ..pairing.clone()
+    };
+    store.put_pair_code(&pairing).unwrap();
+    store
+        .pair_agent_audited(&pairing, &used, &agent(5, "1"), &entry("1"))
+        .unwrap();
+    store.revoke_agent_audited(&fp(5), 9, &entry("1")).unwrap();
+    assert_eq!(
+        names(&store, "1"),
+        ["a1", "a2", "a5"],
+        "revoked ones included"
+    );
+    assert_eq!(names(&store, "12"), ["a4"]);
+    assert!(names(&store, "3").is_empty());
+    assert_eq!(store.agents().unwrap().len(), 5);
+    // A record that changes hands leaves its old owner's list.
+    store
+        .update_agent(&fp(2), &mut |a| a.owner = "2".into())
+        .unwrap();
+    assert_eq!(names(&store, "1"), ["a1", "a5"]);
+    assert_eq!(names(&store, "2"), ["a2", "a3"]);
+    let store = reopen(open, &dir, store);
+    assert_eq!(names(&store, "1"), ["a1", "a5"]);
+    assert_eq!(names(&store, "2"), ["a2", "a3"]);
+    assert_eq!(names(&store, "12"), ["a4"]);
+}
+
+fn update_agent_retries_a_concurrent_change_instead_of_losing_it(open: Open) {
+    let (_dir, store) = fresh(open);
+    assert_eq!(store.update_agent(&fp(1), &mut |_| {}).unwrap(), None);
+    store.put_agent(&agent(1, "1")).unwrap();
+    let start = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (store, start) = (store.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..25 {
+                    store
+                        .update_agent(&fp(1), &mut |a| {
+                            a.last_seen = Some(a.last_seen.unwrap_or(0) + 1)
+                        })
+                        .unwrap()
+                        .expect("the agent exists");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(store.agent(&fp(1)).unwrap().unwrap().last_seen, Some(100));
+}
+
+fn two_redeems_of_one_code_exactly_one_wins(open: Open) {
+    let (_dir, store) = fresh(open);
+    let pairing = code("c", "1", u64::MAX);
+    store.put_pair_code(&pairing).unwrap();
+    let used = PairCodeRecord {
+        used_at: Some(5),
+        ..pairing.clone()
+    };
+    let first = store
+        .pair_agent_audited(&pairing, &used, &agent(1, "1"), &entry("1"))
+        .unwrap();
+    assert_eq!(first.seq, 1);
+    let second = store.pair_agent_audited(&pairing, &used, &agent(2, "1"), &entry("1"));
+    assert!(matches!(second, Err(StoreError::Conflict)), "{second:?}");
+    assert_eq!(store.pair_code("c").unwrap(), Some(used));
+    assert!(store.agent(&fp(1)).unwrap().is_some());
+    assert!(
+        store.agent(&fp(2)).unwrap().is_none(),
+        "the loser is not paired"
+    );
+    assert_eq!(store.agents_of("1").unwrap().len(), 1);
+    assert_eq!(store.audit_len().unwrap(), 1, "the loser wrote no entry");
+}
+
+fn racing_redeems_of_one_code_exactly_one_wins(open: Open) {
+    let (_dir, store) = fresh(open);
+    let pairing = code("c", "1", u64::MAX);
+    store.put_pair_code(&pairing).unwrap();
+    let start = Arc::new(Barrier::new(8));
+    let threads: Vec<_> = (1..=8u8)
+        .map(|n| {
+            let (store, start, pairing) = (store.clone(), start.clone(), pairing.clone());
+            std::thread::spawn(move || {
+                let used = PairCodeRecord {
+                    used_at: Some(u64::from(n)),
+                    ..pairing.clone()
+                };
+                start.wait();
+                store.pair_agent_audited(&pairing, &used, &agent(n, "1"), &entry("1"))
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(results
+        .iter()
+        .all(|r| r.is_ok() || matches!(r, Err(StoreError::Conflict))));
+    assert_eq!(store.agents().unwrap().len(), 1);
+    assert_eq!(store.audit_len().unwrap(), 1);
+    let winner = store.agents().unwrap()[0].fingerprint.0[0];
+    assert_eq!(
+        store.pair_code("c").unwrap().unwrap().used_at,
+        Some(u64::from(winner)),
+        "the code records the winner's redemption"
+    );
+}
+
+fn a_swap_against_a_stale_pairing_code_is_a_conflict(open: Open) {
+    let (_dir, store) = fresh(open);
+    let old = code("c", "1", 100);
+    let missing = store.swap_pair_code(&old, &old);
+    assert!(matches!(missing, Err(StoreError::Conflict)), "{missing:?}");
+    store.put_pair_code(&old).unwrap();
+    let failed_once = PairCodeRecord {
+        failures: 1,
+        ..old.clone()
+    };
+    store.swap_pair_code(&old, &failed_once).unwrap();
+    let superseded = PairCodeRecord {
+        superseded_at: Some(3),
+        ..old.clone()
+    };
+    let stale = store.swap_pair_code(&old, &superseded);
+    assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    assert_eq!(store.pair_code("c").unwrap(), Some(failed_once));
+}
+
+fn pair_codes_of_an_owner_and_pruning(open: Open) {
+    let (_dir, store) = fresh(open);
+    for (id, owner, expires) in [
+        ("a", "1", 10),
+        ("b", "1", 20),
+        ("c", "12", 5),
+        ("d", "2", 30),
+    ] {
+        store.put_pair_code(&code(id, owner, expires)).unwrap();
+    }
+    let of = |owner: &str| {
+        let mut v: Vec<String> = store
+            .pair_codes_of(owner)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(of("1"), ["a", "b"]);
+    assert_eq!(of("12"), ["c"]);
+    assert!(of("3").is_empty());
+    assert_eq!(
+        store.prune_pair_codes(20).unwrap(),
+        2,
+        "expired before 20: a, c"
+    );
+    assert_eq!(of("1"), ["b"]);
+    assert!(of("12").is_empty());
+    assert_eq!(store.prune_pair_codes(20).unwrap(), 0);
+}
+
+fn revoking_keeps_the_first_time_and_writes_its_entry(open: Open) {
+    let (_dir, store) = fresh(open);
+    assert!(store
+        .revoke_agent_audited(&fp(1), 10, &entry("1"))
+        .unwrap()
+        .is_none());
+    assert_eq!(store.audit_len().unwrap(), 0, "no agent, no entry");
+    store.put_agent(&agent(1, "1")).unwrap();
+    let (rec, e) = store
+        .revoke_agent_audited(&fp(1), 10, &entry("1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.revoked_at, e.seq), (Some(10), 1));
+    let (rec, _) = store
+        .revoke_agent_audited(&fp(1), 20, &entry("1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.revoked_at, Some(10));
+    assert_eq!(store.agent(&fp(1)).unwrap().unwrap().revoked_at, Some(10));
+}
+
+fn audit_numbers_follow_commit_order_without_gaps(open: Open) {
+    let (_dir, store) = fresh(open);
+    let pairing = code("c", "1", u64::MAX);
+    store.put_pair_code(&pairing).unwrap();
+    let used = PairCodeRecord {
+        used_at: Some(1),
+        ..pairing.clone()
+    };
+    let mut got = vec![
+        store.append_audit(&entry("1")).unwrap().seq,
+        store
+            .pair_agent_audited(&pairing, &used, &agent(1, "1"), &entry("1"))
+            .unwrap()
+            .seq,
+        store
+            .revoke_agent_audited(&fp(1), 1, &entry("1"))
+            .unwrap()
+            .unwrap()
+            .1
+            .seq,
+        store
+            .put_task_audited(&task("t", "1", 1, 1), &entry("1"))
+            .unwrap()
+            .seq,
+        store
+            .put_share_audited(&share("1", "2", ShareLevel::Standard), &|_| entry("1"))
+            .unwrap()
+            .1
+            .seq,
+    ];
+    got.push(
+        store
+            .remove_share_audited("1", "2", &|_| entry("1"))
+            .unwrap()
+            .unwrap()
+            .1
+            .seq,
+    );
+    got.push(
+        store
+            .put_user_audited("1", &UserRecord::default(), &entry("1"))
+            .unwrap()
+            .seq,
+    );
+    assert_eq!(got, (1..=7).collect::<Vec<_>>());
+    let stored = all_audit(&store);
+    assert_eq!(seqs(&stored), (1..=7).rev().collect::<Vec<_>>());
+    assert_eq!(store.audit_len().unwrap(), 7);
+}
+
+fn concurrent_audited_writes_get_distinct_numbers_without_gaps(open: Open) {
+    let (_dir, store) = fresh(open);
+    let start = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|n| {
+            let (store, start) = (store.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                (0..25)
+                    .map(|i| {
+                        let mut e = entry(&n.to_string());
+                        e.detail = format!("{n}/{i}");
+                        let written = if i % 2 == 0 {
+                            store.append_audit(&e).unwrap()
+                        } else {
+                            let id = format!("t{n}_{i}");
+                            store.put_task_audited(&task(&id, "1", 1, 0), &e).unwrap()
+                        };
+                        (written.seq, written.detail)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut numbers = BTreeMap::new();
+    for t in threads {
+        for (seq, detail) in t.join().unwrap() {
+            assert!(numbers.insert(seq, detail).is_none(), "{seq} given twice");
+        }
+    }
+    assert_eq!(
+        numbers.keys().copied().collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    // What each writer was told is what the log holds.
+    for e in all_audit(&store) {
+        assert_eq!(numbers[&e.seq], e.detail);
+    }
+}
+
+fn a_refused_audited_write_leaves_nothing_behind(open: Open) {
+    let (_dir, store) = fresh(open);
+    let pairing = code("c", "1", u64::MAX);
+    store.put_pair_code(&pairing).unwrap();
+    let burned = PairCodeRecord {
+        failures: 3,
+        ..pairing.clone()
+    };
+    store.swap_pair_code(&pairing, &burned).unwrap();
+    let used = PairCodeRecord {
+        used_at: Some(1),
+        ..pairing.clone()
+    };
+    // Redeeming against the record as it was before it changed: refused, and neither the agent nor the
+    // entry is written.
+    let stale = store.pair_agent_audited(&pairing, &used, &agent(1, "1"), &entry("1"));
+    assert!(matches!(stale, Err(StoreError::Conflict)), "{stale:?}");
+    assert_eq!(store.pair_code("c").unwrap(), Some(burned));
+    assert!(store.agent(&fp(1)).unwrap().is_none());
+    assert!(store.agents_of("1").unwrap().is_empty());
+    assert_eq!(store.audit_len().unwrap(), 0);
+    assert_eq!(
+        store.append_audit(&entry("1")).unwrap().seq,
+        1,
+        "no number used"
+    );
+}
+
+fn put_share_entry_sees_the_previous_share(open: Open) {
+    let (_dir, store) = fresh(open);
+    let saw: Cell<Option<Option<ShareRecord>>> = Cell::new(None);
+    let first = share("1", "2", ShareLevel::Standard);
+    let (before, e) = store
+        .put_share_audited(&first, &|prev| {
+            saw.set(Some(prev.cloned()));
+            entry("1")
+        })
+        .unwrap();
+    assert_eq!((before, saw.take(), e.seq), (None, Some(None), 1));
+    let wider = ShareRecord {
+        level: ShareLevel::Trusted,
+        projects: Some(vec!["p".into()]),
+        ..first.clone()
+    };
+    let (before, e) = store
+        .put_share_audited(&wider, &|prev| {
+            saw.set(Some(prev.cloned()));
+            entry("1")
+        })
+        .unwrap();
+    assert_eq!(before, Some(first.clone()));
+    assert_eq!(saw.take(), Some(Some(first)));
+    assert_eq!(e.seq, 2);
+    assert_eq!(store.share("1", "2").unwrap(), Some(wider));
+}
+
+fn removing_a_missing_share_writes_nothing(open: Open) {
+    let (_dir, store) = fresh(open);
+    let called = Cell::new(false);
+    let removed = store
+        .remove_share_audited("1", "2", &|_| {
+            called.set(true);
+            entry("1")
+        })
+        .unwrap();
+    assert!(removed.is_none());
+    assert!(!called.get(), "no entry is made for nothing");
+    assert_eq!(store.audit_len().unwrap(), 0);
+    store
+        .put_share_audited(&share("1", "2", ShareLevel::Standard), &|_| entry("1"))
+        .unwrap();
+    let (old, e) = store
+        .remove_share_audited("1", "2", &|old| {
+            assert_eq!(old.grantee, "2");
+            entry("1")
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!((old.level, e.seq), (ShareLevel::Standard, 2));
+    assert!(store
+        .remove_share_audited("1", "2", &|_| entry("1"))
+        .unwrap()
+        .is_none());
+    assert_eq!(store.audit_len().unwrap(), 2);
+}
+
+fn shares_of_and_shares_to_follow_every_change(open: Open) {
+    let (dir, store) = fresh(open);
+    let pairs = |shares: Vec<ShareRecord>| {
+        let mut v: Vec<(String, String)> =
+            shares.into_iter().map(|s| (s.owner, s.grantee)).collect();
+        v.sort();
+        v
+    };
+    let p = |o: &str, g: &str| (o.to_string(), g.to_string());
+    // "1" and "12" are different people whose ids share a prefix.
+    for (owner, grantee) in [
+        ("1", "2"),
+        ("1", "12"),
+        ("12", "2"),
+        ("3", "1"),
+        ("2", "12"),
+    ] {
+        store
+            .put_share_audited(&share(owner, grantee, ShareLevel::Standard), &|_| {
+                entry(owner)
+            })
+            .unwrap();
+    }
+    assert_eq!(
+        pairs(store.shares_of("1").unwrap()),
+        [p("1", "12"), p("1", "2")]
+    );
+    assert_eq!(pairs(store.shares_of("12").unwrap()), [p("12", "2")]);
+    assert_eq!(
+        pairs(store.shares_to("2").unwrap()),
+        [p("1", "2"), p("12", "2")]
+    );
+    assert_eq!(
+        pairs(store.shares_to("12").unwrap()),
+        [p("1", "12"), p("2", "12")]
+    );
+    assert_eq!(pairs(store.shares_to("1").unwrap()), [p("3", "1")]);
+    assert!(store.shares_to("4").unwrap().is_empty());
+    // Changing a share's level does not list it twice.
+    store
+        .put_share_audited(&share("1", "2", ShareLevel::Trusted), &|_| entry("1"))
+        .unwrap();
+    let to_two = store.shares_to("2").unwrap();
+    assert_eq!(to_two.len(), 2);
+    assert!(to_two
+        .iter()
+        .any(|s| s.owner == "1" && s.level == ShareLevel::Trusted));
+    store
+        .remove_share_audited("1", "2", &|_| entry("1"))
+        .unwrap();
+    assert_eq!(pairs(store.shares_to("2").unwrap()), [p("12", "2")]);
+    assert_eq!(pairs(store.shares_of("1").unwrap()), [p("1", "12")]);
+    let store = reopen(open, &dir, store);
+    assert_eq!(pairs(store.shares_to("2").unwrap()), [p("12", "2")]);
+    assert_eq!(
+        pairs(store.shares_to("12").unwrap()),
+        [p("1", "12"), p("2", "12")]
+    );
+}
+
+fn users_have_defaults_and_audited_settings(open: Open) {
+    let (_dir, store) = fresh(open);
+    assert_eq!(store.user("1").unwrap(), UserRecord::default());
+    let rec = UserRecord {
+        default_agent: Some(fp(3)),
+    };
+    let e = store.put_user_audited("1", &rec, &entry("1")).unwrap();
+    assert_eq!(e.seq, 1);
+    assert_eq!(store.user("1").unwrap(), rec);
+    assert_eq!(store.user("12").unwrap(), UserRecord::default());
+}
+
+fn open_tasks_in_queue_order_and_only_open_ones(open: Open) {
+    let (_dir, store) = fresh(open);
+    // Written out of queue order; queue order is `order`.
+    for (id, order) in [("c", 30), ("a", 10), ("b", 20), ("d", 40)] {
+        store.put_task(&task(id, "1", 1, order)).unwrap();
+    }
+    store.put_task(&task("other", "1", 2, 5)).unwrap();
+    let mut running = task("b", "1", 1, 20);
+    running.state = TaskState::Running;
+    store.put_task(&running).unwrap();
+    store
+        .put_task_audited(&ended(task("d", "1", 1, 40), 50), &entry("1"))
+        .unwrap();
+    let open_ones = store.open_tasks(&fp(1)).unwrap();
+    assert_eq!(ids(&open_ones), ["a", "b", "c"]);
+    assert_eq!(open_ones[1].state, TaskState::Running);
+    assert_eq!(ids(&store.open_tasks(&fp(2)).unwrap()), ["other"]);
+    assert!(store.open_tasks(&fp(3)).unwrap().is_empty());
+    for state in [
+        TaskState::WaitingApproval,
+        TaskState::Failed,
+        TaskState::Cancelled,
+        TaskState::Lost,
+    ] {
+        let mut rec = task("a", "1", 1, 10);
+        rec.state = state;
+        store.put_task(&rec).unwrap();
+        let listed = ids(&store.open_tasks(&fp(1)).unwrap()).contains(&"a".to_string());
+        assert_eq!(listed, !state.is_final(), "{state:?}");
+    }
+}
+
+fn open_tasks_of_user_counts_across_agents(open: Open) {
+    let (_dir, store) = fresh(open);
+    for (id, user, agent) in [("a", "1", 1), ("b", "1", 2), ("c", "12", 1), ("d", "2", 1)] {
+        store.put_task(&task(id, user, agent, 0)).unwrap();
+    }
+    assert_eq!(store.open_tasks_of_user("1").unwrap(), 2);
+    assert_eq!(store.open_tasks_of_user("12").unwrap(), 1);
+    assert_eq!(store.open_tasks_of_user("3").unwrap(), 0);
+    let done = ended(task("a", "1", 1, 0), 5);
+    store.put_task(&done).unwrap();
+    assert_eq!(store.open_tasks_of_user("1").unwrap(), 1);
+    assert_eq!(store.delete_task(&done).unwrap(), Some(0));
+    let c = task("c", "12", 1, 0);
+    store.delete_task(&c).unwrap();
+    assert_eq!(store.open_tasks_of_user("1").unwrap(), 1);
+    assert_eq!(store.open_tasks_of_user("12").unwrap(), 0);
+}
+
+fn stored_bytes_of_user_follow_every_write_and_delete(open: Open) {
+    let (dir, store) = fresh(open);
+    let mut a = task("a", "1", 1, 1);
+    let mut b = task("b", "1", 2, 2);
+    let mut c = task("c", "12", 1, 3);
+    for t in [&a, &b, &c] {
+        store.put_task(t).unwrap();
+    }
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 0);
+    append(&store, &mut a, 4, 100);
+    append(&store, &mut b, 2, 50);
+    append(&store, &mut c, 1, 7);
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 500);
+    assert_eq!(store.stored_bytes_of_user("12").unwrap(), 7);
+    // Several runs of one task in one call.
+    let body = [b'x'; 10];
+    let first: Vec<(u64, Option<&[u8]>)> = vec![(5, Some(&body[..]))];
+    let mut a1 = a.clone();
+    a1.last_seq = 5;
+    a1.output_bytes += 10;
+    let second: Vec<(u64, Option<&[u8]>)> = vec![(6, Some(&body[..]))];
+    let mut a2 = a1.clone();
+    a2.last_seq = 6;
+    a2.output_bytes += 10;
+    let runs = [
+        EventRun {
+            task: &a1,
+            events: &first,
+            was_open: Some(true),
+        },
+        EventRun {
+            task: &a2,
+            events: &second,
+            was_open: Some(true),
+        },
+    ];
+    assert_eq!(store.append_event_runs(&runs).unwrap(), [true, true]);
+    let a = a2;
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 520);
+    // Ending a task keeps its output; a plain record write sets what the record says.
+    let a = ended(a, 90);
+    store.put_task(&a).unwrap();
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 520);
+    let mut b_rewritten = b.clone();
+    b_rewritten.output_bytes = 30;
+    store.put_task_audited(&b_rewritten, &entry("1")).unwrap();
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 450);
+    let store = reopen(open, &dir, store);
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 450);
+    assert_eq!(store.delete_task(&a).unwrap(), Some(6));
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 30);
+    assert_eq!(store.delete_task(&b_rewritten).unwrap(), Some(2));
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 0);
+    assert_eq!(store.stored_bytes_of_user("12").unwrap(), 7);
+}
+
+fn recent_tasks_newest_first_across_own_and_agents_tasks_once_each(open: Open) {
+    let (_dir, store) = fresh(open);
+    // User 1 owns agent 1. Their own tasks run on agents 1 and 2 (someone else's, shared with them); user 2
+    // runs tasks on agent 1; user 12 and agent 3 are none of theirs.
+    let rows = [
+        ("own-on-1-old", "1", 1),
+        ("theirs-on-1", "2", 1),
+        ("own-on-2", "1", 2),
+        ("not-mine", "12", 3),
+        ("theirs-on-3", "2", 3),
+        ("own-on-1-new", "1", 1),
+        ("not-mine-on-2", "2", 2),
+    ];
+    for (id, user, agent) in rows {
+        let order = store.next_order().unwrap();
+        store.put_task(&task(id, user, agent, order)).unwrap();
+    }
+    let expected = ["own-on-1-new", "own-on-2", "theirs-on-1", "own-on-1-old"];
+    assert_eq!(
+        ids(&store.recent_tasks("1", &[fp(1)], 10).unwrap()),
+        expected
+    );
+    assert_eq!(
+        ids(&store.recent_tasks("1", &[fp(1)], 3).unwrap()),
+        expected[..3]
+    );
+    assert!(store.recent_tasks("1", &[fp(1)], 0).unwrap().is_empty());
+    // An agent named twice still gives each task once.
+    assert_eq!(
+        ids(&store.recent_tasks("1", &[fp(1), fp(1)], 10).unwrap()),
+        expected
+    );
+    assert_eq!(
+        ids(&store.recent_tasks("1", &[], 10).unwrap()),
+        ["own-on-1-new", "own-on-2", "own-on-1-old"]
+    );
+    assert_eq!(
+        ids(&store.recent_tasks("nobody", &[fp(3)], 10).unwrap()),
+        ["theirs-on-3", "not-mine"]
+    );
+    // A changed record keeps its place (order does not change) and comes back as it is now.
+    let mut changed = task("own-on-2", "1", 2, 3);
+    changed.order = store.recent_tasks("1", &[], 10).unwrap()[1].order;
+    changed.state = TaskState::Running;
+    store.put_task(&changed).unwrap();
+    let now = store.recent_tasks("1", &[fp(1)], 10).unwrap();
+    assert_eq!(ids(&now), expected);
+    assert_eq!(now[1].state, TaskState::Running);
+    // A deleted one is gone.
+    store.delete_task(&now[0]).unwrap();
+    assert_eq!(
+        ids(&store.recent_tasks("1", &[fp(1)], 10).unwrap()),
+        expected[1..]
+    );
+}
+
+fn tasks_with_session_follow_the_session_a_later_write_sets(open: Open) {
+    let (_dir, store) = fresh(open);
+    let mut a = task("a", "1", 1, 1);
+    store.put_task(&a).unwrap();
+    assert!(store.tasks_with_session(&fp(1), "s").unwrap().is_empty());
+    // The session arrives with an event.
+    a.session_id = Some("s".into());
+    append(&store, &mut a, 1, 10);
+    assert_eq!(ids(&store.tasks_with_session(&fp(1), "s").unwrap()), ["a"]);
+    let mut b = task("b", "2", 1, 2);
+    b.session_id = Some("s".into());
+    store.put_task(&b).unwrap();
+    // Same session id on another agent, and a session id that extends this one.
+    let mut c = task("c", "1", 2, 3);
+    c.session_id = Some("s".into());
+    store.put_task(&c).unwrap();
+    let mut d = task("d", "1", 1, 4);
+    d.session_id = Some("s2".into());
+    store.put_task(&d).unwrap();
+    assert_eq!(
+        sorted_ids(&store.tasks_with_session(&fp(1), "s").unwrap()),
+        ["a", "b"]
+    );
+    assert_eq!(ids(&store.tasks_with_session(&fp(2), "s").unwrap()), ["c"]);
+    assert_eq!(ids(&store.tasks_with_session(&fp(1), "s2").unwrap()), ["d"]);
+    assert!(store.tasks_with_session(&fp(1), "").unwrap().is_empty());
+    // A resumed session can report a new id: the task moves to it.
+    a.session_id = Some("s3".into());
+    append(&store, &mut a, 1, 10);
+    assert_eq!(ids(&store.tasks_with_session(&fp(1), "s").unwrap()), ["b"]);
+    assert_eq!(ids(&store.tasks_with_session(&fp(1), "s3").unwrap()), ["a"]);
+    store.delete_task(&b).unwrap();
+    assert!(store.tasks_with_session(&fp(1), "s").unwrap().is_empty());
+}
+
+fn ended_before_pages_through_final_tasks_with_the_cursor(open: Open) {
+    let (_dir, store) = fresh(open);
+    // Several tasks end at the same second, so a batch boundary falls between equal times.
+    let ends = [
+        ("a", 50),
+        ("b", 10),
+        ("c", 30),
+        ("d", 30),
+        ("e", 30),
+        ("f", 20),
+        ("g", 99),
+        ("h", 100),
+    ];
+    for (i, (id, at)) in ends.iter().enumerate() {
+        store
+            .put_task(&ended(task(id, "1", 1, i as u64 + 1), *at))
+            .unwrap();
+    }
+    let mut still_open = task("open", "1", 1, 20);
+    still_open.updated_at = 5;
+    store.put_task(&still_open).unwrap();
+    let cutoff = 100;
+    let all = store.ended_before(cutoff, 100, None).unwrap();
+    assert_eq!(sorted_ids(&all), ["a", "b", "c", "d", "e", "f", "g"]);
+    let times: Vec<u64> = all.iter().map(|t| t.updated_at).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "oldest first: {times:?}"
+    );
+    for batch in 1..=4 {
+        let mut seen = Vec::new();
+        let mut after: Option<TaskRecord> = None;
+        loop {
+            // A cursor that does not move on would page forever: fail instead.
+            assert!(seen.len() <= all.len(), "batches of {batch} repeat tasks");
+            let got = store.ended_before(cutoff, batch, after.as_ref()).unwrap();
+            assert!(got.len() <= batch);
+            seen.extend(got.iter().cloned());
+            match got.last() {
+                Some(last) if got.len() == batch => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        assert_eq!(ids(&seen), ids(&all), "batches of {batch}");
+    }
+    // A task that ended again later (a late event) moves out of the range.
+    let g = ended(task("g", "1", 1, 7), 150);
+    store.put_task(&g).unwrap();
+    assert_eq!(
+        sorted_ids(&store.ended_before(cutoff, 100, None).unwrap()),
+        ["a", "b", "c", "d", "e", "f"]
+    );
+    assert!(store.ended_before(10, 100, None).unwrap().is_empty());
+}
+
+fn delete_task_only_when_unchanged_and_with_its_events(open: Open) {
+    let (_dir, store) = fresh(open);
+    let mut t = task("t", "1", 1, 1);
+    t.session_id = Some("s".into());
+    store.put_task(&t).unwrap();
+    let stale = t.clone();
+    append(&store, &mut t, 3, 10);
+    let t = ended(t, 40);
+    store.put_task(&t).unwrap();
+    // Another task whose id extends this one's keeps its events.
+    let mut t1 = task("t1", "1", 1, 2);
+    store.put_task(&t1).unwrap();
+    append(&store, &mut t1, 2, 10);
+
+    assert_eq!(store.delete_task(&stale).unwrap(), None, "changed since");
+    assert_eq!(store.task("t").unwrap(), Some(t.clone()));
+    assert_eq!(store.event_bytes("t", 0).unwrap().len(), 3);
+
+    assert_eq!(store.delete_task(&t).unwrap(), Some(3));
+    assert_eq!(store.task("t").unwrap(), None);
+    assert!(store.event_bytes("t", 0).unwrap().is_empty());
+    assert_eq!(store.event_bytes("t1", 0).unwrap().len(), 2);
+    assert_eq!(ids(&store.recent_tasks("1", &[fp(1)], 10).unwrap()), ["t1"]);
+    assert!(store.tasks_with_session(&fp(1), "s").unwrap().is_empty());
+    assert!(store.ended_before(u64::MAX, 10, None).unwrap().is_empty());
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 20);
+    assert_eq!(store.delete_task(&t).unwrap(), None, "already gone");
+}
+
+fn append_event_runs_writes_several_tasks_and_not_a_deleted_one(open: Open) {
+    let (_dir, store) = fresh(open);
+    let (a, b, c) = (
+        task("a", "1", 1, 1),
+        task("b", "1", 1, 2),
+        task("c", "2", 2, 3),
+    );
+    for t in [&a, &b, &c] {
+        store.put_task(t).unwrap();
+    }
+    assert_eq!(store.delete_task(&b).unwrap(), Some(0));
+    let moved = |t: &TaskRecord, n: u64| TaskRecord {
+        last_seq: n,
+        output_bytes: n * 2,
+        updated_at: t.updated_at + 1,
+        state: TaskState::Running,
+        ..t.clone()
+    };
+    let (a2, b2, c2) = (moved(&a, 2), moved(&b, 2), moved(&c, 1));
+    let two: Vec<(u64, Option<&[u8]>)> = vec![(1, Some(&b"e1"[..])), (2, Some(&b"e2"[..]))];
+    let one: Vec<(u64, Option<&[u8]>)> = vec![(1, Some(&b"f1"[..]))];
+    let runs = [
+        EventRun {
+            task: &a2,
+            events: &two,
+            was_open: Some(true),
+        },
+        EventRun {
+            task: &b2,
+            events: &two,
+            was_open: Some(true),
+        },
+        EventRun {
+            task: &c2,
+            events: &one,
+            was_open: None,
+        },
+    ];
+    assert_eq!(store.append_event_runs(&runs).unwrap(), [true, false, true]);
+    assert_eq!(store.task("a").unwrap(), Some(a2));
+    assert_eq!(store.task("c").unwrap(), Some(c2));
+    assert_eq!(
+        store.task("b").unwrap(),
+        None,
+        "a late run does not bring it back"
+    );
+    assert!(store.event_bytes("b", 0).unwrap().is_empty());
+    assert_eq!(
+        store.event_bytes("a", 0).unwrap(),
+        [(1, b"e1".to_vec()), (2, b"e2".to_vec())]
+    );
+    assert_eq!(store.event_bytes("c", 0).unwrap(), [(1, b"f1".to_vec())]);
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 4);
+    assert_eq!(store.open_tasks_of_user("1").unwrap(), 1);
+    assert!(store.append_event_runs(&[]).unwrap().is_empty());
+}
+
+fn events_are_read_after_a_sequence_number(open: Open) {
+    let (_dir, store) = fresh(open);
+    let mut t = task("t", "1", 1, 1);
+    store.put_task(&t).unwrap();
+    let mut t10 = task("t10", "1", 1, 2);
+    store.put_task(&t10).unwrap();
+    append(&store, &mut t, 5, 3);
+    append(&store, &mut t10, 2, 3);
+    let after = |task: &str, n: u64| -> Vec<u64> {
+        store
+            .event_bytes(task, n)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect()
+    };
+    assert_eq!(after("t", 0), [1, 2, 3, 4, 5]);
+    assert_eq!(after("t", 2), [3, 4, 5]);
+    assert!(after("t", 5).is_empty());
+    assert!(after("t", u64::MAX).is_empty());
+    assert_eq!(after("t10", 0), [1, 2]);
+    assert!(after("nothing", 0).is_empty());
+    // Typed reading, through the convenience over the bytes.
+    let event = ct_protocol::task::TaskEvent::Text { text: "hi".into() };
+    let bytes = serde_json::to_vec(&event).unwrap();
+    let mut u = task("u", "1", 1, 3);
+    store.put_task(&u).unwrap();
+    u.last_seq = 1;
+    let run: Vec<(u64, Option<&[u8]>)> = vec![(1, Some(&bytes))];
+    store
+        .append_event_runs(&[EventRun {
+            task: &u,
+            events: &run,
+            was_open: Some(true),
+        }])
+        .unwrap();
+    assert_eq!(store.events("u", 0).unwrap(), [(1, event)]);
+}
+
+fn dropped_events_move_the_record_but_store_nothing(open: Open) {
+    let (_dir, store) = fresh(open);
+    let t = task("t", "1", 1, 1);
+    store.put_task(&t).unwrap();
+    let mut moved = t.clone();
+    moved.last_seq = 3;
+    moved.output_bytes = 2;
+    moved.output_truncated = true;
+    let events: Vec<(u64, Option<&[u8]>)> = vec![(1, Some(&b"ok"[..])), (2, None), (3, None)];
+    let run = EventRun {
+        task: &moved,
+        events: &events,
+        was_open: Some(true),
+    };
+    assert_eq!(store.append_event_runs(&[run]).unwrap(), [true]);
+    assert_eq!(store.task("t").unwrap(), Some(moved));
+    assert_eq!(store.event_bytes("t", 0).unwrap(), [(1, b"ok".to_vec())]);
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 2);
+}
+
+fn thread_marks_are_kept_and_deleted(open: Open) {
+    let (dir, store) = fresh(open);
+    store.put_thread_mark("a", br#"{"n":1}"#).unwrap();
+    store.put_thread_mark("b", br#"{"n":2}"#).unwrap();
+    store.put_thread_mark("a", br#"{"n":3}"#).unwrap();
+    store.put_thread_mark("c", b"not json").unwrap();
+    store.delete_thread_mark("b").unwrap();
+    store.delete_thread_mark("nothing").unwrap();
+    let store = reopen(open, &dir, store);
+    let mut raw = store.thread_mark_bytes().unwrap();
+    raw.sort();
+    assert_eq!(
+        raw,
+        [
+            ("a".to_string(), br#"{"n":3}"#.to_vec()),
+            ("c".to_string(), b"not json".to_vec())
+        ]
+    );
+    // The typed reading skips what does not decode.
+    let marks: Vec<(String, serde_json::Value)> = store.thread_marks().unwrap();
+    assert_eq!(marks, [("a".to_string(), serde_json::json!({"n": 3}))]);
+}
+
+fn audit_pages_newest_first_by_owner_and_by_filter(open: Open) {
+    let (_dir, store) = fresh(open);
+    for (owner, at) in [("1", 10), ("2", 20), ("1", 30), ("12", 40), ("1", 50)] {
+        let mut e = entry(owner);
+        e.at = at;
+        store.append_audit(&e).unwrap();
+    }
+    assert_eq!(
+        seqs(&store.audit_of_owner("1", None, 10).unwrap()),
+        [5, 3, 1]
+    );
+    assert_eq!(
+        seqs(&store.audit_of_owner("1", Some(5), 1).unwrap()),
+        [3],
+        "the next page starts below the last seen"
+    );
+    assert_eq!(seqs(&store.audit_of_owner("12", None, 10).unwrap()), [4]);
+    assert!(store.audit_of_owner("3", None, 10).unwrap().is_empty());
+    assert_eq!(
+        seqs(&store.audit_where(None, 2, &mut |_| true).unwrap()),
+        [5, 4]
+    );
+    assert_eq!(
+        seqs(
+            &store
+                .audit_where(Some(4), 10, &mut |e| e.owner != "1")
+                .unwrap()
+        ),
+        [2]
+    );
+    assert_eq!(store.prune_audit(30).unwrap(), 2, "entries at 10 and 20");
+    assert_eq!(store.audit_len().unwrap(), 3);
+    assert_eq!(seqs(&store.audit_of_owner("1", None, 10).unwrap()), [5, 3]);
+    assert!(store.audit_of_owner("2", None, 10).unwrap().is_empty());
+    assert_eq!(store.prune_audit(u64::MAX).unwrap(), 3);
+    assert!(store.audit_of_owner("1", None, 10).unwrap().is_empty());
+    // Numbers are never reused after a prune.
+    assert_eq!(store.append_audit(&entry("1")).unwrap().seq, 6);
+}
+
+// --- every index against the records ---
+
+/// A small deterministic generator (xorshift64*), so a failure replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+const USERS: [&str; 3] = ["1", "12", "2"];
+const AGENTS: [u8; 3] = [1, 2, 3];
+const SESSIONS: [&str; 3] = ["s", "s1", "t"];
+const BODY: &[u8] = b"0123456789";
+
+/// A run's events: sequence number, stored bytes (`None`: dropped).
+type Events = Vec<(u64, Option<&'static [u8]>)>;
+
+/// Every index-backed query against the answer computed from the records the test knows are stored.
+fn check_indexes(store: &SharedStore, known: &BTreeMap<String, TaskRecord>, step: usize) {
+    let at = |what: &str| format!("step {step}: {what}");
+    for (id, rec) in known {
+        assert_eq!(store.task(id).unwrap().as_ref(), Some(rec), "{}", at(id));
+    }
+    for user in USERS {
+        let mine = known.values().filter(|t| t.spec.requester.user == user);
+        let bytes: u64 = mine.clone().map(|t| t.output_bytes).sum();
+        let open = mine.filter(|t| !t.state.is_final()).count();
+        assert_eq!(
+            store.stored_bytes_of_user(user).unwrap(),
+            bytes,
+            "{}",
+            at(user)
+        );
+        assert_eq!(
+            store.open_tasks_of_user(user).unwrap(),
+            open,
+            "{}",
+            at(user)
+        );
+        for agents in [&[][..], &[fp(1)][..], &[fp(2), fp(3)][..]] {
+            let mut expected: Vec<&TaskRecord> = known
+                .values()
+                .filter(|t| t.spec.requester.user == user || agents.contains(&t.agent))
+                .collect();
+            expected.sort_by_key(|t| std::cmp::Reverse(t.order));
+            for limit in [1, 5, usize::MAX] {
+                let want: Vec<String> = expected
+                    .iter()
+                    .take(limit)
+                    .map(|t| t.spec.task.clone())
+                    .collect();
+                let got = store.recent_tasks(user, agents, limit).unwrap();
+                assert_eq!(ids(&got), want, "{}", at(&format!("recent {user} {limit}")));
+            }
+        }
+    }
+    for agent in AGENTS {
+        let mut open: Vec<&TaskRecord> = known
+            .values()
+            .filter(|t| t.agent == fp(agent) && !t.state.is_final())
+            .collect();
+        open.sort_by_key(|t| t.order);
+        let want: Vec<String> = open.iter().map(|t| t.spec.task.clone()).collect();
+        assert_eq!(
+            ids(&store.open_tasks(&fp(agent)).unwrap()),
+            want,
+            "{}",
+            at("open")
+        );
+        for session in SESSIONS {
+            let want: Vec<String> = known
+                .values()
+                .filter(|t| t.agent == fp(agent) && t.session_id.as_deref() == Some(session))
+                .map(|t| t.spec.task.clone())
+                .collect();
+            let got = store.tasks_with_session(&fp(agent), session).unwrap();
+            assert_eq!(sorted_ids(&got), want, "{}", at(session));
+        }
+    }
+    for cutoff in [20, 60, u64::MAX] {
+        let want: BTreeSet<String> = known
+            .values()
+            .filter(|t| t.state.is_final() && t.updated_at < cutoff)
+            .map(|t| t.spec.task.clone())
+            .collect();
+        let mut seen = Vec::new();
+        let mut after: Option<TaskRecord> = None;
+        loop {
+            assert!(
+                seen.len() <= want.len(),
+                "{}",
+                at("ended: the cursor moves on")
+            );
+            let got = store.ended_before(cutoff, 3, after.as_ref()).unwrap();
+            seen.extend(got.iter().cloned());
+            match got.last() {
+                Some(last) if got.len() == 3 => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        let times: Vec<u64> = seen.iter().map(|t| t.updated_at).collect();
+        assert!(
+            times.windows(2).all(|w| w[0] <= w[1]),
+            "{}",
+            at("ended order")
+        );
+        assert_eq!(seen.len(), want.len(), "{}", at("ended: each once"));
+        assert_eq!(
+            ids(&seen).into_iter().collect::<BTreeSet<_>>(),
+            want,
+            "{}",
+            at("ended")
+        );
+    }
+}
+
+/// How many operations of each kind a random run made.
+#[derive(Debug, Default)]
+struct Done {
+    created: usize,
+    changed: usize,
+    runs: usize,
+    runs_of_deleted: usize,
+    deleted: usize,
+    reopened: usize,
+}
+
+fn indexes_agree_with_the_records_after_random_operations(open: Open) {
+    let (dir, mut store) = fresh(open);
+    let mut rng = Rng(0x5eed_0fc0_de00_0001);
+    let mut known: BTreeMap<String, TaskRecord> = BTreeMap::new();
+    let mut stored_events: HashMap<String, usize> = HashMap::new();
+    let mut next_id = 0;
+    let mut done = Done::default();
+    let states = [
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::WaitingApproval,
+        TaskState::Done,
+        TaskState::Failed,
+        TaskState::Cancelled,
+        TaskState::Lost,
+    ];
+    for step in 0..400 {
+        let existing: Vec<String> = known.keys().cloned().collect();
+        let roll = rng.below(100);
+        match roll {
+            // A new task.
+            0..=29 => {
+                done.created += 1;
+                next_id += 1;
+                let id = format!("t{next_id}");
+                let (user, agent) = (*rng.pick(&USERS), *rng.pick(&AGENTS));
+                let rec = task(&id, user, agent, store.next_order().unwrap());
+                if rng.below(2) == 0 {
+                    store.put_task(&rec).unwrap();
+                } else {
+                    store.put_task_audited(&rec, &entry(user)).unwrap();
+                }
+                known.insert(id, rec);
+            }
+            // A changed record: state, session, time, output, now and then its requester or agent.
+            30..=54 if !existing.is_empty() => {
+                done.changed += 1;
+                let id = rng.pick(&existing).clone();
+                let mut rec = known[&id].clone();
+                rec.state = *rng.pick(&states);
+                rec.updated_at = rng.below(100);
+                match rng.below(10) {
+                    0 => rec.session_id = None,
+                    1..=4 => rec.session_id = Some(rng.pick(&SESSIONS).to_string()),
+                    _ => {}
+                }
+                rec.output_bytes = rng.below(1_000);
+                if rng.below(10) == 0 {
+                    rec.spec.requester.user = rng.pick(&USERS).to_string();
+                }
+                if rng.below(10) == 0 {
+                    rec.agent = fp(*rng.pick(&AGENTS));
+                }
+                store.put_task(&rec).unwrap();
+                known.insert(id, rec);
+            }
+            // Runs of events for a few tasks, now and then one deleted just before.
+            55..=84 if !existing.is_empty() => {
+                done.runs += 1;
+                let mut moved: Vec<(String, TaskRecord, Events)> = Vec::new();
+                for _ in 0..=rng.below(2) {
+                    let id = rng.pick(&existing).clone();
+                    // Several runs of one task in one call: each continues from the one before.
+                    let mut rec = match moved.iter().rev().find(|(i, ..)| *i == id) {
+                        Some((_, prev, _)) => prev.clone(),
+                        None => known[&id].clone(),
+                    };
+                    let mut events = Vec::new();
+                    for _ in 0..=rng.below(3) {
+                        rec.last_seq += 1;
+                        // A quarter are dropped, as under the output cap.
+                        let stored = (rng.below(4) != 0).then_some(BODY);
+                        rec.output_bytes += stored.map_or(0, |b| b.len() as u64);
+                        events.push((rec.last_seq, stored));
+                    }
+                    rec.updated_at = rng.below(100);
+                    if rng.below(5) == 0 {
+                        rec.session_id = Some(rng.pick(&SESSIONS).to_string());
+                    }
+                    if rng.below(8) == 0 {
+                        rec.state = *rng.pick(&states);
+                    }
+                    moved.push((id, rec, events));
+                }
+                let deleted = (rng.below(5) == 0).then(|| moved[0].0.clone());
+                done.runs_of_deleted += usize::from(deleted.is_some());
+                if let Some(id) = &deleted {
+                    let events = stored_events.remove(id).unwrap_or(0);
+                    assert_eq!(store.delete_task(&known[id]).unwrap(), Some(events));
+                    known.remove(id);
+                }
+                let runs: Vec<EventRun> = moved
+                    .iter()
+                    .map(|(_, rec, events)| EventRun {
+                        task: rec,
+                        events,
+                        was_open: None,
+                    })
+                    .collect();
+                let written = store.append_event_runs(&runs).unwrap();
+                for ((id, rec, events), ok) in moved.iter().zip(written) {
+                    assert_eq!(ok, deleted.as_ref() != Some(id), "step {step}: {id}");
+                    if ok {
+                        known.insert(id.clone(), rec.clone());
+                        *stored_events.entry(id.clone()).or_default() +=
+                            events.iter().filter(|(_, e)| e.is_some()).count();
+                    }
+                }
+            }
+            // A delete, of the record as it is or as it was.
+            85..=94 if !existing.is_empty() => {
+                done.deleted += 1;
+                let id = rng.pick(&existing).clone();
+                let rec = known[&id].clone();
+                if rng.below(3) == 0 {
+                    let mut stale = rec.clone();
+                    stale.last_seq += 1;
+                    assert_eq!(store.delete_task(&stale).unwrap(), None, "step {step}");
+                } else {
+                    let events = stored_events.remove(&id).unwrap_or(0);
+                    assert_eq!(
+                        store.delete_task(&rec).unwrap(),
+                        Some(events),
+                        "step {step}"
+                    );
+                    known.remove(&id);
+                }
+            }
+            95..=96 => {
+                done.reopened += 1;
+                store = reopen(open, &dir, store);
+            }
+            _ => {}
+        }
+        check_indexes(&store, &known, step);
+        for (id, n) in &stored_events {
+            assert_eq!(
+                store.event_bytes(id, 0).unwrap().len(),
+                *n,
+                "step {step}: {id}"
+            );
+        }
+    }
+    // The run did enough of everything to mean something (a new seed or mix must keep it so).
+    assert!(known.len() >= 30, "{} tasks left", known.len());
+    assert!(
+        done.created >= 50
+            && done.changed >= 50
+            && done.runs >= 50
+            && done.runs_of_deleted >= 5
+            && done.deleted >= 20
+            && done.reopened >= 3,
+        "{done:?}"
+    );
+}
