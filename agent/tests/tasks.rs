@@ -770,7 +770,12 @@ async fn an_agent_whose_owner_did_not_allow_sharing_refuses_a_grantee_even_when_
 
 #[tokio::test]
 async fn a_grantees_task_runs_sandboxed_and_its_approvals_go_to_the_owner() {
-    let w = world().await;
+    // Sharing from the agent's first report: turned on after it, the relay may have stored the "no" already.
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
     if let Err(e) = ct_agent::sandbox::detect() {
         panic!("bubblewrap must work for this test (scripts/test installs it): {e:?}");
     }
@@ -876,7 +881,12 @@ async fn a_grantees_task_runs_sandboxed_and_its_approvals_go_to_the_owner() {
 
 #[tokio::test]
 async fn a_trusted_grantee_decides_their_own_approvals() {
-    let w = world().await;
+    // Sharing from the agent's first report (see above); then narrowed to the grantee on the machine.
+    let w = world_with(Opts {
+        shared: true,
+        ..Opts::default()
+    })
+    .await;
     w.sharing(SharePolicy::Listed {
         users: vec![GRANTEE.into()],
     });

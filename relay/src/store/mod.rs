@@ -52,8 +52,8 @@ pub struct EventRun<'a> {
     /// Sequence number and stored bytes of each event; `None` for an event dropped under the output cap,
     /// which moves the record on without being stored.
     pub events: &'a [(u64, Option<&'a [u8]>)],
-    /// Whether the task was open before the run, when the caller knows (most runs are plain output and do not
-    /// change it, so the open-task indexes need no write).
+    /// Whether the task was open before the run, when the caller knows: a hint for a backend that would
+    /// otherwise read it to decide whether the open-task indexes change (sled keeps its own record of it).
     pub was_open: Option<bool>,
 }
 
