@@ -36,10 +36,13 @@ type StoredEvent<'a> = (u64, Option<&'a [u8]>);
 /// One task's run of consecutive events, as an agent sent them.
 pub type Run = (String, Vec<(u64, TaskEvent)>);
 
+/// An event on its way to the core's thread, with its JSON already encoded.
+type Encoded = (u64, TaskEvent, Vec<u8>);
+
 /// A session's burst of events, for the core's thread.
 pub(crate) struct EventsJob {
     pub(crate) agent: Fingerprint,
-    pub(crate) runs: Vec<Run>,
+    pub(crate) runs: Vec<(String, Vec<Encoded>)>,
     reply: oneshot::Sender<Recorded>,
 }
 
@@ -81,6 +84,25 @@ impl Core {
         agent: Fingerprint,
         runs: Vec<Run>,
     ) -> Result<Recorded, Stopped> {
+        // Encoded here, on the session's task, so the core's thread (the one writer) spends its time on what
+        // only it can do. An event that cannot be encoded cannot be stored either: its run stops before it,
+        // unacknowledged, and the log says why.
+        let runs = runs
+            .into_iter()
+            .map(|(task, run)| {
+                let mut encoded = Vec::with_capacity(run.len());
+                for (seq, event) in run {
+                    match serde_json::to_vec(&event) {
+                        Ok(bytes) => encoded.push((seq, event, bytes)),
+                        Err(e) => {
+                            tracing::error!(%task, seq, error = %e, "an event that does not encode");
+                            break;
+                        }
+                    }
+                }
+                (task, encoded)
+            })
+            .collect();
         let (reply, done) = oneshot::channel();
         self.send(Job::Events(EventsJob { agent, runs, reply }))
             .await?;
@@ -119,15 +141,20 @@ impl State {
     pub(crate) fn record_batch(&mut self, batch: Vec<EventsJob>) {
         let mut acks: Vec<Vec<(String, u64)>> = vec![Vec::new(); batch.len()];
         let mut replies = Vec::with_capacity(batch.len());
-        let mut prepared = Vec::new();
-        // A task's record as the runs before in this batch left it (an agent may interleave tasks).
-        let mut latest: HashMap<String, TaskRecord> = HashMap::new();
+        let mut prepared: Vec<Prepared> = Vec::new();
+        // Where a task's record, as an earlier run in this batch left it, is in `prepared` (an agent may
+        // interleave tasks, and two sessions of one agent may overlap).
+        let mut latest: HashMap<String, usize> = HashMap::new();
         for (i, job) in batch.into_iter().enumerate() {
             for (id, run) in job.runs {
-                match self.check_run(i, &job.agent, &id, run, &mut latest) {
+                let known = latest.get(&id).map(|&at| prepared[at].rec.clone());
+                match self.check_run(i, &job.agent, &id, run, known) {
                     Ok(Checked::Nothing) => {}
                     Ok(Checked::Resent(seq)) => acks[i].push((id, seq)),
-                    Ok(Checked::Write(p)) => prepared.push(*p),
+                    Ok(Checked::Write(p)) => {
+                        latest.insert(id, prepared.len());
+                        prepared.push(*p);
+                    }
                     // Not acknowledged, so the agent sends it again later; nothing is lost.
                     Err(e) => {
                         tracing::error!(task = %id, error = %e, "could not store task events")
@@ -200,18 +227,18 @@ impl State {
         self.store().append_event_runs(&runs)
     }
 
-    /// Checks one task's run from `agent` against the task's record and the output cap, and encodes what is
-    /// to be stored. Nothing is written here.
+    /// Checks one task's run from `agent` against the task's record (`known`: as an earlier run in this batch
+    /// left it; else read) and the output cap, and keeps what is to be stored. Nothing is written here.
     fn check_run(
         &self,
         job: usize,
         agent: &Fingerprint,
         id: &str,
-        run: Vec<(u64, TaskEvent)>,
-        latest: &mut HashMap<String, TaskRecord>,
+        run: Vec<Encoded>,
+        known: Option<TaskRecord>,
     ) -> Result<Checked, TaskError> {
-        let rec = match latest.get(id) {
-            Some(rec) => Some(rec.clone()),
+        let rec = match known {
+            Some(rec) => Some(rec),
             None => self.store().task(id)?,
         };
         let Some(mut rec) = rec else {
@@ -229,7 +256,7 @@ impl State {
         let mut finished = false;
         let mut resent = false;
         let mut auto_allowed = Vec::new();
-        for (seq, event) in run {
+        for (seq, event, encoded) in run {
             if seq <= rec.last_seq {
                 // Re-sent after a reconnect: already stored. Acknowledged again so the agent can let it go.
                 resent = true;
@@ -256,15 +283,19 @@ impl State {
             finished |= matches!(event, TaskEvent::Finished { .. });
             // The end message (often the agent's refusal, worded for its owner) lands in a thread the
             // requester reads: someone else's task gets it without the owner's folders.
-            let event = match event {
+            let (event, encoded) = match event {
                 TaskEvent::Finished {
                     state,
                     message: Some(m),
-                } if rec.spec.requester.role != Role::Owner => TaskEvent::Finished {
-                    state,
-                    message: Some(super::redact::for_grantee(&m)),
-                },
-                other => other,
+                } if rec.spec.requester.role != Role::Owner => {
+                    let redacted = TaskEvent::Finished {
+                        state,
+                        message: Some(super::redact::for_grantee(&m)),
+                    };
+                    let bytes = serde_json::to_vec(&redacted).map_err(StoreError::from)?;
+                    (redacted, bytes)
+                }
+                other => (other, encoded),
             };
             if let TaskEvent::Tool {
                 name,
@@ -277,7 +308,6 @@ impl State {
             let was_final = rec.state.is_final();
             apply(&mut rec, &event);
             rec.last_seq = seq;
-            let encoded = serde_json::to_vec(&event).map_err(StoreError::from)?;
             let kept = match output::keep(&rec, event, encoded.len() as u64, cap, was_final) {
                 Keep::Unchanged(e) => Some((e, encoded)),
                 Keep::Store(e) => {
@@ -315,7 +345,6 @@ impl State {
             });
         }
         rec.updated_at = now();
-        latest.insert(id.to_string(), rec.clone());
         Ok(Checked::Write(Box::new(Prepared {
             job,
             rec,
