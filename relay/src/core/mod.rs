@@ -27,8 +27,8 @@
 //!
 //! One file per concern, each with the handle's async methods (`impl Core`) next to the state's logic
 //! (`impl State`): [`config`], [`agents`] (sessions and the live table), [`pairing`], [`routing`] (which
-//! agent a request means), [`tasks`] (requests and errors), [`submit`], [`queue`], [`events`], [`control`]
-//! (cancel, follow-ups, approvals), [`shares`], [`projects`], [`worktrees`], [`audit`], [`output`],
+//! agent a request means), [`tasks`] (requests and errors), [`submit`] (new tasks and follow-ups), [`queue`],
+//! [`events`], [`control`] (cancel, approvals), [`shares`], [`projects`], [`worktrees`], [`audit`], [`output`],
 //! [`redact`], [`retention`].
 
 use std::sync::Arc;
@@ -195,7 +195,8 @@ impl Core {
         self.shared.relay
     }
 
-    /// Runs a read-only store query on the blocking pool (large reads: a task's whole event log).
+    /// Runs a store call that is not a decision of the core's on the blocking pool: large reads (a task's whole
+    /// event log, the audit log), and the Discord bot's own bookkeeping (its thread marks).
     pub async fn read<R: Send + 'static>(
         &self,
         query: impl FnOnce(&dyn Store) -> R + Send + 'static,
