@@ -558,8 +558,10 @@ async fn stream_task(
     )
     .await?;
     let mut last = 0;
+    // The record was read before the log, so the log may already hold the end the record does not show yet.
     let mut ended = rec.state.is_final();
     for (seq, event) in events {
+        ended |= matches!(event, ct_protocol::task::TaskEvent::Finished { .. });
         last = seq;
         send_reply(write, &Reply::Event { seq, event }).await?;
     }

@@ -124,7 +124,9 @@ impl Core {
 
     /// The task's stored events, and a receiver for those that follow. Subscribing happens before reading the
     /// log, so nothing falls between the two; a follower skips live events whose `seq` it already has. The log
-    /// (up to the output cap) is read on the blocking pool, not on the core's thread.
+    /// (up to the output cap) is read on the blocking pool, not on the core's thread, after the record: it may
+    /// hold events (the end, too) that the record does not count yet, so a follower takes the end from the
+    /// events, not from the record's state alone.
     pub async fn follow(&self, id: &str) -> Result<Following, TaskError> {
         let id = id.to_string();
         let (rec, rx) = {
