@@ -676,9 +676,10 @@ impl Store for SledStore {
             event_key(&rec.spec.task, u64::MAX),
         );
         let mut n = 0;
-        for key in self.events.range(from..=to).keys() {
-            self.events.remove(key?)?;
-            n += 1;
+        for kv in self.events.range(from..=to) {
+            let (key, value) = kv?;
+            n += stored_events(&key, &value)?.len();
+            self.events.remove(key)?;
         }
         Ok(Some(n))
     }
@@ -686,7 +687,8 @@ impl Store for SledStore {
     fn append_event_runs(&self, runs: &[EventRun<'_>]) -> Result<Vec<bool>> {
         struct Prepared {
             write: TaskWrite,
-            events: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+            /// The run's stored events as one value (see `run_value`), under its first sequence number.
+            events: Option<(Vec<u8>, Vec<u8>)>,
         }
         // `EventRun::was_open` is not needed here: the stored facts say what the task was.
         let prepared = runs
@@ -694,13 +696,7 @@ impl Store for SledStore {
             .map(|run| {
                 Ok(Prepared {
                     write: TaskWrite::new(run.task)?,
-                    events: run
-                        .events
-                        .iter()
-                        .map(|(seq, e)| {
-                            (event_key(&run.task.spec.task, *seq), e.map(<[u8]>::to_vec))
-                        })
-                        .collect(),
+                    events: run_value(&run.task.spec.task, run.events),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -722,10 +718,8 @@ impl Store for SledStore {
                         written.push(false);
                         continue;
                     };
-                    for (key, event) in &p.events {
-                        if let Some(event) = event {
-                            events.insert(key.as_slice(), event.as_slice())?;
-                        }
+                    if let Some((key, value)) = &p.events {
+                        events.insert(key.as_slice(), value.as_slice())?;
                     }
                     tx.write(&p.write, Some(&old))?;
                     written.push(true);
@@ -736,22 +730,28 @@ impl Store for SledStore {
     }
 
     fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        let (from, to) = (
-            event_key(task, after.saturating_add(1)),
-            event_key(task, u64::MAX),
-        );
-        self.events
-            .range(from..=to)
-            .map(|kv| {
-                let (k, v) = kv?;
-                let seq = u64::from_be_bytes(
-                    k[k.len() - 8..]
-                        .try_into()
-                        .map_err(|_| StoreError::Conflict)?,
-                );
-                Ok((seq, v.to_vec()))
-            })
-            .collect()
+        let next = after.saturating_add(1);
+        // A run is stored under its first sequence number, so the event after `after` may sit in the value
+        // stored at or before it: start from the last key at or below it.
+        let start = match self
+            .events
+            .range(event_key(task, 0)..=event_key(task, next))
+            .keys()
+            .next_back()
+        {
+            Some(key) => key?.to_vec(),
+            None => event_key(task, next),
+        };
+        let mut out = Vec::new();
+        for kv in self.events.range(start..=event_key(task, u64::MAX)) {
+            let (key, value) = kv?;
+            out.extend(
+                stored_events(&key, &value)?
+                    .into_iter()
+                    .filter(|(seq, _)| *seq > after),
+            );
+        }
+        Ok(out)
     }
 
     fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
@@ -1325,6 +1325,66 @@ fn grantee_key(grantee: &str, owner: &str) -> Vec<u8> {
     share_key(grantee, owner)
 }
 
+/// The first byte of a value that holds a run of events. An event on its own is stored as its JSON, which never
+/// starts with this byte, so stores written before runs were (one value per event) read the same.
+const RUN_VALUE: u8 = 0;
+
+/// A run's stored events as one value under the first one's key: sled's cost is per inserted value, and a
+/// burst of output is tens to hundreds of events. A run of one is stored as the event itself. The value is
+/// [`RUN_VALUE`], then per event its sequence number (u64) and length (u32), big-endian, and its bytes.
+/// `None` when nothing in the run is stored (every event dropped under the output cap).
+fn run_value(task: &str, run: &[(u64, Option<&[u8]>)]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let stored: Vec<(u64, &[u8])> = run
+        .iter()
+        .filter_map(|(seq, e)| e.map(|e| (*seq, e)))
+        .collect();
+    match stored.as_slice() {
+        [] => None,
+        [(seq, event)] => Some((event_key(task, *seq), event.to_vec())),
+        [(first, _), ..] => {
+            let len = stored.iter().map(|(_, e)| 12 + e.len()).sum::<usize>();
+            let mut value = Vec::with_capacity(1 + len);
+            value.push(RUN_VALUE);
+            for (seq, event) in &stored {
+                value.extend_from_slice(&seq.to_be_bytes());
+                value.extend_from_slice(&(event.len() as u32).to_be_bytes());
+                value.extend_from_slice(event);
+            }
+            Some((event_key(task, *first), value))
+        }
+    }
+}
+
+/// The events one stored value holds: a run (see [`run_value`]), or one event under its own key.
+fn stored_events(key: &[u8], value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>> {
+    if value.first() != Some(&RUN_VALUE) {
+        let seq = key
+            .len()
+            .checked_sub(8)
+            .and_then(|at| key[at..].try_into().ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| corrupt("an event key without its sequence number"))?;
+        return Ok(vec![(seq, value.to_vec())]);
+    }
+    let mut out = Vec::new();
+    let mut rest = &value[1..];
+    while !rest.is_empty() {
+        let (head, tail) = rest
+            .split_at_checked(12)
+            .ok_or_else(|| corrupt("a run of events cut short"))?;
+        let (mut seq, mut len) = ([0; 8], [0; 4]);
+        seq.copy_from_slice(&head[..8]);
+        len.copy_from_slice(&head[8..]);
+        let (seq, len) = (u64::from_be_bytes(seq), u32::from_be_bytes(len) as usize);
+        let (event, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| corrupt("a run of events cut short"))?;
+        out.push((seq, event.to_vec()));
+        rest = tail;
+    }
+    Ok(out)
+}
+
 /// Events sort by task, then by sequence number (big-endian).
 fn event_key(task: &str, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(task.len() + 9);
@@ -1568,6 +1628,70 @@ mod tests {
         let store = reopen(store);
         assert_eq!(store.stored_bytes_of_user("9").unwrap(), 20, "rebuilt");
         assert!(store.indexes_current().unwrap());
+    }
+
+    /// Events stored one value per event (by the previous relay) and runs stored one value per run read as one
+    /// log, from any point, also from the middle of a run; a run cut short is a corrupt store, not a panic.
+    #[test]
+    fn events_stored_per_event_and_per_run_read_as_one_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = task("a", "1", 1, 1);
+        {
+            // The previous layout: events 1 and 2, each its own value.
+            let db = open_db(dir.path()).unwrap();
+            db.open_tree("tasks")
+                .unwrap()
+                .insert(b"a", serde_json::to_vec(&t).unwrap())
+                .unwrap();
+            let events = db.open_tree("events").unwrap();
+            for seq in [1u64, 2] {
+                events
+                    .insert(event_key("a", seq), format!("{{\"n\":{seq}}}").as_bytes())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let (e3, e5, e6) = (b"{\"n\":3}", b"{\"n\":5}", b"{\"n\":6}");
+        t.last_seq = 6;
+        // 3 and 5 to 6 stored, 4 dropped under the cap: one value for the run.
+        let run = [
+            (3, Some(&e3[..])),
+            (4, None),
+            (5, Some(&e5[..])),
+            (6, Some(&e6[..])),
+        ];
+        let written = store
+            .append_event_runs(&[EventRun {
+                task: &t,
+                events: &run,
+                was_open: None,
+            }])
+            .unwrap();
+        assert_eq!(written, [true]);
+        assert_eq!(store.events.len(), 3, "the run is one value");
+        let seqs = |after| -> Vec<u64> {
+            store
+                .event_bytes("a", after)
+                .unwrap()
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .collect()
+        };
+        assert_eq!(seqs(0), [1, 2, 3, 5, 6]);
+        assert_eq!(seqs(2), [3, 5, 6]);
+        assert_eq!(seqs(3), [5, 6], "from the middle of a run");
+        assert_eq!(seqs(4), [5, 6]);
+        assert_eq!(seqs(6), Vec::<u64>::new());
+        assert_eq!(store.event_bytes("a", 4).unwrap()[0].1, e5);
+        let mut truncated = vec![RUN_VALUE];
+        truncated.extend_from_slice(&9u64.to_be_bytes());
+        truncated.extend_from_slice(&100u32.to_be_bytes());
+        store.events.insert(event_key("a", 9), truncated).unwrap();
+        assert!(matches!(
+            store.event_bytes("a", 6),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     /// Derived data that no longer decodes is reported as a corrupt store, never a panic, and a write that
