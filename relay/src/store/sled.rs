@@ -687,8 +687,8 @@ impl Store for SledStore {
     fn append_event_runs(&self, runs: &[EventRun<'_>]) -> Result<Vec<bool>> {
         struct Prepared {
             write: TaskWrite,
-            /// The run's stored events as one value (see `run_value`), under its first sequence number.
-            events: Option<(Vec<u8>, Vec<u8>)>,
+            /// The run's stored events as few values (see `run_values`).
+            events: Vec<(Vec<u8>, Vec<u8>)>,
         }
         // `EventRun::was_open` is not needed here: the stored facts say what the task was.
         let prepared = runs
@@ -696,7 +696,7 @@ impl Store for SledStore {
             .map(|run| {
                 Ok(Prepared {
                     write: TaskWrite::new(run.task)?,
-                    events: run_value(&run.task.spec.task, run.events),
+                    events: run_values(&run.task.spec.task, run.events),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -718,7 +718,7 @@ impl Store for SledStore {
                         written.push(false);
                         continue;
                     };
-                    if let Some((key, value)) = &p.events {
+                    for (key, value) in &p.events {
                         events.insert(key.as_slice(), value.as_slice())?;
                     }
                     tx.write(&p.write, Some(&old))?;
@@ -1325,37 +1325,61 @@ fn grantee_key(grantee: &str, owner: &str) -> Vec<u8> {
     share_key(grantee, owner)
 }
 
-/// The first byte of a value that holds a run of events. An event on its own is stored as its JSON, which never
-/// starts with this byte, so stores written before runs were (one value per event) read the same.
+/// The first byte of a value that holds several events. An event on its own is stored as its JSON, which never
+/// starts with this byte, so stores written before events were packed (one value per event) read the same.
 const RUN_VALUE: u8 = 0;
 
-/// A run's stored events as one value under the first one's key: sled's cost is per inserted value, and a
-/// burst of output is tens to hundreds of events. A run of one is stored as the event itself. The value is
-/// [`RUN_VALUE`], then per event its sequence number (u64) and length (u32), big-endian, and its bytes.
-/// `None` when nothing in the run is stored (every event dropped under the output cap).
-fn run_value(task: &str, run: &[(u64, Option<&[u8]>)]) -> Option<(Vec<u8>, Vec<u8>)> {
-    let stored: Vec<(u64, &[u8])> = run
-        .iter()
-        .filter_map(|(seq, e)| e.map(|e| (*seq, e)))
-        .collect();
-    match stored.as_slice() {
-        [] => None,
-        [(seq, event)] => Some((event_key(task, *seq), event.to_vec())),
-        [(first, _), ..] => {
-            let len = stored.iter().map(|(_, e)| 12 + e.len()).sum::<usize>();
-            let mut value = Vec::with_capacity(1 + len);
-            value.push(RUN_VALUE);
-            for (seq, event) in &stored {
-                value.extend_from_slice(&seq.to_be_bytes());
-                value.extend_from_slice(&(event.len() as u32).to_be_bytes());
-                value.extend_from_slice(event);
+/// Events at least this large are stored each as its own value; smaller ones are packed together.
+const PACK_BELOW: usize = 4096;
+/// Bytes of events packed into one value at most.
+const PACK_LIMIT: usize = 64 * 1024;
+
+/// A run's stored events as few values: sled's cost is per inserted value, and a burst of output is tens to
+/// hundreds of small events. Consecutive small events are packed into one value under the first one's key
+/// ([`RUN_VALUE`], then per event its sequence number (u64) and length (u32), big-endian, and its bytes); a
+/// large event, or a pack of one, is stored as the event itself. Large events gain nothing from packing: sled
+/// copies their bytes either way.
+fn run_values(task: &str, run: &[(u64, Option<&[u8]>)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut pack: Vec<(u64, &[u8])> = Vec::new();
+    let mut packed = 0;
+    let flush = |pack: &mut Vec<(u64, &[u8])>, out: &mut Vec<(Vec<u8>, Vec<u8>)>| {
+        match pack.as_slice() {
+            [] => {}
+            [(seq, event)] => out.push((event_key(task, *seq), event.to_vec())),
+            [(first, _), ..] => {
+                let len = pack.iter().map(|(_, e)| 12 + e.len()).sum::<usize>();
+                let mut value = Vec::with_capacity(1 + len);
+                value.push(RUN_VALUE);
+                for (seq, event) in pack.iter() {
+                    value.extend_from_slice(&seq.to_be_bytes());
+                    value.extend_from_slice(&(event.len() as u32).to_be_bytes());
+                    value.extend_from_slice(event);
+                }
+                out.push((event_key(task, *first), value));
             }
-            Some((event_key(task, *first), value))
         }
+        pack.clear();
+    };
+    for (seq, event) in run.iter().filter_map(|(seq, e)| e.map(|e| (*seq, e))) {
+        if event.len() >= PACK_BELOW {
+            flush(&mut pack, &mut out);
+            packed = 0;
+            out.push((event_key(task, seq), event.to_vec()));
+            continue;
+        }
+        if packed + event.len() > PACK_LIMIT {
+            flush(&mut pack, &mut out);
+            packed = 0;
+        }
+        packed += event.len();
+        pack.push((seq, event));
     }
+    flush(&mut pack, &mut out);
+    out
 }
 
-/// The events one stored value holds: a run (see [`run_value`]), or one event under its own key.
+/// The events one stored value holds: a pack (see [`run_values`]), or one event under its own key.
 fn stored_events(key: &[u8], value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>> {
     if value.first() != Some(&RUN_VALUE) {
         let seq = key
@@ -1684,12 +1708,31 @@ mod tests {
         assert_eq!(seqs(4), [5, 6]);
         assert_eq!(seqs(6), Vec::<u64>::new());
         assert_eq!(store.event_bytes("a", 4).unwrap()[0].1, e5);
+        // A large event is its own value, between packs of the small ones around it.
+        let big = format!("{{\"text\":\"{}\"}}", "x".repeat(PACK_BELOW));
+        t.last_seq = 10;
+        let run = [
+            (7, Some(&e3[..])),
+            (8, Some(big.as_bytes())),
+            (9, Some(&e5[..])),
+            (10, Some(&e6[..])),
+        ];
+        store
+            .append_event_runs(&[EventRun {
+                task: &t,
+                events: &run,
+                was_open: None,
+            }])
+            .unwrap();
+        assert_eq!(store.events.len(), 6, "7 alone, 8 alone, 9 and 10 packed");
+        assert_eq!(seqs(6), [7, 8, 9, 10]);
+        assert_eq!(store.event_bytes("a", 7).unwrap()[0].1, big.as_bytes());
         let mut truncated = vec![RUN_VALUE];
         truncated.extend_from_slice(&9u64.to_be_bytes());
         truncated.extend_from_slice(&100u32.to_be_bytes());
-        store.events.insert(event_key("a", 9), truncated).unwrap();
+        store.events.insert(event_key("a", 11), truncated).unwrap();
         assert!(matches!(
-            store.event_bytes("a", 6),
+            store.event_bytes("a", 10),
             Err(StoreError::Corrupt(_))
         ));
     }
