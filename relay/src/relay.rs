@@ -278,7 +278,7 @@ impl Relay {
             endpoint.close(0u32.into(), b"relay shutting down");
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
-        core.flush().await?;
+        core.flush().await;
         let _ = std::fs::remove_file(admin::socket_path(&data_dir));
         info!("relay stopped");
         Ok(())

@@ -79,17 +79,6 @@ impl Core {
     pub async fn online(&self) -> usize {
         self.call(|state| state.live.len()).await.unwrap_or(0)
     }
-
-    /// Asks every live session to close for a shutdown.
-    pub async fn close_all(&self, reason: CloseReason) {
-        let _ = self
-            .call(move |state| {
-                for live in state.live.values() {
-                    let _ = live.close.try_send(reason);
-                }
-            })
-            .await;
-    }
 }
 
 impl State {

@@ -295,7 +295,7 @@ impl Core {
         limit: usize,
         before: Option<u64>,
     ) -> Result<Vec<AuditEntry>, CoreError> {
-        if owner.is_empty() || owner.len() > 20 || !owner.bytes().all(|b| b.is_ascii_digit()) {
+        if !super::is_user_id(owner) {
             return Err(CoreError::BadUser(owner.to_string()));
         }
         let owner = owner.to_string();

@@ -47,7 +47,7 @@ pub(crate) struct EventsJob {
 }
 
 /// What became of a burst of events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Recorded {
     /// Per task, the sequence number to acknowledge (everything up to it is stored).
     pub acks: Vec<(String, u64)>,

@@ -40,7 +40,7 @@ impl Core {
 
 impl State {
     fn mint_pairing_token(&mut self, owner: &str) -> Result<(PairingToken, u64), CoreError> {
-        if owner.is_empty() || owner.len() > 20 || !owner.bytes().all(|b| b.is_ascii_digit()) {
+        if !super::is_user_id(owner) {
             return Err(CoreError::BadUser(owner.to_string()));
         }
         // Minting runs on the core's thread, one at a time: two codes minted at once for one user cannot both

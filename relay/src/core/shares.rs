@@ -27,7 +27,7 @@ pub(crate) fn role_of(level: ShareLevel) -> Role {
 }
 
 fn check_user(id: &str) -> Result<(), TaskError> {
-    if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_digit()) {
+    if !super::is_user_id(id) {
         return Err(TaskError::BadUser(id.to_string()));
     }
     Ok(())

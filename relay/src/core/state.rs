@@ -30,15 +30,6 @@ pub(crate) enum Job {
     Events(EventsJob),
 }
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Job::Call(_) => f.write_str("Job::Call"),
-            Job::Events(e) => write!(f, "Job::Events({} runs)", e.runs.len()),
-        }
-    }
-}
-
 /// A message for an agent's session to write, once `after` (if any) is durable: a task start must not reach
 /// the agent before the record saying it was sent is on disk, or a crash could send it twice.
 #[derive(Debug)]
