@@ -14,8 +14,8 @@ use ct_protocol::task::{Requester, Role, TaskSpec};
 use ct_protocol::Fingerprint;
 use ct_relay::store::sled::SledStore;
 use ct_relay::store::{
-    AgentRecord, AuditEntry, AuditKind, EventRun, PairCodeRecord, ShareLevel, ShareRecord,
-    SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
+    AgentRecord, AuditEntry, AuditKind, EventRun, NodeRecord, PairCodeRecord, ShareLevel,
+    ShareRecord, SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
 };
 use tempfile::TempDir;
 
@@ -54,7 +54,14 @@ macro_rules! contract {
             dropped_events_move_the_record_but_store_nothing,
             thread_marks_are_kept_and_deleted,
             audit_pages_newest_first_by_owner_and_by_filter,
-            indexes_agree_with_the_records_after_random_operations
+            indexes_agree_with_the_records_after_random_operations,
+            presence_epochs_grow_and_only_the_current_session_releases,
+            a_task_is_dispatched_once_and_only_under_the_current_epoch,
+            a_queued_task_ends_only_if_nobody_dispatched_it,
+            leases_are_exclusive_until_released_or_expired,
+            token_buckets_allow_a_burst_then_refill,
+            the_first_proposed_secret_wins_also_across_a_reopen,
+            node_heartbeats_are_listed_and_removed
         );
     };
     (@cases $backend:ident, $open:expr; $($case:ident),* $(,)?) => {
@@ -1484,4 +1491,175 @@ fn indexes_agree_with_the_records_after_random_operations(open: Open) {
             && done.reopened >= 3,
         "{done:?}"
     );
+}
+
+// --- the cluster ---
+
+fn presence_epochs_grow_and_only_the_current_session_releases(open: Open) {
+    let (dir, store) = fresh(open);
+    assert_eq!(store.presence(&fp(1)).unwrap(), None);
+    let first = store.claim_presence(&fp(1), "node-a").unwrap();
+    let second = store.claim_presence(&fp(1), "node-b").unwrap();
+    assert!(second.epoch > first.epoch, "{first:?} then {second:?}");
+    assert_eq!(store.presence(&fp(1)).unwrap().as_ref(), Some(&second));
+    // Another agent's epoch is greater still: epochs are never reused, whatever the agent.
+    let other = store.claim_presence(&fp(2), "node-a").unwrap();
+    assert!(other.epoch > second.epoch);
+    // The replaced session going away must not end the newer one's presence.
+    assert!(!store.release_presence(&fp(1), first.epoch).unwrap());
+    assert_eq!(store.presence(&fp(1)).unwrap().as_ref(), Some(&second));
+    let store = reopen(open, &dir, store);
+    let third = store.claim_presence(&fp(1), "node-a").unwrap();
+    assert!(third.epoch > other.epoch, "epochs grow across a reopen");
+    assert!(store.release_presence(&fp(1), third.epoch).unwrap());
+    assert_eq!(store.presence(&fp(1)).unwrap(), None);
+    assert!(!store.release_presence(&fp(1), third.epoch).unwrap());
+}
+
+fn dispatched(rec: &TaskRecord) -> TaskRecord {
+    let mut rec = rec.clone();
+    rec.dispatched_at = Some(5_000);
+    rec
+}
+
+fn a_task_is_dispatched_once_and_only_under_the_current_epoch(open: Open) {
+    let (_dir, store) = fresh(open);
+    store.put_agent(&agent(1, "u")).unwrap();
+    let t = task("t1", "u", 1, 1);
+    store.put_task(&t).unwrap();
+    // No session holds the agent: nobody may dispatch.
+    assert!(!store.dispatch_task(&dispatched(&t), 1).unwrap());
+    let old = store.claim_presence(&fp(1), "node-a").unwrap();
+    let new = store.claim_presence(&fp(1), "node-b").unwrap();
+    // The replaced session cannot take it.
+    assert!(!store.dispatch_task(&dispatched(&t), old.epoch).unwrap());
+    assert!(store.task("t1").unwrap().unwrap().dispatched_at.is_none());
+    // The current one can, once.
+    assert!(store.dispatch_task(&dispatched(&t), new.epoch).unwrap());
+    assert!(!store.dispatch_task(&dispatched(&t), new.epoch).unwrap());
+    let stored = store.task("t1").unwrap().unwrap();
+    assert_eq!(stored.dispatched_at, Some(5_000));
+    assert_eq!(store.open_tasks(&fp(1)).unwrap().len(), 1);
+    // An ended task is never dispatched, and a missing one neither.
+    let mut ended = task("t2", "u", 1, 2);
+    ended.state = TaskState::Cancelled;
+    store.put_task(&ended).unwrap();
+    assert!(!store.dispatch_task(&dispatched(&ended), new.epoch).unwrap());
+    assert!(!store
+        .dispatch_task(&dispatched(&task("t3", "u", 1, 3)), new.epoch)
+        .unwrap());
+    assert!(store.task("t3").unwrap().is_none());
+}
+
+fn a_queued_task_ends_only_if_nobody_dispatched_it(open: Open) {
+    let (_dir, store) = fresh(open);
+    store.put_agent(&agent(1, "u")).unwrap();
+    let t = task("t1", "u", 1, 1);
+    store.put_task(&t).unwrap();
+    let epoch = store.claim_presence(&fp(1), "node-a").unwrap().epoch;
+    assert!(store.dispatch_task(&dispatched(&t), epoch).unwrap());
+    let mut cancelled = t.clone();
+    cancelled.state = TaskState::Cancelled;
+    assert!(
+        !store.finish_queued(&cancelled).unwrap(),
+        "the dispatch won"
+    );
+    assert_eq!(store.task("t1").unwrap().unwrap().state, TaskState::Queued);
+    let q = task("t2", "u", 1, 2);
+    store.put_task(&q).unwrap();
+    let mut cancelled = q.clone();
+    cancelled.state = TaskState::Cancelled;
+    assert!(store.finish_queued(&cancelled).unwrap());
+    assert_eq!(
+        store.task("t2").unwrap().unwrap().state,
+        TaskState::Cancelled
+    );
+    assert_eq!(store.open_tasks(&fp(1)).unwrap().len(), 1, "indexes follow");
+    assert!(!store.dispatch_task(&dispatched(&q), epoch).unwrap());
+}
+
+fn leases_are_exclusive_until_released_or_expired(open: Open) {
+    let (_dir, store) = fresh(open);
+    let long = std::time::Duration::from_secs(60);
+    assert!(store.lease("gateway", "a", long).unwrap());
+    assert!(!store.lease("gateway", "b", long).unwrap());
+    assert!(
+        store.lease("gateway", "a", long).unwrap(),
+        "the holder renews"
+    );
+    assert!(
+        store.lease("other", "b", long).unwrap(),
+        "leases are independent"
+    );
+    store.release_lease("gateway", "b").unwrap();
+    assert!(
+        !store.lease("gateway", "b", long).unwrap(),
+        "only the holder releases"
+    );
+    store.release_lease("gateway", "a").unwrap();
+    assert!(store.lease("gateway", "b", long).unwrap());
+    // An expired lease is free for anyone.
+    assert!(store
+        .lease("short", "a", std::time::Duration::from_millis(50))
+        .unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    assert!(store.lease("short", "b", long).unwrap());
+    assert!(!store.lease("short", "a", long).unwrap());
+}
+
+fn token_buckets_allow_a_burst_then_refill(open: Open) {
+    let (_dir, store) = fresh(open);
+    let hour = std::time::Duration::from_secs(3600);
+    let taken = (0..5)
+        .filter(|_| store.take_token("u1", 3, hour).unwrap())
+        .count();
+    assert_eq!(taken, 3, "a burst of three, then none for an hour");
+    assert!(
+        store.take_token("u2", 3, hour).unwrap(),
+        "buckets are independent"
+    );
+    let fast = std::time::Duration::from_millis(20);
+    while store.take_token("fast", 2, fast).unwrap() {}
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    assert!(store.take_token("fast", 2, fast).unwrap(), "refilled");
+}
+
+fn the_first_proposed_secret_wins_also_across_a_reopen(open: Open) {
+    let (dir, store) = fresh(open);
+    assert_eq!(
+        store.shared_secret("relay-key", b"first").unwrap(),
+        b"first"
+    );
+    assert_eq!(
+        store.shared_secret("relay-key", b"second").unwrap(),
+        b"first"
+    );
+    assert_eq!(store.shared_secret("other", b"x").unwrap(), b"x");
+    let store = reopen(open, &dir, store);
+    assert_eq!(
+        store.shared_secret("relay-key", b"third").unwrap(),
+        b"first"
+    );
+}
+
+fn node_heartbeats_are_listed_and_removed(open: Open) {
+    let (_dir, store) = fresh(open);
+    let node = |id: &str, agents| NodeRecord {
+        id: id.into(),
+        public_addrs: vec![format!("{id}.example:7443")],
+        version: "1".into(),
+        started_at: 1,
+        seen_at: 2,
+        agents,
+        draining: false,
+    };
+    store.put_node(&node("a", 1)).unwrap();
+    store.put_node(&node("b", 2)).unwrap();
+    store.put_node(&node("a", 3)).unwrap();
+    let mut nodes = store.nodes().unwrap();
+    nodes.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(nodes, vec![node("a", 3), node("b", 2)]);
+    assert!(store.remove_node("a").unwrap());
+    assert!(!store.remove_node("a").unwrap());
+    assert_eq!(store.nodes().unwrap(), vec![node("b", 2)]);
 }

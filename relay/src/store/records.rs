@@ -347,6 +347,35 @@ impl AuditEntry {
     }
 }
 
+/// Which node holds an agent's live session now, and that session's epoch (see [`Store::claim_presence`]).
+///
+/// [`Store::claim_presence`]: super::Store::claim_presence
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub node: String,
+    /// Greater than every epoch handed out before for any agent: the newest session wins everywhere.
+    pub epoch: u64,
+    /// Unix seconds when the session was claimed.
+    pub since: u64,
+}
+
+/// One relay node of a cluster, as it last reported itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    /// The addresses agents dial to reach this node (what it puts into pairing tokens).
+    pub public_addrs: Vec<String>,
+    pub version: String,
+    pub started_at: u64,
+    /// Unix seconds of the node's last heartbeat.
+    pub seen_at: u64,
+    /// Live agent sessions the node held at its last heartbeat.
+    pub agents: usize,
+    /// The node is shutting down: its agents are moving to the others.
+    #[serde(default)]
+    pub draining: bool,
+}
+
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now()
