@@ -10,6 +10,7 @@
 //! - [`job`]: [`LongJob`], a project script that keeps the Bash tool busy for cancel and interrupt tests.
 //! - [`discord`]: [`DiscordSim`], a Discord simulator (REST + gateway + HTTP-interaction signing) that the
 //!   bot runs against through `DISCORD_API_PROXY`.
+//! - [`nats`]: [`NatsServer`], a real `nats-server` on loopback for the relay's cluster tests.
 //!
 //! What the CLI was observed to do against the fake is written down in `testkit/CLAUDE-NOTES.md`.
 
@@ -17,6 +18,7 @@ pub mod anthropic;
 pub mod claude;
 pub mod discord;
 pub mod job;
+pub mod nats;
 pub mod process;
 pub mod wait;
 
@@ -24,5 +26,6 @@ pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
 pub use claude::{claude_bin, ClaudeEnv, Cli, MIN_PINNED_VERSION, PINNED_VERSION};
 pub use discord::DiscordSim;
 pub use job::LongJob;
+pub use nats::NatsServer;
 pub use process::{ClaudeProcess, SESSION_ARGS};
 pub use wait::{eventually, eventually_async};
