@@ -5,6 +5,7 @@
 //!   `/healthz`, `/readyz`, `/metrics`), both ending in [`endpoint::session`].
 //! - [`store`]: what the relay keeps ([`store::records`]) and the operations on it, behind one interface
 //!   ([`store::Store`]), with sled as the embedded backend; it imports nothing else of the relay.
+//! - [`cluster`]: the NATS bus between the nodes of a cluster (subjects and bytes; what travels is the core's).
 //! - [`durable`]: group commit, so acknowledgements wait for the disk without an fsync each.
 //! - [`core`]: users, agents, pairing, shares, projects, tasks and their queues. One thread owns its state; front
 //!   ends and sessions hold a cheap [`core::Core`] handle with async methods. Its folder has one file per concern.
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod core;
 pub mod discord;
 pub mod durable;

@@ -83,7 +83,7 @@ impl State {
         tracing::info!(owner, code_id = %code.id, "pairing code minted");
         Ok((
             PairingToken {
-                relays: self.config.public_addrs.clone(),
+                relays: self.cluster_addrs.clone(),
                 code,
                 relay: self.relay,
             },

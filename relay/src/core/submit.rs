@@ -229,7 +229,9 @@ impl State {
         let agent = task.agent;
         check_options(task.role, &task.options)?;
         self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
-        if !self.live.contains_key(&agent.fingerprint) {
+        if !self.live.contains_key(&agent.fingerprint)
+            && self.held_elsewhere(&agent.fingerprint).is_none()
+        {
             let seen = agent.last_seen.map_or("never connected".into(), |t| {
                 format!("last seen {} ago", human_duration(now().saturating_sub(t)))
             });
