@@ -23,11 +23,8 @@ use crate::endpoint::{https, quic};
 use crate::files;
 use crate::metrics::Metrics;
 use crate::store::sled::SledStore;
-use crate::store::SharedStore;
+use crate::store::{SharedStore, RELAY_KEY};
 use crate::tls::{self, CertSource};
-
-/// The name of the relay key in a cluster's shared store.
-const RELAY_KEY: &str = "relay_key";
 
 /// How long shutdown waits for sessions to send their goodbyes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);

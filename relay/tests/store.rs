@@ -14,7 +14,7 @@ use ct_protocol::task::{Requester, Role, TaskSpec};
 use ct_protocol::Fingerprint;
 use ct_relay::store::sled::SledStore;
 use ct_relay::store::{
-    AgentRecord, AuditEntry, AuditKind, EventRun, NodeRecord, PairCodeRecord, ShareLevel,
+    AgentRecord, AuditEntry, AuditKind, EventRun, Exported, NodeRecord, PairCodeRecord, ShareLevel,
     ShareRecord, SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
 };
 use tempfile::TempDir;
@@ -61,7 +61,8 @@ macro_rules! contract {
             leases_are_exclusive_until_released_or_expired,
             token_buckets_allow_a_burst_then_refill,
             the_first_proposed_secret_wins_also_across_a_reopen,
-            node_heartbeats_are_listed_and_removed
+            node_heartbeats_are_listed_and_removed,
+            an_export_imported_into_an_empty_store_is_the_same_store
         );
     };
     (@cases $backend:ident, $open:expr; $($case:ident),* $(,)?) => {
@@ -1622,6 +1623,21 @@ fn token_buckets_allow_a_burst_then_refill(open: Open) {
     while store.take_token("fast", 2, fast).unwrap() {}
     std::thread::sleep(std::time::Duration::from_millis(60));
     assert!(store.take_token("fast", 2, fast).unwrap(), "refilled");
+    // Idle buckets are forgotten (they would be full again); a used one is kept.
+    assert_eq!(store.prune_buckets(hour).unwrap(), 0);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert!(store.take_token("u2", 3, hour).unwrap());
+    assert_eq!(
+        store
+            .prune_buckets(std::time::Duration::from_millis(20))
+            .unwrap(),
+        2,
+        "u1 and fast were idle; u2 was just used"
+    );
+    assert!(
+        store.take_token("u1", 3, hour).unwrap(),
+        "u1 starts full again"
+    );
 }
 
 fn the_first_proposed_secret_wins_also_across_a_reopen(open: Open) {
@@ -1662,4 +1678,77 @@ fn node_heartbeats_are_listed_and_removed(open: Open) {
     assert!(store.remove_node("a").unwrap());
     assert!(!store.remove_node("a").unwrap());
     assert_eq!(store.nodes().unwrap(), vec![node("b", 2)]);
+}
+
+// --- moving between backends ---
+
+fn export_all(store: &SharedStore) -> Vec<String> {
+    let mut out = Vec::new();
+    store
+        .export(&mut |r| {
+            out.push(format!("{r:?}"));
+            Ok(())
+        })
+        .unwrap();
+    out.sort();
+    out
+}
+
+fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
+    let (_a, from) = fresh(open);
+    from.put_agent(&agent(1, "u1")).unwrap();
+    from.put_agent(&agent(2, "u2")).unwrap();
+    from.put_pair_code(&code("c1", "u1", 9_999)).unwrap();
+    from.put_user_audited(
+        "u1",
+        &UserRecord {
+            default_agent: Some(fp(1)),
+        },
+        &entry("u1"),
+    )
+    .unwrap();
+    from.put_share_audited(&share("u1", "u2", ShareLevel::Trusted), &|_| entry("u1"))
+        .unwrap();
+    let mut t1 = task("t1", "u1", 1, 1);
+    from.put_task(&t1).unwrap();
+    t1.last_seq = 2;
+    t1.output_bytes = 7;
+    from.append_event_runs(&[EventRun {
+        task: &t1,
+        events: &[(1, Some(b"{\"a\":1}")), (2, None)],
+        was_open: None,
+    }])
+    .unwrap();
+    let mut t2 = task("t2", "u2", 2, 2);
+    t2.state = TaskState::Done;
+    from.put_task(&t2).unwrap();
+    from.append_audit(&entry("u2")).unwrap();
+    from.put_thread_mark("t1", b"{\"thread\":5}").unwrap();
+    from.shared_secret("relay_key", b"k").unwrap();
+    let exported = {
+        let mut all = Vec::new();
+        from.export(&mut |r| {
+            all.push(r);
+            Ok(())
+        })
+        .unwrap();
+        all
+    };
+    assert!(exported
+        .iter()
+        .any(|r| matches!(r, Exported::Task(t, e) if t.spec.task == "t1" && e.len() == 1)));
+    let (_b, to) = fresh(open);
+    to.import(&exported).unwrap();
+    assert_eq!(export_all(&to), export_all(&from));
+    // What the indexes answer, too: imported records are found the way new ones are.
+    assert_eq!(to.open_tasks(&fp(1)).unwrap(), vec![t1.clone()]);
+    assert_eq!(to.open_tasks_of_user("u1").unwrap(), 1);
+    assert_eq!(to.stored_bytes_of_user("u1").unwrap(), 7);
+    assert_eq!(to.shares_to("u2").unwrap().len(), 1);
+    assert_eq!(to.agents_of("u2").unwrap().len(), 1);
+    assert_eq!(to.audit_of_owner("u1", None, 10).unwrap().len(), 2);
+    // The log goes on after the imported numbers, without reusing one.
+    let next = to.append_audit(&entry("u1")).unwrap();
+    assert_eq!(next.seq, 4, "three entries were imported");
+    assert_eq!(to.shared_secret("relay_key", b"other").unwrap(), b"k");
 }

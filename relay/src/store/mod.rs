@@ -247,9 +247,35 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A token from the bucket `bucket` (at most `burst` tokens, one more every `per_token`): whether one
     /// was taken. Shared by every node using the store, so a limit holds across the cluster.
     fn take_token(&self, bucket: &str, burst: u32, per_token: std::time::Duration) -> Result<bool>;
+    /// Forgets buckets not used for `idle` (by then they are full again, like a new one). How many.
+    fn prune_buckets(&self, idle: std::time::Duration) -> Result<usize>;
     /// The secret `name` shared by every node: `proposed` is stored if there is none yet; the stored one is
     /// returned either way (the first node to start decides).
     fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>>;
+
+    // --- moving a relay's state between backends (`ct-relay migrate`) ---
+
+    /// Every durable record, one at a time, to `sink` (which may stop the export by returning an error).
+    /// What only matters while nodes run (presence, heartbeats, leases, rate-limit buckets) is not exported.
+    fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()>;
+    /// Writes exported records as they were: audit entries keep their numbers (and later ones follow them),
+    /// tasks keep their events and stored-bytes counts. Meant for an empty store; a record that exists is
+    /// overwritten.
+    fn import(&self, records: &[Exported]) -> Result<()>;
+}
+
+/// One record of a whole store (see [`Store::export`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Exported {
+    Agent(AgentRecord),
+    PairCode(PairCodeRecord),
+    User(String, UserRecord),
+    Share(ShareRecord),
+    /// A task with its stored events, in order.
+    Task(TaskRecord, Vec<(u64, Vec<u8>)>),
+    Audit(AuditEntry),
+    ThreadMark(String, Vec<u8>),
+    Secret(String, Vec<u8>),
 }
 
 /// Typed conveniences over the byte-level methods, for callers (tests, front ends) that want records.

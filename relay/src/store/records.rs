@@ -4,6 +4,10 @@
 use ct_protocol::Fingerprint;
 use serde::{Deserialize, Serialize};
 
+/// The name of the relay key among a cluster's shared secrets (see `Store::shared_secret`): every node
+/// answers for the same key.
+pub const RELAY_KEY: &str = "relay_key";
+
 /// The actor recorded for actions taken through the admin socket.
 pub const OPERATOR: &str = "operator";
 /// The actor recorded when the agent allowed a tool use itself, under a rule an approver made earlier.

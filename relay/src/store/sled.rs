@@ -27,8 +27,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    AgentRecord, AuditEntry, EventRun, NodeRecord, PairCodeRecord, Presence, Result, ShareRecord,
-    Store, StoreError, TaskRecord, UserRecord,
+    AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
+    ShareRecord, Store, StoreError, TaskRecord, UserRecord,
 };
 
 /// The open store.
@@ -1086,6 +1086,106 @@ impl Store for SledStore {
                 return Ok(taken);
             }
         }
+    }
+
+    fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()> {
+        for v in self.agents.iter().values() {
+            sink(Exported::Agent(serde_json::from_slice(&v?)?))?;
+        }
+        for v in self.pair_codes.iter().values() {
+            sink(Exported::PairCode(serde_json::from_slice(&v?)?))?;
+        }
+        for kv in self.users.iter() {
+            let (k, v) = kv?;
+            let id = String::from_utf8(k.to_vec()).map_err(|_| corrupt("user id is not UTF-8"))?;
+            sink(Exported::User(id, serde_json::from_slice(&v)?))?;
+        }
+        for v in self.shares.iter().values() {
+            sink(Exported::Share(serde_json::from_slice(&v?)?))?;
+        }
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            let events = self.event_bytes(&rec.spec.task, 0)?;
+            sink(Exported::Task(rec, events))?;
+        }
+        for v in self.audit.iter().values() {
+            sink(Exported::Audit(serde_json::from_slice(&v?)?))?;
+        }
+        for (task, mark) in self.thread_mark_bytes()? {
+            sink(Exported::ThreadMark(task, mark))?;
+        }
+        for kv in self.cluster.scan_prefix(b"s/") {
+            let (k, v) = kv?;
+            let name = String::from_utf8(k[2..].to_vec()).map_err(|_| corrupt("secret name"))?;
+            sink(Exported::Secret(name, v.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    fn import(&self, records: &[Exported]) -> Result<()> {
+        for record in records {
+            match record {
+                Exported::Agent(rec) => self.put_agent(rec)?,
+                Exported::PairCode(rec) => self.put_pair_code(rec)?,
+                Exported::User(id, rec) => put(&self.users, id.as_bytes(), rec)?,
+                Exported::Share(rec) => {
+                    put(&self.shares, &share_key(&rec.owner, &rec.grantee), rec)?;
+                    self.shares_by_grantee
+                        .insert(grantee_key(&rec.grantee, &rec.owner), &[])?;
+                }
+                Exported::Task(rec, events) => {
+                    self.put_task(rec)?;
+                    if !events.is_empty() {
+                        let run: Vec<(u64, Option<&[u8]>)> = events
+                            .iter()
+                            .map(|(s, b)| (*s, Some(b.as_slice())))
+                            .collect();
+                        self.append_event_runs(&[EventRun {
+                            task: rec,
+                            events: &run,
+                            was_open: None,
+                        }])?;
+                    }
+                }
+                Exported::Audit(entry) => {
+                    put(&self.audit, &entry.seq.to_be_bytes(), entry)?;
+                    self.audit_owner
+                        .insert(audit_owner_key(&entry.owner, entry.seq), &[])?;
+                    // Later entries follow the highest number imported.
+                    self.meta.fetch_and_update(AUDIT_SEQ, |old| {
+                        let last = old
+                            .and_then(|v| v.try_into().ok())
+                            .map_or(0, u64::from_be_bytes);
+                        Some(last.max(entry.seq).to_be_bytes().to_vec())
+                    })?;
+                }
+                Exported::ThreadMark(task, mark) => self.put_thread_mark(task, mark)?,
+                Exported::Secret(name, value) => {
+                    self.cluster
+                        .insert(cluster_key(b"s/", name.as_bytes()), value.as_slice())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn prune_buckets(&self, idle: Duration) -> Result<usize> {
+        let cutoff = now_ms().saturating_sub(idle.as_millis() as u64);
+        let mut n = 0;
+        for kv in self.cluster.scan_prefix(b"b/") {
+            let (key, value) = kv?;
+            let bucket: Bucket = serde_json::from_slice(&value)?;
+            // Only if unchanged: a token taken meanwhile keeps the bucket.
+            if bucket.at_ms < cutoff
+                && self
+                    .cluster
+                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>> {
