@@ -7,4 +7,5 @@
 mod discord_sim;
 mod fake_api;
 mod one_shot;
+mod postgres;
 mod session;
