@@ -100,7 +100,15 @@ impl Pool {
         let mut client = self.config.connect(postgres::NoTls)?;
         // Every write commits on its own without waiting for the WAL to reach the disk; `Store::flush` waits
         // for it once for all of them (see `PgStore::flush`).
-        client.batch_execute("SET synchronous_commit = off")?;
+        //
+        // A transaction here never waits on anything but the server between its statements, so one that sits
+        // idle is a node that died or lost the network in the middle of it. Without a limit, the server would
+        // keep its locks (the audit counter's row: every node's audited writes) until TCP gives up on it,
+        // hours later by default.
+        client.batch_execute(
+            "SET synchronous_commit = off;
+             SET idle_in_transaction_session_timeout = '30s';",
+        )?;
         Ok(Conn {
             client,
             statements: HashMap::new(),
@@ -113,6 +121,10 @@ impl Pool {
         if conn.client.is_closed() || conn.in_transaction {
             // Broken, or left in a transaction by a panic: never lent again. Its idle siblings most likely
             // talk to the same server that just went away; a call on one of them would only fail in turn.
+            tracing::warn!(
+                dropped = 1 + state.idle.len(),
+                "PostgreSQL connection lost: the next call connects again"
+            );
             state.open -= 1 + state.idle.len();
             state.idle.clear();
             drop(state);

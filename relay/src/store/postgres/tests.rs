@@ -8,7 +8,7 @@ use ct_protocol::task::{Requester, Role, TaskSpec};
 use ct_testkit::postgres::PgServer;
 
 use super::*;
-use crate::store::{AuditKind, TaskState};
+use crate::store::{AuditKind, PairCodeRecord, TaskState};
 
 /// A fresh database of its own on the test binary's shared server.
 fn database(name: &str) -> String {
@@ -105,6 +105,78 @@ fn three_nodes_starting_at_once_migrate_once() {
     let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(applied, [(1, "init".to_string())]);
     assert_eq!(PgStore::schema_version(), 1);
+}
+
+/// Two nodes on one database: each sees the other's writes at once, of two redeems of one code on different
+/// nodes exactly one wins, and audit numbers handed out on both follow one order without gaps.
+#[test]
+fn two_nodes_share_one_log_and_one_code() {
+    let url = database("two_nodes");
+    let nodes = [PgStore::open(&url).unwrap(), PgStore::open(&url).unwrap()];
+    nodes[0].put_agent(&agent(9)).unwrap();
+    assert_eq!(
+        nodes[1].agent(&Fingerprint([9; 32])).unwrap(),
+        Some(agent(9))
+    );
+
+    let code = PairCodeRecord {
+        id: "c".into(),
+        secret: "s".into(),
+        owner: "1".into(),
+        created_at: 0,
+        expires_at: u64::MAX,
+        used_at: None,
+        failures: 0,
+        superseded_at: None,
+        order: 0,
+    };
+    nodes[0].put_pair_code(&code).unwrap();
+    let start = Barrier::new(8);
+    let entry = AuditEntry::new(AuditKind::Paired, "1", "1", "x".into());
+    let (won, numbers) = std::thread::scope(|s| {
+        let threads: Vec<_> = (1..=8u8)
+            .map(|n| {
+                let (node, start, code, entry) =
+                    (&nodes[usize::from(n % 2)], &start, &code, &entry);
+                s.spawn(move || {
+                    let used = PairCodeRecord {
+                        used_at: Some(u64::from(n)),
+                        ..code.clone()
+                    };
+                    start.wait();
+                    let redeemed = node.pair_agent_audited(code, &used, &agent(n), entry);
+                    let numbers: Vec<u64> = (0..10)
+                        .map(|_| node.append_audit(entry).unwrap().seq)
+                        .collect();
+                    (redeemed, numbers)
+                })
+            })
+            .collect();
+        let mut won = 0;
+        let mut numbers = Vec::new();
+        for t in threads {
+            let (redeemed, mut seqs) = t.join().unwrap();
+            match redeemed {
+                Ok(e) => {
+                    won += 1;
+                    numbers.push(e.seq);
+                }
+                Err(StoreError::Conflict) => {}
+                Err(e) => panic!("{e}"),
+            }
+            numbers.append(&mut seqs);
+        }
+        (won, numbers)
+    });
+    assert_eq!(won, 1, "exactly one redeem wins");
+    let mut numbers = numbers;
+    numbers.sort();
+    assert_eq!(numbers, (1..=81).collect::<Vec<u64>>());
+    assert_eq!(
+        nodes[1].agents().unwrap().len(),
+        2,
+        "agent 9 and the winner"
+    );
 }
 
 /// A node older than the database's schema refuses to run on it, and says what to do.
