@@ -114,7 +114,7 @@ impl PgServer {
             server.port = free_port()?;
             match server.run() {
                 Ok(()) => return Ok(server),
-                Err(e) if attempts < 5 && server.log().contains("could not bind") => {
+                Err(e) if attempts < 5 && format!("{e:#}").contains("could not bind") => {
                     attempts += 1;
                     tracing::debug!(error = %e, "port taken meanwhile, trying another");
                 }

@@ -79,7 +79,6 @@ impl PgStore {
         if config.get_tcp_user_timeout().is_none() {
             config.tcp_user_timeout(Duration::from_secs(30));
         }
-        config.keepalives(true);
         let mut client = config.connect(postgres::NoTls)?;
         migrate::migrate(&mut client)?;
         drop(client);
