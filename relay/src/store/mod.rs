@@ -39,9 +39,10 @@ pub enum StoreError {
     )]
     InUse(String),
     /// The PostgreSQL client's errors: the server unreachable or gone, a statement refused. The next call
-    /// connects afresh, so the store recovers by itself when the server is back.
-    #[error("store: PostgreSQL: {0}")]
-    Postgres(#[from] ::postgres::Error),
+    /// connects afresh, so the store recovers by itself when the server is back. Displayed with its causes,
+    /// where the words an operator can act on are ("Connection refused", the server's own message).
+    #[error("store: PostgreSQL: {}", with_causes(.0))]
+    Postgres(::postgres::Error),
     /// The database's schema is newer than this binary: a newer ct-relay migrated it.
     #[error(
         "store: the database was migrated by a newer ct-relay (schema version {found}, {name:?}; this ct-relay \
@@ -55,6 +56,26 @@ pub enum StoreError {
     /// The database's schema is not one this binary made.
     #[error("store: {0}")]
     Schema(String),
+}
+
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> Self {
+        Self::Postgres(e)
+    }
+}
+
+/// An error and its causes in one line. The client's own message is only the kind of failure ("db error",
+/// "error connecting to server"); what happened is in its cause. Not given as the variant's `source`, so that
+/// a log that prints the chain does not print it twice.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -205,6 +205,18 @@ fn a_database_migrated_by_a_newer_relay_is_refused() {
     .unwrap();
     let err = PgStore::open(&url).expect_err("a foreign schema is refused");
     assert!(matches!(err, StoreError::Schema(_)), "{err}");
+
+    // A statement the server refuses says why.
+    db.batch_execute("DROP TABLE ct_users").unwrap();
+    db.batch_execute("UPDATE ct_schema_migrations SET name = 'init'")
+        .unwrap();
+    let store = PgStore::open(&url).unwrap();
+    let err = store.user("1").expect_err("no table");
+    assert!(
+        err.to_string()
+            .contains("relation \"ct_users\" does not exist"),
+        "{err}"
+    );
 }
 
 /// Writes commit without waiting for the disk; `flush` makes every one before it durable. Seen from the
@@ -260,6 +272,8 @@ fn the_store_recovers_when_postgresql_comes_back() {
     assert!(err.to_string().starts_with("store: PostgreSQL:"), "{err}");
     let err = store.put_agent(&agent(2)).expect_err("still down");
     assert!(matches!(err, StoreError::Postgres(_)), "{err}");
+    // The words an operator acts on, not only the client's "error connecting to server".
+    assert!(err.to_string().contains("Connection refused"), "{err}");
 
     server.restart().unwrap();
     assert_eq!(
