@@ -12,11 +12,14 @@ use std::sync::{Arc, Barrier};
 
 use ct_protocol::task::{Requester, Role, TaskSpec};
 use ct_protocol::Fingerprint;
+use ct_relay::store::postgres::PgStore;
 use ct_relay::store::sled::SledStore;
 use ct_relay::store::{
     AgentRecord, AuditEntry, AuditKind, EventRun, Exported, NodeRecord, PairCodeRecord, ShareLevel,
     ShareRecord, SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
 };
+use ct_testkit::postgres::PgServer;
+use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
 /// Opens a backend on `dir`: a fresh store on an empty directory, the same store again on a used one.
@@ -79,9 +82,21 @@ macro_rules! contract {
 }
 
 contract!(sled, open_sled);
+contract!(postgres, open_postgres);
 
 fn open_sled(dir: &Path) -> SharedStore {
     Arc::new(SledStore::open(dir).expect("the sled store opens"))
+}
+
+/// One database per directory, on the test binary's PostgreSQL server: a new directory is a new, empty
+/// database, the same directory again the same database (named from a hash of the path).
+fn open_postgres(dir: &Path) -> SharedStore {
+    let hash = Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    let name = format!("contract_{}", hex::encode(&hash[..10]));
+    let url = PgServer::shared()
+        .create_database(&name)
+        .expect("creating the test database");
+    Arc::new(PgStore::open(&url).expect("the PostgreSQL store opens"))
 }
 
 // --- records ---

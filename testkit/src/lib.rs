@@ -11,6 +11,8 @@
 //! - [`discord`]: [`DiscordSim`], a Discord simulator (REST + gateway + HTTP-interaction signing) that the
 //!   bot runs against through `DISCORD_API_PROXY`.
 //! - [`nats`]: [`NatsServer`], a real `nats-server` on loopback for the relay's cluster tests.
+//! - [`postgres`]: [`PgServer`], a real throwaway PostgreSQL server on loopback (one shared per test binary, or
+//!   one of a test's own to kill and restart), for the relay's PostgreSQL store and the cluster.
 //!
 //! What the CLI was observed to do against the fake is written down in `testkit/CLAUDE-NOTES.md`.
 
@@ -19,6 +21,7 @@ pub mod claude;
 pub mod discord;
 pub mod job;
 pub mod nats;
+pub mod postgres;
 pub mod process;
 pub mod wait;
 
@@ -27,5 +30,6 @@ pub use claude::{claude_bin, ClaudeEnv, Cli, MIN_PINNED_VERSION, PINNED_VERSION}
 pub use discord::DiscordSim;
 pub use job::LongJob;
 pub use nats::NatsServer;
+pub use postgres::PgServer;
 pub use process::{ClaudeProcess, SESSION_ARGS};
 pub use wait::{eventually, eventually_async};

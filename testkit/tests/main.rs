@@ -8,4 +8,5 @@ mod discord_sim;
 mod fake_api;
 mod nats;
 mod one_shot;
+mod postgres;
 mod session;

@@ -3,8 +3,8 @@
 //! [`Store`] is written at the level of the relay's own operations (create a task with its audit entry, append
 //! a run of events, list what is open on an agent, redeem a pairing code with compare-and-swap), not as a
 //! key-value API, so a SQL backend implements each one as a statement or a short transaction as naturally as
-//! [`sled`] does with its trees. The records ([`records`]) are plain data; this module imports nothing else of
-//! the relay.
+//! [`sled`] (embedded, the default) does with its trees: [`postgres`] does, for relays that run as several
+//! nodes of a cluster. The records ([`records`]) are plain data; this module imports nothing else of the relay.
 //!
 //! Backends are synchronous on purpose. The relay core calls them from its own thread, and
 //! read-only queries from the blocking pool, never from an async runtime worker; a backend may block on disk or
@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use ct_protocol::Fingerprint;
 
+pub mod postgres;
 pub mod records;
 pub mod sled;
 
@@ -37,6 +38,44 @@ pub enum StoreError {
         "store: {0} is in use by another ct-relay: stop that one, or give this one its own --data-dir"
     )]
     InUse(String),
+    /// The PostgreSQL client's errors: the server unreachable or gone, a statement refused. The next call
+    /// connects afresh, so the store recovers by itself when the server is back. Displayed with its causes,
+    /// where the words an operator can act on are ("Connection refused", the server's own message).
+    #[error("store: PostgreSQL: {}", with_causes(.0))]
+    Postgres(::postgres::Error),
+    /// The database's schema is newer than this binary: a newer ct-relay migrated it.
+    #[error(
+        "store: the database was migrated by a newer ct-relay (schema version {found}, {name:?}; this ct-relay \
+         knows up to {known}): upgrade this node to the version the other nodes run"
+    )]
+    SchemaTooNew {
+        found: i32,
+        name: String,
+        known: i32,
+    },
+    /// The database's schema is not one this binary made.
+    #[error("store: {0}")]
+    Schema(String),
+}
+
+impl From<::postgres::Error> for StoreError {
+    fn from(e: ::postgres::Error) -> Self {
+        Self::Postgres(e)
+    }
+}
+
+/// An error and its causes in one line. The client's own message is only the kind of failure ("db error",
+/// "error connecting to server"); what happened is in its cause. Not given as the variant's `source`, so that
+/// a log that prints the chain does not print it twice.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

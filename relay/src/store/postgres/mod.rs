@@ -1,0 +1,952 @@
+//! The cluster backend: the relay's records in PostgreSQL, shared by every node.
+//!
+//! Each [`Store`] operation is one statement or one short transaction, so it is atomic and every node sees it
+//! whole. The tables (`relay/migrations/`) keep each record's JSON as the embedded store does, beside the
+//! fields its queries select and sort by; indexes do what the embedded store's derived trees do, and the
+//! database keeps them in step with the records.
+//!
+//! Concurrency comes from the database rather than from compare-and-swap loops: a change made from what was
+//! read (updating an agent, revoking it, a share with the entry that describes its change) locks the row it
+//! read; a compare-and-swap (redeeming a pairing code, deleting an unchanged task) is one `UPDATE`/`DELETE`
+//! whose `WHERE` names the expected record, which PostgreSQL evaluates again on the newest row when another
+//! transaction changed it meanwhile. The audit log's numbers come from a one-row counter that each audited
+//! write bumps last, just before it commits, and that stays locked until it has: numbers follow commit order
+//! without gaps, and a write that is refused or fails takes none.
+//!
+//! Durability. The store promises that writes are visible at once and durable after the next
+//! [`Store::flush`]. Writes run with `synchronous_commit = off`: each commits on its own (other nodes see it at
+//! once) without waiting for its WAL to reach the disk. `flush` runs a tiny transaction with
+//! `synchronous_commit = on` that writes one WAL record; its commit waits until the WAL is on disk up to its
+//! commit record, and since the WAL is one sequence, that covers every commit before it, on any connection of
+//! any node. (A transaction must write WAL for its commit to wait: one that only takes a transaction id, such as
+//! `SELECT txid_current()`, commits asynchronously whatever the setting. Hence
+//! `pg_logical_emit_message(true, ...)`, which any role may call; logical decoding ignores its messages unless
+//! asked for them.) The relay's group commit calls `flush` from one thread and releases everything written
+//! before it: one fsync for many writes, as with the embedded store.
+//!
+//! What a crash of PostgreSQL can lose is what no flush covered yet, exactly as with the embedded store. One
+//! difference: another node may already have *read* such a write. The relay acknowledges and announces only
+//! what a flush covered, so nothing it told anyone about is lost.
+
+mod cluster;
+mod migrate;
+mod pool;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ct_protocol::Fingerprint;
+use postgres::error::SqlState;
+use postgres::Row;
+use serde::de::DeserializeOwned;
+
+use self::pool::{Conn, Pool};
+use super::{
+    AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
+    ShareRecord, Store, StoreError, TaskRecord, UserRecord,
+};
+
+/// The open store: a pool of connections to one database.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+/// How often a transaction that PostgreSQL aborted to break a deadlock is run again before its error is
+/// returned. Deadlocks need two nodes writing the same tasks' runs in different orders: rare, and over at once.
+const DEADLOCK_RETRIES: usize = 5;
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/dbname?...`, or libpq's
+    /// `key=value` form), and migrates it to this binary's schema (see `migrate`).
+    pub fn open(url: &str) -> Result<Self> {
+        Self::with_pool_size(url, pool::DEFAULT_SIZE)
+    }
+
+    /// [`open`](Self::open) with at most `size` connections at once.
+    pub fn with_pool_size(url: &str, size: usize) -> Result<Self> {
+        let mut config: postgres::Config = url.parse()?;
+        if config.get_application_name().is_none() {
+            // Shown in pg_stat_activity, so an operator can tell the relay's connections apart.
+            config.application_name("ct-relay");
+        }
+        // A server that does not answer must not hold the relay's core thread forever: the relay reports the
+        // store unavailable and tries again. Settings given in the URL are kept.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(30));
+        }
+        let mut client = config.connect(postgres::NoTls)?;
+        migrate::migrate(&mut client)?;
+        drop(client);
+        let store = Self {
+            pool: Pool::new(config, size),
+        };
+        // One connection is opened now, so that a store that opens is one that works.
+        drop(store.pool.get()?);
+        Ok(store)
+    }
+
+    /// The schema version this binary brings a database to.
+    pub fn schema_version() -> i32 {
+        migrate::latest()
+    }
+
+    /// Runs `op` on a pooled connection.
+    fn with<T>(&self, op: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = self.pool.get()?;
+        op(&mut conn)
+    }
+
+    /// Runs `op` in a transaction, again when PostgreSQL aborted it to break a deadlock.
+    fn transaction<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        self.retrying(|c| c.transaction(&mut op))
+    }
+
+    /// Runs `op` (one statement, or a transaction) on a pooled connection, again when PostgreSQL aborted it
+    /// to break a deadlock.
+    fn retrying<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = self.pool.get()?;
+        let mut attempt = 0;
+        loop {
+            match op(&mut conn) {
+                Err(StoreError::Postgres(e)) if retryable(&e) && attempt < DEADLOCK_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "store transaction retried");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Takes the next audit number and writes `entry` under it. Called last in an audited transaction, so the
+    /// counter's row is locked only until the commit that follows.
+    fn audit(conn: &mut Conn, entry: &AuditEntry) -> Result<AuditEntry> {
+        let row = conn.query_one(
+            "UPDATE ct_audit_counter SET last = last + 1 RETURNING last",
+            &[],
+        )?;
+        let mut entry = entry.clone();
+        entry.seq = unsigned(row.try_get(0)?, "audit counter")?;
+        conn.execute(
+            "INSERT INTO ct_audit (seq, owner, at, body) VALUES ($1, $2, $3, $4)",
+            &[
+                &int(entry.seq),
+                &entry.owner,
+                &int(entry.at),
+                &serde_json::to_vec(&entry)?,
+            ],
+        )?;
+        Ok(entry)
+    }
+
+    fn put_task_on(conn: &mut Conn, rec: &TaskRecord) -> Result<()> {
+        let row = TaskRow::of(rec)?;
+        conn.execute(
+            "INSERT INTO ct_tasks (id, agent, requester, session, is_open, ord, updated_at, output_bytes, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (id) DO UPDATE SET
+                 agent = excluded.agent, requester = excluded.requester, session = excluded.session,
+                 is_open = excluded.is_open, ord = excluded.ord, updated_at = excluded.updated_at,
+                 output_bytes = excluded.output_bytes, body = excluded.body",
+            &[
+                &row.id,
+                &row.agent,
+                &row.requester,
+                &row.session,
+                &row.is_open,
+                &row.ord,
+                &row.updated_at,
+                &row.output_bytes,
+                &row.body,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn put_agent_on(conn: &mut Conn, rec: &AgentRecord) -> Result<()> {
+        conn.execute(
+            "INSERT INTO ct_agents (fingerprint, owner, body) VALUES ($1, $2, $3)
+             ON CONFLICT (fingerprint) DO UPDATE SET owner = excluded.owner, body = excluded.body",
+            &[
+                &&rec.fingerprint.0[..],
+                &rec.owner,
+                &serde_json::to_vec(rec)?,
+            ],
+        )?;
+        Ok(())
+    }
+}
+
+impl Store for PgStore {
+    fn flush(&self) -> Result<()> {
+        // See the module's documentation: this commit waits for the WAL up to itself, which is every commit
+        // before it.
+        self.with(|c| {
+            c.batch(
+                "BEGIN;
+                 SET LOCAL synchronous_commit = on;
+                 SELECT pg_logical_emit_message(true, 'ct-relay', 'flush');
+                 COMMIT;",
+            )
+        })
+    }
+
+    fn next_order(&self) -> Result<u64> {
+        let row = self.with(|c| c.query_one("SELECT nextval('ct_order')", &[]))?;
+        unsigned(row.try_get(0)?, "order")
+    }
+
+    // --- agents ---
+
+    fn agent(&self, fp: &Fingerprint) -> Result<Option<AgentRecord>> {
+        let row = self.with(|c| {
+            c.query_opt(
+                "SELECT body FROM ct_agents WHERE fingerprint = $1",
+                &[&&fp.0[..]],
+            )
+        })?;
+        row.map(|r| body(&r)).transpose()
+    }
+
+    fn put_agent(&self, rec: &AgentRecord) -> Result<()> {
+        self.with(|c| Self::put_agent_on(c, rec))
+    }
+
+    fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>> {
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_agents WHERE owner = $1 ORDER BY fingerprint",
+                &[&owner],
+            )
+        })?)
+    }
+
+    fn agents(&self) -> Result<Vec<AgentRecord>> {
+        bodies(&self.with(|c| c.query("SELECT body FROM ct_agents ORDER BY fingerprint", &[]))?)
+    }
+
+    fn update_agent(
+        &self,
+        fp: &Fingerprint,
+        change: &mut dyn FnMut(&mut AgentRecord),
+    ) -> Result<Option<AgentRecord>> {
+        // The row stays locked from the read to the commit: a concurrent change waits, then starts from this
+        // one's result.
+        self.transaction(|c| {
+            let Some(row) = c.query_opt(
+                "SELECT body FROM ct_agents WHERE fingerprint = $1 FOR UPDATE",
+                &[&&fp.0[..]],
+            )?
+            else {
+                return Ok(None);
+            };
+            let mut rec: AgentRecord = body(&row)?;
+            change(&mut rec);
+            c.execute(
+                "UPDATE ct_agents SET owner = $2, body = $3 WHERE fingerprint = $1",
+                &[&&fp.0[..], &rec.owner, &serde_json::to_vec(&rec)?],
+            )?;
+            Ok(Some(rec))
+        })
+    }
+
+    fn pair_agent_audited(
+        &self,
+        code: &PairCodeRecord,
+        used: &PairCodeRecord,
+        agent: &AgentRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry> {
+        let (old, new) = (serde_json::to_vec(code)?, serde_json::to_vec(used)?);
+        self.transaction(|c| {
+            // Of two redeems at once, the second waits for the first's row lock, then finds the body changed.
+            let swapped = c.execute(
+                "UPDATE ct_pair_codes SET owner = $2, expires_at = $3, body = $4 WHERE id = $1 AND body = $5",
+                &[&code.id, &used.owner, &int(used.expires_at), &new, &old],
+            )?;
+            if swapped == 0 {
+                return Err(StoreError::Conflict);
+            }
+            Self::put_agent_on(c, agent)?;
+            Self::audit(c, entry)
+        })
+    }
+
+    fn revoke_agent_audited(
+        &self,
+        fp: &Fingerprint,
+        t: u64,
+        entry: &AuditEntry,
+    ) -> Result<Option<(AgentRecord, AuditEntry)>> {
+        self.transaction(|c| {
+            let Some(row) = c.query_opt(
+                "SELECT body FROM ct_agents WHERE fingerprint = $1 FOR UPDATE",
+                &[&&fp.0[..]],
+            )?
+            else {
+                return Ok(None);
+            };
+            let mut rec: AgentRecord = body(&row)?;
+            rec.revoked_at.get_or_insert(t);
+            c.execute(
+                "UPDATE ct_agents SET body = $2 WHERE fingerprint = $1",
+                &[&&fp.0[..], &serde_json::to_vec(&rec)?],
+            )?;
+            let e = Self::audit(c, entry)?;
+            Ok(Some((rec, e)))
+        })
+    }
+
+    // --- pairing codes ---
+
+    fn pair_code(&self, id: &str) -> Result<Option<PairCodeRecord>> {
+        let row =
+            self.with(|c| c.query_opt("SELECT body FROM ct_pair_codes WHERE id = $1", &[&id]))?;
+        row.map(|r| body(&r)).transpose()
+    }
+
+    fn put_pair_code(&self, rec: &PairCodeRecord) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO ct_pair_codes (id, owner, expires_at, body) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (id) DO UPDATE SET
+                     owner = excluded.owner, expires_at = excluded.expires_at, body = excluded.body",
+                &[
+                    &rec.id,
+                    &rec.owner,
+                    &int(rec.expires_at),
+                    &serde_json::to_vec(rec)?,
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn swap_pair_code(&self, old: &PairCodeRecord, new: &PairCodeRecord) -> Result<()> {
+        let (old_bytes, new_bytes) = (serde_json::to_vec(old)?, serde_json::to_vec(new)?);
+        let swapped = self.with(|c| {
+            c.execute(
+                "UPDATE ct_pair_codes SET owner = $2, expires_at = $3, body = $4 WHERE id = $1 AND body = $5",
+                &[
+                    &old.id,
+                    &new.owner,
+                    &int(new.expires_at),
+                    &new_bytes,
+                    &old_bytes,
+                ],
+            )
+        })?;
+        if swapped == 0 {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
+    }
+
+    fn pair_codes_of(&self, owner: &str) -> Result<Vec<PairCodeRecord>> {
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_pair_codes WHERE owner = $1 ORDER BY id",
+                &[&owner],
+            )
+        })?)
+    }
+
+    fn prune_pair_codes(&self, cutoff: u64) -> Result<usize> {
+        let n = self.with(|c| {
+            c.execute(
+                "DELETE FROM ct_pair_codes WHERE expires_at < $1",
+                &[&int(cutoff)],
+            )
+        })?;
+        Ok(count(n))
+    }
+
+    // --- tasks ---
+
+    fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        let row = self.with(|c| c.query_opt("SELECT body FROM ct_tasks WHERE id = $1", &[&id]))?;
+        row.map(|r| body(&r)).transpose()
+    }
+
+    fn put_task(&self, rec: &TaskRecord) -> Result<()> {
+        self.with(|c| Self::put_task_on(c, rec))
+    }
+
+    fn put_task_audited(&self, rec: &TaskRecord, entry: &AuditEntry) -> Result<AuditEntry> {
+        self.transaction(|c| {
+            Self::put_task_on(c, rec)?;
+            Self::audit(c, entry)
+        })
+    }
+
+    fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_tasks WHERE agent = $1 AND is_open ORDER BY ord, id",
+                &[&&agent.0[..]],
+            )
+        })?)
+    }
+
+    fn open_tasks_of_user(&self, user: &str) -> Result<usize> {
+        let row = self.with(|c| {
+            c.query_one(
+                "SELECT count(*) FROM ct_tasks WHERE requester = $1 AND is_open",
+                &[&user],
+            )
+        })?;
+        Ok(unsigned(row.try_get(0)?, "count")? as usize)
+    }
+
+    fn stored_bytes_of_user(&self, user: &str) -> Result<u64> {
+        // The sum of bigints is a numeric: capped back into a bigint, as the embedded store saturates.
+        let row = self.with(|c| {
+            c.query_one(
+                "SELECT least(coalesce(sum(output_bytes), 0), 9223372036854775807)::bigint
+                 FROM ct_tasks WHERE requester = $1",
+                &[&user],
+            )
+        })?;
+        unsigned(row.try_get(0)?, "stored bytes")
+    }
+
+    fn recent_tasks(
+        &self,
+        user: &str,
+        agents: &[Fingerprint],
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>> {
+        // The newest `limit` of the user's own tasks and of each agent's, each read from the end of its index,
+        // then merged: a person with a long history costs `limit` rows per list, not their whole history. A
+        // task in two lists is one row of the union.
+        let agents: Vec<&[u8]> = agents.iter().map(|a| &a.0[..]).collect();
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_tasks WHERE id IN (
+                     (SELECT id FROM ct_tasks WHERE requester = $1 ORDER BY ord DESC, id DESC LIMIT $3)
+                     UNION
+                     (SELECT t.id FROM unnest($2::bytea[]) AS a(agent) CROSS JOIN LATERAL
+                         (SELECT id FROM ct_tasks WHERE agent = a.agent ORDER BY ord DESC, id DESC LIMIT $3) t)
+                 )
+                 ORDER BY ord DESC, id DESC LIMIT $3",
+                &[&user, &agents, &limit_of(limit)],
+            )
+        })?)
+    }
+
+    fn tasks_with_session(&self, agent: &Fingerprint, session: &str) -> Result<Vec<TaskRecord>> {
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_tasks WHERE agent = $1 AND session = $2 ORDER BY id",
+                &[&&agent.0[..], &session],
+            )
+        })?)
+    }
+
+    fn ended_before(
+        &self,
+        cutoff: u64,
+        limit: usize,
+        after: Option<&TaskRecord>,
+    ) -> Result<Vec<TaskRecord>> {
+        // The cursor is where the previous batch's last task was in (updated_at, id) order, whatever happened
+        // to that task since; the next batch starts strictly after it.
+        let rows = self.with(|c| match after {
+            None => c.query(
+                "SELECT body FROM ct_tasks WHERE NOT is_open AND updated_at < $1
+                 ORDER BY updated_at, id LIMIT $2",
+                &[&int(cutoff), &limit_of(limit)],
+            ),
+            Some(rec) => c.query(
+                "SELECT body FROM ct_tasks
+                 WHERE NOT is_open AND updated_at < $1 AND (updated_at, id) > ($3, $4)
+                 ORDER BY updated_at, id LIMIT $2",
+                &[
+                    &int(cutoff),
+                    &limit_of(limit),
+                    &int(rec.updated_at),
+                    &rec.spec.task,
+                ],
+            ),
+        })?;
+        bodies(&rows)
+    }
+
+    fn delete_task(&self, rec: &TaskRecord) -> Result<Option<usize>> {
+        // One statement: the task goes only if its body is still `rec`, and its events with it. A run being
+        // appended holds the task's row until it commits; the delete then finds the body changed and keeps
+        // both. A run appended after the delete finds no task and writes nothing (see `append_event_runs`).
+        let expected = serde_json::to_vec(rec)?;
+        let row = self.with(|c| {
+            c.query_one(
+                "WITH gone AS (DELETE FROM ct_tasks WHERE id = $1 AND body = $2 RETURNING id),
+                      events AS (DELETE FROM ct_events WHERE task = $1 AND EXISTS (SELECT 1 FROM gone)
+                                 RETURNING 1)
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM events)",
+                &[&rec.spec.task, &expected],
+            )
+        })?;
+        let (tasks, events): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        Ok((tasks > 0)
+            .then(|| unsigned(events, "count"))
+            .transpose()?
+            .map(|n| n as usize))
+    }
+
+    fn append_event_runs(&self, runs: &[EventRun<'_>]) -> Result<Vec<bool>> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Several runs of one task in one call continue each other: the task's row is written once, with the
+        // last run's record, and its events are all of theirs.
+        let mut tasks: Vec<TaskRow> = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        for run in runs {
+            let row = TaskRow::of(run.task)?;
+            match slot.get(run.task.spec.task.as_str()) {
+                Some(&i) => tasks[i] = row,
+                None => {
+                    slot.insert(&run.task.spec.task, tasks.len());
+                    tasks.push(row);
+                }
+            }
+        }
+        let mut event_tasks: Vec<&str> = Vec::new();
+        let mut event_seqs: Vec<i64> = Vec::new();
+        let mut event_bodies: Vec<&[u8]> = Vec::new();
+        for run in runs {
+            for (seq, bytes) in run.events {
+                if let Some(bytes) = bytes {
+                    event_tasks.push(&run.task.spec.task);
+                    event_seqs.push(event_seq(*seq)?);
+                    event_bodies.push(bytes);
+                }
+            }
+        }
+        let ids: Vec<&str> = tasks.iter().map(|t| t.id).collect();
+        let agents: Vec<&[u8]> = tasks.iter().map(|t| t.agent).collect();
+        let requesters: Vec<&str> = tasks.iter().map(|t| t.requester).collect();
+        let sessions: Vec<Option<&str>> = tasks.iter().map(|t| t.session).collect();
+        let open: Vec<bool> = tasks.iter().map(|t| t.is_open).collect();
+        let ords: Vec<i64> = tasks.iter().map(|t| t.ord).collect();
+        let updated: Vec<i64> = tasks.iter().map(|t| t.updated_at).collect();
+        let output: Vec<i64> = tasks.iter().map(|t| t.output_bytes).collect();
+        let task_bodies: Vec<&[u8]> = tasks.iter().map(|t| t.body.as_slice()).collect();
+        // One statement, so one round trip whatever the number of runs and events: the tasks' rows are updated
+        // first (which locks them, and finds which still exist), then the events of the tasks that do are
+        // inserted, all in one multi-row insert. A task deleted meanwhile is in no `moved` row, so neither its
+        // record nor its events come back; an event already stored (sent again after a reconnect) is kept as
+        // it was.
+        let rows = self.retrying(|c| {
+            c.query(
+                "WITH run AS (
+                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::bool[],
+                                          $6::int8[], $7::int8[], $8::int8[], $9::bytea[])
+                         AS r(id, agent, requester, session, is_open, ord, updated_at, output_bytes, body)
+                 ), moved AS (
+                     UPDATE ct_tasks t SET
+                         agent = run.agent, requester = run.requester, session = run.session,
+                         is_open = run.is_open, ord = run.ord, updated_at = run.updated_at,
+                         output_bytes = run.output_bytes, body = run.body
+                     FROM run WHERE t.id = run.id
+                     RETURNING t.id
+                 ), stored AS (
+                     INSERT INTO ct_events (task, seq, body)
+                     SELECT e.task, e.seq, e.body
+                     FROM unnest($10::text[], $11::int8[], $12::bytea[]) AS e(task, seq, body)
+                     WHERE e.task IN (SELECT id FROM moved)
+                     ON CONFLICT (task, seq) DO NOTHING
+                 )
+                 SELECT id FROM moved",
+                &[
+                    &ids,
+                    &agents,
+                    &requesters,
+                    &sessions,
+                    &open,
+                    &ords,
+                    &updated,
+                    &output,
+                    &task_bodies,
+                    &event_tasks,
+                    &event_seqs,
+                    &event_bodies,
+                ],
+            )
+        })?;
+        let mut moved = std::collections::HashSet::with_capacity(rows.len());
+        for row in &rows {
+            moved.insert(row.try_get::<_, String>(0)?);
+        }
+        Ok(runs
+            .iter()
+            .map(|run| moved.contains(&run.task.spec.task))
+            .collect())
+    }
+
+    fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+        let rows = self.with(|c| {
+            c.query(
+                "SELECT seq, body FROM ct_events WHERE task = $1 AND seq > $2 ORDER BY seq",
+                &[&task, &int(after)],
+            )
+        })?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    unsigned(r.try_get(0)?, "event sequence number")?,
+                    r.try_get(1)?,
+                ))
+            })
+            .collect()
+    }
+
+    // --- the Discord front end's thread marks ---
+
+    fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO ct_thread_marks (task, mark) VALUES ($1, $2)
+                 ON CONFLICT (task) DO UPDATE SET mark = excluded.mark",
+                &[&task, &mark],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn delete_thread_mark(&self, task: &str) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM ct_thread_marks WHERE task = $1", &[&task]))?;
+        Ok(())
+    }
+
+    fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let rows =
+            self.with(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    // --- shares and users ---
+
+    fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
+        let row = self.with(|c| {
+            c.query_opt(
+                "SELECT body FROM ct_shares WHERE owner = $1 AND grantee = $2",
+                &[&owner, &grantee],
+            )
+        })?;
+        row.map(|r| body(&r)).transpose()
+    }
+
+    fn put_share_audited(
+        &self,
+        rec: &ShareRecord,
+        entry: &dyn Fn(Option<&ShareRecord>) -> AuditEntry,
+    ) -> Result<(Option<ShareRecord>, AuditEntry)> {
+        let value = serde_json::to_vec(rec)?;
+        self.transaction(|c| {
+            // The share as it was, read under a lock (or its absence, made sure of by the insert), so the entry
+            // describes exactly the change made.
+            let before = loop {
+                if let Some(row) = c.query_opt(
+                    "SELECT body FROM ct_shares WHERE owner = $1 AND grantee = $2 FOR UPDATE",
+                    &[&rec.owner, &rec.grantee],
+                )? {
+                    let old: ShareRecord = body(&row)?;
+                    c.execute(
+                        "UPDATE ct_shares SET body = $3 WHERE owner = $1 AND grantee = $2",
+                        &[&rec.owner, &rec.grantee, &value],
+                    )?;
+                    break Some(old);
+                }
+                let inserted = c.execute(
+                    "INSERT INTO ct_shares (owner, grantee, body) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&rec.owner, &rec.grantee, &value],
+                )?;
+                if inserted == 1 {
+                    break None;
+                }
+                // Someone else created it since the read: read it again, locked this time.
+            };
+            let e = Self::audit(c, &entry(before.as_ref()))?;
+            Ok((before, e))
+        })
+    }
+
+    fn remove_share_audited(
+        &self,
+        owner: &str,
+        grantee: &str,
+        entry: &dyn Fn(&ShareRecord) -> AuditEntry,
+    ) -> Result<Option<(ShareRecord, AuditEntry)>> {
+        self.transaction(|c| {
+            let Some(row) = c.query_opt(
+                "DELETE FROM ct_shares WHERE owner = $1 AND grantee = $2 RETURNING body",
+                &[&owner, &grantee],
+            )?
+            else {
+                return Ok(None);
+            };
+            let old: ShareRecord = body(&row)?;
+            let e = Self::audit(c, &entry(&old))?;
+            Ok(Some((old, e)))
+        })
+    }
+
+    fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>> {
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_shares WHERE owner = $1 ORDER BY grantee",
+                &[&owner],
+            )
+        })?)
+    }
+
+    fn shares_to(&self, grantee: &str) -> Result<Vec<ShareRecord>> {
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_shares WHERE grantee = $1 ORDER BY owner",
+                &[&grantee],
+            )
+        })?)
+    }
+
+    fn user(&self, id: &str) -> Result<UserRecord> {
+        let row = self.with(|c| c.query_opt("SELECT body FROM ct_users WHERE id = $1", &[&id]))?;
+        Ok(row.map(|r| body(&r)).transpose()?.unwrap_or_default())
+    }
+
+    fn put_user_audited(
+        &self,
+        id: &str,
+        rec: &UserRecord,
+        entry: &AuditEntry,
+    ) -> Result<AuditEntry> {
+        let value = serde_json::to_vec(rec)?;
+        self.transaction(|c| {
+            c.execute(
+                "INSERT INTO ct_users (id, body) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                &[&id, &value],
+            )?;
+            Self::audit(c, entry)
+        })
+    }
+
+    // --- the audit log ---
+
+    fn append_audit(&self, entry: &AuditEntry) -> Result<AuditEntry> {
+        self.transaction(|c| Self::audit(c, entry))
+    }
+
+    fn audit_where(
+        &self,
+        before: Option<u64>,
+        limit: usize,
+        keep: &mut dyn FnMut(&AuditEntry) -> bool,
+    ) -> Result<Vec<AuditEntry>> {
+        // Read a page at a time, newest first, until `limit` entries were kept: a filter that keeps few
+        // entries reads further back, one that keeps most reads little.
+        const PAGE: i64 = 256;
+        let mut below = before.map_or(i64::MAX, int);
+        let mut out = Vec::new();
+        let mut conn = self.pool.get()?;
+        while out.len() < limit {
+            let rows = conn.query(
+                "SELECT seq, body FROM ct_audit WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
+                &[&below, &PAGE],
+            )?;
+            for row in &rows {
+                below = row.try_get(0)?;
+                let e: AuditEntry = serde_json::from_slice(row.try_get(1)?)?;
+                if keep(&e) {
+                    out.push(e);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            if rows.len() < PAGE as usize {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn audit_of_owner(
+        &self,
+        owner: &str,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>> {
+        bodies(&self.with(|c| {
+            c.query(
+                "SELECT body FROM ct_audit WHERE owner = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                &[&owner, &before.map_or(i64::MAX, int), &limit_of(limit)],
+            )
+        })?)
+    }
+
+    fn prune_audit(&self, cutoff: u64) -> Result<usize> {
+        // The oldest entries up to the first one written at or after `cutoff`, as the embedded store prunes:
+        // what is left of the log has no holes.
+        let n = self.with(|c| {
+            c.execute(
+                "DELETE FROM ct_audit WHERE seq < coalesce(
+                     (SELECT seq FROM ct_audit WHERE at >= $1 ORDER BY seq LIMIT 1),
+                     (SELECT max(seq) + 1 FROM ct_audit))",
+                &[&int(cutoff)],
+            )
+        })?;
+        Ok(count(n))
+    }
+
+    fn audit_len(&self) -> Result<usize> {
+        let row = self.with(|c| c.query_one("SELECT count(*) FROM ct_audit", &[]))?;
+        Ok(unsigned(row.try_get(0)?, "count")? as usize)
+    }
+
+    // --- the cluster (see `cluster`) ---
+
+    fn claim_presence(&self, agent: &Fingerprint, node: &str) -> Result<Presence> {
+        self.claim_presence_(agent, node)
+    }
+
+    fn release_presence(&self, agent: &Fingerprint, epoch: u64) -> Result<bool> {
+        self.release_presence_(agent, epoch)
+    }
+
+    fn presence(&self, agent: &Fingerprint) -> Result<Option<Presence>> {
+        self.presence_(agent)
+    }
+
+    fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool> {
+        self.dispatch_task_(rec, epoch)
+    }
+
+    fn finish_queued(&self, rec: &TaskRecord) -> Result<bool> {
+        self.finish_queued_(rec)
+    }
+
+    fn put_node(&self, rec: &NodeRecord) -> Result<()> {
+        self.put_node_(rec)
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        self.nodes_()
+    }
+
+    fn remove_node(&self, id: &str) -> Result<bool> {
+        self.remove_node_(id)
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        self.lease_(name, holder, ttl)
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.release_lease_(name, holder)
+    }
+
+    fn take_token(&self, bucket: &str, burst: u32, per_token: Duration) -> Result<bool> {
+        self.take_token_(bucket, burst, per_token)
+    }
+
+    fn prune_buckets(&self, idle: Duration) -> Result<usize> {
+        self.prune_buckets_(idle)
+    }
+
+    fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>> {
+        self.shared_secret_(name, proposed)
+    }
+
+    fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()> {
+        self.export_(sink)
+    }
+
+    fn import(&self, records: &[Exported]) -> Result<()> {
+        self.import_(records)
+    }
+}
+
+/// A task record's row: the columns the queries use, and the record itself.
+struct TaskRow<'a> {
+    id: &'a str,
+    agent: &'a [u8],
+    requester: &'a str,
+    session: Option<&'a str>,
+    is_open: bool,
+    ord: i64,
+    updated_at: i64,
+    output_bytes: i64,
+    body: Vec<u8>,
+}
+
+impl<'a> TaskRow<'a> {
+    fn of(rec: &'a TaskRecord) -> Result<Self> {
+        Ok(Self {
+            id: &rec.spec.task,
+            agent: &rec.agent.0,
+            requester: &rec.spec.requester.user,
+            session: rec.session_id.as_deref(),
+            is_open: !rec.state.is_final(),
+            ord: int(rec.order),
+            updated_at: int(rec.updated_at),
+            output_bytes: int(rec.output_bytes),
+            body: serde_json::to_vec(rec)?,
+        })
+    }
+}
+
+/// Whether PostgreSQL aborted a transaction that can simply run again.
+fn retryable(e: &postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    )
+}
+
+/// A u64 for a bigint column or bound: capped at `i64::MAX`, which nothing the relay counts reaches (see the
+/// first migration). Comparisons stay exact below the cap; a "no bound" `u64::MAX` is the cap itself.
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A row limit (`usize::MAX` means none).
+fn limit_of(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// An event's sequence number, which is part of its key and so is never capped: two events must not share one.
+fn event_seq(seq: u64) -> Result<i64> {
+    i64::try_from(seq).map_err(|_| corrupt("event sequence number above 2^63-1"))
+}
+
+/// A bigint column read back as a u64: a negative one was not written by this store.
+fn unsigned(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| corrupt(&format!("negative {what}")))
+}
+
+fn count(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// Data that does not decode: reported like a record that does not.
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(<serde_json::Error as serde::de::Error>::custom(what))
+}
+
+/// The record in a row's first column.
+fn body<T: DeserializeOwned>(row: &Row) -> Result<T> {
+    Ok(serde_json::from_slice(row.try_get::<_, &[u8]>(0)?)?)
+}
+
+fn bodies<T: DeserializeOwned>(rows: &[Row]) -> Result<Vec<T>> {
+    rows.iter().map(body).collect()
+}

@@ -1,0 +1,244 @@
+//! A small pool of connections, each with its own prepared statements.
+//!
+//! The relay calls the store from its core's thread and, for read-only queries, from tokio's blocking pool at
+//! the same time: each caller takes a connection of its own, so the core never waits behind someone's long
+//! read. The pool is capped (several nodes share the server's `max_connections`); a caller that finds every
+//! connection busy waits for one.
+//!
+//! A connection that broke (the server restarted, the network dropped it) is never handed out again: the call
+//! that found it broken returns its error, and every idle connection is dropped with it, since they were
+//! most likely opened to the same server that just went away. The next call connects afresh, so the relay
+//! recovers by itself when PostgreSQL is back.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use postgres::types::ToSql;
+use postgres::{Client, Row, Statement};
+
+use crate::store::Result;
+
+/// Connections open at once, at most, per store (per relay node).
+pub(super) const DEFAULT_SIZE: usize = 16;
+
+pub(super) struct Pool {
+    config: postgres::Config,
+    size: usize,
+    state: Mutex<State>,
+    /// Signalled whenever a connection is returned or given up, for callers waiting for one.
+    freed: Condvar,
+}
+
+struct State {
+    idle: Vec<Conn>,
+    /// Connections that exist: idle ones and those lent out.
+    open: usize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Pool")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .field("size", &self.size)
+            .field("open", &state.open)
+            .field("idle", &state.idle.len())
+            .finish()
+    }
+}
+
+impl Pool {
+    pub(super) fn new(config: postgres::Config, size: usize) -> Self {
+        Self {
+            config,
+            size: size.max(1),
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection for one operation: an idle one, a new one, or the next one returned.
+    pub(super) fn get(&self) -> Result<Lease<'_>> {
+        let mut state = self.lock();
+        loop {
+            if let Some(conn) = state.idle.pop() {
+                return Ok(Lease {
+                    pool: self,
+                    conn: Some(conn),
+                });
+            }
+            if state.open < self.size {
+                state.open += 1;
+                break;
+            }
+            state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(state);
+        // Connected outside the lock: a server that is slow to answer holds up only this caller.
+        match self.connect() {
+            Ok(conn) => Ok(Lease {
+                pool: self,
+                conn: Some(conn),
+            }),
+            Err(e) => {
+                self.lock().open -= 1;
+                self.freed.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) fn connect(&self) -> Result<Conn> {
+        let mut client = self.config.connect(postgres::NoTls)?;
+        // Every write commits on its own without waiting for the WAL to reach the disk; `Store::flush` waits
+        // for it once for all of them (see `PgStore::flush`).
+        //
+        // A transaction here never waits on anything but the server between its statements, so one that sits
+        // idle is a node that died or lost the network in the middle of it. Without a limit, the server would
+        // keep its locks (the audit counter's row: every node's audited writes) until TCP gives up on it,
+        // hours later by default.
+        client.batch_execute(
+            "SET synchronous_commit = off;
+             SET idle_in_transaction_session_timeout = '30s';",
+        )?;
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+            in_transaction: false,
+        })
+    }
+
+    fn give_back(&self, conn: Conn) {
+        let mut state = self.lock();
+        if conn.client.is_closed() || conn.in_transaction {
+            // Broken, or left in a transaction by a panic: never lent again. Its idle siblings most likely
+            // talk to the same server that just went away; a call on one of them would only fail in turn.
+            tracing::warn!(
+                dropped = 1 + state.idle.len(),
+                "PostgreSQL connection lost: the next call connects again"
+            );
+            state.open -= 1 + state.idle.len();
+            state.idle.clear();
+            drop(state);
+            self.freed.notify_all();
+            return;
+        }
+        state.idle.push(conn);
+        drop(state);
+        self.freed.notify_one();
+    }
+}
+
+/// One connection and the statements prepared on it.
+pub(super) struct Conn {
+    client: Client,
+    /// Prepared once per connection: a statement then costs one round trip instead of two.
+    statements: HashMap<&'static str, Statement>,
+    /// Set between `BEGIN` and its end, so that a connection left in a transaction is not reused.
+    in_transaction: bool,
+}
+
+impl Conn {
+    fn statement(&mut self, sql: &'static str) -> Result<Statement> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    pub(super) fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        let s = self.statement(sql)?;
+        Ok(self.client.query(&s, params)?)
+    }
+
+    pub(super) fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        let s = self.statement(sql)?;
+        Ok(self.client.query_opt(&s, params)?)
+    }
+
+    pub(super) fn query_one(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Row> {
+        let s = self.statement(sql)?;
+        Ok(self.client.query_one(&s, params)?)
+    }
+
+    /// Rows changed.
+    pub(super) fn execute(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
+        let s = self.statement(sql)?;
+        Ok(self.client.execute(&s, params)?)
+    }
+
+    /// Statements that take no parameters, sent as one simple query (one round trip for all of them).
+    pub(super) fn batch(&mut self, sql: &str) -> Result<()> {
+        Ok(self.client.batch_execute(sql)?)
+    }
+
+    /// Runs `f` in a transaction: committed if it returns `Ok`, rolled back if it returns `Err`.
+    pub(super) fn transaction<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        self.client.batch_execute("BEGIN")?;
+        self.in_transaction = true;
+        let out = f(self);
+        let end = if out.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        // A failed COMMIT or ROLLBACK leaves `in_transaction` set: the connection is given up.
+        self.client.batch_execute(end)?;
+        self.in_transaction = false;
+        out
+    }
+}
+
+/// A connection lent to one operation, returned to the pool when dropped.
+pub(super) struct Lease<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.give_back(conn);
+        }
+    }
+}

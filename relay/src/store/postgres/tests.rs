@@ -1,0 +1,454 @@
+//! What only this backend has: migrations, the WAL flush, reconnecting, the database's own view of the data.
+//! What every backend must do is in the contract suite, `relay/tests/store.rs`, which runs on this one too.
+
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use ct_protocol::task::{Requester, Role, TaskSpec};
+use ct_testkit::postgres::PgServer;
+
+use super::*;
+use crate::store::{AuditKind, PairCodeRecord, TaskState};
+
+/// A fresh database of its own on the test binary's shared server.
+fn database(name: &str) -> String {
+    PgServer::shared()
+        .create_database(&format!("unit_{name}"))
+        .expect("creating a test database")
+}
+
+/// A plain client, to look at (or tamper with) what the store wrote.
+fn client(url: &str) -> postgres::Client {
+    postgres::Client::connect(url, postgres::NoTls).expect("connecting")
+}
+
+fn task(id: &str, order: u64) -> TaskRecord {
+    TaskRecord {
+        spec: TaskSpec {
+            task: id.into(),
+            project: "p".into(),
+            prompt: "x".into(),
+            requester: Requester {
+                user: "1".into(),
+                name: None,
+                role: Role::Owner,
+            },
+            options: Default::default(),
+            resume: None,
+        },
+        agent: Fingerprint([1; 32]),
+        state: TaskState::Running,
+        created_at: order,
+        updated_at: order,
+        last_seq: 0,
+        session_id: None,
+        message: None,
+        dispatched_at: None,
+        follows: None,
+        order,
+        output_bytes: 0,
+        output_truncated: false,
+        worktree: None,
+    }
+}
+
+fn agent(n: u8) -> AgentRecord {
+    AgentRecord {
+        key: [n; 32],
+        fingerprint: Fingerprint([n; 32]),
+        owner: "1".into(),
+        name: format!("a{n}"),
+        paired_at: 0,
+        last_seen: None,
+        last_transport: None,
+        revoked_at: None,
+        projects: None,
+    }
+}
+
+/// Appends `events` (sequence number, bytes) to `rec`, moving its record as the relay does.
+fn append(store: &PgStore, rec: &mut TaskRecord, events: &[(u64, &[u8])]) -> bool {
+    let run: Vec<(u64, Option<&[u8]>)> = events.iter().map(|(s, b)| (*s, Some(*b))).collect();
+    rec.last_seq = rec.last_seq.max(events.last().map_or(0, |e| e.0));
+    store
+        .append_event_runs(&[EventRun {
+            task: rec,
+            events: &run,
+            was_open: Some(true),
+        }])
+        .unwrap()[0]
+}
+
+/// Three nodes starting at once on an empty database: all open, and each migration is applied once.
+#[test]
+fn three_nodes_starting_at_once_migrate_once() {
+    let url = database("migrate_once");
+    let start = Arc::new(Barrier::new(3));
+    let nodes: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, start) = (url.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                PgStore::open(&url)
+            })
+        })
+        .collect();
+    for node in nodes {
+        node.join().unwrap().expect("every node opens");
+    }
+    let rows = client(&url)
+        .query(
+            "SELECT version, name FROM ct_schema_migrations ORDER BY version",
+            &[],
+        )
+        .unwrap();
+    let applied: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(applied, [(1, "init".to_string())]);
+    assert_eq!(PgStore::schema_version(), 1);
+}
+
+/// Two nodes on one database: each sees the other's writes at once, of two redeems of one code on different
+/// nodes exactly one wins, and audit numbers handed out on both follow one order without gaps.
+#[test]
+fn two_nodes_share_one_log_and_one_code() {
+    let url = database("two_nodes");
+    let nodes = [PgStore::open(&url).unwrap(), PgStore::open(&url).unwrap()];
+    nodes[0].put_agent(&agent(9)).unwrap();
+    assert_eq!(
+        nodes[1].agent(&Fingerprint([9; 32])).unwrap(),
+        Some(agent(9))
+    );
+
+    let code = PairCodeRecord {
+        id: "c".into(),
+        secret: "s".into(),
+        owner: "1".into(),
+        created_at: 0,
+        expires_at: u64::MAX,
+        used_at: None,
+        failures: 0,
+        superseded_at: None,
+        order: 0,
+    };
+    nodes[0].put_pair_code(&code).unwrap();
+    let start = Barrier::new(8);
+    let entry = AuditEntry::new(AuditKind::Paired, "1", "1", "x".into());
+    let (won, numbers) = std::thread::scope(|s| {
+        let threads: Vec<_> = (1..=8u8)
+            .map(|n| {
+                let (node, start, code, entry) =
+                    (&nodes[usize::from(n % 2)], &start, &code, &entry);
+                s.spawn(move || {
+                    let used = PairCodeRecord {
+                        used_at: Some(u64::from(n)),
+                        ..code.clone()
+                    };
+                    start.wait();
+                    let redeemed = node.pair_agent_audited(code, &used, &agent(n), entry);
+                    let numbers: Vec<u64> = (0..10)
+                        .map(|_| node.append_audit(entry).unwrap().seq)
+                        .collect();
+                    (redeemed, numbers)
+                })
+            })
+            .collect();
+        let mut won = 0;
+        let mut numbers = Vec::new();
+        for t in threads {
+            let (redeemed, mut seqs) = t.join().unwrap();
+            match redeemed {
+                Ok(e) => {
+                    won += 1;
+                    numbers.push(e.seq);
+                }
+                Err(StoreError::Conflict) => {}
+                Err(e) => panic!("{e}"),
+            }
+            numbers.append(&mut seqs);
+        }
+        (won, numbers)
+    });
+    assert_eq!(won, 1, "exactly one redeem wins");
+    let mut numbers = numbers;
+    numbers.sort();
+    assert_eq!(numbers, (1..=81).collect::<Vec<u64>>());
+    assert_eq!(
+        nodes[1].agents().unwrap().len(),
+        2,
+        "agent 9 and the winner"
+    );
+}
+
+/// A node older than the database's schema refuses to run on it, and says what to do.
+#[test]
+fn a_database_migrated_by_a_newer_relay_is_refused() {
+    let url = database("newer_schema");
+    PgStore::open(&url).unwrap();
+    let mut db = client(&url);
+    db.execute(
+        "INSERT INTO ct_schema_migrations (version, name) VALUES ($1, 'from_the_future')",
+        &[&(PgStore::schema_version() + 1)],
+    )
+    .unwrap();
+    let err = PgStore::open(&url).expect_err("a newer schema is refused");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found, .. } if found == PgStore::schema_version() + 1),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade this node"), "{err}");
+
+    // A version this binary knows under another name is not its own schema.
+    db.batch_execute(
+        "DELETE FROM ct_schema_migrations WHERE name = 'from_the_future';
+         UPDATE ct_schema_migrations SET name = 'something_else' WHERE version = 1",
+    )
+    .unwrap();
+    let err = PgStore::open(&url).expect_err("a foreign schema is refused");
+    assert!(matches!(err, StoreError::Schema(_)), "{err}");
+
+    // A statement the server refuses says why.
+    db.batch_execute("DROP TABLE ct_users").unwrap();
+    db.batch_execute("UPDATE ct_schema_migrations SET name = 'init'")
+        .unwrap();
+    let store = PgStore::open(&url).unwrap();
+    let err = store.user("1").expect_err("no table");
+    assert!(
+        err.to_string()
+            .contains("relation \"ct_users\" does not exist"),
+        "{err}"
+    );
+}
+
+/// Writes commit without waiting for the disk; `flush` makes every one before it durable. Seen from the
+/// server: the WAL is flushed past a write's commit only after `flush`.
+#[test]
+fn flush_makes_every_earlier_write_durable() {
+    // The WAL writer flushes asynchronous commits on its own every `wal_writer_delay`: made lazy here, so that
+    // what flushes the WAL in this test is `flush`.
+    let server = PgServer::start_with(&[("wal_writer_delay", "10s")]).unwrap();
+    let url = server.create_database("flush").unwrap();
+    let store = PgStore::open(&url).unwrap();
+    let mut probe = client(&url);
+    let lsn = |probe: &mut postgres::Client, f: &str| -> i64 {
+        probe
+            .query_one(&format!("SELECT ({f}() - '0/0'::pg_lsn)::bigint"), &[])
+            .unwrap()
+            .get(0)
+    };
+    // A write that the WAL writer happened to flush meanwhile proves nothing: write again until one is seen
+    // waiting for the disk.
+    let mut waiting = None;
+    for n in 0..20 {
+        store.put_agent(&agent(n)).unwrap();
+        let written = lsn(&mut probe, "pg_current_wal_insert_lsn");
+        if lsn(&mut probe, "pg_current_wal_flush_lsn") < written {
+            waiting = Some(written);
+            break;
+        }
+    }
+    let written = waiting.expect("a write commits before its WAL is on disk");
+    store.flush().unwrap();
+    assert!(
+        lsn(&mut probe, "pg_current_wal_flush_lsn") >= written,
+        "flush made the write durable"
+    );
+}
+
+/// PostgreSQL killed and started again: calls fail while it is down, the store reconnects by itself once it
+/// is back, and what was flushed before the crash is there.
+#[test]
+fn the_store_recovers_when_postgresql_comes_back() {
+    let server = PgServer::start().unwrap();
+    let url = server.create_database("recover").unwrap();
+    let store = PgStore::open(&url).unwrap();
+    store.put_agent(&agent(1)).unwrap();
+    store.flush().unwrap();
+
+    server.kill();
+    let err = store
+        .agent(&Fingerprint([1; 32]))
+        .expect_err("the server is down");
+    assert!(matches!(err, StoreError::Postgres(_)), "{err}");
+    assert!(err.to_string().starts_with("store: PostgreSQL:"), "{err}");
+    let err = store.put_agent(&agent(2)).expect_err("still down");
+    assert!(matches!(err, StoreError::Postgres(_)), "{err}");
+    // The words an operator acts on, not only the client's "error connecting to server".
+    assert!(err.to_string().contains("Connection refused"), "{err}");
+
+    server.restart().unwrap();
+    assert_eq!(
+        store.agent(&Fingerprint([1; 32])).unwrap(),
+        Some(agent(1)),
+        "the flushed write survived, and the store reconnected"
+    );
+    store.put_agent(&agent(2)).unwrap();
+    assert_eq!(store.agents().unwrap().len(), 2);
+}
+
+/// A connection broken while idle in the pool (the server restarted between two calls) costs one call, not
+/// the store: the call that finds it broken fails, and the next one connects afresh.
+#[test]
+fn idle_connections_broken_by_a_restart_are_replaced() {
+    let server = PgServer::start().unwrap();
+    let url = server.create_database("idle").unwrap();
+    let store = PgStore::open(&url).unwrap();
+    // Several idle connections: three calls at once.
+    let start = Arc::new(Barrier::new(3));
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            let (store, start) = (&store, start.clone());
+            s.spawn(move || {
+                start.wait();
+                store.agents().unwrap();
+            });
+        }
+    });
+    server.restart().unwrap();
+    let first = store.agents();
+    assert!(
+        matches!(first, Err(StoreError::Postgres(_)) | Ok(_)),
+        "{first:?}"
+    );
+    store.agents().expect("the next call reconnects");
+    store.put_agent(&agent(1)).expect("writes too");
+}
+
+/// Records that do not decode are reported as a corrupt store, never a panic.
+#[test]
+fn corrupt_data_is_an_error() {
+    let url = database("corrupt");
+    let store = PgStore::open(&url).unwrap();
+    let mut t = task("t", 1);
+    store.put_task(&t).unwrap();
+    append(&store, &mut t, &[(1, b"{}")]);
+    store.put_agent(&agent(1)).unwrap();
+    let mut db = client(&url);
+    db.batch_execute(
+        "UPDATE ct_tasks SET body = 'not json'::bytea;
+         UPDATE ct_agents SET body = '{\"key\":1}'::bytea;",
+    )
+    .unwrap();
+    assert!(matches!(store.task("t"), Err(StoreError::Corrupt(_))));
+    assert!(matches!(
+        store.open_tasks(&Fingerprint([1; 32])),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        store.agent(&Fingerprint([1; 32])),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(store.agents(), Err(StoreError::Corrupt(_))));
+    assert!(matches!(
+        store.update_agent(&Fingerprint([1; 32]), &mut |_| {}),
+        Err(StoreError::Corrupt(_))
+    ));
+    db.batch_execute("UPDATE ct_audit_counter SET last = -5")
+        .unwrap();
+    let entry = AuditEntry::new(AuditKind::DefaultAgentSet, "1", "1", "x".into());
+    assert!(matches!(
+        store.append_audit(&entry),
+        Err(StoreError::Corrupt(_))
+    ));
+    assert_eq!(store.audit_len().unwrap(), 0, "nothing written");
+}
+
+/// An event the agent sends again (after a reconnect) is stored once, as it was first stored.
+#[test]
+fn an_event_sent_again_is_stored_once() {
+    let store = PgStore::open(&database("resent")).unwrap();
+    let mut t = task("t", 1);
+    store.put_task(&t).unwrap();
+    assert!(append(&store, &mut t, &[(1, b"a"), (2, b"b"), (3, b"c")]));
+    assert!(append(&store, &mut t, &[(2, b"B"), (3, b"C"), (4, b"d")]));
+    let events = store.event_bytes("t", 0).unwrap();
+    assert_eq!(
+        events,
+        [
+            (1, b"a".to_vec()),
+            (2, b"b".to_vec()),
+            (3, b"c".to_vec()),
+            (4, b"d".to_vec())
+        ]
+    );
+}
+
+/// An event's sequence number is part of its key: one the column cannot hold is refused, not capped onto
+/// another event's.
+#[test]
+fn an_event_number_past_the_column_is_refused() {
+    let store = PgStore::open(&database("huge_seq")).unwrap();
+    let mut t = task("t", 1);
+    store.put_task(&t).unwrap();
+    t.last_seq = u64::MAX;
+    let run: Vec<(u64, Option<&[u8]>)> = vec![(u64::MAX - 1, Some(b"a")), (u64::MAX, Some(b"b"))];
+    let result = store.append_event_runs(&[EventRun {
+        task: &t,
+        events: &run,
+        was_open: Some(true),
+    }]);
+    assert!(matches!(result, Err(StoreError::Corrupt(_))), "{result:?}");
+    assert_eq!(
+        store.task("t").unwrap().unwrap().last_seq,
+        0,
+        "nothing written"
+    );
+}
+
+/// A run's events as `EventRun` borrows them.
+type Run<'a> = Vec<(u64, Option<&'a [u8]>)>;
+
+/// Throughput of `append_event_runs` with a flush after each call, as the relay's group commit does: printed,
+/// not asserted (`cargo test -p ct-relay --release append_throughput -- --ignored --nocapture`).
+#[test]
+#[ignore = "a benchmark: run it on purpose"]
+fn append_throughput() {
+    const TASKS: usize = 50;
+    const EVENTS_PER_RUN: u64 = 40;
+    const CALLS: usize = 100;
+    let store = PgStore::open(&database("throughput")).unwrap();
+    let mut tasks: Vec<TaskRecord> = (0..TASKS)
+        .map(|i| task(&format!("task-{i}"), i as u64))
+        .collect();
+    for t in &tasks {
+        store.put_task(t).unwrap();
+    }
+    // A typical streamed event: a line of text in a JSON object.
+    let body = format!("{{\"type\":\"text\",\"text\":\"{}\"}}", "x".repeat(150));
+    let started = Instant::now();
+    let mut events = 0;
+    let mut appending = std::time::Duration::ZERO;
+    for _ in 0..CALLS {
+        let runs: Vec<(TaskRecord, Run)> = tasks
+            .iter_mut()
+            .map(|t| {
+                let first = t.last_seq + 1;
+                t.last_seq += EVENTS_PER_RUN;
+                t.output_bytes += EVENTS_PER_RUN * body.len() as u64;
+                let run = (first..=t.last_seq)
+                    .map(|s| (s, Some(body.as_bytes())))
+                    .collect();
+                (t.clone(), run)
+            })
+            .collect();
+        let runs: Vec<EventRun> = runs
+            .iter()
+            .map(|(t, run)| EventRun {
+                task: t,
+                events: run,
+                was_open: Some(true),
+            })
+            .collect();
+        let t0 = Instant::now();
+        store.append_event_runs(&runs).unwrap();
+        appending += t0.elapsed();
+        store.flush().unwrap();
+        events += TASKS * EVENTS_PER_RUN as usize;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "append_event_runs: {events} events of {} bytes in {CALLS} calls of {TASKS} runs, each flushed: \
+         {elapsed:.2?} ({appending:.2?} appending, the rest flushing), {:.0} events/s",
+        body.len(),
+        events as f64 / elapsed.as_secs_f64()
+    );
+}
