@@ -80,7 +80,8 @@ async fn a_task_submitted_on_one_node_runs_on_an_agent_held_by_another_and_a_thi
     let w = cluster().await;
     let (a, c) = (&w.nodes[0], &w.nodes[1]);
     let file = w.project.join("cluster.txt");
-    w.fake.push(Reply::tool_use("Write", write(&file, "from node-0")));
+    w.fake
+        .push(Reply::tool_use("Write", write(&file, "from node-0")));
     w.fake.push(Reply::text("written"));
     let options = TaskOptions {
         permission_mode: Some("default".into()),
@@ -133,7 +134,7 @@ async fn a_task_submitted_on_one_node_runs_on_an_agent_held_by_another_and_a_thi
 }
 
 #[tokio::test]
-async fn cancel_and_follow_ups_from_other_nodes_reach_the_agent() {
+async fn a_cancel_from_another_node_stops_the_task_on_the_agent() {
     let w = cluster().await;
     let (a, c) = (&w.nodes[0], &w.nodes[1]);
     let job = LongJob::write(&w.project, 300);
@@ -144,7 +145,12 @@ async fn cancel_and_follow_ups_from_other_nodes_reach_the_agent() {
     w.fake.push(Reply::text("stopped"));
     let rec = a
         .core
-        .submit_task(submit(OWNER, "app", "run the long job", TaskOptions::default()))
+        .submit_task(submit(
+            OWNER,
+            "app",
+            "run the long job",
+            TaskOptions::default(),
+        ))
         .await
         .unwrap();
     let mut f = follow_on(c, &rec.spec.task).await;
@@ -216,13 +222,21 @@ async fn a_node_that_drains_mid_task_hands_its_agent_to_another_and_no_event_is_
     let a = &w.nodes[0];
     let rec = a
         .core
-        .submit_task(submit(OWNER, "app", "run the long job", TaskOptions::default()))
+        .submit_task(submit(
+            OWNER,
+            "app",
+            "run the long job",
+            TaskOptions::default(),
+        ))
         .await
         .unwrap();
     let task = rec.spec.task.clone();
     let mut f = follow_on(a, &task).await;
-    f.until("the Bash tool", |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"))
-        .await;
+    f.until(
+        "the Bash tool",
+        |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
+    )
+    .await;
     tokio::select! {
         e = f.until("an approval request", |e| matches!(e, TaskEvent::ApprovalRequested { .. })) => {
             let TaskEvent::ApprovalRequested { approval, .. } = e else { unreachable!() };

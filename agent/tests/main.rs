@@ -5,6 +5,7 @@
 //! CI ran out of disk. One binary per crate links once. `cargo test -p <crate> <file>::` still runs one file.
 
 mod claude_runner;
+mod cluster;
 mod discord;
 mod doctor;
 mod e2e;

@@ -25,6 +25,9 @@ pub(crate) const OWNER: &str = "100";
 
 pub(crate) struct World {
     pub(crate) relay: TestRelay,
+    /// The cluster's other nodes (see [`Opts::cluster`]).
+    pub(crate) nodes: Vec<TestRelay>,
+    _node_dirs: Vec<tempfile::TempDir>,
     pub(crate) agent_config: ConfigDir,
     pub(crate) allowed_env: String,
     /// Claude Code's HOME, as the agent gives it.
@@ -63,6 +66,9 @@ pub(crate) struct Opts {
     pub(crate) shared: bool,
     /// Run without a key for shared tasks (`CT_AGENT_SHARED_API_KEY`); otherwise it is [`SHARED_KEY`].
     pub(crate) no_shared_key: bool,
+    /// Run the relay as this many nodes of a cluster (one PostgreSQL database, one nats-server); the agent
+    /// pairs with (and so connects to) `World::relay`, the second node; the others are `World::nodes`.
+    pub(crate) cluster: Option<usize>,
 }
 
 /// The key the agent gives shared tasks in these tests (the fake API accepts any key).
@@ -77,6 +83,11 @@ impl World {
         let mut agent = TestAgent::start_with(self.run.clone());
         agent.connected(T).await;
         self.agent = Some(agent);
+    }
+
+    /// The running agent, taken out of the world (to wait for its run to end).
+    pub(crate) fn take_agent(&mut self) -> TestAgent {
+        self.agent.take().expect("the agent runs")
     }
 
     /// The agent's config directory.
@@ -124,7 +135,25 @@ pub(crate) async fn world_with(opts: Opts) -> World {
     let outside = std::fs::canonicalize(outside_dir.path()).unwrap();
 
     let (relay_dir, agent_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let relay = TestRelay::on(relay_dir.path(), "127.0.0.1:0").await;
+    let (relay, nodes, node_dirs) = match opts.cluster {
+        None => (
+            TestRelay::on(relay_dir.path(), "127.0.0.1:0").await,
+            Vec::new(),
+            Vec::new(),
+        ),
+        Some(n) => {
+            let cluster = crate::cluster::shared_state();
+            let mut node_dirs = Vec::new();
+            let mut nodes = Vec::new();
+            for i in 0..n.max(2) {
+                let dir = tempfile::tempdir().unwrap();
+                nodes.push(TestRelay::start(cluster.node(dir.path(), i)).await);
+                node_dirs.push(dir);
+            }
+            let relay = nodes.remove(1);
+            (relay, nodes, node_dirs)
+        }
+    };
     pair(&relay, agent_dir.path(), opts.relay_owner.unwrap_or(OWNER)).await;
     let allowed_env = allowed.display().to_string();
     let agent_config = ConfigDir::open(agent_dir.path()).unwrap();
@@ -181,6 +210,8 @@ pub(crate) async fn world_with(opts: Opts) -> World {
     World {
         run,
         relay,
+        nodes,
+        _node_dirs: node_dirs,
         agent_config,
         allowed_env,
         home,
@@ -301,6 +332,24 @@ pub(crate) struct Follow {
 }
 
 impl Follow {
+    pub(crate) fn new(
+        task: &str,
+        seen: Vec<(u64, TaskEvent)>,
+        rx: broadcast::Receiver<(u64, TaskEvent)>,
+    ) -> Self {
+        Self {
+            task: task.into(),
+            seen,
+            cursor: 0,
+            rx,
+        }
+    }
+
+    /// The sequence numbers seen so far, in order.
+    pub(crate) fn seqs(&self) -> Vec<u64> {
+        self.seen.iter().map(|(s, _)| *s).collect()
+    }
+
     /// The next event (in order) matching `pred`.
     pub(crate) async fn until(
         &mut self,

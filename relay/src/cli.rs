@@ -129,6 +129,22 @@ pub enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Move an embedded relay (its data directory: agents, users, shares, tasks, events, audit log and relay
+    /// key) into a cluster's PostgreSQL database. Stop the relay first. Agents reconnect to the cluster's
+    /// nodes without pairing again: the nodes answer for the same relay key.
+    Migrate {
+        /// The embedded relay's data directory.
+        #[arg(long = "from-data-dir", value_name = "DIR")]
+        from: PathBuf,
+        /// The cluster's database (postgres://USER:PASSWORD@HOST/DB), empty or freshly created.
+        #[arg(
+            long = "to",
+            value_name = "URL",
+            env = "CT_DATABASE_URL",
+            hide_env_values = true
+        )]
+        to: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -366,7 +382,32 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         None => serve(cli, data_dir).await,
         Some(Command::Admin { command }) => admin_command(&data_dir, command).await,
+        Some(Command::Migrate { from, to }) => migrate(from, to).await,
     }
+}
+
+async fn migrate(from: PathBuf, to: String) -> Result<()> {
+    use anyhow::Context as _;
+    let moved = tokio::task::spawn_blocking(move || -> Result<crate::migrate::Moved> {
+        let key = crate::tls::existing_relay_key(&from)?;
+        let source = crate::store::sled::SledStore::open(&from.join("db")).with_context(|| {
+            format!(
+                "opening the embedded relay's store in {} (is that relay still running? stop it first)",
+                from.display()
+            )
+        })?;
+        let target = crate::store::postgres::PgStore::open(&to)
+            .context("opening the cluster's PostgreSQL database (--to)")?;
+        crate::migrate::copy(&source, &target, &key.to_bytes())
+    })
+    .await
+    .context("the migration stopped")??;
+    println!("moved {moved}");
+    println!(
+        "start the cluster's nodes with --database-url (and --nats-url); agents reconnect to them without \
+         pairing again once the relay's address (or every node's) is what their pairing names"
+    );
+    Ok(())
 }
 
 async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {

@@ -22,6 +22,7 @@ use crate::endpoint::limits::Admission;
 use crate::endpoint::{https, quic};
 use crate::files;
 use crate::metrics::Metrics;
+use crate::store::postgres::PgStore;
 use crate::store::sled::SledStore;
 use crate::store::{SharedStore, RELAY_KEY};
 use crate::tls::{self, CertSource};
@@ -108,9 +109,11 @@ impl Relay {
             let database = config.cluster.as_ref().map(|c| c.database_url.clone());
             tokio::task::spawn_blocking(move || -> Result<(SharedStore, usize)> {
                 let store: SharedStore = match database {
-                    Some(_url) => anyhow::bail!(
-                        "--database-url: this build has no PostgreSQL backend yet (it lands next)"
-                    ),
+                    Some(url) => {
+                        Arc::new(PgStore::open(&url).context(
+                            "opening the cluster's PostgreSQL database (--database-url)",
+                        )?)
+                    }
                     None => Arc::new(
                         SledStore::open(&dir.join("db"))
                             .with_context(|| format!("opening the store in {}", dir.display()))?,

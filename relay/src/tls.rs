@@ -26,6 +26,27 @@ pub enum CertSource {
 
 /// Loads the relay key from `dir/relay.key`, creating it on first start.
 pub fn relay_key(dir: &Path) -> Result<SigningKey> {
+    if let Some(key) = read_relay_key(dir)? {
+        return Ok(key);
+    }
+    let path = dir.join("relay.key");
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    files::write_private(&path, ct_protocol::b64::encode(&key.to_bytes()).as_bytes())?;
+    tracing::info!(path = %path.display(), "generated a new relay key");
+    Ok(key)
+}
+
+/// The relay key of an existing relay's data directory (`ct-relay migrate`); an error if there is none.
+pub fn existing_relay_key(dir: &Path) -> Result<SigningKey> {
+    read_relay_key(dir)?.with_context(|| {
+        format!(
+            "{} has no relay.key: is it a relay's data directory (--data-dir of the relay to move)?",
+            dir.display()
+        )
+    })
+}
+
+fn read_relay_key(dir: &Path) -> Result<Option<SigningKey>> {
     let path = dir.join("relay.key");
     if let Some(bytes) = files::read_private(&path)? {
         let seed = ct_protocol::b64::decode_array::<32>(String::from_utf8_lossy(&bytes).trim())
@@ -35,12 +56,9 @@ pub fn relay_key(dir: &Path) -> Result<SigningKey> {
                     path.display()
                 )
             })?;
-        return Ok(SigningKey::from_bytes(&seed));
+        return Ok(Some(SigningKey::from_bytes(&seed)));
     }
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    files::write_private(&path, ct_protocol::b64::encode(&key.to_bytes()).as_bytes())?;
-    tracing::info!(path = %path.display(), "generated a new relay key");
-    Ok(key)
+    Ok(None)
 }
 
 /// The certificate chain and private key to serve.

@@ -47,6 +47,11 @@ impl TestRelay {
         self.task.await.unwrap().unwrap();
     }
 
+    /// Starts a graceful stop (as on SIGTERM) and lets it go on in the background.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     pub async fn token(&self, user: &str) -> ct_protocol::pairing::PairingToken {
         self.core.mint_pairing_token(user).await.unwrap().0
     }
@@ -116,6 +121,11 @@ impl TestAgent {
 
     pub async fn stop(self) -> Result<(), RunError> {
         self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+
+    /// Waits for the agent's run to end by itself (revoked, replaced).
+    pub async fn wait(self) -> Result<(), RunError> {
         self.task.await.unwrap()
     }
 }

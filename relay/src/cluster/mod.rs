@@ -2,7 +2,7 @@
 //! our own. It knows subjects and bytes only; what travels on it, and what a node does with it, is the core's
 //! (`core::remote`).
 //!
-//! - `ct.agent.<fingerprint>`: the node holding an agent's session subscribes to it for as long as the session
+//! - `ct.agent.<fingerprint in hex>`: the node holding an agent's session subscribes to it for as long as the session
 //!   lives. Another node reaches the agent by publishing there (a task to dispatch, a decision, a cancel) or
 //!   by a request (a project request, whose answer comes back as the reply). A request nobody subscribes to
 //!   fails at once with "no responders": the fast way to learn that no node holds the agent.
@@ -27,8 +27,8 @@ pub use async_nats::Subscriber;
 /// every message on the bus is a hint that a later one, or a periodic check, repeats.
 const PUBLISH_QUEUE: usize = 16_384;
 
-/// Subjects name agents by fingerprint and tasks by id, both of which are safe in a subject (no dots, spaces
-/// or wildcards); anything else is refused rather than published somewhere unexpected.
+/// Subjects name agents by their fingerprint's bytes in hex and tasks by id; a task id that is not safe in a
+/// subject (dots, spaces, wildcards) is refused rather than published somewhere unexpected.
 fn token_ok(token: &str) -> bool {
     !token.is_empty()
         && token.len() <= 128
@@ -37,9 +37,9 @@ fn token_ok(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// The subject of the node holding `agent` (a fingerprint in its text form).
-pub fn agent_subject(agent: &str) -> Option<String> {
-    token_ok(agent).then(|| format!("ct.agent.{agent}"))
+/// The subject of the node holding the agent whose key has the fingerprint `agent`.
+pub fn agent_subject(agent: &[u8; 32]) -> String {
+    format!("ct.agent.{}", hex::encode(agent))
 }
 
 /// The subject on which a task's new events are announced.

@@ -80,10 +80,10 @@ pub(crate) fn with_request_id(msg: RelayMessage, id: u64) -> RelayMessage {
 impl State {
     /// Publishes `msg` to the node holding `agent`, if this relay is part of a cluster.
     pub(crate) fn tell_holder(&self, agent: &Fingerprint, msg: &NodeMsg) -> bool {
-        let (Some(bus), Some(subject)) = (&self.bus, cluster::agent_subject(&agent.to_string()))
-        else {
+        let Some(bus) = &self.bus else {
             return false;
         };
+        let subject = cluster::agent_subject(&agent.0);
         match serde_json::to_vec(msg) {
             Ok(payload) => bus.publish(subject, Bytes::from(payload)),
             Err(e) => {
@@ -173,7 +173,7 @@ impl Core {
     /// the agent's newest. `None` without a cluster.
     pub(crate) async fn hold(&self, agent: Fingerprint, epoch: u64) -> Option<Holding> {
         let bus = self.shared.bus.clone()?;
-        let subject = cluster::agent_subject(&agent.to_string())?;
+        let subject = cluster::agent_subject(&agent.0);
         let mut sub = match bus.subscribe(subject).await {
             Ok(sub) => sub,
             Err(e) => {
@@ -264,12 +264,10 @@ impl Core {
         agent: &AgentRecord,
         template: RelayMessage,
     ) -> Result<Answer, TaskError> {
-        let (Some(bus), Some(subject)) = (
-            self.shared.bus.clone(),
-            cluster::agent_subject(&agent.fingerprint.to_string()),
-        ) else {
+        let Some(bus) = self.shared.bus.clone() else {
             return Err(TaskError::AgentGone(agent.name.clone()));
         };
+        let subject = cluster::agent_subject(&agent.fingerprint.0);
         let timeout = self.config().project_timeout + Duration::from_secs(1);
         let payload = encode(&NodeMsg::Ask { msg: template });
         match bus.request(subject, payload, timeout).await {
