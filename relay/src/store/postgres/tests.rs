@@ -179,6 +179,61 @@ fn two_nodes_share_one_log_and_one_code() {
     );
 }
 
+/// Runs appended on one node while another deletes the task (retention): whichever commits first wins, and a
+/// task that is gone has no events left behind, whatever the interleaving.
+#[test]
+fn runs_racing_a_delete_on_another_node_leave_no_events_behind() {
+    let url = database("append_delete");
+    let (a, b) = (PgStore::open(&url).unwrap(), PgStore::open(&url).unwrap());
+    let mut deleted_mid_stream = 0;
+    for round in 0..20 {
+        let id = format!("t{round}");
+        let mut rec = task(&id, round);
+        a.put_task(&rec).unwrap();
+        let start = Barrier::new(2);
+        let appended = std::thread::scope(|s| {
+            let appender = s.spawn(|| {
+                start.wait();
+                let mut runs = 0;
+                for n in 0..30u64 {
+                    let first = n * 5 + 1;
+                    let events: Vec<(u64, &[u8])> =
+                        (first..first + 5).map(|seq| (seq, &b"e"[..])).collect();
+                    if !append(&a, &mut rec, &events) {
+                        break;
+                    }
+                    runs += 1;
+                }
+                runs
+            });
+            start.wait();
+            // Retention deletes the record it read; a run committed meanwhile makes that stale: read again.
+            loop {
+                let Some(current) = b.task(&id).unwrap() else {
+                    panic!("only this loop deletes");
+                };
+                if b.delete_task(&current).unwrap().is_some() {
+                    break;
+                }
+            }
+            appender.join().unwrap()
+        });
+        assert_eq!(a.task(&id).unwrap(), None);
+        assert!(
+            a.event_bytes(&id, 0).unwrap().is_empty(),
+            "round {round}: events outlived their task"
+        );
+        if appended < 30 {
+            deleted_mid_stream += 1;
+        }
+    }
+    // The race was run, not only the two orders that need none.
+    assert!(
+        deleted_mid_stream > 0,
+        "every delete came after the last run"
+    );
+}
+
 /// A node older than the database's schema refuses to run on it, and says what to do.
 #[test]
 fn a_database_migrated_by_a_newer_relay_is_refused() {
