@@ -340,6 +340,50 @@ fn the_store_recovers_when_postgresql_comes_back() {
     assert_eq!(store.agents().unwrap().len(), 2);
 }
 
+/// PostgreSQL crashed while a write of this node was not flushed yet: the recovered server may not have it,
+/// so no flush may vouch for it. Every flush fails from then on; reads and writes go on.
+#[test]
+fn a_crash_before_a_flush_fails_every_flush_after_it() {
+    let server = PgServer::start().unwrap();
+    let store = PgStore::open(&server.create_database("lost").unwrap()).unwrap();
+    store.put_agent(&agent(1)).unwrap();
+    store.flush().unwrap();
+    store.put_agent(&agent(2)).unwrap();
+
+    server.kill();
+    server.restart().unwrap();
+    // The first call may find a connection from before the crash.
+    let _ = store.flush();
+    for _ in 0..2 {
+        let err = store.flush().expect_err("the write may be lost");
+        assert!(matches!(err, StoreError::WritesLost), "{err}");
+        assert!(err.to_string().contains("restart this node"), "{err}");
+    }
+    assert!(store.agent(&Fingerprint([1; 32])).unwrap().is_some());
+    store.put_agent(&agent(3)).unwrap();
+    assert!(matches!(store.flush(), Err(StoreError::WritesLost)));
+}
+
+/// A crash that finds every write flushed costs only the calls that failed: flushes go on.
+#[test]
+fn a_crash_after_a_flush_loses_nothing_and_flushes_go_on() {
+    let server = PgServer::start().unwrap();
+    let store = PgStore::open(&server.create_database("nothing_lost").unwrap()).unwrap();
+    store.put_agent(&agent(1)).unwrap();
+    store.flush().unwrap();
+
+    server.kill();
+    server.restart().unwrap();
+    match store.flush() {
+        Ok(()) | Err(StoreError::Postgres(_)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    store.flush().expect("nothing was waiting for a flush");
+    store.put_agent(&agent(2)).unwrap();
+    store.flush().unwrap();
+    assert_eq!(store.agents().unwrap().len(), 2);
+}
+
 /// A connection broken while idle in the pool (the server restarted between two calls) costs one call, not
 /// the store: the call that finds it broken fails, and the next one connects afresh.
 #[test]
