@@ -146,19 +146,14 @@ impl PgStore {
         op(&mut conn)
     }
 
-    /// Runs a write of one statement.
-    fn write<T>(&self, op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
-        self.retrying(op)
-    }
-
     /// Runs a write in a transaction.
     fn transaction<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
-        self.retrying(|c| c.transaction(&mut op))
+        self.write(|c| c.transaction(&mut op))
     }
 
-    /// Runs a write on a pooled connection (counted for [`flush`](Store::flush)), again when PostgreSQL
-    /// aborted it to break a deadlock.
-    fn retrying<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+    /// Runs a write (one statement, or a transaction) on a pooled connection, counted for
+    /// [`flush`](Store::flush), and again when PostgreSQL aborted it to break a deadlock.
+    fn write<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
         let mut conn = self.conn()?;
         // Counted whether it succeeds or not: a write whose reply was lost may have committed.
         self.writes.fetch_add(1, Ordering::SeqCst);

@@ -96,7 +96,7 @@ impl Pool {
         }
     }
 
-    pub(super) fn connect(&self) -> Result<Conn> {
+    fn connect(&self) -> Result<Conn> {
         let mut client = self.config.connect(postgres::NoTls)?;
         // Every write commits on its own without waiting for the WAL to reach the disk; `Store::flush` waits
         // for it once for all of them (see `PgStore::flush`).
