@@ -220,17 +220,25 @@ async fn run_loop(
         pair: None,
     };
     let mut backoff = Backoff::default();
+    // The order addresses are tried in: a relay node that just went away (drained or died) goes last, so a
+    // cluster's agents move to the other nodes at once instead of waiting on it.
+    let mut relays = pairing.relays.clone();
 
     loop {
         reporter.set(LinkStatus::Connecting);
         let attempt = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            r = connect_any(&pairing.relays, &creds, &opts.connect) => r,
+            r = connect_any(&relays, &creds, &opts.connect) => r,
         };
         let error = match attempt {
             Err(e) if e.is_permanent() => return Err(permanent(e)),
             Err(e) => e.to_string(),
             Ok(link) => {
+                let addr = link.relay_addr.clone();
+                if let Some(at) = relays.iter().position(|r| *r == addr) {
+                    let left = relays.remove(at);
+                    relays.push(left);
+                }
                 let (end, lasted) =
                     serve(link, opts, &creds, shutdown, reporter, closers, tasks).await;
                 backoff.session_ended(lasted);

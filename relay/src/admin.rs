@@ -36,6 +36,8 @@ pub enum Request {
     Revoke { agent: String },
     /// Addresses, key, counts.
     Status,
+    /// The nodes of the cluster and the agents each holds.
+    Cluster,
     /// Submit a task as a user and stream its events until it ends.
     Task {
         user: String,
@@ -134,6 +136,9 @@ pub enum Reply {
         agent: AgentView,
     },
     Status(StatusInfo),
+    Cluster {
+        nodes: Vec<crate::core::nodes::NodeView>,
+    },
     /// The first reply of a task stream.
     Task {
         task: String,
@@ -178,6 +183,12 @@ pub enum Reply {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusInfo {
     pub version: String,
+    /// This node's id (a relay of one has one too).
+    #[serde(default)]
+    pub node: String,
+    /// "embedded (sled)" or "cluster (PostgreSQL + NATS)".
+    #[serde(default)]
+    pub mode: String,
     pub quic: Option<String>,
     pub https: Option<String>,
     pub public_addrs: Vec<String>,
@@ -392,6 +403,10 @@ async fn answer(req: Request, core: &Core, status: &StatusInfo) -> Reply {
                 ..status.clone()
             })
         }),
+        Request::Cluster => core
+            .cluster_nodes()
+            .await
+            .map(|nodes| Reply::Cluster { nodes }),
         Request::Cancel { user, task } => {
             return match core.cancel_task(Caller::operator(&user), &task).await {
                 Ok(_) => Reply::Done {

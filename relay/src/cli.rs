@@ -102,6 +102,21 @@ pub struct RunArgs {
     /// Days audit entries are kept.
     #[arg(long, env = "CT_RELAY_AUDIT_RETENTION_DAYS", default_value_t = 180)]
     pub audit_retention_days: u64,
+    /// PostgreSQL URL (postgres://USER:PASSWORD@HOST/DB): run as one node of a cluster whose state is in this
+    /// database. Needs --nats-url too. Without both, the relay keeps its state in --data-dir (sled).
+    #[arg(
+        long,
+        env = "CT_DATABASE_URL",
+        hide_env_values = true,
+        requires = "nats_url"
+    )]
+    pub database_url: Option<String>,
+    /// NATS URL (nats://HOST:4222) the nodes of a cluster route through. Needs --database-url too.
+    #[arg(long, env = "CT_NATS_URL", requires = "database_url")]
+    pub nats_url: Option<String>,
+    /// This node's name in the cluster (logs, metrics, `ct-relay admin cluster`); defaults to the host name.
+    #[arg(long, env = "CT_NODE_ID")]
+    pub node_id: Option<String>,
     /// Discord bot token; without it the relay serves agents and the bot is off.
     #[arg(long, env = "DISCORD_TOKEN", hide_env_values = true)]
     pub discord_token: Option<String>,
@@ -136,6 +151,11 @@ pub enum AdminCommand {
     },
     /// Addresses, key fingerprint and counts of the running relay.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The relay nodes of the cluster (one, for an embedded relay) and how many agents each holds.
+    Cluster {
         #[arg(long)]
         json: bool,
     },
@@ -352,6 +372,17 @@ pub async fn run(cli: Cli) -> Result<()> {
 async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
     let mut config = RelayConfig::new(data_dir, cli.listen);
     config.public_addrs = cli.run.public_addrs;
+    config.core.node_id = match cli.run.node_id {
+        Some(id) => id,
+        None => crate::sys::host_name(),
+    };
+    config.cluster = match (cli.run.database_url, cli.run.nats_url) {
+        (Some(database_url), Some(nats_url)) => Some(crate::relay::ClusterConfig {
+            database_url,
+            nats_url,
+        }),
+        _ => None,
+    };
     if let (Some(cert), Some(key)) = (cli.run.tls_cert, cli.run.tls_key) {
         config.cert = CertSource::Files { cert, key };
     }
@@ -640,6 +671,7 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             false,
         ),
         AdminCommand::Status { json } => (Request::Status, *json),
+        AdminCommand::Cluster { json } => (Request::Cluster, *json),
     };
     let reply = admin::call(data_dir, &req).await?;
     if json {
@@ -680,8 +712,38 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
                 " and its connection was dropped"
             }
         ),
+        Reply::Cluster { nodes } => {
+            println!(
+                "{:<24} {:<8} {:>7} {:>10}  {:<10} ADDRESSES",
+                "NODE", "STATE", "AGENTS", "HEARTBEAT", "VERSION"
+            );
+            for n in nodes {
+                let state = if n.draining {
+                    "draining"
+                } else if n.alive {
+                    "up"
+                } else {
+                    "down"
+                };
+                let id = if n.this {
+                    format!("{} (this)", n.id)
+                } else {
+                    n.id.clone()
+                };
+                println!(
+                    "{:<24} {:<8} {:>7} {:>9}s  {:<10} {}",
+                    id,
+                    state,
+                    n.agents,
+                    n.seen_secs_ago,
+                    n.version,
+                    n.public_addrs.join(", ")
+                );
+            }
+        }
         Reply::Status(s) => {
             println!("ct-relay {}", s.version);
+            println!("  node:              {} ({})", s.node, s.mode);
             println!(
                 "  QUIC (UDP):        {}",
                 s.quic.as_deref().unwrap_or("off")

@@ -5,9 +5,11 @@
 //!   `/healthz`, `/readyz`, `/metrics`), both ending in [`endpoint::session`].
 //! - [`store`]: what the relay keeps ([`store::records`]) and the operations on it, behind one interface
 //!   ([`store::Store`]), with sled as the embedded backend; it imports nothing else of the relay.
+//! - [`cluster`]: the NATS bus between the nodes of a cluster (subjects and bytes; what travels is the core's).
 //! - [`durable`]: group commit, so acknowledgements wait for the disk without an fsync each.
 //! - [`core`]: users, agents, pairing, shares, projects, tasks and their queues. One thread owns its state; front
 //!   ends and sessions hold a cheap [`core::Core`] handle with async methods. Its folder has one file per concern.
+//! - [`migrate`]: `ct-relay migrate`, an embedded relay's state into a cluster's database.
 //! - [`admin`]: the local admin socket behind `ct-relay admin ...`.
 //! - [`discord`]: the Discord bot's backend over the core, and starting the bot with the relay.
 //! - [`tls`]: the relay key agents pin, and the certificate.
@@ -17,12 +19,14 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod core;
 pub mod discord;
 pub mod durable;
 pub mod endpoint;
 pub mod files;
 pub mod metrics;
+pub mod migrate;
 pub mod ratelimit;
 pub mod relay;
 pub mod store;

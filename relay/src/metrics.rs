@@ -52,9 +52,18 @@ pub struct Metrics {
     pub frames_out: Family<TransportLabels, Counter>,
     pub pairings: Counter<u64, AtomicU64>,
     pub connections_refused: Family<RefusedLabels, Counter>,
+    /// The node these figures are from, a label on every metric (several nodes feed one Prometheus).
+    pub node: String,
 }
 
 impl Metrics {
+    pub fn for_node(node: &str) -> Self {
+        Self {
+            node: node.to_string(),
+            ..Self::default()
+        }
+    }
+
     /// The connected-agents gauge for one transport (a shared handle: updating it updates the metric).
     pub fn agents(&self, t: Transport) -> Gauge {
         self.agents_connected
@@ -95,7 +104,14 @@ impl Metrics {
 
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        let mut registry = Registry::with_prefix("ct_relay");
+        let mut registry = if self.node.is_empty() {
+            Registry::with_prefix("ct_relay")
+        } else {
+            Registry::with_prefix_and_labels(
+                "ct_relay",
+                [("node".into(), self.node.clone().into())].into_iter(),
+            )
+        };
         registry.register(
             "agents_connected",
             "Agents with a live session",

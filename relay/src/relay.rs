@@ -16,13 +16,14 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::admin::{self, StatusInfo};
+use crate::cluster::Bus;
 use crate::core::{Core, CoreConfig};
 use crate::endpoint::limits::Admission;
 use crate::endpoint::{https, quic};
 use crate::files;
 use crate::metrics::Metrics;
 use crate::store::sled::SledStore;
-use crate::store::SharedStore;
+use crate::store::{SharedStore, RELAY_KEY};
 use crate::tls::{self, CertSource};
 
 /// How long shutdown waits for sessions to send their goodbyes.
@@ -42,6 +43,16 @@ pub struct RelayConfig {
     pub core: CoreConfig,
     /// The Discord bot, when configured (`DISCORD_TOKEN` or `DISCORD_PUBLIC_KEY`); `None`: the bot is off.
     pub bot: Option<crate::discord::BotConfig>,
+    /// One node of a cluster: state in PostgreSQL, routing over NATS. `None`: a relay of one, on sled in
+    /// `data_dir`.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Where a cluster node finds the others.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub database_url: String,
+    pub nats_url: String,
 }
 
 impl RelayConfig {
@@ -55,6 +66,7 @@ impl RelayConfig {
             websocket: true,
             core: CoreConfig::default(),
             bot: None,
+            cluster: None,
         }
     }
 }
@@ -72,6 +84,9 @@ pub struct Relay {
     ready: Arc<AtomicBool>,
     data_dir: PathBuf,
     bot: Option<crate::discord::BotConfig>,
+    /// Tasks started while binding (the cluster bus's pump), stopped after the drain with `stop_bus`.
+    bus_tasks: TaskTracker,
+    stop_bus: CancellationToken,
 }
 
 impl Relay {
@@ -90,10 +105,18 @@ impl Relay {
         // walks the data directory: both on the blocking pool, not on a runtime worker.
         let (store, loosened) = {
             let dir = config.data_dir.clone();
+            let database = config.cluster.as_ref().map(|c| c.database_url.clone());
             tokio::task::spawn_blocking(move || -> Result<(SharedStore, usize)> {
-                let store = SledStore::open(&dir.join("db"))
-                    .with_context(|| format!("opening the store in {}", dir.display()))?;
-                Ok((Arc::new(store), files::make_private(&dir)?))
+                let store: SharedStore = match database {
+                    Some(_url) => anyhow::bail!(
+                        "--database-url: this build has no PostgreSQL backend yet (it lands next)"
+                    ),
+                    None => Arc::new(
+                        SledStore::open(&dir.join("db"))
+                            .with_context(|| format!("opening the store in {}", dir.display()))?,
+                    ),
+                };
+                Ok((store, files::make_private(&dir)?))
             })
             .await
             .context("opening the store")??
@@ -104,7 +127,24 @@ impl Relay {
                 "files in the data directory were readable by other users; they are private (0600) now"
             );
         }
-        let relay_key = tls::relay_key(&config.data_dir)?;
+        let mut relay_key = tls::relay_key(&config.data_dir)?;
+        if config.cluster.is_some() {
+            // Every node answers for the same key, so agents move between nodes without re-pairing: the
+            // first node to start puts its key in the shared store, and every node uses that one.
+            let proposed = relay_key.to_bytes();
+            let store = store.clone();
+            let shared =
+                tokio::task::spawn_blocking(move || store.shared_secret(RELAY_KEY, &proposed))
+                    .await
+                    .context("reading the cluster's relay key")??;
+            let seed: [u8; 32] = shared.as_slice().try_into().map_err(|_| {
+                anyhow::anyhow!(
+                    "the cluster's relay key in PostgreSQL is {} bytes, not 32: restore it from a backup",
+                    shared.len()
+                )
+            })?;
+            relay_key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        }
         let (certs, key) = tls::certificate(&config.data_dir, &config.cert)?;
         let https_tls = tls::https_config(certs.clone(), key.clone_key())?;
         let quic_cfg = tls::quic_config(certs, key)?;
@@ -148,6 +188,12 @@ impl Relay {
         let fingerprint = Fingerprint::of(&relay_key.verifying_key());
         let status = StatusInfo {
             version: SOFTWARE_VERSION.to_string(),
+            node: core_cfg.node_id.clone(),
+            mode: if config.cluster.is_some() {
+                "cluster (PostgreSQL + NATS)".into()
+            } else {
+                "embedded (sled)".into()
+            },
             quic: quic_addr.map(|a| a.to_string()),
             https: https_addr.map(|a| a.to_string()),
             public_addrs: core_cfg.public_addrs.clone(),
@@ -161,7 +207,22 @@ impl Relay {
             core_cfg.max_connections,
             core_cfg.max_connections_per_address,
         );
-        let core = Core::start(store, relay_key, core_cfg, Arc::new(Metrics::default()))
+        let bus_tasks = TaskTracker::new();
+        let stop_bus = CancellationToken::new();
+        let bus = match &config.cluster {
+            Some(cluster) => Some(
+                Bus::connect(
+                    &cluster.nats_url,
+                    &core_cfg.node_id,
+                    stop_bus.clone(),
+                    &bus_tasks,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::for_node(&core_cfg.node_id));
+        let core = Core::start(store, relay_key, core_cfg, metrics, bus)
             .context("starting the core's thread and the store's flusher thread")?;
         Ok(Self {
             core,
@@ -174,6 +235,8 @@ impl Relay {
             ready: Arc::new(AtomicBool::new(false)),
             data_dir: config.data_dir,
             bot: config.bot,
+            bus_tasks,
+            stop_bus,
         })
     }
 
@@ -211,9 +274,14 @@ impl Relay {
             ready,
             data_dir,
             bot,
+            bus_tasks,
+            stop_bus,
         } = self;
         let tasks = TaskTracker::new();
+        let clustered = core.bus().is_some();
         info!(
+            node = %status.node,
+            mode = %status.mode,
             quic = ?status.quic,
             https = ?status.https,
             public = ?status.public_addrs,
@@ -256,6 +324,12 @@ impl Relay {
         ));
         // Retention: old tasks, audit entries and pairing codes are deleted now and hourly.
         tasks.spawn(crate::retention::run(core.clone(), shutdown.clone()));
+        // Heartbeat: which nodes are alive, their addresses for pairing tokens, readiness.
+        {
+            let core = core.clone();
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move { core.heartbeat(shutdown).await });
+        }
         ready.store(true, Ordering::Relaxed);
 
         shutdown.cancelled().await;
@@ -279,6 +353,12 @@ impl Relay {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
         core.flush().await;
+        if clustered {
+            core.leave_cluster().await;
+        }
+        stop_bus.cancel();
+        bus_tasks.close();
+        bus_tasks.wait().await;
         let _ = std::fs::remove_file(admin::socket_path(&data_dir));
         info!("relay stopped");
         Ok(())

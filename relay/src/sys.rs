@@ -35,3 +35,21 @@ pub fn private_umask() -> u32 {
     let old = unsafe { libc::umask(0o077) } as u32;
     old
 }
+
+/// This machine's host name (a cluster node's default id), or "relay" where it cannot be read.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "relay".into()
+    } else {
+        name
+    }
+}

@@ -157,7 +157,7 @@ async fn one_address_cannot_hold_every_connection() {
         .core
         .metrics()
         .render()
-        .contains("ct_relay_connections_refused_total{reason=\"per_address\"}"));
+        .contains("ct_relay_connections_refused_total{node=\"relay\",reason=\"per_address\"}"));
 
     // The time limit cuts the slow ones off; then a normal request gets through.
     for s in slow {

@@ -102,11 +102,11 @@ async fn pairing_then_reconnecting_with_the_key_on_both_transports() {
     );
     let metrics = relay.core.metrics().render();
     assert!(
-        metrics.contains("ct_relay_agents_connected{transport=\"quic\"} 1"),
+        metrics.contains("ct_relay_agents_connected{node=\"relay\",transport=\"quic\"} 1"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("ct_relay_agents_connected{transport=\"websocket\"} 1"),
+        metrics.contains("ct_relay_agents_connected{node=\"relay\",transport=\"websocket\"} 1"),
         "{metrics}"
     );
 }
@@ -342,7 +342,7 @@ async fn a_newer_connection_with_the_same_key_replaces_the_older() {
             .core
             .metrics()
             .render()
-            .contains("ct_relay_agents_connected{transport=\"websocket\"} 0")
+            .contains("ct_relay_agents_connected{node=\"relay\",transport=\"websocket\"} 0")
     })
     .await;
     assert_eq!(relay.core.online().await, 1);
@@ -350,7 +350,7 @@ async fn a_newer_connection_with_the_same_key_replaces_the_older() {
         .core
         .metrics()
         .render()
-        .contains("ct_relay_agents_connected{transport=\"quic\"} 1"));
+        .contains("ct_relay_agents_connected{node=\"relay\",transport=\"quic\"} 1"));
 }
 
 /// Sends `bytes` as the first thing on a fresh connection and expects the relay to close it.

@@ -8,6 +8,7 @@ mod audit;
 mod binary;
 mod connections;
 mod endpoint;
+mod installers;
 mod layout;
 mod limits;
 mod per_user;

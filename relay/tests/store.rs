@@ -15,8 +15,8 @@ use ct_protocol::Fingerprint;
 use ct_relay::store::postgres::PgStore;
 use ct_relay::store::sled::SledStore;
 use ct_relay::store::{
-    AgentRecord, AuditEntry, AuditKind, EventRun, PairCodeRecord, ShareLevel, ShareRecord,
-    SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
+    AgentRecord, AuditEntry, AuditKind, EventRun, Exported, NodeRecord, PairCodeRecord, ShareLevel,
+    ShareRecord, SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
 };
 use ct_testkit::postgres::PgServer;
 use sha2::{Digest as _, Sha256};
@@ -57,7 +57,15 @@ macro_rules! contract {
             dropped_events_move_the_record_but_store_nothing,
             thread_marks_are_kept_and_deleted,
             audit_pages_newest_first_by_owner_and_by_filter,
-            indexes_agree_with_the_records_after_random_operations
+            indexes_agree_with_the_records_after_random_operations,
+            presence_epochs_grow_and_only_the_current_session_releases,
+            a_task_is_dispatched_once_and_only_under_the_current_epoch,
+            a_queued_task_ends_only_if_nobody_dispatched_it,
+            leases_are_exclusive_until_released_or_expired,
+            token_buckets_allow_a_burst_then_refill,
+            the_first_proposed_secret_wins_also_across_a_reopen,
+            node_heartbeats_are_listed_and_removed,
+            an_export_imported_into_an_empty_store_is_the_same_store
         );
     };
     (@cases $backend:ident, $open:expr; $($case:ident),* $(,)?) => {
@@ -1499,4 +1507,263 @@ fn indexes_agree_with_the_records_after_random_operations(open: Open) {
             && done.reopened >= 3,
         "{done:?}"
     );
+}
+
+// --- the cluster ---
+
+fn presence_epochs_grow_and_only_the_current_session_releases(open: Open) {
+    let (dir, store) = fresh(open);
+    assert_eq!(store.presence(&fp(1)).unwrap(), None);
+    let first = store.claim_presence(&fp(1), "node-a").unwrap();
+    let second = store.claim_presence(&fp(1), "node-b").unwrap();
+    assert!(second.epoch > first.epoch, "{first:?} then {second:?}");
+    assert_eq!(store.presence(&fp(1)).unwrap().as_ref(), Some(&second));
+    // Another agent's epoch is greater still: epochs are never reused, whatever the agent.
+    let other = store.claim_presence(&fp(2), "node-a").unwrap();
+    assert!(other.epoch > second.epoch);
+    // The replaced session going away must not end the newer one's presence.
+    assert!(!store.release_presence(&fp(1), first.epoch).unwrap());
+    assert_eq!(store.presence(&fp(1)).unwrap().as_ref(), Some(&second));
+    let store = reopen(open, &dir, store);
+    let third = store.claim_presence(&fp(1), "node-a").unwrap();
+    assert!(third.epoch > other.epoch, "epochs grow across a reopen");
+    assert!(store.release_presence(&fp(1), third.epoch).unwrap());
+    assert_eq!(store.presence(&fp(1)).unwrap(), None);
+    assert!(!store.release_presence(&fp(1), third.epoch).unwrap());
+}
+
+fn dispatched(rec: &TaskRecord) -> TaskRecord {
+    let mut rec = rec.clone();
+    rec.dispatched_at = Some(5_000);
+    rec
+}
+
+fn a_task_is_dispatched_once_and_only_under_the_current_epoch(open: Open) {
+    let (_dir, store) = fresh(open);
+    store.put_agent(&agent(1, "u")).unwrap();
+    let t = task("t1", "u", 1, 1);
+    store.put_task(&t).unwrap();
+    // No session holds the agent: nobody may dispatch.
+    assert!(!store.dispatch_task(&dispatched(&t), 1).unwrap());
+    let old = store.claim_presence(&fp(1), "node-a").unwrap();
+    let new = store.claim_presence(&fp(1), "node-b").unwrap();
+    // The replaced session cannot take it.
+    assert!(!store.dispatch_task(&dispatched(&t), old.epoch).unwrap());
+    assert!(store.task("t1").unwrap().unwrap().dispatched_at.is_none());
+    // The current one can, once.
+    assert!(store.dispatch_task(&dispatched(&t), new.epoch).unwrap());
+    assert!(!store.dispatch_task(&dispatched(&t), new.epoch).unwrap());
+    let stored = store.task("t1").unwrap().unwrap();
+    assert_eq!(stored.dispatched_at, Some(5_000));
+    assert_eq!(store.open_tasks(&fp(1)).unwrap().len(), 1);
+    // An ended task is never dispatched, and a missing one neither.
+    let mut ended = task("t2", "u", 1, 2);
+    ended.state = TaskState::Cancelled;
+    store.put_task(&ended).unwrap();
+    assert!(!store.dispatch_task(&dispatched(&ended), new.epoch).unwrap());
+    assert!(!store
+        .dispatch_task(&dispatched(&task("t3", "u", 1, 3)), new.epoch)
+        .unwrap());
+    assert!(store.task("t3").unwrap().is_none());
+}
+
+fn a_queued_task_ends_only_if_nobody_dispatched_it(open: Open) {
+    let (_dir, store) = fresh(open);
+    store.put_agent(&agent(1, "u")).unwrap();
+    let t = task("t1", "u", 1, 1);
+    store.put_task(&t).unwrap();
+    let epoch = store.claim_presence(&fp(1), "node-a").unwrap().epoch;
+    assert!(store.dispatch_task(&dispatched(&t), epoch).unwrap());
+    let mut cancelled = t.clone();
+    cancelled.state = TaskState::Cancelled;
+    assert!(
+        !store.finish_queued(&cancelled).unwrap(),
+        "the dispatch won"
+    );
+    assert_eq!(store.task("t1").unwrap().unwrap().state, TaskState::Queued);
+    let q = task("t2", "u", 1, 2);
+    store.put_task(&q).unwrap();
+    let mut cancelled = q.clone();
+    cancelled.state = TaskState::Cancelled;
+    assert!(store.finish_queued(&cancelled).unwrap());
+    assert_eq!(
+        store.task("t2").unwrap().unwrap().state,
+        TaskState::Cancelled
+    );
+    assert_eq!(store.open_tasks(&fp(1)).unwrap().len(), 1, "indexes follow");
+    assert!(!store.dispatch_task(&dispatched(&q), epoch).unwrap());
+}
+
+fn leases_are_exclusive_until_released_or_expired(open: Open) {
+    let (_dir, store) = fresh(open);
+    let long = std::time::Duration::from_secs(60);
+    assert!(store.lease("gateway", "a", long).unwrap());
+    assert!(!store.lease("gateway", "b", long).unwrap());
+    assert!(
+        store.lease("gateway", "a", long).unwrap(),
+        "the holder renews"
+    );
+    assert!(
+        store.lease("other", "b", long).unwrap(),
+        "leases are independent"
+    );
+    store.release_lease("gateway", "b").unwrap();
+    assert!(
+        !store.lease("gateway", "b", long).unwrap(),
+        "only the holder releases"
+    );
+    store.release_lease("gateway", "a").unwrap();
+    assert!(store.lease("gateway", "b", long).unwrap());
+    // An expired lease is free for anyone.
+    assert!(store
+        .lease("short", "a", std::time::Duration::from_millis(50))
+        .unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    assert!(store.lease("short", "b", long).unwrap());
+    assert!(!store.lease("short", "a", long).unwrap());
+}
+
+fn token_buckets_allow_a_burst_then_refill(open: Open) {
+    let (_dir, store) = fresh(open);
+    let hour = std::time::Duration::from_secs(3600);
+    let taken = (0..5)
+        .filter(|_| store.take_token("u1", 3, hour).unwrap())
+        .count();
+    assert_eq!(taken, 3, "a burst of three, then none for an hour");
+    assert!(
+        store.take_token("u2", 3, hour).unwrap(),
+        "buckets are independent"
+    );
+    let fast = std::time::Duration::from_millis(20);
+    while store.take_token("fast", 2, fast).unwrap() {}
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    assert!(store.take_token("fast", 2, fast).unwrap(), "refilled");
+    // Idle buckets are forgotten (they would be full again); a used one is kept.
+    assert_eq!(store.prune_buckets(hour).unwrap(), 0);
+    std::thread::sleep(std::time::Duration::from_millis(30));
+    assert!(store.take_token("u2", 3, hour).unwrap());
+    assert_eq!(
+        store
+            .prune_buckets(std::time::Duration::from_millis(20))
+            .unwrap(),
+        2,
+        "u1 and fast were idle; u2 was just used"
+    );
+    assert!(
+        store.take_token("u1", 3, hour).unwrap(),
+        "u1 starts full again"
+    );
+}
+
+fn the_first_proposed_secret_wins_also_across_a_reopen(open: Open) {
+    let (dir, store) = fresh(open);
+    assert_eq!(
+        store.shared_secret("relay-key", b"first").unwrap(),
+        b"first"
+    );
+    assert_eq!(
+        store.shared_secret("relay-key", b"second").unwrap(),
+        b"first"
+    );
+    assert_eq!(store.shared_secret("other", b"x").unwrap(), b"x");
+    let store = reopen(open, &dir, store);
+    assert_eq!(
+        store.shared_secret("relay-key", b"third").unwrap(),
+        b"first"
+    );
+}
+
+fn node_heartbeats_are_listed_and_removed(open: Open) {
+    let (_dir, store) = fresh(open);
+    let node = |id: &str, agents| NodeRecord {
+        id: id.into(),
+        public_addrs: vec![format!("{id}.example:7443")],
+        version: "1".into(),
+        started_at: 1,
+        seen_at: 2,
+        agents,
+        draining: false,
+    };
+    store.put_node(&node("a", 1)).unwrap();
+    store.put_node(&node("b", 2)).unwrap();
+    store.put_node(&node("a", 3)).unwrap();
+    let mut nodes = store.nodes().unwrap();
+    nodes.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(nodes, vec![node("a", 3), node("b", 2)]);
+    assert!(store.remove_node("a").unwrap());
+    assert!(!store.remove_node("a").unwrap());
+    assert_eq!(store.nodes().unwrap(), vec![node("b", 2)]);
+}
+
+// --- moving between backends ---
+
+fn export_all(store: &SharedStore) -> Vec<String> {
+    let mut out = Vec::new();
+    store
+        .export(&mut |r| {
+            out.push(format!("{r:?}"));
+            Ok(())
+        })
+        .unwrap();
+    out.sort();
+    out
+}
+
+fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
+    let (_a, from) = fresh(open);
+    from.put_agent(&agent(1, "u1")).unwrap();
+    from.put_agent(&agent(2, "u2")).unwrap();
+    from.put_pair_code(&code("c1", "u1", 9_999)).unwrap();
+    from.put_user_audited(
+        "u1",
+        &UserRecord {
+            default_agent: Some(fp(1)),
+        },
+        &entry("u1"),
+    )
+    .unwrap();
+    from.put_share_audited(&share("u1", "u2", ShareLevel::Trusted), &|_| entry("u1"))
+        .unwrap();
+    let mut t1 = task("t1", "u1", 1, 1);
+    from.put_task(&t1).unwrap();
+    t1.last_seq = 2;
+    t1.output_bytes = 7;
+    from.append_event_runs(&[EventRun {
+        task: &t1,
+        events: &[(1, Some(b"{\"a\":1}")), (2, None)],
+        was_open: None,
+    }])
+    .unwrap();
+    let mut t2 = task("t2", "u2", 2, 2);
+    t2.state = TaskState::Done;
+    from.put_task(&t2).unwrap();
+    from.append_audit(&entry("u2")).unwrap();
+    from.put_thread_mark("t1", b"{\"thread\":5}").unwrap();
+    from.shared_secret("relay_key", b"k").unwrap();
+    let exported = {
+        let mut all = Vec::new();
+        from.export(&mut |r| {
+            all.push(r);
+            Ok(())
+        })
+        .unwrap();
+        all
+    };
+    assert!(exported
+        .iter()
+        .any(|r| matches!(r, Exported::Task(t, e) if t.spec.task == "t1" && e.len() == 1)));
+    let (_b, to) = fresh(open);
+    to.import(&exported).unwrap();
+    assert_eq!(export_all(&to), export_all(&from));
+    // What the indexes answer, too: imported records are found the way new ones are.
+    assert_eq!(to.open_tasks(&fp(1)).unwrap(), vec![t1.clone()]);
+    assert_eq!(to.open_tasks_of_user("u1").unwrap(), 1);
+    assert_eq!(to.stored_bytes_of_user("u1").unwrap(), 7);
+    assert_eq!(to.shares_to("u2").unwrap().len(), 1);
+    assert_eq!(to.agents_of("u2").unwrap().len(), 1);
+    assert_eq!(to.audit_of_owner("u1", None, 10).unwrap().len(), 2);
+    // The log goes on after the imported numbers, without reusing one.
+    let next = to.append_audit(&entry("u1")).unwrap();
+    assert_eq!(next.seq, 4, "three entries were imported");
+    assert_eq!(to.shared_secret("relay_key", b"other").unwrap(), b"k");
 }

@@ -10,6 +10,7 @@
 //! - [`job`]: [`LongJob`], a project script that keeps the Bash tool busy for cancel and interrupt tests.
 //! - [`discord`]: [`DiscordSim`], a Discord simulator (REST + gateway + HTTP-interaction signing) that the
 //!   bot runs against through `DISCORD_API_PROXY`.
+//! - [`nats`]: [`NatsServer`], a real `nats-server` on loopback for the relay's cluster tests.
 //! - [`postgres`]: [`PgServer`], a real throwaway PostgreSQL server on loopback (one shared per test binary, or
 //!   one of a test's own to kill and restart), for the relay's PostgreSQL store and the cluster.
 //!
@@ -19,6 +20,7 @@ pub mod anthropic;
 pub mod claude;
 pub mod discord;
 pub mod job;
+pub mod nats;
 pub mod postgres;
 pub mod process;
 pub mod wait;
@@ -27,6 +29,7 @@ pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
 pub use claude::{claude_bin, ClaudeEnv, Cli, MIN_PINNED_VERSION, PINNED_VERSION};
 pub use discord::DiscordSim;
 pub use job::LongJob;
+pub use nats::NatsServer;
 pub use postgres::PgServer;
 pub use process::{ClaudeProcess, SESSION_ARGS};
 pub use wait::{eventually, eventually_async};

@@ -1,4 +1,4 @@
-//! The test kit's own tests (the Discord simulator, the fake Messages API, the Claude Code sessions), built as one binary.
+//! The test kit's own tests (the Discord simulator, the fake Messages API, the Claude Code sessions, nats-server), built as one binary.
 //!
 //! Each file here used to be its own test binary, and each of those linked the whole crate with tokio, rustls,
 //! quinn and serenity: the workspace's ~30 test binaries took most of a clean build's disk and link time, and
@@ -6,6 +6,7 @@
 
 mod discord_sim;
 mod fake_api;
+mod nats;
 mod one_shot;
 mod postgres;
 mod session;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::state::{LiveAgent, Outbound, State};
-use super::{Core, CoreError, Stopped};
+use super::{Core, CoreError};
 use crate::store::{now, AgentRecord, AuditEntry, AuditKind};
 
 /// Messages waiting for one agent's session to write them. Bounded: a stuck agent cannot grow relay memory.
@@ -28,6 +28,9 @@ pub struct AgentView {
     pub since: Option<u64>,
     pub peer: Option<String>,
     pub revoked: bool,
+    /// The node holding its session, when it is online.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 impl Core {
@@ -38,21 +41,24 @@ impl Core {
         fp: Fingerprint,
         transport: Transport,
         peer: SocketAddr,
-    ) -> Result<SessionGuard, Stopped> {
+    ) -> Result<SessionGuard, CoreError> {
         let (close, close_rx) = mpsc::channel(1);
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let session = self
-            .call(move |state| state.register_session(fp, transport, peer, close, outbound))
+        let (session, epoch) = self
+            .run(move |state| state.register_session(fp, transport, peer, close, outbound))
             .await?;
         self.metrics().agents(transport).inc();
-        Ok(SessionGuard {
+        let mut guard = SessionGuard {
             core: self.clone(),
             fp,
             session,
             transport,
             close_rx,
             outbound_rx,
-        })
+            _holding: None,
+        };
+        guard._holding = self.hold(fp, epoch).await;
+        Ok(guard)
     }
 
     /// Finds one agent by fingerprint (or a unique prefix of it), or by name (`name` or `owner/name`).
@@ -89,13 +95,17 @@ impl State {
         peer: SocketAddr,
         close: mpsc::Sender<CloseReason>,
         outbound: mpsc::Sender<Outbound>,
-    ) -> u64 {
+    ) -> Result<(u64, u64), CoreError> {
+        // The newest session wins everywhere: its epoch is greater than any other's, and dispatching checks
+        // it, so a replaced session (here or on another node) can no longer take a task.
+        let epoch = self.store.claim_presence(&fp, &self.config.node_id)?.epoch;
         let session = self.next_session;
         self.next_session += 1;
         let old = self.live.insert(
             fp,
             LiveAgent {
                 session,
+                epoch,
                 transport,
                 since: now(),
                 peer,
@@ -110,13 +120,17 @@ impl State {
             let _ = old.close.try_send(CloseReason::Replaced);
         }
         self.touch(&fp, Some(transport));
-        session
+        Ok((session, epoch))
     }
 
     /// A session ended: it leaves the live table (if it is still the current one for its key), the agent's
     /// last-seen time is recorded, and requests it was asked fail at once.
     fn session_ended(&mut self, fp: &Fingerprint, session: u64) {
-        if self.live.get(fp).is_some_and(|l| l.session == session) {
+        if let Some(live) = self.live.get(fp).filter(|l| l.session == session) {
+            // Only this session's presence: a newer one (on any node) keeps its own.
+            if let Err(e) = self.store.release_presence(fp, live.epoch) {
+                tracing::warn!(error = %e, "could not record that an agent's session ended");
+            }
             self.live.remove(fp);
             self.touch(fp, None);
         }
@@ -182,6 +196,13 @@ impl State {
         if let Some(live) = self.live.remove(&rec.fingerprint) {
             let _ = live.close.try_send(CloseReason::Revoked);
         }
+        // Wherever else it is connected, it goes too.
+        self.tell_holder(
+            &rec.fingerprint,
+            &super::remote::NodeMsg::Close {
+                reason: CloseReason::Revoked,
+            },
+        );
         self.end_tasks_of_revoked(&rec);
         tracing::info!(owner = %rec.owner, agent = %rec.name, fingerprint = %rec.fingerprint, "agent revoked");
         Ok(rec)
@@ -195,8 +216,14 @@ impl State {
             .into_iter()
             .map(|a| {
                 let l = live.get(&a.fingerprint);
+                let elsewhere = self.held_elsewhere(&a.fingerprint);
                 AgentView {
-                    online: l.is_some(),
+                    node: match (l, &elsewhere) {
+                        (Some(_), _) => Some(self.config.node_id.clone()),
+                        (None, Some(p)) => Some(p.node.clone()),
+                        (None, None) => None,
+                    },
+                    online: l.is_some() || elsewhere.is_some(),
                     transport: l.map(|l| l.transport).or(a.last_transport),
                     since: l.map(|l| l.since).or(a.last_seen),
                     peer: l.map(|l| l.peer.to_string()),
@@ -224,6 +251,8 @@ pub struct SessionGuard {
     pub close_rx: mpsc::Receiver<CloseReason>,
     /// Messages the core wants sent to the agent, each once what it waits for is durable.
     pub outbound_rx: mpsc::Receiver<Outbound>,
+    /// In a cluster: what other nodes send this session.
+    _holding: Option<super::remote::Holding>,
 }
 
 impl Drop for SessionGuard {

@@ -5,7 +5,10 @@ use std::time::Duration;
 /// Relay-wide settings the core needs.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
-    /// Addresses put into pairing tokens.
+    /// This node's name in a cluster (and in a relay of one): in presence records, logs, metrics and
+    /// `ct-relay admin cluster`.
+    pub node_id: String,
+    /// Addresses put into pairing tokens (this node's; a cluster's tokens carry every live node's).
     pub public_addrs: Vec<String>,
     pub pair_code_ttl: Duration,
     /// Pairing attempts per address: burst, then one per this interval.
@@ -60,6 +63,7 @@ pub struct CoreConfig {
 impl Default for CoreConfig {
     fn default() -> Self {
         Self {
+            node_id: "relay".into(),
             public_addrs: Vec::new(),
             pair_code_ttl: Duration::from_secs(600),
             pair_burst: 10,

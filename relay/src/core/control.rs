@@ -134,11 +134,17 @@ impl State {
         self.audit_or_log(entry);
     }
 
-    /// Sends a message to an agent, if it is online and keeping up.
+    /// Sends a message to an agent, if it is online and keeping up: through its session here, or through
+    /// the node that holds it (which passes it on if the session is still there; see [`super::remote`]).
     pub(crate) fn to_agent(&self, agent: &Fingerprint, msg: RelayMessage) -> bool {
-        self.live
-            .get(agent)
-            .is_some_and(|l| l.outbound.try_send(Outbound { after: None, msg }).is_ok())
+        if let Some(live) = self.live.get(agent) {
+            return live
+                .outbound
+                .try_send(Outbound { after: None, msg })
+                .is_ok();
+        }
+        self.held_elsewhere(agent).is_some()
+            && self.tell_holder(agent, &super::remote::NodeMsg::Deliver { msg })
     }
 
     /// Sends `msg` to an agent only with `entry` in the audit log: a place in the agent's queue is reserved
@@ -151,7 +157,13 @@ impl State {
         entry: &AuditEntry,
     ) -> Result<bool, StoreError> {
         let Some(live) = self.live.get(agent) else {
-            return Ok(false);
+            // On another node: the entry is written here, where the decision was made, and the message goes
+            // to that node. (Its session may end before it arrives; so may a session here.)
+            if self.held_elsewhere(agent).is_none() {
+                return Ok(false);
+            }
+            self.store().append_audit(entry)?;
+            return Ok(self.tell_holder(agent, &super::remote::NodeMsg::Deliver { msg }));
         };
         let Ok(permit) = live.outbound.try_reserve() else {
             return Ok(false);

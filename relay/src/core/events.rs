@@ -133,6 +133,8 @@ impl Core {
             let id = id.clone();
             self.run(move |state| state.subscribe(&id)).await?
         };
+        // In a cluster another node may hold the agent and write the events: watch for its notices.
+        self.watch(&id);
         let events = self.read(move |store| store.events(&id, 0)).await??;
         Ok((rec, events, rx))
     }
@@ -184,6 +186,7 @@ impl State {
                     for (seq, event) in &p.published {
                         self.publish(&p.rec.spec.task, *seq, event);
                     }
+                    self.announce(&p.rec.spec.task, p.rec.last_seq);
                     if p.finished {
                         finished.insert(replies[p.job].0);
                     }
@@ -402,6 +405,7 @@ impl State {
             message: Some(message),
         };
         let seq = rec.last_seq + 1;
+        let queued = !rec.is_dispatched();
         apply(rec, &event);
         rec.state = state;
         rec.last_seq = seq;
@@ -409,6 +413,11 @@ impl State {
         // The relay's own end is always kept: it is short, and followers wait for it.
         let bytes = serde_json::to_vec(&event).map_err(StoreError::from)?;
         rec.output_bytes += bytes.len() as u64;
+        // A task that never reached its agent ends only if no node sent it meanwhile: the record is swapped
+        // first, and the event written after it.
+        if queued && !self.store().finish_queued(rec)? {
+            return Err(TaskError::JustStarted(rec.spec.task.clone()));
+        }
         let run = [(seq, Some(bytes.as_slice()))];
         self.store().append_event_runs(&[EventRun {
             task: rec,
@@ -416,6 +425,7 @@ impl State {
             was_open: None,
         }])?;
         self.publish(&rec.spec.task, seq, &event);
+        self.announce(&rec.spec.task, seq);
         tracing::info!(task = %rec.spec.task, ?state, "task ended by the relay");
         Ok(())
     }
@@ -442,7 +452,35 @@ impl State {
         id: &str,
     ) -> Result<(TaskRecord, broadcast::Receiver<(u64, TaskEvent)>), TaskError> {
         let rx = self.followers_of(id).subscribe();
-        Ok((self.task(id)?, rx))
+        let rec = self.task(id)?;
+        // Where a watch of another node's events starts (see `remote`): the follower reads the log itself.
+        self.follower_seq
+            .entry(id.to_string())
+            .or_insert(rec.last_seq);
+        Ok((rec, rx))
+    }
+
+    /// How far this node's followers of `id` have been sent events; `None` when nobody here follows it.
+    pub(crate) fn followed_up_to(&mut self, id: &str) -> Option<u64> {
+        match self.followers.get(id) {
+            Some(tx) if tx.receiver_count() > 0 => {
+                Some(self.follower_seq.get(id).copied().unwrap_or(0))
+            }
+            _ => {
+                self.followers.remove(id);
+                self.follower_seq.remove(id);
+                None
+            }
+        }
+    }
+
+    /// Passes events another node stored to this node's followers, each once.
+    pub(crate) fn publish_caught_up(&mut self, id: &str, events: Vec<(u64, TaskEvent)>) {
+        for (seq, event) in events {
+            if seq > self.follower_seq.get(id).copied().unwrap_or(0) {
+                self.publish(id, seq, &event);
+            }
+        }
     }
 
     fn followers_of(&mut self, id: &str) -> broadcast::Sender<(u64, TaskEvent)> {
@@ -457,11 +495,14 @@ impl State {
     /// waiting for events that will never come.
     pub(crate) fn close_followers(&mut self, id: &str) {
         self.followers.remove(id);
+        self.follower_seq.remove(id);
     }
 
-    fn publish(&self, id: &str, seq: u64, event: &TaskEvent) {
+    fn publish(&mut self, id: &str, seq: u64, event: &TaskEvent) {
         if let Some(tx) = self.followers.get(id) {
             let _ = tx.send((seq, event.clone()));
+            let up_to = self.follower_seq.entry(id.to_string()).or_insert(0);
+            *up_to = (*up_to).max(seq);
         }
     }
 }

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use ct_protocol::Fingerprint;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::Bus;
 use crate::durable::GroupCommit;
 use crate::metrics::Metrics;
 use crate::store::{SharedStore, Store, StoreError};
@@ -45,11 +46,13 @@ pub mod audit;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod nodes;
 pub mod output;
 pub mod pairing;
 pub mod projects;
 pub mod queue;
 pub mod redact;
+pub(crate) mod remote;
 pub mod retention;
 pub mod routing;
 pub mod shares;
@@ -109,6 +112,14 @@ struct Shared {
     metrics: Arc<Metrics>,
     relay_key: ed25519_dalek::SigningKey,
     relay: Fingerprint,
+    /// The cluster bus, when this relay is one node of several.
+    bus: Option<Bus>,
+    /// Whether the shared store answered the last heartbeat (readiness in a cluster).
+    health: nodes::Health,
+    /// Followers' watches of tasks whose events another node writes (see [`nodes`]).
+    watches: std::sync::Mutex<
+        std::collections::HashMap<String, tokio_util::task::AbortOnDropHandle<()>>,
+    >,
     /// The core's thread, joined when the last handle goes (after the channel closed, so it is on its way out).
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -135,6 +146,7 @@ impl Core {
         relay_key: ed25519_dalek::SigningKey,
         mut config: CoreConfig,
         metrics: Arc<Metrics>,
+        bus: Option<Bus>,
     ) -> std::io::Result<Self> {
         // With no running slot, nothing would ever leave the queue.
         config.max_running_per_agent = config.max_running_per_agent.max(1);
@@ -148,6 +160,7 @@ impl Core {
             config.clone(),
             metrics.clone(),
             relay,
+            bus.as_ref().map(Bus::publisher),
         );
         let thread = std::thread::Builder::new()
             .name("ct-relay-core".into())
@@ -161,6 +174,9 @@ impl Core {
                 metrics,
                 relay_key,
                 relay,
+                bus,
+                watches: Default::default(),
+                health: Default::default(),
                 thread: Some(thread),
             }),
         })
@@ -296,7 +312,7 @@ mod tests {
     fn core(dir: &std::path::Path) -> Core {
         let store: SharedStore = Arc::new(SledStore::open(dir).unwrap());
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        Core::start(store, key, CoreConfig::default(), Default::default()).unwrap()
+        Core::start(store, key, CoreConfig::default(), Default::default(), None).unwrap()
     }
 
     /// The core's thread stops with the last handle, and the store is closed with it: the same directory opens

@@ -39,6 +39,27 @@ impl Core {
 }
 
 impl State {
+    /// In a cluster, a pairing attempt also takes a token from the cluster's bucket for its address: each
+    /// node's own would give a stranger the burst again on every node. A store that cannot answer refuses
+    /// (the safe side for a guessing attempt).
+    fn take_shared_pair_token(&self, peer: std::net::IpAddr) -> Result<(), std::time::Duration> {
+        if self.bus.is_none() {
+            return Ok(());
+        }
+        let bucket = format!("pair/{}", crate::ratelimit::group(peer));
+        match self
+            .store
+            .take_token(&bucket, self.config.pair_burst, self.config.pair_refill)
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.config.pair_refill),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the cluster's pairing limit; attempt refused");
+                Err(self.config.pair_refill)
+            }
+        }
+    }
+
     fn mint_pairing_token(&mut self, owner: &str) -> Result<(PairingToken, u64), CoreError> {
         if !super::is_user_id(owner) {
             return Err(CoreError::BadUser(owner.to_string()));
@@ -83,7 +104,7 @@ impl State {
         tracing::info!(owner, code_id = %code.id, "pairing code minted");
         Ok((
             PairingToken {
-                relays: self.config.public_addrs.clone(),
+                relays: self.cluster_addrs.clone(),
                 code,
                 relay: self.relay,
             },
@@ -142,7 +163,7 @@ impl State {
                 ))
             }
             (None, Some(pair)) => {
-                if let Err(wait) = self.pair_limit.take_addr(peer) {
+                if let Err(wait) = self.pair_limit.take_addr(peer).and_then(|()| self.take_shared_pair_token(peer)) {
                     return Err((
                         Rejection::RateLimited,
                         format!(

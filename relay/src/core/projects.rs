@@ -7,6 +7,7 @@ use ct_protocol::{Fingerprint, RelayMessage};
 use tokio::sync::oneshot;
 
 use super::audit::{Caller, OwnedCaller};
+use super::remote;
 use super::state::State;
 use super::tasks::{is_path, TaskError};
 use super::{human_duration, Core};
@@ -35,7 +36,7 @@ pub(crate) struct PendingRequest {
 }
 
 /// An agent's answer to a request the relay is waiting on.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Answer {
     Project(ProjectReply),
     Worktree(ct_protocol::task::WorktreeOutcome),
@@ -204,7 +205,16 @@ impl Core {
     ) -> Result<Answer, TaskError> {
         let (tx, rx) = oneshot::channel();
         let asked = agent.clone();
-        let id = self.run(move |state| state.ask(&asked, msg, tx)).await?;
+        // Built once here: if another node holds the agent, the same message goes there (with its own id).
+        let template = msg(0);
+        let local = template.clone();
+        let id = match self
+            .run(move |state| state.ask(&asked, |id| remote::with_request_id(local, id), tx))
+            .await
+        {
+            Err(TaskError::HeldElsewhere(_)) => return self.ask_elsewhere(agent, template).await,
+            other => other?,
+        };
         let _waiting = Waiting { core: self, id };
         let timeout = self.config().project_timeout;
         match tokio::time::timeout(timeout, rx).await {
@@ -278,6 +288,9 @@ impl State {
         reply: oneshot::Sender<Answer>,
     ) -> Result<u64, TaskError> {
         let Some(session) = self.live.get(&agent.fingerprint).map(|l| l.session) else {
+            if self.held_elsewhere(&agent.fingerprint).is_some() {
+                return Err(TaskError::HeldElsewhere(agent.name.clone()));
+            }
             return Err(TaskError::Offline {
                 seen: agent.last_seen.map_or("never connected".into(), |t| {
                     format!("last seen {} ago", human_duration(now().saturating_sub(t)))

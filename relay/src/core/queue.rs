@@ -43,11 +43,14 @@ impl State {
     /// Sends queued tasks to the agent, oldest first, while it has free slots. A task whose requester lost
     /// their share while it waited is cancelled instead.
     pub(crate) fn dispatch_queued(&mut self, agent: &Fingerprint) -> Result<(), TaskError> {
-        if let Some(live) = self.live.get_mut(agent) {
+        let epoch = if let Some(live) = self.live.get_mut(agent) {
             live.retry_dispatch = false;
+            live.epoch
         } else {
+            // Held by another node (or by none yet): whichever node holds it dispatches.
+            self.tell_holder(agent, &super::remote::NodeMsg::Kick);
             return Ok(());
-        }
+        };
         let open = self.store().open_tasks(agent)?;
         let mut running = open.iter().filter(|t| t.is_dispatched()).count();
         for mut rec in open.into_iter().filter(|t| !t.is_dispatched()) {
@@ -59,7 +62,10 @@ impl State {
             match standing {
                 Ok(role) => rec.spec.requester.role = role,
                 Err(why) => {
-                    self.finish_here(&mut rec, TaskState::Cancelled, why)?;
+                    match self.finish_here(&mut rec, TaskState::Cancelled, why) {
+                        Ok(()) | Err(TaskError::JustStarted(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                     continue;
                 }
             }
@@ -67,7 +73,11 @@ impl State {
             // writes the start once the ticket's flush is done.
             rec.dispatched_at = Some(now());
             rec.updated_at = now();
-            self.store().put_task(&rec)?;
+            if !self.store().dispatch_task(&rec, epoch)? {
+                // Another session took it (this one was replaced), or it ended meanwhile on another node.
+                tracing::debug!(task = %rec.spec.task, "task not dispatched here: taken or ended elsewhere");
+                continue;
+            }
             let start = Outbound {
                 after: Some(self.ticket()),
                 msg: RelayMessage::StartTask(rec.spec.clone()),

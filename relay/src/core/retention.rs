@@ -104,12 +104,19 @@ impl State {
         let codes = self
             .store()
             .prune_pair_codes(now.saturating_sub(CODE_MEMORY))?;
+        if let Err(e) = self.store().prune_buckets(BUCKET_IDLE) {
+            tracing::warn!(error = %e, "could not forget idle rate-limit buckets");
+        }
         if audit + codes > 0 {
             self.must_be_durable();
         }
         Ok((audit, codes))
     }
 }
+
+/// Shared rate-limit buckets idle this long are full again (every limit refills within minutes), so they are
+/// forgotten.
+const BUCKET_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Prunes at once and then every [`PRUNE_EVERY`] until `shutdown`.
 pub async fn run(core: Core, shutdown: CancellationToken) {

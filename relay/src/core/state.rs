@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::config::CoreConfig;
 use super::events::EventsJob;
 use super::projects::PendingRequest;
+use crate::cluster::Publisher;
 use crate::durable::{GroupCommit, Ticket};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -42,6 +43,9 @@ pub struct Outbound {
 #[derive(Debug)]
 pub(crate) struct LiveAgent {
     pub(crate) session: u64,
+    /// The presence epoch this session claimed: what dispatching under it checks (see
+    /// [`Store::dispatch_task`](crate::store::Store::dispatch_task)).
+    pub(crate) epoch: u64,
     pub(crate) transport: Transport,
     pub(crate) since: u64,
     pub(crate) peer: SocketAddr,
@@ -78,11 +82,19 @@ pub(crate) struct State {
     pub(crate) report_warnings: RateLimiter<Fingerprint>,
     /// Live followers of each task (admin `task`, the Discord bot).
     pub(crate) followers: HashMap<String, broadcast::Sender<(u64, TaskEvent)>>,
+    /// The last event sequence number passed to each task's followers here.
+    pub(crate) follower_seq: HashMap<String, u64>,
     /// Requests waiting for an agent's answer, by request id.
     pub(crate) pending: HashMap<u64, PendingRequest>,
     pub(crate) next_request: u64,
     /// Set when the running job wrote something that must be durable before its caller hears back.
     durable: Option<Ticket>,
+    /// The cluster bus, when this relay is one node of several (see [`super::remote`]).
+    pub(crate) bus: Option<Publisher>,
+    /// Nodes whose heartbeat is recent, this one included (refreshed by [`super::nodes`]).
+    pub(crate) alive_nodes: HashSet<String>,
+    /// Every live node's public addresses, this node's first: what pairing tokens carry.
+    pub(crate) cluster_addrs: Vec<String>,
 }
 
 impl State {
@@ -92,8 +104,12 @@ impl State {
         config: Arc<CoreConfig>,
         metrics: Arc<Metrics>,
         relay: Fingerprint,
+        bus: Option<Publisher>,
     ) -> Self {
         Self {
+            alive_nodes: HashSet::from([config.node_id.clone()]),
+            cluster_addrs: config.public_addrs.clone(),
+            bus,
             pair_limit: RateLimiter::new(
                 config.pair_burst,
                 config.pair_refill,
@@ -118,6 +134,7 @@ impl State {
             live: HashMap::new(),
             next_session: 1,
             followers: HashMap::new(),
+            follower_seq: HashMap::new(),
             pending: HashMap::new(),
             next_request: 1,
             durable: None,

@@ -116,14 +116,25 @@ impl State {
     /// Taken once the request is well-formed, before the store is consulted: failed attempts count too, so
     /// a flood of them cannot keep the relay busy either.
     fn take_task_token(&mut self, user: &str) -> Result<(), TaskError> {
-        self.task_limit.take(&user.to_string()).map_err(|wait| {
-            let config = self.config();
-            TaskError::RateLimited {
-                per_minute: config.tasks_per_minute,
-                burst: config.task_burst,
-                retry: human_duration(wait.as_secs_f64().ceil().max(1.0) as u64),
+        let config = self.config();
+        let limited = |wait: std::time::Duration| TaskError::RateLimited {
+            per_minute: config.tasks_per_minute,
+            burst: config.task_burst,
+            retry: human_duration(wait.as_secs_f64().ceil().max(1.0) as u64),
+        };
+        self.task_limit.take(&user.to_string()).map_err(limited)?;
+        // In a cluster the limit is the cluster's: each node's own bucket would let a person start as many
+        // tasks again on every node.
+        if self.bus.is_some() {
+            let per = std::time::Duration::from_secs(60) / config.tasks_per_minute.max(1);
+            if !self
+                .store()
+                .take_token(&format!("task/{user}"), config.task_burst, per)?
+            {
+                return Err(limited(per));
             }
-        })
+        }
+        Ok(())
     }
 
     fn rate_limited_users(&self) -> usize {
@@ -229,7 +240,9 @@ impl State {
         let agent = task.agent;
         check_options(task.role, &task.options)?;
         self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
-        if !self.live.contains_key(&agent.fingerprint) {
+        if !self.live.contains_key(&agent.fingerprint)
+            && self.held_elsewhere(&agent.fingerprint).is_none()
+        {
             let seen = agent.last_seen.map_or("never connected".into(), |t| {
                 format!("last seen {} ago", human_duration(now().saturating_sub(t)))
             });

@@ -172,6 +172,14 @@ pub enum TaskError {
     NoAnswer { agent: String, secs: u64 },
     #[error("agent {0} disconnected before answering: try again when it is back")]
     AgentGone(String),
+    #[error("task {0} started just now: cancel it again to stop it")]
+    JustStarted(String),
+    /// The agent's session is on another node of the cluster: the handle asks that node (never shown).
+    #[error("agent {0} is connected to another relay node")]
+    HeldElsewhere(String),
+    /// What the node holding the agent answered, word for word.
+    #[error("{0}")]
+    FromOtherNode(String),
     #[error("agent {agent} refused: {message}")]
     ProjectRefused { agent: String, message: String },
     #[error("agent {0} has too many project requests in flight: try again in a moment")]

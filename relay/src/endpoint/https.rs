@@ -76,10 +76,18 @@ pub fn router(http: Http) -> Router {
 }
 
 async fn readyz(State(http): State<Http>) -> Response {
-    if http.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
+    if !http.ready.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    } else if !http.core.cluster_ready() {
+        // A node that cannot reach PostgreSQL or NATS keeps retrying; until then a load balancer sends
+        // agents and Discord elsewhere.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the cluster's PostgreSQL or NATS is unreachable (retrying)\n",
+        )
+            .into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
     }
 }
 

@@ -260,6 +260,70 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn prune_audit(&self, cutoff: u64) -> Result<usize>;
     /// Entries in the log.
     fn audit_len(&self) -> Result<usize>;
+
+    // --- the cluster: presence, nodes, leases, shared limits and secrets ---
+    //
+    // A single relay uses these too (it is a cluster of one), so one code path serves both.
+
+    /// Records that `node` holds `agent`'s session from now on, replacing whichever session held it before,
+    /// on any node. The new epoch is greater than every epoch handed out before (also across restarts).
+    fn claim_presence(&self, agent: &Fingerprint, node: &str) -> Result<Presence>;
+    /// Ends `agent`'s presence only if it is still `epoch` (a newer session is left alone). Whether it was.
+    fn release_presence(&self, agent: &Fingerprint, epoch: u64) -> Result<bool>;
+    /// Who holds `agent`'s session, as last claimed and not released.
+    fn presence(&self, agent: &Fingerprint) -> Result<Option<Presence>>;
+    /// Exactly-once dispatch: stores `rec` (which now has `dispatched_at`) only if the stored task is still
+    /// open and not dispatched, and its agent's presence is still `epoch`. Whether it was stored; `false`
+    /// means another session (or node) took the task, it ended, or this session was replaced.
+    fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool>;
+    /// Ends a task that never reached its agent: stores the final `rec` only if the stored task is still
+    /// open and not dispatched (a node that dispatched it meanwhile wins). Whether it was stored.
+    fn finish_queued(&self, rec: &TaskRecord) -> Result<bool>;
+
+    /// Stores a node's heartbeat.
+    fn put_node(&self, rec: &NodeRecord) -> Result<()>;
+    /// Every node that reported itself and was not removed.
+    fn nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// Forgets a node (it shut down, or an operator removed a dead one). Whether it was known.
+    fn remove_node(&self, id: &str) -> Result<bool>;
+
+    /// Takes or renews the lease `name` for `holder` for `ttl`: granted when it is free, expired, or already
+    /// `holder`'s. The backend's own clock decides expiry, so nodes' clocks need not agree.
+    fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool>;
+    /// Gives the lease up if `holder` has it.
+    fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+    /// A token from the bucket `bucket` (at most `burst` tokens, one more every `per_token`): whether one
+    /// was taken. Shared by every node using the store, so a limit holds across the cluster.
+    fn take_token(&self, bucket: &str, burst: u32, per_token: std::time::Duration) -> Result<bool>;
+    /// Forgets buckets not used for `idle` (by then they are full again, like a new one). How many.
+    fn prune_buckets(&self, idle: std::time::Duration) -> Result<usize>;
+    /// The secret `name` shared by every node: `proposed` is stored if there is none yet; the stored one is
+    /// returned either way (the first node to start decides).
+    fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>>;
+
+    // --- moving a relay's state between backends (`ct-relay migrate`) ---
+
+    /// Every durable record, one at a time, to `sink` (which may stop the export by returning an error).
+    /// What only matters while nodes run (presence, heartbeats, leases, rate-limit buckets) is not exported.
+    fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()>;
+    /// Writes exported records as they were: audit entries keep their numbers (and later ones follow them),
+    /// tasks keep their events and stored-bytes counts. Meant for an empty store; a record that exists is
+    /// overwritten.
+    fn import(&self, records: &[Exported]) -> Result<()>;
+}
+
+/// One record of a whole store (see [`Store::export`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Exported {
+    Agent(AgentRecord),
+    PairCode(PairCodeRecord),
+    User(String, UserRecord),
+    Share(ShareRecord),
+    /// A task with its stored events, in order.
+    Task(TaskRecord, Vec<(u64, Vec<u8>)>),
+    Audit(AuditEntry),
+    ThreadMark(String, Vec<u8>),
+    Secret(String, Vec<u8>),
 }
 
 /// Typed conveniences over the byte-level methods, for callers (tests, front ends) that want records.

@@ -4,6 +4,10 @@
 use ct_protocol::Fingerprint;
 use serde::{Deserialize, Serialize};
 
+/// The name of the relay key among a cluster's shared secrets (see `Store::shared_secret`): every node
+/// answers for the same key.
+pub const RELAY_KEY: &str = "relay_key";
+
 /// The actor recorded for actions taken through the admin socket.
 pub const OPERATOR: &str = "operator";
 /// The actor recorded when the agent allowed a tool use itself, under a rule an approver made earlier.
@@ -345,6 +349,35 @@ impl AuditEntry {
         self.task = Some(task.to_string());
         self
     }
+}
+
+/// Which node holds an agent's live session now, and that session's epoch (see [`Store::claim_presence`]).
+///
+/// [`Store::claim_presence`]: super::Store::claim_presence
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub node: String,
+    /// Greater than every epoch handed out before for any agent: the newest session wins everywhere.
+    pub epoch: u64,
+    /// Unix seconds when the session was claimed.
+    pub since: u64,
+}
+
+/// One relay node of a cluster, as it last reported itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    /// The addresses agents dial to reach this node (what it puts into pairing tokens).
+    pub public_addrs: Vec<String>,
+    pub version: String,
+    pub started_at: u64,
+    /// Unix seconds of the node's last heartbeat.
+    pub seen_at: u64,
+    /// Live agent sessions the node held at its last heartbeat.
+    pub agents: usize,
+    /// The node is shutting down: its agents are moving to the others.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Seconds since the Unix epoch.

@@ -27,8 +27,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    AgentRecord, AuditEntry, EventRun, PairCodeRecord, Result, ShareRecord, Store, StoreError,
-    TaskRecord, UserRecord,
+    AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
+    ShareRecord, Store, StoreError, TaskRecord, UserRecord,
 };
 
 /// The open store.
@@ -60,6 +60,9 @@ pub struct SledStore {
     /// Agents by owner, in memory: derived from `agents` at open and kept in step with every write to it, so
     /// finding one person's agents (every task submission does) reads their records, not everyone's.
     owners: Arc<Mutex<AgentOwners>>,
+    /// What a cluster of one keeps like a cluster of many: presence (`p/` + fingerprint), node heartbeats
+    /// (`n/` + id), leases (`l/` + name), token buckets (`b/` + name) and shared secrets (`s/` + name).
+    cluster: sled::Tree,
 }
 
 /// The trees derived from the task records. Every write of a task record updates them in its own transaction,
@@ -194,6 +197,7 @@ impl SledStore {
             audit_owner: db.open_tree("audit_owner")?,
             meta: db.open_tree("meta")?,
             thread_marks: db.open_tree("thread_marks")?,
+            cluster: db.open_tree("cluster")?,
             owners: Default::default(),
             db,
         };
@@ -930,6 +934,270 @@ impl Store for SledStore {
             })
             .collect()
     }
+
+    fn claim_presence(&self, agent: &Fingerprint, node: &str) -> Result<Presence> {
+        let presence = Presence {
+            node: node.to_string(),
+            epoch: self.db.generate_id()? + 1,
+            since: super::now(),
+        };
+        put(&self.cluster, &cluster_key(b"p/", agent.0), &presence)?;
+        Ok(presence)
+    }
+
+    fn release_presence(&self, agent: &Fingerprint, epoch: u64) -> Result<bool> {
+        let key = cluster_key(b"p/", agent.0);
+        loop {
+            let Some(old) = self.cluster.get(&key)? else {
+                return Ok(false);
+            };
+            let presence: Presence = serde_json::from_slice(&old)?;
+            if presence.epoch != epoch {
+                return Ok(false);
+            }
+            if self
+                .cluster
+                .compare_and_swap(&key, Some(old), None as Option<&[u8]>)?
+                .is_ok()
+            {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn presence(&self, agent: &Fingerprint) -> Result<Option<Presence>> {
+        get(&self.cluster, &cluster_key(b"p/", agent.0))
+    }
+
+    fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool> {
+        let write = TaskWrite::new(rec)?;
+        let presence_key = cluster_key(b"p/", rec.agent.0);
+        let mut trees = self.task_trees().to_vec();
+        trees.push(&self.cluster);
+        trees
+            .as_slice()
+            .transaction(|t| {
+                let tx = TaskTx::of(&t[..9])?;
+                let current = match t[9].get(&presence_key)? {
+                    Some(v) => serde_json::from_slice::<Presence>(&v).map_err(fail)?.epoch,
+                    None => return Ok(false),
+                };
+                if current != epoch || !still_queued(&tx, &write.id)? {
+                    return Ok(false);
+                }
+                let old = tx.stored_facts(&write.id)?;
+                tx.write(&write, old.as_ref())?;
+                Ok(true)
+            })
+            .map_err(tx_error)
+    }
+
+    fn finish_queued(&self, rec: &TaskRecord) -> Result<bool> {
+        let write = TaskWrite::new(rec)?;
+        self.task_trees()
+            .as_slice()
+            .transaction(|t| {
+                let tx = TaskTx::of(t)?;
+                if !still_queued(&tx, &write.id)? {
+                    return Ok(false);
+                }
+                let old = tx.stored_facts(&write.id)?;
+                tx.write(&write, old.as_ref())?;
+                Ok(true)
+            })
+            .map_err(tx_error)
+    }
+
+    fn put_node(&self, rec: &NodeRecord) -> Result<()> {
+        put(&self.cluster, &cluster_key(b"n/", rec.id.as_bytes()), rec)
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        self.cluster
+            .scan_prefix(b"n/")
+            .map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+            .collect()
+    }
+
+    fn remove_node(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .cluster
+            .remove(cluster_key(b"n/", id.as_bytes()))?
+            .is_some())
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let key = cluster_key(b"l/", name.as_bytes());
+        loop {
+            let old = self.cluster.get(&key)?;
+            let now = now_ms();
+            if let Some(v) = &old {
+                let lease: Lease = serde_json::from_slice(v)?;
+                if lease.holder != holder && lease.until_ms > now {
+                    return Ok(false);
+                }
+            }
+            let new = serde_json::to_vec(&Lease {
+                holder: holder.to_string(),
+                until_ms: now + ttl.as_millis() as u64,
+            })?;
+            if self.cluster.compare_and_swap(&key, old, Some(new))?.is_ok() {
+                return Ok(true);
+            }
+        }
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        let key = cluster_key(b"l/", name.as_bytes());
+        if let Some(v) = self.cluster.get(&key)? {
+            let lease: Lease = serde_json::from_slice(&v)?;
+            if lease.holder == holder {
+                // Lost to a concurrent taker: then it is theirs, which is what releasing wants.
+                let _ = self
+                    .cluster
+                    .compare_and_swap(&key, Some(v), None as Option<&[u8]>)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_token(&self, bucket: &str, burst: u32, per_token: Duration) -> Result<bool> {
+        let key = cluster_key(b"b/", bucket.as_bytes());
+        let per_ms = per_token.as_millis().max(1) as f64;
+        loop {
+            let old = self.cluster.get(&key)?;
+            let now = now_ms();
+            let mut b: Bucket = match &old {
+                Some(v) => serde_json::from_slice(v)?,
+                None => Bucket {
+                    tokens: f64::from(burst),
+                    at_ms: now,
+                },
+            };
+            b.tokens =
+                (b.tokens + now.saturating_sub(b.at_ms) as f64 / per_ms).min(f64::from(burst));
+            b.at_ms = now;
+            let taken = b.tokens >= 1.0;
+            if taken {
+                b.tokens -= 1.0;
+            }
+            let new = serde_json::to_vec(&b)?;
+            if self.cluster.compare_and_swap(&key, old, Some(new))?.is_ok() {
+                return Ok(taken);
+            }
+        }
+    }
+
+    fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()> {
+        for v in self.agents.iter().values() {
+            sink(Exported::Agent(serde_json::from_slice(&v?)?))?;
+        }
+        for v in self.pair_codes.iter().values() {
+            sink(Exported::PairCode(serde_json::from_slice(&v?)?))?;
+        }
+        for kv in self.users.iter() {
+            let (k, v) = kv?;
+            let id = String::from_utf8(k.to_vec()).map_err(|_| corrupt("user id is not UTF-8"))?;
+            sink(Exported::User(id, serde_json::from_slice(&v)?))?;
+        }
+        for v in self.shares.iter().values() {
+            sink(Exported::Share(serde_json::from_slice(&v?)?))?;
+        }
+        for v in self.tasks.iter().values() {
+            let rec: TaskRecord = serde_json::from_slice(&v?)?;
+            let events = self.event_bytes(&rec.spec.task, 0)?;
+            sink(Exported::Task(rec, events))?;
+        }
+        for v in self.audit.iter().values() {
+            sink(Exported::Audit(serde_json::from_slice(&v?)?))?;
+        }
+        for (task, mark) in self.thread_mark_bytes()? {
+            sink(Exported::ThreadMark(task, mark))?;
+        }
+        for kv in self.cluster.scan_prefix(b"s/") {
+            let (k, v) = kv?;
+            let name = String::from_utf8(k[2..].to_vec()).map_err(|_| corrupt("secret name"))?;
+            sink(Exported::Secret(name, v.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    fn import(&self, records: &[Exported]) -> Result<()> {
+        for record in records {
+            match record {
+                Exported::Agent(rec) => self.put_agent(rec)?,
+                Exported::PairCode(rec) => self.put_pair_code(rec)?,
+                Exported::User(id, rec) => put(&self.users, id.as_bytes(), rec)?,
+                Exported::Share(rec) => {
+                    put(&self.shares, &share_key(&rec.owner, &rec.grantee), rec)?;
+                    self.shares_by_grantee
+                        .insert(grantee_key(&rec.grantee, &rec.owner), &[])?;
+                }
+                Exported::Task(rec, events) => {
+                    self.put_task(rec)?;
+                    if !events.is_empty() {
+                        let run: Vec<(u64, Option<&[u8]>)> = events
+                            .iter()
+                            .map(|(s, b)| (*s, Some(b.as_slice())))
+                            .collect();
+                        self.append_event_runs(&[EventRun {
+                            task: rec,
+                            events: &run,
+                            was_open: None,
+                        }])?;
+                    }
+                }
+                Exported::Audit(entry) => {
+                    put(&self.audit, &entry.seq.to_be_bytes(), entry)?;
+                    self.audit_owner
+                        .insert(audit_owner_key(&entry.owner, entry.seq), &[])?;
+                    // Later entries follow the highest number imported.
+                    self.meta.fetch_and_update(AUDIT_SEQ, |old| {
+                        let last = old
+                            .and_then(|v| v.try_into().ok())
+                            .map_or(0, u64::from_be_bytes);
+                        Some(last.max(entry.seq).to_be_bytes().to_vec())
+                    })?;
+                }
+                Exported::ThreadMark(task, mark) => self.put_thread_mark(task, mark)?,
+                Exported::Secret(name, value) => {
+                    self.cluster
+                        .insert(cluster_key(b"s/", name.as_bytes()), value.as_slice())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn prune_buckets(&self, idle: Duration) -> Result<usize> {
+        let cutoff = now_ms().saturating_sub(idle.as_millis() as u64);
+        let mut n = 0;
+        for kv in self.cluster.scan_prefix(b"b/") {
+            let (key, value) = kv?;
+            let bucket: Bucket = serde_json::from_slice(&value)?;
+            // Only if unchanged: a token taken meanwhile keeps the bucket.
+            if bucket.at_ms < cutoff
+                && self
+                    .cluster
+                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
+                    .is_ok()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>> {
+        let key = cluster_key(b"s/", name.as_bytes());
+        match self
+            .cluster
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(proposed))?
+        {
+            Ok(()) => Ok(proposed.to_vec()),
+            Err(e) => Ok(e.current.map(|v| v.to_vec()).unwrap_or_default()),
+        }
+    }
 }
 
 /// One index range of tasks read from its end, for the merge in [`SledStore::recent_tasks`]: `head` is the
@@ -1416,6 +1684,43 @@ fn event_key(task: &str, seq: u64) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
     k
+}
+
+/// A key of the `cluster` tree: its kind's prefix, then the name.
+fn cluster_key(kind: &[u8], name: impl AsRef<[u8]>) -> Vec<u8> {
+    [kind, name.as_ref()].concat()
+}
+
+/// Milliseconds since the Unix epoch: leases and buckets need finer time than [`super::now`].
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A lease as the `cluster` tree keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Lease {
+    holder: String,
+    until_ms: u64,
+}
+
+/// A token bucket as the `cluster` tree keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Bucket {
+    tokens: f64,
+    at_ms: u64,
+}
+
+/// Whether the stored task `id` is open and was never sent to its agent.
+fn still_queued(tx: &TaskTx<'_>, id: &[u8]) -> TxResult<bool> {
+    Ok(match tx.tasks.get(id)? {
+        Some(v) => {
+            let stored: TaskRecord = serde_json::from_slice(&v).map_err(fail)?;
+            !stored.state.is_final() && !stored.is_dispatched()
+        }
+        None => false,
+    })
 }
 
 fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>> {

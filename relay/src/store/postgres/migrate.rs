@@ -20,11 +20,18 @@ struct Migration {
 }
 
 /// Every migration this binary knows, in order. A new one is added at the end, never changed once released.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "init",
-    sql: include_str!("../../../migrations/0001_init.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "init",
+        sql: include_str!("../../../migrations/0001_init.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "cluster",
+        sql: include_str!("../../../migrations/0002_cluster.sql"),
+    },
+];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).
 const LOCK_KEY: i64 = 0x6374_7265_6c61_7901;

@@ -34,6 +34,7 @@
 //! may be lost: every flush fails from then on with [`StoreError::WritesLost`], and the node must restart to
 //! read its state again. A crash that finds everything flushed costs nothing but the failed calls.
 
+mod cluster;
 mod migrate;
 mod pool;
 #[cfg(test)]
@@ -51,8 +52,8 @@ use serde::de::DeserializeOwned;
 
 use self::pool::{Conn, Lease, Pool};
 use super::{
-    AgentRecord, AuditEntry, EventRun, PairCodeRecord, Result, ShareRecord, Store, StoreError,
-    TaskRecord, UserRecord,
+    AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
+    ShareRecord, Store, StoreError, TaskRecord, UserRecord,
 };
 
 /// The open store: a pool of connections to one database.
@@ -866,6 +867,68 @@ impl Store for PgStore {
     fn audit_len(&self) -> Result<usize> {
         let row = self.read(|c| c.query_one("SELECT count(*) FROM ct_audit", &[]))?;
         Ok(unsigned(row.try_get(0)?, "count")? as usize)
+    }
+
+    // --- the cluster (see `cluster`) ---
+
+    fn claim_presence(&self, agent: &Fingerprint, node: &str) -> Result<Presence> {
+        self.claim_presence_(agent, node)
+    }
+
+    fn release_presence(&self, agent: &Fingerprint, epoch: u64) -> Result<bool> {
+        self.release_presence_(agent, epoch)
+    }
+
+    fn presence(&self, agent: &Fingerprint) -> Result<Option<Presence>> {
+        self.presence_(agent)
+    }
+
+    fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool> {
+        self.dispatch_task_(rec, epoch)
+    }
+
+    fn finish_queued(&self, rec: &TaskRecord) -> Result<bool> {
+        self.finish_queued_(rec)
+    }
+
+    fn put_node(&self, rec: &NodeRecord) -> Result<()> {
+        self.put_node_(rec)
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        self.nodes_()
+    }
+
+    fn remove_node(&self, id: &str) -> Result<bool> {
+        self.remove_node_(id)
+    }
+
+    fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        self.lease_(name, holder, ttl)
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.release_lease_(name, holder)
+    }
+
+    fn take_token(&self, bucket: &str, burst: u32, per_token: Duration) -> Result<bool> {
+        self.take_token_(bucket, burst, per_token)
+    }
+
+    fn prune_buckets(&self, idle: Duration) -> Result<usize> {
+        self.prune_buckets_(idle)
+    }
+
+    fn shared_secret(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>> {
+        self.shared_secret_(name, proposed)
+    }
+
+    fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()> {
+        self.export_(sink)
+    }
+
+    fn import(&self, records: &[Exported]) -> Result<()> {
+        self.import_(records)
     }
 }
 

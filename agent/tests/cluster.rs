@@ -1,0 +1,265 @@
+//! The relay as a cluster: three nodes on one PostgreSQL database and one nats-server (both real, started by
+//! the test support), with the real agent and the real Claude Code CLI on the fake Messages API.
+//!
+//! The agent pairs with (and connects to) one node; tasks are submitted, followed, decided and cancelled on
+//! the others, which reach it only through the shared store and the bus.
+
+use std::path::Path;
+
+use ct_agent::RunError;
+use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
+use ct_relay::relay::ClusterConfig;
+use ct_relay::store::TaskState;
+use ct_relay::RelayConfig;
+use ct_testkit::nats::NatsServer;
+use ct_testkit::postgres::PgServer;
+use ct_testkit::{eventually_async, LongJob, Reply};
+use serde_json::json;
+
+use crate::support::TestRelay;
+use crate::tasks::{submit, world_with, write, Follow, Opts, World, OWNER, T};
+
+/// Where a test's cluster keeps its state: a database of its own on the shared PostgreSQL server, and the
+/// shared nats-server (subjects name agents and tasks, which no two tests share).
+pub(crate) struct SharedState {
+    database_url: String,
+    nats_url: String,
+}
+
+pub(crate) fn shared_state() -> SharedState {
+    let name = format!("cluster_{}", rand::random::<u64>());
+    SharedState {
+        database_url: PgServer::shared()
+            .create_database(&name)
+            .expect("a database for the test's cluster"),
+        nats_url: NatsServer::shared().url(),
+    }
+}
+
+impl SharedState {
+    /// The settings of node `i`, with its data directory (certificate, admin socket) in `dir`.
+    pub(crate) fn node(&self, dir: &Path, i: usize) -> RelayConfig {
+        let mut config = RelayConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        config.core.node_id = format!("node-{i}");
+        config.cluster = Some(ClusterConfig {
+            database_url: self.database_url.clone(),
+            nats_url: self.nats_url.clone(),
+        });
+        config
+    }
+}
+
+async fn cluster() -> World {
+    let w = world_with(Opts {
+        cluster: Some(3),
+        ..Opts::default()
+    })
+    .await;
+    // Every node sees the agent online (through its heartbeat's view of the others) before tests use them.
+    for node in &w.nodes {
+        eventually_async(T, async || {
+            node.core
+                .agents()
+                .await
+                .unwrap()
+                .iter()
+                .any(|a| a.online && a.node.as_deref() == Some("node-1"))
+        })
+        .await;
+    }
+    w
+}
+
+async fn follow_on(node: &TestRelay, task: &str) -> Follow {
+    let (_, stored, rx) = node.core.follow(task).await.expect("follow");
+    Follow::new(task, stored, rx)
+}
+
+#[tokio::test]
+async fn a_task_submitted_on_one_node_runs_on_an_agent_held_by_another_and_a_third_decides() {
+    let w = cluster().await;
+    let (a, c) = (&w.nodes[0], &w.nodes[1]);
+    let file = w.project.join("cluster.txt");
+    w.fake.push(Reply::tool_use("Write", write(&file, "from node-0")));
+    w.fake.push(Reply::text("written"));
+    let options = TaskOptions {
+        permission_mode: Some("default".into()),
+        ..TaskOptions::default()
+    };
+    let rec = a
+        .core
+        .submit_task(submit(OWNER, "app", "write a file", options))
+        .await
+        .expect("node-0 accepts a task for an agent on node-1");
+    // Followed on node-0 and node-2; neither holds the agent.
+    let mut on_a = follow_on(a, &rec.spec.task).await;
+    let mut on_c = follow_on(c, &rec.spec.task).await;
+    let approval = match on_c
+        .until("the approval request", |e| {
+            matches!(e, TaskEvent::ApprovalRequested { .. })
+        })
+        .await
+    {
+        TaskEvent::ApprovalRequested { approval, .. } => approval,
+        _ => unreachable!(),
+    };
+    // A stranger on the deciding node is refused there.
+    let allow = Decision::AllowOnce {
+        updated_input: None,
+    };
+    assert!(c
+        .core
+        .decide("999", &rec.spec.task, &approval, allow.clone())
+        .await
+        .is_err());
+    c.core
+        .decide(OWNER, &rec.spec.task, &approval, allow)
+        .await
+        .expect("node-2 passes the owner's decision to node-1");
+    let (state, message) = on_a.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "from node-0");
+    on_c.finished().await;
+    // Every node's follower saw each event once, in order, as the log has them.
+    let (_, log, _) = w.relay.core.follow(&rec.spec.task).await.unwrap();
+    let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=log.len() as u64).collect::<Vec<_>>());
+    assert_eq!(on_a.seqs(), seqs, "node-0's follower");
+    assert_eq!(on_c.seqs(), seqs, "node-2's follower");
+    assert_eq!(
+        a.core.task(&rec.spec.task).await.unwrap().state,
+        TaskState::Done
+    );
+}
+
+#[tokio::test]
+async fn cancel_and_follow_ups_from_other_nodes_reach_the_agent() {
+    let w = cluster().await;
+    let (a, c) = (&w.nodes[0], &w.nodes[1]);
+    let job = LongJob::write(&w.project, 300);
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": job.command(), "description": "Run the long job" }),
+    ));
+    w.fake.push(Reply::text("stopped"));
+    let rec = a
+        .core
+        .submit_task(submit(OWNER, "app", "run the long job", TaskOptions::default()))
+        .await
+        .unwrap();
+    let mut f = follow_on(c, &rec.spec.task).await;
+    // Approve the job if the CLI asks (from node-2), until it runs.
+    tokio::select! {
+        e = f.until("an approval request", |e| matches!(e, TaskEvent::ApprovalRequested { .. })) => {
+            let TaskEvent::ApprovalRequested { approval, .. } = e else { unreachable!() };
+            c.core
+                .decide(OWNER, &rec.spec.task, &approval, Decision::AllowOnce { updated_input: None })
+                .await
+                .unwrap();
+        }
+        () = async {
+            ct_testkit::process::poll_until(T, "the job", || job.child_below(std::process::id()).is_some())
+                .await
+                .unwrap()
+        } => {}
+    }
+    ct_testkit::process::poll_until(T, "the job", || {
+        job.child_below(std::process::id()).is_some()
+    })
+    .await
+    .unwrap();
+    a.core
+        .cancel_task(OWNER, &rec.spec.task)
+        .await
+        .expect("node-0 sends the cancel to node-1's agent");
+    let (state, _) = f.finished().await;
+    assert_eq!(state, FinalState::Cancelled);
+    ct_testkit::process::poll_until(T, "the job to stop", || {
+        job.child_below(std::process::id()).is_none()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_revocation_on_one_node_drops_the_agent_held_by_another() {
+    let mut w = cluster().await;
+    let agent = w.nodes[0]
+        .core
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .next()
+        .expect("the agent");
+    w.nodes[0]
+        .core
+        .revoke(&agent.fingerprint.to_string(), OWNER)
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(T, w.take_agent().wait())
+        .await
+        .expect("the agent's run ends when node-1 closes it");
+    assert!(matches!(ended, Err(RunError::Revoked { .. })), "{ended:?}");
+    eventually_async(T, async || w.relay.core.online().await == 0).await;
+}
+
+#[tokio::test]
+async fn a_node_that_drains_mid_task_hands_its_agent_to_another_and_no_event_is_lost_or_doubled() {
+    let w = cluster().await;
+    let job = LongJob::gated(&w.project);
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": job.command(), "description": "Run the long job" }),
+    ));
+    w.fake.push(Reply::text("slept well"));
+    let a = &w.nodes[0];
+    let rec = a
+        .core
+        .submit_task(submit(OWNER, "app", "run the long job", TaskOptions::default()))
+        .await
+        .unwrap();
+    let task = rec.spec.task.clone();
+    let mut f = follow_on(a, &task).await;
+    f.until("the Bash tool", |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"))
+        .await;
+    tokio::select! {
+        e = f.until("an approval request", |e| matches!(e, TaskEvent::ApprovalRequested { .. })) => {
+            let TaskEvent::ApprovalRequested { approval, .. } = e else { unreachable!() };
+            a.core
+                .decide(OWNER, &task, &approval, Decision::AllowOnce { updated_input: None })
+                .await
+                .unwrap();
+        }
+        () = async {
+            ct_testkit::process::poll_until(T, "the job", || job.child_below(std::process::id()).is_some())
+                .await
+                .unwrap()
+        } => {}
+    }
+    ct_testkit::process::poll_until(T, "the job", || {
+        job.child_below(std::process::id()).is_some()
+    })
+    .await
+    .unwrap();
+    // node-1 (the agent's) drains: it says Closing{Shutdown}, and the agent moves to another address.
+    w.relay.begin_stop();
+    job.release();
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    let (rec, stored, _) = a.core.follow(&task).await.unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=stored.len() as u64).collect::<Vec<_>>());
+    assert_eq!(f.seqs(), seqs, "the follower on node-0 saw each event once");
+    assert_eq!(rec.state, TaskState::Done);
+    // The agent is back, on a node that is still up.
+    eventually_async(T, async || {
+        a.core
+            .agents()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.online && v.node.as_deref() != Some("node-1"))
+    })
+    .await;
+}

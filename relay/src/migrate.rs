@@ -1,0 +1,164 @@
+//! `ct-relay migrate`: moves an embedded relay's state (its sled store and its relay key) into a cluster's
+//! PostgreSQL database, so the relay can run as nodes of a cluster and its agents reconnect without pairing
+//! again (the nodes answer for the same key).
+//!
+//! The copy goes through the storage interface's export and import, so it is the same for any two
+//! backends. It refuses a target that already holds a relay's state (agents, tasks or audit entries) or a
+//! different relay key: merging two relays' histories is not something to do by accident.
+
+use std::fmt;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::store::{Exported, Store, RELAY_KEY};
+
+/// Records written per import call: bounds memory (a task's events travel with it) and each transaction.
+const BATCH: usize = 500;
+
+/// What was copied.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Moved {
+    pub agents: usize,
+    pub pair_codes: usize,
+    pub users: usize,
+    pub shares: usize,
+    pub tasks: usize,
+    pub events: usize,
+    pub audit: usize,
+    pub thread_marks: usize,
+    pub secrets: usize,
+}
+
+impl fmt::Display for Moved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} agents, {} users, {} shares, {} tasks with {} events, {} audit entries, {} pairing codes, \
+             {} Discord thread marks, {} shared secrets",
+            self.agents,
+            self.users,
+            self.shares,
+            self.tasks,
+            self.events,
+            self.audit,
+            self.pair_codes,
+            self.thread_marks,
+            self.secrets
+        )
+    }
+}
+
+impl Moved {
+    fn count(&mut self, r: &Exported) {
+        match r {
+            Exported::Agent(_) => self.agents += 1,
+            Exported::PairCode(_) => self.pair_codes += 1,
+            Exported::User(..) => self.users += 1,
+            Exported::Share(_) => self.shares += 1,
+            Exported::Task(_, events) => {
+                self.tasks += 1;
+                self.events += events.len();
+            }
+            Exported::Audit(_) => self.audit += 1,
+            Exported::ThreadMark(..) => self.thread_marks += 1,
+            Exported::Secret(..) => self.secrets += 1,
+        }
+    }
+}
+
+/// Copies everything in `from` into `to`, with `relay_key` (the embedded relay's key seed) as the cluster's
+/// relay key. Blocking: call it from a plain thread or the blocking pool.
+pub fn copy(from: &dyn Store, to: &dyn Store, relay_key: &[u8; 32]) -> Result<Moved> {
+    if !to.agents()?.is_empty() || to.audit_len()? > 0 {
+        bail!(
+            "the target database already holds a relay's state (agents or audit entries): migrate into an empty \
+             database, or drop this one's tables first if it is a failed earlier attempt"
+        );
+    }
+    let stored = to.shared_secret(RELAY_KEY, relay_key)?;
+    if stored != relay_key {
+        bail!(
+            "the target database already has a different relay key: its nodes answer for another relay, and \
+             this relay's agents would have to pair again. Migrate into an empty database"
+        );
+    }
+    let mut moved = Moved::default();
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut failed: Option<anyhow::Error> = None;
+    let read = from.export(&mut |record| {
+        moved.count(&record);
+        batch.push(record);
+        if batch.len() >= BATCH {
+            if let Err(e) = to.import(&batch) {
+                failed = Some(e.into());
+                // Stops the export: nothing more is read once a write failed.
+                return Err(crate::store::StoreError::Conflict);
+            }
+            batch.clear();
+        }
+        Ok(())
+    });
+    if let Some(write) = failed {
+        return Err(write.context("writing the records to the target"));
+    }
+    read.context("reading the records")?;
+    to.import(&batch).context("copying the records")?;
+    to.flush().context("making the copy durable")?;
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::SledStore;
+    use crate::store::{AgentRecord, AuditEntry, AuditKind};
+    use ct_protocol::Fingerprint;
+
+    fn agent(n: u8) -> AgentRecord {
+        AgentRecord {
+            key: [n; 32],
+            fingerprint: Fingerprint([n; 32]),
+            owner: "1".into(),
+            name: format!("a{n}"),
+            paired_at: 0,
+            last_seen: None,
+            last_transport: None,
+            revoked_at: None,
+            projects: None,
+        }
+    }
+
+    #[test]
+    fn copies_everything_and_refuses_a_used_target_or_another_key() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let from = SledStore::open(a.path()).unwrap();
+        for n in 1..=3 {
+            from.put_agent(&agent(n)).unwrap();
+        }
+        from.append_audit(&AuditEntry::new(
+            AuditKind::DefaultAgentSet,
+            "1",
+            "1",
+            "x".into(),
+        ))
+        .unwrap();
+        let to = SledStore::open(b.path()).unwrap();
+        let moved = copy(&from, &to, &[9; 32]).unwrap();
+        assert_eq!((moved.agents, moved.audit), (3, 1));
+        assert_eq!(to.agents().unwrap().len(), 3);
+        assert_eq!(to.shared_secret(RELAY_KEY, &[0; 32]).unwrap(), vec![9; 32]);
+        // Twice into the same target: refused, nothing doubled.
+        let again = copy(&from, &to, &[9; 32]).unwrap_err().to_string();
+        assert!(again.contains("already holds"), "{again}");
+        // A target that answers for another relay key.
+        let other = SledStore::open(c.path()).unwrap();
+        other.shared_secret(RELAY_KEY, &[1; 32]).unwrap();
+        let err = copy(&from, &other, &[9; 32]).unwrap_err().to_string();
+        assert!(err.contains("different relay key"), "{err}");
+        assert!(other.agents().unwrap().is_empty());
+    }
+}
