@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ct_protocol::Fingerprint;
 
-use super::{body, bodies, int, unsigned, PgStore};
+use super::{bodies, body, int, unsigned, PgStore};
 use crate::store::{Exported, NodeRecord, Presence, Result, TaskRecord};
 
 /// Tasks read per query while exporting: bounds memory for a long history.
@@ -141,7 +141,12 @@ impl PgStore {
         Ok(())
     }
 
-    pub(super) fn take_token_(&self, bucket: &str, burst: u32, per_token: Duration) -> Result<bool> {
+    pub(super) fn take_token_(
+        &self,
+        bucket: &str,
+        burst: u32,
+        per_token: Duration,
+    ) -> Result<bool> {
         let per = per_token.as_secs_f64().max(0.001);
         let burst = f64::from(burst.max(1));
         // The bucket's row is locked from the read to the write, so two nodes taking at once are counted
@@ -204,9 +209,14 @@ impl PgStore {
         }
         for row in self.read(|c| c.query("SELECT id, body FROM ct_users ORDER BY id", &[]))? {
             let bytes: Vec<u8> = row.try_get(1)?;
-            sink(Exported::User(row.try_get(0)?, serde_json::from_slice(&bytes)?))?;
+            sink(Exported::User(
+                row.try_get(0)?,
+                serde_json::from_slice(&bytes)?,
+            ))?;
         }
-        for row in self.read(|c| c.query("SELECT body FROM ct_shares ORDER BY owner, grantee", &[]))? {
+        for row in
+            self.read(|c| c.query("SELECT body FROM ct_shares ORDER BY owner, grantee", &[]))?
+        {
             sink(Exported::Share(body(&row)?))?;
         }
         // Tasks a page at a time, each with its events.
@@ -230,10 +240,14 @@ impl PgStore {
         for row in self.read(|c| c.query("SELECT body FROM ct_audit ORDER BY seq", &[]))? {
             sink(Exported::Audit(body(&row)?))?;
         }
-        for row in self.read(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))? {
+        for row in
+            self.read(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))?
+        {
             sink(Exported::ThreadMark(row.try_get(0)?, row.try_get(1)?))?;
         }
-        for row in self.read(|c| c.query("SELECT name, value FROM ct_secrets ORDER BY name", &[]))? {
+        for row in
+            self.read(|c| c.query("SELECT name, value FROM ct_secrets ORDER BY name", &[]))?
+        {
             sink(Exported::Secret(row.try_get(0)?, row.try_get(1)?))?;
         }
         Ok(())
