@@ -15,7 +15,7 @@ const EXPORT_PAGE: i64 = 1000;
 impl PgStore {
     pub(super) fn claim_presence_(&self, agent: &Fingerprint, node: &str) -> Result<Presence> {
         let since = crate::store::now();
-        let row = self.with(|c| {
+        let row = self.write(|c| {
             c.query_one(
                 "INSERT INTO ct_presence (agent, node, epoch, since) VALUES ($1, $2, nextval('ct_epoch'), $3)
                  ON CONFLICT (agent) DO UPDATE SET
@@ -32,7 +32,7 @@ impl PgStore {
     }
 
     pub(super) fn release_presence_(&self, agent: &Fingerprint, epoch: u64) -> Result<bool> {
-        let n = self.with(|c| {
+        let n = self.write(|c| {
             c.execute(
                 "DELETE FROM ct_presence WHERE agent = $1 AND epoch = $2",
                 &[&&agent.0[..], &int(epoch)],
@@ -42,7 +42,7 @@ impl PgStore {
     }
 
     pub(super) fn presence_(&self, agent: &Fingerprint) -> Result<Option<Presence>> {
-        let row = self.with(|c| {
+        let row = self.read(|c| {
             c.query_opt(
                 "SELECT node, epoch, since FROM ct_presence WHERE agent = $1",
                 &[&&agent.0[..]],
@@ -99,7 +99,7 @@ impl PgStore {
 
     pub(super) fn put_node_(&self, rec: &NodeRecord) -> Result<()> {
         let value = serde_json::to_vec(rec)?;
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "INSERT INTO ct_nodes (id, body) VALUES ($1, $2)
                  ON CONFLICT (id) DO UPDATE SET body = excluded.body",
@@ -110,16 +110,16 @@ impl PgStore {
     }
 
     pub(super) fn nodes_(&self) -> Result<Vec<NodeRecord>> {
-        bodies(&self.with(|c| c.query("SELECT body FROM ct_nodes ORDER BY id", &[]))?)
+        bodies(&self.read(|c| c.query("SELECT body FROM ct_nodes ORDER BY id", &[]))?)
     }
 
     pub(super) fn remove_node_(&self, id: &str) -> Result<bool> {
-        Ok(self.with(|c| c.execute("DELETE FROM ct_nodes WHERE id = $1", &[&id]))? == 1)
+        Ok(self.write(|c| c.execute("DELETE FROM ct_nodes WHERE id = $1", &[&id]))? == 1)
     }
 
     pub(super) fn lease_(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
         // One statement: taken when free, expired, or already the holder's; the database's clock decides.
-        let n = self.with(|c| {
+        let n = self.write(|c| {
             c.execute(
                 "INSERT INTO ct_leases (name, holder, until)
                  VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
@@ -132,7 +132,7 @@ impl PgStore {
     }
 
     pub(super) fn release_lease_(&self, name: &str, holder: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "DELETE FROM ct_leases WHERE name = $1 AND holder = $2",
                 &[&name, &holder],
@@ -177,7 +177,7 @@ impl PgStore {
     }
 
     pub(super) fn prune_buckets_(&self, idle: Duration) -> Result<usize> {
-        let n = self.with(|c| {
+        let n = self.write(|c| {
             c.execute(
                 "DELETE FROM ct_buckets WHERE at < clock_timestamp() - make_interval(secs => $1)",
                 &[&idle.as_secs_f64()],
@@ -187,7 +187,7 @@ impl PgStore {
     }
 
     pub(super) fn shared_secret_(&self, name: &str, proposed: &[u8]) -> Result<Vec<u8>> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "INSERT INTO ct_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
                 &[&name, &proposed],
@@ -201,13 +201,13 @@ impl PgStore {
 
 impl PgStore {
     pub(super) fn export_(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()> {
-        for row in self.with(|c| c.query("SELECT body FROM ct_agents ORDER BY fingerprint", &[]))? {
+        for row in self.read(|c| c.query("SELECT body FROM ct_agents ORDER BY fingerprint", &[]))? {
             sink(Exported::Agent(body(&row)?))?;
         }
-        for row in self.with(|c| c.query("SELECT body FROM ct_pair_codes ORDER BY id", &[]))? {
+        for row in self.read(|c| c.query("SELECT body FROM ct_pair_codes ORDER BY id", &[]))? {
             sink(Exported::PairCode(body(&row)?))?;
         }
-        for row in self.with(|c| c.query("SELECT id, body FROM ct_users ORDER BY id", &[]))? {
+        for row in self.read(|c| c.query("SELECT id, body FROM ct_users ORDER BY id", &[]))? {
             let bytes: Vec<u8> = row.try_get(1)?;
             sink(Exported::User(
                 row.try_get(0)?,
@@ -215,14 +215,14 @@ impl PgStore {
             ))?;
         }
         for row in
-            self.with(|c| c.query("SELECT body FROM ct_shares ORDER BY owner, grantee", &[]))?
+            self.read(|c| c.query("SELECT body FROM ct_shares ORDER BY owner, grantee", &[]))?
         {
             sink(Exported::Share(body(&row)?))?;
         }
         // Tasks a page at a time, each with its events.
         let mut after = String::new();
         loop {
-            let page = self.with(|c| {
+            let page = self.read(|c| {
                 c.query(
                     "SELECT id, body FROM ct_tasks WHERE id > $1 ORDER BY id LIMIT $2",
                     &[&after, &EXPORT_PAGE],
@@ -237,16 +237,16 @@ impl PgStore {
                 sink(Exported::Task(rec, events))?;
             }
         }
-        for row in self.with(|c| c.query("SELECT body FROM ct_audit ORDER BY seq", &[]))? {
+        for row in self.read(|c| c.query("SELECT body FROM ct_audit ORDER BY seq", &[]))? {
             sink(Exported::Audit(body(&row)?))?;
         }
         for row in
-            self.with(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))?
+            self.read(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))?
         {
             sink(Exported::ThreadMark(row.try_get(0)?, row.try_get(1)?))?;
         }
         for row in
-            self.with(|c| c.query("SELECT name, value FROM ct_secrets ORDER BY name", &[]))?
+            self.read(|c| c.query("SELECT name, value FROM ct_secrets ORDER BY name", &[]))?
         {
             sink(Exported::Secret(row.try_get(0)?, row.try_get(1)?))?;
         }

@@ -31,6 +31,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "cluster",
         sql: include_str!("../../../migrations/0002_cluster.sql"),
     },
+    Migration {
+        version: 3,
+        name: "incarnation",
+        sql: include_str!("../../../migrations/0003_incarnation.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).

@@ -24,9 +24,15 @@
 //! asked for them.) The relay's group commit calls `flush` from one thread and releases everything written
 //! before it: one fsync for many writes, as with the embedded store.
 //!
-//! What a crash of PostgreSQL can lose is what no flush covered yet, exactly as with the embedded store. One
-//! difference: another node may already have *read* such a write. The relay acknowledges and announces only
-//! what a flush covered, so nothing it told anyone about is lost.
+//! Crashes. What a crash of PostgreSQL can lose is what no flush covered yet, as with the embedded store, and
+//! another node may already have *read* such a write; the relay acknowledges and announces only what a flush
+//! covered. Unlike the embedded store, the relay outlives the crash: a later flush, on a new connection to the
+//! recovered server, would succeed and seem to vouch for writes that were lost with it. So the store tells
+//! the server's runs apart: each connection reads a random token from `ct_incarnation`, an unlogged table
+//! that crash recovery empties (and that the first connection after it fills again), while a clean restart
+//! keeps it. When the store meets a new token while some of its writes were not covered by a flush yet, they
+//! may be lost: every flush fails from then on with [`StoreError::WritesLost`], and the node must restart to
+//! read its state again. A crash that finds everything flushed costs nothing but the failed calls.
 
 mod cluster;
 mod migrate;
@@ -35,6 +41,8 @@ mod pool;
 mod tests;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ct_protocol::Fingerprint;
@@ -42,7 +50,7 @@ use postgres::error::SqlState;
 use postgres::Row;
 use serde::de::DeserializeOwned;
 
-use self::pool::{Conn, Pool};
+use self::pool::{Conn, Lease, Pool};
 use super::{
     AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
     ShareRecord, Store, StoreError, TaskRecord, UserRecord,
@@ -52,6 +60,20 @@ use super::{
 #[derive(Debug)]
 pub struct PgStore {
     pool: Pool,
+    /// Writes begun: counted once a write has its connection, before it runs.
+    writes: AtomicU64,
+    /// Writes begun before the start of the last flush that succeeded: covered by it.
+    flushed: AtomicU64,
+    /// The server's run the store last saw (see "Crashes" above).
+    server: Mutex<ServerRun>,
+}
+
+#[derive(Debug)]
+struct ServerRun {
+    /// Its `ct_incarnation` token.
+    token: String,
+    /// Set for good when a crash may have lost writes of this store.
+    lost: bool,
 }
 
 /// How often a transaction that PostgreSQL aborted to break a deadlock is run again before its error is
@@ -83,12 +105,15 @@ impl PgStore {
         let mut client = config.connect(postgres::NoTls)?;
         migrate::migrate(&mut client)?;
         drop(client);
-        let store = Self {
-            pool: Pool::new(config, size),
-        };
-        // One connection is opened now, so that a store that opens is one that works.
-        drop(store.pool.get()?);
-        Ok(store)
+        let pool = Pool::new(config, size);
+        // One connection is opened now, so that a store that opens is one that works, and knows its server.
+        let token = pool.get()?.incarnation().to_string();
+        Ok(Self {
+            pool,
+            writes: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            server: Mutex::new(ServerRun { token, lost: false }),
+        })
     }
 
     /// The schema version this binary brings a database to.
@@ -96,21 +121,43 @@ impl PgStore {
         migrate::latest()
     }
 
-    /// Runs `op` on a pooled connection.
-    fn with<T>(&self, op: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        let mut conn = self.pool.get()?;
+    /// A pooled connection, once the server's run it talks to is checked against the one the store knew.
+    fn conn(&self) -> Result<Lease<'_>> {
+        let conn = self.pool.get()?;
+        let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        if server.token != conn.incarnation() {
+            // Every write counted so far ran on a connection to the previous run (this check comes first), so
+            // the ones no flush covered went down with it, or may have.
+            if self.writes.load(Ordering::SeqCst) > self.flushed.load(Ordering::SeqCst) {
+                server.lost = true;
+                tracing::error!("{}", StoreError::WritesLost);
+            } else {
+                tracing::warn!(
+                    "PostgreSQL restarted after a crash; every write of this node had been flushed"
+                );
+            }
+            server.token = conn.incarnation().to_string();
+        }
+        Ok(conn)
+    }
+
+    /// Runs a read on a pooled connection.
+    fn read<T>(&self, op: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn()?;
         op(&mut conn)
     }
 
-    /// Runs `op` in a transaction, again when PostgreSQL aborted it to break a deadlock.
+    /// Runs a write in a transaction.
     fn transaction<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
-        self.retrying(|c| c.transaction(&mut op))
+        self.write(|c| c.transaction(&mut op))
     }
 
-    /// Runs `op` (one statement, or a transaction) on a pooled connection, again when PostgreSQL aborted it
-    /// to break a deadlock.
-    fn retrying<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
-        let mut conn = self.pool.get()?;
+    /// Runs a write (one statement, or a transaction) on a pooled connection, counted for
+    /// [`flush`](Store::flush), and again when PostgreSQL aborted it to break a deadlock.
+    fn write<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn()?;
+        // Counted whether it succeeds or not: a write whose reply was lost may have committed.
+        self.writes.fetch_add(1, Ordering::SeqCst);
         let mut attempt = 0;
         loop {
             match op(&mut conn) {
@@ -184,27 +231,37 @@ impl PgStore {
 
 impl Store for PgStore {
     fn flush(&self) -> Result<()> {
+        let writes = self.writes.load(Ordering::SeqCst);
+        let mut conn = self.conn()?;
+        let lost = || self.server.lock().unwrap_or_else(|p| p.into_inner()).lost;
+        if lost() {
+            return Err(StoreError::WritesLost);
+        }
         // See the module's documentation: this commit waits for the WAL up to itself, which is every commit
         // before it.
-        self.with(|c| {
-            c.batch(
-                "BEGIN;
-                 SET LOCAL synchronous_commit = on;
-                 SELECT pg_logical_emit_message(true, 'ct-relay', 'flush');
-                 COMMIT;",
-            )
-        })
+        conn.batch(
+            "BEGIN;
+             SET LOCAL synchronous_commit = on;
+             SELECT pg_logical_emit_message(true, 'ct-relay', 'flush');
+             COMMIT;",
+        )?;
+        // A crash noticed meanwhile on another connection, before this flush reached the disk.
+        if lost() {
+            return Err(StoreError::WritesLost);
+        }
+        self.flushed.fetch_max(writes, Ordering::SeqCst);
+        Ok(())
     }
 
     fn next_order(&self) -> Result<u64> {
-        let row = self.with(|c| c.query_one("SELECT nextval('ct_order')", &[]))?;
+        let row = self.write(|c| c.query_one("SELECT nextval('ct_order')", &[]))?;
         unsigned(row.try_get(0)?, "order")
     }
 
     // --- agents ---
 
     fn agent(&self, fp: &Fingerprint) -> Result<Option<AgentRecord>> {
-        let row = self.with(|c| {
+        let row = self.read(|c| {
             c.query_opt(
                 "SELECT body FROM ct_agents WHERE fingerprint = $1",
                 &[&&fp.0[..]],
@@ -214,11 +271,11 @@ impl Store for PgStore {
     }
 
     fn put_agent(&self, rec: &AgentRecord) -> Result<()> {
-        self.with(|c| Self::put_agent_on(c, rec))
+        self.write(|c| Self::put_agent_on(c, rec))
     }
 
     fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>> {
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_agents WHERE owner = $1 ORDER BY fingerprint",
                 &[&owner],
@@ -227,7 +284,7 @@ impl Store for PgStore {
     }
 
     fn agents(&self) -> Result<Vec<AgentRecord>> {
-        bodies(&self.with(|c| c.query("SELECT body FROM ct_agents ORDER BY fingerprint", &[]))?)
+        bodies(&self.read(|c| c.query("SELECT body FROM ct_agents ORDER BY fingerprint", &[]))?)
     }
 
     fn update_agent(
@@ -306,12 +363,12 @@ impl Store for PgStore {
 
     fn pair_code(&self, id: &str) -> Result<Option<PairCodeRecord>> {
         let row =
-            self.with(|c| c.query_opt("SELECT body FROM ct_pair_codes WHERE id = $1", &[&id]))?;
+            self.read(|c| c.query_opt("SELECT body FROM ct_pair_codes WHERE id = $1", &[&id]))?;
         row.map(|r| body(&r)).transpose()
     }
 
     fn put_pair_code(&self, rec: &PairCodeRecord) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "INSERT INTO ct_pair_codes (id, owner, expires_at, body) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (id) DO UPDATE SET
@@ -329,7 +386,7 @@ impl Store for PgStore {
 
     fn swap_pair_code(&self, old: &PairCodeRecord, new: &PairCodeRecord) -> Result<()> {
         let (old_bytes, new_bytes) = (serde_json::to_vec(old)?, serde_json::to_vec(new)?);
-        let swapped = self.with(|c| {
+        let swapped = self.write(|c| {
             c.execute(
                 "UPDATE ct_pair_codes SET owner = $2, expires_at = $3, body = $4 WHERE id = $1 AND body = $5",
                 &[
@@ -348,7 +405,7 @@ impl Store for PgStore {
     }
 
     fn pair_codes_of(&self, owner: &str) -> Result<Vec<PairCodeRecord>> {
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_pair_codes WHERE owner = $1 ORDER BY id",
                 &[&owner],
@@ -357,7 +414,7 @@ impl Store for PgStore {
     }
 
     fn prune_pair_codes(&self, cutoff: u64) -> Result<usize> {
-        let n = self.with(|c| {
+        let n = self.write(|c| {
             c.execute(
                 "DELETE FROM ct_pair_codes WHERE expires_at < $1",
                 &[&int(cutoff)],
@@ -369,12 +426,12 @@ impl Store for PgStore {
     // --- tasks ---
 
     fn task(&self, id: &str) -> Result<Option<TaskRecord>> {
-        let row = self.with(|c| c.query_opt("SELECT body FROM ct_tasks WHERE id = $1", &[&id]))?;
+        let row = self.read(|c| c.query_opt("SELECT body FROM ct_tasks WHERE id = $1", &[&id]))?;
         row.map(|r| body(&r)).transpose()
     }
 
     fn put_task(&self, rec: &TaskRecord) -> Result<()> {
-        self.with(|c| Self::put_task_on(c, rec))
+        self.write(|c| Self::put_task_on(c, rec))
     }
 
     fn put_task_audited(&self, rec: &TaskRecord, entry: &AuditEntry) -> Result<AuditEntry> {
@@ -385,7 +442,7 @@ impl Store for PgStore {
     }
 
     fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_tasks WHERE agent = $1 AND is_open ORDER BY ord, id",
                 &[&&agent.0[..]],
@@ -394,7 +451,7 @@ impl Store for PgStore {
     }
 
     fn open_tasks_of_user(&self, user: &str) -> Result<usize> {
-        let row = self.with(|c| {
+        let row = self.read(|c| {
             c.query_one(
                 "SELECT count(*) FROM ct_tasks WHERE requester = $1 AND is_open",
                 &[&user],
@@ -405,7 +462,7 @@ impl Store for PgStore {
 
     fn stored_bytes_of_user(&self, user: &str) -> Result<u64> {
         // The sum of bigints is a numeric: capped back into a bigint, as the embedded store saturates.
-        let row = self.with(|c| {
+        let row = self.read(|c| {
             c.query_one(
                 "SELECT least(coalesce(sum(output_bytes), 0), 9223372036854775807)::bigint
                  FROM ct_tasks WHERE requester = $1",
@@ -425,7 +482,7 @@ impl Store for PgStore {
         // then merged: a person with a long history costs `limit` rows per list, not their whole history. A
         // task in two lists is one row of the union.
         let agents: Vec<&[u8]> = agents.iter().map(|a| &a.0[..]).collect();
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_tasks WHERE id IN (
                      (SELECT id FROM ct_tasks WHERE requester = $1 ORDER BY ord DESC, id DESC LIMIT $3)
@@ -440,7 +497,7 @@ impl Store for PgStore {
     }
 
     fn tasks_with_session(&self, agent: &Fingerprint, session: &str) -> Result<Vec<TaskRecord>> {
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_tasks WHERE agent = $1 AND session = $2 ORDER BY id",
                 &[&&agent.0[..], &session],
@@ -456,7 +513,7 @@ impl Store for PgStore {
     ) -> Result<Vec<TaskRecord>> {
         // The cursor is where the previous batch's last task was in (updated_at, id) order, whatever happened
         // to that task since; the next batch starts strictly after it.
-        let rows = self.with(|c| match after {
+        let rows = self.read(|c| match after {
             None => c.query(
                 "SELECT body FROM ct_tasks WHERE NOT is_open AND updated_at < $1
                  ORDER BY updated_at, id LIMIT $2",
@@ -482,7 +539,7 @@ impl Store for PgStore {
         // appended holds the task's row until it commits; the delete then finds the body changed and keeps
         // both. A run appended after the delete finds no task and writes nothing (see `append_event_runs`).
         let expected = serde_json::to_vec(rec)?;
-        let row = self.with(|c| {
+        let row = self.write(|c| {
             c.query_one(
                 "WITH gone AS (DELETE FROM ct_tasks WHERE id = $1 AND body = $2 RETURNING id),
                       events AS (DELETE FROM ct_events WHERE task = $1 AND EXISTS (SELECT 1 FROM gone)
@@ -542,7 +599,7 @@ impl Store for PgStore {
         // inserted, all in one multi-row insert. A task deleted meanwhile is in no `moved` row, so neither its
         // record nor its events come back; an event already stored (sent again after a reconnect) is kept as
         // it was.
-        let rows = self.retrying(|c| {
+        let rows = self.write(|c| {
             c.query(
                 "WITH run AS (
                      SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::bool[],
@@ -590,7 +647,7 @@ impl Store for PgStore {
     }
 
     fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
-        let rows = self.with(|c| {
+        let rows = self.read(|c| {
             c.query(
                 "SELECT seq, body FROM ct_events WHERE task = $1 AND seq > $2 ORDER BY seq",
                 &[&task, &int(after)],
@@ -609,7 +666,7 @@ impl Store for PgStore {
     // --- the Discord front end's thread marks ---
 
     fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "INSERT INTO ct_thread_marks (task, mark) VALUES ($1, $2)
                  ON CONFLICT (task) DO UPDATE SET mark = excluded.mark",
@@ -620,13 +677,13 @@ impl Store for PgStore {
     }
 
     fn delete_thread_mark(&self, task: &str) -> Result<()> {
-        self.with(|c| c.execute("DELETE FROM ct_thread_marks WHERE task = $1", &[&task]))?;
+        self.write(|c| c.execute("DELETE FROM ct_thread_marks WHERE task = $1", &[&task]))?;
         Ok(())
     }
 
     fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let rows =
-            self.with(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))?;
+            self.read(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))?;
         rows.iter()
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect()
@@ -635,7 +692,7 @@ impl Store for PgStore {
     // --- shares and users ---
 
     fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
-        let row = self.with(|c| {
+        let row = self.read(|c| {
             c.query_opt(
                 "SELECT body FROM ct_shares WHERE owner = $1 AND grantee = $2",
                 &[&owner, &grantee],
@@ -700,7 +757,7 @@ impl Store for PgStore {
     }
 
     fn shares_of(&self, owner: &str) -> Result<Vec<ShareRecord>> {
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_shares WHERE owner = $1 ORDER BY grantee",
                 &[&owner],
@@ -709,7 +766,7 @@ impl Store for PgStore {
     }
 
     fn shares_to(&self, grantee: &str) -> Result<Vec<ShareRecord>> {
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_shares WHERE grantee = $1 ORDER BY owner",
                 &[&grantee],
@@ -718,7 +775,7 @@ impl Store for PgStore {
     }
 
     fn user(&self, id: &str) -> Result<UserRecord> {
-        let row = self.with(|c| c.query_opt("SELECT body FROM ct_users WHERE id = $1", &[&id]))?;
+        let row = self.read(|c| c.query_opt("SELECT body FROM ct_users WHERE id = $1", &[&id]))?;
         Ok(row.map(|r| body(&r)).transpose()?.unwrap_or_default())
     }
 
@@ -756,7 +813,7 @@ impl Store for PgStore {
         const PAGE: i64 = 256;
         let mut below = before.map_or(i64::MAX, int);
         let mut out = Vec::new();
-        let mut conn = self.pool.get()?;
+        let mut conn = self.conn()?;
         while out.len() < limit {
             let rows = conn.query(
                 "SELECT seq, body FROM ct_audit WHERE seq < $1 ORDER BY seq DESC LIMIT $2",
@@ -785,7 +842,7 @@ impl Store for PgStore {
         before: Option<u64>,
         limit: usize,
     ) -> Result<Vec<AuditEntry>> {
-        bodies(&self.with(|c| {
+        bodies(&self.read(|c| {
             c.query(
                 "SELECT body FROM ct_audit WHERE owner = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
                 &[&owner, &before.map_or(i64::MAX, int), &limit_of(limit)],
@@ -796,7 +853,7 @@ impl Store for PgStore {
     fn prune_audit(&self, cutoff: u64) -> Result<usize> {
         // The oldest entries up to the first one written at or after `cutoff`, as the embedded store prunes:
         // what is left of the log has no holes.
-        let n = self.with(|c| {
+        let n = self.write(|c| {
             c.execute(
                 "DELETE FROM ct_audit WHERE seq < coalesce(
                      (SELECT seq FROM ct_audit WHERE at >= $1 ORDER BY seq LIMIT 1),
@@ -808,7 +865,7 @@ impl Store for PgStore {
     }
 
     fn audit_len(&self) -> Result<usize> {
-        let row = self.with(|c| c.query_one("SELECT count(*) FROM ct_audit", &[]))?;
+        let row = self.read(|c| c.query_one("SELECT count(*) FROM ct_audit", &[]))?;
         Ok(unsigned(row.try_get(0)?, "count")? as usize)
     }
 

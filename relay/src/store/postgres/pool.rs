@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use postgres::types::ToSql;
-use postgres::{Client, Row, Statement};
+use postgres::{Client, Row, SimpleQueryMessage, Statement};
 
-use crate::store::Result;
+use crate::store::{Result, StoreError};
 
 /// Connections open at once, at most, per store (per relay node).
 pub(super) const DEFAULT_SIZE: usize = 16;
@@ -96,7 +96,7 @@ impl Pool {
         }
     }
 
-    pub(super) fn connect(&self) -> Result<Conn> {
+    fn connect(&self) -> Result<Conn> {
         let mut client = self.config.connect(postgres::NoTls)?;
         // Every write commits on its own without waiting for the WAL to reach the disk; `Store::flush` waits
         // for it once for all of them (see `PgStore::flush`).
@@ -105,14 +105,26 @@ impl Pool {
         // idle is a node that died or lost the network in the middle of it. Without a limit, the server would
         // keep its locks (the audit counter's row: every node's audited writes) until TCP gives up on it,
         // hours later by default.
-        client.batch_execute(
+        //
+        // And the server's incarnation: see "Crashes" in the store's documentation.
+        let replies = client.simple_query(
             "SET synchronous_commit = off;
-             SET idle_in_transaction_session_timeout = '30s';",
+             SET idle_in_transaction_session_timeout = '30s';
+             INSERT INTO ct_incarnation (token) VALUES (gen_random_uuid()::text) ON CONFLICT DO NOTHING;
+             SELECT token FROM ct_incarnation;",
         )?;
+        let incarnation = replies
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                _ => None,
+            })
+            .ok_or_else(|| StoreError::Schema("ct_incarnation holds no token".into()))?;
         Ok(Conn {
             client,
             statements: HashMap::new(),
             in_transaction: false,
+            incarnation,
         })
     }
 
@@ -144,9 +156,15 @@ pub(super) struct Conn {
     statements: HashMap<&'static str, Statement>,
     /// Set between `BEGIN` and its end, so that a connection left in a transaction is not reused.
     in_transaction: bool,
+    /// The token of the server's run this connection was opened to (`ct_incarnation`).
+    incarnation: String,
 }
 
 impl Conn {
+    pub(super) fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+
     fn statement(&mut self, sql: &'static str) -> Result<Statement> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
