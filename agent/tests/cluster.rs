@@ -13,7 +13,7 @@ use ct_relay::store::TaskState;
 use ct_relay::RelayConfig;
 use ct_testkit::nats::NatsServer;
 use ct_testkit::postgres::PgServer;
-use ct_testkit::{eventually_async, LongJob, Reply};
+use ct_testkit::{eventually, eventually_async, LongJob, Reply};
 use serde_json::json;
 
 use crate::support::TestRelay;
@@ -22,8 +22,8 @@ use crate::tasks::{submit, world_with, write, Follow, Opts, World, OWNER, T};
 /// Where a test's cluster keeps its state: a database of its own on the shared PostgreSQL server, and the
 /// shared nats-server (subjects name agents and tasks, which no two tests share).
 pub(crate) struct SharedState {
-    database_url: String,
-    nats_url: String,
+    pub(crate) database_url: String,
+    pub(crate) nats_url: String,
 }
 
 pub(crate) fn shared_state() -> SharedState {
@@ -276,4 +276,102 @@ async fn a_node_that_drains_mid_task_hands_its_agent_to_another_and_no_event_is_
             .any(|v| v.online && v.node.as_deref() != Some("node-1"))
     })
     .await;
+}
+
+/// Waits until every node says ready (`/readyz`'s answer) or not.
+async fn all_ready(w: &World, ready: bool) {
+    let nodes: Vec<&TestRelay> = std::iter::once(&w.relay).chain(&w.nodes).collect();
+    eventually_async(T, async || {
+        nodes.iter().all(|n| n.core.cluster_ready() == ready)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_cluster_rides_out_nats_and_postgresql_restarts_without_losing_an_acknowledged_event() {
+    let pg = PgServer::start().expect("a PostgreSQL of this test's own");
+    let mut nats = NatsServer::start().expect("a nats-server of this test's own");
+    let state = SharedState {
+        database_url: pg.create_database("recovery").unwrap(),
+        nats_url: nats.url(),
+    };
+    let w = world_with(Opts {
+        cluster: Some(2),
+        cluster_state: Some(state),
+        ..Opts::default()
+    })
+    .await;
+    let a = &w.nodes[0];
+    eventually_async(T, async || {
+        a.core.agents().await.unwrap().iter().any(|v| v.online)
+    })
+    .await;
+    let job = LongJob::gated(&w.project);
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": job.command(), "description": "Run the long job" }),
+    ));
+    w.fake.push(Reply::text("slept well"));
+    let rec = a
+        .core
+        .submit_task(submit(
+            OWNER,
+            "app",
+            "run the long job",
+            TaskOptions::default(),
+        ))
+        .await
+        .unwrap();
+    let task = rec.spec.task.clone();
+    let mut f = follow_on(a, &task).await;
+    tokio::select! {
+        e = f.until("an approval request", |e| matches!(e, TaskEvent::ApprovalRequested { .. })) => {
+            let TaskEvent::ApprovalRequested { approval, .. } = e else { unreachable!() };
+            a.core
+                .decide(OWNER, &task, &approval, Decision::AllowOnce { updated_input: None })
+                .await
+                .unwrap();
+        }
+        () = async {
+            ct_testkit::process::poll_until(T, "the job", || job.child_below(std::process::id()).is_some())
+                .await
+                .unwrap()
+        } => {}
+    }
+    ct_testkit::process::poll_until(T, "the job", || {
+        job.child_below(std::process::id()).is_some()
+    })
+    .await
+    .unwrap();
+
+    // NATS goes away: every node says it is not ready; it comes back: ready again, by itself.
+    nats.kill();
+    all_ready(&w, false).await;
+    nats.restart().expect("nats-server starts again");
+    all_ready(&w, true).await;
+
+    // PostgreSQL goes away (SIGKILL) while the job ends and the agent reports; nodes say not ready, and
+    // nothing is acknowledged that is not stored. It comes back: the events arrive, each once.
+    pg.kill();
+    all_ready(&w, false).await;
+    job.release();
+    eventually(T, || w.fake.main_requests().len() >= 2).await;
+    pg.restart().expect("PostgreSQL starts again");
+    all_ready(&w, true).await;
+    let (state, message) = f.finished().await;
+    assert_eq!(state, FinalState::Done, "{message:?}: {:#?}", f.seen);
+    let (rec, stored, _) = a.core.follow(&task).await.unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=stored.len() as u64).collect::<Vec<_>>());
+    assert_eq!(f.seqs(), seqs, "the follower on node-0 saw each event once");
+    assert_eq!(rec.state, TaskState::Done);
+    // Routing works again after both restarts: a decision-free task from node-0 runs on node-1's agent.
+    w.fake.push(Reply::text("still here"));
+    let again = a
+        .core
+        .submit_task(submit(OWNER, "app", "say hello", TaskOptions::default()))
+        .await
+        .unwrap();
+    let mut g = follow_on(a, &again.spec.task).await;
+    assert_eq!(g.finished().await.0, FinalState::Done);
 }

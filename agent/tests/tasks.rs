@@ -69,6 +69,8 @@ pub(crate) struct Opts {
     /// Run the relay as this many nodes of a cluster (one PostgreSQL database, one nats-server); the agent
     /// pairs with (and so connects to) `World::relay`, the second node; the others are `World::nodes`.
     pub(crate) cluster: Option<usize>,
+    /// The cluster's database and NATS; a database of its own on the shared servers when `None`.
+    pub(crate) cluster_state: Option<crate::cluster::SharedState>,
 }
 
 /// The key the agent gives shared tasks in these tests (the fake API accepts any key).
@@ -108,7 +110,7 @@ pub(crate) async fn world() -> World {
     world_with(Opts::default()).await
 }
 
-pub(crate) async fn world_with(opts: Opts) -> World {
+pub(crate) async fn world_with(mut opts: Opts) -> World {
     let fake = FakeAnthropic::start([]).await.expect("fake API");
     let mut env = if opts.logged_out {
         ClaudeEnv::logged_out(fake.base_url())
@@ -142,7 +144,10 @@ pub(crate) async fn world_with(opts: Opts) -> World {
             Vec::new(),
         ),
         Some(n) => {
-            let cluster = crate::cluster::shared_state();
+            let cluster = opts
+                .cluster_state
+                .take()
+                .unwrap_or_else(crate::cluster::shared_state);
             let mut node_dirs = Vec::new();
             let mut nodes = Vec::new();
             for i in 0..n.max(2) {

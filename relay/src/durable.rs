@@ -33,7 +33,17 @@ struct Shared {
     wake: Condvar,
     /// The highest ticket known durable.
     durable: watch::Sender<u64>,
+    /// The highest ticket whose writes the store may have lost (PostgreSQL crashed before they reached its
+    /// disk): those tickets fail rather than become durable.
+    failed: watch::Sender<u64>,
+    /// How many times the store lost writes (see [`GroupCommit::losses`]).
+    losses: watch::Sender<u64>,
 }
+
+/// The store lost writes it had accepted: this ticket will never be durable.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the store lost writes in a crash; try again")]
+pub struct Broken;
 
 #[derive(Debug, Default)]
 struct State {
@@ -49,6 +59,8 @@ impl GroupCommit {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             durable: watch::Sender::new(0),
+            failed: watch::Sender::new(0),
+            losses: watch::Sender::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("ct-relay-flush".into())
@@ -70,11 +82,23 @@ impl GroupCommit {
         Ticket(state.issued)
     }
 
-    /// Resolves once `ticket`'s write is on disk. Cancel-safe: dropping it loses nothing but the wait.
-    pub async fn durable(&self, ticket: Ticket) {
+    /// Resolves once `ticket`'s write is on disk, or with [`Broken`] once it never will be. Cancel-safe:
+    /// dropping it loses nothing but the wait.
+    pub async fn durable(&self, ticket: Ticket) -> Result<(), Broken> {
         let mut rx = self.shared.durable.subscribe();
-        // The sender lives as long as `self`, which outlives this borrow: the wait cannot fail.
-        let _ = rx.wait_for(|done| *done >= ticket.0).await;
+        let mut failed = self.shared.failed.subscribe();
+        // The senders live as long as `self`, which outlives this borrow: the waits cannot fail.
+        tokio::select! {
+            biased;
+            _ = rx.wait_for(|done| *done >= ticket.0) => Ok(()),
+            _ = failed.wait_for(|f| *f >= ticket.0) => Err(Broken),
+        }
+    }
+
+    /// Changes each time the store lost writes it had accepted: whoever relied on what was written before
+    /// (an agent's session, whose presence claim may be gone) must start over.
+    pub fn losses(&self) -> watch::Receiver<u64> {
+        self.shared.losses.subscribe()
     }
 }
 
@@ -84,13 +108,30 @@ impl Shared {
     }
 }
 
+/// How long writes nobody waits for (a last-seen time, a retention pass) may stay unflushed. A PostgreSQL
+/// crash within this window after such a write makes the node restart (see [`Broken`]); past it they are on
+/// disk, and a crash costs the node nothing.
+const IDLE_FLUSH: Duration = Duration::from_secs(1);
+
 fn flusher(shared: &Shared, store: &dyn Store) {
     let mut flushed = 0;
     loop {
         let target = {
             let mut state = shared.lock();
             while state.issued == flushed && !state.stop {
-                state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+                let (next, waited) = shared
+                    .wake
+                    .wait_timeout(state, IDLE_FLUSH)
+                    .unwrap_or_else(|p| p.into_inner());
+                state = next;
+                if waited.timed_out() && state.issued == flushed && !state.stop {
+                    // Idle: flush what was written without a ticket (cheap when there is nothing).
+                    drop(state);
+                    if let Err(crate::store::StoreError::WritesLost) = store.flush() {
+                        lost(shared, flushed);
+                    }
+                    state = shared.lock();
+                }
             }
             if state.issued == flushed {
                 return;
@@ -103,6 +144,12 @@ fn flusher(shared: &Shared, store: &dyn Store) {
                 flushed = target;
                 shared.durable.send_replace(target);
             }
+            Err(crate::store::StoreError::WritesLost) => {
+                // Retrying cannot help: what was lost is gone. What waited for it fails, and the relay has
+                // its agents reconnect and send again what was never acknowledged.
+                lost(shared, target);
+                flushed = target;
+            }
             Err(e) => {
                 // Nothing is released: agents keep what was not acknowledged and send it again. Retrying
                 // soon, not spinning, in case the disk recovers.
@@ -111,6 +158,13 @@ fn flusher(shared: &Shared, store: &dyn Store) {
             }
         }
     }
+}
+
+/// Fails every ticket up to `upto` and counts a loss.
+fn lost(shared: &Shared, upto: u64) {
+    tracing::error!("{}", crate::store::StoreError::WritesLost);
+    shared.failed.send_replace(upto);
+    shared.losses.send_modify(|n| *n += 1);
 }
 
 impl Drop for GroupCommit {
@@ -140,11 +194,13 @@ mod tests {
         assert!(t2 > t1);
         tokio::time::timeout(Duration::from_secs(10), commit.durable(t2))
             .await
-            .expect("a flush releases the ticket");
+            .expect("a flush releases the ticket")
+            .expect("durable");
         // An earlier ticket is covered by the same flush.
         tokio::time::timeout(Duration::from_millis(100), commit.durable(t1))
             .await
-            .expect("covered already");
+            .expect("covered already")
+            .expect("durable");
     }
 
     #[tokio::test]
@@ -158,7 +214,7 @@ mod tests {
             waits.spawn(async move {
                 store.put_thread_mark(&i.to_string(), b"v").unwrap();
                 let t = commit.ticket();
-                commit.durable(t).await;
+                commit.durable(t).await.expect("durable");
             });
         }
         tokio::time::timeout(Duration::from_secs(30), async {

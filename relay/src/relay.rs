@@ -335,6 +335,21 @@ impl Relay {
         }
         ready.store(true, Ordering::Relaxed);
 
+        // When the store lost writes in a crash, every agent here reconnects: its presence claim may be among
+        // them, and it sends again what was never acknowledged.
+        {
+            let (core, shutdown) = (core.clone(), shutdown.clone());
+            let mut losses = core.commit().losses();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        changed = losses.changed() => if changed.is_err() { break },
+                    }
+                    core.reconnect_everyone().await;
+                }
+            });
+        }
         shutdown.cancelled().await;
         ready.store(false, Ordering::Relaxed);
         let online = core.online().await;

@@ -81,6 +81,17 @@ impl Core {
         self.run(|state| state.agents()).await
     }
 
+    /// Closes every session here with "reconnect at once" (after the store lost writes in a crash).
+    pub async fn reconnect_everyone(&self) {
+        let _ = self
+            .call(|state| {
+                for (_, live) in state.live.drain() {
+                    let _ = live.close.try_send(CloseReason::Shutdown);
+                }
+            })
+            .await;
+    }
+
     /// Live sessions right now.
     pub async fn online(&self) -> usize {
         self.call(|state| state.live.len()).await.unwrap_or(0)

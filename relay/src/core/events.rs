@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use ct_protocol::message::CloseReason;
 use ct_protocol::task::{FinalState, Role, TaskEvent};
 use ct_protocol::Fingerprint;
 use tokio::sync::{broadcast, oneshot};
@@ -149,6 +150,8 @@ impl State {
         // Where a task's record, as an earlier run in this batch left it, is in `prepared` (an agent may
         // interleave tasks, and two sessions of one agent may overlap).
         let mut latest: HashMap<String, usize> = HashMap::new();
+        // Agents whose events could not be stored: they reconnect to send them again.
+        let mut reconnect: BTreeSet<Fingerprint> = BTreeSet::new();
         for (i, job) in batch.into_iter().enumerate() {
             for (id, run) in job.runs {
                 let known = latest.get(&id).map(|&at| prepared[at].rec.clone());
@@ -159,9 +162,11 @@ impl State {
                         latest.insert(id, prepared.len());
                         prepared.push(*p);
                     }
-                    // Not acknowledged, so the agent sends it again later; nothing is lost.
+                    // Not acknowledged, so the agent sends it again on its next connection, which closing
+                    // this one brings about; nothing is lost.
                     Err(e) => {
-                        tracing::error!(task = %id, error = %e, "could not store task events")
+                        tracing::error!(task = %id, error = %e, "could not store task events");
+                        reconnect.insert(job.agent);
                     }
                 }
             }
@@ -194,7 +199,15 @@ impl State {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, runs = prepared.len(), "could not store task events")
+                tracing::error!(error = %e, runs = prepared.len(), "could not store task events");
+                // The agent sends unacknowledged events again only on a new connection: close these
+                // sessions, so they come back (to this node or another) once the store answers again.
+                reconnect.extend(prepared.iter().map(|p| replies[p.job].0));
+            }
+        }
+        for agent in reconnect {
+            if let Some(live) = self.live.get(&agent) {
+                let _ = live.close.try_send(CloseReason::Shutdown);
             }
         }
         for agent in finished {

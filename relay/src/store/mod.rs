@@ -43,13 +43,12 @@ pub enum StoreError {
     /// where the words an operator can act on are ("Connection refused", the server's own message).
     #[error("store: PostgreSQL: {}", with_causes(.0))]
     Postgres(::postgres::Error),
-    /// PostgreSQL crashed after this node wrote something that no flush had made durable yet: it may be lost,
-    /// and the node's view of the data with it. Every flush fails from then on, so nothing more is
-    /// acknowledged on the strength of those writes.
+    /// PostgreSQL crashed after this node wrote something that no flush had made durable yet: it may be lost.
+    /// Returned once, by the flush that would have covered those writes, so nothing is acknowledged on the
+    /// strength of them; later flushes cover later writes.
     #[error(
         "store: PostgreSQL restarted after a crash, before this node's last writes were flushed, and they may \
-         be lost: restart this node, so that it reads its state from the database again (agents send again \
-         whatever was not acknowledged)"
+         be lost: what waited for them fails, and agents reconnect and send again whatever was not acknowledged"
     )]
     WritesLost,
     /// The database's schema is newer than this binary: a newer ct-relay migrated it.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ct_protocol::Fingerprint;
 
-use super::{bodies, body, int, unsigned, PgStore};
+use super::{bodies, body, int, unsigned, Conn, PgStore};
 use crate::store::{Exported, NodeRecord, Presence, Result, TaskRecord};
 
 /// Tasks read per query while exporting: bounds memory for a long history.
@@ -99,7 +99,7 @@ impl PgStore {
 
     pub(super) fn put_node_(&self, rec: &NodeRecord) -> Result<()> {
         let value = serde_json::to_vec(rec)?;
-        self.write(|c| {
+        self.passing_write(|c| {
             c.execute(
                 "INSERT INTO ct_nodes (id, body) VALUES ($1, $2)
                  ON CONFLICT (id) DO UPDATE SET body = excluded.body",
@@ -114,12 +114,12 @@ impl PgStore {
     }
 
     pub(super) fn remove_node_(&self, id: &str) -> Result<bool> {
-        Ok(self.write(|c| c.execute("DELETE FROM ct_nodes WHERE id = $1", &[&id]))? == 1)
+        Ok(self.passing_write(|c| c.execute("DELETE FROM ct_nodes WHERE id = $1", &[&id]))? == 1)
     }
 
     pub(super) fn lease_(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
         // One statement: taken when free, expired, or already the holder's; the database's clock decides.
-        let n = self.write(|c| {
+        let n = self.passing_write(|c| {
             c.execute(
                 "INSERT INTO ct_leases (name, holder, until)
                  VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
@@ -132,7 +132,7 @@ impl PgStore {
     }
 
     pub(super) fn release_lease_(&self, name: &str, holder: &str) -> Result<()> {
-        self.write(|c| {
+        self.passing_write(|c| {
             c.execute(
                 "DELETE FROM ct_leases WHERE name = $1 AND holder = $2",
                 &[&name, &holder],
@@ -151,33 +151,35 @@ impl PgStore {
         let burst = f64::from(burst.max(1));
         // The bucket's row is locked from the read to the write, so two nodes taking at once are counted
         // one after the other. A new bucket starts full. The database's clock measures the refill.
-        self.transaction(|c| {
-            c.execute(
-                "INSERT INTO ct_buckets (name, tokens, at) VALUES ($1, $2, clock_timestamp())
+        self.passing_write(|c| {
+            c.transaction(|c: &mut Conn| {
+                c.execute(
+                    "INSERT INTO ct_buckets (name, tokens, at) VALUES ($1, $2, clock_timestamp())
                  ON CONFLICT (name) DO NOTHING",
-                &[&bucket, &burst],
-            )?;
-            let row = c.query_one(
-                "SELECT tokens, extract(epoch FROM clock_timestamp() - at)::float8
+                    &[&bucket, &burst],
+                )?;
+                let row = c.query_one(
+                    "SELECT tokens, extract(epoch FROM clock_timestamp() - at)::float8
                  FROM ct_buckets WHERE name = $1 FOR UPDATE",
-                &[&bucket],
-            )?;
-            let (tokens, elapsed): (f64, f64) = (row.try_get(0)?, row.try_get(1)?);
-            let mut left = (tokens + elapsed.max(0.0) / per).min(burst);
-            let taken = left >= 1.0;
-            if taken {
-                left -= 1.0;
-            }
-            c.execute(
-                "UPDATE ct_buckets SET tokens = $2, at = clock_timestamp() WHERE name = $1",
-                &[&bucket, &left],
-            )?;
-            Ok(taken)
+                    &[&bucket],
+                )?;
+                let (tokens, elapsed): (f64, f64) = (row.try_get(0)?, row.try_get(1)?);
+                let mut left = (tokens + elapsed.max(0.0) / per).min(burst);
+                let taken = left >= 1.0;
+                if taken {
+                    left -= 1.0;
+                }
+                c.execute(
+                    "UPDATE ct_buckets SET tokens = $2, at = clock_timestamp() WHERE name = $1",
+                    &[&bucket, &left],
+                )?;
+                Ok(taken)
+            })
         })
     }
 
     pub(super) fn prune_buckets_(&self, idle: Duration) -> Result<usize> {
-        let n = self.write(|c| {
+        let n = self.passing_write(|c| {
             c.execute(
                 "DELETE FROM ct_buckets WHERE at < clock_timestamp() - make_interval(secs => $1)",
                 &[&idle.as_secs_f64()],

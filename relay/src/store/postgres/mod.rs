@@ -31,8 +31,9 @@
 //! the server's runs apart: each connection reads a random token from `ct_incarnation`, an unlogged table
 //! that crash recovery empties (and that the first connection after it fills again), while a clean restart
 //! keeps it. When the store meets a new token while some of its writes were not covered by a flush yet, they
-//! may be lost: every flush fails from then on with [`StoreError::WritesLost`], and the node must restart to
-//! read its state again. A crash that finds everything flushed costs nothing but the failed calls.
+//! may be lost: the next flush fails with [`StoreError::WritesLost`] (once), so the relay fails whatever waited
+//! for those writes and has its agents reconnect and send again what was never acknowledged. A crash that finds
+//! everything flushed costs nothing but the failed calls.
 
 mod cluster;
 mod migrate;
@@ -72,7 +73,7 @@ pub struct PgStore {
 struct ServerRun {
     /// Its `ct_incarnation` token.
     token: String,
-    /// Set for good when a crash may have lost writes of this store.
+    /// Set when a crash may have lost writes of this store; cleared by the flush that reports it.
     lost: bool,
 }
 
@@ -154,10 +155,26 @@ impl PgStore {
 
     /// Runs a write (one statement, or a transaction) on a pooled connection, counted for
     /// [`flush`](Store::flush), and again when PostgreSQL aborted it to break a deadlock.
-    fn write<T>(&self, mut op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+    fn write<T>(&self, op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        self.write_counted(true, op)
+    }
+
+    /// A write whose loss in a crash costs nothing (a heartbeat, a lease, a rate-limit bucket: each is
+    /// written again within seconds), so it does not make a crash count as losing writes.
+    fn passing_write<T>(&self, op: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        self.write_counted(false, op)
+    }
+
+    fn write_counted<T>(
+        &self,
+        counted: bool,
+        mut op: impl FnMut(&mut Conn) -> Result<T>,
+    ) -> Result<T> {
         let mut conn = self.conn()?;
         // Counted whether it succeeds or not: a write whose reply was lost may have committed.
-        self.writes.fetch_add(1, Ordering::SeqCst);
+        if counted {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+        }
         let mut attempt = 0;
         loop {
             match op(&mut conn) {
@@ -232,9 +249,21 @@ impl PgStore {
 impl Store for PgStore {
     fn flush(&self) -> Result<()> {
         let writes = self.writes.load(Ordering::SeqCst);
+        if writes <= self.flushed.load(Ordering::SeqCst)
+            && !self.server.lock().unwrap_or_else(|p| p.into_inner()).lost
+        {
+            // Nothing written since the last flush: nothing to wait for (the relay flushes when idle).
+            return Ok(());
+        }
         let mut conn = self.conn()?;
-        let lost = || self.server.lock().unwrap_or_else(|p| p.into_inner()).lost;
-        if lost() {
+        // Reported once, to the flush that would have covered the lost writes; the store then goes on with
+        // the recovered server (the relay fails what waited for them and has its agents reconnect).
+        let take_lost = || {
+            let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut server.lost)
+        };
+        if take_lost() {
+            self.flushed.fetch_max(writes, Ordering::SeqCst);
             return Err(StoreError::WritesLost);
         }
         // See the module's documentation: this commit waits for the WAL up to itself, which is every commit
@@ -246,7 +275,8 @@ impl Store for PgStore {
              COMMIT;",
         )?;
         // A crash noticed meanwhile on another connection, before this flush reached the disk.
-        if lost() {
+        if take_lost() {
+            self.flushed.fetch_max(writes, Ordering::SeqCst);
             return Err(StoreError::WritesLost);
         }
         self.flushed.fetch_max(writes, Ordering::SeqCst);

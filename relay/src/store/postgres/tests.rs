@@ -350,9 +350,10 @@ fn the_store_recovers_when_postgresql_comes_back() {
 }
 
 /// PostgreSQL crashed while a write of this node was not flushed yet: the recovered server may not have it,
-/// so no flush may vouch for it. Every flush fails from then on; reads and writes go on.
+/// so no flush may vouch for it. The flush that would have covered it fails (once: the relay fails what
+/// waited for it); later writes are flushed as usual.
 #[test]
-fn a_crash_before_a_flush_fails_every_flush_after_it() {
+fn a_crash_before_a_flush_fails_the_flush_that_would_cover_the_write() {
     let server = PgServer::start().unwrap();
     let store = PgStore::open(&server.create_database("lost").unwrap()).unwrap();
     store.put_agent(&agent(1)).unwrap();
@@ -362,15 +363,18 @@ fn a_crash_before_a_flush_fails_every_flush_after_it() {
     server.kill();
     server.restart().unwrap();
     // The first call may find a connection from before the crash.
-    let _ = store.flush();
-    for _ in 0..2 {
-        let err = store.flush().expect_err("the write may be lost");
-        assert!(matches!(err, StoreError::WritesLost), "{err}");
-        assert!(err.to_string().contains("restart this node"), "{err}");
-    }
+    let err = match store.flush() {
+        Err(StoreError::Postgres(_)) => store.flush().expect_err("the write may be lost"),
+        other => other.expect_err("the write may be lost"),
+    };
+    assert!(matches!(err, StoreError::WritesLost), "{err}");
+    assert!(err.to_string().contains("agents reconnect"), "{err}");
+    store.flush().expect("reported once: nothing written since");
     assert!(store.agent(&Fingerprint([1; 32])).unwrap().is_some());
     store.put_agent(&agent(3)).unwrap();
-    assert!(matches!(store.flush(), Err(StoreError::WritesLost)));
+    store
+        .flush()
+        .expect("a write after the crash is flushed as usual");
 }
 
 /// A crash that finds every write flushed costs only the calls that failed: flushes go on.
@@ -388,6 +392,11 @@ fn a_crash_after_a_flush_loses_nothing_and_flushes_go_on() {
         Err(e) => panic!("{e}"),
     }
     store.flush().expect("nothing was waiting for a flush");
+    // The first call to use a pooled connection from before the crash fails (here a read, so that no write
+    // is left in doubt); the next one reconnects.
+    if store.agents().is_err() {
+        store.agents().unwrap();
+    }
     store.put_agent(&agent(2)).unwrap();
     store.flush().unwrap();
     assert_eq!(store.agents().unwrap().len(), 2);
