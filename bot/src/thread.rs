@@ -115,6 +115,9 @@ struct State {
     approvals: HashMap<(String, String), OpenApproval>,
     /// Tasks with a live follower, so one task is never followed twice.
     following: HashSet<String>,
+    /// Tasks whose follower posted the summary here: never followed again by this bot, even from a mark read
+    /// just before the follower forgot it (the leader's scan of marks races with followers finishing).
+    finished: HashSet<String>,
     /// Channels known not to be task threads, so messages there cost no lookup.
     not_threads: HashSet<ChannelId>,
 }
@@ -180,13 +183,33 @@ impl Threads {
         self.lock().by_task.get(task).copied()
     }
 
-    /// Marks `task` followed; false if it already is.
+    /// Marks `task` followed; false if it already is, or its follower already finished here.
     fn start_following(&self, task: &str) -> bool {
-        self.lock().following.insert(task.to_string())
+        let mut st = self.lock();
+        !st.finished.contains(task) && st.following.insert(task.to_string())
     }
 
-    fn stop_following(&self, task: &str) {
-        self.lock().following.remove(task);
+    fn stop_following(&self, task: &str, finished: bool) {
+        let mut st = self.lock();
+        st.following.remove(task);
+        if finished {
+            // Bounded: forgetting them only matters for a mark read in the instant before it was forgotten.
+            if st.finished.len() >= MAX_THREADS {
+                st.finished.clear();
+            }
+            st.finished.insert(task.to_string());
+        }
+    }
+
+    /// Whether `task` has a follower here, or had one that posted its summary.
+    pub fn is_followed(&self, task: &str) -> bool {
+        let st = self.lock();
+        st.following.contains(task) || st.finished.contains(task)
+    }
+
+    /// Tasks with a live follower here.
+    pub fn followed(&self) -> usize {
+        self.lock().following.len()
     }
 
     pub fn approval(&self, task: &str, approval: &str) -> Option<OpenApproval> {
@@ -324,19 +347,43 @@ struct Follower {
     reopen: BTreeMap<String, u64>,
 }
 
+/// How a follower is told to stop.
+#[derive(Debug, Clone, Default)]
+pub struct FollowerStop {
+    /// Stop cleanly: finish the event in hand (whatever it posts, and the mark after it), save the mark, and
+    /// return, so the next follower (another node's, after a hand-over) carries on from exactly there.
+    pub soft: tokio_util::sync::CancellationToken,
+    /// Stop now, wherever it is: for when a clean stop took too long (a node's lease is about to expire) and
+    /// at shutdown. What was posted after the last mark may be posted again by the next follower.
+    pub hard: tokio_util::sync::CancellationToken,
+}
+
+/// How a follower's run ended.
+enum Ended {
+    /// The summary is posted and the mark forgotten.
+    Finished,
+    /// Told to stop (or could not follow); the mark says how far it got.
+    Stopped,
+}
+
 /// Follows `task` in `thread` until it ends or `stop` fires. Returns at once if the task already has a
-/// follower. With `resume`, carries on where the mark says an earlier follower got to.
+/// follower here. With `resume`, carries on where the mark says an earlier follower got to.
 pub async fn follow(
     env: FollowerEnv,
     thread: ChannelId,
     task: TaskInfo,
     upload_limit: u64,
     resume: Option<ThreadMark>,
-    stop: tokio_util::sync::CancellationToken,
+    stop: FollowerStop,
 ) {
     if !env.threads.start_following(&task.id) {
         return;
     }
+    // A mark with nothing posted yet is a hand-over from a node that opened the thread but does not follow
+    // (see `crate::leader`): its follower starts afresh, without saying anything restarted.
+    let resumed = resume
+        .as_ref()
+        .is_some_and(|m| m.progress.is_some() || m.posted > 0);
     let id = task.id.clone();
     let mut f = Follower {
         progress: TaskProgress::new(&task.id),
@@ -352,29 +399,49 @@ pub async fn follow(
             .map(MessageId::from),
         throttle: EditThrottle::new(EDIT_INTERVAL),
         last_seq: resume.as_ref().map_or(0, |m| m.posted),
-        resumed: resume.is_some(),
+        resumed,
         reopen: resume.map(|m| m.approvals).unwrap_or_default(),
     };
-    tokio::select! {
-        () = f.run() => {}
-        () = stop.cancelled() => debug!(task = %id, "follower stopped by shutdown"),
-    }
-    env.threads.stop_following(&id);
+    let ended = tokio::select! {
+        ended = f.run(&stop.soft) => ended,
+        () = stop.hard.cancelled() => {
+            debug!(task = %id, "follower stopped where it stood");
+            Ended::Stopped
+        }
+    };
+    env.threads
+        .stop_following(&id, matches!(ended, Ended::Finished));
 }
 
 impl Follower {
-    async fn run(&mut self) {
+    /// Posts the task's events until it ends (then the summary) or `soft` fires. `soft` is looked at only
+    /// between events, never in the middle of posting one, so a stopped follower's mark says exactly what is
+    /// in the thread.
+    async fn run(&mut self, soft: &tokio_util::sync::CancellationToken) -> Ended {
+        if soft.is_cancelled() {
+            return Ended::Stopped;
+        }
         if self.progress_msg.is_none() {
             self.post_progress().await;
         }
         self.save_mark().await;
         let feed = match self.env.backend.follow(&self.task.id).await {
             Ok(feed) => feed,
+            Err(crate::backend::BackendError::Internal(err)) => {
+                // Ours and passing (the store): the mark stays, and the leader's next scan of marks tries
+                // again, so nothing is said in the thread each time.
+                warn!(error = %format!("{err:#}"), task = %self.task.id, "cannot follow the task for now");
+                return Ended::Stopped;
+            }
             Err(err) => {
+                // For good (the task is gone): said once, and the mark forgotten so nobody tries again.
                 warn!(%err, task = %self.task.id, "cannot follow the task");
                 self.post_text(&format!("⚠️ Cannot follow `{}`: {err}", self.task.id))
                     .await;
-                return;
+                if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {
+                    warn!(%err, task = %self.task.id, "could not forget the mark of a task that cannot be followed");
+                }
+                return Ended::Finished;
             }
         };
         self.progress.model = self.task.model.clone();
@@ -388,6 +455,10 @@ impl Follower {
         }
         let already_posted = self.last_seq;
         for (seq, ev) in feed.past {
+            if soft.is_cancelled() {
+                self.save_mark().await;
+                return Ended::Stopped;
+            }
             if seq <= already_posted {
                 // In the thread before the restart: it only counts towards the progress shown, and brings
                 // back the approvals still open there.
@@ -408,6 +479,11 @@ impl Follower {
                 EditDecision::Idle => None,
             };
             tokio::select! {
+                // Between events: whatever the last one posted is in the mark once it is saved here.
+                () = soft.cancelled() => {
+                    self.save_mark().await;
+                    return Ended::Stopped;
+                }
                 got = live.recv() => match got {
                     Ok((seq, ev)) => self.event(seq, ev).await,
                     Err(RecvError::Lagged(n)) => {
@@ -438,6 +514,7 @@ impl Follower {
             }
         }
         self.finish().await;
+        Ended::Finished
     }
 
     async fn event(&mut self, seq: u64, ev: TaskEvent) {
