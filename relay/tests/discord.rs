@@ -36,8 +36,10 @@ struct Node {
 
 impl Node {
     fn start(store: &SharedStore, sim: &DiscordSim, id: &str) -> Self {
-        let mut cfg = CoreConfig::default();
-        cfg.node_id = id.into();
+        let cfg = CoreConfig {
+            node_id: id.into(),
+            ..CoreConfig::default()
+        };
         let core = Core::start(
             store.clone(),
             ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
