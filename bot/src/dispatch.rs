@@ -30,7 +30,8 @@ use crate::render::summary::{summary_embed, SummaryContext};
 use crate::render::truncate;
 use crate::respond::{deliver, Answer, Initial, Responder};
 use crate::thread::{
-    answers_json, follow, phase_of, progress_of, question_count, upload_limit, ThreadInfo,
+    answers_json, follow, open_request, phase_of, progress_of, question_count, upload_limit,
+    view_of, OpenApproval, ThreadInfo,
 };
 
 /// Autocomplete lists at most this many choices (Discord's limit).
@@ -1135,8 +1136,8 @@ impl Inner {
                     Scope::Session => Some(Decision::AllowSession),
                     // The word comes from the request this bot showed, never from the click.
                     Scope::FirstWord => self
-                        .threads
-                        .approval(&task, &approval)
+                        .find_approval(&task, &approval)
+                        .await
                         .filter(|open| takes_prefixes(&open.view))
                         .and_then(|open| {
                             SessionScope::first_word(&open.view.tool, &open.view.input)
@@ -1158,8 +1159,8 @@ impl Inner {
             }
             Action::Prefix { approval, .. } => {
                 let command = self
-                    .threads
-                    .approval(&task, &approval)
+                    .find_approval(&task, &approval)
+                    .await
                     .and_then(|o| o.view.input["command"].as_str().map(str::to_string))
                     .unwrap_or_default();
                 Ok(match prefix_modal(&task, &approval, &command) {
@@ -1180,7 +1181,7 @@ impl Inner {
                     ComponentInteractionDataKind::StringSelect { values } => values.clone(),
                     _ => Vec::new(),
                 };
-                let labels = self.threads.approval(&task, &approval).map(|open| {
+                let labels = self.find_approval(&task, &approval).await.map(|open| {
                     let qs = questions(&open.view.input);
                     values
                         .iter()
@@ -1205,8 +1206,8 @@ impl Inner {
                 approval, question, ..
             } => {
                 let text = self
-                    .threads
-                    .approval(&task, &approval)
+                    .find_approval(&task, &approval)
+                    .await
                     .and_then(|o| {
                         questions(&o.view.input)
                             .get(usize::from(question))
@@ -1231,6 +1232,31 @@ impl Inner {
             .into()
     }
 
+    /// An open approval of `task`: as this node's follower posted it, or — on a node that does not follow the
+    /// task (a cluster's other nodes answer its buttons in HTTP-interactions mode) — from the task's stored
+    /// events, if the request is still open there. The words and rules offered always come from the request
+    /// the agent sent, never from the click.
+    async fn find_approval(&self, task: &str, approval: &str) -> Option<OpenApproval> {
+        if let Some(open) = self.threads.approval(task, approval) {
+            return Some(open);
+        }
+        let feed = self.backend.follow(task).await.ok()?;
+        let request = open_request(&feed.past, approval)?;
+        let decider = self
+            .backend
+            .approver(task)
+            .await
+            .unwrap_or_else(|_| feed.task.owner.clone());
+        Some(OpenApproval {
+            view: view_of(task, request, &decider)?,
+            channel: self.threads.thread_of(task).unwrap_or(ChannelId::new(1)),
+            message: None,
+            decided_by: None,
+            rule: None,
+            answers: Default::default(),
+        })
+    }
+
     /// "Allow a prefix…", submitted: the prefix must cover the command the approver was shown (the agent checks
     /// it again), so allowing this use and adding the rule are one decision.
     async fn allow_prefix(
@@ -1241,8 +1267,8 @@ impl Inner {
         prefix: &str,
     ) -> crate::backend::Result<Initial> {
         let Some(open) = self
-            .threads
-            .approval(task, approval)
+            .find_approval(task, approval)
+            .await
             .filter(|open| takes_prefixes(&open.view))
         else {
             return Ok(Initial::Message(Answer::private(

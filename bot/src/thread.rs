@@ -566,19 +566,9 @@ impl Follower {
 
     /// How an approval request shows in the thread, with who must decide it now; `None` for other events.
     async fn approval_view(&self, ev: &TaskEvent) -> Option<ApprovalView> {
-        let TaskEvent::ApprovalRequested {
-            approval,
-            tool,
-            summary,
-            input,
-            question,
-            description,
-            session,
-            input_cut,
-        } = ev
-        else {
+        if !matches!(ev, TaskEvent::ApprovalRequested { .. }) {
             return None;
-        };
+        }
         let decider = match self.env.backend.approver(&self.task.id).await {
             Ok(u) => u,
             Err(err) => {
@@ -586,18 +576,7 @@ impl Follower {
                 self.task.owner.clone()
             }
         };
-        Some(ApprovalView {
-            task: self.task.id.clone(),
-            approval: approval.clone(),
-            tool: tool.clone(),
-            summary: summary.clone(),
-            input: input.clone(),
-            question: *question,
-            description: description.clone(),
-            session: session.clone(),
-            input_cut: *input_cut,
-            decider: decider.parse().unwrap_or(UserId::new(1)),
-        })
+        view_of(&self.task.id, ev, &decider)
     }
 
     /// Replaying an event posted before a restart: an approval the mark says is still open is known again,
@@ -823,6 +802,51 @@ impl Follower {
             warn!(%err, task = %self.task.id, "could not forget the finished thread's mark");
         }
     }
+}
+
+/// How the approval request `ev` shows, for `decider`; `None` for other events.
+pub(crate) fn view_of(task: &str, ev: &TaskEvent, decider: &str) -> Option<ApprovalView> {
+    let TaskEvent::ApprovalRequested {
+        approval,
+        tool,
+        summary,
+        input,
+        question,
+        description,
+        session,
+        input_cut,
+    } = ev
+    else {
+        return None;
+    };
+    Some(ApprovalView {
+        task: task.to_string(),
+        approval: approval.clone(),
+        tool: tool.clone(),
+        summary: summary.clone(),
+        input: input.clone(),
+        question: *question,
+        description: description.clone(),
+        session: session.clone(),
+        input_cut: *input_cut,
+        decider: decider.parse().unwrap_or(UserId::new(1)),
+    })
+}
+
+/// The request of approval `approval` of a task, from its stored events, if it is still open there.
+pub(crate) fn open_request<'a>(
+    past: &'a [(u64, TaskEvent)],
+    approval: &str,
+) -> Option<&'a TaskEvent> {
+    let mut open = None;
+    for (_, ev) in past {
+        match ev {
+            TaskEvent::ApprovalRequested { approval: a, .. } if a == approval => open = Some(ev),
+            TaskEvent::ApprovalClosed { approval: a, .. } if a == approval => open = None,
+            _ => {}
+        }
+    }
+    open
 }
 
 /// The progress phase for a task state as the backend names it.

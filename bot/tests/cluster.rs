@@ -391,3 +391,81 @@ async fn a_leader_cut_off_from_the_store_stops_before_its_lease_lapses() {
     b.stop().await;
     sim.shutdown().await;
 }
+
+/// Buttons reach any node in HTTP-interactions mode, also those that do not follow the thread: a node
+/// that did not post an approval finds its request in the task's stored events, so "allow commands
+/// starting with …" takes the word from what the agent asked — and a click on an approval that is closed
+/// there allows nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_button_clicked_on_a_node_that_does_not_follow_the_thread_is_understood() {
+    use ct_protocol::scope::SessionScope;
+    use ct_protocol::task::Decision;
+
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let b = Node::start(&sim, &fake, "b", true).await;
+    let (task, thread) = task_on(&sim, &a, &alice, "test it").await;
+    let ask = |id: &str| TaskEvent::ApprovalRequested {
+        approval: id.into(),
+        tool: "Bash".into(),
+        summary: "npm test --watch".into(),
+        input: json!({"command": "npm test --watch"}),
+        question: false,
+        description: None,
+        session: Some(SessionScope::Command {
+            command: "npm test --watch".into(),
+        }),
+        input_cut: false,
+    };
+    fake.emit(&task, ask("a1"));
+    let word = format!("aw:{task}:a1");
+    find(&sim, &thread, "the approval", |m| {
+        m.custom_ids().contains(&word)
+    })
+    .await;
+    let message = sim
+        .messages(&thread)
+        .into_iter()
+        .find(|m| m.custom_ids().contains(&word))
+        .unwrap();
+    let click = |custom_id: &str| {
+        sim.prepare_component(
+            &sim.origin_in(&alice, &thread),
+            &message.id,
+            custom_id,
+            None,
+        )
+        .unwrap()
+    };
+    let reply = sim.post_interaction(&b.url, &click(&word)).await.unwrap();
+    assert_eq!(reply.status, 200);
+    eventually(T, || !Fake::lock(&fake.decisions).is_empty()).await;
+    assert!(
+        matches!(
+            &Fake::lock(&fake.decisions)[0],
+            (_, t, Decision::AllowSessionPrefix { prefix }) if *t == task && prefix == "npm"
+        ),
+        "{:?}",
+        Fake::lock(&fake.decisions)
+    );
+
+    // Closed in the log: b allows nothing for it, however the click is made.
+    fake.emit(
+        &task,
+        TaskEvent::ApprovalClosed {
+            approval: "a1".into(),
+            outcome: "allowed".into(),
+        },
+    );
+    let reply = sim.post_interaction(&b.url, &click(&word)).await.unwrap();
+    let said = reply.json().unwrap().to_string();
+    assert!(said.contains("no longer open"), "{said}");
+    assert_eq!(Fake::lock(&fake.decisions).len(), 1, "nothing more decided");
+    no_429(&sim);
+    a.stop().await;
+    b.stop().await;
+    sim.shutdown().await;
+}

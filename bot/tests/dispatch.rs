@@ -38,7 +38,7 @@ pub(crate) struct Fake {
     next: Mutex<u32>,
     submits: Mutex<Vec<TaskRequest>>,
     replies: Mutex<Vec<(String, String)>>,
-    decisions: Mutex<Vec<(String, String, Decision)>>,
+    pub(crate) decisions: Mutex<Vec<(String, String, Decision)>>,
     cancels: Mutex<Vec<String>>,
     /// Times a task's stored events were read (`follow`): what a stranger must not make the relay do.
     follows: std::sync::atomic::AtomicUsize,
