@@ -11,7 +11,10 @@
 //! (in gateway mode) and every thread follower. That also keeps Discord's rate limits for the cluster as a
 //! whole: the per-route and global limits are the bot token's, and one REST client ([`crate::Rest`], which
 //! reads the `X-RateLimit-*` headers) does all the thread posting. Other nodes only answer the interactions
-//! they receive (per-interaction webhooks, their own buckets) and open the thread of a task they submitted.
+//! they receive (per-interaction webhooks, their own buckets) and open the thread of a task they submitted:
+//! two or three calls per task in the parent channel, already bounded by the per-user task limits, and
+//! paced by each node's own reading of the same headers; a rare 429 from two nodes racing for the last
+//! request of a window is waited out by [`crate::Rest`] (`retry_after`).
 //!
 //! A node that opens a thread without leading does not follow it: it writes the thread's [`ThreadMark`]
 //! with nothing posted yet, as a follower would at its start ([`crate::dispatch`]), and leaves it there. The
