@@ -24,8 +24,10 @@
 //! #thread"), and the first thing the follower posts is the progress line, which a 2-second-old task has
 //! barely changed.
 //!
-//! A term of leadership ([`Term`]) owns its followers. It ends when a renewal is refused or fails, or when
-//! the node shuts down (then the lease is released, so a survivor takes over at its next renewal, within
+//! A term of leadership ([`Term`]) owns its followers. It ends when a renewal is refused, when no renewal
+//! succeeded in time (the store unreachable: the term's watchdog ends it `grace` before the lease could
+//! lapse, measured from when the last granted renewal was asked for, less a margin), or when the node shuts
+//! down (then the lease is released, so a survivor takes over at its next renewal, within
 //! [`LeaseTimes::renew`], instead of after the TTL). Followers are stopped cleanly first — each finishes the
 //! event in hand and saves its mark — and then, after [`LeaseTimes::grace`], dropped where they stand.
 //! The next leader carries on from the marks, so a hand-over posts nothing twice. A watchdog in each term
@@ -120,6 +122,15 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .filter(|t| !t.over())
+    }
+
+    /// Fires when the current term is over (ended, or stopped by its watchdog); `None` without a term.
+    fn term_over(&self) -> Option<CancellationToken> {
+        self.term
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|t| t.stop.soft.clone())
     }
 
     fn has_term(&self) -> bool {
@@ -290,42 +301,53 @@ impl Bot {
         let mut tick = tokio::time::interval(times.renew);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // The watchdog ends a term whose lease was not renewed in time: the gateway closes then too.
+            let term_over = self.inner.term_over();
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
+                () = async { match &term_over { Some(over) => over.cancelled().await, None => std::future::pending().await } } => {
+                    info!(node = %node, "the Discord lease was not renewed in time: no longer leading");
+                    self.step_down(&mut leading, times).await;
+                    continue;
+                }
             }
             let asked = Instant::now();
+            // `None`: no answer (the store is unreachable, or slow). A leader keeps leading through that
+            // while its lease surely holds — the watchdog ends the term otherwise — so a passing hiccup does
+            // not stop and restart every follower.
             let granted =
                 match tokio::time::timeout(times.renew, self.inner.backend.lease(&node, times.ttl))
                     .await
                 {
-                    Ok(Ok(granted)) => granted,
+                    Ok(Ok(granted)) => Some(granted),
                     Ok(Err(err)) => {
                         warn!(%err, "cannot take or renew the Discord lease");
-                        false
+                        None
                     }
                     Err(_) => {
                         warn!(
                             "taking or renewing the Discord lease took longer than {:?}",
                             times.renew
                         );
-                        false
+                        None
                     }
                 };
             match (self.inner.term(), granted) {
-                (Some(term), true) => {
+                (Some(term), Some(true)) => {
                     term.renewed(times.held_until(asked));
                     if let Some(l) = &mut leading {
                         self.keep_connected(l, times).await;
                     }
                 }
-                (term, granted) => {
-                    // Lost, or a term the watchdog already ended (a renewal came too late): close it first.
-                    if term.is_some() || self.inner.has_term() {
+                (Some(_), None) => {}
+                (_, granted) => {
+                    // Lost to another node, or a term already over: close what is left of it first.
+                    if self.inner.has_term() {
                         info!(node = %node, "no longer leading the Discord bot");
                         self.step_down(&mut leading, times).await;
                     }
-                    if granted {
+                    if granted == Some(true) {
                         info!(node = %node, "leading the Discord bot: gateway and thread followers run here");
                         self.inner.begin_term(Some(times.held_until(asked)), times);
                         // Before the gateway: a message in a thread must find its follower adopted, not start

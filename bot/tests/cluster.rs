@@ -469,3 +469,39 @@ async fn a_button_clicked_on_a_node_that_does_not_follow_the_thread_is_understoo
     b.stop().await;
     sim.shutdown().await;
 }
+
+/// A leader whose store misses a renewal or two keeps leading while its lease surely holds: its followers
+/// are not stopped and restarted (which would tell every thread the relay restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_store_hiccup_does_not_interrupt_the_leader() {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let (task, thread) = task_on(&sim, &a, &alice, "build it").await;
+    fake.emit(&task, text("one"));
+    find(&sim, &thread, "the first output", |m| m.content == "one").await;
+
+    let before = Fake::lock(&fake.lease_asks)["a"];
+    Fake::lock(&fake.cut_off).insert("a".into());
+    asked(&fake, "a", before + 2).await;
+    assert!(a.bot.leading(), "two failed renewals are within the lease");
+    Fake::lock(&fake.cut_off).remove("a");
+    asked(&fake, "a", before + 4).await;
+    assert!(a.bot.leading());
+    assert_eq!(a.bot.followed(), 1, "the follower ran on");
+
+    fake.emit(&task, text("two"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    posted_once(&sim, &task, &thread, &["one", "two"]).await;
+    assert!(
+        sim.messages(&thread)
+            .iter()
+            .all(|m| !m.content.contains("relay restarted")),
+        "{:#?}",
+        sim.messages(&thread)
+    );
+    a.stop().await;
+    sim.shutdown().await;
+}
