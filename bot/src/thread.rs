@@ -31,7 +31,7 @@ use ct_protocol::task::TaskEvent;
 use serde_json::Value;
 use serenity::all::{
     ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateMessage,
-    EditMessage, MessageId, UserId,
+    EditMessage, MessageId, Nonce, UserId,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
@@ -345,6 +345,8 @@ struct Follower {
     resumed: bool,
     /// From that mark: approvals that were open, with their messages, to be reopened as their requests replay.
     reopen: BTreeMap<String, u64>,
+    /// Messages posted so far for the event `last_seq`: with it, each message's nonce.
+    posts: std::sync::atomic::AtomicU32,
 }
 
 /// How a follower is told to stop.
@@ -401,6 +403,7 @@ pub async fn follow(
         last_seq: resume.as_ref().map_or(0, |m| m.posted),
         resumed,
         reopen: resume.map(|m| m.approvals).unwrap_or_default(),
+        posts: std::sync::atomic::AtomicU32::new(0),
     };
     let ended = tokio::select! {
         ended = f.run(&stop.soft) => ended,
@@ -436,7 +439,7 @@ impl Follower {
             Err(err) => {
                 // For good (the task is gone): said once, and the mark forgotten so nobody tries again.
                 warn!(%err, task = %self.task.id, "cannot follow the task");
-                self.post_text(&format!("⚠️ Cannot follow `{}`: {err}", self.task.id))
+                self.post_notice(&format!("⚠️ Cannot follow `{}`: {err}", self.task.id))
                     .await;
                 if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {
                     warn!(%err, task = %self.task.id, "could not forget the mark of a task that cannot be followed");
@@ -447,7 +450,7 @@ impl Follower {
         self.progress.model = self.task.model.clone();
         let mut live = feed.live;
         if self.resumed {
-            self.post_text(
+            self.post_notice(
                 "↻ The relay restarted; this task kept running and its output carries on here.",
             )
             .await;
@@ -522,6 +525,7 @@ impl Follower {
             return;
         }
         self.last_seq = seq;
+        self.posts.store(0, std::sync::atomic::Ordering::Relaxed);
         let posts = matches!(
             &ev,
             TaskEvent::Text { .. }
@@ -632,7 +636,9 @@ impl Follower {
         let msg = CreateMessage::new()
             .content(self.render())
             .components(stop_row(&self.task.id, false))
-            .allowed_mentions(CreateAllowedMentions::new());
+            .allowed_mentions(CreateAllowedMentions::new())
+            .nonce(nonce(&self.task.id, "progress", 0, 0))
+            .enforce_nonce(true);
         match self.env.rest.send_message(self.thread, &msg, &[]).await {
             Ok(m) => self.progress_msg = Some(m.id),
             Err(err) => warn!(%err, task = %self.task.id, "could not post the progress message"),
@@ -652,14 +658,37 @@ impl Follower {
         }
     }
 
-    /// Posts plain text with mentions disabled: Claude's output must not ping anyone.
+    /// Posts plain text with mentions disabled: Claude's output must not ping anyone. Part of the event in
+    /// hand, so idempotent (see [`Follower::event_nonce`]).
     async fn post_text(&self, content: &str) {
+        let msg = CreateMessage::new()
+            .content(content)
+            .allowed_mentions(CreateAllowedMentions::new())
+            .nonce(self.event_nonce())
+            .enforce_nonce(true);
+        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
+            warn!(%err, task = %self.task.id, "could not post in the thread");
+        }
+    }
+
+    /// Posts a note of the follower's own (not of an event): each one is new.
+    async fn post_notice(&self, content: &str) {
         let msg = CreateMessage::new()
             .content(content)
             .allowed_mentions(CreateAllowedMentions::new());
         if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
             warn!(%err, task = %self.task.id, "could not post in the thread");
         }
+    }
+
+    /// The nonce of the next message posted for the event in hand. A follower that carries on after one that
+    /// died between posting and saving its mark posts the same messages again with the same nonces, and
+    /// Discord (`enforce_nonce`) returns the messages already there instead of posting them twice.
+    fn event_nonce(&self) -> Nonce {
+        let n = self
+            .posts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        nonce(&self.task.id, "event", self.last_seq, n)
     }
 
     async fn post_output(&self, text: &str) {
@@ -680,7 +709,9 @@ impl Follower {
             } => {
                 let msg = CreateMessage::new()
                     .content(note)
-                    .allowed_mentions(CreateAllowedMentions::new());
+                    .allowed_mentions(CreateAllowedMentions::new())
+                    .nonce(self.event_nonce())
+                    .enforce_nonce(true);
                 let file = Upload { filename, data };
                 if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[file]).await {
                     warn!(%err, task = %self.task.id, "could not post the attachment");
@@ -702,7 +733,9 @@ impl Follower {
             .content(approval_content(&view))
             .components(components)
             // Ping the person who must decide, and nobody else.
-            .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]));
+            .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]))
+            .nonce(self.event_nonce())
+            .enforce_nonce(true);
         // What did not fit in the message goes with it, whole, as a file (within the upload limit: the agent
         // sends at most a few hundred KiB of input).
         let (files, too_big): (Vec<Upload>, Vec<Upload>) = attachment(&view)
@@ -774,7 +807,9 @@ impl Follower {
         };
         let mut msg = CreateMessage::new()
             .embed(summary_embed(&self.progress, &ctx))
-            .allowed_mentions(CreateAllowedMentions::new());
+            .allowed_mentions(CreateAllowedMentions::new())
+            .nonce(nonce(&self.task.id, "summary", 0, 0))
+            .enforce_nonce(true);
         let mut files = Vec::new();
         if let Some(w) = self
             .progress
@@ -847,6 +882,18 @@ pub(crate) fn open_request<'a>(
         }
     }
     open
+}
+
+/// A message's nonce, the same on every node for the same message of a task (Discord allows 25 characters):
+/// FNV-1a over what the message is, stable across builds (unlike `std`'s hasher).
+fn nonce(task: &str, kind: &str, seq: u64, n: u32) -> Nonce {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let key = format!("{task}/{kind}/{seq}/{n}");
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Nonce::String(format!("ct{h:016x}"))
 }
 
 /// The progress phase for a task state as the backend names it.

@@ -505,3 +505,71 @@ async fn a_passing_store_hiccup_does_not_interrupt_the_leader() {
     a.stop().await;
     sim.shutdown().await;
 }
+
+/// The leader dies between posting and recording it: its last posts never reached the mark. The next leader
+/// posts those events again from the mark — with the same nonces, so Discord (`enforce_nonce`) hands back the
+/// messages already there and the thread shows each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_a_dead_leader_did_not_record_are_not_doubled() {
+    use std::sync::atomic::Ordering;
+
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let (task, thread) = task_on(&sim, &a, &alice, "build it").await;
+    fake.emit(&task, text("one"));
+    find(&sim, &thread, "the first output", |m| m.content == "one").await;
+    eventually(T, || {
+        Fake::lock(&fake.marks)
+            .get(&task)
+            .is_some_and(|m| m.posted >= 1 && m.progress.is_some())
+    })
+    .await;
+
+    // From here on a's marks are lost: what it posts now is in the thread but not in the mark.
+    fake.marks_lost.store(true, Ordering::SeqCst);
+    let posted = Fake::lock(&fake.marks)[&task].posted;
+    fake.emit(&task, text("two"));
+    fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "a1".into(),
+            tool: "Bash".into(),
+            summary: "make".into(),
+            input: json!({"command": "make"}),
+            question: false,
+            description: None,
+            session: None,
+            input_cut: false,
+        },
+    );
+    let deny = format!("dn:{task}:a1");
+    find(&sim, &thread, "the approval", |m| {
+        m.custom_ids().contains(&deny)
+    })
+    .await;
+    a.stop().await;
+    assert_eq!(
+        Fake::lock(&fake.marks)[&task].posted,
+        posted,
+        "the mark is where it was before a died"
+    );
+    fake.marks_lost.store(false, Ordering::SeqCst);
+
+    let b = Node::start(&sim, &fake, "b", true).await;
+    eventually(T, || b.bot.leading()).await;
+    fake.emit(&task, text("three"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    posted_once(&sim, &task, &thread, &["one", "two", "three"]).await;
+    let approvals = sim
+        .messages(&thread)
+        .iter()
+        .filter(|m| m.custom_ids().contains(&deny))
+        .count();
+    assert_eq!(approvals, 1, "{:#?}", sim.messages(&thread));
+    no_429(&sim);
+    b.stop().await;
+    sim.shutdown().await;
+}

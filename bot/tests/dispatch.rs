@@ -50,6 +50,8 @@ pub(crate) struct Fake {
     pub(crate) lease_asks: Mutex<HashMap<String, usize>>,
     /// Nodes that cannot reach the store: their lease calls fail.
     pub(crate) cut_off: Mutex<std::collections::HashSet<String>>,
+    /// Marks written while set are lost, as the writes of a node that died before they reached the store.
+    pub(crate) marks_lost: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -223,6 +225,9 @@ impl Backend for Fake {
         Ok(Vec::new())
     }
     async fn mark_thread(&self, mark: &ThreadMark) -> Result<()> {
+        if self.marks_lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         Self::lock(&self.marks).insert(mark.task.clone(), mark.clone());
         Ok(())
     }

@@ -820,6 +820,7 @@ impl DiscordSim {
             timestamp: model::timestamp_now(),
             edited_timestamp: None,
             thread_id: None,
+            nonce: None,
         };
         let mut json = msg.json(&origin.guild_id);
         json["guild_id"] = json!(origin.guild_id);
