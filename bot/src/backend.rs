@@ -146,8 +146,9 @@ pub struct AuditEntry {
 }
 
 /// Where a task's output is going in Discord and how far it got. The backend keeps it for the bot, so a
-/// restarted relay carries on in the same thread, editing the same progress message, without posting
-/// anything twice (up to the events of the last moment before a crash).
+/// restarted relay (or the next leader of a cluster) carries on in the same thread, editing the same progress
+/// message, without posting anything twice: what was posted after the last mark before a crash is posted
+/// again with the same nonces, which Discord deduplicates (for a few minutes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadMark {
     pub task: String,

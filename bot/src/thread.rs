@@ -17,9 +17,11 @@
 //!
 //! The follower keeps a [`ThreadMark`] with the backend as it posts (the thread, the progress message, the
 //! last event posted, the messages of approvals still open) and forgets it after the summary. A relay that
-//! restarts finds the marks of followers that had not finished and starts them again from there
-//! ([`crate::Bot::connect`]): the thread carries on without anyone writing in it, and without posting
-//! anything twice.
+//! restarts — or the next leader of a cluster ([`crate::leader`]) — finds the marks of followers that had not
+//! finished and starts them again from there: the thread carries on without anyone writing in it, and
+//! without posting anything twice. A follower stopped on purpose stops between events, its mark exact; one
+//! that died between a post and its mark is covered by the posts' nonces (Discord's `enforce_nonce` returns
+//! the message already there).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU64;
