@@ -7,7 +7,7 @@
 //!   twice (a `/task` submitted twice);
 //! - posting a task's events in its thread: two followers post everything twice.
 //!
-//! So one node, the **leader**, holds a lease in the shared store ([`Backend::lease`]) and runs the gateway
+//! So one node, the **leader**, holds a lease in the shared store ([`crate::Backend::lease`]) and runs the gateway
 //! (in gateway mode) and every thread follower. That also keeps Discord's rate limits for the cluster as a
 //! whole: the per-route and global limits are the bot token's, and one REST client ([`crate::Rest`], which
 //! reads the `X-RateLimit-*` headers) does all the thread posting. Other nodes only answer the interactions
@@ -24,7 +24,7 @@
 //! #thread"), and the first thing the follower posts is the progress line, which a 2-second-old task has
 //! barely changed.
 //!
-//! A term of leadership ([`Term`]) owns its followers. It ends when a renewal is refused, when no renewal
+//! A term of leadership (`Term`) owns its followers. It ends when a renewal is refused, when no renewal
 //! succeeded in time (the store unreachable: the term's watchdog ends it `grace` before the lease could
 //! lapse, measured from when the last granted renewal was asked for, less a margin), or when the node shuts
 //! down (then the lease is released, so a survivor takes over at its next renewal, within
