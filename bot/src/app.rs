@@ -3,7 +3,9 @@
 //! ([`Bot::handle_http`]).
 //!
 //! Every task the bot spawns (thread followers, interaction work that outlives an HTTP response, pairing
-//! watches) is tracked and stopped by [`Bot::shutdown`].
+//! watches) is tracked and stopped by [`Bot::shutdown`]. Thread followers belong to the current term of
+//! leadership ([`crate::leader`]): a bot started with [`Bot::connect`] leads for its whole life; one run
+//! with [`Bot::lead`] leads while it holds the cluster's lease.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::backend::Backend;
 use crate::commands;
 use crate::config::{BotConfig, Delivery};
 use crate::gateway::{self, GatewayHandle};
+use crate::leader::{LeaseTimes, Term};
 use crate::respond::Responder;
 use crate::rest::Rest;
 use crate::thread::{FollowerEnv, Threads};
@@ -39,6 +42,8 @@ pub(crate) struct Inner {
     verifier: Option<InteractionVerifier>,
     tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
+    /// The term of leadership in force, if this node leads: its followers and when they must stop.
+    pub(crate) term: std::sync::Mutex<Option<Arc<Term>>>,
 }
 
 /// The bot. Cheap to clone.
@@ -75,6 +80,7 @@ impl Bot {
                 verifier,
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
+                term: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -87,13 +93,15 @@ impl Bot {
         &self.inner.rest
     }
 
-    /// Resumes the followers a restart interrupted, then starts receiving interactions: in gateway mode
-    /// connects (and registers the commands on READY);
+    /// Runs the bot on its own, leading for its whole life with no lease (a relay runs [`Bot::lead`]
+    /// instead). Resumes the followers a restart interrupted, then starts receiving interactions: in gateway
+    /// mode connects (and registers the commands on READY);
     /// in HTTP mode registers the commands over REST when there is a token (interactions then arrive
     /// through [`Bot::handle_http`]), and returns `None`.
     pub async fn connect(&self) -> anyhow::Result<Option<GatewayHandle>> {
+        self.inner.begin_term(None, LeaseTimes::default());
         // Threads that were following tasks when the relay stopped carry on (over REST: no gateway needed).
-        self.inner.resume_followers().await;
+        self.inner.adopt_marks().await;
         match self.inner.config.delivery {
             Delivery::Gateway => {
                 let handler = Handler { bot: self.clone() };
@@ -115,6 +123,8 @@ impl Bot {
 
     /// Stops every follower and piece of interaction work, and waits for them.
     pub async fn shutdown(&self) {
+        // Followers first, cleanly, so each leaves its mark where it really got to.
+        self.inner.end_term(LeaseTimes::default().grace).await;
         self.inner.stop.cancel();
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
@@ -176,8 +186,8 @@ impl Inner {
 }
 
 /// Gateway events into the bot.
-struct Handler {
-    bot: Bot,
+pub(crate) struct Handler {
+    pub(crate) bot: Bot,
 }
 
 #[async_trait]

@@ -146,8 +146,9 @@ pub struct AuditEntry {
 }
 
 /// Where a task's output is going in Discord and how far it got. The backend keeps it for the bot, so a
-/// restarted relay carries on in the same thread, editing the same progress message, without posting
-/// anything twice (up to the events of the last moment before a crash).
+/// restarted relay (or the next leader of a cluster) carries on in the same thread, editing the same progress
+/// message, without posting anything twice: what was posted after the last mark before a crash is posted
+/// again with the same nonces, which Discord deduplicates (for a few minutes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadMark {
     pub task: String,
@@ -250,4 +251,17 @@ pub trait Backend: Send + Sync + 'static {
     /// Every mark still kept, with its task: followers that had not finished when the bot stopped. Marks of
     /// tasks that no longer exist are dropped.
     async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>>;
+
+    /// Takes or renews the bot's leadership (the Discord gateway and every thread follower) for `holder`, for
+    /// `ttl` from now by the backend's clock: granted when nobody holds it, when it expired, or when `holder`
+    /// already does. A relay of one is trivially always granted it; a cluster's nodes share one lease in
+    /// their shared store (see [`crate::leader`]).
+    async fn lease(&self, _holder: &str, _ttl: std::time::Duration) -> Result<bool> {
+        Ok(true)
+    }
+    /// Gives the leadership up if `holder` has it, so another node takes over at once rather than after
+    /// the lease expires.
+    async fn release_lease(&self, _holder: &str) -> Result<()> {
+        Ok(())
+    }
 }

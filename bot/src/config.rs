@@ -61,7 +61,13 @@ pub struct BotConfig {
     /// its prompt is posted inside it rather than in the channel. Otherwise threads are public: everyone who
     /// can read the channel reads the task.
     pub private_threads: bool,
+    /// This bot's node in a cluster of relays: the name it holds the Discord lease under (see
+    /// [`crate::leader`]). Not read from the environment: the relay sets its own node id.
+    pub node: String,
 }
+
+/// The node name of a bot nobody named (a relay of one names it after itself).
+pub const DEFAULT_NODE: &str = "relay";
 
 /// A configuration that cannot work; each message names the variable to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +154,7 @@ impl BotConfig {
             api_proxy,
             message_content,
             private_threads,
+            node: DEFAULT_NODE.into(),
         }))
     }
 
@@ -162,6 +169,7 @@ impl BotConfig {
             api_proxy: None,
             message_content: true,
             private_threads: false,
+            node: DEFAULT_NODE.into(),
         }
     }
 

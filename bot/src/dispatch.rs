@@ -30,7 +30,8 @@ use crate::render::summary::{summary_embed, SummaryContext};
 use crate::render::truncate;
 use crate::respond::{deliver, Answer, Initial, Responder};
 use crate::thread::{
-    answers_json, follow, phase_of, progress_of, question_count, upload_limit, ThreadInfo,
+    answers_json, follow, open_request, phase_of, progress_of, question_count, upload_limit,
+    view_of, OpenApproval, ThreadInfo,
 };
 
 /// Autocomplete lists at most this many choices (Discord's limit).
@@ -502,51 +503,40 @@ impl Inner {
             self.rest.start_thread(channel, msg.id, &name).await?
         };
         self.threads.insert(ThreadInfo::new(thread.id, task, limit));
-        self.start_follower(thread.id, task.clone(), limit);
+        self.start_follower(thread.id, task.clone(), limit).await;
         Ok(thread.id)
     }
 
-    pub(crate) fn start_follower(&self, thread: ChannelId, task: TaskInfo, limit: u64) {
-        self.spawn_follower(thread, task, limit, None);
+    /// A new task in `thread`: its mark is written first, with nothing posted yet, then it is followed here
+    /// if this node leads. A node that does not lead (or stops leading meanwhile) leaves it to the leader,
+    /// which finds the mark at its next scan (see `crate::leader`).
+    pub(crate) async fn start_follower(&self, thread: ChannelId, task: TaskInfo, limit: u64) {
+        let mark = Inner::fresh_mark(&task.id, thread.get(), limit);
+        if let Err(err) = self.backend.mark_thread(&mark).await {
+            warn!(%err, task = %task.id, "could not record the task's thread; only this node can follow it");
+        }
+        if !self.spawn_follower(thread, task.clone(), limit, None) {
+            debug!(task = %task.id, %thread, "not leading: the leader follows this thread");
+        }
     }
 
-    fn spawn_follower(
+    /// Follows `task` in `thread` in the current term; false (and nothing runs) if this node does not lead.
+    pub(crate) fn spawn_follower(
         &self,
         thread: ChannelId,
         task: TaskInfo,
         limit: u64,
         resume: Option<ThreadMark>,
-    ) {
+    ) -> bool {
+        let Some(term) = self.term() else {
+            return false;
+        };
         let env = self.follower_env();
-        let stop = self.stop.clone();
         info!(task = %task.id, %thread, resumed = resume.is_some(), "following task in its thread");
         let span = info_span!("follow", task = %task.id, %thread);
-        self.spawn(follow(env, thread, task, limit, resume, stop).instrument(span));
-    }
-
-    /// After a restart: starts again every follower that had not posted its summary, from its mark, so
-    /// threads carry on by themselves (tasks keep running on the agents while the relay is down).
-    pub(crate) async fn resume_followers(&self) {
-        if self.config.token.is_none() {
-            return;
-        }
-        let mut marks = match self.backend.thread_marks().await {
-            Ok(marks) => marks,
-            Err(err) => {
-                warn!(%err, "cannot read which threads were following tasks; they resume when used");
-                return;
-            }
-        };
-        // Oldest first, so a thread's newest task is the one it remembers.
-        marks.sort_by_key(|(_, task)| task.created_at);
-        for (mark, task) in marks {
-            let Some(thread) = std::num::NonZeroU64::new(mark.thread).map(ChannelId::from) else {
-                continue;
-            };
-            self.threads
-                .insert(ThreadInfo::new(thread, &task, mark.upload_limit));
-            self.spawn_follower(thread, task, mark.upload_limit, Some(mark));
-        }
+        term.tracker
+            .spawn(follow(env, thread, task, limit, resume, term.stop.clone()).instrument(span));
+        true
     }
 
     /// The thread's task chain: remembered, or found again from the thread's name (`t_… · prompt`) after a
@@ -580,8 +570,9 @@ impl Inner {
         }
         let info = ThreadInfo::new(channel, &task, upload_limit(0));
         self.threads.insert(info.clone());
+        // An existing task: followed here only if this node leads (its mark, if any, is the leader's).
         if !phase_of(&task.state).is_final() {
-            self.start_follower(channel, task, info.upload_limit);
+            self.spawn_follower(channel, task, info.upload_limit, None);
         }
         Some(info)
     }
@@ -642,14 +633,16 @@ impl Inner {
                     i.fresh = false;
                     i.next_model = None;
                 });
-                self.start_follower(channel, task.clone(), limit.max(info.upload_limit));
+                self.start_follower(channel, task.clone(), limit.max(info.upload_limit))
+                    .await;
                 return Ok(task);
             }
         }
         let task = self.backend.reply(user, &info.task, prompt).await?;
         if task.id != info.task {
             self.threads.update(channel, |i| i.task = task.id.clone());
-            self.start_follower(channel, task.clone(), info.upload_limit);
+            self.start_follower(channel, task.clone(), info.upload_limit)
+                .await;
         }
         Ok(task)
     }
@@ -1143,8 +1136,8 @@ impl Inner {
                     Scope::Session => Some(Decision::AllowSession),
                     // The word comes from the request this bot showed, never from the click.
                     Scope::FirstWord => self
-                        .threads
-                        .approval(&task, &approval)
+                        .find_approval(&task, &approval)
+                        .await
                         .filter(|open| takes_prefixes(&open.view))
                         .and_then(|open| {
                             SessionScope::first_word(&open.view.tool, &open.view.input)
@@ -1166,8 +1159,8 @@ impl Inner {
             }
             Action::Prefix { approval, .. } => {
                 let command = self
-                    .threads
-                    .approval(&task, &approval)
+                    .find_approval(&task, &approval)
+                    .await
                     .and_then(|o| o.view.input["command"].as_str().map(str::to_string))
                     .unwrap_or_default();
                 Ok(match prefix_modal(&task, &approval, &command) {
@@ -1188,7 +1181,7 @@ impl Inner {
                     ComponentInteractionDataKind::StringSelect { values } => values.clone(),
                     _ => Vec::new(),
                 };
-                let labels = self.threads.approval(&task, &approval).map(|open| {
+                let labels = self.find_approval(&task, &approval).await.map(|open| {
                     let qs = questions(&open.view.input);
                     values
                         .iter()
@@ -1213,8 +1206,8 @@ impl Inner {
                 approval, question, ..
             } => {
                 let text = self
-                    .threads
-                    .approval(&task, &approval)
+                    .find_approval(&task, &approval)
+                    .await
                     .and_then(|o| {
                         questions(&o.view.input)
                             .get(usize::from(question))
@@ -1239,6 +1232,31 @@ impl Inner {
             .into()
     }
 
+    /// An open approval of `task`: as this node's follower posted it, or — on a node that does not follow the
+    /// task (a cluster's other nodes answer its buttons in HTTP-interactions mode) — from the task's stored
+    /// events, if the request is still open there. The words and rules offered always come from the request
+    /// the agent sent, never from the click.
+    async fn find_approval(&self, task: &str, approval: &str) -> Option<OpenApproval> {
+        if let Some(open) = self.threads.approval(task, approval) {
+            return Some(open);
+        }
+        let feed = self.backend.follow(task).await.ok()?;
+        let request = open_request(&feed.past, approval)?;
+        let decider = self
+            .backend
+            .approver(task)
+            .await
+            .unwrap_or_else(|_| feed.task.owner.clone());
+        Some(OpenApproval {
+            view: view_of(task, request, &decider)?,
+            channel: self.threads.thread_of(task).unwrap_or(ChannelId::new(1)),
+            message: None,
+            decided_by: None,
+            rule: None,
+            answers: Default::default(),
+        })
+    }
+
     /// "Allow a prefix…", submitted: the prefix must cover the command the approver was shown (the agent checks
     /// it again), so allowing this use and adding the rule are one decision.
     async fn allow_prefix(
@@ -1249,8 +1267,8 @@ impl Inner {
         prefix: &str,
     ) -> crate::backend::Result<Initial> {
         let Some(open) = self
-            .threads
-            .approval(task, approval)
+            .find_approval(task, approval)
+            .await
             .filter(|open| takes_prefixes(&open.view))
         else {
             return Ok(Initial::Message(Answer::private(

@@ -21,6 +21,8 @@
 //! - [`dispatch`]: what each command, button, menu, modal and thread message does, in backend calls.
 //! - [`thread`]: a task's thread — which task of a follow-up chain it shows, and the follower posting the
 //!   task's progress, text, approvals and summary there.
+//! - [`leader`]: which node of a cluster runs the gateway and posts in task threads — a lease, renewed, with
+//!   threads opened elsewhere handed over through their marks.
 //! - [`backend`]: the [`Backend`] trait — everything the bot needs from the relay core, which the relay
 //!   implements. Nothing in this crate depends on the relay.
 
@@ -31,6 +33,7 @@ pub mod config;
 pub mod custom_id;
 pub mod dispatch;
 pub mod gateway;
+pub mod leader;
 pub mod mentions;
 pub mod render;
 pub mod respond;

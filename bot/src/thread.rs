@@ -17,9 +17,11 @@
 //!
 //! The follower keeps a [`ThreadMark`] with the backend as it posts (the thread, the progress message, the
 //! last event posted, the messages of approvals still open) and forgets it after the summary. A relay that
-//! restarts finds the marks of followers that had not finished and starts them again from there
-//! ([`crate::Bot::connect`]): the thread carries on without anyone writing in it, and without posting
-//! anything twice.
+//! restarts — or the next leader of a cluster ([`crate::leader`]) — finds the marks of followers that had not
+//! finished and starts them again from there: the thread carries on without anyone writing in it, and
+//! without posting anything twice. A follower stopped on purpose stops between events, its mark exact; one
+//! that died between a post and its mark is covered by the posts' nonces (Discord's `enforce_nonce` returns
+//! the message already there).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU64;
@@ -31,7 +33,7 @@ use ct_protocol::task::TaskEvent;
 use serde_json::Value;
 use serenity::all::{
     ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateMessage,
-    EditMessage, MessageId, UserId,
+    EditMessage, MessageId, Nonce, UserId,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
@@ -115,6 +117,9 @@ struct State {
     approvals: HashMap<(String, String), OpenApproval>,
     /// Tasks with a live follower, so one task is never followed twice.
     following: HashSet<String>,
+    /// Tasks whose follower posted the summary here: never followed again by this bot, even from a mark read
+    /// just before the follower forgot it (the leader's scan of marks races with followers finishing).
+    finished: HashSet<String>,
     /// Channels known not to be task threads, so messages there cost no lookup.
     not_threads: HashSet<ChannelId>,
 }
@@ -180,13 +185,33 @@ impl Threads {
         self.lock().by_task.get(task).copied()
     }
 
-    /// Marks `task` followed; false if it already is.
+    /// Marks `task` followed; false if it already is, or its follower already finished here.
     fn start_following(&self, task: &str) -> bool {
-        self.lock().following.insert(task.to_string())
+        let mut st = self.lock();
+        !st.finished.contains(task) && st.following.insert(task.to_string())
     }
 
-    fn stop_following(&self, task: &str) {
-        self.lock().following.remove(task);
+    fn stop_following(&self, task: &str, finished: bool) {
+        let mut st = self.lock();
+        st.following.remove(task);
+        if finished {
+            // Bounded: forgetting them only matters for a mark read in the instant before it was forgotten.
+            if st.finished.len() >= MAX_THREADS {
+                st.finished.clear();
+            }
+            st.finished.insert(task.to_string());
+        }
+    }
+
+    /// Whether `task` has a follower here, or had one that posted its summary.
+    pub fn is_followed(&self, task: &str) -> bool {
+        let st = self.lock();
+        st.following.contains(task) || st.finished.contains(task)
+    }
+
+    /// Tasks with a live follower here.
+    pub fn followed(&self) -> usize {
+        self.lock().following.len()
     }
 
     pub fn approval(&self, task: &str, approval: &str) -> Option<OpenApproval> {
@@ -322,21 +347,47 @@ struct Follower {
     resumed: bool,
     /// From that mark: approvals that were open, with their messages, to be reopened as their requests replay.
     reopen: BTreeMap<String, u64>,
+    /// Messages posted so far for the event `last_seq`: with it, each message's nonce.
+    posts: std::sync::atomic::AtomicU32,
+}
+
+/// How a follower is told to stop.
+#[derive(Debug, Clone, Default)]
+pub struct FollowerStop {
+    /// Stop cleanly: finish the event in hand (whatever it posts, and the mark after it), save the mark, and
+    /// return, so the next follower (another node's, after a hand-over) carries on from exactly there.
+    pub soft: tokio_util::sync::CancellationToken,
+    /// Stop now, wherever it is: for when a clean stop took too long (a node's lease is about to expire) and
+    /// at shutdown. What was posted after the last mark may be posted again by the next follower.
+    pub hard: tokio_util::sync::CancellationToken,
+}
+
+/// How a follower's run ended.
+enum Ended {
+    /// The summary is posted and the mark forgotten.
+    Finished,
+    /// Told to stop (or could not follow); the mark says how far it got.
+    Stopped,
 }
 
 /// Follows `task` in `thread` until it ends or `stop` fires. Returns at once if the task already has a
-/// follower. With `resume`, carries on where the mark says an earlier follower got to.
+/// follower here. With `resume`, carries on where the mark says an earlier follower got to.
 pub async fn follow(
     env: FollowerEnv,
     thread: ChannelId,
     task: TaskInfo,
     upload_limit: u64,
     resume: Option<ThreadMark>,
-    stop: tokio_util::sync::CancellationToken,
+    stop: FollowerStop,
 ) {
     if !env.threads.start_following(&task.id) {
         return;
     }
+    // A mark with nothing posted yet is a hand-over from a node that opened the thread but does not follow
+    // (see `crate::leader`): its follower starts afresh, without saying anything restarted.
+    let resumed = resume
+        .as_ref()
+        .is_some_and(|m| m.progress.is_some() || m.posted > 0);
     let id = task.id.clone();
     let mut f = Follower {
         progress: TaskProgress::new(&task.id),
@@ -352,35 +403,56 @@ pub async fn follow(
             .map(MessageId::from),
         throttle: EditThrottle::new(EDIT_INTERVAL),
         last_seq: resume.as_ref().map_or(0, |m| m.posted),
-        resumed: resume.is_some(),
+        resumed,
         reopen: resume.map(|m| m.approvals).unwrap_or_default(),
+        posts: std::sync::atomic::AtomicU32::new(0),
     };
-    tokio::select! {
-        () = f.run() => {}
-        () = stop.cancelled() => debug!(task = %id, "follower stopped by shutdown"),
-    }
-    env.threads.stop_following(&id);
+    let ended = tokio::select! {
+        ended = f.run(&stop.soft) => ended,
+        () = stop.hard.cancelled() => {
+            debug!(task = %id, "follower stopped where it stood");
+            Ended::Stopped
+        }
+    };
+    env.threads
+        .stop_following(&id, matches!(ended, Ended::Finished));
 }
 
 impl Follower {
-    async fn run(&mut self) {
+    /// Posts the task's events until it ends (then the summary) or `soft` fires. `soft` is looked at only
+    /// between events, never in the middle of posting one, so a stopped follower's mark says exactly what is
+    /// in the thread.
+    async fn run(&mut self, soft: &tokio_util::sync::CancellationToken) -> Ended {
+        if soft.is_cancelled() {
+            return Ended::Stopped;
+        }
         if self.progress_msg.is_none() {
             self.post_progress().await;
         }
         self.save_mark().await;
         let feed = match self.env.backend.follow(&self.task.id).await {
             Ok(feed) => feed,
+            Err(crate::backend::BackendError::Internal(err)) => {
+                // Ours and passing (the store): the mark stays, and the leader's next scan of marks tries
+                // again, so nothing is said in the thread each time.
+                warn!(error = %format!("{err:#}"), task = %self.task.id, "cannot follow the task for now");
+                return Ended::Stopped;
+            }
             Err(err) => {
+                // For good (the task is gone): said once, and the mark forgotten so nobody tries again.
                 warn!(%err, task = %self.task.id, "cannot follow the task");
-                self.post_text(&format!("⚠️ Cannot follow `{}`: {err}", self.task.id))
+                self.post_notice(&format!("⚠️ Cannot follow `{}`: {err}", self.task.id))
                     .await;
-                return;
+                if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {
+                    warn!(%err, task = %self.task.id, "could not forget the mark of a task that cannot be followed");
+                }
+                return Ended::Finished;
             }
         };
         self.progress.model = self.task.model.clone();
         let mut live = feed.live;
         if self.resumed {
-            self.post_text(
+            self.post_notice(
                 "↻ The relay restarted; this task kept running and its output carries on here.",
             )
             .await;
@@ -388,6 +460,10 @@ impl Follower {
         }
         let already_posted = self.last_seq;
         for (seq, ev) in feed.past {
+            if soft.is_cancelled() {
+                self.save_mark().await;
+                return Ended::Stopped;
+            }
             if seq <= already_posted {
                 // In the thread before the restart: it only counts towards the progress shown, and brings
                 // back the approvals still open there.
@@ -408,6 +484,11 @@ impl Follower {
                 EditDecision::Idle => None,
             };
             tokio::select! {
+                // Between events: whatever the last one posted is in the mark once it is saved here.
+                () = soft.cancelled() => {
+                    self.save_mark().await;
+                    return Ended::Stopped;
+                }
                 got = live.recv() => match got {
                     Ok((seq, ev)) => self.event(seq, ev).await,
                     Err(RecvError::Lagged(n)) => {
@@ -438,6 +519,7 @@ impl Follower {
             }
         }
         self.finish().await;
+        Ended::Finished
     }
 
     async fn event(&mut self, seq: u64, ev: TaskEvent) {
@@ -445,6 +527,7 @@ impl Follower {
             return;
         }
         self.last_seq = seq;
+        self.posts.store(0, std::sync::atomic::Ordering::Relaxed);
         let posts = matches!(
             &ev,
             TaskEvent::Text { .. }
@@ -489,19 +572,9 @@ impl Follower {
 
     /// How an approval request shows in the thread, with who must decide it now; `None` for other events.
     async fn approval_view(&self, ev: &TaskEvent) -> Option<ApprovalView> {
-        let TaskEvent::ApprovalRequested {
-            approval,
-            tool,
-            summary,
-            input,
-            question,
-            description,
-            session,
-            input_cut,
-        } = ev
-        else {
+        if !matches!(ev, TaskEvent::ApprovalRequested { .. }) {
             return None;
-        };
+        }
         let decider = match self.env.backend.approver(&self.task.id).await {
             Ok(u) => u,
             Err(err) => {
@@ -509,18 +582,7 @@ impl Follower {
                 self.task.owner.clone()
             }
         };
-        Some(ApprovalView {
-            task: self.task.id.clone(),
-            approval: approval.clone(),
-            tool: tool.clone(),
-            summary: summary.clone(),
-            input: input.clone(),
-            question: *question,
-            description: description.clone(),
-            session: session.clone(),
-            input_cut: *input_cut,
-            decider: decider.parse().unwrap_or(UserId::new(1)),
-        })
+        view_of(&self.task.id, ev, &decider)
     }
 
     /// Replaying an event posted before a restart: an approval the mark says is still open is known again,
@@ -576,7 +638,9 @@ impl Follower {
         let msg = CreateMessage::new()
             .content(self.render())
             .components(stop_row(&self.task.id, false))
-            .allowed_mentions(CreateAllowedMentions::new());
+            .allowed_mentions(CreateAllowedMentions::new())
+            .nonce(nonce(&self.task.id, "progress", 0, 0))
+            .enforce_nonce(true);
         match self.env.rest.send_message(self.thread, &msg, &[]).await {
             Ok(m) => self.progress_msg = Some(m.id),
             Err(err) => warn!(%err, task = %self.task.id, "could not post the progress message"),
@@ -596,14 +660,37 @@ impl Follower {
         }
     }
 
-    /// Posts plain text with mentions disabled: Claude's output must not ping anyone.
+    /// Posts plain text with mentions disabled: Claude's output must not ping anyone. Part of the event in
+    /// hand, so idempotent (see [`Follower::event_nonce`]).
     async fn post_text(&self, content: &str) {
+        let msg = CreateMessage::new()
+            .content(content)
+            .allowed_mentions(CreateAllowedMentions::new())
+            .nonce(self.event_nonce())
+            .enforce_nonce(true);
+        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
+            warn!(%err, task = %self.task.id, "could not post in the thread");
+        }
+    }
+
+    /// Posts a note of the follower's own (not of an event): each one is new.
+    async fn post_notice(&self, content: &str) {
         let msg = CreateMessage::new()
             .content(content)
             .allowed_mentions(CreateAllowedMentions::new());
         if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
             warn!(%err, task = %self.task.id, "could not post in the thread");
         }
+    }
+
+    /// The nonce of the next message posted for the event in hand. A follower that carries on after one that
+    /// died between posting and saving its mark posts the same messages again with the same nonces, and
+    /// Discord (`enforce_nonce`) returns the messages already there instead of posting them twice.
+    fn event_nonce(&self) -> Nonce {
+        let n = self
+            .posts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        nonce(&self.task.id, "event", self.last_seq, n)
     }
 
     async fn post_output(&self, text: &str) {
@@ -624,7 +711,9 @@ impl Follower {
             } => {
                 let msg = CreateMessage::new()
                     .content(note)
-                    .allowed_mentions(CreateAllowedMentions::new());
+                    .allowed_mentions(CreateAllowedMentions::new())
+                    .nonce(self.event_nonce())
+                    .enforce_nonce(true);
                 let file = Upload { filename, data };
                 if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[file]).await {
                     warn!(%err, task = %self.task.id, "could not post the attachment");
@@ -646,7 +735,9 @@ impl Follower {
             .content(approval_content(&view))
             .components(components)
             // Ping the person who must decide, and nobody else.
-            .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]));
+            .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]))
+            .nonce(self.event_nonce())
+            .enforce_nonce(true);
         // What did not fit in the message goes with it, whole, as a file (within the upload limit: the agent
         // sends at most a few hundred KiB of input).
         let (files, too_big): (Vec<Upload>, Vec<Upload>) = attachment(&view)
@@ -718,7 +809,9 @@ impl Follower {
         };
         let mut msg = CreateMessage::new()
             .embed(summary_embed(&self.progress, &ctx))
-            .allowed_mentions(CreateAllowedMentions::new());
+            .allowed_mentions(CreateAllowedMentions::new())
+            .nonce(nonce(&self.task.id, "summary", 0, 0))
+            .enforce_nonce(true);
         let mut files = Vec::new();
         if let Some(w) = self
             .progress
@@ -746,6 +839,63 @@ impl Follower {
             warn!(%err, task = %self.task.id, "could not forget the finished thread's mark");
         }
     }
+}
+
+/// How the approval request `ev` shows, for `decider`; `None` for other events.
+pub(crate) fn view_of(task: &str, ev: &TaskEvent, decider: &str) -> Option<ApprovalView> {
+    let TaskEvent::ApprovalRequested {
+        approval,
+        tool,
+        summary,
+        input,
+        question,
+        description,
+        session,
+        input_cut,
+    } = ev
+    else {
+        return None;
+    };
+    Some(ApprovalView {
+        task: task.to_string(),
+        approval: approval.clone(),
+        tool: tool.clone(),
+        summary: summary.clone(),
+        input: input.clone(),
+        question: *question,
+        description: description.clone(),
+        session: session.clone(),
+        input_cut: *input_cut,
+        decider: decider.parse().unwrap_or(UserId::new(1)),
+    })
+}
+
+/// The request of approval `approval` of a task, from its stored events, if it is still open there.
+pub(crate) fn open_request<'a>(
+    past: &'a [(u64, TaskEvent)],
+    approval: &str,
+) -> Option<&'a TaskEvent> {
+    let mut open = None;
+    for (_, ev) in past {
+        match ev {
+            TaskEvent::ApprovalRequested { approval: a, .. } if a == approval => open = Some(ev),
+            TaskEvent::ApprovalClosed { approval: a, .. } if a == approval => open = None,
+            _ => {}
+        }
+    }
+    open
+}
+
+/// A message's nonce, the same on every node for the same message of a task (Discord allows 25 characters):
+/// FNV-1a over what the message is, stable across builds (unlike `std`'s hasher).
+fn nonce(task: &str, kind: &str, seq: u64, n: u32) -> Nonce {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let key = format!("{task}/{kind}/{seq}/{n}");
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Nonce::String(format!("ct{h:016x}"))
 }
 
 /// The progress phase for a task state as the backend names it.

@@ -24,7 +24,7 @@ use tokio::sync::broadcast;
 const T: Duration = Duration::from_secs(10);
 
 /// One scripted task: its record, its log, and its live channel.
-struct FakeTask {
+pub(crate) struct FakeTask {
     info: TaskInfo,
     log: Vec<(u64, TaskEvent)>,
     live: broadcast::Sender<(u64, TaskEvent)>,
@@ -32,29 +32,37 @@ struct FakeTask {
 
 /// A backend that records what it is asked and lets the test play the agent.
 #[derive(Default)]
-struct Fake {
+pub(crate) struct Fake {
     owner: String,
-    tasks: Mutex<HashMap<String, FakeTask>>,
+    pub(crate) tasks: Mutex<HashMap<String, FakeTask>>,
     next: Mutex<u32>,
     submits: Mutex<Vec<TaskRequest>>,
     replies: Mutex<Vec<(String, String)>>,
-    decisions: Mutex<Vec<(String, String, Decision)>>,
+    pub(crate) decisions: Mutex<Vec<(String, String, Decision)>>,
     cancels: Mutex<Vec<String>>,
     /// Times a task's stored events were read (`follow`): what a stranger must not make the relay do.
     follows: std::sync::atomic::AtomicUsize,
     /// The relay's store of thread marks, which outlives a bot.
-    marks: Mutex<HashMap<String, ThreadMark>>,
+    pub(crate) marks: Mutex<HashMap<String, ThreadMark>>,
+    /// The Discord lease as a shared store keeps it: its holder and until when.
+    pub(crate) lease: Mutex<Option<(String, std::time::Instant)>>,
+    /// Times each node asked for the lease.
+    pub(crate) lease_asks: Mutex<HashMap<String, usize>>,
+    /// Nodes that cannot reach the store: their lease calls fail.
+    pub(crate) cut_off: Mutex<std::collections::HashSet<String>>,
+    /// Marks written while set are lost, as the writes of a node that died before they reached the store.
+    pub(crate) marks_lost: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
-    fn new(owner: &str) -> Arc<Self> {
+    pub(crate) fn new(owner: &str) -> Arc<Self> {
         Arc::new(Self {
             owner: owner.into(),
             ..Self::default()
         })
     }
 
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap()
     }
 
@@ -86,7 +94,7 @@ impl Fake {
     }
 
     /// The agent reports `event` for `task`.
-    fn emit(&self, task: &str, event: TaskEvent) {
+    pub(crate) fn emit(&self, task: &str, event: TaskEvent) {
         let mut tasks = Self::lock(&self.tasks);
         let t = tasks.get_mut(task).expect("a known task");
         if let TaskEvent::Finished { state, .. } = &event {
@@ -217,6 +225,9 @@ impl Backend for Fake {
         Ok(Vec::new())
     }
     async fn mark_thread(&self, mark: &ThreadMark) -> Result<()> {
+        if self.marks_lost.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         Self::lock(&self.marks).insert(mark.task.clone(), mark.clone());
         Ok(())
     }
@@ -230,6 +241,33 @@ impl Backend for Fake {
             .into_iter()
             .filter_map(|m| Some((m.clone(), self.info(&m.task).ok()?)))
             .collect())
+    }
+    // As the relay's store does it: granted when free, expired, or already the holder's.
+    async fn lease(&self, holder: &str, ttl: Duration) -> Result<bool> {
+        *Self::lock(&self.lease_asks)
+            .entry(holder.to_string())
+            .or_default() += 1;
+        if Self::lock(&self.cut_off).contains(holder) {
+            return Err(BackendError::Internal(anyhow::anyhow!(
+                "the store does not answer"
+            )));
+        }
+        let now = std::time::Instant::now();
+        let mut lease = Self::lock(&self.lease);
+        match &*lease {
+            Some((who, until)) if who != holder && *until > now => Ok(false),
+            _ => {
+                *lease = Some((holder.to_string(), now + ttl));
+                Ok(true)
+            }
+        }
+    }
+    async fn release_lease(&self, holder: &str) -> Result<()> {
+        let mut lease = Self::lock(&self.lease);
+        if lease.as_ref().is_some_and(|(who, _)| who == holder) {
+            *lease = None;
+        }
+        Ok(())
     }
 }
 
@@ -386,7 +424,7 @@ impl World {
     }
 }
 
-fn finished(state: FinalState, message: Option<&str>) -> TaskEvent {
+pub(crate) fn finished(state: FinalState, message: Option<&str>) -> TaskEvent {
     TaskEvent::Finished {
         state,
         message: message.map(Into::into),

@@ -4,6 +4,7 @@
 //! quinn and serenity: the workspace's ~30 test binaries took most of a clean build's disk and link time, and
 //! CI ran out of disk. One binary per crate links once. `cargo test -p <crate> <file>::` still runs one file.
 
+mod cluster;
 mod dispatch;
 mod gateway;
 mod http_interactions;

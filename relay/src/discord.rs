@@ -13,7 +13,7 @@ use ct_bot::backend::{
     AgentInfo, AuditEntry, BackendError, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel,
     TaskFeed, TaskInfo, TaskRequest, ThreadMark,
 };
-use ct_bot::gateway::GatewayHandle;
+use ct_bot::leader::LeaseTimes;
 use ct_protocol::pairing::PairingToken;
 use ct_protocol::project::ProjectOp;
 use ct_protocol::task::Decision;
@@ -35,6 +35,8 @@ const PAIR_POLL: Duration = Duration::from_secs(1);
 const RECENT_TASKS: usize = 25;
 /// Audit entries shown by `/audit`.
 const AUDIT_LINES: usize = 20;
+/// The lease whose holder runs the Discord gateway and every thread follower (see `ct_bot::leader`).
+pub const LEASE: &str = "discord";
 
 fn task_err(e: TaskError) -> BackendError {
     match e {
@@ -465,6 +467,20 @@ impl Backend for CoreBackend {
         Ok(marked)
     }
 
+    // The store's lease, by the store's clock: in a cluster the nodes share it; in a relay of one it is always
+    // this node's (its id is stable across restarts, so even a crash does not make it wait for its own).
+    async fn lease(&self, holder: &str, ttl: Duration) -> Result<bool> {
+        let holder = holder.to_string();
+        self.read(move |store| store.lease(LEASE, &holder, ttl))
+            .await
+    }
+
+    async fn release_lease(&self, holder: &str) -> Result<()> {
+        let holder = holder.to_string();
+        self.read(move |store| store.release_lease(LEASE, &holder))
+            .await
+    }
+
     async fn follow(&self, task: &str) -> Result<TaskFeed> {
         let (rec, past, live) = self.core.follow(task).await.map_err(task_err)?;
         Ok(TaskFeed {
@@ -587,18 +603,33 @@ fn share_info(rec: &store::ShareRecord) -> ShareInfo {
     }
 }
 
-/// Starts the bot for `config` over `core`, for as long as `shutdown` is not cancelled: in gateway mode it
-/// connects; in HTTP mode it registers the commands and returns the [`Bot`] for the HTTPS endpoint's
-/// interactions route. The bot's own tasks stop at shutdown, before the relay drains (`tasks` waits).
+/// Starts the bot for `config` over `core`, for as long as `shutdown` is not cancelled, and returns it for
+/// the HTTPS endpoint's interactions route (every node answers those). The node leads — runs the gateway in
+/// gateway mode, registers the commands in HTTP mode, and follows every task thread — while it holds the
+/// [`LEASE`] in the store, shared by a cluster's nodes and always this node's in a relay of one
+/// (`ct_bot::leader`). The bot's own tasks stop at shutdown, before the relay drains (`tasks` waits), and the
+/// lease is released then, so another node takes over at once.
 ///
-/// A bot that cannot start (a refused token, Discord unreachable) is logged and left off: agents are still
-/// served.
-pub async fn start(
+/// A bot that cannot connect (a refused token, Discord unreachable) is logged and tried again; agents are
+/// served meanwhile.
+pub fn start(
     core: Core,
     config: BotConfig,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
 ) -> Option<Bot> {
+    start_with(core, config, shutdown, tasks, LeaseTimes::default())
+}
+
+/// [`start`] with other lease timings (tests).
+pub fn start_with(
+    core: Core,
+    mut config: BotConfig,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+    times: LeaseTimes,
+) -> Option<Bot> {
+    config.node = core.node_id().to_string();
     let backend: Arc<dyn Backend> = Arc::new(CoreBackend::new(core));
     let bot = match Bot::new(config, backend) {
         Ok(bot) => bot,
@@ -607,19 +638,9 @@ pub async fn start(
             return None;
         }
     };
-    let gateway: Option<GatewayHandle> = match bot.connect().await {
-        Ok(handle) => handle,
-        Err(err) => {
-            error!(error = %format!("{err:#}"), "the Discord bot could not start; serving agents without it");
-            return None;
-        }
-    };
     let running = bot.clone();
     tasks.spawn(async move {
-        shutdown.cancelled().await;
-        if let Some(gateway) = gateway {
-            gateway.shutdown().await;
-        }
+        running.lead_with(shutdown, times).await;
         running.shutdown().await;
         info!("Discord bot stopped");
     });

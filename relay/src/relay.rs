@@ -303,9 +303,7 @@ impl Relay {
         }
         // The bot stops with the relay's shutdown token; its tasks are waited for with the others.
         let discord = match bot {
-            Some(config) => {
-                crate::discord::start(core.clone(), config, shutdown.clone(), &tasks).await
-            }
+            Some(config) => crate::discord::start(core.clone(), config, shutdown.clone(), &tasks),
             None => None,
         };
         if let Some(tcp) = tcp {

@@ -7,6 +7,7 @@
 mod audit;
 mod binary;
 mod connections;
+mod discord;
 mod endpoint;
 mod installers;
 mod layout;

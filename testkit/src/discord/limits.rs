@@ -140,6 +140,8 @@ fn items(v: &Value) -> &[Value] {
 pub fn check_message(body: &Value, files: usize, edit: bool) -> Result<(), DiscordError> {
     let mut e = FormErrors::default();
     e.max_len("content", &body["content"], CONTENT_MAX);
+    // A message's nonce is at most 25 characters.
+    e.max_len("nonce", &body["nonce"], 25);
     check_embeds(&mut e, &body["embeds"]);
     check_components(&mut e, &body["components"]);
     e.into_result()?;

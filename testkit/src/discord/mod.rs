@@ -540,6 +540,11 @@ impl DiscordSim {
         .context("no gateway session identified")
     }
 
+    /// Gateway sessions identified (READY sent) and still connected now: one bot should have one.
+    pub fn gateway_sessions(&self) -> usize {
+        self.shared.gateway.identified()
+    }
+
     // ---- driving ----
 
     /// Sends a dispatch (op 0) to every identified gateway session.
@@ -815,6 +820,7 @@ impl DiscordSim {
             timestamp: model::timestamp_now(),
             edited_timestamp: None,
             thread_id: None,
+            nonce: None,
         };
         let mut json = msg.json(&origin.guild_id);
         json["guild_id"] = json!(origin.guild_id);

@@ -330,6 +330,21 @@ fn route(sh: &Shared, st: &mut super::state::State, req: &Req, now: Instant) -> 
                 return Err(unknown("Channel", 10003));
             }
             limits::check_message(&req.body, req.files.len(), false)?;
+            // `enforce_nonce`: a message the bot already created with this nonce is returned, and none is
+            // created (Discord checks the past few minutes; the simulator's runs are shorter than that).
+            if req.body["enforce_nonce"] == json!(true) {
+                if let Some(nonce) = nonce_of(&req.body) {
+                    let existing = st.messages.get(*c).and_then(|ms| {
+                        ms.iter().find(|m| {
+                            m.nonce.as_deref() == Some(nonce.as_str())
+                                && m.author.id == sh.cfg.bot.id
+                        })
+                    });
+                    if let Some(m) = existing {
+                        return Ok((200, m.json(&sh.cfg.guild_id)));
+                    }
+                }
+            }
             let msg = new_message(sh, c, &req.body, &req.files, sh.cfg.bot.clone());
             let json = msg.json(&sh.cfg.guild_id);
             st.messages.entry(c.to_string()).or_default().push(msg);
@@ -498,9 +513,19 @@ fn new_message(
         timestamp: timestamp_now(),
         edited_timestamp: None,
         thread_id: None,
+        nonce: nonce_of(body),
     };
     apply_edit(sh, &mut msg, body, files);
     msg
+}
+
+/// A create body's `nonce`, string or number, as a string.
+fn nonce_of(body: &Value) -> Option<String> {
+    match &body["nonce"] {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 /// Applies the fields present in `body`; absent fields keep their value, as PATCH does on Discord.

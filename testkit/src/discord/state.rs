@@ -93,6 +93,8 @@ pub struct SimMessage {
     pub edited_timestamp: Option<String>,
     /// The thread started from this message, if any.
     pub thread_id: Option<String>,
+    /// The `nonce` it was created with, as a string (Discord accepts a string or a number).
+    pub nonce: Option<String>,
 }
 
 impl SimMessage {

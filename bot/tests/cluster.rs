@@ -1,0 +1,575 @@
+//! Two nodes of a cluster running the bot against one Discord application and one backend (the scripted
+//! [`Fake`], whose lease behaves as the relay's shared store's): only the lease holder posts in threads and
+//! holds the gateway; a thread opened on the other node is handed to it through its mark; when the leader
+//! leaves, or is cut off from the store, the other node takes over and carries each thread on from its mark
+//! with nothing posted twice; and the simulator sees no 429.
+//!
+//! The timings are shortened ([`times`]); the defaults are in `ct_bot::leader::LeaseTimes`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use ct_bot::config::{BotConfig, Delivery};
+use ct_bot::leader::LeaseTimes;
+use ct_bot::Bot;
+use ct_protocol::task::{FinalState, TaskEvent};
+use ct_testkit::discord::{DiscordSim, Opt, SimMessage, SimUser, SlashCommand};
+use ct_testkit::eventually;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::dispatch::{finished, Fake};
+
+const T: Duration = Duration::from_secs(10);
+
+fn times() -> LeaseTimes {
+    LeaseTimes {
+        ttl: Duration::from_secs(3),
+        renew: Duration::from_millis(200),
+        scan: Duration::from_millis(300),
+        grace: Duration::from_millis(500),
+    }
+}
+
+/// One node's bot, leading while it holds the lease, with its HTTP-interactions endpoint on 127.0.0.1:0.
+struct Node {
+    bot: Bot,
+    url: String,
+    stop: CancellationToken,
+    run: JoinHandle<()>,
+    http: JoinHandle<()>,
+}
+
+impl Node {
+    async fn start(sim: &DiscordSim, fake: &Arc<Fake>, name: &str, http: bool) -> Self {
+        let mut config = BotConfig::gateway(sim.token());
+        config.api_proxy = Some(sim.api_base());
+        config.guild_id = Some(sim.guild_id().parse().unwrap());
+        config.node = name.to_string();
+        if http {
+            config.delivery = Delivery::Http {
+                public_key: sim.signer().public_key_hex(),
+            };
+            config.application_id = Some(sim.application_id().parse().unwrap());
+        }
+        let bot = Bot::new(config, fake.clone()).unwrap();
+        let endpoint = bot.clone();
+        let app = axum::Router::new().route(
+            "/discord/interactions",
+            axum::routing::post(move |h: HeaderMap, b: Bytes| {
+                let bot = endpoint.clone();
+                async move {
+                    let (status, body) = bot.handle_http(&h, &b).await;
+                    (StatusCode::from_u16(status).unwrap(), axum::Json(body))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/discord/interactions",
+            listener.local_addr().unwrap()
+        );
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        let stop = CancellationToken::new();
+        let run = tokio::spawn({
+            let (bot, stop) = (bot.clone(), stop.clone());
+            async move {
+                bot.lead_with(stop, times()).await;
+                bot.shutdown().await;
+            }
+        });
+        Self {
+            bot,
+            url,
+            stop,
+            run,
+            http,
+        }
+    }
+
+    /// Shuts the node down as SIGTERM does: it steps down and releases the lease.
+    async fn stop(self) {
+        self.stop.cancel();
+        self.run.await.unwrap();
+        self.http.abort();
+    }
+}
+
+/// Waits until `node` has asked for the lease `n` times (so a refusal has been seen, not assumed).
+async fn asked(fake: &Fake, node: &str, n: usize) {
+    eventually(T, || {
+        Fake::lock(&fake.lease_asks)
+            .get(node)
+            .is_some_and(|k| *k >= n)
+    })
+    .await;
+}
+
+/// `/task PROMPT` by `user`, POSTed to `node`'s endpoint as Discord would; returns (task, thread).
+async fn task_on(sim: &DiscordSim, node: &Node, user: &SimUser, prompt: &str) -> (String, String) {
+    let p = sim
+        .prepare_slash(
+            &sim.origin(user),
+            &SlashCommand::new("task").opt(Opt::str("prompt", prompt)),
+        )
+        .unwrap();
+    let reply = sim.post_interaction(&node.url, &p).await.unwrap();
+    assert_eq!(reply.status, 200);
+    let body: Value = reply.json().unwrap();
+    let said = match body["data"]["content"].as_str() {
+        Some(s) => s.to_string(),
+        // Deferred: the answer is the edited original.
+        None => sim
+            .wait_until(T, |s| {
+                let i = s.interaction(&p.interaction.id)?;
+                let m = s.message(i.original_message.as_deref()?)?;
+                (!m.content.is_empty()).then_some(m.content)
+            })
+            .await
+            .unwrap(),
+    };
+    assert!(said.starts_with("🧵 Started `t_"), "{said}");
+    let task = said.split('`').nth(1).unwrap().to_string();
+    let start = said.find("<#").unwrap() + 2;
+    (task, said[start..said.len() - 1].to_string())
+}
+
+async fn find(sim: &DiscordSim, channel: &str, what: &str, pred: impl Fn(&SimMessage) -> bool) {
+    sim.wait_until(T, |s| s.messages(channel).into_iter().find(|m| pred(m)))
+        .await
+        .unwrap_or_else(|e| panic!("no {what}: {e:#}\n{:#?}", sim.messages(channel)));
+}
+
+fn text(s: &str) -> TaskEvent {
+    TaskEvent::Text { text: s.into() }
+}
+
+/// Once the summary is in: each text exactly once, one progress message (edited to the end), one summary,
+/// and at most one note that the follower changed hands.
+async fn posted_once(sim: &DiscordSim, task: &str, thread: &str, texts: &[&str]) {
+    find(sim, thread, "the summary", |m| m.embeds != json!([])).await;
+    let messages = sim.messages(thread);
+    for t in texts {
+        assert_eq!(
+            messages.iter().filter(|m| m.content == *t).count(),
+            1,
+            "{t:?} posted once: {messages:#?}"
+        );
+    }
+    let progress: Vec<_> = messages
+        .iter()
+        .filter(|m| m.custom_ids() == [format!("st:{task}")])
+        .collect();
+    assert_eq!(progress.len(), 1, "one progress message: {messages:#?}");
+    assert!(
+        progress[0]
+            .components
+            .to_string()
+            .contains("\"disabled\":true"),
+        "the progress message was edited to the end: {messages:#?}"
+    );
+    assert_eq!(
+        messages.iter().filter(|m| m.embeds != json!([])).count(),
+        1,
+        "one summary: {messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .filter(|m| m.content.contains("relay restarted"))
+            .count()
+            <= 1,
+        "{messages:#?}"
+    );
+}
+
+/// Discord's rate limits held for the cluster as a whole: no call was refused with a 429.
+fn no_429(sim: &DiscordSim) {
+    let limited: Vec<_> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.status == 429)
+        .collect();
+    assert!(limited.is_empty(), "rate-limited calls: {limited:#?}");
+}
+
+/// HTTP interactions reach either node. A task started on the node that does not lead gets its thread from
+/// that node, and its posts from the leader alone; when the leader shuts down, the other node takes over
+/// at its next renewal (not after the lease's TTL) and carries the thread on from the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_alone_posts_and_a_survivor_carries_the_thread_on() {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let b = Node::start(&sim, &fake, "b", true).await;
+    asked(&fake, "b", 2).await;
+    assert!(!b.bot.leading(), "the lease is a's: b must not lead");
+    // The leader registers the commands (HTTP mode has no READY to do it on).
+    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
+        .await
+        .unwrap();
+
+    // Started on b, which opens the thread and hands it over.
+    let (task, thread) = task_on(&sim, &b, &alice, "build it").await;
+    find(&sim, &thread, "the progress message", |m| {
+        m.custom_ids() == [format!("st:{task}")]
+    })
+    .await;
+    fake.emit(&task, text("first part"));
+    find(&sim, &thread, "the first part", |m| {
+        m.content == "first part"
+    })
+    .await;
+    assert_eq!(
+        (a.bot.followed(), b.bot.followed()),
+        (1, 0),
+        "a follows, b does not"
+    );
+    // A task started on the leader is followed there too.
+    let (other, other_thread) = task_on(&sim, &a, &alice, "and this").await;
+    fake.emit(&other, text("other output"));
+    find(&sim, &other_thread, "the other output", |m| {
+        m.content == "other output"
+    })
+    .await;
+    assert_eq!(b.bot.followed(), 0);
+
+    // The leader leaves in the middle of a burst of output; its followers stop cleanly (each after the event
+    // in hand, with its mark saved) and the lease is released.
+    let burst: Vec<String> = (0..20).map(|i| format!("burst {i}")).collect();
+    for line in &burst {
+        fake.emit(&task, text(line));
+    }
+    find(&sim, &thread, "the burst's start", |m| {
+        m.content == "burst 0"
+    })
+    .await;
+    let left = Instant::now();
+    a.stop().await;
+    eventually(T, || b.bot.leading()).await;
+    assert!(
+        left.elapsed() < times().ttl,
+        "taken over at the next renewal, not after the TTL: {:?}",
+        left.elapsed()
+    );
+    fake.emit(&task, text("second part"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    fake.emit(&other, finished(FinalState::Done, None));
+    let mut texts = vec!["first part", "second part"];
+    texts.extend(burst.iter().map(String::as_str));
+    posted_once(&sim, &task, &thread, &texts).await;
+    posted_once(&sim, &other, &other_thread, &["other output"]).await;
+    eventually(T, || Fake::lock(&fake.marks).is_empty()).await;
+    no_429(&sim);
+    b.stop().await;
+    sim.shutdown().await;
+}
+
+/// Gateway mode: one node holds the gateway session at a time. The leader shuts down mid-task; the other
+/// node connects within seconds, answers commands, and carries the thread on — at no moment are two
+/// sessions connected, and nothing is posted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gateway_session_and_another_node_takes_it_over() {
+    let sim = Arc::new(DiscordSim::start().await.unwrap());
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    // The most sessions ever connected at once, sampled throughout.
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watching = CancellationToken::new();
+    let watch = tokio::spawn({
+        let (sim, most, watching) = (sim.clone(), most.clone(), watching.clone());
+        async move {
+            while !watching.is_cancelled() {
+                most.fetch_max(sim.gateway_sessions(), std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let a = Node::start(&sim, &fake, "a", false).await;
+    sim.wait_identified(T).await.unwrap();
+    let b = Node::start(&sim, &fake, "b", false).await;
+    asked(&fake, "b", 3).await;
+    assert_eq!(
+        sim.gateway_sessions(),
+        1,
+        "b must not connect while a leads"
+    );
+
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("task").opt(Opt::str("prompt", "long job")),
+        )
+        .unwrap();
+    let said = sim
+        .wait_until(T, |s| {
+            let i = s.interaction(&ix.id)?;
+            let m = s.message(i.original_message.as_deref()?)?;
+            (!m.content.is_empty()).then_some(m.content)
+        })
+        .await
+        .unwrap();
+    let task = said.split('`').nth(1).unwrap().to_string();
+    let start = said.find("<#").unwrap() + 2;
+    let thread = said[start..said.len() - 1].to_string();
+    fake.emit(&task, text("before"));
+    find(&sim, &thread, "the first output", |m| m.content == "before").await;
+
+    a.stop().await;
+    // b connects; a's session is gone by then.
+    eventually(T, || b.bot.leading()).await;
+    sim.wait_identified(T).await.unwrap();
+    fake.emit(&task, text("after"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    posted_once(&sim, &task, &thread, &["before", "after"]).await;
+    // b's gateway answers commands now.
+    let status = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("status").opt(Opt::str("task_id", &task)),
+        )
+        .unwrap();
+    sim.wait_callback(&status, T).await.unwrap();
+
+    watching.cancel();
+    watch.await.unwrap();
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "never two gateway sessions at once"
+    );
+    no_429(&sim);
+    b.stop().await;
+    Arc::try_unwrap(sim).unwrap().shutdown().await;
+}
+
+/// The leader loses the store (its renewals fail) while the agent keeps producing output: it stops
+/// posting before its lease can have expired, and only after that does the other node take the lease and
+/// carry the thread on from the mark — never two posters at once, nothing posted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_store_stops_before_its_lease_lapses() {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let b = Node::start(&sim, &fake, "b", true).await;
+    let (task, thread) = task_on(&sim, &b, &alice, "build it").await;
+    fake.emit(&task, text("one"));
+    find(&sim, &thread, "the first output", |m| m.content == "one").await;
+    assert_eq!((a.bot.followed(), b.bot.followed()), (1, 0));
+
+    Fake::lock(&fake.cut_off).insert("a".into());
+    eventually(T, || !a.bot.leading() && a.bot.followed() == 0).await;
+    // Read after a stopped: a renewal granted just before the cut can only have moved it later.
+    let until = Fake::lock(&fake.lease).as_ref().unwrap().1;
+    assert!(
+        Instant::now() < until,
+        "a stopped posting before its lease could lapse"
+    );
+    assert!(!b.bot.leading(), "b waits for the lease to lapse");
+    // Output while nobody posts is posted by the next leader, once.
+    fake.emit(&task, text("two"));
+    eventually(T, || b.bot.leading()).await;
+    assert!(
+        Instant::now() >= until,
+        "b took over only once a's lease had lapsed"
+    );
+    fake.emit(&task, text("three"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    posted_once(&sim, &task, &thread, &["one", "two", "three"]).await;
+    assert!(!a.bot.leading(), "a, still cut off, does not lead again");
+    no_429(&sim);
+    a.stop().await;
+    b.stop().await;
+    sim.shutdown().await;
+}
+
+/// Buttons reach any node in HTTP-interactions mode, also those that do not follow the thread: a node
+/// that did not post an approval finds its request in the task's stored events, so "allow commands
+/// starting with …" takes the word from what the agent asked — and a click on an approval that is closed
+/// there allows nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_button_clicked_on_a_node_that_does_not_follow_the_thread_is_understood() {
+    use ct_protocol::scope::SessionScope;
+    use ct_protocol::task::Decision;
+
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let b = Node::start(&sim, &fake, "b", true).await;
+    let (task, thread) = task_on(&sim, &a, &alice, "test it").await;
+    let ask = |id: &str| TaskEvent::ApprovalRequested {
+        approval: id.into(),
+        tool: "Bash".into(),
+        summary: "npm test --watch".into(),
+        input: json!({"command": "npm test --watch"}),
+        question: false,
+        description: None,
+        session: Some(SessionScope::Command {
+            command: "npm test --watch".into(),
+        }),
+        input_cut: false,
+    };
+    fake.emit(&task, ask("a1"));
+    let word = format!("aw:{task}:a1");
+    find(&sim, &thread, "the approval", |m| {
+        m.custom_ids().contains(&word)
+    })
+    .await;
+    let message = sim
+        .messages(&thread)
+        .into_iter()
+        .find(|m| m.custom_ids().contains(&word))
+        .unwrap();
+    let click = |custom_id: &str| {
+        sim.prepare_component(
+            &sim.origin_in(&alice, &thread),
+            &message.id,
+            custom_id,
+            None,
+        )
+        .unwrap()
+    };
+    let reply = sim.post_interaction(&b.url, &click(&word)).await.unwrap();
+    assert_eq!(reply.status, 200);
+    eventually(T, || !Fake::lock(&fake.decisions).is_empty()).await;
+    assert!(
+        matches!(
+            &Fake::lock(&fake.decisions)[0],
+            (_, t, Decision::AllowSessionPrefix { prefix }) if *t == task && prefix == "npm"
+        ),
+        "{:?}",
+        Fake::lock(&fake.decisions)
+    );
+
+    // Closed in the log: b allows nothing for it, however the click is made.
+    fake.emit(
+        &task,
+        TaskEvent::ApprovalClosed {
+            approval: "a1".into(),
+            outcome: "allowed".into(),
+        },
+    );
+    let reply = sim.post_interaction(&b.url, &click(&word)).await.unwrap();
+    let said = reply.json().unwrap().to_string();
+    assert!(said.contains("no longer open"), "{said}");
+    assert_eq!(Fake::lock(&fake.decisions).len(), 1, "nothing more decided");
+    no_429(&sim);
+    a.stop().await;
+    b.stop().await;
+    sim.shutdown().await;
+}
+
+/// A leader whose store misses a renewal or two keeps leading while its lease surely holds: its followers
+/// are not stopped and restarted (which would tell every thread the relay restarted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_store_hiccup_does_not_interrupt_the_leader() {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let (task, thread) = task_on(&sim, &a, &alice, "build it").await;
+    fake.emit(&task, text("one"));
+    find(&sim, &thread, "the first output", |m| m.content == "one").await;
+
+    let before = Fake::lock(&fake.lease_asks)["a"];
+    Fake::lock(&fake.cut_off).insert("a".into());
+    asked(&fake, "a", before + 2).await;
+    assert!(a.bot.leading(), "two failed renewals are within the lease");
+    Fake::lock(&fake.cut_off).remove("a");
+    asked(&fake, "a", before + 4).await;
+    assert!(a.bot.leading());
+    assert_eq!(a.bot.followed(), 1, "the follower ran on");
+
+    fake.emit(&task, text("two"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    posted_once(&sim, &task, &thread, &["one", "two"]).await;
+    assert!(
+        sim.messages(&thread)
+            .iter()
+            .all(|m| !m.content.contains("relay restarted")),
+        "{:#?}",
+        sim.messages(&thread)
+    );
+    a.stop().await;
+    sim.shutdown().await;
+}
+
+/// The leader dies between posting and recording it: its last posts never reached the mark. The next leader
+/// posts those events again from the mark — with the same nonces, so Discord (`enforce_nonce`) hands back the
+/// messages already there and the thread shows each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_a_dead_leader_did_not_record_are_not_doubled() {
+    use std::sync::atomic::Ordering;
+
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let (task, thread) = task_on(&sim, &a, &alice, "build it").await;
+    fake.emit(&task, text("one"));
+    find(&sim, &thread, "the first output", |m| m.content == "one").await;
+    eventually(T, || {
+        Fake::lock(&fake.marks)
+            .get(&task)
+            .is_some_and(|m| m.posted >= 1 && m.progress.is_some())
+    })
+    .await;
+
+    // From here on a's marks are lost: what it posts now is in the thread but not in the mark.
+    fake.marks_lost.store(true, Ordering::SeqCst);
+    let posted = Fake::lock(&fake.marks)[&task].posted;
+    fake.emit(&task, text("two"));
+    fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "a1".into(),
+            tool: "Bash".into(),
+            summary: "make".into(),
+            input: json!({"command": "make"}),
+            question: false,
+            description: None,
+            session: None,
+            input_cut: false,
+        },
+    );
+    let deny = format!("dn:{task}:a1");
+    find(&sim, &thread, "the approval", |m| {
+        m.custom_ids().contains(&deny)
+    })
+    .await;
+    a.stop().await;
+    assert_eq!(
+        Fake::lock(&fake.marks)[&task].posted,
+        posted,
+        "the mark is where it was before a died"
+    );
+    fake.marks_lost.store(false, Ordering::SeqCst);
+
+    let b = Node::start(&sim, &fake, "b", true).await;
+    eventually(T, || b.bot.leading()).await;
+    fake.emit(&task, text("three"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    posted_once(&sim, &task, &thread, &["one", "two", "three"]).await;
+    let approvals = sim
+        .messages(&thread)
+        .iter()
+        .filter(|m| m.custom_ids().contains(&deny))
+        .count();
+    assert_eq!(approvals, 1, "{:#?}", sim.messages(&thread));
+    no_429(&sim);
+    b.stop().await;
+    sim.shutdown().await;
+}
