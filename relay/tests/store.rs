@@ -1521,6 +1521,9 @@ fn presence_epochs_grow_and_only_the_current_session_releases(open: Open) {
     // Another agent's epoch is greater still: epochs are never reused, whatever the agent.
     let other = store.claim_presence(&fp(2), "node-a").unwrap();
     assert!(other.epoch > second.epoch);
+    let mut all = store.presences().unwrap();
+    all.sort_by_key(|(f, _)| f.0);
+    assert_eq!(all, vec![(fp(1), second.clone()), (fp(2), other.clone())]);
     // The replaced session going away must not end the newer one's presence.
     assert!(!store.release_presence(&fp(1), first.epoch).unwrap());
     assert_eq!(store.presence(&fp(1)).unwrap().as_ref(), Some(&second));

@@ -1,7 +1,7 @@
 //! Agents: the live table of sessions (one per agent key), what is shown about each agent, and revoking one.
 //! The agent endpoint holds a [`SessionGuard`] while a session lives.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use ct_protocol::message::CloseReason;
@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::state::{LiveAgent, Outbound, State};
 use super::{Core, CoreError};
-use crate::store::{now, AgentRecord, AuditEntry, AuditKind};
+use crate::store::{now, AgentRecord, AuditEntry, AuditKind, Presence};
 
 /// Messages waiting for one agent's session to write them. Bounded: a stuck agent cannot grow relay memory.
 const OUTBOUND_QUEUE: usize = 256;
@@ -221,15 +221,29 @@ impl State {
 
     fn agents(&self) -> Result<Vec<AgentView>, CoreError> {
         let live = &self.live;
+        // Sessions on other nodes: one read for the whole list (not one per agent).
+        let elsewhere: HashMap<Fingerprint, Presence> = if self.bus.is_some() {
+            self.store
+                .presences()?
+                .into_iter()
+                .filter(|(fp, p)| {
+                    !live.contains_key(fp)
+                        && p.node != self.config.node_id
+                        && self.alive_nodes.contains(&p.node)
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
         let mut out: Vec<AgentView> = self
             .store
             .agents()?
             .into_iter()
             .map(|a| {
                 let l = live.get(&a.fingerprint);
-                let elsewhere = self.held_elsewhere(&a.fingerprint);
+                let elsewhere = elsewhere.get(&a.fingerprint);
                 AgentView {
-                    node: match (l, &elsewhere) {
+                    node: match (l, elsewhere) {
                         (Some(_), _) => Some(self.config.node_id.clone()),
                         (None, Some(p)) => Some(p.node.clone()),
                         (None, None) => None,

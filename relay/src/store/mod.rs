@@ -271,6 +271,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn release_presence(&self, agent: &Fingerprint, epoch: u64) -> Result<bool>;
     /// Who holds `agent`'s session, as last claimed and not released.
     fn presence(&self, agent: &Fingerprint) -> Result<Option<Presence>>;
+    /// Every agent's presence, in one read (lists of many agents).
+    fn presences(&self) -> Result<Vec<(Fingerprint, Presence)>>;
     /// Exactly-once dispatch: stores `rec` (which now has `dispatched_at`) only if the stored task is still
     /// open and not dispatched, and its agent's presence is still `epoch`. Whether it was stored; `false`
     /// means another session (or node) took the task, it ended, or this session was replaced.

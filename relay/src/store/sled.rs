@@ -969,6 +969,16 @@ impl Store for SledStore {
         get(&self.cluster, &cluster_key(b"p/", agent.0))
     }
 
+    fn presences(&self) -> Result<Vec<(Fingerprint, Presence)>> {
+        let mut out = Vec::new();
+        for kv in self.cluster.scan_prefix(b"p/") {
+            let (k, v) = kv?;
+            let fp: [u8; 32] = k[2..].try_into().map_err(|_| corrupt("presence key"))?;
+            out.push((Fingerprint(fp), serde_json::from_slice(&v)?));
+        }
+        Ok(out)
+    }
+
     fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool> {
         let write = TaskWrite::new(rec)?;
         let presence_key = cluster_key(b"p/", rec.agent.0);

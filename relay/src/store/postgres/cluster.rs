@@ -58,6 +58,32 @@ impl PgStore {
         .transpose()
     }
 
+    pub(super) fn presences_(&self) -> Result<Vec<(Fingerprint, Presence)>> {
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT agent, node, epoch, since FROM ct_presence ORDER BY agent",
+                &[],
+            )
+        })?;
+        rows.iter()
+            .map(|r| {
+                let key: Vec<u8> = r.try_get(0)?;
+                let fp: [u8; 32] = key
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| super::corrupt("presence key"))?;
+                Ok((
+                    Fingerprint(fp),
+                    Presence {
+                        node: r.try_get(1)?,
+                        epoch: unsigned(r.try_get(2)?, "epoch")?,
+                        since: unsigned(r.try_get(3)?, "since")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
     /// Writes `rec` if the stored task `still_queued` and, with `epoch`, the agent's presence is that epoch.
     /// The task's row is locked from the read to the commit, and the presence row is read with a share
     /// lock, so a claim by a newer session waits for this dispatch rather than slipping in between.

@@ -913,6 +913,10 @@ impl Store for PgStore {
         self.presence_(agent)
     }
 
+    fn presences(&self) -> Result<Vec<(Fingerprint, Presence)>> {
+        self.presences_()
+    }
+
     fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool> {
         self.dispatch_task_(rec, epoch)
     }
