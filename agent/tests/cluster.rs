@@ -17,7 +17,9 @@ use ct_testkit::{eventually, eventually_async, LongJob, Reply};
 use serde_json::json;
 
 use crate::support::TestRelay;
-use crate::tasks::{submit, world_with, write, Follow, Opts, World, OWNER, T};
+use crate::tasks::{
+    allow_if_asked_until, submit, world_with, write, Follow, Opts, World, OWNER, T,
+};
 
 /// Where a test's cluster keeps its state: a database of its own on the shared PostgreSQL server, and the
 /// shared nats-server (subjects name agents and tasks, which no two tests share).
@@ -154,26 +156,8 @@ async fn a_cancel_from_another_node_stops_the_task_on_the_agent() {
         .await
         .unwrap();
     let mut f = follow_on(c, &rec.spec.task).await;
-    // Approve the job if the CLI asks (from node-2), until it runs.
-    tokio::select! {
-        e = f.until("an approval request", |e| matches!(e, TaskEvent::ApprovalRequested { .. })) => {
-            let TaskEvent::ApprovalRequested { approval, .. } = e else { unreachable!() };
-            c.core
-                .decide(OWNER, &rec.spec.task, &approval, Decision::AllowOnce { updated_input: None })
-                .await
-                .unwrap();
-        }
-        () = async {
-            ct_testkit::process::poll_until(T, "the job", || job.child_below(std::process::id()).is_some())
-                .await
-                .unwrap()
-        } => {}
-    }
-    ct_testkit::process::poll_until(T, "the job", || {
-        job.child_below(std::process::id()).is_some()
-    })
-    .await
-    .unwrap();
+    // Allowed (from c, which does not hold the agent) if the CLI asks, until the job runs.
+    allow_if_asked_until(c, &mut f, || job.child_below(std::process::id()).is_some()).await;
     a.core
         .cancel_task(OWNER, &rec.spec.task)
         .await
@@ -237,25 +221,8 @@ async fn a_node_that_drains_mid_task_hands_its_agent_to_another_and_no_event_is_
         |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
     )
     .await;
-    tokio::select! {
-        e = f.until("an approval request", |e| matches!(e, TaskEvent::ApprovalRequested { .. })) => {
-            let TaskEvent::ApprovalRequested { approval, .. } = e else { unreachable!() };
-            a.core
-                .decide(OWNER, &task, &approval, Decision::AllowOnce { updated_input: None })
-                .await
-                .unwrap();
-        }
-        () = async {
-            ct_testkit::process::poll_until(T, "the job", || job.child_below(std::process::id()).is_some())
-                .await
-                .unwrap()
-        } => {}
-    }
-    ct_testkit::process::poll_until(T, "the job", || {
-        job.child_below(std::process::id()).is_some()
-    })
-    .await
-    .unwrap();
+    // Allowed (from a, which does not hold the agent) if the CLI asks, until the job runs.
+    allow_if_asked_until(a, &mut f, || job.child_below(std::process::id()).is_some()).await;
     // node-1 (the agent's) drains: it says Closing{Shutdown}, and the agent moves to another address.
     w.relay.begin_stop();
     job.release();
@@ -324,25 +291,8 @@ async fn the_cluster_rides_out_nats_and_postgresql_restarts_without_losing_an_ac
         .unwrap();
     let task = rec.spec.task.clone();
     let mut f = follow_on(a, &task).await;
-    tokio::select! {
-        e = f.until("an approval request", |e| matches!(e, TaskEvent::ApprovalRequested { .. })) => {
-            let TaskEvent::ApprovalRequested { approval, .. } = e else { unreachable!() };
-            a.core
-                .decide(OWNER, &task, &approval, Decision::AllowOnce { updated_input: None })
-                .await
-                .unwrap();
-        }
-        () = async {
-            ct_testkit::process::poll_until(T, "the job", || job.child_below(std::process::id()).is_some())
-                .await
-                .unwrap()
-        } => {}
-    }
-    ct_testkit::process::poll_until(T, "the job", || {
-        job.child_below(std::process::id()).is_some()
-    })
-    .await
-    .unwrap();
+    // Allowed (from a, which does not hold the agent) if the CLI asks, until the job runs.
+    allow_if_asked_until(a, &mut f, || job.child_below(std::process::id()).is_some()).await;
 
     // NATS goes away: every node says it is not ready; it comes back: ready again, by itself.
     nats.kill();
