@@ -7,9 +7,11 @@
 use std::path::Path;
 
 use ct_agent::RunError;
+use ct_protocol::project::ProjectOp;
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_relay::relay::ClusterConfig;
 use ct_relay::store::TaskState;
+use ct_relay::tasks::ReplyOutcome;
 use ct_relay::RelayConfig;
 use ct_testkit::nats::NatsServer;
 use ct_testkit::postgres::PgServer;
@@ -18,7 +20,8 @@ use serde_json::json;
 
 use crate::support::TestRelay;
 use crate::tasks::{
-    allow_if_asked_until, submit, world_with, write, Follow, Opts, World, OWNER, T,
+    allow_if_asked_until, prompts_in_last_request, submit, world_with, write, Follow, Opts, World,
+    OWNER, T,
 };
 
 /// Where a test's cluster keeps its state: a database of its own on the shared PostgreSQL server, and the
@@ -324,4 +327,67 @@ async fn the_cluster_rides_out_nats_and_postgresql_restarts_without_losing_an_ac
         .unwrap();
     let mut g = follow_on(a, &again.spec.task).await;
     assert_eq!(g.finished().await.0, FinalState::Done);
+}
+
+#[tokio::test]
+async fn follow_ups_and_project_requests_from_other_nodes_reach_the_agent() {
+    let w = cluster().await;
+    let (a, c) = (&w.nodes[0], &w.nodes[1]);
+    // A project request from node-2 is answered by the agent on node-1 (request and reply over the bus).
+    let added = w.project.parent().unwrap().join("lib");
+    std::fs::create_dir(&added).unwrap();
+    let report = c
+        .core
+        .project(
+            OWNER,
+            None,
+            ProjectOp::Add {
+                name: "lib".into(),
+                path: added.display().to_string(),
+            },
+        )
+        .await
+        .expect("node-2 asks the agent held by node-1");
+    assert!(
+        report.projects.iter().any(|p| p.name == "lib"),
+        "{report:?}"
+    );
+    // A stranger's request is refused on the node that was asked, before anything crosses.
+    assert!(c.core.project("999", None, ProjectOp::List).await.is_err());
+
+    // A follow-up sent from node-0 while the turn runs goes into the same session on node-1's agent.
+    let job = LongJob::gated(&w.project);
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": job.command(), "description": "Think" }),
+    ));
+    w.fake.push(Reply::text("first answer"));
+    w.fake.push(Reply::text("second answer"));
+    let rec = c
+        .core
+        .submit_task(submit(
+            OWNER,
+            "app",
+            "first question",
+            TaskOptions::default(),
+        ))
+        .await
+        .unwrap();
+    let mut f = follow_on(a, &rec.spec.task).await;
+    allow_if_asked_until(a, &mut f, || job.child_below(std::process::id()).is_some()).await;
+    let sent = a
+        .core
+        .reply(OWNER, &rec.spec.task, "second question".into(), None)
+        .await
+        .unwrap();
+    assert!(matches!(sent, ReplyOutcome::Sent(_)), "{sent:?}");
+    job.release();
+    assert_eq!(f.finished().await.0, FinalState::Done);
+    let turns = f
+        .seen
+        .iter()
+        .filter(|(_, e)| matches!(e, TaskEvent::TurnFinished { .. }))
+        .count();
+    assert_eq!(turns, 2, "{:#?}", f.seen);
+    assert!(prompts_in_last_request(&w.fake).contains("second question"));
 }

@@ -161,4 +161,85 @@ mod tests {
         assert!(err.contains("different relay key"), "{err}");
         assert!(other.agents().unwrap().is_empty());
     }
+
+    /// Sled into PostgreSQL, as `ct-relay migrate` does: every record arrives, and the target answers like
+    /// the source.
+    #[test]
+    fn an_embedded_relay_moves_into_postgresql_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = SledStore::open(dir.path()).unwrap();
+        for n in 1..=2 {
+            from.put_agent(&agent(n)).unwrap();
+        }
+        let mut rec = crate::store::TaskRecord {
+            spec: ct_protocol::task::TaskSpec {
+                task: "t_moved".into(),
+                project: "app".into(),
+                prompt: "p".into(),
+                requester: ct_protocol::task::Requester {
+                    user: "1".into(),
+                    name: None,
+                    role: ct_protocol::task::Role::Owner,
+                },
+                options: Default::default(),
+                resume: None,
+            },
+            agent: Fingerprint([1; 32]),
+            state: crate::store::TaskState::Queued,
+            created_at: 1,
+            updated_at: 1,
+            last_seq: 0,
+            session_id: None,
+            message: None,
+            dispatched_at: None,
+            follows: None,
+            order: 1,
+            output_bytes: 0,
+            output_truncated: false,
+            worktree: None,
+        };
+        from.put_task(&rec).unwrap();
+        rec.last_seq = 2;
+        rec.output_bytes = 4;
+        from.append_event_runs(&[crate::store::EventRun {
+            task: &rec,
+            events: &[(1, Some(b"{}")), (2, Some(b"[]"))],
+            was_open: None,
+        }])
+        .unwrap();
+        from.append_audit(&AuditEntry::new(
+            AuditKind::DefaultAgentSet,
+            "1",
+            "1",
+            "x".into(),
+        ))
+        .unwrap();
+        let server = ct_testkit::postgres::PgServer::shared();
+        let url = server.create_database("migrate_whole").unwrap();
+        let to = crate::store::postgres::PgStore::open(&url).unwrap();
+        let moved = copy(&from, &to, &[3; 32]).unwrap();
+        assert_eq!(
+            (moved.agents, moved.tasks, moved.events, moved.audit),
+            (2, 1, 2, 1)
+        );
+        let dump = |s: &dyn Store| {
+            let mut all = Vec::new();
+            s.export(&mut |r| {
+                all.push(format!("{r:?}"));
+                Ok(())
+            })
+            .unwrap();
+            all.sort();
+            all
+        };
+        let mut want = dump(&from);
+        want.push(format!(
+            "{:?}",
+            Exported::Secret(RELAY_KEY.into(), vec![3; 32])
+        ));
+        want.sort();
+        assert_eq!(dump(&to), want);
+        assert_eq!(to.open_tasks(&Fingerprint([1; 32])).unwrap(), vec![rec]);
+        assert_eq!(to.event_bytes("t_moved", 1).unwrap().len(), 1);
+    }
 }
