@@ -70,6 +70,12 @@ impl Pool {
         let mut state = self.lock();
         loop {
             if let Some(conn) = state.idle.pop() {
+                if conn.client.is_closed() {
+                    // The server closed it while it was idle (a restart or a crash): connect afresh rather
+                    // than fail a call on it, and so that a write is never attempted where it cannot land.
+                    state.open -= 1;
+                    continue;
+                }
                 return Ok(Lease {
                     pool: self,
                     conn: Some(conn),
