@@ -142,6 +142,16 @@ impl State {
                 }
             }
             NodeMsg::Deliver { msg } => {
+                // While a newer session of the agent (on another node) has not closed this one yet, both
+                // receive the message: only the session whose epoch the store names passes it on, so a
+                // follow-up is not written twice.
+                match self.store().presence(agent) {
+                    Ok(Some(p)) if p.epoch == epoch => {}
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not check an agent's presence; message passed on");
+                    }
+                }
                 let sent = self
                     .live
                     .get(agent)
