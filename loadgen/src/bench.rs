@@ -749,12 +749,13 @@ fn cluster_report(c: &cluster::Outcome, plan: &Plan) -> Report {
             s,
             &format!("{label}: tasks started / submitted"),
             format!(
-                "{} / {} on {} agents at {:.0}/s, {how} ({} same-node)",
+                "{} / {} on {} agents at {:.0}/s, {how} ({} same-node; {} refused as offline)",
                 count(d.started as u64),
                 count(d.submitted as u64),
                 count(d.agents as u64),
                 d.achieved_rate,
-                d.same_node
+                d.same_node,
+                d.refused
             ),
         );
         let line = format!(
@@ -773,6 +774,7 @@ fn cluster_report(c: &cluster::Outcome, plan: &Plan) -> Report {
                 "p99 ≤ 10 ms at 200/s",
                 line,
                 d.started == d.submitted
+                    && d.refused == 0
                     && d.latency.p99 <= Duration::from_millis(10)
                     && d.achieved_rate >= 0.95 * plan.dispatch_rate as f64,
             );

@@ -101,7 +101,9 @@ impl NodeHeld {
 #[derive(Debug, Clone)]
 pub struct Dispatch {
     pub agents: usize,
+    /// Submissions accepted, and refused (the agent looked offline to the submitting node).
     pub submitted: usize,
+    pub refused: usize,
     pub started: usize,
     /// Submissions whose node held the agent (0 on a cluster unless an agent moved).
     pub same_node: usize,
@@ -416,7 +418,7 @@ async fn held(nodes: &[RelayProcess], ids: &[Arc<Identity>], plan: &Plan) -> Res
         per_node.push(NodeHeld {
             agents,
             online_by_node: node.status().await?.agents_online,
-            before: before[k].clone(),
+            before: before[k],
             after: node.stats()?,
         });
     }
@@ -530,16 +532,21 @@ async fn dispatch(nodes: &[RelayProcess], ids: &[Arc<Identity>], plan: &Plan) ->
             });
         }
         let issued = start.elapsed();
-        let mut sent = Vec::new();
+        let (mut sent, mut refused) = (Vec::new(), Vec::new());
         while let Some(joined) = calls.join_next().await {
-            sent.push(joined??);
+            match joined? {
+                Ok(one) => sent.push(one),
+                // Counted, not fatal: a refusal is one of the figures.
+                Err(e) => refused.push(format!("{e:#}")),
+            }
         }
-        anyhow::Ok((sent, issued))
+        anyhow::Ok((sent, refused, issued))
     });
 
     let mut started: HashMap<String, Instant> = HashMap::new();
     let mut done = 0;
     let deadline = Instant::now() + plan.dispatch_duration + Duration::from_secs(30);
+    // Ends early only if every submission was accepted; refused ones never start.
     while done < total {
         match fleet.next_note(deadline).await {
             Some(Note::Started { task, at, .. }) => {
@@ -551,7 +558,10 @@ async fn dispatch(nodes: &[RelayProcess], ids: &[Arc<Identity>], plan: &Plan) ->
             None => break,
         }
     }
-    let (sent, issued) = submitter.await??;
+    let (sent, refused, issued) = submitter.await??;
+    for e in refused.iter().take(3) {
+        progress(&format!("dispatch: a submission was refused: {e}"));
+    }
     fleet.stop().await;
     let latency = sent
         .iter()
@@ -560,12 +570,13 @@ async fn dispatch(nodes: &[RelayProcess], ids: &[Arc<Identity>], plan: &Plan) ->
     Ok(Dispatch {
         agents: ids.len(),
         submitted: sent.len(),
+        refused: refused.len(),
         started: sent
             .iter()
             .filter(|(t, _, _)| started.contains_key(t))
             .count(),
         same_node,
-        achieved_rate: sent.len() as f64 / issued.as_secs_f64(),
+        achieved_rate: (sent.len() + refused.len()) as f64 / issued.as_secs_f64(),
         latency: Summary::of(latency),
         submit_call: Summary::of(sent.iter().map(|(_, _, d)| *d).collect()),
     })
