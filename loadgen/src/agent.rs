@@ -2,11 +2,13 @@
 //! synthetic Claude Code output for every task the relay starts. It keeps task events in `ct-agent`'s own
 //! outbox (sent again after a reconnect until acknowledged), reports its running tasks after each
 //! handshake, and reconnects with `ct-agent`'s own backoff, so the relay cannot tell it from a real agent
-//! except by how little it costs to run ten thousand of them.
+//! except by how little it costs to run ten thousand of them. Given a cluster's nodes, it tries them in turn as
+//! `ct-agent` tries the addresses of its pairing token, the node it last held a session on going last.
 //!
 //! What it observed goes out as [`Note`]s on a channel; scenarios turn those into figures.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +90,8 @@ pub enum Note {
     Online {
         agent: usize,
         transport: Transport,
+        /// The relay (node) the session is with.
+        relay: SocketAddr,
         at: Instant,
     },
     /// The session ended (the agent reconnects unless it was told to stop).
@@ -139,11 +143,12 @@ enum End {
     Refused(String),
 }
 
-/// Runs agent `index` until `shutdown`, or until the relay refuses it for good.
+/// Runs agent `index` until `shutdown`, or until the relay refuses it for good. `targets` are the relay's
+/// nodes in the order this agent tries them first (one, for a relay of one).
 pub async fn run(
     index: usize,
     who: Arc<Identity>,
-    target: Arc<Target>,
+    mut targets: Vec<Arc<Target>>,
     how: Behaviour,
     notes: mpsc::UnboundedSender<Note>,
     shutdown: CancellationToken,
@@ -167,7 +172,7 @@ pub async fn run(
             };
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = dial(&target, &who, agent.how.dial, None) => r,
+                r = dial_any(&targets, &who, agent.how.dial) => r,
             }
         };
         match attempt {
@@ -179,12 +184,18 @@ pub async fn run(
                 return;
             }
             Err(e) => tracing::debug!(agent = index, error = %e, "dial failed"),
-            Ok(link) => {
+            Ok((at, link)) => {
                 first = false;
+                // As `ct-agent` does: the node of this session goes last, so when it goes away the next
+                // attempt goes to the others at once.
+                let relay = targets.remove(at);
+                let addr = relay.addr;
+                targets.push(relay);
                 let connected = Instant::now();
                 let _ = agent.notes.send(Note::Online {
                     agent: index,
                     transport: link.transport,
+                    relay: addr,
                     at: connected,
                 });
                 let raced = link.raced;
@@ -224,6 +235,24 @@ pub async fn run(
             () = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
+}
+
+/// One connection attempt over every node in turn, as `ct-agent`'s `connect_any`: the first that answers
+/// wins (with its position in `targets`); a refusal ends the attempt, since every node would refuse alike.
+async fn dial_any(
+    targets: &[Arc<Target>],
+    who: &Identity,
+    how: Dial,
+) -> Result<(usize, Link), crate::dial::DialError> {
+    let mut last = None;
+    for (at, target) in targets.iter().enumerate() {
+        match dial(target, who, how, None).await {
+            Ok(link) => return Ok((at, link)),
+            Err(e) if e.permanent => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("a relay has at least one node"))
 }
 
 struct Agent {

@@ -18,7 +18,7 @@ use crate::relay::RelayProcess;
 use crate::report::Report;
 use crate::scenario::history::AUTOCOMPLETE;
 use crate::scenario::{
-    churn, dispatch, events, footprint, history, idle, rathole, restart, Plan, Tools,
+    churn, cluster, dispatch, events, footprint, history, idle, rathole, restart, Plan, Tools,
 };
 use crate::stats::{count, dur, kib, Summary};
 
@@ -32,6 +32,7 @@ pub const SCENARIOS: &[&str] = &[
     "churn",
     "restart",
     "rathole",
+    "cluster",
 ];
 
 /// Everything the run measured, for the table and for tests that check the scenarios really happened.
@@ -47,6 +48,7 @@ pub struct Outcomes {
     pub events: Vec<(String, events::Outcome)>,
     pub history: Option<history::Outcome>,
     pub rathole: Option<rathole::Outcome>,
+    pub cluster: Option<cluster::Outcome>,
     /// Scenarios that could not finish, with why.
     pub failed: Vec<(String, String)>,
 }
@@ -142,6 +144,18 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
                 out.rathole = out.keep("rathole", run);
             }
             _ => progress("rathole: not installed (scripts/bench installs it); skipped"),
+        }
+    }
+
+    if wants("cluster") {
+        progress(&format!(
+            "cluster: {} nodes on PostgreSQL and NATS beside one on sled",
+            cluster::NODES
+        ));
+        let run = cluster::run(plan, tools).await;
+        if let Some(c) = out.keep("cluster", run) {
+            out.failed.extend(c.failed.iter().cloned());
+            out.cluster = Some(c);
         }
     }
     Ok(out)
@@ -597,6 +611,10 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
         }
     }
 
+    if let Some(c) = &out.cluster {
+        r.extend(cluster_report(c, plan));
+    }
+
     let s = "beside rathole (same machine, same run)";
     let quic = out.idle.iter().find(|o| o.label == "QUIC");
     let ws = out.idle.iter().find(|o| o.label == "WebSocket");
@@ -658,6 +676,205 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
             s,
             "throughput, plain loopback TCP (ceiling)",
             format!("{:.0} MB/s", mbs(x.direct)),
+        );
+    }
+    r
+}
+
+/// The cluster's rows (issue 15): each figure for the single node on sled beside the same for three nodes.
+fn cluster_report(c: &cluster::Outcome, plan: &Plan) -> Report {
+    let mut r = Report::default();
+    let sides = [
+        ("1 node, sled", &c.single),
+        ("3 nodes, PostgreSQL + NATS", &c.cluster),
+    ];
+
+    let s = "agents held, single node beside cluster (processes)";
+    for (label, side) in sides {
+        if let Some((n, took)) = side.pairing {
+            r.info(
+                s,
+                &format!("{label}: pair {} agents via admin sockets", count(n as u64)),
+                format!("{} ({:.0}/s)", dur(took), n as f64 / took.as_secs_f64()),
+            );
+        }
+        let Some(h) = &side.held else { continue };
+        let online: usize = h.per_node.iter().map(|n| n.agents).sum();
+        r.goal(
+            s,
+            &format!(
+                "{label}: agents connected ({} QUIC, {} WebSocket)",
+                count(h.quic as u64),
+                count(h.websocket as u64)
+            ),
+            &count(plan.cluster_agents as u64),
+            format!(
+                "{} in {} (nodes count {}; load generator {})",
+                count(online as u64),
+                dur(h.connect_time),
+                h.per_node
+                    .iter()
+                    .map(|n| count(n.online_by_node as u64))
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+                kib(h.loadgen_rss_kib as f64)
+            ),
+            online >= plan.cluster_agents,
+        );
+        for (k, n) in h.per_node.iter().enumerate() {
+            r.info(
+                s,
+                &format!("{label}: node-{k} RSS, per agent"),
+                format!(
+                    "{} → {} with {} agents: {} per agent, {} fds",
+                    kib(n.before.rss_kib as f64),
+                    kib(n.after.rss_kib as f64),
+                    count(n.agents as u64),
+                    kib(n.per_agent_kib()),
+                    count(n.after.fds as u64)
+                ),
+            );
+        }
+    }
+
+    let s = "dispatch via a node's admin socket (processes)";
+    for (label, side) in sides {
+        let Some(d) = &side.dispatch else { continue };
+        let how = if side.nodes == 1 {
+            "submitted on the agent's node"
+        } else {
+            "submitted on another node than the agent's"
+        };
+        r.info(
+            s,
+            &format!("{label}: tasks started / submitted"),
+            format!(
+                "{} / {} on {} agents at {:.0}/s, {how} ({} same-node; {} refused as offline)",
+                count(d.started as u64),
+                count(d.submitted as u64),
+                count(d.agents as u64),
+                d.achieved_rate,
+                d.same_node,
+                d.refused
+            ),
+        );
+        let line = format!(
+            "p50 {} / p99 {} (max {})",
+            dur(d.latency.p50),
+            dur(d.latency.p99),
+            dur(d.latency.max)
+        );
+        let metric = format!("{label}: admin call → agent has StartTask");
+        if side.nodes == 1 {
+            r.info(s, &metric, line);
+        } else {
+            r.goal(
+                s,
+                &metric,
+                "p99 ≤ 10 ms at 200/s",
+                line,
+                d.started == d.submitted
+                    && d.refused == 0
+                    && d.latency.p99 <= Duration::from_millis(10)
+                    && d.achieved_rate >= 0.95 * plan.dispatch_rate as f64,
+            );
+        }
+        r.info(
+            s,
+            &format!("{label}: of which the admin call, p50 / p99"),
+            format!("{} / {}", dur(d.submit_call.p50), dur(d.submit_call.p99)),
+        );
+    }
+
+    let s = "task events stored + delivered to a follower (in-process node)";
+    for (label, e, goal) in [
+        ("sled", &c.events_sled, None),
+        ("PostgreSQL", &c.events_postgres, Some(50_000.0)),
+    ] {
+        let Some(e) = e else { continue };
+        let metric = format!(
+            "{label}: events/s, {} tasks × {} Text of {} B",
+            e.tasks, plan.small_events, plan.small_bytes
+        );
+        let measured = format!(
+            "{}/s{}",
+            count(e.events_per_s() as u64),
+            if e.contiguous {
+                ""
+            } else {
+                " (logs NOT contiguous)"
+            }
+        );
+        match goal {
+            Some(g) => r.goal(
+                s,
+                &metric,
+                "≥ 50,000/s",
+                measured,
+                e.contiguous && e.events_per_s() >= g,
+            ),
+            None => r.info(s, &metric, measured),
+        }
+    }
+
+    if let Some(f) = &c.cluster.failover {
+        let s = "cluster: a node SIGKILLed under load";
+        r.info(
+            s,
+            "agents / tasks streaming / on the killed node",
+            format!(
+                "{} / {} / {} agents and {} tasks",
+                count(f.agents as u64),
+                f.tasks,
+                count(f.on_victim as u64),
+                f.tasks_on_victim
+            ),
+        );
+        r.info(
+            s,
+            "kill → agent noticed, p50 / max, QUIC; WebSocket",
+            format!(
+                "{} / {}; {} / {}",
+                dur(f.noticed_quic.p50),
+                dur(f.noticed_quic.max),
+                dur(f.noticed_websocket.p50),
+                dur(f.noticed_websocket.max)
+            ),
+        );
+        r.goal(
+            s,
+            "kill → back on a survivor, p95",
+            "≤ 3 s",
+            format!(
+                "{} (p50 {}, max {}; {} not back; {} on the survivors)",
+                dur(f.back.p95),
+                dur(f.back.p50),
+                dur(f.back.max),
+                f.not_back,
+                f.back_per_node
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, n)| format!("{n} on node-{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            f.not_back == 0 && f.back.p95 <= Duration::from_secs(3),
+        );
+        r.goal(
+            s,
+            "events lost (stored logs read from a survivor: 1..N, task done)",
+            "0",
+            format!(
+                "{} of {} ({} of {} tasks incomplete, {} with holes; {} tasks acknowledged to the end)",
+                count(f.events_lost()),
+                count(f.events_expected),
+                f.incomplete.len(),
+                f.tasks,
+                f.gapped,
+                f.tasks_done
+            ),
+            f.events_lost() == 0 && f.incomplete.is_empty() && f.gapped == 0,
         );
     }
     r

@@ -35,16 +35,33 @@ where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Result<PairingToken>>,
 {
+    pair_on(&[target], first, n, how, |_, user| mint(user)).await
+}
+
+/// [`pair`] on a relay of several nodes: agent `i` pairs on node `i % nodes.len()`, with a code `mint` gets
+/// from that node, so the pairing load is spread over the cluster as a fleet's would be.
+pub async fn pair_on<F, Fut>(
+    nodes: &[&Target],
+    first: usize,
+    n: usize,
+    how: Dial,
+    mint: F,
+) -> Result<Vec<Arc<Identity>>>
+where
+    F: Fn(usize, String) -> Fut,
+    Fut: Future<Output = Result<PairingToken>>,
+{
     let mint = &mint;
     stream::iter(first..first + n)
         .map(|i| async move {
+            let node = i % nodes.len();
             let who = Identity::generate(i);
-            let token = mint(who.user.clone()).await?;
+            let token = mint(node, who.user.clone()).await?;
             let pair = PairRequest {
                 code: token.code.to_string(),
                 name: who.name.clone(),
             };
-            let link = dial(target, &who, how, Some(pair))
+            let link = dial(nodes[node], &who, how, Some(pair))
                 .await
                 .map_err(|e| e.error)
                 .with_context(|| format!("pairing agent {i}"))?;
@@ -81,10 +98,21 @@ impl Default for Fleet {
 impl Fleet {
     /// Starts agent `index` with identity `who`.
     pub fn spawn(&self, index: usize, who: Arc<Identity>, target: Arc<Target>, how: Behaviour) {
+        self.spawn_on(index, who, vec![target], how);
+    }
+
+    /// Starts agent `index` on a relay of several nodes, tried in the order of `targets`.
+    pub fn spawn_on(
+        &self,
+        index: usize,
+        who: Arc<Identity>,
+        targets: Vec<Arc<Target>>,
+        how: Behaviour,
+    ) {
         self.tasks.spawn(agent::run(
             index,
             who,
-            target,
+            targets,
             how,
             self.tx.clone(),
             self.shutdown.clone(),

@@ -47,7 +47,7 @@ struct BenchArgs {
     #[arg(long, conflicts_with = "quick")]
     tiny: bool,
     /// Only these scenarios (comma-separated): footprint, dispatch, events, history, idle, churn, restart,
-    /// rathole
+    /// rathole, cluster
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The ct-relay binary [default: next to this one]
@@ -73,6 +73,10 @@ struct BenchArgs {
     /// the agents' return competes with [default: 200; 40 with --quick]
     #[arg(long)]
     restart_tasks: Option<usize>,
+    /// Agents held across the cluster's three nodes, and by the single node beside them [default: 10,000;
+    /// 1,000 with --quick]
+    #[arg(long)]
+    cluster_agents: Option<usize>,
     /// Share of QUIC agents where transports are mixed
     #[arg(long, default_value_t = 0.5)]
     quic_share: f64,
@@ -172,6 +176,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(n) = args.churn_cycles {
         plan.churn_cycles = n.max(1);
     }
+    if let Some(n) = args.cluster_agents {
+        plan.cluster_agents = n.max(1);
+    }
     if let Some(n) = args.restart_tasks {
         plan.restart_tasks = n.min(plan.restart_agents);
     }
@@ -200,12 +207,12 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(limit) = procfs::open_files_limit() {
-        let need = plan.idle_agents as u64 + 1000;
+        let need = plan.idle_agents.max(plan.cluster_agents) as u64 + 1000;
         if limit < need {
             eprintln!(
                 "ct-loadgen: warning: the open-file limit is {limit}, and {} agents need about {need}; \
                  raise it (`ulimit -n {need}`; scripts/bench does)",
-                plan.idle_agents
+                plan.idle_agents.max(plan.cluster_agents)
             );
         }
     }

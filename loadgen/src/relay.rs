@@ -16,6 +16,7 @@ use ct_protocol::pairing::PairingToken;
 use ct_protocol::task::TaskEvent;
 use ct_relay::admin::{self, Reply, Request, StatusInfo};
 use ct_relay::core::{Core, CoreConfig};
+use ct_relay::relay::ClusterConfig;
 use ct_relay::{Relay, RelayConfig};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
@@ -58,6 +59,8 @@ impl Program {
 #[derive(Debug)]
 pub struct RelayProcess {
     program: Program,
+    /// Arguments after ours: a cluster node's database, bus and name, limits.
+    args: Vec<OsString>,
     pub data_dir: PathBuf,
     listen: SocketAddr,
     child: Option<Child>,
@@ -68,10 +71,16 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// Starts a relay on `127.0.0.1:0` with its store in `data_dir` and waits until it answers.
     pub async fn start(program: &Program, data_dir: &Path) -> Result<Self> {
+        Self::start_with(program, data_dir, &[]).await
+    }
+
+    /// [`start`](Self::start) with more of `ct-relay`'s arguments (`--database-url ...` for a cluster node).
+    pub async fn start_with(program: &Program, data_dir: &Path, args: &[OsString]) -> Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.with_extension("log");
         let mut relay = Self {
             program: program.clone(),
+            args: args.to_vec(),
             data_dir: data_dir.to_path_buf(),
             listen: "127.0.0.1:0".parse().expect("a valid address"),
             child: None,
@@ -103,6 +112,7 @@ impl RelayProcess {
             .arg(&self.data_dir)
             .arg("--listen")
             .arg(self.listen.to_string())
+            .args(&self.args)
             // Logging at `warn` measures the relay rather than its log formatting (`info` writes a line per
             // connection); the table says so. `BENCH_RELAY_LOG` overrides it to look inside a run, e.g.
             // `warn,quinn_proto::endpoint=debug` for the stateless resets a restarted relay sends.
@@ -207,9 +217,20 @@ impl RelayProcess {
         }
     }
 
+    /// The log file the process writes to (its stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Submits a task as `user` on their agent (as `ct-relay admin task --as USER` does) and returns its id
     /// once the relay has queued it, without following its output.
     pub async fn submit(&self, user: &str, prompt: &str) -> Result<String> {
+        Self::submit_in(&self.data_dir, user, prompt).await
+    }
+
+    /// [`submit`](Self::submit) through the admin socket of the relay whose data directory is `data_dir`, for
+    /// callers that cannot borrow the process (a task spawned per submission).
+    pub async fn submit_in(data_dir: &Path, user: &str, prompt: &str) -> Result<String> {
         let req = Request::Task {
             user: user.into(),
             agent: None,
@@ -219,7 +240,7 @@ impl RelayProcess {
             target: None,
             name: None,
         };
-        match admin::call(&self.data_dir, &req).await? {
+        match admin::call(data_dir, &req).await? {
             Reply::Task { task, .. } => Ok(task),
             other => bail!("task refused: {other:?}"),
         }
@@ -274,7 +295,14 @@ pub struct InProcessRelay {
 impl InProcessRelay {
     /// Binds a relay on `127.0.0.1:0` with its store in `data_dir` and runs it until [`stop`](Self::stop).
     pub async fn start(data_dir: &Path) -> Result<Self> {
+        Self::start_node(data_dir, None).await
+    }
+
+    /// [`start`](Self::start), as one node of a cluster (state in its PostgreSQL database) when `cluster` is
+    /// given.
+    pub async fn start_node(data_dir: &Path, cluster: Option<ClusterConfig>) -> Result<Self> {
         let mut config = RelayConfig::new(data_dir.to_path_buf(), "127.0.0.1:0".parse()?);
+        config.cluster = cluster;
         config.core = CoreConfig {
             // Everything pairs from one machine here, and a few users submit thousands of tasks: the abuse
             // limits are for strangers, not for a benchmark, which measures the path behind them.

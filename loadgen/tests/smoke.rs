@@ -30,7 +30,13 @@ fn tools(work_dir: &std::path::Path) -> Tools {
 async fn every_scenario_happens_at_a_tiny_size() {
     let dir = tempfile::tempdir().unwrap();
     let plan = Plan::tiny();
-    let out = bench::run(&plan, &tools(dir.path()), &BTreeSet::new())
+    // The cluster scenario has a test of its own (below): it needs PostgreSQL and nats-server.
+    let only: BTreeSet<String> = bench::SCENARIOS
+        .iter()
+        .filter(|s| **s != "cluster")
+        .map(|s| s.to_string())
+        .collect();
+    let out = bench::run(&plan, &tools(dir.path()), &only)
         .await
         .expect("the run completes");
     assert!(out.failed.is_empty(), "failed scenarios: {:?}", out.failed);
@@ -117,6 +123,51 @@ async fn every_scenario_happens_at_a_tiny_size() {
     let table = bench::report(&out, &plan).to_string();
     assert!(table.contains("relay RSS per agent, QUIC"), "{table}");
     assert!(table.contains("task-id autocomplete"), "{table}");
+}
+
+/// The cluster scenario at a tiny size, on a real PostgreSQL and nats-server: three relay processes and one
+/// beside them hold their agents, run tasks submitted on other nodes, and a node is killed under streaming
+/// tasks whose agents come back on the survivors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_scenario_happens_at_a_tiny_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Plan::tiny();
+    let only = BTreeSet::from(["cluster".to_string()]);
+    let out = bench::run(&plan, &tools(dir.path()), &only)
+        .await
+        .expect("the run completes");
+    assert!(out.failed.is_empty(), "failed parts: {:?}", out.failed);
+    let c = out.cluster.as_ref().expect("the cluster scenario ran");
+    for (side, nodes) in [(&c.single, 1), (&c.cluster, 3)] {
+        assert_eq!(side.nodes, nodes);
+        let h = side.held.as_ref().expect("agents held");
+        assert_eq!(h.per_node.len(), nodes);
+        let held: usize = h.per_node.iter().map(|n| n.agents).sum();
+        assert_eq!(held, plan.cluster_agents, "every agent was online at once");
+        assert!(
+            h.per_node.iter().all(|n| n.agents > 0),
+            "each node held some"
+        );
+        let d = side.dispatch.as_ref().expect("dispatch ran");
+        assert_eq!(d.started, d.submitted, "every task reached its agent");
+        if nodes > 1 {
+            assert_eq!(d.same_node, 0, "every task went through another node");
+        }
+    }
+    assert!(c.single.failover.is_none());
+    let f = c.cluster.failover.as_ref().expect("failover ran");
+    assert!(f.on_victim > 0, "the killed node held agents");
+    assert_eq!(f.not_back, 0, "its agents came back on the survivors");
+    assert_eq!(f.back_per_node[1], 0, "none on the killed node");
+    // Whether every event was kept is the benchmark's figure; here the logs must be readable and whole runs.
+    assert_eq!(f.gapped, 0, "a stored log has a hole or a repeat");
+    assert!(f.events_stored > 0 && f.events_stored <= f.events_expected);
+    for e in [&c.events_sled, &c.events_postgres] {
+        let e = e.as_ref().expect("events ran");
+        assert!(e.contiguous && e.events > 0);
+    }
+    let table = bench::report(&out, &plan).to_string();
+    assert!(table.contains("kill → back on a survivor"), "{table}");
 }
 
 /// The restart figures depend on this: a relay started again on the same data directory answers an agent's

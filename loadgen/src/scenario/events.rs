@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use ct_protocol::task::TaskEvent;
 use ct_relay::core::Core;
+use ct_relay::relay::ClusterConfig;
 use ct_relay::tasks::Submit;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
@@ -52,7 +53,19 @@ pub async fn run(
     text_bytes: usize,
     dial: Dial,
 ) -> Result<Outcome> {
-    let relay = InProcessRelay::start(dir).await?;
+    run_on(dir, None, tasks, texts, text_bytes, dial).await
+}
+
+/// [`run`] on a relay node whose state is in PostgreSQL (`cluster`), or on sled (`None`).
+pub async fn run_on(
+    dir: &Path,
+    cluster: Option<ClusterConfig>,
+    tasks: usize,
+    texts: usize,
+    text_bytes: usize,
+    dial: Dial,
+) -> Result<Outcome> {
+    let relay = InProcessRelay::start_node(dir, cluster).await?;
     let core = relay.core.clone();
     let ids = fleet::pair(&relay.target, 0, tasks, dial, |user| {
         let core = core.clone();

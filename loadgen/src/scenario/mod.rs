@@ -9,9 +9,12 @@
 //! - [`restart`]: the relay killed and restarted under load; how fast agents return; no event lost.
 //! - [`churn`]: thousands of reconnect cycles; the relay's memory and descriptors before and after.
 //! - [`footprint`]: the real `ct-agent` binary idling: memory, CPU between keep-alives, binary sizes.
+//! - [`cluster`]: three relay nodes on PostgreSQL and NATS beside one on sled: agents held, cross-node
+//!   dispatch, events persisted, a node killed under load.
 //! - [`rathole`]: the same machine, the same run: rathole's client, server and tunnel throughput.
 
 pub mod churn;
+pub mod cluster;
 pub mod dispatch;
 pub mod events;
 pub mod footprint;
@@ -68,6 +71,9 @@ pub struct Plan {
     pub rathole_services: usize,
     pub rathole_clients: usize,
     pub rathole_bytes: u64,
+    /// Agents held across the cluster's nodes (and by the single node beside it). The cluster's dispatch
+    /// and failover reuse `dispatch_*` and `restart_*`, and its events figure the small-events sizes.
+    pub cluster_agents: usize,
 }
 
 impl Plan {
@@ -98,6 +104,7 @@ impl Plan {
             rathole_services: 1_000,
             rathole_clients: 10,
             rathole_bytes: 2 << 30,
+            cluster_agents: 10_000,
         }
     }
 
@@ -121,6 +128,7 @@ impl Plan {
             rathole_services: 100,
             rathole_clients: 2,
             rathole_bytes: 256 << 20,
+            cluster_agents: 1_000,
             ..Self::full()
         }
     }
@@ -149,6 +157,7 @@ impl Plan {
             rathole_services: 4,
             rathole_clients: 1,
             rathole_bytes: 4 << 20,
+            cluster_agents: 30,
             ..Self::quick()
         }
     }

@@ -166,6 +166,7 @@ pub async fn run(
                 agent,
                 transport: t,
                 at,
+                ..
             }) if at >= killed => {
                 back.entry(agent).or_insert((at, t));
             }
