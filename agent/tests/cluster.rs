@@ -391,3 +391,32 @@ async fn follow_ups_and_project_requests_from_other_nodes_reach_the_agent() {
     assert_eq!(turns, 2, "{:#?}", f.seen);
     assert!(prompts_in_last_request(&w.fake).contains("second question"));
 }
+
+#[tokio::test]
+async fn a_task_for_an_agent_between_nodes_waits_and_runs_once_when_it_is_back() {
+    let mut w = cluster().await;
+    // The agent goes away (as when its node drains and it has not reached another yet).
+    w.take_agent().stop().await.unwrap();
+    let a = &w.nodes[0];
+    eventually_async(T, async || {
+        !a.core.agents().await.unwrap().iter().any(|v| v.online)
+    })
+    .await;
+    w.fake.push(Reply::text("ran once"));
+    let rec = a
+        .core
+        .submit_task(submit(OWNER, "app", "wait for me", TaskOptions::default()))
+        .await
+        .expect("queued, not refused: the agent left moments ago");
+    assert_eq!(rec.state, TaskState::Queued);
+    let mut f = follow_on(a, &rec.spec.task).await;
+    w.restart_agent().await;
+    assert_eq!(f.finished().await.0, FinalState::Done);
+    let started = f
+        .seen
+        .iter()
+        .filter(|(_, e)| matches!(e, TaskEvent::Started { .. }))
+        .count();
+    assert_eq!(started, 1, "{:#?}", f.seen);
+    assert_eq!(w.fake.main_requests().len(), 1, "Claude was asked once");
+}

@@ -19,6 +19,10 @@ const MAX_SESSION_ID: usize = 128;
 /// Longest display name kept for a requester, in characters (Discord's own limit is 32).
 const MAX_DISPLAY_NAME: usize = 64;
 
+/// How long after an agent left a node its tasks are still queued for it in a cluster (see
+/// `State::between_nodes`): about as long as an agent takes to reach another node.
+const RECONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Core {
     /// Queues a task on one of the user's agents, or on an agent another user shared with them
     /// ([`Submit::target`]), and dispatches it at once if the agent has a free slot. The agent must be
@@ -235,6 +239,20 @@ impl State {
         })
     }
 
+    /// In a cluster, whether an agent no node holds right now is on its way to another one: its node died
+    /// with its presence still claimed, or it left one moments ago (a node drained). Its tasks are queued
+    /// rather than refused, and whichever node it connects to next dispatches them, once each.
+    fn between_nodes(&self, agent: &AgentRecord) -> bool {
+        if self.bus.is_none() {
+            return false;
+        }
+        let claimed = matches!(self.store().presence(&agent.fingerprint), Ok(Some(_)));
+        let just_left = agent
+            .last_seen
+            .is_some_and(|t| now().saturating_sub(t) <= RECONNECT_GRACE.as_secs());
+        claimed || just_left
+    }
+
     /// Stores a new task in its agent's queue and dispatches what the agent has room for.
     fn enqueue(&mut self, task: NewTask) -> Result<TaskRecord, TaskError> {
         let agent = task.agent;
@@ -242,6 +260,7 @@ impl State {
         self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
         if !self.live.contains_key(&agent.fingerprint)
             && self.held_elsewhere(&agent.fingerprint).is_none()
+            && !self.between_nodes(&agent)
         {
             let seen = agent.last_seen.map_or("never connected".into(), |t| {
                 format!("last seen {} ago", human_duration(now().saturating_sub(t)))
