@@ -29,7 +29,15 @@
 //! (`impl State`): [`config`], [`agents`] (sessions and the live table), [`pairing`], [`routing`] (which
 //! agent a request means), [`tasks`] (requests and errors), [`submit`] (new tasks and follow-ups), [`queue`],
 //! [`events`], [`control`] (cancel, approvals), [`shares`], [`projects`], [`worktrees`], [`audit`], [`output`],
-//! [`redact`], [`retention`].
+//! [`redact`], [`retention`], and for a cluster `remote` (reaching an agent held by another node, being
+//! that node, following events another node writes) and [`nodes`] (heartbeats, live nodes, readiness).
+//!
+//! # A cluster
+//!
+//! Several nodes share one store (PostgreSQL) and a bus (NATS, [`crate::cluster`]); each node has its own
+//! `State`. Decisions still happen on whichever node is asked, over the shared records; only what must go
+//! down an agent's session crosses to the node holding it. Exactly-once dispatch is the store's
+//! compare-and-swap under the session's presence epoch, not a lock of this thread's.
 
 use std::sync::Arc;
 
