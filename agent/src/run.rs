@@ -220,8 +220,9 @@ async fn run_loop(
         pair: None,
     };
     let mut backoff = Backoff::default();
-    // The order addresses are tried in: a relay node that just went away (drained or died) goes last, so a
-    // cluster's agents move to the other nodes at once instead of waiting on it.
+    // The order addresses are tried in: the pairing's order at first; once connected, the node in use goes
+    // last and the others are shuffled, so when it goes away (drained or died) its agents move to the other
+    // nodes at once, spread over them, instead of waiting on it.
     let mut relays = pairing.relays.clone();
 
     loop {
@@ -237,6 +238,10 @@ async fn run_loop(
                 let addr = link.relay_addr.clone();
                 if let Some(at) = relays.iter().position(|r| *r == addr) {
                     let left = relays.remove(at);
+                    // The others in a random order: when a node dies, its agents spread over the survivors
+                    // instead of all dialling the same next one.
+                    use rand::seq::SliceRandom as _;
+                    relays.shuffle(&mut rand::thread_rng());
                     relays.push(left);
                 }
                 let (end, lasted) =
