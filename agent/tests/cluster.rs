@@ -80,6 +80,38 @@ async fn follow_on(node: &TestRelay, task: &str) -> Follow {
     Follow::new(task, stored, rx)
 }
 
+/// Submits on `on` a task whose Bash tool runs `job` (Claude then says `then`), follows it on `follow`, and
+/// lets the job run: allowed from `follow`'s node if the CLI asks, which is its own business.
+async fn run_job(
+    w: &World,
+    on: &TestRelay,
+    follow: &TestRelay,
+    job: &LongJob,
+    then: &str,
+) -> Follow {
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": job.command(), "description": "Run the long job" }),
+    ));
+    w.fake.push(Reply::text(then));
+    let rec = on
+        .core
+        .submit_task(submit(
+            OWNER,
+            "app",
+            "run the long job",
+            TaskOptions::default(),
+        ))
+        .await
+        .unwrap();
+    let mut f = follow_on(follow, &rec.spec.task).await;
+    allow_if_asked_until(follow, &mut f, || {
+        job.child_below(std::process::id()).is_some()
+    })
+    .await;
+    f
+}
+
 #[tokio::test]
 async fn a_task_submitted_on_one_node_runs_on_an_agent_held_by_another_and_a_third_decides() {
     let w = cluster().await;
@@ -143,26 +175,10 @@ async fn a_cancel_from_another_node_stops_the_task_on_the_agent() {
     let w = cluster().await;
     let (a, c) = (&w.nodes[0], &w.nodes[1]);
     let job = LongJob::write(&w.project, 300);
-    w.fake.push(Reply::tool_use(
-        "Bash",
-        json!({ "command": job.command(), "description": "Run the long job" }),
-    ));
-    w.fake.push(Reply::text("stopped"));
-    let rec = a
-        .core
-        .submit_task(submit(
-            OWNER,
-            "app",
-            "run the long job",
-            TaskOptions::default(),
-        ))
-        .await
-        .unwrap();
-    let mut f = follow_on(c, &rec.spec.task).await;
-    // Allowed (from c, which does not hold the agent) if the CLI asks, until the job runs.
-    allow_if_asked_until(c, &mut f, || job.child_below(std::process::id()).is_some()).await;
+    // Submitted on node-0, followed and allowed from node-2: neither holds the agent.
+    let mut f = run_job(&w, a, c, &job, "stopped").await;
     a.core
-        .cancel_task(OWNER, &rec.spec.task)
+        .cancel_task(OWNER, &f.task)
         .await
         .expect("node-0 sends the cancel to node-1's agent");
     let (state, _) = f.finished().await;
@@ -201,31 +217,9 @@ async fn a_revocation_on_one_node_drops_the_agent_held_by_another() {
 async fn a_node_that_drains_mid_task_hands_its_agent_to_another_and_no_event_is_lost_or_doubled() {
     let w = cluster().await;
     let job = LongJob::gated(&w.project);
-    w.fake.push(Reply::tool_use(
-        "Bash",
-        json!({ "command": job.command(), "description": "Run the long job" }),
-    ));
-    w.fake.push(Reply::text("slept well"));
     let a = &w.nodes[0];
-    let rec = a
-        .core
-        .submit_task(submit(
-            OWNER,
-            "app",
-            "run the long job",
-            TaskOptions::default(),
-        ))
-        .await
-        .unwrap();
-    let task = rec.spec.task.clone();
-    let mut f = follow_on(a, &task).await;
-    f.until(
-        "the Bash tool",
-        |e| matches!(e, TaskEvent::Tool { name, .. } if name == "Bash"),
-    )
-    .await;
-    // Allowed (from a, which does not hold the agent) if the CLI asks, until the job runs.
-    allow_if_asked_until(a, &mut f, || job.child_below(std::process::id()).is_some()).await;
+    let mut f = run_job(&w, a, a, &job, "slept well").await;
+    let task = f.task.clone();
     // node-1 (the agent's) drains: it says Closing{Shutdown}, and the agent moves to another address.
     w.relay.begin_stop();
     job.release();
@@ -277,25 +271,8 @@ async fn the_cluster_rides_out_nats_and_postgresql_restarts_without_losing_an_ac
     })
     .await;
     let job = LongJob::gated(&w.project);
-    w.fake.push(Reply::tool_use(
-        "Bash",
-        json!({ "command": job.command(), "description": "Run the long job" }),
-    ));
-    w.fake.push(Reply::text("slept well"));
-    let rec = a
-        .core
-        .submit_task(submit(
-            OWNER,
-            "app",
-            "run the long job",
-            TaskOptions::default(),
-        ))
-        .await
-        .unwrap();
-    let task = rec.spec.task.clone();
-    let mut f = follow_on(a, &task).await;
-    // Allowed (from a, which does not hold the agent) if the CLI asks, until the job runs.
-    allow_if_asked_until(a, &mut f, || job.child_below(std::process::id()).is_some()).await;
+    let mut f = run_job(&w, a, a, &job, "slept well").await;
+    let task = f.task.clone();
 
     // NATS goes away: every node says it is not ready; it comes back: ready again, by itself.
     nats.kill();
