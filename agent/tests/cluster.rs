@@ -60,6 +60,10 @@ async fn cluster() -> World {
         ..Opts::default()
     })
     .await;
+    // Its pairing names the nodes that were up when it paired (each node registers itself before it serves),
+    // so it can move when its node goes.
+    let pairing = w.agent_config.load_pairing().unwrap().unwrap();
+    assert!(pairing.relays.len() >= 2, "{:?}", pairing.relays);
     // Every node sees the agent online (through its heartbeat's view of the others) before tests use them.
     for node in &w.nodes {
         eventually_async(T, async || {

@@ -227,6 +227,7 @@ impl Relay {
         let metrics = Arc::new(Metrics::for_node(&core_cfg.node_id));
         let core = Core::start(store, relay_key, core_cfg, metrics, bus)
             .context("starting the core's thread and the store's flusher thread")?;
+        core.join_cluster().await;
         Ok(Self {
             core,
             admission,

@@ -96,6 +96,12 @@ impl Core {
         self.beat(started_at, true).await;
     }
 
+    /// Writes this node's first heartbeat and learns the live nodes, before the node serves anyone: a pairing
+    /// token minted the moment it is up already names the other nodes, and they know of this one.
+    pub async fn join_cluster(&self) {
+        self.beat(now(), false).await;
+    }
+
     /// Forgets this node in the shared store: the last thing a node that shut down cleanly does.
     pub async fn leave_cluster(&self) {
         let me = self.node_id().to_string();
