@@ -9,6 +9,7 @@ use std::path::Path;
 use ct_agent::RunError;
 use ct_protocol::project::ProjectOp;
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
+use ct_relay::cluster::Seal;
 use ct_relay::relay::ClusterConfig;
 use ct_relay::store::TaskState;
 use ct_relay::tasks::ReplyOutcome;
@@ -215,6 +216,46 @@ async fn a_revocation_on_one_node_drops_the_agent_held_by_another() {
         .expect("the agent's run ends when node-1 closes it");
     assert!(matches!(ended, Err(RunError::Revoked { .. })), "{ended:?}");
     eventually_async(T, async || w.relay.core.online().await == 0).await;
+}
+
+/// Whoever can reach NATS but is not a node (no relay key) cannot act on an agent through the bus: a forged,
+/// a foreign-keyed or a re-addressed message is dropped; only a message the cluster's key sealed for that
+/// agent's subject is acted on.
+#[tokio::test]
+async fn a_message_on_the_bus_that_no_node_sealed_is_ignored() {
+    let mut w = cluster().await;
+    let agent = w.nodes[0].core.agents().await.unwrap().remove(0);
+    let subject = ct_relay::cluster::agent_subject(&agent.fingerprint.0);
+    let nats = async_nats::connect(NatsServer::shared().url())
+        .await
+        .expect("the test reaches NATS as an outsider would");
+    let revoke = br#"{"kind":"close","reason":"revoked"}"#;
+    let cluster = Seal::from_relay_secret(&w.relay.core.relay_key().to_bytes());
+    let forgeries = [
+        // Unsealed, as the bus carried messages before they were sealed.
+        bytes::Bytes::from_static(revoke),
+        // Sealed, but with a key that is not the cluster's.
+        Seal::from_relay_secret(&[9; 32]).seal(&subject, revoke),
+        // Sealed by the cluster's key for another agent's subject, moved to this one.
+        cluster.seal("ct.agent.00", revoke),
+    ];
+    for forged in forgeries {
+        nats.publish(subject.clone(), forged).await.unwrap();
+    }
+    // The same connection's messages arrive in order: once this one is acted on (its node closes the session
+    // as on a drain, and the agent moves), the forgeries before it were refused, or the agent would have been
+    // dropped as revoked and never connect again.
+    nats.publish(
+        subject.clone(),
+        cluster.seal(&subject, br#"{"kind":"close","reason":"shutdown"}"#),
+    )
+    .await
+    .unwrap();
+    nats.flush().await.unwrap();
+    let mut agent = w.take_agent();
+    agent.disconnected(T).await;
+    agent.connected(T).await;
+    agent.stop().await.unwrap();
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::admin::{self, StatusInfo};
-use crate::cluster::Bus;
+use crate::cluster::{Bus, Seal};
 use crate::core::{Core, CoreConfig};
 use crate::endpoint::limits::Admission;
 use crate::endpoint::{https, quic};
@@ -217,6 +217,7 @@ impl Relay {
                 Bus::connect(
                     &cluster.nats_url,
                     &core_cfg.node_id,
+                    Seal::from_relay_secret(&relay_key.to_bytes()),
                     stop_bus.clone(),
                     &bus_tasks,
                 )

@@ -541,6 +541,37 @@ fn the_kubernetes_cluster_runs_three_probed_replicas_behind_udp_and_tcp() {
             )),
         "the NATS Service selects no Deployment"
     );
+    // NATS admits the relay pods and nobody else.
+    let nats_pods = &nats_service["spec"]["selector"];
+    let policy = objects
+        .iter()
+        .find(|((kind, _), o)| {
+            kind == "NetworkPolicy" && selects(&o["spec"]["podSelector"]["matchLabels"], nats_pods)
+        })
+        .expect("a NetworkPolicy for the NATS pods")
+        .1;
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let rules = policy["spec"]["ingress"].as_array().unwrap();
+    assert!(
+        !rules.is_empty(),
+        "an empty ingress list admits nobody at all"
+    );
+    for rule in rules {
+        let from = rule["from"]
+            .as_array()
+            .expect("every rule names who may connect");
+        assert!(
+            !from.is_empty()
+                && from.iter().all(|peer| {
+                    peer.as_object().is_some_and(|p| p.len() == 1)
+                        && selects(&peer["podSelector"]["matchLabels"], labels)
+                }),
+            "only the relay pods may reach NATS: {rule}"
+        );
+    }
 
     assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
     assert_eq!(

@@ -12,16 +12,26 @@
 //!
 //! Publishing from the core's own thread (which is not async) goes through a bounded queue to a pump task
 //! ([`Publisher`]): the thread never waits for the network.
+//!
+//! Every payload is sealed with the cluster's key ([`seal`]): a message a node did not send, or one it sent
+//! for another subject or long ago, never reaches the core.
 
-use std::time::Duration;
+mod seal;
+
+pub use seal::{Refused, Seal, MAX_AGE};
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use async_nats::Subscriber;
+use seal::{Replays, RequestTag};
 
 /// Messages waiting for the pump. A burst beyond this (NATS unreachable for long) is dropped with a warning:
 /// every message on the bus is a hint that a later one, or a periodic check, repeats.
@@ -52,18 +62,22 @@ pub fn task_subject(task: &str) -> Option<String> {
 pub struct Bus {
     client: async_nats::Client,
     publisher: Publisher,
+    seal: Seal,
 }
 
 /// Publishes without waiting, from any thread.
 #[derive(Debug, Clone)]
 pub struct Publisher {
     queue: mpsc::Sender<(String, Bytes)>,
+    seal: Seal,
 }
 
 impl Publisher {
     /// Queues `payload` for `subject`. `false` when the queue is full (NATS has been unreachable for a while).
     pub fn publish(&self, subject: String, payload: Bytes) -> bool {
-        match self.queue.try_send((subject, payload)) {
+        // Sealed now rather than by the pump: the seal time is when the node decided to send it.
+        let sealed = self.seal.seal(&subject, &payload);
+        match self.queue.try_send((subject, sealed)) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "the cluster bus is not keeping up; a notice was dropped");
@@ -86,12 +100,13 @@ pub enum RequestError {
 }
 
 impl Bus {
-    /// Connects to NATS at `url` as `node`. The relay starts even when NATS is down: the client keeps
+    /// Connects to NATS at `url` as `node`, sealing and checking every message with `seal`. The relay starts even when NATS is down: the client keeps
     /// retrying with backoff (and so does every reconnect later), and [`Bus::connected`] says how it stands,
     /// which `/readyz` reports. The pump task stops with `shutdown`.
     pub async fn connect(
         url: &str,
         node: &str,
+        seal: Seal,
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> anyhow::Result<Self> {
@@ -143,7 +158,11 @@ impl Bus {
         });
         Ok(Self {
             client,
-            publisher: Publisher { queue },
+            publisher: Publisher {
+                queue,
+                seal: seal.clone(),
+            },
+            seal,
         })
     }
 
@@ -164,11 +183,15 @@ impl Bus {
         timeout: Duration,
     ) -> Result<Bytes, RequestError> {
         use async_nats::RequestErrorKind as Kind;
+        let (sealed, tag) = self.seal.seal_request(&subject, &payload);
         let request = async_nats::Request::new()
-            .payload(payload)
+            .payload(sealed)
             .timeout(Some(timeout));
         match self.client.send_request(subject, request).await {
-            Ok(message) => Ok(message.payload),
+            Ok(message) => self
+                .seal
+                .open_reply(&tag, &message.payload)
+                .map_err(|e| RequestError::Unavailable(format!("an answer was refused: {e}"))),
             Err(e) => Err(match e.kind() {
                 Kind::NoResponders => RequestError::NoResponders,
                 Kind::TimedOut => RequestError::TimedOut(timeout),
@@ -178,17 +201,96 @@ impl Bus {
     }
 
     /// Answers a request.
-    pub async fn reply(&self, to: async_nats::Subject, payload: Bytes) {
-        if let Err(e) = self.client.publish(to, payload).await {
+    pub async fn reply(&self, to: ReplyTo, payload: Bytes) {
+        let sealed = self.seal.seal_reply(&to.request, &payload);
+        if let Err(e) = self.client.publish(to.subject, sealed).await {
             tracing::warn!(error = %e, "could not answer a request on the cluster bus");
         }
     }
 
-    /// Subscribes to `subject` until the returned subscriber is dropped.
-    pub async fn subscribe(&self, subject: String) -> anyhow::Result<Subscriber> {
-        self.client
-            .subscribe(subject)
+    /// Subscribes to `subject` until the returned subscription is dropped. It yields only what a node of
+    /// this cluster sealed for `subject` in the last [`MAX_AGE`], each message once.
+    pub async fn subscribe(&self, subject: String) -> anyhow::Result<Subscription> {
+        let inner = self
+            .client
+            .subscribe(subject.clone())
             .await
-            .context("subscribing on the cluster bus")
+            .context("subscribing on the cluster bus")?;
+        Ok(Subscription {
+            inner,
+            subject,
+            seal: self.seal.clone(),
+            replays: Replays::default(),
+            warned: None,
+        })
+    }
+}
+
+/// A message from another node, opened.
+#[derive(Debug)]
+pub struct Message {
+    pub payload: Bytes,
+    /// Where the answer goes, for a request.
+    pub reply: Option<ReplyTo>,
+}
+
+/// The inbox of a request, and the request's tag its answer is bound to.
+#[derive(Debug)]
+pub struct ReplyTo {
+    subject: async_nats::Subject,
+    request: RequestTag,
+}
+
+/// The messages on one subject that nodes of this cluster sealed for it. What is refused is dropped, with a
+/// warning at most every [`WARN_EVERY`] per subscription, so a flood of forgeries cannot flood the log.
+#[derive(Debug)]
+pub struct Subscription {
+    inner: async_nats::Subscriber,
+    subject: String,
+    seal: Seal,
+    replays: Replays,
+    warned: Option<Instant>,
+}
+
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl Subscription {
+    fn refused(&mut self, why: Refused) {
+        if self.warned.is_some_and(|t| t.elapsed() < WARN_EVERY) {
+            return;
+        }
+        self.warned = Some(Instant::now());
+        tracing::warn!(subject = %self.subject, reason = %why, "refused a message on the cluster bus");
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        loop {
+            let message = match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(m)) => m,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            let this = &mut *self;
+            let opened = this
+                .seal
+                .open(&this.subject, &message.payload)
+                .and_then(|(body, tag)| match this.replays.first_now(tag) {
+                    true => Ok((body, tag)),
+                    false => Err(Refused::Replayed),
+                });
+            match opened {
+                Ok((payload, request)) => {
+                    return Poll::Ready(Some(Message {
+                        payload,
+                        reply: message.reply.map(|subject| ReplyTo { subject, request }),
+                    }))
+                }
+                Err(why) => this.refused(why),
+            }
+        }
     }
 }
