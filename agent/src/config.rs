@@ -164,13 +164,117 @@ pub struct Pairing {
     pub paired_at: u64,
 }
 
+/// Most relay addresses a pairing keeps: a cluster's nodes, plus the few it was paired with.
+pub const MAX_RELAYS: usize = 16;
+
 impl Pairing {
+    /// Adds the addresses in `offered` (a cluster's live nodes, from its Welcome) that the pairing does not
+    /// know yet, after the ones it knows, up to [`MAX_RELAYS`]; returns those added. None is ever dropped: an
+    /// address a node stopped naming may still be the only one that works from here (the relay's own view of
+    /// its addresses can be wrong), and the relay key is verified wherever the agent connects, so a stale
+    /// address only costs an attempt. Addresses that are not `host:port` are ignored.
+    pub fn learn_relays(&mut self, offered: &[String]) -> Vec<String> {
+        let mut added = Vec::new();
+        for addr in offered {
+            if self.relays.len() >= MAX_RELAYS {
+                break;
+            }
+            if is_relay_addr(addr) && !self.relays.contains(addr) {
+                self.relays.push(addr.clone());
+                added.push(addr.clone());
+            }
+        }
+        added
+    }
+
     /// The owner as people know them: the display name when the relay told us one, else the Discord id.
     pub fn owner_label(&self) -> String {
         match &self.owner_name {
             Some(name) => format!("{name} (Discord id {})", self.owner),
             None => format!("Discord user {}", self.owner),
         }
+    }
+}
+
+/// Whether `addr` is a `host:port` the agent can dial: a DNS name or an IP address (IPv6 in brackets) and a
+/// port, nothing else (it comes from the relay and goes into a file and into logs).
+fn is_relay_addr(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        }
+    };
+    host_ok && port.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
+#[cfg(test)]
+mod relay_addr_tests {
+    use super::*;
+
+    fn pairing(relays: &[&str]) -> Pairing {
+        Pairing {
+            relays: relays.iter().map(|r| r.to_string()).collect(),
+            relay_fingerprint: Fingerprint([1; 32]),
+            owner: "1".into(),
+            owner_name: None,
+            agent_name: "box".into(),
+            agent_fingerprint: Fingerprint([2; 32]),
+            paired_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_pairing_learns_new_addresses_after_its_own_and_drops_none() {
+        let mut p = pairing(&["a.example:7443", "b.example:7443"]);
+        let offered = [
+            "c.example:7443",
+            "a.example:7443",
+            "10.0.0.4:7443",
+            "[::1]:7443",
+        ]
+        .map(String::from);
+        assert_eq!(
+            p.learn_relays(&offered),
+            ["c.example:7443", "10.0.0.4:7443", "[::1]:7443"]
+        );
+        assert_eq!(p.relays[..2], ["a.example:7443", "b.example:7443"]);
+        assert!(
+            p.learn_relays(&offered).is_empty(),
+            "nothing new the second time"
+        );
+        assert!(p.learn_relays(&[]).is_empty());
+        assert_eq!(p.relays.len(), 5);
+    }
+
+    #[test]
+    fn what_is_not_host_and_port_is_ignored_and_the_list_is_bounded() {
+        let mut p = pairing(&["a.example:7443"]);
+        let bad = [
+            "",
+            "no-port",
+            "host:0",
+            "host:70000",
+            "host :7443",
+            "host\n:7443",
+            "[not-v6]:7443",
+            "::1:7443",
+            "a.example:7443/path",
+        ]
+        .map(String::from);
+        assert!(p.learn_relays(&bad).is_empty(), "{:?}", p.relays);
+        let long = format!("{}:7443", "a".repeat(254));
+        assert!(p.learn_relays(&[long]).is_empty());
+        let many: Vec<String> = (0..100).map(|i| format!("n{i}.example:7443")).collect();
+        p.learn_relays(&many);
+        assert_eq!(p.relays.len(), MAX_RELAYS);
     }
 }
 
@@ -267,6 +371,19 @@ impl ConfigDir {
 
     pub fn store_pairing(&self, pairing: &Pairing) -> Result<(), ConfigError> {
         self.store_json(PAIRING_FILE, pairing, 0o600)
+    }
+
+    /// Adds a cluster's node addresses to the stored pairing ([`Pairing::learn_relays`]); returns the
+    /// addresses added (none: nothing written).
+    pub fn learn_relays(&self, offered: &[String]) -> Result<Vec<String>, ConfigError> {
+        let Some(mut pairing) = self.load_pairing()? else {
+            return Ok(Vec::new());
+        };
+        let added = pairing.learn_relays(offered);
+        if !added.is_empty() {
+            self.store_pairing(&pairing)?;
+        }
+        Ok(added)
     }
 
     /// The key and pairing together, as `run` needs them. Completes a pairing that was interrupted after

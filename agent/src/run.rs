@@ -235,6 +235,7 @@ async fn run_loop(
             Err(e) if e.is_permanent() => return Err(permanent(e)),
             Err(e) => e.to_string(),
             Ok(link) => {
+                learn_relays(dir, &mut relays, &link.welcome.relays).await;
                 let addr = link.relay_addr.clone();
                 if let Some(at) = relays.iter().position(|r| *r == addr) {
                     let left = relays.remove(at);
@@ -270,6 +271,28 @@ async fn run_loop(
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Remembers the cluster nodes a Welcome names that the pairing does not know (a node that joined after this
+/// agent paired, or the nodes of a relay that became a cluster), in the pairing file and in this run's list,
+/// so the agent can fail over to them. A file that cannot be written only costs the next start this.
+async fn learn_relays(dir: &ConfigDir, relays: &mut Vec<String>, offered: &[String]) {
+    if offered.iter().all(|a| relays.contains(a)) {
+        return;
+    }
+    let (dir, offered) = (dir.clone(), offered.to_vec());
+    match tokio::task::spawn_blocking(move || dir.learn_relays(&offered)).await {
+        Ok(Ok(added)) => {
+            for addr in added {
+                if !relays.contains(&addr) {
+                    tracing::info!(relay = %addr, "the relay's cluster has another node; it is tried when this one goes");
+                    relays.push(addr);
+                }
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remember the cluster's other nodes"),
+        Err(e) => tracing::warn!(error = %e, "could not remember the cluster's other nodes"),
     }
 }
 

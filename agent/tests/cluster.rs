@@ -287,6 +287,34 @@ async fn a_node_that_drains_mid_task_hands_its_agent_to_another_and_no_event_is_
     .await;
 }
 
+/// An agent whose pairing names one node (it paired before the others joined, or before its relay became a
+/// cluster) learns the others from its Welcome, remembers them, and moves to one when its node drains.
+#[tokio::test]
+async fn an_agent_that_knows_one_node_learns_the_others_and_moves_to_one() {
+    let mut w = cluster().await;
+    let mut pairing = w.agent_config.load_pairing().unwrap().unwrap();
+    pairing.relays.truncate(1);
+    w.agent_config.store_pairing(&pairing).unwrap();
+    w.restart_agent().await;
+    eventually_async(T, async || {
+        w.agent_config.load_pairing().unwrap().unwrap().relays.len() == 3
+    })
+    .await;
+    let learned = w.agent_config.load_pairing().unwrap().unwrap().relays;
+    assert_eq!(learned[0], pairing.relays[0], "what it knew stays first");
+    w.relay.begin_stop();
+    let a = &w.nodes[0];
+    eventually_async(T, async || {
+        a.core
+            .agents()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.online && v.node.as_deref() != Some("node-1"))
+    })
+    .await;
+}
+
 /// Waits until every node says ready (`/readyz`'s answer) or not.
 async fn all_ready(w: &World, ready: bool) {
     let nodes: Vec<&TestRelay> = std::iter::once(&w.relay).chain(&w.nodes).collect();

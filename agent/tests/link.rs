@@ -243,6 +243,7 @@ impl Relay {
             agent_name: agent.pair.map(|p| p.name).unwrap_or_else(|| "box".into()),
             paired,
             heartbeat_ms: transport.timing().heartbeat.as_millis() as u64,
+            relays: Vec::new(),
         };
         if writer.send(&Verdict::Welcome(welcome)).await.is_err() {
             return;

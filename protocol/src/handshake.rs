@@ -132,6 +132,11 @@ pub struct Welcome {
     pub paired: bool,
     /// How often the relay expects a heartbeat, in milliseconds.
     pub heartbeat_ms: u64,
+    /// In a cluster, the addresses of its live nodes (`host:port`), so an agent paired before a node joined,
+    /// or before the relay became a cluster, can fail over to it. Empty from a single relay. The agent
+    /// verifies the relay key wherever it connects, so an address here can cost an attempt, never trust.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<String>,
 }
 
 /// Why the relay refused an agent whose signature was valid.

@@ -35,6 +35,7 @@ fn welcome() -> Welcome {
         agent_name: "laptop".into(),
         paired: true,
         heartbeat_ms: 1000,
+        relays: Vec::new(),
     }
 }
 

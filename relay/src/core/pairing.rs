@@ -187,6 +187,12 @@ impl State {
             agent_name: record.name,
             paired,
             heartbeat_ms: 0,
+            // Only a cluster's: a single relay's own address is what the agent dialled (or a loopback
+            // default, when no --public-addr was given, that would be no use to anyone).
+            relays: match self.bus {
+                Some(_) => self.cluster_addrs.clone(),
+                None => Vec::new(),
+            },
         })
     }
 
