@@ -435,6 +435,14 @@ async fn a_node_sigkilled_mid_task_loses_its_agent_gateway_and_thread_to_the_sur
         eventually_async(T, async || holder(node).await.as_deref() == Some("node-0")).await;
     }
 
+    // How the agent is connected decides how soon it notices (QUIC: at its idle timeout; TCP: a reset).
+    let transport = nodes[0]
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|a| a.transport)
+        .expect("the agent's transport");
     // node-0 dies: no Closing, no lease released, no flush.
     let killed = Instant::now();
     nodes[0].kill().await.unwrap();
@@ -541,8 +549,8 @@ async fn a_node_sigkilled_mid_task_loses_its_agent_gateway_and_thread_to_the_sur
     assert!(limited.is_empty(), "rate-limited calls: {limited:#?}");
 
     eprintln!(
-        "failover: agent back on {moved_to} {:.1} s after the kill, gateway identified again after {:.1} s; \
-         whole test {:.1} s",
+        "failover: agent ({transport:?}) back on {moved_to} {:.1} s after the kill, gateway identified again \
+         after {:.1} s; whole test {:.1} s",
         agent_back.as_secs_f64(),
         gateway_back.as_secs_f64(),
         began.elapsed().as_secs_f64()
