@@ -61,6 +61,8 @@ pub struct RelayProcess {
     program: Program,
     /// Arguments after ours: a cluster node's database, bus and name, limits.
     args: Vec<OsString>,
+    /// Environment on top of ours: the bot's `DISCORD_*` settings, a `LOG_LEVEL`.
+    env: Vec<(OsString, OsString)>,
     pub data_dir: PathBuf,
     listen: SocketAddr,
     child: Option<Child>,
@@ -76,13 +78,27 @@ impl RelayProcess {
 
     /// [`start`](Self::start) with more of `ct-relay`'s arguments (`--database-url ...` for a cluster node).
     pub async fn start_with(program: &Program, data_dir: &Path, args: &[OsString]) -> Result<Self> {
+        let any_port = "127.0.0.1:0".parse().expect("a valid address");
+        Self::start_on(program, data_dir, any_port, args, &[]).await
+    }
+
+    /// [`start_with`](Self::start_with) on `listen` (a node whose `--public-addr` must name its port before it
+    /// starts) and with `env` set for it (the bot's `DISCORD_*` settings; `LOG_LEVEL` wins over ours).
+    pub async fn start_on(
+        program: &Program,
+        data_dir: &Path,
+        listen: SocketAddr,
+        args: &[OsString],
+        env: &[(OsString, OsString)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.with_extension("log");
         let mut relay = Self {
             program: program.clone(),
             args: args.to_vec(),
+            env: env.to_vec(),
             data_dir: data_dir.to_path_buf(),
-            listen: "127.0.0.1:0".parse().expect("a valid address"),
+            listen,
             child: None,
             target: Arc::new(Target::new(
                 "127.0.0.1:0".parse().expect("a valid address"),
@@ -121,6 +137,7 @@ impl RelayProcess {
                 std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .env_remove("DISCORD_TOKEN")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -196,6 +213,14 @@ impl RelayProcess {
     pub async fn status(&self) -> Result<StatusInfo> {
         match admin::call(&self.data_dir, &Request::Status).await? {
             Reply::Status(s) => Ok(s),
+            other => bail!("unexpected admin reply {other:?}"),
+        }
+    }
+
+    /// The cluster's nodes as this one sees them (`ct-relay admin cluster`).
+    pub async fn cluster(&self) -> Result<Vec<ct_relay::core::nodes::NodeView>> {
+        match admin::call(&self.data_dir, &Request::Cluster).await? {
+            Reply::Cluster { nodes } => Ok(nodes),
             other => bail!("unexpected admin reply {other:?}"),
         }
     }

@@ -73,6 +73,19 @@ impl Reply {
         })
     }
 
+    /// A text block, then one `tool_use` block, in one assistant message: the model says what it is about to
+    /// do and does it (the turn continues). A test can see the text in a thread while the tool still runs.
+    pub fn text_then_tool_use(
+        text: impl Into<String>,
+        name: impl Into<String>,
+        input: Value,
+    ) -> Self {
+        Self(ReplyKind::Message {
+            text: Some(text.into()),
+            tool_uses: vec![(name.into(), input)],
+        })
+    }
+
     /// An HTTP error with Anthropic's error body. The error type follows the status the way the real API does:
     /// 400 `invalid_request_error`, 401 `authentication_error`, 403 `permission_error`, 404 `not_found_error`,
     /// 429 `rate_limit_error`, 529 `overloaded_error`, anything else `api_error`.
