@@ -62,6 +62,19 @@ impl PgServer {
 
     /// [`start`](Self::start) with extra server settings (`-c name=value`), e.g. to make the WAL writer lazy.
     pub fn start_with(settings: &[(&str, &str)]) -> anyhow::Result<PgServer> {
+        Self::start_inner(settings, None)
+    }
+
+    /// A server that also accepts TLS (`ssl=on`) with this certificate and key (PEM); clients may still
+    /// connect without TLS, as with a default Debian server.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> anyhow::Result<PgServer> {
+        Self::start_inner(&[], Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(
+        settings: &[(&str, &str)],
+        tls: Option<(&str, &str)>,
+    ) -> anyhow::Result<PgServer> {
         let bin = bin_dir()?;
         sweep_leftovers();
         let dir = tempfile::Builder::new()
@@ -69,6 +82,22 @@ impl PgServer {
             .tempdir()
             .context("creating the server's temporary directory")?;
         std::fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())?;
+        let mut settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt as _;
+            let (cert_path, key_path) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_path, cert)?;
+            std::fs::write(&key_path, key)?;
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+            settings.push(("ssl".into(), "on".into()));
+            settings.push(("ssl_cert_file".into(), cert_path.display().to_string()));
+            settings.push(("ssl_key_file".into(), key_path.display().to_string()));
+        }
         let run_as = if is_root() {
             let ids = postgres_user()?;
             chown_tree(dir.path(), ids)?;
@@ -101,10 +130,7 @@ impl PgServer {
             bin,
             dir,
             port: 0,
-            settings: settings
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            settings,
             run_as,
             child: Mutex::new(None),
         };

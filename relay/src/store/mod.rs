@@ -51,6 +51,9 @@ pub enum StoreError {
          be lost: what waited for them fails, and agents reconnect and send again whatever was not acknowledged"
     )]
     WritesLost,
+    /// The database URL cannot be used as given (an unknown option, a TLS setting that cannot be honoured).
+    #[error("store: {0}")]
+    Config(String),
     /// The database's schema is newer than this binary: a newer ct-relay migrated it.
     #[error(
         "store: the database was migrated by a newer ct-relay (schema version {found}, {name:?}; this ct-relay \

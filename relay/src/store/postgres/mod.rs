@@ -40,6 +40,7 @@ mod migrate;
 mod pool;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,7 +91,9 @@ impl PgStore {
 
     /// [`open`](Self::open) with at most `size` connections at once.
     pub fn with_pool_size(url: &str, size: usize) -> Result<Self> {
-        let mut config: postgres::Config = url.parse()?;
+        let mut target =
+            tls::Target::parse(url).map_err(|e| StoreError::Config(format!("{e:#}")))?;
+        let config = &mut target.config;
         if config.get_application_name().is_none() {
             // Shown in pg_stat_activity, so an operator can tell the relay's connections apart.
             config.application_name("ct-relay");
@@ -103,10 +106,10 @@ impl PgStore {
         if config.get_tcp_user_timeout().is_none() {
             config.tcp_user_timeout(Duration::from_secs(30));
         }
-        let mut client = config.connect(postgres::NoTls)?;
+        let mut client = target.connect()?;
         migrate::migrate(&mut client)?;
         drop(client);
-        let pool = Pool::new(config, size);
+        let pool = Pool::new(target, size);
         // One connection is opened now, so that a store that opens is one that works, and knows its server.
         let token = pool.get()?.incarnation().to_string();
         Ok(Self {

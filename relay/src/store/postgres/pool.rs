@@ -16,13 +16,14 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use postgres::types::ToSql;
 use postgres::{Client, Row, SimpleQueryMessage, Statement};
 
+use super::tls::Target;
 use crate::store::{Result, StoreError};
 
 /// Connections open at once, at most, per store (per relay node).
 pub(super) const DEFAULT_SIZE: usize = 16;
 
 pub(super) struct Pool {
-    config: postgres::Config,
+    target: Target,
     size: usize,
     state: Mutex<State>,
     /// Signalled whenever a connection is returned or given up, for callers waiting for one.
@@ -39,8 +40,9 @@ impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = self.lock();
         f.debug_struct("Pool")
-            .field("hosts", &self.config.get_hosts())
-            .field("dbname", &self.config.get_dbname())
+            .field("hosts", &self.target.config.get_hosts())
+            .field("dbname", &self.target.config.get_dbname())
+            .field("tls", &self.target.mode)
             .field("size", &self.size)
             .field("open", &state.open)
             .field("idle", &state.idle.len())
@@ -49,9 +51,9 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub(super) fn new(config: postgres::Config, size: usize) -> Self {
+    pub(super) fn new(target: Target, size: usize) -> Self {
         Self {
-            config,
+            target,
             size: size.max(1),
             state: Mutex::new(State {
                 idle: Vec::new(),
@@ -103,7 +105,7 @@ impl Pool {
     }
 
     fn connect(&self) -> Result<Conn> {
-        let mut client = self.config.connect(postgres::NoTls)?;
+        let mut client = self.target.connect()?;
         // Every write commits on its own without waiting for the WAL to reach the disk; `Store::flush` waits
         // for it once for all of them (see `PgStore::flush`).
         //
