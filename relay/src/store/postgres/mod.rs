@@ -53,8 +53,8 @@ use serde::de::DeserializeOwned;
 
 use self::pool::{Conn, Lease, Pool};
 use super::{
-    AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
-    ShareRecord, Store, StoreError, TaskRecord, UserRecord,
+    Admission, AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence,
+    Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
 };
 
 /// The open store: a pool of connections to one database.
@@ -468,6 +468,65 @@ impl Store for PgStore {
         self.transaction(|c| {
             Self::put_task_on(c, rec)?;
             Self::audit(c, entry)
+        })
+    }
+
+    fn admit_task(
+        &self,
+        rec: &TaskRecord,
+        entry: Option<&AuditEntry>,
+        limits: &TaskLimits,
+    ) -> Result<Admission> {
+        let row = TaskRow::of(rec)?;
+        self.transaction(|c| {
+            // Every admission for this person, and every one for this agent, on any node, takes the same
+            // transaction-scoped lock, so the counts below cannot change under it until this one commits. Both
+            // keys come from the database's own hash, the same on every node whatever its binary; the two locks
+            // are taken in the order of their keys, the same for every transaction, so two admissions cannot
+            // each hold one and wait for the other (and were one to, PostgreSQL breaks the deadlock and the
+            // transaction runs again). The counts are read by the next statement: in READ COMMITTED each
+            // statement sees what committed before it began, so after the locks, which a transaction that
+            // admitted a task holds until it has committed.
+            c.query_one(
+                "SELECT pg_advisory_xact_lock(least(u, a)), pg_advisory_xact_lock(greatest(u, a))
+                 FROM (SELECT hashtextextended('ct-relay admission of user ' || $1, 0) AS u,
+                              hashtextextended('ct-relay admission on agent ' || encode($2, 'hex'), 0) AS a) k",
+                &[&row.requester, &row.agent],
+            )?;
+            let counts = c.query_one(
+                "SELECT (SELECT count(*) FROM ct_tasks WHERE requester = $1 AND is_open),
+                        ARRAY(SELECT body FROM ct_tasks WHERE agent = $2 AND is_open)",
+                &[&row.requester, &row.agent],
+            )?;
+            let open_of_user = unsigned(counts.try_get(0)?, "count")? as usize;
+            let agent_open: Vec<TaskRecord> = counts
+                .try_get::<_, Vec<&[u8]>>(1)?
+                .into_iter()
+                .map(serde_json::from_slice)
+                .collect::<Result<_, _>>()?;
+            if let Some(refused) = limits.refuses(open_of_user, &agent_open) {
+                return Ok(refused);
+            }
+            let inserted = c.execute(
+                "INSERT INTO ct_tasks (id, agent, requester, session, is_open, ord, updated_at, output_bytes, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &row.id,
+                    &row.agent,
+                    &row.requester,
+                    &row.session,
+                    &row.is_open,
+                    &row.ord,
+                    &row.updated_at,
+                    &row.output_bytes,
+                    &row.body,
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict);
+            }
+            let entry = entry.map(|e| Self::audit(c, e)).transpose()?;
+            Ok(Admission::Admitted(entry.map(Box::new)))
         })
     }
 
