@@ -46,11 +46,15 @@ pub enum StoreError {
     /// PostgreSQL crashed after this node wrote something that no flush had made durable yet: it may be lost.
     /// Returned once, by the flush that would have covered those writes, so nothing is acknowledged on the
     /// strength of them; later flushes cover later writes.
+    ///
+    /// `upto` is the [`Store::write_mark`] at which the store met the server's new run: writes up to it ran on
+    /// the run that crashed (those no flush covered may be lost), later ones on the new run, which a flush
+    /// makes durable as usual.
     #[error(
         "store: PostgreSQL restarted after a crash, before this node's last writes were flushed, and they may \
          be lost: what waited for them fails, and agents reconnect and send again whatever was not acknowledged"
     )]
-    WritesLost,
+    WritesLost { upto: u64 },
     /// The database's schema is newer than this binary: a newer ct-relay migrated it.
     #[error(
         "store: the database was migrated by a newer ct-relay (schema version {found}, {name:?}; this ct-relay \
@@ -149,6 +153,12 @@ pub enum Admission {
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
+    /// A mark for the writes begun so far through this handle (a count that only grows), for telling which
+    /// of them a crash may have lost ([`StoreError::WritesLost`]). A backend that never reports lost writes
+    /// may leave it at 0.
+    fn write_mark(&self) -> u64 {
+        0
+    }
     /// A number greater than every one handed out before, also across restarts (queue and mint order).
     fn next_order(&self) -> Result<u64>;
 
