@@ -193,6 +193,8 @@ pub struct StatusInfo {
     pub https: Option<String>,
     pub public_addrs: Vec<String>,
     pub relay_fingerprint: String,
+    /// Agents online on any node: every node reads them from the shared store (`admin cluster` has each
+    /// node's own count; `admin status` on a node of a cluster shows both).
     pub agents_online: usize,
     pub agents_paired: usize,
     pub data_dir: String,

@@ -795,10 +795,11 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             );
             println!("  public addresses:  {}", s.public_addrs.join(", "));
             println!("  relay key:         {}", s.relay_fingerprint);
-            println!(
-                "  agents:            {} online, {} paired",
-                s.agents_online, s.agents_paired
-            );
+            let here = match s.mode.starts_with("cluster") {
+                true => agents_held_here(data_dir, &s.node).await,
+                false => None,
+            };
+            println!("  agents:            {}", agents_line(&s, here));
             println!("  data directory:    {}", s.data_dir);
             println!(
                 "  Discord bot:       {}",
@@ -811,6 +812,36 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
         }
     }
     Ok(())
+}
+
+/// How many agents the node `node` holds now, from the agent list (the status's own count is the cluster's).
+/// `None` when the list cannot be had: the status is printed without it.
+async fn agents_held_here(data_dir: &std::path::Path, node: &str) -> Option<usize> {
+    match admin::call(data_dir, &Request::Agents).await {
+        Ok(Reply::Agents { agents }) => Some(
+            agents
+                .iter()
+                .filter(|a| a.online && a.node.as_deref() == Some(node))
+                .count(),
+        ),
+        _ => None,
+    }
+}
+
+/// The status's line about agents. `agents_online` counts agents online on any node (every node reads the
+/// shared store), so on a node of a cluster the line says so, beside how many this node holds (`here`), and
+/// nobody takes the cluster's count for the node's.
+fn agents_line(s: &admin::StatusInfo, here: Option<usize>) -> String {
+    let (online, paired) = (s.agents_online, s.agents_paired);
+    if !s.mode.starts_with("cluster") {
+        return format!("{online} online, {paired} paired");
+    }
+    match here {
+        Some(here) => {
+            format!("{online} online in the cluster ({here} on this node), {paired} paired")
+        }
+        None => format!("{online} online in the cluster (on all nodes), {paired} paired"),
+    }
 }
 
 /// Streams a task's events to the terminal; fails (exit 1) unless the task ends done.
@@ -1110,4 +1141,44 @@ pub fn agents_table(agents: &[AgentView]) -> String {
         ["OWNER", "NAME", "FINGERPRINT", "STATUS", "TRANSPORT"],
         &rows,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(mode: &str) -> admin::StatusInfo {
+        admin::StatusInfo {
+            version: "0".into(),
+            node: "relay-1".into(),
+            mode: mode.into(),
+            quic: None,
+            https: None,
+            public_addrs: Vec::new(),
+            relay_fingerprint: String::new(),
+            agents_online: 7,
+            agents_paired: 9,
+            data_dir: String::new(),
+            discord_bot: false,
+        }
+    }
+
+    /// `admin status` on a node of a cluster names the count it shows, so the cluster's is not read as the
+    /// node's; a relay of one, where they are the same, says it as before.
+    #[test]
+    fn the_agents_line_says_whose_count_it_is() {
+        let cluster = status("cluster (PostgreSQL + NATS)");
+        assert_eq!(
+            agents_line(&cluster, Some(2)),
+            "7 online in the cluster (2 on this node), 9 paired"
+        );
+        assert_eq!(
+            agents_line(&cluster, None),
+            "7 online in the cluster (on all nodes), 9 paired"
+        );
+        assert_eq!(
+            agents_line(&status("embedded (sled)"), Some(7)),
+            "7 online, 9 paired"
+        );
+    }
 }

@@ -1,9 +1,10 @@
 //! The storage contract: what every backend of [`Store`] must do, one test per case.
 //!
 //! The cases use only the trait and the records in `ct_relay::store`, never a backend's own types, so a new
-//! backend runs the same suite with one line, `contract!(name, open)`: a module name and a function that opens
-//! the backend on a directory. The function is called again on the same directory to check that what was
-//! written survives a reopen.
+//! backend runs the same suite with one line, `contract!(name, open, another)`: a module name, a function that
+//! opens the backend on a directory, and one that gives another handle on an open store, as another relay
+//! node would have one (a clone where one process owns the store). `open` is called again on the same
+//! directory to check that what was written survives a reopen.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -15,8 +16,9 @@ use ct_protocol::Fingerprint;
 use ct_relay::store::postgres::PgStore;
 use ct_relay::store::sled::SledStore;
 use ct_relay::store::{
-    AgentRecord, AuditEntry, AuditKind, EventRun, Exported, NodeRecord, PairCodeRecord, ShareLevel,
-    ShareRecord, SharedStore, StoreError, TaskRecord, TaskState, UserRecord,
+    Admission, AgentRecord, AuditEntry, AuditKind, EventRun, Exported, NodeRecord, PairCodeRecord,
+    ShareLevel, ShareRecord, SharedStore, StoreError, TaskLimits, TaskRecord, TaskState,
+    UserRecord,
 };
 use ct_testkit::postgres::PgServer;
 use sha2::{Digest as _, Sha256};
@@ -25,10 +27,13 @@ use tempfile::TempDir;
 /// Opens a backend on `dir`: a fresh store on an empty directory, the same store again on a used one.
 type Open = fn(&Path) -> SharedStore;
 
+/// Another handle on the store open on `dir`, such as another node of a cluster holds.
+type Another = fn(&Path, &SharedStore) -> SharedStore;
+
 /// One `#[test]` per contract case, in a module named `$backend`, each on a store that `$open` opens.
 macro_rules! contract {
-    ($backend:ident, $open:expr) => {
-        contract!(@cases $backend, $open;
+    ($backend:ident, $open:expr, $another:expr) => {
+        contract!(@cases $backend, $open, $another;
             records_round_trip_and_survive_a_reopen,
             next_order_increases_also_across_a_reopen,
             agents_of_follows_every_write_and_a_change_of_owner,
@@ -65,10 +70,14 @@ macro_rules! contract {
             token_buckets_allow_a_burst_then_refill,
             the_first_proposed_secret_wins_also_across_a_reopen,
             node_heartbeats_are_listed_and_removed,
-            an_export_imported_into_an_empty_store_is_the_same_store
+            an_export_imported_into_an_empty_store_is_the_same_store,
+            admission_checks_each_limit_and_writes_only_what_it_admits;
+            // Cases on several handles at once:
+            racing_admissions_never_take_a_person_past_their_limit,
+            racing_admissions_never_overfill_an_agents_queue
         );
     };
-    (@cases $backend:ident, $open:expr; $($case:ident),* $(,)?) => {
+    (@cases $backend:ident, $open:expr, $another:expr; $($case:ident),* ; $($several:ident),* $(,)?) => {
         mod $backend {
             // For `$open`, written where the macro is used.
             use super::*;
@@ -77,15 +86,30 @@ macro_rules! contract {
             fn $case() {
                 super::$case($open)
             })*
+
+            $(#[test]
+            fn $several() {
+                super::$several($open, $another)
+            })*
         }
     };
 }
 
-contract!(sled, open_sled);
-contract!(postgres, open_postgres);
+contract!(sled, open_sled, another_sled);
+contract!(postgres, open_postgres, another_postgres);
 
 fn open_sled(dir: &Path) -> SharedStore {
     Arc::new(SledStore::open(dir).expect("the sled store opens"))
+}
+
+/// One process owns a sled directory (a second open is refused): every handle is a clone of the one store.
+fn another_sled(_dir: &Path, store: &SharedStore) -> SharedStore {
+    store.clone()
+}
+
+/// A store opened again on the same database: its own pool of connections, as another node has.
+fn another_postgres(dir: &Path, _store: &SharedStore) -> SharedStore {
+    open_postgres(dir)
 }
 
 /// One database per directory, on the test binary's PostgreSQL server: a new directory is a new, empty
@@ -1539,6 +1563,181 @@ fn dispatched(rec: &TaskRecord) -> TaskRecord {
     let mut rec = rec.clone();
     rec.dispatched_at = Some(5_000);
     rec
+}
+
+// --- admission under the open-task limits ---
+
+fn limits(open_per_user: usize, running_per_agent: usize, queued_per_agent: usize) -> TaskLimits {
+    TaskLimits {
+        open_per_user,
+        running_per_agent,
+        queued_per_agent,
+    }
+}
+
+fn admission_checks_each_limit_and_writes_only_what_it_admits(open: Open) {
+    let (dir, store) = fresh(open);
+    let l = limits(2, 1, 1);
+    // A person's open tasks, across agents; a refused task leaves neither the task nor its entry behind.
+    assert_eq!(
+        store.admit_task(&task("a", "1", 1, 1), None, &l).unwrap(),
+        Admission::Admitted(None)
+    );
+    let Admission::Admitted(Some(e)) = store
+        .admit_task(&task("b", "1", 2, 2), Some(&entry("9")), &l)
+        .unwrap()
+    else {
+        panic!("admitted with its entry")
+    };
+    assert_eq!(e.seq, 1);
+    assert_eq!(
+        store
+            .admit_task(&task("c", "1", 3, 3), Some(&entry("9")), &l)
+            .unwrap(),
+        Admission::TooManyTasks { open: 2 }
+    );
+    assert!(store.task("c").unwrap().is_none());
+    assert_eq!(store.audit_len().unwrap(), 1);
+    // An ended task no longer counts.
+    store.put_task(&ended(task("a", "1", 1, 1), 10)).unwrap();
+    assert_eq!(
+        store.admit_task(&task("c", "1", 3, 3), None, &l).unwrap(),
+        Admission::Admitted(None)
+    );
+    // An agent's queue: "b" waits on agent 2, which has a free slot, so nothing more may wait there...
+    assert_eq!(
+        store.admit_task(&task("d", "2", 2, 4), None, &l).unwrap(),
+        Admission::QueueFull { queued: 1 }
+    );
+    // ... until it runs: then one may wait (every slot is taken), and no second one.
+    store.put_task(&dispatched(&task("b", "1", 2, 2))).unwrap();
+    assert_eq!(
+        store.admit_task(&task("d", "2", 2, 4), None, &l).unwrap(),
+        Admission::Admitted(None)
+    );
+    assert_eq!(
+        store.admit_task(&task("e", "3", 2, 5), None, &l).unwrap(),
+        Admission::QueueFull { queued: 1 }
+    );
+    // The person's limit is checked first.
+    assert_eq!(
+        store.admit_task(&task("e", "1", 2, 5), None, &l).unwrap(),
+        Admission::TooManyTasks { open: 2 }
+    );
+    // A new task never replaces another with its id.
+    let again = task("c", "4", 5, 6);
+    let conflict = store.admit_task(&again, Some(&entry("9")), &l);
+    assert!(
+        matches!(conflict, Err(StoreError::Conflict)),
+        "{conflict:?}"
+    );
+    assert_eq!(store.task("c").unwrap().unwrap().spec.requester.user, "1");
+    assert_eq!(store.audit_len().unwrap(), 1);
+    assert_eq!(store.open_tasks_of_user("4").unwrap(), 0);
+
+    let store = reopen(open, &dir, store);
+    assert_eq!(
+        sorted_ids(&store.open_tasks(&fp(2)).unwrap()),
+        ["b", "d"],
+        "what was admitted survives a reopen"
+    );
+    assert_eq!(store.open_tasks_of_user("1").unwrap(), 2);
+}
+
+/// Admits 6 tasks from each of 8 threads at once, spread over 4 handles on `store` (on PostgreSQL, as many
+/// nodes), each task made by `make(thread, i)` and every other one with an audit entry. Each attempt's
+/// outcome.
+fn race_admissions(
+    (dir, store): (&TempDir, &SharedStore),
+    another: Another,
+    l: TaskLimits,
+    make: fn(usize, usize) -> TaskRecord,
+) -> Vec<Admission> {
+    let (handles, threads, per_thread) = (4, 8, 6);
+    let stores: Vec<SharedStore> = std::iter::once(store.clone())
+        .chain((1..handles).map(|_| another(dir.path(), store)))
+        .collect();
+    let start = Arc::new(Barrier::new(threads));
+    let workers: Vec<_> = (0..threads)
+        .map(|n| {
+            let (store, start) = (stores[n % handles].clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                (0..per_thread)
+                    .map(|i| {
+                        let audited = (n + i) % 2 == 0;
+                        let e = entry("owner");
+                        store
+                            .admit_task(&make(n, i), audited.then_some(&e), &l)
+                            .expect("admission")
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("an admitting thread"))
+        .collect()
+}
+
+/// Many submissions for one person at once, through several handles (nodes), each to another agent, so only
+/// the person's limit holds them back: exactly that many are admitted, and every other is told the limit.
+fn racing_admissions_never_take_a_person_past_their_limit(open: Open, another: Another) {
+    let (dir, store) = fresh(open);
+    let outcomes = race_admissions((&dir, &store), another, limits(5, 100, 100), |n, i| {
+        task(&format!("t{n}-{i}"), "u", (n * 6 + i) as u8 + 1, 1)
+    });
+    let admitted: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Admission::Admitted(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(admitted.len(), 5, "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            Admission::Admitted(_) | Admission::TooManyTasks { open: 5 }
+        )),
+        "{outcomes:?}"
+    );
+    assert_eq!(store.open_tasks_of_user("u").unwrap(), 5);
+    // Only admitted tasks wrote their entries, numbered without gaps.
+    let entries = admitted.iter().filter(|e| e.is_some()).count();
+    assert_eq!(store.audit_len().unwrap(), entries);
+    assert_eq!(
+        seqs(&all_audit(&store)),
+        (1..=entries as u64).rev().collect::<Vec<_>>()
+    );
+}
+
+/// Many people submitting to one agent at once, through several handles (nodes): its queue fills to the
+/// limit and no further. One task runs already, so every new one has to wait.
+fn racing_admissions_never_overfill_an_agents_queue(open: Open, another: Another) {
+    let (dir, store) = fresh(open);
+    store
+        .put_task(&dispatched(&task("running", "u", 1, 0)))
+        .unwrap();
+    let outcomes = race_admissions((&dir, &store), another, limits(100, 1, 3), |n, i| {
+        task(&format!("t{n}-{i}"), &format!("u{n}"), 1, 1)
+    });
+    let admitted = outcomes
+        .iter()
+        .filter(|o| matches!(o, Admission::Admitted(_)))
+        .count();
+    assert_eq!(admitted, 3, "the queue is full, not past it: {outcomes:?}");
+    let open_tasks = store.open_tasks(&fp(1)).unwrap();
+    assert_eq!(open_tasks.len(), 4);
+    assert_eq!(open_tasks.iter().filter(|t| t.is_dispatched()).count(), 1);
+    assert!(
+        outcomes.iter().all(|o| matches!(
+            o,
+            Admission::Admitted(_) | Admission::QueueFull { queued: 3 }
+        )),
+        "{outcomes:?}"
+    );
 }
 
 fn a_task_is_dispatched_once_and_only_under_the_current_epoch(open: Open) {

@@ -1,6 +1,7 @@
 //! Submitting: a new task on the user's own agents or on agents shared with them, and a follow-up to an ended
 //! task, which starts a new task resuming its Claude Code session. Every check runs on the core's thread, so
-//! nothing (a share revoked, the queue filling) changes between a check and the task it admits.
+//! nothing this node does (a share revoked) changes between a check and the task it admits; the open-task
+//! limits, which every node's submissions count against, are checked by the store as it writes the task.
 
 use ct_protocol::task::{Requester, Role, TaskOptions, TaskSpec};
 use ct_protocol::RelayMessage;
@@ -12,7 +13,9 @@ use super::tasks::{
     check_options, check_project_text, check_prompt, is_path, ReplyOutcome, Submit, TaskError,
 };
 use super::{human_duration, Core};
-use crate::store::{now, AgentRecord, AuditEntry, AuditKind, TaskRecord, TaskState};
+use crate::store::{
+    now, Admission, AgentRecord, AuditEntry, AuditKind, TaskLimits, TaskRecord, TaskState,
+};
 
 /// Longest Claude Code session id accepted for `resume` (they are UUIDs).
 const MAX_SESSION_ID: usize = 128;
@@ -270,21 +273,6 @@ impl State {
                 seen,
             });
         }
-        let max = self.config().max_tasks_per_user;
-        let mine = self.store().open_tasks_of_user(&task.user)?;
-        if mine >= max {
-            return Err(TaskError::TooManyTasks { open: mine, max });
-        }
-        let open = self.store().open_tasks(&agent.fingerprint)?;
-        let running = open.iter().filter(|t| t.is_dispatched()).count();
-        let queued = open.len() - running;
-        let must_wait = queued > 0 || running >= self.config().max_running_per_agent;
-        if must_wait && queued >= self.config().max_queued_per_agent {
-            return Err(TaskError::QueueFull {
-                agent: agent.name,
-                queued,
-            });
-        }
         let t = now();
         // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs.
         let mut id = task_id();
@@ -318,8 +306,15 @@ impl State {
             output_truncated: false,
             worktree: None,
         };
-        if rec.spec.requester.role == Role::Owner {
-            self.store().put_task(&rec)?;
+        // The open-task limits are checked by the store as it writes the task, so that submissions on other
+        // nodes at the same instant cannot each take one more.
+        let limits = TaskLimits {
+            open_per_user: self.config().max_tasks_per_user,
+            running_per_agent: self.config().max_running_per_agent,
+            queued_per_agent: self.config().max_queued_per_agent,
+        };
+        let admitted = if rec.spec.requester.role == Role::Owner {
+            self.store().admit_task(&rec, None, &limits)?
         } else {
             // A grantee's task and its audit entry are written together: the owner must be able to see every
             // task someone else ran on their machine, so without the entry there is no task.
@@ -355,7 +350,18 @@ impl State {
             .by(caller)
             .on(&agent)
             .task(&id);
-            self.store().put_task_audited(&rec, &entry)?;
+            self.store().admit_task(&rec, Some(&entry), &limits)?
+        };
+        match admitted {
+            Admission::Admitted(_) => {}
+            Admission::TooManyTasks { open } => {
+                let max = limits.open_per_user;
+                return Err(TaskError::TooManyTasks { open, max });
+            }
+            Admission::QueueFull { queued } => {
+                let agent = agent.name;
+                return Err(TaskError::QueueFull { agent, queued });
+            }
         }
         tracing::info!(task = %id, agent = %agent.name, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
         // The task is durable before the caller hears of it (and before the agent does: dispatching sends the

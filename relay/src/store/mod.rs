@@ -46,11 +46,15 @@ pub enum StoreError {
     /// PostgreSQL crashed after this node wrote something that no flush had made durable yet: it may be lost.
     /// Returned once, by the flush that would have covered those writes, so nothing is acknowledged on the
     /// strength of them; later flushes cover later writes.
+    ///
+    /// `upto` is the [`Store::write_mark`] at which the store met the server's new run: writes up to it ran on
+    /// the run that crashed (those no flush covered may be lost), later ones on the new run, which a flush
+    /// makes durable as usual.
     #[error(
         "store: PostgreSQL restarted after a crash, before this node's last writes were flushed, and they may \
          be lost: what waited for them fails, and agents reconnect and send again whatever was not acknowledged"
     )]
-    WritesLost,
+    WritesLost { upto: u64 },
     /// The database URL cannot be used as given (an unknown option, a TLS setting that cannot be honoured).
     #[error("store: {0}")]
     Config(String),
@@ -107,6 +111,43 @@ pub struct EventRun<'a> {
     pub was_open: Option<bool>,
 }
 
+/// The limits a new task is admitted under (see [`Store::admit_task`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// Tasks one person may have open (queued or running) across all agents.
+    pub open_per_user: usize,
+    /// Tasks one agent runs at once: a new task has to wait in its queue only when they are all taken, or
+    /// when others wait already.
+    pub running_per_agent: usize,
+    /// Tasks that may wait in one agent's queue.
+    pub queued_per_agent: usize,
+}
+
+impl TaskLimits {
+    /// Which limit refuses one more task for a person with `open_of_user` open tasks, on an agent whose open
+    /// tasks are `agent_open`; `None` when it may be admitted. The person's limit is checked first.
+    pub fn refuses(&self, open_of_user: usize, agent_open: &[TaskRecord]) -> Option<Admission> {
+        if open_of_user >= self.open_per_user {
+            return Some(Admission::TooManyTasks { open: open_of_user });
+        }
+        let running = agent_open.iter().filter(|t| t.is_dispatched()).count();
+        let queued = agent_open.len() - running;
+        let must_wait = queued > 0 || running >= self.running_per_agent;
+        (must_wait && queued >= self.queued_per_agent).then_some(Admission::QueueFull { queued })
+    }
+}
+
+/// What [`Store::admit_task`] did with a new task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// Stored, with its audit entry as numbered when one was given (boxed: the refusals are small).
+    Admitted(Option<Box<AuditEntry>>),
+    /// Not stored: its requester has `open` tasks open already, the limit or more.
+    TooManyTasks { open: usize },
+    /// Not stored: its agent has no free slot and `queued` tasks wait in its queue already, the limit or more.
+    QueueFull { queued: usize },
+}
+
 /// What the relay keeps, and every operation it performs on it.
 ///
 /// Each method is one atomic operation: it happens entirely or not at all, also across a crash. Methods that
@@ -115,6 +156,12 @@ pub struct EventRun<'a> {
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
+    /// A mark for the writes begun so far through this handle (a count that only grows), for telling which
+    /// of them a crash may have lost ([`StoreError::WritesLost`]). A backend that never reports lost writes
+    /// may leave it at 0.
+    fn write_mark(&self) -> u64 {
+        0
+    }
     /// A number greater than every one handed out before, also across restarts (queue and mint order).
     fn next_order(&self) -> Result<u64>;
 
@@ -170,6 +217,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_task(&self, rec: &TaskRecord) -> Result<()>;
     /// Stores a task record with an audit entry: a task the log must show is not written without it.
     fn put_task_audited(&self, rec: &TaskRecord, entry: &AuditEntry) -> Result<AuditEntry>;
+    /// Stores a new task, with its audit entry when `entry` is given, only if `limits` still allow it: its
+    /// requester's open tasks and its agent's queue are counted and the task written in one operation that
+    /// no other admission, through any handle or on any node, can interleave with, so concurrent submissions
+    /// never take a person or an agent past a limit. (Tasks that end or are dispatched meanwhile only lower
+    /// the counts.) A task with the same id already stored is a [`StoreError::Conflict`], and nothing is
+    /// written: a new task never overwrites another.
+    fn admit_task(
+        &self,
+        rec: &TaskRecord,
+        entry: Option<&AuditEntry>,
+        limits: &TaskLimits,
+    ) -> Result<Admission>;
     /// Tasks on one agent that have not ended, in queue order (oldest first).
     fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>>;
     /// How many tasks `user` asked for that have not ended, across all agents.

@@ -27,8 +27,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
-    ShareRecord, Store, StoreError, TaskRecord, UserRecord,
+    Admission, AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence,
+    Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
 };
 
 /// The open store.
@@ -60,6 +60,11 @@ pub struct SledStore {
     /// Agents by owner, in memory: derived from `agents` at open and kept in step with every write to it, so
     /// finding one person's agents (every task submission does) reads their records, not everyone's.
     owners: Arc<Mutex<AgentOwners>>,
+    /// Held by [`Store::admit_task`] from counting a person's and an agent's open tasks to writing the new
+    /// one. One process holds the directory (sled's lock: a second opener is told [`StoreError::InUse`]), and
+    /// every handle on it is a clone of this one, so this lock orders every admission there can be; writes that
+    /// do not take it only end or dispatch tasks, which can only lower what an admission counted.
+    admissions: Arc<Mutex<()>>,
     /// What a cluster of one keeps like a cluster of many: presence (`p/` + fingerprint), node heartbeats
     /// (`n/` + id), leases (`l/` + name), token buckets (`b/` + name) and shared secrets (`s/` + name).
     cluster: sled::Tree,
@@ -199,6 +204,7 @@ impl SledStore {
             thread_marks: db.open_tree("thread_marks")?,
             cluster: db.open_tree("cluster")?,
             owners: Default::default(),
+            admissions: Default::default(),
             db,
         };
         // Only a store written by another relay version pays for a pass over the history: a restart with a big
@@ -513,6 +519,45 @@ impl Store for SledStore {
             tx.write(&write, old.as_ref())
         })?;
         Ok(entry)
+    }
+
+    fn admit_task(
+        &self,
+        rec: &TaskRecord,
+        entry: Option<&AuditEntry>,
+        limits: &TaskLimits,
+    ) -> Result<Admission> {
+        // The counts are read outside the write's transaction (a sled transaction cannot scan an index), but
+        // under the admissions lock, which no other admission can pass until this one has written its task:
+        // see `admissions`.
+        let _admitting = self.admissions.lock().unwrap_or_else(|p| p.into_inner());
+        let open = self.open_tasks(&rec.agent)?;
+        if let Some(refused) =
+            limits.refuses(self.open_tasks_of_user(&rec.spec.requester.user)?, &open)
+        {
+            return Ok(refused);
+        }
+        let write = TaskWrite::new(rec)?;
+        let new_task = |t: &[TransactionalTree]| {
+            let tx = TaskTx::of(t)?;
+            if tx.stored_facts(&write.id)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(StoreError::Conflict));
+            }
+            tx.write(&write, None)
+        };
+        match entry {
+            None => {
+                self.task_trees()
+                    .as_slice()
+                    .transaction(|t| new_task(t))
+                    .map_err(tx_error)?;
+                Ok(Admission::Admitted(None))
+            }
+            Some(entry) => {
+                let ((), entry) = self.audited(&self.task_trees(), entry, new_task)?;
+                Ok(Admission::Admitted(Some(Box::new(entry))))
+            }
+        }
     }
 
     fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {

@@ -32,7 +32,9 @@
 //! that crash recovery empties (and that the first connection after it fills again), while a clean restart
 //! keeps it. When the store meets a new token while some of its writes were not covered by a flush yet, they
 //! may be lost: the next flush fails with [`StoreError::WritesLost`] (once), so the relay fails whatever waited
-//! for those writes and has its agents reconnect and send again what was never acknowledged. A crash that finds
+//! for those writes and has its agents reconnect and send again what was never acknowledged. The error names
+//! the last write that went to the crashed run (writes are numbered as they begin, [`Store::write_mark`]):
+//! what was written on the new run is not in doubt, and the next flush covers it. A crash that finds
 //! everything flushed costs nothing but the failed calls.
 
 mod cluster;
@@ -43,7 +45,6 @@ mod tests;
 mod tls;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -54,28 +55,36 @@ use serde::de::DeserializeOwned;
 
 use self::pool::{Conn, Lease, Pool};
 use super::{
-    AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence, Result,
-    ShareRecord, Store, StoreError, TaskRecord, UserRecord,
+    Admission, AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence,
+    Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
 };
 
 /// The open store: a pool of connections to one database.
 #[derive(Debug)]
 pub struct PgStore {
     pool: Pool,
-    /// Writes begun: counted once a write has its connection, before it runs.
-    writes: AtomicU64,
-    /// Writes begun before the start of the last flush that succeeded: covered by it.
-    flushed: AtomicU64,
-    /// The server's run the store last saw (see "Crashes" above).
+    /// The server's run the store last saw, and where this store's writes stand (see "Crashes" above).
     server: Mutex<ServerRun>,
 }
 
+/// This store's writes are numbered in the order they begin (their [`Store::write_mark`]s); a write is
+/// counted in the same step that checks its connection's server run, so every write numbered before the store
+/// met a new run went to an earlier one.
 #[derive(Debug)]
 struct ServerRun {
     /// Its `ct_incarnation` token.
     token: String,
-    /// Set when a crash may have lost writes of this store; cleared by the flush that reports it.
-    lost: bool,
+    /// Writes begun (the last number handed out).
+    begun: u64,
+    /// Writes begun that have not finished (committed, failed, or been abandoned).
+    in_flight: u64,
+    /// The latest `begun` at which no write was in flight: every write up to it has finished. A flush covers
+    /// the writes that had finished when it began; one still running then may commit after the flush.
+    settled: u64,
+    /// Writes up to here are durable (a flush covered them) or were reported lost.
+    flushed: u64,
+    /// Writes up to here may have been lost in a crash of the server, and no flush has reported it yet.
+    lost: Option<u64>,
 }
 
 /// How often a transaction that PostgreSQL aborted to break a deadlock is run again before its error is
@@ -114,9 +123,14 @@ impl PgStore {
         let token = pool.get()?.incarnation().to_string();
         Ok(Self {
             pool,
-            writes: AtomicU64::new(0),
-            flushed: AtomicU64::new(0),
-            server: Mutex::new(ServerRun { token, lost: false }),
+            server: Mutex::new(ServerRun {
+                token,
+                begun: 0,
+                in_flight: 0,
+                settled: 0,
+                flushed: 0,
+                lost: None,
+            }),
         })
     }
 
@@ -125,16 +139,27 @@ impl PgStore {
         migrate::latest()
     }
 
+    fn server(&self) -> std::sync::MutexGuard<'_, ServerRun> {
+        self.server.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A pooled connection, once the server's run it talks to is checked against the one the store knew.
     fn conn(&self) -> Result<Lease<'_>> {
+        Ok(self.conn_counting(false)?.0)
+    }
+
+    /// [`conn`](Self::conn), and with `count`, a write begun on it, counted in the same step as the check (see
+    /// [`ServerRun`]); the [`Writing`] ends it.
+    fn conn_counting(&self, count: bool) -> Result<(Lease<'_>, Option<Writing<'_>>)> {
         let conn = self.pool.get()?;
-        let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        let mut server = self.server();
         if server.token != conn.incarnation() {
-            // Every write counted so far ran on a connection to the previous run (this check comes first), so
-            // the ones no flush covered went down with it, or may have.
-            if self.writes.load(Ordering::SeqCst) > self.flushed.load(Ordering::SeqCst) {
-                server.lost = true;
-                tracing::error!("{}", StoreError::WritesLost);
+            // Every write counted so far ran on a connection to the previous run, so the ones no flush
+            // covered went down with it, or may have; those counted from now on go to the new run.
+            if server.begun > server.flushed {
+                let upto = server.begun;
+                server.lost = Some(upto);
+                tracing::error!("{}", StoreError::WritesLost { upto });
             } else {
                 tracing::warn!(
                     "PostgreSQL restarted after a crash; every write of this node had been flushed"
@@ -142,7 +167,12 @@ impl PgStore {
             }
             server.token = conn.incarnation().to_string();
         }
-        Ok(conn)
+        let writing = count.then(|| {
+            server.begun += 1;
+            server.in_flight += 1;
+            Writing(self)
+        });
+        Ok((conn, writing))
     }
 
     /// Runs a read on a pooled connection.
@@ -173,11 +203,8 @@ impl PgStore {
         counted: bool,
         mut op: impl FnMut(&mut Conn) -> Result<T>,
     ) -> Result<T> {
-        let mut conn = self.conn()?;
         // Counted whether it succeeds or not: a write whose reply was lost may have committed.
-        if counted {
-            self.writes.fetch_add(1, Ordering::SeqCst);
-        }
+        let (mut conn, _writing) = self.conn_counting(counted)?;
         let mut attempt = 0;
         loop {
             match op(&mut conn) {
@@ -251,24 +278,29 @@ impl PgStore {
 
 impl Store for PgStore {
     fn flush(&self) -> Result<()> {
-        let writes = self.writes.load(Ordering::SeqCst);
-        if writes <= self.flushed.load(Ordering::SeqCst)
-            && !self.server.lock().unwrap_or_else(|p| p.into_inner()).lost
         {
-            // Nothing written since the last flush: nothing to wait for (the relay flushes when idle).
-            return Ok(());
+            let server = self.server();
+            if server.begun <= server.flushed && server.lost.is_none() {
+                // Nothing written since the last flush: nothing to wait for (the relay flushes when idle).
+                return Ok(());
+            }
         }
         let mut conn = self.conn()?;
         // Reported once, to the flush that would have covered the lost writes; the store then goes on with
-        // the recovered server (the relay fails what waited for them and has its agents reconnect).
-        let take_lost = || {
-            let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::take(&mut server.lost)
+        // the recovered server (the relay fails what waited for them and has its agents reconnect). Writes
+        // made on the new run are left for the next flush.
+        let report_lost = |server: &mut ServerRun| match server.lost.take() {
+            Some(upto) => {
+                server.flushed = server.flushed.max(upto);
+                Err(StoreError::WritesLost { upto })
+            }
+            None => Ok(()),
         };
-        if take_lost() {
-            self.flushed.fetch_max(writes, Ordering::SeqCst);
-            return Err(StoreError::WritesLost);
-        }
+        let covered = {
+            let mut server = self.server();
+            report_lost(&mut server)?;
+            server.settled
+        };
         // See the module's documentation: this commit waits for the WAL up to itself, which is every commit
         // before it.
         conn.batch(
@@ -277,13 +309,15 @@ impl Store for PgStore {
              SELECT pg_logical_emit_message(true, 'ct-relay', 'flush');
              COMMIT;",
         )?;
+        let mut server = self.server();
         // A crash noticed meanwhile on another connection, before this flush reached the disk.
-        if take_lost() {
-            self.flushed.fetch_max(writes, Ordering::SeqCst);
-            return Err(StoreError::WritesLost);
-        }
-        self.flushed.fetch_max(writes, Ordering::SeqCst);
+        report_lost(&mut server)?;
+        server.flushed = server.flushed.max(covered);
         Ok(())
+    }
+
+    fn write_mark(&self) -> u64 {
+        self.server().begun
     }
 
     fn next_order(&self) -> Result<u64> {
@@ -471,6 +505,65 @@ impl Store for PgStore {
         self.transaction(|c| {
             Self::put_task_on(c, rec)?;
             Self::audit(c, entry)
+        })
+    }
+
+    fn admit_task(
+        &self,
+        rec: &TaskRecord,
+        entry: Option<&AuditEntry>,
+        limits: &TaskLimits,
+    ) -> Result<Admission> {
+        let row = TaskRow::of(rec)?;
+        self.transaction(|c| {
+            // Every admission for this person, and every one for this agent, on any node, takes the same
+            // transaction-scoped lock, so the counts below cannot change under it until this one commits. Both
+            // keys come from the database's own hash, the same on every node whatever its binary; the two locks
+            // are taken in the order of their keys, the same for every transaction, so two admissions cannot
+            // each hold one and wait for the other (and were one to, PostgreSQL breaks the deadlock and the
+            // transaction runs again). The counts are read by the next statement: in READ COMMITTED each
+            // statement sees what committed before it began, so after the locks, which a transaction that
+            // admitted a task holds until it has committed.
+            c.query_one(
+                "SELECT pg_advisory_xact_lock(least(u, a)), pg_advisory_xact_lock(greatest(u, a))
+                 FROM (SELECT hashtextextended('ct-relay admission of user ' || $1, 0) AS u,
+                              hashtextextended('ct-relay admission on agent ' || encode($2, 'hex'), 0) AS a) k",
+                &[&row.requester, &row.agent],
+            )?;
+            let counts = c.query_one(
+                "SELECT (SELECT count(*) FROM ct_tasks WHERE requester = $1 AND is_open),
+                        ARRAY(SELECT body FROM ct_tasks WHERE agent = $2 AND is_open)",
+                &[&row.requester, &row.agent],
+            )?;
+            let open_of_user = unsigned(counts.try_get(0)?, "count")? as usize;
+            let agent_open: Vec<TaskRecord> = counts
+                .try_get::<_, Vec<&[u8]>>(1)?
+                .into_iter()
+                .map(serde_json::from_slice)
+                .collect::<Result<_, _>>()?;
+            if let Some(refused) = limits.refuses(open_of_user, &agent_open) {
+                return Ok(refused);
+            }
+            let inserted = c.execute(
+                "INSERT INTO ct_tasks (id, agent, requester, session, is_open, ord, updated_at, output_bytes, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &row.id,
+                    &row.agent,
+                    &row.requester,
+                    &row.session,
+                    &row.is_open,
+                    &row.ord,
+                    &row.updated_at,
+                    &row.output_bytes,
+                    &row.body,
+                ],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict);
+            }
+            let entry = entry.map(|e| Self::audit(c, e)).transpose()?;
+            Ok(Admission::Admitted(entry.map(Box::new)))
         })
     }
 
@@ -966,6 +1059,19 @@ impl Store for PgStore {
 
     fn import(&self, records: &[Exported]) -> Result<()> {
         self.import_(records)
+    }
+}
+
+/// A counted write in progress: ends it when dropped, however the write ended.
+struct Writing<'a>(&'a PgStore);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut server = self.0.server();
+        server.in_flight -= 1;
+        if server.in_flight == 0 {
+            server.settled = server.begun;
+        }
     }
 }
 

@@ -367,7 +367,7 @@ fn a_crash_before_a_flush_fails_the_flush_that_would_cover_the_write() {
         Err(StoreError::Postgres(_)) => store.flush().expect_err("the write may be lost"),
         other => other.expect_err("the write may be lost"),
     };
-    assert!(matches!(err, StoreError::WritesLost), "{err}");
+    assert!(matches!(err, StoreError::WritesLost { .. }), "{err}");
     assert!(err.to_string().contains("agents reconnect"), "{err}");
     store.flush().expect("reported once: nothing written since");
     assert!(store.agent(&Fingerprint([1; 32])).unwrap().is_some());
@@ -375,6 +375,93 @@ fn a_crash_before_a_flush_fails_the_flush_that_would_cover_the_write() {
     store
         .flush()
         .expect("a write after the crash is flushed as usual");
+}
+
+/// What the store wrote after it met the server's new run is not among what the crash may have lost: the
+/// loss names the last write before it, and the next flush covers the later one.
+#[test]
+fn a_crash_names_the_last_write_it_may_have_lost() {
+    let server = PgServer::start().unwrap();
+    let store = PgStore::open(&server.create_database("lost_upto").unwrap()).unwrap();
+    store.put_agent(&agent(1)).unwrap();
+    store.flush().unwrap();
+    store.put_agent(&agent(2)).unwrap();
+    let unflushed = store.write_mark();
+
+    server.kill();
+    server.restart().unwrap();
+    // The first call may find a connection from before the crash: a read, so that no write is left in doubt.
+    if store.agents().is_err() {
+        store.agents().unwrap();
+    }
+    store.put_agent(&agent(3)).unwrap();
+    let after = store.write_mark();
+    match store.flush() {
+        Err(StoreError::WritesLost { upto }) => assert!(
+            unflushed <= upto && upto < after,
+            "the loss names writes up to {upto}: the unflushed one is {unflushed}, the one after it {after}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        store.server().flushed < after,
+        "the later write is not vouched for yet"
+    );
+    store.flush().expect("the write on the new run is flushed");
+    assert_eq!(store.server().flushed, after);
+    assert!(store.agent(&Fingerprint([3; 32])).unwrap().is_some());
+}
+
+/// A write still running when a flush began may commit after it: that flush does not cover it, so a crash
+/// before the next one counts it as possibly lost (rather than as flushed, and its ticket as durable).
+#[test]
+fn a_write_still_running_when_a_flush_began_is_not_covered_by_it() {
+    let server = PgServer::start().unwrap();
+    let url = server.create_database("in_flight").unwrap();
+    let store = PgStore::open(&url).unwrap();
+    store.put_agent(&agent(1)).unwrap();
+    store.flush().unwrap();
+
+    // Another client holds the agent's row, so the store's change of it waits, in flight.
+    let mut holder = client(&url);
+    let mut held = holder.transaction().unwrap();
+    held.execute(
+        "SELECT 1 FROM ct_agents WHERE fingerprint = $1 FOR UPDATE",
+        &[&&[1u8; 32][..]],
+    )
+    .unwrap();
+    std::thread::scope(|s| {
+        let writing = s.spawn(|| {
+            store
+                .update_agent(&Fingerprint([1; 32]), &mut |a| a.name = "renamed".into())
+                .unwrap()
+        });
+        let mut watcher = client(&url);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ct-relay' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+        {
+            assert!(Instant::now() < deadline, "the change never waited for the row");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        store.flush().unwrap();
+        held.commit().unwrap();
+        assert!(writing.join().unwrap().is_some());
+    });
+
+    server.kill();
+    server.restart().unwrap();
+    let err = match store.flush() {
+        Err(StoreError::Postgres(_)) => store.flush().expect_err("the change may be lost"),
+        other => other.expect_err("the change may be lost"),
+    };
+    assert!(matches!(err, StoreError::WritesLost { .. }), "{err}");
 }
 
 /// A crash that finds every write flushed costs only the calls that failed: flushes go on.
