@@ -261,6 +261,34 @@ impl std::ops::DerefMut for Lease<'_> {
     }
 }
 
+impl Drop for Pool {
+    /// The `postgres` crate's client closes its connection by running a small runtime of its own, which
+    /// panics on a thread that is running async code ("Cannot start a runtime from within a runtime"). The
+    /// last handle on a store can be dropped there (the group commit's, when the relay stops), so the idle
+    /// connections are closed on a thread of their own.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        if idle.is_empty() {
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            drop(idle);
+            return;
+        }
+        let slot = std::sync::Arc::new(Mutex::new(Some(idle)));
+        let theirs = slot.clone();
+        let closer = std::thread::Builder::new()
+            .name("ct-pg-close".into())
+            .spawn(move || drop(theirs.lock().unwrap_or_else(|p| p.into_inner()).take()));
+        if let Err(e) = closer {
+            // No thread to close them on: leak them rather than panic here; the server sees the sockets
+            // close when the process exits.
+            std::mem::forget(slot.lock().unwrap_or_else(|p| p.into_inner()).take());
+            tracing::warn!(error = %e, "could not close the database connections cleanly");
+        }
+    }
+}
+
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {

@@ -656,3 +656,19 @@ fn append_throughput() {
         events as f64 / elapsed.as_secs_f64()
     );
 }
+
+/// The last handle on a store may go on a thread running async code (the group commit's, when the relay
+/// stops): closing its connections there must not panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_store_dropped_inside_async_code_closes_its_connections_without_panicking() {
+    let url = database("drop_in_async");
+    let store = tokio::task::spawn_blocking(move || {
+        let store = PgStore::open(&url).unwrap();
+        store.put_task(&task("t-drop", 1)).unwrap();
+        store
+    })
+    .await
+    .unwrap();
+    // Dropped here, on a runtime worker, with idle connections in its pool.
+    drop(store);
+}
