@@ -125,6 +125,7 @@ impl State {
                 reconciled: false,
                 dispatched_here: HashSet::new(),
                 retry_dispatch: false,
+                written: HashMap::new(),
             },
         );
         if let Some(old) = old {

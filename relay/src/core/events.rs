@@ -7,7 +7,7 @@
 //! the lot, and each session acknowledges its events once that ticket is durable. Under load a flush therefore
 //! carries many sessions' writes, and the disk sees one write and one flush for all of them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use ct_protocol::message::CloseReason;
 use ct_protocol::task::{FinalState, Role, TaskEvent};
@@ -15,7 +15,7 @@ use ct_protocol::Fingerprint;
 use tokio::sync::{broadcast, oneshot};
 
 use super::output::{self, Keep};
-use super::state::{Job, State};
+use super::state::{Job, State, MAX_WRITTEN};
 use super::tasks::TaskError;
 use super::{Core, Stopped};
 use crate::durable::Ticket;
@@ -66,6 +66,9 @@ struct Prepared {
     finished: bool,
     /// Tool uses the agent allowed by a session rule, audited once they are stored.
     auto_allowed: Vec<(String, String, ct_protocol::scope::SessionScope)>,
+    /// The stored record's JSON this run was checked against, when it came from what this node last wrote
+    /// (see `LiveAgent::written`): written only if the record still is that.
+    expected: Option<Vec<u8>>,
 }
 
 /// What checking a run came to.
@@ -152,13 +155,27 @@ impl State {
         let mut latest: HashMap<String, usize> = HashMap::new();
         // Agents whose events could not be stored: they reconnect to send them again.
         let mut reconnect: BTreeSet<Fingerprint> = BTreeSet::new();
+        // Tasks written on the condition that their record is still as this node last wrote it.
+        let mut conditional: HashSet<String> = HashSet::new();
         for (i, job) in batch.into_iter().enumerate() {
             for (id, run) in job.runs {
-                let known = latest.get(&id).map(|&at| prepared[at].rec.clone());
+                // The record as an earlier run of this batch left it; else as this node last wrote it (then
+                // written on the condition that it still is); else read.
+                let (known, expected) = match latest.get(&id) {
+                    Some(&at) => (Some(prepared[at].rec.clone()), None),
+                    None => match self.live.get(&job.agent).and_then(|l| l.written.get(&id)) {
+                        Some((rec, body)) => (Some(rec.clone()), Some(body.clone())),
+                        None => (None, None),
+                    },
+                };
                 match self.check_run(i, &job.agent, &id, run, known) {
                     Ok(Checked::Nothing) => {}
                     Ok(Checked::Resent(seq)) => acks[i].push((id, seq)),
-                    Ok(Checked::Write(p)) => {
+                    Ok(Checked::Write(mut p)) => {
+                        if expected.is_some() {
+                            conditional.insert(id.clone());
+                        }
+                        p.expected = expected;
                         latest.insert(id, prepared.len());
                         prepared.push(*p);
                     }
@@ -181,10 +198,21 @@ impl State {
         match written {
             Ok(written) => {
                 for (p, ok) in prepared.into_iter().zip(written) {
+                    let agent = replies[p.job].0;
                     if !ok {
-                        tracing::warn!(task = %p.rec.spec.task, "events for a task deleted meanwhile; dropped");
+                        self.forget_written(&agent, &p.rec.spec.task);
+                        if conditional.contains(&p.rec.spec.task) {
+                            // Another node wrote the record meanwhile (it ended the task, or the agent moved
+                            // to it). Not acknowledged: the agent sends the run again on its next session,
+                            // which reads the record afresh.
+                            tracing::warn!(task = %p.rec.spec.task, "task changed on another node meanwhile; the agent reconnects");
+                            reconnect.insert(agent);
+                        } else {
+                            tracing::warn!(task = %p.rec.spec.task, "events for a task deleted meanwhile; dropped");
+                        }
                         continue;
                     }
+                    self.remember_written(&agent, &p.rec);
                     if !p.auto_allowed.is_empty() {
                         self.audit_auto_allowed(&p.rec, p.auto_allowed);
                     }
@@ -203,6 +231,12 @@ impl State {
                 // The agent sends unacknowledged events again only on a new connection: close these
                 // sessions, so they come back (to this node or another) once the store answers again.
                 reconnect.extend(prepared.iter().map(|p| replies[p.job].0));
+            }
+        }
+        for agent in &reconnect {
+            // Whether the failed write landed is unknown: the next burst reads the record.
+            if let Some(live) = self.live.get_mut(agent) {
+                live.written.clear();
             }
         }
         for agent in reconnect {
@@ -242,7 +276,8 @@ impl State {
                 was_open: Some(p.was_open),
             })
             .collect();
-        self.store().append_event_runs(&runs)
+        let expected: Vec<Option<&[u8]>> = prepared.iter().map(|p| p.expected.as_deref()).collect();
+        self.store().append_event_runs_expecting(&runs, &expected)
     }
 
     /// Checks one task's run from `agent` against the task's record (`known`: as an earlier run in this batch
@@ -371,7 +406,42 @@ impl State {
             published,
             finished,
             auto_allowed,
+            expected: None,
         })))
+    }
+
+    /// Keeps `rec`, just written with its events, for the next burst of its task (see [`LiveAgent::written`]).
+    ///
+    /// [`LiveAgent::written`]: super::state::LiveAgent::written
+    pub(crate) fn remember_written(&mut self, agent: &Fingerprint, rec: &TaskRecord) {
+        let Some(live) = self.live.get_mut(agent) else {
+            return;
+        };
+        let id = &rec.spec.task;
+        if rec.state.is_final() {
+            live.written.remove(id);
+            return;
+        }
+        if !live.written.contains_key(id) && live.written.len() >= MAX_WRITTEN {
+            return;
+        }
+        // The JSON the store keeps for it (the condition of the next write); a record that does not encode
+        // is read again next time.
+        match serde_json::to_vec(rec) {
+            Ok(body) => {
+                live.written.insert(id.clone(), (rec.clone(), body));
+            }
+            Err(_) => {
+                live.written.remove(id);
+            }
+        }
+    }
+
+    /// Drops what [`remember_written`](Self::remember_written) kept of task `id`: written some other way.
+    pub(crate) fn forget_written(&mut self, agent: &Fingerprint, id: &str) {
+        if let Some(live) = self.live.get_mut(agent) {
+            live.written.remove(id);
+        }
     }
 
     /// Audits uses the agent already allowed by a session rule. They have happened, so a missing entry is
@@ -417,6 +487,7 @@ impl State {
             },
             message: Some(message),
         };
+        self.forget_written(&rec.agent, &rec.spec.task);
         let seq = rec.last_seq + 1;
         let queued = !rec.is_dispatched();
         apply(rec, &event);

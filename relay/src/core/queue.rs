@@ -57,6 +57,8 @@ impl State {
             if running >= self.config().max_running_per_agent {
                 break;
             }
+            // The record as read: dispatching swaps it for the dispatched one if it still is.
+            let was = rec.clone();
             // The share may have been narrowed or downgraded while the task waited.
             let standing = self.standing(&rec);
             match standing {
@@ -73,7 +75,8 @@ impl State {
             // writes the start once the ticket's flush is done.
             rec.dispatched_at = Some(now());
             rec.updated_at = now();
-            if !self.store().dispatch_task(&rec, epoch)? {
+            self.forget_written(agent, &rec.spec.task);
+            if !self.store().dispatch_task_from(&rec, &was, epoch)? {
                 // Another session took it (this one was replaced), or it ended meanwhile on another node.
                 tracing::debug!(task = %rec.spec.task, "task not dispatched here: taken or ended elsewhere");
                 continue;
@@ -111,6 +114,8 @@ impl State {
                 break;
             }
             running += 1;
+            // Its first events are checked against the record as dispatched, without reading it back.
+            self.remember_written(agent, &rec);
             tracing::info!(task = %rec.spec.task, "task dispatched");
         }
         Ok(())

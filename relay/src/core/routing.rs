@@ -36,17 +36,36 @@ impl Core {
     }
 }
 
+/// The agents of a list that may be chosen (not revoked), by name.
+pub(crate) fn usable(agents: Vec<AgentRecord>) -> Vec<AgentRecord> {
+    let mut mine: Vec<_> = agents
+        .into_iter()
+        .filter(|a| a.revoked_at.is_none())
+        .collect();
+    mine.sort_by(|a, b| a.name.cmp(&b.name));
+    mine
+}
+
+/// The agent of `mine` that `wanted` can only mean, without reading the owner's default: the one named, or
+/// the only one. `None` when choosing needs more (or finds nothing).
+pub(crate) fn the_only_match(
+    mine: &[AgentRecord],
+    wanted: Option<&str>,
+) -> Option<ct_protocol::Fingerprint> {
+    let mut found = match wanted.map(str::trim) {
+        None | Some("") => mine.iter().collect::<Vec<_>>(),
+        Some(wanted) => mine.iter().filter(|a| matches(a, wanted)).collect(),
+    };
+    match found.len() {
+        1 => found.pop().map(|a| a.fingerprint),
+        _ => None,
+    }
+}
+
 impl State {
     /// `owner`'s agents that have not been revoked.
     pub(crate) fn agents_of(&self, owner: &str) -> Result<Vec<AgentRecord>, TaskError> {
-        let mut mine: Vec<_> = self
-            .store()
-            .agents_of(owner)?
-            .into_iter()
-            .filter(|a| a.revoked_at.is_none())
-            .collect();
-        mine.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(mine)
+        Ok(usable(self.store().agents_of(owner)?))
     }
 
     /// The agent of `owner`'s that a request means. `own` says whether the person asking is the owner, which
@@ -58,6 +77,17 @@ impl State {
         own: bool,
     ) -> Result<AgentRecord, TaskError> {
         let mine = self.agents_of(owner)?;
+        self.choose_agent_among(owner, wanted, own, mine)
+    }
+
+    /// [`choose_agent`](Self::choose_agent) among `mine`, the owner's agents as [`usable`] leaves them.
+    pub(crate) fn choose_agent_among(
+        &self,
+        owner: &str,
+        wanted: Option<&str>,
+        own: bool,
+        mine: Vec<AgentRecord>,
+    ) -> Result<AgentRecord, TaskError> {
         let names = || {
             mine.iter()
                 .map(|a| a.name.as_str())

@@ -60,7 +60,18 @@ pub(crate) struct LiveAgent {
     /// A task start could not be queued for this session (its outbound queue was full); retried on the next
     /// heartbeat so the task does not wait for an unrelated event.
     pub(crate) retry_dispatch: bool,
+    /// The records of this session's running tasks as this node last wrote them (and their JSON), so the next
+    /// burst of a task's events is checked without reading its record back: on PostgreSQL that read was a
+    /// round trip on the core's thread per task per burst. Every other write of such a record on this node
+    /// drops its entry (`State::forget_written`), and the next write is conditional on the stored record
+    /// still being this one (`Store::append_event_runs_expecting`), so a record another node wrote meanwhile
+    /// (it revoked the agent and ended its tasks, or the agent moved to it) is never written over; a new
+    /// session starts empty. At most [`MAX_WRITTEN`] entries; a task leaves when it ends.
+    pub(crate) written: HashMap<String, (crate::store::TaskRecord, Vec<u8>)>,
 }
+
+/// Running tasks' records one session keeps (see [`LiveAgent::written`]): more than an agent runs at once.
+pub(crate) const MAX_WRITTEN: usize = 64;
 
 /// Everything the core changes, owned by its thread.
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 //! limits, which every node's submissions count against, are checked by the store as it writes the task.
 
 use ct_protocol::task::{Requester, Role, TaskOptions, TaskSpec};
-use ct_protocol::RelayMessage;
+use ct_protocol::{Fingerprint, RelayMessage};
 use rand::Rng;
 
 use super::audit::{preview, Caller, OwnedCaller};
@@ -14,7 +14,8 @@ use super::tasks::{
 };
 use super::{human_duration, Core};
 use crate::store::{
-    now, Admission, AgentRecord, AuditEntry, AuditKind, TaskLimits, TaskRecord, TaskState,
+    now, Admission, AgentRecord, AuditEntry, AuditKind, Presence, Store, TaskLimits, TaskRecord,
+    TaskState,
 };
 
 /// Longest Claude Code session id accepted for `resume` (they are UUIDs).
@@ -32,7 +33,28 @@ impl Core {
     /// online: a task for an offline machine would otherwise wait unseen for hours. The task is on disk
     /// before this returns.
     pub async fn submit_task(&self, req: Submit) -> Result<TaskRecord, TaskError> {
-        self.run(move |state| state.submit_task(req)).await
+        let pre = self.preread(&req).await?;
+        self.run(move |state| state.submit_task(req, pre)).await
+    }
+
+    /// In a cluster, the reads of a submission that can be done before its decision (see [`Preread`]), on the
+    /// blocking pool; nothing without a cluster.
+    async fn preread(&self, req: &Submit) -> Result<Preread, TaskError> {
+        if self.bus().is_none() {
+            return Ok(Preread::default());
+        }
+        check_request(req)?;
+        // The node's own limiter first, as on the core's thread: a flood is refused before it costs the store
+        // anything.
+        let user = req.user.clone();
+        self.run(move |state| state.take_local_token(&user)).await?;
+        let config = self.config();
+        let (burst, per) = (config.task_burst, token_period(config.tasks_per_minute));
+        let (user, owner, wanted) = (req.user.clone(), owner_of(req), req.agent.clone());
+        let pre = self
+            .read(move |store| Preread::read(store, &user, &owner, wanted.as_deref(), burst, per))
+            .await?;
+        Ok(pre)
     }
 
     /// Continues a task with a follow-up prompt from `user` (its requester or the agent's owner). A task
@@ -62,34 +84,112 @@ impl Core {
     }
 }
 
-impl State {
-    fn submit_task(&mut self, req: Submit) -> Result<TaskRecord, TaskError> {
-        check_prompt(&req.prompt)?;
-        check_project_text(&req.project)?;
-        if let Some(resume) = &req.resume {
-            if resume.is_empty()
-                || resume.len() > MAX_SESSION_ID
-                || !resume
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return Err(TaskError::BadResume);
-            }
+/// What a submission in a cluster reads before the core's thread takes it up, on the blocking pool.
+///
+/// On PostgreSQL every read is a round trip, and the core's one thread would sit each out while every other
+/// submission, session and event waits behind it: at a few hundred tasks a second that thread was the
+/// cluster's bottleneck. Each value here is one another node can change at any moment anyway (the shared
+/// token bucket, the user's stored output, the owner's agents, where an agent is held), so reading it a
+/// moment before the decision rather than during it admits nothing a cluster did not already admit; the
+/// decision itself (the share, the limits, the write) still happens on the core's thread, in the same order,
+/// refusing with the same errors. A read that failed here is simply done again there. A single relay reads
+/// nothing ahead: its core is the only writer, and deciding on what it read itself is what keeps, say, a
+/// revocation from landing between a check and the task it admits.
+#[derive(Debug, Default)]
+pub(crate) struct Preread {
+    /// The user's token from this node's own limiter was taken already.
+    local_token: bool,
+    /// The user's token from the cluster's bucket: taken (`true`) or refused.
+    cluster_token: Option<bool>,
+    stored_bytes: Option<u64>,
+    /// The owner's agents, as the store lists them.
+    agents: Option<Vec<AgentRecord>>,
+    /// Where the one agent the request can mean is held (`None`: nowhere), when it can mean only one.
+    presence: Option<(Fingerprint, Option<Presence>)>,
+}
+
+impl Preread {
+    fn read(
+        store: &dyn Store,
+        user: &str,
+        owner: &str,
+        wanted: Option<&str>,
+        burst: u32,
+        per: std::time::Duration,
+    ) -> Self {
+        let cluster_token = store.take_token(&format!("task/{user}"), burst, per).ok();
+        let stored_bytes = store.stored_bytes_of_user(user).ok();
+        let agents = store.agents_of(owner).ok();
+        let presence = agents
+            .as_ref()
+            .and_then(|all| {
+                super::routing::the_only_match(&super::routing::usable(all.clone()), wanted)
+            })
+            .and_then(|fp| Some((fp, store.presence(&fp).ok()?)));
+        Self {
+            local_token: true,
+            cluster_token,
+            stored_bytes,
+            agents,
+            presence,
         }
-        self.take_task_token(&req.user)?;
-        self.check_stored(&req.user)?;
-        let owner = match req.target {
-            Some(t) if t != req.user => t,
-            _ => req.user.clone(),
-        };
+    }
+}
+
+/// Refuses a malformed request before anything is looked up for it.
+fn check_request(req: &Submit) -> Result<(), TaskError> {
+    check_prompt(&req.prompt)?;
+    check_project_text(&req.project)?;
+    if let Some(resume) = &req.resume {
+        if resume.is_empty()
+            || resume.len() > MAX_SESSION_ID
+            || !resume
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(TaskError::BadResume);
+        }
+    }
+    Ok(())
+}
+
+/// Whose agents a submission runs on.
+fn owner_of(req: &Submit) -> String {
+    match &req.target {
+        Some(t) if *t != req.user => t.clone(),
+        _ => req.user.clone(),
+    }
+}
+
+/// How often the task limiter gives a token back.
+fn token_period(per_minute: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(60) / per_minute.max(1)
+}
+
+impl State {
+    fn submit_task(&mut self, req: Submit, pre: Preread) -> Result<TaskRecord, TaskError> {
+        check_request(&req)?;
+        self.take_task_token(&req.user, &pre)?;
+        self.check_stored(&req.user, pre.stored_bytes)?;
+        let owner = owner_of(&req);
         // The share is checked before anything about the owner's agents is looked at, so someone without a
         // share learns nothing about them (not even their names).
         let role = self.role_for(&req.user, &owner, &req.project)?;
-        let agent = self.choose_agent(&owner, req.agent.as_deref(), owner == req.user)?;
+        let mine = match pre.agents {
+            Some(all) => super::routing::usable(all),
+            None => self.agents_of(&owner)?,
+        };
+        let agent =
+            self.choose_agent_among(&owner, req.agent.as_deref(), owner == req.user, mine)?;
         if let Some(session) = &req.resume {
             self.check_resume(&req.user, &agent, session)?;
         }
+        let presence = pre
+            .presence
+            .filter(|(fp, _)| *fp == agent.fingerprint)
+            .map(|(_, p)| p);
         self.enqueue(NewTask {
+            presence,
             agent,
             user: req.user,
             name: display_name(req.name),
@@ -106,9 +206,12 @@ impl State {
     /// Refuses a new task when the output `user`'s tasks keep has reached `CoreConfig::max_stored_per_user`.
     /// Scans the task history like [`Core::tasks_for`]; it runs after the task
     /// rate limit, so one person cannot make it run more often than they may start tasks.
-    fn check_stored(&mut self, user: &str) -> Result<(), TaskError> {
+    fn check_stored(&mut self, user: &str, read: Option<u64>) -> Result<(), TaskError> {
         let max = self.config().max_stored_per_user;
-        let used = self.store().stored_bytes_of_user(user)?;
+        let used = match read {
+            Some(used) => used,
+            None => self.store().stored_bytes_of_user(user)?,
+        };
         if used >= max {
             return Err(TaskError::StorageFull {
                 used: human_bytes(used),
@@ -122,26 +225,44 @@ impl State {
     /// Counts a task started by `user` against [`CoreConfig::tasks_per_minute`](crate::core::CoreConfig).
     /// Taken once the request is well-formed, before the store is consulted: failed attempts count too, so
     /// a flood of them cannot keep the relay busy either.
-    fn take_task_token(&mut self, user: &str) -> Result<(), TaskError> {
-        let config = self.config();
-        let limited = |wait: std::time::Duration| TaskError::RateLimited {
-            per_minute: config.tasks_per_minute,
-            burst: config.task_burst,
-            retry: human_duration(wait.as_secs_f64().ceil().max(1.0) as u64),
-        };
-        self.task_limit.take(&user.to_string()).map_err(limited)?;
+    /// `pre`: what was taken ahead (see [`Preread`]).
+    fn take_task_token(&mut self, user: &str, pre: &Preread) -> Result<(), TaskError> {
+        if !pre.local_token {
+            self.take_local_token(user)?;
+        }
         // In a cluster the limit is the cluster's: each node's own bucket would let a person start as many
         // tasks again on every node.
         if self.bus.is_some() {
-            let per = std::time::Duration::from_secs(60) / config.tasks_per_minute.max(1);
-            if !self
-                .store()
-                .take_token(&format!("task/{user}"), config.task_burst, per)?
-            {
-                return Err(limited(per));
+            let config = self.config();
+            let per = token_period(config.tasks_per_minute);
+            let taken = match pre.cluster_token {
+                Some(taken) => taken,
+                None => self
+                    .store()
+                    .take_token(&format!("task/{user}"), config.task_burst, per)?,
+            };
+            if !taken {
+                return Err(self.rate_limited(per));
             }
         }
         Ok(())
+    }
+
+    /// The token from this node's own limiter.
+    fn take_local_token(&mut self, user: &str) -> Result<(), TaskError> {
+        match self.task_limit.take(&user.to_string()) {
+            Ok(()) => Ok(()),
+            Err(wait) => Err(self.rate_limited(wait)),
+        }
+    }
+
+    fn rate_limited(&self, wait: std::time::Duration) -> TaskError {
+        let config = self.config();
+        TaskError::RateLimited {
+            per_minute: config.tasks_per_minute,
+            burst: config.task_burst,
+            retry: human_duration(wait.as_secs_f64().ceil().max(1.0) as u64),
+        }
     }
 
     fn rate_limited_users(&self) -> usize {
@@ -245,11 +366,16 @@ impl State {
     /// In a cluster, whether an agent no node holds right now is on its way to another one: its node died
     /// with its presence still claimed, or it left one moments ago (a node drained). Its tasks are queued
     /// rather than refused, and whichever node it connects to next dispatches them, once each.
-    fn between_nodes(&self, agent: &AgentRecord) -> bool {
+    /// This also covers an agent another live node holds (its presence is claimed). `presence`: read ahead
+    /// (see [`Preread`]), else read here.
+    fn between_nodes(&self, agent: &AgentRecord, presence: Option<Option<Presence>>) -> bool {
         if self.bus.is_none() {
             return false;
         }
-        let claimed = matches!(self.store().presence(&agent.fingerprint), Ok(Some(_)));
+        let claimed = match presence {
+            Some(read) => read.is_some(),
+            None => matches!(self.store().presence(&agent.fingerprint), Ok(Some(_))),
+        };
         let just_left = agent
             .last_seen
             .is_some_and(|t| now().saturating_sub(t) <= RECONNECT_GRACE.as_secs());
@@ -261,9 +387,7 @@ impl State {
         let agent = task.agent;
         check_options(task.role, &task.options)?;
         self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
-        if !self.live.contains_key(&agent.fingerprint)
-            && self.held_elsewhere(&agent.fingerprint).is_none()
-            && !self.between_nodes(&agent)
+        if !self.live.contains_key(&agent.fingerprint) && !self.between_nodes(&agent, task.presence)
         {
             let seen = agent.last_seen.map_or("never connected".into(), |t| {
                 format!("last seen {} ago", human_duration(now().saturating_sub(t)))
@@ -367,8 +491,14 @@ impl State {
         // The task is durable before the caller hears of it (and before the agent does: dispatching sends the
         // start only once the write is on disk). One flush covers both.
         self.must_be_durable();
+        let here = self.live.contains_key(&agent.fingerprint);
         self.dispatch_queued(&agent.fingerprint)?;
-        self.task(&id)
+        // Dispatching changes the record only when this node holds the agent; otherwise it is as written (a
+        // read would be one more round trip on the core's thread for every submission in a cluster).
+        match here {
+            true => self.task(&id),
+            false => Ok(rec),
+        }
     }
 
     fn reply(
@@ -437,9 +567,10 @@ impl State {
                 seen: "its key was revoked".into(),
             });
         }
-        self.take_task_token(user)?;
+        self.take_task_token(user, &Preread::default())?;
         let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
         let new = self.enqueue(NewTask {
+            presence: None,
             agent,
             user: user.to_string(),
             name: display_name(name),
@@ -468,6 +599,8 @@ struct NewTask {
     follows: Option<String>,
     /// Whether the operator acts as `user` (for the audit log).
     operator: bool,
+    /// Where the agent is held, read ahead (see [`Preread`]); `None`: not read yet.
+    presence: Option<Option<Presence>>,
 }
 
 fn task_id() -> String {

@@ -260,6 +260,20 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// task no longer exists (deleted by retention) is not written, and is `false` in the result; the others
     /// are written.
     fn append_event_runs(&self, runs: &[EventRun<'_>]) -> Result<Vec<bool>>;
+    /// [`append_event_runs`](Self::append_event_runs), where a run with an `expected` record (per run: the
+    /// task's stored JSON as the caller last wrote it; `None`: no condition) is written only if its task's
+    /// stored record is still exactly that, and is `false` otherwise, like a task deleted meanwhile. Runs of
+    /// one task in one call are judged by the first one's. For the nodes of a cluster, where another node may
+    /// write a record between two of this node's writes; a store only one relay writes (sled) has nothing to
+    /// check, so the default ignores the condition.
+    fn append_event_runs_expecting(
+        &self,
+        runs: &[EventRun<'_>],
+        expected: &[Option<&[u8]>],
+    ) -> Result<Vec<bool>> {
+        let _ = expected;
+        self.append_event_runs(runs)
+    }
     /// A task's stored events after `after`, in order, as stored bytes.
     fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>>;
 
@@ -339,6 +353,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// open and not dispatched, and its agent's presence is still `epoch`. Whether it was stored; `false`
     /// means another session (or node) took the task, it ended, or this session was replaced.
     fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool>;
+    /// [`dispatch_task`](Self::dispatch_task) of `rec`, made from `was`, the queued record as the caller just
+    /// read it: the same result. A backend whose full check costs several round trips may first swap `was`
+    /// for `rec` in one conditional write and fall back to the full check when `was` is no longer stored.
+    fn dispatch_task_from(&self, rec: &TaskRecord, was: &TaskRecord, epoch: u64) -> Result<bool> {
+        let _ = was;
+        self.dispatch_task(rec, epoch)
+    }
     /// Ends a task that never reached its agent: stores the final `rec` only if the stored task is still
     /// open and not dispatched (a node that dispatched it meanwhile wins). Whether it was stored.
     fn finish_queued(&self, rec: &TaskRecord) -> Result<bool>;

@@ -38,6 +38,7 @@
 //! everything flushed costs nothing but the failed calls.
 
 mod cluster;
+mod conditional;
 mod migrate;
 mod pool;
 #[cfg(test)]
@@ -772,6 +773,14 @@ impl Store for PgStore {
             .collect())
     }
 
+    fn append_event_runs_expecting(
+        &self,
+        runs: &[EventRun<'_>],
+        expected: &[Option<&[u8]>],
+    ) -> Result<Vec<bool>> {
+        self.append_event_runs_expecting_(runs, expected)
+    }
+
     fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>> {
         let rows = self.read(|c| {
             c.query(
@@ -1011,6 +1020,10 @@ impl Store for PgStore {
 
     fn presences(&self) -> Result<Vec<(Fingerprint, Presence)>> {
         self.presences_()
+    }
+
+    fn dispatch_task_from(&self, rec: &TaskRecord, was: &TaskRecord, epoch: u64) -> Result<bool> {
+        self.dispatch_task_from_(rec, was, epoch)
     }
 
     fn dispatch_task(&self, rec: &TaskRecord, epoch: u64) -> Result<bool> {
