@@ -68,7 +68,8 @@ impl PgStore {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        // As in `append_event_runs`: one row per task, with the last run's record and the first's condition.
+        // Several runs of one task in one call continue each other: the task's row is written once, with the
+        // last run's record (and the first run's condition), and its events are all of theirs.
         let mut tasks: Vec<(TaskRow, Option<&[u8]>)> = Vec::new();
         let mut slot: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for (i, run) in runs.iter().enumerate() {
@@ -103,8 +104,11 @@ impl PgStore {
         let output: Vec<i64> = tasks.iter().map(|(t, _)| t.output_bytes).collect();
         let task_bodies: Vec<&[u8]> = tasks.iter().map(|(t, _)| t.body.as_slice()).collect();
         let was: Vec<Option<&[u8]>> = tasks.iter().map(|(_, e)| *e).collect();
-        // The statement of `append_event_runs`, with the condition in the update: a task whose row does not
-        // match is not in `moved`, so neither its record nor its events are written.
+        // One statement, so one round trip whatever the number of runs and events: the tasks' rows are updated
+        // first (which locks them, and finds which still exist and, where asked, are still as expected), then
+        // the events of the tasks that are in `moved` are inserted, all in one multi-row insert. A task deleted
+        // or changed meanwhile is in no `moved` row, so neither its record nor its events are written; an
+        // event already stored (sent again after a reconnect) is kept as it was.
         let rows = self.write(|c| {
             c.query(
                 "WITH run AS (

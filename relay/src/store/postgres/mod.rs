@@ -45,7 +45,6 @@ mod pool;
 mod tests;
 mod tls;
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -683,94 +682,8 @@ impl Store for PgStore {
     }
 
     fn append_event_runs(&self, runs: &[EventRun<'_>]) -> Result<Vec<bool>> {
-        if runs.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Several runs of one task in one call continue each other: the task's row is written once, with the
-        // last run's record, and its events are all of theirs.
-        let mut tasks: Vec<TaskRow> = Vec::new();
-        let mut slot: HashMap<&str, usize> = HashMap::new();
-        for run in runs {
-            let row = TaskRow::of(run.task)?;
-            match slot.get(run.task.spec.task.as_str()) {
-                Some(&i) => tasks[i] = row,
-                None => {
-                    slot.insert(&run.task.spec.task, tasks.len());
-                    tasks.push(row);
-                }
-            }
-        }
-        let mut event_tasks: Vec<&str> = Vec::new();
-        let mut event_seqs: Vec<i64> = Vec::new();
-        let mut event_bodies: Vec<&[u8]> = Vec::new();
-        for run in runs {
-            for (seq, bytes) in run.events {
-                if let Some(bytes) = bytes {
-                    event_tasks.push(&run.task.spec.task);
-                    event_seqs.push(event_seq(*seq)?);
-                    event_bodies.push(bytes);
-                }
-            }
-        }
-        let ids: Vec<&str> = tasks.iter().map(|t| t.id).collect();
-        let agents: Vec<&[u8]> = tasks.iter().map(|t| t.agent).collect();
-        let requesters: Vec<&str> = tasks.iter().map(|t| t.requester).collect();
-        let sessions: Vec<Option<&str>> = tasks.iter().map(|t| t.session).collect();
-        let open: Vec<bool> = tasks.iter().map(|t| t.is_open).collect();
-        let ords: Vec<i64> = tasks.iter().map(|t| t.ord).collect();
-        let updated: Vec<i64> = tasks.iter().map(|t| t.updated_at).collect();
-        let output: Vec<i64> = tasks.iter().map(|t| t.output_bytes).collect();
-        let task_bodies: Vec<&[u8]> = tasks.iter().map(|t| t.body.as_slice()).collect();
-        // One statement, so one round trip whatever the number of runs and events: the tasks' rows are updated
-        // first (which locks them, and finds which still exist), then the events of the tasks that do are
-        // inserted, all in one multi-row insert. A task deleted meanwhile is in no `moved` row, so neither its
-        // record nor its events come back; an event already stored (sent again after a reconnect) is kept as
-        // it was.
-        let rows = self.write(|c| {
-            c.query(
-                "WITH run AS (
-                     SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::bool[],
-                                          $6::int8[], $7::int8[], $8::int8[], $9::bytea[])
-                         AS r(id, agent, requester, session, is_open, ord, updated_at, output_bytes, body)
-                 ), moved AS (
-                     UPDATE ct_tasks t SET
-                         agent = run.agent, requester = run.requester, session = run.session,
-                         is_open = run.is_open, ord = run.ord, updated_at = run.updated_at,
-                         output_bytes = run.output_bytes, body = run.body
-                     FROM run WHERE t.id = run.id
-                     RETURNING t.id
-                 ), stored AS (
-                     INSERT INTO ct_events (task, seq, body)
-                     SELECT e.task, e.seq, e.body
-                     FROM unnest($10::text[], $11::int8[], $12::bytea[]) AS e(task, seq, body)
-                     WHERE e.task IN (SELECT id FROM moved)
-                     ON CONFLICT (task, seq) DO NOTHING
-                 )
-                 SELECT id FROM moved",
-                &[
-                    &ids,
-                    &agents,
-                    &requesters,
-                    &sessions,
-                    &open,
-                    &ords,
-                    &updated,
-                    &output,
-                    &task_bodies,
-                    &event_tasks,
-                    &event_seqs,
-                    &event_bodies,
-                ],
-            )
-        })?;
-        let mut moved = std::collections::HashSet::with_capacity(rows.len());
-        for row in &rows {
-            moved.insert(row.try_get::<_, String>(0)?);
-        }
-        Ok(runs
-            .iter()
-            .map(|run| moved.contains(&run.task.spec.task))
-            .collect())
+        // The conditional write with no condition: one statement for both (`conditional.rs`).
+        self.append_event_runs_expecting_(runs, &vec![None; runs.len()])
     }
 
     fn append_event_runs_expecting(
