@@ -803,13 +803,24 @@ impl Inner {
             }),
             _ => None,
         };
-        self.backend.decide(user, task, approval, decision).await?;
+        // Recorded before the decision goes out: the agent can act on it and report the approval closed (which
+        // edits the message with who decided and the rule) before `decide` returns here. Put back if the
+        // decision did not go out, so a later click is credited to whoever makes it.
         let by = user.parse().ok();
-        self.threads.update_approval(task, approval, |a| {
+        let before = self.threads.update_approval(task, approval, |a| {
+            let before = (a.decided_by, a.rule.clone());
             a.decided_by = by;
             a.rule = rule;
+            before
         });
-        Ok(())
+        let sent = self.backend.decide(user, task, approval, decision).await;
+        if let (Err(_), Some((decided_by, rule))) = (&sent, before) {
+            self.threads.update_approval(task, approval, |a| {
+                a.decided_by = decided_by;
+                a.rule = rule;
+            });
+        }
+        sent
     }
 
     async fn share_command(

@@ -52,6 +52,9 @@ pub(crate) struct Fake {
     pub(crate) cut_off: Mutex<std::collections::HashSet<String>>,
     /// Marks written while set are lost, as the writes of a node that died before they reached the store.
     pub(crate) marks_lost: std::sync::atomic::AtomicBool,
+    /// While set, a decision closes its approval (as a fast agent reports it) before `decide` returns, and
+    /// `decide` takes a while longer: a relay busy after the decision went out.
+    pub(crate) close_on_decide: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -205,8 +208,26 @@ impl Backend for Fake {
         Self::lock(&self.cancels).push(task.into());
         Ok(())
     }
-    async fn decide(&self, user: &str, task: &str, _: &str, d: Decision) -> Result<()> {
+    async fn decide(&self, user: &str, task: &str, approval: &str, d: Decision) -> Result<()> {
+        let outcome = match &d {
+            Decision::AllowOnce { .. } => "allowed",
+            Decision::Deny { .. } => "denied",
+            _ => "allowed_for_session",
+        };
         Self::lock(&self.decisions).push((user.into(), task.into(), d));
+        if self
+            .close_on_decide
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.emit(
+                task,
+                TaskEvent::ApprovalClosed {
+                    approval: approval.into(),
+                    outcome: outcome.into(),
+                },
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
         Ok(())
     }
     async fn approver(&self, _: &str) -> Result<String> {
@@ -820,6 +841,50 @@ fn http_bot(sim: &DiscordSim, fake: &Arc<Fake>) -> Bot {
     };
     config.application_id = Some(sim.application_id().parse().unwrap());
     Bot::new(config, fake.clone()).unwrap()
+}
+
+/// The agent may report an approval closed before the decision's call returns to the bot (a fast agent, a
+/// busy relay): the closed message still says who decided and which rule they chose.
+#[tokio::test]
+async fn an_approval_closed_before_the_decision_call_returns_still_says_who_and_what() {
+    let w = world().await;
+    w.fake
+        .close_on_decide
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (task, thread) = w.task("ask me").await;
+    w.fake.emit(
+        &task,
+        TaskEvent::ApprovalRequested {
+            approval: "a1".into(),
+            tool: "Bash".into(),
+            summary: "cargo test".into(),
+            input: json!({"command": "cargo test"}),
+            question: false,
+            description: None,
+            session: Some(ct_protocol::scope::SessionScope::Command {
+                command: "cargo test".into(),
+            }),
+            input_cut: false,
+        },
+    );
+    let allow = format!("as:{task}:a1");
+    let msg = w
+        .find(&thread, "approval", |m| m.custom_ids().contains(&allow))
+        .await;
+    w.sim
+        .send_button(&w.sim.origin_in(&w.alice, &thread), &msg.id, &allow)
+        .unwrap();
+    let closed = w
+        .find(&thread, "closed approval", |m| {
+            m.id == msg.id && m.content.contains("✅ Allowed for this session")
+        })
+        .await;
+    assert!(
+        closed.content.contains(&format!("by <@{}>", w.alice.id))
+            && closed.content.contains("this command"),
+        "{}",
+        closed.content
+    );
 }
 
 /// An approval is waiting when the relay restarts: its message is found again, so a click on it after the
