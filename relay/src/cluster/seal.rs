@@ -170,9 +170,13 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Most tags one subscription remembers. A refused message is never remembered, so only the cluster's own
+/// traffic fills it; past this (a subject busier than some 500 messages a second for the whole window) the
+/// oldest are forgotten early, which only lets a replay of one of those through while it is still fresh.
+const MAX_REMEMBERED: usize = 32_768;
+
 /// The tags one subscription has accepted within [`MAX_AGE`]: a second delivery of the same sealed message
-/// is a replay (NATS core delivers each message to a subscription at most once). Bounded by what the
-/// cluster's own nodes send in that window: a refused message is never remembered.
+/// is a replay (NATS core delivers each message to a subscription at most once).
 #[derive(Debug, Default)]
 pub struct Replays {
     seen: HashMap<RequestTag, u64>,
@@ -184,7 +188,7 @@ impl Replays {
     pub fn first(&mut self, tag: RequestTag, now: u64) -> bool {
         let horizon = now.saturating_sub(2 * MAX_AGE.as_millis() as u64);
         while let Some(&(t, old)) = self.order.front() {
-            if t >= horizon {
+            if t >= horizon && self.order.len() < MAX_REMEMBERED {
                 break;
             }
             self.order.pop_front();
@@ -294,5 +298,17 @@ mod tests {
         assert!(r.first([3; 32], later));
         assert_eq!(r.seen.len(), 1);
         assert_eq!(r.order.len(), 1);
+    }
+
+    #[test]
+    fn what_a_subscription_remembers_is_bounded_however_busy_the_subject() {
+        let mut r = Replays::default();
+        let now = 1_000_000_000;
+        for i in 0..(MAX_REMEMBERED as u32 + 1_000) {
+            let mut tag = [0; 32];
+            tag[..4].copy_from_slice(&i.to_be_bytes());
+            assert!(r.first(tag, now));
+        }
+        assert!(r.seen.len() <= MAX_REMEMBERED && r.order.len() <= MAX_REMEMBERED);
     }
 }
