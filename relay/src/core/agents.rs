@@ -126,6 +126,7 @@ impl State {
                 dispatched_here: HashSet::new(),
                 retry_dispatch: false,
                 written: HashMap::new(),
+                owner: None,
             },
         );
         if let Some(old) = old {
@@ -149,13 +150,22 @@ impl State {
         self.drop_pending_requests(session);
     }
 
+    /// Records when the agent was last seen: in place on a single relay, by the bookkeeping thread in a
+    /// cluster (see [`super::books`]).
     fn touch(&self, fp: &Fingerprint, transport: Option<Transport>) {
-        let update = self.store.update_agent(fp, &mut |rec| {
-            rec.last_seen = Some(now());
-            rec.last_transport = transport.or(rec.last_transport);
-        });
-        if let Err(e) = update {
-            tracing::warn!(error = %e, "could not record when an agent was last seen");
+        let fp = *fp;
+        let write = move |store: &dyn crate::store::Store| {
+            let update = store.update_agent(&fp, &mut |rec| {
+                rec.last_seen = Some(now());
+                rec.last_transport = transport.or(rec.last_transport);
+            });
+            if let Err(e) = update {
+                tracing::warn!(error = %e, "could not record when an agent was last seen");
+            }
+        };
+        match &self.books {
+            Some(books) => books.write(write),
+            None => write(&*self.store),
         }
     }
 

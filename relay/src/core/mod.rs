@@ -29,7 +29,7 @@
 //! (`impl State`): [`config`], [`agents`] (sessions and the live table), [`pairing`], [`routing`] (which
 //! agent a request means), [`tasks`] (requests and errors), [`submit`] (new tasks and follow-ups), [`queue`],
 //! [`events`], [`control`] (cancel, approvals), [`shares`], [`projects`], [`worktrees`], [`audit`], [`output`],
-//! [`redact`], [`retention`], and for a cluster `remote` (reaching an agent held by another node, being
+//! [`redact`], [`retention`], and for a cluster `books`, `remote` (reaching an agent held by another node, being
 //! that node, following events another node writes) and [`nodes`] (heartbeats, live nodes, readiness).
 //!
 //! # A cluster
@@ -38,6 +38,11 @@
 //! `State`. Decisions still happen on whichever node is asked, over the shared records; only what must go
 //! down an agent's session crosses to the node holding it. Exactly-once dispatch is the store's
 //! compare-and-swap under the session's presence epoch, not a lock of this thread's.
+//!
+//! Since the store, not this thread, is what orders decisions across nodes, a node's thread keeps its
+//! PostgreSQL round trips to what only it can do: a submission's reads and its admission run on the blocking
+//! pool around the decision ([`submit`]), and bookkeeping no decision waits for (when an agent was last seen)
+//! on a thread of its own (`books`).
 
 use std::sync::Arc;
 
@@ -51,6 +56,7 @@ use crate::store::{SharedStore, Store, StoreError};
 
 pub mod agents;
 pub mod audit;
+mod books;
 pub mod config;
 pub mod control;
 pub mod events;
@@ -169,6 +175,9 @@ impl Core {
             metrics.clone(),
             relay,
             bus.as_ref().map(Bus::publisher),
+            bus.as_ref()
+                .map(|_| books::Books::start(store.clone()))
+                .transpose()?,
         );
         let thread = std::thread::Builder::new()
             .name("ct-relay-core".into())

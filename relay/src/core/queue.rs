@@ -43,14 +43,20 @@ impl State {
     /// Sends queued tasks to the agent, oldest first, while it has free slots. A task whose requester lost
     /// their share while it waited is cancelled instead.
     pub(crate) fn dispatch_queued(&mut self, agent: &Fingerprint) -> Result<(), TaskError> {
-        let epoch = if let Some(live) = self.live.get_mut(agent) {
+        let (epoch, owner_known) = if let Some(live) = self.live.get_mut(agent) {
             live.retry_dispatch = false;
-            live.epoch
+            (live.epoch, live.owner.is_some())
         } else {
             // Held by another node (or by none yet): whichever node holds it dispatches.
             self.tell_holder(agent, &super::remote::NodeMsg::Kick);
             return Ok(());
         };
+        if !owner_known {
+            let owner = self.store().agent(agent)?.map(|a| a.owner);
+            if let Some(live) = self.live.get_mut(agent) {
+                live.owner = owner;
+            }
+        }
         let open = self.store().open_tasks(agent)?;
         let mut running = open.iter().filter(|t| t.is_dispatched()).count();
         for mut rec in open.into_iter().filter(|t| !t.is_dispatched()) {
@@ -140,8 +146,13 @@ impl State {
     }
 
     fn share_standing(&self, rec: &TaskRecord) -> Result<Role, String> {
-        let owner = match self.store().agent(&rec.agent) {
-            Ok(Some(a)) => a.owner,
+        let held = self.live.get(&rec.agent).and_then(|l| l.owner.clone());
+        let read = match held {
+            Some(owner) => Ok(Some(owner)),
+            None => self.store().agent(&rec.agent).map(|a| a.map(|a| a.owner)),
+        };
+        let owner = match read {
+            Ok(Some(owner)) => owner,
             Ok(None) => return Err("cancelled: its agent no longer exists".into()),
             Err(e) => {
                 // Refusing is the safe side when the store cannot say.

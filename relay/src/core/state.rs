@@ -68,6 +68,11 @@ pub(crate) struct LiveAgent {
     /// (it revoked the agent and ended its tasks, or the agent moved to it) is never written over; a new
     /// session starts empty. At most [`MAX_WRITTEN`] entries; a task leaves when it ends.
     pub(crate) written: HashMap<String, (crate::store::TaskRecord, Vec<u8>)>,
+    /// The agent's owner, read once per session by the first dispatch (`None`: not yet). An agent's owner
+    /// never changes, and a revoked agent's session is closed, so dispatching checks shares against this
+    /// rather than reading the agent's record again for every task: on PostgreSQL that read was a round trip
+    /// on the core's thread per dispatch.
+    pub(crate) owner: Option<String>,
 }
 
 /// Running tasks' records one session keeps (see [`LiveAgent::written`]): more than an agent runs at once.
@@ -102,6 +107,8 @@ pub(crate) struct State {
     durable: Option<Ticket>,
     /// The cluster bus, when this relay is one node of several (see [`super::remote`]).
     pub(crate) bus: Option<Publisher>,
+    /// In a cluster, the thread for writes no decision waits for (see [`super::books`]).
+    pub(crate) books: Option<super::books::Books>,
     /// Nodes whose heartbeat is recent, this one included (refreshed by [`super::nodes`]).
     pub(crate) alive_nodes: HashSet<String>,
     /// Every live node's public addresses, this node's first: what pairing tokens carry.
@@ -116,8 +123,10 @@ impl State {
         metrics: Arc<Metrics>,
         relay: Fingerprint,
         bus: Option<Publisher>,
+        books: Option<super::books::Books>,
     ) -> Self {
         Self {
+            books,
             alive_nodes: HashSet::from([config.node_id.clone()]),
             cluster_addrs: config.public_addrs.clone(),
             bus,

@@ -34,7 +34,20 @@ impl Core {
     /// before this returns.
     pub async fn submit_task(&self, req: Submit) -> Result<TaskRecord, TaskError> {
         let pre = self.preread(&req).await?;
-        self.run(move |state| state.submit_task(req, pre)).await
+        if self.bus().is_none() {
+            return self.run(move |state| state.submit_task(req, pre)).await;
+        }
+        // In a cluster the decision is the core's, the write (the id check, the order, the admission: each a
+        // round trip to PostgreSQL) is the blocking pool's, and the queue moves on the core's thread again.
+        // The store's admission is what keeps the limits across nodes (see [`Admit::write`]), and a share
+        // revoked between the decision and the dispatch is caught by the dispatch, which checks the
+        // requester's standing again: the same as when the revocation happens on another node, which a
+        // cluster has to handle anyway.
+        let admit = self
+            .run(move |state| state.decide_task(req, pre).map(Box::new))
+            .await?;
+        let rec = self.read(move |store| admit.write(store)).await??;
+        self.run(move |state| state.queued(rec)).await
     }
 
     /// In a cluster, the reads of a submission that can be done before its decision (see [`Preread`]), on the
@@ -168,6 +181,14 @@ fn token_period(per_minute: u32) -> std::time::Duration {
 
 impl State {
     fn submit_task(&mut self, req: Submit, pre: Preread) -> Result<TaskRecord, TaskError> {
+        let admit = self.decide_task(req, pre)?;
+        let rec = admit.write(self.store())?;
+        self.queued(rec)
+    }
+
+    /// Everything about a new task that is this node's to decide: the limits on the person, their standing,
+    /// the agent, the options; the task as it will be written, not yet written.
+    fn decide_task(&mut self, req: Submit, pre: Preread) -> Result<Admit, TaskError> {
         check_request(&req)?;
         self.take_task_token(&req.user, &pre)?;
         self.check_stored(&req.user, pre.stored_bytes)?;
@@ -188,7 +209,7 @@ impl State {
             .presence
             .filter(|(fp, _)| *fp == agent.fingerprint)
             .map(|(_, p)| p);
-        self.enqueue(NewTask {
+        self.prepare(NewTask {
             presence,
             agent,
             user: req.user,
@@ -382,8 +403,17 @@ impl State {
         claimed || just_left
     }
 
-    /// Stores a new task in its agent's queue and dispatches what the agent has room for.
+    /// Stores a new task in its agent's queue and dispatches what the agent has room for, all on the core's
+    /// thread (a follow-up that starts a new task).
     fn enqueue(&mut self, task: NewTask) -> Result<TaskRecord, TaskError> {
+        let admit = self.prepare(task)?;
+        let rec = admit.write(self.store())?;
+        self.queued(rec)
+    }
+
+    /// Checks what the agent itself decides on (its projects, whether it is reachable) and makes the task's
+    /// record, and for a grantee its audit entry, ready to write.
+    fn prepare(&mut self, task: NewTask) -> Result<Admit, TaskError> {
         let agent = task.agent;
         check_options(task.role, &task.options)?;
         self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
@@ -398,11 +428,8 @@ impl State {
             });
         }
         let t = now();
-        // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs.
-        let mut id = task_id();
-        while self.store().task(&id)?.is_some() {
-            id = task_id();
-        }
+        // The id is checked for uniqueness, and the order taken, as the task is written (see `Admit::write`).
+        let id = task_id();
         let rec = TaskRecord {
             spec: TaskSpec {
                 task: id.clone(),
@@ -425,23 +452,19 @@ impl State {
             message: None,
             dispatched_at: None,
             follows: task.follows,
-            order: self.store().next_order()?,
+            order: 0,
             output_bytes: 0,
             output_truncated: false,
             worktree: None,
         };
-        // The open-task limits are checked by the store as it writes the task, so that submissions on other
-        // nodes at the same instant cannot each take one more.
         let limits = TaskLimits {
             open_per_user: self.config().max_tasks_per_user,
             running_per_agent: self.config().max_running_per_agent,
             queued_per_agent: self.config().max_queued_per_agent,
         };
-        let admitted = if rec.spec.requester.role == Role::Owner {
-            self.store().admit_task(&rec, None, &limits)?
-        } else {
-            // A grantee's task and its audit entry are written together: the owner must be able to see every
-            // task someone else ran on their machine, so without the entry there is no task.
+        // A grantee's task and its audit entry are written together: the owner must be able to see every task
+        // someone else ran on their machine, so without the entry there is no task.
+        let entry = (rec.spec.requester.role != Role::Owner).then(|| {
             let user = &rec.spec.requester.user;
             let caller = Caller {
                 user,
@@ -457,7 +480,7 @@ impl State {
                 "started a task"
             };
             let prompt = preview(&rec.spec.prompt);
-            let entry = AuditEntry::new(
+            AuditEntry::new(
                 AuditKind::GranteeTask {
                     requester: user.clone(),
                     project: rec.spec.project.clone(),
@@ -473,26 +496,25 @@ impl State {
             )
             .by(caller)
             .on(&agent)
-            .task(&id);
-            self.store().admit_task(&rec, Some(&entry), &limits)?
-        };
-        match admitted {
-            Admission::Admitted(_) => {}
-            Admission::TooManyTasks { open } => {
-                let max = limits.open_per_user;
-                return Err(TaskError::TooManyTasks { open, max });
-            }
-            Admission::QueueFull { queued } => {
-                let agent = agent.name;
-                return Err(TaskError::QueueFull { agent, queued });
-            }
-        }
-        tracing::info!(task = %id, agent = %agent.name, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
+            .task(&id)
+        });
+        Ok(Admit {
+            rec,
+            entry,
+            limits,
+            agent_name: agent.name,
+        })
+    }
+
+    /// After the task was written: the queue moves (here, or on the node holding the agent).
+    fn queued(&mut self, rec: TaskRecord) -> Result<TaskRecord, TaskError> {
+        let id = rec.spec.task.clone();
+        tracing::info!(task = %id, agent = %rec.agent, user = %rec.spec.requester.user, role = ?rec.spec.requester.role, "task queued");
         // The task is durable before the caller hears of it (and before the agent does: dispatching sends the
         // start only once the write is on disk). One flush covers both.
         self.must_be_durable();
-        let here = self.live.contains_key(&agent.fingerprint);
-        self.dispatch_queued(&agent.fingerprint)?;
+        let here = self.live.contains_key(&rec.agent);
+        self.dispatch_queued(&rec.agent)?;
         // Dispatching changes the record only when this node holds the agent; otherwise it is as written (a
         // read would be one more round trip on the core's thread for every submission in a cluster).
         match here {
@@ -601,6 +623,43 @@ struct NewTask {
     operator: bool,
     /// Where the agent is held, read ahead (see [`Preread`]); `None`: not read yet.
     presence: Option<Option<Presence>>,
+}
+
+/// A new task decided on, to be written: its id is checked and its order taken as it is, and the store
+/// refuses it there if the person or the agent is at a limit, counting every node's tasks.
+pub(crate) struct Admit {
+    rec: TaskRecord,
+    entry: Option<AuditEntry>,
+    limits: TaskLimits,
+    /// For messages.
+    agent_name: String,
+}
+
+impl Admit {
+    /// Writes the task. Runs on the core's thread on a single relay, and on the blocking pool in a cluster
+    /// (see [`Core::submit_task`]).
+    fn write(mut self, store: &dyn Store) -> Result<TaskRecord, TaskError> {
+        // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs.
+        while store.task(&self.rec.spec.task)?.is_some() {
+            let id = task_id();
+            if let Some(entry) = &mut self.entry {
+                entry.task = Some(id.clone());
+            }
+            self.rec.spec.task = id;
+        }
+        self.rec.order = store.next_order()?;
+        match store.admit_task(&self.rec, self.entry.as_ref(), &self.limits)? {
+            Admission::Admitted(_) => Ok(self.rec),
+            Admission::TooManyTasks { open } => Err(TaskError::TooManyTasks {
+                open,
+                max: self.limits.open_per_user,
+            }),
+            Admission::QueueFull { queued } => Err(TaskError::QueueFull {
+                agent: self.agent_name,
+                queued,
+            }),
+        }
+    }
 }
 
 fn task_id() -> String {
