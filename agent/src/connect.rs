@@ -197,6 +197,15 @@ impl Link {
         }
     }
 
+    /// How many UDP datagrams the QUIC connection under this link has received so far (None on WebSocket):
+    /// what the session watches to notice a node that died without a word (see
+    /// [`ct_protocol::link::TransportSilence`]).
+    pub fn datagrams_received(&self) -> Option<u64> {
+        self.quic
+            .as_ref()
+            .map(|(_, conn)| conn.stats().udp_rx.datagrams)
+    }
+
     /// Drops the transport at once, without a goodbye.
     fn abort(&self) {
         if let Some((_, conn)) = &self.quic {

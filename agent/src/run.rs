@@ -245,8 +245,16 @@ async fn run_loop(
                     relays.shuffle(&mut rand::thread_rng());
                     relays.push(left);
                 }
-                let (end, lasted) =
-                    serve(link, opts, &creds, shutdown, reporter, closers, tasks).await;
+                let elsewhere = ct_protocol::link::watches_transport(relays.len());
+                let around = Around {
+                    opts,
+                    creds: &creds,
+                    shutdown,
+                    reporter,
+                    closers,
+                    tasks,
+                };
+                let (end, lasted) = serve(link, &around, elsewhere).await;
                 backoff.session_ended(lasted);
                 match end {
                     SessionEnd::Shutdown => return Ok(()),
@@ -313,15 +321,16 @@ fn permanent(e: ConnectError) -> RunError {
 
 /// Runs sessions on `link` (and on the QUIC link that replaces it, if any) until one ends. Returns why and
 /// for how long the agent was connected.
-async fn serve(
-    mut link: Link,
-    opts: &RunOptions,
-    creds: &Credentials,
-    shutdown: &CancellationToken,
-    reporter: &Reporter,
-    closers: &TaskTracker,
-    tasks: &Tasks,
-) -> (SessionEnd, Duration) {
+/// `elsewhere`: the agent knows another node to go to (see [`run_session`]).
+async fn serve(mut link: Link, around: &Around<'_>, elsewhere: bool) -> (SessionEnd, Duration) {
+    let Around {
+        opts,
+        creds,
+        shutdown,
+        reporter,
+        closers,
+        tasks,
+    } = *around;
     let connected_at = Instant::now();
     loop {
         let span =
@@ -344,7 +353,7 @@ async fn serve(
         let probe = retry_quic(&addr, creds, opts.quic_retry, &probing);
         tokio::pin!(probe);
         let mut step = tokio::select! {
-            end = run_session(&mut link, shutdown, tasks).instrument(span.clone()) => Step::Ended(end),
+            end = run_session(&mut link, shutdown, tasks, elsewhere).instrument(span.clone()) => Step::Ended(end),
             quic = &mut probe, if probe_quic => Step::Switch(Box::new(quic)),
         };
         if matches!(step, Step::Ended(SessionEnd::Replaced(_))) && probing.load(Ordering::Relaxed) {
@@ -390,6 +399,17 @@ async fn serve(
             }
         }
     }
+}
+
+/// What every session of a run shares.
+#[derive(Clone, Copy)]
+struct Around<'a> {
+    opts: &'a RunOptions,
+    creds: &'a Credentials,
+    shutdown: &'a CancellationToken,
+    reporter: &'a Reporter,
+    closers: &'a TaskTracker,
+    tasks: &'a Tasks,
 }
 
 enum Step {

@@ -1,11 +1,12 @@
 //! One session on an established [`Link`]: heartbeats out, relay messages in through one dispatch point,
-//! and the dead-link timer.
+//! the dead-link timer, and (when there is another node to go to) the watch on the transport itself.
 //!
 //! The session ends with a [`SessionEnd`] saying why; what to do next (reconnect, stop, report) is the run
 //! loop's decision, not the session's.
 
 use std::time::Duration;
 
+use ct_protocol::link::{TransportSilence, SILENCE_POLL};
 use ct_protocol::message::CloseReason;
 use ct_protocol::{AgentMessage, FrameError, RelayMessage};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -41,10 +42,15 @@ enum Flow {
 /// Runs the session until it ends. Cancel-safe: dropping this future (to switch transports) loses nothing
 /// that the next session needs: task events stay in the outbox until acknowledged, and the next session
 /// sends them again.
+///
+/// `elsewhere`: the agent knows another relay node to go to. Then a QUIC link whose transport has received
+/// nothing for `suspect_after` ends the session at once (a node that died sends no reset; its agents should
+/// not wait out `dead_after` on it). Without another node, only `dead_after` ends a silent session.
 pub async fn run_session(
     link: &mut Link,
     shutdown: &CancellationToken,
     tasks: &Tasks,
+    elsewhere: bool,
 ) -> SessionEnd {
     let timing = link.transport.timing();
     // Bounded like every write: a relay that stops reading is a dead link.
@@ -68,12 +74,26 @@ pub async fn run_session(
     let mut heartbeat = tokio::time::interval_at(Instant::now() + heartbeat_every, heartbeat_every);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let watching = elsewhere && link.datagrams_received().is_some();
+    let mut silence = TransportSilence::new(timing.suspect_after, Instant::now());
+    let mut poll = tokio::time::interval(SILENCE_POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
         let dead_at = last_heard + timing.dead_after;
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return SessionEnd::Shutdown,
+            _ = poll.tick(), if watching => {
+                let received = link.datagrams_received().unwrap_or_default();
+                if silence.silent(received, Instant::now()) {
+                    return SessionEnd::Lost(format!(
+                        "no packet from relay node {} for {:?} (the node or the path to it is gone); \
+                         moving to another node",
+                        link.relay_addr, timing.suspect_after
+                    ));
+                }
+            }
             () = tokio::time::sleep_until(dead_at) => {
                 return SessionEnd::Lost(format!(
                     "nothing heard from the relay for {:?}: the link is dead",

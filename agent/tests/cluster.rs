@@ -6,9 +6,10 @@
 
 use std::path::Path;
 
-use ct_agent::RunError;
+use ct_agent::{LinkStatus, RunError};
 use ct_protocol::project::ProjectOp;
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
+use ct_protocol::Transport;
 use ct_relay::cluster::Seal;
 use ct_relay::relay::ClusterConfig;
 use ct_relay::store::TaskState;
@@ -16,13 +17,13 @@ use ct_relay::tasks::ReplyOutcome;
 use ct_relay::RelayConfig;
 use ct_testkit::nats::NatsServer;
 use ct_testkit::postgres::PgServer;
-use ct_testkit::{eventually, eventually_async, LongJob, Reply};
+use ct_testkit::{eventually, eventually_async, LongJob, Reply, UdpProxy};
 use serde_json::json;
 
-use crate::support::TestRelay;
+use crate::support::{TestAgent, TestRelay};
 use crate::tasks::{
-    allow_if_asked_until, prompts_in_last_request, submit, world_with, write, Follow, Opts, World,
-    OWNER, T,
+    allow_if_asked_until, prompts_in_last_request, submit, world, world_with, write, Follow, Opts,
+    World, OWNER, T,
 };
 
 /// Where a test's cluster keeps its state: a database of its own on the shared PostgreSQL server, and the
@@ -469,4 +470,113 @@ async fn a_task_for_an_agent_between_nodes_waits_and_runs_once_when_it_is_back()
         .count();
     assert_eq!(started, 1, "{:#?}", f.seen);
     assert_eq!(w.fake.main_requests().len(), 1, "Claude was asked once");
+}
+
+/// Points the agent's pairing at `relays` only (it still learns a cluster's nodes from its Welcome), restarts
+/// it, and checks it is held through `proxy`, over QUIC (the proxy forwards UDP only). Returns the agent.
+async fn restart_through(w: &mut World, proxy: &UdpProxy, relays: Vec<String>) -> TestAgent {
+    let mut pairing = w.agent_config.load_pairing().unwrap().unwrap();
+    pairing.relays = relays;
+    w.agent_config.store_pairing(&pairing).unwrap();
+    w.restart_agent().await;
+    let agent = w.take_agent();
+    let status = agent.status.borrow().clone();
+    match status {
+        LinkStatus::Connected {
+            transport,
+            relay_addr,
+            ..
+        } => {
+            assert_eq!(
+                relay_addr,
+                proxy.addr().to_string(),
+                "held through the proxy"
+            );
+            assert_eq!(transport, Transport::Quic);
+        }
+        other => panic!("not connected: {other:?}"),
+    }
+    agent
+}
+
+/// The reason the agent's last session ended, as `status.json` keeps it (and `ct-agent status` shows it).
+fn last_error(w: &World) -> String {
+    let report = ct_agent::status::gather(w.agent_dir()).unwrap();
+    report
+        .status
+        .and_then(|s| s.last_error)
+        .expect("a session ended, so status.json says why")
+}
+
+/// A node that dies without a word (SIGKILL, a cut cable) sends no reset: the agent's QUIC link just falls
+/// silent. Here node-1 stays up and registered behind a UDP proxy that starts dropping everything; the agent,
+/// which knows other nodes, leaves it because its transport heard nothing for `suspect_after`, before the
+/// app-level `dead_after` (or QUIC's idle timeout, both 4 s) could have said the link was dead, and is held by
+/// another node's address. What is asserted is the reason it left, which only the transport watch gives (no
+/// timing: the machine is shared).
+#[tokio::test]
+async fn an_agent_leaves_a_node_whose_transport_falls_silent_for_another() {
+    let mut w = world_with(Opts {
+        cluster: Some(2),
+        ..Opts::default()
+    })
+    .await;
+    let proxy = UdpProxy::start(w.relay.addr).await.unwrap();
+    let node0 = w.nodes[0].addr.to_string();
+    let mut agent = restart_through(
+        &mut w,
+        &proxy,
+        vec![proxy.addr().to_string(), node0.clone()],
+    )
+    .await;
+
+    proxy.black_hole();
+    let behind = proxy.addr().to_string();
+    let moved = tokio::time::timeout(
+        T,
+        agent.status.wait_for(
+            |s| matches!(s, LinkStatus::Connected { relay_addr, .. } if *relay_addr != behind),
+        ),
+    )
+    .await
+    .expect("the agent is held by another node's address")
+    .expect("the agent runs")
+    .clone();
+    // node-0, or node-1 at its own address (learned from the Welcome): either way, not through the silent path.
+    let LinkStatus::Connected { relay_addr, .. } = moved else {
+        unreachable!()
+    };
+    assert!(
+        [node0.as_str(), w.relay.addr.to_string().as_str()].contains(&relay_addr.as_str()),
+        "{relay_addr}"
+    );
+    let why = last_error(&w);
+    assert!(
+        why.contains(&format!("no packet from relay node {behind}"))
+            && why.contains("moving to another node"),
+        "left for another reason than transport silence: {why}"
+    );
+    agent.stop().await.expect(
+        "the agent ran on until stopped (its own new session was not taken for another agent)",
+    );
+}
+
+/// With one relay address there is nowhere else to go: the transport watch stays off, and a silent link is
+/// left the way it always was, when nothing has been heard for `dead_after` (or QUIC's idle timeout fires).
+#[tokio::test]
+async fn an_agent_with_one_relay_does_not_leave_it_for_transport_silence() {
+    let mut w = world().await;
+    let proxy = UdpProxy::start(w.relay.addr).await.unwrap();
+    let mut agent = restart_through(&mut w, &proxy, vec![proxy.addr().to_string()]).await;
+
+    proxy.black_hole();
+    agent.disconnected(T).await;
+    // Read at once: the next attempt, through the same black hole, takes ATTEMPT_TIMEOUT (25 s) to fail and
+    // replace this reason.
+    let why = last_error(&w);
+    assert!(
+        !why.contains("moving to another node"),
+        "a single relay was left for transport silence: {why}"
+    );
+    agent.stop().await.unwrap();
 }

@@ -3,7 +3,9 @@
 //! outbox (sent again after a reconnect until acknowledged), reports its running tasks after each
 //! handshake, and reconnects with `ct-agent`'s own backoff, so the relay cannot tell it from a real agent
 //! except by how little it costs to run ten thousand of them. Given a cluster's nodes, it tries them in turn as
-//! `ct-agent` tries the addresses of its pairing token, the node it last held a session on going last.
+//! `ct-agent` tries the addresses of its pairing token: the node it last held a session on goes last and the
+//! others are shuffled, and a QUIC node whose transport falls silent is left after `suspect_after` as
+//! `ct-agent` leaves it.
 //!
 //! What it observed goes out as [`Note`]s on a channel; scenarios turn those into figures.
 
@@ -15,6 +17,7 @@ use std::time::Duration;
 use ct_agent::backoff::Backoff;
 use ct_agent::outbox::Outbox;
 use ct_protocol::handshake::HANDSHAKE_TIMEOUT;
+use ct_protocol::link::{watches_transport, TransportSilence, SILENCE_POLL};
 use ct_protocol::message::CloseReason;
 use ct_protocol::project::ProjectsReport;
 use ct_protocol::task::{FinalState, TaskEvent};
@@ -187,10 +190,16 @@ pub async fn run(
             Ok((at, link)) => {
                 first = false;
                 // As `ct-agent` does: the node of this session goes last, so when it goes away the next
-                // attempt goes to the others at once.
+                // attempt goes to the others at once, and the others are shuffled, so a dead node's agents
+                // spread over the survivors instead of all landing on the next one in the list.
                 let relay = targets.remove(at);
                 let addr = relay.addr;
+                {
+                    use rand::seq::SliceRandom as _;
+                    targets.shuffle(&mut rand::thread_rng());
+                }
                 targets.push(relay);
+                let elsewhere = watches_transport(targets.len());
                 let connected = Instant::now();
                 let _ = agent.notes.send(Note::Online {
                     agent: index,
@@ -199,7 +208,7 @@ pub async fn run(
                     at: connected,
                 });
                 let raced = link.raced;
-                let end = match agent.session(link, &shutdown).await {
+                let end = match agent.session(link, &shutdown, elsewhere).await {
                     // Our own losing race attempt completed at the relay after the winner, as `ct-agent`
                     // knows can happen: reconnect, as it does.
                     End::Replaced(_) if raced && connected.elapsed() < 2 * HANDSHAKE_TIMEOUT => {
@@ -268,7 +277,14 @@ struct Agent {
 impl Agent {
     /// One session: what `ct-agent` sends after a handshake (unacknowledged events again, then its running
     /// tasks and its projects), then heartbeats, task output and acknowledgements until the link ends.
-    async fn session(&mut self, mut link: Link, shutdown: &CancellationToken) -> End {
+    /// `elsewhere`: there is another node to go to, so a silent QUIC transport ends the session after
+    /// `suspect_after`, as in `ct-agent`'s `run_session`.
+    async fn session(
+        &mut self,
+        mut link: Link,
+        shutdown: &CancellationToken,
+        elsewhere: bool,
+    ) -> End {
         let timing = link.transport.timing();
         macro_rules! send {
             ($msg:expr) => {
@@ -294,6 +310,10 @@ impl Agent {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         let mut unsent = Vec::new();
+        let watching = elsewhere && link.datagrams_received().is_some();
+        let mut silence = TransportSilence::new(timing.suspect_after, Instant::now());
+        let mut poll = tokio::time::interval(SILENCE_POLL);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         loop {
             if unsent.is_empty() {
@@ -326,6 +346,13 @@ impl Agent {
                     }
                 }
                 _ = heartbeat.tick() => send!(&AgentMessage::Heartbeat),
+                _ = poll.tick(), if watching => {
+                    let received = link.datagrams_received().unwrap_or_default();
+                    if silence.silent(received, Instant::now()) {
+                        // Dropping the link closes the QUIC connection before the next dial, as `ct-agent`.
+                        return End::Lost;
+                    }
+                }
                 () = tokio::time::sleep_until(next_due.unwrap_or_else(far_future)), if next_due.is_some() => {}
                 () = tokio::time::sleep_until(last_heard + timing.dead_after) => return End::Lost,
             }

@@ -139,6 +139,13 @@ impl Link {
         self.quic.as_ref().map(|(_, conn)| conn)
     }
 
+    /// UDP datagrams received so far on the QUIC connection under the link (None on WebSocket), as
+    /// `ct-agent`'s `Link::datagrams_received`.
+    pub fn datagrams_received(&self) -> Option<u64> {
+        self.quic_connection()
+            .map(|conn| conn.stats().udp_rx.datagrams)
+    }
+
     /// Leaves politely, as `ct-agent` does on shutdown: Goodbye, then close, bounded so a dead relay cannot
     /// hold us up.
     pub async fn close(mut self, reason: &str) {

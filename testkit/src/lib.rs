@@ -13,6 +13,8 @@
 //! - [`nats`]: [`NatsServer`], a real `nats-server` on loopback for the relay's cluster tests.
 //! - [`postgres`]: [`PgServer`], a real throwaway PostgreSQL server on loopback (one shared per test binary, or
 //!   one of a test's own to kill and restart), for the relay's PostgreSQL store and the cluster.
+//! - [`udp_proxy`]: [`UdpProxy`], a loopback UDP forwarder a test can black-hole, so a QUIC link falls silent
+//!   the way it does when a node dies.
 //!
 //! What the CLI was observed to do against the fake is written down in `testkit/CLAUDE-NOTES.md`.
 
@@ -23,6 +25,7 @@ pub mod job;
 pub mod nats;
 pub mod postgres;
 pub mod process;
+pub mod udp_proxy;
 pub mod wait;
 
 pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
@@ -32,4 +35,5 @@ pub use job::LongJob;
 pub use nats::NatsServer;
 pub use postgres::PgServer;
 pub use process::{ClaudeProcess, SESSION_ARGS};
+pub use udp_proxy::UdpProxy;
 pub use wait::{eventually, eventually_async};
