@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use ct_protocol::frame::{FrameError, FrameReader, FrameWriter};
 use ct_protocol::handshake::{self, HandshakeError, Verdict};
 use ct_protocol::message::{AgentMessage, CloseReason, RelayMessage};
 use ct_protocol::Transport;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
+use tokio::time::{interval_at, sleep_until, Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -158,14 +159,24 @@ async fn live<R, W>(
                             Err(e) => failed = Some(e),
                         }
                     }
-                    store_events(&core, fingerprint, events, &mut acks).await;
+                    let stored = store_events(&core, fingerprint, events, &mut acks);
+                    match beating(&mut writer, &mut heartbeat, stored).await {
+                        Ok(((), spent)) => deadline += spent,
+                        Err(e) => break Ended::LinkError(e),
+                    }
                     if let Some(e) = failed {
                         break Ended::LinkError(e);
                     }
                     match next {
                         None | Some(AgentMessage::Heartbeat) => {}
                         Some(AgentMessage::Goodbye { reason }) => break Ended::AgentLeft(reason),
-                        Some(other) => handle(&core, fingerprint, other).await,
+                        Some(other) => {
+                            let handled = handle(&core, fingerprint, other);
+                            match beating(&mut writer, &mut heartbeat, handled).await {
+                                Ok(((), spent)) => deadline += spent,
+                                Err(e) => break Ended::LinkError(e),
+                            }
+                        }
                     }
                 }
                 Ok(None) => break Ended::AgentLeft("closed the connection".into()),
@@ -193,7 +204,10 @@ async fn live<R, W>(
                     break Ended::LinkError(e);
                 }
                 frames_out.inc();
-                core.retry_dispatch(fingerprint).await;
+                match beating(&mut writer, &mut heartbeat, core.retry_dispatch(fingerprint)).await {
+                    Ok(((), spent)) => deadline += spent,
+                    Err(e) => break Ended::LinkError(e),
+                }
             }
             Some(out) = guard.outbound_rx.recv() => {
                 // A task start waits until the record saying it was sent is on disk (see `Outbound`).
@@ -235,6 +249,26 @@ async fn live<R, W>(
         other => debug!(?other, "session ended"),
     }
     info!("agent disconnected");
+}
+
+/// Awaits `work`, a call into the core, while still sending the agent its heartbeats. An overloaded node can
+/// take seconds to answer; without heartbeats meanwhile its agents took it for dead and reconnected, and every
+/// reconnect added to the load (BENCHMARKS.md, runs K and L: 20-31 links dropped under load). Returns how long
+/// it took: the caller adds that to the agent's deadline, since nothing the agent sent was read meanwhile.
+async fn beating<W: AsyncWrite + Unpin, T>(
+    writer: &mut FrameWriter<W>,
+    heartbeat: &mut Interval,
+    work: impl std::future::Future<Output = T>,
+) -> Result<(T, Duration), FrameError> {
+    let began = Instant::now();
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return Ok((out, began.elapsed())),
+            _ = heartbeat.tick() => writer.send(&RelayMessage::Heartbeat).await?,
+        }
+    }
 }
 
 /// Events stored in one go at most. What one read brought bounds a burst's bytes already; this bounds the
@@ -352,5 +386,35 @@ fn handshake_result(e: &HandshakeError) -> &'static str {
         HandshakeError::BadSignature(_) | HandshakeError::InvalidKey => "bad_signature",
         HandshakeError::Frame(_) | HandshakeError::Closed => "malformed",
         _ => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While the core takes its time, the agent still hears a heartbeat every period, and the time spent is
+    /// handed back so it is not counted as the agent's silence.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_core_call_does_not_silence_the_session() {
+        let (ours, theirs) = tokio::io::duplex(4096);
+        let mut writer = FrameWriter::new(ours);
+        let mut reader = FrameReader::new(theirs);
+        let every = Duration::from_secs(1);
+        let mut heartbeat = interval_at(Instant::now() + every, every);
+        let slow = async {
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            7
+        };
+        let (out, spent) = beating(&mut writer, &mut heartbeat, slow).await.unwrap();
+        assert_eq!(out, 7);
+        assert_eq!(spent, Duration::from_millis(3500));
+        drop(writer);
+        let mut beats = 0;
+        while let Some(msg) = reader.recv::<RelayMessage>().await.unwrap() {
+            assert!(matches!(msg, RelayMessage::Heartbeat), "{msg:?}");
+            beats += 1;
+        }
+        assert_eq!(beats, 3, "one at 1 s, 2 s and 3 s");
     }
 }
