@@ -115,7 +115,7 @@ pub(crate) struct Preread {
     /// The user's token from the cluster's bucket: taken (`true`) or refused.
     cluster_token: Option<bool>,
     stored_bytes: Option<u64>,
-    /// The owner's agents, as the store lists them.
+    /// The owner's agents that may be chosen, as [`usable`](super::routing::usable) leaves them.
     agents: Option<Vec<AgentRecord>>,
     /// Where the one agent the request can mean is held (`None`: nowhere), when it can mean only one.
     presence: Option<(Fingerprint, Option<Presence>)>,
@@ -132,12 +132,10 @@ impl Preread {
     ) -> Self {
         let cluster_token = store.take_token(&format!("task/{user}"), burst, per).ok();
         let stored_bytes = store.stored_bytes_of_user(user).ok();
-        let agents = store.agents_of(owner).ok();
+        let agents = store.agents_of(owner).ok().map(super::routing::usable);
         let presence = agents
-            .as_ref()
-            .and_then(|all| {
-                super::routing::the_only_match(&super::routing::usable(all.clone()), wanted)
-            })
+            .as_deref()
+            .and_then(|mine| super::routing::the_only_match(mine, wanted))
             .and_then(|fp| Some((fp, store.presence(&fp).ok()?)));
         Self {
             local_token: true,
@@ -197,7 +195,7 @@ impl State {
         // share learns nothing about them (not even their names).
         let role = self.role_for(&req.user, &owner, &req.project)?;
         let mine = match pre.agents {
-            Some(all) => super::routing::usable(all),
+            Some(mine) => mine,
             None => self.agents_of(&owner)?,
         };
         let agent =

@@ -23,6 +23,7 @@ impl PgStore {
     ) -> Result<bool> {
         let row = TaskRow::of(rec)?;
         let was = serde_json::to_vec(was)?;
+        let bound_epoch = int(epoch);
         // The presence row is locked (shared) as `dispatch_task` locks it, so a newer session's claim waits for
         // this commit, and then finds the task dispatched.
         let n = self.write(|c| {
@@ -34,19 +35,7 @@ impl PgStore {
                      agent = $2, requester = $3, session = $4, is_open = $5, ord = $6, updated_at = $7,
                      output_bytes = $8, body = $9
                  WHERE id = $1 AND body = $10 AND EXISTS (SELECT 1 FROM holder)",
-                &[
-                    &row.id,
-                    &row.agent,
-                    &row.requester,
-                    &row.session,
-                    &row.is_open,
-                    &row.ord,
-                    &row.updated_at,
-                    &row.output_bytes,
-                    &row.body,
-                    &was,
-                    &int(epoch),
-                ],
+                &[&row.columns()[..], &[&was, &bound_epoch]].concat(),
             )
         })?;
         if n == 1 {
@@ -160,48 +149,20 @@ impl PgStore {
 
 #[cfg(test)]
 mod tests {
-    use ct_protocol::task::{Requester, Role, TaskSpec};
-    use ct_protocol::Fingerprint;
-    use ct_testkit::postgres::PgServer;
-
     use super::*;
     use crate::store::{Store, TaskState};
 
     fn store(name: &str) -> PgStore {
-        let url = PgServer::shared()
-            .create_database(&format!("conditional_{name}"))
-            .expect("creating a test database");
-        PgStore::open(&url).unwrap()
+        PgStore::open(&super::super::tests::database(&format!(
+            "conditional_{name}"
+        )))
+        .unwrap()
     }
 
     fn queued(id: &str) -> TaskRecord {
-        TaskRecord {
-            spec: TaskSpec {
-                task: id.into(),
-                project: "p".into(),
-                prompt: "x".into(),
-                requester: Requester {
-                    user: "1".into(),
-                    name: None,
-                    role: Role::Owner,
-                },
-                options: Default::default(),
-                resume: None,
-            },
-            agent: Fingerprint([1; 32]),
-            state: TaskState::Queued,
-            created_at: 1,
-            updated_at: 1,
-            last_seq: 0,
-            session_id: None,
-            message: None,
-            dispatched_at: None,
-            follows: None,
-            order: 1,
-            output_bytes: 0,
-            output_truncated: false,
-            worktree: None,
-        }
+        let mut rec = super::super::tests::task(id, 1);
+        rec.state = TaskState::Queued;
+        rec
     }
 
     fn dispatched(was: &TaskRecord) -> TaskRecord {

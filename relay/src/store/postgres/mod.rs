@@ -247,17 +247,7 @@ impl PgStore {
                  agent = excluded.agent, requester = excluded.requester, session = excluded.session,
                  is_open = excluded.is_open, ord = excluded.ord, updated_at = excluded.updated_at,
                  output_bytes = excluded.output_bytes, body = excluded.body",
-            &[
-                &row.id,
-                &row.agent,
-                &row.requester,
-                &row.session,
-                &row.is_open,
-                &row.ord,
-                &row.updated_at,
-                &row.output_bytes,
-                &row.body,
-            ],
+            &row.columns(),
         )?;
         Ok(())
     }
@@ -547,17 +537,7 @@ impl Store for PgStore {
             let inserted = c.execute(
                 "INSERT INTO ct_tasks (id, agent, requester, session, is_open, ord, updated_at, output_bytes, body)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
-                &[
-                    &row.id,
-                    &row.agent,
-                    &row.requester,
-                    &row.session,
-                    &row.is_open,
-                    &row.ord,
-                    &row.updated_at,
-                    &row.output_bytes,
-                    &row.body,
-                ],
+                &row.columns(),
             )?;
             if inserted == 0 {
                 return Err(StoreError::Conflict);
@@ -1002,7 +982,7 @@ impl Drop for Writing<'_> {
 }
 
 /// A task record's row: the columns the queries use, and the record itself.
-struct TaskRow<'a> {
+pub(super) struct TaskRow<'a> {
     id: &'a str,
     agent: &'a [u8],
     requester: &'a str,
@@ -1027,6 +1007,22 @@ impl<'a> TaskRow<'a> {
             output_bytes: int(rec.output_bytes),
             body: serde_json::to_vec(rec)?,
         })
+    }
+
+    /// The row's values as the task queries bind them, in column order: `id, agent, requester, session,
+    /// is_open, ord, updated_at, output_bytes, body` ($1..$9).
+    fn columns(&self) -> [&(dyn postgres::types::ToSql + Sync); 9] {
+        [
+            &self.id,
+            &self.agent,
+            &self.requester,
+            &self.session,
+            &self.is_open,
+            &self.ord,
+            &self.updated_at,
+            &self.output_bytes,
+            &self.body,
+        ]
     }
 }
 

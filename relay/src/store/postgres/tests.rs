@@ -11,7 +11,7 @@ use super::*;
 use crate::store::{AuditKind, PairCodeRecord, TaskState};
 
 /// A fresh database of its own on the test binary's shared server.
-fn database(name: &str) -> String {
+pub(super) fn database(name: &str) -> String {
     PgServer::shared()
         .create_database(&format!("unit_{name}"))
         .expect("creating a test database")
@@ -22,7 +22,8 @@ fn client(url: &str) -> postgres::Client {
     postgres::Client::connect(url, postgres::NoTls).expect("connecting")
 }
 
-fn task(id: &str, order: u64) -> TaskRecord {
+/// A running task of user 1's on agent [1; 32], at `order`.
+pub(super) fn task(id: &str, order: u64) -> TaskRecord {
     TaskRecord {
         spec: TaskSpec {
             task: id.into(),
