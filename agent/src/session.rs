@@ -66,6 +66,7 @@ pub async fn run_session(
             }
         };
     }
+    tasks.welcomed(&link.welcome);
     for msg in tasks.hello() {
         send!(&msg);
     }

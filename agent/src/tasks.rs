@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -176,6 +176,8 @@ struct Inner {
     /// Held by the one worktree sweep running (see [`Inner::sweep`]).
     sweeping: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
+    /// The relay of the current (or last) link understands [`TaskEvent::Context`].
+    live_usage: AtomicBool,
 }
 
 #[derive(Default)]
@@ -261,6 +263,7 @@ impl Tasks {
                 tracker: TaskTracker::new(),
                 sweeping: tokio::sync::Mutex::new(()),
                 shutdown,
+                live_usage: AtomicBool::new(false),
             }),
         };
         let inner = tasks.inner.clone();
@@ -281,6 +284,13 @@ impl Tasks {
     pub async fn wait(&self) {
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
+    }
+
+    /// What the relay of a new link said it understands: events it could not decode are not sent to it.
+    pub fn welcomed(&self, welcome: &ct_protocol::handshake::Welcome) {
+        self.inner
+            .live_usage
+            .store(welcome.live_usage, Ordering::Relaxed);
     }
 
     /// What a new link sends first: every event the relay has not acknowledged (the relay drops those it
@@ -892,6 +902,8 @@ struct Driver {
     tx: Option<mpsc::UnboundedSender<Cmd>>,
     /// A grantee session's path through the API proxy, closed with the process.
     _lease: Option<meter::proxy::Lease>,
+    /// The context usage last reported, so an unchanged one is not sent again.
+    last_context: Option<(u64, Option<u64>)>,
 }
 
 impl Driver {
@@ -1019,6 +1031,7 @@ impl Driver {
             session_id: spec.resume.clone(),
             tx,
             _lease: lease,
+            last_context: None,
         };
         if let Err(e) = driver.session.send(spec.prompt) {
             driver.fail(e.to_string()).await;
@@ -1285,6 +1298,13 @@ impl Driver {
                     input_cut,
                 })
                 .await;
+            }
+            RunnerEvent::Context { tokens, window } => {
+                let now = Some((tokens, window));
+                if self.inner.live_usage.load(Ordering::Relaxed) && self.last_context != now {
+                    self.last_context = now;
+                    self.emit(TaskEvent::Context { tokens, window }).await;
+                }
             }
             RunnerEvent::ApprovalWithdrawn { id } => self.close_approval(id, "withdrawn").await,
             RunnerEvent::ApprovalTimedOut { id } => self.close_approval(id, "timed_out").await,

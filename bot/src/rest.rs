@@ -505,6 +505,18 @@ impl Rest {
             .map(drop)
     }
 
+    /// Pins `message` in its channel (the task's live status stays at the top of the thread's pins).
+    pub async fn pin_message(
+        &self,
+        channel: ChannelId,
+        message: MessageId,
+    ) -> Result<(), RestError> {
+        let path = format!("/channels/{channel}/pins/{message}");
+        self.call::<Value>(Method::PUT, &path, None, &[])
+            .await
+            .map(drop)
+    }
+
     pub async fn channel(&self, channel: ChannelId) -> Result<Channel, RestError> {
         self.call(Method::GET, &format!("/channels/{channel}"), None, &[])
             .await

@@ -137,6 +137,11 @@ pub struct Welcome {
     /// verifies the relay key wherever it connects, so an address here can cost an attempt, never trust.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub relays: Vec<String>,
+    /// The relay understands [`TaskEvent::Context`](crate::task::TaskEvent::Context): the agent sends the
+    /// conversation's context usage as it changes. An older relay cannot decode an event kind it does not
+    /// know (and would drop the link over it), so the agent sends none unless the relay says so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live_usage: bool,
 }
 
 /// Why the relay refused an agent whose signature was valid.

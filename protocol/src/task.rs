@@ -223,6 +223,16 @@ pub enum TaskEvent {
         #[serde(default)]
         duration_ms: Option<u64>,
     },
+    /// How much of the model's context window the conversation takes up now: after each model call (from its
+    /// usage) and after each turn (Claude Code's own `get_context_usage`). Sent only to relays that said they
+    /// understand it ([`Welcome::live_usage`](crate::handshake::Welcome::live_usage)).
+    Context {
+        /// Tokens in the context: input, cached and cache-written tokens of the latest call.
+        tokens: u64,
+        /// The model's context window, once Claude Code has said it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u64>,
+    },
     /// The task runs (at start) or ran (before [`TaskEvent::Finished`], with `change`) in a git worktree on
     /// `branch`, created from commit `base`. Only sent for tasks in a worktree, which older relays never ask
     /// for.
@@ -307,6 +317,42 @@ mod tests {
         };
         let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&auto).unwrap()).unwrap();
         assert_eq!(back, auto);
+    }
+
+    #[test]
+    fn live_usage_is_offered_by_the_relay_and_context_events_round_trip() {
+        use crate::handshake::Welcome;
+        // A Welcome from an older relay says nothing: the agent must assume it cannot take context events.
+        let old: Welcome =
+            serde_json::from_str(r#"{"owner":"1","agent_name":"box","heartbeat_ms":5000}"#)
+                .unwrap();
+        assert!(!old.live_usage);
+        let mut new = old.clone();
+        assert!(!serde_json::to_string(&new).unwrap().contains("live_usage"));
+        new.live_usage = true;
+        let back: Welcome = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert!(back.live_usage);
+        for ev in [
+            TaskEvent::Context {
+                tokens: 25_300,
+                window: Some(1_000_000),
+            },
+            TaskEvent::Context {
+                tokens: 10,
+                window: None,
+            },
+        ] {
+            let json = serde_json::to_string(&ev).unwrap();
+            assert_eq!(serde_json::from_str::<TaskEvent>(&json).unwrap(), ev);
+        }
+        assert_eq!(
+            serde_json::to_string(&TaskEvent::Context {
+                tokens: 10,
+                window: None
+            })
+            .unwrap(),
+            r#"{"kind":"context","tokens":10}"#
+        );
     }
 
     #[test]

@@ -921,6 +921,8 @@ pub fn render_event(event: &TaskEvent) -> String {
             "? approval {approval}: {tool} {summary}\n  answer: ct-relay admin approve --as <owner> <task> {approval} allow|allow-session|deny\n"
         ),
         TaskEvent::ApprovalClosed { approval, outcome } => format!("  approval {approval}: {outcome}\n"),
+        // Live figures for a Discord thread's status line; a terminal following the task has no use for them.
+        TaskEvent::Context { .. } => String::new(),
         TaskEvent::TurnFinished { is_error, turns, cost_usd, .. } => format!(
             "> turn {}{}{}\n",
             if *is_error { "failed" } else { "done" },

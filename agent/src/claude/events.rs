@@ -33,6 +33,9 @@ pub enum RunnerEvent {
         is_error: bool,
         text: String,
     },
+    /// How much of the context window the conversation takes up now: after each model call (its usage) and
+    /// after each turn (the CLI's `get_context_usage`, which also gives the window).
+    Context { tokens: u64, window: Option<u64> },
     /// The CLI asks whether a tool may run: answer with [`Session::decide`](super::Session::decide).
     ApprovalRequested(ApprovalRequest),
     /// The CLI withdrew a pending approval (the turn was interrupted); a late decision is ignored.
@@ -133,6 +136,33 @@ pub struct ToolResultBlock {
     pub text: String,
 }
 
+/// One model call's share of the context, from the `usage` of an `assistant` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallUsage {
+    pub message_id: String,
+    /// Input, cache-read and cache-written tokens: what the call had in context.
+    pub context_tokens: u64,
+}
+
+impl CallUsage {
+    fn of(message: &Value) -> Option<Self> {
+        let usage = message.get("usage")?;
+        let n = |k: &str| usage[k].as_u64().unwrap_or(0);
+        Some(Self {
+            message_id: s(&message["id"]),
+            context_tokens: n("input_tokens")
+                .saturating_add(n("cache_read_input_tokens"))
+                .saturating_add(n("cache_creation_input_tokens")),
+        })
+    }
+}
+
+/// The answer to `get_context_usage`: tokens in context and the window, as the CLI counts them.
+pub fn context_usage(response: &Value) -> Option<(u64, Option<u64>)> {
+    let tokens = response["totalTokens"].as_u64()?;
+    Some((tokens, response["maxTokens"].as_u64().filter(|w| *w > 0)))
+}
+
 /// A stdout line, as far as the runner cares.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CliEvent {
@@ -143,6 +173,9 @@ pub enum CliEvent {
         texts: Vec<String>,
         tool_uses: Vec<(String, String, Value)>,
         error: Option<String>,
+        /// The model call this block belongs to (the CLI prints one event per content block, each with the
+        /// call's usage), and the tokens that call had in context.
+        call: Option<CallUsage>,
     },
     /// A `user` event carrying tool results.
     ToolResults(Vec<ToolResultBlock>),
@@ -162,6 +195,8 @@ pub enum CliEvent {
     ControlResponse {
         request_id: String,
         error: Option<String>,
+        /// The answer's `response` object on success.
+        response: Value,
     },
     /// Anything else, including lines that are not JSON (as a JSON string).
     Other(Value),
@@ -218,6 +253,7 @@ pub fn parse_value(v: Value) -> CliEvent {
                 texts,
                 tool_uses,
                 error: opt_s(&v["error"]),
+                call: CallUsage::of(&v["message"]),
             }
         }
         (Some("user"), _) => {
@@ -300,6 +336,7 @@ pub fn parse_value(v: Value) -> CliEvent {
                         .as_str()
                         .map_or_else(|| r.to_string(), str::to_owned)
                 }),
+                response: r["response"].clone(),
             }
         }
         _ => CliEvent::Other(v),
@@ -437,6 +474,28 @@ mod tests {
                 request_id: "r1".into()
             }
         );
+        let said = parse_line(
+            br#"{"type":"assistant","message":{"id":"msg_1","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":5000,"output_tokens":1,"cache_read_input_tokens":20000,"cache_creation_input_tokens":300}}}"#,
+        );
+        assert!(matches!(
+            &said,
+            CliEvent::Assistant { call: Some(c), .. } if c.message_id == "msg_1" && c.context_tokens == 25_300
+        ));
+        // As 2.1.332 answers `get_context_usage` (trimmed).
+        let ctx = parse_line(
+            br#"{"type":"control_response","response":{"subtype":"success","request_id":"ct-ctx-1","response":{"totalTokens":25300,"maxTokens":1000000,"percentage":3}}}"#,
+        );
+        let CliEvent::ControlResponse {
+            request_id,
+            error: None,
+            response,
+        } = ctx
+        else {
+            panic!("not a control response: {ctx:?}");
+        };
+        assert_eq!(request_id, "ct-ctx-1");
+        assert_eq!(context_usage(&response), Some((25_300, Some(1_000_000))));
+        assert_eq!(context_usage(&json!({"error": "x"})), None);
         assert!(matches!(
             parse_line(b"not json"),
             CliEvent::Other(Value::String(_))

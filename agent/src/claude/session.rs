@@ -149,6 +149,9 @@ impl Session {
             rules: Vec::new(),
             unknown_kinds: HashSet::new(),
             next_request: 1,
+            context_request: None,
+            context_window: None,
+            last_call: None,
             logged_out: false,
             cancel: None,
             tree: Vec::new(),
@@ -303,6 +306,12 @@ struct Actor {
     /// Kinds of lines and control requests skipped so far, so each is logged once.
     unknown_kinds: HashSet<String>,
     next_request: u64,
+    /// The `get_context_usage` request awaiting its answer.
+    context_request: Option<String>,
+    /// The model's context window, once the CLI said it.
+    context_window: Option<u64>,
+    /// The model call whose context was last reported.
+    last_call: Option<String>,
     /// The CLI said it is not logged in during this turn.
     logged_out: bool,
     cancel: Option<(CancelStep, Instant)>,
@@ -391,12 +400,16 @@ impl Actor {
                 texts,
                 tool_uses,
                 error,
+                call,
             } => {
                 if error.as_deref() == Some("authentication_failed")
                     && texts.iter().any(|t| events::is_logged_out_text(t))
                 {
                     self.logged_out = true;
                     return;
+                }
+                if let Some(call) = call {
+                    self.on_call(call).await;
                 }
                 for text in texts.into_iter().filter(|t| !t.is_empty()) {
                     self.emit(RunnerEvent::AssistantText { text }).await;
@@ -424,8 +437,15 @@ impl Actor {
                         .await;
                 }
             }
-            CliEvent::ControlResponse { request_id, error } => {
-                if let Some(error) = error {
+            CliEvent::ControlResponse {
+                request_id,
+                error,
+                response,
+            } => {
+                if self.context_request.as_deref() == Some(request_id.as_str()) {
+                    self.context_request = None;
+                    self.on_context_usage(error.as_deref(), &response).await;
+                } else if let Some(error) = error {
                     self.emit(RunnerEvent::Error {
                         message: format!(
                             "Claude Code refused control request {request_id}: {error}"
@@ -491,6 +511,9 @@ impl Actor {
             .await;
         } else {
             self.emit(RunnerEvent::TurnResult(result)).await;
+            if self.cancel.is_none() {
+                self.ask_context_usage().await;
+            }
         }
         match self.cancel {
             Some((CancelStep::Interrupted | CancelStep::Signalled, _)) => {
@@ -733,6 +756,58 @@ impl Actor {
             id,
             json!({ "behavior": "deny", "message": message }),
         ))
+        .await;
+    }
+
+    /// The first event of a model call says how much it had in context. The CLI repeats the call's usage on
+    /// each of its content blocks, so only a new call counts.
+    async fn on_call(&mut self, call: events::CallUsage) {
+        if call.context_tokens == 0 || self.last_call.as_deref() == Some(call.message_id.as_str()) {
+            return;
+        }
+        self.last_call = Some(call.message_id);
+        if self.context_window.is_none() {
+            // The window is only in the CLI's own count: ask for it once the first call is under way.
+            self.ask_context_usage().await;
+        }
+        self.emit(RunnerEvent::Context {
+            tokens: call.context_tokens,
+            window: self.context_window,
+        })
+        .await;
+    }
+
+    /// After a turn: asks the CLI how full the context is, which also tells the model's window (the usage of
+    /// calls does not). Its answer arrives as a control response ([`Actor::on_context_usage`]).
+    async fn ask_context_usage(&mut self) {
+        if self.context_request.is_some() {
+            return;
+        }
+        let id = format!("ct-ctx-{}", self.next_request);
+        self.next_request += 1;
+        self.context_request = Some(id.clone());
+        self.write(&json!({ "type": "control_request", "request_id": id, "request": { "subtype": "get_context_usage" } }))
+            .await;
+    }
+
+    /// A CLI that cannot answer `get_context_usage` (an older or newer one) only costs the window: the usage
+    /// of each call still says the tokens. Not worth an error in the thread.
+    async fn on_context_usage(&mut self, error: Option<&str>, response: &Value) {
+        if let Some(error) = error {
+            tracing::debug!(%error, "get_context_usage refused");
+            return;
+        }
+        let Some((tokens, window)) = events::context_usage(response) else {
+            tracing::debug!(%response, "get_context_usage answered without totalTokens");
+            return;
+        };
+        if window.is_some() {
+            self.context_window = window;
+        }
+        self.emit(RunnerEvent::Context {
+            tokens,
+            window: self.context_window,
+        })
         .await;
     }
 

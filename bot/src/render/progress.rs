@@ -103,6 +103,8 @@ pub struct TaskProgress {
     pub message: Option<String>,
     /// The git worktree branch the task runs on, and what it changed once it ended.
     pub worktree: Option<WorktreeShown>,
+    /// Tokens in the model's context now, and its window once known (agents that report it).
+    pub context: Option<(u64, Option<u64>)>,
 }
 
 /// A task's worktree as the summary shows it.
@@ -158,6 +160,7 @@ impl TaskProgress {
             duration_ms: 0,
             message: None,
             worktree: None,
+            context: None,
         }
     }
 
@@ -178,6 +181,10 @@ impl TaskProgress {
                 }
             }
             TaskEvent::Text { .. } => return false,
+            TaskEvent::Context { tokens, window } => {
+                let window = window.or(self.context.and_then(|(_, w)| w));
+                self.context = Some((*tokens, window));
+            }
             TaskEvent::Worktree {
                 branch,
                 note,
@@ -265,6 +272,39 @@ impl TaskProgress {
         true
     }
 
+    /// `📊 5.0k in · 42 out · $0.0263 so far · context 25.3k of 1.0M (3%) · 2 turns`: what the task has used
+    /// so far (tokens and cost as of the last finished turn, the context as of the last model call). `None`
+    /// until there is something to say.
+    pub fn usage_line(&self) -> Option<String> {
+        use super::summary::{count, money};
+        let mut parts = Vec::new();
+        if self.turns > 0 || self.input_tokens > 0 || self.output_tokens > 0 {
+            parts.push(format!(
+                "{} in · {} out · {} so far",
+                count(self.input_tokens),
+                count(self.output_tokens),
+                money(self.cost_usd)
+            ));
+        }
+        match self.context {
+            Some((tokens, Some(window))) if window > 0 => {
+                let pct = (tokens as f64 * 100.0 / window as f64).round();
+                parts.push(format!(
+                    "context {} of {} ({pct:.0}%)",
+                    count(tokens),
+                    count(window)
+                ));
+            }
+            Some((tokens, _)) => parts.push(format!("context {}", count(tokens))),
+            None => {}
+        }
+        if self.turns > 0 {
+            let s = if self.turns == 1 { "" } else { "s" };
+            parts.push(format!("{} turn{s}", self.turns));
+        }
+        (!parts.is_empty()).then(|| format!("📊 {}", parts.join(" · ")))
+    }
+
     /// The progress message: a header line and the recent tool activity. Always under 2,000 characters.
     pub fn render(&self, elapsed: Duration) -> String {
         let mut out = format!(
@@ -280,6 +320,10 @@ impl TaskProgress {
         }
         if let Some(m) = &self.model {
             out.push_str(&format!(" · {}", truncate(m, 40)));
+        }
+        if let Some(usage) = self.usage_line() {
+            out.push('\n');
+            out.push_str(&usage);
         }
         let hidden = self.tools_used as usize - self.recent.len().min(self.tools_used as usize);
         if hidden > 0 {
@@ -466,6 +510,52 @@ mod tests {
         let last = p.render(Duration::from_secs(70));
         assert!(last.starts_with("❌ **Failed**"));
         assert!(last.ends_with("run `claude login` there"));
+    }
+
+    #[test]
+    fn the_usage_line_shows_tokens_cost_context_and_turns_as_they_come() {
+        let mut p = TaskProgress::new("t_1");
+        assert_eq!(p.usage_line(), None, "nothing to say yet");
+        // The first call's usage comes before the CLI has said the window.
+        assert!(p.apply(&TaskEvent::Context {
+            tokens: 25_300,
+            window: None
+        }));
+        assert_eq!(p.usage_line().unwrap(), "📊 context 25.3k");
+        assert!(p.apply(&TaskEvent::Context {
+            tokens: 25_300,
+            window: Some(1_000_000)
+        }));
+        assert_eq!(p.usage_line().unwrap(), "📊 context 25.3k of 1.0M (3%)");
+        // A later call without the window keeps the one known.
+        p.apply(&TaskEvent::Context {
+            tokens: 150_000,
+            window: None,
+        });
+        p.apply(&TaskEvent::TurnFinished {
+            is_error: false,
+            subtype: "success".into(),
+            text: None,
+            cost_usd: Some(0.0263),
+            turns: Some(2),
+            input_tokens: Some(5_000),
+            output_tokens: Some(42),
+            duration_ms: Some(900),
+        });
+        let line = p.usage_line().unwrap();
+        assert_eq!(
+            line,
+            "📊 5000 in · 42 out · $0.0263 so far · context 150.0k of 1.0M (15%) · 2 turns"
+        );
+        let shown = p.render(Duration::from_secs(3));
+        assert_eq!(shown.lines().nth(1), Some(line.as_str()), "{shown}");
+        // A window of 0 (a CLI that does not know it) is no window.
+        let mut q = TaskProgress::new("t_2");
+        q.apply(&TaskEvent::Context {
+            tokens: 10,
+            window: Some(0),
+        });
+        assert_eq!(q.usage_line().unwrap(), "📊 context 10");
     }
 
     #[test]

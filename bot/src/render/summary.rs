@@ -28,7 +28,7 @@ fn colour(phase: Phase) -> Colour {
 }
 
 /// `$0.0123`, `$1.50`: cents matter for short tasks.
-fn money(usd: f64) -> String {
+pub(crate) fn money(usd: f64) -> String {
     if usd < 1.0 {
         format!("${usd:.4}")
     } else {
@@ -37,7 +37,7 @@ fn money(usd: f64) -> String {
 }
 
 /// `12.3k`: token counts at a glance.
-fn count(n: u64) -> String {
+pub(crate) fn count(n: u64) -> String {
     match n {
         0..=9_999 => n.to_string(),
         10_000..=999_999 => format!("{:.1}k", n as f64 / 1000.0),

@@ -193,6 +193,7 @@ impl State {
                 Some(_) => self.cluster_addrs.clone(),
                 None => Vec::new(),
             },
+            live_usage: true,
         })
     }
 

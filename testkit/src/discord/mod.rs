@@ -821,6 +821,7 @@ impl DiscordSim {
             edited_timestamp: None,
             thread_id: None,
             nonce: None,
+            pinned: false,
         };
         let mut json = msg.json(&origin.guild_id);
         json["guild_id"] = json!(origin.guild_id);

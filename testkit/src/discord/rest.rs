@@ -277,6 +277,9 @@ fn fnv(s: &str) -> u64 {
     })
 }
 
+/// Pinned messages a channel may hold.
+const MAX_PINS: usize = 50;
+
 fn route(sh: &Shared, st: &mut super::state::State, req: &Req, now: Instant) -> Outcome {
     let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
     let m = req.method.as_str();
@@ -377,6 +380,32 @@ fn route(sh: &Shared, st: &mut super::state::State, req: &Req, now: Instant) -> 
             let json = thread.json();
             st.channels.insert(thread.id.clone(), thread);
             Ok((201, json))
+        }
+        // Pinning: the route serenity 0.12 uses, and the one Discord documents now. Discord caps a channel at
+        // 50 pinned messages; pinning one already pinned is a no-op.
+        (
+            "PUT" | "DELETE",
+            ["channels", c, "pins", id] | ["channels", c, "messages", "pins", id],
+        ) => {
+            if !st.channels.contains_key(*c) {
+                return Err(unknown("Channel", 10003));
+            }
+            let pinned = st
+                .messages
+                .get(*c)
+                .map_or(0, |ms| ms.iter().filter(|m| m.pinned).count());
+            let Some(msg) = st.message_mut(c, id) else {
+                return Err(unknown("Message", 10008));
+            };
+            if m == "PUT" && !msg.pinned && pinned >= MAX_PINS {
+                return Err(DiscordError::new(
+                    400,
+                    30_003,
+                    "Maximum number of pins reached (50)",
+                ));
+            }
+            msg.pinned = m == "PUT";
+            Ok((204, Value::Null))
         }
         ("PUT", ["channels", t, "thread-members", _user]) => match st.channels.get(*t) {
             Some(thread) if matches!(thread.kind, 10..=12) => Ok((204, Value::Null)),
@@ -514,6 +543,7 @@ fn new_message(
         edited_timestamp: None,
         thread_id: None,
         nonce: nonce_of(body),
+        pinned: false,
     };
     apply_edit(sh, &mut msg, body, files);
     msg

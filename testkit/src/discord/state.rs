@@ -95,6 +95,8 @@ pub struct SimMessage {
     pub thread_id: Option<String>,
     /// The `nonce` it was created with, as a string (Discord accepts a string or a number).
     pub nonce: Option<String>,
+    /// Pinned in its channel.
+    pub pinned: bool,
 }
 
 impl SimMessage {
@@ -139,7 +141,7 @@ impl SimMessage {
             })).collect::<Vec<_>>(),
             "embeds": self.embeds,
             "components": self.components,
-            "pinned": false,
+            "pinned": self.pinned,
             "type": if self.interaction_id.is_some() { 20 } else { 0 },
             "flags": self.flags,
         });
