@@ -1261,3 +1261,161 @@ async fn a_task_in_a_worktree_shows_its_branch_and_diff_and_only_its_requester_m
     );
     agent.stop().await.unwrap();
 }
+
+/// The body the bot POSTed to create the first message in `thread` that `pred` accepts.
+fn posted(sim: &DiscordSim, thread: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    sim.calls_to("POST", &format!("/channels/{thread}/messages"))
+        .into_iter()
+        .map(|c| c.body)
+        .find(|b| pred(b))
+        .unwrap_or_else(|| panic!("no such message posted in {thread}"))
+}
+
+/// Who a posted message may ping: (`parse` kinds, user ids).
+fn may_ping(body: &Value) -> (Vec<String>, Vec<String>) {
+    let list = |k: &str| -> Vec<String> {
+        body["allowed_mentions"][k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect()
+    };
+    assert!(
+        body.get("allowed_mentions").is_some(),
+        "every post says who it may ping: {body}"
+    );
+    (list("parse"), list("users"))
+}
+
+fn is_summary(body: &Value) -> bool {
+    body["embeds"].as_array().is_some_and(|e| !e.is_empty())
+}
+
+async fn set_mentions(sim: &DiscordSim, user: &SimUser, set: Option<&str>) -> String {
+    let mut cmd = SlashCommand::new("mentions");
+    if let Some(set) = set {
+        cmd = cmd.opt(Opt::str("set", set));
+    }
+    let ix = sim.send_slash(&sim.origin(user), &cmd).unwrap();
+    private(sim, &ix).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_is_pinned_and_live_and_mentions_reach_only_whom_they_concern() {
+    let w = world().await;
+    let sim = &w.sim;
+    let alice = sim.user("alice");
+    crate::support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
+    let mut agent = TestAgent::start_with(w.run_options());
+    agent.connected(T).await;
+    add_project(sim, &alice, &w.project).await;
+
+    // 1. A task with an approval: the progress message is pinned, shows the usage and the context (the window
+    //    comes from the CLI's own `get_context_usage`, asked during the first model call), and the approver
+    //    and then the requester are pinged, each alone.
+    let target = w.project.join("a.txt");
+    w.fake.push(Reply::tool_use("Write", write(&target, "a\n")));
+    w.fake.push(Reply::text("wrote a.txt"));
+    let (task, thread) = start_task(sim, &alice, task_in_app("write a.txt")).await;
+    let approval = approval_message(sim, &thread, &task).await;
+    let asked = posted(sim, &thread, |b| {
+        b["content"].as_str().is_some_and(|c| c.starts_with("✋"))
+    });
+    assert_eq!(may_ping(&asked), (vec![], vec![alice.id.clone()]));
+    let progress = sim.messages(&thread).remove(0);
+    assert!(progress.pinned, "the status is pinned: {progress:?}");
+    assert!(progress.custom_ids().iter().any(|c| c.starts_with("st:")));
+    let live = message_in(sim, &thread, "live context", |m| {
+        m.id == progress.id && m.content.contains("📊") && m.content.contains("context")
+    })
+    .await;
+    assert!(
+        live.content.contains("Waiting for approval"),
+        "{}",
+        live.content
+    );
+    click(sim, &alice, &thread, &approval, "ao:");
+    assert_eq!(
+        nth_summary(sim, &thread, 1).await,
+        format!("✅ Done · {task}")
+    );
+    let fin = sim.message(&progress.id).unwrap();
+    assert!(
+        fin.content.contains(" in · ")
+            && fin.content.contains(" of ")
+            && fin.content.contains("%)"),
+        "tokens, cost and the share of the window: {}",
+        fin.content
+    );
+    let summary = posted(sim, &thread, is_summary);
+    assert_eq!(
+        summary["content"].as_str().unwrap_or_default(),
+        format!("<@{}> `{task}` is done.", alice.id)
+    );
+    assert_eq!(may_ping(&summary), (vec![], vec![alice.id.clone()]));
+
+    // `/cc status` in the thread shows the same lines as the pinned message.
+    let ix = sim
+        .send_slash(
+            &sim.origin_in(&alice, &thread),
+            &SlashCommand::new("cc").sub("status", []),
+        )
+        .unwrap();
+    let said = private(sim, &ix).await;
+    let usage = fin.content.lines().find(|l| l.starts_with("📊")).unwrap();
+    assert!(
+        said.contains(usage) && said.contains("session `"),
+        "{said}\nvs {usage}"
+    );
+
+    // 2. Mentions off: the thread still says everything, and pings nobody. Task output that spells a
+    //    mention pings nobody either.
+    assert!(set_mentions(sim, &alice, Some("off"))
+        .await
+        .contains("**off**"));
+    assert!(set_mentions(sim, &alice, None).await.contains("**off**"));
+    let second = w.project.join("b.txt");
+    w.fake.push(Reply::tool_use("Write", write(&second, "b\n")));
+    w.fake
+        .push(Reply::text(format!("@everyone <@{}> done", alice.id)));
+    let (task2, thread2) = start_task(sim, &alice, task_in_app("write b.txt")).await;
+    let approval = approval_message(sim, &thread2, &task2).await;
+    let asked = posted(sim, &thread2, |b| {
+        b["content"].as_str().is_some_and(|c| c.starts_with("✋"))
+    });
+    assert_eq!(may_ping(&asked), (vec![], vec![]));
+    click(sim, &alice, &thread2, &approval, "ao:");
+    nth_summary(sim, &thread2, 1).await;
+    let said = posted(sim, &thread2, |b| {
+        b["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("@everyone"))
+    });
+    assert_eq!(may_ping(&said), (vec![], vec![]));
+    let summary = posted(sim, &thread2, is_summary);
+    assert_eq!(summary["content"], Value::Null, "{summary}");
+    assert_eq!(may_ping(&summary), (vec![], vec![]));
+
+    // 3. Mentions on again; a requester who stops their own task is not pinged about it.
+    assert!(set_mentions(sim, &alice, Some("on"))
+        .await
+        .contains("**on**"));
+    w.fake.push(Reply::tool_use(
+        "Write",
+        write(&w.project.join("c.txt"), "c\n"),
+    ));
+    let (task3, thread3) = start_task(sim, &alice, task_in_app("write c.txt")).await;
+    approval_message(sim, &thread3, &task3).await;
+    let progress = sim.messages(&thread3).remove(0);
+    let ix = click(sim, &alice, &thread3, &progress, "st:");
+    assert!(private(sim, &ix).await.contains("Stopping"));
+    assert_eq!(
+        nth_summary(sim, &thread3, 1).await,
+        format!("⏹️ Cancelled · {task3}")
+    );
+    let summary = posted(sim, &thread3, is_summary);
+    assert_eq!(summary["content"], Value::Null, "{summary}");
+    assert_eq!(may_ping(&summary), (vec![], vec![]));
+    agent.stop().await.unwrap();
+}

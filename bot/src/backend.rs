@@ -244,6 +244,17 @@ pub trait Backend: Send + Sync + 'static {
     /// `/audit`.
     async fn audit(&self, user: &str) -> Result<Vec<AuditEntry>>;
 
+    /// Whether `user` wants to be @mentioned when an approval waits for them or their task ends.
+    async fn wants_mentions(&self, _user: &str) -> Result<bool> {
+        Ok(true)
+    }
+    /// `/mentions on|off`: the user's own choice, kept by the relay.
+    async fn set_mentions(&self, _user: &str, _on: bool) -> Result<()> {
+        Err(BackendError::Refused(
+            "this relay cannot keep your mention setting".into(),
+        ))
+    }
+
     /// Remembers where a task's output goes and how far it got; called as its follower posts.
     async fn mark_thread(&self, mark: &ThreadMark) -> Result<()>;
     /// Forgets a task's mark: its follower posted the summary.

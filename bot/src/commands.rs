@@ -214,6 +214,13 @@ pub fn all() -> Vec<CreateCommand> {
             ],
         ),
         command("audit", "Recent tasks and approvals on your agents", vec![]),
+        command(
+            "mentions",
+            "Whether I @mention you when an approval waits for you or your task ends",
+            vec![string("set", "Turn them on or off (leave out to see how they are)")
+                .add_string_choice("On", "on")
+                .add_string_choice("Off", "off")],
+        ),
     ]
 }
 
@@ -266,7 +273,7 @@ mod tests {
             names,
             [
                 "register", "project", "task", "reply", "status", "cancel", "approve", "agents",
-                "share", "cc", "audit"
+                "share", "cc", "audit", "mentions"
             ]
         );
         let subs = |cmd: &str| -> Vec<String> {

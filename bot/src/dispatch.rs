@@ -273,8 +273,7 @@ impl Inner {
             },
             ("cancel", _) => match self.task_arg(&user, &args, c.channel_id).await {
                 Ok(task) => self
-                    .backend
-                    .cancel(&user, &task)
+                    .stop(&user, &task)
                     .await
                     .map(|()| Answer::text(format!("⏹️ Stopping `{task}`…"))),
                 Err(e) => Err(e),
@@ -290,6 +289,7 @@ impl Inner {
             ("share", Some(sub)) => self.share_command(&user, sub, &args).await,
             ("cc", Some(sub)) => self.cc(&user, sub, &args, c.channel_id).await,
             ("audit", _) => self.audit_text(&user).await,
+            ("mentions", _) => self.mentions(&user, args.str("set").as_deref()).await,
             (name, sub) => {
                 warn!(command = name, ?sub, "unknown command");
                 Ok(Answer::private(
@@ -707,6 +707,14 @@ impl Inner {
         }
     }
 
+    /// Stops a task for `user` (the backend decides whether they may), and remembers who did: the requester
+    /// is mentioned when someone else stopped their task, not when they did it themselves.
+    async fn stop(&self, user: &str, task: &str) -> crate::backend::Result<()> {
+        self.backend.cancel(user, task).await?;
+        self.threads.stopped_by(task, user);
+        Ok(())
+    }
+
     async fn status(&self, user: &str, task: &str) -> crate::backend::Result<Answer> {
         let info = self.backend.task(user, task).await?;
         let feed = self.backend.follow(task).await?;
@@ -937,29 +945,21 @@ impl Inner {
         let task = self.backend.task(user, &info.task).await?;
         match sub {
             "stop" => {
-                self.backend.cancel(user, &task.id).await?;
+                self.stop(user, &task.id).await?;
                 Ok(Answer::text(format!("⏹️ Stopping `{}`…", task.id)))
             }
             "status" => {
                 let feed = self.backend.follow(&task.id).await?;
                 let p = progress_of(&task, &feed.past);
-                let model = p
-                    .model
-                    .clone()
-                    .or(task.model.clone())
-                    .unwrap_or_else(|| "default".into());
+                // The same lines as the thread's pinned status message, and the session they belong to.
+                let elapsed = std::time::Duration::from_secs(
+                    crate::thread::unix_now().saturating_sub(task.created_at),
+                );
                 let mut lines = vec![
+                    p.render(elapsed),
                     format!(
-                        "{} `{}` · **{}** · model {model}",
-                        p.phase.icon(),
-                        task.id,
-                        p.phase.label()
-                    ),
-                    format!(
-                        "session `{}` · {} turns · ${:.4} so far",
-                        task.session_id.as_deref().unwrap_or("not started"),
-                        p.turns,
-                        p.cost_usd
+                        "-# session `{}`",
+                        task.session_id.as_deref().unwrap_or("not started")
                     ),
                 ];
                 if info.fresh {
@@ -999,6 +999,25 @@ impl Inner {
             }
             _ => Ok(Answer::private("Unknown /cc subcommand.")),
         }
+    }
+
+    /// `/mentions [on|off]`: the user's own choice, shown back to them.
+    async fn mentions(&self, user: &str, set: Option<&str>) -> crate::backend::Result<Answer> {
+        let on = match set {
+            Some(v) => {
+                let on = v == "on";
+                self.backend.set_mentions(user, on).await?;
+                on
+            }
+            None => self.backend.wants_mentions(user).await?,
+        };
+        Ok(Answer::private(if on {
+            "🔔 Mentions are **on**: I @mention you when an approval waits for you and when your task ends. \
+             `/mentions set:off` turns them off."
+        } else {
+            "🔕 Mentions are **off**: approvals and endings are still posted in the thread, without pinging \
+             you. `/mentions set:on` turns them back on."
+        }))
     }
 
     async fn audit_text(&self, user: &str) -> crate::backend::Result<Answer> {
@@ -1100,7 +1119,7 @@ impl Inner {
         };
         let task = action.task().to_string();
         if let Action::Stop { .. } = action {
-            return match self.backend.cancel(&user, &task).await {
+            return match self.stop(&user, &task).await {
                 Ok(()) => Answer::private(format!("⏹️ Stopping `{task}`…")).into(),
                 Err(e) => failed(e).into(),
             };

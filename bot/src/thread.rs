@@ -122,6 +122,8 @@ struct State {
     finished: HashSet<String>,
     /// Channels known not to be task threads, so messages there cost no lookup.
     not_threads: HashSet<ChannelId>,
+    /// Who stopped a task through this bot (Stop, `/cancel`, `/cc stop`), until its summary is posted.
+    stopped_by: HashMap<String, String>,
 }
 
 /// The bot's memory of its task threads.
@@ -201,6 +203,21 @@ impl Threads {
             }
             st.finished.insert(task.to_string());
         }
+    }
+
+    /// Remembers that `user` stopped `task`.
+    pub fn stopped_by(&self, task: &str, user: &str) {
+        let mut st = self.lock();
+        // Bounded: an entry is taken when the task's summary is posted; one whose task never ends here (it
+        // was followed elsewhere) only costs a mention.
+        if st.stopped_by.len() >= MAX_THREADS {
+            st.stopped_by.clear();
+        }
+        st.stopped_by.insert(task.to_string(), user.to_string());
+    }
+
+    fn take_stopped_by(&self, task: &str) -> Option<String> {
+        self.lock().stopped_by.remove(task)
     }
 
     /// Whether `task` has a follower here, or had one that posted its summary.
@@ -642,7 +659,14 @@ impl Follower {
             .nonce(nonce(&self.task.id, "progress", 0, 0))
             .enforce_nonce(true);
         match self.env.rest.send_message(self.thread, &msg, &[]).await {
-            Ok(m) => self.progress_msg = Some(m.id),
+            Ok(m) => {
+                self.progress_msg = Some(m.id);
+                // Pinned, so the task's live status is one click away however long the thread grows. A bot
+                // without the permission to pin still shows it; that is not worth a word in the thread.
+                if let Err(err) = self.env.rest.pin_message(self.thread, m.id).await {
+                    warn!(%err, task = %self.task.id, "could not pin the progress message");
+                }
+            }
             Err(err) => warn!(%err, task = %self.task.id, "could not post the progress message"),
         }
     }
@@ -731,11 +755,16 @@ impl Follower {
                 Vec::new()
             }
         };
+        // Ping the person who must decide (unless they turned mentions off), and nobody else.
+        let ping = if self.wants_mentions(&view.decider.to_string()).await {
+            vec![view.decider]
+        } else {
+            Vec::new()
+        };
         let msg = CreateMessage::new()
             .content(approval_content(&view))
             .components(components)
-            // Ping the person who must decide, and nobody else.
-            .allowed_mentions(CreateAllowedMentions::new().users(vec![view.decider]))
+            .allowed_mentions(CreateAllowedMentions::new().users(ping))
             .nonce(self.event_nonce())
             .enforce_nonce(true);
         // What did not fit in the message goes with it, whole, as a file (within the upload limit: the agent
@@ -796,6 +825,31 @@ impl Follower {
         }
     }
 
+    /// Who to mention when the task ends: its requester, unless they stopped it themselves or turned their
+    /// mentions off.
+    async fn requester_to_tell(&self) -> Option<UserId> {
+        let stopper = self.env.threads.take_stopped_by(&self.task.id);
+        if stopper.as_deref() == Some(self.task.requester.as_str()) {
+            return None;
+        }
+        let who: UserId = self.task.requester.parse().ok()?;
+        self.wants_mentions(&self.task.requester)
+            .await
+            .then_some(who)
+    }
+
+    /// Whether `user` wants to be mentioned; when the backend cannot say, yes (a ping too many beats a missed
+    /// approval).
+    async fn wants_mentions(&self, user: &str) -> bool {
+        match self.env.backend.wants_mentions(user).await {
+            Ok(yes) => yes,
+            Err(err) => {
+                warn!(%err, %user, "cannot read the user's mention setting; mentioning");
+                true
+            }
+        }
+    }
+
     async fn finish(&mut self) {
         for open in self.env.threads.close_all_approvals(&self.task.id) {
             self.close_approval(&open, &Closed::Other("the task ended".into()))
@@ -812,6 +866,16 @@ impl Follower {
             .allowed_mentions(CreateAllowedMentions::new())
             .nonce(nonce(&self.task.id, "summary", 0, 0))
             .enforce_nonce(true);
+        if let Some(who) = self.requester_to_tell().await {
+            // Only that user may be pinged, whatever the content says.
+            msg = msg
+                .content(format!(
+                    "<@{who}> `{}` {}.",
+                    self.task.id,
+                    ended_how(self.progress.phase)
+                ))
+                .allowed_mentions(CreateAllowedMentions::new().users(vec![who]));
+        }
         let mut files = Vec::new();
         if let Some(w) = self
             .progress
@@ -838,6 +902,17 @@ impl Follower {
         if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {
             warn!(%err, task = %self.task.id, "could not forget the finished thread's mark");
         }
+    }
+}
+
+/// `is done`, `failed`, ...: the end of "your task t_x ..." when the requester is told.
+fn ended_how(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Done => "is done",
+        Phase::Failed => "failed",
+        Phase::Cancelled => "was stopped",
+        Phase::Lost => "was lost (its agent never said how it ended)",
+        Phase::Queued | Phase::Running | Phase::WaitingApproval => "stopped being followed",
     }
 }
 

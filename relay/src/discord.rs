@@ -589,6 +589,15 @@ impl Backend for CoreBackend {
             })
             .collect())
     }
+
+    async fn wants_mentions(&self, user: &str) -> Result<bool> {
+        let user = user.to_string();
+        Ok(!self.read(move |s| s.user(&user)).await?.quiet)
+    }
+
+    async fn set_mentions(&self, user: &str, on: bool) -> Result<()> {
+        self.core.set_mentions(user, on).await.map_err(task_err)
+    }
 }
 
 fn share_info(rec: &store::ShareRecord) -> ShareInfo {

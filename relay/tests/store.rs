@@ -277,6 +277,7 @@ fn records_round_trip_and_survive_a_reopen(open: Open) {
         .unwrap();
     let user = UserRecord {
         default_agent: Some(fp(1)),
+        quiet: false,
     };
     store.put_user_audited("1", &user, &entry("1")).unwrap();
     store.put_thread_mark("t1", b"{\"m\":1}").unwrap();
@@ -768,8 +769,10 @@ fn shares_of_and_shares_to_follow_every_change(open: Open) {
 fn users_have_defaults_and_audited_settings(open: Open) {
     let (_dir, store) = fresh(open);
     assert_eq!(store.user("1").unwrap(), UserRecord::default());
+    // Every setting survives the round trip (a user who turned mentions off stays quiet).
     let rec = UserRecord {
         default_agent: Some(fp(3)),
+        quiet: true,
     };
     let e = store.put_user_audited("1", &rec, &entry("1")).unwrap();
     assert_eq!(e.seq, 1);
@@ -1920,6 +1923,7 @@ fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
         "u1",
         &UserRecord {
             default_agent: Some(fp(1)),
+            quiet: true,
         },
         &entry("u1"),
     )

@@ -69,6 +69,7 @@ pub mod redact;
 pub(crate) mod remote;
 pub mod retention;
 pub mod routing;
+pub mod settings;
 pub mod shares;
 mod state;
 pub mod submit;

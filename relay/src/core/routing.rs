@@ -166,7 +166,7 @@ impl State {
     }
 
     fn default_agent(&self, user: &str) -> Result<Option<AgentRecord>, TaskError> {
-        let UserRecord { default_agent } = self.store().user(user)?;
+        let UserRecord { default_agent, .. } = self.store().user(user)?;
         Ok(self
             .agents_of(user)?
             .into_iter()

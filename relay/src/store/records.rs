@@ -180,6 +180,9 @@ pub struct UserRecord {
     /// The agent used when the user (or someone they shared with) names none and they have several.
     #[serde(default)]
     pub default_agent: Option<Fingerprint>,
+    /// The user asked not to be @mentioned (`/mentions off`). Unset in records written before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
 /// A project change made through the relay.
@@ -254,6 +257,8 @@ pub enum AuditKind {
     },
     /// The owner's default agent was set.
     DefaultAgentSet,
+    /// The user changed a setting of their own (`detail` says which and to what).
+    SettingChanged,
     /// A finished task's worktree branch was merged, kept or discarded (or that was refused: `ok` false).
     WorktreeDecided {
         /// "merge", "keep" or "discard".
@@ -281,6 +286,7 @@ impl AuditKind {
             Self::WorktreeDecided { .. } => "worktree",
             Self::ProjectChanged { .. } => "project",
             Self::DefaultAgentSet => "default-agent",
+            Self::SettingChanged => "setting",
         }
     }
 }
