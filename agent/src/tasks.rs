@@ -1359,6 +1359,13 @@ impl Driver {
             RunnerEvent::Error { message } => {
                 tracing::warn!(%message, "Claude Code output problem");
             }
+            // Compaction is told as a line of text, the one kind of event every relay shows: a new event kind
+            // would not decode on an older relay, which would then never acknowledge it (nor anything after).
+            RunnerEvent::Raw(line) if line["subtype"] == "compact_boundary" => {
+                if let Some(text) = claude::events::compaction_notice(&line) {
+                    self.emit(TaskEvent::Text { text }).await;
+                }
+            }
             RunnerEvent::RuleAdded { .. }
             | RunnerEvent::Queued { .. }
             | RunnerEvent::Raw(_)

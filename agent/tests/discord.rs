@@ -26,7 +26,7 @@ use ct_testkit::{
 use serde_json::{json, Value};
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
-const T: Duration = Duration::from_secs(90);
+pub(crate) const T: Duration = Duration::from_secs(90);
 
 /// Temporary folders outside /tmp: a sandboxed (grantee) task gets a private /tmp.
 fn scratch(prefix: &str) -> tempfile::TempDir {
@@ -45,7 +45,7 @@ fn gateway_config(sim: &DiscordSim) -> BotConfig {
 }
 
 /// The message an interaction was answered with, once it is no longer "thinking…".
-async fn answer(sim: &DiscordSim, ix: &InteractionRef) -> SimMessage {
+pub(crate) async fn answer(sim: &DiscordSim, ix: &InteractionRef) -> SimMessage {
     sim.wait_until(T, |s| {
         let i = s.interaction(&ix.id)?;
         let m = s.message(i.original_message.as_deref()?)?;
@@ -56,7 +56,7 @@ async fn answer(sim: &DiscordSim, ix: &InteractionRef) -> SimMessage {
 }
 
 /// A private answer (only the person who asked sees it).
-async fn private(sim: &DiscordSim, ix: &InteractionRef) -> String {
+pub(crate) async fn private(sim: &DiscordSim, ix: &InteractionRef) -> String {
     let m = answer(sim, ix).await;
     assert!(
         m.is_ephemeral(),
@@ -67,7 +67,7 @@ async fn private(sim: &DiscordSim, ix: &InteractionRef) -> String {
 }
 
 /// The first message in `channel` that satisfies `pred`, waiting for it.
-async fn message_in(
+pub(crate) async fn message_in(
     sim: &DiscordSim,
     channel: &str,
     what: &str,
@@ -103,7 +103,7 @@ fn summaries(sim: &DiscordSim, thread: &str) -> Vec<String> {
 }
 
 /// Waits until the thread has `n` summaries; returns the last one's title.
-async fn nth_summary(sim: &DiscordSim, thread: &str, n: usize) -> String {
+pub(crate) async fn nth_summary(sim: &DiscordSim, thread: &str, n: usize) -> String {
     sim.wait_until(T, |s| {
         let all = summaries(s, thread);
         (all.len() >= n).then(|| all[n - 1].clone())
@@ -125,7 +125,11 @@ fn linked_channel(content: &str) -> String {
 }
 
 /// Starts `/task` as `user` and returns (task id, thread id) from the private answer.
-async fn start_task(sim: &DiscordSim, user: &SimUser, cmd: SlashCommand) -> (String, String) {
+pub(crate) async fn start_task(
+    sim: &DiscordSim,
+    user: &SimUser,
+    cmd: SlashCommand,
+) -> (String, String) {
     let ix = sim.send_slash(&sim.origin(user), &cmd).unwrap();
     let said = private(sim, &ix).await;
     assert!(said.starts_with("🧵 Started `t_"), "{said}");
@@ -134,7 +138,7 @@ async fn start_task(sim: &DiscordSim, user: &SimUser, cmd: SlashCommand) -> (Str
 }
 
 /// `/task PROMPT project:app mode:default`: a task in the test project that asks before every tool use.
-fn task_in_app(prompt: &str) -> SlashCommand {
+pub(crate) fn task_in_app(prompt: &str) -> SlashCommand {
     SlashCommand::new("task")
         .opt(Opt::str("prompt", prompt))
         .opt(Opt::str("project", "app"))
@@ -142,7 +146,7 @@ fn task_in_app(prompt: &str) -> SlashCommand {
 }
 
 /// `/project add app PATH` as `user`; returns what the bot told them privately.
-async fn add_project(sim: &DiscordSim, user: &SimUser, project: &Path) -> String {
+pub(crate) async fn add_project(sim: &DiscordSim, user: &SimUser, project: &Path) -> String {
     let ix = sim
         .send_slash(
             &sim.origin(user),
@@ -159,7 +163,7 @@ async fn add_project(sim: &DiscordSim, user: &SimUser, project: &Path) -> String
 }
 
 /// The approval message of `task` in a thread, once it is posted.
-async fn approval_message(sim: &DiscordSim, thread: &str, task: &str) -> SimMessage {
+pub(crate) async fn approval_message(sim: &DiscordSim, thread: &str, task: &str) -> SimMessage {
     let prefix = format!("ao:{task}:");
     message_in(sim, thread, "approval message", |m| {
         m.custom_ids().iter().any(|c| c.starts_with(&prefix))
@@ -185,18 +189,18 @@ fn click(
         .unwrap()
 }
 
-struct World {
-    sim: DiscordSim,
-    relay: TestRelay,
-    fake: FakeAnthropic,
-    agent_dir: tempfile::TempDir,
-    allowed: PathBuf,
-    project: PathBuf,
+pub(crate) struct World {
+    pub(crate) sim: DiscordSim,
+    pub(crate) relay: TestRelay,
+    pub(crate) fake: FakeAnthropic,
+    pub(crate) agent_dir: tempfile::TempDir,
+    pub(crate) allowed: PathBuf,
+    pub(crate) project: PathBuf,
     claude_env: ClaudeEnv,
     _dirs: Vec<tempfile::TempDir>,
 }
 
-async fn world() -> World {
+pub(crate) async fn world() -> World {
     let sim = DiscordSim::start().await.unwrap();
     let fake = FakeAnthropic::start([]).await.expect("fake API");
     let mut claude_env = ClaudeEnv::new(fake.base_url()).expect("claude env");
@@ -237,7 +241,7 @@ async fn world() -> World {
 }
 
 impl World {
-    fn run_options(&self) -> RunOptions {
+    pub(crate) fn run_options(&self) -> RunOptions {
         let mut run = RunOptions::new(self.agent_dir.path());
         run.tasks = TaskConfig {
             claude_bin: Some(claude_bin()),
@@ -258,7 +262,7 @@ impl World {
         run
     }
 
-    fn sharing(&self, sharing: SharePolicy) {
+    pub(crate) fn sharing(&self, sharing: SharePolicy) {
         let dir = ConfigDir::open(self.agent_dir.path()).unwrap();
         Policy::load_with(&dir, &self.allowed.display().to_string(), Host::detect())
             .unwrap()
@@ -267,7 +271,7 @@ impl World {
     }
 }
 
-fn write(path: &Path, content: &str) -> Value {
+pub(crate) fn write(path: &Path, content: &str) -> Value {
     json!({ "file_path": path.display().to_string(), "content": content })
 }
 

@@ -6,6 +6,7 @@
 
 mod claude_runner;
 mod cluster;
+mod commands;
 mod discord;
 mod doctor;
 mod e2e;

@@ -989,6 +989,14 @@ impl Inner {
                 )))
             }
             "compact" => {
+                // After /cc clear there is no conversation to compact: sending "/compact" would start the fresh
+                // session early, only to fail with "No messages to compact".
+                if info.fresh {
+                    return Err(BackendError::Refused(
+                        "there is nothing to compact: after /cc clear the next message here starts a fresh session"
+                            .into(),
+                    ));
+                }
                 let next = self
                     .continue_thread(user, channel, "/compact", info.upload_limit)
                     .await?;

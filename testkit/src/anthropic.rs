@@ -35,6 +35,17 @@ const MAX_REQUEST_BODY: usize = 32 * 1024 * 1024;
 /// What the fake answers once the script is used up: a short text that ends the turn.
 const FALLBACK_TEXT: &str = "done";
 
+/// Words of the instruction Claude Code sends as the last user message when it summarises the conversation
+/// (`/compact`, or by itself when the context fills up). Seen on 2.1.332: "Your task is to create a detailed
+/// summary of the conversation so far, ...". That request carries the tools like any other, so without this it
+/// would consume a scripted reply meant for the conversation.
+const COMPACTION_MARKER: &str = "create a detailed summary of the conversation so far";
+
+/// The summary the fake gives a compaction request, in the shape the instruction asks for. An answer without a
+/// `<summary>` block makes 2.1.332 ask again.
+const COMPACTION_SUMMARY: &str = "<analysis>\nThe user and the assistant talked briefly.\n</analysis>\n\
+    <summary>\n1. Primary Request and Intent: a scripted test conversation (summary by the fake API).\n</summary>";
+
 /// One scripted answer to a main-conversation request.
 pub struct Reply(ReplyKind);
 
@@ -141,13 +152,17 @@ impl fmt::Debug for Reply {
 /// consumes the script; one without tools (how Claude Code sends side requests such as session titles, quota
 /// probes or summaries) is [`RequestKind::Auxiliary`] and gets a canned text. CLI 2.1.197 in `-p` mode was seen
 /// to send no auxiliary requests at all (every request carried tools; see testkit/CLAUDE-NOTES.md), so the rule
-/// is a safety net against a newer CLI eating a test's script.
+/// is a safety net against a newer CLI eating a test's script. A request for a summary of the conversation (what
+/// `/compact` sends, tools and all) is [`RequestKind::Compaction`] and does not consume the script either.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
     /// A main-conversation `POST /v1/messages`; it consumed one scripted reply.
     Main,
     /// A `POST /v1/messages` without tools; answered with a canned text.
     Auxiliary,
+    /// Claude Code asking for a summary of the conversation so far (compaction, see `COMPACTION_MARKER`);
+    /// answered with a canned summary, never from the script.
+    Compaction,
     /// `count_tokens`, `HEAD /` and the like.
     Other,
     /// A path the fake does not know; answered 404.
@@ -301,6 +316,14 @@ impl FakeAnthropic {
             .collect()
     }
 
+    /// The compaction requests (see [`RequestKind::Compaction`]) received so far.
+    pub fn compactions(&self) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.kind == RequestKind::Compaction)
+            .collect()
+    }
+
     /// Waits until `done` holds for the requests received so far and returns them; fails after `timeout`.
     pub async fn wait_for_requests(
         &self,
@@ -424,19 +447,23 @@ async fn messages(
     body: Bytes,
 ) -> Response {
     let body = parse_body(&body);
-    let is_main = body["tools"].as_array().is_some_and(|t| !t.is_empty());
-    let kind = if is_main {
+    let has_tools = body["tools"].as_array().is_some_and(|t| !t.is_empty());
+    let kind = if is_compaction(&body) {
+        RequestKind::Compaction
+    } else if has_tools {
         RequestKind::Main
     } else {
         RequestKind::Auxiliary
     };
     tracing::debug!(?kind, accept = ?headers.get(header::ACCEPT), "fake Anthropic: /v1/messages");
 
-    let reply = if is_main {
-        let next = lock(&shared.script).pop_front();
-        next.unwrap_or_else(|| Reply::text(FALLBACK_TEXT))
-    } else {
-        Reply::text("Fake title")
+    let reply = match kind {
+        RequestKind::Main => {
+            let next = lock(&shared.script).pop_front();
+            next.unwrap_or_else(|| Reply::text(FALLBACK_TEXT))
+        }
+        RequestKind::Compaction => Reply::text(COMPACTION_SUMMARY),
+        _ => Reply::text("Fake title"),
     };
     // Resolve closures before recording, so a test that waits for the request sees its reply decided.
     let reply = resolve(reply, &body);
@@ -486,6 +513,23 @@ async fn messages(
         }
         ReplyKind::Dynamic(_) => unreachable!("resolve() never returns a Dynamic reply"),
     }
+}
+
+/// Whether the request's last message is a user message asking for a summary of the conversation.
+fn is_compaction(body: &Value) -> bool {
+    let Some(last) = body["messages"].as_array().and_then(|m| m.last()) else {
+        return false;
+    };
+    let text = match &last["content"] {
+        Value::String(s) => s.clone(),
+        Value::Array(blocks) => blocks
+            .iter()
+            .filter_map(|b| b["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    };
+    last["role"] == "user" && text.contains(COMPACTION_MARKER)
 }
 
 fn resolve(mut reply: Reply, body: &Value) -> Reply {
@@ -646,6 +690,34 @@ fn split_in_two(s: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_for_a_summary_is_told_apart_from_the_conversation() {
+        // The last message of 2.1.332's `/compact` request, cut.
+        let asks = json!({ "tools": [{ "name": "Bash" }], "messages": [
+            { "role": "user", "content": "hello there" },
+            { "role": "assistant", "content": [{ "type": "text", "text": "first answer" }] },
+            { "role": "user", "content": "CRITICAL: Respond with TEXT ONLY. Do NOT call any tools.\n\nYour task is \
+                to create a detailed summary of the conversation so far, paying close attention to ..." },
+        ]});
+        assert!(is_compaction(&asks));
+        let mut blocks = asks.clone();
+        blocks["messages"][2]["content"] =
+            json!([{ "type": "text", "text": asks["messages"][2]["content"] }]);
+        assert!(is_compaction(&blocks));
+        // The words earlier in the conversation, or from the assistant, are not a compaction.
+        let mut earlier = asks.clone();
+        earlier["messages"][2]["content"] = json!("thanks");
+        earlier["messages"][0]["content"] = asks["messages"][2]["content"].clone();
+        assert!(!is_compaction(&earlier));
+        let mut said = asks.clone();
+        said["messages"][2]["role"] = json!("assistant");
+        assert!(!is_compaction(&said));
+        assert!(!is_compaction(&json!({ "messages": [] })));
+        assert!(
+            COMPACTION_SUMMARY.contains("<summary>") && COMPACTION_SUMMARY.contains("</summary>")
+        );
+    }
 
     #[test]
     fn sse_for_tool_use_reassembles_to_the_input() {

@@ -373,6 +373,26 @@ pub fn is_known_unused(kind: &str) -> bool {
     KNOWN_UNUSED.contains(&kind)
 }
 
+/// What the user is told when Claude Code compacted the conversation (`/compact`, or by itself when the context
+/// filled up), from its `system/compact_boundary` line; `None` for any other line. As printed by 2.1.332:
+/// `{"type":"system","subtype":"compact_boundary","compact_metadata":{"trigger":"manual","pre_tokens":13,
+/// "post_tokens":2540,"duration_ms":34,...},...}`. The session forwards the line as [`RunnerEvent::Raw`].
+pub fn compaction_notice(v: &Value) -> Option<String> {
+    if v["type"] != "system" || v["subtype"] != "compact_boundary" {
+        return None;
+    }
+    let meta = &v["compact_metadata"];
+    let how = if meta["trigger"] == "auto" {
+        " automatically"
+    } else {
+        ""
+    };
+    Some(match meta["pre_tokens"].as_u64() {
+        Some(n) => format!("🗜️ Context compacted{how} ({n} tokens before)."),
+        None => format!("🗜️ Context compacted{how}."),
+    })
+}
+
 /// A tool result's content as text: a string, or the text blocks of an array.
 fn content_text(content: &Value) -> String {
     match content {
@@ -535,6 +555,24 @@ mod tests {
             "sleep 300"
         );
         assert_eq!(cut("héllo", 2), "hé…");
+    }
+
+    #[test]
+    fn compaction_is_told_in_words() {
+        let manual = json!({"type":"system","subtype":"compact_boundary",
+            "compact_metadata":{"trigger":"manual","pre_tokens":13,"post_tokens":2540}});
+        assert_eq!(
+            compaction_notice(&manual).as_deref(),
+            Some("🗜️ Context compacted (13 tokens before).")
+        );
+        let auto = json!({"type":"system","subtype":"compact_boundary",
+            "compact_metadata":{"trigger":"auto"}});
+        assert_eq!(
+            compaction_notice(&auto).as_deref(),
+            Some("🗜️ Context compacted automatically.")
+        );
+        let status = json!({"type":"system","subtype":"status","status":"compacting"});
+        assert_eq!(compaction_notice(&status), None);
     }
 
     #[test]
