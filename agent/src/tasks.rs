@@ -904,6 +904,8 @@ struct Driver {
     _lease: Option<meter::proxy::Lease>,
     /// The context usage last reported, so an unchanged one is not sent again.
     last_context: Option<(u64, Option<u64>)>,
+    /// The model and CLI version the process's init reported, for follow-ups on it.
+    init: Option<(Option<String>, Option<String>)>,
 }
 
 impl Driver {
@@ -1032,6 +1034,7 @@ impl Driver {
             tx,
             _lease: lease,
             last_context: None,
+            init: None,
         };
         if let Err(e) = driver.session.send(spec.prompt) {
             driver.fail(e.to_string()).await;
@@ -1202,10 +1205,12 @@ impl Driver {
         if std::mem::replace(&mut bound.session_reported, true) {
             return;
         }
+        // A warm process's init came with an earlier task: what it said still holds for this one.
+        let (model, claude_version) = self.init.clone().unwrap_or_default();
         self.emit(TaskEvent::Session {
             session_id: sid,
-            model: None,
-            claude_version: None,
+            model,
+            claude_version,
         })
         .await;
     }
@@ -1214,6 +1219,10 @@ impl Driver {
         match event {
             RunnerEvent::Init(init) => {
                 self.session_id = Some(init.session_id.clone());
+                self.init = Some((
+                    Some(init.model.clone()).filter(|m| !m.is_empty()),
+                    Some(init.version.clone()).filter(|v| !v.is_empty()),
+                ));
                 if let Some(of) = &self.owner.worktree {
                     self.inner.worktrees.add_session(of, &init.session_id).await;
                 }

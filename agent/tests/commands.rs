@@ -540,7 +540,9 @@ async fn session_commands_act_on_the_threads_task() {
     // /cc status: the thread's session, privately.
     let said = private(sim, &send(sim, &alice, Some(&thread), cc("status"))).await;
     assert!(
-        said.starts_with(&format!("✅ `{task3}` · **Done** · model "))
+        said.starts_with(&format!("✅ **Done** · `{task3}` · "))
+            && said.contains("📊")
+            && said.contains("claude-")
             && said.contains("session `"),
         "{said}"
     );
