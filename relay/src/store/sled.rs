@@ -1199,7 +1199,8 @@ impl Store for SledStore {
         }
         for kv in self.task_threads.iter() {
             let (k, v) = kv?;
-            let task = String::from_utf8(k.to_vec()).map_err(|_| corrupt("task id is not UTF-8"))?;
+            let task =
+                String::from_utf8(k.to_vec()).map_err(|_| corrupt("task id is not UTF-8"))?;
             let bytes: [u8; 8] = v
                 .as_ref()
                 .try_into()

@@ -273,9 +273,12 @@ impl PgStore {
         {
             sink(Exported::ThreadMark(row.try_get(0)?, row.try_get(1)?))?;
         }
-        for row in
-            self.read(|c| c.query("SELECT task, thread FROM ct_task_threads ORDER BY task", &[]))?
-        {
+        for row in self.read(|c| {
+            c.query(
+                "SELECT task, thread FROM ct_task_threads ORDER BY task",
+                &[],
+            )
+        })? {
             sink(Exported::TaskThread(
                 row.try_get(0)?,
                 super::thread_of_bits(row.try_get(1)?),
