@@ -9,6 +9,7 @@ mod cluster;
 mod discord;
 mod doctor;
 mod e2e;
+mod history;
 mod link;
 mod project_cli;
 mod sandbox;

@@ -81,7 +81,10 @@ fn header(task: &TaskInfo, events: &[(u64, TaskEvent)]) -> String {
             ..
         } = e
         {
-            cost += cost_usd.unwrap_or(0.0);
+            // Turns and tokens are each turn's own; the cost is the Claude Code process's running total.
+            if let Some(c) = cost_usd {
+                cost = *c;
+            }
             turns += t.unwrap_or(0);
             input += input_tokens.unwrap_or(0);
             output += output_tokens.unwrap_or(0);
