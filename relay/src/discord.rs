@@ -110,18 +110,18 @@ impl CoreBackend {
 
     /// What the bot shows of each task, with its agent's name and owner read in one go.
     async fn infos(&self, recs: &[TaskRecord]) -> Result<Vec<TaskInfo>> {
-        let fps: Vec<Fingerprint> = recs.iter().map(|r| r.agent).collect();
-        let agents = self
+        // Each agent once: a history of hundreds of tasks runs on a handful of machines.
+        let fps: std::collections::BTreeSet<Fingerprint> = recs.iter().map(|r| r.agent).collect();
+        let agents: std::collections::HashMap<Fingerprint, Option<AgentRecord>> = self
             .read(move |store| {
-                fps.iter()
-                    .map(|fp| store.agent(fp))
-                    .collect::<store::Result<Vec<_>>>()
+                fps.into_iter()
+                    .map(|fp| Ok((fp, store.agent(&fp)?)))
+                    .collect::<store::Result<_>>()
             })
             .await?;
         Ok(recs
             .iter()
-            .zip(agents)
-            .map(|(rec, agent)| task_info(rec, agent))
+            .map(|rec| task_info(rec, agents.get(&rec.agent).cloned().flatten()))
             .collect())
     }
 
