@@ -101,6 +101,53 @@ pub struct TaskInfo {
     pub follows: Option<String>,
 }
 
+/// Which of a user's tasks `/tasks` lists: a page of those that match, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// Only tasks on the agent of this name.
+    pub agent: Option<String>,
+    /// Only tasks in this state; `open` stands for queued, running and waiting for an approval.
+    pub state: Option<String>,
+    /// Matching tasks to skip (the pages before this one).
+    pub skip: usize,
+    /// Matching tasks on this page.
+    pub take: usize,
+}
+
+impl HistoryQuery {
+    /// Whether `task` is one this query lists (on the agent and in the state it names).
+    pub fn matches(&self, task: &TaskInfo) -> bool {
+        let agent = self
+            .agent
+            .as_deref()
+            .is_none_or(|a| a.eq_ignore_ascii_case(&task.agent));
+        let state = match self.state.as_deref() {
+            None => true,
+            Some("open") => matches!(
+                task.state.as_str(),
+                "queued" | "running" | "waiting_approval"
+            ),
+            Some(s) => s == task.state,
+        };
+        agent && state
+    }
+}
+
+/// One line of `/tasks`: a task and the Discord thread its output went to, when the backend knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    pub task: TaskInfo,
+    pub thread: Option<u64>,
+}
+
+/// A page of `/tasks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryPage {
+    pub entries: Vec<HistoryEntry>,
+    /// More matching tasks follow this page.
+    pub more: bool,
+}
+
 /// A request to start a task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskRequest {
@@ -180,6 +227,16 @@ pub trait Backend: Send + Sync + 'static {
     async fn wait_paired(&self, user: &str, pairing: &Pairing) -> Result<Option<AgentInfo>>;
     /// `/register unregister`.
     async fn unregister(&self, user: &str, agent: &str) -> Result<AgentInfo>;
+    /// `/agents default:NAME`: the user's agent that takes their tasks (and their grantees') that name none.
+    async fn set_default_agent(&self, _user: &str, _agent: &str) -> Result<AgentInfo> {
+        Err(BackendError::Refused(
+            "this relay cannot set a default agent: name the agent in each /task instead".into(),
+        ))
+    }
+    /// The name of the user's default agent, if they set one and it is still theirs.
+    async fn default_agent(&self, _user: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
 
     /// `/project add`: answered by the agent, which checks the path against its allowed folders.
     async fn add_project(
@@ -191,7 +248,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<ProjectInfo>;
     /// `/project list` and project autocomplete.
     async fn projects(&self, user: &str) -> Result<Vec<ProjectInfo>>;
-    async fn remove_project(&self, user: &str, name: &str) -> Result<()>;
+    /// `/project remove`: on `agent` when given (the name may exist on several of the user's machines).
+    async fn remove_project(&self, user: &str, name: &str, agent: Option<&str>) -> Result<()>;
 
     /// `/task`.
     async fn submit(&self, req: TaskRequest) -> Result<TaskInfo>;
@@ -203,6 +261,43 @@ pub trait Backend: Send + Sync + 'static {
     async fn tasks(&self, user: &str) -> Result<Vec<TaskInfo>>;
     /// The thread's event stream.
     async fn follow(&self, task: &str) -> Result<TaskFeed>;
+    /// `/status` and the "Full output" button: the task as `user` may see it (theirs, or on their agent)
+    /// and its stored events, read without following it. A task that does not exist and one the user may
+    /// not see are refused in the same words, so a stranger learns nothing from the id.
+    async fn task_events(
+        &self,
+        user: &str,
+        task: &str,
+    ) -> Result<(TaskInfo, Vec<(u64, TaskEvent)>)> {
+        let info = self.task(user, task).await?;
+        let feed = self.follow(task).await?;
+        Ok((info, feed.past))
+    }
+    /// `/tasks`: the user's tasks and the tasks others ran on the user's agents, newest first, one page of
+    /// those `query` matches, with their threads. The default pages through [`Backend::tasks`] and knows no
+    /// threads.
+    async fn history(&self, user: &str, query: &HistoryQuery) -> Result<HistoryPage> {
+        let matching: Vec<TaskInfo> = self
+            .tasks(user)
+            .await?
+            .into_iter()
+            .filter(|t| query.matches(t))
+            .collect();
+        let more = matching.len() > query.skip.saturating_add(query.take);
+        Ok(HistoryPage {
+            entries: matching
+                .into_iter()
+                .skip(query.skip)
+                .take(query.take)
+                .map(|task| HistoryEntry { task, thread: None })
+                .collect(),
+            more,
+        })
+    }
+    /// Remembers the thread a task's output goes to, for as long as the task is kept (`/tasks` links it).
+    async fn set_task_thread(&self, _task: &str, _thread: u64) -> Result<()> {
+        Ok(())
+    }
     /// `/cancel`, the Stop button.
     async fn cancel(&self, user: &str, task: &str) -> Result<()>;
     /// Merges, keeps or discards a finished task's worktree branch (the requester or the agent's owner only);

@@ -98,7 +98,11 @@ pub fn all() -> Vec<CreateCommand> {
                 sub(
                     "remove",
                     "Forget a project (the folder is untouched)",
-                    vec![named("name", "The project").required(true)],
+                    vec![
+                        named("name", "The project (agent/project where several agents have one)")
+                            .required(true),
+                        named("agent", "Which of your agents (where several have this project)"),
+                    ],
                 ),
             ],
         ),
@@ -141,7 +145,24 @@ pub fn all() -> Vec<CreateCommand> {
                 .required(true)
                 .max_length(PROMPT_MAX)],
         ),
-        command("status", "Where a task stands", vec![task_id()]),
+        command(
+            "status",
+            "Where a task stands, and its whole output",
+            vec![task_id()],
+        ),
+        command(
+            "tasks",
+            "Your recent tasks and those others ran on your agents",
+            vec![
+                named("agent", "Only tasks on this agent"),
+                string("state", "Only tasks in this state")
+                    .add_string_choice("Running or waiting", "open")
+                    .add_string_choice("Done", "done")
+                    .add_string_choice("Failed", "failed")
+                    .add_string_choice("Cancelled", "cancelled")
+                    .add_string_choice("Lost", "lost"),
+            ],
+        ),
         command("cancel", "Stop a task", vec![task_id()]),
         command(
             "approve",
@@ -155,10 +176,15 @@ pub fn all() -> Vec<CreateCommand> {
                 task_id(),
             ],
         ),
+        // An option rather than subcommands: `/agents` alone keeps listing, as it always has (a command with
+        // subcommands cannot be used bare), and `/agents default:NAME` reads as the subcommand would.
         command(
             "agents",
             "Agents you can use, yours and shared, online or not",
-            vec![],
+            vec![named(
+                "default",
+                "Make this agent of yours the default for tasks that name none",
+            )],
         ),
         command(
             "share",
@@ -230,7 +256,7 @@ pub fn completion_for(command: &str, sub: Option<&str>, option: &str) -> Option<
     match (command, sub, option) {
         (_, _, "project" | "projects") => Some(Completion::Project),
         ("project", Some("remove"), "name") => Some(Completion::Project),
-        (_, _, "agent") => Some(Completion::Agent),
+        (_, _, "agent") | ("agents", None, "default") => Some(Completion::Agent),
         (_, _, "task_id") => Some(Completion::Task),
         (_, _, "model") | ("cc", Some("model"), "name") => Some(Completion::Model),
         _ => None,
@@ -272,8 +298,8 @@ mod tests {
         assert_eq!(
             names,
             [
-                "register", "project", "task", "reply", "status", "cancel", "approve", "agents",
-                "share", "cc", "audit", "mentions"
+                "register", "project", "task", "reply", "status", "tasks", "cancel", "approve",
+                "agents", "share", "cc", "audit", "mentions"
             ]
         );
         let subs = |cmd: &str| -> Vec<String> {

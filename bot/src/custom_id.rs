@@ -63,6 +63,52 @@ pub enum Action {
         task: String,
         action: ct_protocol::task::WorktreeAction,
     },
+    /// "Full output" on a task's summary: its whole transcript, as `/status` gives it.
+    FullOutput { task: String },
+}
+
+/// Previous / Next under a `/tasks` list: the page to show and the filters it was listed with. Not an
+/// [`Action`], which is always about one task. Format: `tl:PAGE:STATE:AGENT` (empty for no filter; the agent
+/// last, so its name may hold `:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// From 0.
+    pub page: u32,
+    pub state: Option<String>,
+    pub agent: Option<String>,
+}
+
+impl HistoryPage {
+    /// The `custom_id`, or why it does not fit.
+    pub fn encode(&self) -> Result<String, EncodeError> {
+        let id = format!(
+            "tl:{}:{}:{}",
+            self.page,
+            self.state.as_deref().unwrap_or(""),
+            self.agent.as_deref().unwrap_or("")
+        );
+        let n = id.chars().count();
+        if n > CUSTOM_ID_MAX {
+            return Err(EncodeError::TooLong(n));
+        }
+        Ok(id)
+    }
+
+    /// The page a `custom_id` stands for, if it is a `/tasks` page button.
+    pub fn parse(id: &str) -> Option<Self> {
+        let rest = id.strip_prefix("tl:")?;
+        let (page, rest) = rest.split_once(':')?;
+        let (state, agent) = rest.split_once(':')?;
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        if state.contains(|c: char| !c.is_ascii_lowercase() && c != '_') {
+            return None;
+        }
+        Some(Self {
+            page: page.parse().ok()?,
+            state: some(state),
+            agent: some(agent),
+        })
+    }
 }
 
 /// Why an action cannot be encoded.
@@ -153,6 +199,9 @@ impl Action {
             "st" if !rest.is_empty() && !rest.contains(':') => Self::Stop {
                 task: rest.to_string(),
             },
+            "fo" if !rest.is_empty() && !rest.contains(':') => Self::FullOutput {
+                task: rest.to_string(),
+            },
             "wm" | "wk" | "wd" if !rest.is_empty() && !rest.contains(':') => Self::Worktree {
                 task: rest.to_string(),
                 action: match verb {
@@ -177,6 +226,7 @@ impl Action {
             | Self::AnswerOther { task, .. }
             | Self::AnswerText { task, .. }
             | Self::Stop { task }
+            | Self::FullOutput { task }
             | Self::Worktree { task, .. } => task,
         }
     }
@@ -217,6 +267,7 @@ impl fmt::Display for Action {
                 question,
             } => write!(f, "qt:{question}:{task}:{approval}"),
             Self::Stop { task } => write!(f, "st:{task}"),
+            Self::FullOutput { task } => write!(f, "fo:{task}"),
             Self::Worktree { task, action } => {
                 let verb = match action {
                     ct_protocol::task::WorktreeAction::Merge => "wm",
@@ -285,6 +336,7 @@ mod tests {
                 question: 1,
             },
             Action::Stop { task: t.clone() },
+            Action::FullOutput { task: t.clone() },
             Action::Worktree {
                 task: t.clone(),
                 action: ct_protocol::task::WorktreeAction::Merge,
@@ -319,10 +371,40 @@ mod tests {
     fn foreign_ids_do_not_parse() {
         for id in [
             "", "st", "st:", "xx:t:a", "ao:t_1", "ao::a", "qa:x:t:a", "qa:1:t", "st:a:b", "wm:",
-            "wd:a:b",
+            "wd:a:b", "fo:", "fo:a:b",
         ] {
             assert_eq!(Action::parse(id), None, "{id:?}");
         }
+    }
+
+    #[test]
+    fn history_pages_round_trip_and_foreign_ids_do_not_parse() {
+        for page in [
+            HistoryPage {
+                page: 0,
+                state: None,
+                agent: None,
+            },
+            HistoryPage {
+                page: 7,
+                state: Some("waiting_approval".into()),
+                agent: Some("desk:top".into()),
+            },
+        ] {
+            let id = page.encode().unwrap();
+            assert_eq!(HistoryPage::parse(&id), Some(page), "{id}");
+            // Never taken for a task's action, nor the other way round.
+            assert_eq!(Action::parse(&id), None);
+        }
+        for id in ["tl:", "tl:x::", "tl:1", "tl:1:", "st:t_1", "tl:1:Bad!:a"] {
+            assert_eq!(HistoryPage::parse(id), None, "{id:?}");
+        }
+        let long = HistoryPage {
+            page: 1,
+            state: None,
+            agent: Some("a".repeat(100)),
+        };
+        assert!(matches!(long.encode(), Err(EncodeError::TooLong(_))));
     }
 
     proptest! {

@@ -20,15 +20,21 @@ use serenity::all::{
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::app::Inner;
-use crate::backend::{BackendError, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark};
+use crate::backend::{
+    BackendError, HistoryQuery, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark,
+};
 use crate::commands::{completion_for, Completion};
-use crate::custom_id::{Action, Scope};
+use crate::custom_id::{Action, HistoryPage, Scope};
 use crate::render::approval::{
     answer_modal, deny_modal, not_yours, prefix_modal, questions, rule_words,
 };
+use crate::render::escape::inline_code;
+use crate::render::output::Placement;
 use crate::render::summary::{summary_embed, SummaryContext};
+use crate::render::transcript::{deliver as place_transcript, transcript};
 use crate::render::truncate;
 use crate::respond::{deliver, Answer, Initial, Responder};
+use crate::rest::Upload;
 use crate::thread::{
     answers_json, follow, open_request, phase_of, progress_of, question_count, upload_limit,
     view_of, OpenApproval, ThreadInfo,
@@ -40,6 +46,8 @@ const MAX_CHOICES: usize = 25;
 const MODELS: &[&str] = &["sonnet", "opus", "haiku"];
 /// Thread names carry the task id first, so a restarted relay finds the task a thread belongs to.
 const THREAD_NAME_PROMPT: usize = 80;
+/// Tasks on one page of `/tasks`.
+const HISTORY_PAGE: usize = 10;
 
 type After = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -155,7 +163,7 @@ impl Inner {
         let (token, ephemeral, what) = match &ix {
             Interaction::Command(c) => (
                 c.token.clone(),
-                !is_public(&c.data.name),
+                !is_public(&c.data.name) && !self.status_in_own_thread(c),
                 format!("/{}", c.data.name),
             ),
             Interaction::Autocomplete(c) => (
@@ -241,12 +249,22 @@ impl Inner {
             }
             ("project", Some("list")) => self.projects_text(&user).await,
             ("project", Some("remove")) => {
-                let name = args.str("name").unwrap_or_default();
-                self.backend.remove_project(&user, &name).await.map(|()| {
-                    Answer::private(format!(
-                        "📁 Project **{name}** removed (the folder is untouched)."
-                    ))
-                })
+                let (mut name, mut agent) =
+                    (args.str("name").unwrap_or_default(), args.str("agent"));
+                if agent.is_none() {
+                    if let Some(p) = self.agent_project(&user, &name).await {
+                        (name, agent) = (p.name, Some(p.agent));
+                    }
+                }
+                self.backend
+                    .remove_project(&user, &name, agent.as_deref())
+                    .await
+                    .map(|()| {
+                        let on = agent.map(|a| format!(" on **{a}**")).unwrap_or_default();
+                        Answer::private(format!(
+                            "📁 Project **{name}**{on} removed (the folder is untouched)."
+                        ))
+                    })
             }
             ("task", _) => self.task_command(&c, &user, &args).await,
             ("reply", _) => {
@@ -267,10 +285,24 @@ impl Inner {
                     ))
                 })
             }
-            ("status", _) => match self.task_arg(&user, &args, c.channel_id).await {
-                Ok(task) => self.status(&user, &task).await,
-                Err(e) => Err(e),
-            },
+            ("status", _) => {
+                return match self.task_arg(&user, &args, c.channel_id).await {
+                    Ok(task) => {
+                        let public = self.status_in_own_thread(&c);
+                        let limit = upload_limit(c.attachment_size_limit);
+                        self.status(&user, &task, public, &c.token, limit).await
+                    }
+                    Err(e) => failed(e).into(),
+                }
+            }
+            ("tasks", _) => {
+                let page = HistoryPage {
+                    page: 0,
+                    state: args.str("state"),
+                    agent: args.str("agent"),
+                };
+                self.tasks_page(&user, &page).await
+            }
             ("cancel", _) => match self.task_arg(&user, &args, c.channel_id).await {
                 Ok(task) => self
                     .stop(&user, &task)
@@ -285,7 +317,10 @@ impl Inner {
                 }
                 Err(e) => Err(e),
             },
-            ("agents", _) => self.agents_text(&user, false).await,
+            ("agents", _) => match args.str("default") {
+                Some(agent) => self.set_default_agent(&user, &agent).await,
+                None => self.agents_text(&user, false).await,
+            },
             ("share", Some(sub)) => self.share_command(&user, sub, &args).await,
             ("cc", Some(sub)) => self.cc(&user, sub, &args, c.channel_id).await,
             ("audit", _) => self.audit_text(&user).await,
@@ -344,8 +379,24 @@ impl Inner {
         }
     }
 
+    /// `/agents default:NAME`: sets it, then lists the agents with it marked.
+    async fn set_default_agent(&self, user: &str, agent: &str) -> crate::backend::Result<Answer> {
+        let a = self.backend.set_default_agent(user, agent).await?;
+        let list = self.agents_text(user, false).await?;
+        Ok(Answer::private(truncate(
+            &format!(
+                "⭐ **{}** is now your default agent: tasks that name no agent (yours, and those of people you \
+                 share with) run there.\n\n{}",
+                a.name, list.content
+            ),
+            2000,
+        )))
+    }
+
     async fn agents_text(&self, user: &str, own_only: bool) -> crate::backend::Result<Answer> {
         let agents = self.backend.agents(user).await?;
+        // Only a mark in the list: not knowing it is no reason to fail the listing.
+        let default = self.backend.default_agent(user).await.ok().flatten();
         let lines: Vec<String> = agents
             .iter()
             .filter(|a| !own_only || a.owner == user)
@@ -357,7 +408,11 @@ impl Inner {
                     (false, None) => "⚫ never connected".into(),
                 };
                 let whose = if a.owner == user {
-                    String::new()
+                    if default.as_deref() == Some(a.name.as_str()) {
+                        " · ⭐ default".to_string()
+                    } else {
+                        String::new()
+                    }
                 } else {
                     format!(" · shared by {}", mention(&a.owner))
                 };
@@ -411,12 +466,23 @@ impl Inner {
             ));
         }
         let prompt = args.str("prompt").unwrap_or_default();
+        let (mut project, mut agent) = (args.str("project"), args.str("agent"));
+        let mut target = args.user("target").map(|u| u.to_string());
+        // `agent/project`, as autocomplete offers a name that several machines have.
+        if let (Some(p), None) = (project.as_deref(), agent.as_deref()) {
+            if let Some(found) = self.agent_project(user, p).await {
+                if found.owner != user && target.is_none() {
+                    target = Some(found.owner.clone());
+                }
+                (project, agent) = (Some(found.name), Some(found.agent));
+            }
+        }
         let req = TaskRequest {
             user: user.to_string(),
             prompt: prompt.clone(),
-            project: args.str("project"),
-            target: args.user("target").map(|u| u.to_string()),
-            agent: args.str("agent"),
+            project,
+            target,
+            agent,
             options: TaskOptions {
                 model: args.str("model"),
                 permission_mode: args.str("mode"),
@@ -511,6 +577,10 @@ impl Inner {
     /// if this node leads. A node that does not lead (or stops leading meanwhile) leaves it to the leader,
     /// which finds the mark at its next scan (see `crate::leader`).
     pub(crate) async fn start_follower(&self, thread: ChannelId, task: TaskInfo, limit: u64) {
+        // Kept with the task for `/tasks`, long after the mark is gone.
+        if let Err(err) = self.backend.set_task_thread(&task.id, thread.get()).await {
+            warn!(%err, task = %task.id, "could not record the task's thread for its history");
+        }
         let mark = Inner::fresh_mark(&task.id, thread.get(), limit);
         if let Err(err) = self.backend.mark_thread(&mark).await {
             warn!(%err, task = %task.id, "could not record the task's thread; only this node can follow it");
@@ -715,10 +785,23 @@ impl Inner {
         Ok(())
     }
 
-    async fn status(&self, user: &str, task: &str) -> crate::backend::Result<Answer> {
-        let info = self.backend.task(user, task).await?;
-        let feed = self.backend.follow(task).await?;
-        let progress = progress_of(&info, &feed.past);
+    /// `/status` and "Full output": the summary, then the whole transcript as follow-ups (a couple of
+    /// messages, or `<task>.md`). Private unless `public` (used in the task's own thread, which shows that
+    /// output to everyone in it already). A stranger is refused before anything of the task is read, in the
+    /// words used for an id that does not exist.
+    async fn status(
+        self: &Arc<Self>,
+        user: &str,
+        task: &str,
+        public: bool,
+        token: &str,
+        limit: u64,
+    ) -> Reply {
+        let (info, events) = match self.backend.task_events(user, task).await {
+            Ok(found) => found,
+            Err(e) => return failed(e).into(),
+        };
+        let progress = progress_of(&info, &events);
         let ctx = SummaryContext {
             agent: info.agent.clone(),
             project: info.project.clone(),
@@ -726,9 +809,161 @@ impl Inner {
                 crate::thread::unix_now().saturating_sub(info.created_at),
             ),
         };
-        let mut a = Answer::private(String::new());
-        a.embeds = vec![summary_embed(&progress, &ctx)];
-        Ok(a)
+        let placement = place_transcript(&info.id, &transcript(&info, &events), limit);
+        let answer = Answer {
+            content: format!("📜 `{}`: the summary, and the whole output below.", info.id),
+            embeds: vec![summary_embed(&progress, &ctx)],
+            components: Vec::new(),
+            ephemeral: !public,
+        };
+        let (inner, token, task) = (self.clone(), token.to_string(), info.id.clone());
+        let after: After = Box::pin(async move {
+            inner
+                .send_transcript(&token, &task, placement, !public)
+                .await;
+        });
+        Reply {
+            initial: Initial::Message(answer),
+            after: Some(after),
+        }
+    }
+
+    /// The transcript's messages or file, as follow-ups of the interaction that asked (their own token, so a
+    /// deleted or archived thread does not matter). Nobody is pinged, whatever the task printed.
+    async fn send_transcript(
+        &self,
+        token: &str,
+        task: &str,
+        placement: Placement,
+        ephemeral: bool,
+    ) {
+        let quiet = |content: String| {
+            CreateInteractionResponseFollowup::new()
+                .content(content)
+                .ephemeral(ephemeral)
+                .allowed_mentions(CreateAllowedMentions::new())
+        };
+        let sent = match placement {
+            Placement::Messages(parts) => {
+                let mut result = Ok(());
+                for part in parts {
+                    if let Err(err) = self.rest.followup(token, &quiet(part), &[]).await {
+                        result = Err(err);
+                        break;
+                    }
+                }
+                result
+            }
+            Placement::Attachment {
+                filename,
+                data,
+                note,
+            } => {
+                let file = Upload { filename, data };
+                self.rest
+                    .followup(token, &quiet(note), std::slice::from_ref(&file))
+                    .await
+                    .map(|_| ())
+            }
+        };
+        if let Err(err) = sent {
+            warn!(%err, %task, "could not send a task's transcript");
+        }
+    }
+
+    /// Whether `/status` is used in the thread of the task it names (or names none, in a task's thread): its
+    /// answer is then for everyone there. Decided from what the interaction carries, before the answer (Discord
+    /// fixes a deferred answer's privacy at the defer).
+    fn status_in_own_thread(&self, c: &CommandInteraction) -> bool {
+        if c.data.name != "status" || !is_thread(c) {
+            return false;
+        }
+        let known = self.threads.get(c.channel_id).map(|i| i.task);
+        let first = c
+            .channel
+            .as_ref()
+            .and_then(|ch| ch.name.as_deref())
+            .and_then(|n| n.split_whitespace().next())
+            .filter(|t| t.starts_with("t_"))
+            .map(str::to_string);
+        match Args::of(&c.data).str("task_id") {
+            Some(named) => {
+                known.as_deref() == Some(named.as_str()) || first.as_deref() == Some(named.as_str())
+            }
+            None => known.is_some() || first.is_some(),
+        }
+    }
+
+    /// `/tasks` and its Previous / Next buttons: one page of the user's tasks and those others ran on their
+    /// agents, newest first, each with its thread when the backend knows it.
+    async fn tasks_page(&self, user: &str, page: &HistoryPage) -> crate::backend::Result<Answer> {
+        let query = HistoryQuery {
+            agent: page.agent.clone(),
+            state: page.state.clone(),
+            skip: usize::try_from(page.page)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(HISTORY_PAGE),
+            take: HISTORY_PAGE,
+        };
+        let found = self.backend.history(user, &query).await?;
+        let filters = match (&page.agent, &page.state) {
+            (None, None) => String::new(),
+            (a, s) => {
+                let mut f = Vec::new();
+                if let Some(a) = a {
+                    f.push(format!("on {}", inline_code(a, 40)));
+                }
+                if let Some(s) = s {
+                    f.push(format!("state {}", inline_code(s, 20)));
+                }
+                format!(" ({})", f.join(", "))
+            }
+        };
+        if found.entries.is_empty() {
+            return Ok(Answer::private(if page.page == 0 {
+                format!("No tasks{filters} yet: start one with `/task`.")
+            } else {
+                format!("No more tasks{filters}.")
+            }));
+        }
+        let mut lines = vec![format!("📋 **Tasks{filters}** · page {}", page.page + 1)];
+        for e in &found.entries {
+            let t = &e.task;
+            let icon = phase_of(&t.state).icon();
+            let thread = e.thread.map(|id| format!(" · <#{id}>")).unwrap_or_default();
+            let by = if t.requester == user {
+                String::new()
+            } else {
+                format!(" · by {}", mention(&t.requester))
+            };
+            lines.push(truncate(
+                &format!(
+                    "{icon} `{}` · {} on {} · {} · {}{by}{thread}",
+                    t.id,
+                    inline_code(&t.project, 40),
+                    inline_code(&t.agent, 40),
+                    t.state.replace('_', " "),
+                    when(t.created_at),
+                ),
+                190,
+            ));
+        }
+        let mut answer = Answer::private(truncate(&lines.join("\n"), 2000));
+        answer.components = page_buttons(page, found.more);
+        Ok(answer)
+    }
+
+    /// The user's project that `value` names as `agent/project` (what autocomplete offers where a name repeats
+    /// across machines). `None` for anything else, which is used as typed (a project name, or a folder path).
+    async fn agent_project(&self, user: &str, value: &str) -> Option<crate::backend::ProjectInfo> {
+        let (agent, name) = value.split_once('/')?;
+        if agent.is_empty() || name.is_empty() {
+            return None;
+        }
+        let projects = self.backend.projects(user).await.ok()?;
+        projects
+            .into_iter()
+            .find(|p| p.agent == agent && p.name == name)
     }
 
     /// The open approval of a task: remembered here, or read from its log.
@@ -1062,8 +1297,17 @@ impl Inner {
                     .projects(&user)
                     .await
                     .map(|ps| {
-                        ps.into_iter()
-                            .map(|p| (format!("{} ({})", p.name, p.agent), p.name))
+                        // A name on several machines is offered once per machine, as `agent/project`.
+                        let repeats = |name: &str| ps.iter().filter(|p| p.name == name).count() > 1;
+                        ps.iter()
+                            .map(|p| {
+                                let value = if repeats(&p.name) {
+                                    format!("{}/{}", p.agent, p.name)
+                                } else {
+                                    p.name.clone()
+                                };
+                                (format!("{} ({})", p.name, p.agent), value)
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -1119,6 +1363,14 @@ impl Inner {
             return refusal;
         }
         let user = c.user.id.to_string();
+        if let Some(page) = HistoryPage::parse(&c.data.custom_id) {
+            // The clicker's own history, whoever's list the button was under.
+            return self
+                .tasks_page(&user, &page)
+                .await
+                .unwrap_or_else(failed)
+                .into();
+        }
         let Some(action) = Action::parse(&c.data.custom_id) else {
             return Answer::private(
                 "This button is from an older version of the bot: use the commands instead.",
@@ -1126,6 +1378,11 @@ impl Inner {
             .into();
         };
         let task = action.task().to_string();
+        if let Action::FullOutput { .. } = action {
+            // For the clicker only: the thread already shows the output to everyone in it.
+            let limit = upload_limit(c.attachment_size_limit);
+            return self.status(&user, &task, false, &c.token, limit).await;
+        }
         if let Action::Stop { .. } = action {
             return match self.stop(&user, &task).await {
                 Ok(()) => Answer::private(format!("⏹️ Stopping `{task}`…")).into(),
@@ -1258,6 +1515,7 @@ impl Inner {
                 })
             }
             Action::Stop { .. }
+            | Action::FullOutput { .. }
             | Action::Worktree { .. }
             | Action::DenyReason { .. }
             | Action::AnswerText { .. }
@@ -1418,6 +1676,34 @@ impl Inner {
 /// and for Bash that is a command. An older agent would not parse the decision.
 fn takes_prefixes(view: &crate::render::approval::ApprovalView) -> bool {
     matches!(view.session, Some(SessionScope::Command { .. }))
+}
+
+/// Previous / Next under a `/tasks` page (none when there is only the one page).
+fn page_buttons(page: &HistoryPage, more: bool) -> Vec<serenity::all::CreateActionRow> {
+    use serenity::all::{ButtonStyle, CreateActionRow, CreateButton};
+    if page.page == 0 && !more {
+        return Vec::new();
+    }
+    let to = |n: u32| HistoryPage {
+        page: n,
+        ..page.clone()
+    };
+    let (Ok(prev), Ok(next)) = (
+        to(page.page.saturating_sub(1)).encode(),
+        to(page.page.saturating_add(1)).encode(),
+    ) else {
+        return Vec::new();
+    };
+    vec![CreateActionRow::Buttons(vec![
+        CreateButton::new(prev)
+            .label("Previous")
+            .style(ButtonStyle::Secondary)
+            .disabled(page.page == 0),
+        CreateButton::new(next)
+            .label("Next")
+            .style(ButtonStyle::Secondary)
+            .disabled(!more),
+    ])]
 }
 
 /// Commands whose answer everyone in the channel should see (and so whose deferral is public too).

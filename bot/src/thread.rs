@@ -896,6 +896,7 @@ impl Follower {
             }
             msg = msg.components(worktree_row(&self.task.id));
         }
+        msg = crate::render::summary::with_full_output(msg, &self.task.id);
         if let Err(err) = self.env.rest.send_message(self.thread, &msg, &files).await {
             warn!(%err, task = %self.task.id, "could not post the summary");
         }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ct_bot::backend::{
-    AgentInfo, AuditEntry, BackendError, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel,
-    TaskFeed, TaskInfo, TaskRequest, ThreadMark,
+    AgentInfo, AuditEntry, BackendError, HistoryEntry, HistoryPage, HistoryQuery, Pairing,
+    ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest, ThreadMark,
 };
 use ct_bot::config::{BotConfig, Delivery};
 use ct_bot::{Backend, Bot};
@@ -55,6 +55,14 @@ pub(crate) struct Fake {
     /// While set, a decision closes its approval (as a fast agent reports it) before `decide` returns, and
     /// `decide` takes a while longer: a relay busy after the decision went out.
     pub(crate) close_on_decide: std::sync::atomic::AtomicBool,
+    /// The projects `projects` lists.
+    projects: Mutex<Vec<ProjectInfo>>,
+    /// `/project remove` calls: (name, agent).
+    removed: Mutex<Vec<(String, Option<String>)>>,
+    /// The default agent set last, by user.
+    defaults: Mutex<HashMap<String, String>>,
+    /// Each task's thread, as the relay keeps it.
+    task_threads: Mutex<HashMap<String, u64>>,
 }
 
 impl Fake {
@@ -150,10 +158,55 @@ impl Backend for Fake {
         Err(BackendError::Refused("no".into()))
     }
     async fn projects(&self, _: &str) -> Result<Vec<ProjectInfo>> {
-        Ok(Vec::new())
+        Ok(Self::lock(&self.projects).clone())
     }
-    async fn remove_project(&self, _: &str, _: &str) -> Result<()> {
+    async fn remove_project(&self, _: &str, name: &str, agent: Option<&str>) -> Result<()> {
+        Self::lock(&self.removed).push((name.into(), agent.map(Into::into)));
         Ok(())
+    }
+    async fn set_default_agent(&self, user: &str, agent: &str) -> Result<AgentInfo> {
+        Self::lock(&self.defaults).insert(user.into(), agent.into());
+        Ok(AgentInfo {
+            name: agent.into(),
+            fingerprint: "fp".into(),
+            owner: user.into(),
+            online: true,
+            since: None,
+        })
+    }
+    async fn default_agent(&self, user: &str) -> Result<Option<String>> {
+        Ok(Self::lock(&self.defaults).get(user).cloned())
+    }
+    async fn set_task_thread(&self, task: &str, thread: u64) -> Result<()> {
+        Self::lock(&self.task_threads).insert(task.into(), thread);
+        Ok(())
+    }
+    // As the relay does: the user's tasks and those on their agents, newest first, with their threads.
+    async fn history(&self, user: &str, q: &HistoryQuery) -> Result<HistoryPage> {
+        let mut all: Vec<TaskInfo> = Self::lock(&self.tasks)
+            .values()
+            .map(|t| t.info.clone())
+            .filter(|t| (t.requester == user || t.owner == user) && q.matches(t))
+            .collect();
+        let n = |t: &TaskInfo| {
+            t.id.trim_start_matches("t_fake")
+                .parse::<u32>()
+                .unwrap_or(0)
+        };
+        all.sort_by_key(|t| std::cmp::Reverse(n(t)));
+        let threads = Self::lock(&self.task_threads).clone();
+        Ok(HistoryPage {
+            more: all.len() > q.skip + q.take,
+            entries: all
+                .into_iter()
+                .skip(q.skip)
+                .take(q.take)
+                .map(|task| HistoryEntry {
+                    thread: threads.get(&task.id).copied(),
+                    task,
+                })
+                .collect(),
+        })
     }
     async fn submit(&self, req: TaskRequest) -> Result<TaskInfo> {
         let info = self.create(&req, None);
@@ -1387,5 +1440,386 @@ async fn a_task_can_be_more_private_than_the_servers_setting_never_less() {
     let w = world_with(|_, config| config.private_threads = true).await;
     let (said, thread) = w.task_private("publish it", false).await;
     assert_eq!(w.sim.channel(&thread).unwrap().kind, 12, "{said}");
+    w.stop().await;
+}
+
+/// The follow-ups of an interaction so far, in order.
+fn followups(sim: &DiscordSim, ix: &InteractionRef) -> Vec<SimMessage> {
+    sim.interaction(&ix.id)
+        .map(|i| {
+            i.followups
+                .iter()
+                .filter_map(|id| sim.message(id))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits for at least `n` follow-ups of `ix`.
+async fn wait_followups(sim: &DiscordSim, ix: &InteractionRef, n: usize) -> Vec<SimMessage> {
+    sim.wait_until(T, |s| {
+        let f = followups(s, ix);
+        (f.len() >= n).then_some(f)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("no follow-ups for {}: {e:#}", ix.id))
+}
+
+impl World {
+    fn status(&self, user: &SimUser, channel: &str, task: Option<&str>) -> InteractionRef {
+        let mut cmd = SlashCommand::new("status");
+        if let Some(t) = task {
+            cmd = cmd.opt(Opt::str("task_id", t));
+        }
+        self.sim
+            .send_slash(&self.sim.origin_in(user, channel), &cmd)
+            .unwrap()
+    }
+}
+
+/// Issue 16, item 2: `/status` (and "Full output" under the summary) gives the requester the whole
+/// conversation, privately, with nobody pinged and Claude's open code block closed; in the task's own thread
+/// it answers for everyone there; a stranger cannot tell someone's task from no task, and makes the relay
+/// read nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_gives_the_whole_output_to_its_people_and_nothing_to_others() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = world().await;
+    let general = w.sim.channel_id().to_string();
+    let (task, thread) = w.task("fix the bug").await;
+    w.fake.emit(
+        &task,
+        TaskEvent::Text {
+            text: "Looking at @everyone's code <@9999>:\n```rust\nfn main() {".into(),
+        },
+    );
+    w.fake.emit(
+        &task,
+        TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "cargo test".into(),
+            auto_allowed: None,
+        },
+    );
+    w.fake.emit(
+        &task,
+        TaskEvent::ToolResult {
+            is_error: false,
+            summary: "12 passed".into(),
+        },
+    );
+    w.fake.emit(&task, finished(FinalState::Done, None));
+    let summary = w.summary(&thread, 1).await;
+    assert!(
+        summary.custom_ids().contains(&format!("fo:{task}")),
+        "{:?}",
+        summary.custom_ids()
+    );
+
+    // The requester, from the channel: the summary, then the conversation, all private.
+    let ix = w.status(&w.alice, &general, Some(&task));
+    let said = w.answer(&ix).await;
+    assert!(said.is_ephemeral(), "{said:?}");
+    assert!(
+        said.embeds[0]["title"].as_str().unwrap().contains(&task),
+        "{}",
+        said.embeds
+    );
+    let whole = wait_followups(&w.sim, &ix, 1).await;
+    let text: String = whole.iter().map(|m| m.content.as_str()).collect();
+    for want in [
+        "Looking at @everyone's code <@9999>:\n```rust\nfn main() {\n```",
+        "🔧 **Bash** `cargo test`",
+        "↳ `12 passed`",
+        "✅ Done.",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from {text}");
+    }
+    assert!(whole.iter().all(SimMessage::is_ephemeral), "{whole:#?}");
+    for c in w.sim.calls() {
+        if c.path.contains(&ix.token) {
+            if let Some(allowed) = allowed_mentions_of(&c) {
+                assert_eq!(allowed["parse"], json!([]), "{} {}", c.method, c.path);
+                assert!(allowed["users"].as_array().is_none_or(Vec::is_empty));
+            }
+        }
+    }
+
+    // The same in the task's own thread, named or not, is for everyone there.
+    for named in [Some(task.as_str()), None] {
+        let ix = w.status(&w.alice, &thread, named);
+        let said = w.answer(&ix).await;
+        assert!(!said.is_ephemeral(), "{named:?}: {said:?}");
+        let f = wait_followups(&w.sim, &ix, 1).await;
+        assert!(f.iter().all(|m| !m.is_ephemeral()));
+        assert!(f.iter().any(|m| m.content.contains("cargo test")));
+    }
+
+    // "Full output" under the summary: the clicker's own copy.
+    let ix = w
+        .sim
+        .send_button(
+            &w.sim.origin_in(&w.alice, &thread),
+            &summary.id,
+            &format!("fo:{task}"),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await;
+    assert!(said.is_ephemeral());
+    let f = wait_followups(&w.sim, &ix, 1).await;
+    assert!(f.iter().all(SimMessage::is_ephemeral));
+    assert!(f.iter().any(|m| m.content.contains("cargo test")));
+
+    // A stranger: someone's task and no task read alike, and nothing of the task is read for them.
+    let read = w.fake.follows.load(SeqCst);
+    let mallory = w.sim.user("mallory");
+    let mut refusals = Vec::new();
+    for id in [task.as_str(), "t_nosuchtask"] {
+        let ix = w.status(&mallory, &general, Some(id));
+        let said = w.answer(&ix).await;
+        assert!(said.is_ephemeral() && said.embeds == json!([]), "{said:?}");
+        refusals.push(said.content.replace(id, "<id>"));
+        // Nothing follows a refusal.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(followups(&w.sim, &ix).is_empty());
+    }
+    assert_eq!(refusals[0], refusals[1]);
+    assert!(refusals[0].starts_with("⚠️"), "{}", refusals[0]);
+    let ix = w
+        .sim
+        .send_button(
+            &w.sim.origin_in(&mallory, &thread),
+            &summary.id,
+            &format!("fo:{task}"),
+        )
+        .unwrap();
+    assert_eq!(
+        w.answer(&ix).await.content.replace(&task, "<id>"),
+        refusals[0]
+    );
+    assert_eq!(
+        w.fake.follows.load(SeqCst),
+        read,
+        "a stranger made the relay read the log"
+    );
+    w.stop().await;
+}
+
+/// A transcript too long for a couple of messages arrives as one `<task>.md` with the whole text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transcript_is_one_markdown_file() {
+    let w = world().await;
+    let (task, thread) = w.task("explain everything").await;
+    let long = "a line of what Claude explained at length\n".repeat(300);
+    w.fake.emit(&task, TaskEvent::Text { text: long.clone() });
+    w.fake.emit(&task, finished(FinalState::Done, None));
+    w.summary(&thread, 1).await;
+    let ix = w.status(&w.alice, w.sim.channel_id(), Some(&task));
+    w.answer(&ix).await;
+    let f = wait_followups(&w.sim, &ix, 1).await;
+    assert_eq!(f.len(), 1, "{f:#?}");
+    let names: Vec<&str> = f[0]
+        .attachments
+        .iter()
+        .map(|a| a.filename.as_str())
+        .collect();
+    assert_eq!(names, [format!("{task}.md")]);
+    let call = w
+        .sim
+        .calls()
+        .into_iter()
+        .find(|c| c.path.contains(&ix.token) && !c.files.is_empty())
+        .expect("the upload");
+    // The whole text, with the header and the end around it.
+    assert_eq!(call.files[0].filename, format!("{task}.md"));
+    assert!(call.files[0].size > long.len(), "{:?}", call.files[0]);
+    assert!(f[0].is_ephemeral());
+    w.stop().await;
+}
+
+/// Issue 16, item 6: `/tasks` pages through the user's tasks newest first with each one's thread, filters by
+/// state, and its buttons carry the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_lists_pages_of_history_with_their_threads() {
+    let w = world().await;
+    let mut started = Vec::new();
+    for n in 0..12 {
+        started.push(w.task(&format!("job {n}")).await);
+    }
+    let (done, _) = &started[0];
+    w.fake.emit(done, finished(FinalState::Done, None));
+    let ix = w
+        .sim
+        .send_slash(&w.sim.origin(&w.alice), &SlashCommand::new("tasks"))
+        .unwrap();
+    let page1 = w.answer(&ix).await;
+    assert!(page1.is_ephemeral());
+    let lines: Vec<&str> = page1.content.lines().skip(1).collect();
+    assert_eq!(lines.len(), 10, "{}", page1.content);
+    // Newest first, each with its thread.
+    let (newest, newest_thread) = &started[11];
+    assert!(
+        lines[0].contains(newest.as_str()) && lines[0].contains(&format!("<#{newest_thread}>")),
+        "{}",
+        lines[0]
+    );
+    let next = page1
+        .custom_ids()
+        .into_iter()
+        .find(|c| c.starts_with("tl:1:"))
+        .expect("a Next button");
+    let ix = w
+        .sim
+        .send_button(&w.sim.origin(&w.alice), &page1.id, &next)
+        .unwrap();
+    let page2 = w.answer(&ix).await;
+    let lines: Vec<&str> = page2.content.lines().skip(1).collect();
+    assert_eq!(lines.len(), 2, "{}", page2.content);
+    assert!(lines[1].contains(done.as_str()), "{}", page2.content);
+    assert!(
+        page2.components.to_string().contains("\"disabled\":true"),
+        "Next is off on the last page"
+    );
+
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("tasks").opt(Opt::str("state", "done")),
+        )
+        .unwrap();
+    let done_only = w.answer(&ix).await.content;
+    assert_eq!(done_only.lines().count(), 2, "{done_only}");
+    assert!(done_only.contains(done.as_str()));
+    // Someone with no tasks of theirs sees none of alice's.
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.sim.user("mallory")),
+            &SlashCommand::new("tasks"),
+        )
+        .unwrap();
+    let none = w.answer(&ix).await.content;
+    assert!(none.starts_with("No tasks"), "{none}");
+    w.stop().await;
+}
+
+/// Issue 16, item 6, several machines: autocomplete offers `agent/project` where a name repeats, `/task` and
+/// `/project remove` take it, `/project remove` passes an agent, and `/agents default:NAME` sets the default
+/// while `/agents` alone still lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_machines_agent_project_names_and_the_default_agent() {
+    let w = world().await;
+    let me = w.alice.id.clone();
+    *Fake::lock(&w.fake.projects) = ["laptop", "desktop"]
+        .iter()
+        .map(|a| ProjectInfo {
+            name: "app".into(),
+            path: "/src/app".into(),
+            agent: (*a).into(),
+            owner: me.clone(),
+        })
+        .chain([ProjectInfo {
+            name: "web".into(),
+            path: "/src/web".into(),
+            agent: "laptop".into(),
+            owner: me.clone(),
+        }])
+        .collect();
+    let ix = w
+        .sim
+        .send_autocomplete(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "x"))
+                .opt(Opt::focused("project", "")),
+        )
+        .unwrap();
+    let cb = w.sim.wait_callback(&ix, T).await.unwrap();
+    let values: Vec<&str> = cb.body["data"]["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["laptop/app", "desktop/app", "web"]);
+
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "x"))
+                .opt(Opt::str("project", "desktop/app")),
+        )
+        .unwrap();
+    w.answer(&ix).await;
+    let req = Fake::lock(&w.fake.submits).last().cloned().unwrap();
+    assert_eq!(
+        (req.project.as_deref(), req.agent.as_deref()),
+        (Some("app"), Some("desktop"))
+    );
+    // A folder path is not taken for an agent's project.
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("task")
+                .opt(Opt::str("prompt", "x"))
+                .opt(Opt::str("project", "src/app")),
+        )
+        .unwrap();
+    w.answer(&ix).await;
+    let req = Fake::lock(&w.fake.submits).last().cloned().unwrap();
+    assert_eq!((req.project.as_deref(), req.agent), (Some("src/app"), None));
+
+    for (opts, want) in [
+        (
+            vec![Opt::str("name", "app"), Opt::str("agent", "laptop")],
+            ("app", Some("laptop")),
+        ),
+        (
+            vec![Opt::str("name", "desktop/app")],
+            ("app", Some("desktop")),
+        ),
+        (vec![Opt::str("name", "web")], ("web", None)),
+    ] {
+        let ix = w
+            .sim
+            .send_slash(
+                &w.sim.origin(&w.alice),
+                &SlashCommand::new("project").sub("remove", opts),
+            )
+            .unwrap();
+        let said = w.answer(&ix).await.content;
+        assert!(said.contains("removed"), "{said}");
+        let last = Fake::lock(&w.fake.removed).last().cloned().unwrap();
+        assert_eq!((last.0.as_str(), last.1.as_deref()), want);
+    }
+
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&w.alice),
+            &SlashCommand::new("agents").opt(Opt::str("default", "box03")),
+        )
+        .unwrap();
+    let said = w.answer(&ix).await.content;
+    assert!(
+        said.starts_with("⭐ **box03** is now your default agent"),
+        "{said}"
+    );
+    assert_eq!(
+        Fake::lock(&w.fake.defaults).get(&me).map(String::as_str),
+        Some("box03")
+    );
+    let ix = w
+        .sim
+        .send_slash(&w.sim.origin(&w.alice), &SlashCommand::new("agents"))
+        .unwrap();
+    let list = w.answer(&ix).await.content;
+    let marked: Vec<&str> = list.lines().filter(|l| l.contains("⭐ default")).collect();
+    assert_eq!(marked.len(), 1, "{list}");
+    assert!(marked[0].starts_with("**box03**"), "{list}");
     w.stop().await;
 }

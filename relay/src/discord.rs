@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ct_bot::backend::{
-    AgentInfo, AuditEntry, BackendError, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel,
-    TaskFeed, TaskInfo, TaskRequest, ThreadMark,
+    AgentInfo, AuditEntry, BackendError, HistoryEntry, HistoryPage, HistoryQuery, Pairing,
+    ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest, ThreadMark,
 };
 use ct_bot::leader::LeaseTimes;
 use ct_protocol::pairing::PairingToken;
 use ct_protocol::project::ProjectOp;
-use ct_protocol::task::Decision;
+use ct_protocol::task::{Decision, TaskEvent};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
@@ -33,6 +33,9 @@ use ct_protocol::Fingerprint;
 const PAIR_POLL: Duration = Duration::from_secs(1);
 /// Recent tasks offered to autocomplete and history.
 const RECENT_TASKS: usize = 25;
+/// The most tasks `/tasks` looks through for one page: its filters and pages reach this far back in a
+/// person's history, and reading it costs one indexed read of this many records.
+const HISTORY_SCAN: usize = 500;
 /// Audit entries shown by `/audit`.
 const AUDIT_LINES: usize = 20;
 /// The lease whose holder runs the Discord gateway and every thread follower (see `ct_bot::leader`).
@@ -107,18 +110,18 @@ impl CoreBackend {
 
     /// What the bot shows of each task, with its agent's name and owner read in one go.
     async fn infos(&self, recs: &[TaskRecord]) -> Result<Vec<TaskInfo>> {
-        let fps: Vec<Fingerprint> = recs.iter().map(|r| r.agent).collect();
-        let agents = self
+        // Each agent once: a history of hundreds of tasks runs on a handful of machines.
+        let fps: std::collections::BTreeSet<Fingerprint> = recs.iter().map(|r| r.agent).collect();
+        let agents: std::collections::HashMap<Fingerprint, Option<AgentRecord>> = self
             .read(move |store| {
-                fps.iter()
-                    .map(|fp| store.agent(fp))
-                    .collect::<store::Result<Vec<_>>>()
+                fps.into_iter()
+                    .map(|fp| Ok((fp, store.agent(&fp)?)))
+                    .collect::<store::Result<_>>()
             })
             .await?;
         Ok(recs
             .iter()
-            .zip(agents)
-            .map(|(rec, agent)| task_info(rec, agent))
+            .map(|rec| task_info(rec, agents.get(&rec.agent).cloned().flatten()))
             .collect())
     }
 
@@ -367,11 +370,41 @@ impl Backend for CoreBackend {
         Ok(out)
     }
 
-    async fn remove_project(&self, user: &str, name: &str) -> Result<()> {
+    async fn remove_project(&self, user: &str, name: &str, agent: Option<&str>) -> Result<()> {
+        // With no agent named, the project's own machine: the one of the user's agents that has a project of
+        // that name, and a refusal listing them when several have. (None has: the core words the refusal.)
+        let agent = match agent.map(str::trim).filter(|a| !a.is_empty()) {
+            Some(a) => Some(a.to_string()),
+            None => {
+                let mut on = Vec::new();
+                for a in self.own_agents(user).await? {
+                    let report = self
+                        .core
+                        .agent_projects(&a.fingerprint)
+                        .await
+                        .map_err(task_err)?;
+                    if report.is_some_and(|r| r.projects.iter().any(|p| p.name == name)) {
+                        on.push(a.name);
+                    }
+                }
+                match on.len() {
+                    0 => None,
+                    1 => on.pop(),
+                    _ => {
+                        return Err(BackendError::Refused(format!(
+                            "{name:?} is a project on several of your agents ({}): say which with the agent \
+                             option, e.g. agent:{}",
+                            on.join(", "),
+                            on[0]
+                        )))
+                    }
+                }
+            }
+        };
         self.core
             .project(
                 user,
-                None,
+                agent.as_deref(),
                 ProjectOp::Remove {
                     name: name.to_string(),
                 },
@@ -428,6 +461,100 @@ impl Backend for CoreBackend {
             .await
             .map_err(task_err)?;
         self.infos(&recs).await
+    }
+
+    async fn task_events(
+        &self,
+        user: &str,
+        task: &str,
+    ) -> Result<(TaskInfo, Vec<(u64, TaskEvent)>)> {
+        // Who asks is checked before anything of the task is read, and a stranger's refusal is worded as
+        // for an id that does not exist. The log is read without following the task (no live subscription
+        // is left behind by a look at history).
+        let rec = self.visible_task(user, task).await?;
+        let info = self.info(&rec).await?;
+        let id = task.to_string();
+        let events = self.read(move |store| store.events(&id, 0)).await?;
+        Ok((info, events))
+    }
+
+    async fn history(&self, user: &str, query: &HistoryQuery) -> Result<HistoryPage> {
+        let who = user.to_string();
+        let recs = self
+            .read(move |store| {
+                let mine: Vec<Fingerprint> = store
+                    .agents_of(&who)?
+                    .into_iter()
+                    .map(|a| a.fingerprint)
+                    .collect();
+                store.recent_tasks(&who, &mine, HISTORY_SCAN)
+            })
+            .await?;
+        let matching: Vec<TaskInfo> = self
+            .infos(&recs)
+            .await?
+            .into_iter()
+            .filter(|t| query.matches(t))
+            .collect();
+        let more = matching.len() > query.skip.saturating_add(query.take);
+        let page: Vec<TaskInfo> = matching
+            .into_iter()
+            .skip(query.skip)
+            .take(query.take)
+            .collect();
+        let ids: Vec<String> = page.iter().map(|t| t.id.clone()).collect();
+        let threads: std::collections::HashMap<String, u64> = self
+            .read(move |store| store.task_threads(&ids))
+            .await?
+            .into_iter()
+            .collect();
+        Ok(HistoryPage {
+            entries: page
+                .into_iter()
+                .map(|task| HistoryEntry {
+                    thread: threads.get(&task.id).copied(),
+                    task,
+                })
+                .collect(),
+            more,
+        })
+    }
+
+    async fn set_task_thread(&self, task: &str, thread: u64) -> Result<()> {
+        let task = task.to_string();
+        self.read(move |store| store.put_task_thread(&task, thread))
+            .await
+    }
+
+    async fn set_default_agent(&self, user: &str, agent: &str) -> Result<AgentInfo> {
+        let rec = self
+            .core
+            .set_default_agent(user, agent)
+            .await
+            .map_err(task_err)?;
+        let views = self.core.agents().await.map_err(core_err)?;
+        Ok(views
+            .iter()
+            .find(|v| v.fingerprint == rec.fingerprint)
+            .map_or_else(
+                || AgentInfo {
+                    name: rec.name.clone(),
+                    fingerprint: rec.fingerprint.short(),
+                    owner: rec.owner.clone(),
+                    online: false,
+                    since: rec.last_seen,
+                },
+                agent_info,
+            ))
+    }
+
+    async fn default_agent(&self, user: &str) -> Result<Option<String>> {
+        Ok(self
+            .core
+            .default_agent(user)
+            .await
+            .map_err(task_err)?
+            .map(|a| a.name))
     }
 
     // Thread marks are the bot's own bookkeeping, not the core's state: written straight to the store, on the

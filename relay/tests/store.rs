@@ -61,6 +61,7 @@ macro_rules! contract {
             events_are_read_after_a_sequence_number,
             dropped_events_move_the_record_but_store_nothing,
             thread_marks_are_kept_and_deleted,
+            task_threads_are_kept_with_their_task_and_deleted_with_it,
             audit_pages_newest_first_by_owner_and_by_filter,
             indexes_agree_with_the_records_after_random_operations,
             presence_epochs_grow_and_only_the_current_session_releases,
@@ -1200,6 +1201,46 @@ fn thread_marks_are_kept_and_deleted(open: Open) {
     assert_eq!(marks, [("a".to_string(), serde_json::json!({"n": 3}))]);
 }
 
+fn task_threads_are_kept_with_their_task_and_deleted_with_it(open: Open) {
+    let (dir, store) = fresh(open);
+    let (t1, t2, t3) = (
+        task("t1", "u1", 1, 1),
+        task("t2", "u1", 1, 2),
+        task("t3", "u2", 2, 3),
+    );
+    for t in [&t1, &t2, &t3] {
+        store.put_task(t).unwrap();
+    }
+    store.put_task_thread("t1", 11).unwrap();
+    store.put_task_thread("t2", 22).unwrap();
+    // The last thread written is kept (a task found again in another thread).
+    store.put_task_thread("t2", u64::MAX - 1).unwrap();
+    // A task that is not stored gets no link.
+    store.put_task_thread("nothing", 33).unwrap();
+    let store = reopen(open, &dir, store);
+    let wanted: Vec<String> = ["t1", "t2", "t3", "nothing"].map(String::from).to_vec();
+    let mut found = store.task_threads(&wanted).unwrap();
+    found.sort();
+    assert_eq!(
+        found,
+        [("t1".to_string(), 11), ("t2".to_string(), u64::MAX - 1)]
+    );
+    assert_eq!(store.task_threads(&[]).unwrap(), []);
+    // Only what was asked for.
+    assert_eq!(
+        store.task_threads(&["t1".to_string()]).unwrap(),
+        [("t1".to_string(), 11)]
+    );
+    // Gone with its task.
+    assert_eq!(store.delete_task(&t1).unwrap(), Some(0));
+    let mut found = store.task_threads(&wanted).unwrap();
+    found.sort();
+    assert_eq!(found, [("t2".to_string(), u64::MAX - 1)]);
+    // A task stored again under a deleted one's id starts without a thread.
+    store.put_task(&t1).unwrap();
+    assert_eq!(store.task_threads(&["t1".to_string()]).unwrap(), []);
+}
+
 fn audit_pages_newest_first_by_owner_and_by_filter(open: Open) {
     let (_dir, store) = fresh(open);
     for (owner, at) in [("1", 10), ("2", 20), ("1", 30), ("12", 40), ("1", 50)] {
@@ -1945,6 +1986,7 @@ fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
     from.put_task(&t2).unwrap();
     from.append_audit(&entry("u2")).unwrap();
     from.put_thread_mark("t1", b"{\"thread\":5}").unwrap();
+    from.put_task_thread("t2", 77).unwrap();
     from.shared_secret("relay_key", b"k").unwrap();
     let exported = {
         let mut all = Vec::new();
@@ -1972,4 +2014,8 @@ fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
     let next = to.append_audit(&entry("u1")).unwrap();
     assert_eq!(next.seq, 4, "three entries were imported");
     assert_eq!(to.shared_secret("relay_key", b"other").unwrap(), b"k");
+    assert_eq!(
+        to.task_threads(&["t2".to_string()]).unwrap(),
+        [("t2".to_string(), 77)]
+    );
 }

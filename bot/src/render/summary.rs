@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use serenity::all::{Colour, CreateEmbed, CreateEmbedFooter};
+use serenity::all::{
+    ButtonStyle, Colour, CreateButton, CreateEmbed, CreateEmbedFooter, CreateMessage,
+};
 
 use super::progress::{Phase, TaskProgress};
 use super::{human_duration, truncate};
@@ -101,6 +103,30 @@ pub fn summary_embed(p: &TaskProgress, ctx: &SummaryContext) -> CreateEmbed {
         )));
     }
     e
+}
+
+/// The "Full output" button under a summary: the task's whole transcript, for whoever may see the task (the
+/// relay checks who clicks). `None` for a task id that cannot be carried in a button.
+pub fn full_output_button(task: &str) -> Option<CreateButton> {
+    let id = crate::custom_id::Action::FullOutput {
+        task: task.to_string(),
+    }
+    .encode()
+    .ok()?;
+    Some(
+        CreateButton::new(id)
+            .label("Full output")
+            .emoji('📜')
+            .style(ButtonStyle::Secondary),
+    )
+}
+
+/// `msg` (a summary) with the [`full_output_button`] added after any buttons it has.
+pub fn with_full_output(msg: CreateMessage, task: &str) -> CreateMessage {
+    match full_output_button(task) {
+        Some(button) => msg.button(button),
+        None => msg,
+    }
 }
 
 #[cfg(test)]

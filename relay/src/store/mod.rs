@@ -282,6 +282,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()>;
     fn delete_thread_mark(&self, task: &str) -> Result<()>;
     fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>>;
+    /// Remembers the Discord thread a task's output went to, for as long as the task is kept (thread marks
+    /// last only while a follower runs; a task's history links its thread long after). Written again with the
+    /// same or another thread, the last one is kept. Deleted with the task.
+    fn put_task_thread(&self, task: &str, thread: u64) -> Result<()>;
+    /// The threads of those of `tasks` that have one, in no particular order.
+    fn task_threads(&self, tasks: &[String]) -> Result<Vec<(String, u64)>>;
 
     // --- shares and users ---
 
@@ -407,6 +413,8 @@ pub enum Exported {
     Task(TaskRecord, Vec<(u64, Vec<u8>)>),
     Audit(AuditEntry),
     ThreadMark(String, Vec<u8>),
+    /// A task's Discord thread (see [`Store::put_task_thread`]).
+    TaskThread(String, u64),
     Secret(String, Vec<u8>),
 }
 

@@ -57,6 +57,8 @@ pub struct SledStore {
     /// Task id → where the Discord front end posts that task's output and how far it got (its own JSON,
     /// `ct_bot::backend::ThreadMark`), while its follower has not finished.
     thread_marks: sled::Tree,
+    /// Task id → the Discord thread its output went to (big-endian u64), kept with the task.
+    task_threads: sled::Tree,
     /// Agents by owner, in memory: derived from `agents` at open and kept in step with every write to it, so
     /// finding one person's agents (every task submission does) reads their records, not everyone's.
     owners: Arc<Mutex<AgentOwners>>,
@@ -202,6 +204,7 @@ impl SledStore {
             audit_owner: db.open_tree("audit_owner")?,
             meta: db.open_tree("meta")?,
             thread_marks: db.open_tree("thread_marks")?,
+            task_threads: db.open_tree("task_threads")?,
             cluster: db.open_tree("cluster")?,
             owners: Default::default(),
             admissions: Default::default(),
@@ -730,6 +733,7 @@ impl Store for SledStore {
             n += stored_events(&key, &value)?.len();
             self.events.remove(key)?;
         }
+        self.task_threads.remove(id)?;
         Ok(Some(n))
     }
 
@@ -980,6 +984,30 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn put_task_thread(&self, task: &str, thread: u64) -> Result<()> {
+        // Nothing for a task that is not stored: the link would outlive nothing.
+        if !self.tasks.contains_key(task.as_bytes())? {
+            return Ok(());
+        }
+        self.task_threads
+            .insert(task.as_bytes(), &thread.to_be_bytes())?;
+        Ok(())
+    }
+
+    fn task_threads(&self, tasks: &[String]) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for task in tasks {
+            if let Some(v) = self.task_threads.get(task.as_bytes())? {
+                let bytes: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("a task's thread id is not 8 bytes"))?;
+                out.push((task.clone(), u64::from_be_bytes(bytes)));
+            }
+        }
+        Ok(out)
+    }
+
     fn claim_presence(&self, agent: &Fingerprint, node: &str) -> Result<Presence> {
         let presence = Presence {
             node: node.to_string(),
@@ -1169,6 +1197,16 @@ impl Store for SledStore {
         for (task, mark) in self.thread_mark_bytes()? {
             sink(Exported::ThreadMark(task, mark))?;
         }
+        for kv in self.task_threads.iter() {
+            let (k, v) = kv?;
+            let task =
+                String::from_utf8(k.to_vec()).map_err(|_| corrupt("task id is not UTF-8"))?;
+            let bytes: [u8; 8] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| corrupt("a task's thread id is not 8 bytes"))?;
+            sink(Exported::TaskThread(task, u64::from_be_bytes(bytes)))?;
+        }
         for kv in self.cluster.scan_prefix(b"s/") {
             let (k, v) = kv?;
             let name = String::from_utf8(k[2..].to_vec()).map_err(|_| corrupt("secret name"))?;
@@ -1215,6 +1253,7 @@ impl Store for SledStore {
                     })?;
                 }
                 Exported::ThreadMark(task, mark) => self.put_thread_mark(task, mark)?,
+                Exported::TaskThread(task, thread) => self.put_task_thread(task, *thread)?,
                 Exported::Secret(name, value) => {
                     self.cluster
                         .insert(cluster_key(b"s/", name.as_bytes()), value.as_slice())?;

@@ -323,6 +323,16 @@ fn route(sh: &Shared, st: &mut super::state::State, req: &Req, now: Instant) -> 
             check_app(sh, app)?;
             webhook_message(sh, st, token, which, req, now)
         }
+        // Someone deletes a channel or thread: it and its messages are gone, and later calls on it get
+        // Unknown Channel, as Discord answers them.
+        ("DELETE", ["channels", c]) => {
+            let ch = st
+                .channels
+                .remove(*c)
+                .ok_or_else(|| unknown("Channel", 10003))?;
+            st.messages.remove(*c);
+            Ok((200, ch.json()))
+        }
         ("GET", ["channels", c]) => st
             .channels
             .get(*c)

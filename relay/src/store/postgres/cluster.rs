@@ -273,6 +273,17 @@ impl PgStore {
         {
             sink(Exported::ThreadMark(row.try_get(0)?, row.try_get(1)?))?;
         }
+        for row in self.read(|c| {
+            c.query(
+                "SELECT task, thread FROM ct_task_threads ORDER BY task",
+                &[],
+            )
+        })? {
+            sink(Exported::TaskThread(
+                row.try_get(0)?,
+                super::thread_of_bits(row.try_get(1)?),
+            ))?;
+        }
         for row in
             self.read(|c| c.query("SELECT name, value FROM ct_secrets ORDER BY name", &[]))?
         {
@@ -338,6 +349,13 @@ impl PgStore {
                             "INSERT INTO ct_thread_marks (task, mark) VALUES ($1, $2)
                              ON CONFLICT (task) DO UPDATE SET mark = excluded.mark",
                             &[task, mark],
+                        )?;
+                    }
+                    Exported::TaskThread(task, thread) => {
+                        c.execute(
+                            "INSERT INTO ct_task_threads (task, thread) VALUES ($1, $2)
+                             ON CONFLICT (task) DO UPDATE SET thread = excluded.thread",
+                            &[task, &super::thread_bits(*thread)],
                         )?;
                     }
                     Exported::Secret(name, value) => {

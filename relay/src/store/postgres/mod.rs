@@ -717,6 +717,31 @@ impl Store for PgStore {
             .collect()
     }
 
+    fn put_task_thread(&self, task: &str, thread: u64) -> Result<()> {
+        // Nothing for a task that is not stored (as sled does): the row would outlive nothing.
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO ct_task_threads (task, thread)
+                 SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM ct_tasks WHERE id = $1)
+                 ON CONFLICT (task) DO UPDATE SET thread = excluded.thread",
+                &[&task, &thread_bits(thread)],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn task_threads(&self, tasks: &[String]) -> Result<Vec<(String, u64)>> {
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT task, thread FROM ct_task_threads WHERE task = ANY($1)",
+                &[&tasks],
+            )
+        })?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, thread_of_bits(r.try_get(1)?))))
+            .collect()
+    }
+
     // --- shares and users ---
 
     fn share(&self, owner: &str, grantee: &str) -> Result<Option<ShareRecord>> {
@@ -1038,6 +1063,17 @@ fn retryable(e: &postgres::Error) -> bool {
 /// first migration). Comparisons stay exact below the cap; a "no bound" `u64::MAX` is the cap itself.
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A Discord id in a bigint column, bit for bit: snowflakes fit in 63 bits today, but an id is not a count to
+/// cap, and every u64 must read back as written.
+pub(super) fn thread_bits(id: u64) -> i64 {
+    i64::from_ne_bytes(id.to_ne_bytes())
+}
+
+/// [`thread_bits`] read back.
+pub(super) fn thread_of_bits(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
 }
 
 /// A row limit (`usize::MAX` means none).
