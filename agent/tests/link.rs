@@ -244,6 +244,7 @@ impl Relay {
             paired,
             heartbeat_ms: transport.timing().heartbeat.as_millis() as u64,
             relays: Vec::new(),
+            tool_output: false,
         };
         if writer.send(&Verdict::Welcome(welcome)).await.is_err() {
             return;

@@ -36,6 +36,7 @@ fn welcome() -> Welcome {
         paired: true,
         heartbeat_ms: 1000,
         relays: Vec::new(),
+        tool_output: false,
     }
 }
 

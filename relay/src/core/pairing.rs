@@ -193,6 +193,8 @@ impl State {
                 Some(_) => self.cluster_addrs.clone(),
                 None => Vec::new(),
             },
+            // Set by the endpoint, which owns what the wire offers.
+            tool_output: false,
         })
     }
 
