@@ -66,6 +66,7 @@ pub async fn run_session(
             }
         };
     }
+    tasks.set_tool_output(link.welcome.tool_output);
     for msg in tasks.hello() {
         send!(&msg);
     }

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport}
 use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{
     Decision as WireDecision, FinalState, Isolation, Requester, Role, TaskEvent, TaskSpec,
-    WorktreeAction, WorktreeOutcome, MAX_EVENT_TEXT,
+    WorktreeAction, WorktreeOutcome, MAX_EVENT_TEXT, MAX_TOOL_COMMAND,
 };
 use ct_protocol::{AgentMessage, RelayMessage};
 use serde_json::Value;
@@ -56,6 +56,9 @@ const MAX_INPUT_STRING: usize = 4000;
 /// An approval's tool input is sent whole up to this size (JSON bytes), so the approver can read all of what
 /// would run (the bot attaches it); past it, long strings are cut and the approval says so.
 const MAX_APPROVAL_INPUT: usize = 256 * 1024;
+/// Tool uses remembered per process until their result comes (for the result's tool name and an edit's
+/// diff): results follow their uses closely, so a few dozen is plenty; older ones are forgotten.
+const MAX_PENDING_TOOLS: usize = 64;
 
 /// How tasks run on this machine.
 #[derive(Debug, Clone)]
@@ -176,6 +179,10 @@ struct Inner {
     /// Held by the one worktree sweep running (see [`Inner::sweep`]).
     sweeping: tokio::sync::Mutex<()>,
     shutdown: CancellationToken,
+    /// The relay in use asked for tool output (its Welcome's `tool_output`): tool results go out whole
+    /// (bounded), with their use's id, exit status and diff. Off, they are the short previews older relays
+    /// know.
+    tool_output: AtomicBool,
 }
 
 #[derive(Default)]
@@ -261,6 +268,7 @@ impl Tasks {
                 tracker: TaskTracker::new(),
                 sweeping: tokio::sync::Mutex::new(()),
                 shutdown,
+                tool_output: AtomicBool::new(false),
             }),
         };
         let inner = tasks.inner.clone();
@@ -275,6 +283,15 @@ impl Tasks {
             }
         });
         tasks
+    }
+
+    /// What the relay just connected to offers: whether it wants tool results whole ([`Welcome::tool_output`]).
+    /// Read as each tool event is built; events already queued keep what they were built with (older relays
+    /// ignore the fields they do not know).
+    ///
+    /// [`Welcome::tool_output`]: ct_protocol::handshake::Welcome::tool_output
+    pub fn set_tool_output(&self, on: bool) {
+        self.inner.tool_output.store(on, Ordering::Relaxed);
     }
 
     /// Waits until every task's process is gone (after the shutdown token fired).
@@ -892,6 +909,9 @@ struct Driver {
     tx: Option<mpsc::UnboundedSender<Cmd>>,
     /// A grantee session's path through the API proxy, closed with the process.
     _lease: Option<meter::proxy::Lease>,
+    /// Tool uses whose result has not come yet: (id, tool, input), oldest first, at most
+    /// [`MAX_PENDING_TOOLS`].
+    tool_uses: VecDeque<(String, String, Value)>,
 }
 
 impl Driver {
@@ -1019,6 +1039,7 @@ impl Driver {
             session_id: spec.resume.clone(),
             tx,
             _lease: lease,
+            tool_uses: VecDeque::new(),
         };
         if let Err(e) = driver.session.send(spec.prompt) {
             driver.fail(e.to_string()).await;
@@ -1097,6 +1118,49 @@ impl Driver {
             }
         }
         mine
+    }
+
+    /// A tool result for a relay that shows tool output: the output whole (bounded), Bash's exit status, an
+    /// edit's diff (from the CLI's patch, else from the use's input remembered here).
+    fn tool_result(
+        &mut self,
+        tool_use_id: String,
+        is_error: bool,
+        summary: String,
+        full: &str,
+        structured: &Value,
+    ) -> TaskEvent {
+        let (tool, input) = match self.tool_uses.iter().position(|(id, ..)| *id == tool_use_id) {
+            Some(at) => self
+                .tool_uses
+                .remove(at)
+                .map(|(_, tool, input)| (tool, input))
+                .unwrap_or_default(),
+            None => (String::new(), Value::Null),
+        };
+        let (diff, diff_cut) = match claude::events::edit_diff(&tool, &input, structured) {
+            Some(d) if d.len() > MAX_EVENT_TEXT => (Some(cut_bytes(&d, MAX_EVENT_TEXT)), true),
+            d => (d, false),
+        };
+        // An edit's result text only says it worked; its diff is what there is to see.
+        let (output, output_bytes) = if diff.is_some() {
+            (None, None)
+        } else {
+            let (o, cut) = claude::events::head_and_tail(full, MAX_EVENT_TEXT);
+            (Some(o), cut)
+        };
+        TaskEvent::ToolResult {
+            is_error,
+            summary,
+            exit_code: (tool == "Bash")
+                .then(|| claude::events::bash_exit_code(is_error, full))
+                .flatten(),
+            tool_use_id: Some(tool_use_id),
+            output,
+            output_bytes,
+            diff,
+            diff_cut,
+        }
     }
 
     async fn emit(&self, event: TaskEvent) {
@@ -1220,11 +1284,37 @@ impl Driver {
                     self.emit(TaskEvent::Text { text }).await;
                 }
             }
-            RunnerEvent::ToolUse { name, summary, .. } => {
+            RunnerEvent::ToolUse {
+                id,
+                name,
+                summary,
+                input,
+            } => {
+                if !self.inner.tool_output.load(Ordering::Relaxed) {
+                    self.emit(TaskEvent::Tool {
+                        name,
+                        summary,
+                        auto_allowed: None,
+                        id: None,
+                        command: None,
+                    })
+                    .await;
+                    return;
+                }
+                let command = (name == "Bash")
+                    .then(|| input["command"].as_str().map(|c| cut_bytes(c, MAX_TOOL_COMMAND)))
+                    .flatten();
+                if self.tool_uses.len() >= MAX_PENDING_TOOLS {
+                    self.tool_uses.pop_front();
+                }
+                self.tool_uses
+                    .push_back((id.clone(), name.clone(), input));
                 self.emit(TaskEvent::Tool {
                     name,
                     summary,
                     auto_allowed: None,
+                    id: Some(id),
+                    command,
                 })
                 .await;
             }
@@ -1239,15 +1329,33 @@ impl Driver {
                     name: tool,
                     summary,
                     auto_allowed: Some(wire_scope(rule)),
+                    id: None,
+                    command: None,
                 })
                 .await;
             }
-            RunnerEvent::ToolResult { is_error, text, .. } => {
-                self.emit(TaskEvent::ToolResult {
-                    is_error,
-                    summary: text,
-                })
-                .await;
+            RunnerEvent::ToolResult {
+                tool_use_id,
+                is_error,
+                text,
+                full,
+                structured,
+            } => {
+                let event = if self.inner.tool_output.load(Ordering::Relaxed) {
+                    self.tool_result(tool_use_id, is_error, text, &full, &structured)
+                } else {
+                    TaskEvent::ToolResult {
+                        is_error,
+                        summary: text,
+                        tool_use_id: None,
+                        output: None,
+                        output_bytes: None,
+                        exit_code: None,
+                        diff: None,
+                        diff_cut: false,
+                    }
+                };
+                self.emit(event).await;
             }
             RunnerEvent::ApprovalRequested(req) => {
                 let Some(bound) = &mut self.bound else {

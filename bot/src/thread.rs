@@ -23,7 +23,7 @@
 //! that died between a post and its mark is covered by the posts' nonces (Discord's `enforce_nonce` returns
 //! the message already there).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,6 +47,7 @@ use crate::render::approval::{
 use crate::render::output::{place, OutputKind, Placement, DEFAULT_ATTACHMENT_LIMIT};
 use crate::render::progress::{EditDecision, EditThrottle, Phase, TaskProgress, EDIT_INTERVAL};
 use crate::render::summary::{summary_embed, SummaryContext};
+use crate::render::tools::{Change, ToolUse, TurnTools};
 use crate::rest::{Rest, Upload};
 
 /// Threads remembered at once; the oldest are forgotten first (and found again from their name if used).
@@ -349,6 +350,69 @@ struct Follower {
     reopen: BTreeMap<String, u64>,
     /// Messages posted so far for the event `last_seq`: with it, each message's nonce.
     posts: std::sync::atomic::AtomicU32,
+    /// The tool messages of the turn in hand.
+    tools: TurnMessages,
+}
+
+/// Uses remembered after their turn's message closed (or from before a restart), for results that come
+/// later; the oldest are forgotten first.
+const MAX_EARLIER_TOOLS: usize = 64;
+
+/// A turn's tool uses as shown in the thread ([`TurnTools`]) and the messages showing them.
+///
+/// A turn's message is posted at once with its first tool (and another when it would pass 2,000 characters),
+/// then edited as results come, at most about once a second ([`EditThrottle`]); attachments go at once, in
+/// messages of their own. Text, a turn's end or the task's end closes the message (its last edit made first).
+///
+/// Restarts: the mark never claims an event whose edit is still waiting (see [`Follower::shown_through`]), so
+/// nothing is lost; a follower that carries on starts a new message for the next tool use, and results of uses
+/// shown before it get lines there, named by their use (remembered from the replayed events). A clean stop
+/// makes the waiting edit first, so a hand-over repeats nothing; after a crash, at most about a second of tool
+/// lines may show again (every post has a nonce, so no message is posted twice).
+struct TurnMessages {
+    turn: Option<TurnTools>,
+    /// The message of each part, once posted.
+    messages: Vec<Option<MessageId>>,
+    /// Parts whose edit waits for the throttle.
+    dirty: BTreeSet<usize>,
+    /// The first event whose change waits in `dirty`.
+    dirty_since: Option<u64>,
+    throttle: EditThrottle,
+    earlier: VecDeque<ToolUse>,
+}
+
+impl Default for TurnMessages {
+    fn default() -> Self {
+        Self {
+            turn: None,
+            messages: Vec::new(),
+            dirty: BTreeSet::new(),
+            dirty_since: None,
+            throttle: EditThrottle::new(EDIT_INTERVAL),
+            earlier: VecDeque::new(),
+        }
+    }
+}
+
+impl TurnMessages {
+    fn remember(&mut self, tool: ToolUse) {
+        if self.earlier.len() >= MAX_EARLIER_TOOLS {
+            self.earlier.pop_front();
+        }
+        self.earlier.push_back(tool);
+    }
+
+    /// The remembered use a result answers (by id).
+    fn earlier(&self, ev: &TaskEvent) -> Option<&ToolUse> {
+        let TaskEvent::ToolResult {
+            tool_use_id: Some(id),
+            ..
+        } = ev
+        else {
+            return None;
+        };
+        self.earlier.iter().rev().find(|t| t.id.as_deref() == Some(id))
+    }
 }
 
 /// How a follower is told to stop.
@@ -406,6 +470,7 @@ pub async fn follow(
         resumed,
         reopen: resume.map(|m| m.approvals).unwrap_or_default(),
         posts: std::sync::atomic::AtomicU32::new(0),
+        tools: TurnMessages::default(),
     };
     let ended = tokio::select! {
         ended = f.run(&stop.soft) => ended,
@@ -461,6 +526,7 @@ impl Follower {
         let already_posted = self.last_seq;
         for (seq, ev) in feed.past {
             if soft.is_cancelled() {
+                self.flush_tools(true).await;
                 self.save_mark().await;
                 return Ended::Stopped;
             }
@@ -483,12 +549,15 @@ impl Follower {
                 EditDecision::At(t) => Some(Instant::from_std(t)),
                 EditDecision::Idle => None,
             };
+            let tools_wake = self.tools_due().await;
             tokio::select! {
                 // Between events: whatever the last one posted is in the mark once it is saved here.
                 () = soft.cancelled() => {
+                    self.flush_tools(true).await;
                     self.save_mark().await;
                     return Ended::Stopped;
                 }
+                () = async { if let Some(t) = tools_wake { tokio::time::sleep_until(t).await } else { std::future::pending().await } } => {}
                 got = live.recv() => match got {
                     Ok((seq, ev)) => self.event(seq, ev).await,
                     Err(RecvError::Lagged(n)) => {
@@ -538,12 +607,14 @@ impl Follower {
                     ..
                 }
         );
+        let tool_posted = self.tool_event(seq, &ev).await;
         match &ev {
             TaskEvent::Text { text } => self.post_output(text).await,
             TaskEvent::Tool {
                 name,
                 summary,
                 auto_allowed: Some(rule),
+                ..
             } => {
                 // Nobody was asked about this use, so the thread is told it happened.
                 self.post_text(&auto_allowed_line(name, summary, rule))
@@ -562,7 +633,7 @@ impl Follower {
             }
             _ => {}
         }
-        if posts {
+        if posts || tool_posted {
             self.save_mark().await;
         }
         if self.progress.apply(&ev) {
@@ -611,6 +682,12 @@ impl Follower {
             TaskEvent::ApprovalClosed { approval, .. } => {
                 self.env.threads.close_approval(&self.task.id, approval);
             }
+            TaskEvent::Tool { .. } => {
+                // Shown before the restart: its result, if still to come, names it.
+                if let Some(tool) = ToolUse::of(ev) {
+                    self.tools.remember(tool);
+                }
+            }
             _ => {}
         }
     }
@@ -621,7 +698,7 @@ impl Follower {
             task: self.task.id.clone(),
             thread: self.thread.get(),
             progress: self.progress_msg.map(MessageId::get),
-            posted: self.last_seq,
+            posted: self.shown_through(),
             upload_limit: self.upload_limit,
             approvals: self.env.threads.approval_messages(&self.task.id),
         };
@@ -797,6 +874,7 @@ impl Follower {
     }
 
     async fn finish(&mut self) {
+        self.close_tools().await;
         for open in self.env.threads.close_all_approvals(&self.task.id) {
             self.close_approval(&open, &Closed::Other("the task ended".into()))
                 .await;
@@ -837,6 +915,155 @@ impl Follower {
         }
         if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {
             warn!(%err, task = %self.task.id, "could not forget the finished thread's mark");
+        }
+    }
+}
+
+impl Follower {
+    /// Shows a tool use or result in the turn's message, and closes that message when text or the turn's end
+    /// comes. True when it posted something (a message or a file), so the mark is saved.
+    async fn tool_event(&mut self, seq: u64, ev: &TaskEvent) -> bool {
+        match ev {
+            TaskEvent::Text { .. } | TaskEvent::TurnFinished { .. } | TaskEvent::Finished { .. } => {
+                self.close_tools().await;
+                false
+            }
+            TaskEvent::Tool { .. } => {
+                let Some(tool) = ToolUse::of(ev) else {
+                    return false;
+                };
+                let limit = self.upload_limit;
+                let turn = self
+                    .tools
+                    .turn
+                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit));
+                let change = turn.add(tool);
+                self.apply_tools(seq, change).await
+            }
+            TaskEvent::ToolResult { .. } => {
+                let earlier = self.tools.earlier(ev).cloned();
+                let limit = self.upload_limit;
+                let turn = self
+                    .tools
+                    .turn
+                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit));
+                let change = turn.result(ev, seq, earlier.as_ref());
+                self.apply_tools(seq, change).await
+            }
+            _ => false,
+        }
+    }
+
+    /// Posts a new part and the files at once; an edit waits for the throttle.
+    async fn apply_tools(&mut self, seq: u64, change: Change) -> bool {
+        let mut posted = false;
+        if let Some(part) = change.new_part {
+            self.post_tools_part(part).await;
+            posted = true;
+        }
+        if let Some(part) = change.edited {
+            self.tools.dirty.insert(part);
+            self.tools.dirty_since.get_or_insert(seq);
+            self.tools.throttle.changed();
+        }
+        for file in change.files {
+            let msg = CreateMessage::new()
+                .content(file.note)
+                .allowed_mentions(CreateAllowedMentions::new())
+                .nonce(self.event_nonce())
+                .enforce_nonce(true);
+            let upload = Upload {
+                filename: file.filename,
+                data: file.data,
+            };
+            if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[upload]).await {
+                warn!(%err, task = %self.task.id, "could not post a tool's output");
+            }
+            posted = true;
+        }
+        posted
+    }
+
+    async fn post_tools_part(&mut self, part: usize) {
+        let Some(turn) = &self.tools.turn else { return };
+        let msg = CreateMessage::new()
+            .content(turn.render(part))
+            .allowed_mentions(CreateAllowedMentions::new())
+            // The same message of the same turn on every node and after a restart: posted once.
+            .nonce(nonce(&self.task.id, "tools", turn.first_seq, part as u32))
+            .enforce_nonce(true);
+        let id = match self.env.rest.send_message(self.thread, &msg, &[]).await {
+            Ok(m) => Some(m.id),
+            Err(err) => {
+                warn!(%err, task = %self.task.id, "could not post the turn's tools");
+                None
+            }
+        };
+        if self.tools.messages.len() <= part {
+            self.tools.messages.resize(part + 1, None);
+        }
+        self.tools.messages[part] = id;
+    }
+
+    /// Makes the waiting edits if the throttle allows (`force`: now), then saves the mark they held back.
+    async fn flush_tools(&mut self, force: bool) {
+        if self.tools.dirty.is_empty() {
+            return;
+        }
+        if !force
+            && self.tools.throttle.poll(Instant::now().into_std(), false) != EditDecision::Now
+        {
+            return;
+        }
+        for part in std::mem::take(&mut self.tools.dirty) {
+            let Some(turn) = &self.tools.turn else { break };
+            match self.tools.messages.get(part).copied().flatten() {
+                Some(id) => {
+                    let edit = EditMessage::new().content(turn.render(part));
+                    if let Err(err) = self.env.rest.edit_message(self.thread, id, &edit).await {
+                        warn!(%err, task = %self.task.id, "could not edit the turn's tools");
+                    }
+                }
+                // Its post failed: try once more (same nonce, so never twice).
+                None => self.post_tools_part(part).await,
+            }
+        }
+        if self.tools.dirty_since.take().is_some() {
+            self.save_mark().await;
+        }
+    }
+
+    /// Makes the waiting edits when due; otherwise when to come back for them.
+    async fn tools_due(&mut self) -> Option<Instant> {
+        if self.tools.dirty.is_empty() {
+            return None;
+        }
+        match self.tools.throttle.poll(Instant::now().into_std(), false) {
+            EditDecision::Now => {
+                self.flush_tools(true).await;
+                None
+            }
+            EditDecision::At(t) => Some(Instant::from_std(t)),
+            EditDecision::Idle => None,
+        }
+    }
+
+    /// Ends the turn's message: its last edit now; uses still waiting for a result are remembered.
+    async fn close_tools(&mut self) {
+        self.flush_tools(true).await;
+        if let Some(turn) = self.tools.turn.take() {
+            for tool in turn.pending() {
+                self.tools.remember(tool);
+            }
+        }
+        self.tools.messages.clear();
+    }
+
+    /// How far the thread shows the task: the last event handled, but not past an edit still waiting.
+    fn shown_through(&self) -> u64 {
+        match self.tools.dirty_since {
+            Some(seq) => seq.saturating_sub(1).min(self.last_seq),
+            None => self.last_seq,
         }
     }
 }

@@ -742,6 +742,8 @@ async fn progress_is_edited_at_most_about_once_a_second() {
                 name: "Read".into(),
                 summary: format!("src/file{i}.rs"),
                 auto_allowed: None,
+                id: None,
+                command: None,
             },
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

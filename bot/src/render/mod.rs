@@ -9,6 +9,8 @@
 //!   out of, hidden and bidirectional characters written out).
 //! - [`approval`]: approval requests as buttons, AskUserQuestion as select menus, the deny-reason and
 //!   free-text modals, disabled versions once an approval is closed, and the Stop button.
+//! - [`tools`]: a turn's tool uses as one message (or a few), each line filled in with its result: Bash's
+//!   command, exit status and output tail, an edit's diff, a compact line for the rest; attachments when long.
 //! - [`output`]: whether long output (tool results, diffs) goes in messages or an attachment, within the
 //!   interaction's upload limit.
 
@@ -17,6 +19,7 @@ pub mod escape;
 pub mod output;
 pub mod progress;
 pub mod summary;
+pub mod tools;
 
 /// `4s`, `1m 05s`, `2h 03m`: short enough for a progress line.
 pub fn human_duration(d: std::time::Duration) -> String {

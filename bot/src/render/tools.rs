@@ -1,0 +1,653 @@
+//! A turn's tool uses in the thread: one message listing them (more when it would pass 2,000 characters),
+//! each line filled in as its result comes.
+//!
+//! - Bash: the command, its exit status and the tail of its output in a code block; the whole output as a
+//!   `.txt` attachment when the tail is not all of it (or the command was too long to show in full).
+//! - Edit, Write, MultiEdit, NotebookEdit: the change as a ```diff block, or a `.patch` attachment when long.
+//! - Everything else (Read, Grep, Glob, WebFetch, WebSearch, TodoWrite, ...): one compact line.
+//!
+//! Everything the tool or the model wrote goes through [`escape`](super::escape): commands and paths as inline
+//! code, output in fenced blocks that cannot be broken out of, hidden and right-to-left characters written
+//! out. Mentions are inert in code, and the follower posts with no allowed mentions besides.
+//!
+//! [`TurnTools`] is plain state: the follower feeds it events and posts or edits the parts it says changed.
+//! Each line reserves, while its result is pending, the most room its kind can take once the result is in, so
+//! a part posted once never outgrows a message when its lines are filled in.
+
+use ct_protocol::task::TaskEvent;
+
+use super::escape::{code_block, inline_code, visible};
+use super::progress::tool_line;
+use super::truncate;
+use crate::split::MESSAGE_LIMIT;
+
+/// Most lines of Bash output shown inline.
+pub const TAIL_LINES: usize = 15;
+/// Most characters of Bash output shown inline (inside the block).
+pub const TAIL_CHARS: usize = 600;
+/// Most characters of a diff shown inline (inside the block); a longer one is attached.
+pub const DIFF_INLINE_CHARS: usize = 700;
+/// Most characters of a command or path shown in a line; a longer command is attached in full.
+const HEAD_CHARS: usize = 240;
+/// The most a line's head (icon, tool, what it acts on, its status) takes.
+const HEAD_MAX: usize = HEAD_CHARS + 80;
+/// The most a compact line takes with its result.
+const COMPACT_MAX: usize = HEAD_MAX + 160;
+/// Room for a code block's fences, language and the note under it.
+const BLOCK_EXTRA: usize = 120;
+
+/// How a tool is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Bash,
+    Edit,
+    Compact,
+}
+
+impl Kind {
+    fn of(tool: &str) -> Self {
+        match tool {
+            "Bash" => Self::Bash,
+            "Edit" | "Write" | "MultiEdit" | "NotebookEdit" => Self::Edit,
+            _ => Self::Compact,
+        }
+    }
+
+    /// The most a line of this kind takes once its result is in.
+    fn reserve(self) -> usize {
+        match self {
+            Self::Bash => HEAD_MAX + TAIL_CHARS + BLOCK_EXTRA,
+            Self::Edit => HEAD_MAX + DIFF_INLINE_CHARS + BLOCK_EXTRA,
+            Self::Compact => COMPACT_MAX,
+        }
+    }
+}
+
+/// A file to post with a tool's result, in a message of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolFile {
+    pub filename: String,
+    pub data: Vec<u8>,
+    /// The line posted with it.
+    pub note: String,
+}
+
+/// What a tool use was, as far as showing its result needs: kept by the follower for uses posted before a
+/// restart, so their results still say what they answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolUse {
+    pub id: Option<String>,
+    pub name: String,
+    pub summary: String,
+    pub command: Option<String>,
+}
+
+impl ToolUse {
+    /// The use in `ev`, if it is a plain tool use (an auto-allowed one repeats a use already shown).
+    pub fn of(ev: &TaskEvent) -> Option<Self> {
+        match ev {
+            TaskEvent::Tool {
+                name,
+                summary,
+                auto_allowed: None,
+                id,
+                command,
+            } => Some(Self {
+                id: id.clone(),
+                name: name.clone(),
+                summary: summary.clone(),
+                command: command.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Line {
+    tool: ToolUse,
+    kind: Kind,
+    /// The rendered result, once it came.
+    result: Option<String>,
+    part: usize,
+}
+
+impl Line {
+    fn render(&self) -> String {
+        let head = head(&self.tool);
+        match &self.result {
+            None => format!("{head} ⏳"),
+            Some(r) => format!("{head}{r}"),
+        }
+    }
+
+    fn room(&self) -> usize {
+        match self.result {
+            None => self.kind.reserve(),
+            Some(_) => self.render().chars().count(),
+        }
+    }
+}
+
+/// What a line starts with: the tool and what it acts on (the whole command for Bash, up to a point).
+fn head(t: &ToolUse) -> String {
+    match Kind::of(&t.name) {
+        Kind::Bash => {
+            let cmd = t.command.as_deref().unwrap_or(&t.summary);
+            format!("▶ {}", inline_code(cmd.trim(), HEAD_CHARS))
+        }
+        Kind::Edit => format!(
+            "✏️ {} {}",
+            tool_name(&t.name),
+            inline_code(t.summary.trim(), HEAD_CHARS)
+        ),
+        Kind::Compact => truncate(&tool_line(&t.name, &t.summary), HEAD_CHARS + 20),
+    }
+}
+
+/// One assistant turn's tool uses, laid out in message-sized parts.
+#[derive(Debug, Clone)]
+pub struct TurnTools {
+    /// The sequence number of the event that opened it: with the part index, each part message's nonce.
+    pub first_seq: u64,
+    task: String,
+    upload_limit: u64,
+    lines: Vec<Line>,
+    parts: usize,
+}
+
+/// What changed in a [`TurnTools`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// A part to post as a new message (its index).
+    pub new_part: Option<usize>,
+    /// A part already posted whose content changed.
+    pub edited: Option<usize>,
+    /// Files to post on their own.
+    pub files: Vec<ToolFile>,
+}
+
+impl TurnTools {
+    pub fn new(task: &str, first_seq: u64, upload_limit: u64) -> Self {
+        Self {
+            first_seq,
+            task: task.to_string(),
+            upload_limit,
+            lines: Vec::new(),
+            parts: 0,
+        }
+    }
+
+    /// How many parts (messages) it has.
+    pub fn parts(&self) -> usize {
+        self.parts
+    }
+
+    /// Part `i` as message content, at most 2,000 characters.
+    pub fn render(&self, part: usize) -> String {
+        let out = self
+            .lines
+            .iter()
+            .filter(|l| l.part == part)
+            .map(Line::render)
+            .collect::<Vec<_>>()
+            .join("\n");
+        // Never needed by construction (lines reserve their room); a guard, not a layout.
+        truncate(&out, MESSAGE_LIMIT)
+    }
+
+    /// The uses still waiting for their result.
+    pub fn pending(&self) -> impl Iterator<Item = ToolUse> + '_ {
+        self.lines
+            .iter()
+            .filter(|l| l.result.is_none())
+            .map(|l| l.tool.clone())
+    }
+
+    /// Adds a tool use; its line goes in the last part, or a new one when the last is full.
+    pub fn add(&mut self, tool: ToolUse) -> Change {
+        let kind = Kind::of(&tool.name);
+        let last = self.parts.checked_sub(1);
+        let fits = last.is_some_and(|p| {
+            let used: usize = self
+                .lines
+                .iter()
+                .filter(|l| l.part == p)
+                .map(|l| l.room() + 1)
+                .sum();
+            used + kind.reserve() <= MESSAGE_LIMIT
+        });
+        let mut change = Change::default();
+        let part = match last {
+            Some(p) if fits => {
+                change.edited = Some(p);
+                p
+            }
+            _ => {
+                self.parts += 1;
+                change.new_part = Some(self.parts - 1);
+                self.parts - 1
+            }
+        };
+        self.lines.push(Line {
+            tool,
+            kind,
+            result: None,
+            part,
+        });
+        change
+    }
+
+    /// Fills in a result: the line of its use (by id; from an older agent without ids, the first line still
+    /// waiting). A result whose use is not here (`earlier`: posted before a restart, or in an earlier turn) gets
+    /// a line of its own.
+    pub fn result(&mut self, ev: &TaskEvent, seq: u64, earlier: Option<&ToolUse>) -> Change {
+        let TaskEvent::ToolResult { tool_use_id, .. } = ev else {
+            return Change::default();
+        };
+        let at = match tool_use_id {
+            Some(id) => self
+                .lines
+                .iter()
+                .position(|l| l.result.is_none() && l.tool.id.as_deref() == Some(id)),
+            None => self.lines.iter().position(|l| l.result.is_none()),
+        };
+        let (at, mut change) = match at {
+            Some(at) => (at, Change::default()),
+            None => {
+                let tool = earlier.cloned().unwrap_or_else(|| ToolUse {
+                    id: tool_use_id.clone(),
+                    name: "tool".into(),
+                    summary: String::new(),
+                    command: None,
+                });
+                let change = self.add(tool);
+                (self.lines.len() - 1, change)
+            }
+        };
+        let (shown, files) = show_result(&self.task, seq, &self.lines[at].tool, ev, self.upload_limit);
+        let line = &mut self.lines[at];
+        line.result = Some(shown);
+        if change.new_part.is_none() {
+            change.edited = Some(line.part);
+        }
+        change.files = files;
+        change
+    }
+}
+
+/// `text`'s last lines in a code block of at most [`TAIL_CHARS`] characters; true when that is not all of it.
+pub fn tail_block(text: &str) -> (String, bool) {
+    let text = text.trim_end_matches('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = lines.len().saturating_sub(TAIL_LINES);
+    loop {
+        let tail = lines[from..].join("\n");
+        let (block, cut) = code_block(&tail, TAIL_CHARS);
+        if !cut {
+            return (block, from > 0);
+        }
+        if from + 1 < lines.len() {
+            from += 1;
+            continue;
+        }
+        // One line longer than the room: its end.
+        let chars: Vec<char> = tail.chars().collect();
+        let mut keep = TAIL_CHARS / 2;
+        loop {
+            let end: String = chars[chars.len().saturating_sub(keep)..].iter().collect();
+            let (block, cut) = code_block(&end, TAIL_CHARS);
+            if !cut || keep <= 1 {
+                return (block, true);
+            }
+            keep /= 2;
+        }
+    }
+}
+
+/// A diff in a ```diff block, if it fits [`DIFF_INLINE_CHARS`].
+pub fn diff_block(diff: &str) -> Option<String> {
+    let (block, cut) = code_block(diff.trim_end_matches('\n'), DIFF_INLINE_CHARS);
+    (!cut).then(|| format!("```diff{}", &block[3..]))
+}
+
+fn size(n: u64) -> String {
+    match n {
+        0..=1023 => format!("{n} B"),
+        1024..=1_048_575 => format!("{:.1} KiB", n as f64 / 1024.0),
+        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+    }
+}
+
+/// The first line of `text`, shown as inline code.
+fn first_line(text: &str, max: usize) -> String {
+    inline_code(text.lines().find(|l| !l.trim().is_empty()).unwrap_or(""), max)
+}
+
+/// How a result shows after its use's head, and the files to post with it.
+fn show_result(
+    task: &str,
+    seq: u64,
+    tool: &ToolUse,
+    ev: &TaskEvent,
+    upload_limit: u64,
+) -> (String, Vec<ToolFile>) {
+    let TaskEvent::ToolResult {
+        is_error,
+        summary,
+        output,
+        output_bytes,
+        exit_code,
+        diff,
+        diff_cut,
+        ..
+    } = ev
+    else {
+        return (String::new(), Vec::new());
+    };
+    let is_error = *is_error;
+    // From an agent that sends no output, the preview is all there is.
+    let text = output.as_deref().unwrap_or(summary);
+    let stem = format!("{task}-{seq}");
+    let mut files = Vec::new();
+    let attach = |files: &mut Vec<ToolFile>, ext: &str, data: String, what: &str| -> String {
+        let filename = format!("{stem}.{ext}");
+        if data.len() as u64 > upload_limit {
+            return format!("({what}: {}, over this server's upload limit)", size(data.len() as u64));
+        }
+        let note = format!("📎 {what} of {} ({})", head(tool), size(data.len() as u64));
+        files.push(ToolFile {
+            filename,
+            data: data.into_bytes(),
+            note: truncate(&note, MESSAGE_LIMIT),
+        });
+        format!("(whole {what} attached below)")
+    };
+    let cut_note = |bytes: &Option<u64>| match bytes {
+        Some(n) => format!(", cut by the agent from {}", size(*n)),
+        None => String::new(),
+    };
+    let shown = match Kind::of(&tool.name) {
+        Kind::Bash => {
+            let status = match (exit_code, is_error) {
+                (Some(0), _) => " → ✅ exit 0".to_string(),
+                (Some(n), _) => format!(" → ❌ exit {n}"),
+                (None, true) => " → ❌ error".to_string(),
+                (None, false) => " → ✅".to_string(),
+            };
+            if text.trim().is_empty() {
+                format!("{status} (no output)")
+            } else {
+                let (block, partial) = tail_block(text);
+                let command = tool.command.as_deref().unwrap_or(&tool.summary);
+                let long_command = command.chars().count() > HEAD_CHARS;
+                let mut note = String::new();
+                if partial || long_command || output_bytes.is_some() {
+                    let data = format!("$ {command}\n{text}");
+                    note = format!(
+                        "\n-# last lines shown · {}{}",
+                        attach(&mut files, "txt", data, "output"),
+                        cut_note(output_bytes)
+                    );
+                }
+                format!("{status}\n{block}{note}")
+            }
+        }
+        Kind::Edit => match diff.as_deref().filter(|d| !d.trim().is_empty()) {
+            _ if is_error => format!(" → ❌ {}", first_line(text, 200)),
+            Some(d) => {
+                let (plus, minus) = d.lines().fold((0, 0), |(p, m), l| {
+                    if l.starts_with('+') && !l.starts_with("+++") {
+                        (p + 1, m)
+                    } else if l.starts_with('-') && !l.starts_with("---") {
+                        (p, m + 1)
+                    } else {
+                        (p, m)
+                    }
+                });
+                let stat = format!(" (+{plus} −{minus})");
+                let cut = if *diff_cut { " · cut by the agent" } else { "" };
+                match diff_block(d).filter(|_| !*diff_cut) {
+                    Some(block) => format!("{stat}\n{block}"),
+                    None => format!(
+                        "{stat} {}{cut}",
+                        attach(&mut files, "patch", d.to_string(), "diff")
+                    ),
+                }
+            }
+            None => " ✓".to_string(),
+        },
+        Kind::Compact if is_error => format!(" → ❌ {}", first_line(text, 150)),
+        Kind::Compact => match output {
+            // Only a whole output is worth counting (a preview's count would mislead).
+            Some(o) if !o.trim().is_empty() => {
+                let n = o.trim_end_matches('\n').lines().count();
+                let unit = match tool.name.as_str() {
+                    "Grep" | "Glob" => "results",
+                    _ => "lines",
+                };
+                let more = if output_bytes.is_some() { "+" } else { "" };
+                format!(" ({n}{more} {unit})")
+            }
+            _ => String::new(),
+        },
+    };
+    (shown, files)
+}
+
+/// The name a tool shows as, with nothing that Markdown or mentions could act on.
+pub fn tool_name(name: &str) -> String {
+    truncate(&visible(name), 60).replace(['*', '_', '`', '~', '|', '<', '>', '@', '#', '['], "·")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn use_(id: &str, name: &str, summary: &str) -> TaskEvent {
+        TaskEvent::Tool {
+            name: name.into(),
+            summary: summary.into(),
+            auto_allowed: None,
+            id: Some(id.into()),
+            command: (name == "Bash").then(|| summary.to_string()),
+        }
+    }
+
+    fn result(id: Option<&str>, is_error: bool, output: Option<&str>, exit: Option<i32>) -> TaskEvent {
+        TaskEvent::ToolResult {
+            is_error,
+            summary: output.unwrap_or("preview").chars().take(2000).collect(),
+            tool_use_id: id.map(str::to_string),
+            output: output.map(str::to_string),
+            output_bytes: None,
+            exit_code: exit,
+            diff: None,
+            diff_cut: false,
+        }
+    }
+
+    fn diff_result(id: &str, diff: &str) -> TaskEvent {
+        TaskEvent::ToolResult {
+            is_error: false,
+            summary: "The file was updated".into(),
+            tool_use_id: Some(id.into()),
+            output: None,
+            output_bytes: None,
+            exit_code: None,
+            diff: Some(diff.into()),
+            diff_cut: false,
+        }
+    }
+
+    fn turn() -> TurnTools {
+        TurnTools::new("t_1", 5, 10 * 1024 * 1024)
+    }
+
+    #[test]
+    fn bash_shows_command_status_and_output_tail_and_attaches_long_output() {
+        let mut t = turn();
+        let c = t.add(ToolUse::of(&use_("a", "Bash", "cargo test")).unwrap());
+        assert_eq!(c.new_part, Some(0));
+        assert_eq!(t.render(0), "▶ `cargo test` ⏳");
+        let c = t.result(&result(Some("a"), false, Some("hello-line\n"), Some(0)), 6, None);
+        assert_eq!(c.edited, Some(0));
+        assert!(c.files.is_empty());
+        assert_eq!(t.render(0), "▶ `cargo test` → ✅ exit 0\n```\nhello-line\n```");
+
+        // Long output: its last lines inline, all of it attached with the command.
+        let long: String = (1..=200).map(|i| format!("line {i}\n")).collect();
+        t.add(ToolUse::of(&use_("b", "Bash", "seq 200")).unwrap());
+        let c = t.result(&result(Some("b"), true, Some(&long), Some(2)), 8, None);
+        let shown = t.render(0);
+        assert!(shown.contains("▶ `seq 200` → ❌ exit 2"), "{shown}");
+        assert!(shown.contains("line 200\n```"), "{shown}");
+        assert!(!shown.contains("line 150\n"), "{shown}");
+        assert!(shown.contains("attached"), "{shown}");
+        assert_eq!(c.files.len(), 1);
+        assert_eq!(c.files[0].filename, "t_1-8.txt");
+        let data = String::from_utf8(c.files[0].data.clone()).unwrap();
+        assert!(data.starts_with("$ seq 200\nline 1\n") && data.ends_with("line 200\n"));
+        assert!(shown.chars().count() <= MESSAGE_LIMIT);
+    }
+
+    #[test]
+    fn one_long_line_keeps_its_end() {
+        let (block, cut) = tail_block(&format!("{}END", "x".repeat(5000)));
+        assert!(cut);
+        assert!(block.ends_with("END\n```"), "{block}");
+        assert!(block.chars().count() <= TAIL_CHARS + 8);
+    }
+
+    #[test]
+    fn diffs_inline_when_short_and_attached_when_long() {
+        let mut t = turn();
+        t.add(ToolUse::of(&use_("e", "Edit", "src/f.rs")).unwrap());
+        let c = t.result(&diff_result("e", "--- f\n+++ f\n@@ -1 +1 @@\n-old\n+new\n"), 6, None);
+        assert!(c.files.is_empty());
+        let shown = t.render(0);
+        assert!(shown.starts_with("✏️ Edit `src/f.rs` (+1 −1)\n```diff\n"), "{shown}");
+        assert!(shown.contains("\n-old\n+new\n```"), "{shown}");
+
+        let big: String = (0..400).map(|i| format!("+added {i}\n")).collect();
+        t.add(ToolUse::of(&use_("w", "Write", "src/big.rs")).unwrap());
+        let c = t.result(&diff_result("w", &big), 8, None);
+        assert_eq!(c.files.len(), 1);
+        assert_eq!(c.files[0].filename, "t_1-8.patch");
+        assert_eq!(c.files[0].data, big.as_bytes());
+        let shown = t.render(0);
+        assert!(shown.contains("✏️ Write `src/big.rs` (+400 −0) (whole diff attached below)"), "{shown}");
+    }
+
+    #[test]
+    fn other_tools_are_one_compact_line() {
+        let mut t = turn();
+        t.add(ToolUse::of(&use_("r", "Read", "src/main.rs")).unwrap());
+        t.result(&result(Some("r"), false, Some("a\nb\nc\n"), None), 6, None);
+        t.add(ToolUse::of(&use_("g", "Grep", "TODO")).unwrap());
+        t.result(&result(Some("g"), true, Some("bad regex\nmore"), None), 8, None);
+        assert_eq!(
+            t.render(0),
+            "📖 Read `src/main.rs` (3 lines)\n🔎 Grep `TODO` → ❌ `bad regex`"
+        );
+    }
+
+    #[test]
+    fn a_busy_turn_is_split_into_messages_under_the_limit() {
+        let mut t = turn();
+        let mut new_parts = 0;
+        for i in 0..12 {
+            let c = t.add(ToolUse::of(&use_(&format!("b{i}"), "Bash", &format!("step {i}"))).unwrap());
+            new_parts += usize::from(c.new_part.is_some());
+        }
+        assert_eq!(new_parts, t.parts());
+        assert!(t.parts() > 1, "12 Bash lines reserve more than one message");
+        for i in 0..12 {
+            let out = format!("{}\n", "o".repeat(80)).repeat(30);
+            t.result(&result(Some(&format!("b{i}")), false, Some(&out), Some(0)), 20 + i, None);
+        }
+        for p in 0..t.parts() {
+            let shown = t.render(p);
+            assert!(shown.chars().count() <= MESSAGE_LIMIT, "part {p}: {}", shown.len());
+            assert!(!shown.is_empty());
+        }
+        // Every line is in exactly one part, in order.
+        let all: String = (0..t.parts()).map(|p| t.render(p)).collect();
+        for i in 0..12 {
+            assert_eq!(all.matches(&format!("`step {i}`")).count(), 1);
+        }
+        // Finished lines take only their room: many compact lines share one message.
+        let mut t = turn();
+        for i in 0..10 {
+            t.add(ToolUse::of(&use_(&format!("r{i}"), "Read", "f")).unwrap());
+            t.result(&result(Some(&format!("r{i}")), false, Some("x"), None), 30 + i, None);
+        }
+        assert_eq!(t.parts(), 1);
+    }
+
+    #[test]
+    fn an_older_agents_events_show_from_the_summary() {
+        // No id, no output, no exit status: paired in order, the preview shown.
+        let mut t = turn();
+        let old_use = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "echo hi".into(),
+            auto_allowed: None,
+            id: None,
+            command: None,
+        };
+        t.add(ToolUse::of(&old_use).unwrap());
+        let old_result = TaskEvent::ToolResult {
+            is_error: false,
+            summary: "hi".into(),
+            tool_use_id: None,
+            output: None,
+            output_bytes: None,
+            exit_code: None,
+            diff: None,
+            diff_cut: false,
+        };
+        let c = t.result(&old_result, 6, None);
+        assert_eq!(c.edited, Some(0));
+        assert_eq!(t.render(0), "▶ `echo hi` → ✅\n```\nhi\n```");
+    }
+
+    #[test]
+    fn a_result_of_an_earlier_use_gets_its_own_line() {
+        let mut t = turn();
+        let earlier = ToolUse::of(&use_("x", "Bash", "make")).unwrap();
+        let c = t.result(&result(Some("x"), false, Some("built"), Some(0)), 9, Some(&earlier));
+        assert_eq!(c.new_part, Some(0));
+        assert_eq!(t.render(0), "▶ `make` → ✅ exit 0\n```\nbuilt\n```");
+    }
+
+    #[test]
+    fn output_and_commands_cannot_ping_break_out_or_hide() {
+        let mut t = turn();
+        let evil = "echo '@everyone <@123> <@&456> ```' \u{202e}txt.exe\u{200b}";
+        t.add(ToolUse::of(&use_("a", "Bash", evil)).unwrap());
+        let out = "@everyone <@123> <@&456>\n```\n**bold** \u{202e}gnp.exe\n```";
+        t.result(&result(Some("a"), false, Some(out), Some(0)), 6, None);
+        let shown = t.render(0);
+        // The command is inline code, without a backtick of its own; hidden characters are written out.
+        assert!(shown.starts_with("▶ `echo '@everyone <@123> <@&456> ˋˋˋ' <U+202E>txt.exe<U+200B>`"), "{shown}");
+        // The output stays inside one block: exactly one opening and one closing fence.
+        assert_eq!(shown.matches("```").count(), 2, "{shown}");
+        assert!(shown.ends_with("\n```"));
+        assert!(shown.contains("<U+202E>gnp.exe"));
+        assert!(!shown.contains('\u{202e}'));
+        // Every @everyone and user or role mention is inside code, where Discord does not ping (and the
+        // follower posts with allowed_mentions empty besides).
+        let outside_code: String = shown
+            .split("```")
+            .step_by(2)
+            .flat_map(|s| s.split('`').step_by(2))
+            .collect();
+        assert!(!outside_code.contains('@'), "{outside_code}");
+        // A tool name from an MCP server is not Markdown.
+        let mut t = turn();
+        t.add(ToolUse::of(&use_("m", "mcp__x__@everyone", "a")).unwrap());
+        t.add(ToolUse::of(&use_("n", "Edit", "a")).unwrap());
+        assert!(!t.render(0).contains("@everyone"));
+    }
+}
