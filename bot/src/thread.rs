@@ -1019,7 +1019,9 @@ impl Follower {
             let Some(turn) = &self.tools.turn else { break };
             match self.tools.messages.get(part).copied().flatten() {
                 Some(id) => {
-                    let edit = EditMessage::new().content(turn.render(part));
+                    let edit = EditMessage::new()
+                        .content(turn.render(part))
+                        .allowed_mentions(CreateAllowedMentions::new());
                     if let Err(err) = self.env.rest.edit_message(self.thread, id, &edit).await {
                         warn!(%err, task = %self.task.id, "could not edit the turn's tools");
                     }

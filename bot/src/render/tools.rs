@@ -36,6 +36,9 @@ const COMPACT_MAX: usize = HEAD_MAX + 160;
 /// Room for a code block's fences, language and the note under it.
 const BLOCK_EXTRA: usize = 120;
 
+/// How Claude Code starts a result it cut (over its own limit), keeping a preview.
+const PERSISTED: &str = "<persisted-output>";
+
 /// How a tool is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -382,9 +385,15 @@ fn show_result(
                 let command = tool.command.as_deref().unwrap_or(&tool.summary);
                 let long_command = command.chars().count() > HEAD_CHARS;
                 let mut note = String::new();
+                if text.trim_start().starts_with(PERSISTED) {
+                    // Claude Code's own cut: the model saw only a preview, and so does the thread.
+                    note.push_str(
+                        "\n-# ✂️ too long for Claude Code: it kept a preview and saved the rest on the agent's machine",
+                    );
+                }
                 if partial || long_command || output_bytes.is_some() {
                     let data = format!("$ {command}\n{text}");
-                    note = format!(
+                    note += &format!(
                         "\n-# last lines shown · {}{}",
                         attach(&mut files, "txt", data, "output"),
                         cut_note(output_bytes)
