@@ -135,7 +135,12 @@ async fn message_in(
 }
 
 /// `/task` as `user`; returns (task id, thread id).
-async fn start_task(sim: &DiscordSim, user: &SimUser, prompt: &str, mode: &str) -> (String, String) {
+async fn start_task(
+    sim: &DiscordSim,
+    user: &SimUser,
+    prompt: &str,
+    mode: &str,
+) -> (String, String) {
     let cmd = SlashCommand::new("task")
         .opt(Opt::str("prompt", prompt))
         .opt(Opt::str("project", "app"))
@@ -217,7 +222,10 @@ async fn a_turns_tools_show_their_output_diffs_and_attachments_safely() {
         m.embeds.as_array().is_some_and(|e| !e.is_empty())
     })
     .await;
-    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "alpha\nBETA\ngamma\n");
+    assert_eq!(
+        std::fs::read_to_string(&notes).unwrap(),
+        "alpha\nBETA\ngamma\n"
+    );
     let messages = sim.messages(&thread);
     let all = || messages.iter().map(|m| m.content.as_str());
 
@@ -309,7 +317,9 @@ async fn a_turns_tools_show_their_output_diffs_and_attachments_safely() {
         .collect();
     assert!(!tool_messages.is_empty());
     assert!(tool_messages.len() <= 3, "{tool_messages:#?}");
-    assert!(tool_messages.iter().all(|m| m.content.chars().count() <= 2000));
+    assert!(tool_messages
+        .iter()
+        .all(|m| m.content.chars().count() <= 2000));
     assert!(messages.iter().any(|m| m.content == "All five done."));
 
     // The relay stored the results whole, linked to their uses.
@@ -321,7 +331,9 @@ async fn a_turns_tools_show_their_output_diffs_and_attachments_safely() {
     let biggest = stored
         .iter()
         .filter_map(|(_, e)| match e {
-            ct_protocol::task::TaskEvent::ToolResult { output, .. } => output.as_ref().map(String::len),
+            ct_protocol::task::TaskEvent::ToolResult { output, .. } => {
+                output.as_ref().map(String::len)
+            }
             _ => None,
         })
         .max()

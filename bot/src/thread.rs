@@ -411,7 +411,10 @@ impl TurnMessages {
         else {
             return None;
         };
-        self.earlier.iter().rev().find(|t| t.id.as_deref() == Some(id))
+        self.earlier
+            .iter()
+            .rev()
+            .find(|t| t.id.as_deref() == Some(id))
     }
 }
 
@@ -924,7 +927,9 @@ impl Follower {
     /// comes. True when it posted something (a message or a file), so the mark is saved.
     async fn tool_event(&mut self, seq: u64, ev: &TaskEvent) -> bool {
         match ev {
-            TaskEvent::Text { .. } | TaskEvent::TurnFinished { .. } | TaskEvent::Finished { .. } => {
+            TaskEvent::Text { .. }
+            | TaskEvent::TurnFinished { .. }
+            | TaskEvent::Finished { .. } => {
                 self.close_tools().await;
                 false
             }
@@ -976,7 +981,12 @@ impl Follower {
                 filename: file.filename,
                 data: file.data,
             };
-            if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[upload]).await {
+            if let Err(err) = self
+                .env
+                .rest
+                .send_message(self.thread, &msg, &[upload])
+                .await
+            {
                 warn!(%err, task = %self.task.id, "could not post a tool's output");
             }
             posted = true;
@@ -1010,8 +1020,7 @@ impl Follower {
         if self.tools.dirty.is_empty() {
             return;
         }
-        if !force
-            && self.tools.throttle.poll(Instant::now().into_std(), false) != EditDecision::Now
+        if !force && self.tools.throttle.poll(Instant::now().into_std(), false) != EditDecision::Now
         {
             return;
         }

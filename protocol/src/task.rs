@@ -352,7 +352,8 @@ mod tests {
     fn tool_output_fields_are_additive() {
         // What an older agent sends: no id, no output, no diff. It still parses, with nothing set.
         let old: TaskEvent =
-            serde_json::from_str(r#"{"kind":"tool_result","is_error":false,"summary":"hi"}"#).unwrap();
+            serde_json::from_str(r#"{"kind":"tool_result","is_error":false,"summary":"hi"}"#)
+                .unwrap();
         assert_eq!(
             old,
             TaskEvent::ToolResult {

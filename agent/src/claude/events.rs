@@ -510,7 +510,9 @@ pub fn edit_diff(tool: &str, input: &Value, structured: &Value) -> Option<String
         }
         "NotebookEdit" => {
             let cell = input["cell_id"].as_str().unwrap_or("new cell");
-            out.push_str(&format!("--- {path} ({cell})\n+++ {path} ({cell})\n@@ @@\n"));
+            out.push_str(&format!(
+                "--- {path} ({cell})\n+++ {path} ({cell})\n@@ @@\n"
+            ));
             plus(&mut out, input["new_source"].as_str().unwrap_or_default());
         }
         _ => return None,

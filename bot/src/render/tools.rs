@@ -268,7 +268,8 @@ impl TurnTools {
                 (self.lines.len() - 1, change)
             }
         };
-        let (shown, files) = show_result(&self.task, seq, &self.lines[at].tool, ev, self.upload_limit);
+        let (shown, files) =
+            show_result(&self.task, seq, &self.lines[at].tool, ev, self.upload_limit);
         let line = &mut self.lines[at];
         line.result = Some(shown);
         if change.new_part.is_none() {
@@ -324,7 +325,10 @@ fn size(n: u64) -> String {
 
 /// The first line of `text`, shown as inline code.
 fn first_line(text: &str, max: usize) -> String {
-    inline_code(text.lines().find(|l| !l.trim().is_empty()).unwrap_or(""), max)
+    inline_code(
+        text.lines().find(|l| !l.trim().is_empty()).unwrap_or(""),
+        max,
+    )
 }
 
 /// How a result shows after its use's head, and the files to post with it.
@@ -356,7 +360,10 @@ fn show_result(
     let attach = |files: &mut Vec<ToolFile>, ext: &str, data: String, what: &str| -> String {
         let filename = format!("{stem}.{ext}");
         if data.len() as u64 > upload_limit {
-            return format!("({what}: {}, over this server's upload limit)", size(data.len() as u64));
+            return format!(
+                "({what}: {}, over this server's upload limit)",
+                size(data.len() as u64)
+            );
         }
         let note = format!("📎 {what} of {} ({})", head(tool), size(data.len() as u64));
         files.push(ToolFile {
@@ -415,7 +422,11 @@ fn show_result(
                     }
                 });
                 let stat = format!(" (+{plus} −{minus})");
-                let cut = if *diff_cut { " · cut by the agent" } else { "" };
+                let cut = if *diff_cut {
+                    " · cut by the agent"
+                } else {
+                    ""
+                };
                 match diff_block(d).filter(|_| !*diff_cut) {
                     Some(block) => format!("{stat}\n{block}"),
                     None => format!(
@@ -463,7 +474,12 @@ mod tests {
         }
     }
 
-    fn result(id: Option<&str>, is_error: bool, output: Option<&str>, exit: Option<i32>) -> TaskEvent {
+    fn result(
+        id: Option<&str>,
+        is_error: bool,
+        output: Option<&str>,
+        exit: Option<i32>,
+    ) -> TaskEvent {
         TaskEvent::ToolResult {
             is_error,
             summary: output.unwrap_or("preview").chars().take(2000).collect(),
@@ -499,10 +515,17 @@ mod tests {
         let c = t.add(ToolUse::of(&use_("a", "Bash", "cargo test")).unwrap());
         assert_eq!(c.new_part, Some(0));
         assert_eq!(t.render(0), "▶ `cargo test` ⏳");
-        let c = t.result(&result(Some("a"), false, Some("hello-line\n"), Some(0)), 6, None);
+        let c = t.result(
+            &result(Some("a"), false, Some("hello-line\n"), Some(0)),
+            6,
+            None,
+        );
         assert_eq!(c.edited, Some(0));
         assert!(c.files.is_empty());
-        assert_eq!(t.render(0), "▶ `cargo test` → ✅ exit 0\n```\nhello-line\n```");
+        assert_eq!(
+            t.render(0),
+            "▶ `cargo test` → ✅ exit 0\n```\nhello-line\n```"
+        );
 
         // Long output: its last lines inline, all of it attached with the command.
         let long: String = (1..=200).map(|i| format!("line {i}\n")).collect();
@@ -532,10 +555,17 @@ mod tests {
     fn diffs_inline_when_short_and_attached_when_long() {
         let mut t = turn();
         t.add(ToolUse::of(&use_("e", "Edit", "src/f.rs")).unwrap());
-        let c = t.result(&diff_result("e", "--- f\n+++ f\n@@ -1 +1 @@\n-old\n+new\n"), 6, None);
+        let c = t.result(
+            &diff_result("e", "--- f\n+++ f\n@@ -1 +1 @@\n-old\n+new\n"),
+            6,
+            None,
+        );
         assert!(c.files.is_empty());
         let shown = t.render(0);
-        assert!(shown.starts_with("✏️ Edit `src/f.rs` (+1 −1)\n```diff\n"), "{shown}");
+        assert!(
+            shown.starts_with("✏️ Edit `src/f.rs` (+1 −1)\n```diff\n"),
+            "{shown}"
+        );
         assert!(shown.contains("\n-old\n+new\n```"), "{shown}");
 
         let big: String = (0..400).map(|i| format!("+added {i}\n")).collect();
@@ -545,7 +575,10 @@ mod tests {
         assert_eq!(c.files[0].filename, "t_1-8.patch");
         assert_eq!(c.files[0].data, big.as_bytes());
         let shown = t.render(0);
-        assert!(shown.contains("✏️ Write `src/big.rs` (+400 −0) (whole diff attached below)"), "{shown}");
+        assert!(
+            shown.contains("✏️ Write `src/big.rs` (+400 −0) (whole diff attached below)"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -554,7 +587,11 @@ mod tests {
         t.add(ToolUse::of(&use_("r", "Read", "src/main.rs")).unwrap());
         t.result(&result(Some("r"), false, Some("a\nb\nc\n"), None), 6, None);
         t.add(ToolUse::of(&use_("g", "Grep", "TODO")).unwrap());
-        t.result(&result(Some("g"), true, Some("bad regex\nmore"), None), 8, None);
+        t.result(
+            &result(Some("g"), true, Some("bad regex\nmore"), None),
+            8,
+            None,
+        );
         assert_eq!(
             t.render(0),
             "📖 Read `src/main.rs` (3 lines)\n🔎 Grep `TODO` → ❌ `bad regex`"
@@ -566,18 +603,27 @@ mod tests {
         let mut t = turn();
         let mut new_parts = 0;
         for i in 0..12 {
-            let c = t.add(ToolUse::of(&use_(&format!("b{i}"), "Bash", &format!("step {i}"))).unwrap());
+            let c =
+                t.add(ToolUse::of(&use_(&format!("b{i}"), "Bash", &format!("step {i}"))).unwrap());
             new_parts += usize::from(c.new_part.is_some());
         }
         assert_eq!(new_parts, t.parts());
         assert!(t.parts() > 1, "12 Bash lines reserve more than one message");
         for i in 0..12 {
             let out = format!("{}\n", "o".repeat(80)).repeat(30);
-            t.result(&result(Some(&format!("b{i}")), false, Some(&out), Some(0)), 20 + i, None);
+            t.result(
+                &result(Some(&format!("b{i}")), false, Some(&out), Some(0)),
+                20 + i,
+                None,
+            );
         }
         for p in 0..t.parts() {
             let shown = t.render(p);
-            assert!(shown.chars().count() <= MESSAGE_LIMIT, "part {p}: {}", shown.len());
+            assert!(
+                shown.chars().count() <= MESSAGE_LIMIT,
+                "part {p}: {}",
+                shown.len()
+            );
             assert!(!shown.is_empty());
         }
         // Every line is in exactly one part, in order.
@@ -589,7 +635,11 @@ mod tests {
         let mut t = turn();
         for i in 0..10 {
             t.add(ToolUse::of(&use_(&format!("r{i}"), "Read", "f")).unwrap());
-            t.result(&result(Some(&format!("r{i}")), false, Some("x"), None), 30 + i, None);
+            t.result(
+                &result(Some(&format!("r{i}")), false, Some("x"), None),
+                30 + i,
+                None,
+            );
         }
         assert_eq!(t.parts(), 1);
     }
@@ -625,7 +675,11 @@ mod tests {
     fn a_result_of_an_earlier_use_gets_its_own_line() {
         let mut t = turn();
         let earlier = ToolUse::of(&use_("x", "Bash", "make")).unwrap();
-        let c = t.result(&result(Some("x"), false, Some("built"), Some(0)), 9, Some(&earlier));
+        let c = t.result(
+            &result(Some("x"), false, Some("built"), Some(0)),
+            9,
+            Some(&earlier),
+        );
         assert_eq!(c.new_part, Some(0));
         assert_eq!(t.render(0), "▶ `make` → ✅ exit 0\n```\nbuilt\n```");
     }
@@ -639,7 +693,10 @@ mod tests {
         t.result(&result(Some("a"), false, Some(out), Some(0)), 6, None);
         let shown = t.render(0);
         // The command is inline code, without a backtick of its own; hidden characters are written out.
-        assert!(shown.starts_with("▶ `echo '@everyone <@123> <@&456> ˋˋˋ' <U+202E>txt.exe<U+200B>`"), "{shown}");
+        assert!(
+            shown.starts_with("▶ `echo '@everyone <@123> <@&456> ˋˋˋ' <U+202E>txt.exe<U+200B>`"),
+            "{shown}"
+        );
         // The output stays inside one block: exactly one opening and one closing fence.
         assert_eq!(shown.matches("```").count(), 2, "{shown}");
         assert!(shown.ends_with("\n```"));
