@@ -244,6 +244,11 @@ async fn a_turns_tools_show_their_output_diffs_and_attachments_safely() {
         .unwrap_or_else(|| panic!("no diff: {messages:#?}"));
     assert!(edit.contains("✏️ Edit `"), "{edit}");
     assert!(edit.contains("\n-beta\n+BETA\n"), "{edit}");
+    // From the CLI's own structuredPatch (with line numbers and context), not rebuilt from the input.
+    assert!(
+        edit.contains("@@ -1,3 +1,3 @@\n alpha\n-beta\n+BETA\n gamma\n```"),
+        "{edit}"
+    );
 
     // 3. Long output: the tail inline, the whole as a .txt attachment of its own.
     let tail = all()
