@@ -16,7 +16,10 @@ use ct_agent::RunOptions;
 use ct_relay::discord::BotConfig;
 use ct_relay::RelayConfig;
 use ct_testkit::discord::{Opt, SimMessage, SimUser, SlashCommand};
-use ct_testkit::{claude_bin, ClaudeEnv, DiscordSim, FakeAnthropic, Reply};
+use ct_testkit::process::poll_until;
+use ct_testkit::{
+    claude_bin, eventually, eventually_async, ClaudeEnv, DiscordSim, FakeAnthropic, LongJob, Reply,
+};
 use serde_json::{json, Value};
 
 /// Generous: two cores shared with other builds, and the CLI binary is large to load.
@@ -348,4 +351,122 @@ async fn a_turns_tools_show_their_output_diffs_and_attachments_safely() {
     agent.stop().await.unwrap();
     w.relay.stop().await;
     w.sim.shutdown().await;
+}
+
+/// A relay restart while a Bash command runs: the turn's message posted before it is not posted again, and
+/// the result that arrives after it shows in a line of its own naming the command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_restart_mid_tool_posts_nothing_twice() {
+    let w = world().await;
+    let alice = w.sim.user("alice");
+    pair(&w.relay, w.agent_dir.path(), &alice.id).await;
+    let mut agent = TestAgent::start_with(w.run_options());
+    agent.connected(T).await;
+    let ix = w
+        .sim
+        .send_slash(
+            &w.sim.origin(&alice),
+            &SlashCommand::new("project").sub(
+                "add",
+                [
+                    Opt::str("name", "app"),
+                    Opt::str("path", &w.project.display().to_string()),
+                ],
+            ),
+        )
+        .unwrap();
+    private(&w.sim, &ix).await;
+
+    let job = LongJob::gated(&w.project);
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": "echo before-the-restart", "description": "first" }),
+    ));
+    w.fake.push(Reply::tool_use(
+        "Bash",
+        json!({ "command": job.command(), "description": "Run the long job" }),
+    ));
+    w.fake.push(Reply::text("slept well"));
+    let (task, thread) = start_task(&w.sim, &alice, "run the long job", "default").await;
+    let me = std::process::id();
+    tokio::select! {
+        approval = message_in(&w.sim, &thread, "an approval", |m| m.custom_ids().iter().any(|c| c.starts_with("ao:"))) => {
+            let id = approval.custom_ids().into_iter().find(|c| c.starts_with("ao:")).unwrap();
+            w.sim.send_button(&w.sim.origin_in(&alice, &thread), &approval.id, &id).unwrap();
+        }
+        started = poll_until(T, "the long job runs", || job.child_below(me).is_some()) => {
+            started.expect("the long job runs");
+        }
+    }
+    poll_until(T, "the long job runs", || job.child_below(me).is_some())
+        .await
+        .expect("the long job runs");
+    // The turn's message shows the first command's output and the job waiting, and the mark covers both.
+    let command = job.command();
+    message_in(&w.sim, &thread, "the turn's message", |m| {
+        m.content.contains("before-the-restart\n```") && m.content.contains(" ⏳")
+    })
+    .await;
+    eventually_async(T, async || {
+        let (_, stored, _) = w.relay.core.follow(&task).await.unwrap();
+        let tool_seq = stored
+            .iter()
+            .filter(|(_, e)| matches!(e, ct_protocol::task::TaskEvent::Tool { .. }))
+            .map(|(seq, _)| *seq)
+            .max();
+        let marks: Vec<(String, Value)> = w.relay.core.store().thread_marks().unwrap();
+        let posted = marks
+            .iter()
+            .find(|(t, _)| *t == task)
+            .and_then(|(_, m)| m["posted"].as_u64());
+        tool_seq.is_some_and(|s| posted >= Some(s))
+    })
+    .await;
+
+    let World {
+        sim,
+        relay,
+        fake,
+        _dirs,
+        ..
+    } = w;
+    let (relay_dir, addr) = (_dirs[2].path().to_path_buf(), relay.addr);
+    relay.stop().await;
+    job.release();
+    eventually(T, || fake.main_requests().len() >= 3).await;
+    let mut config = RelayConfig::new(relay_dir, addr);
+    let mut bot = BotConfig::gateway(sim.token());
+    bot.api_proxy = Some(sim.api_base());
+    bot.guild_id = Some(sim.guild_id().parse().unwrap());
+    config.bot = Some(bot);
+    let relay = TestRelay::start(config).await;
+    message_in(&sim, &thread, "the summary", |m| {
+        m.embeds.as_array().is_some_and(|e| !e.is_empty())
+    })
+    .await;
+
+    let messages = sim.messages(&thread);
+    let shown = format!("{messages:#?}");
+    let with = |text: &str| messages.iter().filter(|m| m.content.contains(text)).count();
+    // The first command's output is in the thread once: its message was not posted again.
+    assert_eq!(with("before-the-restart\n```"), 1, "{shown}");
+    // The job's result, after the restart, in a line of its own that names the command.
+    let first_line = command.lines().next().unwrap().to_string();
+    let results: Vec<&SimMessage> = messages
+        .iter()
+        .filter(|m| {
+            m.content
+                .lines()
+                .any(|l| l == format!("▶ `{first_line}` → ✅ exit 0"))
+        })
+        .collect();
+    assert_eq!(results.len(), 1, "{shown}");
+    assert_eq!(with("slept well"), 1, "{shown}");
+    // No message was created twice (each create's nonce is unique in the thread).
+    let nonces: Vec<&String> = messages.iter().filter_map(|m| m.nonce.as_ref()).collect();
+    let unique: std::collections::HashSet<_> = nonces.iter().collect();
+    assert_eq!(nonces.len(), unique.len(), "{shown}");
+    agent.stop().await.unwrap();
+    relay.stop().await;
+    sim.shutdown().await;
 }
