@@ -12,7 +12,7 @@
 //! - a progress message with a Stop button, edited at most about once a second ([`EditThrottle`]);
 //! - assistant text, split at 2,000 characters, or as an attachment when it is long ([`output::place`]);
 //! - each turn's tool uses in one message (more past 2,000 characters), edited as results come, with long
-//!   output and diffs attached in messages of their own ([`TurnMessages`], [`crate::render::tools`]);
+//!   output and diffs attached in messages of their own (`TurnMessages`, [`crate::render::tools`]);
 //! - one message per approval request with its buttons, edited (disabled, with the outcome) when the agent
 //!   reports it closed;
 //! - the summary embed when the task ends.

@@ -440,19 +440,42 @@ fn show_result(
         Kind::Compact if is_error => format!(" → ❌ {}", first_line(text, 150)),
         Kind::Compact => match output {
             // Only a whole output is worth counting (a preview's count would mislead).
-            Some(o) if !o.trim().is_empty() => {
-                let n = o.trim_end_matches('\n').lines().count();
-                let unit = match tool.name.as_str() {
-                    "Grep" | "Glob" => "results",
-                    _ => "lines",
-                };
-                let more = if output_bytes.is_some() { "+" } else { "" };
-                format!(" ({n}{more} {unit})")
-            }
-            _ => String::new(),
+            Some(o) => count(&tool.name, o, output_bytes.is_some()),
+            None => String::new(),
         },
     };
     (shown, files)
+}
+
+/// What a compact line says of a whole output: how many lines Read read, how many files or matches Grep and
+/// Glob found; nothing for other tools (their output is prose).
+fn count(tool: &str, output: &str, cut: bool) -> String {
+    let output = output.trim_end_matches('\n');
+    if output.trim().is_empty() {
+        return String::new();
+    }
+    let more = if cut { "+" } else { "" };
+    let n = output.lines().count();
+    let plural = |n: usize, one: &str, many: &str| {
+        format!(" ({n}{more} {})", if n == 1 { one } else { many })
+    };
+    match tool {
+        "Read" => plural(n, "line", "lines"),
+        "Glob" | "LS" => plural(n, "file", "files"),
+        "Grep" => {
+            // `Found 3 files` heads Grep's default listing: that number, not the lines under it.
+            let first = output.lines().next().unwrap_or_default();
+            let mut words = first.split_whitespace();
+            match (
+                words.next(),
+                words.next().and_then(|w| w.parse::<usize>().ok()),
+            ) {
+                (Some("Found"), Some(found)) => plural(found, "file", "files"),
+                _ => plural(n, "match", "matches"),
+            }
+        }
+        _ => String::new(),
+    }
 }
 
 /// The name a tool shows as, with nothing that Markdown or mentions could act on.
@@ -592,9 +615,24 @@ mod tests {
             8,
             None,
         );
+        t.add(ToolUse::of(&use_("h", "Grep", "fn main")).unwrap());
+        t.result(
+            &result(Some("h"), false, Some("Found 2 files\na.rs\nb.rs"), None),
+            10,
+            None,
+        );
+        t.add(ToolUse::of(&use_("o", "Glob", "**/*.rs")).unwrap());
+        t.result(&result(Some("o"), false, Some("a.rs\n"), None), 12, None);
+        t.add(ToolUse::of(&use_("d", "TodoWrite", "")).unwrap());
+        t.result(
+            &result(Some("d"), false, Some("Todos have been modified"), None),
+            14,
+            None,
+        );
         assert_eq!(
             t.render(0),
-            "📖 Read `src/main.rs` (3 lines)\n🔎 Grep `TODO` → ❌ `bad regex`"
+            "📖 Read `src/main.rs` (3 lines)\n🔎 Grep `TODO` → ❌ `bad regex`\n🔎 Grep `fn main` (2 files)\n\
+             🔎 Glob `**/*.rs` (1 file)\n📋 TodoWrite"
         );
     }
 
