@@ -939,21 +939,21 @@ impl Follower {
                 let Some(tool) = ToolUse::of(ev) else {
                     return false;
                 };
-                let limit = self.upload_limit;
+                let (limit, cwd) = (self.upload_limit, self.progress.cwd.clone());
                 let turn = self
                     .tools
                     .turn
-                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit));
+                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit).with_cwd(cwd));
                 let change = turn.add(tool);
                 self.apply_tools(seq, change).await
             }
             TaskEvent::ToolResult { .. } => {
                 let earlier = self.tools.earlier(ev).cloned();
-                let limit = self.upload_limit;
+                let (limit, cwd) = (self.upload_limit, self.progress.cwd.clone());
                 let turn = self
                     .tools
                     .turn
-                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit));
+                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit).with_cwd(cwd));
                 let change = turn.result(ev, seq, earlier.as_ref());
                 self.apply_tools(seq, change).await
             }

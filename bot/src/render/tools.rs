@@ -155,6 +155,8 @@ pub struct TurnTools {
     pub first_seq: u64,
     task: String,
     upload_limit: u64,
+    /// The task's folder: paths inside it are shown relative to it.
+    cwd: Option<String>,
     lines: Vec<Line>,
     parts: usize,
 }
@@ -176,9 +178,16 @@ impl TurnTools {
             first_seq,
             task: task.to_string(),
             upload_limit,
+            cwd: None,
             lines: Vec::new(),
             parts: 0,
         }
+    }
+
+    /// Shows paths inside `cwd` (the task's folder) relative to it, in lines and diffs.
+    pub fn with_cwd(mut self, cwd: Option<String>) -> Self {
+        self.cwd = cwd.filter(|c| !c.is_empty());
+        self
     }
 
     /// How many parts (messages) it has.
@@ -208,8 +217,11 @@ impl TurnTools {
     }
 
     /// Adds a tool use; its line goes in the last part, or a new one when the last is full.
-    pub fn add(&mut self, tool: ToolUse) -> Change {
+    pub fn add(&mut self, mut tool: ToolUse) -> Change {
         let kind = Kind::of(&tool.name);
+        if kind != Kind::Bash {
+            tool.summary = relative(&tool.summary, self.cwd.as_deref()).to_string();
+        }
         let last = self.parts.checked_sub(1);
         let fits = last.is_some_and(|p| {
             let used: usize = self
@@ -268,8 +280,14 @@ impl TurnTools {
                 (self.lines.len() - 1, change)
             }
         };
-        let (shown, files) =
-            show_result(&self.task, seq, &self.lines[at].tool, ev, self.upload_limit);
+        let (shown, files) = show_result(
+            &self.task,
+            seq,
+            &self.lines[at].tool,
+            ev,
+            self.upload_limit,
+            self.cwd.as_deref(),
+        );
         let line = &mut self.lines[at];
         line.result = Some(shown);
         if change.new_part.is_none() {
@@ -338,6 +356,7 @@ fn show_result(
     tool: &ToolUse,
     ev: &TaskEvent,
     upload_limit: u64,
+    cwd: Option<&str>,
 ) -> (String, Vec<ToolFile>) {
     let TaskEvent::ToolResult {
         is_error,
@@ -412,14 +431,11 @@ fn show_result(
         Kind::Edit => match diff.as_deref().filter(|d| !d.trim().is_empty()) {
             _ if is_error => format!(" → ❌ {}", first_line(text, 200)),
             Some(d) => {
-                let (plus, minus) = d.lines().fold((0, 0), |(p, m), l| {
-                    if l.starts_with('+') && !l.starts_with("+++") {
-                        (p + 1, m)
-                    } else if l.starts_with('-') && !l.starts_with("---") {
-                        (p, m + 1)
-                    } else {
-                        (p, m)
-                    }
+                let d = &relative_diff(d, cwd);
+                let (plus, minus) = diff_lines(d).fold((0, 0), |(p, m), (kind, _)| match kind {
+                    DiffLine::Added => (p + 1, m),
+                    DiffLine::Removed => (p, m + 1),
+                    _ => (p, m),
                 });
                 let stat = format!(" (+{plus} −{minus})");
                 let cut = if *diff_cut {
@@ -476,6 +492,110 @@ fn count(tool: &str, output: &str, cut: bool) -> String {
         }
         _ => String::new(),
     }
+}
+
+/// `path` relative to `cwd` when it is inside it.
+fn relative<'a>(path: &'a str, cwd: Option<&str>) -> &'a str {
+    cwd.and_then(|c| path.strip_prefix(c.trim_end_matches('/')))
+        .and_then(|rest| rest.strip_prefix('/'))
+        .filter(|rest| !rest.is_empty())
+        .unwrap_or(path)
+}
+
+/// What a line of a unified diff is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiffLine {
+    /// `--- old` or `+++ new`.
+    Header,
+    /// `@@ -a,b +c,d @@`.
+    Hunk,
+    Added,
+    Removed,
+    Context,
+}
+
+/// The lines of a unified diff (line ends kept), each with what it is. Inside a hunk whose header gives line
+/// counts, a line is content until the counts are used up, even one starting with `--- ` or `+++ ` (a removed
+/// `-- x` or an added `++ y`); a hunk without counts (`@@ @@`) lasts until the next header pair.
+fn diff_lines(diff: &str) -> impl Iterator<Item = (DiffLine, &str)> {
+    let lines: Vec<&str> = diff.split_inclusive('\n').collect();
+    let mut out = Vec::with_capacity(lines.len());
+    // Old and new lines still due in the current counted hunk.
+    let mut due: Option<(u64, u64)> = None;
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let counted = due.is_some_and(|(o, n)| o + n > 0);
+        let header_pair = !counted
+            && line.starts_with("--- ")
+            && lines.get(i + 1).is_some_and(|n| n.starts_with("+++ "));
+        if header_pair {
+            out.push((DiffLine::Header, line));
+            out.push((DiffLine::Header, lines[i + 1]));
+            due = None;
+            i += 2;
+            continue;
+        }
+        if !counted && line.starts_with("@@") {
+            due = hunk_counts(line);
+            out.push((DiffLine::Hunk, line));
+            i += 1;
+            continue;
+        }
+        let kind = match line.as_bytes().first() {
+            Some(b'+') => DiffLine::Added,
+            Some(b'-') => DiffLine::Removed,
+            _ => DiffLine::Context,
+        };
+        if let Some((o, n)) = &mut due {
+            match kind {
+                DiffLine::Added => *n = n.saturating_sub(1),
+                DiffLine::Removed => *o = o.saturating_sub(1),
+                _ => {
+                    *o = o.saturating_sub(1);
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        out.push((kind, line));
+        i += 1;
+    }
+    out.into_iter()
+}
+
+/// The old and new line counts of `@@ -a,b +c,d @@` (a missing count is 1); `None` without numbers.
+fn hunk_counts(line: &str) -> Option<(u64, u64)> {
+    let mut parts = line.split_whitespace().skip(1);
+    let count = |p: Option<&str>, sign: char| -> Option<u64> {
+        let range = p?.strip_prefix(sign)?;
+        match range.split_once(',') {
+            Some((_, n)) => n.parse().ok(),
+            None => range.parse::<u64>().ok().map(|_| 1),
+        }
+    };
+    Some((count(parts.next(), '-')?, count(parts.next(), '+')?))
+}
+
+/// A diff whose file headers name paths inside `cwd` as `a/PATH` and `b/PATH` (what `git apply` takes).
+fn relative_diff(diff: &str, cwd: Option<&str>) -> String {
+    let Some(cwd) = cwd else {
+        return diff.to_string();
+    };
+    diff_lines(diff)
+        .map(|(kind, line)| {
+            let (side, prefix) = match (kind, line.get(..4)) {
+                (DiffLine::Header, Some("--- ")) => ("--- ", "a/"),
+                (DiffLine::Header, Some("+++ ")) => ("+++ ", "b/"),
+                _ => return line.to_string(),
+            };
+            let path = line[4..].trim_end_matches('\n');
+            let eol = &line[4 + path.len()..];
+            match relative(path, Some(cwd)) {
+                rel if rel == path => line.to_string(),
+                rel => format!("{side}{prefix}{rel}{eol}"),
+            }
+        })
+        .collect()
 }
 
 /// The name a tool shows as, with nothing that Markdown or mentions could act on.
@@ -601,6 +721,30 @@ mod tests {
         assert!(
             shown.contains("✏️ Write `src/big.rs` (+400 −0) (whole diff attached below)"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn paths_in_the_tasks_folder_show_relative_to_it() {
+        let mut t = TurnTools::new("t_1", 5, 1 << 20).with_cwd(Some("/src/app".into()));
+        t.add(ToolUse::of(&use_("e", "Edit", "/src/app/lib/f.rs")).unwrap());
+        t.add(ToolUse::of(&use_("r", "Read", "/etc/passwd")).unwrap());
+        t.result(
+            &diff_result(
+                "e",
+                "--- /src/app/lib/f.rs\n+++ /src/app/lib/f.rs\n@@ -1,2 +1,2 @@\n--- x\n+++ y\n",
+            ),
+            6,
+            None,
+        );
+        let shown = t.render(0);
+        assert!(shown.starts_with("✏️ Edit `lib/f.rs` (+1 −1)\n```diff\n--- a/lib/f.rs\n+++ b/lib/f.rs\n@@ -1,2 +1,2 @@\n--- x\n+++ y\n```"), "{shown}");
+        // Outside the folder: as it is.
+        assert!(shown.contains("📖 Read `/etc/passwd`"), "{shown}");
+        assert_eq!(relative("/src/app", Some("/src/app")), "/src/app");
+        assert_eq!(
+            relative("/src/application/x", Some("/src/app")),
+            "/src/application/x"
         );
     }
 
