@@ -329,6 +329,29 @@ async fn a_turns_tools_show_their_output_diffs_and_attachments_safely() {
         .iter()
         .all(|m| m.content.chars().count() <= 2000));
     assert!(messages.iter().any(|m| m.content == "All five done."));
+    // The turn's message is written at the progress message's pace: a post or an edit, then none for about
+    // a second (a lower bound by design, so a slow machine only spaces them more).
+    let turn_msg = tool_messages[0];
+    let writes: Vec<std::time::Instant> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            c.is(
+                "PATCH",
+                &format!("/channels/{thread}/messages/{}", turn_msg.id),
+            ) || (c.is("POST", &format!("/channels/{thread}/messages"))
+                && c.response["id"].as_str() == Some(turn_msg.id.as_str()))
+        })
+        .map(|c| c.at)
+        .collect();
+    assert!(writes.len() >= 2, "posted, then edited: {writes:?}");
+    for pair in writes.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(1000),
+            "edits too close: {:?}",
+            pair[1] - pair[0]
+        );
+    }
 
     // The relay stored the results whole, linked to their uses.
     let (_, stored, _) = w.relay.core.follow(&task).await.unwrap();

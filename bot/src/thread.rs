@@ -363,14 +363,16 @@ const MAX_EARLIER_TOOLS: usize = 64;
 /// A turn's tool uses as shown in the thread ([`TurnTools`]) and the messages showing them.
 ///
 /// A turn's message is posted at once with its first tool (and another when it would pass 2,000 characters),
-/// then edited as results come, at most about once a second ([`EditThrottle`]); attachments go at once, in
-/// messages of their own. Text, a turn's end or the task's end closes the message (its last edit made first).
+/// then edited as results come, at most once per [`EDIT_INTERVAL`] after its last post or edit (the progress
+/// message's pace); attachments go at once, in messages of their own. Text, a turn's end or the task's end
+/// closes the message: its last edit is made first, waiting for its turn if it must (at most that interval).
 ///
 /// Restarts: the mark never claims an event whose edit is still waiting (see [`Follower::shown_through`]), so
 /// nothing is lost; a follower that carries on starts a new message for the next tool use, and results of uses
 /// shown before it get lines there, named by their use (remembered from the replayed events). A clean stop
 /// makes the waiting edit first, so a hand-over repeats nothing; after a crash, at most about a second of tool
 /// lines may show again (every post has a nonce, so no message is posted twice).
+#[derive(Default)]
 struct TurnMessages {
     turn: Option<TurnTools>,
     /// The message of each part, once posted.
@@ -379,24 +381,23 @@ struct TurnMessages {
     dirty: BTreeSet<usize>,
     /// The first event whose change waits in `dirty`.
     dirty_since: Option<u64>,
-    throttle: EditThrottle,
+    /// When a tool message was last posted or edited: the next edit waits until [`EDIT_INTERVAL`] after.
+    last_write: Option<Instant>,
     earlier: VecDeque<ToolUse>,
 }
 
-impl Default for TurnMessages {
-    fn default() -> Self {
-        Self {
-            turn: None,
-            messages: Vec::new(),
-            dirty: BTreeSet::new(),
-            dirty_since: None,
-            throttle: EditThrottle::new(EDIT_INTERVAL),
-            earlier: VecDeque::new(),
-        }
-    }
-}
-
 impl TurnMessages {
+    /// When the waiting edits may be made (now or earlier: at once); `None` when nothing waits.
+    fn due(&self) -> Option<Instant> {
+        if self.dirty.is_empty() {
+            return None;
+        }
+        Some(
+            self.last_write
+                .map_or_else(Instant::now, |t| t + EDIT_INTERVAL),
+        )
+    }
+
     fn remember(&mut self, tool: ToolUse) {
         if self.earlier.len() >= MAX_EARLIER_TOOLS {
             self.earlier.pop_front();
@@ -531,7 +532,7 @@ impl Follower {
         let already_posted = self.last_seq;
         for (seq, ev) in feed.past {
             if soft.is_cancelled() {
-                self.flush_tools(true).await;
+                self.flush_tools().await;
                 self.save_mark().await;
                 return Ended::Stopped;
             }
@@ -558,7 +559,7 @@ impl Follower {
             tokio::select! {
                 // Between events: whatever the last one posted is in the mark once it is saved here.
                 () = soft.cancelled() => {
-                    self.flush_tools(true).await;
+                    self.flush_tools().await;
                     self.save_mark().await;
                     return Ended::Stopped;
                 }
@@ -971,7 +972,6 @@ impl Follower {
         if let Some(part) = change.edited {
             self.tools.dirty.insert(part);
             self.tools.dirty_since.get_or_insert(seq);
-            self.tools.throttle.changed();
         }
         for file in change.files {
             let msg = CreateMessage::new()
@@ -1004,6 +1004,7 @@ impl Follower {
             // The same message of the same turn on every node and after a restart: posted once.
             .nonce(nonce(&self.task.id, "tools", turn.first_seq, part as u32))
             .enforce_nonce(true);
+        self.tools.last_write = Some(Instant::now());
         let id = match self.env.rest.send_message(self.thread, &msg, &[]).await {
             Ok(m) => Some(m.id),
             Err(err) => {
@@ -1017,15 +1018,12 @@ impl Follower {
         self.tools.messages[part] = id;
     }
 
-    /// Makes the waiting edits if the throttle allows (`force`: now), then saves the mark they held back.
-    async fn flush_tools(&mut self, force: bool) {
+    /// Makes the waiting edits now (whatever their pace), then saves the mark they held back.
+    async fn flush_tools(&mut self) {
         if self.tools.dirty.is_empty() {
             return;
         }
-        if !force && self.tools.throttle.poll(Instant::now().into_std(), false) != EditDecision::Now
-        {
-            return;
-        }
+        self.tools.last_write = Some(Instant::now());
         for part in std::mem::take(&mut self.tools.dirty) {
             let Some(turn) = &self.tools.turn else { break };
             match self.tools.messages.get(part).copied().flatten() {
@@ -1048,22 +1046,21 @@ impl Follower {
 
     /// Makes the waiting edits when due; otherwise when to come back for them.
     async fn tools_due(&mut self) -> Option<Instant> {
-        if self.tools.dirty.is_empty() {
-            return None;
+        let due = self.tools.due()?;
+        if due > Instant::now() {
+            return Some(due);
         }
-        match self.tools.throttle.poll(Instant::now().into_std(), false) {
-            EditDecision::Now => {
-                self.flush_tools(true).await;
-                None
-            }
-            EditDecision::At(t) => Some(Instant::from_std(t)),
-            EditDecision::Idle => None,
-        }
+        self.flush_tools().await;
+        None
     }
 
-    /// Ends the turn's message: its last edit now; uses still waiting for a result are remembered.
+    /// Ends the turn's message with its last edit (when its pace allows: at most [`EDIT_INTERVAL`] from now);
+    /// uses still waiting for a result are remembered.
     async fn close_tools(&mut self) {
-        self.flush_tools(true).await;
+        if let Some(due) = self.tools.due() {
+            tokio::time::sleep_until(due).await;
+        }
+        self.flush_tools().await;
         if let Some(turn) = self.tools.turn.take() {
             for tool in turn.pending() {
                 self.tools.remember(tool);
