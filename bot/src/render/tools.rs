@@ -33,8 +33,8 @@ const HEAD_CHARS: usize = 240;
 const HEAD_MAX: usize = HEAD_CHARS + 80;
 /// The most a compact line takes with its result.
 const COMPACT_MAX: usize = HEAD_MAX + 160;
-/// Room for a code block's fences, language and the note under it.
-const BLOCK_EXTRA: usize = 120;
+/// Room for a code block's fences, language and the notes under it.
+const BLOCK_EXTRA: usize = 180;
 
 /// How Claude Code starts a result it cut (over its own limit), keeping a preview.
 const PERSISTED: &str = "<persisted-output>";
@@ -413,9 +413,7 @@ fn show_result(
                 let mut note = String::new();
                 if text.trim_start().starts_with(PERSISTED) {
                     // Claude Code's own cut: the model saw only a preview, and so does the thread.
-                    note.push_str(
-                        "\n-# ✂️ too long for Claude Code: it kept a preview and saved the rest on the agent's machine",
-                    );
+                    note.push_str("\n-# ✂️ too long for Claude Code, which kept this preview");
                 }
                 if partial || long_command || output_bytes.is_some() {
                     let data = format!("$ {command}\n{text}");
@@ -746,6 +744,66 @@ mod tests {
             relative("/src/application/x", Some("/src/app")),
             "/src/application/x"
         );
+    }
+
+    #[test]
+    fn a_line_never_takes_more_than_it_reserved() {
+        // The worst of everything: the longest command with hidden characters, an odd exit status, output cut
+        // by Claude Code and by the agent, over the upload limit; a long diff cut; a long error.
+        let cmd = "\u{202e}`x`".repeat(400);
+        let mut t = TurnTools::new("t_1", 5, 10);
+        t.add(ToolUse {
+            id: Some("a".into()),
+            name: "Bash".into(),
+            summary: cmd.clone(),
+            command: Some(cmd),
+        });
+        let out = format!("{PERSISTED}\n{}", "\u{200b}y\n".repeat(5000));
+        t.result(
+            &TaskEvent::ToolResult {
+                is_error: true,
+                summary: String::new(),
+                tool_use_id: Some("a".into()),
+                output: Some(out),
+                output_bytes: Some(u64::MAX),
+                exit_code: Some(i32::MIN),
+                diff: None,
+                diff_cut: false,
+            },
+            u64::MAX,
+            None,
+        );
+        let name = "mcp__".to_string() + &"\u{202e}".repeat(100);
+        t.add(ToolUse::of(&use_("e", "MultiEdit", &"\u{202e}".repeat(500))).unwrap());
+        t.result(
+            &TaskEvent::ToolResult {
+                is_error: false,
+                summary: String::new(),
+                tool_use_id: Some("e".into()),
+                output: None,
+                output_bytes: None,
+                exit_code: None,
+                diff: Some("+\u{202e}\n".repeat(5000)),
+                diff_cut: true,
+            },
+            u64::MAX,
+            None,
+        );
+        t.add(ToolUse::of(&use_("c", &name, &"\u{202e}".repeat(500))).unwrap());
+        t.result(
+            &result(Some("c"), true, Some(&"\u{202e}".repeat(500)), None),
+            9,
+            None,
+        );
+        for line in &t.lines {
+            let used = line.render().chars().count();
+            assert!(
+                used <= line.kind.reserve(),
+                "{used} > {}: {}",
+                line.kind.reserve(),
+                line.render()
+            );
+        }
     }
 
     #[test]
