@@ -31,7 +31,7 @@ use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport}
 use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{
     Decision as WireDecision, FinalState, Isolation, Requester, Role, TaskEvent, TaskSpec,
-    WorktreeAction, WorktreeOutcome, MAX_EVENT_TEXT,
+    WorktreeAction, WorktreeOutcome, MAX_EVENT_TEXT, MAX_TOOL_COMMAND,
 };
 use ct_protocol::{AgentMessage, RelayMessage};
 use serde_json::Value;
@@ -56,6 +56,9 @@ const MAX_INPUT_STRING: usize = 4000;
 /// An approval's tool input is sent whole up to this size (JSON bytes), so the approver can read all of what
 /// would run (the bot attaches it); past it, long strings are cut and the approval says so.
 const MAX_APPROVAL_INPUT: usize = 256 * 1024;
+/// Tool uses remembered per process until their result comes (for the result's tool name and an edit's
+/// diff): results follow their uses closely, so a few dozen is plenty; older ones are forgotten.
+const MAX_PENDING_TOOLS: usize = 64;
 
 /// How tasks run on this machine.
 #[derive(Debug, Clone)]
@@ -178,6 +181,10 @@ struct Inner {
     shutdown: CancellationToken,
     /// The relay of the current (or last) link understands [`TaskEvent::Context`].
     live_usage: AtomicBool,
+    /// The relay in use asked for tool output (its Welcome's `tool_output`): tool results go out whole
+    /// (bounded), with their use's id, exit status and diff. Off, they are the short previews older relays
+    /// know.
+    tool_output: AtomicBool,
 }
 
 #[derive(Default)]
@@ -264,6 +271,7 @@ impl Tasks {
                 sweeping: tokio::sync::Mutex::new(()),
                 shutdown,
                 live_usage: AtomicBool::new(false),
+                tool_output: AtomicBool::new(false),
             }),
         };
         let inner = tasks.inner.clone();
@@ -286,9 +294,19 @@ impl Tasks {
         self.inner.tracker.wait().await;
     }
 
-    /// What the relay of a new link said it understands: events it could not decode are not sent to it.
+    /// What the relay just connected to offers, read as each event is built: whether it wants tool results
+    /// whole ([`Welcome::tool_output`]; older relays ignore fields they do not know, so events already queued
+    /// keep what they were built with) and whether it takes context usage ([`Welcome::live_usage`]; an event
+    /// kind it does not know would cost the link, so none is built for it).
+    ///
+    /// [`Welcome::tool_output`]: ct_protocol::handshake::Welcome::tool_output
+    /// [`Welcome::live_usage`]: ct_protocol::handshake::Welcome::live_usage
     pub fn welcomed(&self, welcome: &ct_protocol::handshake::Welcome) {
-        self.inner
+        let inner = &self.inner;
+        inner
+            .tool_output
+            .store(welcome.tool_output, Ordering::Relaxed);
+        inner
             .live_usage
             .store(welcome.live_usage, Ordering::Relaxed);
     }
@@ -906,6 +924,8 @@ struct Driver {
     last_context: Option<(u64, Option<u64>)>,
     /// The model and CLI version the process's init reported, for follow-ups on it.
     init: Option<(Option<String>, Option<String>)>,
+    /// Tool uses whose result has not come yet.
+    tool_uses: ToolEvents,
 }
 
 impl Driver {
@@ -1035,6 +1055,7 @@ impl Driver {
             _lease: lease,
             last_context: None,
             init: None,
+            tool_uses: ToolEvents::default(),
         };
         if let Err(e) = driver.session.send(spec.prompt) {
             driver.fail(e.to_string()).await;
@@ -1242,13 +1263,15 @@ impl Driver {
                     self.emit(TaskEvent::Text { text }).await;
                 }
             }
-            RunnerEvent::ToolUse { name, summary, .. } => {
-                self.emit(TaskEvent::Tool {
-                    name,
-                    summary,
-                    auto_allowed: None,
-                })
-                .await;
+            RunnerEvent::ToolUse {
+                id,
+                name,
+                summary,
+                input,
+            } => {
+                let on = self.inner.tool_output.load(Ordering::Relaxed);
+                let event = self.tool_uses.tool_use(on, id, name, summary, input);
+                self.emit(event).await;
             }
             RunnerEvent::ApprovalAutoAllowed {
                 tool,
@@ -1261,15 +1284,23 @@ impl Driver {
                     name: tool,
                     summary,
                     auto_allowed: Some(wire_scope(rule)),
+                    id: None,
+                    command: None,
                 })
                 .await;
             }
-            RunnerEvent::ToolResult { is_error, text, .. } => {
-                self.emit(TaskEvent::ToolResult {
-                    is_error,
-                    summary: text,
-                })
-                .await;
+            RunnerEvent::ToolResult {
+                tool_use_id,
+                is_error,
+                text,
+                full,
+                structured,
+            } => {
+                let on = self.inner.tool_output.load(Ordering::Relaxed);
+                let event =
+                    self.tool_uses
+                        .result(on, tool_use_id, is_error, text, &full, &structured);
+                self.emit(event).await;
             }
             RunnerEvent::ApprovalRequested(req) => {
                 let Some(bound) = &mut self.bound else {
@@ -1732,6 +1763,109 @@ fn wire_scope(rule: SessionScope) -> SessionScope {
     }
 }
 
+/// Builds tool events: what older relays know (the use's summary, a preview of the result) unless the relay
+/// asked for tool output; then also the use's id and whole Bash command, and the result whole (bounded), with
+/// Bash's exit status and an edit's diff. Remembers uses until their result comes, for the result's tool and
+/// the diff of an older CLI that prints no patch.
+#[derive(Debug, Default)]
+struct ToolEvents {
+    /// (id, tool, input), oldest first, at most [`MAX_PENDING_TOOLS`].
+    pending: VecDeque<(String, String, Value)>,
+}
+
+impl ToolEvents {
+    fn tool_use(
+        &mut self,
+        tool_output: bool,
+        id: String,
+        name: String,
+        summary: String,
+        input: Value,
+    ) -> TaskEvent {
+        if !tool_output {
+            return TaskEvent::Tool {
+                name,
+                summary,
+                auto_allowed: None,
+                id: None,
+                command: None,
+            };
+        }
+        let command = (name == "Bash")
+            .then(|| {
+                input["command"]
+                    .as_str()
+                    .map(|c| cut_bytes(c, MAX_TOOL_COMMAND))
+            })
+            .flatten();
+        if self.pending.len() >= MAX_PENDING_TOOLS {
+            self.pending.pop_front();
+        }
+        self.pending.push_back((id.clone(), name.clone(), input));
+        TaskEvent::Tool {
+            name,
+            summary,
+            auto_allowed: None,
+            id: Some(id),
+            command,
+        }
+    }
+
+    fn result(
+        &mut self,
+        tool_output: bool,
+        tool_use_id: String,
+        is_error: bool,
+        summary: String,
+        full: &str,
+        structured: &Value,
+    ) -> TaskEvent {
+        if !tool_output {
+            return TaskEvent::ToolResult {
+                is_error,
+                summary,
+                tool_use_id: None,
+                output: None,
+                output_bytes: None,
+                exit_code: None,
+                diff: None,
+                diff_cut: false,
+            };
+        }
+        let (tool, input) = match self.pending.iter().position(|(id, ..)| *id == tool_use_id) {
+            Some(at) => self
+                .pending
+                .remove(at)
+                .map(|(_, tool, input)| (tool, input))
+                .unwrap_or_default(),
+            None => (String::new(), Value::Null),
+        };
+        let (diff, diff_cut) = match claude::events::edit_diff(&tool, &input, structured) {
+            Some(d) if d.len() > MAX_EVENT_TEXT => (Some(cut_bytes(&d, MAX_EVENT_TEXT)), true),
+            d => (d, false),
+        };
+        // An edit's result text only says it worked; its diff is what there is to see.
+        let (output, output_bytes) = if diff.is_some() {
+            (None, None)
+        } else {
+            let (o, cut) = claude::events::head_and_tail(full, MAX_EVENT_TEXT);
+            (Some(o), cut)
+        };
+        TaskEvent::ToolResult {
+            is_error,
+            summary,
+            exit_code: (tool == "Bash")
+                .then(|| claude::events::bash_exit_code(is_error, full))
+                .flatten(),
+            tool_use_id: Some(tool_use_id),
+            output,
+            output_bytes,
+            diff,
+            diff_cut,
+        }
+    }
+}
+
 /// `text` in pieces of at most `max` bytes, cut on char boundaries (preferring a line break in the last
 /// quarter, so a reader of one piece sees whole lines).
 fn chunks(text: &str, max: usize) -> Vec<String> {
@@ -1925,6 +2059,102 @@ mod tests {
             check_mode(PermissionMode::AcceptEdits, Role::Grantee, &off),
             Ok(())
         );
+    }
+
+    #[test]
+    fn tool_events_are_what_older_relays_know_unless_the_relay_asked_for_output() {
+        let input = serde_json::json!({"command": "make && echo ok"});
+        let big = "x".repeat(MAX_EVENT_TEXT * 3);
+        // Off: byte for byte the events agents sent before tool output existed.
+        let mut t = ToolEvents::default();
+        let used = t.tool_use(
+            false,
+            "toolu_1".into(),
+            "Bash".into(),
+            "make".into(),
+            input.clone(),
+        );
+        assert_eq!(
+            serde_json::to_string(&used).unwrap(),
+            r#"{"kind":"tool","name":"Bash","summary":"make"}"#
+        );
+        let done = t.result(
+            false,
+            "toolu_1".into(),
+            true,
+            "Exit code 2".into(),
+            &big,
+            &Value::Null,
+        );
+        assert_eq!(
+            serde_json::to_string(&done).unwrap(),
+            r#"{"kind":"tool_result","is_error":true,"summary":"Exit code 2"}"#
+        );
+        assert!(
+            t.pending.is_empty(),
+            "nothing remembered when nothing is sent"
+        );
+        // On: the id, the whole command, the output bounded with its size, the exit status.
+        let used = t.tool_use(true, "toolu_1".into(), "Bash".into(), "make".into(), input);
+        assert!(
+            matches!(&used, TaskEvent::Tool { id: Some(i), command: Some(c), .. }
+            if i == "toolu_1" && c == "make && echo ok")
+        );
+        let full = format!("Exit code 2\n{big}");
+        let TaskEvent::ToolResult {
+            tool_use_id,
+            output,
+            output_bytes,
+            exit_code,
+            diff,
+            ..
+        } = t.result(
+            true,
+            "toolu_1".into(),
+            true,
+            "Exit code 2".into(),
+            &full,
+            &Value::Null,
+        )
+        else {
+            panic!("not a result");
+        };
+        assert_eq!(tool_use_id.as_deref(), Some("toolu_1"));
+        assert!(output.unwrap().len() <= MAX_EVENT_TEXT);
+        assert_eq!(output_bytes, Some(full.len() as u64));
+        assert_eq!(exit_code, Some(2));
+        assert_eq!(diff, None);
+        // An edit's result is its diff, from the input when the CLI printed no patch.
+        t.tool_use(
+            true,
+            "toolu_2".into(),
+            "Edit".into(),
+            "f".into(),
+            serde_json::json!({"file_path": "f", "old_string": "a", "new_string": "b"}),
+        );
+        let TaskEvent::ToolResult { output, diff, .. } = t.result(
+            true,
+            "toolu_2".into(),
+            false,
+            "updated".into(),
+            "updated",
+            &Value::Null,
+        ) else {
+            panic!("not a result");
+        };
+        assert_eq!(output, None);
+        assert!(diff.unwrap().ends_with("-a\n+b\n"));
+        // Uses whose result never comes are forgotten, oldest first.
+        for i in 0..MAX_PENDING_TOOLS + 10 {
+            t.tool_use(
+                true,
+                format!("u{i}"),
+                "Read".into(),
+                "f".into(),
+                Value::Null,
+            );
+        }
+        assert_eq!(t.pending.len(), MAX_PENDING_TOOLS);
     }
 
     #[test]

@@ -245,6 +245,7 @@ impl Relay {
             heartbeat_ms: transport.timing().heartbeat.as_millis() as u64,
             relays: Vec::new(),
             live_usage: true,
+            tool_output: false,
         };
         if writer.send(&Verdict::Welcome(welcome)).await.is_err() {
             return;

@@ -17,4 +17,5 @@ mod sandbox;
 mod service;
 mod support;
 mod tasks;
+mod tool_output;
 mod worktree;

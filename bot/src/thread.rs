@@ -11,6 +11,8 @@
 //! interaction webhook, whose token dies after 15 minutes while tasks may run for hours):
 //! - a progress message with a Stop button, edited at most about once a second ([`EditThrottle`]);
 //! - assistant text, split at 2,000 characters, or as an attachment when it is long ([`output::place`]);
+//! - each turn's tool uses in one message (more past 2,000 characters), edited as results come, with long
+//!   output and diffs attached in messages of their own (`TurnMessages`, [`crate::render::tools`]);
 //! - one message per approval request with its buttons, edited (disabled, with the outcome) when the agent
 //!   reports it closed;
 //! - the summary embed when the task ends.
@@ -23,7 +25,7 @@
 //! that died between a post and its mark is covered by the posts' nonces (Discord's `enforce_nonce` returns
 //! the message already there).
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,6 +49,7 @@ use crate::render::approval::{
 use crate::render::output::{place, OutputKind, Placement, DEFAULT_ATTACHMENT_LIMIT};
 use crate::render::progress::{EditDecision, EditThrottle, Phase, TaskProgress, EDIT_INTERVAL};
 use crate::render::summary::{summary_embed, SummaryContext};
+use crate::render::tools::{Change, ToolUse, TurnTools};
 use crate::rest::{Rest, Upload};
 
 /// Threads remembered at once; the oldest are forgotten first (and found again from their name if used).
@@ -366,6 +369,73 @@ struct Follower {
     reopen: BTreeMap<String, u64>,
     /// Messages posted so far for the event `last_seq`: with it, each message's nonce.
     posts: std::sync::atomic::AtomicU32,
+    /// The tool messages of the turn in hand.
+    tools: TurnMessages,
+}
+
+/// Uses remembered after their turn's message closed (or from before a restart), for results that come
+/// later; the oldest are forgotten first.
+const MAX_EARLIER_TOOLS: usize = 64;
+
+/// A turn's tool uses as shown in the thread ([`TurnTools`]) and the messages showing them.
+///
+/// A turn's message is posted at once with its first tool (and another when it would pass 2,000 characters),
+/// then edited as results come, at most once per [`EDIT_INTERVAL`] after its last post or edit (the progress
+/// message's pace); attachments go at once, in messages of their own. Text, a turn's end or the task's end
+/// closes the message: its last edit is made first, waiting for its turn if it must (at most that interval).
+///
+/// Restarts: the mark never claims an event whose edit is still waiting (see [`Follower::shown_through`]), so
+/// nothing is lost; a follower that carries on starts a new message for the next tool use, and results of uses
+/// shown before it get lines there, named by their use (remembered from the replayed events). A clean stop
+/// makes the waiting edit first, so a hand-over repeats nothing; after a crash, at most about a second of tool
+/// lines may show again (every post has a nonce, so no message is posted twice).
+#[derive(Default)]
+struct TurnMessages {
+    turn: Option<TurnTools>,
+    /// The message of each part, once posted.
+    messages: Vec<Option<MessageId>>,
+    /// Parts whose edit waits for the throttle.
+    dirty: BTreeSet<usize>,
+    /// The first event whose change waits in `dirty`.
+    dirty_since: Option<u64>,
+    /// When a tool message was last posted or edited: the next edit waits until [`EDIT_INTERVAL`] after.
+    last_write: Option<Instant>,
+    earlier: VecDeque<ToolUse>,
+}
+
+impl TurnMessages {
+    /// When the waiting edits may be made (now or earlier: at once); `None` when nothing waits.
+    fn due(&self) -> Option<Instant> {
+        if self.dirty.is_empty() {
+            return None;
+        }
+        Some(
+            self.last_write
+                .map_or_else(Instant::now, |t| t + EDIT_INTERVAL),
+        )
+    }
+
+    fn remember(&mut self, tool: ToolUse) {
+        if self.earlier.len() >= MAX_EARLIER_TOOLS {
+            self.earlier.pop_front();
+        }
+        self.earlier.push_back(tool);
+    }
+
+    /// The remembered use a result answers (by id).
+    fn earlier(&self, ev: &TaskEvent) -> Option<&ToolUse> {
+        let TaskEvent::ToolResult {
+            tool_use_id: Some(id),
+            ..
+        } = ev
+        else {
+            return None;
+        };
+        self.earlier
+            .iter()
+            .rev()
+            .find(|t| t.id.as_deref() == Some(id))
+    }
 }
 
 /// How a follower is told to stop.
@@ -423,6 +493,7 @@ pub async fn follow(
         resumed,
         reopen: resume.map(|m| m.approvals).unwrap_or_default(),
         posts: std::sync::atomic::AtomicU32::new(0),
+        tools: TurnMessages::default(),
     };
     let ended = tokio::select! {
         ended = f.run(&stop.soft) => ended,
@@ -478,6 +549,7 @@ impl Follower {
         let already_posted = self.last_seq;
         for (seq, ev) in feed.past {
             if soft.is_cancelled() {
+                self.flush_tools().await;
                 self.save_mark().await;
                 return Ended::Stopped;
             }
@@ -500,12 +572,15 @@ impl Follower {
                 EditDecision::At(t) => Some(Instant::from_std(t)),
                 EditDecision::Idle => None,
             };
+            let tools_wake = self.tools_due().await;
             tokio::select! {
                 // Between events: whatever the last one posted is in the mark once it is saved here.
                 () = soft.cancelled() => {
+                    self.flush_tools().await;
                     self.save_mark().await;
                     return Ended::Stopped;
                 }
+                () = async { if let Some(t) = tools_wake { tokio::time::sleep_until(t).await } else { std::future::pending().await } } => {}
                 got = live.recv() => match got {
                     Ok((seq, ev)) => self.event(seq, ev).await,
                     Err(RecvError::Lagged(n)) => {
@@ -555,12 +630,14 @@ impl Follower {
                     ..
                 }
         );
+        let tool_posted = self.tool_event(seq, &ev).await;
         match &ev {
             TaskEvent::Text { text } => self.post_output(text).await,
             TaskEvent::Tool {
                 name,
                 summary,
                 auto_allowed: Some(rule),
+                ..
             } => {
                 // Nobody was asked about this use, so the thread is told it happened.
                 self.post_text(&auto_allowed_line(name, summary, rule))
@@ -579,7 +656,7 @@ impl Follower {
             }
             _ => {}
         }
-        if posts {
+        if posts || tool_posted {
             self.save_mark().await;
         }
         if self.progress.apply(&ev) {
@@ -628,6 +705,12 @@ impl Follower {
             TaskEvent::ApprovalClosed { approval, .. } => {
                 self.env.threads.close_approval(&self.task.id, approval);
             }
+            TaskEvent::Tool { .. } => {
+                // Shown before the restart: its result, if still to come, names it.
+                if let Some(tool) = ToolUse::of(ev) {
+                    self.tools.remember(tool);
+                }
+            }
             _ => {}
         }
     }
@@ -638,7 +721,7 @@ impl Follower {
             task: self.task.id.clone(),
             thread: self.thread.get(),
             progress: self.progress_msg.map(MessageId::get),
-            posted: self.last_seq,
+            posted: self.shown_through(),
             upload_limit: self.upload_limit,
             approvals: self.env.threads.approval_messages(&self.task.id),
         };
@@ -851,6 +934,7 @@ impl Follower {
     }
 
     async fn finish(&mut self) {
+        self.close_tools().await;
         for open in self.env.threads.close_all_approvals(&self.task.id) {
             self.close_approval(&open, &Closed::Other("the task ended".into()))
                 .await;
@@ -914,6 +998,159 @@ fn ended_how(phase: Phase) -> &'static str {
         Phase::Cancelled => "was stopped",
         Phase::Lost => "was lost (its agent never said how it ended)",
         Phase::Queued | Phase::Running | Phase::WaitingApproval => "stopped being followed",
+    }
+}
+
+impl Follower {
+    /// Shows a tool use or result in the turn's message, and closes that message when text or the turn's end
+    /// comes. True when it posted something (a message or a file), so the mark is saved.
+    async fn tool_event(&mut self, seq: u64, ev: &TaskEvent) -> bool {
+        match ev {
+            TaskEvent::Text { .. }
+            | TaskEvent::TurnFinished { .. }
+            | TaskEvent::Finished { .. } => {
+                self.close_tools().await;
+                false
+            }
+            TaskEvent::Tool { .. } => {
+                let Some(tool) = ToolUse::of(ev) else {
+                    return false;
+                };
+                let (limit, cwd) = (self.upload_limit, self.progress.cwd.clone());
+                let turn = self
+                    .tools
+                    .turn
+                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit).with_cwd(cwd));
+                let change = turn.add(tool);
+                self.apply_tools(seq, change).await
+            }
+            TaskEvent::ToolResult { .. } => {
+                let earlier = self.tools.earlier(ev).cloned();
+                let (limit, cwd) = (self.upload_limit, self.progress.cwd.clone());
+                let turn = self
+                    .tools
+                    .turn
+                    .get_or_insert_with(|| TurnTools::new(&self.task.id, seq, limit).with_cwd(cwd));
+                let change = turn.result(ev, seq, earlier.as_ref());
+                self.apply_tools(seq, change).await
+            }
+            _ => false,
+        }
+    }
+
+    /// Posts a new part and the files at once; an edit waits for the throttle.
+    async fn apply_tools(&mut self, seq: u64, change: Change) -> bool {
+        let mut posted = false;
+        if let Some(part) = change.new_part {
+            self.post_tools_part(part).await;
+            posted = true;
+        }
+        if let Some(part) = change.edited {
+            self.tools.dirty.insert(part);
+            self.tools.dirty_since.get_or_insert(seq);
+        }
+        for file in change.files {
+            let msg = CreateMessage::new()
+                .content(file.note)
+                .allowed_mentions(CreateAllowedMentions::new())
+                .nonce(self.event_nonce())
+                .enforce_nonce(true);
+            let upload = Upload {
+                filename: file.filename,
+                data: file.data,
+            };
+            if let Err(err) = self
+                .env
+                .rest
+                .send_message(self.thread, &msg, &[upload])
+                .await
+            {
+                warn!(%err, task = %self.task.id, "could not post a tool's output");
+            }
+            posted = true;
+        }
+        posted
+    }
+
+    async fn post_tools_part(&mut self, part: usize) {
+        let Some(turn) = &self.tools.turn else { return };
+        let msg = CreateMessage::new()
+            .content(turn.render(part))
+            .allowed_mentions(CreateAllowedMentions::new())
+            // The same message of the same turn on every node and after a restart: posted once.
+            .nonce(nonce(&self.task.id, "tools", turn.first_seq, part as u32))
+            .enforce_nonce(true);
+        self.tools.last_write = Some(Instant::now());
+        let id = match self.env.rest.send_message(self.thread, &msg, &[]).await {
+            Ok(m) => Some(m.id),
+            Err(err) => {
+                warn!(%err, task = %self.task.id, "could not post the turn's tools");
+                None
+            }
+        };
+        if self.tools.messages.len() <= part {
+            self.tools.messages.resize(part + 1, None);
+        }
+        self.tools.messages[part] = id;
+    }
+
+    /// Makes the waiting edits now (whatever their pace), then saves the mark they held back.
+    async fn flush_tools(&mut self) {
+        if self.tools.dirty.is_empty() {
+            return;
+        }
+        self.tools.last_write = Some(Instant::now());
+        for part in std::mem::take(&mut self.tools.dirty) {
+            let Some(turn) = &self.tools.turn else { break };
+            match self.tools.messages.get(part).copied().flatten() {
+                Some(id) => {
+                    let edit = EditMessage::new()
+                        .content(turn.render(part))
+                        .allowed_mentions(CreateAllowedMentions::new());
+                    if let Err(err) = self.env.rest.edit_message(self.thread, id, &edit).await {
+                        warn!(%err, task = %self.task.id, "could not edit the turn's tools");
+                    }
+                }
+                // Its post failed: try once more (same nonce, so never twice).
+                None => self.post_tools_part(part).await,
+            }
+        }
+        if self.tools.dirty_since.take().is_some() {
+            self.save_mark().await;
+        }
+    }
+
+    /// Makes the waiting edits when due; otherwise when to come back for them.
+    async fn tools_due(&mut self) -> Option<Instant> {
+        let due = self.tools.due()?;
+        if due > Instant::now() {
+            return Some(due);
+        }
+        self.flush_tools().await;
+        None
+    }
+
+    /// Ends the turn's message with its last edit (when its pace allows: at most [`EDIT_INTERVAL`] from now);
+    /// uses still waiting for a result are remembered.
+    async fn close_tools(&mut self) {
+        if let Some(due) = self.tools.due() {
+            tokio::time::sleep_until(due).await;
+        }
+        self.flush_tools().await;
+        if let Some(turn) = self.tools.turn.take() {
+            for tool in turn.pending() {
+                self.tools.remember(tool);
+            }
+        }
+        self.tools.messages.clear();
+    }
+
+    /// How far the thread shows the task: the last event handled, but not past an edit still waiting.
+    fn shown_through(&self) -> u64 {
+        match self.tools.dirty_since {
+            Some(seq) => seq.saturating_sub(1).min(self.last_seq),
+            None => self.last_seq,
+        }
     }
 }
 

@@ -795,6 +795,8 @@ async fn progress_is_edited_at_most_about_once_a_second() {
                 name: "Read".into(),
                 summary: format!("src/file{i}.rs"),
                 auto_allowed: None,
+                id: None,
+                command: None,
             },
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1499,13 +1501,61 @@ async fn status_gives_the_whole_output_to_its_people_and_nothing_to_others() {
             name: "Bash".into(),
             summary: "cargo test".into(),
             auto_allowed: None,
+            id: None,
+            command: None,
+        },
+    );
+    // As an older agent sends it: a preview only.
+    w.fake.emit(
+        &task,
+        TaskEvent::ToolResult {
+            is_error: false,
+            summary: "12 passed".into(),
+            tool_use_id: None,
+            output: None,
+            output_bytes: None,
+            exit_code: None,
+            diff: None,
+            diff_cut: false,
+        },
+    );
+    // As a newer agent sends it to a relay that shows tool output: whole, with the exit status or the diff.
+    for (name, command) in [("Bash", Some("ls -1")), ("Edit", None)] {
+        w.fake.emit(
+            &task,
+            TaskEvent::Tool {
+                name: name.into(),
+                summary: command.unwrap_or("src/a.rs").into(),
+                auto_allowed: None,
+                id: Some(format!("toolu_{name}")),
+                command: command.map(Into::into),
+            },
+        );
+    }
+    w.fake.emit(
+        &task,
+        TaskEvent::ToolResult {
+            is_error: false,
+            summary: "a.txt".into(),
+            tool_use_id: Some("toolu_Bash".into()),
+            output: Some("a.txt\nb.txt\n".into()),
+            output_bytes: None,
+            exit_code: Some(0),
+            diff: None,
+            diff_cut: false,
         },
     );
     w.fake.emit(
         &task,
         TaskEvent::ToolResult {
             is_error: false,
-            summary: "12 passed".into(),
+            summary: "updated".into(),
+            tool_use_id: Some("toolu_Edit".into()),
+            output: Some("The file src/a.rs has been updated.".into()),
+            output_bytes: None,
+            exit_code: None,
+            diff: Some("--- a/src/a.rs\n+++ b/src/a.rs\n@@ -1 +1 @@\n-old\n+new\n".into()),
+            diff_cut: false,
         },
     );
     w.fake.emit(&task, finished(FinalState::Done, None));
@@ -1531,6 +1581,9 @@ async fn status_gives_the_whole_output_to_its_people_and_nothing_to_others() {
         "Looking at @everyone's code <@9999>:\n```rust\nfn main() {\n```",
         "🔧 **Bash** `cargo test`",
         "↳ `12 passed`",
+        "🔧 **Bash** `ls -1`",
+        "↳ exit 0\n```\na.txt\nb.txt\n```",
+        "```diff\n--- a/src/a.rs\n+++ b/src/a.rs\n@@ -1 +1 @@\n-old\n+new\n```",
         "✅ Done.",
     ] {
         assert!(text.contains(want), "{want:?} missing from {text}");

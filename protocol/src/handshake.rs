@@ -142,6 +142,12 @@ pub struct Welcome {
     /// know (and would drop the link over it), so the agent sends none unless the relay says so.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub live_usage: bool,
+    /// The relay shows tool output: the agent may send tool results whole (bounded), with their exit status,
+    /// the tool use they answer and the diff of an edit (the new fields of
+    /// [`TaskEvent::Tool`](crate::task::TaskEvent::Tool) and [`TaskEvent::ToolResult`](crate::task::TaskEvent::ToolResult)).
+    /// Absent from older relays, whose agents then send the short previews they always sent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tool_output: bool,
 }
 
 /// Why the relay refused an agent whose signature was valid.

@@ -15,6 +15,8 @@ use crate::scope::SessionScope;
 pub const MAX_PROMPT_LEN: usize = 100 * 1024;
 /// Longest text carried by one event (bytes); longer output is split into several events.
 pub const MAX_EVENT_TEXT: usize = 64 * 1024;
+/// Longest Bash command a [`TaskEvent::Tool`] carries in full (bytes).
+pub const MAX_TOOL_COMMAND: usize = 16 * 1024;
 
 /// Who asked for a task, as the relay established it (Discord user id), and in what capacity.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,9 +182,42 @@ pub enum TaskEvent {
         /// session" rule covers it (the rule). Such an event follows the plain one for the same use.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         auto_allowed: Option<SessionScope>,
+        /// Claude Code's id of this use, which its [`TaskEvent::ToolResult`] names. Only from agents that
+        /// send tool output (see [`Welcome::tool_output`](crate::handshake::Welcome::tool_output)).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// Bash: the whole command, at most [`MAX_TOOL_COMMAND`] bytes (`summary` is cut much shorter), so
+        /// nothing of what ran is hidden. Only from agents that send tool output.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        command: Option<String>,
     },
-    /// A tool's outcome, summarised.
-    ToolResult { is_error: bool, summary: String },
+    /// A tool's outcome. `summary` is a short preview (what older agents send, and all older bots read); the
+    /// other fields come only from agents that send tool output, to relays that asked for it.
+    ToolResult {
+        is_error: bool,
+        summary: String,
+        /// The [`TaskEvent::Tool`] `id` this result belongs to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tool_use_id: Option<String>,
+        /// What the tool returned, whole up to [`MAX_EVENT_TEXT`] bytes; past that its head and tail with a
+        /// line in between saying how much was left out, and `output_bytes` says the original size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+        /// The size of the whole output in bytes, set only when `output` was cut.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output_bytes: Option<u64>,
+        /// Bash: the command's exit status, where Claude Code tells it (it says `Exit code N` on failure and
+        /// nothing on success, which is 0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        /// Edit, Write, MultiEdit, NotebookEdit: the change as a unified diff, at most [`MAX_EVENT_TEXT`]
+        /// bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diff: Option<String>,
+        /// The diff was longer and was cut.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        diff_cut: bool,
+    },
     /// Claude Code asks permission; the answer is a [`Decision`] for `approval`.
     ApprovalRequested {
         approval: String,
@@ -293,6 +328,8 @@ mod tests {
             name: "Bash".into(),
             summary: "ls".into(),
             auto_allowed: None,
+            id: None,
+            command: None,
         };
         assert_eq!(
             serde_json::to_string(&plain).unwrap(),
@@ -314,6 +351,8 @@ mod tests {
             auto_allowed: Some(SessionScope::Prefix {
                 prefix: "npm".into(),
             }),
+            id: None,
+            command: None,
         };
         let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&auto).unwrap()).unwrap();
         assert_eq!(back, auto);
@@ -353,6 +392,93 @@ mod tests {
             .unwrap(),
             r#"{"kind":"context","tokens":10}"#
         );
+    }
+
+    #[test]
+    fn tool_output_fields_are_additive() {
+        // What an older agent sends: no id, no output, no diff. It still parses, with nothing set.
+        let old: TaskEvent =
+            serde_json::from_str(r#"{"kind":"tool_result","is_error":false,"summary":"hi"}"#)
+                .unwrap();
+        assert_eq!(
+            old,
+            TaskEvent::ToolResult {
+                is_error: false,
+                summary: "hi".into(),
+                tool_use_id: None,
+                output: None,
+                output_bytes: None,
+                exit_code: None,
+                diff: None,
+                diff_cut: false,
+            }
+        );
+        let tool: TaskEvent =
+            serde_json::from_str(r#"{"kind":"tool","name":"Bash","summary":"ls"}"#).unwrap();
+        assert!(matches!(
+            tool,
+            TaskEvent::Tool {
+                id: None,
+                command: None,
+                ..
+            }
+        ));
+        // Unset, a newer agent's events are byte for byte what older relays and bots read.
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"kind":"tool_result","is_error":false,"summary":"hi"}"#
+        );
+        // Set, they round-trip, and an older reader that knows only the old fields still gets those.
+        let full = TaskEvent::ToolResult {
+            is_error: true,
+            summary: "Exit code 3".into(),
+            tool_use_id: Some("toolu_1".into()),
+            output: Some("Exit code 3\nout".into()),
+            output_bytes: Some(1 << 20),
+            exit_code: Some(3),
+            diff: Some("-a\n+b\n".into()),
+            diff_cut: true,
+        };
+        let json = serde_json::to_string(&full).unwrap();
+        let back: TaskEvent = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, full);
+        #[derive(Deserialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        enum OldEvent {
+            ToolResult { is_error: bool, summary: String },
+        }
+        let OldEvent::ToolResult { is_error, summary } = serde_json::from_str(&json).unwrap();
+        assert!(is_error);
+        assert_eq!(summary, "Exit code 3");
+        let use_ = TaskEvent::Tool {
+            name: "Bash".into(),
+            summary: "ls".into(),
+            auto_allowed: None,
+            id: Some("toolu_1".into()),
+            command: Some("ls -la".into()),
+        };
+        let back: TaskEvent = serde_json::from_str(&serde_json::to_string(&use_).unwrap()).unwrap();
+        assert_eq!(back, use_);
+    }
+
+    #[test]
+    fn the_tool_output_flag_of_welcome_is_additive() {
+        use crate::handshake::Welcome;
+        // An older relay's Welcome: no flag, so the agent sends what it always sent.
+        let old: Welcome = serde_json::from_str(
+            r#"{"owner":"1","agent_name":"box","paired":false,"heartbeat_ms":1000}"#,
+        )
+        .unwrap();
+        assert!(!old.tool_output);
+        // Unset, a newer relay's Welcome is what older agents read; set, it says so.
+        assert!(!serde_json::to_string(&old).unwrap().contains("tool_output"));
+        let new = Welcome {
+            tool_output: true,
+            ..old
+        };
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""tool_output":true"#));
+        assert_eq!(serde_json::from_str::<Welcome>(&json).unwrap(), new);
     }
 
     #[test]

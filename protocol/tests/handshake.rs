@@ -37,6 +37,7 @@ fn welcome() -> Welcome {
         heartbeat_ms: 1000,
         relays: Vec::new(),
         live_usage: true,
+        tool_output: false,
     }
 }
 

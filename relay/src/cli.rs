@@ -909,13 +909,15 @@ pub fn render_event(event: &TaskEvent) -> String {
             name,
             summary,
             auto_allowed: None,
+            ..
         } => format!("  - {name}: {summary}\n"),
         TaskEvent::Tool {
             name,
             summary,
             auto_allowed: Some(rule),
+            ..
         } => format!("  - {name}: {summary} (auto-allowed by the session rule: {rule})\n"),
-        TaskEvent::ToolResult { is_error: true, summary } => format!("    error: {summary}\n"),
+        TaskEvent::ToolResult { is_error: true, summary, .. } => format!("    error: {summary}\n"),
         TaskEvent::ToolResult { .. } => String::new(),
         TaskEvent::ApprovalRequested { approval, tool, summary, .. } => format!(
             "? approval {approval}: {tool} {summary}\n  answer: ct-relay admin approve --as <owner> <task> {approval} allow|allow-session|deny\n"

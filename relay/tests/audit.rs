@@ -557,6 +557,8 @@ async fn a_use_allowed_by_a_session_rule_is_audited_once() {
         auto_allowed: Some(ct_protocol::scope::SessionScope::Prefix {
             prefix: "npm test".into(),
         }),
+        id: None,
+        command: None,
     };
     event_acked(&mut agent, &theirs, 1, auto.clone()).await;
     // Re-sent after a reconnect: stored once, audited once.
@@ -565,6 +567,8 @@ async fn a_use_allowed_by_a_session_rule_is_audited_once() {
         name: "Bash".into(),
         summary: "ls".into(),
         auto_allowed: None,
+        id: None,
+        command: None,
     };
     event_acked(&mut agent, &theirs, 2, plain).await;
 

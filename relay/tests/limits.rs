@@ -376,6 +376,8 @@ async fn output_past_the_cap_is_acknowledged_but_dropped_behind_one_marker() {
             name: "Bash".into(),
             summary: "x".repeat(1000),
             auto_allowed: None,
+            id: None,
+            command: None,
         },
     )
     .await;

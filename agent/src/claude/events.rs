@@ -26,12 +26,18 @@ pub enum RunnerEvent {
         id: String,
         name: String,
         summary: String,
+        /// The whole input, for what is shown of the use (a Bash command in full, an edit's diff).
+        input: Value,
     },
     /// A tool finished; `text` is a preview of what it returned.
     ToolResult {
         tool_use_id: String,
         is_error: bool,
         text: String,
+        /// All of what it returned, as text (bounded only by the CLI's line limit).
+        full: String,
+        /// The CLI's `tool_use_result` for it: `structuredPatch` of an edit, `stdout` of Bash, ...
+        structured: Value,
     },
     /// How much of the context window the conversation takes up now: after each model call (its usage) and
     /// after each turn (the CLI's `get_context_usage`, which also gives the window).
@@ -134,6 +140,11 @@ pub struct ToolResultBlock {
     pub tool_use_id: String,
     pub is_error: bool,
     pub text: String,
+    /// The whole content as text (`text` is its preview).
+    pub full: String,
+    /// The line's `tool_use_result` (the CLI prints one per line), given to the line's only result; `Null`
+    /// when there is none or the line carries several results.
+    pub structured: Value,
 }
 
 /// One model call's share of the context, from the `usage` of an `assistant` event.
@@ -257,15 +268,26 @@ pub fn parse_value(v: Value) -> CliEvent {
             }
         }
         (Some("user"), _) => {
-            let blocks: Vec<ToolResultBlock> = v["message"]["content"]
+            let results = v["message"]["content"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|b| b["type"] == "tool_result")
-                .map(|b| ToolResultBlock {
-                    tool_use_id: s(&b["tool_use_id"]),
-                    is_error: b["is_error"].as_bool().unwrap_or(false),
-                    text: cut(&content_text(&b["content"]), RESULT_PREVIEW_CHARS),
+                .filter(|b| b["type"] == "tool_result");
+            let single = results.clone().count() == 1;
+            let blocks: Vec<ToolResultBlock> = results
+                .map(|b| {
+                    let full = content_text(&b["content"]);
+                    ToolResultBlock {
+                        tool_use_id: s(&b["tool_use_id"]),
+                        is_error: b["is_error"].as_bool().unwrap_or(false),
+                        text: cut(&full, RESULT_PREVIEW_CHARS),
+                        full,
+                        structured: if single {
+                            v["tool_use_result"].clone()
+                        } else {
+                            Value::Null
+                        },
+                    }
                 })
                 .collect();
             if blocks.is_empty() {
@@ -449,6 +471,134 @@ pub fn is_logged_out_text(text: &str) -> bool {
     text.starts_with("Not logged in") || text.contains("Please run /login")
 }
 
+/// Tools whose result is best shown as the change they made.
+pub fn is_edit_tool(tool: &str) -> bool {
+    matches!(tool, "Edit" | "Write" | "MultiEdit" | "NotebookEdit")
+}
+
+/// Bash's exit status as the CLI reports it: a failed command's result starts with `Exit code N`; a
+/// successful one says nothing, which means 0. `None` when the result says neither (an error of the tool
+/// itself, such as a refused command).
+pub fn bash_exit_code(is_error: bool, text: &str) -> Option<i32> {
+    if !is_error {
+        return Some(0);
+    }
+    let first = text.lines().next()?.trim();
+    first.strip_prefix("Exit code ")?.trim().parse().ok()
+}
+
+/// The change an edit made, as a unified diff: from the CLI's `structuredPatch` when it printed one (2.1.332
+/// does, for Edit, MultiEdit and Write over an existing file), else from the tool's input (a new file is all
+/// `+`; an Edit is its old and new strings). `None` for other tools or when there is nothing to show.
+pub fn edit_diff(tool: &str, input: &Value, structured: &Value) -> Option<String> {
+    if !is_edit_tool(tool) {
+        return None;
+    }
+    let path = structured["filePath"]
+        .as_str()
+        .or_else(|| input["file_path"].as_str())
+        .or_else(|| input["notebook_path"].as_str())
+        .unwrap_or("(file)");
+    let mut out = String::new();
+    if let Some(hunks) = structured["structuredPatch"]
+        .as_array()
+        .filter(|h| !h.is_empty())
+    {
+        out.push_str(&format!("--- {path}\n+++ {path}\n"));
+        for h in hunks {
+            let n = |k: &str| h[k].as_u64().unwrap_or(0);
+            out.push_str(&format!(
+                "@@ -{},{} +{},{} @@\n",
+                n("oldStart"),
+                n("oldLines"),
+                n("newStart"),
+                n("newLines")
+            ));
+            for line in h["lines"].as_array().into_iter().flatten() {
+                out.push_str(line.as_str().unwrap_or_default());
+                out.push('\n');
+            }
+        }
+        return Some(out);
+    }
+    let created = structured["type"] == "create" || structured["originalFile"].is_null();
+    let plus = |out: &mut String, text: &str| {
+        for line in text.lines() {
+            out.push('+');
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    let minus = |out: &mut String, text: &str| {
+        for line in text.lines() {
+            out.push('-');
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    match tool {
+        "Write" => {
+            let content = structured["content"]
+                .as_str()
+                .or_else(|| input["content"].as_str())?;
+            let from = if created && structured.is_object() {
+                "/dev/null"
+            } else {
+                path
+            };
+            out.push_str(&format!(
+                "--- {from}\n+++ {path}\n@@ -0,0 +1,{} @@\n",
+                content.lines().count()
+            ));
+            plus(&mut out, content);
+        }
+        "Edit" => {
+            out.push_str(&format!("--- {path}\n+++ {path}\n@@ @@\n"));
+            minus(&mut out, input["old_string"].as_str()?);
+            plus(&mut out, input["new_string"].as_str()?);
+        }
+        "MultiEdit" => {
+            out.push_str(&format!("--- {path}\n+++ {path}\n"));
+            for e in input["edits"].as_array()? {
+                out.push_str("@@ @@\n");
+                minus(&mut out, e["old_string"].as_str().unwrap_or_default());
+                plus(&mut out, e["new_string"].as_str().unwrap_or_default());
+            }
+        }
+        "NotebookEdit" => {
+            let cell = input["cell_id"].as_str().unwrap_or("new cell");
+            out.push_str(&format!(
+                "--- {path} ({cell})\n+++ {path} ({cell})\n@@ @@\n"
+            ));
+            plus(&mut out, input["new_source"].as_str().unwrap_or_default());
+        }
+        _ => return None,
+    }
+    Some(out)
+}
+
+/// `text` within `max` bytes: whole when it fits, else its head and its tail (the end of a build log is what
+/// people look for) around a line saying how much was left out. Returns the original size when cut.
+pub fn head_and_tail(text: &str, max: usize) -> (String, Option<u64>) {
+    if text.len() <= max {
+        return (text.to_owned(), None);
+    }
+    let note = format!("\n[… {} bytes left out …]\n", text.len());
+    let room = max.saturating_sub(note.len() + 8);
+    let mut head = room / 4;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - (room - head);
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    (
+        format!("{}{note}{}", &text[..head], &text[tail..]),
+        Some(text.len() as u64),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -485,7 +635,9 @@ mod tests {
             CliEvent::ToolResults(vec![ToolResultBlock {
                 tool_use_id: "t1".into(),
                 is_error: true,
-                text: "nope".into()
+                text: "nope".into(),
+                full: "nope".into(),
+                structured: Value::Null,
             }])
         );
         assert_eq!(
@@ -573,6 +725,48 @@ mod tests {
         );
         let status = json!({"type":"system","subtype":"status","status":"compacting"});
         assert_eq!(compaction_notice(&status), None);
+    }
+
+    #[test]
+    fn edits_become_unified_diffs_from_the_clis_patch_or_the_input() {
+        // What CLI 2.1.332 printed for an Edit (tool_use_result).
+        let edit = json!({"filePath":"/p/f.txt","oldString":"beta","newString":"BETA",
+            "structuredPatch":[{"oldStart":1,"oldLines":3,"newStart":1,"newLines":3,
+            "lines":[" alpha","-beta","+BETA"," gamma"]}]});
+        assert_eq!(
+            edit_diff("Edit", &json!({}), &edit).unwrap(),
+            "--- /p/f.txt\n+++ /p/f.txt\n@@ -1,3 +1,3 @@\n alpha\n-beta\n+BETA\n gamma\n"
+        );
+        // A new file: the CLI's patch is empty; all of it is added.
+        let create = json!({"type":"create","filePath":"/p/g.txt","content":"a\nb\n","structuredPatch":[],"originalFile":null});
+        assert_eq!(
+            edit_diff("Write", &json!({}), &create).unwrap(),
+            "--- /dev/null\n+++ /p/g.txt\n@@ -0,0 +1,2 @@\n+a\n+b\n"
+        );
+        // An older CLI that printed no patch: from the input.
+        let d = edit_diff(
+            "Edit",
+            &json!({"file_path":"/p/f","old_string":"x\ny","new_string":"z"}),
+            &Value::Null,
+        )
+        .unwrap();
+        assert!(d.contains("-x\n-y\n+z\n"), "{d}");
+        assert_eq!(edit_diff("Read", &json!({"file_path":"/p"}), &edit), None);
+    }
+
+    #[test]
+    fn exit_codes_and_bounded_output() {
+        assert_eq!(bash_exit_code(true, "Exit code 3\nhello"), Some(3));
+        assert_eq!(bash_exit_code(false, "hello"), Some(0));
+        assert_eq!(bash_exit_code(true, "Blocked: standalone sleep"), None);
+        let (whole, cut) = head_and_tail("short", 100);
+        assert_eq!((whole.as_str(), cut), ("short", None));
+        let long = format!("START{}END", "é".repeat(100_000));
+        let (kept, cut) = head_and_tail(&long, 4096);
+        assert!(kept.len() <= 4096, "{}", kept.len());
+        assert!(kept.starts_with("START") && kept.ends_with("END"));
+        assert_eq!(cut, Some(long.len() as u64));
+        assert!(kept.contains("bytes left out"));
     }
 
     #[test]

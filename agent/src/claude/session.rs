@@ -416,7 +416,13 @@ impl Actor {
                 }
                 for (id, name, input) in tool_uses {
                     let summary = events::summarize_tool_input(&name, &input);
-                    self.emit(RunnerEvent::ToolUse { id, name, summary }).await;
+                    self.emit(RunnerEvent::ToolUse {
+                        id,
+                        name,
+                        summary,
+                        input,
+                    })
+                    .await;
                 }
             }
             CliEvent::ToolResults(blocks) => {
@@ -425,6 +431,8 @@ impl Actor {
                         tool_use_id: b.tool_use_id,
                         is_error: b.is_error,
                         text: b.text,
+                        full: b.full,
+                        structured: b.structured,
                     })
                     .await;
                 }

@@ -11,6 +11,8 @@
 //!   free-text modals, disabled versions once an approval is closed, and the Stop button.
 //! - [`transcript`]: a task's whole output as Markdown (`/status`, the summary's "Full output" button), in
 //!   messages or as `<task>.md`.
+//! - [`tools`]: a turn's tool uses as one message (or a few), each line filled in with its result: Bash's
+//!   command, exit status and output tail, an edit's diff, a compact line for the rest; attachments when long.
 //! - [`output`]: whether long output (tool results, diffs) goes in messages or an attachment, within the
 //!   interaction's upload limit.
 
@@ -19,6 +21,7 @@ pub mod escape;
 pub mod output;
 pub mod progress;
 pub mod summary;
+pub mod tools;
 pub mod transcript;
 
 /// `4s`, `1m 05s`, `2h 03m`: short enough for a progress line.

@@ -408,6 +408,8 @@ mod tests {
             name: name.into(),
             summary: summary.into(),
             auto_allowed: None,
+            id: None,
+            command: None,
         }
     }
 
@@ -451,6 +453,12 @@ mod tests {
         p.apply(&TaskEvent::ToolResult {
             is_error: true,
             summary: "1 failed".into(),
+            tool_use_id: None,
+            output: None,
+            output_bytes: None,
+            exit_code: None,
+            diff: None,
+            diff_cut: false,
         });
         let shown = p.render(Duration::from_secs(65));
         assert_eq!(

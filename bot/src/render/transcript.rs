@@ -25,6 +25,8 @@ use crate::split::open_fence_after;
 
 /// Characters of one tool summary or result shown inline; the events are short summaries already.
 const SUMMARY_MAX: usize = 1500;
+/// A tool's whole output or diff: the agent already bounds each at 64 KiB.
+const OUTPUT_MAX: usize = 70_000;
 /// Characters of a diff shown in the transcript (the agent bounds it too; this keeps a file readable).
 const DIFF_MAX: usize = 200_000;
 
@@ -131,8 +133,31 @@ fn event_block(event: &TaskEvent) -> Option<String> {
             name,
             summary,
             auto_allowed,
-        } => Some(tool(name, summary, auto_allowed.as_ref())),
-        TaskEvent::ToolResult { is_error, summary } => Some(tool_result(*is_error, summary)),
+            command,
+            ..
+        } => Some(tool(
+            name,
+            command.as_deref().unwrap_or(summary),
+            auto_allowed.as_ref(),
+        )),
+        TaskEvent::ToolResult {
+            is_error,
+            summary,
+            output,
+            output_bytes,
+            exit_code,
+            diff,
+            diff_cut,
+            ..
+        } => Some(tool_result(&ToolOutcome {
+            is_error: *is_error,
+            summary,
+            output: output.as_deref(),
+            output_bytes: *output_bytes,
+            exit_code: *exit_code,
+            diff: diff.as_deref(),
+            diff_cut: *diff_cut,
+        })),
         TaskEvent::ApprovalRequested {
             tool,
             summary,
@@ -213,9 +238,52 @@ fn tool(name: &str, summary: &str, auto_allowed: Option<&SessionScope>) -> Strin
     s
 }
 
-fn tool_result(is_error: bool, summary: &str) -> String {
-    let icon = if is_error { "❌ failed" } else { "↳" };
-    format!("{icon}{}", one_or_block(summary))
+/// A tool's result as the agent sent it: whole (bounded) from agents that send tool output, else a preview.
+struct ToolOutcome<'a> {
+    is_error: bool,
+    summary: &'a str,
+    output: Option<&'a str>,
+    output_bytes: Option<u64>,
+    exit_code: Option<i32>,
+    diff: Option<&'a str>,
+    diff_cut: bool,
+}
+
+/// The diff of an edit in a ```diff block, or else the output (whole, as the agent kept it) in a code block,
+/// or else the preview older agents send.
+fn tool_result(r: &ToolOutcome<'_>) -> String {
+    let mut s = match (r.is_error, r.exit_code) {
+        (_, Some(code)) if code != 0 => format!("❌ exit {code}"),
+        (true, _) => "❌ failed".to_string(),
+        (false, Some(_)) => "↳ exit 0".to_string(),
+        (false, None) => "↳".to_string(),
+    };
+    if let Some(diff) = r.diff.filter(|d| !d.trim().is_empty()) {
+        let block = code_block(diff.trim_end_matches('\n'), OUTPUT_MAX).0;
+        let _ = write!(s, "\n```diff{}", &block[3..]);
+        if r.diff_cut {
+            s.push_str("\n_(the diff was cut)_");
+        }
+        return s;
+    }
+    match r.output {
+        Some(out) if out.trim().is_empty() => s.push_str(" (no output)"),
+        Some(out) => {
+            let _ = write!(
+                s,
+                "\n{}",
+                code_block(out.trim_end_matches('\n'), OUTPUT_MAX).0
+            );
+            if let Some(n) = r.output_bytes {
+                let _ = write!(
+                    s,
+                    "\n_(cut: the tool printed {n} bytes; the agent kept its start and end)_"
+                );
+            }
+        }
+        None => s.push_str(&one_or_block(r.summary)),
+    }
+    s
 }
 
 fn approval_requested(
@@ -381,10 +449,18 @@ mod tests {
                     name: "Bash".into(),
                     summary: "echo hi".into(),
                     auto_allowed: None,
+                    id: None,
+                    command: None,
                 },
                 TaskEvent::ToolResult {
                     is_error: true,
                     summary: "exit 1\nno such file".into(),
+                    tool_use_id: None,
+                    output: None,
+                    output_bytes: None,
+                    exit_code: None,
+                    diff: None,
+                    diff_cut: false,
                 },
                 TaskEvent::TurnFinished {
                     is_error: false,
@@ -437,6 +513,8 @@ mod tests {
                     name: "Read".into(),
                     summary: "src/main.rs".into(),
                     auto_allowed: None,
+                    id: None,
+                    command: None,
                 },
             ]),
         );
@@ -456,10 +534,18 @@ mod tests {
                     name: "Bash".into(),
                     summary: "echo ```\n@everyone <@1> rm -rf ~/\u{202E}txt.dab".into(),
                     auto_allowed: None,
+                    id: None,
+                    command: None,
                 },
                 TaskEvent::ToolResult {
                     is_error: false,
                     summary: "``` **bold**".into(),
+                    tool_use_id: None,
+                    output: None,
+                    output_bytes: None,
+                    exit_code: None,
+                    diff: None,
+                    diff_cut: false,
                 },
             ]),
         );

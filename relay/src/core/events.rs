@@ -354,6 +354,7 @@ impl State {
                 name,
                 summary,
                 auto_allowed: Some(rule),
+                ..
             } = &event
             {
                 auto_allowed.push((name.clone(), summary.clone(), rule.clone()));

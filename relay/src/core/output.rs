@@ -145,6 +145,8 @@ mod tests {
             auto_allowed: Some(ct_protocol::scope::SessionScope::Prefix {
                 prefix: "npm".into(),
             }),
+            id: None,
+            command: None,
         };
         assert_eq!(
             keep(&rec(95, true), auto.clone(), 10, 100, false),
@@ -154,6 +156,8 @@ mod tests {
             name: "Bash".into(),
             summary: "npm test".into(),
             auto_allowed: None,
+            id: None,
+            command: None,
         };
         assert_eq!(keep(&rec(95, true), plain, 10, 100, false), Keep::Drop);
     }

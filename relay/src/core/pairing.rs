@@ -194,6 +194,8 @@ impl State {
                 None => Vec::new(),
             },
             live_usage: true,
+            // Set by the endpoint, which owns what the wire offers.
+            tool_output: false,
         })
     }
 

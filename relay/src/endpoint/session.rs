@@ -71,6 +71,8 @@ where
     let timing = link.transport.timing();
     let welcome = ct_protocol::handshake::Welcome {
         heartbeat_ms: timing.heartbeat.as_millis() as u64,
+        // This relay stores tool results whole (within the task's output cap) and its bot shows them.
+        tool_output: true,
         ..welcome
     };
     // The agent counts itself connected the moment it reads the Welcome (`ct-agent status` says so, and its
