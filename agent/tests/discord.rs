@@ -1266,6 +1266,19 @@ async fn a_task_in_a_worktree_shows_its_branch_and_diff_and_only_its_requester_m
     agent.stop().await.unwrap();
 }
 
+/// Deletes a channel or thread as someone with the right to would.
+pub(crate) async fn delete_channel(sim: &DiscordSim, id: &str) {
+    let status = reqwest::Client::new()
+        .delete(format!("{}/api/v10/channels/{id}", sim.api_base()))
+        .header("Authorization", format!("Bot {}", sim.token()))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    assert!(sim.channel(id).is_none());
+}
+
 /// The body the bot POSTed to create the first message in `thread` that `pred` accepts.
 fn posted(sim: &DiscordSim, thread: &str, pred: impl Fn(&Value) -> bool) -> Value {
     sim.calls_to("POST", &format!("/channels/{thread}/messages"))
@@ -1421,5 +1434,58 @@ async fn the_status_is_pinned_and_live_and_mentions_reach_only_whom_they_concern
     let summary = posted(sim, &thread3, is_summary);
     assert_eq!(summary["content"], Value::Null, "{summary}");
     assert_eq!(may_ping(&summary), (vec![], vec![]));
+
+    // 4. The thread is deleted while its task waits for an approval: the task goes on (answered with
+    //    /approve from the channel), ends, and the bot stops calling on the thread after the first refusal
+    //    (Discord bans bots that keep making invalid requests).
+    let fourth = w.project.join("d.txt");
+    w.fake.push(Reply::tool_use("Write", write(&fourth, "d\n")));
+    w.fake.push(Reply::text("wrote d.txt"));
+    let (task4, thread4) = start_task(sim, &alice, task_in_app("write d.txt")).await;
+    approval_message(sim, &thread4, &task4).await;
+    delete_channel(sim, &thread4).await;
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("approve")
+                .opt(Opt::str("option", "once"))
+                .opt(Opt::str("task_id", &task4)),
+        )
+        .unwrap();
+    private(sim, &ix).await;
+    // The task ends done without its thread.
+    eventually_async(T, async || {
+        let (rec, _, _) = w.relay.core.follow(&task4).await.unwrap();
+        rec.state == ct_relay::store::TaskState::Done
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&fourth).unwrap(), "d\n");
+    // Its output is still there for /status (the history tests read it whole).
+    let ix = sim
+        .send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("status").opt(Opt::str("task_id", &task4)),
+        )
+        .unwrap();
+    assert!(answer(sim, &ix).await.embeds[0]["title"]
+        .as_str()
+        .is_some_and(|t| t.contains("Done")));
+    // The follower is done once it forgets the thread's mark (after its summary, posted or not).
+    eventually_async(T, async || {
+        let marks: Vec<(String, Value)> = w.relay.core.store().thread_marks().unwrap();
+        !marks.iter().any(|(t, _)| *t == task4)
+    })
+    .await;
+    let refused: Vec<_> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.path.starts_with(&format!("/channels/{thread4}")) && c.method != "DELETE")
+        .filter(|c| c.status == 404)
+        .map(|c| format!("{} {}", c.method, c.path))
+        .collect();
+    assert!(
+        (1..=2).contains(&refused.len()),
+        "one refusal teaches the follower the thread is gone: {refused:#?}"
+    );
     agent.stop().await.unwrap();
 }

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::discord::delete_channel;
 use crate::support::{direct, TestAgent, TestRelay};
 use ct_agent::tasks::TaskConfig;
 use ct_agent::RunOptions;
@@ -138,19 +139,6 @@ fn claude_env(fake: &FakeAnthropic, home: &Path) -> ClaudeEnv {
         &home.join(".claude").display().to_string(),
     );
     env
-}
-
-/// Deletes a channel or thread as someone with the right to would.
-async fn delete_channel(sim: &DiscordSim, id: &str) {
-    let status = reqwest::Client::new()
-        .delete(format!("{}/api/v10/channels/{id}", sim.api_base()))
-        .header("Authorization", format!("Bot {}", sim.token()))
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert!(status.is_success(), "{status}");
-    assert!(sim.channel(id).is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ use ct_protocol::task::TaskEvent;
 use serde_json::Value;
 use serenity::all::{
     ButtonStyle, ChannelId, CreateActionRow, CreateAllowedMentions, CreateButton, CreateMessage,
-    EditMessage, MessageId, Nonce, UserId,
+    EditMessage, Message, MessageId, Nonce, UserId,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
@@ -51,6 +51,9 @@ use crate::render::progress::{EditDecision, EditThrottle, Phase, TaskProgress, E
 use crate::render::summary::{summary_embed, SummaryContext};
 use crate::render::tools::{Change, ToolUse, TurnTools};
 use crate::rest::{Rest, Upload};
+
+/// Discord's JSON error code for a channel (here: a thread) that does not exist, or no longer does.
+const UNKNOWN_CHANNEL: u64 = 10_003;
 
 /// Threads remembered at once; the oldest are forgotten first (and found again from their name if used).
 const MAX_THREADS: usize = 10_000;
@@ -369,6 +372,8 @@ struct Follower {
     reopen: BTreeMap<String, u64>,
     /// Messages posted so far for the event `last_seq`: with it, each message's nonce.
     posts: std::sync::atomic::AtomicU32,
+    /// Discord said the thread no longer exists: nothing more is posted or edited.
+    gone: std::sync::atomic::AtomicBool,
     /// The tool messages of the turn in hand.
     tools: TurnMessages,
 }
@@ -493,6 +498,7 @@ pub async fn follow(
         resumed,
         reopen: resume.map(|m| m.approvals).unwrap_or_default(),
         posts: std::sync::atomic::AtomicU32::new(0),
+        gone: std::sync::atomic::AtomicBool::new(false),
         tools: TurnMessages::default(),
     };
     let ended = tokio::select! {
@@ -734,6 +740,43 @@ impl Follower {
         self.progress.render(age(self.task.created_at))
     }
 
+    /// Posts in the thread, unless it is gone; `what` names the post in the log when it fails.
+    async fn send(&self, msg: &CreateMessage, files: &[Upload], what: &str) -> Option<Message> {
+        if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        match self.env.rest.send_message(self.thread, msg, files).await {
+            Ok(m) => Some(m),
+            Err(err) => {
+                self.failed(&err, what);
+                None
+            }
+        }
+    }
+
+    /// Edits a message in the thread, unless it is gone.
+    async fn edit(&self, channel: ChannelId, id: MessageId, edit: &EditMessage, what: &str) {
+        if self.gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        if let Err(err) = self.env.rest.edit_message(channel, id, edit).await {
+            self.failed(&err, what);
+        }
+    }
+
+    /// A thread deleted mid-task answers every call with "Unknown Channel". The task goes on (its output is
+    /// stored: `/status` shows it), but nothing more is sent there: each refused call counts towards the
+    /// invalid requests for which Discord bans a bot for an hour.
+    fn failed(&self, err: &crate::rest::RestError, what: &str) {
+        if err.code() == Some(UNKNOWN_CHANNEL) {
+            if !self.gone.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                warn!(task = %self.task.id, thread = %self.thread, "the task's thread is gone; following on without posting");
+            }
+        } else {
+            warn!(%err, task = %self.task.id, "could not {what}");
+        }
+    }
+
     async fn post_progress(&mut self) {
         let msg = CreateMessage::new()
             .content(self.render())
@@ -741,16 +784,13 @@ impl Follower {
             .allowed_mentions(CreateAllowedMentions::new())
             .nonce(nonce(&self.task.id, "progress", 0, 0))
             .enforce_nonce(true);
-        match self.env.rest.send_message(self.thread, &msg, &[]).await {
-            Ok(m) => {
-                self.progress_msg = Some(m.id);
-                // Pinned, so the task's live status is one click away however long the thread grows. A bot
-                // without the permission to pin still shows it; that is not worth a word in the thread.
-                if let Err(err) = self.env.rest.pin_message(self.thread, m.id).await {
-                    warn!(%err, task = %self.task.id, "could not pin the progress message");
-                }
+        if let Some(m) = self.send(&msg, &[], "post the progress message").await {
+            self.progress_msg = Some(m.id);
+            // Pinned, so the task's live status is one click away however long the thread grows. A bot
+            // without the permission to pin still shows it; that is not worth a word in the thread.
+            if let Err(err) = self.env.rest.pin_message(self.thread, m.id).await {
+                warn!(%err, task = %self.task.id, "could not pin the progress message");
             }
-            Err(err) => warn!(%err, task = %self.task.id, "could not post the progress message"),
         }
     }
 
@@ -762,9 +802,8 @@ impl Follower {
         let edit = EditMessage::new()
             .content(self.render())
             .components(stop_row(&self.task.id, fin));
-        if let Err(err) = self.env.rest.edit_message(self.thread, id, &edit).await {
-            warn!(%err, task = %self.task.id, "could not edit the progress message");
-        }
+        self.edit(self.thread, id, &edit, "edit the progress message")
+            .await;
     }
 
     /// Posts plain text with mentions disabled: Claude's output must not ping anyone. Part of the event in
@@ -775,9 +814,7 @@ impl Follower {
             .allowed_mentions(CreateAllowedMentions::new())
             .nonce(self.event_nonce())
             .enforce_nonce(true);
-        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
-            warn!(%err, task = %self.task.id, "could not post in the thread");
-        }
+        self.send(&msg, &[], "post in the thread").await;
     }
 
     /// Posts a note of the follower's own (not of an event): each one is new.
@@ -785,9 +822,7 @@ impl Follower {
         let msg = CreateMessage::new()
             .content(content)
             .allowed_mentions(CreateAllowedMentions::new());
-        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[]).await {
-            warn!(%err, task = %self.task.id, "could not post in the thread");
-        }
+        self.send(&msg, &[], "post in the thread").await;
     }
 
     /// The nonce of the next message posted for the event in hand. A follower that carries on after one that
@@ -822,9 +857,7 @@ impl Follower {
                     .nonce(self.event_nonce())
                     .enforce_nonce(true);
                 let file = Upload { filename, data };
-                if let Err(err) = self.env.rest.send_message(self.thread, &msg, &[file]).await {
-                    warn!(%err, task = %self.task.id, "could not post the attachment");
-                }
+                self.send(&msg, &[file], "post the attachment").await;
             }
         }
     }
@@ -868,13 +901,10 @@ impl Follower {
                 answers: BTreeMap::new(),
             },
         );
-        match self.env.rest.send_message(self.thread, &msg, &files).await {
-            Ok(m) => {
-                self.env
-                    .threads
-                    .update_approval(&self.task.id, &approval, |a| a.message = Some(m.id));
-            }
-            Err(err) => warn!(%err, task = %self.task.id, "could not post the approval"),
+        if let Some(m) = self.send(&msg, &files, "post the approval").await {
+            self.env
+                .threads
+                .update_approval(&self.task.id, &approval, |a| a.message = Some(m.id));
         }
         if let Some(f) = too_big.first() {
             // The message says the input is attached; it must not leave the approver thinking so.
@@ -898,14 +928,13 @@ impl Follower {
         let edit = EditMessage::new()
             .content(closed_content(&open.view, &closed, open.decided_by))
             .components(approval_components(&open.view, true).unwrap_or_default());
-        if let Err(err) = self
-            .env
-            .rest
-            .edit_message(open.channel, message, &edit)
-            .await
-        {
-            warn!(%err, task = %open.view.task, "could not disable the approval's buttons");
-        }
+        self.edit(
+            open.channel,
+            message,
+            &edit,
+            "disable the approval's buttons",
+        )
+        .await;
     }
 
     /// Who to mention when the task ends: its requester, unless they stopped it themselves or turned their
@@ -981,9 +1010,7 @@ impl Follower {
             msg = msg.components(worktree_row(&self.task.id));
         }
         msg = crate::render::summary::with_full_output(msg, &self.task.id);
-        if let Err(err) = self.env.rest.send_message(self.thread, &msg, &files).await {
-            warn!(%err, task = %self.task.id, "could not post the summary");
-        }
+        self.send(&msg, &files, "post the summary").await;
         if let Err(err) = self.env.backend.forget_thread(&self.task.id).await {
             warn!(%err, task = %self.task.id, "could not forget the finished thread's mark");
         }
@@ -1059,14 +1086,7 @@ impl Follower {
                 filename: file.filename,
                 data: file.data,
             };
-            if let Err(err) = self
-                .env
-                .rest
-                .send_message(self.thread, &msg, &[upload])
-                .await
-            {
-                warn!(%err, task = %self.task.id, "could not post a tool's output");
-            }
+            self.send(&msg, &[upload], "post a tool's output").await;
             posted = true;
         }
         posted
@@ -1081,13 +1101,10 @@ impl Follower {
             .nonce(nonce(&self.task.id, "tools", turn.first_seq, part as u32))
             .enforce_nonce(true);
         self.tools.last_write = Some(Instant::now());
-        let id = match self.env.rest.send_message(self.thread, &msg, &[]).await {
-            Ok(m) => Some(m.id),
-            Err(err) => {
-                warn!(%err, task = %self.task.id, "could not post the turn's tools");
-                None
-            }
-        };
+        let id = self
+            .send(&msg, &[], "post the turn's tools")
+            .await
+            .map(|m| m.id);
         if self.tools.messages.len() <= part {
             self.tools.messages.resize(part + 1, None);
         }
@@ -1107,9 +1124,8 @@ impl Follower {
                     let edit = EditMessage::new()
                         .content(turn.render(part))
                         .allowed_mentions(CreateAllowedMentions::new());
-                    if let Err(err) = self.env.rest.edit_message(self.thread, id, &edit).await {
-                        warn!(%err, task = %self.task.id, "could not edit the turn's tools");
-                    }
+                    self.edit(self.thread, id, &edit, "edit the turn's tools")
+                        .await;
                 }
                 // Its post failed: try once more (same nonce, so never twice).
                 None => self.post_tools_part(part).await,
