@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 pub(crate) const T: Duration = Duration::from_secs(90);
 
 /// Temporary folders outside /tmp: a sandboxed (grantee) task gets a private /tmp.
-fn scratch(prefix: &str) -> tempfile::TempDir {
+pub(crate) fn scratch(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(prefix)
         .tempdir_in("/var/tmp")
@@ -37,7 +37,7 @@ fn scratch(prefix: &str) -> tempfile::TempDir {
 }
 
 /// The bot's configuration for the simulator: gateway mode, REST and gateway through its proxy base.
-fn gateway_config(sim: &DiscordSim) -> BotConfig {
+pub(crate) fn gateway_config(sim: &DiscordSim) -> BotConfig {
     let mut config = BotConfig::gateway(sim.token());
     config.api_proxy = Some(sim.api_base());
     config.guild_id = Some(sim.guild_id().parse().unwrap());
@@ -197,7 +197,7 @@ pub(crate) struct World {
     pub(crate) allowed: PathBuf,
     pub(crate) project: PathBuf,
     claude_env: ClaudeEnv,
-    _dirs: Vec<tempfile::TempDir>,
+    pub(crate) _dirs: Vec<tempfile::TempDir>,
 }
 
 pub(crate) async fn world() -> World {

@@ -8,55 +8,14 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::discord::delete_channel;
+use crate::discord::{answer, delete_channel, gateway_config, private, scratch, T};
 use crate::support::{direct, TestAgent, TestRelay};
 use ct_agent::tasks::TaskConfig;
 use ct_agent::RunOptions;
-use ct_relay::discord::BotConfig;
 use ct_relay::RelayConfig;
 use ct_testkit::discord::{InteractionRef, Opt, SimMessage, SimUser, SlashCommand};
 use ct_testkit::{claude_bin, ClaudeEnv, DiscordSim, FakeAnthropic, Reply};
 use serde_json::json;
-
-/// Generous: two cores shared with other builds, and the CLI binary is large to load.
-const T: Duration = Duration::from_secs(90);
-
-/// Temporary folders outside /tmp (as `discord.rs` keeps them).
-fn scratch(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/var/tmp")
-        .unwrap_or_else(|_| tempfile::tempdir().unwrap())
-}
-
-fn gateway_config(sim: &DiscordSim) -> BotConfig {
-    let mut config = BotConfig::gateway(sim.token());
-    config.api_proxy = Some(sim.api_base());
-    config.guild_id = Some(sim.guild_id().parse().unwrap());
-    config
-}
-
-/// The message an interaction was answered with, once it is no longer "thinking…".
-async fn answer(sim: &DiscordSim, ix: &InteractionRef) -> SimMessage {
-    sim.wait_until(T, |s| {
-        let i = s.interaction(&ix.id)?;
-        let m = s.message(i.original_message.as_deref()?)?;
-        (m.flags & 128 == 0 && (!m.content.is_empty() || m.embeds != json!([]))).then_some(m)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("no answer to interaction {}: {e:#}", ix.id))
-}
-
-/// A private answer's text.
-async fn private(sim: &DiscordSim, ix: &InteractionRef) -> String {
-    let m = answer(sim, ix).await;
-    assert!(
-        m.is_ephemeral(),
-        "expected a private answer: {:?}",
-        m.content
-    );
-    m.content
-}
 
 /// `/name ...` as `user` in #general; its private answer.
 async fn say(sim: &DiscordSim, user: &SimUser, cmd: SlashCommand) -> String {

@@ -4,157 +4,24 @@
 //! one printing mentions, a code fence and a right-to-left override, and one printing 100 MB; everything is checked in what the
 //! simulator recorded, as a person in the thread would see it.
 //!
-//! The helpers are small copies of those in `discord.rs` (which other work appends to).
+//! The world and the helpers are `discord.rs`'s.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::discord::{gateway_config, message_in, private, start_task, world, World, T};
 use crate::support::{pair, TestAgent, TestRelay};
-use ct_agent::tasks::TaskConfig;
-use ct_agent::RunOptions;
-use ct_relay::discord::BotConfig;
 use ct_relay::RelayConfig;
-use ct_testkit::discord::{Opt, SimMessage, SimUser, SlashCommand};
+use ct_testkit::discord::{Opt, SimMessage, SlashCommand};
 use ct_testkit::process::poll_until;
-use ct_testkit::{
-    claude_bin, eventually, eventually_async, ClaudeEnv, DiscordSim, FakeAnthropic, LongJob, Reply,
-};
+use ct_testkit::{eventually, eventually_async, LongJob, Reply};
 use serde_json::{json, Value};
 
-/// Generous: two cores shared with other builds, and the CLI binary is large to load.
-const T: Duration = Duration::from_secs(90);
-
-struct World {
-    sim: DiscordSim,
-    relay: TestRelay,
-    fake: FakeAnthropic,
-    agent_dir: tempfile::TempDir,
-    allowed: PathBuf,
-    project: PathBuf,
-    claude_env: ClaudeEnv,
-    _dirs: Vec<tempfile::TempDir>,
-}
-
-/// Temporary folders outside /tmp, like the other Discord tests'.
-fn scratch(prefix: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/var/tmp")
-        .unwrap_or_else(|_| tempfile::tempdir().unwrap())
-}
-
-async fn world() -> World {
-    let sim = DiscordSim::start().await.unwrap();
-    let fake = FakeAnthropic::start([]).await.expect("fake API");
-    let mut claude_env = ClaudeEnv::new(fake.base_url()).expect("claude env");
-    let home_dir = scratch("ct-home-");
-    let home = std::fs::canonicalize(home_dir.path()).unwrap();
-    std::fs::create_dir_all(home.join(".claude")).unwrap();
-    claude_env.set_var("HOME", &home.display().to_string());
-    claude_env.set_var(
-        "CLAUDE_CONFIG_DIR",
-        &home.join(".claude").display().to_string(),
-    );
-    let root = scratch("ct-root-");
-    let allowed = std::fs::canonicalize(root.path()).unwrap();
-    let project = allowed.join("app");
-    std::fs::create_dir(&project).unwrap();
-    let relay_dir = tempfile::tempdir().unwrap();
-    let mut config = RelayConfig::new(
-        relay_dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
-    let mut bot = BotConfig::gateway(sim.token());
-    bot.api_proxy = Some(sim.api_base());
-    bot.guild_id = Some(sim.guild_id().parse().unwrap());
-    config.bot = Some(bot);
-    let relay = TestRelay::start(config).await;
-    sim.wait_identified(T).await.unwrap();
-    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
-        .await
-        .unwrap();
-    World {
-        sim,
-        relay,
-        fake,
-        agent_dir: tempfile::tempdir().unwrap(),
-        allowed,
-        project,
-        claude_env,
-        _dirs: vec![home_dir, root, relay_dir],
-    }
-}
-
-impl World {
-    fn run_options(&self) -> RunOptions {
-        let mut run = RunOptions::new(self.agent_dir.path());
-        run.tasks = TaskConfig {
-            claude_bin: Some(claude_bin()),
-            env_clear: true,
-            env: self
-                .claude_env
-                .vars()
-                .iter()
-                .map(|(k, v)| (OsString::from(k), OsString::from(v)))
-                .collect(),
-            allowed_dirs: Some(self.allowed.display().to_string()),
-            cancel_step: Duration::from_secs(10),
-            ..TaskConfig::default()
-        };
-        run
-    }
-}
-
-/// The private answer to a slash command.
-async fn private(sim: &DiscordSim, ix: &ct_testkit::discord::InteractionRef) -> String {
-    sim.wait_until(T, |s| {
-        let i = s.interaction(&ix.id)?;
-        let m = s.message(i.original_message.as_deref()?)?;
-        (m.flags & 128 == 0 && !m.content.is_empty()).then(|| m.content.clone())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("no answer to interaction {}: {e:#}", ix.id))
-}
-
-/// The first message in `channel` that satisfies `pred`, waiting for it.
-async fn message_in(
-    sim: &DiscordSim,
-    channel: &str,
-    what: &str,
-    pred: impl Fn(&SimMessage) -> bool,
-) -> SimMessage {
-    sim.wait_until(T, |s| s.messages(channel).into_iter().find(|m| pred(m)))
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "no {what} in {channel}: {e:#}\nmessages: {:#?}",
-                sim.messages(channel)
-                    .iter()
-                    .map(|m| (&m.content, &m.attachments))
-                    .collect::<Vec<_>>()
-            )
-        })
-}
-
-/// `/task` as `user`; returns (task id, thread id).
-async fn start_task(
-    sim: &DiscordSim,
-    user: &SimUser,
-    prompt: &str,
-    mode: &str,
-) -> (String, String) {
-    let cmd = SlashCommand::new("task")
+/// `/task` in the test project with a permission `mode`.
+fn task(prompt: &str, mode: &str) -> SlashCommand {
+    SlashCommand::new("task")
         .opt(Opt::str("prompt", prompt))
         .opt(Opt::str("project", "app"))
-        .opt(Opt::str("mode", mode));
-    let ix = sim.send_slash(&sim.origin(user), &cmd).unwrap();
-    let said = private(sim, &ix).await;
-    assert!(said.starts_with("🧵 Started `t_"), "{said}");
-    let task = said.split('`').nth(1).unwrap().to_string();
-    let start = said.find("<#").expect("a channel link") + 2;
-    let end = said[start..].find('>').unwrap() + start;
-    (task, said[start..end].to_string())
+        .opt(Opt::str("mode", mode))
 }
 
 /// What of `content` is outside code (fenced blocks and inline spans): where Markdown and mentions act.
@@ -220,7 +87,7 @@ async fn a_turns_tools_show_their_output_diffs_and_attachments_safely() {
     ));
     w.fake.push(Reply::text("All five done."));
     // acceptEdits: the Edit runs without asking; read-only commands run without asking on the pinned CLI.
-    let (task, thread) = start_task(sim, &alice, "show me tools", "acceptEdits").await;
+    let (task, thread) = start_task(sim, &alice, task("show me tools", "acceptEdits")).await;
     message_in(sim, &thread, "the summary", |m| {
         m.embeds.as_array().is_some_and(|e| !e.is_empty())
     })
@@ -410,7 +277,7 @@ async fn a_relay_restart_mid_tool_posts_nothing_twice() {
         json!({ "command": job.command(), "description": "Run the long job" }),
     ));
     w.fake.push(Reply::text("slept well"));
-    let (task, thread) = start_task(&w.sim, &alice, "run the long job", "default").await;
+    let (task, thread) = start_task(&w.sim, &alice, task("run the long job", "default")).await;
     let me = std::process::id();
     tokio::select! {
         approval = message_in(&w.sim, &thread, "an approval", |m| m.custom_ids().iter().any(|c| c.starts_with("ao:"))) => {
@@ -458,10 +325,7 @@ async fn a_relay_restart_mid_tool_posts_nothing_twice() {
     job.release();
     eventually(T, || fake.main_requests().len() >= 3).await;
     let mut config = RelayConfig::new(relay_dir, addr);
-    let mut bot = BotConfig::gateway(sim.token());
-    bot.api_proxy = Some(sim.api_base());
-    bot.guild_id = Some(sim.guild_id().parse().unwrap());
-    config.bot = Some(bot);
+    config.bot = Some(gateway_config(&sim));
     let relay = TestRelay::start(config).await;
     message_in(&sim, &thread, "the summary", |m| {
         m.embeds.as_array().is_some_and(|e| !e.is_empty())
