@@ -1876,3 +1876,50 @@ async fn several_machines_agent_project_names_and_the_default_agent() {
     assert!(marked[0].starts_with("**box03**"), "{list}");
     w.stop().await;
 }
+
+/// The requester is told, by a mention naming only them, when someone else stops their task; not when they
+/// stop it themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_requester_is_pinged_when_someone_else_stops_their_task() {
+    let w = world().await;
+    let bob = w.sim.user("bob");
+    for (who, pinged) in [(&bob, true), (&w.alice, false)] {
+        let (task, thread) = w.task("work").await;
+        let progress = w
+            .find(&thread, "the progress message", |m| {
+                m.custom_ids() == [format!("st:{task}")]
+            })
+            .await;
+        let ix = w
+            .sim
+            .send_button(
+                &w.sim.origin_in(who, &thread),
+                &progress.id,
+                &format!("st:{task}"),
+            )
+            .unwrap();
+        w.answer(&ix).await;
+        w.fake.emit(&task, finished(FinalState::Cancelled, None));
+        let summary = w.summary(&thread, 1).await;
+        let body = w
+            .sim
+            .calls_to("POST", &format!("/channels/{thread}/messages"))
+            .into_iter()
+            .map(|c| c.body)
+            .find(|b| b["embeds"].as_array().is_some_and(|e| !e.is_empty()))
+            .unwrap();
+        let users = body["allowed_mentions"]["users"].clone();
+        if pinged {
+            assert_eq!(
+                summary.content,
+                format!("<@{}> `{task}` was stopped.", w.alice.id)
+            );
+            assert_eq!(users, json!([w.alice.id]), "{body}");
+        } else {
+            assert_eq!(summary.content, "", "{body}");
+            assert!(users.as_array().is_none_or(Vec::is_empty), "{body}");
+        }
+        assert_eq!(body["allowed_mentions"]["parse"], json!([]), "{body}");
+    }
+    w.stop().await;
+}
