@@ -189,6 +189,18 @@ fn click(
         .unwrap()
 }
 
+/// A relay on `dir` whose bot is connected to the simulator and has registered its commands.
+pub(crate) async fn relay_with_bot(sim: &DiscordSim, dir: &Path) -> TestRelay {
+    let mut config = RelayConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    config.bot = Some(gateway_config(sim));
+    let relay = TestRelay::start(config).await;
+    sim.wait_identified(T).await.unwrap();
+    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
+        .await
+        .unwrap();
+    relay
+}
+
 pub(crate) struct World {
     pub(crate) sim: DiscordSim,
     pub(crate) relay: TestRelay,
@@ -218,16 +230,7 @@ pub(crate) async fn world() -> World {
     std::fs::create_dir(&project).unwrap();
 
     let relay_dir = tempfile::tempdir().unwrap();
-    let mut config = RelayConfig::new(
-        relay_dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
-    config.bot = Some(gateway_config(&sim));
-    let relay = TestRelay::start(config).await;
-    sim.wait_identified(T).await.unwrap();
-    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
-        .await
-        .unwrap();
+    let relay = relay_with_bot(&sim, relay_dir.path()).await;
     World {
         sim,
         relay,

@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::discord::{answer, delete_channel, gateway_config, private, scratch, T};
+use crate::discord::{answer, delete_channel, gateway_config, private, relay_with_bot, scratch, T};
 use crate::support::{direct, TestAgent, TestRelay};
 use ct_agent::tasks::TaskConfig;
 use ct_agent::RunOptions;
@@ -108,16 +108,7 @@ async fn a_tasks_whole_output_and_history_outlive_its_thread_and_a_relay_restart
     let home = std::fs::canonicalize(home_dir.path()).unwrap();
     let env = claude_env(&fake, &home);
     let relay_dir = tempfile::tempdir().unwrap();
-    let mut config = RelayConfig::new(
-        relay_dir.path().to_path_buf(),
-        "127.0.0.1:0".parse().unwrap(),
-    );
-    config.bot = Some(gateway_config(&sim));
-    let relay = TestRelay::start(config).await;
-    sim.wait_identified(T).await.unwrap();
-    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
-        .await
-        .unwrap();
+    let relay = relay_with_bot(&sim, relay_dir.path()).await;
     let (alice, bob) = (sim.user("alice"), sim.user("bob"));
 
     // Alice has two machines, each with a project called `app`.

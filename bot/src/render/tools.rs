@@ -349,6 +349,48 @@ fn first_line(text: &str, max: usize) -> String {
     )
 }
 
+/// A tool result's fields, borrowed from its event: whole (bounded) from agents that send tool output, only
+/// `summary` (a preview) from older ones. The thread and the transcript both show results from this.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolOutcome<'a> {
+    pub is_error: bool,
+    pub summary: &'a str,
+    pub output: Option<&'a str>,
+    /// The size of the whole output, when the agent cut it.
+    pub output_bytes: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub diff: Option<&'a str>,
+    pub diff_cut: bool,
+}
+
+impl<'a> ToolOutcome<'a> {
+    /// The result in `ev`; `None` for other events.
+    pub fn of(ev: &'a TaskEvent) -> Option<Self> {
+        let TaskEvent::ToolResult {
+            is_error,
+            summary,
+            output,
+            output_bytes,
+            exit_code,
+            diff,
+            diff_cut,
+            ..
+        } = ev
+        else {
+            return None;
+        };
+        Some(Self {
+            is_error: *is_error,
+            summary,
+            output: output.as_deref(),
+            output_bytes: *output_bytes,
+            exit_code: *exit_code,
+            diff: diff.as_deref(),
+            diff_cut: *diff_cut,
+        })
+    }
+}
+
 /// How a result shows after its use's head, and the files to post with it.
 fn show_result(
     task: &str,
@@ -358,7 +400,7 @@ fn show_result(
     upload_limit: u64,
     cwd: Option<&str>,
 ) -> (String, Vec<ToolFile>) {
-    let TaskEvent::ToolResult {
+    let Some(ToolOutcome {
         is_error,
         summary,
         output,
@@ -366,14 +408,12 @@ fn show_result(
         exit_code,
         diff,
         diff_cut,
-        ..
-    } = ev
+    }) = ToolOutcome::of(ev)
     else {
         return (String::new(), Vec::new());
     };
-    let is_error = *is_error;
     // From an agent that sends no output, the preview is all there is.
-    let text = output.as_deref().unwrap_or(summary);
+    let text = output.unwrap_or(summary);
     let stem = format!("{task}-{seq}");
     let mut files = Vec::new();
     let attach = |files: &mut Vec<ToolFile>, ext: &str, data: String, what: &str| -> String {
@@ -392,8 +432,8 @@ fn show_result(
         });
         format!("(whole {what} attached below)")
     };
-    let cut_note = |bytes: &Option<u64>| match bytes {
-        Some(n) => format!(", cut by the agent from {}", size(*n)),
+    let cut_note = |bytes: Option<u64>| match bytes {
+        Some(n) => format!(", cut by the agent from {}", size(n)),
         None => String::new(),
     };
     let shown = match Kind::of(&tool.name) {
@@ -426,7 +466,7 @@ fn show_result(
                 format!("{status}\n{block}{note}")
             }
         }
-        Kind::Edit => match diff.as_deref().filter(|d| !d.trim().is_empty()) {
+        Kind::Edit => match diff.filter(|d| !d.trim().is_empty()) {
             _ if is_error => format!(" → ❌ {}", first_line(text, 200)),
             Some(d) => {
                 let d = &relative_diff(d, cwd);
@@ -436,12 +476,8 @@ fn show_result(
                     _ => (p, m),
                 });
                 let stat = format!(" (+{plus} −{minus})");
-                let cut = if *diff_cut {
-                    " · cut by the agent"
-                } else {
-                    ""
-                };
-                match diff_block(d).filter(|_| !*diff_cut) {
+                let cut = if diff_cut { " · cut by the agent" } else { "" };
+                match diff_block(d).filter(|_| !diff_cut) {
                     Some(block) => format!("{stat}\n{block}"),
                     None => format!(
                         "{stat} {}{cut}",

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use super::escape::{code_block, inline_code, visible};
 use super::output::{place, OutputKind, Placement};
+use super::tools::ToolOutcome;
 use crate::backend::TaskInfo;
 use crate::split::open_fence_after;
 
@@ -140,24 +141,7 @@ fn event_block(event: &TaskEvent) -> Option<String> {
             command.as_deref().unwrap_or(summary),
             auto_allowed.as_ref(),
         )),
-        TaskEvent::ToolResult {
-            is_error,
-            summary,
-            output,
-            output_bytes,
-            exit_code,
-            diff,
-            diff_cut,
-            ..
-        } => Some(tool_result(&ToolOutcome {
-            is_error: *is_error,
-            summary,
-            output: output.as_deref(),
-            output_bytes: *output_bytes,
-            exit_code: *exit_code,
-            diff: diff.as_deref(),
-            diff_cut: *diff_cut,
-        })),
+        TaskEvent::ToolResult { .. } => ToolOutcome::of(event).map(|r| tool_result(&r)),
         TaskEvent::ApprovalRequested {
             tool,
             summary,
@@ -236,17 +220,6 @@ fn tool(name: &str, summary: &str, auto_allowed: Option<&SessionScope>) -> Strin
         s.push_str("\n_(allowed without asking, by a rule for this session)_");
     }
     s
-}
-
-/// A tool's result as the agent sent it: whole (bounded) from agents that send tool output, else a preview.
-struct ToolOutcome<'a> {
-    is_error: bool,
-    summary: &'a str,
-    output: Option<&'a str>,
-    output_bytes: Option<u64>,
-    exit_code: Option<i32>,
-    diff: Option<&'a str>,
-    diff_cut: bool,
 }
 
 /// The diff of an edit in a ```diff block, or else the output (whole, as the agent kept it) in a code block,
