@@ -99,6 +99,8 @@ pub struct TaskInfo {
     pub mode: Option<String>,
     /// The earlier task this one continues (a follow-up after that one ended).
     pub follows: Option<String>,
+    /// What the requester asked (the conversation's first words in `/status`).
+    pub prompt: String,
 }
 
 /// Which of a user's tasks `/tasks` lists: a page of those that match, newest first.

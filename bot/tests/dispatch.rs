@@ -92,6 +92,7 @@ impl Fake {
             model: req.options.model.clone(),
             mode: req.options.permission_mode.clone(),
             follows,
+            prompt: req.prompt.clone(),
         };
         Self::lock(&self.tasks).insert(
             info.id.clone(),

@@ -203,6 +203,7 @@ fn task_info(rec: &TaskRecord, agent: Option<AgentRecord>) -> TaskInfo {
         model: rec.spec.options.model.clone(),
         mode: rec.spec.options.permission_mode.clone(),
         follows: rec.follows.clone(),
+        prompt: rec.spec.prompt.clone(),
     }
 }
 

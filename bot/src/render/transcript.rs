@@ -28,12 +28,21 @@ use crate::split::open_fence_after;
 const SUMMARY_MAX: usize = 1500;
 /// A tool's whole output or diff: the agent already bounds each at 64 KiB.
 const OUTPUT_MAX: usize = 70_000;
+/// A prompt, whole: the relay takes at most 100 KiB.
+const PROMPT_MAX: usize = 110_000;
 /// Characters of a diff shown in the transcript (the agent bounds it too; this keeps a file readable).
 const DIFF_MAX: usize = 200_000;
 
 /// The transcript of `task` from its stored `events`, as Markdown.
 pub fn transcript(task: &TaskInfo, events: &[(u64, TaskEvent)]) -> String {
     let mut out = header(task, events);
+    if !task.prompt.trim().is_empty() {
+        // The requester's words, shown as exactly what they are (a prompt may hold fences and mentions).
+        push(
+            &mut out,
+            &format!("🗣️ **Asked**\n{}", code_block(&task.prompt, PROMPT_MAX).0),
+        );
+    }
     let mut text = String::new();
     for (_, event) in events {
         // Long assistant text arrives as several events: shown as one block, closed once at its end.
@@ -383,6 +392,7 @@ mod tests {
             model: None,
             mode: None,
             follows: None,
+            prompt: "write hello.txt\n```\n@everyone".into(),
         }
     }
 
@@ -454,6 +464,8 @@ mod tests {
         let order = [
             "# Task `t_1`",
             "3 turns · $0.5000 · 10 tokens in, 20 out",
+            // The prompt, whole, in a block its own fence cannot end.
+            "🗣️ **Asked**\n```\nwrite hello.txt\n`\u{200b}`\u{200b}`\n@everyone\n```",
             "**Claude:**\nI will write hello.txt",
             "🔐 Approval asked for **Bash** `echo hi`",
             "Claude says it is to: `say hi`",
