@@ -36,6 +36,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "incarnation",
         sql: include_str!("../../../migrations/0003_incarnation.sql"),
     },
+    Migration {
+        version: 4,
+        name: "task_files",
+        sql: include_str!("../../../migrations/0004_task_files.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).
