@@ -189,6 +189,7 @@ fn task(id: &str, user: &str, agent: u8, order: u64) -> TaskRecord {
         output_bytes: 0,
         output_truncated: false,
         worktree: None,
+        files: 0,
     }
 }
 

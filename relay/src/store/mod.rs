@@ -17,8 +17,8 @@
 
 use std::sync::Arc;
 
-use ct_protocol::Fingerprint;
 pub use ct_protocol::files::Attachment;
+use ct_protocol::Fingerprint;
 
 pub mod postgres;
 pub mod records;

@@ -130,6 +130,14 @@ pub struct TaskRecord {
     /// discarded (and only agents that report one understand the request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worktree: Option<String>,
+    /// How many files were attached to the task, kept apart ([`Store::task_files`](super::Store::task_files))
+    /// until the agent was sent them: dispatching reads them only for a task that has some.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl TaskRecord {

@@ -27,8 +27,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence,
-    Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
+    Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
+    Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
 };
 
 /// The open store.
@@ -1789,7 +1789,8 @@ fn file_value(f: &Attachment) -> Result<Vec<u8>> {
 
 fn file_of(v: &[u8]) -> Result<Attachment> {
     let bad = || corrupt("a stored task file is cut short");
-    let len = u32::from_be_bytes(v.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let len =
+        u32::from_be_bytes(v.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
     let head = v.get(4..4 + len).ok_or_else(bad)?;
     let (name, media_type): (String, Option<String>) = serde_json::from_slice(head)?;
     Ok(Attachment {
@@ -1896,6 +1897,7 @@ mod tests {
             output_bytes: 0,
             output_truncated: false,
             worktree: None,
+            files: 0,
         }
     }
 

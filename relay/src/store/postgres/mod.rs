@@ -55,8 +55,8 @@ use serde::de::DeserializeOwned;
 
 use self::pool::{Conn, Lease, Pool};
 use super::{
-    Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence,
-    Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
+    Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
+    Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
 };
 
 /// The open store: a pool of connections to one database.

@@ -50,6 +50,7 @@ pub(super) fn task(id: &str, order: u64) -> TaskRecord {
         output_bytes: 0,
         output_truncated: false,
         worktree: None,
+        files: 0,
     }
 }
 
