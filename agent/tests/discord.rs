@@ -37,7 +37,7 @@ fn scratch(prefix: &str) -> tempfile::TempDir {
 }
 
 /// The bot's configuration for the simulator: gateway mode, REST and gateway through its proxy base.
-fn gateway_config(sim: &DiscordSim) -> BotConfig {
+pub(crate) fn gateway_config(sim: &DiscordSim) -> BotConfig {
     let mut config = BotConfig::gateway(sim.token());
     config.api_proxy = Some(sim.api_base());
     config.guild_id = Some(sim.guild_id().parse().unwrap());
@@ -173,7 +173,7 @@ pub(crate) async fn approval_message(sim: &DiscordSim, thread: &str, task: &str)
 }
 
 /// Clicks a button and returns the interaction.
-fn click(
+pub(crate) fn click(
     sim: &DiscordSim,
     user: &SimUser,
     thread: &str,
@@ -197,7 +197,7 @@ pub(crate) struct World {
     pub(crate) allowed: PathBuf,
     pub(crate) project: PathBuf,
     claude_env: ClaudeEnv,
-    _dirs: Vec<tempfile::TempDir>,
+    pub(crate) _dirs: Vec<tempfile::TempDir>,
 }
 
 pub(crate) async fn world() -> World {
