@@ -62,6 +62,15 @@ async fn done(sim: &DiscordSim, user: &SimUser, thread: &str, task: &str, n: usi
     }
 }
 
+/// The last message of a request, for failure messages (the whole body is tens of kilobytes).
+fn last_message(body: &Value) -> String {
+    body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .map(Value::to_string)
+        .unwrap_or_default()
+}
+
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
@@ -147,7 +156,8 @@ async fn files_reach_claude_from_a_task_a_thread_and_a_queue_and_never_escape_th
     let body = asked.first().expect("the follow-up reached the API");
     assert!(
         body.to_string().contains("what does the log say?"),
-        "the follow-up continues the conversation: {body}"
+        "the follow-up continues the conversation: {}",
+        last_message(body)
     );
     let image = body["messages"]
         .as_array()
@@ -156,7 +166,7 @@ async fn files_reach_claude_from_a_task_a_thread_and_a_queue_and_never_escape_th
         .filter_map(|m| m["content"].as_array())
         .flatten()
         .find(|b| b["type"] == "image")
-        .unwrap_or_else(|| panic!("no image block reached the API: {body}"));
+        .unwrap_or_else(|| panic!("no image block reached the API: {}", last_message(body)));
     assert_eq!(image["source"]["media_type"], "image/png");
     use base64::Engine;
     assert_eq!(

@@ -148,7 +148,10 @@ pub fn safe_name(name: &str) -> String {
         }
         out.push(c);
     }
-    let out = out.trim().trim_start_matches(['.', ' ', '_']).trim_end_matches(['.', ' ']);
+    let out = out
+        .trim()
+        .trim_start_matches(['.', ' ', '_'])
+        .trim_end_matches(['.', ' ']);
     let mut out: String = out.chars().take(MAX_NAME_CHARS).collect();
     if out.is_empty() {
         out = "file".into();

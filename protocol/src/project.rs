@@ -109,17 +109,23 @@ mod tests {
 
     #[test]
     fn reports_from_older_agents_parse_and_say_no_files() {
-        let old: ProjectsReport =
-            serde_json::from_str(r#"{"projects":[],"allowed_dirs":["/src"],"accepts_shared":true}"#)
-                .unwrap();
+        let old: ProjectsReport = serde_json::from_str(
+            r#"{"projects":[],"allowed_dirs":["/src"],"accepts_shared":true}"#,
+        )
+        .unwrap();
         assert!(!old.accepts_files);
         // Unset, it serializes as before, so an older relay reads exactly what it always did.
         let json = serde_json::to_string(&old).unwrap();
-        assert_eq!(json, r#"{"projects":[],"allowed_dirs":["/src"],"accepts_shared":true}"#);
+        assert_eq!(
+            json,
+            r#"{"projects":[],"allowed_dirs":["/src"],"accepts_shared":true}"#
+        );
         let new = ProjectsReport {
             accepts_files: true,
             ..old
         };
-        assert!(serde_json::to_string(&new).unwrap().contains(r#""accepts_files":true"#));
+        assert!(serde_json::to_string(&new)
+            .unwrap()
+            .contains(r#""accepts_files":true"#));
     }
 }
