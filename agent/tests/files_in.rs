@@ -11,6 +11,7 @@ use crate::discord::{
     start_task, task_in_app, world, World, T,
 };
 use crate::support::TestAgent;
+use ct_agent::projects::SharePolicy;
 use ct_relay::store::TaskState;
 use ct_relay::RelayConfig;
 use ct_testkit::discord::{Opt, SimUser, SlashCommand};
@@ -88,6 +89,8 @@ async fn files_reach_claude_from_a_task_a_thread_and_a_queue_and_never_escape_th
     let sim = &w.sim;
     let alice = sim.user("alice");
     crate::support::pair(&w.relay, w.agent_dir.path(), &alice.id).await;
+    // Shared tasks too (reported when the agent connects): a grantee's task runs sandboxed.
+    w.sharing(SharePolicy::All);
     let mut agent = TestAgent::start_with(w.run_options());
     agent.connected(T).await;
     add_project(sim, &alice, &w.project).await;
@@ -258,6 +261,51 @@ async fn files_reach_claude_from_a_task_a_thread_and_a_queue_and_never_escape_th
         listing(outside.path()).is_empty(),
         "nothing written outside"
     );
+
+    // A grantee's task runs in the sandbox, and reads its file there (the project folder is bound into it).
+    let gina = sim.user("gina");
+    let said = private(
+        sim,
+        &sim.send_slash(
+            &sim.origin(&alice),
+            &SlashCommand::new("share").sub("add", [Opt::user("user", &gina)]),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert!(said.contains(&gina.id), "{said}");
+    let spec = sim.upload(
+        "spec.md",
+        Some("text/markdown"),
+        b"# GRANTEE-SPEC
+"
+        .to_vec(),
+    );
+    let project = w.project.clone();
+    w.fake.push(Reply::with(move |body| {
+        let dir = named_dir(&body.to_string()).expect("the prompt names the files' folder");
+        let path = project.join(dir).join("spec.md");
+        Reply::tool_use("Read", json!({ "file_path": path.display().to_string() }))
+    }));
+    w.fake.push(Reply::text("Read the spec."));
+    let (gtask, gthread) = start_task(
+        sim,
+        &gina,
+        task_with("read the spec", &spec).opt(Opt::user("target", &alice)),
+    )
+    .await;
+    // Any approval goes to the owner.
+    assert_eq!(
+        done(sim, &alice, &gthread, &gtask, 1).await,
+        format!("✅ Done · {gtask}")
+    );
+    let read_back = w
+        .fake
+        .main_requests()
+        .into_iter()
+        .flat_map(|r| r.tool_results().into_iter().cloned().collect::<Vec<_>>())
+        .any(|r| r.to_string().contains("GRANTEE-SPEC"));
+    assert!(read_back, "the sandboxed task read its file");
 
     queued_while_offline(w, agent).await;
 }
