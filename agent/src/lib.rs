@@ -11,6 +11,7 @@
 //! - [`proxy`]: HTTP CONNECT proxies for WebSocket (`https_proxy`, `no_proxy`).
 //! - [`outbox`]: task events kept until the relay acknowledges them, re-sent after a reconnect.
 //! - [`session`]: one session on a link: heartbeats, the dead-link timer, the dispatch of relay messages.
+//! - [`attachments`]: files attached to a task, assembled, saved inside its folder, and named in its prompt.
 //! - [`tasks`]: the task manager: policy checks, one Claude Code process per session, events through the
 //!   outbox, warm processes for follow-ups, project requests from the relay.
 //! - [`worktree`]: a git worktree and branch per task (`git` run through `tokio::process`), its diff, and
@@ -32,6 +33,7 @@
 //! The binary (`main.rs`) only parses arguments, sets up logging and calls [`pair()`], [`run()`] or
 //! [`status::gather`]; tests drive the same functions.
 
+pub mod attachments;
 pub mod backoff;
 pub mod claude;
 pub mod config;

@@ -147,6 +147,7 @@ async fn said_before_closing(link: &mut Link, tasks: &Tasks, lost: SessionEnd) -
 fn dispatch(msg: RelayMessage, tasks: &Tasks) -> Flow {
     match msg {
         RelayMessage::StartTask(_)
+        | RelayMessage::FilePart(_)
         | RelayMessage::TaskInput { .. }
         | RelayMessage::CancelTask { .. }
         | RelayMessage::Decide { .. }

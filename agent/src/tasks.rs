@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ct_protocol::files::Attachment;
 use ct_protocol::project::{ProjectInfo, ProjectOp, ProjectReply, ProjectsReport};
 use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{
@@ -40,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
+use crate::attachments::{self, Assembly};
 use crate::claude::{self, Decision, PermissionMode, RunnerEvent, Session, SessionSpec};
 use crate::config::ConfigDir;
 use crate::meter::{self, Meter};
@@ -185,6 +187,8 @@ struct Inner {
     /// (bounded), with their use's id, exit status and diff. Off, they are the short previews older relays
     /// know.
     tool_output: AtomicBool,
+    /// Files on their way from the relay, until the start or input they belong to (see [`attachments`]).
+    files: Mutex<Assembly>,
 }
 
 #[derive(Default)]
@@ -226,8 +230,10 @@ enum Cmd {
     Attach {
         task: String,
         prompt: String,
+        files: Vec<Attachment>,
     },
-    Input(String),
+    /// A follow-up, with the files that came with it (or why they did not arrive whole).
+    Input(String, Option<Result<Vec<Attachment>, String>>),
     Decide {
         approval: String,
         decision: WireDecision,
@@ -272,6 +278,7 @@ impl Tasks {
                 shutdown,
                 live_usage: AtomicBool::new(false),
                 tool_output: AtomicBool::new(false),
+                files: Mutex::new(Assembly::default()),
             }),
         };
         let inner = tasks.inner.clone();
@@ -326,6 +333,8 @@ impl Tasks {
         };
         // Replies meant for the previous link are useless; the report below supersedes queued reports.
         self.inner.control().clear();
+        // Files half-sent on the previous link never complete: their message is lost with them.
+        self.inner.files().clear();
         out.push(AgentMessage::Projects(self.inner.report()));
         out
     }
@@ -347,7 +356,11 @@ impl Tasks {
     pub fn handle(&self, msg: RelayMessage) {
         match msg {
             RelayMessage::StartTask(spec) => self.start(spec),
-            RelayMessage::TaskInput { task, prompt } => self.command(&task, Cmd::Input(prompt)),
+            RelayMessage::FilePart(part) => self.inner.files().part(part),
+            RelayMessage::TaskInput { task, prompt } => {
+                let files = self.inner.files().take(&task);
+                self.command(&task, Cmd::Input(prompt, files))
+            }
             RelayMessage::CancelTask { task } => self.command(&task, Cmd::Cancel),
             RelayMessage::Decide {
                 task,
@@ -392,11 +405,27 @@ impl Tasks {
 
     fn start(&self, mut spec: TaskSpec) {
         let id = spec.task.clone();
+        let files = self.inner.files().take(&id);
         if self.inner.drivers().running.contains_key(&id) || self.inner.outbox().knows(&id) {
             // Sent twice (a relay retry): the first one is running or has ended.
             tracing::debug!(task = %id, "duplicate StartTask ignored");
             return;
         }
+        let files = match files.unwrap_or(Ok(Vec::new())) {
+            Ok(files) => files,
+            Err(why) => {
+                self.inner.emit_now(
+                    &id,
+                    TaskEvent::Finished {
+                        state: FinalState::Failed,
+                        message: Some(format!(
+                            "the attached files did not arrive whole ({why}): start the task again"
+                        )),
+                    },
+                );
+                return;
+            }
+        };
         let owner = match self.admit(&spec) {
             Ok(owner) => owner,
             Err(message) => {
@@ -464,6 +493,7 @@ impl Tasks {
             let attach = Cmd::Attach {
                 task: id.clone(),
                 prompt: spec.prompt.clone(),
+                files: files.clone(),
             };
             if warm.tx.send(attach).is_ok() {
                 if warm.owner.worktree.is_none() {
@@ -485,7 +515,7 @@ impl Tasks {
         let span = tracing::info_span!("task", task = %id);
         self.inner
             .tracker
-            .spawn(Driver::start(inner, key, spec, owner, rx, crowded).instrument(span));
+            .spawn(Driver::start(inner, key, spec, files, owner, rx, crowded).instrument(span));
     }
 
     /// Whether a task already runs in `cwd`, the project's own folder.
@@ -633,6 +663,10 @@ impl Tasks {
 }
 
 impl Inner {
+    fn files(&self) -> MutexGuard<'_, Assembly> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn outbox(&self) -> MutexGuard<'_, Outbox> {
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -877,6 +911,33 @@ impl Inner {
     }
 }
 
+/// The task a driver is bound to now ("" if none).
+fn task_of(bound: &Option<Bound>) -> String {
+    bound.as_ref().map(|b| b.task.clone()).unwrap_or_default()
+}
+
+/// Saves `files` in the task's folder (off the async threads) and gives the user message content: the
+/// prompt naming them, with images as image content. Without files, the prompt as it was.
+async fn with_files(
+    cwd: &Path,
+    task: &str,
+    prompt: String,
+    files: Vec<Attachment>,
+) -> Result<Value, String> {
+    if files.is_empty() {
+        return Ok(Value::String(prompt));
+    }
+    let (cwd, task) = (cwd.to_path_buf(), task.to_string());
+    let (saved, files) =
+        tokio::task::spawn_blocking(move || (attachments::save(&cwd, &task, &files), files))
+            .await
+            .map_err(|e| format!("saving stopped: {e}"))?;
+    let saved = saved?;
+    tracing::info!(dir = %saved.dir, files = ?saved.names, "attached files saved");
+    let prompt = saved.prompt(&prompt);
+    Ok(attachments::content(&prompt, &files).unwrap_or(Value::String(prompt)))
+}
+
 fn report_of(policy: &Policy) -> ProjectsReport {
     ProjectsReport {
         projects: policy
@@ -893,6 +954,7 @@ fn report_of(policy: &Policy) -> ProjectsReport {
             .map(|d| d.display().to_string())
             .collect(),
         accepts_shared: *policy.sharing() != SharePolicy::Off,
+        accepts_files: true,
     }
 }
 
@@ -933,6 +995,7 @@ impl Driver {
         inner: Arc<Inner>,
         key: u64,
         spec: TaskSpec,
+        files: Vec<Attachment>,
         owner: Owner,
         cmds: mpsc::UnboundedReceiver<Cmd>,
         crowded: bool,
@@ -1018,6 +1081,22 @@ impl Driver {
                 }
             }
         }
+        // Saved in the folder the task runs in (its worktree, if it has one), before Claude Code starts.
+        let prompt = match with_files(&owner.cwd, &task, spec.prompt.clone(), files).await {
+            Ok(prompt) => prompt,
+            Err(e) => {
+                tracing::warn!(error = %e, "attached files not saved");
+                inner.drivers().running.remove(&task);
+                inner.emit_now(
+                    &task,
+                    TaskEvent::Finished {
+                        state: FinalState::Failed,
+                        message: Some(format!("the attached files could not be saved: {e}")),
+                    },
+                );
+                return;
+            }
+        };
         let started = Self::spawn(&inner, &owner, &spec).await;
         let (session, events, lease) = match started {
             Ok(s) => s,
@@ -1057,7 +1136,7 @@ impl Driver {
             init: None,
             tool_uses: ToolEvents::default(),
         };
-        if let Err(e) = driver.session.send(spec.prompt) {
+        if let Err(e) = driver.session.send_content(prompt) {
             driver.fail(e.to_string()).await;
         }
         driver.run().await;
@@ -1144,7 +1223,11 @@ impl Driver {
 
     async fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Attach { task, prompt } => {
+            Cmd::Attach {
+                task,
+                prompt,
+                files,
+            } => {
                 self.bound = Some(Bound {
                     task,
                     turns_due: 1,
@@ -1157,17 +1240,48 @@ impl Driver {
                 // (the driver is only ever reused for the same requester, but a rule must not outlive the
                 // task whose approver made it, unseen).
                 let forgotten = self.session.forget_rules();
-                if let Err(e) = forgotten.and_then(|()| self.session.send(prompt)) {
+                let prompt =
+                    match with_files(&self.owner.cwd, &task_of(&self.bound), prompt, files).await {
+                        Ok(prompt) => prompt,
+                        Err(e) => {
+                            self.fail(format!("the attached files could not be saved: {e}"))
+                                .await;
+                            return;
+                        }
+                    };
+                if let Err(e) = forgotten.and_then(|()| self.session.send_content(prompt)) {
                     self.fail(e.to_string()).await;
                 }
             }
-            Cmd::Input(prompt) => {
-                let Some(bound) = &mut self.bound else { return };
+            Cmd::Input(prompt, files) => {
+                let Some(bound) = &self.bound else { return };
                 if bound.cancelled {
                     return;
                 }
+                let task = bound.task.clone();
+                let files = match files.unwrap_or(Ok(Vec::new())) {
+                    Ok(files) => files,
+                    Err(why) => {
+                        self.emit(TaskEvent::Text {
+                            text: format!("⚠ the files with that message did not arrive whole ({why}): send them again"),
+                        })
+                        .await;
+                        Vec::new()
+                    }
+                };
+                let prompt = match with_files(&self.owner.cwd, &task, prompt, files).await {
+                    Ok(prompt) => prompt,
+                    Err(e) => {
+                        self.emit(TaskEvent::Text {
+                            text: format!("⚠ that message was not passed on: its files could not be saved: {e}"),
+                        })
+                        .await;
+                        return;
+                    }
+                };
+                let Some(bound) = &mut self.bound else { return };
                 bound.turns_due += 1;
-                if let Err(e) = self.session.send(prompt) {
+                if let Err(e) = self.session.send_content(prompt) {
                     if let Some(b) = &mut self.bound {
                         b.turns_due -= 1;
                     }

@@ -173,7 +173,7 @@ pub(crate) async fn approval_message(sim: &DiscordSim, thread: &str, task: &str)
 }
 
 /// Clicks a button and returns the interaction.
-fn click(
+pub(crate) fn click(
     sim: &DiscordSim,
     user: &SimUser,
     thread: &str,

@@ -10,6 +10,7 @@ mod commands;
 mod discord;
 mod doctor;
 mod e2e;
+mod files_in;
 mod history;
 mod link;
 mod project_cli;

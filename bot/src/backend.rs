@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
+pub use ct_protocol::files::Attachment;
 use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -257,6 +258,35 @@ pub trait Backend: Send + Sync + 'static {
     async fn submit(&self, req: TaskRequest) -> Result<TaskInfo>;
     /// A message in a task's thread, or `/reply`: continue the same session.
     async fn reply(&self, user: &str, task: &str, prompt: &str) -> Result<TaskInfo>;
+    /// `/task` with files attached (downloaded and within [`ct_protocol::files`]' limits). A backend that
+    /// cannot carry files refuses rather than start the task without them.
+    async fn submit_with_files(
+        &self,
+        req: TaskRequest,
+        files: Vec<Attachment>,
+    ) -> Result<TaskInfo> {
+        if !files.is_empty() {
+            return Err(BackendError::Refused(
+                "this relay does not take attached files: send the task without them".into(),
+            ));
+        }
+        self.submit(req).await
+    }
+    /// A follow-up with files attached; as [`submit_with_files`](Self::submit_with_files).
+    async fn reply_with_files(
+        &self,
+        user: &str,
+        task: &str,
+        prompt: &str,
+        files: Vec<Attachment>,
+    ) -> Result<TaskInfo> {
+        if !files.is_empty() {
+            return Err(BackendError::Refused(
+                "this relay does not take attached files: send the message without them".into(),
+            ));
+        }
+        self.reply(user, task, prompt).await
+    }
     /// `/status`.
     async fn task(&self, user: &str, task: &str) -> Result<TaskInfo>;
     /// The user's recent tasks (task-id autocomplete, `/audit`).

@@ -136,6 +136,11 @@ pub fn all() -> Vec<CreateCommand> {
                     "private",
                     "Only you and the agent's owner see the thread (always, where the server says so)",
                 ),
+                CreateCommandOption::new(
+                    CommandOptionType::Attachment,
+                    "file",
+                    "A file for Claude to read: a log, a screenshot, a spec (more: attach them in the thread)",
+                ),
             ],
         ),
         command(

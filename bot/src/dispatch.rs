@@ -137,6 +137,18 @@ impl Args {
             })
     }
 
+    /// The attachment given to option `name`, as Discord resolved it in the interaction.
+    fn attachment(&self, name: &str, data: &CommandData) -> Option<crate::files::Wanted> {
+        self.opts
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| match &o.value {
+                CommandDataOptionValue::Attachment(id) => data.resolved.attachments.get(id),
+                _ => None,
+            })
+            .map(crate::files::Wanted::from)
+    }
+
     fn user(&self, name: &str) -> Option<UserId> {
         self.opts
             .iter()
@@ -477,6 +489,11 @@ impl Inner {
                 (project, agent) = (Some(found.name), Some(found.agent));
             }
         }
+        // Refused by the size Discord reports before anything is downloaded, and before anything starts.
+        let wanted: Vec<_> = args.attachment("file", &c.data).into_iter().collect();
+        let files = crate::files::fetch(&wanted, self.config.api_proxy.as_deref())
+            .await
+            .map_err(BackendError::Refused)?;
         let req = TaskRequest {
             user: user.to_string(),
             prompt: prompt.clone(),
@@ -496,7 +513,7 @@ impl Inner {
                 .and_then(|m| m.nick.clone())
                 .or_else(|| c.user.global_name.clone()),
         };
-        let task = self.backend.submit(req).await?;
+        let task = self.backend.submit_with_files(req, files).await?;
         // A thread cannot hold a thread: inside one, open the new thread in its channel.
         let channel = c
             .channel
@@ -647,14 +664,27 @@ impl Inner {
         Some(info)
     }
 
-    /// A follow-up in a thread (a message or `/reply`): into the running session, or a new task that
-    /// resumes it; after `/cc clear` a fresh session, after `/cc model` the session on another model.
+    /// A follow-up in a thread without files (see [`continue_thread_with`](Self::continue_thread_with)).
     async fn continue_thread(
         self: &Arc<Self>,
         user: &str,
         channel: ChannelId,
         prompt: &str,
         limit: u64,
+    ) -> crate::backend::Result<TaskInfo> {
+        self.continue_thread_with(user, channel, prompt, limit, Vec::new())
+            .await
+    }
+
+    /// A follow-up in a thread (a message or `/reply`): into the running session, or a new task that
+    /// resumes it; after `/cc clear` a fresh session, after `/cc model` the session on another model.
+    async fn continue_thread_with(
+        self: &Arc<Self>,
+        user: &str,
+        channel: ChannelId,
+        prompt: &str,
+        limit: u64,
+        files: Vec<crate::backend::Attachment>,
     ) -> crate::backend::Result<TaskInfo> {
         let Some(info) = self.thread_info(channel, user).await else {
             return Err(BackendError::Refused(
@@ -696,7 +726,7 @@ impl Inner {
                     resume,
                     name: None,
                 };
-                let task = self.backend.submit(req).await?;
+                let task = self.backend.submit_with_files(req, files).await?;
                 self.threads.update(channel, |i| {
                     i.task = task.id.clone();
                     i.model = task.model.clone();
@@ -708,7 +738,10 @@ impl Inner {
                 return Ok(task);
             }
         }
-        let task = self.backend.reply(user, &info.task, prompt).await?;
+        let task = self
+            .backend
+            .reply_with_files(user, &info.task, prompt, files)
+            .await?;
         if task.id != info.task {
             self.threads.update(channel, |i| i.task = task.id.clone());
             self.start_follower(channel, task.clone(), info.upload_limit)
@@ -733,10 +766,20 @@ impl Inner {
             .threads
             .get(msg.channel_id)
             .map_or(0, |i| i.upload_limit);
-        if let Err(e) = self
-            .continue_thread(&user, msg.channel_id, &msg.content, limit)
-            .await
-        {
+        let wanted: Vec<crate::files::Wanted> = msg.attachments.iter().map(Into::into).collect();
+        let sent = match crate::files::fetch(&wanted, self.config.api_proxy.as_deref()).await {
+            Ok(files) => {
+                // A message that is only files still says something to Claude.
+                let prompt = match msg.content.trim() {
+                    "" if !files.is_empty() => "Please look at the attached files.",
+                    _ => &msg.content,
+                };
+                self.continue_thread_with(&user, msg.channel_id, prompt, limit, files)
+                    .await
+            }
+            Err(why) => Err(BackendError::Refused(why)),
+        };
+        if let Err(e) = sent {
             // No interaction to answer privately: reply in the thread, to that person only.
             let text = match e {
                 BackendError::Refused(m) => format!("⚠️ {}: {m}", mention(&user)),

@@ -19,6 +19,7 @@
 //! - [`app`]: [`Bot`], the running front end: gateway events or HTTP interactions in, every task it spawns
 //!   owned and stopped at shutdown.
 //! - [`dispatch`]: what each command, button, menu, modal and thread message does, in backend calls.
+//! - [`files`]: attached files: checked by their reported size, downloaded from Discord's CDN only, bounded.
 //! - [`thread`]: a task's thread — which task of a follow-up chain it shows, and the follower posting the
 //!   task's progress, text, approvals and summary there.
 //! - [`leader`]: which node of a cluster runs the gateway and posts in task threads — a lease, renewed, with
@@ -32,6 +33,7 @@ pub mod commands;
 pub mod config;
 pub mod custom_id;
 pub mod dispatch;
+pub mod files;
 pub mod gateway;
 pub mod leader;
 pub mod mentions;

@@ -408,6 +408,7 @@ impl Agent {
                 });
             }
             RelayMessage::Heartbeat
+            | RelayMessage::FilePart(_)
             | RelayMessage::TaskInput { .. }
             | RelayMessage::Decide { .. }
             | RelayMessage::Project { .. }

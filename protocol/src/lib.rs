@@ -3,6 +3,7 @@
 //! Nothing here opens a socket: every piece works over any `AsyncRead + AsyncWrite`, so it is tested over
 //! `tokio::io::duplex` and used unchanged over a QUIC stream or a WebSocket.
 //!
+//! - [`files`]: files attached to a task, in parts that fit a frame, and their safe names.
 //! - [`frame`]: length-prefixed JSON frames with a hard size limit, and typed reader/writer halves.
 //! - [`message`]: the two directional enums that make up a session after the handshake.
 //! - [`handshake`]: mutual ed25519 challenge–response bound to the TLS channel.
@@ -16,6 +17,7 @@
 //! - [`version`]: protocol and software versions and the compatibility rule.
 
 pub mod b64;
+pub mod files;
 pub mod frame;
 pub mod handshake;
 pub mod identity;

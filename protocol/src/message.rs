@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::FilePart;
 use crate::project::{ProjectOp, ProjectReply, ProjectsReport};
 use crate::task::{Decision, Requester, TaskEvent, TaskSpec, WorktreeAction, WorktreeOutcome};
 
@@ -47,6 +48,9 @@ pub enum RelayMessage {
     },
     /// Start a task (a Claude Code session in a project).
     StartTask(TaskSpec),
+    /// A piece of a file attached to the `StartTask` or `TaskInput` of `task` that follows it (see
+    /// [`crate::files`]). Sent only to agents that reported `accepts_files`.
+    FilePart(FilePart),
     /// A follow-up message for a running task's session.
     TaskInput { task: String, prompt: String },
     /// Interrupt and end a task.

@@ -21,6 +21,10 @@ pub struct ProjectsReport {
     /// Whether this agent accepts tasks from users its owner shared it with.
     #[serde(default)]
     pub accepts_shared: bool,
+    /// Whether this agent takes attached files ([`FilePart`](crate::files::FilePart)s before a start or an
+    /// input). Absent from older agents, which could not decode them: the relay refuses files for those.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accepts_files: bool,
 }
 
 /// A change or a question about projects.
@@ -77,6 +81,7 @@ mod tests {
             }],
             allowed_dirs: vec!["/mnt/c/src".into()],
             accepts_shared: false,
+            accepts_files: false,
         };
         for answer in [
             AgentMessage::ProjectReply {
@@ -100,5 +105,27 @@ mod tests {
                 answer
             );
         }
+    }
+
+    #[test]
+    fn reports_from_older_agents_parse_and_say_no_files() {
+        let old: ProjectsReport = serde_json::from_str(
+            r#"{"projects":[],"allowed_dirs":["/src"],"accepts_shared":true}"#,
+        )
+        .unwrap();
+        assert!(!old.accepts_files);
+        // Unset, it serializes as before, so an older relay reads exactly what it always did.
+        let json = serde_json::to_string(&old).unwrap();
+        assert_eq!(
+            json,
+            r#"{"projects":[],"allowed_dirs":["/src"],"accepts_shared":true}"#
+        );
+        let new = ProjectsReport {
+            accepts_files: true,
+            ..old
+        };
+        assert!(serde_json::to_string(&new)
+            .unwrap()
+            .contains(r#""accepts_files":true"#));
     }
 }

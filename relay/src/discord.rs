@@ -416,32 +416,53 @@ impl Backend for CoreBackend {
     }
 
     async fn submit(&self, req: TaskRequest) -> Result<TaskInfo> {
+        self.submit_with_files(req, Vec::new()).await
+    }
+
+    async fn submit_with_files(
+        &self,
+        req: TaskRequest,
+        files: Vec<ct_bot::backend::Attachment>,
+    ) -> Result<TaskInfo> {
         let project = match &req.project {
             Some(p) => p.clone(),
             None => self.default_project(&req).await?,
         };
         let rec = self
             .core
-            .submit_task(Submit {
-                user: req.user,
-                target: req.target,
-                agent: req.agent,
-                name: req.name,
-                project,
-                prompt: req.prompt,
-                options: req.options,
-                resume: req.resume,
-                operator: false,
-            })
+            .submit_task_with_files(
+                Submit {
+                    user: req.user,
+                    target: req.target,
+                    agent: req.agent,
+                    name: req.name,
+                    project,
+                    prompt: req.prompt,
+                    options: req.options,
+                    resume: req.resume,
+                    operator: false,
+                },
+                files,
+            )
             .await
             .map_err(task_err)?;
         self.info(&rec).await
     }
 
     async fn reply(&self, user: &str, task: &str, prompt: &str) -> Result<TaskInfo> {
+        self.reply_with_files(user, task, prompt, Vec::new()).await
+    }
+
+    async fn reply_with_files(
+        &self,
+        user: &str,
+        task: &str,
+        prompt: &str,
+        files: Vec<ct_bot::backend::Attachment>,
+    ) -> Result<TaskInfo> {
         let rec = match self
             .core
-            .reply(user, task, prompt.to_string(), None)
+            .reply_with_files(user, task, prompt.to_string(), None, files)
             .await
             .map_err(task_err)?
         {

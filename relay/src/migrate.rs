@@ -199,6 +199,7 @@ mod tests {
             output_bytes: 0,
             output_truncated: false,
             worktree: None,
+            files: 0,
         };
         from.put_task(&rec).unwrap();
         rec.last_seq = 2;

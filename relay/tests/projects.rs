@@ -24,6 +24,7 @@ fn report(names: &[&str], accepts_shared: bool) -> ProjectsReport {
             .collect(),
         allowed_dirs: vec!["/home/one/src".into()],
         accepts_shared,
+        accepts_files: false,
     }
 }
 
@@ -425,6 +426,7 @@ async fn an_oversized_report_is_cut_to_its_bound() {
         projects: long,
         allowed_dirs: vec!["/".into()],
         accepts_shared: true,
+        accepts_files: false,
     };
     agent
         .writer

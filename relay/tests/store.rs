@@ -62,6 +62,7 @@ macro_rules! contract {
             dropped_events_move_the_record_but_store_nothing,
             thread_marks_are_kept_and_deleted,
             task_threads_are_kept_with_their_task_and_deleted_with_it,
+            task_files_are_kept_in_order_until_delivered_or_deleted_with_their_task,
             audit_pages_newest_first_by_owner_and_by_filter,
             indexes_agree_with_the_records_after_random_operations,
             presence_epochs_grow_and_only_the_current_session_releases,
@@ -189,6 +190,7 @@ fn task(id: &str, user: &str, agent: u8, order: u64) -> TaskRecord {
         output_bytes: 0,
         output_truncated: false,
         worktree: None,
+        files: 0,
     }
 }
 
@@ -1239,6 +1241,42 @@ fn task_threads_are_kept_with_their_task_and_deleted_with_it(open: Open) {
     // A task stored again under a deleted one's id starts without a thread.
     store.put_task(&t1).unwrap();
     assert_eq!(store.task_threads(&["t1".to_string()]).unwrap(), []);
+}
+
+fn task_files_are_kept_in_order_until_delivered_or_deleted_with_their_task(open: Open) {
+    use ct_relay::store::Attachment;
+    let file = |name: &str, media_type: Option<&str>, data: Vec<u8>| Attachment {
+        name: name.into(),
+        media_type: media_type.map(str::to_string),
+        data,
+    };
+    let (dir, store) = fresh(open);
+    let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+    let files = vec![
+        file("a.log", Some("text/plain"), b"line\n".to_vec()),
+        file("shot.png", Some("image/png"), big),
+        file("empty", None, vec![]),
+    ];
+    store.put_task_files("t", &files).unwrap();
+    // Another task whose id extends this one's keeps its own.
+    store.put_task_files("t1", &files[..1]).unwrap();
+    let store = reopen(open, &dir, store);
+    assert_eq!(store.task_files("t").unwrap(), files);
+    assert_eq!(store.task_files("t1").unwrap(), files[..1]);
+    assert!(store.task_files("nothing").unwrap().is_empty());
+    // Writing again replaces, never appends.
+    store.put_task_files("t", &files[2..]).unwrap();
+    assert_eq!(store.task_files("t").unwrap(), files[2..]);
+    // Delivered: gone; the other task's stay.
+    store.delete_task_files("t").unwrap();
+    assert!(store.task_files("t").unwrap().is_empty());
+    store.delete_task_files("t").unwrap();
+    assert_eq!(store.task_files("t1").unwrap(), files[..1]);
+    // Retention deletes a task's files with it.
+    let t1 = ended(task("t1", "1", 1, 1), 10);
+    store.put_task(&t1).unwrap();
+    assert_eq!(store.delete_task(&t1).unwrap(), Some(0));
+    assert!(store.task_files("t1").unwrap().is_empty());
 }
 
 fn audit_pages_newest_first_by_owner_and_by_filter(open: Open) {

@@ -54,7 +54,8 @@ pub struct Session {
 
 #[derive(Debug)]
 enum Command {
-    Send(String),
+    /// A user message's content: a string, or content blocks (text and images).
+    Send(Value),
     Decide(String, Decision),
     ForgetRules,
     Interrupt,
@@ -182,7 +183,12 @@ impl Session {
     /// Sends a prompt; while a turn runs it is queued ([`RunnerEvent::Queued`]) and sent after the turn's
     /// result.
     pub fn send(&self, prompt: impl Into<String>) -> Result<(), TaskError> {
-        self.command(Command::Send(prompt.into()))
+        self.command(Command::Send(Value::String(prompt.into())))
+    }
+
+    /// [`send`](Self::send) with content blocks (text, then images) instead of a string.
+    pub fn send_content(&self, content: Value) -> Result<(), TaskError> {
+        self.command(Command::Send(content))
     }
 
     /// Answers the approval request `id`. A decision for a request that was withdrawn, timed out or already
@@ -297,7 +303,7 @@ struct Actor {
     exit: watch::Sender<Option<ExitInfo>>,
 
     turn_running: bool,
-    queue: VecDeque<String>,
+    queue: VecDeque<Value>,
     /// No more prompts are accepted; stdin is closed once the queue has run.
     closing: bool,
     pending: HashMap<String, Pending>,
@@ -744,7 +750,7 @@ impl Actor {
         }
     }
 
-    async fn write_prompt(&mut self, prompt: String) {
+    async fn write_prompt(&mut self, prompt: Value) {
         self.turn_running = true;
         self.logged_out = false;
         self.write(&json!({ "type": "user", "message": { "role": "user", "content": prompt } }))

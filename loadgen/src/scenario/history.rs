@@ -339,6 +339,7 @@ fn populate(db: &Path, who: &Identity, tasks: usize, users: usize) -> Result<Dur
             output_bytes: 2_000 + (i as u64 * 7_919) % 60_000,
             output_truncated: false,
             worktree: None,
+            files: 0,
         };
         store.put_task(&rec)?;
     }

@@ -137,11 +137,29 @@ impl State {
     /// Sends a message to an agent, if it is online and keeping up: through its session here, or through
     /// the node that holds it (which passes it on if the session is still there; see [`super::remote`]).
     pub(crate) fn to_agent(&self, agent: &Fingerprint, msg: RelayMessage) -> bool {
+        self.to_agent_with(agent, msg, Vec::new())
+    }
+
+    /// [`to_agent`](Self::to_agent) with files written just before `msg`. Files go only through a session
+    /// here (the caller checks: see [`super::files`]).
+    pub(crate) fn to_agent_with(
+        &self,
+        agent: &Fingerprint,
+        msg: RelayMessage,
+        parts: Vec<ct_protocol::files::FilePart>,
+    ) -> bool {
         if let Some(live) = self.live.get(agent) {
             return live
                 .outbound
-                .try_send(Outbound { after: None, msg })
+                .try_send(Outbound {
+                    after: None,
+                    msg,
+                    parts,
+                })
                 .is_ok();
+        }
+        if !parts.is_empty() {
+            return false;
         }
         self.held_elsewhere(agent).is_some()
             && self.tell_holder(agent, &super::remote::NodeMsg::Deliver { msg })
@@ -154,9 +172,13 @@ impl State {
         &self,
         agent: &Fingerprint,
         msg: RelayMessage,
+        parts: Vec<ct_protocol::files::FilePart>,
         entry: &AuditEntry,
     ) -> Result<bool, StoreError> {
         let Some(live) = self.live.get(agent) else {
+            if !parts.is_empty() {
+                return Ok(false);
+            }
             // On another node: the entry is written here, where the decision was made, and the message goes
             // to that node. (Its session may end before it arrives; so may a session here.)
             if self.held_elsewhere(agent).is_none() {
@@ -169,7 +191,11 @@ impl State {
             return Ok(false);
         };
         self.store().append_audit(entry)?;
-        permit.send(Outbound { after: None, msg });
+        permit.send(Outbound {
+            after: None,
+            msg,
+            parts,
+        });
         Ok(true)
     }
 
@@ -238,7 +264,7 @@ impl State {
             approval,
             decision,
         };
-        if !self.to_agent_audited(&rec.agent, msg, &entry)? {
+        if !self.to_agent_audited(&rec.agent, msg, Vec::new(), &entry)? {
             return Err(TaskError::Offline {
                 name: self.agent_name(&rec.agent),
                 seen: "not connected now".into(),

@@ -60,6 +60,7 @@ mod books;
 pub mod config;
 pub mod control;
 pub mod events;
+pub mod files;
 pub mod nodes;
 pub mod output;
 pub mod pairing;

@@ -79,6 +79,16 @@ impl State {
             }
             // Durable before it is sent: after a crash the relay must not send the same task twice. The session
             // writes the start once the ticket's flush is done.
+            // Read before the task is marked sent: a store that cannot give them leaves it queued.
+            let parts = if rec.files > 0 {
+                let files = self.store().task_files(&rec.spec.task)?;
+                if files.len() != rec.files as usize {
+                    tracing::warn!(task = %rec.spec.task, kept = files.len(), attached = rec.files, "a task's files are not all kept");
+                }
+                super::files::parts(&rec.spec.task, &files)
+            } else {
+                Vec::new()
+            };
             rec.dispatched_at = Some(now());
             rec.updated_at = now();
             self.forget_written(agent, &rec.spec.task);
@@ -90,6 +100,7 @@ impl State {
             let start = Outbound {
                 after: Some(self.ticket()),
                 msg: RelayMessage::StartTask(rec.spec.clone()),
+                parts,
             };
             let sent = match self.live.get_mut(agent) {
                 Some(live) => match live.outbound.try_send(start) {

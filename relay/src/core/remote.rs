@@ -152,10 +152,15 @@ impl State {
                         tracing::warn!(error = %e, "could not check an agent's presence; message passed on");
                     }
                 }
-                let sent = self
-                    .live
-                    .get(agent)
-                    .is_some_and(|l| l.outbound.try_send(Outbound { after: None, msg }).is_ok());
+                let sent = self.live.get(agent).is_some_and(|l| {
+                    l.outbound
+                        .try_send(Outbound {
+                            after: None,
+                            msg,
+                            parts: Vec::new(),
+                        })
+                        .is_ok()
+                });
                 if !sent {
                     tracing::warn!(fingerprint = %agent, "a message from another node could not be passed on: the agent is not keeping up");
                 }

@@ -37,6 +37,8 @@ pub(crate) enum Job {
 pub struct Outbound {
     pub after: Option<Ticket>,
     pub msg: RelayMessage,
+    /// Files attached to `msg` (a task start or input), written just before it (see [`super::files`]).
+    pub parts: Vec<ct_protocol::files::FilePart>,
 }
 
 /// One live session in the live table.

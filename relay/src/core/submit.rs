@@ -14,8 +14,8 @@ use super::tasks::{
 };
 use super::{human_duration, Core};
 use crate::store::{
-    now, Admission, AgentRecord, AuditEntry, AuditKind, Presence, Store, TaskLimits, TaskRecord,
-    TaskState,
+    now, Admission, AgentRecord, Attachment, AuditEntry, AuditKind, Presence, Store, TaskLimits,
+    TaskRecord, TaskState,
 };
 
 /// Longest Claude Code session id accepted for `resume` (they are UUIDs).
@@ -33,9 +33,22 @@ impl Core {
     /// online: a task for an offline machine would otherwise wait unseen for hours. The task is on disk
     /// before this returns.
     pub async fn submit_task(&self, req: Submit) -> Result<TaskRecord, TaskError> {
+        self.submit_task_with_files(req, Vec::new()).await
+    }
+
+    /// [`submit_task`](Self::submit_task) with files attached (see [`super::files`]): kept with the task
+    /// until its agent is sent them, and refused for an agent that did not say it takes files.
+    pub async fn submit_task_with_files(
+        &self,
+        req: Submit,
+        files: Vec<Attachment>,
+    ) -> Result<TaskRecord, TaskError> {
+        let files = super::files::checked(files)?;
         let pre = self.preread(&req).await?;
         if self.bus().is_none() {
-            return self.run(move |state| state.submit_task(req, pre)).await;
+            return self
+                .run(move |state| state.submit_task(req, pre, files))
+                .await;
         }
         // In a cluster the decision is the core's, the write (the id check, the order, the admission: each a
         // round trip to PostgreSQL) is the blocking pool's, and the queue moves on the core's thread again.
@@ -44,7 +57,7 @@ impl Core {
         // requester's standing again: the same as when the revocation happens on another node, which a
         // cluster has to handle anyway.
         let admit = self
-            .run(move |state| state.decide_task(req, pre).map(Box::new))
+            .run(move |state| state.decide_task(req, pre, files).map(Box::new))
             .await?;
         let rec = self.read(move |store| admit.write(store)).await??;
         self.run(move |state| state.queued(rec)).await
@@ -84,8 +97,23 @@ impl Core {
         prompt: String,
         name: Option<String>,
     ) -> Result<ReplyOutcome, TaskError> {
+        self.reply_with_files(who, id, prompt, name, Vec::new())
+            .await
+    }
+
+    /// [`reply`](Self::reply) with files attached: they go to the running session just before the prompt,
+    /// or with the new task that resumes an ended one.
+    pub async fn reply_with_files<'a>(
+        &self,
+        who: impl Into<Caller<'a>>,
+        id: &str,
+        prompt: String,
+        name: Option<String>,
+        files: Vec<Attachment>,
+    ) -> Result<ReplyOutcome, TaskError> {
+        let files = super::files::checked(files)?;
         let (caller, id) = (OwnedCaller::from(who.into()), id.to_string());
-        self.run(move |state| state.reply(caller.as_caller(), &id, prompt, name))
+        self.run(move |state| state.reply(caller.as_caller(), &id, prompt, name, files))
             .await
     }
 
@@ -178,18 +206,28 @@ fn token_period(per_minute: u32) -> std::time::Duration {
 }
 
 impl State {
-    fn submit_task(&mut self, req: Submit, pre: Preread) -> Result<TaskRecord, TaskError> {
-        let admit = self.decide_task(req, pre)?;
+    fn submit_task(
+        &mut self,
+        req: Submit,
+        pre: Preread,
+        files: Vec<Attachment>,
+    ) -> Result<TaskRecord, TaskError> {
+        let admit = self.decide_task(req, pre, files)?;
         let rec = admit.write(self.store())?;
         self.queued(rec)
     }
 
     /// Everything about a new task that is this node's to decide: the limits on the person, their standing,
     /// the agent, the options; the task as it will be written, not yet written.
-    fn decide_task(&mut self, req: Submit, pre: Preread) -> Result<Admit, TaskError> {
+    fn decide_task(
+        &mut self,
+        req: Submit,
+        pre: Preread,
+        files: Vec<Attachment>,
+    ) -> Result<Admit, TaskError> {
         check_request(&req)?;
         self.take_task_token(&req.user, &pre)?;
-        self.check_stored(&req.user, pre.stored_bytes)?;
+        self.check_stored(&req.user, pre.stored_bytes, super::files::size_of(&files))?;
         let owner = owner_of(&req);
         // The share is checked before anything about the owner's agents is looked at, so someone without a
         // share learns nothing about them (not even their names).
@@ -219,19 +257,26 @@ impl State {
             resume: req.resume,
             follows: None,
             operator: req.operator,
+            files,
         })
     }
 
     /// Refuses a new task when the output `user`'s tasks keep has reached `CoreConfig::max_stored_per_user`.
     /// Scans the task history like [`Core::tasks_for`]; it runs after the task
     /// rate limit, so one person cannot make it run more often than they may start tasks.
-    fn check_stored(&mut self, user: &str, read: Option<u64>) -> Result<(), TaskError> {
+    /// `adding`: bytes of files the new task brings (kept only until its agent has them, but kept meanwhile).
+    fn check_stored(
+        &mut self,
+        user: &str,
+        read: Option<u64>,
+        adding: u64,
+    ) -> Result<(), TaskError> {
         let max = self.config().max_stored_per_user;
         let used = match read {
             Some(used) => used,
             None => self.store().stored_bytes_of_user(user)?,
         };
-        if used >= max {
+        if used >= max || (adding > 0 && used + adding > max) {
             return Err(TaskError::StorageFull {
                 used: human_bytes(used),
                 max: human_bytes(max),
@@ -414,6 +459,9 @@ impl State {
     fn prepare(&mut self, task: NewTask) -> Result<Admit, TaskError> {
         let agent = task.agent;
         check_options(task.role, &task.options)?;
+        if !task.files.is_empty() {
+            super::files::agent_takes_files(&agent)?;
+        }
         self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
         if !self.live.contains_key(&agent.fingerprint) && !self.between_nodes(&agent, task.presence)
         {
@@ -454,6 +502,7 @@ impl State {
             output_bytes: 0,
             output_truncated: false,
             worktree: None,
+            files: task.files.len() as u32,
         };
         let limits = TaskLimits {
             open_per_user: self.config().max_tasks_per_user,
@@ -501,6 +550,7 @@ impl State {
             entry,
             limits,
             agent_name: agent.name,
+            files: task.files,
         })
     }
 
@@ -527,6 +577,7 @@ impl State {
         id: &str,
         prompt: String,
         name: Option<String>,
+        files: Vec<Attachment>,
     ) -> Result<ReplyOutcome, TaskError> {
         let user = caller.user;
         check_prompt(&prompt)?;
@@ -544,12 +595,20 @@ impl State {
             // lock keeps a revocation from landing between this check and the send.
             let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
             let preview = preview(&prompt);
+            if !files.is_empty() {
+                super::files::agent_takes_files(&agent)?;
+                if !self.live.contains_key(&rec.agent) && self.held_elsewhere(&rec.agent).is_some()
+                {
+                    return Err(TaskError::FilesElsewhere(agent.name));
+                }
+            }
+            let parts = super::files::parts(id, &files);
             let input = RelayMessage::TaskInput {
                 task: id.to_string(),
                 prompt,
             };
             let sent = if role == Role::Owner {
-                self.to_agent(&rec.agent, input)
+                self.to_agent_with(&rec.agent, input, parts)
             } else {
                 let entry = AuditEntry::new(
                     AuditKind::GranteeTask {
@@ -568,7 +627,7 @@ impl State {
                 .by(caller)
                 .on(&agent)
                 .task(id);
-                self.to_agent_audited(&rec.agent, input, &entry)?
+                self.to_agent_audited(&rec.agent, input, parts, &entry)?
             };
             if !sent {
                 return Err(TaskError::Offline {
@@ -601,6 +660,7 @@ impl State {
             resume: Some(session),
             follows: Some(id.to_string()),
             operator: caller.operator,
+            files,
         })?;
         Ok(ReplyOutcome::Resumed(new))
     }
@@ -621,6 +681,8 @@ struct NewTask {
     operator: bool,
     /// Where the agent is held, read ahead (see [`Preread`]); `None`: not read yet.
     presence: Option<Option<Presence>>,
+    /// Attached, already checked (see [`super::files`]).
+    files: Vec<Attachment>,
 }
 
 /// A new task decided on, to be written: its id is checked and its order taken as it is, and the store
@@ -631,6 +693,8 @@ pub(crate) struct Admit {
     limits: TaskLimits,
     /// For messages.
     agent_name: String,
+    /// Written just before the task, and deleted again if the task is not admitted.
+    files: Vec<Attachment>,
 }
 
 impl Admit {
@@ -646,7 +710,18 @@ impl Admit {
             self.rec.spec.task = id;
         }
         self.rec.order = store.next_order()?;
-        match store.admit_task(&self.rec, self.entry.as_ref(), &self.limits)? {
+        // Before the task: once it is written, any node may dispatch it, and must find its files.
+        let id = self.rec.spec.task.clone();
+        if !self.files.is_empty() {
+            store.put_task_files(&id, &self.files)?;
+        }
+        let admitted = store.admit_task(&self.rec, self.entry.as_ref(), &self.limits);
+        if !self.files.is_empty() && !matches!(admitted, Ok(Admission::Admitted(_))) {
+            if let Err(e) = store.delete_task_files(&id) {
+                tracing::warn!(error = %e, task = %id, "could not delete the files of a task not admitted");
+            }
+        }
+        match admitted? {
             Admission::Admitted(_) => Ok(self.rec),
             Admission::TooManyTasks { open } => Err(TaskError::TooManyTasks {
                 open,
@@ -681,7 +756,7 @@ fn display_name(name: Option<String>) -> Option<String> {
 }
 
 /// "12 MiB", "3 KiB": for messages people read.
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     match n {
         0..=1023 => format!("{n} bytes"),
         1024..=1_048_575 => format!("{} KiB", n / 1024),

@@ -208,6 +208,30 @@ pub enum TaskError {
         max: String,
         days: u64,
     },
+    #[error(
+        "agent {agent} runs a ct-agent too old to receive attached files: ask its owner to upgrade \
+         ct-agent on that machine and restart it, or send this without files"
+    )]
+    FilesNotSupported { agent: String },
+    #[error(
+        "{count} files attached, more than the {max} a task takes: attach fewer (or zip them)"
+    )]
+    TooManyFiles { count: usize, max: usize },
+    #[error(
+        "{name:?} is {size}, over the {max} a file may be: attach a smaller file (or a part of it)"
+    )]
+    FileTooBig {
+        name: String,
+        size: String,
+        max: String,
+    },
+    #[error("the attached files add up to {total}, over the {max} a task takes: attach fewer or smaller ones")]
+    FilesTooBig { total: String, max: String },
+    #[error(
+        "agent {0} is connected to another relay node, which cannot be handed files for a running task: \
+         send the message without files, or again in a moment"
+    )]
+    FilesElsewhere(String),
     #[error(transparent)]
     Stopped(#[from] super::Stopped),
     #[error(transparent)]

@@ -211,7 +211,7 @@ async fn live<R, W>(
                     Err(e) => break Ended::LinkError(e),
                 }
             }
-            Some(out) = guard.outbound_rx.recv() => {
+            Some(mut out) = guard.outbound_rx.recv() => {
                 // A task start waits until the record saying it was sent is on disk (see `Outbound`).
                 if let Some(ticket) = out.after {
                     if core.commit().durable(ticket).await.is_err() {
@@ -219,10 +219,26 @@ async fn live<R, W>(
                         break Ended::Closed(CloseReason::Shutdown);
                     }
                 }
+                // Files first, in order, on the same stream: the agent hands them to the message that follows.
+                let mut sent = Ok(());
+                let had_files = !out.parts.is_empty();
+                for part in std::mem::take(&mut out.parts).into_iter().map(RelayMessage::FilePart) {
+                    sent = writer.send(&part).await;
+                    if sent.is_err() {
+                        break;
+                    }
+                    frames_out.inc();
+                }
+                if let Err(e) = sent {
+                    break Ended::LinkError(e);
+                }
                 if let Err(e) = writer.send(&out.msg).await {
                     break Ended::LinkError(e);
                 }
                 frames_out.inc();
+                if let (RelayMessage::StartTask(spec), true) = (&out.msg, had_files) {
+                    core.files_delivered(spec.task.clone()).await;
+                }
             }
             () = sleep_until(deadline) => break Ended::LinkDead,
             reason = guard.close_rx.recv() => break Ended::Closed(reason.unwrap_or(CloseReason::Shutdown)),

@@ -17,6 +17,7 @@
 
 use std::sync::Arc;
 
+pub use ct_protocol::files::Attachment;
 use ct_protocol::Fingerprint;
 
 pub mod postgres;
@@ -276,6 +277,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     }
     /// A task's stored events after `after`, in order, as stored bytes.
     fn event_bytes(&self, task: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    // --- files attached to tasks ---
+
+    /// Keeps the files attached to a queued task (replacing any kept before), until the agent was sent them
+    /// or the task is deleted ([`delete_task`](Self::delete_task) deletes them too).
+    fn put_task_files(&self, task: &str, files: &[Attachment]) -> Result<()>;
+    /// A task's files, in the order they were attached; none when none are kept.
+    fn task_files(&self, task: &str) -> Result<Vec<Attachment>>;
+    /// Forgets a task's files (after they went to the agent).
+    fn delete_task_files(&self, task: &str) -> Result<()>;
 
     // --- the Discord front end's thread marks (its own JSON) ---
 

@@ -130,6 +130,14 @@ pub struct TaskRecord {
     /// discarded (and only agents that report one understand the request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worktree: Option<String>,
+    /// How many files were attached to the task, kept apart ([`Store::task_files`](super::Store::task_files))
+    /// until the agent was sent them: dispatching reads them only for a task that has some.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub files: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl TaskRecord {
@@ -392,4 +400,27 @@ pub fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_records_from_before_files_read_as_none_and_none_writes_as_before() {
+        let old = serde_json::json!({
+            "spec": {"task": "t_x", "project": "p", "prompt": "p",
+                     "requester": {"user": "1", "role": "owner"}},
+            "agent": Fingerprint([0; 32]),
+            "state": "queued", "created_at": 0, "updated_at": 0, "last_seq": 0,
+        });
+        let rec: TaskRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(rec.files, 0);
+        // An older relay reading this store (a rollback) sees exactly the record it always wrote.
+        assert!(!serde_json::to_string(&rec).unwrap().contains("files"));
+        let with = TaskRecord { files: 2, ..rec };
+        let back: TaskRecord =
+            serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back.files, 2);
+    }
 }

@@ -27,8 +27,8 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::{
-    Admission, AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence,
-    Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
+    Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
+    Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
 };
 
 /// The open store.
@@ -59,6 +59,8 @@ pub struct SledStore {
     thread_marks: sled::Tree,
     /// Task id → the Discord thread its output went to (big-endian u64), kept with the task.
     task_threads: sled::Tree,
+    /// Task id, 0, file index (big-endian u32) → a file attached to the task ([`file_value`]).
+    task_files: sled::Tree,
     /// Agents by owner, in memory: derived from `agents` at open and kept in step with every write to it, so
     /// finding one person's agents (every task submission does) reads their records, not everyone's.
     owners: Arc<Mutex<AgentOwners>>,
@@ -205,6 +207,7 @@ impl SledStore {
             meta: db.open_tree("meta")?,
             thread_marks: db.open_tree("thread_marks")?,
             task_threads: db.open_tree("task_threads")?,
+            task_files: db.open_tree("task_files")?,
             cluster: db.open_tree("cluster")?,
             owners: Default::default(),
             admissions: Default::default(),
@@ -734,6 +737,7 @@ impl Store for SledStore {
             self.events.remove(key)?;
         }
         self.task_threads.remove(id)?;
+        self.delete_task_files(&rec.spec.task)?;
         Ok(Some(n))
     }
 
@@ -962,6 +966,37 @@ impl Store for SledStore {
 
     fn audit_len(&self) -> Result<usize> {
         Ok(self.audit.len())
+    }
+
+    fn put_task_files(&self, task: &str, files: &[Attachment]) -> Result<()> {
+        self.delete_task_files(task)?;
+        let mut batch = sled::Batch::default();
+        for (i, f) in files.iter().enumerate() {
+            batch.insert(file_key(task, i as u32), file_value(f)?);
+        }
+        self.task_files.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn task_files(&self, task: &str) -> Result<Vec<Attachment>> {
+        self.task_files
+            .scan_prefix(file_key(task, 0).split_at(task.len() + 1).0)
+            .values()
+            .map(|v| file_of(&v?))
+            .collect()
+    }
+
+    fn delete_task_files(&self, task: &str) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for key in self
+            .task_files
+            .scan_prefix(file_key(task, 0).split_at(task.len() + 1).0)
+            .keys()
+        {
+            batch.remove(key?);
+        }
+        self.task_files.apply_batch(batch)?;
+        Ok(())
     }
 
     fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()> {
@@ -1772,6 +1807,38 @@ fn stored_events(key: &[u8], value: &[u8]) -> Result<Vec<(u64, Vec<u8>)>> {
 }
 
 /// Events sort by task, then by sequence number (big-endian).
+/// Key of file `index` of `task` in `task_files`: the 0 ends the id, so one task's files are one prefix.
+fn file_key(task: &str, index: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(task.len() + 5);
+    k.extend_from_slice(task.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// A file as stored: the length of its JSON header (big-endian u32), the header (name, type), the bytes.
+fn file_value(f: &Attachment) -> Result<Vec<u8>> {
+    let head = serde_json::to_vec(&(&f.name, &f.media_type))?;
+    let mut v = Vec::with_capacity(4 + head.len() + f.data.len());
+    v.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    v.extend_from_slice(&head);
+    v.extend_from_slice(&f.data);
+    Ok(v)
+}
+
+fn file_of(v: &[u8]) -> Result<Attachment> {
+    let bad = || corrupt("a stored task file is cut short");
+    let len =
+        u32::from_be_bytes(v.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let head = v.get(4..4 + len).ok_or_else(bad)?;
+    let (name, media_type): (String, Option<String>) = serde_json::from_slice(head)?;
+    Ok(Attachment {
+        name,
+        media_type,
+        data: v[4 + len..].to_vec(),
+    })
+}
+
 fn event_key(task: &str, seq: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(task.len() + 9);
     k.extend_from_slice(task.as_bytes());
@@ -1869,6 +1936,7 @@ mod tests {
             output_bytes: 0,
             output_truncated: false,
             worktree: None,
+            files: 0,
         }
     }
 

@@ -38,7 +38,9 @@ use tokio_util::task::TaskTracker;
 
 pub use gateway::GatewayEvent;
 pub use limits::DiscordError;
-pub use model::{Opt, OptValue, Origin, SimUser, SlashCommand, DEFAULT_ATTACHMENT_SIZE_LIMIT};
+pub use model::{
+    Opt, OptValue, Origin, SimUpload, SimUser, SlashCommand, DEFAULT_ATTACHMENT_SIZE_LIMIT,
+};
 pub use sign::{HttpReply, InteractionSigner};
 pub use state::{Call, FilePart, SimAttachment, SimChannel, SimInteraction, SimMessage};
 
@@ -802,9 +804,67 @@ impl DiscordSim {
         self.register(origin, 5, Some(data), None, None)
     }
 
+    /// A file a user attaches: its bytes are served by the simulator's CDN (below [`api_base`](Self::api_base),
+    /// at the path of its `https://cdn.discordapp.com/...` URL); give it to [`Opt::attachment`] or
+    /// [`send_message_with_files`](Self::send_message_with_files).
+    pub fn upload(&self, filename: &str, content_type: Option<&str>, bytes: Vec<u8>) -> SimUpload {
+        let size = bytes.len() as u64;
+        self.upload_claiming(filename, content_type, bytes, size)
+    }
+
+    /// [`upload`](Self::upload) whose reported size is `size`, whatever its bytes (a huge file without the
+    /// memory, or a server that lies).
+    pub fn upload_claiming(
+        &self,
+        filename: &str,
+        content_type: Option<&str>,
+        bytes: Vec<u8>,
+        size: u64,
+    ) -> SimUpload {
+        let id = self.shared.ids.next();
+        // As Discord does, the URL gets a tame version of the name; the name itself is kept as given.
+        let tame: String = filename
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let url = format!(
+            "https://cdn.discordapp.com/attachments/{}/{id}/{tame}?ex=0&is=0&hm=0",
+            self.channel_id()
+        );
+        self.shared.lock().uploads.insert(id.clone(), bytes);
+        SimUpload {
+            id,
+            filename: filename.into(),
+            size,
+            content_type: content_type.map(str::to_string),
+            url,
+        }
+    }
+
+    /// Calls to the simulator's CDN (attachment downloads), as `GET /attachments/...` in the call log.
+    pub fn downloads(&self) -> Vec<Call> {
+        self.calls_to("GET", "/attachments/*/*/*")
+    }
+
     /// A message `origin.user` writes in `origin.channel_id` (a thread, usually): stored, then dispatched as
     /// MESSAGE_CREATE. Returns the message id.
     pub fn send_message(&self, origin: &Origin, content: &str) -> anyhow::Result<String> {
+        self.send_message_with_files(origin, content, &[])
+    }
+
+    /// [`send_message`](Self::send_message) with attached files.
+    pub fn send_message_with_files(
+        &self,
+        origin: &Origin,
+        content: &str,
+        files: &[SimUpload],
+    ) -> anyhow::Result<String> {
         let msg = SimMessage {
             id: self.shared.ids.next(),
             channel_id: origin.channel_id.clone(),
@@ -812,7 +872,14 @@ impl DiscordSim {
             content: content.into(),
             embeds: json!([]),
             components: json!([]),
-            attachments: Vec::new(),
+            attachments: files
+                .iter()
+                .map(|f| SimAttachment {
+                    id: f.id.clone(),
+                    filename: f.filename.clone(),
+                    size: f.size as usize,
+                })
+                .collect(),
             flags: 0,
             edits: 0,
             interaction_id: None,
@@ -824,6 +891,7 @@ impl DiscordSim {
             pinned: false,
         };
         let mut json = msg.json(&origin.guild_id);
+        json["attachments"] = files.iter().map(SimUpload::json).collect();
         json["guild_id"] = json!(origin.guild_id);
         json["member"] = origin.user.member_json(false);
         {

@@ -129,6 +129,37 @@ pub enum OptValue {
     Bool(bool),
     /// A user option: the id goes in `value`, the user in `data.resolved`.
     User(SimUser),
+    /// An attachment option: the id goes in `value`, the attachment in `data.resolved.attachments`.
+    Attachment(SimUpload),
+}
+
+/// A file a simulated user attached (see [`DiscordSim::upload`](super::DiscordSim::upload)): the simulator's
+/// CDN serves its bytes at `url`'s path below the API base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimUpload {
+    pub id: String,
+    pub filename: String,
+    /// The size Discord reports (the real one, unless the test chose another).
+    pub size: u64,
+    pub content_type: Option<String>,
+    pub url: String,
+}
+
+impl SimUpload {
+    /// The attachment object, as Discord puts it in `resolved.attachments` and in a message.
+    pub fn json(&self) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "filename": self.filename,
+            "size": self.size,
+            "url": self.url,
+            "proxy_url": self.url.replace("https://cdn.discordapp.com", "https://media.discordapp.net"),
+        });
+        if let Some(t) = &self.content_type {
+            v["content_type"] = json!(t);
+        }
+        v
+    }
 }
 
 impl OptValue {
@@ -138,6 +169,7 @@ impl OptValue {
             Self::Int(_) => 4,
             Self::Bool(_) => 5,
             Self::User(_) => 6,
+            Self::Attachment(_) => 11,
             Self::Num(_) => 10,
         }
     }
@@ -149,6 +181,7 @@ impl OptValue {
             Self::Num(n) => json!(n),
             Self::Bool(b) => json!(b),
             Self::User(u) => json!(u.id),
+            Self::Attachment(a) => json!(a.id),
         }
     }
 }
@@ -179,6 +212,9 @@ impl Opt {
     }
     pub fn user(name: &str, user: &SimUser) -> Self {
         Self::value(name, OptValue::User(user.clone()))
+    }
+    pub fn attachment(name: &str, file: &SimUpload) -> Self {
+        Self::value(name, OptValue::Attachment(file.clone()))
     }
     pub fn value(name: &str, value: OptValue) -> Self {
         Self {
@@ -212,7 +248,7 @@ impl Opt {
         }
     }
 
-    fn json(&self, resolved: &mut Vec<SimUser>) -> Value {
+    fn json(&self, resolved: &mut Resolved) -> Value {
         match &self.kind {
             OptKind::Sub(opts) => json!({
                 "name": self.name, "type": 1,
@@ -223,8 +259,10 @@ impl Opt {
                 "options": opts.iter().map(|o| o.json(resolved)).collect::<Vec<_>>(),
             }),
             OptKind::Value { value, focused } => {
-                if let OptValue::User(u) = value {
-                    resolved.push(u.clone());
+                match value {
+                    OptValue::User(u) => resolved.users.push(u.clone()),
+                    OptValue::Attachment(a) => resolved.attachments.push(a.clone()),
+                    _ => {}
                 }
                 let mut v =
                     json!({"name": self.name, "type": value.type_code(), "value": value.json()});
@@ -235,6 +273,13 @@ impl Opt {
             }
         }
     }
+}
+
+/// What a command's options refer to, for `data.resolved`.
+#[derive(Default)]
+struct Resolved {
+    users: Vec<SimUser>,
+    attachments: Vec<SimUpload>,
 }
 
 /// A slash command as a user invokes it: `/project add name:web path:/src/web`.
@@ -264,8 +309,9 @@ impl SlashCommand {
     /// `data` of an application-command interaction. `command_id` is the id Discord gave the registered
     /// command.
     pub(crate) fn data_json(&self, command_id: &str, guild_id: &str) -> Value {
-        let mut users = Vec::new();
-        let options: Vec<Value> = self.options.iter().map(|o| o.json(&mut users)).collect();
+        let mut resolved = Resolved::default();
+        let options: Vec<Value> = self.options.iter().map(|o| o.json(&mut resolved)).collect();
+        let Resolved { users, attachments } = resolved;
         let mut data = json!({
             "id": command_id,
             "name": self.name,
@@ -281,6 +327,16 @@ impl SlashCommand {
                 m.insert(user.id.clone(), user.member_json(false));
             }
             data["resolved"] = json!({"users": u, "members": m});
+        }
+        if !attachments.is_empty() {
+            let a: Map<String, Value> = attachments
+                .iter()
+                .map(|a| (a.id.clone(), a.json()))
+                .collect();
+            if !data["resolved"].is_object() {
+                data["resolved"] = json!({});
+            }
+            data["resolved"]["attachments"] = Value::Object(a);
         }
         data
     }

@@ -85,6 +85,9 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         let (limited, headers) = rate_limit(&mut st, &req, at);
         let outcome = match limited {
             Some(err) => Err(err),
+            None if req.method == "GET" && full_path.starts_with("/attachments/") => {
+                return cdn(&sh, &mut st, &req, query, at);
+            }
             None if !full_path.starts_with("/api/v10/") => Err(not_found()),
             None => route(&sh, &mut st, &req, at),
         };
@@ -126,6 +129,40 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
     };
     resp.headers_mut().extend(headers);
     resp
+}
+
+/// Discord's CDN: the bytes of an attachment a test uploaded, by its id (the path's second-to-last
+/// segment), with no token needed (CDN URLs are public); recorded in the call log like any other call.
+fn cdn(
+    sh: &Shared,
+    st: &mut super::state::State,
+    req: &Req,
+    query: Option<String>,
+    at: Instant,
+) -> Response {
+    let segs: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let bytes = match segs.as_slice() {
+        ["attachments", _, id, _] => st.uploads.get(*id).cloned(),
+        _ => None,
+    };
+    let status = if bytes.is_some() { 200 } else { 404 };
+    let seq = st.calls.len();
+    st.calls.push(Call {
+        seq,
+        at,
+        method: req.method.clone(),
+        path: req.path.clone(),
+        query,
+        body: Value::Null,
+        files: Vec::new(),
+        status,
+        response: json!({ "bytes": bytes.as_ref().map(Vec::len) }),
+    });
+    sh.bump();
+    match bytes {
+        Some(b) => (StatusCode::OK, b).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn read_multipart(req: Request) -> Result<(Value, Vec<FilePart>), String> {

@@ -266,6 +266,8 @@ pub(crate) struct State {
     pub buckets: HashMap<String, Bucket>,
     pub users: BTreeMap<String, SimUser>,
     pub settings: super::Settings,
+    /// Bytes of the files users attached ([`super::SimUpload`]), by attachment id: what the CDN serves.
+    pub uploads: HashMap<String, Vec<u8>>,
 }
 
 impl State {

@@ -41,6 +41,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "task_threads",
         sql: include_str!("../../../migrations/0004_task_threads.sql"),
     },
+    Migration {
+        version: 5,
+        name: "task_files",
+        sql: include_str!("../../../migrations/0005_task_files.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).

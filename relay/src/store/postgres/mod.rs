@@ -55,8 +55,8 @@ use serde::de::DeserializeOwned;
 
 use self::pool::{Conn, Lease, Pool};
 use super::{
-    Admission, AgentRecord, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord, Presence,
-    Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
+    Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
+    Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
 };
 
 /// The open store: a pool of connections to one database.
@@ -649,7 +649,8 @@ impl Store for PgStore {
             c.query_one(
                 "WITH gone AS (DELETE FROM ct_tasks WHERE id = $1 AND body = $2 RETURNING id),
                       events AS (DELETE FROM ct_events WHERE task = $1 AND EXISTS (SELECT 1 FROM gone)
-                                 RETURNING 1)
+                                 RETURNING 1),
+                      files AS (DELETE FROM ct_task_files WHERE task = $1 AND EXISTS (SELECT 1 FROM gone))
                  SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM events)",
                 &[&rec.spec.task, &expected],
             )
@@ -692,6 +693,43 @@ impl Store for PgStore {
     }
 
     // --- the Discord front end's thread marks ---
+
+    fn put_task_files(&self, task: &str, files: &[Attachment]) -> Result<()> {
+        self.transaction(|c| {
+            c.execute("DELETE FROM ct_task_files WHERE task = $1", &[&task])?;
+            for (i, f) in files.iter().enumerate() {
+                c.execute(
+                    "INSERT INTO ct_task_files (task, idx, name, media_type, data)
+                     VALUES ($1, $2, $3, $4, $5)",
+                    &[&task, &(i as i32), &f.name, &f.media_type, &f.data],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn task_files(&self, task: &str) -> Result<Vec<Attachment>> {
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT name, media_type, data FROM ct_task_files WHERE task = $1 ORDER BY idx",
+                &[&task],
+            )
+        })?;
+        rows.iter()
+            .map(|r| {
+                Ok(Attachment {
+                    name: r.try_get(0)?,
+                    media_type: r.try_get(1)?,
+                    data: r.try_get(2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn delete_task_files(&self, task: &str) -> Result<()> {
+        self.write(|c| c.execute("DELETE FROM ct_task_files WHERE task = $1", &[&task]))?;
+        Ok(())
+    }
 
     fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()> {
         self.write(|c| {

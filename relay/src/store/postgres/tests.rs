@@ -50,6 +50,7 @@ pub(super) fn task(id: &str, order: u64) -> TaskRecord {
         output_bytes: 0,
         output_truncated: false,
         worktree: None,
+        files: 0,
     }
 }
 
@@ -112,7 +113,7 @@ fn three_nodes_starting_at_once_migrate_once() {
     assert_eq!(applied[0], (1, "init".to_string()));
     assert_eq!(
         applied.last().unwrap(),
-        &(4, "task_threads".to_string()),
+        &(5, "task_files".to_string()),
         "{applied:?}"
     );
 }
