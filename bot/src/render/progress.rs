@@ -279,8 +279,9 @@ impl TaskProgress {
         use super::summary::{count, money};
         let mut parts = Vec::new();
         if self.turns > 0 || self.input_tokens > 0 || self.output_tokens > 0 {
+            let so_far = if self.phase.is_final() { "" } else { " so far" };
             parts.push(format!(
-                "{} in · {} out · {} so far",
+                "{} in · {} out · {}{so_far}",
                 count(self.input_tokens),
                 count(self.output_tokens),
                 money(self.cost_usd)
@@ -557,6 +558,18 @@ mod tests {
         );
         let shown = p.render(Duration::from_secs(3));
         assert_eq!(shown.lines().nth(1), Some(line.as_str()), "{shown}");
+        // Once the task is over, the figures are its totals.
+        p.apply(&TaskEvent::Finished {
+            state: FinalState::Done,
+            message: None,
+        });
+        assert!(
+            p.usage_line()
+                .unwrap()
+                .starts_with("📊 5000 in · 42 out · $0.0263 · context"),
+            "{:?}",
+            p.usage_line()
+        );
         // A window of 0 (a CLI that does not know it) is no window.
         let mut q = TaskProgress::new("t_2");
         q.apply(&TaskEvent::Context {
