@@ -337,7 +337,8 @@ async fn a_relay_restart_mid_tool_posts_nothing_twice() {
     let with = |text: &str| messages.iter().filter(|m| m.content.contains(text)).count();
     // The first command's output is in the thread once: its message was not posted again.
     assert_eq!(with("before-the-restart\n```"), 1, "{shown}");
-    // The job's result, after the restart, in a line of its own that names the command.
+    // The job's result, after the restart, fills in its own line in the turn's message, in place: nothing is
+    // left shown as waiting.
     let first_line = command.lines().next().unwrap().to_string();
     let results: Vec<&SimMessage> = messages
         .iter()
@@ -348,6 +349,11 @@ async fn a_relay_restart_mid_tool_posts_nothing_twice() {
         })
         .collect();
     assert_eq!(results.len(), 1, "{shown}");
+    assert!(
+        results[0].content.contains("before-the-restart\n```"),
+        "the same message as before the restart: {shown}"
+    );
+    assert_eq!(with(" ⏳"), 0, "{shown}");
     assert_eq!(with("slept well"), 1, "{shown}");
     // No message was created twice (each create's nonce is unique in the thread).
     let nonces: Vec<&String> = messages.iter().filter_map(|m| m.nonce.as_ref()).collect();

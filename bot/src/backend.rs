@@ -215,6 +215,11 @@ pub struct ThreadMark {
     /// before this field existed have none.
     #[serde(default)]
     pub approvals: BTreeMap<String, u64>,
+    /// The turn still open in the thread: the event its tool message began at, and the message of each of its
+    /// parts (0 where a post failed). A follower that carries on edits those messages, so a tool shown as
+    /// waiting before the restart gets its result in place. None in marks written before this existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn: Option<(u64, Vec<u64>)>,
 }
 
 /// What the bot needs from the relay core. `user` is always the Discord user id of the person acting,

@@ -244,6 +244,7 @@ impl Inner {
             posted: 0,
             upload_limit,
             approvals: Default::default(),
+            turn: None,
         }
     }
 }

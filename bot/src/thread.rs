@@ -370,6 +370,8 @@ struct Follower {
     resumed: bool,
     /// From that mark: approvals that were open, with their messages, to be reopened as their requests replay.
     reopen: BTreeMap<String, u64>,
+    /// From that mark: the turn whose tool message was open, to be rebuilt on its messages as it replays.
+    reopen_turn: Option<(u64, Vec<u64>)>,
     /// Messages posted so far for the event `last_seq`: with it, each message's nonce.
     posts: std::sync::atomic::AtomicU32,
     /// Discord said the thread no longer exists: nothing more is posted or edited.
@@ -496,6 +498,7 @@ pub async fn follow(
         throttle: EditThrottle::new(EDIT_INTERVAL),
         last_seq: resume.as_ref().map_or(0, |m| m.posted),
         resumed,
+        reopen_turn: resume.as_ref().and_then(|m| m.turn.clone()),
         reopen: resume.map(|m| m.approvals).unwrap_or_default(),
         posts: std::sync::atomic::AtomicU32::new(0),
         gone: std::sync::atomic::AtomicBool::new(false),
@@ -561,9 +564,10 @@ impl Follower {
             }
             if seq <= already_posted {
                 // In the thread before the restart: it only counts towards the progress shown, and brings
-                // back the approvals still open there.
+                // back the approvals and the turn's tool message still open there.
                 self.progress.apply(&ev);
                 self.reopen(&ev).await;
+                self.reopen_tools(seq, &ev);
             } else {
                 self.event(seq, ev).await;
             }
@@ -721,6 +725,41 @@ impl Follower {
         }
     }
 
+    /// Replaying an event posted before a restart that belongs to the turn still open then: the turn's tool
+    /// message is rebuilt as it stood, on the messages it was posted as, posting nothing; results that come
+    /// after the restart then fill in their lines there instead of leaving them waiting.
+    fn reopen_tools(&mut self, seq: u64, ev: &TaskEvent) {
+        let Some((from, ids)) = &self.reopen_turn else {
+            return;
+        };
+        if seq < *from || !matches!(ev, TaskEvent::Tool { .. } | TaskEvent::ToolResult { .. }) {
+            return;
+        }
+        if self.tools.turn.is_none() {
+            let turn = TurnTools::new(&self.task.id, *from, self.upload_limit)
+                .with_cwd(self.progress.cwd.clone());
+            self.tools.turn = Some(turn);
+            self.tools.messages = ids
+                .iter()
+                .map(|id| NonZeroU64::new(*id).map(MessageId::from))
+                .collect();
+        }
+        let Some(turn) = self.tools.turn.as_mut() else {
+            return;
+        };
+        // What these would post (a line, a file) is in the thread already.
+        match ev {
+            TaskEvent::Tool { .. } => {
+                if let Some(tool) = ToolUse::of(ev) {
+                    turn.add(tool);
+                }
+            }
+            _ => {
+                turn.result(ev, seq, None);
+            }
+        }
+    }
+
     /// Tells the backend how far this thread got, so a restarted relay neither skips nor repeats output.
     async fn save_mark(&self) {
         let mark = ThreadMark {
@@ -730,6 +769,13 @@ impl Follower {
             posted: self.shown_through(),
             upload_limit: self.upload_limit,
             approvals: self.env.threads.approval_messages(&self.task.id),
+            turn: self.tools.turn.as_ref().map(|t| {
+                let ids = self.tools.messages.iter();
+                (
+                    t.first_seq,
+                    ids.map(|m| m.map_or(0, MessageId::get)).collect(),
+                )
+            }),
         };
         if let Err(err) = self.env.backend.mark_thread(&mark).await {
             warn!(%err, task = %self.task.id, "could not record how far the thread got");

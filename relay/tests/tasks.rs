@@ -853,6 +853,7 @@ async fn thread_marks_outlive_a_restart_and_marks_of_gone_tasks_are_dropped() {
         posted,
         upload_limit: 8 << 20,
         approvals: [("a1".to_string(), 44)].into(),
+        turn: Some((3, vec![45, 0])),
     };
     let backend = CoreBackend::new(relay.core.clone());
     backend.mark_thread(&mark(&id, 1)).await.unwrap();
