@@ -7,14 +7,16 @@
 //! file name that tries to climb out, is refused, and nothing is written through a symlink.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use ct_protocol::files::{
     decode_part, safe_name, Attachment, FilePart, MAX_FILES, MAX_FILE_BYTES, MAX_TASK_FILES_BYTES,
 };
+use rustix::fs::{self as rfs, Mode, OFlags};
+use rustix::io::Errno;
 use serde_json::{json, Value};
 
 /// Batches being assembled at once (one per task with files on the way); more is a misbehaving relay.
@@ -151,6 +153,11 @@ impl Saved {
 }
 
 /// Saves `files` in `cwd/.codetogether/attachments/<task>/`. Blocking: run it off the async threads.
+///
+/// The folders are walked by descriptor: each one is opened relative to the one above it, without following
+/// a link, and the files are created in the last one the same way. Another task running in the same project
+/// (a grantee's, whose sandbox may write there) cannot swap a folder for a link between a check and a write
+/// and have the agent write outside the project.
 pub fn save(cwd: &Path, task: &str, files: &[Attachment]) -> Result<Saved, String> {
     let task_dir = safe_name(task);
     if task_dir != task || !task.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -159,26 +166,39 @@ pub fn save(cwd: &Path, task: &str, files: &[Attachment]) -> Result<Saved, Strin
     let root = cwd
         .canonicalize()
         .map_err(|e| format!("the task's folder cannot be opened: {e}"))?;
-    let ct = real_dir(&root.join(".codetogether"))?;
-    ignore_all(&ct)?;
-    let dir = real_dir(&real_dir(&ct.join("attachments"))?.join(task))?;
-    // Each step refused symlinks; this catches anything else that would put the folder elsewhere.
-    let real = dir
-        .canonicalize()
-        .map_err(|e| format!("the attachments folder cannot be opened: {e}"))?;
-    if !real.starts_with(&root) {
-        return Err("the attachments folder resolves outside the project".into());
-    }
-    let mut taken: HashSet<String> = fs::read_dir(&real)
-        .map_err(|e| format!("the attachments folder cannot be read: {e}"))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .map(|n| n.to_lowercase())
-        .collect();
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let root_fd = rfs::openat(rfs::CWD, &root, flags, Mode::empty()).map_err(|e| {
+        format!(
+            "the task's folder cannot be opened: {}",
+            std::io::Error::from(e)
+        )
+    })?;
+    let ct = child_dir(&root_fd, ".codetogether", &root)?;
+    ignore_all(&ct, &root)?;
+    let attachments = child_dir(&ct, "attachments", &root)?;
+    let dir = child_dir(&attachments, task, &root)?;
     let mut names = Vec::with_capacity(files.len());
+    // Names already there (an earlier batch of the same task), in any case: `a.log` and `A.LOG` are one file
+    // on some file systems.
+    let mut taken: HashSet<String> = rfs::Dir::read_from(&dir)
+        .map_err(|e| {
+            format!(
+                "the attachments folder cannot be read: {}",
+                std::io::Error::from(e)
+            )
+        })?
+        .filter_map(|entry| Some(entry.ok()?.file_name().to_str().ok()?.to_lowercase()))
+        .collect();
     for f in files {
-        let name = unique(&safe_name(&f.name), &mut taken);
-        write_new(&real.join(&name), &f.data)
-            .map_err(|e| format!("{name:?} could not be saved: {e}"))?;
+        let name = loop {
+            // A name in use (from an earlier batch of the same task) gets the next number.
+            let name = unique(&safe_name(&f.name), &mut taken);
+            match write_new(&dir, &name, &f.data) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("{name:?} could not be saved: {e}")),
+                Ok(()) => break name,
+            }
+        };
         names.push(name);
     }
     Ok(Saved {
@@ -187,42 +207,50 @@ pub fn save(cwd: &Path, task: &str, files: &[Attachment]) -> Result<Saved, Strin
     })
 }
 
-/// `path` as a real directory: made if missing; refused if it is a symlink or anything but a directory.
-fn real_dir(path: &Path) -> Result<PathBuf, String> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => Err(format!(
-            "{} is a symbolic link: attachments are not written through one (remove it)",
-            path.display()
-        )),
-        Ok(m) if m.is_dir() => Ok(path.to_path_buf()),
-        Ok(_) => Err(format!("{} is not a folder", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // `create_dir` does not follow a symlink at the last component: one created meanwhile fails it.
-            fs::create_dir(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            Ok(path.to_path_buf())
+/// Opens the directory `name` in `at` without following a link there.
+fn open_dir(at: &OwnedFd, name: &str, root: &Path) -> Result<OwnedFd, String> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rfs::openat(at, name, flags, Mode::empty()).map_err(|e| match e {
+        Errno::LOOP | Errno::NOTDIR => format!(
+            "{}/{name} is a symbolic link or not a folder: attachments are not written through one \
+             (remove it)",
+            root.display()
+        ),
+        e => format!("{}/{name}: {}", root.display(), std::io::Error::from(e)),
+    })
+}
+
+/// The folder `name` in `parent`: made if missing, refused if it is a link or anything but a folder.
+fn child_dir(parent: &OwnedFd, name: &str, root: &Path) -> Result<OwnedFd, String> {
+    // mkdirat never follows a link at the last component; one there makes it fail with EEXIST, and the open
+    // below refuses it.
+    match rfs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => {
+            return Err(format!(
+                "{}/…/{name}: {}",
+                root.display(),
+                std::io::Error::from(e)
+            ))
         }
-        Err(e) => Err(format!("{}: {e}", path.display())),
     }
+    open_dir(parent, name, root)
 }
 
 /// Keeps `.codetogether/` out of git without touching the project's own `.gitignore`.
-fn ignore_all(ct: &Path) -> Result<(), String> {
-    let path = ct.join(".gitignore");
-    match write_new(&path, b"*\n") {
+fn ignore_all(ct: &OwnedFd, root: &Path) -> Result<(), String> {
+    match write_new(ct, ".gitignore", b"*\n") {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(e) => Err(format!("{}/.codetogether/.gitignore: {e}", root.display())),
     }
 }
 
-/// Writes a new file, never through a symlink and never over an existing file.
-fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(path)?;
+/// Writes a new file in `dir`, never through a link and never over an existing file.
+fn write_new(dir: &OwnedFd, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rfs::openat(dir, name, flags, Mode::from_raw_mode(0o600))?;
+    let mut f = fs::File::from(fd);
     f.write_all(data)?;
     f.sync_all()
 }
@@ -366,6 +394,16 @@ mod tests {
         )
         .unwrap();
         assert!(save(project.path(), "t_x", &[file("a", b"1")]).is_err());
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+
+        // A link planted where a file is to go is neither followed nor replaced: the file takes another name.
+        let project = tempfile::tempdir().unwrap();
+        let at = project.path().join(".codetogether/attachments/t_x");
+        fs::create_dir_all(&at).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("planted"), at.join("a")).unwrap();
+        let saved = save(project.path(), "t_x", &[file("a", b"1")]).unwrap();
+        assert_eq!(saved.names, ["a (2)"]);
+        assert_eq!(fs::read(at.join("a (2)")).unwrap(), b"1");
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
