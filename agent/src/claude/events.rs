@@ -264,7 +264,11 @@ pub fn parse_value(v: Value) -> CliEvent {
                 texts,
                 tool_uses,
                 error: opt_s(&v["error"]),
-                call: CallUsage::of(&v["message"]),
+                // A subagent's calls (the Task tool) have a context of their own, not the conversation's.
+                call: v["parent_tool_use_id"]
+                    .is_null()
+                    .then(|| CallUsage::of(&v["message"]))
+                    .flatten(),
             }
         }
         (Some("user"), _) => {
@@ -653,6 +657,13 @@ mod tests {
             &said,
             CliEvent::Assistant { call: Some(c), .. } if c.message_id == "msg_1" && c.context_tokens == 25_300
         ));
+        let sub = parse_line(
+            br#"{"type":"assistant","parent_tool_use_id":"toolu_1","message":{"id":"msg_2","content":[],"usage":{"input_tokens":9}}}"#,
+        );
+        assert!(
+            matches!(&sub, CliEvent::Assistant { call: None, .. }),
+            "{sub:?}"
+        );
         // As 2.1.332 answers `get_context_usage` (trimmed).
         let ctx = parse_line(
             br#"{"type":"control_response","response":{"subtype":"success","request_id":"ct-ctx-1","response":{"totalTokens":25300,"maxTokens":1000000,"percentage":3}}}"#,
