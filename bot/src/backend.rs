@@ -376,6 +376,11 @@ pub trait Backend: Send + Sync + 'static {
     /// `/audit`.
     async fn audit(&self, user: &str) -> Result<Vec<AuditEntry>>;
 
+    /// Who stopped `task` (a Discord user id, or `operator`), if someone did: the requester is told when someone
+    /// else stopped their task, whichever node the Stop was clicked on.
+    async fn stopped_by(&self, _task: &TaskInfo) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// Whether `user` wants to be @mentioned when an approval waits for them or their task ends.
     async fn wants_mentions(&self, _user: &str) -> Result<bool> {
         Ok(true)

@@ -317,7 +317,8 @@ impl Inner {
             }
             ("cancel", _) => match self.task_arg(&user, &args, c.channel_id).await {
                 Ok(task) => self
-                    .stop(&user, &task)
+                    .backend
+                    .cancel(&user, &task)
                     .await
                     .map(|()| Answer::text(format!("⏹️ Stopping `{task}`…"))),
                 Err(e) => Err(e),
@@ -820,14 +821,6 @@ impl Inner {
         }
     }
 
-    /// Stops a task for `user` (the backend decides whether they may), and remembers who did: the requester
-    /// is mentioned when someone else stopped their task, not when they did it themselves.
-    async fn stop(&self, user: &str, task: &str) -> crate::backend::Result<()> {
-        self.backend.cancel(user, task).await?;
-        self.threads.stopped_by(task, user);
-        Ok(())
-    }
-
     /// `/status` and "Full output": the summary, then the whole transcript as follow-ups (a couple of
     /// messages, or `<task>.md`). Private unless `public` (used in the task's own thread, which shows that
     /// output to everyone in it already). A stranger is refused before anything of the task is read, in the
@@ -1223,7 +1216,7 @@ impl Inner {
         let task = self.backend.task(user, &info.task).await?;
         match sub {
             "stop" => {
-                self.stop(user, &task.id).await?;
+                self.backend.cancel(user, &task.id).await?;
                 Ok(Answer::text(format!("⏹️ Stopping `{}`…", task.id)))
             }
             "status" => {
@@ -1427,7 +1420,7 @@ impl Inner {
             return self.status(&user, &task, false, &c.token, limit).await;
         }
         if let Action::Stop { .. } = action {
-            return match self.stop(&user, &task).await {
+            return match self.backend.cancel(&user, &task).await {
                 Ok(()) => Answer::private(format!("⏹️ Stopping `{task}`…")).into(),
                 Err(e) => failed(e).into(),
             };

@@ -128,8 +128,6 @@ struct State {
     finished: HashSet<String>,
     /// Channels known not to be task threads, so messages there cost no lookup.
     not_threads: HashSet<ChannelId>,
-    /// Who stopped a task through this bot (Stop, `/cancel`, `/cc stop`), until its summary is posted.
-    stopped_by: HashMap<String, String>,
 }
 
 /// The bot's memory of its task threads.
@@ -209,21 +207,6 @@ impl Threads {
             }
             st.finished.insert(task.to_string());
         }
-    }
-
-    /// Remembers that `user` stopped `task`.
-    pub fn stopped_by(&self, task: &str, user: &str) {
-        let mut st = self.lock();
-        // Bounded: an entry is taken when the task's summary is posted; one whose task never ends here (it
-        // was followed elsewhere) only costs a mention.
-        if st.stopped_by.len() >= MAX_THREADS {
-            st.stopped_by.clear();
-        }
-        st.stopped_by.insert(task.to_string(), user.to_string());
-    }
-
-    fn take_stopped_by(&self, task: &str) -> Option<String> {
-        self.lock().stopped_by.remove(task)
     }
 
     /// Whether `task` has a follower here, or had one that posted its summary.
@@ -986,9 +969,13 @@ impl Follower {
     /// Who to mention when the task ends: its requester, unless they stopped it themselves or turned their
     /// mentions off.
     async fn requester_to_tell(&self) -> Option<UserId> {
-        let stopper = self.env.threads.take_stopped_by(&self.task.id);
-        if stopper.as_deref() == Some(self.task.requester.as_str()) {
-            return None;
+        if self.progress.phase == Phase::Cancelled {
+            match self.env.backend.stopped_by(&self.task).await {
+                Ok(Some(who)) if who == self.task.requester => return None,
+                Ok(_) => {}
+                // A ping too many beats none: the requester may not know their task stopped.
+                Err(err) => warn!(%err, task = %self.task.id, "who stopped the task is unknown"),
+            }
         }
         let who: UserId = self.task.requester.parse().ok()?;
         self.wants_mentions(&self.task.requester)

@@ -40,6 +40,8 @@ pub(crate) struct Fake {
     replies: Mutex<Vec<(String, String)>>,
     pub(crate) decisions: Mutex<Vec<(String, String, Decision)>>,
     cancels: Mutex<Vec<String>>,
+    /// Who cancelled each task, as the relay's audit log keeps it.
+    stopped: Mutex<HashMap<String, String>>,
     /// Times a task's stored events were read (`follow`): what a stranger must not make the relay do.
     follows: std::sync::atomic::AtomicUsize,
     /// The relay's store of thread marks, which outlives a bot.
@@ -258,9 +260,13 @@ impl Backend for Fake {
             live: t.live.subscribe(),
         })
     }
-    async fn cancel(&self, _: &str, task: &str) -> Result<()> {
+    async fn cancel(&self, user: &str, task: &str) -> Result<()> {
         Self::lock(&self.cancels).push(task.into());
+        Self::lock(&self.stopped).insert(task.into(), user.into());
         Ok(())
+    }
+    async fn stopped_by(&self, task: &TaskInfo) -> Result<Option<String>> {
+        Ok(Self::lock(&self.stopped).get(&task.id).cloned())
     }
     async fn decide(&self, user: &str, task: &str, approval: &str, d: Decision) -> Result<()> {
         let outcome = match &d {

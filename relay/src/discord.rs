@@ -38,6 +38,8 @@ const RECENT_TASKS: usize = 25;
 const HISTORY_SCAN: usize = 500;
 /// Audit entries shown by `/audit`.
 const AUDIT_LINES: usize = 20;
+/// How far back in the owner's audit log a task's cancel is looked for when it ends (it is among the latest).
+const STOP_LOOKBACK: usize = 100;
 /// The lease whose holder runs the Discord gateway and every thread follower (see `ct_bot::leader`).
 pub const LEASE: &str = "discord";
 
@@ -737,6 +739,26 @@ impl Backend for CoreBackend {
                 what: e.detail,
             })
             .collect())
+    }
+
+    async fn stopped_by(&self, task: &TaskInfo) -> Result<Option<String>> {
+        // Every cancel is audited with who did it, on whichever node it was asked (`Core::cancel_task`); the
+        // latest entries of the agent's owner hold it.
+        if task.owner.is_empty() {
+            return Ok(None);
+        }
+        let entries = self
+            .core
+            .audit_for_owner(&task.owner, STOP_LOOKBACK, None)
+            .await
+            .map_err(core_err)?;
+        Ok(entries
+            .into_iter()
+            .find(|e| {
+                matches!(e.kind, store::AuditKind::TaskCancelled { .. })
+                    && e.task.as_deref() == Some(task.id.as_str())
+            })
+            .map(|e| e.actor))
     }
 
     async fn wants_mentions(&self, user: &str) -> Result<bool> {
