@@ -112,6 +112,13 @@ pub fn inline_code(text: &str, max: usize) -> String {
     format!("`{inner}`")
 }
 
+/// The name a tool shows as (the CLI names its tools, but an MCP server names its own), with nothing that
+/// Markdown or mentions could act on.
+pub fn tool_name(name: &str) -> String {
+    super::truncate(&visible(name), 60)
+        .replace(['*', '_', '`', '~', '|', '<', '>', '@', '#', '['], "·")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,7 +44,7 @@ pub enum Placement {
     },
 }
 
-fn size(n: u64) -> String {
+pub(crate) fn size(n: u64) -> String {
     match n {
         0..=1023 => format!("{n} B"),
         1024..=1_048_575 => format!("{:.1} KiB", n as f64 / 1024.0),

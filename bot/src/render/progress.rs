@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ct_protocol::task::{FinalState, TaskEvent};
 
-use super::escape::{inline_code, visible};
+use super::escape::{inline_code, tool_name};
 use super::{human_duration, truncate};
 
 /// Tool lines kept on the message; older ones are counted, not shown.
@@ -132,9 +132,7 @@ pub fn tool_line(name: &str, summary: &str) -> String {
         "Task" | "Agent" => "🤖",
         _ => "🔧",
     };
-    // Tool names come from the CLI, but an MCP server names its own tools.
-    let name = truncate(&visible(name), 60)
-        .replace(['*', '_', '`', '~', '|', '<', '>', '@', '#', '['], "·");
+    let name = tool_name(name);
     if summary.is_empty() {
         format!("{icon} {name}")
     } else {

@@ -16,7 +16,8 @@
 
 use ct_protocol::task::TaskEvent;
 
-use super::escape::{code_block, inline_code, visible};
+use super::escape::{code_block, inline_code, tool_name};
+use super::output::size;
 use super::progress::tool_line;
 use super::truncate;
 use crate::split::MESSAGE_LIMIT;
@@ -333,14 +334,6 @@ pub fn diff_block(diff: &str) -> Option<String> {
     (!cut).then(|| format!("```diff{}", &block[3..]))
 }
 
-fn size(n: u64) -> String {
-    match n {
-        0..=1023 => format!("{n} B"),
-        1024..=1_048_575 => format!("{:.1} KiB", n as f64 / 1024.0),
-        _ => format!("{:.1} MiB", n as f64 / 1_048_576.0),
-    }
-}
-
 /// The first line of `text`, shown as inline code.
 fn first_line(text: &str, max: usize) -> String {
     inline_code(
@@ -630,11 +623,6 @@ fn relative_diff(diff: &str, cwd: Option<&str>) -> String {
             }
         })
         .collect()
-}
-
-/// The name a tool shows as, with nothing that Markdown or mentions could act on.
-pub fn tool_name(name: &str) -> String {
-    truncate(&visible(name), 60).replace(['*', '_', '`', '~', '|', '<', '>', '@', '#', '['], "·")
 }
 
 #[cfg(test)]

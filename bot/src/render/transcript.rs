@@ -18,7 +18,7 @@ use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{DiffStat, FinalState, TaskEvent};
 use serde_json::Value;
 
-use super::escape::{code_block, inline_code, visible};
+use super::escape::{code_block, inline_code, tool_name, visible};
 use super::output::{place, OutputKind, Placement};
 use super::tools::ToolOutcome;
 use crate::backend::TaskInfo;
@@ -220,11 +220,7 @@ fn claude_text(text: &str) -> String {
 }
 
 fn tool(name: &str, summary: &str, auto_allowed: Option<&SessionScope>) -> String {
-    let mut s = format!(
-        "🔧 **{}**{}",
-        visible(name).replace(['*', '_', '`', '~', '|', '<', '>'], ""),
-        one_or_block(summary)
-    );
+    let mut s = format!("🔧 **{}**{}", tool_name(name), one_or_block(summary));
     if auto_allowed.is_some() {
         s.push_str("\n_(allowed without asking, by a rule for this session)_");
     }
@@ -281,7 +277,7 @@ fn approval_requested(
     } else {
         "🔐 Approval asked for"
     };
-    let mut s = format!("{what} **{}**", visible(tool).replace(['*', '`'], ""));
+    let mut s = format!("{what} **{}**", tool_name(tool));
     // What runs (the command, the file), never only Claude's description of it.
     let shown = input
         .get("command")
