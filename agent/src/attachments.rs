@@ -24,6 +24,8 @@ const MAX_PENDING: usize = 8;
 /// Largest image given to Claude Code as image content (the Messages API takes about 5 MB of base64); a
 /// larger one is still saved and named, for Claude to read as a file.
 pub const MAX_IMAGE_BYTES: usize = 3 * 1024 * 1024 + 512 * 1024;
+/// Largest total of the images of one message given as image content.
+pub const MAX_IMAGES_BYTES: usize = 3 * MAX_IMAGE_BYTES;
 /// The folder, relative to the task's, where its files go (followed by the task id).
 pub const ATTACHMENTS_DIR: &str = ".codetogether/attachments";
 
@@ -275,9 +277,19 @@ fn unique(name: &str, taken: &mut HashSet<String>) -> String {
 /// content. `None` when there are no images: the prompt goes as plain text, as always.
 pub fn content(prompt: &str, files: &[Attachment]) -> Option<Value> {
     use base64::Engine;
+    // Images together stay well inside what one request to the Messages API may carry (they stay in the
+    // conversation, so an oversized one would fail every later turn too); the rest are files only.
+    let mut room = MAX_IMAGES_BYTES;
     let images: Vec<Value> = files
         .iter()
-        .filter(|f| f.data.len() <= MAX_IMAGE_BYTES)
+        .filter(|f| f.data.len() <= MAX_IMAGE_BYTES && f.image_type().is_some())
+        .filter(|f| match room.checked_sub(f.data.len()) {
+            Some(left) => {
+                room = left;
+                true
+            }
+            None => false,
+        })
         .filter_map(|f| {
             let media_type = f.image_type()?;
             Some(json!({
@@ -420,5 +432,16 @@ mod tests {
         assert_eq!(v[1]["type"], "image");
         assert_eq!(v[1]["source"]["media_type"], "image/png");
         assert_eq!(v[1]["source"]["data"], "iVBORw==");
+        // Past the total, images are files only.
+        let big = |n: u8| Attachment {
+            name: format!("{n}.png"),
+            media_type: Some("image/png".into()),
+            data: vec![n; MAX_IMAGE_BYTES],
+        };
+        let v = content("p", &[big(1), big(2), big(3), big(4)]).unwrap();
+        assert_eq!(
+            v.as_array().unwrap().len(),
+            1 + MAX_IMAGES_BYTES / MAX_IMAGE_BYTES
+        );
     }
 }

@@ -35,6 +35,19 @@ fn named(name: &str, description: &str) -> CreateCommandOption {
     string(name, description).set_autocomplete(true)
 }
 
+/// Longest agent name or fingerprint typed in an option: fingerprints are 64 characters and names shorter;
+/// more could only be a mistake, and would not fit the `/tasks` buttons' custom ids.
+const AGENT_MAX: u16 = 100;
+
+/// An option naming an agent.
+fn agent_named(name: &str, description: &str) -> CreateCommandOption {
+    named(name, description).max_length(AGENT_MAX)
+}
+
+fn agent(description: &str) -> CreateCommandOption {
+    agent_named("agent", description)
+}
+
 fn sub(name: &str, description: &str, options: Vec<CreateCommandOption>) -> CreateCommandOption {
     options.into_iter().fold(
         CreateCommandOption::new(CommandOptionType::SubCommand, name, description),
@@ -73,7 +86,7 @@ pub fn all() -> Vec<CreateCommand> {
                 sub(
                     "unregister",
                     "Remove one of your agents",
-                    vec![named("agent", "The agent to remove").required(true)],
+                    vec![agent( "The agent to remove").required(true)],
                 ),
             ],
         ),
@@ -91,7 +104,7 @@ pub fn all() -> Vec<CreateCommand> {
                         string("path", "The folder on that machine, e.g. ~/src/web")
                             .required(true)
                             .max_length(1024),
-                        named("agent", "Which of your agents (if you have several)"),
+                        agent( "Which of your agents (if you have several)"),
                     ],
                 ),
                 sub("list", "Your projects and the ones shared with you", vec![]),
@@ -101,7 +114,7 @@ pub fn all() -> Vec<CreateCommand> {
                     vec![
                         named("name", "The project (agent/project where several agents have one)")
                             .required(true),
-                        named("agent", "Which of your agents (where several have this project)"),
+                        agent( "Which of your agents (where several have this project)"),
                     ],
                 ),
             ],
@@ -122,7 +135,7 @@ pub fn all() -> Vec<CreateCommand> {
                     "target",
                     "Run on this person's agent (they must have shared it with you)",
                 ),
-                named("agent", "Which agent (if there are several)"),
+                agent( "Which agent (if there are several)"),
                 named("model", "Claude model, e.g. sonnet or opus"),
                 string("mode", "How Claude may act without asking")
                     .add_string_choice("Ask before acting (default)", "default")
@@ -159,7 +172,7 @@ pub fn all() -> Vec<CreateCommand> {
             "tasks",
             "Your recent tasks and those others ran on your agents",
             vec![
-                named("agent", "Only tasks on this agent"),
+                agent( "Only tasks on this agent"),
                 string("state", "Only tasks in this state")
                     .add_string_choice("Running or waiting", "open")
                     .add_string_choice("Done", "done")
@@ -186,7 +199,7 @@ pub fn all() -> Vec<CreateCommand> {
         command(
             "agents",
             "Agents you can use, yours and shared, online or not",
-            vec![named(
+            vec![agent_named(
                 "default",
                 "Make this agent of yours the default for tasks that name none",
             )],

@@ -14,7 +14,7 @@ use reqwest::Url;
 
 /// Discord's CDN hosts: the only ones attachments are downloaded from.
 const CDN_HOSTS: &[&str] = &["cdn.discordapp.com", "media.discordapp.net"];
-/// One download may take this long in all.
+/// The downloads of one message's files may take this long in all.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What Discord says about an attached file.
@@ -106,7 +106,9 @@ fn client() -> &'static reqwest::Client {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(DOWNLOAD_TIMEOUT)
             .build()
-            .unwrap_or_default()
+            // Only a TLS backend that cannot start fails this, and the bot's REST client (built the same way
+            // at start) would have failed first. A default client would follow redirects: never fall back.
+            .expect("the HTTP client for attachments builds")
     })
 }
 
@@ -147,14 +149,25 @@ pub async fn download(w: &Wanted, proxy: Option<&str>) -> Result<Attachment, Str
     })
 }
 
-/// Checks, then downloads every file (one after another: they are few, and bounded in all).
+/// Checks, then downloads every file (one after another: they are few, and bounded in all), within
+/// [`DOWNLOAD_TIMEOUT`] for all of them together.
 pub async fn fetch(wanted: &[Wanted], proxy: Option<&str>) -> Result<Vec<Attachment>, String> {
     check(wanted)?;
-    let mut out = Vec::with_capacity(wanted.len());
-    for w in wanted {
-        out.push(download(w, proxy).await?);
-    }
-    Ok(out)
+    let all = async {
+        let mut out = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            out.push(download(w, proxy).await?);
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(DOWNLOAD_TIMEOUT, all)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the attached files took over {}s to download from Discord: try again (or attach fewer)",
+                DOWNLOAD_TIMEOUT.as_secs()
+            ))
+        })
 }
 
 #[cfg(test)]

@@ -375,10 +375,11 @@ const MAX_EARLIER_TOOLS: usize = 64;
 /// closes the message: its last edit is made first, waiting for its turn if it must (at most that interval).
 ///
 /// Restarts: the mark never claims an event whose edit is still waiting (see [`Follower::shown_through`]), so
-/// nothing is lost; a follower that carries on starts a new message for the next tool use, and results of uses
-/// shown before it get lines there, named by their use (remembered from the replayed events). A clean stop
-/// makes the waiting edit first, so a hand-over repeats nothing; after a crash, at most about a second of tool
-/// lines may show again (every post has a nonce, so no message is posted twice).
+/// nothing is lost, and it names the open turn's messages: a follower that carries on rebuilds that turn from
+/// the replayed events and fills in its lines in place ([`Follower::reopen_tools`]). A result whose use was in
+/// an earlier, closed turn gets a line of its own, named by its use (remembered from the replayed events). A
+/// clean stop makes the waiting edit first, so a hand-over repeats nothing; after a crash, at most about a
+/// second of tool lines may show again (every post has a nonce, so no message is posted twice).
 #[derive(Default)]
 struct TurnMessages {
     turn: Option<TurnTools>,

@@ -198,3 +198,30 @@ async fn files_go_in_parts_before_the_start_and_the_input_and_are_then_forgotten
     assert_eq!(got, vec![file("b.txt", b"more".to_vec())]);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_queued_task_cancelled_before_it_started_leaves_no_files_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    // One task at a time: the second waits in the agent's queue, with its files.
+    let mut config = ct_relay::RelayConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    config.core.max_running_per_agent = 1;
+    let relay = TestRelay::start_with(config).await;
+    let (key, mut s) = agent(&relay, "1").await;
+    reports(&relay, &key, &mut s, true).await;
+    relay.core.submit_task(submit()).await.unwrap();
+    assert!(matches!(recv(&mut s).await, RelayMessage::StartTask(_)));
+    let rec = relay
+        .core
+        .submit_task_with_files(submit(), vec![file("a.log", b"x".to_vec())])
+        .await
+        .unwrap();
+    let task = rec.spec.task.clone();
+    let store = relay.core.store();
+    assert_eq!(store.task_files(&task).unwrap().len(), 1);
+    relay.core.cancel_task("1", &task).await.unwrap();
+    assert!(
+        store.task_files(&task).unwrap().is_empty(),
+        "a task that will never be sent keeps no files"
+    );
+    relay.stop().await;
+}

@@ -230,7 +230,7 @@ pub fn parse_line(line: &[u8]) -> CliEvent {
 }
 
 /// [`parse_line`] for an already parsed value.
-pub fn parse_value(v: Value) -> CliEvent {
+pub fn parse_value(mut v: Value) -> CliEvent {
     match (v["type"].as_str(), v["subtype"].as_str()) {
         (Some("system"), Some("init")) => CliEvent::Init(Init {
             session_id: s(&v["session_id"]),
@@ -272,13 +272,22 @@ pub fn parse_value(v: Value) -> CliEvent {
             }
         }
         (Some("user"), _) => {
-            let results = v["message"]["content"]
+            let is_result = |b: &&Value| b["type"] == "tool_result";
+            let n = v["message"]["content"]
+                .as_array()
+                .map_or(0, |c| c.iter().filter(is_result).count());
+            // The CLI's structured result (an edit's whole original file, ...) is moved, never copied: it goes
+            // to the line's only result.
+            let mut structured = if n == 1 {
+                v["tool_use_result"].take()
+            } else {
+                Value::Null
+            };
+            let blocks: Vec<ToolResultBlock> = v["message"]["content"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|b| b["type"] == "tool_result");
-            let single = results.clone().count() == 1;
-            let blocks: Vec<ToolResultBlock> = results
+                .filter(is_result)
                 .map(|b| {
                     let full = content_text(&b["content"]);
                     ToolResultBlock {
@@ -286,11 +295,7 @@ pub fn parse_value(v: Value) -> CliEvent {
                         is_error: b["is_error"].as_bool().unwrap_or(false),
                         text: cut(&full, RESULT_PREVIEW_CHARS),
                         full,
-                        structured: if single {
-                            v["tool_use_result"].clone()
-                        } else {
-                            Value::Null
-                        },
+                        structured: structured.take(),
                     }
                 })
                 .collect();

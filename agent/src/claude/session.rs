@@ -151,6 +151,7 @@ impl Session {
             unknown_kinds: HashSet::new(),
             next_request: 1,
             context_request: None,
+            context_refused: false,
             context_window: None,
             last_call: None,
             logged_out: false,
@@ -314,6 +315,8 @@ struct Actor {
     next_request: u64,
     /// The `get_context_usage` request awaiting its answer.
     context_request: Option<String>,
+    /// The CLI could not answer `get_context_usage`.
+    context_refused: bool,
     /// The model's context window, once the CLI said it.
     context_window: Option<u64>,
     /// The model call whose context was last reported.
@@ -794,7 +797,7 @@ impl Actor {
     /// After a turn: asks the CLI how full the context is, which also tells the model's window (the usage of
     /// calls does not). Its answer arrives as a control response ([`Actor::on_context_usage`]).
     async fn ask_context_usage(&mut self) {
-        if self.context_request.is_some() {
+        if self.context_request.is_some() || self.context_refused {
             return;
         }
         let id = format!("ct-ctx-{}", self.next_request);
@@ -807,12 +810,15 @@ impl Actor {
     /// A CLI that cannot answer `get_context_usage` (an older or newer one) only costs the window: the usage
     /// of each call still says the tokens. Not worth an error in the thread.
     async fn on_context_usage(&mut self, error: Option<&str>, response: &Value) {
+        // Asked once more, it would say the same: not asked again for this process.
         if let Some(error) = error {
             tracing::debug!(%error, "get_context_usage refused");
+            self.context_refused = true;
             return;
         }
         let Some((tokens, window)) = events::context_usage(response) else {
             tracing::debug!(%response, "get_context_usage answered without totalTokens");
+            self.context_refused = true;
             return;
         };
         if window.is_some() {

@@ -503,6 +503,13 @@ impl State {
         if queued && !self.store().finish_queued(rec)? {
             return Err(TaskError::JustStarted(rec.spec.task.clone()));
         }
+        if queued && rec.files > 0 {
+            // Never sent, never will be: its files would otherwise wait for retention (a person could fill
+            // the disk by submitting and cancelling).
+            if let Err(e) = self.store().delete_task_files(&rec.spec.task) {
+                tracing::warn!(error = %e, task = %rec.spec.task, "could not forget the files of a task that never started");
+            }
+        }
         let run = [(seq, Some(bytes.as_slice()))];
         self.store().append_event_runs(&[EventRun {
             task: rec,

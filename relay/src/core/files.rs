@@ -2,13 +2,11 @@
 //! and how they reach the agent.
 //!
 //! A new task's files are stored with it (both stores keep them: a task may wait in its agent's queue, and the
-//! relay may restart meanwhile) and go out as [`FilePart`]s just before its `StartTask`; once the session has
+//! relay may restart meanwhile) and go out as [`FilePart`](ct_protocol::files::FilePart)s just before its `StartTask`; once the session has
 //! written them, the relay forgets them (a task dispatched is never dispatched again: if the agent never got
 //! it, it ends as lost). A follow-up's files go straight to the running session, which must be on this node.
 
-use ct_protocol::files::{
-    parts_of, safe_name, Attachment, FilePart, MAX_FILES, MAX_FILE_BYTES, MAX_TASK_FILES_BYTES,
-};
+use ct_protocol::files::{safe_name, Attachment, MAX_FILES, MAX_FILE_BYTES, MAX_TASK_FILES_BYTES};
 
 use super::tasks::TaskError;
 use super::Core;
@@ -64,11 +62,6 @@ pub(crate) fn agent_takes_files(agent: &AgentRecord) -> Result<(), TaskError> {
 /// Bytes of a batch of files.
 pub(crate) fn size_of(files: &[Attachment]) -> u64 {
     files.iter().map(|f| f.data.len() as u64).sum()
-}
-
-/// The parts of `task`'s files, for its session to write before the message they belong to.
-pub(crate) fn parts(task: &str, files: &[Attachment]) -> Vec<FilePart> {
-    parts_of(task, files)
 }
 
 impl Core {

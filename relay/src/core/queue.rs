@@ -85,7 +85,7 @@ impl State {
                 if files.len() != rec.files as usize {
                     tracing::warn!(task = %rec.spec.task, kept = files.len(), attached = rec.files, "a task's files are not all kept");
                 }
-                super::files::parts(&rec.spec.task, &files)
+                ct_protocol::files::parts_of(&rec.spec.task, &files)
             } else {
                 Vec::new()
             };

@@ -276,7 +276,7 @@ impl State {
             Some(used) => used,
             None => self.store().stored_bytes_of_user(user)?,
         };
-        if used >= max || (adding > 0 && used + adding > max) {
+        if used >= max || used + adding > max {
             return Err(TaskError::StorageFull {
                 used: human_bytes(used),
                 max: human_bytes(max),
@@ -602,7 +602,7 @@ impl State {
                     return Err(TaskError::FilesElsewhere(agent.name));
                 }
             }
-            let parts = super::files::parts(id, &files);
+            let parts = ct_protocol::files::parts_of(id, &files);
             let input = RelayMessage::TaskInput {
                 task: id.to_string(),
                 prompt,
