@@ -7,6 +7,8 @@
 //! - [`process`]: [`ClaudeProcess`], a running `--output-format stream-json` CLI read as JSON events, with
 //!   helpers for stream-json input and control responses.
 //!
+//! - [`browser`]: [`Browser`], a real headless Chromium driven over WebDriver (Debian's chromium and
+//!   chromium-driver), for the web dashboard's end-to-end tests.
 //! - [`job`]: [`LongJob`], a project script that keeps the Bash tool busy for cancel and interrupt tests.
 //! - [`discord`]: [`DiscordSim`], a Discord simulator (REST + gateway + HTTP-interaction signing) that the
 //!   bot runs against through `DISCORD_API_PROXY`.
@@ -19,6 +21,7 @@
 //! What the CLI was observed to do against the fake is written down in `testkit/CLAUDE-NOTES.md`.
 
 pub mod anthropic;
+pub mod browser;
 pub mod claude;
 pub mod discord;
 pub mod job;
@@ -29,6 +32,7 @@ pub mod udp_proxy;
 pub mod wait;
 
 pub use anthropic::{FakeAnthropic, RecordedRequest, Reply, RequestKind};
+pub use browser::Browser;
 pub use claude::{claude_bin, ClaudeEnv, Cli, MIN_PINNED_VERSION, PINNED_VERSION};
 pub use discord::DiscordSim;
 pub use job::LongJob;
