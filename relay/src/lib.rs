@@ -32,6 +32,7 @@ pub mod relay;
 pub mod store;
 pub mod sys;
 pub mod tls;
+pub mod web;
 
 // The core's concerns, where front ends and tests have always found them.
 pub use crate::core::{

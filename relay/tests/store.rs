@@ -18,7 +18,7 @@ use ct_relay::store::sled::SledStore;
 use ct_relay::store::{
     Admission, AgentRecord, AuditEntry, AuditKind, EventRun, Exported, NodeRecord, PairCodeRecord,
     ShareLevel, ShareRecord, SharedStore, StoreError, TaskLimits, TaskRecord, TaskState,
-    UserRecord,
+    UserRecord, WebSessionKind, WebSessionRecord,
 };
 use ct_testkit::postgres::PgServer;
 use sha2::{Digest as _, Sha256};
@@ -73,10 +73,19 @@ macro_rules! contract {
             the_first_proposed_secret_wins_also_across_a_reopen,
             node_heartbeats_are_listed_and_removed,
             an_export_imported_into_an_empty_store_is_the_same_store,
-            admission_checks_each_limit_and_writes_only_what_it_admits;
+            admission_checks_each_limit_and_writes_only_what_it_admits,
+            web_sessions_round_trip_by_hash_and_by_user_and_survive_a_reopen,
+            a_sign_in_link_is_taken_once_and_only_as_a_link,
+            web_sessions_are_not_returned_once_ended,
+            touching_a_web_session_moves_it_forward_and_never_revives_it,
+            a_user_cannot_delete_another_users_session_by_its_id,
+            deleting_all_of_a_users_sessions_touches_nobody_else,
+            pruning_forgets_only_ended_web_sessions,
+            web_sessions_are_not_exported;
             // Cases on several handles at once:
             racing_admissions_never_take_a_person_past_their_limit,
-            racing_admissions_never_overfill_an_agents_queue
+            racing_admissions_never_overfill_an_agents_queue,
+            racing_takes_of_one_sign_in_link_exactly_one_wins
         );
     };
     (@cases $backend:ident, $open:expr, $another:expr; $($case:ident),* ; $($several:ident),* $(,)?) => {
@@ -1613,6 +1622,360 @@ fn indexes_agree_with_the_records_after_random_operations(open: Open) {
             && done.reopened >= 3,
         "{done:?}"
     );
+}
+
+// --- the dashboard's sign-in links and sessions ---
+
+/// A sign-in link of `user`, valid until `expires_at`, stored under `hash`.
+fn link(hash: &str, user: &str, id: &str, expires_at: u64) -> WebSessionRecord {
+    WebSessionRecord {
+        hash: hash.into(),
+        kind: WebSessionKind::Link,
+        id: id.into(),
+        user: user.into(),
+        created_at: 100,
+        expires_at,
+        last_seen: 100,
+        idle_secs: None,
+        csrf: String::new(),
+        client: String::new(),
+    }
+}
+
+/// A session of `user` created and last seen at `at`, ending after `idle` seconds unused or at `expires_at`.
+fn web_session(
+    hash: &str,
+    user: &str,
+    id: &str,
+    at: u64,
+    expires_at: u64,
+    idle: u64,
+) -> WebSessionRecord {
+    WebSessionRecord {
+        hash: hash.into(),
+        kind: WebSessionKind::Session,
+        id: id.into(),
+        user: user.into(),
+        created_at: at,
+        expires_at,
+        last_seen: at,
+        idle_secs: Some(idle),
+        csrf: format!("csrf-of-{id}"),
+        client: "Firefox on Linux".into(),
+    }
+}
+
+fn web_ids(recs: &[WebSessionRecord]) -> Vec<&str> {
+    recs.iter().map(|r| r.id.as_str()).collect()
+}
+
+fn web_sessions_round_trip_by_hash_and_by_user_and_survive_a_reopen(open: Open) {
+    let (dir, store) = fresh(open);
+    let l = link("h-link", "1", "i-link", 1_000);
+    let s1 = web_session("h-s1", "1", "i-s1", 200, 10_000, 500);
+    let s2 = web_session("h-s2", "1", "i-s2", 150, 10_000, 500);
+    // A user whose id starts with the other's: their keys must not run together.
+    let other = web_session("h-other", "12", "i-other", 100, 10_000, 500);
+    for r in [&l, &s1, &s2, &other] {
+        store.put_web_session(r).unwrap();
+    }
+    assert_eq!(store.web_session("h-s1", 300).unwrap(), Some(s1.clone()));
+    assert_eq!(store.web_session("h-link", 300).unwrap(), Some(l.clone()));
+    assert_eq!(store.web_session("h-none", 300).unwrap(), None);
+    assert_eq!(
+        store.web_session("i-s1", 300).unwrap(),
+        None,
+        "found by hash only"
+    );
+    assert_eq!(
+        web_ids(&store.web_sessions_of("1", 300).unwrap()),
+        ["i-link", "i-s2", "i-s1"],
+        "oldest first, links too"
+    );
+    assert_eq!(
+        web_ids(&store.web_sessions_of("12", 300).unwrap()),
+        ["i-other"]
+    );
+    assert!(store.web_sessions_of("2", 300).unwrap().is_empty());
+    // Stored again under the same hash, the newer record replaces the older, also in the list by user.
+    let moved = WebSessionRecord {
+        user: "2".into(),
+        ..s2.clone()
+    };
+    store.put_web_session(&moved).unwrap();
+    assert_eq!(
+        web_ids(&store.web_sessions_of("1", 300).unwrap()),
+        ["i-link", "i-s1"]
+    );
+    assert_eq!(
+        store.web_sessions_of("2", 300).unwrap(),
+        std::slice::from_ref(&moved)
+    );
+    let store = reopen(open, &dir, store);
+    assert_eq!(store.web_session("h-s1", 300).unwrap(), Some(s1));
+    assert_eq!(store.web_sessions_of("2", 300).unwrap(), [moved]);
+    assert_eq!(store.web_sessions_of("12", 300).unwrap(), [other]);
+}
+
+fn a_sign_in_link_is_taken_once_and_only_as_a_link(open: Open) {
+    let (_dir, store) = fresh(open);
+    let l = link("h-link", "1", "i-link", 1_000);
+    store.put_web_session(&l).unwrap();
+    let s = web_session("h-s", "1", "i-s", 100, 10_000, 500);
+    store.put_web_session(&s).unwrap();
+    assert_eq!(
+        store
+            .take_web_session("h-s", WebSessionKind::Link, 200)
+            .unwrap(),
+        None,
+        "a session is not spent as a link"
+    );
+    assert_eq!(store.web_session("h-s", 200).unwrap(), Some(s));
+    assert_eq!(
+        store
+            .take_web_session("h-link", WebSessionKind::Link, 200)
+            .unwrap(),
+        Some(l.clone())
+    );
+    assert_eq!(
+        store
+            .take_web_session("h-link", WebSessionKind::Link, 200)
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.web_session("h-link", 200).unwrap(), None);
+    assert_eq!(web_ids(&store.web_sessions_of("1", 200).unwrap()), ["i-s"]);
+    assert_eq!(
+        store
+            .take_web_session("h-none", WebSessionKind::Link, 200)
+            .unwrap(),
+        None
+    );
+    // An expired link is not taken, late or not.
+    store.put_web_session(&l).unwrap();
+    assert_eq!(
+        store
+            .take_web_session("h-link", WebSessionKind::Link, 1_000)
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .take_web_session("h-link", WebSessionKind::Link, 5_000)
+            .unwrap(),
+        None
+    );
+}
+
+/// Threads spending one link at once through several handles (nodes): exactly one gets it.
+fn racing_takes_of_one_sign_in_link_exactly_one_wins(open: Open, another: Another) {
+    let (dir, store) = fresh(open);
+    let handles: Vec<SharedStore> = std::iter::once(store.clone())
+        .chain((1..4).map(|_| another(dir.path(), &store)))
+        .collect();
+    for round in 0..5 {
+        let hash = format!("h-{round}");
+        store
+            .put_web_session(&link(&hash, "1", &format!("i-{round}"), 1_000))
+            .unwrap();
+        let start = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|n| {
+                let (store, start, hash) = (handles[n % 4].clone(), start.clone(), hash.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    store
+                        .take_web_session(&hash, WebSessionKind::Link, 200)
+                        .expect("take")
+                })
+            })
+            .collect();
+        let taken: Vec<_> = threads
+            .into_iter()
+            .filter_map(|t| t.join().expect("a taking thread"))
+            .collect();
+        assert_eq!(taken.len(), 1, "round {round}: {taken:?}");
+        assert_eq!(taken[0].hash, hash);
+    }
+    assert!(store.web_sessions_of("1", 200).unwrap().is_empty());
+}
+
+fn web_sessions_are_not_returned_once_ended(open: Open) {
+    let (_dir, store) = fresh(open);
+    store
+        .put_web_session(&link("h-link", "1", "i-link", 1_000))
+        .unwrap();
+    // Ends at 1_000 absolute, or 50 seconds after its last use, whichever comes first.
+    store
+        .put_web_session(&web_session("h-s", "1", "i-s", 100, 1_000, 50))
+        .unwrap();
+    assert!(store.web_session("h-s", 149).unwrap().is_some());
+    assert!(store.web_session("h-s", 150).unwrap().is_none(), "idle");
+    assert_eq!(
+        web_ids(&store.web_sessions_of("1", 150).unwrap()),
+        ["i-link"]
+    );
+    assert!(store.web_session("h-link", 999).unwrap().is_some());
+    assert!(
+        store.web_session("h-link", 1_000).unwrap().is_none(),
+        "expired"
+    );
+    assert!(store.web_sessions_of("1", 1_000).unwrap().is_empty());
+    assert_eq!(
+        store
+            .take_web_session("h-s", WebSessionKind::Session, 150)
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.touch_web_session("h-s", 150).unwrap(),
+        None,
+        "idle: not revived"
+    );
+    assert!(
+        store.web_session("h-s", 149).unwrap().is_some(),
+        "only ended, not removed"
+    );
+    // Used in time, the idle clock starts again, but never past the absolute end.
+    assert!(store.touch_web_session("h-s", 149).unwrap().is_some());
+    assert!(store.web_session("h-s", 198).unwrap().is_some());
+    let mut t = 149;
+    while t + 40 < 1_000 {
+        t += 40;
+        assert!(
+            store.touch_web_session("h-s", t).unwrap().is_some(),
+            "at {t}"
+        );
+    }
+    assert!(store.web_session("h-s", 999).unwrap().is_some());
+    assert!(store.web_session("h-s", 1_000).unwrap().is_none());
+    assert_eq!(store.touch_web_session("h-s", 1_000).unwrap(), None);
+}
+
+fn touching_a_web_session_moves_it_forward_and_never_revives_it(open: Open) {
+    let (_dir, store) = fresh(open);
+    let s = web_session("h-s", "1", "i-s", 100, 10_000, 50);
+    store.put_web_session(&s).unwrap();
+    let touched = store.touch_web_session("h-s", 140).unwrap().expect("live");
+    assert_eq!(touched.last_seen, 140);
+    assert_eq!(
+        WebSessionRecord {
+            last_seen: 100,
+            ..touched.clone()
+        },
+        s,
+        "only last_seen changes"
+    );
+    assert_eq!(
+        store.web_session("h-s", 140).unwrap(),
+        Some(touched.clone())
+    );
+    // A node whose clock is behind does not move it back.
+    assert_eq!(
+        store
+            .touch_web_session("h-s", 120)
+            .unwrap()
+            .unwrap()
+            .last_seen,
+        140
+    );
+    assert_eq!(
+        store.web_session("h-s", 189).unwrap().unwrap().last_seen,
+        140
+    );
+    // Deleted (signed out on another node), a touch does not write it back.
+    assert!(store.delete_web_session("1", "i-s").unwrap());
+    assert_eq!(store.touch_web_session("h-s", 150).unwrap(), None);
+    assert_eq!(store.web_session("h-s", 150).unwrap(), None);
+    assert!(store.web_sessions_of("1", 150).unwrap().is_empty());
+    assert_eq!(store.touch_web_session("h-none", 150).unwrap(), None);
+}
+
+fn a_user_cannot_delete_another_users_session_by_its_id(open: Open) {
+    let (_dir, store) = fresh(open);
+    let mine = web_session("h-mine", "1", "shared-looking-id", 100, 10_000, 500);
+    let theirs = web_session("h-theirs", "2", "their-id", 100, 10_000, 500);
+    store.put_web_session(&mine).unwrap();
+    store.put_web_session(&theirs).unwrap();
+    assert!(!store.delete_web_session("1", "their-id").unwrap());
+    assert!(!store.delete_web_session("12", "shared-looking-id").unwrap());
+    assert!(
+        !store.delete_web_session("1", "h-mine").unwrap(),
+        "an id, not a hash"
+    );
+    assert_eq!(
+        store.web_session("h-theirs", 200).unwrap(),
+        Some(theirs.clone())
+    );
+    assert!(store.delete_web_session("1", "shared-looking-id").unwrap());
+    assert!(!store.delete_web_session("1", "shared-looking-id").unwrap());
+    assert_eq!(store.web_session("h-mine", 200).unwrap(), None);
+    assert_eq!(store.web_sessions_of("2", 200).unwrap(), [theirs]);
+}
+
+fn deleting_all_of_a_users_sessions_touches_nobody_else(open: Open) {
+    let (_dir, store) = fresh(open);
+    for r in [
+        web_session("h-a1", "1", "a1", 100, 10_000, 500),
+        web_session("h-a2", "1", "a2", 100, 10_000, 500),
+        // Ended already (idle): removed, not counted.
+        web_session("h-a3", "1", "a3", 100, 10_000, 10),
+        link("h-alink", "1", "alink", 1_000),
+        web_session("h-b", "12", "b", 100, 10_000, 500),
+        link("h-blink", "12", "blink", 1_000),
+    ] {
+        store.put_web_session(&r).unwrap();
+    }
+    assert_eq!(store.delete_web_sessions_of("1", 200).unwrap(), 2);
+    assert!(store.web_sessions_of("1", 0).unwrap().is_empty());
+    for hash in ["h-a1", "h-a2", "h-a3", "h-alink"] {
+        assert_eq!(store.web_session(hash, 0).unwrap(), None, "{hash}");
+    }
+    assert_eq!(
+        web_ids(&store.web_sessions_of("12", 200).unwrap()),
+        ["b", "blink"]
+    );
+    assert_eq!(store.delete_web_sessions_of("1", 200).unwrap(), 0);
+    assert_eq!(store.delete_web_sessions_of("nobody", 200).unwrap(), 0);
+}
+
+fn pruning_forgets_only_ended_web_sessions(open: Open) {
+    let (_dir, store) = fresh(open);
+    for r in [
+        link("h-l1", "1", "l1", 300),
+        link("h-l2", "1", "l2", 1_000),
+        web_session("h-idle", "1", "idle", 100, 10_000, 50),
+        web_session("h-busy", "2", "busy", 100, 10_000, 50),
+        web_session("h-old", "2", "old", 100, 400, 1_000),
+    ] {
+        store.put_web_session(&r).unwrap();
+    }
+    store.touch_web_session("h-busy", 140).unwrap().unwrap();
+    assert_eq!(store.prune_web_sessions(100).unwrap(), 0);
+    // At 150: idle has ended; busy (used at 140) has not.
+    assert_eq!(store.prune_web_sessions(150).unwrap(), 1);
+    assert_eq!(store.web_session("h-idle", 0).unwrap(), None);
+    assert!(store.web_session("h-busy", 150).unwrap().is_some());
+    // At 400: l1 (300), old (400) and busy (190) have ended.
+    assert_eq!(store.prune_web_sessions(400).unwrap(), 3);
+    assert_eq!(web_ids(&store.web_sessions_of("1", 400).unwrap()), ["l2"]);
+    assert!(
+        store.web_sessions_of("2", 0).unwrap().is_empty(),
+        "gone, not just ended"
+    );
+    assert_eq!(store.prune_web_sessions(400).unwrap(), 0);
+}
+
+/// Sign-in links and sessions are credentials that last days at most: `ct-relay migrate` leaves them behind.
+fn web_sessions_are_not_exported(open: Open) {
+    let (_dir, store) = fresh(open);
+    store
+        .put_web_session(&link("h-l", "1", "l", 1_000))
+        .unwrap();
+    store
+        .put_web_session(&web_session("h-s", "1", "s", 100, 10_000, 500))
+        .unwrap();
+    assert!(export_all(&store).is_empty(), "{:?}", export_all(&store));
 }
 
 // --- the cluster ---

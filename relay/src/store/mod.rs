@@ -353,6 +353,41 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Entries in the log.
     fn audit_len(&self) -> Result<usize>;
 
+    // --- the dashboard's sign-in links and sessions ---
+    //
+    // In the store, not in a node's memory, so a browser signed in through one node is signed in on every node
+    // of a cluster, and signing out on one ends the session on all. Each is found by the hash of its secret
+    // (see [`WebSessionRecord`]); none is returned once it is no longer valid at the `now` a call gives
+    // ([`WebSessionRecord::live_at`]), though it stays stored until pruned.
+
+    /// Stores a link or session (replacing one with the same hash, which a random secret never repeats).
+    fn put_web_session(&self, rec: &WebSessionRecord) -> Result<()>;
+    /// The link or session whose secret hashes to `hash`, if valid at `now`.
+    fn web_session(&self, hash: &str, now: u64) -> Result<Option<WebSessionRecord>>;
+    /// Removes and returns the `kind` of record whose secret hashes to `hash`, if it is valid at `now`:
+    /// spending a sign-in link. Atomic across handles and nodes, so of any number of takes at once exactly one
+    /// gets it. A record of the other kind is left alone (a session's cookie is no sign-in link).
+    fn take_web_session(
+        &self,
+        hash: &str,
+        kind: WebSessionKind,
+        now: u64,
+    ) -> Result<Option<WebSessionRecord>>;
+    /// Marks the record `hash` as used at `now` (its `last_seen` never moves back), if it is still valid
+    /// then; the record as it is now stored. `None` when it is gone or no longer valid: one ended meanwhile,
+    /// on any node, is never written back.
+    fn touch_web_session(&self, hash: &str, now: u64) -> Result<Option<WebSessionRecord>>;
+    /// Every link and session of `user` valid at `now`, oldest first.
+    fn web_sessions_of(&self, user: &str, now: u64) -> Result<Vec<WebSessionRecord>>;
+    /// Removes `user`'s link or session whose public id is `id`: another user's is never touched, whatever
+    /// its id. Whether there was one.
+    fn delete_web_session(&self, user: &str, id: &str) -> Result<bool>;
+    /// Removes every link and session of `user` (and nobody else's); returns how many of them were sessions
+    /// valid at `now`, which is what "signed out everywhere" counts for the person.
+    fn delete_web_sessions_of(&self, user: &str, now: u64) -> Result<usize>;
+    /// Removes every link and session no longer valid at `now`; returns how many.
+    fn prune_web_sessions(&self, now: u64) -> Result<usize>;
+
     // --- the cluster: presence, nodes, leases, shared limits and secrets ---
     //
     // A single relay uses these too (it is a cluster of one), so one code path serves both.
@@ -405,7 +440,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     // --- moving a relay's state between backends (`ct-relay migrate`) ---
 
     /// Every durable record, one at a time, to `sink` (which may stop the export by returning an error).
-    /// What only matters while nodes run (presence, heartbeats, leases, rate-limit buckets) is not exported.
+    /// What only matters while nodes run (presence, heartbeats, leases, rate-limit buckets) is not exported,
+    /// nor are the dashboard's sign-in links and sessions: they last minutes to days, and signing in again
+    /// after a move costs a person one `/dashboard`, where carrying them would carry live credentials.
     fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()>;
     /// Writes exported records as they were: audit entries keep their numbers (and later ones follow them),
     /// tasks keep their events and stored-bytes counts. Meant for an empty store; a record that exists is

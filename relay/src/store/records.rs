@@ -394,6 +394,89 @@ pub struct NodeRecord {
     pub draining: bool,
 }
 
+/// What a [`WebSessionRecord`] lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebSessionKind {
+    /// A one-time sign-in link: spent once ([`Store::take_web_session`]) for a session.
+    ///
+    /// [`Store::take_web_session`]: super::Store::take_web_session
+    Link,
+    /// A signed-in browser: its secret is the dashboard's session cookie.
+    Session,
+}
+
+impl WebSessionKind {
+    /// The name stored beside the record where a backend filters on it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Link => "link",
+            Self::Session => "session",
+        }
+    }
+}
+
+/// A dashboard sign-in link or session, as stored. The secret itself is never stored, only its hash, so
+/// whoever reads the store (a backup, an operator) cannot sign in as anyone.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebSessionRecord {
+    /// Hex SHA-256 of the secret (the link's token, the session's cookie): the key it is found by.
+    pub hash: String,
+    pub kind: WebSessionKind,
+    /// A random name for it, unrelated to the secret: what the page shows and ends sessions by. Knowing it
+    /// gives nothing away, and only its own user can end a session by it.
+    pub id: String,
+    /// Discord user id of who it signs in.
+    pub user: String,
+    pub created_at: u64,
+    /// Unix seconds from which it is no longer valid, however recently it was used.
+    pub expires_at: u64,
+    /// Unix seconds of its last use (its creation until then).
+    pub last_seen: u64,
+    /// Seconds without use after which it is no longer valid; `None`: only `expires_at` ends it.
+    #[serde(default)]
+    pub idle_secs: Option<u64>,
+    /// The token state-changing requests of this session must carry (empty for a link).
+    #[serde(default)]
+    pub csrf: String,
+    /// A short label of the browser it was signed in from, for people telling their sessions apart.
+    #[serde(default)]
+    pub client: String,
+}
+
+impl WebSessionRecord {
+    /// Unix seconds from which it is no longer valid: its absolute expiry, or earlier when unused for too long.
+    pub fn ends_at(&self) -> u64 {
+        match self.idle_secs {
+            Some(idle) => self.expires_at.min(self.last_seen.saturating_add(idle)),
+            None => self.expires_at,
+        }
+    }
+
+    /// Whether it is still valid at `t`.
+    pub fn live_at(&self, t: u64) -> bool {
+        t < self.ends_at()
+    }
+}
+
+/// Without the CSRF token: records get logged and printed in test failures.
+impl std::fmt::Debug for WebSessionRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebSessionRecord")
+            .field("hash", &self.hash)
+            .field("kind", &self.kind)
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("last_seen", &self.last_seen)
+            .field("idle_secs", &self.idle_secs)
+            .field("csrf", &"MASKED")
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn now() -> u64 {
     std::time::SystemTime::now()

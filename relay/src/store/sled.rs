@@ -29,6 +29,7 @@ use sled::Transactional;
 use super::{
     Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
     Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
+    WebSessionKind, WebSessionRecord,
 };
 
 /// The open store.
@@ -72,6 +73,12 @@ pub struct SledStore {
     /// What a cluster of one keeps like a cluster of many: presence (`p/` + fingerprint), node heartbeats
     /// (`n/` + id), leases (`l/` + name), token buckets (`b/` + name) and shared secrets (`s/` + name).
     cluster: sled::Tree,
+    /// The dashboard's sign-in links and sessions: hex hash of the secret → [`WebSessionRecord`].
+    web_sessions: sled::Tree,
+    /// Index of `web_sessions` by user ([`web_user_key`]). Written in the same transaction as the records, like
+    /// the task indexes, but not rebuilt with them: no relay ever wrote one without the other, so
+    /// [`INDEX_VERSION`] does not cover it.
+    web_by_user: sled::Tree,
 }
 
 /// The trees derived from the task records. Every write of a task record updates them in its own transaction,
@@ -209,6 +216,8 @@ impl SledStore {
             task_threads: db.open_tree("task_threads")?,
             task_files: db.open_tree("task_files")?,
             cluster: db.open_tree("cluster")?,
+            web_sessions: db.open_tree("web_sessions")?,
+            web_by_user: db.open_tree("web_sessions_by_user")?,
             owners: Default::default(),
             admissions: Default::default(),
             db,
@@ -347,6 +356,49 @@ impl SledStore {
                 Ok((out, entry))
             })
             .map_err(tx_error)
+    }
+}
+
+/// The dashboard's links and sessions: every write goes through a transaction over the records and their
+/// index together, so the two never disagree and a take cannot interleave with another.
+impl SledStore {
+    fn web_tx<T>(
+        &self,
+        op: impl Fn(&TransactionalTree, &TransactionalTree) -> TxResult<T>,
+    ) -> Result<T> {
+        (&self.web_sessions, &self.web_by_user)
+            .transaction(|(recs, by_user)| op(recs, by_user))
+            .map_err(tx_error)
+    }
+
+    /// Removes the record `hash` if `remove` accepts what is stored there; what it removed.
+    fn remove_web_session_if(
+        &self,
+        hash: &[u8],
+        remove: impl Fn(&WebSessionRecord) -> bool,
+    ) -> Result<Option<WebSessionRecord>> {
+        self.web_tx(|recs, by_user| {
+            let Some(v) = recs.get(hash)? else {
+                return Ok(None);
+            };
+            let rec: WebSessionRecord = serde_json::from_slice(&v).map_err(fail)?;
+            if !remove(&rec) {
+                return Ok(None);
+            }
+            recs.remove(hash)?;
+            by_user.remove(web_user_key(&rec.user, hash))?;
+            Ok(Some(rec))
+        })
+    }
+
+    /// The hashes `user`'s index entries name.
+    fn web_hashes_of(&self, user: &str) -> Result<Vec<Vec<u8>>> {
+        let prefix = user_prefix(user);
+        self.web_by_user
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|k| Ok(k?[prefix.len()..].to_vec()))
+            .collect()
     }
 }
 
@@ -1043,6 +1095,105 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn put_web_session(&self, rec: &WebSessionRecord) -> Result<()> {
+        let value = serde_json::to_vec(rec)?;
+        let hash = rec.hash.as_bytes();
+        self.web_tx(|recs, by_user| {
+            if let Some(old) = recs.insert(hash, value.as_slice())? {
+                let old: WebSessionRecord = serde_json::from_slice(&old).map_err(fail)?;
+                by_user.remove(web_user_key(&old.user, hash))?;
+            }
+            by_user.insert(web_user_key(&rec.user, hash), &[])?;
+            Ok(())
+        })
+    }
+
+    fn web_session(&self, hash: &str, now: u64) -> Result<Option<WebSessionRecord>> {
+        Ok(
+            get::<WebSessionRecord>(&self.web_sessions, hash.as_bytes())?
+                .filter(|r| r.live_at(now)),
+        )
+    }
+
+    fn take_web_session(
+        &self,
+        hash: &str,
+        kind: WebSessionKind,
+        now: u64,
+    ) -> Result<Option<WebSessionRecord>> {
+        self.remove_web_session_if(hash.as_bytes(), |r| r.kind == kind && r.live_at(now))
+    }
+
+    fn touch_web_session(&self, hash: &str, now: u64) -> Result<Option<WebSessionRecord>> {
+        let hash = hash.as_bytes();
+        self.web_tx(|recs, _| {
+            let Some(v) = recs.get(hash)? else {
+                return Ok(None);
+            };
+            let mut rec: WebSessionRecord = serde_json::from_slice(&v).map_err(fail)?;
+            if !rec.live_at(now) {
+                return Ok(None);
+            }
+            if now > rec.last_seen {
+                rec.last_seen = now;
+                recs.insert(hash, serde_json::to_vec(&rec).map_err(fail)?)?;
+            }
+            Ok(Some(rec))
+        })
+    }
+
+    fn web_sessions_of(&self, user: &str, now: u64) -> Result<Vec<WebSessionRecord>> {
+        let mut out = Vec::new();
+        for hash in self.web_hashes_of(user)? {
+            // An entry whose record was removed since the scan read it is simply not listed.
+            if let Some(rec) = get::<WebSessionRecord>(&self.web_sessions, &hash)? {
+                if rec.user == user && rec.live_at(now) {
+                    out.push(rec);
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.created_at, &a.hash).cmp(&(b.created_at, &b.hash)));
+        Ok(out)
+    }
+
+    fn delete_web_session(&self, user: &str, id: &str) -> Result<bool> {
+        for hash in self.web_hashes_of(user)? {
+            if self
+                .remove_web_session_if(&hash, |r| r.user == user && r.id == id)?
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn delete_web_sessions_of(&self, user: &str, now: u64) -> Result<usize> {
+        let mut sessions = 0;
+        for hash in self.web_hashes_of(user)? {
+            if let Some(rec) = self.remove_web_session_if(&hash, |r| r.user == user)? {
+                if rec.kind == WebSessionKind::Session && rec.live_at(now) {
+                    sessions += 1;
+                }
+            }
+        }
+        Ok(sessions)
+    }
+
+    fn prune_web_sessions(&self, now: u64) -> Result<usize> {
+        let mut removed = 0;
+        for hash in self.web_sessions.iter().keys() {
+            // Judged again inside the removal: one used meanwhile is kept if that made it valid.
+            if self
+                .remove_web_session_if(&hash?, |r| !r.live_at(now))?
+                .is_some()
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn claim_presence(&self, agent: &Fingerprint, node: &str) -> Result<Presence> {
         let presence = Presence {
             node: node.to_string(),
@@ -1207,6 +1358,7 @@ impl Store for SledStore {
     }
 
     fn export(&self, sink: &mut dyn FnMut(Exported) -> Result<()>) -> Result<()> {
+        // The dashboard's links and sessions stay behind: see `Store::export`.
         for v in self.agents.iter().values() {
             sink(Exported::Agent(serde_json::from_slice(&v?)?))?;
         }
@@ -1649,6 +1801,13 @@ fn user_prefix(user: impl AsRef<[u8]>) -> Vec<u8> {
 fn user_open_key(user: &[u8], id: &[u8]) -> Vec<u8> {
     let mut k = user_prefix(user);
     k.extend_from_slice(id);
+    k
+}
+
+/// The dashboard's links and sessions by user: user id, 0, hash of the secret.
+fn web_user_key(user: &str, hash: &[u8]) -> Vec<u8> {
+    let mut k = user_prefix(user);
+    k.extend_from_slice(hash);
     k
 }
 

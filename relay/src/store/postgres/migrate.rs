@@ -46,6 +46,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "task_files",
         sql: include_str!("../../../migrations/0005_task_files.sql"),
     },
+    Migration {
+        version: 6,
+        name: "web_sessions",
+        sql: include_str!("../../../migrations/0006_web_sessions.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).

@@ -44,6 +44,7 @@ mod pool;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod web;
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -57,6 +58,7 @@ use self::pool::{Conn, Lease, Pool};
 use super::{
     Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
     Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
+    WebSessionKind, WebSessionRecord,
 };
 
 /// The open store: a pool of connections to one database.
@@ -958,6 +960,45 @@ impl Store for PgStore {
     fn audit_len(&self) -> Result<usize> {
         let row = self.read(|c| c.query_one("SELECT count(*) FROM ct_audit", &[]))?;
         Ok(unsigned(row.try_get(0)?, "count")? as usize)
+    }
+
+    // --- the dashboard's links and sessions (see `web`) ---
+
+    fn put_web_session(&self, rec: &WebSessionRecord) -> Result<()> {
+        self.put_web_session_(rec)
+    }
+
+    fn web_session(&self, hash: &str, now: u64) -> Result<Option<WebSessionRecord>> {
+        self.web_session_(hash, now)
+    }
+
+    fn take_web_session(
+        &self,
+        hash: &str,
+        kind: WebSessionKind,
+        now: u64,
+    ) -> Result<Option<WebSessionRecord>> {
+        self.take_web_session_(hash, kind, now)
+    }
+
+    fn touch_web_session(&self, hash: &str, now: u64) -> Result<Option<WebSessionRecord>> {
+        self.touch_web_session_(hash, now)
+    }
+
+    fn web_sessions_of(&self, user: &str, now: u64) -> Result<Vec<WebSessionRecord>> {
+        self.web_sessions_of_(user, now)
+    }
+
+    fn delete_web_session(&self, user: &str, id: &str) -> Result<bool> {
+        self.delete_web_session_(user, id)
+    }
+
+    fn delete_web_sessions_of(&self, user: &str, now: u64) -> Result<usize> {
+        self.delete_web_sessions_of_(user, now)
+    }
+
+    fn prune_web_sessions(&self, now: u64) -> Result<usize> {
+        self.prune_web_sessions_(now)
     }
 
     // --- the cluster (see `cluster`) ---

@@ -113,7 +113,7 @@ fn three_nodes_starting_at_once_migrate_once() {
     assert_eq!(applied[0], (1, "init".to_string()));
     assert_eq!(
         applied.last().unwrap(),
-        &(5, "task_files".to_string()),
+        &(6, "web_sessions".to_string()),
         "{applied:?}"
     );
 }
