@@ -1244,7 +1244,7 @@
         remove = h("button", { type: "button", class: "remove-share danger", text: "Remove", "aria-label": "Remove share with " + s.grantee });
         remove.addEventListener("click", () => act(remove, async () => {
           await api("DELETE", "/shares/" + encodeURIComponent(s.grantee));
-          route(false);
+          route(true); // the button is gone: put keyboard focus back at the top of the view
         }));
       }
       return h("tr", { class: "share", dataset: { owner: s.owner, grantee: s.grantee } },
@@ -1267,7 +1267,7 @@
       const list = projects.value.split(",").map((p) => p.trim()).filter(Boolean);
       act(add, async () => {
         await api("POST", "/shares", { grantee: grantee.value.trim(), projects: list, level: level.value });
-        route(false);
+        route(true);
       });
     });
     return view("shares", "Shares",
@@ -1306,7 +1306,7 @@
       end.addEventListener("click", () => act(end, async () => {
         await api("DELETE", "/sessions/" + encodeURIComponent(s.id));
         if (s.current || s.id === state.session) showSignedOut();
-        else route(false);
+        else route(true);
       }));
       list.appendChild(h("li", { class: "card session" + (s.current ? " current" : ""), dataset: { id: s.id } },
         h("h2", null, h("span", { class: "client", text: s.client || "Unknown browser" }),
