@@ -81,9 +81,18 @@
   }
 
   /** A <time> showing relative time, the exact time on hover. */
-  function timeEl(unix, prefix) {
-    return h("time", { datetime: typeof unix === "number" ? new Date(unix * 1000).toISOString() : null,
-      title: absTime(unix), text: (prefix || "") + relTime(unix) });
+  function timeEl(unix, prefix, cls) {
+    const ok = typeof unix === "number" && isFinite(unix);
+    return h("time", { class: cls || null, datetime: ok ? new Date(unix * 1000).toISOString() : null,
+      title: absTime(unix), text: (prefix || "") + relTime(unix),
+      dataset: ok ? { unix, prefix: prefix || "" } : null });
+  }
+
+  /** Keeps "5 min ago" true while a page stays open. */
+  function refreshTimes() {
+    for (const el of document.querySelectorAll("time[data-unix]")) {
+      el.textContent = el.dataset.prefix + relTime(Number(el.dataset.unix));
+    }
   }
 
   /** 950 -> "950", 150000 -> "150.0k", 1000000 -> "1.0M". */
@@ -135,20 +144,30 @@
     return append(a, kids);
   }
 
-  /** Finds `delim` closing at or after `from`, not directly after whitespace (so "a * b" is not italic). */
-  function findClose(text, delim, from) {
+  /** Finds `delim` closing after `from`, not directly after whitespace (so "a * b" is not italic). `memo` keeps
+   * the last answer per delimiter: the nearest closer after `from` is also the nearest after any later start
+   * before it, so a text full of unmatched openers (64 KiB of "*a ") costs one scan, not one per opener. */
+  function findClose(text, delim, from, memo) {
+    const last = memo && memo[delim];
+    if (last && from >= last.from && (last.at === -1 || from < last.at)) return last.at;
     let i = from;
+    let at = -1;
     while ((i = text.indexOf(delim, i)) !== -1) {
-      if (i > from && !/\s/.test(text[i - 1])) return i;
+      if (i > from && !/\s/.test(text[i - 1])) {
+        at = i;
+        break;
+      }
       i += 1;
     }
-    return -1;
+    if (memo) memo[delim] = { from, at };
+    return at;
   }
 
   /** Inline Markdown to an array of nodes. `depth` bounds nesting so hostile input cannot recurse deeply. */
   function inline(text, depth) {
     depth = depth || 0;
     const out = [];
+    const memo = {}; // see findClose; also "no closing backtick run of this length" per run
     let buf = "";
     const flush = () => {
       if (buf) out.push(document.createTextNode(buf));
@@ -166,7 +185,9 @@
         let n = 1;
         while (text[i + n] === "`") n++;
         const fence = "`".repeat(n);
-        const end = text.indexOf(fence, i + n);
+        const key = "code" + n;
+        const end = memo[key] === -1 ? -1 : text.indexOf(fence, i + n);
+        if (end === -1) memo[key] = -1;
         if (end !== -1) {
           flush();
           let code = text.slice(i + n, end);
@@ -187,7 +208,7 @@
         // Underscores inside words (snake_case) are not emphasis.
         const opens = start < text.length && !/\s/.test(text[start]) && !(c === "_" && prevWord);
         if (opens) {
-          const end = findClose(text, delim, start);
+          const end = findClose(text, delim, start, memo);
           const nextWord = end !== -1 && /\w/.test(text[end + delim.length] || "");
           if (end !== -1 && !(c === "_" && nextWord) && !(strong === false && text[end + 1] === c)) {
             flush();
@@ -201,7 +222,7 @@
         continue;
       }
       if (c === "[" && depth < 8) {
-        const m = /^\[([^\]\n]{1,1000})\]\(\s*<?([^()\s<>]{1,4000})>?(?:\s+"[^"]*")?\s*\)/.exec(text.slice(i));
+        const m = /^\[([^\]\n]{1,1000})\]\(\s*<?([^()\s<>]{1,4000})>?(?:\s+"[^"]*")?\s*\)/.exec(text.slice(i, i + 5200));
         if (m) {
           flush();
           const url = safeUrl(m[2]);
@@ -243,8 +264,9 @@
 
   const LIST_RE = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
 
-  /** Block Markdown to a <div class="md">. */
-  function renderMarkdown(src) {
+  /** Block Markdown to a <div class="md">. `depth` counts block quotes, bounded so ">>>>…" cannot recurse deep. */
+  function renderMarkdown(src, depth) {
+    depth = depth || 0;
     const root = h("div", { class: "md" });
     const lines = String(src || "").replace(/\r\n?/g, "\n").split("\n");
     let i = 0;
@@ -281,13 +303,21 @@
         i++;
         continue;
       }
-      if (/^\s{0,3}>/.test(line)) {
+      if (depth < 6 && /^\s{0,3}>/.test(line)) {
         endPara();
         const quoted = [];
         while (i < lines.length && /^\s{0,3}>/.test(lines[i])) quoted.push(lines[i++].replace(/^\s{0,3}>\s?/, ""));
         const q = h("blockquote");
-        q.appendChild(renderMarkdown(quoted.join("\n")));
+        q.appendChild(renderMarkdown(quoted.join("\n"), depth + 1));
         root.appendChild(q);
+        continue;
+      }
+      if (line.includes("|") && isTableSep(lines[i + 1] || "")) {
+        endPara();
+        const rows = [line];
+        i += 2;
+        while (i < lines.length && lines[i].includes("|") && lines[i].trim() !== "") rows.push(lines[i++]);
+        root.appendChild(mdTable(rows));
         continue;
       }
       if (LIST_RE.test(line)) {
@@ -307,6 +337,29 @@
     }
     endPara();
     return root;
+  }
+
+  /** "| --- | :-: |": the line under a table's header. A plain check, no backtracking regex on hostile lines. */
+  function isTableSep(line) {
+    const t = line.trim();
+    return t.includes("|") && t.includes("-") && /^[|:\- \t]+$/.test(t);
+  }
+
+  /** Cells of a table row: split on unescaped pipes, outer pipes optional; at most 50 kept. */
+  function tableCells(row) {
+    let t = row.trim();
+    if (t.startsWith("|")) t = t.slice(1);
+    if (t.endsWith("|") && !t.endsWith("\\|")) t = t.slice(0, -1);
+    return t.split(/(?<!\\)\|/).slice(0, 50).map((c) => c.trim().replace(/\\\|/g, "|"));
+  }
+
+  /** A GitHub-style table (Claude writes many), scrolling inside its own box on a narrow screen. */
+  function mdTable(rows) {
+    const head = tableCells(rows[0]);
+    const body = rows.slice(1).map((r) => h("tr", null, tableCells(r).map((c) => append(h("td"), inline(c)))));
+    return h("div", { class: "table-wrap" }, h("table", { class: "md-table" },
+      h("thead", null, h("tr", null, head.map((c) => append(h("th", { scope: "col" }), inline(c))))),
+      h("tbody", null, body)));
   }
 
   function indentOf(s) {
@@ -729,9 +782,9 @@
     const list = h("ul", { class: "cards" });
     for (const a of agents || []) {
       const online = Boolean(a.online);
-      const since = online
-        ? (typeof a.since === "number" ? "online since " + relTime(a.since) : "online")
-        : (typeof a.since === "number" ? "last seen " + relTime(a.since) : "offline");
+      const hasSince = typeof a.since === "number";
+      const since = hasSince ? timeEl(a.since, online ? "online since " : "last seen ", "since")
+        : h("span", { class: "since", text: online ? "online" : "offline" });
       const projects = (a.projects || []).map((p) => h("li", null, h("span", { class: "project-name", text: p.name }),
         " → ", h("code", { class: "project-path", text: p.path })));
       list.appendChild(h("li", { class: "card agent" + (online ? " is-online" : ""), dataset: { name: a.name } },
@@ -739,7 +792,7 @@
           h("span", { class: "dot online" + (online ? " on" : " off"), role: "img", "aria-label": online ? "online" : "offline", title: online ? "online" : "offline" }),
           " ", h("span", { class: "agent-name", text: a.name }),
           a.default ? h("span", { class: "badge default", text: "default" }) : null),
-        h("p", { class: "status" }, h("span", { class: "since", title: absTime(a.since), text: since })),
+        h("p", { class: "status" }, since),
         h("dl", { class: "facts" },
           h("dt", { text: "Transport" }), h("dd", { class: "transport", text: a.transport || "—" }),
           h("dt", { text: "Version" }), h("dd", { class: "version", text: a.version || "—" }),
@@ -1358,6 +1411,7 @@
     if (user) user.textContent = state.user;
     const top = document.getElementById("top");
     if (top) top.hidden = false;
+    setInterval(refreshTimes, 30000);
     window.addEventListener("hashchange", () => {
       // In-page anchors (the skip link) are not routes.
       if (location.hash === "" || location.hash.startsWith("#/")) route(true);
