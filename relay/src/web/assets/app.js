@@ -801,7 +801,7 @@
         projects.length ? h("ul", { class: "projects" }, projects) : h("p", { class: "muted", text: "No projects." })));
     }
     return view("agents", "Agents", (agents || []).length ? list
-      : h("p", { class: "muted", text: "No agents yet. Pair one from Discord with /agent pair." }));
+      : h("p", { class: "muted", text: "No agents yet. Pair one from Discord with /register pair." }));
   }
 
   // Tasks -----------------------------------------------------------------------------------------------------
@@ -890,6 +890,7 @@
       this.task = data.task;
       this.id = data.task.id;
       this.canApprove = Boolean(data.can_approve);
+      this.approver = data.approver;
       this.canCancel = Boolean(data.can_cancel);
       this.open = Boolean(data.open);
       this.lastSeq = 0;
@@ -912,7 +913,8 @@
         h("dl", { class: "facts" }, facts.map(([k, v, id]) => [h("dt", { text: k }),
           id === "task-created" ? h("dd", { id }, timeEl(t.created_at)) : h("dd", { id, text: v || "—" })])),
         t.follows ? h("p", null, "Follows ", h("a", { href: "#/task/" + encodeURIComponent(t.follows), text: t.follows })) : null,
-        h("details", { class: "prompt-box" }, h("summary", { text: "Prompt" }), renderMarkdown(t.prompt || "")));
+        h("details", { class: "prompt-box" }, h("summary", { text: "Prompt: " + firstLine(t.prompt, 80) }),
+          renderMarkdown(t.prompt || "")));
       this.usage = h("p", { id: "task-usage", class: "usage", "aria-live": "off" });
       this.conversation = h("div", { id: "conversation", class: "conversation", "aria-live": "polite", "aria-relevant": "additions" });
       this.liveNote = h("p", { id: "live-status", class: "muted live-status" });
@@ -940,6 +942,7 @@
             this.finished = false;
             this.open = true;
             this.setState("queued");
+            this.cancelBtn.hidden = !this.canCancel;
             this.startLive();
           }
         });
@@ -1121,7 +1124,7 @@
         ev.input_cut ? h("p", { class: "cut warn", text: "The input was too long to show whole; the decision applies to all of it." }) : null,
         ev.description ? h("p", { class: "approval-description" }, h("span", { class: "muted", text: "Claude says: " }), ev.description) : null);
       const outcome = h("p", { class: "outcome", "aria-live": "polite" });
-      if (this.canApprove && !this.finished) {
+      if (this.canApprove && this.open && !this.finished) {
         if (ev.question) {
           card.appendChild(h("p", { class: "note", text: "Claude asks a question: answer it in Discord, or deny it here." }));
         }
@@ -1152,6 +1155,8 @@
           h("div", { class: "deny-row" }, field("Reason (optional)", reason), deny));
         card.controls = controls;
         card.appendChild(controls);
+      } else if (this.approver) {
+        card.appendChild(h("p", { class: "note muted waiting", text: "Waiting for " + userLabel(this.approver) + " to answer." }));
       }
       card.appendChild(outcome);
       card.outcome = outcome;
@@ -1172,6 +1177,8 @@
 
     closeCard(card, outcome) {
       if (card.controls) card.controls.remove();
+      const waiting = card.querySelector(".waiting");
+      if (waiting) waiting.remove();
       card.controls = null;
       card.classList.remove("open");
       card.classList.add("closed");
@@ -1281,7 +1288,7 @@
     });
     if (!projects.length) {
       submit.disabled = true;
-      return view("new-task", "New task", h("p", { class: "muted", text: "No projects you can run tasks in yet. Add one to an agent from Discord, or ask someone to share theirs." }), form);
+      return view("new-task", "New task", h("p", { class: "muted", text: "No projects you can run tasks in yet. Add one in Discord with /project add, or ask someone to share theirs." }), form);
     }
     return view("new-task", "New task", form);
   }
@@ -1306,7 +1313,8 @@
         h("td", { text: s.level }),
         h("td", null, remove));
     });
-    const grantee = h("input", { type: "text", id: "share-grantee", name: "grantee", inputmode: "numeric", required: true, autocomplete: "off" });
+    const grantee = h("input", { type: "text", id: "share-grantee", name: "grantee", inputmode: "numeric", required: true,
+      autocomplete: "off", pattern: "[0-9]{1,25}", title: "A Discord user id: digits only" });
     const projects = h("input", { type: "text", id: "share-projects", name: "projects", required: true, autocomplete: "off" });
     const level = h("select", { id: "share-level", name: "level" }, h("option", { value: "run", text: "run" }), h("option", { value: "trusted", text: "trusted" }));
     const add = h("button", { type: "submit", id: "share-submit", text: "Share" });
