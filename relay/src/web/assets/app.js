@@ -813,14 +813,15 @@
   }
 
   function taskRow(t) {
+    // data-label names each cell for the narrow-screen layout, where rows become cards.
     return h("tr", { class: "task", dataset: { id: t.id } },
-      h("td", null, h("a", { href: "#/task/" + encodeURIComponent(t.id), class: "task-link", text: t.id })),
-      h("td", { class: "prompt", title: firstLine(t.prompt, 500), text: firstLine(t.prompt, 80) }),
-      h("td", { text: t.project || "—" }),
-      h("td", { text: t.agent || "—" }),
-      h("td", { text: userLabel(t.requester) }),
-      h("td", null, stateBadge(t.state)),
-      h("td", null, timeEl(t.created_at)));
+      h("td", { "data-label": "Task" }, h("a", { href: "#/task/" + encodeURIComponent(t.id), class: "task-link", text: t.id })),
+      h("td", { class: "prompt", "data-label": "Prompt", title: firstLine(t.prompt, 500), text: firstLine(t.prompt, 80) }),
+      h("td", { "data-label": "Project", text: t.project || "—" }),
+      h("td", { "data-label": "Agent", text: t.agent || "—" }),
+      h("td", { "data-label": "Requester", text: userLabel(t.requester) }),
+      h("td", { "data-label": "State" }, stateBadge(t.state)),
+      h("td", { "data-label": "Age" }, timeEl(t.created_at)));
   }
 
   async function tasksView(r, gen) {
@@ -915,7 +916,7 @@
         t.follows ? h("p", null, "Follows ", h("a", { href: "#/task/" + encodeURIComponent(t.follows), text: t.follows })) : null,
         h("details", { class: "prompt-box" }, h("summary", { text: "Prompt: " + firstLine(t.prompt, 80) }),
           renderMarkdown(t.prompt || "")));
-      this.usage = h("p", { id: "task-usage", class: "usage", "aria-live": "off" });
+      this.usage = h("p", { id: "task-usage", class: "usage-line", "aria-live": "off" });
       this.conversation = h("div", { id: "conversation", class: "conversation", "aria-live": "polite", "aria-relevant": "additions" });
       this.liveNote = h("p", { id: "live-status", class: "muted live-status" });
 
