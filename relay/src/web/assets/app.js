@@ -572,7 +572,33 @@
   // ---------------------------------------------------------------------------------------------------------
   // Unified diffs: one <span class="line add|del|hunk|header|ctx"> per line, code coloured by the file's language.
 
-  function diffLineClass(line) {
+  /** The kind of one diff line. Inside a hunk the "@@ -a,b +c,d @@" counts decide, so a removed "-- comment"
+   * (shown as "--- comment") stays a deletion instead of passing for a file header. */
+  function diffLineClass(line, hunk) {
+    if (hunk.old > 0 || hunk.new > 0) {
+      const c = line[0];
+      if (c === "+") {
+        hunk.new--;
+        return "add";
+      }
+      if (c === "-") {
+        hunk.old--;
+        return "del";
+      }
+      if (c === "\\") return "note";
+      if (c === " " || line === "") {
+        hunk.old--;
+        hunk.new--;
+        return "ctx";
+      }
+      hunk.old = hunk.new = 0; // a malformed hunk: fall back to reading each line on its own
+    }
+    const m = /^@@ -\d+(?:,(\d+))? \+\d+(?:,(\d+))? @@/.exec(line);
+    if (m) {
+      hunk.old = m[1] === undefined ? 1 : Number(m[1]);
+      hunk.new = m[2] === undefined ? 1 : Number(m[2]);
+      return "hunk";
+    }
     if (/^(diff --git |index |--- |\+\+\+ |new file mode|deleted file mode|similarity index|rename (from|to) |old mode|new mode|Binary files)/.test(line)) return "header";
     if (line.startsWith("@@")) return "hunk";
     if (line.startsWith("+")) return "add";
@@ -585,9 +611,10 @@
     const code = h("code");
     let lang = null;
     const state = { inBlock: false };
+    const hunk = { old: 0, new: 0 };
     const lines = String(text || "").replace(/\n$/, "").split("\n");
     lines.forEach((line, n) => {
-      const cls = diffLineClass(line);
+      const cls = diffLineClass(line, hunk);
       if (cls === "header") {
         const m = /^(?:\+\+\+ |--- )(?:[ab]\/)?(\S+)/.exec(line) || /^diff --git a\/(\S+)/.exec(line);
         if (m && m[1] !== "/dev/null") lang = langFor(m[1]);
@@ -1211,7 +1238,7 @@
       es.addEventListener("open", () => {
         if (live === es) this.liveNote.textContent = "Live.";
       });
-      es.addEventListener("task", (msg) => {
+      const onEvent = (msg) => {
         if (live !== es) return;
         let item;
         try {
@@ -1220,7 +1247,10 @@
           return;
         }
         this.apply(item);
-      });
+      };
+      // The contract names these "task"; unnamed ones are read too, and seq numbers keep either from repeating.
+      es.addEventListener("task", onEvent);
+      es.addEventListener("message", onEvent);
       es.addEventListener("error", () => {
         if (live !== es) return;
         if (es.readyState === EventSource.CLOSED) {
