@@ -945,7 +945,7 @@
           renderMarkdown(t.prompt || "")));
       this.usage = h("p", { id: "task-usage", class: "usage-line", "aria-live": "off" });
       this.conversation = h("div", { id: "conversation", class: "conversation", "aria-live": "polite", "aria-relevant": "additions" });
-      this.liveNote = h("p", { id: "live-status", class: "muted live-status" });
+      this.liveNote = h("p", { id: "live-status", class: "muted live-status", role: "status" });
 
       const text = h("textarea", { id: "reply-text", name: "prompt", rows: "3", maxlength: String(PROMPT_MAX), required: true });
       const send = h("button", { type: "submit", id: "reply-send", text: "Send" });
