@@ -125,6 +125,7 @@ mod tests {
             paired_at: 0,
             last_seen: None,
             last_transport: None,
+            last_version: None,
             revoked_at: None,
             projects: None,
         }

@@ -167,6 +167,7 @@ fn agent(n: u8, owner: &str) -> AgentRecord {
         paired_at: 0,
         last_seen: None,
         last_transport: None,
+        last_version: None,
         revoked_at: None,
         projects: None,
     }

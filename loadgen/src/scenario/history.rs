@@ -294,6 +294,7 @@ fn populate(db: &Path, who: &Identity, tasks: usize, users: usize) -> Result<Dur
             paired_at,
             last_seen: Some(paired_at),
             last_transport: None,
+            last_version: None,
             revoked_at: None,
             projects: None,
         };

@@ -16,6 +16,9 @@ use crate::store::{now, AgentRecord, AuditEntry, AuditKind, Presence};
 /// Messages waiting for one agent's session to write them. Bounded: a stuck agent cannot grow relay memory.
 const OUTBOUND_QUEUE: usize = 256;
 
+/// The longest software version kept for an agent (its own words, e.g. `0.1.0`).
+const MAX_VERSION_CHARS: usize = 64;
+
 /// What `agents` shows for one agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentView {
@@ -31,6 +34,9 @@ pub struct AgentView {
     /// The node holding its session, when it is online.
     #[serde(default)]
     pub node: Option<String>,
+    /// The software version it last connected with.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 impl Core {
@@ -41,11 +47,20 @@ impl Core {
         fp: Fingerprint,
         transport: Transport,
         peer: SocketAddr,
+        software: &str,
     ) -> Result<SessionGuard, CoreError> {
+        // The agent says what it is; shown to its owner on the dashboard, so kept short and printable.
+        let version: String = software
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_VERSION_CHARS)
+            .collect();
         let (close, close_rx) = mpsc::channel(1);
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let (session, epoch) = self
-            .run(move |state| state.register_session(fp, transport, peer, close, outbound))
+            .run(move |state| {
+                state.register_session(fp, (transport, version), peer, close, outbound)
+            })
             .await?;
         self.metrics().agents(transport).inc();
         let mut guard = SessionGuard {
@@ -102,7 +117,7 @@ impl State {
     fn register_session(
         &mut self,
         fp: Fingerprint,
-        transport: Transport,
+        (transport, version): (Transport, String),
         peer: SocketAddr,
         close: mpsc::Sender<CloseReason>,
         outbound: mpsc::Sender<Outbound>,
@@ -132,7 +147,7 @@ impl State {
         if let Some(old) = old {
             let _ = old.close.try_send(CloseReason::Replaced);
         }
-        self.touch(&fp, Some(transport));
+        self.touch(&fp, Some((transport, version)));
         Ok((session, epoch))
     }
 
@@ -152,12 +167,15 @@ impl State {
 
     /// Records when the agent was last seen: in place on a single relay, by the bookkeeping thread in a
     /// cluster (see [`super::books`]).
-    fn touch(&self, fp: &Fingerprint, transport: Option<Transport>) {
+    fn touch(&self, fp: &Fingerprint, link: Option<(Transport, String)>) {
         let fp = *fp;
         let write = move |store: &dyn crate::store::Store| {
             let update = store.update_agent(&fp, &mut |rec| {
                 rec.last_seen = Some(now());
-                rec.last_transport = transport.or(rec.last_transport);
+                if let Some((transport, version)) = &link {
+                    rec.last_transport = Some(*transport);
+                    rec.last_version = Some(version.clone());
+                }
             });
             if let Err(e) = update {
                 tracing::warn!(error = %e, "could not record when an agent was last seen");
@@ -264,6 +282,7 @@ impl State {
                     since: l.map(|l| l.since).or(a.last_seen),
                     peer: l.map(|l| l.peer.to_string()),
                     revoked: a.revoked_at.is_some(),
+                    version: a.last_version,
                     owner: a.owner,
                     name: a.name,
                     fingerprint: a.fingerprint,

@@ -279,6 +279,7 @@ impl State {
             paired_at: t,
             last_seen: Some(t),
             last_transport: None,
+            last_version: None,
             revoked_at: None,
             projects: None,
         };

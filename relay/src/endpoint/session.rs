@@ -80,7 +80,12 @@ where
     // task submitted in between is queued for this session and goes out after the Welcome. If the Welcome
     // cannot be sent, dropping the guard takes the session out again.
     let guard = match core
-        .register_session(verified.fingerprint, link.transport, link.peer)
+        .register_session(
+            verified.fingerprint,
+            link.transport,
+            link.peer,
+            &verified.software,
+        )
         .await
     {
         Ok(guard) => guard,

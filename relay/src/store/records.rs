@@ -30,6 +30,10 @@ pub struct AgentRecord {
     pub last_seen: Option<u64>,
     #[serde(default)]
     pub last_transport: Option<ct_protocol::Transport>,
+    /// The software version the agent last connected with (the dashboard shows it; absent in records written
+    /// before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_version: Option<String>,
     /// Set when revoked; the key is refused from then on.
     #[serde(default)]
     pub revoked_at: Option<u64>,
