@@ -49,6 +49,10 @@ pub struct AgentInfo {
     pub online: bool,
     /// Online since, or last seen, in Unix seconds.
     pub since: Option<u64>,
+    /// `quic` or `websocket`: how it is (or was last) connected, when known.
+    pub transport: Option<String>,
+    /// The software version it last connected with, when known.
+    pub version: Option<String>,
 }
 
 /// A project: a name for a folder on one agent.
@@ -111,6 +115,10 @@ pub struct HistoryQuery {
     pub agent: Option<String>,
     /// Only tasks in this state; `open` stands for queued, running and waiting for an approval.
     pub state: Option<String>,
+    /// Only tasks in the project of this name.
+    pub project: Option<String>,
+    /// Only tasks this Discord user asked for.
+    pub requester: Option<String>,
     /// Matching tasks to skip (the pages before this one).
     pub skip: usize,
     /// Matching tasks on this page.
@@ -132,7 +140,15 @@ impl HistoryQuery {
             ),
             Some(s) => s == task.state,
         };
-        agent && state
+        let project = self
+            .project
+            .as_deref()
+            .is_none_or(|p| p.eq_ignore_ascii_case(&task.project));
+        let requester = self
+            .requester
+            .as_deref()
+            .is_none_or(|r| r == task.requester);
+        agent && state && project && requester
     }
 }
 
@@ -149,6 +165,14 @@ pub struct HistoryPage {
     pub entries: Vec<HistoryEntry>,
     /// More matching tasks follow this page.
     pub more: bool,
+}
+
+/// A one-time link that signs its holder in to the web dashboard as the user it was minted for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DashboardLink {
+    pub url: String,
+    /// Seconds until it expires.
+    pub expires_in: u64,
 }
 
 /// A request to start a task.
@@ -298,6 +322,16 @@ pub trait Backend: Send + Sync + 'static {
     async fn tasks(&self, user: &str) -> Result<Vec<TaskInfo>>;
     /// The thread's event stream.
     async fn follow(&self, task: &str) -> Result<TaskFeed>;
+    /// A task's stored and live events for `user`, who must be allowed to see it (theirs, or on their agent);
+    /// a task they may not see is refused as one that does not exist. The dashboard's live view.
+    async fn watch(&self, user: &str, task: &str) -> Result<TaskFeed> {
+        let task_info = self.task(user, task).await?;
+        let feed = self.follow(&task_info.id).await?;
+        Ok(TaskFeed {
+            task: task_info,
+            ..feed
+        })
+    }
     /// `/status` and the "Full output" button: the task as `user` may see it (theirs, or on their agent)
     /// and its stored events, read without following it. A task that does not exist and one the user may
     /// not see are refused in the same words, so a stranger learns nothing from the id.
@@ -389,6 +423,19 @@ pub trait Backend: Send + Sync + 'static {
     async fn set_mentions(&self, _user: &str, _on: bool) -> Result<()> {
         Err(BackendError::Refused(
             "this relay cannot keep your mention setting".into(),
+        ))
+    }
+
+    /// `/dashboard`: a one-time sign-in link to the web dashboard for `user`.
+    async fn dashboard_link(&self, _user: &str) -> Result<DashboardLink> {
+        Err(BackendError::Refused(
+            "this relay has no web dashboard".into(),
+        ))
+    }
+    /// `/dashboard signout:all`: ends every dashboard session of `user`; how many there were.
+    async fn end_dashboard_sessions(&self, _user: &str) -> Result<usize> {
+        Err(BackendError::Refused(
+            "this relay has no web dashboard".into(),
         ))
     }
 

@@ -265,6 +265,15 @@ pub fn all() -> Vec<CreateCommand> {
                 .add_string_choice("On", "on")
                 .add_string_choice("Off", "off")],
         ),
+        command(
+            "dashboard",
+            "A one-time link that signs you in to the web dashboard (only you see it)",
+            vec![string(
+                "signout",
+                "End your dashboard sessions instead (every browser signed in as you)",
+            )
+            .add_string_choice("Sign out everywhere", "all")],
+        ),
     ]
 }
 
@@ -316,8 +325,20 @@ mod tests {
         assert_eq!(
             names,
             [
-                "register", "project", "task", "reply", "status", "tasks", "cancel", "approve",
-                "agents", "share", "cc", "audit", "mentions"
+                "register",
+                "project",
+                "task",
+                "reply",
+                "status",
+                "tasks",
+                "cancel",
+                "approve",
+                "agents",
+                "share",
+                "cc",
+                "audit",
+                "mentions",
+                "dashboard"
             ]
         );
         let subs = |cmd: &str| -> Vec<String> {

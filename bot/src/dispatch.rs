@@ -338,6 +338,7 @@ impl Inner {
             ("cc", Some(sub)) => self.cc(&user, sub, &args, c.channel_id).await,
             ("audit", _) => self.audit_text(&user).await,
             ("mentions", _) => self.mentions(&user, args.str("set").as_deref()).await,
+            ("dashboard", _) => self.dashboard(&user, args.str("signout").is_some()).await,
             (name, sub) => {
                 warn!(command = name, ?sub, "unknown command");
                 Ok(Answer::private(
@@ -940,6 +941,7 @@ impl Inner {
                 .unwrap_or(usize::MAX)
                 .saturating_mul(HISTORY_PAGE),
             take: HISTORY_PAGE,
+            ..HistoryQuery::default()
         };
         let found = self.backend.history(user, &query).await?;
         let filters = match (&page.agent, &page.state) {
@@ -1297,6 +1299,25 @@ impl Inner {
             "🔕 Mentions are **off**: approvals and endings are still posted in the thread, without pinging \
              you. `/mentions set:on` turns them back on."
         }))
+    }
+
+    /// `/dashboard`: a sign-in link only the user sees, or (`signout:all`) every session of theirs ended.
+    async fn dashboard(&self, user: &str, sign_out: bool) -> crate::backend::Result<Answer> {
+        if sign_out {
+            let ended = self.backend.end_dashboard_sessions(user).await?;
+            return Ok(Answer::private(match ended {
+                0 => "You were not signed in to the dashboard anywhere.".to_string(),
+                1 => "🔒 Signed out: your one dashboard session has ended.".to_string(),
+                n => format!("🔒 Signed out everywhere: {n} dashboard sessions have ended."),
+            }));
+        }
+        let link = self.backend.dashboard_link(user).await?;
+        Ok(Answer::private(format!(
+            "🔐 [Open your dashboard]({}). This link signs you in once and expires in {} minutes: do not share \
+             it. `/dashboard signout:all` signs you out everywhere.",
+            link.url,
+            link.expires_in.div_ceil(60)
+        )))
     }
 
     async fn audit_text(&self, user: &str) -> crate::backend::Result<Answer> {

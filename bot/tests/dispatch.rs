@@ -151,6 +151,8 @@ impl Backend for Fake {
                 owner: user.into(),
                 online: i % 2 == 0,
                 since: Some(1_700_000_000),
+                transport: None,
+                version: None,
             })
             .collect())
     }
@@ -175,6 +177,8 @@ impl Backend for Fake {
             owner: user.into(),
             online: true,
             since: None,
+            transport: None,
+            version: None,
         })
     }
     async fn default_agent(&self, user: &str) -> Result<Option<String>> {

@@ -30,6 +30,8 @@ const MAX_REQUEST: usize = 64 * 1024;
 pub enum Request {
     /// Mint a pairing token for a Discord user.
     PairCode { user: String },
+    /// Mint a one-time web dashboard sign-in link for a Discord user (what `/dashboard` gives them).
+    DashboardLink { user: String },
     /// List agents.
     Agents,
     /// Revoke an agent by fingerprint or name.
@@ -127,6 +129,11 @@ pub enum Reply {
     PairCode {
         token: String,
         expires_at: u64,
+        user: String,
+    },
+    DashboardLink {
+        url: String,
+        expires_in: u64,
         user: String,
     },
     Agents {
@@ -387,6 +394,22 @@ async fn answer(req: Request, core: &Core, status: &StatusInfo) -> Reply {
                     expires_at,
                     user,
                 })
+        }
+        Request::DashboardLink { user } => {
+            use ct_bot::backend::Backend;
+            return match crate::discord::CoreBackend::new(core.clone())
+                .dashboard_link(&user)
+                .await
+            {
+                Ok(link) => Reply::DashboardLink {
+                    url: link.url,
+                    expires_in: link.expires_in,
+                    user,
+                },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
         }
         Request::Agents => core.agents().await.map(|agents| Reply::Agents { agents }),
         Request::Revoke { agent } => match core.revoke(&agent, OPERATOR).await {

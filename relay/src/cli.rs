@@ -44,6 +44,10 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub public_addrs: Vec<String>,
+    /// Where people open the web dashboard, when not at the first --public-addr: e.g.
+    /// `https://relay.example.com` for a relay behind a reverse proxy. `/dashboard` links are made from it.
+    #[arg(long, env = "CT_RELAY_DASHBOARD_URL", value_parser = dashboard_url)]
+    pub dashboard_url: Option<String>,
     /// PEM certificate chain to serve instead of the generated self-signed one.
     #[arg(long, env = "CT_RELAY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -152,6 +156,13 @@ pub enum AdminCommand {
     /// Mint a one-time pairing token for a Discord user.
     PairCode {
         /// The Discord user id the agent will belong to.
+        #[arg(long)]
+        user: String,
+    },
+    /// Mint a one-time sign-in link to the web dashboard for a Discord user (as `/dashboard` does in
+    /// Discord): for relays without the bot, or to hand someone a link yourself.
+    DashboardLink {
+        /// The Discord user id the link signs in as.
         #[arg(long)]
         user: String,
     },
@@ -410,9 +421,24 @@ async fn migrate(from: PathBuf, to: String) -> Result<()> {
     Ok(())
 }
 
+/// `--dashboard-url`: an https URL with no path beyond `/`, query or fragment (links are made by appending to it).
+fn dashboard_url(value: &str) -> Result<String, String> {
+    let base = value.trim().trim_end_matches('/');
+    let rest = base.strip_prefix("https://").ok_or_else(|| {
+        "the dashboard URL must start with https:// (sessions use Secure cookies)".to_string()
+    })?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+        return Err(format!(
+            "{value:?} is not a site's address: give only scheme and host, e.g. https://relay.example.com"
+        ));
+    }
+    Ok(base.to_string())
+}
+
 async fn serve(cli: Cli, data_dir: PathBuf) -> Result<()> {
     let mut config = RelayConfig::new(data_dir, cli.listen);
     config.public_addrs = cli.run.public_addrs;
+    config.core.dashboard_url = cli.run.dashboard_url;
     config.core.node_id = match cli.run.node_id {
         Some(id) => id,
         None => crate::sys::host_name(),
@@ -704,6 +730,9 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             *json,
         ),
         AdminCommand::PairCode { user } => (Request::PairCode { user: user.clone() }, false),
+        AdminCommand::DashboardLink { user } => {
+            (Request::DashboardLink { user: user.clone() }, false)
+        }
         AdminCommand::Agents { json } => (Request::Agents, *json),
         AdminCommand::Revoke { agent } => (
             Request::Revoke {
@@ -736,6 +765,17 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             );
             println!("  {token}\n");
             println!("On the machine the agent should run on:\n\n  ct-agent pair {token}");
+        }
+        Reply::DashboardLink {
+            url,
+            expires_in,
+            user,
+        } => {
+            println!(
+                "Dashboard sign-in link for Discord user {user} (valid for {}, single use; whoever opens it is \
+                 signed in as {user}, so hand it only to them):\n\n  {url}",
+                human_duration(expires_in)
+            );
         }
         Reply::Agents { agents } => print!("{}", agents_table(&agents)),
         Reply::Shares { shares } => print!("{}", shares_table(&shares)),

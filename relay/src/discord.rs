@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ct_bot::backend::{
-    AgentInfo, AuditEntry, BackendError, HistoryEntry, HistoryPage, HistoryQuery, Pairing,
-    ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest, ThreadMark,
+    AgentInfo, AuditEntry, BackendError, DashboardLink, HistoryEntry, HistoryPage, HistoryQuery,
+    Pairing, ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest,
+    ThreadMark,
 };
 use ct_bot::leader::LeaseTimes;
 use ct_protocol::pairing::PairingToken;
@@ -38,6 +39,9 @@ const RECENT_TASKS: usize = 25;
 const HISTORY_SCAN: usize = 500;
 /// Audit entries shown by `/audit`.
 const AUDIT_LINES: usize = 20;
+/// Dashboard sign-in links one user may mint: a few at once, then one a minute.
+const DASHBOARD_LINK_BURST: u32 = 5;
+const DASHBOARD_LINK_EVERY: Duration = Duration::from_secs(60);
 /// How far back in the owner's audit log a task's cancel is looked for when it ends (it is among the latest).
 const STOP_LOOKBACK: usize = 100;
 /// The lease whose holder runs the Discord gateway and every thread follower (see `ct_bot::leader`).
@@ -80,6 +84,8 @@ fn agent_info(a: &AgentView) -> AgentInfo {
         owner: a.owner.clone(),
         online: a.online,
         since: a.since,
+        transport: a.transport.map(|t| t.to_string()),
+        version: a.version.clone(),
     }
 }
 
@@ -269,6 +275,9 @@ impl Backend for CoreBackend {
                 owner: shared.owner.clone(),
                 online: a.online,
                 since: a.since,
+                // How the owner's machine connects is the owner's business.
+                transport: None,
+                version: None,
             }));
         }
         Ok(out)
@@ -307,6 +316,8 @@ impl Backend for CoreBackend {
             owner: rec.owner,
             online: false,
             since: rec.last_seen,
+            transport: rec.last_transport.map(|t| t.to_string()),
+            version: rec.last_version,
         })
     }
 
@@ -567,6 +578,8 @@ impl Backend for CoreBackend {
                     owner: rec.owner.clone(),
                     online: false,
                     since: rec.last_seen,
+                    transport: rec.last_transport.map(|t| t.to_string()),
+                    version: rec.last_version.clone(),
                 },
                 agent_info,
             ))
@@ -759,6 +772,36 @@ impl Backend for CoreBackend {
                     && e.task.as_deref() == Some(task.id.as_str())
             })
             .map(|e| e.actor))
+    }
+
+    async fn dashboard_link(&self, user: &str) -> Result<DashboardLink> {
+        let who = user.to_string();
+        let token = self
+            .read(move |store| {
+                // Links per user, across the cluster: each is a row until it expires.
+                let bucket = format!("dashboard-link:{who}");
+                if !store.take_token(&bucket, DASHBOARD_LINK_BURST, DASHBOARD_LINK_EVERY)? {
+                    return Ok(None);
+                }
+                crate::sessions::mint_link(store, &who, store::now()).map(Some)
+            })
+            .await?
+            .ok_or_else(|| {
+                BackendError::Refused(
+                    "you asked for several sign-in links just now: use the last one, or try again in a minute"
+                        .into(),
+                )
+            })?;
+        Ok(DashboardLink {
+            url: crate::sessions::link_url(self.core.config(), &token),
+            expires_in: crate::sessions::LINK_TTL.as_secs(),
+        })
+    }
+
+    async fn end_dashboard_sessions(&self, user: &str) -> Result<usize> {
+        let who = user.to_string();
+        self.read(move |store| crate::sessions::end_all(store, &who))
+            .await
     }
 
     async fn wants_mentions(&self, user: &str) -> Result<bool> {

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod ratelimit;
 pub mod relay;
+pub mod sessions;
 pub mod store;
 pub mod sys;
 pub mod tls;

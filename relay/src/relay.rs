@@ -315,6 +315,7 @@ impl Relay {
                 ready: ready.clone(),
                 shutdown: shutdown.clone(),
                 discord,
+                web: crate::web::Web::new(core.clone(), shutdown.clone()),
             };
             tasks.spawn(https::serve(tcp, https_tls, http, tasks.clone()));
         }

@@ -19,7 +19,25 @@ use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
+use crate::core::CoreConfig;
 use crate::store::{self, Store, WebSessionKind, WebSessionRecord};
+
+/// Where a link with `token` takes its holder: the sign-in page of `--dashboard-url` when the relay sits
+/// behind a proxy with a name of its own, else of the first public address. The token is in the fragment,
+/// which browsers never send to a server, so it stays out of access logs and `Referer` headers.
+pub fn link_url(config: &CoreConfig, token: &str) -> String {
+    let base = match &config.dashboard_url {
+        Some(url) => url.trim_end_matches('/').to_string(),
+        None => format!(
+            "https://{}",
+            config
+                .public_addrs
+                .first()
+                .map_or("localhost:7443", String::as_str)
+        ),
+    };
+    format!("{base}/dashboard/signin#t={token}")
+}
 
 /// How long a sign-in link can be spent: long enough to click it, short enough that one found later in a
 /// chat log is dead.
@@ -222,12 +240,6 @@ pub fn end_all(store: &dyn Store, user: &str) -> store::Result<usize> {
 /// [`end_all`], counting the sessions live at `now`.
 pub fn end_all_at(store: &dyn Store, user: &str, now: u64) -> store::Result<usize> {
     store.delete_web_sessions_of(user, now)
-}
-
-/// Forgets links and sessions that ended before `now`; how many. Run it now and then (hourly is plenty):
-/// ended ones are never honoured, pruning only frees their space.
-pub fn prune(store: &dyn Store, now: u64) -> store::Result<usize> {
-    store.prune_web_sessions(now)
 }
 
 /// Whether a request's `X-CSRF-Token` header is this session's token, compared in constant time.
@@ -616,11 +628,11 @@ mod tests {
         let link = mint_link(&*store, "42", T0).unwrap();
         let (_, cookie) = signed_in(&*store, "42", T0);
         let (_, busy) = signed_in(&*store, "7", T0);
-        assert_eq!(prune(&*store, T0 + 1).unwrap(), 0);
+        assert_eq!(store.prune_web_sessions(T0 + 1).unwrap(), 0);
         let idle = IDLE_TTL.as_secs();
         assert!(session(&*store, &busy, T0 + idle - 1).unwrap().is_some());
         // The link and the unused session have ended; the used one has not.
-        assert_eq!(prune(&*store, T0 + idle).unwrap(), 2);
+        assert_eq!(store.prune_web_sessions(T0 + idle).unwrap(), 2);
         assert!(store.web_session(&hash_hex(&link), 0).unwrap().is_none());
         assert!(store.web_session(&hash_hex(&cookie), 0).unwrap().is_none());
         assert!(session(&*store, &busy, T0 + idle).unwrap().is_some());

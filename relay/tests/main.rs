@@ -23,3 +23,4 @@ mod store;
 mod strangers;
 mod support;
 mod tasks;
+mod web;

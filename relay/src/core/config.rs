@@ -10,6 +10,9 @@ pub struct CoreConfig {
     pub node_id: String,
     /// Addresses put into pairing tokens (this node's; a cluster's tokens carry every live node's).
     pub public_addrs: Vec<String>,
+    /// Where people reach the web dashboard (`https://name`, without `/dashboard`), when that is not the first
+    /// public address: a relay behind a reverse proxy with a certificate of its own.
+    pub dashboard_url: Option<String>,
     pub pair_code_ttl: Duration,
     /// Pairing attempts per address: burst, then one per this interval.
     pub pair_burst: u32,
@@ -65,6 +68,7 @@ impl Default for CoreConfig {
         Self {
             node_id: "relay".into(),
             public_addrs: Vec::new(),
+            dashboard_url: None,
             pair_code_ttl: Duration::from_secs(600),
             pair_burst: 10,
             pair_refill: Duration::from_secs(6),

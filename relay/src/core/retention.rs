@@ -107,6 +107,10 @@ impl State {
         if let Err(e) = self.store().prune_buckets(BUCKET_IDLE) {
             tracing::warn!(error = %e, "could not forget idle rate-limit buckets");
         }
+        // Expired dashboard links and sessions: refused already when used, here only forgotten.
+        if let Err(e) = self.store().prune_web_sessions(now) {
+            tracing::warn!(error = %e, "could not forget expired dashboard sessions");
+        }
         if audit + codes > 0 {
             self.must_be_durable();
         }

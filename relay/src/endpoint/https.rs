@@ -57,6 +57,8 @@ pub struct Http {
     pub shutdown: CancellationToken,
     /// The Discord bot, for HTTP-interactions mode; `None` when the bot is off.
     pub discord: Option<crate::discord::Bot>,
+    /// The web dashboard, under [`crate::web::PATH`].
+    pub web: crate::web::Web,
 }
 
 /// Where the WebSocket handler leaves the upgrade for its connection's task.
@@ -72,7 +74,8 @@ pub fn router(http: Http) -> Router {
         .route(WS_PATH, get(agent_ws))
         .route(DISCORD_PATH, post(discord_interaction))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(http)
+        .with_state(http.clone())
+        .merge(crate::web::router(http.web))
 }
 
 async fn readyz(State(http): State<Http>) -> Response {
@@ -308,6 +311,9 @@ async fn connection(
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(slot_for_requests.clone());
+            // Where the request came from, as axum's handlers expect to find it.
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
             // A declared length over the cap is refused before a byte of the body is read; a chunked body
             // is cut off at the cap by the routes' body limit.
             let too_large = body_length(req.headers()).is_some_and(|n| n > MAX_BODY as u64);
