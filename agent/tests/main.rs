@@ -7,6 +7,7 @@
 mod claude_runner;
 mod cluster;
 mod commands;
+mod dashboard;
 mod discord;
 mod doctor;
 mod e2e;
