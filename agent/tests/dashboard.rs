@@ -160,6 +160,34 @@ async fn a_user_signs_in_from_discord_and_drives_tasks_from_the_dashboard() {
         .unwrap());
     page.wait_for(".approval.closed").await.unwrap();
     assert!(!page.exists(".approval button.allow-once").await.unwrap());
+    let tool = page
+        .wait_for_text("#conversation details.tool", "Write")
+        .await
+        .expect("the tool call on the page");
+    assert!(tool.contains("hello.txt"), "{tool}");
+    let usage = page.text("#task-usage").await.unwrap();
+    assert!(usage.contains('$'), "the live usage line: {usage}");
+
+    // A follow-up from the keyboard (Ctrl+Enter) continues the ended task as a new one, and the page moves to it.
+    w.fake.push(Reply::text("Bye from the follow-up."));
+    page.fill("#reply-text", "now say bye\u{E009}\u{E007}")
+        .await
+        .unwrap();
+    let follow_up = page
+        .wait_for_js(
+            "const m = location.hash.match(/^#\\/task\\/(t_[A-Za-z0-9_-]+)/); \
+             return m && m[1] !== arguments[0] && m[1];",
+            vec![json!(first)],
+        )
+        .await
+        .expect("the page moves to the follow-up")
+        .as_str()
+        .unwrap()
+        .to_string();
+    page.wait_for_text("#conversation", "Bye from the follow-up")
+        .await
+        .unwrap();
+    page.wait_for_text("#task-state", "done").await.unwrap();
 
     // 2. A write denied with a reason: no file, and the reason reaches Claude.
     let nope = w.project.join("nope.txt");
@@ -209,7 +237,7 @@ async fn a_user_signs_in_from_discord_and_drives_tasks_from_the_dashboard() {
         )
         .await
         .unwrap();
-    assert_eq!(ids, json!([third, second, first]));
+    assert_eq!(ids, json!([third, second, follow_up, first]));
 
     // A request without the CSRF token, with the real cookie, is refused, and changes nothing.
     let (status, body) = page
@@ -270,6 +298,48 @@ async fn a_user_signs_in_from_discord_and_drives_tasks_from_the_dashboard() {
     bobs.wait_for_text("#alert-text", "no task")
         .await
         .expect("the page says there is no such task");
+
+    // Shares from the page: alice shares `app` with bob, who then sees it to start tasks in; she removes it.
+    page.goto(&format!("{base}/dashboard/#/shares"))
+        .await
+        .unwrap();
+    page.fill("#share-grantee", &bob.id).await.unwrap();
+    page.fill("#share-projects", "app").await.unwrap();
+    page.select("#share-level", "run").await.unwrap();
+    page.click("#share-submit").await.unwrap();
+    let row = format!("#shares tr.share[data-grantee='{}']", bob.id);
+    page.wait_for_text(&row, "app")
+        .await
+        .expect("the share listed");
+    bobs.goto(&format!("{base}/dashboard/#/new")).await.unwrap();
+    bobs.wait_for_text("#new-project option", "app")
+        .await
+        .expect("bob may start tasks in alice's app");
+    page.click(&format!("{row} .remove-share")).await.unwrap();
+    page.wait_gone(&row).await.expect("the share removed");
+    let (_, projects) = bobs
+        .fetch("GET", "/dashboard/api/projects", &[], None)
+        .await
+        .unwrap();
+    assert_eq!(projects, "[]", "the share ended at once");
+
+    // Audit, usage and sessions pages, with what happened above.
+    page.goto(&format!("{base}/dashboard/#/audit"))
+        .await
+        .unwrap();
+    page.wait_for_text("#audit tr.audit-entry", "app")
+        .await
+        .expect("the audit log");
+    page.goto(&format!("{base}/dashboard/#/usage"))
+        .await
+        .unwrap();
+    let total = page.wait_for_text("#usage-total", "Total").await.unwrap();
+    assert!(total.contains('4'), "four tasks of alice's: {total}");
+    page.goto(&format!("{base}/dashboard/#/sessions"))
+        .await
+        .unwrap();
+    page.wait_for("#sessions .session.current").await.unwrap();
+    assert_eq!(page.count("#sessions .session").await.unwrap(), 1);
 
     // On a phone-sized screen the page does not scroll sideways.
     page.set_window_size(375, 800).await.unwrap();
