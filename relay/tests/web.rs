@@ -745,3 +745,61 @@ async fn guessing_sign_in_tokens_is_slowed_per_address_and_spends_nothing() {
         .unwrap();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[tokio::test]
+async fn the_task_list_filters_by_project_state_and_requester() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = TestRelay::start(dir.path()).await;
+    let (_, mut agent) = crate::support::agent(&relay, "1").await;
+    let mut ids = Vec::new();
+    for project in ["web", "api"] {
+        let id = relay
+            .core
+            .submit_task(Submit {
+                user: "1".into(),
+                project: project.into(),
+                prompt: format!("work on {project}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .spec
+            .task;
+        assert_eq!(expect_start(&mut agent).await.task, id);
+        ids.push(id);
+    }
+    event_acked(&mut agent, &ids[0], 1, finished(FinalState::Done)).await;
+    let b = sign_in(&relay, "1").await;
+    let listed = |q: &'static str| {
+        let b = &b;
+        async move {
+            let got = b.get(&format!("/dashboard/api/tasks{q}")).await;
+            assert_eq!(got.status, 200, "{q}: {got:?}");
+            got.json()["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed("").await, [ids[1].clone(), ids[0].clone()]);
+    assert_eq!(listed("?project=api").await, [ids[1].clone()]);
+    assert_eq!(listed("?state=done").await, [ids[0].clone()]);
+    assert_eq!(
+        listed("?state=open&project=web").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(listed("?requester=1&page=0").await.len(), 2);
+    assert_eq!(listed("?requester=2").await, Vec::<String>::new());
+    assert_eq!(listed("?page=1").await, Vec::<String>::new());
+    // A filter that is not text on one line is refused with words, not a panic.
+    let bad = b.get("/dashboard/api/tasks?agent=a%0Ab").await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let bad = b.get("/dashboard/api/tasks?page=x").await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert!(
+        bad.json()["error"].as_str().unwrap().contains("page"),
+        "{bad:?}"
+    );
+}

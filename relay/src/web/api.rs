@@ -55,6 +55,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
+/// Query parameters whose rejection is an [`ApiError`] in JSON, like [`Body`]'s.
+#[derive(Debug)]
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(v)| Self(v))
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("The address could not be read: {}", e.body_text()),
+                )
+            })
+    }
+}
+
 /// A task as the page shows it.
 #[derive(Debug, Serialize)]
 pub struct TaskJson {
@@ -369,7 +392,7 @@ pub struct TaskFilter {
 pub async fn tasks(
     State(web): State<Web>,
     Signed(s): Signed,
-    Query(f): Query<TaskFilter>,
+    Params(f): Params<TaskFilter>,
 ) -> ApiResult<Json<Value>> {
     let query = HistoryQuery {
         agent: short("agent", f.agent, 100)?,

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use futures_util::stream;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
+use super::api::Params;
 use super::guard::{backend_err, ApiError, Signed};
 use super::Web;
 
@@ -37,7 +38,7 @@ pub async fn events(
     State(web): State<Web>,
     Signed(s): Signed,
     Path(id): Path<String>,
-    Query(q): Query<After>,
+    Params(q): Params<After>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let resumed = headers
