@@ -219,7 +219,7 @@ pub async fn signin(
     if token.is_empty() || token.len() > 128 {
         return Err(unusable());
     }
-    let client = guard::client_label(&headers);
+    let client = guard::browser_name(&headers);
     let redeemed = web
         .inner
         .core

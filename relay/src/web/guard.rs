@@ -234,7 +234,7 @@ pub async fn no_store(mut resp: Response) -> Response {
 }
 
 /// A short name for the browser a session was opened in, for the sessions list ("Firefox on Linux").
-pub fn client_label(headers: &HeaderMap) -> String {
+pub fn browser_name(headers: &HeaderMap) -> String {
     let ua = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
@@ -349,15 +349,15 @@ mod tests {
     fn clients_are_named_briefly() {
         let chrome = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/156.0 Safari/537.36";
         assert_eq!(
-            client_label(&headers(&[("user-agent", chrome)])),
+            browser_name(&headers(&[("user-agent", chrome)])),
             "Chrome on Linux"
         );
         let edge =
             "Mozilla/5.0 (Windows NT 10.0) AppleWebKit/537.36 Chrome/120 Safari/537.36 Edg/120";
         assert_eq!(
-            client_label(&headers(&[("user-agent", edge)])),
+            browser_name(&headers(&[("user-agent", edge)])),
             "Edge on Windows"
         );
-        assert_eq!(client_label(&HeaderMap::new()), "A browser");
+        assert_eq!(browser_name(&HeaderMap::new()), "A browser");
     }
 }
