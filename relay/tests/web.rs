@@ -103,6 +103,22 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
+/// A task of user 1's in `project`, submitted as the bot would; its id.
+async fn submit(relay: &TestRelay, project: &str, prompt: &str) -> String {
+    relay
+        .core
+        .submit_task(Submit {
+            user: "1".into(),
+            project: project.into(),
+            prompt: prompt.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .spec
+        .task
+}
+
 /// A signed-in browser: its cookie and CSRF token.
 struct Browser {
     addr: SocketAddr,
@@ -382,18 +398,7 @@ async fn another_users_task_is_not_found_and_cannot_be_touched() {
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
     let (_, mut agent) = crate::support::agent(&relay, "1").await;
-    let task = relay
-        .core
-        .submit_task(Submit {
-            user: "1".into(),
-            project: "web".into(),
-            prompt: "secret plans".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .spec
-        .task;
+    let task = submit(&relay, "web", "secret plans").await;
     assert_eq!(expect_start(&mut agent).await.task, task);
     event_acked(
         &mut agent,
@@ -577,33 +582,11 @@ async fn live_events_resume_after_the_last_seen_and_streams_per_session_are_boun
     let dir = tempfile::tempdir().unwrap();
     let relay = TestRelay::start(dir.path()).await;
     let (_, mut agent) = crate::support::agent(&relay, "1").await;
-    let task = relay
-        .core
-        .submit_task(Submit {
-            user: "1".into(),
-            project: "web".into(),
-            prompt: "go".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .spec
-        .task;
+    let task = submit(&relay, "web", "go").await;
     assert_eq!(expect_start(&mut agent).await.task, task);
     // A second task, left open for the part about many streams (submitted now, while the test agent is
     // surely connected).
-    let open = relay
-        .core
-        .submit_task(Submit {
-            user: "1".into(),
-            project: "web".into(),
-            prompt: "long".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .spec
-        .task;
+    let open = submit(&relay, "web", "long").await;
     for seq in 1..=3 {
         let text = format!("part {seq}");
         event_acked(&mut agent, &task, seq, TaskEvent::Text { text }).await;
@@ -753,18 +736,7 @@ async fn the_task_list_filters_by_project_state_and_requester() {
     let (_, mut agent) = crate::support::agent(&relay, "1").await;
     let mut ids = Vec::new();
     for project in ["web", "api"] {
-        let id = relay
-            .core
-            .submit_task(Submit {
-                user: "1".into(),
-                project: project.into(),
-                prompt: format!("work on {project}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .spec
-            .task;
+        let id = submit(&relay, project, &format!("work on {project}")).await;
         assert_eq!(expect_start(&mut agent).await.task, id);
         ids.push(id);
     }

@@ -728,19 +728,11 @@ pub async fn usage(State(web): State<Web>, Signed(s): Signed) -> ApiResult<Json<
     Ok(Json(json!({ "days": days, "total": total })))
 }
 
-/// `YYYY-MM-DD` of a Unix time, in UTC (the civil-from-days algorithm: no date crate for one line a day).
+/// `YYYY-MM-DD` of a Unix time, in UTC.
 fn day(unix: u64) -> String {
-    let days = (unix / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    let mut date = crate::core::audit::utc(unix);
+    date.truncate("YYYY-MM-DD".len());
+    date
 }
 
 /// Any other path under the API.
