@@ -674,6 +674,9 @@ struct Usage {
 impl Usage {
     fn add(&mut self, events: &[(u64, TaskEvent)]) {
         self.tasks += 1;
+        // Tokens are each turn's own; the cost is Claude Code's running total for its process (one per task),
+        // so the task's last figure is its cost.
+        let mut cost = 0.0;
         for (_, event) in events {
             if let TaskEvent::TurnFinished {
                 cost_usd,
@@ -684,9 +687,10 @@ impl Usage {
             {
                 self.input_tokens += input_tokens.unwrap_or(0);
                 self.output_tokens += output_tokens.unwrap_or(0);
-                self.cost_usd += cost_usd.unwrap_or(0.0);
+                cost = cost_usd.unwrap_or(cost);
             }
         }
+        self.cost_usd += cost;
     }
 }
 
@@ -743,6 +747,25 @@ pub async fn not_found() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tasks_cost_is_its_last_running_total_and_tokens_add_up() {
+        let turn = |cost: f64, tokens: u64| TaskEvent::TurnFinished {
+            is_error: false,
+            subtype: "success".into(),
+            text: None,
+            cost_usd: Some(cost),
+            turns: None,
+            input_tokens: Some(tokens),
+            output_tokens: Some(1),
+            duration_ms: None,
+        };
+        let mut u = Usage::default();
+        u.add(&[(1, turn(0.5, 10)), (2, turn(0.75, 20))]);
+        u.add(&[(1, turn(0.25, 5))]);
+        assert_eq!((u.tasks, u.input_tokens, u.output_tokens), (2, 35, 3));
+        assert!((u.cost_usd - 1.0).abs() < 1e-9, "{}", u.cost_usd);
+    }
 
     #[test]
     fn days_are_utc_calendar_dates() {

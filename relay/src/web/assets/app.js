@@ -1051,7 +1051,8 @@
           const u = this.usageSums;
           u.input += Number(ev.input_tokens) || 0;
           u.output += Number(ev.output_tokens) || 0;
-          u.cost += Number(ev.cost_usd) || 0;
+          // Claude Code reports the running total of its process, not the turn's own cost: the latest is the sum.
+          if (typeof ev.cost_usd === "number") u.cost = ev.cost_usd;
           this.renderUsage();
           const bits = [ev.is_error ? "Turn failed" : "Turn finished", ev.subtype && ev.subtype !== "success" ? " (" + ev.subtype + ")" : ""];
           if (typeof ev.turns === "number") bits.push(" · " + ev.turns + " turns");
