@@ -641,6 +641,19 @@ impl Tasks {
                     }
                     ProjectOp::Remove { name } => policy.remove(&name).map(|_| ()),
                     ProjectOp::List => Ok(()),
+                    // Workspaces of pool users: only a pool worker has them.
+                    ProjectOp::Create { .. }
+                    | ProjectOp::ListFor { .. }
+                    | ProjectOp::RemoveFor { .. }
+                    | ProjectOp::Usage { .. } => {
+                        let reply = ProjectReply::Refused {
+                            message: "this agent is not a pool worker: it has no workspaces for pool users"
+                                .into(),
+                        };
+                        self.inner
+                            .send_control(AgentMessage::ProjectReply { id, reply });
+                        return;
+                    }
                 };
                 match done {
                     Ok(()) => ProjectReply::Ok(report_of(&policy)),
@@ -955,6 +968,7 @@ fn report_of(policy: &Policy) -> ProjectsReport {
             .collect(),
         accepts_shared: *policy.sharing() != SharePolicy::Off,
         accepts_files: true,
+        pool: false,
     }
 }
 

@@ -25,6 +25,10 @@ pub struct ProjectsReport {
     /// input). Absent from older agents, which could not decode them: the relay refuses files for those.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub accepts_files: bool,
+    /// A pool worker (`ct-agent run --pool`): it serves many users, each in a workspace of their own, and
+    /// answers the `*_for` and `Create` operations for them; `projects` is empty (each user's are asked for).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pool: bool,
 }
 
 /// A change or a question about projects.
@@ -40,6 +44,45 @@ pub enum ProjectOp {
         name: String,
     },
     List,
+    /// Pool workers only: a new project `name` in `user`'s workspace, empty or cloned from `git`.
+    Create {
+        user: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        git: Option<String>,
+    },
+    /// Pool workers only: the projects in `user`'s workspace.
+    ListFor {
+        user: String,
+    },
+    /// Pool workers only: removes project `name` (and its files) from `user`'s workspace.
+    RemoveFor {
+        user: String,
+        name: String,
+    },
+    /// Pool workers only: what `user` has spent through the worker's metering proxy, and their budget.
+    Usage {
+        user: String,
+    },
+}
+
+/// What a pool user spent in the current budget period, as the worker's metering proxy counted it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// In millionths of a dollar, estimated from list prices per model family (the proxy sees tokens, not
+    /// invoices).
+    pub spent_micro_usd: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The budget in words (`$5.00 a day`), when the operator set one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// What is left of it, in words (`$3.20`, `120000 tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<String>,
+    /// When the period starts again (Unix seconds), for budgets per day or month.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<u64>,
 }
 
 /// The agent's answer.
@@ -50,6 +93,8 @@ pub enum ProjectReply {
     Ok(ProjectsReport),
     /// Refused, with what to do (for example the allowed folders a path must be inside).
     Refused { message: String },
+    /// The answer to [`ProjectOp::Usage`].
+    Usage(UsageReport),
 }
 
 #[cfg(test)]
@@ -82,11 +127,23 @@ mod tests {
             allowed_dirs: vec!["/mnt/c/src".into()],
             accepts_shared: false,
             accepts_files: false,
+            pool: false,
         };
         for answer in [
             AgentMessage::ProjectReply {
                 id: 7,
                 reply: ProjectReply::Ok(report.clone()),
+            },
+            AgentMessage::ProjectReply {
+                id: 8,
+                reply: ProjectReply::Usage(UsageReport {
+                    spent_micro_usd: 1_250_000,
+                    input_tokens: 10,
+                    output_tokens: 2,
+                    budget: Some("$5.00 a day".into()),
+                    left: Some("$3.75".into()),
+                    resets_at: Some(1_800_000_000),
+                }),
             },
             AgentMessage::ProjectReply {
                 id: 8,

@@ -193,6 +193,7 @@ async fn operator_workflow_from_start_to_sigterm() {
         allowed_dirs: vec!["/srv".into()],
         accepts_shared: true,
         accepts_files: false,
+        pool: false,
     };
     session
         .writer

@@ -21,6 +21,7 @@ fn report(accepts_files: bool) -> ProjectsReport {
         allowed_dirs: vec!["/src".into()],
         accepts_shared: false,
         accepts_files,
+        pool: false,
     }
 }
 

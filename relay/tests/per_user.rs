@@ -75,6 +75,7 @@ async fn an_agent_flooding_project_reports_has_the_extra_ones_ignored() {
         allowed_dirs: vec!["/src".into()],
         accepts_shared: false,
         accepts_files: false,
+        pool: false,
     };
     for n in 1..=50 {
         agent

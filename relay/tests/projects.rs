@@ -25,6 +25,7 @@ fn report(names: &[&str], accepts_shared: bool) -> ProjectsReport {
         allowed_dirs: vec!["/home/one/src".into()],
         accepts_shared,
         accepts_files: false,
+        pool: false,
     }
 }
 
@@ -427,6 +428,7 @@ async fn an_oversized_report_is_cut_to_its_bound() {
         allowed_dirs: vec!["/".into()],
         accepts_shared: true,
         accepts_files: false,
+        pool: false,
     };
     agent
         .writer

@@ -96,6 +96,13 @@ fn check_op(op: &ProjectOp) -> Result<(), TaskError> {
         }
         ProjectOp::Remove { name } => check_name(name),
         ProjectOp::List => Ok(()),
+        // Workspaces on pool workers are reached through the pool's own calls, not this one.
+        ProjectOp::Create { .. }
+        | ProjectOp::ListFor { .. }
+        | ProjectOp::RemoveFor { .. }
+        | ProjectOp::Usage { .. } => Err(TaskError::BadProjectRequest(
+            "that is a pool worker's operation: use it through your pool".into(),
+        )),
     }
 }
 
@@ -153,7 +160,7 @@ impl Core {
                 Some((ProjectChange::Added, name.clone(), Some(path.clone())))
             }
             ProjectOp::Remove { name } => Some((ProjectChange::Removed, name.clone(), None)),
-            ProjectOp::List => None,
+            _ => None,
         };
         match self
             .ask_agent(&agent, move |id| RelayMessage::Project { id, op })
@@ -191,7 +198,9 @@ impl Core {
                 agent: agent.name,
                 message: message.chars().take(2000).collect(),
             }),
-            Answer::Worktree(_) => Err(TaskError::AgentGone(agent.name)),
+            Answer::Worktree(_) | Answer::Project(ProjectReply::Usage(_)) => {
+                Err(TaskError::AgentGone(agent.name))
+            }
         }
     }
 
