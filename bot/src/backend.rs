@@ -167,6 +167,22 @@ pub struct HistoryPage {
     pub more: bool,
 }
 
+/// Where a user's tasks go: their own machines (local mode), or a worker pool the relay's operator runs
+/// (cluster mode), where they have a workspace on one worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModeInfo {
+    /// The pool, in cluster mode; `None`: local mode.
+    pub pool: Option<String>,
+    /// The worker holding their workspace, once they have one.
+    pub worker: Option<String>,
+    pub worker_online: bool,
+    /// Something they should know, e.g. that their worker is being drained and their files stay on it.
+    pub note: Option<String>,
+}
+
+/// What a pool user spent in the current budget period, as their worker counted it.
+pub use ct_protocol::project::UsageReport;
+
 /// A one-time link that signs its holder in to the web dashboard as the user it was minted for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DashboardLink {
@@ -190,6 +206,8 @@ pub struct TaskRequest {
     pub resume: Option<String>,
     /// The requester's display name, shown to the agent's owner.
     pub name: Option<String>,
+    /// The requester's role ids in the guild, for pools open to a role.
+    pub roles: Vec<String>,
 }
 
 /// A pairing code for `/register pair`.
@@ -423,6 +441,29 @@ pub trait Backend: Send + Sync + 'static {
     async fn set_mentions(&self, _user: &str, _on: bool) -> Result<()> {
         Err(BackendError::Refused(
             "this relay cannot keep your mention setting".into(),
+        ))
+    }
+
+    /// `/register mode`: local (`pool: None`) or cluster mode in `pool` (`Some("")`: the only pool the user may
+    /// use). `roles`: the user's role ids in the guild, for pools open to a role.
+    async fn set_mode(
+        &self,
+        _user: &str,
+        _pool: Option<&str>,
+        _roles: &[String],
+    ) -> Result<ModeInfo> {
+        Err(BackendError::Refused(
+            "this relay has no worker pools: your tasks run on your own agents".into(),
+        ))
+    }
+    /// `/register status`: the user's mode.
+    async fn mode(&self, _user: &str) -> Result<ModeInfo> {
+        Ok(ModeInfo::default())
+    }
+    /// `/usage`: what the user spent on their pool worker, and what is left of their budget.
+    async fn usage(&self, _user: &str) -> Result<UsageReport> {
+        Err(BackendError::Refused(
+            "this relay has no worker pools, so no budgets: your own agents use your own Claude account".into(),
         ))
     }
 

@@ -88,6 +88,18 @@ pub fn all() -> Vec<CreateCommand> {
                     "Remove one of your agents",
                     vec![agent( "The agent to remove").required(true)],
                 ),
+                sub(
+                    "mode",
+                    "Run your tasks on your own machines (local) or on the operator's worker pool (cluster)",
+                    vec![
+                        string("mode", "Where your tasks run")
+                            .required(true)
+                            .add_string_choice("local: my own agents", "local")
+                            .add_string_choice("cluster: a worker pool", "cluster"),
+                        string("pool", "Which pool (leave out when there is one you may use)")
+                            .max_length(64),
+                    ],
+                ),
             ],
         ),
         command(
@@ -101,9 +113,11 @@ pub fn all() -> Vec<CreateCommand> {
                         string("name", "A short name, e.g. web")
                             .required(true)
                             .max_length(32),
-                        string("path", "The folder on that machine, e.g. ~/src/web")
-                            .required(true)
-                            .max_length(1024),
+                        string(
+                            "path",
+                            "The folder on that machine, e.g. ~/src/web (on a pool: a git URL to clone, or nothing)",
+                        )
+                        .max_length(1024),
                         agent( "Which of your agents (if you have several)"),
                     ],
                 ),
@@ -266,6 +280,11 @@ pub fn all() -> Vec<CreateCommand> {
                 .add_string_choice("Off", "off")],
         ),
         command(
+            "usage",
+            "What your tasks on the worker pool spent, and what is left of your budget",
+            vec![],
+        ),
+        command(
             "dashboard",
             "A one-time link that signs you in to the web dashboard (only you see it)",
             vec![string(
@@ -338,6 +357,7 @@ mod tests {
                 "cc",
                 "audit",
                 "mentions",
+                "usage",
                 "dashboard"
             ]
         );
@@ -355,7 +375,7 @@ mod tests {
                 .map(|o| o["name"].as_str().unwrap().to_string())
                 .collect()
         };
-        assert_eq!(subs("register"), ["pair", "status", "unregister"]);
+        assert_eq!(subs("register"), ["pair", "status", "unregister", "mode"]);
         assert_eq!(subs("project"), ["add", "list", "remove"]);
         assert_eq!(subs("share"), ["add", "remove", "list", "available"]);
         assert_eq!(subs("cc"), ["clear", "compact", "model", "status", "stop"]);

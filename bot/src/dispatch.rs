@@ -234,7 +234,15 @@ impl Inner {
         let args = Args::of(&c.data);
         let result = match (c.data.name.as_str(), args.sub.as_deref()) {
             ("register", Some("pair")) => return self.register_pair(&user, &c.token).await,
-            ("register", Some("status")) => self.agents_text(&user, true).await,
+            ("register", Some("status")) => self.register_status(&user).await,
+            ("register", Some("mode")) => {
+                let pool = match args.str("mode").as_deref() {
+                    Some("cluster") => Some(args.str("pool").unwrap_or_default()),
+                    _ => None,
+                };
+                self.set_mode(&user, pool.as_deref(), &roles_of(&c)).await
+            }
+            ("usage", _) => self.usage_text(&user).await,
             ("register", Some("unregister")) => {
                 let agent = args.str("agent").unwrap_or_default();
                 self.backend.unregister(&user, &agent).await.map(|a| {
@@ -407,6 +415,55 @@ impl Inner {
         )))
     }
 
+    /// `/register status`: where the user's tasks go, then their own agents.
+    async fn register_status(&self, user: &str) -> crate::backend::Result<Answer> {
+        let mode = self.backend.mode(user).await?;
+        let agents = self.agents_text(user, true).await?;
+        Ok(Answer::private(truncate(
+            &format!("{}\n{}", mode_line(&mode), agents.content),
+            2000,
+        )))
+    }
+
+    /// `/register mode local|cluster [pool]`.
+    async fn set_mode(
+        &self,
+        user: &str,
+        pool: Option<&str>,
+        roles: &[String],
+    ) -> crate::backend::Result<Answer> {
+        let mode = self.backend.set_mode(user, pool, roles).await?;
+        let next = if mode.pool.is_some() {
+            "Add a project in your workspace with `/project add NAME [git URL]`, then `/task`. `/usage` shows \
+             your budget; `/register mode local` goes back to your own machines."
+        } else {
+            "Your tasks run on your own agents again; your workspace on the pool stays where it was."
+        };
+        Ok(Answer::private(format!("{}\n{next}", mode_line(&mode))))
+    }
+
+    /// `/usage`: what the user spent on their pool worker in this budget period.
+    async fn usage_text(&self, user: &str) -> crate::backend::Result<Answer> {
+        let u = self.backend.usage(user).await?;
+        let mut text = format!(
+            "💳 This period: **${:.2}** ({} tokens in, {} out).",
+            u.spent_micro_usd as f64 / 1e6,
+            u.input_tokens,
+            u.output_tokens
+        );
+        match (&u.budget, &u.left) {
+            (Some(budget), Some(left)) => {
+                text.push_str(&format!("\nBudget {budget}: **{left}** left."))
+            }
+            (Some(budget), None) => text.push_str(&format!("\nBudget {budget}.")),
+            _ => text.push_str("\nNo budget is set for you on this pool."),
+        }
+        if let Some(at) = u.resets_at {
+            text.push_str(&format!(" It starts again {}.", when(at)));
+        }
+        Ok(Answer::private(text))
+    }
+
     async fn agents_text(&self, user: &str, own_only: bool) -> crate::backend::Result<Answer> {
         let agents = self.backend.agents(user).await?;
         // Only a mark in the list: not knowing it is no reason to fail the listing.
@@ -514,6 +571,7 @@ impl Inner {
                 .as_ref()
                 .and_then(|m| m.nick.clone())
                 .or_else(|| c.user.global_name.clone()),
+            roles: roles_of(c),
         };
         let task = self.backend.submit_with_files(req, files).await?;
         // A thread cannot hold a thread: inside one, open the new thread in its channel.
@@ -727,6 +785,7 @@ impl Inner {
                     },
                     resume,
                     name: None,
+                    roles: Vec::new(),
                 };
                 let task = self.backend.submit_with_files(req, files).await?;
                 self.threads.update(channel, |i| {
@@ -1766,6 +1825,32 @@ fn page_buttons(page: &HistoryPage, more: bool) -> Vec<serenity::all::CreateActi
 /// Commands whose answer everyone in the channel should see (and so whose deferral is public too).
 fn is_public(name: &str) -> bool {
     matches!(name, "reply" | "cancel" | "cc")
+}
+
+/// One line saying where the user's tasks go.
+fn mode_line(m: &crate::backend::ModeInfo) -> String {
+    let mut line = match (&m.pool, &m.worker) {
+        (None, _) => "🖥️ Mode: **local**: your tasks run on your own agents.".to_string(),
+        (Some(pool), None) => format!(
+            "☁️ Mode: **cluster**, pool **{pool}**: a worker is chosen for you on your first task or project."
+        ),
+        (Some(pool), Some(worker)) => format!(
+            "☁️ Mode: **cluster**, pool **{pool}**: your workspace is on worker **{worker}** ({}).",
+            if m.worker_online { "online" } else { "offline" }
+        ),
+    };
+    if let Some(note) = &m.note {
+        line.push_str(&format!("\n⚠️ {note}"));
+    }
+    line
+}
+
+/// The member's role ids in the guild (none in a DM), for pools open to a role.
+fn roles_of(c: &CommandInteraction) -> Vec<String> {
+    c.member
+        .as_ref()
+        .map(|m| m.roles.iter().map(|r| r.to_string()).collect())
+        .unwrap_or_default()
 }
 
 fn is_thread(c: &CommandInteraction) -> bool {

@@ -235,6 +235,7 @@ impl Backend for Fake {
             options: Default::default(),
             resume: cur.session_id.clone(),
             name: None,
+            roles: Vec::new(),
         };
         Ok(self.create(&req, Some(task.into())))
     }

@@ -489,6 +489,8 @@ pub async fn start_task(
         },
         resume: None,
         name: None,
+        // The page knows no guild: a pool open only to a role is refused here with words saying so.
+        roles: Vec::new(),
     };
     let task = web.backend().submit(req).await.map_err(backend_err)?;
     tracing::info!(user = %s.user, task = %task.id, "task started from the dashboard");
