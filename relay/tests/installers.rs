@@ -1225,6 +1225,45 @@ mod worker {
                 "{image}"
             );
         }
+        // The build stage's Rust can build every locked dependency (`rust-version`), or `--locked` fails.
+        let rust = froms[0]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .strip_prefix("rust:")
+            .expect("the build stage is a Rust image");
+        let version = |v: &str| -> Vec<u64> {
+            v.split(['.', '-'])
+                .map_while(|p| p.parse().ok())
+                .chain([0, 0])
+                .take(3)
+                .collect()
+        };
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "metadata",
+                "--format-version",
+                "1",
+                "--locked",
+                "--manifest-path",
+            ])
+            .arg(repo().join("Cargo.toml"))
+            .output()
+            .unwrap();
+        let metadata: Value =
+            serde_json::from_slice(&succeeded(&out, "cargo metadata --locked")).unwrap();
+        let (newest, package) = metadata["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| Some((version(p["rust_version"].as_str()?), p["name"].to_string())))
+            .max()
+            .unwrap();
+        assert!(
+            version(rust) >= newest,
+            "the image builds with Rust {rust}, but {package} needs {newest:?}"
+        );
+
         let runtime: Vec<&str> = instructions
             .iter()
             .skip_while(|l| !l.starts_with(&format!("FROM {}", froms[1])))
@@ -1233,14 +1272,30 @@ mod worker {
         let runtime = runtime.join("\n");
         // The runtime stage redeclares the build argument, or npm would get an empty version.
         assert!(runtime.contains("\nARG CLAUDE_CODE_VERSION\n"), "{runtime}");
-        for package in [
-            "nodejs",
-            "npm",
-            "bubblewrap",
-            "git",
-            "util-linux",
-            "ca-certificates",
-        ] {
+        // Node.js from the runtime's base image, at a major version the CLI's package accepts (`engines`).
+        let lock: Value = serde_json::from_str(
+            &std::fs::read_to_string(repo().join("testkit/claude/package-lock.json")).unwrap(),
+        )
+        .unwrap();
+        let engines = lock["packages"]["node_modules/@anthropic-ai/claude-code"]["engines"]["node"]
+            .as_str()
+            .expect("the lock file names the CLI's Node.js requirement");
+        let needed: u64 = engines
+            .trim_start_matches(">=")
+            .split('.')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("a Node.js requirement this test does not read: {engines}"));
+        let node = froms[1]
+            .strip_prefix("node:")
+            .expect("the runtime stage is a Node.js image");
+        let major: u64 = node.split(['-', '.']).next().unwrap().parse().unwrap();
+        assert!(
+            major >= needed && node.contains("-slim"),
+            "runtime {node}: Claude Code needs Node.js {engines}, on a slim Debian"
+        );
+        for package in ["bubblewrap", "git", "util-linux", "ca-certificates"] {
             assert!(
                 runtime.split_whitespace().any(|w| w == package),
                 "the runtime stage does not install {package}"
