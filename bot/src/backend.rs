@@ -180,6 +180,21 @@ pub struct ModeInfo {
     pub note: Option<String>,
 }
 
+/// A project command in a pool user's workspace on their worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkspaceOp {
+    /// A new project, empty or cloned from a git URL.
+    Create {
+        name: String,
+        git: Option<String>,
+    },
+    List,
+    /// Removes the project and its files.
+    Remove {
+        name: String,
+    },
+}
+
 /// What a pool user spent in the current budget period, as their worker counted it.
 pub use ct_protocol::project::UsageReport;
 
@@ -460,8 +475,20 @@ pub trait Backend: Send + Sync + 'static {
     async fn mode(&self, _user: &str) -> Result<ModeInfo> {
         Ok(ModeInfo::default())
     }
+    /// `/project add|list|remove` of a user in cluster mode: their workspace on their worker (assigned at the
+    /// first use); the projects there afterwards.
+    async fn workspace(
+        &self,
+        _user: &str,
+        _roles: &[String],
+        _op: WorkspaceOp,
+    ) -> Result<Vec<ProjectInfo>> {
+        Err(BackendError::Refused(
+            "this relay has no worker pools: add projects on your own agents".into(),
+        ))
+    }
     /// `/usage`: what the user spent on their pool worker, and what is left of their budget.
-    async fn usage(&self, _user: &str) -> Result<UsageReport> {
+    async fn usage(&self, _user: &str, _roles: &[String]) -> Result<UsageReport> {
         Err(BackendError::Refused(
             "this relay has no worker pools, so no budgets: your own agents use your own Claude account".into(),
         ))

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::app::Inner;
 use crate::backend::{
-    BackendError, HistoryQuery, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark,
+    BackendError, HistoryQuery, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark, WorkspaceOp,
 };
 use crate::commands::{completion_for, Completion};
 use crate::custom_id::{Action, HistoryPage, Scope};
@@ -242,7 +242,7 @@ impl Inner {
                 };
                 self.set_mode(&user, pool.as_deref(), &roles_of(&c)).await
             }
-            ("usage", _) => self.usage_text(&user).await,
+            ("usage", _) => self.usage_text(&user, &roles_of(&c)).await,
             ("register", Some("unregister")) => {
                 let agent = args.str("agent").unwrap_or_default();
                 self.backend.unregister(&user, &agent).await.map(|a| {
@@ -251,6 +251,10 @@ impl Inner {
                         a.name, a.fingerprint
                     ))
                 })
+            }
+            ("project", _) if args.str("agent").is_none() && self.in_pool(&user).await => {
+                self.workspace_command(&user, &roles_of(&c), args.sub.as_deref(), &args)
+                    .await
             }
             ("project", Some("add")) => {
                 let (name, path) = (
@@ -415,6 +419,59 @@ impl Inner {
         )))
     }
 
+    /// Whether the user's tasks (and project commands) go to a worker pool. Not knowing counts as no: their own
+    /// agents answer as before.
+    async fn in_pool(&self, user: &str) -> bool {
+        self.backend
+            .mode(user)
+            .await
+            .is_ok_and(|m| m.pool.is_some())
+    }
+
+    /// `/project add|list|remove` in a pool user's workspace.
+    async fn workspace_command(
+        &self,
+        user: &str,
+        roles: &[String],
+        sub: Option<&str>,
+        args: &Args,
+    ) -> crate::backend::Result<Answer> {
+        let name = args.str("name").unwrap_or_default();
+        let op = match sub {
+            Some("add") => WorkspaceOp::Create {
+                name: name.clone(),
+                git: args.str("path").filter(|p| !p.trim().is_empty()),
+            },
+            Some("remove") => WorkspaceOp::Remove { name: name.clone() },
+            _ => WorkspaceOp::List,
+        };
+        let said = match &op {
+            WorkspaceOp::Create { git: Some(url), .. } => {
+                format!("📁 Project **{name}** is cloned from `{url}` in your workspace.\n")
+            }
+            WorkspaceOp::Create { git: None, .. } => {
+                format!("📁 Project **{name}** is in your workspace, empty.\n")
+            }
+            WorkspaceOp::Remove { .. } => {
+                format!("🗑️ Project **{name}** and its files are gone from your workspace.\n")
+            }
+            WorkspaceOp::List => String::new(),
+        };
+        let projects = self.backend.workspace(user, roles, op).await?;
+        let list: Vec<String> = projects
+            .iter()
+            .map(|p| format!("**{}** on {}", p.name, p.agent))
+            .collect();
+        Ok(Answer::private(truncate(
+            &if list.is_empty() {
+                format!("{said}Your workspace has no projects: `/project add NAME [git URL]` makes one.")
+            } else {
+                format!("{said}Your workspace: {}", list.join(", "))
+            },
+            2000,
+        )))
+    }
+
     /// `/register status`: where the user's tasks go, then their own agents.
     async fn register_status(&self, user: &str) -> crate::backend::Result<Answer> {
         let mode = self.backend.mode(user).await?;
@@ -443,8 +500,8 @@ impl Inner {
     }
 
     /// `/usage`: what the user spent on their pool worker in this budget period.
-    async fn usage_text(&self, user: &str) -> crate::backend::Result<Answer> {
-        let u = self.backend.usage(user).await?;
+    async fn usage_text(&self, user: &str, roles: &[String]) -> crate::backend::Result<Answer> {
+        let u = self.backend.usage(user, roles).await?;
         let mut text = format!(
             "💳 This period: **${:.2}** ({} tokens in, {} out).",
             u.spent_micro_usd as f64 / 1e6,
