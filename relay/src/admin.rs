@@ -294,6 +294,7 @@ async fn handle(stream: UnixStream, core: &Core, status: &StatusInfo) -> Result<
                         options,
                         resume: None,
                         operator: true,
+                        roles: None,
                     };
                     match core.submit_task(submit).await {
                         Ok(rec) => {
