@@ -557,7 +557,7 @@ impl State {
             self.must_be_durable();
         }
         let users = self.store().pool_users()?;
-        Ok(self.worker_view(&agent, &rec, &users)?)
+        self.worker_view(&agent, &rec, &users)
     }
 
     fn is_online(&self, fp: &Fingerprint) -> bool {
