@@ -1368,6 +1368,39 @@ mod tests {
         }
     }
 
+    /// `admin pool-access` takes exactly one kind of group; ids may be repeated or comma-separated.
+    #[test]
+    fn pool_access_takes_one_kind_of_group() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                ["ct-relay", "admin", "pool-access", "--pool", "gpu"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        let roles = parse(&["--role", "1,2", "--role", "3"]).unwrap();
+        match roles.command {
+            Some(Command::Admin {
+                command:
+                    AdminCommand::PoolAccess {
+                        role,
+                        user,
+                        everyone,
+                        ..
+                    },
+            }) => {
+                assert_eq!(role, ["1", "2", "3"]);
+                assert!(user.is_empty() && !everyone);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["--everyone"]).is_ok());
+        assert!(parse(&["--user", "11", "12"]).is_ok());
+        assert!(parse(&[]).is_err(), "one group is required");
+        assert!(parse(&["--everyone", "--user", "11"]).is_err());
+    }
+
     /// `admin status` on a node of a cluster names the count it shows, so the cluster's is not read as the
     /// node's; a relay of one, where they are the same, says it as before.
     #[test]

@@ -42,7 +42,7 @@ pub const MAX_ACCESS_IDS: usize = 1000;
 /// Longest git URL a project may be cloned from, in bytes.
 pub const MAX_GIT_URL: usize = 2048;
 /// Most role ids a request may carry (Discord allows 250 roles in a guild).
-const MAX_ROLES: usize = 250;
+pub const MAX_ROLES: usize = 250;
 
 /// Where a user's tasks go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
