@@ -656,3 +656,49 @@ async fn the_admin_socket_mints_pool_codes_sets_access_lists_and_drains() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A task that waited in the worker's queue is checked again when it would start: a user taken off the pool's
+/// list meanwhile does not get it run, and hears why.
+#[tokio::test]
+async fn a_queued_pool_task_of_a_user_no_longer_allowed_is_cancelled_with_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ct_relay::RelayConfig::new(dir.path().into(), "127.0.0.1:0".parse().unwrap());
+    config.core.max_running_per_agent = 1;
+    let relay = TestRelay::start_with(config).await;
+    let core = &relay.core;
+    core.set_pool_access(
+        "team",
+        PoolAccess::Users {
+            users: vec!["11".into()],
+        },
+    )
+    .await
+    .unwrap();
+    let (_k, mut w) = worker(&relay, "team", "t1").await;
+    core.set_mode("11", cluster("team"), None).await.unwrap();
+    let first = core.submit_task(task("11", "runs")).await.unwrap();
+    let spec = expect_start(&mut w).await;
+    assert_eq!(spec.task, first.spec.task);
+    let waiting = core.submit_task(task("11", "waits")).await.unwrap();
+    assert_eq!(waiting.state, ct_relay::store::TaskState::Queued);
+    core.set_pool_access("team", PoolAccess::Users { users: vec![] })
+        .await
+        .unwrap();
+    crate::support::event_acked(
+        &mut w,
+        &spec.task,
+        1,
+        crate::support::finished(ct_protocol::task::FinalState::Done),
+    )
+    .await;
+    let id = waiting.spec.task.clone();
+    eventually_async(Duration::from_secs(5), async || {
+        core.task(&id).await.unwrap().state == ct_relay::store::TaskState::Cancelled
+    })
+    .await;
+    let message = core.task(&id).await.unwrap().message.unwrap_or_default();
+    assert!(
+        message.contains("cancelled: you may not use pool team"),
+        "{message}"
+    );
+}
