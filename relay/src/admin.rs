@@ -106,6 +106,21 @@ pub enum Request {
         task: String,
         action: ct_protocol::task::WorktreeAction,
     },
+    /// Mint a pairing token for a new worker of a pool (created if new).
+    PoolCode { pool: String },
+    /// Set who may use a pool (created if new).
+    PoolAccess {
+        pool: String,
+        access: crate::store::PoolAccess,
+    },
+    /// Every pool with its workers and users.
+    Pools,
+    /// Drain a pool worker (or take it back into use with `undo`).
+    PoolDrain {
+        worker: String,
+        #[serde(default)]
+        undo: bool,
+    },
     /// Read the audit log, newest first.
     Audit {
         #[serde(default)]
@@ -183,6 +198,20 @@ pub enum Reply {
     },
     Audit {
         entries: Vec<AuditEntry>,
+    },
+    PoolCode {
+        pool: String,
+        token: String,
+        expires_at: u64,
+    },
+    Pool {
+        pool: crate::store::PoolRecord,
+    },
+    Pools {
+        pools: Vec<crate::core::pools::PoolView>,
+    },
+    Worker {
+        worker: crate::core::pools::WorkerView,
     },
 }
 
@@ -294,6 +323,7 @@ async fn handle(stream: UnixStream, core: &Core, status: &StatusInfo) -> Result<
                         options,
                         resume: None,
                         operator: true,
+                        roles: None,
                     };
                     match core.submit_task(submit).await {
                         Ok(rec) => {
@@ -534,6 +564,42 @@ async fn answer(req: Request, core: &Core, status: &StatusInfo) -> Reply {
                         rec.name
                     ),
                 },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::PoolCode { pool } => {
+            return match core.pool_pairing_token(&pool).await {
+                Ok((token, expires_at)) => Reply::PoolCode {
+                    pool,
+                    token: token.to_string(),
+                    expires_at,
+                },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::PoolAccess { pool, access } => {
+            return match core.set_pool_access(&pool, access).await {
+                Ok(pool) => Reply::Pool { pool },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::Pools => {
+            return match core.pools().await {
+                Ok(pools) => Reply::Pools { pools },
+                Err(e) => Reply::Error {
+                    message: e.to_string(),
+                },
+            };
+        }
+        Request::PoolDrain { worker, undo } => {
+            return match core.drain_worker(&worker, !undo).await {
+                Ok(worker) => Reply::Worker { worker },
                 Err(e) => Reply::Error {
                     message: e.to_string(),
                 },

@@ -166,6 +166,43 @@ pub enum AdminCommand {
         #[arg(long)]
         user: String,
     },
+    /// Mint a one-time pairing token for a new worker of a pool (the pool is created if new, open to nobody
+    /// until `pool-access` says who may use it).
+    PoolCode {
+        /// The pool's name: letters, digits, `-` and `_`.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Set who may use a pool: everyone, members of Discord roles, or a list of Discord users.
+    #[command(group(clap::ArgGroup::new("who").required(true).args(["everyone", "role", "user"])))]
+    PoolAccess {
+        #[arg(long)]
+        pool: String,
+        /// Everyone who can use the relay.
+        #[arg(long)]
+        everyone: bool,
+        /// Members of these Discord roles (role ids; repeat, or separate with commas).
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        role: Vec<String>,
+        /// These Discord users (user ids; repeat, or separate with commas).
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
+        user: Vec<String>,
+    },
+    /// Pools, their access, workers (online, draining, users, open tasks) and users.
+    Pools {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drain a pool worker: it gets no new users, and its users move to another worker on their next task
+    /// (their files stay on this one).
+    PoolDrain {
+        /// The worker's name, pool:NAME/name, or fingerprint (or its first 10+ characters).
+        #[arg(long)]
+        worker: String,
+        /// Take the worker back into use.
+        #[arg(long)]
+        undo: bool,
+    },
     /// List paired agents.
     Agents {
         #[arg(long)]
@@ -734,6 +771,42 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             (Request::DashboardLink { user: user.clone() }, false)
         }
         AdminCommand::Agents { json } => (Request::Agents, *json),
+        AdminCommand::PoolCode { pool } => (Request::PoolCode { pool: pool.clone() }, false),
+        AdminCommand::PoolAccess {
+            pool,
+            everyone,
+            role,
+            user,
+        } => {
+            let access = match (*everyone, role.is_empty(), user.is_empty()) {
+                (true, true, true) => crate::store::PoolAccess::Everyone,
+                (false, false, true) => crate::store::PoolAccess::Roles {
+                    roles: role.clone(),
+                },
+                (false, true, false) => crate::store::PoolAccess::Users {
+                    users: user.clone(),
+                },
+                _ => anyhow::bail!(
+                    "give one of --everyone, --role ROLE_ID... or --user USER_ID... (a pool is open to one kind \
+                     of group at a time)"
+                ),
+            };
+            (
+                Request::PoolAccess {
+                    pool: pool.clone(),
+                    access,
+                },
+                false,
+            )
+        }
+        AdminCommand::Pools { json } => (Request::Pools, *json),
+        AdminCommand::PoolDrain { worker, undo } => (
+            Request::PoolDrain {
+                worker: worker.clone(),
+                undo: *undo,
+            },
+            false,
+        ),
         AdminCommand::Revoke { agent } => (
             Request::Revoke {
                 agent: agent.clone(),
@@ -778,6 +851,39 @@ async fn admin_command(data_dir: &std::path::Path, command: AdminCommand) -> Res
             );
         }
         Reply::Agents { agents } => print!("{}", agents_table(&agents)),
+        Reply::PoolCode {
+            pool,
+            token,
+            expires_at,
+        } => {
+            println!(
+                "Pairing token for a new worker of pool {pool} (valid for {}, single use):\n",
+                human_duration(expires_at.saturating_sub(now()))
+            );
+            println!("  {token}\n");
+            println!("On the worker machine (or in its container):\n");
+            println!("  ct-agent pair {token}");
+            println!("  ct-agent run --pool");
+            println!(
+                "\nWho may use the pool: `ct-relay admin pool-access --pool {pool} --everyone` (or --role / --user)."
+            );
+        }
+        Reply::Pool { pool } => {
+            println!("Pool {} is open to {}.", pool.name, pool.access.describe())
+        }
+        Reply::Pools { pools } => print!("{}", pools_table(&pools)),
+        Reply::Worker { worker } => println!(
+            "Worker {} ({}) {}: {} users, {} open tasks.",
+            worker.name,
+            worker.fingerprint,
+            if worker.draining {
+                "is draining: no new users, and its users move on their next task (their files stay on it)"
+            } else {
+                "takes users"
+            },
+            worker.users.len(),
+            worker.open_tasks
+        ),
         Reply::Shares { shares } => print!("{}", shares_table(&shares)),
         Reply::Available { available } => print!("{}", available_text(&available)),
         Reply::Projects { report, .. } => print!("{}", projects_text(&report)),
@@ -1148,6 +1254,61 @@ pub fn projects_text(report: &ct_protocol::project::ProjectsReport) -> String {
     out
 }
 
+/// The `admin pools` table: one row per worker (a pool without workers gets one row saying so).
+pub fn pools_table(pools: &[crate::core::pools::PoolView]) -> String {
+    if pools.is_empty() {
+        return "No pools yet. Make one with `ct-relay admin pool-code --pool NAME`.\n".into();
+    }
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    for p in pools {
+        let access = p.access.describe();
+        if p.workers.is_empty() {
+            rows.push([
+                p.name.clone(),
+                access.clone(),
+                "(no workers)".into(),
+                "-".into(),
+                "0".into(),
+                "0".into(),
+            ]);
+        }
+        for w in &p.workers {
+            let state = if w.revoked {
+                "revoked"
+            } else if w.draining {
+                "draining"
+            } else if w.online {
+                "online"
+            } else {
+                "offline"
+            };
+            rows.push([
+                p.name.clone(),
+                access.clone(),
+                w.name.clone(),
+                state.into(),
+                w.users.len().to_string(),
+                w.open_tasks.to_string(),
+            ]);
+        }
+        let waiting = p.users.iter().filter(|u| u.worker.is_none()).count();
+        if waiting > 0 {
+            rows.push([
+                p.name.clone(),
+                access,
+                "(not assigned yet)".into(),
+                "-".into(),
+                waiting.to_string(),
+                "-".into(),
+            ]);
+        }
+    }
+    table(
+        ["POOL", "ACCESS", "WORKER", "STATE", "USERS", "OPEN TASKS"],
+        &rows,
+    )
+}
+
 /// The `admin agents` table.
 pub fn agents_table(agents: &[AgentView]) -> String {
     if agents.is_empty() {
@@ -1205,6 +1366,39 @@ mod tests {
             data_dir: String::new(),
             discord_bot: false,
         }
+    }
+
+    /// `admin pool-access` takes exactly one kind of group; ids may be repeated or comma-separated.
+    #[test]
+    fn pool_access_takes_one_kind_of_group() {
+        use clap::Parser as _;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(
+                ["ct-relay", "admin", "pool-access", "--pool", "gpu"]
+                    .iter()
+                    .chain(args),
+            )
+        };
+        let roles = parse(&["--role", "1,2", "--role", "3"]).unwrap();
+        match roles.command {
+            Some(Command::Admin {
+                command:
+                    AdminCommand::PoolAccess {
+                        role,
+                        user,
+                        everyone,
+                        ..
+                    },
+            }) => {
+                assert_eq!(role, ["1", "2", "3"]);
+                assert!(user.is_empty() && !everyone);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["--everyone"]).is_ok());
+        assert!(parse(&["--user", "11", "12"]).is_ok());
+        assert!(parse(&[]).is_err(), "one group is required");
+        assert!(parse(&["--everyone", "--user", "11"]).is_err());
     }
 
     /// `admin status` on a node of a cluster names the count it shows, so the cluster's is not read as the

@@ -454,6 +454,7 @@ impl Backend for CoreBackend {
                     options: req.options,
                     resume: req.resume,
                     operator: false,
+                    roles: None,
                 },
                 files,
             )

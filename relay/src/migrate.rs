@@ -27,6 +27,7 @@ pub struct Moved {
     pub audit: usize,
     pub thread_marks: usize,
     pub secrets: usize,
+    pub pools: usize,
 }
 
 impl fmt::Display for Moved {
@@ -34,7 +35,7 @@ impl fmt::Display for Moved {
         write!(
             f,
             "{} agents, {} users, {} shares, {} tasks with {} events, {} audit entries, {} pairing codes, \
-             {} Discord thread marks, {} shared secrets",
+             {} Discord thread marks, {} shared secrets, {} worker pools",
             self.agents,
             self.users,
             self.shares,
@@ -43,7 +44,8 @@ impl fmt::Display for Moved {
             self.audit,
             self.pair_codes,
             self.thread_marks,
-            self.secrets
+            self.secrets,
+            self.pools
         )
     }
 }
@@ -64,6 +66,7 @@ impl Moved {
             // A link from a task to its Discord thread: part of the task, not counted on its own.
             Exported::TaskThread(..) => {}
             Exported::Secret(..) => self.secrets += 1,
+            Exported::Pool(_) => self.pools += 1,
         }
     }
 }

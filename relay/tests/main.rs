@@ -15,6 +15,7 @@ mod installers;
 mod layout;
 mod limits;
 mod per_user;
+mod pools;
 mod private_files;
 mod projects;
 mod queue;

@@ -17,8 +17,8 @@ use ct_relay::store::postgres::PgStore;
 use ct_relay::store::sled::SledStore;
 use ct_relay::store::{
     Admission, AgentRecord, AuditEntry, AuditKind, EventRun, Exported, NodeRecord, PairCodeRecord,
-    ShareLevel, ShareRecord, SharedStore, StoreError, TaskLimits, TaskRecord, TaskState,
-    UserRecord, WebSessionKind, WebSessionRecord,
+    PoolAccess, PoolRecord, ShareLevel, ShareRecord, SharedStore, StoreError, TaskLimits,
+    TaskRecord, TaskState, UserRecord, WebSessionKind, WebSessionRecord,
 };
 use ct_testkit::postgres::PgServer;
 use sha2::{Digest as _, Sha256};
@@ -50,6 +50,7 @@ macro_rules! contract {
             removing_a_missing_share_writes_nothing,
             shares_of_and_shares_to_follow_every_change,
             users_have_defaults_and_audited_settings,
+            pools_round_trip_and_pool_users_follow_every_user_write,
             open_tasks_in_queue_order_and_only_open_ones,
             open_tasks_of_user_counts_across_agents,
             stored_bytes_of_user_follow_every_write_and_delete,
@@ -291,6 +292,7 @@ fn records_round_trip_and_survive_a_reopen(open: Open) {
     let user = UserRecord {
         default_agent: Some(fp(1)),
         quiet: false,
+        ..Default::default()
     };
     store.put_user_audited("1", &user, &entry("1")).unwrap();
     store.put_thread_mark("t1", b"{\"m\":1}").unwrap();
@@ -786,11 +788,85 @@ fn users_have_defaults_and_audited_settings(open: Open) {
     let rec = UserRecord {
         default_agent: Some(fp(3)),
         quiet: true,
+        ..Default::default()
     };
     let e = store.put_user_audited("1", &rec, &entry("1")).unwrap();
     assert_eq!(e.seq, 1);
     assert_eq!(store.user("1").unwrap(), rec);
     assert_eq!(store.user("12").unwrap(), UserRecord::default());
+}
+
+fn pool(name: &str, access: PoolAccess) -> PoolRecord {
+    PoolRecord {
+        name: name.into(),
+        access,
+        created_at: 5,
+        drained: Vec::new(),
+    }
+}
+
+fn pools_round_trip_and_pool_users_follow_every_user_write(open: Open) {
+    let (dir, store) = fresh(open);
+    assert_eq!(store.pool("gpu").unwrap(), None);
+    assert!(store.pools().unwrap().is_empty());
+    let gpu = pool("gpu", PoolAccess::Users { users: vec![] });
+    let e = store.put_pool_audited(&gpu, &entry("pool:gpu")).unwrap();
+    assert_eq!(e.seq, 1, "the pool is written with its entry");
+    let mut changed = pool(
+        "gpu",
+        PoolAccess::Roles {
+            roles: vec!["77".into()],
+        },
+    );
+    changed.drained = vec![fp(4)];
+    store
+        .put_pool_audited(&changed, &entry("pool:gpu"))
+        .unwrap();
+    store
+        .put_pool_audited(&pool("cpu", PoolAccess::Everyone), &entry("pool:cpu"))
+        .unwrap();
+    assert_eq!(store.pool("gpu").unwrap(), Some(changed.clone()));
+    let names: Vec<String> = store.pools().unwrap().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["cpu", "gpu"], "by name");
+    assert_eq!(store.audit_of_owner("pool:gpu", None, 10).unwrap().len(), 2);
+
+    // Only users whose record says something about pools are listed, and each follows its latest write.
+    let plain = UserRecord {
+        quiet: true,
+        ..Default::default()
+    };
+    let cluster = UserRecord {
+        pool: Some("gpu".into()),
+        ..Default::default()
+    };
+    let assigned_local = UserRecord {
+        worker: Some(fp(4)),
+        ..Default::default()
+    };
+    store.put_user_audited("1", &plain, &entry("1")).unwrap();
+    store.put_user_audited("2", &cluster, &entry("2")).unwrap();
+    store
+        .put_user_audited("3", &assigned_local, &entry("3"))
+        .unwrap();
+    assert_eq!(
+        store.pool_users().unwrap(),
+        [
+            ("2".to_string(), cluster.clone()),
+            ("3".to_string(), assigned_local.clone())
+        ]
+    );
+    // Leaving pools altogether takes a user off the list; joining puts them on.
+    store.put_user_audited("2", &plain, &entry("2")).unwrap();
+    store.put_user_audited("1", &cluster, &entry("1")).unwrap();
+    let store = reopen(open, &dir, store);
+    assert_eq!(
+        store.pool_users().unwrap(),
+        [
+            ("1".to_string(), cluster),
+            ("3".to_string(), assigned_local)
+        ]
+    );
+    assert_eq!(store.pool("gpu").unwrap(), Some(changed));
 }
 
 fn open_tasks_in_queue_order_and_only_open_ones(open: Open) {
@@ -2367,6 +2443,9 @@ fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
         &UserRecord {
             default_agent: Some(fp(1)),
             quiet: true,
+            pool: Some("gpu".into()),
+            worker: Some(fp(2)),
+            left_behind: None,
         },
         &entry("u1"),
     )
@@ -2390,6 +2469,8 @@ fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
     from.put_thread_mark("t1", b"{\"thread\":5}").unwrap();
     from.put_task_thread("t2", 77).unwrap();
     from.shared_secret("relay_key", b"k").unwrap();
+    from.put_pool_audited(&pool("gpu", PoolAccess::Everyone), &entry("pool:gpu"))
+        .unwrap();
     let exported = {
         let mut all = Vec::new();
         from.export(&mut |r| {
@@ -2412,9 +2493,15 @@ fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
     assert_eq!(to.shares_to("u2").unwrap().len(), 1);
     assert_eq!(to.agents_of("u2").unwrap().len(), 1);
     assert_eq!(to.audit_of_owner("u1", None, 10).unwrap().len(), 2);
+    // Pools and the index of their users come along.
+    assert_eq!(to.pools().unwrap(), from.pools().unwrap());
+    assert_eq!(
+        to.pool_users().unwrap(),
+        [("u1".to_string(), from.user("u1").unwrap())]
+    );
     // The log goes on after the imported numbers, without reusing one.
     let next = to.append_audit(&entry("u1")).unwrap();
-    assert_eq!(next.seq, 4, "three entries were imported");
+    assert_eq!(next.seq, 5, "four entries were imported");
     assert_eq!(to.shared_secret("relay_key", b"other").unwrap(), b"k");
     assert_eq!(
         to.task_threads(&["t2".to_string()]).unwrap(),

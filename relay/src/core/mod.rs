@@ -64,6 +64,7 @@ pub mod files;
 pub mod nodes;
 pub mod output;
 pub mod pairing;
+pub mod pools;
 pub mod projects;
 pub mod queue;
 pub mod redact;

@@ -67,6 +67,12 @@ impl State {
         // Minting runs on the core's thread, one at a time: two codes minted at once for one user cannot both
         // slip under the cap.
         self.check_agent_count(owner)?;
+        self.mint_code(owner)
+    }
+
+    /// Mints a code for `owner`, already checked (a user id, or a pool's owner: see [`super::pools`]),
+    /// superseding the oldest of its outstanding ones past the cap.
+    pub(crate) fn mint_code(&mut self, owner: &str) -> Result<(PairingToken, u64), CoreError> {
         let t = now();
         self.store.prune_pair_codes(t.saturating_sub(CODE_MEMORY))?;
         let mut live: Vec<PairCodeRecord> = self
@@ -115,7 +121,7 @@ impl State {
     /// Refuses a new agent for `owner` when they have [`CoreConfig::max_agents_per_user`] already. Checked when
     /// a code is minted (so the person hears it in Discord) and again when one is redeemed (codes minted
     /// earlier, or several at once).
-    fn check_agent_count(&self, owner: &str) -> Result<(), CoreError> {
+    pub(crate) fn check_agent_count(&self, owner: &str) -> Result<(), CoreError> {
         let have = self
             .store
             .agents_of(owner)?

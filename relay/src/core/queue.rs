@@ -177,6 +177,11 @@ impl State {
         if *user == owner {
             return Ok(Role::Owner);
         }
+        if let Some(pool) = crate::store::pool_of_owner(&owner) {
+            return self
+                .pool_standing(pool, user)
+                .map_err(|e| format!("cancelled: {e}"));
+        }
         match self.store().share(&owner, user) {
             Ok(Some(share)) if share.allows(&rec.spec.project) => {
                 Ok(super::shares::role_of(share.level))

@@ -14,8 +14,8 @@ use super::tasks::{
 };
 use super::{human_duration, Core};
 use crate::store::{
-    now, Admission, AgentRecord, Attachment, AuditEntry, AuditKind, Presence, Store, TaskLimits,
-    TaskRecord, TaskState,
+    now, pool_of_owner, Admission, AgentRecord, Attachment, AuditEntry, AuditKind, Presence, Store,
+    TaskLimits, TaskRecord, TaskState,
 };
 
 /// Longest Claude Code session id accepted for `resume` (they are UUIDs).
@@ -228,6 +228,13 @@ impl State {
         check_request(&req)?;
         self.take_task_token(&req.user, &pre)?;
         self.check_stored(&req.user, pre.stored_bytes, super::files::size_of(&files))?;
+        // A user in cluster mode who names nobody's machine means their pool worker.
+        if req.target.is_none()
+            && req.agent.is_none()
+            && self.store().user(&req.user)?.pool.is_some()
+        {
+            return self.decide_pool_task(req, files);
+        }
         let owner = owner_of(&req);
         // The share is checked before anything about the owner's agents is looked at, so someone without a
         // share learns nothing about them (not even their names).
@@ -259,6 +266,52 @@ impl State {
             operator: req.operator,
             files,
         })
+    }
+
+    /// A cluster-mode user's task, for their pool worker (assigned, or moved off a drained or removed one,
+    /// here: see [`super::pools`]). The requester is a trusted grantee, so approvals go to them; the project
+    /// is the worker's to find in their workspace.
+    fn decide_pool_task(
+        &mut self,
+        req: Submit,
+        files: Vec<Attachment>,
+    ) -> Result<Admit, TaskError> {
+        let caller = Caller {
+            user: &req.user,
+            operator: req.operator,
+        };
+        // Bounded: the roles are compared with the pool's for every request (Discord has at most 250).
+        let roles = req
+            .roles
+            .as_deref()
+            .map(|r| &r[..r.len().min(super::pools::MAX_ROLES)]);
+        let (agent, _moved) = self.assign_worker(caller, roles)?;
+        if let Some(session) = &req.resume {
+            self.check_resume(&req.user, &agent, session)?;
+        }
+        self.prepare(NewTask {
+            presence: None,
+            agent,
+            user: req.user,
+            name: display_name(req.name),
+            role: Role::TrustedGrantee,
+            project: req.project,
+            prompt: req.prompt,
+            options: req.options,
+            resume: req.resume,
+            follows: None,
+            operator: req.operator,
+            files,
+        })
+    }
+
+    /// The requester's role on the agent of `owner` a task ran on: a share's, or for a pool worker the
+    /// pool's (see [`State::pool_standing`]).
+    fn role_on(&mut self, user: &str, owner: &str, project: &str) -> Result<Role, TaskError> {
+        match pool_of_owner(owner) {
+            Some(pool) => self.pool_standing(pool, user),
+            None => self.role_for(user, owner, project),
+        }
     }
 
     /// Refuses a new task when the output `user`'s tasks keep has reached `CoreConfig::max_stored_per_user`.
@@ -391,6 +444,10 @@ impl State {
             // An agent that never reported its projects decides for itself.
             return Ok(());
         };
+        if pool_of_owner(&agent.owner).is_some() {
+            // A pool worker finds the project in the user's own workspace; its report lists none.
+            return Ok(());
+        }
         if role != Role::Owner && !report.accepts_shared {
             return Err(TaskError::SharedNotAccepted {
                 agent: agent.name.clone(),
@@ -593,7 +650,7 @@ impl State {
             }
             // A grantee whose share was revoked or narrowed may not keep talking to the owner's machine; the
             // lock keeps a revocation from landing between this check and the send.
-            let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
+            let role = self.role_on(user, &agent.owner, &rec.spec.project)?;
             let preview = preview(&prompt);
             if !files.is_empty() {
                 super::files::agent_takes_files(&agent)?;
@@ -647,7 +704,7 @@ impl State {
             });
         }
         self.take_task_token(user, &Preread::default())?;
-        let role = self.role_for(user, &agent.owner, &rec.spec.project)?;
+        let role = self.role_on(user, &agent.owner, &rec.spec.project)?;
         let new = self.enqueue(NewTask {
             presence: None,
             agent,

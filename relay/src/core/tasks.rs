@@ -38,6 +38,10 @@ pub struct Submit {
     pub resume: Option<String>,
     /// Whether the relay operator submits this as `user` through the admin socket (recorded in the audit log).
     pub operator: bool,
+    /// The Discord role ids of `user` in the guild, when the front end knows them (the bot does): a user in
+    /// cluster mode is checked against their pool's access with them. `None` (the admin socket): only a
+    /// pool's user list or "everyone" can admit them, and a pool open only to roles refuses, saying why.
+    pub roles: Option<Vec<String>>,
 }
 
 /// What [`Core::reply`] did with a follow-up.
@@ -232,6 +236,9 @@ pub enum TaskError {
          send the message without files, or again in a moment"
     )]
     FilesElsewhere(String),
+    /// About worker pools (a refusal, an unknown pool, no worker online), in words that say what to do.
+    #[error("{0}")]
+    Pool(String),
     #[error(transparent)]
     Stopped(#[from] super::Stopped),
     #[error(transparent)]

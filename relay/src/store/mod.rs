@@ -330,6 +330,19 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         entry: &AuditEntry,
     ) -> Result<AuditEntry>;
 
+    // --- worker pools ---
+
+    /// The pool `name`, if the operator made one.
+    fn pool(&self, name: &str) -> Result<Option<PoolRecord>>;
+    /// Every pool, by name.
+    fn pools(&self) -> Result<Vec<PoolRecord>>;
+    /// Creates or replaces a pool with its entry.
+    fn put_pool_audited(&self, rec: &PoolRecord, entry: &AuditEntry) -> Result<AuditEntry>;
+    /// Every user whose record says anything about pools ([`UserRecord::in_pools`]: a mode, an assignment),
+    /// by id: what assignment counts load from and what the operator's pool list shows. Read through an index,
+    /// not a pass over every user.
+    fn pool_users(&self) -> Result<Vec<(String, UserRecord)>>;
+
     // --- the audit log ---
 
     /// Appends one entry on its own.
@@ -464,6 +477,7 @@ pub enum Exported {
     /// A task's Discord thread (see [`Store::put_task_thread`]).
     TaskThread(String, u64),
     Secret(String, Vec<u8>),
+    Pool(PoolRecord),
 }
 
 /// Typed conveniences over the byte-level methods, for callers (tests, front ends) that want records.

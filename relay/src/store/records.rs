@@ -195,6 +195,78 @@ pub struct UserRecord {
     /// The user asked not to be @mentioned (`/mentions off`). Unset in records written before it existed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub quiet: bool,
+    /// The worker pool the user's tasks go to (`/register mode cluster`); `None`: their own machines (local
+    /// mode). Unset in records written before pools existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The pool worker the user is assigned to, where their workspace lives. Kept when they go back to local
+    /// mode, so coming back finds their files; replaced only when the worker is drained or gone, or the user
+    /// moves to another pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<Fingerprint>,
+    /// The name of the worker the user was last moved off (drained or removed): their files from before stay
+    /// there, which `/register status` keeps saying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_behind: Option<String>,
+}
+
+impl UserRecord {
+    /// Whether the record says anything about pools (the stores index these users).
+    pub fn in_pools(&self) -> bool {
+        self.pool.is_some() || self.worker.is_some()
+    }
+}
+
+/// The owner recorded for the workers of pool `name`: never a Discord id (those are digits), so no person is
+/// ever the owner of a worker.
+pub fn pool_owner(name: &str) -> String {
+    format!("{POOL_OWNER_PREFIX}{name}")
+}
+
+/// The pool an agent's owner names, if the agent is a pool worker.
+pub fn pool_of_owner(owner: &str) -> Option<&str> {
+    owner.strip_prefix(POOL_OWNER_PREFIX)
+}
+
+/// What pool workers' owners start with.
+pub const POOL_OWNER_PREFIX: &str = "pool:";
+
+/// Who may use a worker pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PoolAccess {
+    /// Everyone who can reach the relay (everyone in the guild, through the bot).
+    Everyone,
+    /// Members of any of these Discord roles (role ids).
+    Roles { roles: Vec<String> },
+    /// These Discord users (an empty list: nobody, which is what a new pool starts with).
+    Users { users: Vec<String> },
+}
+
+impl PoolAccess {
+    /// In words, for tables and the audit log.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Everyone => "everyone".into(),
+            Self::Roles { roles } if roles.is_empty() => "nobody (no roles)".into(),
+            Self::Roles { roles } => format!("roles {}", roles.join(", ")),
+            Self::Users { users } if users.is_empty() => "nobody yet".into(),
+            Self::Users { users } => format!("users {}", users.join(", ")),
+        }
+    }
+}
+
+/// A worker pool, named by the operator. Its workers are the agents whose owner is [`pool_owner`]`(name)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecord {
+    pub name: String,
+    pub access: PoolAccess,
+    pub created_at: u64,
+    /// Workers being drained: no new users, and their users move on their next task or project command. Kept
+    /// here, with the operator's other decisions about the pool (one audited write), rather than in the
+    /// agent's record, which the agent's own sessions keep rewriting (reports, last seen).
+    #[serde(default)]
+    pub drained: Vec<Fingerprint>,
 }
 
 /// A project change made through the relay.
@@ -271,6 +343,9 @@ pub enum AuditKind {
     DefaultAgentSet,
     /// The user changed a setting of their own (`detail` says which and to what).
     SettingChanged,
+    /// A worker pool was created or changed (its access, a worker drained), a user changed mode or pool,
+    /// or was assigned to (or moved between) its workers: `detail` says what.
+    PoolChanged { pool: String },
     /// A finished task's worktree branch was merged, kept or discarded (or that was refused: `ok` false).
     WorktreeDecided {
         /// "merge", "keep" or "discard".
@@ -299,6 +374,7 @@ impl AuditKind {
             Self::ProjectChanged { .. } => "project",
             Self::DefaultAgentSet => "default-agent",
             Self::SettingChanged => "setting",
+            Self::PoolChanged { .. } => "pool",
         }
     }
 }

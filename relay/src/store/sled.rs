@@ -28,8 +28,8 @@ use sled::Transactional;
 
 use super::{
     Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
-    Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
-    WebSessionKind, WebSessionRecord,
+    PoolRecord, Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord,
+    UserRecord, WebSessionKind, WebSessionRecord,
 };
 
 /// The open store.
@@ -49,6 +49,12 @@ pub struct SledStore {
     shares_by_grantee: sled::Tree,
     /// User id → [`UserRecord`].
     users: sled::Tree,
+    /// Index of the users whose record says anything about pools ([`UserRecord::in_pools`]): user id → ().
+    /// Written in the same transaction as `users`; no record written before pools existed has a pool, so an
+    /// older store's empty index is complete.
+    pool_users: sled::Tree,
+    /// Pool name → [`PoolRecord`].
+    pools: sled::Tree,
     /// The audit log: sequence number (big-endian u64) → [`AuditEntry`].
     audit: sled::Tree,
     /// Index of the audit log by the owner each entry concerns: owner, 0, sequence number → ().
@@ -209,6 +215,8 @@ impl SledStore {
             shares: db.open_tree("shares")?,
             shares_by_grantee: db.open_tree("shares_by_grantee")?,
             users: db.open_tree("users")?,
+            pool_users: db.open_tree("pool_users")?,
+            pools: db.open_tree("pools")?,
             audit: db.open_tree("audit")?,
             audit_owner: db.open_tree("audit_owner")?,
             meta: db.open_tree("meta")?,
@@ -946,11 +954,50 @@ impl Store for SledStore {
         entry: &AuditEntry,
     ) -> Result<AuditEntry> {
         let value = serde_json::to_vec(rec)?;
-        let ((), e) = self.audited(&[&self.users], entry, |t| {
+        let ((), e) = self.audited(&[&self.users, &self.pool_users], entry, |t| {
             t[0].insert(id.as_bytes(), value.as_slice())?;
+            if rec.in_pools() {
+                t[1].insert(id.as_bytes(), &[])?;
+            } else {
+                t[1].remove(id.as_bytes())?;
+            }
             Ok(())
         })?;
         Ok(e)
+    }
+
+    fn pool(&self, name: &str) -> Result<Option<PoolRecord>> {
+        get(&self.pools, name.as_bytes())
+    }
+
+    fn pools(&self) -> Result<Vec<PoolRecord>> {
+        self.pools
+            .iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    fn put_pool_audited(&self, rec: &PoolRecord, entry: &AuditEntry) -> Result<AuditEntry> {
+        let value = serde_json::to_vec(rec)?;
+        let ((), e) = self.audited(&[&self.pools], entry, |t| {
+            t[0].insert(rec.name.as_bytes(), value.as_slice())?;
+            Ok(())
+        })?;
+        Ok(e)
+    }
+
+    fn pool_users(&self) -> Result<Vec<(String, UserRecord)>> {
+        let mut out = Vec::new();
+        for key in self.pool_users.iter().keys() {
+            let key = key?;
+            let id =
+                String::from_utf8(key.to_vec()).map_err(|_| corrupt("user id is not UTF-8"))?;
+            if let Some(rec) = get::<UserRecord>(&self.users, &key)? {
+                out.push((id, rec));
+            }
+        }
+        Ok(out)
     }
 
     fn append_audit(&self, entry: &AuditEntry) -> Result<AuditEntry> {
@@ -1373,6 +1420,9 @@ impl Store for SledStore {
         for v in self.shares.iter().values() {
             sink(Exported::Share(serde_json::from_slice(&v?)?))?;
         }
+        for v in self.pools.iter().values() {
+            sink(Exported::Pool(serde_json::from_slice(&v?)?))?;
+        }
         for v in self.tasks.iter().values() {
             let rec: TaskRecord = serde_json::from_slice(&v?)?;
             let events = self.event_bytes(&rec.spec.task, 0)?;
@@ -1407,7 +1457,13 @@ impl Store for SledStore {
             match record {
                 Exported::Agent(rec) => self.put_agent(rec)?,
                 Exported::PairCode(rec) => self.put_pair_code(rec)?,
-                Exported::User(id, rec) => put(&self.users, id.as_bytes(), rec)?,
+                Exported::User(id, rec) => {
+                    put(&self.users, id.as_bytes(), rec)?;
+                    if rec.in_pools() {
+                        self.pool_users.insert(id.as_bytes(), &[])?;
+                    }
+                }
+                Exported::Pool(rec) => put(&self.pools, rec.name.as_bytes(), rec)?,
                 Exported::Share(rec) => {
                     put(&self.shares, &share_key(&rec.owner, &rec.grantee), rec)?;
                     self.shares_by_grantee

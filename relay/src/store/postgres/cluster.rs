@@ -248,6 +248,9 @@ impl PgStore {
         {
             sink(Exported::Share(body(&row)?))?;
         }
+        for row in self.read(|c| c.query("SELECT body FROM ct_pools ORDER BY name", &[]))? {
+            sink(Exported::Pool(body(&row)?))?;
+        }
         // Tasks a page at a time, each with its events.
         let mut after = String::new();
         loop {
@@ -308,11 +311,10 @@ impl PgStore {
                         )?;
                     }
                     Exported::User(id, rec) => {
-                        c.execute(
-                            "INSERT INTO ct_users (id, body) VALUES ($1, $2)
-                             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-                            &[id, &serde_json::to_vec(rec)?],
-                        )?;
+                        Self::put_user_on(c, id, rec.in_pools(), &serde_json::to_vec(rec)?)?;
+                    }
+                    Exported::Pool(rec) => {
+                        Self::put_pool_on(c, &rec.name, &serde_json::to_vec(rec)?)?;
                     }
                     Exported::Share(rec) => {
                         c.execute(

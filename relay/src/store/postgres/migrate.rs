@@ -51,6 +51,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "web_sessions",
         sql: include_str!("../../../migrations/0006_web_sessions.sql"),
     },
+    Migration {
+        version: 7,
+        name: "pools",
+        sql: include_str!("../../../migrations/0007_pools.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).

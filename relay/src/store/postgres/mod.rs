@@ -57,8 +57,8 @@ use serde::de::DeserializeOwned;
 use self::pool::{Conn, Lease, Pool};
 use super::{
     Admission, AgentRecord, Attachment, AuditEntry, EventRun, Exported, NodeRecord, PairCodeRecord,
-    Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord, UserRecord,
-    WebSessionKind, WebSessionRecord,
+    PoolRecord, Presence, Result, ShareRecord, Store, StoreError, TaskLimits, TaskRecord,
+    UserRecord, WebSessionKind, WebSessionRecord,
 };
 
 /// The open store: a pool of connections to one database.
@@ -250,6 +250,25 @@ impl PgStore {
                  is_open = excluded.is_open, ord = excluded.ord, updated_at = excluded.updated_at,
                  output_bytes = excluded.output_bytes, body = excluded.body",
             &row.columns(),
+        )?;
+        Ok(())
+    }
+
+    /// Writes a user's record with its `in_pool` mark (see migration 7).
+    fn put_user_on(conn: &mut Conn, id: &str, in_pool: bool, value: &[u8]) -> Result<()> {
+        conn.execute(
+            "INSERT INTO ct_users (id, body, in_pool) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body, in_pool = excluded.in_pool",
+            &[&id, &value, &in_pool],
+        )?;
+        Ok(())
+    }
+
+    fn put_pool_on(conn: &mut Conn, name: &str, value: &[u8]) -> Result<()> {
+        conn.execute(
+            "INSERT INTO ct_pools (name, body) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            &[&name, &value],
         )?;
         Ok(())
     }
@@ -880,13 +899,42 @@ impl Store for PgStore {
     ) -> Result<AuditEntry> {
         let value = serde_json::to_vec(rec)?;
         self.transaction(|c| {
-            c.execute(
-                "INSERT INTO ct_users (id, body) VALUES ($1, $2)
-                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-                &[&id, &value],
-            )?;
+            Self::put_user_on(c, id, rec.in_pools(), &value)?;
             Self::audit(c, entry)
         })
+    }
+
+    fn pool(&self, name: &str) -> Result<Option<PoolRecord>> {
+        let row =
+            self.read(|c| c.query_opt("SELECT body FROM ct_pools WHERE name = $1", &[&name]))?;
+        row.map(|r| body(&r)).transpose()
+    }
+
+    fn pools(&self) -> Result<Vec<PoolRecord>> {
+        bodies(&self.read(|c| c.query("SELECT body FROM ct_pools ORDER BY name", &[]))?)
+    }
+
+    fn put_pool_audited(&self, rec: &PoolRecord, entry: &AuditEntry) -> Result<AuditEntry> {
+        let value = serde_json::to_vec(rec)?;
+        self.transaction(|c| {
+            Self::put_pool_on(c, &rec.name, &value)?;
+            Self::audit(c, entry)
+        })
+    }
+
+    fn pool_users(&self) -> Result<Vec<(String, UserRecord)>> {
+        self.read(|c| {
+            c.query(
+                "SELECT id, body FROM ct_users WHERE in_pool ORDER BY id",
+                &[],
+            )
+        })?
+        .iter()
+        .map(|row| {
+            let bytes: &[u8] = row.try_get(1)?;
+            Ok((row.try_get(0)?, serde_json::from_slice(bytes)?))
+        })
+        .collect()
     }
 
     // --- the audit log ---

@@ -114,7 +114,7 @@ fn three_nodes_starting_at_once_migrate_once() {
     assert_eq!(applied[0], (1, "init".to_string()));
     assert_eq!(
         applied.last().unwrap(),
-        &(6, "web_sessions".to_string()),
+        &(7, "pools".to_string()),
         "{applied:?}"
     );
 }
