@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ct_bot::backend::{
     AgentInfo, AuditEntry, BackendError, DashboardLink, HistoryEntry, HistoryPage, HistoryQuery,
-    Pairing, ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest,
-    ThreadMark,
+    ModeInfo, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest,
+    ThreadMark, UsageReport, WorkspaceOp,
 };
 use ct_bot::leader::LeaseTimes;
 use ct_protocol::pairing::PairingToken;
@@ -25,6 +25,7 @@ use tracing::{error, info};
 pub use ct_bot::config::{BotConfig, Delivery};
 pub use ct_bot::{Backend, Bot};
 
+use crate::core::pools::{Mode, PoolOp, PoolReply};
 use crate::core::{AgentView, Core, CoreError};
 use crate::store::{self, now, AgentRecord, Store, TaskRecord, TaskState};
 use crate::tasks::{ReplyOutcome, Submit, TaskError};
@@ -192,6 +193,68 @@ impl CoreBackend {
                 many.join(", ")
             ))),
         }
+    }
+}
+
+impl CoreBackend {
+    /// Whether `req` goes to the requester's pool worker, and makes it say so the way the core routes it: no
+    /// target and no agent. A follow-up of a pool task names the worker's owner (`pool:NAME`) as its target,
+    /// and the dashboard names the worker as the agent of a workspace project: both mean the user's worker.
+    async fn to_pool(&self, req: &mut TaskRequest) -> Result<bool> {
+        if req
+            .target
+            .as_deref()
+            .is_some_and(|t| store::pool_of_owner(t).is_some())
+        {
+            req.target = None;
+            req.agent = None;
+        }
+        if req.target.is_some() {
+            return Ok(false);
+        }
+        let mode = self.core.mode(&req.user).await.map_err(task_err)?;
+        if !mode.cluster {
+            return Ok(false);
+        }
+        if req.agent.is_some() && req.agent == mode.worker {
+            req.agent = None;
+        }
+        Ok(req.agent.is_none())
+    }
+
+    /// The project a pool user's `/task` without one means: the only one in their workspace.
+    async fn default_workspace_project(&self, req: &TaskRequest) -> Result<String> {
+        let names: Vec<String> = self
+            .workspace(&req.user, &req.roles, WorkspaceOp::List)
+            .await?
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        match names.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(BackendError::Refused(
+                "your workspace has no projects yet: make one with `/project add NAME [git URL]`"
+                    .into(),
+            )),
+            many => Err(BackendError::Refused(format!(
+                "say which project: {}",
+                many.join(", ")
+            ))),
+        }
+    }
+}
+
+/// What `/register status` shows of a user's mode.
+fn mode_info(view: crate::core::pools::ModeView) -> ModeInfo {
+    ModeInfo {
+        pool: view.cluster.then_some(view.pool).flatten(),
+        worker: view.worker,
+        worker_online: view.online,
+        note: match (view.draining, view.note) {
+            (true, Some(note)) => Some(format!("Your worker is being drained: your next task moves you to another one. {note}")),
+            (true, None) => Some("Your worker is being drained: your next task moves you to another one, and your files stay on this one.".into()),
+            (false, note) => note,
+        },
     }
 }
 
@@ -381,6 +444,16 @@ impl Backend for CoreBackend {
                 }));
             }
         }
+        // A pool user's workspace, asked of their worker. The front ends know no roles here, so a pool open
+        // only to a role lists nothing from it; `/project list` (with the member's roles) still does.
+        if self.core.mode(user).await.is_ok_and(|m| m.cluster) {
+            match self.workspace(user, &[], WorkspaceOp::List).await {
+                Ok(projects) => out.extend(projects),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a pool user's workspace could not be listed")
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -437,9 +510,12 @@ impl Backend for CoreBackend {
         req: TaskRequest,
         files: Vec<ct_bot::backend::Attachment>,
     ) -> Result<TaskInfo> {
-        let project = match &req.project {
-            Some(p) => p.clone(),
-            None => self.default_project(&req).await?,
+        let mut req = req;
+        let pooled = self.to_pool(&mut req).await?;
+        let project = match (&req.project, pooled) {
+            (Some(p), _) => p.clone(),
+            (None, true) => self.default_workspace_project(&req).await?,
+            (None, false) => self.default_project(&req).await?,
         };
         let rec = self
             .core
@@ -454,7 +530,7 @@ impl Backend for CoreBackend {
                     options: req.options,
                     resume: req.resume,
                     operator: false,
-                    roles: None,
+                    roles: Some(req.roles),
                 },
                 files,
             )
@@ -773,6 +849,74 @@ impl Backend for CoreBackend {
                     && e.task.as_deref() == Some(task.id.as_str())
             })
             .map(|e| e.actor))
+    }
+
+    async fn set_mode(&self, user: &str, pool: Option<&str>, roles: &[String]) -> Result<ModeInfo> {
+        let mode = match pool.map(str::trim) {
+            None => Mode::Local,
+            Some("") => Mode::Cluster { pool: None },
+            Some(p) => Mode::Cluster {
+                pool: Some(p.to_string()),
+            },
+        };
+        let view = self
+            .core
+            .set_mode(user, mode, Some(roles))
+            .await
+            .map_err(task_err)?;
+        Ok(mode_info(view))
+    }
+
+    async fn mode(&self, user: &str) -> Result<ModeInfo> {
+        let view = self.core.mode(user).await.map_err(task_err)?;
+        Ok(mode_info(view))
+    }
+
+    async fn workspace(
+        &self,
+        user: &str,
+        roles: &[String],
+        op: WorkspaceOp,
+    ) -> Result<Vec<ProjectInfo>> {
+        let op = match op {
+            WorkspaceOp::Create { name, git } => PoolOp::Create { name, git },
+            WorkspaceOp::List => PoolOp::List,
+            WorkspaceOp::Remove { name } => PoolOp::Remove { name },
+        };
+        let answer = self
+            .core
+            .pool_project(user, Some(roles), op)
+            .await
+            .map_err(task_err)?;
+        match answer.reply {
+            PoolReply::Projects(report) => Ok(report
+                .projects
+                .into_iter()
+                .map(|p| ProjectInfo {
+                    name: p.name,
+                    path: p.path,
+                    agent: answer.worker.clone(),
+                    owner: user.to_string(),
+                })
+                .collect()),
+            PoolReply::Usage(_) => Err(BackendError::Internal(anyhow::anyhow!(
+                "the worker answered a project command with usage"
+            ))),
+        }
+    }
+
+    async fn usage(&self, user: &str, roles: &[String]) -> Result<UsageReport> {
+        let answer = self
+            .core
+            .pool_project(user, Some(roles), PoolOp::Usage)
+            .await
+            .map_err(task_err)?;
+        match answer.reply {
+            PoolReply::Usage(usage) => Ok(usage),
+            PoolReply::Projects(_) => Err(BackendError::Internal(anyhow::anyhow!(
+                "the worker answered a usage question with projects"
+            ))),
+        }
     }
 
     async fn dashboard_link(&self, user: &str) -> Result<DashboardLink> {
