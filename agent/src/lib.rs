@@ -42,6 +42,7 @@ pub mod doctor;
 pub mod meter;
 pub mod outbox;
 pub mod pair;
+pub mod pool;
 pub mod projects;
 pub mod proxy;
 pub mod run;

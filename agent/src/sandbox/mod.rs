@@ -44,6 +44,12 @@ const SYSTEM_DIRS: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/nix",
 ];
 
+/// The system folder, bound read-only into every sandbox, that holds `path` (canonical), if any: a pool's
+/// workspaces or an agent's config there would be visible to every task.
+pub fn seen_by_every_sandbox(path: &Path) -> Option<&'static str> {
+    SYSTEM_DIRS.iter().copied().find(|d| path.starts_with(d))
+}
+
 /// Who runs in the sandbox, as the owner set it (`ct-agent sandbox`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxSettings {
