@@ -1041,7 +1041,10 @@ impl Inner {
             return false;
         };
         let drivers = self.drivers();
-        drivers.shared.values().any(|c| c.starts_with(&path))
+        drivers
+            .shared
+            .iter()
+            .any(|(task, c)| drivers.running.contains_key(task) && c.starts_with(&path))
             || drivers
                 .warm
                 .values()
