@@ -539,7 +539,7 @@ pub fn check_git_url(url: &str, allowed: &[String]) -> Result<(), String> {
         }
         "ssh".to_owned()
     };
-    if !allowed.iter().any(|a| *a == scheme) {
+    if !allowed.contains(&scheme) {
         return refuse(&format!("`{scheme}` is not allowed on a pool worker"));
     }
     Ok(())
