@@ -151,7 +151,8 @@ struct PoolArgs {
         value_name = "AMOUNT[/day|/month]"
     )]
     budget_per_user: Option<String>,
-    /// Address space of each process of a task, in MiB
+    /// Address space of each process of a task, in MiB (Claude Code itself reserves about 2.5 GiB: keep
+    /// this at 3072 or more)
     #[arg(
         long,
         env = "CT_AGENT_TASK_MEMORY_MIB",
@@ -296,7 +297,8 @@ enum SharingCommand {
         #[arg(required = true, value_name = "DISCORD_USER_ID")]
         users: Vec<String>,
     },
-    /// Limit what one person's shared tasks may spend in total (`5usd`, `200000tokens`, `200k`), or `none`
+    /// Limit what one person's shared tasks may spend, in total (`5usd`, `200000tokens`, `200k`) or per UTC
+    /// day or month (`5usd/day`, `200k/month`), or `none`; on a pool worker, overrides --budget-per-user
     Budget {
         #[arg(value_name = "DISCORD_USER_ID")]
         user: String,
@@ -569,10 +571,16 @@ fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Res
     }
     let budgets = ct_agent::meter::budgets(&dir)?;
     let meter = ct_agent::meter::Meter::load(&dir)?;
+    let now = ct_agent::meter::now_secs();
     for (user, budget) in &budgets {
+        let period = match budget.period {
+            ct_agent::meter::Period::Total => "so far",
+            ct_agent::meter::Period::Day => "today (UTC)",
+            ct_agent::meter::Period::Month => "this month (UTC)",
+        };
         println!(
-            "Budget for {user}: {budget}; used so far: {}.",
-            meter.used(user)
+            "Budget for {user}: {budget}; used {period}: {}.",
+            meter.record(user).in_period(budget.period, now)
         );
     }
     if budgets.is_empty() {

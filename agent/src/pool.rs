@@ -131,6 +131,24 @@ impl PoolConfig {
     /// or `/usr` would show every user's files to every other.
     pub fn prepare(&mut self) -> Result<(), String> {
         use std::os::unix::fs::DirBuilderExt as _;
+        let seen = |path: &Path| {
+            match crate::sandbox::seen_by_every_sandbox(path) {
+            Some(shared) => Err(format!(
+                "the workspaces folder {} is inside {shared}, which every task's sandbox sees: choose a folder \
+                 elsewhere (`--workspaces /data`)",
+                path.display()
+            )),
+            None => Ok(()),
+        }
+        };
+        if !self.workspaces.is_absolute() {
+            return Err(format!(
+                "the workspaces folder must be an absolute path, not {}",
+                self.workspaces.display()
+            ));
+        }
+        // Checked before anything is created there, and again once links are resolved.
+        seen(&self.workspaces)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -143,15 +161,50 @@ impl PoolConfig {
             })?;
         let canonical = std::fs::canonicalize(&self.workspaces)
             .map_err(|e| format!("cannot open {}: {e}", self.workspaces.display()))?;
-        if let Some(shared) = crate::sandbox::seen_by_every_sandbox(&canonical) {
-            return Err(format!(
-                "the workspaces folder {} is inside {shared}, which every task's sandbox sees: choose a folder \
-                 elsewhere (`--workspaces /data`)",
-                canonical.display()
-            ));
-        }
+        seen(&canonical)?;
         self.workspaces = canonical;
         Ok(())
+    }
+
+    /// Removes what a worker that stopped mid-clone or mid-removal left in users' folders (hidden
+    /// `.clone-*` and `.trash-*` folders, never projects). Only at start, when no clone or removal runs.
+    pub fn sweep_leftovers(&self) {
+        let Ok(users) = std::fs::read_dir(self.workspaces.join(USERS_DIR)) else {
+            return;
+        };
+        for user in users.flatten() {
+            let Some(id) = user.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let Ok((dir, path)) = self.user_dir(&id) else {
+                continue;
+            };
+            let Ok(read) = rfs::openat(
+                &dir,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .and_then(rfs::Dir::read_from) else {
+                continue;
+            };
+            for entry in read.flatten() {
+                let Ok(name) = entry.file_name().to_str() else {
+                    continue;
+                };
+                if name.starts_with(".clone-") || name.starts_with(".trash-") {
+                    let leftover = path.join(name);
+                    match remove_tree(&leftover) {
+                        Ok(()) => {
+                            tracing::info!(path = %leftover.display(), "removed what an interrupted clone or removal left")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, path = %leftover.display(), "cannot remove what an interrupted clone or removal left")
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// `<workspaces>/users/<user>`, opened by descriptor without following a link (created `0700` when

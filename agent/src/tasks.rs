@@ -292,6 +292,11 @@ impl Tasks {
                 files: Mutex::new(Assembly::default()),
             }),
         };
+        if let Some(pool) = tasks.inner.config.pool.clone() {
+            tasks.inner.tracker.spawn(async move {
+                let _ = tokio::task::spawn_blocking(move || pool.sweep_leftovers()).await;
+            });
+        }
         let inner = tasks.inner.clone();
         tasks.inner.tracker.spawn(async move {
             let mut every = tokio::time::interval(inner.config.worktree_sweep_every);

@@ -711,8 +711,15 @@ async fn a_project_is_cloned_from_a_repository_and_workspaces_outlive_a_worker_r
     );
     assert!(results_of(&p.fake, "CLONE-TASK-ONE").contains("CLONED-CONTENT"));
     w.stop().await;
+    // What a worker stopped mid-clone would leave: removed when it starts again.
+    std::fs::create_dir_all(p.user_dir(ALICE).join(".clone-0123456789abcdef/.git")).unwrap();
 
     let w = p.worker();
+    ct_testkit::process::poll_until(T, "the leftover clone removed", || {
+        !p.user_dir(ALICE).join(".clone-0123456789abcdef").exists()
+    })
+    .await
+    .expect("leftovers swept at start");
     match w.project(ProjectOp::ListFor { user: ALICE.into() }).await {
         ProjectReply::Ok(r) => assert_eq!(r.projects[0].name, "cloned", "{r:?}"),
         other => panic!("{other:?}"),
@@ -739,4 +746,52 @@ async fn a_project_is_cloned_from_a_repository_and_workspaces_outlive_a_worker_r
     );
     assert!(results_of(&p.fake, "CLONE-TASK-TWO").contains("AFTER"));
     w.stop().await;
+}
+
+#[test]
+fn a_worker_that_could_not_isolate_or_pay_for_its_tasks_refuses_to_start() {
+    let dir = scratch("ct-worker-");
+    let ws = scratch("ct-ws-");
+    let run = |args: &[&str], key: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ct-agent"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap())
+            .arg("--config-dir")
+            .arg(dir.path())
+            .args(["run", "--pool"])
+            .args(args);
+        if key {
+            cmd.env("CT_AGENT_SHARED_API_KEY", SHARED_KEY);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let in_ws = ws.path().join("data").display().to_string();
+    let (ok, err) = run(&["--workspaces", &in_ws], false);
+    assert!(
+        !ok && err.contains("needs the operator's Anthropic API key"),
+        "{err}"
+    );
+    let (ok, err) = run(&["--workspaces", &in_ws, "--budget-per-user", "lots"], true);
+    assert!(!ok && err.contains("is not a budget"), "{err}");
+    // Every sandbox binds /opt (and /usr, /etc...) read-only: workspaces there would be everyone's.
+    let (ok, err) = run(&["--workspaces", "/opt/ct-pool-test-workspaces"], true);
+    assert!(
+        !ok && err.contains("which every task's sandbox sees"),
+        "{err}"
+    );
+    assert!(
+        !Path::new("/opt/ct-pool-test-workspaces").exists(),
+        "nothing created there"
+    );
+    // Good settings get as far as the pairing.
+    let (ok, err) = run(
+        &["--workspaces", &in_ws, "--budget-per-user", "5usd/day"],
+        true,
+    );
+    assert!(!ok && err.contains("not paired"), "{err}");
+    assert!(ws.path().join("data").is_dir());
 }
