@@ -1039,21 +1039,31 @@ impl Inner {
         }
     }
 
-    /// Whether a task runs, or a warm process waits, in `user`'s project `name` (which must not be removed
-    /// under it).
+    /// Whether a task runs in `user`'s project `name`, which must then not be removed under it. Warm
+    /// processes there (finished tasks waiting for a follow-up) are closed instead: the project is going.
     fn pool_project_busy(&self, user: &str, name: &str, pool: &PoolConfig) -> bool {
         let Ok(path) = pool.project_dir(user, name) else {
             return false;
         };
-        let drivers = self.drivers();
-        drivers
+        let mut drivers = self.drivers();
+        let running = drivers
             .shared
             .iter()
-            .any(|(task, c)| drivers.running.contains_key(task) && c.starts_with(&path))
-            || drivers
+            .any(|(task, c)| drivers.running.contains_key(task) && c.starts_with(&path));
+        if !running {
+            let warm: Vec<String> = drivers
                 .warm
-                .values()
-                .any(|w| w.owner.cwd.starts_with(&path))
+                .iter()
+                .filter(|(_, w)| w.owner.cwd.starts_with(&path))
+                .map(|(sid, _)| sid.clone())
+                .collect();
+            for sid in warm {
+                if let Some(w) = drivers.warm.remove(&sid) {
+                    let _ = w.tx.send(Cmd::Cancel);
+                }
+            }
+        }
+        running
     }
 
     fn report(&self) -> ProjectsReport {

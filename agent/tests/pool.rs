@@ -750,6 +750,18 @@ async fn a_project_is_cloned_from_a_repository_and_workspaces_outlive_a_worker_r
         w.events("t_2")
     );
     assert!(results_of(&p.fake, "CLONE-TASK-TWO").contains("AFTER"));
+    // Its Claude Code waits warm for a follow-up; removing the project closes it rather than waiting.
+    match w
+        .project(ProjectOp::RemoveFor {
+            user: ALICE.into(),
+            name: "cloned".into(),
+        })
+        .await
+    {
+        ProjectReply::Ok(r) => assert!(r.projects.is_empty(), "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!project.exists());
     w.stop().await;
 }
 
