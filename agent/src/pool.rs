@@ -288,16 +288,16 @@ impl PoolConfig {
         }
         let this = self.clone();
         let (user_s, name_s) = (user.to_owned(), name.to_owned());
-        let (dir, path) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let (dir, path, used) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let (dir, path) = this.user_dir(&user_s)?;
-            this.check_quota_of(&dir)?;
+            let used = this.check_quota_of(&dir)?;
             if this.list(&user_s)?.len() >= MAX_PROJECTS {
                 return Err(format!(
                     "you already have {MAX_PROJECTS} projects on this pool worker: remove one first"
                 ));
             }
             match rfs::statat(&dir, name_s.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                Err(Errno::NOENT) => Ok((dir, path)),
+                Err(Errno::NOENT) => Ok((dir, path, used)),
                 Ok(_) => Err(format!(
                     "you already have a project (or file) named `{name_s}` here: pick another name, or \
                      remove it first with `/project remove {name_s}`"
@@ -315,14 +315,15 @@ impl PoolConfig {
             };
         };
         let temp = format!(".clone-{}", random_hex());
-        let cloned = self.clone_into(&path.join(&temp), url).await;
+        let room = self.quota_bytes.saturating_sub(used);
+        let cloned = self.clone_into(&path.join(&temp), url, room).await;
         let placed = match cloned {
             Ok(()) => {
                 let this = self.clone();
                 let (temp, name) = (temp.clone(), name.to_owned());
                 let dir = dir.try_clone().map_err(|e| e.to_string())?;
                 tokio::task::spawn_blocking(move || -> Result<(), String> {
-                    this.check_quota_of(&dir).map_err(|e| {
+                    this.check_quota_of(&dir).map(drop).map_err(|e| {
                         format!("the clone made your workspace too large, so it was removed: {e}")
                     })?;
                     rfs::renameat_with(
@@ -346,7 +347,9 @@ impl PoolConfig {
         placed
     }
 
-    async fn clone_into(&self, target: &Path, url: &str) -> Result<(), String> {
+    /// Clones `url` into `target`, stopping git when it takes longer than the timeout or the clone grows past
+    /// `room` bytes (measured every second, so a huge repository cannot fill the disk before the quota check).
+    async fn clone_into(&self, target: &Path, url: &str, room: u64) -> Result<(), String> {
         let mut cmd = match self.limits_for_git() {
             Some(mut prefix) => {
                 let mut c = tokio::process::Command::new(prefix.remove(0));
@@ -379,14 +382,45 @@ impl PoolConfig {
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot run git to clone {url}: {e}"))?;
-        match tokio::time::timeout(self.clone_timeout, child.wait_with_output()).await {
-            Err(_) => Err(format!(
-                "cloning {url} took longer than {}s and was stopped: nothing was created",
-                self.clone_timeout.as_secs()
-            )),
-            Ok(Err(e)) => Err(format!("git failed to clone {url}: {e}")),
-            Ok(Ok(out)) if out.status.success() => Ok(()),
-            Ok(Ok(out)) => {
+        // Dropping the wait (on a timeout or over the quota) kills git (`kill_on_drop`).
+        let wait = child.wait_with_output();
+        tokio::pin!(wait);
+        let deadline = tokio::time::sleep(self.clone_timeout);
+        tokio::pin!(deadline);
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        let out = loop {
+            tokio::select! {
+                out = &mut wait => break out,
+                () = &mut deadline => {
+                    return Err(format!(
+                        "cloning {url} took longer than {}s and was stopped: nothing was created",
+                        self.clone_timeout.as_secs()
+                    ))
+                }
+                _ = every.tick() => {
+                    let t = target.to_path_buf();
+                    let size = tokio::task::spawn_blocking(move || {
+                        rfs::open(&t, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                            .map_or(0, |fd| tree_size(fd.as_fd(), 0))
+                    })
+                    .await
+                    .unwrap_or(0);
+                    if size > room {
+                        return Err(format!(
+                            "cloning {url} was stopped at {}: it would not fit in what is left of your \
+                             workspace's {} quota ({}). Nothing was created",
+                            mib(size),
+                            mib(self.quota_bytes),
+                            mib(room)
+                        ));
+                    }
+                }
+            }
+        };
+        match out {
+            Err(e) => Err(format!("git failed to clone {url}: {e}")),
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => {
                 let err = String::from_utf8_lossy(&out.stderr);
                 let err: String = err.trim().chars().take(500).collect();
                 Err(format!(
@@ -430,10 +464,11 @@ impl PoolConfig {
     /// Refused, with the sizes, when `user`'s workspace is at or over its quota.
     pub fn check_quota(&self, user: &str) -> Result<(), String> {
         let (dir, _) = self.user_dir(user)?;
-        self.check_quota_of(&dir)
+        self.check_quota_of(&dir).map(drop)
     }
 
-    fn check_quota_of(&self, dir: &OwnedFd) -> Result<(), String> {
+    /// The workspace's size in bytes, or the refusal when it is at or over the quota.
+    fn check_quota_of(&self, dir: &OwnedFd) -> Result<u64, String> {
         let used = tree_size(dir.as_fd(), 0);
         if used >= self.quota_bytes {
             return Err(format!(
@@ -443,7 +478,7 @@ impl PoolConfig {
                 mib(self.quota_bytes)
             ));
         }
-        Ok(())
+        Ok(used)
     }
 }
 

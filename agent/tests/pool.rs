@@ -812,3 +812,58 @@ fn a_worker_that_could_not_isolate_or_pay_for_its_tasks_refuses_to_start() {
     assert!(!ok && err.contains("not paired"), "{err}");
     assert!(ws.path().join("data").is_dir());
 }
+
+#[tokio::test]
+async fn a_clone_that_would_not_fit_in_the_quota_leaves_nothing_behind() {
+    let p = Pool::new(|pool| {
+        pool.git_protocols = vec!["file".into()];
+        pool.quota_bytes = 1024 * 1024;
+    })
+    .await;
+    let repo_root = scratch("ct-repo-");
+    let work = repo_root.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    // Random bytes do not compress: the clone holds them twice (object and checkout), well over 1 MiB.
+    let mut noise = vec![0u8; 3 * 1024 * 1024];
+    use rand::RngCore as _;
+    rand::thread_rng().fill_bytes(&mut noise);
+    std::fs::write(work.join("noise.bin"), noise).unwrap();
+    let bare = {
+        let git = |dir: &Path, args: &[&str]| {
+            assert!(std::process::Command::new("git")
+                .current_dir(dir)
+                .args(["-c", "user.name=T", "-c", "user.email=t@e"])
+                .args(args)
+                .status()
+                .unwrap()
+                .success());
+        };
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", "big"]);
+        git(
+            repo_root.path(),
+            &["clone", "-q", "--bare", "work", "big.git"],
+        );
+        repo_root.path().join("big.git")
+    };
+    let w = p.worker();
+    w.created(ALICE, "small", None).await;
+    let m = w
+        .refused(ProjectOp::Create {
+            user: ALICE.into(),
+            name: "big".into(),
+            git: Some(format!("file://{}", bare.display())),
+        })
+        .await;
+    assert!(m.contains("quota") && m.contains("MiB"), "{m}");
+    let left: Vec<_> = std::fs::read_dir(p.user_dir(ALICE))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["small"], "nothing of the clone is left");
+    // The workspace is as usable as before.
+    w.created(ALICE, "other", None).await;
+    w.stop().await;
+}
