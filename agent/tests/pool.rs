@@ -309,7 +309,8 @@ async fn a_pool_users_task_cannot_reach_another_users_workspace_processes_the_wo
         ),
         "python3 -c 'x = bytearray(10**10); print(\"ALLOC\" + \"ATED-TEN-GB\")' 2>&1; \
          head -c 6000000000 /dev/zero | python3 -c 'import sys; d = sys.stdin.buffer.read(); print(\"READ\" + \"-ALL\", len(d))' 2>&1; \
-         echo \"LIMITS-ARE $(ulimit -v) $(ulimit -t) $(ulimit -u) $(ulimit -f)\"; echo STEP-FOUR-DONE"
+         echo \"LIMITS-ARE $(ulimit -v) $(ulimit -t) $(ulimit -u) $(ulimit -f)\"; grep CapEff /proc/self/status; \
+         echo STEP-FOUR-DONE"
             .into(),
     ];
     let bob_steps = [
@@ -393,6 +394,10 @@ async fn a_pool_users_task_cannot_reach_another_users_workspace_processes_the_wo
     assert!(
         seen.contains("LIMITS-ARE 4194304 3600 512 10485760"),
         "every process of the task has the limits: {seen}"
+    );
+    assert!(
+        seen.contains("CapEff:\\t0000000000000000"),
+        "no capabilities, whoever runs the worker: {seen}"
     );
     assert!(
         !bob_app.join("pwned.txt").exists(),
