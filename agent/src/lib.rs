@@ -23,7 +23,9 @@
 //! - [`sandbox`]: bubblewrap around Claude Code, an allow-list: system folders read-only, an empty home with the
 //!   requester's own Claude config, the project bound by descriptor, an allow-listed environment, own namespaces.
 //! - [`meter`]: the local Messages API proxy for shared tasks: the real key added outside the sandbox, usage
-//!   metered per grantee, the owner's budgets enforced.
+//!   metered per grantee, the owner's budgets enforced (in total, or per UTC day or month).
+//! - [`pool`]: a pool worker's (`ct-agent run --pool`) workspaces, one per user (`<workspaces>/users/<id>/`),
+//!   project folders created, cloned and removed by descriptor, the quota, and the resource limits of its tasks.
 //! - [`claude`]: running Claude Code: preflight, one stream-json process per session, approvals, cancel.
 //! - [`service`]: `ct-agent service install|uninstall|status|logs`: systemd, launchd, WSL (systemd or a
 //!   Windows logon task), rendered from the templates in `installers/`.
@@ -42,6 +44,7 @@ pub mod doctor;
 pub mod meter;
 pub mod outbox;
 pub mod pair;
+pub mod pool;
 pub mod projects;
 pub mod proxy;
 pub mod run;

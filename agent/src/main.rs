@@ -81,6 +81,8 @@ enum Command {
             value_name = "KEY"
         )]
         shared_api_key: Option<String>,
+        #[command(flatten)]
+        pool: PoolArgs,
     },
     /// Whether people you share this agent with (/share in Discord) may run tasks here; off by default
     Sharing {
@@ -126,6 +128,136 @@ enum Command {
     },
 }
 
+/// `ct-agent run --pool`: a worker of a pool, serving many users each in a workspace of their own.
+#[derive(Debug, clap::Args)]
+struct PoolArgs {
+    /// Run as a pool worker (paired with a token from `ct-relay admin pool-code`): every task runs sandboxed
+    /// in its user's own workspace, with resource limits and a budget per user
+    #[arg(long, env = "CT_AGENT_POOL")]
+    pool: bool,
+    /// Where the users' workspaces live (`DIR/users/<discord id>/<project>`)
+    #[arg(
+        long,
+        env = "CT_AGENT_WORKSPACES",
+        default_value = "/data",
+        value_name = "DIR"
+    )]
+    workspaces: PathBuf,
+    /// What each user may spend, unless `ct-agent sharing budget` set their own: `5usd/day`,
+    /// `200000tokens/month`, `20usd` (in total) [default: no limit beyond the key's own]
+    #[arg(
+        long,
+        env = "CT_AGENT_BUDGET_PER_USER",
+        value_name = "AMOUNT[/day|/month]"
+    )]
+    budget_per_user: Option<String>,
+    /// Address space of each process of a task, in MiB (Claude Code itself reserves about 2.5 GiB: keep
+    /// this at 3072 or more)
+    #[arg(
+        long,
+        env = "CT_AGENT_TASK_MEMORY_MIB",
+        default_value_t = 4096,
+        value_name = "MIB"
+    )]
+    task_memory_mib: u64,
+    /// CPU seconds of each process of a task
+    #[arg(
+        long,
+        env = "CT_AGENT_TASK_CPU_SECS",
+        default_value_t = 3600,
+        value_name = "SECS"
+    )]
+    task_cpu_secs: u64,
+    /// Processes (RLIMIT_NPROC, counted per uid: shared by all of this worker's tasks)
+    #[arg(
+        long,
+        env = "CT_AGENT_TASK_PROCESSES",
+        default_value_t = 512,
+        value_name = "N"
+    )]
+    task_processes: u64,
+    /// Largest a user's workspace may grow before their tasks and new projects are refused, in MiB (also the
+    /// largest file a task may write)
+    #[arg(
+        long,
+        env = "CT_AGENT_WORKSPACE_QUOTA_MIB",
+        default_value_t = 10240,
+        value_name = "MIB"
+    )]
+    workspace_quota_mib: u64,
+    /// Tests only: URL schemes a project may be cloned from, `:`-separated [default: https:ssh]. `file` lets
+    /// tests clone a local repository; never on a real worker (it would clone any repository on its disk)
+    #[arg(long, env = "CT_AGENT_POOL_GIT_PROTOCOLS", hide = true)]
+    pool_git_protocols: Option<String>,
+}
+
+impl PoolArgs {
+    /// The pool's settings, checked: a worker that could not isolate, limit or pay for its tasks refuses to
+    /// start rather than refusing every task.
+    fn config(
+        self,
+        config_dir: &std::path::Path,
+        api_key: bool,
+    ) -> anyhow::Result<Option<ct_agent::pool::PoolConfig>> {
+        if !self.pool {
+            return Ok(None);
+        }
+        let mib = |m: u64| m.saturating_mul(1024 * 1024);
+        let mut pool = ct_agent::pool::PoolConfig {
+            workspaces: self.workspaces,
+            budget_per_user: self
+                .budget_per_user
+                .as_deref()
+                .map(ct_agent::meter::Budget::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            limits: ct_agent::pool::Limits {
+                memory_bytes: mib(self.task_memory_mib),
+                cpu_secs: self.task_cpu_secs,
+                processes: self.task_processes,
+                file_bytes: mib(self.workspace_quota_mib),
+            },
+            quota_bytes: mib(self.workspace_quota_mib),
+            ..Default::default()
+        };
+        if let Some(protocols) = self.pool_git_protocols {
+            tracing::warn!(%protocols, "git protocols for project clones widened (tests only)");
+            pool.git_protocols = protocols.split(':').map(str::to_owned).collect();
+        }
+        pool.prepare().map_err(anyhow::Error::msg)?;
+        if let Err(e) = ct_agent::sandbox::detect() {
+            let why = e.map_or_else(
+                || "bubblewrap is not installed".to_owned(),
+                |e| e.to_string(),
+            );
+            anyhow::bail!(
+                "a pool worker runs every task in a bubblewrap sandbox, and it cannot here: {why}"
+            );
+        }
+        pool.limits.command().map_err(anyhow::Error::msg)?;
+        if !api_key {
+            anyhow::bail!(
+                "a pool worker needs the operator's Anthropic API key, which its metering proxy adds outside \
+                 the sandboxes: set CT_AGENT_SHARED_API_KEY (or ANTHROPIC_API_KEY)"
+            );
+        }
+        let config_dir = std::fs::canonicalize(config_dir).with_context(|| {
+            format!(
+                "{} does not exist: pair this worker first (`ct-agent pair <token from ct-relay admin pool-code>`)",
+                config_dir.display()
+            )
+        })?;
+        if let Some(shared) = ct_agent::sandbox::seen_by_every_sandbox(&config_dir) {
+            anyhow::bail!(
+                "the agent's config folder {} is inside {shared}, which every task's sandbox sees: move it \
+                 (`--config-dir`)",
+                config_dir.display()
+            );
+        }
+        Ok(Some(pool))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ProjectCommand {
     /// Name a folder; the folder becomes allowed for tasks
@@ -165,7 +297,8 @@ enum SharingCommand {
         #[arg(required = true, value_name = "DISCORD_USER_ID")]
         users: Vec<String>,
     },
-    /// Limit what one person's shared tasks may spend in total (`5usd`, `200000tokens`, `200k`), or `none`
+    /// Limit what one person's shared tasks may spend, in total (`5usd`, `200000tokens`, `200k`) or per UTC
+    /// day or month (`5usd/day`, `200k/month`), or `none`; on a pool worker, overrides --budget-per-user
     Budget {
         #[arg(value_name = "DISCORD_USER_ID")]
         user: String,
@@ -312,8 +445,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             claude_bin,
             allow_settings_writes,
             shared_api_key,
+            pool,
         } => {
+            let api_key = shared_api_key.as_deref().is_some_and(|k| !k.is_empty())
+                || std::env::var_os("ANTHROPIC_API_KEY").is_some_and(|k| !k.is_empty());
+            let pool = pool.config(&config_dir, api_key)?;
             let mut opts = ct_agent::RunOptions::new(config_dir);
+            opts.tasks.pool = pool;
             opts.tasks.approval_timeout = std::time::Duration::from_secs(approval_timeout);
             opts.tasks.idle_timeout = std::time::Duration::from_secs(idle_timeout);
             opts.tasks.worktree_retention =
@@ -433,10 +571,16 @@ fn sharing(config_dir: &std::path::Path, command: SharingCommand) -> anyhow::Res
     }
     let budgets = ct_agent::meter::budgets(&dir)?;
     let meter = ct_agent::meter::Meter::load(&dir)?;
+    let now = ct_agent::meter::now_secs();
     for (user, budget) in &budgets {
+        let period = match budget.period {
+            ct_agent::meter::Period::Total => "so far",
+            ct_agent::meter::Period::Day => "today (UTC)",
+            ct_agent::meter::Period::Month => "this month (UTC)",
+        };
         println!(
-            "Budget for {user}: {budget}; used so far: {}.",
-            meter.used(user)
+            "Budget for {user}: {budget}; used {period}: {}.",
+            meter.record(user).in_period(budget.period, now)
         );
     }
     if budgets.is_empty() {

@@ -46,6 +46,7 @@ use crate::claude::{self, Decision, PermissionMode, RunnerEvent, Session, Sessio
 use crate::config::ConfigDir;
 use crate::meter::{self, Meter};
 use crate::outbox::{self, Outbox};
+use crate::pool::PoolConfig;
 use crate::projects::{Host, Origin, Policy, PolicyError, SharePolicy};
 use crate::sandbox::{self, Bwrap, SandboxError};
 use crate::worktree::{self, Merged, WorktreeError, Worktrees};
@@ -101,6 +102,10 @@ pub struct TaskConfig {
     /// The `ct-agent` executable, run inside a grantee's sandbox as its only way to the API
     /// (`ct-agent sandbox-forward`); `None`: grantees' sandboxes keep the host's network.
     pub forwarder: Option<PathBuf>,
+    /// A pool worker (`ct-agent run --pool`): every requester is a pool user with a workspace of their own
+    /// ([`crate::pool`]), always sandboxed, limited and metered; the share policy is not consulted (the relay
+    /// decides who may use the pool). Its workspaces folder must be [`PoolConfig::prepare`]d.
+    pub pool: Option<PoolConfig>,
 }
 
 /// An API key the owner set aside for shared tasks. `Debug` never prints it.
@@ -141,6 +146,7 @@ impl Default for TaskConfig {
             before_sandbox: None,
             shared_api_key: None,
             forwarder: None,
+            pool: None,
         }
     }
 }
@@ -222,6 +228,8 @@ struct Owner {
     no_network: bool,
     /// The task whose git worktree this process runs in (`cwd` is inside it).
     worktree: Option<String>,
+    /// A pool user's task: in their workspace, with resource limits.
+    pool: bool,
 }
 
 #[derive(Debug)]
@@ -255,10 +263,13 @@ impl Tasks {
                 None
             }
         };
-        let meter = Meter::load(&dir).unwrap_or_else(|e| {
+        let mut meter = Meter::load(&dir).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read shared-task usage; counting from zero");
             Meter::empty(&dir)
         });
+        if let Some(pool) = &config.pool {
+            meter = meter.for_pool(pool.budget_per_user);
+        }
         let tasks = Self {
             inner: Arc::new(Inner {
                 worktrees: Worktrees::load(dir.path().join("worktrees")),
@@ -281,6 +292,11 @@ impl Tasks {
                 files: Mutex::new(Assembly::default()),
             }),
         };
+        if let Some(pool) = tasks.inner.config.pool.clone() {
+            tasks.inner.tracker.spawn(async move {
+                let _ = tokio::task::spawn_blocking(move || pool.sweep_leftovers()).await;
+            });
+        }
         let inner = tasks.inner.clone();
         tasks.inner.tracker.spawn(async move {
             let mut every = tokio::time::interval(inner.config.worktree_sweep_every);
@@ -440,7 +456,12 @@ impl Tasks {
                 return;
             }
         };
-        if spec.options.isolation.is_none() {
+        // A pool workspace has no worktrees: they would live in the agent's own folder, outside the user's
+        // workspace and its quota. Its tasks run in the project's folder, side by side if need be.
+        let pool_worktree = owner.pool && spec.options.isolation == Some(Isolation::Worktree);
+        if owner.pool {
+            spec.options.isolation = None;
+        } else if spec.options.isolation.is_none() {
             // The owner's default for the project (read per task, like the rest of the policy).
             spec.options.isolation = self
                 .inner
@@ -448,7 +469,8 @@ impl Tasks {
                 .ok()
                 .and_then(|p| p.isolation_of(&spec.project));
         }
-        let crowded = spec.resume.is_none()
+        let crowded = !owner.pool
+            && spec.resume.is_none()
             && owner.worktree.is_none()
             && spec.options.isolation.is_none()
             && self.crowded(&owner.cwd);
@@ -463,6 +485,15 @@ impl Tasks {
                 cwd: owner.cwd.display().to_string(),
             },
         );
+        if pool_worktree {
+            self.inner.emit_now(
+                &id,
+                TaskEvent::Text {
+                    text: "ⓘ a pool workspace has no worktrees: this task runs in the project's own folder"
+                        .into(),
+                },
+            );
+        }
         let in_project =
             owner.worktree.is_none() && spec.options.isolation != Some(Isolation::Worktree);
 
@@ -549,6 +580,9 @@ impl Tasks {
 
     /// Whether this requester may run this task here, and where. The error is the message the user sees.
     fn admit(&self, spec: &TaskSpec) -> Result<Owner, String> {
+        if let Some(pool) = &self.inner.config.pool {
+            return self.admit_pool(spec, pool);
+        }
         let policy = self.inner.policy().map_err(|e| e.to_string())?;
         let role = role_of(&spec.requester, self.inner.owner_id.as_deref());
         if role != spec.requester.role {
@@ -625,10 +659,136 @@ impl Tasks {
             options,
             sandbox,
             worktree,
+            pool: false,
         })
     }
 
+    /// [`Tasks::admit`] on a pool worker: whoever the relay sends is a pool user (never the owner: the
+    /// worker's owner is `pool:NAME`, no Discord id), in their own project folder, always in the sandbox with
+    /// no network but the metering proxy, within their budget. The workspace quota is checked when the task
+    /// starts ([`Driver::start`]), off this thread.
+    fn admit_pool(&self, spec: &TaskSpec, pool: &PoolConfig) -> Result<Owner, String> {
+        let user = &spec.requester.user;
+        crate::pool::check_user(user)?;
+        // Approvals go to the requester themselves (the relay sends them as trusted); a relay calling them
+        // "owner" is lowered like anywhere else.
+        let role = match spec.requester.role {
+            Role::Owner => Role::TrustedGrantee,
+            other => other,
+        };
+        let total = self.inner.drivers().running.len();
+        if total >= self.inner.config.max_sessions {
+            return Err(format!(
+                "this pool worker already runs {total} tasks, its limit: try again in a few minutes"
+            ));
+        }
+        if let Some(mode) = &spec.options.permission_mode {
+            let mode = mode.parse::<PermissionMode>()?;
+            check_mode(mode, role, &sandbox::SandboxSettings::default())?;
+        }
+        let sandbox = match sandbox::detect() {
+            Ok(bwrap) => bwrap,
+            Err(e) => {
+                let why = e.map_or_else(
+                    || "bubblewrap is not installed".to_owned(),
+                    |e| e.to_string(),
+                );
+                return Err(format!(
+                    "this pool worker cannot isolate tasks, so it runs none: {why}. Its operator must make                      bubblewrap work there (`ct-agent doctor`)"
+                ));
+            }
+        };
+        if upstream(&self.inner.config).is_none() {
+            return Err(
+                "this pool worker has no API key to run tasks with: its operator must start it with                  CT_AGENT_SHARED_API_KEY (or ANTHROPIC_API_KEY) set"
+                    .into(),
+            );
+        }
+        if self.inner.config.forwarder.is_none() {
+            return Err(
+                "this pool worker cannot give a sandbox its way to the API: its operator must run it as                  `ct-agent run --pool`"
+                    .into(),
+            );
+        }
+        pool.limits.command()?;
+        self.inner.meter.check(user).map_err(|e| e.to_string())?;
+        let cwd = pool.project_dir(user, &spec.project)?;
+        let mut options = spec.options.clone();
+        options.isolation = None;
+        Ok(Owner {
+            no_network: true,
+            cwd,
+            user: user.clone(),
+            role,
+            options,
+            sandbox: Some(sandbox),
+            worktree: None,
+            pool: true,
+        })
+    }
+
+    /// A pool user's project command, answered when done (a clone takes a while): `Create`, `ListFor`,
+    /// `RemoveFor` and `Usage`; the owner's own commands (`Add`, `Remove`) have no meaning here.
+    fn pool_project(&self, id: u64, op: ProjectOp, pool: PoolConfig) {
+        let inner = self.inner.clone();
+        self.inner.tracker.spawn(async move {
+            let listed = |pool: PoolConfig, user: String| async move {
+                tokio::task::spawn_blocking(move || pool.list(&user))
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
+            let done: Result<ProjectReply, String> = match op {
+                ProjectOp::Create { user, name, git } => {
+                    match pool.create(&user, &name, git.as_deref()).await {
+                        Ok(()) => {
+                            tracing::info!(%user, %name, cloned = git.is_some(), "pool project created");
+                            listed(pool, user).await.map(|p| ProjectReply::Ok(pool_report(p)))
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                ProjectOp::ListFor { user } => {
+                    listed(pool, user).await.map(|p| ProjectReply::Ok(pool_report(p)))
+                }
+                ProjectOp::RemoveFor { user, name } => {
+                    let running = inner.pool_project_busy(&user, &name, &pool);
+                    if running {
+                        Err(format!(
+                            "a task of yours is still running in `{name}`: wait for it to end, or cancel it"
+                        ))
+                    } else {
+                        let p = pool.clone();
+                        let (u, n) = (user.clone(), name.clone());
+                        match tokio::task::spawn_blocking(move || p.remove(&u, &n)).await {
+                            Ok(Ok(())) => {
+                                tracing::info!(%user, %name, "pool project removed");
+                                listed(pool, user).await.map(|p| ProjectReply::Ok(pool_report(p)))
+                            }
+                            Ok(Err(e)) => Err(e),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                }
+                ProjectOp::Usage { user } => crate::pool::check_user(&user).map(|()| {
+                    let meter = inner.meter.clone();
+                    ProjectReply::Usage(meter.report(&user))
+                }),
+                ProjectOp::Add { .. } | ProjectOp::Remove { .. } => Err(
+                    "this agent is a pool worker: projects live in each user's workspace (`/project add NAME \
+                     [git URL]`), not in folders named by its owner"
+                        .into(),
+                ),
+                ProjectOp::List => Ok(ProjectReply::Ok(pool_report(Vec::new()))),
+            };
+            let reply = done.unwrap_or_else(|message| ProjectReply::Refused { message });
+            inner.send_control(AgentMessage::ProjectReply { id, reply });
+        });
+    }
+
     fn project(&self, id: u64, op: ProjectOp) {
+        if let Some(pool) = &self.inner.config.pool {
+            return self.pool_project(id, op, pool.clone());
+        }
         let changed = !matches!(op, ProjectOp::List);
         let reply = match self.inner.policy() {
             Err(e) => ProjectReply::Refused {
@@ -879,7 +1039,37 @@ impl Inner {
         }
     }
 
+    /// Whether a task runs in `user`'s project `name`, which must then not be removed under it. Warm
+    /// processes there (finished tasks waiting for a follow-up) are closed instead: the project is going.
+    fn pool_project_busy(&self, user: &str, name: &str, pool: &PoolConfig) -> bool {
+        let Ok(path) = pool.project_dir(user, name) else {
+            return false;
+        };
+        let mut drivers = self.drivers();
+        let running = drivers
+            .shared
+            .iter()
+            .any(|(task, c)| drivers.running.contains_key(task) && c.starts_with(&path));
+        if !running {
+            let warm: Vec<String> = drivers
+                .warm
+                .iter()
+                .filter(|(_, w)| w.owner.cwd.starts_with(&path))
+                .map(|(sid, _)| sid.clone())
+                .collect();
+            for sid in warm {
+                if let Some(w) = drivers.warm.remove(&sid) {
+                    let _ = w.tx.send(Cmd::Cancel);
+                }
+            }
+        }
+        running
+    }
+
     fn report(&self) -> ProjectsReport {
+        if self.config.pool.is_some() {
+            return pool_report(Vec::new());
+        }
         match self.policy() {
             Ok(policy) => report_of(&policy),
             Err(e) => {
@@ -972,6 +1162,18 @@ fn report_of(policy: &Policy) -> ProjectsReport {
     }
 }
 
+/// What a pool worker reports: no projects of its own (each user's are asked for with `ListFor`, and `projects`
+/// holds them only in such a reply), tasks from anyone the relay lets use the pool, files accepted.
+fn pool_report(projects: Vec<ProjectInfo>) -> ProjectsReport {
+    ProjectsReport {
+        projects,
+        allowed_dirs: Vec::new(),
+        accepts_shared: true,
+        accepts_files: true,
+        pool: true,
+    }
+}
+
 /// The task a driver's process is working for.
 struct Bound {
     task: String,
@@ -1016,6 +1218,24 @@ impl Driver {
     ) {
         let task = spec.task.clone();
         let mut owner = owner;
+        if let (true, Some(pool)) = (owner.pool, inner.config.pool.clone()) {
+            // Measured here, not in `admit`: a large workspace takes a while to walk.
+            let user = owner.user.clone();
+            let quota = tokio::task::spawn_blocking(move || pool.check_quota(&user))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            if let Err(message) = quota {
+                inner.drivers().running.remove(&task);
+                inner.emit_now(
+                    &task,
+                    TaskEvent::Finished {
+                        state: FinalState::Failed,
+                        message: Some(message),
+                    },
+                );
+                return;
+            }
+        }
         if let Some(of) = &owner.worktree {
             inner.worktrees.add_task(of, &task).await;
         } else if spec.options.isolation == Some(Isolation::Worktree) && spec.resume.is_some() {
@@ -1842,7 +2062,8 @@ fn sandboxed(
     };
     // A grantee may change the project's files, not what runs as the owner later unseen (git hooks and
     // config, Claude Code's project settings): those are bound read-only over the project.
-    let protected = if owner.role == Role::Owner {
+    // A pool user's project is their own: nothing in it runs as anyone else later.
+    let protected = if owner.role == Role::Owner || owner.pool {
         Vec::new()
     } else {
         project.protected().map_err(|e| e.to_string())?
@@ -1856,6 +2077,20 @@ fn sandboxed(
         network,
     }
     .command(bwrap);
+    if owner.pool {
+        // The limits wrap the whole sandbox: prlimit sets them on itself and execs bubblewrap, so every
+        // process of the task inherits them.
+        let limits = config
+            .pool
+            .as_ref()
+            .map(|p| p.limits.command())
+            .transpose()?
+            .ok_or("a pool task without the pool's settings")?;
+        s.wrapper = limits
+            .into_iter()
+            .chain(std::mem::take(&mut s.wrapper))
+            .collect();
+    }
     s.inherit_fds = std::iter::once(project.shared_fd())
         .chain(protected.iter().map(|p| p.shared_fd()))
         .collect();

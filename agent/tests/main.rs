@@ -14,6 +14,7 @@ mod e2e;
 mod files_in;
 mod history;
 mod link;
+mod pool;
 mod project_cli;
 mod sandbox;
 mod service;

@@ -474,7 +474,9 @@ async fn a_spent_budget_stops_a_grantees_requests_at_the_proxy_and_refuses_their
     ct_agent::meter::set_budget(
         &w.agent_config,
         GRANTEE,
-        Some(ct_agent::meter::Budget::Tokens(1)),
+        Some(ct_agent::meter::Budget::total(
+            ct_agent::meter::Amount::Tokens(1),
+        )),
     )
     .unwrap();
     w.fake.push(bash("echo FIRST-STEP".into()));
@@ -663,7 +665,9 @@ fn the_owner_sets_budgets_and_network_from_the_command_line() {
     let dir = ct_agent::ConfigDir::open(&cfg).unwrap();
     assert_eq!(
         ct_agent::meter::budgets(&dir).unwrap().get(GRANTEE),
-        Some(&ct_agent::meter::Budget::Usd(5.0))
+        Some(&ct_agent::meter::Budget::total(
+            ct_agent::meter::Amount::Usd(5.0)
+        ))
     );
     let (ok, out) = run(&["sharing", "budget", GRANTEE, "none"]);
     assert!(ok && out.contains("No budgets"), "{out}");

@@ -11,7 +11,7 @@
 //! - the project folder, writable, bound from a descriptor opened without following symlinks
 //!   ([`ProjectDir`]), so swapping the folder for a symlink after the check cannot widen what is bound;
 //! - its own session (`--new-session`: no TIOCSTI into the agent's terminal), and its own PID, IPC and UTS
-//!   namespaces; the sandbox dies with the agent.
+//!   namespaces; no capabilities, even when the agent runs as root; the sandbox dies with the agent.
 //!
 //! Its environment is an explicit allow-list ([`env::sandbox_env`]): no token or socket address of the owner's
 //! gets in. A grantee's sandbox has no network either ([`Network`]): the agent binary runs inside as a
@@ -43,6 +43,12 @@ pub use project::{ProjectDir, ProjectError, Protected, RUNS_AS_OWNER};
 const SYSTEM_DIRS: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/nix",
 ];
+
+/// The system folder, bound read-only into every sandbox, that holds `path` (canonical), if any: a pool's
+/// workspaces or an agent's config there would be visible to every task.
+pub fn seen_by_every_sandbox(path: &Path) -> Option<&'static str> {
+    SYSTEM_DIRS.iter().copied().find(|d| path.starts_with(d))
+}
 
 /// Who runs in the sandbox, as the owner set it (`ct-agent sandbox`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +191,12 @@ impl Plan<'_> {
             "--unshare-ipc".as_ref(),
             "--unshare-uts".as_ref(),
             "--unshare-cgroup-try".as_ref(),
+            // An agent run as root (a pool worker in a container, often) would otherwise hand the task
+            // every capability: CAP_MKNOD and CAP_SYS_ADMIN are enough to mount the host's disk and read
+            // everything, another pool user's workspace included; without CAP_SYS_RESOURCE the task's
+            // rlimits hold for root too. Unprivileged, it drops what the user namespace would grant.
+            "--cap-drop".as_ref(),
+            "ALL".as_ref(),
         ]);
         for dir in SYSTEM_DIRS {
             let path = Path::new(dir);
