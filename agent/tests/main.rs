@@ -15,6 +15,7 @@ mod files_in;
 mod history;
 mod link;
 mod pool;
+mod pool_discord;
 mod project_cli;
 mod sandbox;
 mod service;
