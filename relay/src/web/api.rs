@@ -340,29 +340,44 @@ pub async fn agents(State(web): State<Web>, Signed(s): Signed) -> ApiResult<Json
             .or_default()
             .push(json!({ "name": p.name, "path": p.path }));
     }
-    Ok(Json(Value::Array(
-        agents
-            .into_iter()
-            .map(|a| {
-                let mine = a.owner == s.user;
-                let projects = by_agent
-                    .remove(&(a.owner.clone(), a.name.clone()))
-                    .unwrap_or_default();
-                json!({
-                    "default": mine && default.as_deref() == Some(a.name.as_str()),
-                    "name": a.name,
-                    "fingerprint": a.fingerprint,
-                    "owner": a.owner,
-                    "online": a.online,
-                    "since": a.since,
-                    "transport": a.transport,
-                    "version": a.version,
-                    "mine": mine,
-                    "projects": projects,
-                })
+    let mut out: Vec<Value> = agents
+        .into_iter()
+        .map(|a| {
+            let mine = a.owner == s.user;
+            let projects = by_agent
+                .remove(&(a.owner.clone(), a.name.clone()))
+                .unwrap_or_default();
+            json!({
+                "default": mine && default.as_deref() == Some(a.name.as_str()),
+                "name": a.name,
+                "fingerprint": a.fingerprint,
+                "owner": a.owner,
+                "online": a.online,
+                "since": a.since,
+                "transport": a.transport,
+                "version": a.version,
+                "mine": mine,
+                "projects": projects,
             })
-            .collect(),
-    )))
+        })
+        .collect();
+    // In cluster mode, the pool worker holding the user's workspace, with the projects in it.
+    let mode = backend.mode(&s.user).await.map_err(backend_err)?;
+    if let (Some(pool), Some(worker)) = (mode.pool, mode.worker) {
+        let projects = by_agent
+            .remove(&(s.user.clone(), worker.clone()))
+            .unwrap_or_default();
+        out.push(json!({
+            "default": false,
+            "name": worker,
+            "owner": format!("pool {pool}"),
+            "online": mode.worker_online,
+            "mine": false,
+            "pool": pool,
+            "projects": projects,
+        }));
+    }
+    Ok(Json(Value::Array(out)))
 }
 
 /// Where the user may start tasks: their own projects and those shared with them.
