@@ -472,10 +472,14 @@ impl Inner {
         )))
     }
 
-    /// `/register status`: where the user's tasks go, then their own agents.
+    /// `/register status`: where the user's tasks go (for a user of a pool), then their own agents.
     async fn register_status(&self, user: &str) -> crate::backend::Result<Answer> {
         let mode = self.backend.mode(user).await?;
         let agents = self.agents_text(user, true).await?;
+        if mode == crate::backend::ModeInfo::default() {
+            // Never near a pool: the agents are the whole story.
+            return Ok(agents);
+        }
         Ok(Answer::private(truncate(
             &format!("{}\n{}", mode_line(&mode), agents.content),
             2000,
