@@ -207,7 +207,7 @@ pub async fn signin(
     headers: HeaderMap,
     Body(body): Body<SigninBody>,
 ) -> ApiResult {
-    guard::same_origin(&headers)?;
+    guard::same_origin(&headers, web.inner.core.config().dashboard_url.as_deref())?;
     guard::signin_allowed(&web, peer.map(|p| p.0 .0.ip()))?;
     let token = body.token.trim().to_string();
     let unusable = || {

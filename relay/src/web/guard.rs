@@ -120,7 +120,10 @@ impl FromRequestParts<Web> for Signed {
             .await??
             .ok_or_else(ApiError::signed_out)?;
         if !matches!(parts.method, Method::GET | Method::HEAD) {
-            same_origin(&parts.headers)?;
+            same_origin(
+                &parts.headers,
+                web.inner.core.config().dashboard_url.as_deref(),
+            )?;
             let token = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
             if !auth::csrf_ok(&session, token) {
                 return Err(ApiError::new(
@@ -142,7 +145,10 @@ impl FromRequestParts<Web> for Signed {
 /// every POST, and `Sec-Fetch-Site` on every request; either naming another site is enough to refuse. The
 /// CSRF token is the check that does not depend on the browser; this one stops a forged request even where
 /// a token might leak.
-pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+///
+/// The page's origin is `https://` and the `Host` it asked for, or `dashboard_url` (`--dashboard-url`): a
+/// reverse proxy in front of the relay may pass on a `Host` of its own.
+pub fn same_origin(headers: &HeaderMap, dashboard_url: Option<&str>) -> Result<(), ApiError> {
     let refuse = || {
         ApiError::new(
             StatusCode::FORBIDDEN,
@@ -155,11 +161,10 @@ pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
         }
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .ok_or_else(refuse)?;
-        if origin.to_str().ok() != Some(&format!("https://{host}")) {
+        let origin = origin.to_str().map_err(|_| refuse())?;
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let own = host.is_some_and(|h| origin == format!("https://{h}"));
+        if !own && dashboard_url != Some(origin) {
             return Err(refuse());
         }
     }
@@ -297,7 +302,14 @@ mod tests {
             ("origin", "https://relay.example:7443"),
             ("sec-fetch-site", "same-origin"),
         ]);
-        assert!(same_origin(&own).is_ok());
+        assert!(same_origin(&own, None).is_ok());
+        // Behind a proxy that passes its own Host: the configured dashboard URL is the page's origin.
+        let proxied = headers(&[
+            ("host", "10.0.0.5:7443"),
+            ("origin", "https://relay.example"),
+        ]);
+        assert!(same_origin(&proxied, None).is_err());
+        assert!(same_origin(&proxied, Some("https://relay.example")).is_ok());
         for forged in [
             headers(&[
                 ("host", "relay.example:7443"),
@@ -319,7 +331,9 @@ mod tests {
             headers(&[("origin", "https://relay.example:7443")]),
         ] {
             assert_eq!(
-                same_origin(&forged).unwrap_err().status,
+                same_origin(&forged, Some("https://relay.example"))
+                    .unwrap_err()
+                    .status,
                 StatusCode::FORBIDDEN,
                 "{forged:?}"
             );
