@@ -694,19 +694,22 @@ impl Tasks {
                     |e| e.to_string(),
                 );
                 return Err(format!(
-                    "this pool worker cannot isolate tasks, so it runs none: {why}. Its operator must make                      bubblewrap work there (`ct-agent doctor`)"
+                    "this pool worker cannot isolate tasks, so it runs none: {why}. Its operator must make \
+                     bubblewrap work there (`ct-agent doctor`)"
                 ));
             }
         };
         if upstream(&self.inner.config).is_none() {
             return Err(
-                "this pool worker has no API key to run tasks with: its operator must start it with                  CT_AGENT_SHARED_API_KEY (or ANTHROPIC_API_KEY) set"
+                "this pool worker has no API key to run tasks with: its operator must start it with \
+                 CT_AGENT_SHARED_API_KEY (or ANTHROPIC_API_KEY) set"
                     .into(),
             );
         }
         if self.inner.config.forwarder.is_none() {
             return Err(
-                "this pool worker cannot give a sandbox its way to the API: its operator must run it as                  `ct-agent run --pool`"
+                "this pool worker cannot give a sandbox its way to the API: its operator must run it as \
+                 `ct-agent run --pool`"
                     .into(),
             );
         }
