@@ -580,3 +580,160 @@ async fn an_agent_with_one_relay_does_not_leave_it_for_transport_silence() {
     );
     agent.stop().await.unwrap();
 }
+
+/// One request to a node's HTTPS port, as the dashboard page makes it (the cluster's certificate is
+/// self-signed).
+async fn web(
+    node: &TestRelay,
+    method: reqwest::Method,
+    path: &str,
+    cookie: Option<&str>,
+    csrf: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (u16, Option<String>, String) {
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let origin = format!("https://{}", node.addr);
+    let mut req = client
+        .request(method, format!("{origin}{path}"))
+        .header("origin", &origin);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    if let Some(t) = csrf {
+        req = req.header("x-csrf-token", t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("the node answers");
+    let status = resp.status().as_u16();
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_string);
+    (status, cookie, resp.text().await.unwrap())
+}
+
+/// The dashboard on a cluster: a link minted on one node signs in on another; the session, its CSRF token
+/// and the task it starts work on a third, whose live stream follows the task on the agent another node holds.
+#[tokio::test]
+async fn the_dashboard_signs_in_on_one_node_and_works_on_every_other() {
+    let w = cluster().await;
+    let (a, b, c) = (&w.nodes[0], &w.relay, &w.nodes[1]);
+    // As `/dashboard` mints it on node A.
+    let token = a
+        .core
+        .read(|store| ct_relay::sessions::mint_link(store, OWNER, ct_relay::store::now()))
+        .await
+        .unwrap()
+        .unwrap();
+    let token = token.as_str();
+    let (status, cookie, body) = web(
+        b,
+        reqwest::Method::POST,
+        "/dashboard/api/signin",
+        None,
+        None,
+        Some(json!({ "token": token })),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let cookie = cookie.expect("a session cookie");
+    // Spent on B, so refused on C.
+    let (status, _, _) = web(
+        c,
+        reqwest::Method::POST,
+        "/dashboard/api/signin",
+        None,
+        None,
+        Some(json!({ "token": token })),
+    )
+    .await;
+    assert_eq!(status, 410);
+    let (status, _, me) = web(
+        c,
+        reqwest::Method::GET,
+        "/dashboard/api/me",
+        Some(&cookie),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{me}");
+    let me: serde_json::Value = serde_json::from_str(&me).unwrap();
+    let csrf = me["csrf"].as_str().unwrap().to_string();
+    let (_, _, agents) = web(
+        c,
+        reqwest::Method::GET,
+        "/dashboard/api/agents",
+        Some(&cookie),
+        None,
+        None,
+    )
+    .await;
+    assert!(agents.contains("\"online\":true"), "{agents}");
+
+    w.fake
+        .push(Reply::text("hello from the agent another node holds"));
+    let (status, _, task) = web(
+        c,
+        reqwest::Method::POST,
+        "/dashboard/api/tasks",
+        Some(&cookie),
+        Some(&csrf),
+        Some(json!({ "prompt": "say hello", "project": "app" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{task}");
+    let task: serde_json::Value = serde_json::from_str(&task).unwrap();
+    let id = task["id"].as_str().unwrap();
+    // The live stream on A ends with the task's last event, every event on it once.
+    let (status, _, stream) = web(
+        a,
+        reqwest::Method::GET,
+        &format!("/dashboard/api/tasks/{id}/live"),
+        Some(&cookie),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{stream}");
+    assert!(
+        stream.contains("hello from the agent another node holds")
+            && stream.contains("\"kind\":\"finished\""),
+        "{stream}"
+    );
+    let ids: Vec<&str> = stream
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    let mut unique = ids.clone();
+    unique.dedup();
+    assert_eq!(ids, unique, "no event twice: {stream}");
+
+    // Signing out everywhere from one node ends the session on all of them.
+    let ended = b
+        .core
+        .read(|store| ct_relay::sessions::end_all(store, OWNER))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended, 1);
+    for node in [a, b, c] {
+        let (status, _, _) = web(
+            node,
+            reqwest::Method::GET,
+            "/dashboard/api/me",
+            Some(&cookie),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
+}
