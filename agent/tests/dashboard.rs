@@ -223,7 +223,44 @@ async fn a_user_signs_in_from_discord_and_drives_tasks_from_the_dashboard() {
         .expect("cancelled from the page");
     assert!(!third_file.exists());
 
-    // The task list has all three, newest first.
+    // 4. Claude asks a question (AskUserQuestion): answered from the page, the answer reaches Claude.
+    w.fake.push(Reply::tool_use(
+        "AskUserQuestion",
+        json!({ "questions": [{
+            "question": "Which database should I use?",
+            "header": "Database",
+            "options": [
+                { "label": "Postgres", "description": "relational" },
+                { "label": "SQLite", "description": "embedded" }
+            ],
+            "multiSelect": false
+        }] }),
+    ));
+    w.fake.push(Reply::text("SQLite it is."));
+    let fourth = start_from_page(&page, &base, "set up storage").await;
+    page.wait_for(".approval.open button.send-answers")
+        .await
+        .expect("the question on the page");
+    assert!(!page
+        .exists(".approval.open button.allow-once:not([hidden])")
+        .await
+        .unwrap());
+    page.click(".approval.open input[value='SQLite']")
+        .await
+        .unwrap();
+    page.click(".approval.open button.send-answers")
+        .await
+        .unwrap();
+    page.wait_for_text("#task-state", "done").await.unwrap();
+    assert!(
+        w.fake.main_requests().iter().any(|r| r
+            .body
+            .to_string()
+            .contains(r#"\"Which database should I use?\"=\"SQLite\""#)),
+        "the answer reached Claude"
+    );
+
+    // The task list has them all, newest first.
     page.goto(&format!("{base}/dashboard/#/tasks"))
         .await
         .unwrap();
@@ -237,7 +274,7 @@ async fn a_user_signs_in_from_discord_and_drives_tasks_from_the_dashboard() {
         )
         .await
         .unwrap();
-    assert_eq!(ids, json!([third, second, follow_up, first]));
+    assert_eq!(ids, json!([fourth, third, second, follow_up, first]));
 
     // A request without the CSRF token, with the real cookie, is refused, and changes nothing.
     let (status, body) = page
@@ -334,7 +371,7 @@ async fn a_user_signs_in_from_discord_and_drives_tasks_from_the_dashboard() {
         .await
         .unwrap();
     let total = page.wait_for_text("#usage-total", "Total").await.unwrap();
-    assert!(total.contains('4'), "four tasks of alice's: {total}");
+    assert!(total.contains('5'), "five tasks of alice's: {total}");
     page.goto(&format!("{base}/dashboard/#/sessions"))
         .await
         .unwrap();

@@ -552,6 +552,33 @@ pub async fn cancel(
 pub struct DecisionBody {
     decision: String,
     reason: Option<String>,
+    /// For `answers`: each AskUserQuestion question's text and the answer chosen.
+    answers: Option<serde_json::Map<String, Value>>,
+}
+
+/// Most questions one AskUserQuestion carries, and the longest question or answer taken, in characters.
+const MAX_ANSWERS: usize = 20;
+const MAX_ANSWER_CHARS: usize = 2_000;
+
+/// Answers to an AskUserQuestion: a few questions, each answered with text.
+fn answers(given: Option<serde_json::Map<String, Value>>) -> ApiResult<Value> {
+    let bad = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("The answers are not valid: {why}."),
+        )
+    };
+    let given = given.ok_or_else(|| bad("there are none"))?;
+    if given.is_empty() || given.len() > MAX_ANSWERS {
+        return Err(bad("give one answer for each question, at most 20"));
+    }
+    for (question, answer) in &given {
+        let text = answer.as_str().ok_or_else(|| bad("each answer is text"))?;
+        if question.chars().count() > MAX_ANSWER_CHARS || text.chars().count() > MAX_ANSWER_CHARS {
+            return Err(bad("a question or an answer is too long"));
+        }
+    }
+    Ok(Value::Object(given))
 }
 
 /// Answers an approval.
@@ -566,6 +593,9 @@ pub async fn decide(
             updated_input: None,
         },
         "allow_session" => Decision::AllowSession,
+        "answers" => Decision::Answers {
+            answers: answers(body.answers)?,
+        },
         "deny" => Decision::Deny {
             reason: short("reason", body.reason, MAX_REASON_CHARS)?
                 .unwrap_or_else(|| "Denied from the dashboard.".into()),
@@ -573,7 +603,7 @@ pub async fn decide(
         _ => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                "The decision must be allow_once, allow_session or deny.",
+                "The decision must be allow_once, allow_session, deny or answers.",
             ))
         }
     };
@@ -800,6 +830,23 @@ mod tests {
         assert_eq!(
             prompt(&huge).unwrap_err().status,
             StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+
+    #[test]
+    fn answers_are_a_few_short_texts() {
+        let map = |v: Value| v.as_object().cloned();
+        assert!(answers(None).is_err());
+        assert!(answers(map(json!({}))).is_err());
+        assert!(answers(map(json!({ "q": 1 }))).is_err());
+        assert!(answers(map(json!({ "q": "x".repeat(MAX_ANSWER_CHARS + 1) }))).is_err());
+        let many: serde_json::Map<String, Value> = (0..=MAX_ANSWERS)
+            .map(|i| (format!("q{i}"), json!("a")))
+            .collect();
+        assert!(answers(Some(many)).is_err());
+        assert_eq!(
+            answers(map(json!({ "Which?": "SQLite" }))).unwrap(),
+            json!({ "Which?": "SQLite" })
         );
     }
 

@@ -54,6 +54,17 @@
       hint ? h("span", { class: "hint muted", text: hint }) : null);
   }
 
+  /** The questions of an AskUserQuestion input: [{text, options: [label], multi}], only well-formed ones. */
+  function questionsOf(input) {
+    const qs = input && Array.isArray(input.questions) ? input.questions : [];
+    return qs.slice(0, 20).map((q) => ({
+      text: String((q && (q.question || q.header)) || ""),
+      options: (Array.isArray(q && q.options) ? q.options : []).slice(0, 20)
+        .map((o) => String(o && typeof o === "object" ? o.label || "" : o || "")).filter(Boolean),
+      multi: Boolean(q && q.multiSelect),
+    })).filter((q) => q.text && q.options.length);
+  }
+
   // ---------------------------------------------------------------------------------------------------------
   // Formatting
 
@@ -1154,8 +1165,9 @@
         ev.description ? h("p", { class: "approval-description" }, h("span", { class: "muted", text: "Claude says: " }), ev.description) : null);
       const outcome = h("p", { class: "outcome", "aria-live": "polite" });
       if (this.canApprove && this.open && !this.finished) {
-        if (ev.question) {
-          card.appendChild(h("p", { class: "note", text: "Claude asks a question: answer it in Discord, or deny it here." }));
+        const questions = ev.question ? questionsOf(ev.input) : [];
+        if (ev.question && !questions.length) {
+          card.appendChild(h("p", { class: "note", text: "Claude asks a question this page cannot show: answer it in Discord, or deny it here." }));
         }
         const reason = h("input", { type: "text", class: "deny-reason", maxlength: "1000", autocomplete: "off" });
         const once = h("button", { type: "button", class: "allow-once", text: "Allow once", hidden: ev.question });
@@ -1178,8 +1190,31 @@
             decide(deny, "deny");
           }
         });
+        // AskUserQuestion: one group of choices per question, sent together as {question: answer}.
+        const groups = questions.map((q, i) => {
+          const name = "q-" + id + "-" + i;
+          const inputs = q.options.map((label) => h("input", { type: q.multi ? "checkbox" : "radio", name, value: label }));
+          return { q, inputs, el: h("fieldset", { class: "question" }, h("legend", { text: q.text }),
+            q.options.map((label, k) => h("label", { class: "choice" }, inputs[k], " " + label))) };
+        });
+        const send = h("button", { type: "button", class: "send-answers", text: "Send answers", hidden: !questions.length });
+        send.addEventListener("click", () => {
+          const answers = {};
+          for (const g of groups) {
+            const picked = g.inputs.filter((x) => x.checked).map((x) => x.value);
+            if (!picked.length) return showError(new Error("Answer every question first: " + g.q.text));
+            answers[g.q.text] = picked.join(", ");
+          }
+          act(send, async () => {
+            await api("POST", "/tasks/" + encodeURIComponent(this.id) + "/approvals/" + encodeURIComponent(id),
+              { decision: "answers", answers });
+            outcome.textContent = "Answers sent.";
+            for (const b of controls.querySelectorAll("button, input")) b.disabled = true;
+          });
+        });
         const controls = h("div", { class: "approval-actions" },
-          h("div", { class: "buttons" }, once, session),
+          groups.map((g) => g.el),
+          h("div", { class: "buttons" }, once, session, send),
           ev.session ? h("p", { class: "hint muted", text: "“Allow for this task” allows: " + scopeText(ev.session) }) : null,
           h("div", { class: "deny-row" }, field("Reason (optional)", reason), deny));
         card.controls = controls;
