@@ -197,7 +197,8 @@ impl CoreBackend {
 }
 
 impl CoreBackend {
-    /// Whether `req` goes to the requester's pool worker, and makes it say so the way the core routes it: no
+    /// Whether `req` goes to the requester's pool worker (answered only where it matters: a request that names
+    /// its project and no agent gets `false` and is still routed to the worker by the core), and makes it say so the way the core routes it: no
     /// target and no agent. A follow-up of a pool task names the worker's owner (`pool:NAME`) as its target,
     /// and the dashboard names the worker as the agent of a workspace project: both mean the user's worker.
     async fn to_pool(&self, req: &mut TaskRequest) -> Result<bool> {
@@ -210,6 +211,11 @@ impl CoreBackend {
             req.agent = None;
         }
         if req.target.is_some() {
+            return Ok(false);
+        }
+        // A task naming its project and no agent is routed by the core by itself: asking the user's mode here
+        // is needed only to pick a default project or to recognise the worker named as the agent.
+        if req.agent.is_none() && req.project.is_some() {
             return Ok(false);
         }
         let mode = self.core.mode(&req.user).await.map_err(task_err)?;
@@ -241,6 +247,19 @@ impl CoreBackend {
                 many.join(", ")
             ))),
         }
+    }
+}
+
+/// An agent as the bot shows it, from its record alone (it is not online, or not known to be).
+fn record_info(rec: &AgentRecord) -> AgentInfo {
+    AgentInfo {
+        name: rec.name.clone(),
+        fingerprint: rec.fingerprint.short(),
+        owner: rec.owner.clone(),
+        online: false,
+        since: rec.last_seen,
+        transport: rec.last_transport.map(|t| t.to_string()),
+        version: rec.last_version.clone(),
     }
 }
 
@@ -373,15 +392,7 @@ impl Backend for CoreBackend {
             .revoke(&one.fingerprint.to_string(), user)
             .await
             .map_err(core_err)?;
-        Ok(AgentInfo {
-            name: rec.name,
-            fingerprint: rec.fingerprint.short(),
-            owner: rec.owner,
-            online: false,
-            since: rec.last_seen,
-            transport: rec.last_transport.map(|t| t.to_string()),
-            version: rec.last_version,
-        })
+        Ok(record_info(&rec))
     }
 
     async fn add_project(
@@ -648,18 +659,7 @@ impl Backend for CoreBackend {
         Ok(views
             .iter()
             .find(|v| v.fingerprint == rec.fingerprint)
-            .map_or_else(
-                || AgentInfo {
-                    name: rec.name.clone(),
-                    fingerprint: rec.fingerprint.short(),
-                    owner: rec.owner.clone(),
-                    online: false,
-                    since: rec.last_seen,
-                    transport: rec.last_transport.map(|t| t.to_string()),
-                    version: rec.last_version.clone(),
-                },
-                agent_info,
-            ))
+            .map_or_else(|| record_info(&rec), agent_info))
     }
 
     async fn default_agent(&self, user: &str) -> Result<Option<String>> {

@@ -739,6 +739,13 @@ impl Usage {
         }
         self.cost_usd += cost;
     }
+
+    fn merge(&mut self, other: &Usage) {
+        self.tasks += other.tasks;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cost_usd += other.cost_usd;
+    }
 }
 
 /// What the user's own tasks of the last 30 days used, by day (UTC), as their agents reported it.
@@ -754,18 +761,28 @@ pub async fn usage(State(web): State<Web>, Signed(s): Signed) -> ApiResult<Json<
         .history(&s.user, &query)
         .await
         .map_err(backend_err)?;
-    let mut days: BTreeMap<String, Usage> = BTreeMap::new();
+    // The history call decided which tasks are this user's. Their events are read in one job on the blocking
+    // pool, a task at a time, keeping only the sums: a task's stored output may run to megabytes.
+    let tasks: Vec<(String, u64)> = page
+        .entries
+        .into_iter()
+        .filter(|e| e.task.created_at >= since)
+        .map(|e| (e.task.id, e.task.created_at))
+        .collect();
+    let days = web
+        .inner
+        .core
+        .read(move |store| {
+            let mut days: BTreeMap<String, Usage> = BTreeMap::new();
+            for (id, at) in tasks {
+                days.entry(day(at)).or_default().add(&store.events(&id, 0)?);
+            }
+            Ok::<_, crate::store::StoreError>(days)
+        })
+        .await??;
     let mut total = Usage::default();
-    for entry in page.entries.iter().filter(|e| e.task.created_at >= since) {
-        let (_, events) = web
-            .backend()
-            .task_events(&s.user, &entry.task.id)
-            .await
-            .map_err(backend_err)?;
-        days.entry(day(entry.task.created_at))
-            .or_default()
-            .add(&events);
-        total.add(&events);
+    for u in days.values() {
+        total.merge(u);
     }
     let days: Vec<Value> = days
         .into_iter()
