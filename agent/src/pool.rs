@@ -26,6 +26,12 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 /// The folder under the workspaces root that holds one folder per user.
+/// How deep the workspace's size is measured; deeper trees count as over the quota.
+const MAX_DEPTH: usize = 64;
+
+/// Clones one worker runs at once (see [`PoolConfig::create`]).
+static CLONES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 pub const USERS_DIR: &str = "users";
 /// Longest project name.
 pub const MAX_NAME: usize = 64;
@@ -314,6 +320,9 @@ impl PoolConfig {
                 Err(e) => Err(format!("cannot create project `{name}`: {e}")),
             };
         };
+        // However many users ask at once, a worker clones a couple of repositories at a time (each may take
+        // minutes of network and disk); the others wait their turn.
+        let _turn = CLONES.acquire().await.map_err(|e| e.to_string())?;
         let temp = format!(".clone-{}", random_hex());
         let room = self.quota_bytes.saturating_sub(used);
         let cloned = self.clone_into(&path.join(&temp), url, room).await;
@@ -379,11 +388,21 @@ impl PoolConfig {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot run git to clone {url}: {e}"))?;
+        // The remote writes git's stderr ("remote: ..."): only its tail is kept, however much it sends.
+        let stderr = crate::claude::process::StderrTail::default();
+        let collect = child.stderr.take().map(|e| stderr.clone().collect(e));
         // Dropping the wait (on a timeout or over the quota) kills git (`kill_on_drop`).
-        let wait = child.wait_with_output();
+        let wait = async {
+            let (status, _) = tokio::join!(child.wait(), async {
+                if let Some(c) = collect {
+                    c.await;
+                }
+            });
+            status
+        };
         tokio::pin!(wait);
         let deadline = tokio::time::sleep(self.clone_timeout);
         tokio::pin!(deadline);
@@ -401,7 +420,9 @@ impl PoolConfig {
                     let t = target.to_path_buf();
                     let size = tokio::task::spawn_blocking(move || {
                         rfs::open(&t, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
-                            .map_or(0, |fd| tree_size(fd.as_fd(), 0))
+                            .map_or(Some(0), |fd| tree_size(fd.as_fd(), 0))
+                            // A clone that cannot be measured is stopped like one over the quota.
+                            .unwrap_or(u64::MAX)
                     })
                     .await
                     .unwrap_or(0);
@@ -419,10 +440,9 @@ impl PoolConfig {
         };
         match out {
             Err(e) => Err(format!("git failed to clone {url}: {e}")),
-            Ok(out) if out.status.success() => Ok(()),
-            Ok(out) => {
-                let err = String::from_utf8_lossy(&out.stderr);
-                let err: String = err.trim().chars().take(500).collect();
+            Ok(status) if status.success() => Ok(()),
+            Ok(_) => {
+                let err: String = stderr.text().chars().take(500).collect();
                 Err(format!(
                     "could not clone {url}: {err}. Nothing was created; check the URL (a public \
                      https:// or ssh:// repository: this worker has no credentials of yours)"
@@ -469,7 +489,13 @@ impl PoolConfig {
 
     /// The workspace's size in bytes, or the refusal when it is at or over the quota.
     fn check_quota_of(&self, dir: &OwnedFd) -> Result<u64, String> {
-        let used = tree_size(dir.as_fd(), 0);
+        let used = tree_size(dir.as_fd(), 0).ok_or_else(|| {
+            format!(
+                "your workspace on this pool worker cannot be measured (folders nested over {MAX_DEPTH} deep, or \
+                 one that cannot be read), so it counts as over its quota: remove them, or the project \
+                 (`/project remove NAME`)"
+            )
+        })?;
         if used >= self.quota_bytes {
             return Err(format!(
                 "your workspace on this pool worker uses {} of its {} quota: remove files or a project \
@@ -514,23 +540,31 @@ fn open_or_make(parent: &OwnedFd, name: &str) -> Result<OwnedFd, Errno> {
     }
 }
 
-/// Bytes in the tree under `dir` (apparent sizes, links not followed, at most 64 levels deep: deeper is
-/// counted as nothing rather than risking the stack on a hostile tree).
-fn tree_size(dir: rustix::fd::BorrowedFd<'_>, depth: usize) -> u64 {
-    if depth > 64 {
-        return 0;
+/// Bytes in the tree under `dir` (apparent sizes, links not followed), or `None` when some of it cannot be
+/// measured: deeper than 64 levels (a hostile tree must not risk the stack), or a folder that stays unreadable.
+/// A task runs as the worker's own user, so it could `chmod 000` a folder to hide what is in it: such a
+/// folder is given its owner's read and search bits back before it is measured, and one that still cannot be
+/// read counts as unmeasurable rather than as empty.
+fn tree_size(dir: rustix::fd::BorrowedFd<'_>, depth: usize) -> Option<u64> {
+    if depth > MAX_DEPTH {
+        return None;
     }
-    let Ok(read) = rfs::openat(
+    let read = match rfs::openat(
         dir,
         ".",
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .and_then(rfs::Dir::read_from) else {
-        return 0;
+    .and_then(rfs::Dir::read_from)
+    {
+        Ok(read) => read,
+        // Removed while it was measured: empty.
+        Err(Errno::NOENT) => return Some(0),
+        Err(_) => return None,
     };
     let mut total = 0u64;
-    for entry in read.flatten() {
+    for entry in read {
+        let entry = entry.ok()?;
         let name = entry.file_name();
         if name.to_bytes() == b"." || name.to_bytes() == b".." {
             continue;
@@ -540,17 +574,26 @@ fn tree_size(dir: rustix::fd::BorrowedFd<'_>, depth: usize) -> u64 {
         };
         total = total.saturating_add(u64::try_from(st.st_size).unwrap_or(0));
         if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory {
-            if let Ok(sub) = rfs::openat(
+            if st.st_mode & 0o500 != 0o500 {
+                let mode = Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700);
+                // Not its owner: the read below fails, and the tree counts as unmeasurable.
+                let _ = rfs::chmodat(dir, name, mode, AtFlags::empty());
+            }
+            let sub = match rfs::openat(
                 dir,
                 name,
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             ) {
-                total = total.saturating_add(tree_size(sub.as_fd(), depth + 1));
-            }
+                Ok(sub) => sub,
+                // Gone since it was listed (a clone in progress moves things about): nothing to count.
+                Err(Errno::NOENT) => continue,
+                Err(_) => return None,
+            };
+            total = total.saturating_add(tree_size(sub.as_fd(), depth + 1)?);
         }
     }
-    total
+    Some(total)
 }
 
 /// Removes a folder and everything in it without following links (std's `remove_dir_all` opens each level

@@ -742,7 +742,12 @@ impl Tasks {
             };
             let done: Result<ProjectReply, String> = match op {
                 ProjectOp::Create { user, name, git } => {
-                    match pool.create(&user, &name, git.as_deref()).await {
+                    // A clone is stopped by shutdown (dropping it kills git; the start sweeps its folder).
+                    let created = tokio::select! {
+                        r = pool.create(&user, &name, git.as_deref()) => r,
+                        () = inner.shutdown.cancelled() => Err("the worker is shutting down: try again when it is back".into()),
+                    };
+                    match created {
                         Ok(()) => {
                             tracing::info!(%user, %name, cloned = git.is_some(), "pool project created");
                             listed(pool, user).await.map(|p| ProjectReply::Ok(pool_report(p)))

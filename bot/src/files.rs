@@ -149,11 +149,17 @@ pub async fn download(w: &Wanted, proxy: Option<&str>) -> Result<Attachment, Str
     })
 }
 
+/// Messages or commands whose files download at once (each batch at most the per-task total).
+static DOWNLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// Checks, then downloads every file (one after another: they are few, and bounded in all), within
 /// [`DOWNLOAD_TIMEOUT`] for all of them together.
 pub async fn fetch(wanted: &[Wanted], proxy: Option<&str>) -> Result<Vec<Attachment>, String> {
     check(wanted)?;
     let all = async {
+        // Each download may hold its whole size in memory until the task takes it: a few at a time across
+        // the bot, whoever posts; the others wait their turn within the same deadline.
+        let _turn = DOWNLOADS.acquire().await.map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(wanted.len());
         for w in wanted {
             out.push(download(w, proxy).await?);

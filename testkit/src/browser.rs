@@ -11,6 +11,7 @@
 //! [`Browser::set_timeout`] changed it) with what it waited for, the last thing it saw and the page it was on:
 //! there is no bare sleep to synchronise on anywhere.
 
+use crate::nats::find_binary;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -828,14 +829,6 @@ fn find_chromium() -> anyhow::Result<PathBuf> {
              installs it (Debian packages chromium and chromium-driver), or \
              `apt-get install chromium chromium-driver`",
         )
-}
-
-fn find_binary(name: &str, dirs: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(dirs.iter().map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 /// The start of a script, for error messages.

@@ -224,8 +224,8 @@ fn read_log(path: &Path) -> String {
 }
 
 /// `name` on PATH, else in one of `dirs` (Debian installs nats-server in /usr/sbin, which a user's PATH may
-/// lack).
-fn find_binary(name: &str, dirs: &[&str]) -> Option<PathBuf> {
+/// lack). The browser harness finds chromedriver with it too.
+pub(crate) fn find_binary(name: &str, dirs: &[&str]) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(dirs.iter().map(PathBuf::from))
