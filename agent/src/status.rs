@@ -185,19 +185,10 @@ fn when(t: u64, now: u64) -> String {
     format!("{} ({ago} ago)", rfc3339(t))
 }
 
-/// Formats Unix seconds as RFC 3339 UTC (Howard Hinnant's civil-from-days; no date crate needed for this).
+/// Formats Unix seconds as RFC 3339 UTC (no date crate needed for this).
 pub fn rfc3339(t: u64) -> String {
-    let days = (t / 86400) as i64;
     let secs = t % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = crate::meter::civil((t / 86400) as i64);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
         secs / 3600,

@@ -150,6 +150,18 @@ impl HistoryQuery {
             .is_none_or(|r| r == task.requester);
         agent && state && project && requester
     }
+
+    /// The tasks of `all` (newest first) on this query's page, and whether more match after it.
+    pub fn page(&self, all: Vec<TaskInfo>) -> (Vec<TaskInfo>, bool) {
+        let matching: Vec<TaskInfo> = all.into_iter().filter(|t| self.matches(t)).collect();
+        let more = matching.len() > self.skip.saturating_add(self.take);
+        let page = matching
+            .into_iter()
+            .skip(self.skip)
+            .take(self.take)
+            .collect();
+        (page, more)
+    }
 }
 
 /// One line of `/tasks`: a task and the Discord thread its output went to, when the backend knows it.
@@ -381,18 +393,10 @@ pub trait Backend: Send + Sync + 'static {
     /// those `query` matches, with their threads. The default pages through [`Backend::tasks`] and knows no
     /// threads.
     async fn history(&self, user: &str, query: &HistoryQuery) -> Result<HistoryPage> {
-        let matching: Vec<TaskInfo> = self
-            .tasks(user)
-            .await?
-            .into_iter()
-            .filter(|t| query.matches(t))
-            .collect();
-        let more = matching.len() > query.skip.saturating_add(query.take);
+        let (page, more) = query.page(self.tasks(user).await?);
         Ok(HistoryPage {
-            entries: matching
+            entries: page
                 .into_iter()
-                .skip(query.skip)
-                .take(query.take)
                 .map(|task| HistoryEntry { task, thread: None })
                 .collect(),
             more,

@@ -763,10 +763,7 @@ impl Inner {
                 return None;
             }
         };
-        let first = name
-            .split_whitespace()
-            .next()
-            .filter(|t| t.starts_with("t_"))?;
+        let first = task_in_name(&name)?;
         let mut task = self.backend.task(user, first).await.ok()?;
         if let Ok(recent) = self.backend.tasks(user).await {
             while let Some(next) = recent
@@ -1040,8 +1037,7 @@ impl Inner {
             .channel
             .as_ref()
             .and_then(|ch| ch.name.as_deref())
-            .and_then(|n| n.split_whitespace().next())
-            .filter(|t| t.starts_with("t_"))
+            .and_then(task_in_name)
             .map(str::to_string);
         match Args::of(&c.data).str("task_id") {
             Some(named) => {
@@ -1886,6 +1882,13 @@ fn page_buttons(page: &HistoryPage, more: bool) -> Vec<serenity::all::CreateActi
 /// Commands whose answer everyone in the channel should see (and so whose deferral is public too).
 fn is_public(name: &str) -> bool {
     matches!(name, "reply" | "cancel" | "cc")
+}
+
+/// The task a thread is named after: its name starts with the task's id.
+fn task_in_name(name: &str) -> Option<&str> {
+    name.split_whitespace()
+        .next()
+        .filter(|t| t.starts_with("t_"))
 }
 
 /// One line saying where the user's tasks go.

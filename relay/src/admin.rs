@@ -426,15 +426,20 @@ async fn answer(req: Request, core: &Core, status: &StatusInfo) -> Reply {
                 })
         }
         Request::DashboardLink { user } => {
-            use ct_bot::backend::Backend;
-            return match crate::discord::CoreBackend::new(core.clone())
-                .dashboard_link(&user)
-                .await
-            {
-                Ok(link) => Reply::DashboardLink {
-                    url: link.url,
-                    expires_in: link.expires_in,
+            // The operator's own link: minted straight in the store, not through the bot's front end (whose
+            // per-user limit is for what people ask of it in Discord).
+            let who = user.clone();
+            let minted = core
+                .read(move |store| crate::sessions::mint_link(store, &who, crate::store::now()))
+                .await;
+            return match minted {
+                Ok(Ok(token)) => Reply::DashboardLink {
+                    url: crate::sessions::link_url(core.config(), &token),
+                    expires_in: crate::sessions::LINK_TTL.as_secs(),
                     user,
+                },
+                Ok(Err(e)) => Reply::Error {
+                    message: e.to_string(),
                 },
                 Err(e) => Reply::Error {
                     message: e.to_string(),

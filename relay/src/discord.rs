@@ -613,18 +613,7 @@ impl Backend for CoreBackend {
                 store.recent_tasks(&who, &mine, HISTORY_SCAN)
             })
             .await?;
-        let matching: Vec<TaskInfo> = self
-            .infos(&recs)
-            .await?
-            .into_iter()
-            .filter(|t| query.matches(t))
-            .collect();
-        let more = matching.len() > query.skip.saturating_add(query.take);
-        let page: Vec<TaskInfo> = matching
-            .into_iter()
-            .skip(query.skip)
-            .take(query.take)
-            .collect();
+        let (page, more) = query.page(self.infos(&recs).await?);
         let ids: Vec<String> = page.iter().map(|t| t.id.clone()).collect();
         let threads: std::collections::HashMap<String, u64> = self
             .read(move |store| store.task_threads(&ids))

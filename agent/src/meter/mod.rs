@@ -147,7 +147,7 @@ impl fmt::Display for Budget {
 }
 
 /// Days since 1970-01-01 as (year, month 1..=12, day 1..=31), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -417,6 +417,7 @@ impl Meter {
     }
 
     /// What `user` used so far, in total.
+    #[cfg(test)]
     pub fn used(&self, user: &str) -> Usage {
         self.record(user).total
     }

@@ -192,6 +192,7 @@ impl TurnTools {
     }
 
     /// How many parts (messages) it has.
+    #[cfg(test)]
     pub fn parts(&self) -> usize {
         self.parts
     }

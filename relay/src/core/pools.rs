@@ -287,12 +287,10 @@ pub fn check_access(
     }
 }
 
-/// Roles as a request carries them: bounded, since they are compared for every pool request.
-fn bounded(roles: Option<Vec<String>>) -> Option<Vec<String>> {
-    roles.map(|mut r| {
-        r.truncate(MAX_ROLES);
-        r
-    })
+/// Roles as a request carries them: at most [`MAX_ROLES`] (Discord's own limit), since they are compared for
+/// every pool request.
+pub(crate) fn bounded_roles(roles: &[String]) -> &[String] {
+    &roles[..roles.len().min(MAX_ROLES)]
 }
 
 fn pool_entry(pool: &str, actor: &str, owner: &str, detail: String) -> AuditEntry {
@@ -371,7 +369,7 @@ impl Core {
         roles: Option<&[String]>,
     ) -> Result<ModeView, TaskError> {
         let caller = OwnedCaller::from(who.into());
-        let roles = bounded(roles.map(<[String]>::to_vec));
+        let roles = roles.map(|r| bounded_roles(r).to_vec());
         self.run(move |state| state.set_mode(caller.as_caller(), mode, roles.as_deref()))
             .await
     }
@@ -406,7 +404,7 @@ impl Core {
             PoolOp::Remove { name } => check_workspace_project(name)?,
             PoolOp::List | PoolOp::Usage => {}
         }
-        let roles = bounded(roles.map(<[String]>::to_vec));
+        let roles = roles.map(|r| bounded_roles(r).to_vec());
         let assigning = caller.clone();
         let (worker, note) = self
             .run(move |state| state.assign_worker(assigning.as_caller(), roles.as_deref()))

@@ -280,11 +280,7 @@ impl State {
             user: &req.user,
             operator: req.operator,
         };
-        // Bounded: the roles are compared with the pool's for every request (Discord has at most 250).
-        let roles = req
-            .roles
-            .as_deref()
-            .map(|r| &r[..r.len().min(super::pools::MAX_ROLES)]);
+        let roles = req.roles.as_deref().map(super::pools::bounded_roles);
         let (agent, _moved) = self.assign_worker(caller, roles)?;
         if let Some(session) = &req.resume {
             self.check_resume(&req.user, &agent, session)?;
