@@ -190,8 +190,11 @@ pub(crate) fn click(
 }
 
 /// A relay on `dir` whose bot is connected to the simulator and has registered its commands.
+///
+/// Its port is one a test can restart it on (several tests here do): see [`ct_testkit::ports`].
 pub(crate) async fn relay_with_bot(sim: &DiscordSim, dir: &Path) -> TestRelay {
-    let mut config = RelayConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], ct_testkit::ports::restartable()));
+    let mut config = RelayConfig::new(dir.to_path_buf(), listen);
     config.bot = Some(gateway_config(sim));
     let relay = TestRelay::start(config).await;
     sim.wait_identified(T).await.unwrap();

@@ -13,6 +13,7 @@
 //! - [`discord`]: [`DiscordSim`], a Discord simulator (REST + gateway + HTTP-interaction signing) that the
 //!   bot runs against through `DISCORD_API_PROXY`.
 //! - [`nats`]: [`NatsServer`], a real `nats-server` on loopback for the relay's cluster tests.
+//! - [`ports`]: loopback ports a test can stop a server on and start it again (below the ephemeral range).
 //! - [`postgres`]: [`PgServer`], a real throwaway PostgreSQL server on loopback (one shared per test binary, or
 //!   one of a test's own to kill and restart), for the relay's PostgreSQL store and the cluster.
 //! - [`udp_proxy`]: [`UdpProxy`], a loopback UDP forwarder a test can black-hole, so a QUIC link falls silent
@@ -26,6 +27,7 @@ pub mod claude;
 pub mod discord;
 pub mod job;
 pub mod nats;
+pub mod ports;
 pub mod postgres;
 pub mod process;
 pub mod udp_proxy;
