@@ -33,6 +33,7 @@ pub const SCENARIOS: &[&str] = &[
     "restart",
     "rathole",
     "cluster",
+    "cluster-events",
 ];
 
 /// Everything the run measured, for the table and for tests that check the scenarios really happened.
@@ -147,12 +148,15 @@ pub async fn run(plan: &Plan, tools: &Tools, only: &BTreeSet<String>) -> Result<
         }
     }
 
-    if wants("cluster") {
+    // `cluster-events` is the cluster scenario's events part alone (sled beside PostgreSQL, a minute or two),
+    // for working on that figure without the whole cluster's setup; the full scenario includes it.
+    let events_only = !wants("cluster") && only.contains("cluster-events");
+    if wants("cluster") || events_only {
         progress(&format!(
             "cluster: {} nodes on PostgreSQL and NATS beside one on sled",
             cluster::NODES
         ));
-        let run = cluster::run(plan, tools).await;
+        let run = cluster::run(plan, tools, events_only).await;
         if let Some(c) = out.keep("cluster", run) {
             out.failed.extend(c.failed.iter().cloned());
             out.cluster = Some(c);

@@ -47,7 +47,7 @@ struct BenchArgs {
     #[arg(long, conflicts_with = "quick")]
     tiny: bool,
     /// Only these scenarios (comma-separated): footprint, dispatch, events, history, idle, churn, restart,
-    /// rathole, cluster
+    /// rathole, cluster, cluster-events (the cluster's events figures alone)
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The ct-relay binary [default: next to this one]

@@ -174,8 +174,8 @@ impl Backends {
     }
 }
 
-/// Runs both sides and the events figures at the plan's sizes.
-pub async fn run(plan: &Plan, tools: &Tools) -> Result<Outcome> {
+/// Runs both sides and the events figures at the plan's sizes; with `events_only`, the events figures alone.
+pub async fn run(plan: &Plan, tools: &Tools, events_only: bool) -> Result<Outcome> {
     let dir = tools.work_dir.join("cluster");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -213,6 +213,9 @@ pub async fn run(plan: &Plan, tools: &Tools) -> Result<Outcome> {
     }
     .await;
     out.events_postgres = out.keep("cluster: events on PostgreSQL", run);
+    if events_only {
+        return Ok(out);
+    }
 
     progress("cluster: a single node on sled");
     let single = side(plan, &tools.relay, &fresh(&dir, "single")?, None, 1).await;
