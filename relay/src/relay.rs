@@ -170,6 +170,9 @@ impl Relay {
         let bound = https_addr.or(quic_addr).context("nothing bound")?;
 
         let mut core_cfg = config.core.clone();
+        if config.cluster.is_some() {
+            core_cfg.event_writers = crate::core::EVENT_WRITERS;
+        }
         core_cfg.public_addrs = if config.public_addrs.is_empty() {
             let ip = if bound.ip().is_unspecified() {
                 Ipv4Addr::LOCALHOST.into()

@@ -9,6 +9,7 @@ mod binary;
 mod connections;
 mod discord;
 mod endpoint;
+mod event_writers;
 mod files;
 mod history;
 mod installers;

@@ -61,6 +61,10 @@ pub struct CoreConfig {
     pub audit_retention: Duration,
     /// Keys (users, addresses) one rate limiter remembers at most; see [`RateLimiter`].
     pub rate_limit_keys: usize,
+    /// Threads that write task events while the core's thread goes on (see `core::writers`); 0: the core's
+    /// thread writes them itself. A relay sets it for a cluster, where each write is a round trip to
+    /// PostgreSQL; on sled a write is a memory copy, and a hop to another thread would only add to it.
+    pub event_writers: usize,
 }
 
 impl Default for CoreConfig {
@@ -89,6 +93,7 @@ impl Default for CoreConfig {
             task_retention: Duration::from_secs(30 * 86_400),
             audit_retention: Duration::from_secs(180 * 86_400),
             rate_limit_keys: 100_000,
+            event_writers: 0,
         }
     }
 }

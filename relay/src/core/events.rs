@@ -5,7 +5,8 @@
 //! job waiting at that moment, from all sessions, and writes them in one store operation
 //! ([`Store::append_event_runs`](crate::store::Store::append_event_runs)); one group-commit ticket then covers
 //! the lot, and each session acknowledges its events once that ticket is durable. Under load a flush therefore
-//! carries many sessions' writes, and the disk sees one write and one flush for all of them.
+//! carries many sessions' writes, and the disk sees one write and one flush for all of them. In a cluster the
+//! write itself runs on a writer thread, and what follows it back on the core's thread ([`super::writers`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -19,7 +20,7 @@ use super::state::{Job, State, MAX_WRITTEN};
 use super::tasks::TaskError;
 use super::{Core, Stopped};
 use crate::durable::Ticket;
-use crate::store::{now, EventRun, StoreError, TaskRecord, TaskState};
+use crate::store::{now, EventRun, Store, StoreError, TaskRecord, TaskState};
 
 /// Events buffered per follower before it is considered too slow and skips ahead (it can re-read the log).
 const FOLLOW_BUFFER: usize = 1024;
@@ -70,6 +71,21 @@ struct Prepared {
     /// (see `LiveAgent::written`): written only if the record still is that.
     expected: Option<Vec<u8>>,
 }
+
+/// A batch checked, its write on the way: what its follow-up needs.
+struct Batch {
+    /// Per job, what to acknowledge.
+    acks: Vec<Vec<(String, u64)>>,
+    replies: Vec<(Fingerprint, oneshot::Sender<Recorded>)>,
+    prepared: Vec<Prepared>,
+    /// Agents whose events could not be stored: they reconnect to send them again.
+    reconnect: BTreeSet<Fingerprint>,
+    /// Tasks written on the condition that their record is still as this node last wrote it.
+    conditional: HashSet<String>,
+}
+
+/// How a batch's write ended: per run, whether it was written; or why nothing was.
+type Written = Result<Vec<bool>, String>;
 
 /// What checking a run came to.
 enum Checked {
@@ -145,24 +161,59 @@ impl Core {
 }
 
 impl State {
-    /// Writes a batch of event jobs in one store operation, then acknowledges, publishes and moves queues.
-    pub(crate) fn record_batch(&mut self, batch: Vec<EventsJob>) {
-        let mut acks: Vec<Vec<(String, u64)>> = vec![Vec::new(); batch.len()];
-        let mut replies = Vec::with_capacity(batch.len());
-        let mut prepared: Vec<Prepared> = Vec::new();
+    /// Writes a batch of event jobs in one store operation, then acknowledges, publishes and moves queues. In
+    /// a cluster the write runs on a writer thread and the rest follows when it is done (see
+    /// [`super::writers`]); the caller made sure a writer is free and none of the batch's tasks is in flight.
+    pub(crate) fn record_batch(&mut self, jobs: Vec<EventsJob>) {
+        let batch = self.check_batch(jobs);
+        if batch.prepared.is_empty() {
+            return self.finish_batch(batch, Ok(Vec::new()), None);
+        }
+        let commit = self.commit();
+        let Some(writers) = &mut self.writers else {
+            let written = write_runs(self.store(), &batch.prepared).map_err(|e| e.to_string());
+            return self.finish_batch(batch, written, None);
+        };
+        let tasks = batch
+            .prepared
+            .iter()
+            .map(|p| p.rec.spec.task.clone())
+            .collect();
+        writers.submit(
+            tasks,
+            Box::new(move |store| {
+                // A store call that panics (a bug) fails the batch like a store error, so its agents reconnect
+                // and send the events again.
+                let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    write_runs(store, &batch.prepared)
+                }))
+                .map_err(|_| "the store panicked".to_string())
+                .and_then(|w| w.map_err(|e| e.to_string()));
+                // Taken right after the write, before anything else this thread writes (see `durable`).
+                let ticket = commit.ticket();
+                Box::new(move |state: &mut State| state.finish_batch(batch, written, Some(ticket)))
+            }),
+        );
+    }
+
+    /// Checks every run of a batch against its task's record: what to write, and what to acknowledge already.
+    fn check_batch(&mut self, jobs: Vec<EventsJob>) -> Batch {
+        let mut batch = Batch {
+            acks: vec![Vec::new(); jobs.len()],
+            replies: Vec::with_capacity(jobs.len()),
+            prepared: Vec::new(),
+            reconnect: BTreeSet::new(),
+            conditional: HashSet::new(),
+        };
         // Where a task's record, as an earlier run in this batch left it, is in `prepared` (an agent may
         // interleave tasks, and two sessions of one agent may overlap).
         let mut latest: HashMap<String, usize> = HashMap::new();
-        // Agents whose events could not be stored: they reconnect to send them again.
-        let mut reconnect: BTreeSet<Fingerprint> = BTreeSet::new();
-        // Tasks written on the condition that their record is still as this node last wrote it.
-        let mut conditional: HashSet<String> = HashSet::new();
-        for (i, job) in batch.into_iter().enumerate() {
+        for (i, job) in jobs.into_iter().enumerate() {
             for (id, run) in job.runs {
                 // The record as an earlier run of this batch left it; else as this node last wrote it (then
                 // written on the condition that it still is); else read.
                 let (known, expected) = match latest.get(&id) {
-                    Some(&at) => (Some(prepared[at].rec.clone()), None),
+                    Some(&at) => (Some(batch.prepared[at].rec.clone()), None),
                     None => match self.live.get(&job.agent).and_then(|l| l.written.get(&id)) {
                         Some((rec, body)) => (Some(rec.clone()), Some(body.clone())),
                         None => (None, None),
@@ -170,30 +221,38 @@ impl State {
                 };
                 match self.check_run(i, &job.agent, &id, run, known) {
                     Ok(Checked::Nothing) => {}
-                    Ok(Checked::Resent(seq)) => acks[i].push((id, seq)),
+                    Ok(Checked::Resent(seq)) => batch.acks[i].push((id, seq)),
                     Ok(Checked::Write(mut p)) => {
                         if expected.is_some() {
-                            conditional.insert(id.clone());
+                            batch.conditional.insert(id.clone());
                         }
                         p.expected = expected;
-                        latest.insert(id, prepared.len());
-                        prepared.push(*p);
+                        latest.insert(id, batch.prepared.len());
+                        batch.prepared.push(*p);
                     }
                     // Not acknowledged, so the agent sends it again on its next connection, which closing
                     // this one brings about; nothing is lost.
                     Err(e) => {
                         tracing::error!(task = %id, error = %e, "could not store task events");
-                        reconnect.insert(job.agent);
+                        batch.reconnect.insert(job.agent);
                     }
                 }
             }
-            replies.push((job.agent, job.reply));
+            batch.replies.push((job.agent, job.reply));
         }
-        let written = if prepared.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.write_runs(&prepared)
-        };
+        batch
+    }
+
+    /// What follows a batch's write: acknowledge, publish, and move the queues of agents whose tasks ended.
+    /// `ticket`: taken right after the write (on a writer); else taken here.
+    fn finish_batch(&mut self, batch: Batch, written: Written, ticket: Option<Ticket>) {
+        let Batch {
+            mut acks,
+            replies,
+            prepared,
+            mut reconnect,
+            conditional,
+        } = batch;
         let mut finished = BTreeSet::new();
         match written {
             Ok(written) => {
@@ -221,7 +280,7 @@ impl State {
                     }
                     self.announce(&p.rec.spec.task, p.rec.last_seq);
                     if p.finished {
-                        finished.insert(replies[p.job].0);
+                        finished.insert(agent);
                     }
                     acks[p.job].push((p.rec.spec.task.clone(), p.rec.last_seq));
                 }
@@ -250,34 +309,13 @@ impl State {
             }
         }
         // One ticket for the whole batch, taken after its write: its flush covers every run in it.
-        let ticket = acks.iter().any(|a| !a.is_empty()).then(|| self.ticket());
+        let ticket = acks
+            .iter()
+            .any(|a| !a.is_empty())
+            .then(|| ticket.unwrap_or_else(|| self.ticket()));
         for ((_, reply), acks) in replies.into_iter().zip(acks) {
             let _ = reply.send(Recorded { acks, ticket });
         }
-    }
-
-    fn write_runs(&self, prepared: &[Prepared]) -> Result<Vec<bool>, StoreError> {
-        // Each run's events as the store takes them: borrowed from the prepared runs.
-        let events: Vec<Vec<StoredEvent<'_>>> = prepared
-            .iter()
-            .map(|p| {
-                p.writes
-                    .iter()
-                    .map(|(seq, bytes)| (*seq, bytes.as_deref()))
-                    .collect()
-            })
-            .collect();
-        let runs: Vec<EventRun<'_>> = prepared
-            .iter()
-            .zip(&events)
-            .map(|(p, events)| EventRun {
-                task: &p.rec,
-                events,
-                was_open: Some(p.was_open),
-            })
-            .collect();
-        let expected: Vec<Option<&[u8]>> = prepared.iter().map(|p| p.expected.as_deref()).collect();
-        self.store().append_event_runs_expecting(&runs, &expected)
     }
 
     /// Checks one task's run from `agent` against the task's record (`known`: as an earlier run in this batch
@@ -597,6 +635,32 @@ impl State {
             *up_to = (*up_to).max(seq);
         }
     }
+}
+
+/// Writes a batch's runs in one store operation: per run, whether it was written (see
+/// [`Store::append_event_runs_expecting`]).
+fn write_runs(store: &dyn Store, prepared: &[Prepared]) -> Result<Vec<bool>, StoreError> {
+    // Each run's events as the store takes them: borrowed from the prepared runs.
+    let events: Vec<Vec<StoredEvent<'_>>> = prepared
+        .iter()
+        .map(|p| {
+            p.writes
+                .iter()
+                .map(|(seq, bytes)| (*seq, bytes.as_deref()))
+                .collect()
+        })
+        .collect();
+    let runs: Vec<EventRun<'_>> = prepared
+        .iter()
+        .zip(&events)
+        .map(|(p, events)| EventRun {
+            task: &p.rec,
+            events,
+            was_open: Some(p.was_open),
+        })
+        .collect();
+    let expected: Vec<Option<&[u8]>> = prepared.iter().map(|p| p.expected.as_deref()).collect();
+    store.append_event_runs_expecting(&runs, &expected)
 }
 
 /// The state change an event implies.

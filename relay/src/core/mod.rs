@@ -41,8 +41,9 @@
 //!
 //! Since the store, not this thread, is what orders decisions across nodes, a node's thread keeps its
 //! PostgreSQL round trips to what only it can do: a submission's reads and its admission run on the blocking
-//! pool around the decision ([`submit`]), and bookkeeping no decision waits for (when an agent was last seen)
-//! on a thread of its own (`books`).
+//! pool around the decision ([`submit`]), bookkeeping no decision waits for (when an agent was last seen)
+//! on a thread of its own (`books`), and task events on writer threads while the core's thread goes on
+//! deciding (`writers`).
 
 use std::sync::Arc;
 
@@ -77,10 +78,12 @@ mod state;
 pub mod submit;
 pub mod tasks;
 pub mod worktrees;
+mod writers;
 
 pub use agents::{AgentView, SessionGuard};
 pub use config::CoreConfig;
 pub use state::Outbound;
+pub use writers::WRITERS as EVENT_WRITERS;
 
 use state::{Job, State};
 
@@ -178,10 +181,8 @@ impl Core {
             metrics.clone(),
             relay,
             bus.as_ref().map(Bus::publisher),
-            bus.as_ref()
-                .map(|_| books::Books::start(store.clone()))
-                .transpose()?,
-        );
+            jobs.downgrade(),
+        )?;
         let thread = std::thread::Builder::new()
             .name("ct-relay-core".into())
             .spawn(move || state.run(rx))?;

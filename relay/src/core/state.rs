@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::config::CoreConfig;
 use super::events::EventsJob;
 use super::projects::PendingRequest;
+use super::writers::Writers;
 use crate::cluster::Publisher;
 use crate::durable::{GroupCommit, Ticket};
 use crate::metrics::Metrics;
@@ -25,10 +26,13 @@ const MAX_EVENT_BATCH: usize = 64;
 
 /// Work for the core's thread.
 pub(crate) enum Job {
-    /// Any operation: runs with the state, replies through whatever it captured.
+    /// Any operation: runs with the state, replies through whatever it captured. The event writes in flight
+    /// are settled first (see [`super::writers`]).
     Call(Box<dyn FnOnce(&mut State) + Send>),
     /// A session's burst of task events. Consecutive ones are written together (see [`super::events`]).
     Events(EventsJob),
+    /// A writer finished a write (see [`super::writers`]): its follow-up is waiting.
+    Wake,
 }
 
 /// A message for an agent's session to write, once `after` (if any) is durable: a task start must not reach
@@ -111,6 +115,8 @@ pub(crate) struct State {
     pub(crate) bus: Option<Publisher>,
     /// In a cluster, the thread for writes no decision waits for (see [`super::books`]).
     pub(crate) books: Option<super::books::Books>,
+    /// In a cluster, the threads that write task events (see [`super::writers`]).
+    pub(crate) writers: Option<Writers>,
     /// Nodes whose heartbeat is recent, this one included (refreshed by [`super::nodes`]).
     pub(crate) alive_nodes: HashSet<String>,
     /// Every live node's public addresses, this node's first: what pairing tokens carry.
@@ -118,6 +124,9 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The state, with the threads it owns: in a cluster (`bus`) the bookkeeping thread, and the event
+    /// writers when the config asks for them (`wake` is how they reach the core's thread). Fails only if the
+    /// system refuses a thread.
     pub(crate) fn new(
         store: SharedStore,
         commit: Arc<GroupCommit>,
@@ -125,10 +134,16 @@ impl State {
         metrics: Arc<Metrics>,
         relay: Fingerprint,
         bus: Option<Publisher>,
-        books: Option<super::books::Books>,
-    ) -> Self {
-        Self {
-            books,
+        wake: mpsc::WeakSender<Job>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            books: bus
+                .as_ref()
+                .map(|_| super::books::Books::start(store.clone()))
+                .transpose()?,
+            writers: (config.event_writers > 0)
+                .then(|| Writers::start(store.clone(), config.event_writers, wake))
+                .transpose()?,
             alive_nodes: HashSet::from([config.node_id.clone()]),
             cluster_addrs: config.public_addrs.clone(),
             bus,
@@ -160,7 +175,7 @@ impl State {
             pending: HashMap::new(),
             next_request: 1,
             durable: None,
-        }
+        })
     }
 
     pub(crate) fn store(&self) -> &dyn Store {
@@ -181,6 +196,11 @@ impl State {
         self.commit.ticket()
     }
 
+    /// The group commit, for a writer thread to take its ticket from.
+    pub(crate) fn commit(&self) -> Arc<GroupCommit> {
+        self.commit.clone()
+    }
+
     pub(crate) fn take_durable(&mut self) -> Option<Ticket> {
         self.durable.take()
     }
@@ -197,12 +217,20 @@ impl State {
                 },
             };
             match job {
-                Job::Call(job) => job(&mut self),
+                Job::Wake => {}
+                Job::Call(job) => {
+                    // Sees the store and this state as if every event batch had been written in place.
+                    self.settle();
+                    job(&mut self)
+                }
                 Job::Events(first) => {
+                    // While every writer is busy, the jobs that come in meanwhile join this batch.
+                    self.wait_for_writer();
                     let mut batch = vec![first];
                     while batch.len() < MAX_EVENT_BATCH {
                         match jobs.try_recv() {
                             Ok(Job::Events(more)) => batch.push(more),
+                            Ok(Job::Wake) => {}
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -210,10 +238,45 @@ impl State {
                             Err(_) => break,
                         }
                     }
+                    // A task is in one batch in flight at most, so its writes reach the store in order.
+                    if self.writers.as_ref().is_some_and(|w| {
+                        batch
+                            .iter()
+                            .flat_map(|job| &job.runs)
+                            .any(|(task, _)| w.holds(task))
+                    }) {
+                        self.settle();
+                    }
                     self.record_batch(batch);
                 }
             }
+            self.collect_written();
         }
+        self.settle();
         tracing::debug!("the core's thread stops: every handle is gone");
+    }
+
+    /// Runs the follow-ups of writes that are done, without waiting for any.
+    pub(crate) fn collect_written(&mut self) {
+        while let Some(followup) = self.writers.as_mut().and_then(|w| w.done(false)) {
+            followup(self);
+        }
+    }
+
+    /// Waits for every write in flight and runs its follow-up.
+    pub(crate) fn settle(&mut self) {
+        while let Some(followup) = self.writers.as_mut().and_then(|w| w.done(true)) {
+            followup(self);
+        }
+    }
+
+    /// Waits until a writer is free, running the follow-ups of those that finish.
+    fn wait_for_writer(&mut self) {
+        while self.writers.as_ref().is_some_and(Writers::busy) {
+            match self.writers.as_mut().and_then(|w| w.done(true)) {
+                Some(followup) => followup(self),
+                None => break,
+            }
+        }
     }
 }
