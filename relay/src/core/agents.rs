@@ -3,6 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use ct_protocol::message::CloseReason;
 use ct_protocol::{Fingerprint, Transport};
@@ -57,11 +59,14 @@ impl Core {
             .collect();
         let (close, close_rx) = mpsc::channel(1);
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let (session, epoch) = self
-            .run(move |state| {
-                state.register_session(fp, (transport, version), peer, close, outbound)
+        let retry = Arc::new(AtomicBool::new(false));
+        let (session, epoch) = {
+            let retry = retry.clone();
+            self.run(move |state| {
+                state.register_session(fp, (transport, version), peer, close, outbound, retry)
             })
-            .await?;
+            .await?
+        };
         self.metrics().agents(transport).inc();
         let mut guard = SessionGuard {
             core: self.clone(),
@@ -70,6 +75,7 @@ impl Core {
             transport,
             close_rx,
             outbound_rx,
+            retry,
             _holding: None,
         };
         guard._holding = self.hold(fp, epoch).await;
@@ -121,6 +127,7 @@ impl State {
         peer: SocketAddr,
         close: mpsc::Sender<CloseReason>,
         outbound: mpsc::Sender<Outbound>,
+        retry: Arc<AtomicBool>,
     ) -> Result<(u64, u64), CoreError> {
         // The newest session wins everywhere: its epoch is greater than any other's, and dispatching checks
         // it, so a replaced session (here or on another node) can no longer take a task.
@@ -139,7 +146,7 @@ impl State {
                 outbound,
                 reconciled: false,
                 dispatched_here: HashSet::new(),
-                retry_dispatch: false,
+                retry,
                 written: HashMap::new(),
                 owner: None,
             },
@@ -306,8 +313,18 @@ pub struct SessionGuard {
     pub close_rx: mpsc::Receiver<CloseReason>,
     /// Messages the core wants sent to the agent, each once what it waits for is durable.
     pub outbound_rx: mpsc::Receiver<Outbound>,
+    /// Set by the core when a task start could not be queued for this session (see `LiveAgent::retry`).
+    retry: Arc<AtomicBool>,
     /// In a cluster: what other nodes send this session.
     _holding: Option<super::remote::Holding>,
+}
+
+impl SessionGuard {
+    /// Whether a task start waits to be sent again ([`Core::retry_dispatch`]): asked at every heartbeat, and
+    /// nearly always no, so it is answered here rather than by a job on the core's thread per agent per beat.
+    pub fn dispatch_waiting(&self) -> bool {
+        self.retry.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for SessionGuard {

@@ -3,6 +3,8 @@
 //! reconnects, and on heartbeats after its outbound queue was full. After a reconnect the agent's report of
 //! what it still runs is reconciled with what the relay sent it.
 
+use std::sync::atomic::Ordering;
+
 use ct_protocol::task::Role;
 use ct_protocol::{Fingerprint, RelayMessage};
 
@@ -22,6 +24,8 @@ impl Core {
     }
 
     /// Retries dispatching for an agent whose outbound queue was full the last time. Called on heartbeats.
+    /// Sends again a task start that could not be queued for the agent's session (the session asks when its
+    /// guard says one waits, `SessionGuard::dispatch_waiting`).
     pub async fn retry_dispatch(&self, agent: Fingerprint) {
         let _ = self.call(move |state| state.retry_dispatch(&agent)).await;
     }
@@ -44,7 +48,7 @@ impl State {
     /// their share while it waited is cancelled instead.
     pub(crate) fn dispatch_queued(&mut self, agent: &Fingerprint) -> Result<(), TaskError> {
         let (epoch, owner_known) = if let Some(live) = self.live.get_mut(agent) {
-            live.retry_dispatch = false;
+            live.retry.store(false, Ordering::Release);
             (live.epoch, live.owner.is_some())
         } else {
             // Held by another node (or by none yet): whichever node holds it dispatches.
@@ -117,7 +121,7 @@ impl State {
                         true
                     }
                     Err(_) => {
-                        live.retry_dispatch = true;
+                        live.retry.store(true, Ordering::Release);
                         false
                     }
                 },
@@ -139,7 +143,11 @@ impl State {
     }
 
     fn retry_dispatch(&mut self, agent: &Fingerprint) {
-        if !self.live.get(agent).is_some_and(|l| l.retry_dispatch) {
+        if !self
+            .live
+            .get(agent)
+            .is_some_and(|l| l.retry.load(Ordering::Acquire))
+        {
             return;
         }
         if let Err(e) = self.dispatch_queued(agent) {

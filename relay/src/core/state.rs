@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,8 +65,9 @@ pub(crate) struct LiveAgent {
     pub(crate) reconciled: bool,
     pub(crate) dispatched_here: HashSet<String>,
     /// A task start could not be queued for this session (its outbound queue was full); retried on the next
-    /// heartbeat so the task does not wait for an unrelated event.
-    pub(crate) retry_dispatch: bool,
+    /// heartbeat so the task does not wait for an unrelated event. Shared with the session's guard, which
+    /// asks it at each heartbeat without a job on this thread.
+    pub(crate) retry: Arc<AtomicBool>,
     /// The records of this session's running tasks as this node last wrote them (and their JSON), so the next
     /// burst of a task's events is checked without reading its record back: on PostgreSQL that read was a
     /// round trip on the core's thread per task per burst. Every other write of such a record on this node

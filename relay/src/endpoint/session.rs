@@ -211,9 +211,11 @@ async fn live<R, W>(
                     break Ended::LinkError(e);
                 }
                 frames_out.inc();
-                match beating(&mut writer, &mut heartbeat, core.retry_dispatch(fingerprint)).await {
-                    Ok(((), spent)) => deadline += spent,
-                    Err(e) => break Ended::LinkError(e),
+                if guard.dispatch_waiting() {
+                    match beating(&mut writer, &mut heartbeat, core.retry_dispatch(fingerprint)).await {
+                        Ok(((), spent)) => deadline += spent,
+                        Err(e) => break Ended::LinkError(e),
+                    }
                 }
             }
             Some(mut out) = guard.outbound_rx.recv() => {
