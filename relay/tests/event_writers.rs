@@ -85,6 +85,36 @@ impl RowLock {
     }
 }
 
+/// Waits until a write of this database waits for a row lock: the node's batch has reached the server and is
+/// held up there.
+async fn until_a_write_waits(url: &str) {
+    let url = url.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no write reached the locked row"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+}
+
 impl Drop for RowLock {
     fn drop(&mut self) {
         let _ = self.done.send(());
@@ -116,8 +146,7 @@ async fn a_write_the_server_holds_up_holds_up_no_other_agent() {
 
     let lock = RowLock::take(&url, &held);
     send_event(&mut slow, &held, 2, text("waits for the lock")).await;
-    // Give the held task's batch time to reach the server and wait there.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_a_write_waits(&url).await;
     // Another agent's events are stored and acknowledged meanwhile: the core's thread is not waiting on the
     // held write, and the other writer takes this one.
     for seq in 2..=4 {
@@ -147,7 +176,7 @@ async fn revoking_an_agent_while_its_events_are_at_the_server_loses_none_of_them
     for seq in 2..=4 {
         send_event(&mut s, &task, seq, text(&format!("line {seq}"))).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_a_write_waits(&url).await;
     // Revoking ends the agent's open tasks with an event of the relay's own. It must come after the agent's
     // events in flight, whatever the order the server would have taken the two writes in.
     let fingerprint = ct_protocol::Fingerprint::of(&key.verifying_key()).to_string();
