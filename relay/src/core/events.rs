@@ -104,9 +104,9 @@ impl Core {
         agent: Fingerprint,
         runs: Vec<Run>,
     ) -> Result<Recorded, Stopped> {
-        // Encoded here, on the session's task, so the core's thread (the one writer) spends its time on what
-        // only it can do. An event that cannot be encoded cannot be stored either: its run stops before it,
-        // unacknowledged, and the log says why.
+        // Encoded here, on the session's task, so the core's thread (which checks every batch) spends its time
+        // on what only it can do. An event that cannot be encoded cannot be stored either: its run stops before
+        // it, unacknowledged, and the log says why.
         let runs = runs
             .into_iter()
             .map(|(task, run)| {

@@ -12,7 +12,8 @@
 //!   report, changing a share, revoking) happen one at a time, in arrival order, with no lock: a share revoked
 //!   while a task is being submitted is decided before or after it, never in between;
 //! - every store call, and with it every disk read and write, runs on that thread (or, for large read-only
-//!   queries, on the blocking pool through [`Core::read`]), never on an async runtime worker;
+//!   queries, on the blocking pool through [`Core::read`]; in a cluster, see "A cluster" below), never on an
+//!   async runtime worker;
 //! - nothing fsyncs inline. A job whose writes must be on disk before anyone hears of them takes a group-commit
 //!   ticket ([`crate::durable`]), and the handle awaits it after the thread has moved on to the next job. A
 //!   message to an agent that must not leave before a write is durable (a task start) carries its ticket, and
