@@ -169,7 +169,6 @@ impl State {
         if batch.prepared.is_empty() {
             return self.finish_batch(batch, Ok(Vec::new()), None);
         }
-        let commit = self.commit();
         let Some(writers) = &mut self.writers else {
             let written = write_runs(self.store(), &batch.prepared).map_err(|e| e.to_string());
             return self.finish_batch(batch, written, None);
@@ -181,7 +180,7 @@ impl State {
             .collect();
         writers.submit(
             tasks,
-            Box::new(move |store| {
+            Box::new(move |store, ticket| {
                 // A store call that panics (a bug) fails the batch like a store error, so its agents reconnect
                 // and send the events again.
                 let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -190,7 +189,7 @@ impl State {
                 .map_err(|_| "the store panicked".to_string())
                 .and_then(|w| w.map_err(|e| e.to_string()));
                 // Taken right after the write, before anything else this thread writes (see `durable`).
-                let ticket = commit.ticket();
+                let ticket = ticket();
                 Box::new(move |state: &mut State| state.finish_batch(batch, written, Some(ticket)))
             }),
         );

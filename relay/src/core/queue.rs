@@ -23,9 +23,8 @@ impl Core {
         let _ = self.call(move |state| state.agent_connected(&agent)).await;
     }
 
-    /// Retries dispatching for an agent whose outbound queue was full the last time. Called on heartbeats.
-    /// Sends again a task start that could not be queued for the agent's session (the session asks when its
-    /// guard says one waits, `SessionGuard::dispatch_waiting`).
+    /// Retries dispatching for an agent whose outbound queue was full the last time: called on a heartbeat
+    /// when the session's guard says a task start waits (`SessionGuard::dispatch_waiting`).
     pub async fn retry_dispatch(&self, agent: Fingerprint) {
         let _ = self.call(move |state| state.retry_dispatch(&agent)).await;
     }

@@ -144,7 +144,7 @@ impl State {
                 .map(|_| super::books::Books::start(store.clone()))
                 .transpose()?,
             writers: (config.event_writers > 0)
-                .then(|| Writers::start(store.clone(), config.event_writers, wake))
+                .then(|| Writers::start(store.clone(), commit.clone(), config.event_writers, wake))
                 .transpose()?,
             alive_nodes: HashSet::from([config.node_id.clone()]),
             cluster_addrs: config.public_addrs.clone(),
@@ -196,11 +196,6 @@ impl State {
     /// A ticket for everything written so far, for a message that must wait for it (see [`Outbound`]).
     pub(crate) fn ticket(&self) -> Ticket {
         self.commit.ticket()
-    }
-
-    /// The group commit, for a writer thread to take its ticket from.
-    pub(crate) fn commit(&self) -> Arc<GroupCommit> {
-        self.commit.clone()
     }
 
     pub(crate) fn take_durable(&mut self) -> Option<Ticket> {
@@ -259,14 +254,14 @@ impl State {
     }
 
     /// Runs the follow-ups of writes that are done, without waiting for any.
-    pub(crate) fn collect_written(&mut self) {
+    fn collect_written(&mut self) {
         while let Some(followup) = self.writers.as_mut().and_then(|w| w.done(false)) {
             followup(self);
         }
     }
 
     /// Waits for every write in flight and runs its follow-up.
-    pub(crate) fn settle(&mut self) {
+    fn settle(&mut self) {
         while let Some(followup) = self.writers.as_mut().and_then(|w| w.done(true)) {
             followup(self);
         }

@@ -30,6 +30,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::state::{Job, State};
+use crate::durable::{GroupCommit, Ticket};
 use crate::store::{SharedStore, Store};
 
 /// Batches at the server at once in a cluster, each on a writer thread (and a pooled connection) of its own.
@@ -38,8 +39,8 @@ pub const WRITERS: usize = 2;
 
 /// What a write hands back to the core's thread.
 pub(crate) type Followup = Box<dyn FnOnce(&mut State) + Send>;
-/// A write, run on a writer thread with the store.
-pub(crate) type Write = Box<dyn FnOnce(&dyn Store) -> Followup + Send>;
+/// A write, run on a writer thread with the store; it is given the group-commit ticket taken right after it.
+pub(crate) type Write = Box<dyn FnOnce(&dyn Store, &dyn Fn() -> Ticket) -> Followup + Send>;
 
 /// The writer threads and what the core's thread has in flight on them. Owned by the core's state.
 pub(crate) struct Writers {
@@ -65,6 +66,7 @@ impl Writers {
     /// waiting for its next job runs the follow-up at once; the weak handle never keeps the core alive.
     pub(crate) fn start(
         store: SharedStore,
+        commit: Arc<GroupCommit>,
         count: usize,
         wake: tokio::sync::mpsc::WeakSender<Job>,
     ) -> std::io::Result<Self> {
@@ -74,8 +76,9 @@ impl Writers {
         let (finished, done) = mpsc::channel();
         let mut threads = Vec::with_capacity(count);
         for n in 0..count {
-            let (store, writes, finished, wake) = (
+            let (store, commit, writes, finished, wake) = (
                 store.clone(),
+                commit.clone(),
                 writes.clone(),
                 finished.clone(),
                 wake.clone(),
@@ -92,7 +95,7 @@ impl Writers {
                         // call's panic and fails the batch properly; this is the last resort.)
                         let followup =
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                write(&*store)
+                                write(&*store, &|| commit.ticket())
                             }))
                             .ok();
                         if finished.send((id, followup)).is_err() {
