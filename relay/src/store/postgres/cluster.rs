@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ct_protocol::Fingerprint;
 
-use super::{bodies, body, int, unsigned, Conn, PgStore};
+use super::{bodies, body, int, unsigned, PgStore};
 use crate::store::{Exported, NodeRecord, Presence, Result, TaskRecord};
 
 /// Tasks read per query while exporting: bounds memory for a long history.
@@ -175,33 +175,26 @@ impl PgStore {
     ) -> Result<bool> {
         let per = per_token.as_secs_f64().max(0.001);
         let burst = f64::from(burst.max(1));
-        // The bucket's row is locked from the read to the write, so two nodes taking at once are counted
-        // one after the other. A new bucket starts full. The database's clock measures the refill.
-        self.passing_write(|c| {
-            c.transaction(|c: &mut Conn| {
-                c.execute(
-                    "INSERT INTO ct_buckets (name, tokens, at) VALUES ($1, $2, clock_timestamp())
-                 ON CONFLICT (name) DO NOTHING",
-                    &[&bucket, &burst],
-                )?;
-                let row = c.query_one(
-                    "SELECT tokens, extract(epoch FROM clock_timestamp() - at)::float8
-                 FROM ct_buckets WHERE name = $1 FOR UPDATE",
-                    &[&bucket],
-                )?;
-                let (tokens, elapsed): (f64, f64) = (row.try_get(0)?, row.try_get(1)?);
-                let mut left = (tokens + elapsed.max(0.0) / per).min(burst);
-                let taken = left >= 1.0;
-                if taken {
-                    left -= 1.0;
-                }
-                c.execute(
-                    "UPDATE ct_buckets SET tokens = $2, at = clock_timestamp() WHERE name = $1",
-                    &[&bucket, &left],
-                )?;
-                Ok(taken)
-            })
-        })
+        // One statement, so one round trip on every submission's way. A new bucket starts full and gives its
+        // first token. An existing one is locked by the upsert, so two nodes taking at once are counted one
+        // after the other; it gives a token only when its refill (by the database's clock) makes one. A
+        // refusal leaves the row as it was: the refill since `at` is counted again next time, which comes to
+        // the same tokens as writing it now would (both are capped at the burst). So a refused bucket's `at` is
+        // at most one token's refill old, well inside the hour after which idle buckets are pruned.
+        let taken = self.passing_write(|c| {
+            c.query_opt(
+                "INSERT INTO ct_buckets AS b (name, tokens, at) VALUES ($1, $2::float8 - 1, clock_timestamp())
+                 ON CONFLICT (name) DO UPDATE SET
+                     tokens = least($2::float8, b.tokens
+                         + greatest(extract(epoch FROM clock_timestamp() - b.at)::float8, 0) / $3::float8) - 1,
+                     at = clock_timestamp()
+                 WHERE least($2::float8, b.tokens
+                     + greatest(extract(epoch FROM clock_timestamp() - b.at)::float8, 0) / $3::float8) >= 1
+                 RETURNING 1",
+                &[&bucket, &burst, &per],
+            )
+        })?;
+        Ok(taken.is_some())
     }
 
     pub(super) fn prune_buckets_(&self, idle: Duration) -> Result<usize> {
