@@ -313,12 +313,12 @@ impl Store for PgStore {
             server.settled
         };
         // See the module's documentation: this commit waits for the WAL up to itself, which is every commit
-        // before it.
+        // before it. One statement in its own transaction, the setting local to it: `set_config`'s `true` is
+        // `SET LOCAL`, in force until the statement's transaction commits (one round trip, one statement, for
+        // what `BEGIN; SET LOCAL ...; SELECT ...; COMMIT` did in four).
         conn.batch(
-            "BEGIN;
-             SET LOCAL synchronous_commit = on;
-             SELECT pg_logical_emit_message(true, 'ct-relay', 'flush');
-             COMMIT;",
+            "SELECT set_config('synchronous_commit', 'on', true),
+                    pg_logical_emit_message(true, 'ct-relay', 'flush')",
         )?;
         let mut server = self.server();
         // A crash noticed meanwhile on another connection, before this flush reached the disk.
