@@ -15,7 +15,7 @@ use super::tasks::{
 use super::{human_duration, Core};
 use crate::store::{
     now, pool_of_owner, Admission, AgentRecord, Attachment, AuditEntry, AuditKind, Presence, Store,
-    TaskLimits, TaskRecord, TaskState,
+    StoreError, TaskLimits, TaskRecord, TaskState,
 };
 
 /// Longest Claude Code session id accepted for `resume` (they are UUIDs).
@@ -754,37 +754,54 @@ impl Admit {
     /// Writes the task. Runs on the core's thread on a single relay, and on the blocking pool in a cluster
     /// (see [`Core::submit_task`]).
     fn write(mut self, store: &dyn Store) -> Result<TaskRecord, TaskError> {
-        // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs.
-        while store.task(&self.rec.spec.task)?.is_some() {
-            let id = task_id();
-            if let Some(entry) = &mut self.entry {
-                entry.task = Some(id.clone());
+        // About 40 bits per id: collisions are rare, but a reused id would merge two tasks' logs. The store
+        // refuses a task whose id is taken (`Conflict`), and a task without files is then written again under
+        // a new id: no read before the write, which on PostgreSQL is a round trip on every submission's way.
+        // Files are written before their task (once it is, any node may dispatch it and must find them), and
+        // under a taken id they would replace another task's: with files, the id is checked first.
+        loop {
+            if !self.files.is_empty() {
+                while store.task(&self.rec.spec.task)?.is_some() {
+                    self.new_id();
+                }
             }
-            self.rec.spec.task = id;
-        }
-        self.rec.order = store.next_order()?;
-        // Before the task: once it is written, any node may dispatch it, and must find its files.
-        let id = self.rec.spec.task.clone();
-        if !self.files.is_empty() {
-            store.put_task_files(&id, &self.files)?;
-        }
-        let admitted = store.admit_task(&self.rec, self.entry.as_ref(), &self.limits);
-        if !self.files.is_empty() && !matches!(admitted, Ok(Admission::Admitted(_))) {
-            if let Err(e) = store.delete_task_files(&id) {
-                tracing::warn!(error = %e, task = %id, "could not delete the files of a task not admitted");
+            self.rec.order = store.next_order()?;
+            let id = self.rec.spec.task.clone();
+            if !self.files.is_empty() {
+                store.put_task_files(&id, &self.files)?;
             }
+            let admitted = store.admit_task(&self.rec, self.entry.as_ref(), &self.limits);
+            if !self.files.is_empty() && !matches!(admitted, Ok(Admission::Admitted(_))) {
+                if let Err(e) = store.delete_task_files(&id) {
+                    tracing::warn!(error = %e, task = %id, "could not delete the files of a task not admitted");
+                }
+            }
+            return match admitted {
+                Err(StoreError::Conflict) if self.files.is_empty() => {
+                    self.new_id();
+                    continue;
+                }
+                Err(e) => Err(e.into()),
+                Ok(Admission::Admitted(_)) => Ok(self.rec),
+                Ok(Admission::TooManyTasks { open }) => Err(TaskError::TooManyTasks {
+                    open,
+                    max: self.limits.open_per_user,
+                }),
+                Ok(Admission::QueueFull { queued }) => Err(TaskError::QueueFull {
+                    agent: self.agent_name,
+                    queued,
+                }),
+            };
         }
-        match admitted? {
-            Admission::Admitted(_) => Ok(self.rec),
-            Admission::TooManyTasks { open } => Err(TaskError::TooManyTasks {
-                open,
-                max: self.limits.open_per_user,
-            }),
-            Admission::QueueFull { queued } => Err(TaskError::QueueFull {
-                agent: self.agent_name,
-                queued,
-            }),
+    }
+
+    /// Gives the task (and its audit entry) another id, when the one it had is taken.
+    fn new_id(&mut self) {
+        let id = task_id();
+        if let Some(entry) = &mut self.entry {
+            entry.task = Some(id.clone());
         }
+        self.rec.spec.task = id;
     }
 }
 
@@ -815,5 +832,45 @@ pub(crate) fn human_bytes(n: u64) -> String {
         1024..=1_048_575 => format!("{} KiB", n / 1024),
         1_048_576..=1_073_741_823 => format!("{} MiB", n / 1_048_576),
         _ => format!("{:.1} GiB", n as f64 / 1_073_741_824.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::SledStore;
+
+    /// A task whose id turns out to be taken is written under another, and the task that had the id is left
+    /// as it was: the store's refusal is what catches the collision, with no read before the write.
+    #[test]
+    fn a_taken_id_is_replaced_and_the_task_that_has_it_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let first: TaskRecord = serde_json::from_value(serde_json::json!({
+            "spec": {"task": "t_taken", "project": "p", "prompt": "first",
+                     "requester": {"user": "1", "role": "owner"}},
+            "agent": Fingerprint([1; 32]),
+            "state": "queued", "created_at": 0, "updated_at": 0, "last_seq": 0,
+        }))
+        .unwrap();
+        store.put_task(&first).unwrap();
+        let mut second = first.clone();
+        second.spec.prompt = "second".into();
+        let admit = Admit {
+            rec: second,
+            entry: None,
+            limits: TaskLimits {
+                open_per_user: 10,
+                running_per_agent: 1,
+                queued_per_agent: 10,
+            },
+            agent_name: "a".into(),
+            files: Vec::new(),
+        };
+        let written = admit.write(&store).unwrap();
+        assert_ne!(written.spec.task, "t_taken");
+        assert_eq!(store.task("t_taken").unwrap(), Some(first));
+        let stored = store.task(&written.spec.task).unwrap().unwrap();
+        assert_eq!(stored.spec.prompt, "second");
     }
 }
