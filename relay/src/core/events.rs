@@ -628,11 +628,20 @@ impl State {
     }
 
     fn publish(&mut self, id: &str, seq: u64, event: &TaskEvent) {
-        if let Some(tx) = self.followers.get(id) {
-            let _ = tx.send((seq, event.clone()));
-            let up_to = self.follower_seq.entry(id.to_string()).or_insert(0);
-            *up_to = (*up_to).max(seq);
+        let Some(tx) = self.followers.get(id) else {
+            return;
+        };
+        let up_to = self.follower_seq.entry(id.to_string()).or_insert(0);
+        // In a cluster the events just before this one may have been written by another node (the agent
+        // moved here mid-task, and the old node's last write landed first). They reach this node's followers
+        // only through its watch, from the store; sent now, this one would overtake them and they would be
+        // skipped as old. So it is left to the watch too, which reads everything after `up_to` in order and
+        // is woken by this node's own notice of the write.
+        if self.bus.is_some() && seq > *up_to + 1 {
+            return;
         }
+        let _ = tx.send((seq, event.clone()));
+        *up_to = (*up_to).max(seq);
     }
 }
 
