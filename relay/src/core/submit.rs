@@ -759,39 +759,37 @@ impl Admit {
         // a new id: no read before the write, which on PostgreSQL is a round trip on every submission's way.
         // Files are written before their task (once it is, any node may dispatch it and must find them), and
         // under a taken id they would replace another task's: with files, the id is checked first.
-        loop {
+        let admitted = loop {
             if !self.files.is_empty() {
                 while store.task(&self.rec.spec.task)?.is_some() {
                     self.new_id();
                 }
             }
             self.rec.order = store.next_order()?;
-            let id = self.rec.spec.task.clone();
             if !self.files.is_empty() {
-                store.put_task_files(&id, &self.files)?;
+                store.put_task_files(&self.rec.spec.task, &self.files)?;
             }
-            let admitted = store.admit_task(&self.rec, self.entry.as_ref(), &self.limits);
-            if !self.files.is_empty() && !matches!(admitted, Ok(Admission::Admitted(_))) {
-                if let Err(e) = store.delete_task_files(&id) {
-                    tracing::warn!(error = %e, task = %id, "could not delete the files of a task not admitted");
-                }
+            match store.admit_task(&self.rec, self.entry.as_ref(), &self.limits) {
+                Err(StoreError::Conflict) if self.files.is_empty() => self.new_id(),
+                admitted => break admitted,
             }
-            return match admitted {
-                Err(StoreError::Conflict) if self.files.is_empty() => {
-                    self.new_id();
-                    continue;
-                }
-                Err(e) => Err(e.into()),
-                Ok(Admission::Admitted(_)) => Ok(self.rec),
-                Ok(Admission::TooManyTasks { open }) => Err(TaskError::TooManyTasks {
-                    open,
-                    max: self.limits.open_per_user,
-                }),
-                Ok(Admission::QueueFull { queued }) => Err(TaskError::QueueFull {
-                    agent: self.agent_name,
-                    queued,
-                }),
-            };
+        };
+        let id = &self.rec.spec.task;
+        if !self.files.is_empty() && !matches!(admitted, Ok(Admission::Admitted(_))) {
+            if let Err(e) = store.delete_task_files(id) {
+                tracing::warn!(error = %e, task = %id, "could not delete the files of a task not admitted");
+            }
+        }
+        match admitted? {
+            Admission::Admitted(_) => Ok(self.rec),
+            Admission::TooManyTasks { open } => Err(TaskError::TooManyTasks {
+                open,
+                max: self.limits.open_per_user,
+            }),
+            Admission::QueueFull { queued } => Err(TaskError::QueueFull {
+                agent: self.agent_name,
+                queued,
+            }),
         }
     }
 
