@@ -291,6 +291,24 @@ pub struct ThreadMark {
     pub turn: Option<(u64, Vec<u64>)>,
 }
 
+/// Where a thread's chain of tasks is, and what the next follow-up in it does. The backend keeps it for the bot:
+/// in a cluster every node answers the thread's commands (`/cc`, `/reply`) while the leader receives its
+/// messages, so the chain cannot live in one node's memory: a `/cc model` answered by one node would be
+/// unknown to the node that runs the follow-up, and a node that missed a follow-up would act on an older task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadChain {
+    /// The thread's channel id.
+    pub thread: u64,
+    /// The chain's current task: follow-ups, `/cc` and the Stop button act on it.
+    pub task: String,
+    /// `/cc model`: the next follow-up starts a task with this model, resuming the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_model: Option<String>,
+    /// `/cc clear`: the next follow-up starts a new session instead of resuming.
+    #[serde(default)]
+    pub fresh: bool,
+}
+
 /// What the bot needs from the relay core. `user` is always the Discord user id of the person acting,
 /// as Discord reported it; the backend enforces every permission.
 #[async_trait]
@@ -518,6 +536,21 @@ pub trait Backend: Send + Sync + 'static {
     /// Every mark still kept, with its task: followers that had not finished when the bot stopped. Marks of
     /// tasks that no longer exist are dropped.
     async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>>;
+    /// Keeps `chain` as what its thread is at (see [`ThreadChain`]).
+    async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()>;
+    /// What was last kept for `thread`; `None` if nothing (a thread from before chains were kept, or one
+    /// whose task is gone).
+    async fn thread_chain(&self, thread: u64) -> Result<Option<ThreadChain>>;
+    /// Adds one answer to an open AskUserQuestion (`approval` of `task`) and returns every answer given so
+    /// far, atomically: people answering its questions through different nodes all count, and exactly the
+    /// answer that completes the set sees it complete.
+    async fn add_answer(
+        &self,
+        task: &str,
+        approval: &str,
+        question: u8,
+        answer: &str,
+    ) -> Result<BTreeMap<u8, String>>;
 
     /// Takes or renews the bot's leadership (the Discord gateway and every thread follower) for `holder`, for
     /// `ttl` from now by the backend's clock: granted when nobody holds it, when it expired, or when `holder`

@@ -21,7 +21,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::app::Inner;
 use crate::backend::{
-    BackendError, HistoryQuery, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadMark, WorkspaceOp,
+    BackendError, HistoryQuery, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadChain,
+    ThreadMark, WorkspaceOp,
 };
 use crate::commands::{completion_for, Completion};
 use crate::custom_id::{Action, HistoryPage, Scope};
@@ -719,6 +720,16 @@ impl Inner {
         if let Err(err) = self.backend.set_task_thread(&task.id, thread.get()).await {
             warn!(%err, task = %task.id, "could not record the task's thread for its history");
         }
+        // The chain is at this task now, and the `/cc` settings a follow-up used are spent.
+        let chain = ThreadChain {
+            thread: thread.get(),
+            task: task.id.clone(),
+            next_model: None,
+            fresh: false,
+        };
+        if let Err(err) = self.backend.set_thread_chain(&chain).await {
+            warn!(%err, task = %task.id, "could not record the thread's current task; other nodes may act on the one before");
+        }
         let mark = Inner::fresh_mark(&task.id, thread.get(), limit);
         if let Err(err) = self.backend.mark_thread(&mark).await {
             warn!(%err, task = %task.id, "could not record the task's thread; only this node can follow it");
@@ -747,15 +758,49 @@ impl Inner {
         true
     }
 
-    /// The thread's task chain: remembered, or found again from the thread's name (`t_… · prompt`) after a
-    /// restart, walking forward through follow-ups to the newest task.
+    /// The thread's task chain, as the backend keeps it ([`ThreadChain`]): every node of a cluster answers a
+    /// thread's commands, so what one node remembers may be behind. Without a kept chain (a thread from
+    /// before chains were kept, or the backend unreachable): what this node remembers, or the chain found
+    /// again from the thread's name (`t_… · prompt`), walking forward through follow-ups to the newest task.
     pub(crate) async fn thread_info(&self, channel: ChannelId, user: &str) -> Option<ThreadInfo> {
-        if let Some(info) = self.threads.get(channel) {
-            return Some(info);
-        }
-        if self.config.token.is_none() || !self.threads.maybe_thread(channel) {
+        let remembered = self.threads.get(channel);
+        if remembered.is_none() && !self.threads.maybe_thread(channel) {
             return None;
         }
+        let chain = match self.backend.thread_chain(channel.get()).await {
+            Ok(chain) => chain,
+            Err(err) => {
+                warn!(%err, %channel, "could not read the thread's chain; using what this node remembers");
+                None
+            }
+        };
+        let info = match (chain, remembered) {
+            (Some(chain), Some(mut info)) if chain.task == info.task => {
+                info.next_model = chain.next_model;
+                info.fresh = chain.fresh;
+                self.threads.insert(info.clone());
+                return Some(info);
+            }
+            // Another node moved the chain on (or this one does not know the thread yet).
+            (Some(chain), remembered) => {
+                let task = self.backend.task(user, &chain.task).await.ok()?;
+                let limit = remembered.map_or(upload_limit(0), |i| i.upload_limit);
+                let mut info = ThreadInfo::new(channel, &task, limit);
+                info.next_model = chain.next_model;
+                info.fresh = chain.fresh;
+                self.threads.insert(info.clone());
+                return Some(info);
+            }
+            (None, Some(info)) => return Some(info),
+            (None, None) => self.thread_from_name(channel, user).await?,
+        };
+        Some(info)
+    }
+
+    /// A thread's chain found again from its name (`t_… · prompt`), for a thread nothing is kept for.
+    async fn thread_from_name(&self, channel: ChannelId, user: &str) -> Option<ThreadInfo> {
+        // Without a token there is no Discord to ask.
+        self.config.token.as_ref()?;
         let name = match self.rest.channel(channel).await {
             Ok(serenity::all::Channel::Guild(g)) if g.thread_metadata.is_some() => g.name,
             _ => {
@@ -780,6 +825,19 @@ impl Inner {
             self.spawn_follower(channel, task, info.upload_limit, None);
         }
         Some(info)
+    }
+
+    /// Keeps the `/cc` settings of `info` for the thread's next follow-up, for every node.
+    async fn save_chain(&self, info: &ThreadInfo) -> crate::backend::Result<()> {
+        let chain = ThreadChain {
+            thread: info.thread.get(),
+            task: info.task.clone(),
+            next_model: info.next_model.clone(),
+            fresh: info.fresh,
+        };
+        self.backend.set_thread_chain(&chain).await?;
+        self.threads.insert(info.clone());
+        Ok(())
     }
 
     /// A follow-up in a thread without files (see [`continue_thread_with`](Self::continue_thread_with)).
@@ -1360,7 +1418,11 @@ impl Inner {
                 Ok(Answer::private(lines.join("\n")))
             }
             "clear" => {
-                self.threads.update(channel, |i| i.fresh = true);
+                self.save_chain(&ThreadInfo {
+                    fresh: true,
+                    ..info
+                })
+                .await?;
                 Ok(Answer::text(
                     "🧹 The next message here starts a fresh Claude Code session (same project and agent).",
                 ))
@@ -1371,8 +1433,11 @@ impl Inner {
                         "name a model, e.g. sonnet or opus".into(),
                     ));
                 };
-                self.threads
-                    .update(channel, |i| i.next_model = Some(name.clone()));
+                self.save_chain(&ThreadInfo {
+                    next_model: Some(name.clone()),
+                    ..info
+                })
+                .await?;
                 Ok(Answer::text(format!(
                     "🔁 From the next message on, Claude uses **{name}** (the conversation continues)."
                 )))
@@ -1722,7 +1787,6 @@ impl Inner {
             message: None,
             decided_by: None,
             rule: None,
-            answers: Default::default(),
         })
     }
 
@@ -1760,7 +1824,8 @@ impl Inner {
         Ok(Initial::Message(Answer::private(said)))
     }
 
-    /// Records one AskUserQuestion answer; sends them all once every question has one.
+    /// Records one AskUserQuestion answer; sends them all once every question has one. The answers are kept
+    /// by the backend, so in a cluster the questions may be answered through different nodes.
     async fn answer(
         &self,
         user: &str,
@@ -1769,21 +1834,26 @@ impl Inner {
         question: u8,
         answer: String,
     ) -> crate::backend::Result<Initial> {
-        let ready = self.threads.update_approval(task, approval, |open| {
-            open.answers.insert(question, answer.clone());
-            (open.answers.len() >= question_count(&open.view))
-                .then(|| answers_json(&open.view, &open.answers))
-        });
-        let answers = match ready {
-            Some(Some(a)) => a,
-            Some(None) => {
-                return Ok(Initial::Message(Answer::private(
-                    "Noted: answer the other questions too, then it goes to Claude.",
-                )))
-            }
-            // Not known here (after a restart): send what we have.
-            None => serde_json::json!({ format!("question {}", question + 1): answer }),
+        let Some(open) = self.find_approval(task, approval).await else {
+            return Ok(Initial::Message(Answer::private(
+                "That question is no longer open: nothing was sent.",
+            )));
         };
+        if usize::from(question) >= question_count(&open.view) {
+            return Ok(Initial::Message(Answer::private(
+                "That is not one of the questions asked.",
+            )));
+        }
+        let given = self
+            .backend
+            .add_answer(task, approval, question, &answer)
+            .await?;
+        if given.len() < question_count(&open.view) {
+            return Ok(Initial::Message(Answer::private(
+                "Noted: answer the other questions too, then it goes to Claude.",
+            )));
+        }
+        let answers = answers_json(&open.view, &given);
         self.decide(user, task, approval, Decision::Answers { answers })
             .await?;
         Ok(Initial::Message(Answer::private(

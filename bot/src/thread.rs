@@ -109,8 +109,6 @@ pub struct OpenApproval {
     pub decided_by: Option<UserId>,
     /// The "allow for the session" rule chosen here, shown once the agent reports it closed.
     pub rule: Option<SessionScope>,
-    /// AskUserQuestion: the answers given so far, by question index; sent when every question has one.
-    pub answers: BTreeMap<u8, String>,
 }
 
 #[derive(Debug, Default)]
@@ -691,7 +689,6 @@ impl Follower {
                             message: Some(MessageId::from(message)),
                             decided_by: None,
                             rule: None,
-                            answers: BTreeMap::new(),
                         },
                     );
                 }
@@ -928,7 +925,6 @@ impl Follower {
                 message: None,
                 decided_by: None,
                 rule: None,
-                answers: BTreeMap::new(),
             },
         );
         if let Some(m) = self.send(&msg, &files, "post the approval").await {

@@ -14,8 +14,8 @@ use axum::http::{HeaderMap, StatusCode};
 use ct_bot::config::{BotConfig, Delivery};
 use ct_bot::leader::LeaseTimes;
 use ct_bot::Bot;
-use ct_protocol::task::{FinalState, TaskEvent};
-use ct_testkit::discord::{DiscordSim, Opt, SimMessage, SimUser, SlashCommand};
+use ct_protocol::task::{Decision, FinalState, TaskEvent};
+use ct_testkit::discord::{DiscordSim, Opt, Prepared, SimMessage, SimUser, SlashCommand};
 use ct_testkit::eventually;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -118,10 +118,19 @@ async fn task_on(sim: &DiscordSim, node: &Node, user: &SimUser, prompt: &str) ->
             &SlashCommand::new("task").opt(Opt::str("prompt", prompt)),
         )
         .unwrap();
-    let reply = sim.post_interaction(&node.url, &p).await.unwrap();
+    let said = said_on(sim, node, &p).await;
+    assert!(said.starts_with("🧵 Started `t_"), "{said}");
+    let task = said.split('`').nth(1).unwrap().to_string();
+    let start = said.find("<#").unwrap() + 2;
+    (task, said[start..said.len() - 1].to_string())
+}
+
+/// What `node` answers to the interaction `p`, POSTed to its endpoint as Discord would.
+async fn said_on(sim: &DiscordSim, node: &Node, p: &Prepared) -> String {
+    let reply = sim.post_interaction(&node.url, p).await.unwrap();
     assert_eq!(reply.status, 200);
     let body: Value = reply.json().unwrap();
-    let said = match body["data"]["content"].as_str() {
+    match body["data"]["content"].as_str() {
         Some(s) => s.to_string(),
         // Deferred: the answer is the edited original.
         None => sim
@@ -132,11 +141,21 @@ async fn task_on(sim: &DiscordSim, node: &Node, user: &SimUser, prompt: &str) ->
             })
             .await
             .unwrap(),
-    };
-    assert!(said.starts_with("🧵 Started `t_"), "{said}");
-    let task = said.split('`').nth(1).unwrap().to_string();
-    let start = said.find("<#").unwrap() + 2;
-    (task, said[start..said.len() - 1].to_string())
+    }
+}
+
+/// A command by `user` in `thread`, answered by `node`.
+async fn in_thread_on(
+    sim: &DiscordSim,
+    node: &Node,
+    user: &SimUser,
+    thread: &str,
+    cmd: SlashCommand,
+) -> String {
+    let p = sim
+        .prepare_slash(&sim.origin_in(user, thread), &cmd)
+        .unwrap();
+    said_on(sim, node, &p).await
 }
 
 async fn find(sim: &DiscordSim, channel: &str, what: &str, pred: impl Fn(&SimMessage) -> bool) {
@@ -399,7 +418,6 @@ async fn a_leader_cut_off_from_the_store_stops_before_its_lease_lapses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_button_clicked_on_a_node_that_does_not_follow_the_thread_is_understood() {
     use ct_protocol::scope::SessionScope;
-    use ct_protocol::task::Decision;
 
     let sim = DiscordSim::start().await.unwrap();
     let alice = sim.user("alice");
@@ -573,6 +591,118 @@ async fn posts_a_dead_leader_did_not_record_are_not_doubled() {
         .count();
     assert_eq!(approvals, 1, "{:#?}", sim.messages(&thread));
     no_429(&sim);
+    b.stop().await;
+    sim.shutdown().await;
+}
+
+/// A thread's commands reach any node in HTTP-interactions mode, so what they set is kept for the cluster,
+/// not in the memory of the node that answered: `/cc model` answered by one node holds for a follow-up sent
+/// through the other; a node that missed a follow-up stops the newest task, not the one it remembers; and the
+/// questions of one AskUserQuestion answered through two nodes reach Claude together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_threads_commands_hold_across_nodes() {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let b = Node::start(&sim, &fake, "b", true).await;
+    let (t1, thread) = task_on(&sim, &a, &alice, "first").await;
+    fake.emit(&t1, finished(FinalState::Done, None));
+    find(&sim, &thread, "t1's summary", |m| m.embeds != json!([])).await;
+
+    // /cc model through b, the follow-up through a: it runs on the model b was told.
+    let cc = |sub: &str, opts| SlashCommand::new("cc").sub(sub, opts);
+    let said = in_thread_on(
+        &sim,
+        &b,
+        &alice,
+        &thread,
+        cc("model", vec![Opt::str("name", "opus")]),
+    )
+    .await;
+    assert!(said.contains("**opus**"), "{said}");
+    let reply = |p: &str| SlashCommand::new("reply").opt(Opt::str("prompt", p));
+    let said = in_thread_on(&sim, &a, &alice, &thread, reply("go on")).await;
+    let req = Fake::lock(&fake.submits).last().cloned().unwrap();
+    assert_eq!(req.options.model.as_deref(), Some("opus"), "{said}");
+    assert_eq!(
+        req.resume.as_deref(),
+        Some("session-1"),
+        "the conversation continues"
+    );
+    let t2 = Fake::lock(&fake.tasks)
+        .values()
+        .map(|t| t.info.id.clone())
+        .find(|id| *id != t1)
+        .unwrap();
+    assert!(said.contains(&t2), "{said}");
+
+    // b last saw the thread at t1; a moved it on to t2. /cc stop through b stops t2.
+    let said = in_thread_on(&sim, &b, &alice, &thread, cc("stop", vec![])).await;
+    assert!(said.contains(&t2), "{said}");
+    assert_eq!(*Fake::lock(&fake.cancels), std::slice::from_ref(&t2));
+
+    // AskUserQuestion with two questions, one answered through each node: both reach Claude at once.
+    let input = json!({"questions": [
+        {"question": "Which DB?", "options": [{"label": "Postgres"}, {"label": "SQLite"}]},
+        {"question": "Tests?", "options": [{"label": "yes"}, {"label": "no"}]},
+    ]});
+    fake.emit(
+        &t2,
+        TaskEvent::ApprovalRequested {
+            approval: "q1".into(),
+            tool: "AskUserQuestion".into(),
+            summary: String::new(),
+            input,
+            question: true,
+            description: None,
+            session: None,
+            input_cut: false,
+        },
+    );
+    let first = format!("qa:0:{t2}:q1");
+    find(&sim, &thread, "the questions", |m| {
+        m.custom_ids().contains(&first)
+    })
+    .await;
+    let q = sim
+        .messages(&thread)
+        .into_iter()
+        .find(|m| m.custom_ids().contains(&first))
+        .unwrap();
+    let select = |id: &str, value: &str| {
+        sim.prepare_component(&sim.origin_in(&alice, &thread), &q.id, id, Some(&[value]))
+            .unwrap()
+    };
+    let said = said_on(&sim, &a, &select(&first, "1")).await;
+    assert!(said.contains("other questions"), "{said}");
+    let said = said_on(&sim, &b, &select(&format!("qa:1:{t2}:q1"), "0")).await;
+    assert!(said.contains("sent to Claude"), "{said}");
+    assert_eq!(
+        Fake::lock(&fake.decisions).clone(),
+        [(
+            alice.id.clone(),
+            t2.clone(),
+            Decision::Answers {
+                answers: json!({"Which DB?": "SQLite", "Tests?": "yes"})
+            }
+        )]
+    );
+
+    // /cc clear through b, the next follow-up through a: a fresh session.
+    fake.emit(&t2, finished(FinalState::Done, None));
+    find(&sim, &thread, "t2's summary", |m| {
+        m.embeds.to_string().contains(&t2)
+    })
+    .await;
+    let said = in_thread_on(&sim, &b, &alice, &thread, cc("clear", vec![])).await;
+    assert!(said.contains("fresh"), "{said}");
+    in_thread_on(&sim, &a, &alice, &thread, reply("start over")).await;
+    let req = Fake::lock(&fake.submits).last().cloned().unwrap();
+    assert_eq!((req.prompt.as_str(), req.resume), ("start over", None));
+    no_429(&sim);
+    a.stop().await;
     b.stop().await;
     sim.shutdown().await;
 }

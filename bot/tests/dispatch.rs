@@ -4,14 +4,15 @@
 //! failures shown in the thread, autocomplete, the channel restriction, and a thread found again after a
 //! restart. (The real relay, agent and Claude Code are in `agent/tests/discord.rs`.)
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use ct_bot::backend::{
     AgentInfo, AuditEntry, BackendError, HistoryEntry, HistoryPage, HistoryQuery, Pairing,
-    ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest, ThreadMark,
+    ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest, ThreadChain,
+    ThreadMark,
 };
 use ct_bot::config::{BotConfig, Delivery};
 use ct_bot::{Backend, Bot};
@@ -25,7 +26,7 @@ const T: Duration = Duration::from_secs(10);
 
 /// One scripted task: its record, its log, and its live channel.
 pub(crate) struct FakeTask {
-    info: TaskInfo,
+    pub(crate) info: TaskInfo,
     log: Vec<(u64, TaskEvent)>,
     live: broadcast::Sender<(u64, TaskEvent)>,
 }
@@ -36,10 +37,10 @@ pub(crate) struct Fake {
     owner: String,
     pub(crate) tasks: Mutex<HashMap<String, FakeTask>>,
     next: Mutex<u32>,
-    submits: Mutex<Vec<TaskRequest>>,
+    pub(crate) submits: Mutex<Vec<TaskRequest>>,
     replies: Mutex<Vec<(String, String)>>,
     pub(crate) decisions: Mutex<Vec<(String, String, Decision)>>,
-    cancels: Mutex<Vec<String>>,
+    pub(crate) cancels: Mutex<Vec<String>>,
     /// Who cancelled each task, as the relay's audit log keeps it.
     stopped: Mutex<HashMap<String, String>>,
     /// Times a task's stored events were read (`follow`): what a stranger must not make the relay do.
@@ -65,6 +66,10 @@ pub(crate) struct Fake {
     defaults: Mutex<HashMap<String, String>>,
     /// Each task's thread, as the relay keeps it.
     task_threads: Mutex<HashMap<String, u64>>,
+    /// Each thread's chain, as the relay keeps it.
+    chains: Mutex<HashMap<u64, ThreadChain>>,
+    /// AskUserQuestion answers given so far, by (task, approval), as the relay keeps them.
+    answers: Mutex<HashMap<(String, String), BTreeMap<u8, String>>>,
 }
 
 impl Fake {
@@ -320,6 +325,25 @@ impl Backend for Fake {
     async fn forget_thread(&self, task: &str) -> Result<()> {
         Self::lock(&self.marks).remove(task);
         Ok(())
+    }
+    async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()> {
+        Self::lock(&self.chains).insert(chain.thread, chain.clone());
+        Ok(())
+    }
+    async fn thread_chain(&self, thread: u64) -> Result<Option<ThreadChain>> {
+        Ok(Self::lock(&self.chains).get(&thread).cloned())
+    }
+    async fn add_answer(
+        &self,
+        task: &str,
+        approval: &str,
+        question: u8,
+        answer: &str,
+    ) -> Result<BTreeMap<u8, String>> {
+        let mut all = Self::lock(&self.answers);
+        let given = all.entry((task.into(), approval.into())).or_default();
+        given.insert(question, answer.into());
+        Ok(given.clone())
     }
     async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>> {
         let marks: Vec<ThreadMark> = Self::lock(&self.marks).values().cloned().collect();

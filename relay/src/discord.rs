@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use ct_bot::backend::{
     AgentInfo, AuditEntry, BackendError, DashboardLink, HistoryEntry, HistoryPage, HistoryQuery,
     ModeInfo, Pairing, ProjectInfo, Result, ShareInfo, ShareLevel, TaskFeed, TaskInfo, TaskRequest,
-    ThreadMark, UsageReport, WorkspaceOp,
+    ThreadChain, ThreadMark, UsageReport, WorkspaceOp,
 };
 use ct_bot::leader::LeaseTimes;
 use ct_protocol::pairing::PairingToken;
@@ -674,6 +674,39 @@ impl Backend for CoreBackend {
     async fn forget_thread(&self, task: &str) -> Result<()> {
         let task = task.to_string();
         self.read(move |store| store.delete_thread_mark(&task))
+            .await
+    }
+
+    async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()> {
+        let (thread, task) = (chain.thread, chain.task.clone());
+        let body = serde_json::to_vec(chain).map_err(|e| store_err(e.into()))?;
+        self.read(move |store| store.put_thread_chain(thread, &task, &body))
+            .await
+    }
+
+    async fn thread_chain(&self, thread: u64) -> Result<Option<ThreadChain>> {
+        let Some(body) = self.read(move |store| store.thread_chain(thread)).await? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<ThreadChain>(&body) {
+            Ok(chain) if chain.thread == thread => Ok(Some(chain)),
+            // Only the bot writes these; one that does not read back costs the thread its kept settings.
+            _ => {
+                tracing::warn!(thread, "a kept thread chain does not decode; ignoring it");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn add_answer(
+        &self,
+        task: &str,
+        approval: &str,
+        question: u8,
+        answer: &str,
+    ) -> Result<std::collections::BTreeMap<u8, String>> {
+        let (task, approval, answer) = (task.to_string(), approval.to_string(), answer.to_string());
+        self.read(move |store| store.add_answer(&task, &approval, question, &answer))
             .await
     }
 

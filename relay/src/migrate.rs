@@ -63,8 +63,8 @@ impl Moved {
             }
             Exported::Audit(_) => self.audit += 1,
             Exported::ThreadMark(..) => self.thread_marks += 1,
-            // A link from a task to its Discord thread: part of the task, not counted on its own.
-            Exported::TaskThread(..) => {}
+            // Links from a task to its Discord thread, and a thread's chain: part of the task, not counted on their own.
+            Exported::TaskThread(..) | Exported::ThreadChain(..) => {}
             Exported::Secret(..) => self.secrets += 1,
             Exported::Pool(_) => self.pools += 1,
         }

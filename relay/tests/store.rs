@@ -63,6 +63,8 @@ macro_rules! contract {
             dropped_events_move_the_record_but_store_nothing,
             thread_marks_are_kept_and_deleted,
             task_threads_are_kept_with_their_task_and_deleted_with_it,
+            thread_chains_are_kept_by_thread_and_deleted_with_their_task,
+            answers_merge_and_are_deleted_with_their_task,
             task_files_are_kept_in_order_until_delivered_or_deleted_with_their_task,
             audit_pages_newest_first_by_owner_and_by_filter,
             indexes_agree_with_the_records_after_random_operations,
@@ -86,7 +88,8 @@ macro_rules! contract {
             // Cases on several handles at once:
             racing_admissions_never_take_a_person_past_their_limit,
             racing_admissions_never_overfill_an_agents_queue,
-            racing_takes_of_one_sign_in_link_exactly_one_wins
+            racing_takes_of_one_sign_in_link_exactly_one_wins,
+            racing_answers_on_several_handles_all_land
         );
     };
     (@cases $backend:ident, $open:expr, $another:expr; $($case:ident),* ; $($several:ident),* $(,)?) => {
@@ -1329,6 +1332,87 @@ fn task_threads_are_kept_with_their_task_and_deleted_with_it(open: Open) {
     assert_eq!(store.task_threads(&["t1".to_string()]).unwrap(), []);
 }
 
+fn thread_chains_are_kept_by_thread_and_deleted_with_their_task(open: Open) {
+    let (dir, store) = fresh(open);
+    let (t1, t2) = (task("t1", "u1", 1, 1), task("t2", "u1", 1, 2));
+    store.put_task(&t1).unwrap();
+    store.put_task(&t2).unwrap();
+    store.put_task_thread("t1", 11).unwrap();
+    store.put_task_thread("t2", 11).unwrap();
+    store.put_thread_chain(11, "t1", b"{\"a\":1}").unwrap();
+    store.put_thread_chain(u64::MAX, "t2", b"{}").unwrap();
+    // A task that is not stored gets no chain.
+    store.put_thread_chain(33, "nothing", b"{}").unwrap();
+    let store = reopen(open, &dir, store);
+    assert_eq!(
+        store.thread_chain(11).unwrap().as_deref(),
+        Some(&b"{\"a\":1}"[..])
+    );
+    assert_eq!(
+        store.thread_chain(u64::MAX).unwrap().as_deref(),
+        Some(&b"{}"[..])
+    );
+    assert_eq!(store.thread_chain(33).unwrap(), None);
+    // The chain moves on to its follow-up: the last one written is kept.
+    store.put_thread_chain(11, "t2", b"{\"b\":2}").unwrap();
+    assert_eq!(
+        store.thread_chain(11).unwrap().as_deref(),
+        Some(&b"{\"b\":2}"[..])
+    );
+    // Deleting a task that is no longer the chain's current one leaves the chain.
+    assert_eq!(store.delete_task(&t1).unwrap(), Some(0));
+    assert!(store.thread_chain(11).unwrap().is_some());
+    // Deleting the current task deletes every chain that names it.
+    assert_eq!(store.delete_task(&t2).unwrap(), Some(0));
+    assert_eq!(store.thread_chain(11).unwrap(), None);
+    assert_eq!(store.thread_chain(u64::MAX).unwrap(), None);
+}
+
+fn answers_merge_and_are_deleted_with_their_task(open: Open) {
+    let (dir, store) = fresh(open);
+    let t1 = task("t1", "u1", 1, 1);
+    store.put_task(&t1).unwrap();
+    let got = |pairs: &[(u8, &str)]| -> BTreeMap<u8, String> {
+        pairs.iter().map(|(q, a)| (*q, a.to_string())).collect()
+    };
+    assert_eq!(
+        store.add_answer("t1", "q", 1, "blue").unwrap(),
+        got(&[(1, "blue")])
+    );
+    let store = reopen(open, &dir, store);
+    assert_eq!(
+        store
+            .add_answer("t1", "q", 0, "Rust, \"of course\"")
+            .unwrap(),
+        got(&[(0, "Rust, \"of course\""), (1, "blue")])
+    );
+    // A question answered again keeps the last answer; another approval has its own answers.
+    assert_eq!(
+        store.add_answer("t1", "q", 1, "green").unwrap(),
+        got(&[(0, "Rust, \"of course\""), (1, "green")])
+    );
+    assert_eq!(
+        store.add_answer("t1", "r", 255, "x").unwrap(),
+        got(&[(255, "x")])
+    );
+    // A task that is not stored keeps nothing.
+    assert_eq!(
+        store.add_answer("nothing", "q", 0, "a").unwrap(),
+        got(&[(0, "a")])
+    );
+    assert_eq!(
+        store.add_answer("nothing", "q", 1, "b").unwrap(),
+        got(&[(1, "b")])
+    );
+    // Gone with the task: a task stored again under its id starts with no answers.
+    assert_eq!(store.delete_task(&t1).unwrap(), Some(0));
+    store.put_task(&t1).unwrap();
+    assert_eq!(
+        store.add_answer("t1", "q", 2, "z").unwrap(),
+        got(&[(2, "z")])
+    );
+}
+
 fn task_files_are_kept_in_order_until_delivered_or_deleted_with_their_task(open: Open) {
     use ct_relay::store::Attachment;
     let file = |name: &str, media_type: Option<&str>, data: Vec<u8>| Attachment {
@@ -2203,6 +2287,39 @@ fn race_admissions(
         .collect()
 }
 
+/// Several people answering the questions of one AskUserQuestion at once, through several handles (nodes):
+/// every answer lands, and the answer that completes the set sees all of them (so exactly the last one sends
+/// the decision; with a lost update none would).
+fn racing_answers_on_several_handles_all_land(open: Open, another: Another) {
+    let (dir, store) = fresh(open);
+    store.put_task(&task("t1", "u1", 1, 1)).unwrap();
+    let (handles, questions) = (4, 16u8);
+    let stores: Vec<SharedStore> = std::iter::once(store.clone())
+        .chain((1..handles).map(|_| another(dir.path(), &store)))
+        .collect();
+    let start = Arc::new(Barrier::new(questions as usize));
+    let workers: Vec<_> = (0..questions)
+        .map(|q| {
+            let (store, start) = (stores[q as usize % handles].clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                store
+                    .add_answer("t1", "q", q, &format!("a{q}"))
+                    .unwrap()
+                    .len()
+            })
+        })
+        .collect();
+    let seen: Vec<usize> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert_eq!(
+        seen.iter().filter(|n| **n == questions as usize).count(),
+        1,
+        "exactly one answer completes the set: {seen:?}"
+    );
+    let all = store.add_answer("t1", "q", 0, "a0").unwrap();
+    assert_eq!(all.len(), questions as usize);
+}
+
 /// Many submissions for one person at once, through several handles (nodes), each to another agent, so only
 /// the person's limit holds them back: exactly that many are admitted, and every other is told the limit.
 fn racing_admissions_never_take_a_person_past_their_limit(open: Open, another: Another) {
@@ -2468,6 +2585,8 @@ fn an_export_imported_into_an_empty_store_is_the_same_store(open: Open) {
     from.append_audit(&entry("u2")).unwrap();
     from.put_thread_mark("t1", b"{\"thread\":5}").unwrap();
     from.put_task_thread("t2", 77).unwrap();
+    from.put_thread_chain(77, "t2", b"{\"fresh\":true}")
+        .unwrap();
     from.shared_secret("relay_key", b"k").unwrap();
     from.put_pool_audited(&pool("gpu", PoolAccess::Everyone), &entry("pool:gpu"))
         .unwrap();

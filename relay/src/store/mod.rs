@@ -299,6 +299,25 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_task_thread(&self, task: &str, thread: u64) -> Result<()>;
     /// The threads of those of `tasks` that have one, in no particular order.
     fn task_threads(&self, tasks: &[String]) -> Result<Vec<(String, u64)>>;
+    /// Keeps what a Discord thread's chain of tasks is at (the bot's own JSON), replacing what was kept for
+    /// `thread`. Every node of a cluster answers the thread's commands, so this lives in the shared store, not
+    /// in a node's memory. Deleted with `task`, the chain's current task; nothing is kept for a task that is
+    /// not stored.
+    fn put_thread_chain(&self, thread: u64, task: &str, chain: &[u8]) -> Result<()>;
+    /// What [`put_thread_chain`](Self::put_thread_chain) last kept for `thread`.
+    fn thread_chain(&self, thread: u64) -> Result<Option<Vec<u8>>>;
+    /// Adds `answer` to question `question` of an open AskUserQuestion (`approval` of `task`), replacing an
+    /// earlier answer to that question, and returns every answer given so far. One atomic step: two people
+    /// answering two questions at once on two nodes each see the other's answer or are seen by it, so the
+    /// one who completes the set knows it. Deleted with the task; nothing is kept for a task that is not
+    /// stored (just this answer is returned).
+    fn add_answer(
+        &self,
+        task: &str,
+        approval: &str,
+        question: u8,
+        answer: &str,
+    ) -> Result<std::collections::BTreeMap<u8, String>>;
 
     // --- shares and users ---
 
@@ -476,6 +495,8 @@ pub enum Exported {
     ThreadMark(String, Vec<u8>),
     /// A task's Discord thread (see [`Store::put_task_thread`]).
     TaskThread(String, u64),
+    /// A Discord thread's chain (see [`Store::put_thread_chain`]): thread, current task, the bot's JSON.
+    ThreadChain(u64, String, Vec<u8>),
     Secret(String, Vec<u8>),
     Pool(PoolRecord),
 }

@@ -12,7 +12,7 @@
 //! all of them are rebuilt from the records at open when the store was last written by a relay that kept
 //! different ones (see [`INDEX_VERSION`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -66,6 +66,14 @@ pub struct SledStore {
     thread_marks: sled::Tree,
     /// Task id → the Discord thread its output went to (big-endian u64), kept with the task.
     task_threads: sled::Tree,
+    /// Discord thread id (big-endian u64) → the chain's current task, 0, the bot's JSON
+    /// ([`Store::put_thread_chain`]).
+    thread_chains: sled::Tree,
+    /// Task id, 0, thread id (big-endian u64) → (): which chains may name a task, so deleting the task finds
+    /// them. An entry may outlive its chain's move to another task; the chain itself says which it names.
+    chains_by_task: sled::Tree,
+    /// Task id, 0, approval id → the answers given so far to an AskUserQuestion (JSON: question → answer).
+    approval_answers: sled::Tree,
     /// Task id, 0, file index (big-endian u32) → a file attached to the task ([`file_value`]).
     task_files: sled::Tree,
     /// Agents by owner, in memory: derived from `agents` at open and kept in step with every write to it, so
@@ -222,6 +230,9 @@ impl SledStore {
             meta: db.open_tree("meta")?,
             thread_marks: db.open_tree("thread_marks")?,
             task_threads: db.open_tree("task_threads")?,
+            thread_chains: db.open_tree("thread_chains")?,
+            chains_by_task: db.open_tree("thread_chains_by_task")?,
+            approval_answers: db.open_tree("approval_answers")?,
             task_files: db.open_tree("task_files")?,
             cluster: db.open_tree("cluster")?,
             web_sessions: db.open_tree("web_sessions")?,
@@ -797,6 +808,27 @@ impl Store for SledStore {
             self.events.remove(key)?;
         }
         self.task_threads.remove(id)?;
+        for key in self
+            .chains_by_task
+            .scan_prefix(task_prefix(&rec.spec.task))
+            .keys()
+        {
+            let key = key?;
+            let thread = &key[rec.spec.task.len() + 1..];
+            if let Some(chain) = self.thread_chains.get(thread)? {
+                if chain_task(&chain)? == rec.spec.task.as_bytes() {
+                    self.thread_chains.remove(thread)?;
+                }
+            }
+            self.chains_by_task.remove(key)?;
+        }
+        for key in self
+            .approval_answers
+            .scan_prefix(task_prefix(&rec.spec.task))
+            .keys()
+        {
+            self.approval_answers.remove(key?)?;
+        }
         self.delete_task_files(&rec.spec.task)?;
         Ok(Some(n))
     }
@@ -1142,6 +1174,63 @@ impl Store for SledStore {
         Ok(out)
     }
 
+    fn put_thread_chain(&self, thread: u64, task: &str, chain: &[u8]) -> Result<()> {
+        // Nothing for a task that is not stored: the chain would outlive nothing.
+        if !self.tasks.contains_key(task.as_bytes())? {
+            return Ok(());
+        }
+        let mut value = Vec::with_capacity(task.len() + 1 + chain.len());
+        value.extend_from_slice(task.as_bytes());
+        value.push(0);
+        value.extend_from_slice(chain);
+        let mut index = task_prefix(task);
+        index.extend_from_slice(&thread.to_be_bytes());
+        self.chains_by_task.insert(index, &[])?;
+        if let Some(old) = self.thread_chains.insert(thread.to_be_bytes(), value)? {
+            let old = chain_task(&old)?;
+            if old != task.as_bytes() {
+                let mut index = old.to_vec();
+                index.push(0);
+                index.extend_from_slice(&thread.to_be_bytes());
+                self.chains_by_task.remove(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn thread_chain(&self, thread: u64) -> Result<Option<Vec<u8>>> {
+        let Some(value) = self.thread_chains.get(thread.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let task = chain_task(&value)?.len();
+        Ok(Some(value[task + 1..].to_vec()))
+    }
+
+    fn add_answer(
+        &self,
+        task: &str,
+        approval: &str,
+        question: u8,
+        answer: &str,
+    ) -> Result<BTreeMap<u8, String>> {
+        // Nothing kept for a task that is not stored (the decision will be refused): just this answer.
+        if !self.tasks.contains_key(task.as_bytes())? {
+            return Ok(BTreeMap::from([(question, answer.to_string())]));
+        }
+        let mut key = task_prefix(task);
+        key.extend_from_slice(approval.as_bytes());
+        // `update_and_fetch` retries the closure until its compare-and-swap wins: the merge is atomic.
+        let merged = self.approval_answers.update_and_fetch(&key, |old| {
+            let mut answers: BTreeMap<u8, String> = old
+                .and_then(|v| serde_json::from_slice(v).ok())
+                .unwrap_or_default();
+            answers.insert(question, answer.to_string());
+            serde_json::to_vec(&answers).ok()
+        })?;
+        let merged = merged.ok_or_else(|| corrupt("answers could not be encoded"))?;
+        Ok(serde_json::from_slice(&merged)?)
+    }
+
     fn put_web_session(&self, rec: &WebSessionRecord) -> Result<()> {
         let value = serde_json::to_vec(rec)?;
         let hash = rec.hash.as_bytes();
@@ -1444,6 +1533,22 @@ impl Store for SledStore {
                 .map_err(|_| corrupt("a task's thread id is not 8 bytes"))?;
             sink(Exported::TaskThread(task, u64::from_be_bytes(bytes)))?;
         }
+        for kv in self.thread_chains.iter() {
+            let (k, v) = kv?;
+            let thread: [u8; 8] = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| corrupt("a thread id is not 8 bytes"))?;
+            let task = chain_task(&v)?;
+            let task =
+                String::from_utf8(task.to_vec()).map_err(|_| corrupt("task id is not UTF-8"))?;
+            let chain = v[task.len() + 1..].to_vec();
+            sink(Exported::ThreadChain(
+                u64::from_be_bytes(thread),
+                task,
+                chain,
+            ))?;
+        }
         for kv in self.cluster.scan_prefix(b"s/") {
             let (k, v) = kv?;
             let name = String::from_utf8(k[2..].to_vec()).map_err(|_| corrupt("secret name"))?;
@@ -1497,6 +1602,9 @@ impl Store for SledStore {
                 }
                 Exported::ThreadMark(task, mark) => self.put_thread_mark(task, mark)?,
                 Exported::TaskThread(task, thread) => self.put_task_thread(task, *thread)?,
+                Exported::ThreadChain(thread, task, chain) => {
+                    self.put_thread_chain(*thread, task, chain)?
+                }
                 Exported::Secret(name, value) => {
                     self.cluster
                         .insert(cluster_key(b"s/", name.as_bytes()), value.as_slice())?;
@@ -1823,6 +1931,22 @@ fn tx_error(e: TransactionError<StoreError>) -> StoreError {
 }
 
 /// Derived data that does not decode: reported like a record that does not.
+/// The task a stored thread chain names: its value up to the first 0.
+fn chain_task(value: &[u8]) -> Result<&[u8]> {
+    let end = value
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| corrupt("a thread chain has no task"))?;
+    Ok(&value[..end])
+}
+
+/// `task`, 0: the start of every key of `task`'s approval answers.
+fn task_prefix(task: &str) -> Vec<u8> {
+    let mut key = task.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
 fn corrupt(what: &str) -> StoreError {
     StoreError::Corrupt(<serde_json::Error as serde::de::Error>::custom(what))
 }

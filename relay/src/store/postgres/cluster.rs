@@ -281,6 +281,18 @@ impl PgStore {
                 super::thread_of_bits(row.try_get(1)?),
             ))?;
         }
+        for row in self.read(|c| {
+            c.query(
+                "SELECT thread, task, body FROM ct_thread_chains ORDER BY thread",
+                &[],
+            )
+        })? {
+            sink(Exported::ThreadChain(
+                super::thread_of_bits(row.try_get(0)?),
+                row.try_get(1)?,
+                row.try_get(2)?,
+            ))?;
+        }
         for row in
             self.read(|c| c.query("SELECT name, value FROM ct_secrets ORDER BY name", &[]))?
         {
@@ -352,6 +364,13 @@ impl PgStore {
                             "INSERT INTO ct_task_threads (task, thread) VALUES ($1, $2)
                              ON CONFLICT (task) DO UPDATE SET thread = excluded.thread",
                             &[task, &super::thread_bits(*thread)],
+                        )?;
+                    }
+                    Exported::ThreadChain(thread, task, chain) => {
+                        c.execute(
+                            "INSERT INTO ct_thread_chains (thread, task, body) VALUES ($1, $2, $3)
+                             ON CONFLICT (thread) DO UPDATE SET task = excluded.task, body = excluded.body",
+                            &[&super::thread_bits(*thread), task, chain],
                         )?;
                     }
                     Exported::Secret(name, value) => {

@@ -56,6 +56,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "pools",
         sql: include_str!("../../../migrations/0007_pools.sql"),
     },
+    Migration {
+        version: 8,
+        name: "thread_chains",
+        sql: include_str!("../../../migrations/0008_thread_chains.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).

@@ -46,6 +46,7 @@ mod tests;
 mod tls;
 mod web;
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -799,6 +800,58 @@ impl Store for PgStore {
         rows.iter()
             .map(|r| Ok((r.try_get(0)?, thread_of_bits(r.try_get(1)?))))
             .collect()
+    }
+
+    fn put_thread_chain(&self, thread: u64, task: &str, chain: &[u8]) -> Result<()> {
+        // Nothing for a task that is not stored (as sled does).
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO ct_thread_chains (thread, task, body)
+                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM ct_tasks WHERE id = $2)
+                 ON CONFLICT (thread) DO UPDATE SET task = excluded.task, body = excluded.body",
+                &[&thread_bits(thread), &task, &chain],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn thread_chain(&self, thread: u64) -> Result<Option<Vec<u8>>> {
+        let row = self.read(|c| {
+            c.query_opt(
+                "SELECT body FROM ct_thread_chains WHERE thread = $1",
+                &[&thread_bits(thread)],
+            )
+        })?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    fn add_answer(
+        &self,
+        task: &str,
+        approval: &str,
+        question: u8,
+        answer: &str,
+    ) -> Result<BTreeMap<u8, String>> {
+        // The upsert locks the row and merges into its latest version, so concurrent answers all land and
+        // the last of them returns the whole set.
+        let row = self.write(|c| {
+            c.query_opt(
+                "INSERT INTO ct_approval_answers (task, approval, answers)
+                 SELECT $1, $2, jsonb_build_object($3::text, $4::text)
+                 WHERE EXISTS (SELECT 1 FROM ct_tasks WHERE id = $1)
+                 ON CONFLICT (task, approval)
+                 DO UPDATE SET answers = ct_approval_answers.answers || excluded.answers
+                 RETURNING answers::text",
+                &[&task, &approval, &question.to_string(), &answer],
+            )
+        })?;
+        let Some(row) = row else {
+            // Not a stored task (the decision will be refused): just this answer.
+            return Ok(BTreeMap::from([(question, answer.to_string())]));
+        };
+        let json: String = row.try_get(0)?;
+        // serde_json reads the object's keys ("0", "1", …) as the numbers they spell.
+        Ok(serde_json::from_str(&json)?)
     }
 
     // --- shares and users ---
