@@ -289,6 +289,25 @@ pub struct ThreadMark {
     /// waiting before the restart gets its result in place. None in marks written before this existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn: Option<(u64, Vec<u64>)>,
+    /// A thread still to be opened (`thread` is 0 until then): a node that does not lead leaves opening it to
+    /// the leader, so that every call made with the bot token comes from one node (see `crate::leader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opening: Option<Opening>,
+}
+
+/// What the leader needs to open a task's thread for another node, and how it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opening {
+    /// The channel the thread opens in.
+    pub channel: u64,
+    /// The task's prompt, for the thread's name and its first message.
+    pub prompt: String,
+    /// Whether the thread is private.
+    pub private: bool,
+    /// Set by the leader when the thread could not be opened (the task is then stopped): why, in words for
+    /// the person who asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// Where a thread's chain of tasks is, and what the next follow-up in it does. The backend keeps it for the bot:
@@ -421,6 +440,8 @@ pub trait Backend: Send + Sync + 'static {
         })
     }
     /// Remembers the thread a task's output goes to, for as long as the task is kept (`/tasks` links it).
+    /// The thread `set_task_thread` recorded for `task`, if any.
+    async fn task_thread(&self, task: &str) -> Result<Option<u64>>;
     async fn set_task_thread(&self, _task: &str, _thread: u64) -> Result<()> {
         Ok(())
     }
@@ -536,6 +557,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Every mark still kept, with its task: followers that had not finished when the bot stopped. Marks of
     /// tasks that no longer exist are dropped.
     async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>>;
+    /// One task's mark, if it has one.
+    async fn thread_mark(&self, task: &str) -> Result<Option<ThreadMark>>;
     /// Keeps `chain` as what its thread is at (see [`ThreadChain`]).
     async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()>;
     /// What was last kept for `thread`; `None` if nothing (a thread from before chains were kept, or one

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ct_protocol::scope::SessionScope;
 use ct_protocol::task::{Decision, TaskEvent, TaskOptions};
@@ -21,7 +22,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::app::Inner;
 use crate::backend::{
-    BackendError, HistoryQuery, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadChain,
+    BackendError, HistoryQuery, Opening, Pairing, ShareLevel, TaskInfo, TaskRequest, ThreadChain,
     ThreadMark, WorkspaceOp,
 };
 use crate::commands::{completion_for, Completion};
@@ -47,6 +48,12 @@ const MAX_CHOICES: usize = 25;
 const MODELS: &[&str] = &["sonnet", "opus", "haiku"];
 /// Thread names carry the task id first, so a restarted relay finds the task a thread belongs to.
 const THREAD_NAME_PROMPT: usize = 80;
+/// Characters of the prompt shown in the thread's first message.
+const STARTER_PROMPT: usize = 1500;
+/// How long `/task` on a node that does not lead waits for the leader to open the thread, and how often it
+/// looks. The leader opens it at its next scan of the marks (`LeaseTimes::scan`, 2 s).
+const OPENING_WAIT: Duration = Duration::from_secs(10);
+const OPENING_POLL: Duration = Duration::from_millis(100);
 /// Tasks on one page of `/tasks`.
 const HISTORY_PAGE: usize = 10;
 
@@ -643,35 +650,102 @@ impl Inner {
             .and_then(|ch| ch.parent_id)
             .filter(|_| is_thread(c))
             .unwrap_or(c.channel_id);
+        let opening = Opening {
+            channel: channel.get(),
+            prompt: truncate(&prompt, STARTER_PROMPT),
+            // A task may be more private than the server's setting, never less: a grantee must not publish
+            // the owner's work to a channel the owner expects not to see it.
+            private: self.config.private_threads || args.bool("private") == Some(true),
+            failed: None,
+        };
+        let limit = upload_limit(c.attachment_size_limit);
+        let opened = if self.term().is_some() {
+            self.open_or_stop(&opening, &task, limit).await.map(Some)
+        } else {
+            self.open_through_leader(opening, &task, limit).await
+        };
+        let started = format!(
+            "🧵 Started `{}` on **{}** in **{}**",
+            task.id, task.agent, task.project
+        );
+        match opened {
+            Ok(Some(thread)) => Ok(Answer::private(format!("{started}: <#{thread}>"))),
+            Ok(None) => Ok(Answer::private(format!(
+                "{started}: its thread opens in <#{channel}> in a moment"
+            ))),
+            Err(why) => Err(BackendError::Refused(why)),
+        }
+    }
+
+    /// Opens `task`'s thread here (this node leads); if it cannot be opened, stops the task, since nobody could
+    /// see or answer it, and says why in words for the person who asked.
+    pub(crate) async fn open_or_stop(
+        self: &Arc<Self>,
+        opening: &Opening,
+        task: &TaskInfo,
+        limit: u64,
+    ) -> Result<ChannelId, String> {
+        let channel = ChannelId::new(opening.channel);
         match self
-            .open_thread(
-                channel,
-                &task,
-                &prompt,
-                upload_limit(c.attachment_size_limit),
-                // A task may be more private than the server's setting, never less: a grantee must not
-                // publish the owner's work to a channel the owner expects not to see it.
-                self.config.private_threads || args.bool("private") == Some(true),
-            )
+            .open_thread(channel, task, &opening.prompt, limit, opening.private)
             .await
         {
-            Ok(thread) => Ok(Answer::private(format!(
-                "🧵 Started `{}` on **{}** in **{}**: <#{thread}>",
-                task.id, task.agent, task.project
-            ))),
+            Ok(thread) => Ok(thread),
             Err(err) => {
                 warn!(%err, task = %task.id, "could not open the task's thread; cancelling the task");
-                // Nobody could see or answer it: stop it rather than let it run unseen.
-                if let Err(e) = self.backend.cancel(user, &task.id).await {
+                if let Err(e) = self.backend.cancel(&task.requester, &task.id).await {
                     warn!(error = %e, task = %task.id, "could not cancel the unseen task");
                 }
-                Err(BackendError::Refused(format!(
+                Err(format!(
                     "I could not open a thread for `{}` here ({err}), so I stopped it: check that I may \
                      create threads in this channel",
                     task.id
-                )))
+                ))
             }
         }
+    }
+
+    /// On a node that does not lead: leaves opening `task`'s thread to the leader through the task's mark (see
+    /// `crate::leader`), and waits for it, for at most [`OPENING_WAIT`]. `None` if it has not opened by then
+    /// (the leader is changing hands, say): it opens when there is one.
+    async fn open_through_leader(
+        self: &Arc<Self>,
+        opening: Opening,
+        task: &TaskInfo,
+        limit: u64,
+    ) -> Result<Option<ChannelId>, String> {
+        let mut mark = Inner::fresh_mark(&task.id, 0, limit);
+        mark.opening = Some(opening.clone());
+        if let Err(err) = self.backend.mark_thread(&mark).await {
+            warn!(%err, task = %task.id, "could not leave the thread to the leader; opening it here");
+            return self.open_or_stop(&opening, task, limit).await.map(Some);
+        }
+        let deadline = tokio::time::Instant::now() + OPENING_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(OPENING_POLL).await;
+            match self.backend.thread_mark(&task.id).await {
+                Ok(Some(mark)) => {
+                    if let Some(thread) = std::num::NonZeroU64::new(mark.thread) {
+                        return Ok(Some(thread.into()));
+                    }
+                    if let Some(why) = mark.opening.and_then(|o| o.failed) {
+                        if let Err(err) = self.backend.forget_thread(&task.id).await {
+                            warn!(%err, task = %task.id, "could not forget a thread that did not open");
+                        }
+                        return Err(why);
+                    }
+                }
+                // Opened, followed and finished already: the thread is kept with the task.
+                Ok(None) => {
+                    let thread = self.backend.task_thread(&task.id).await.ok().flatten();
+                    return Ok(thread.and_then(std::num::NonZeroU64::new).map(Into::into));
+                }
+                Err(err) => {
+                    debug!(%err, task = %task.id, "waiting for the leader to open the thread")
+                }
+            }
+        }
+        Ok(None)
     }
 
     async fn open_thread(
@@ -689,7 +763,7 @@ impl Inner {
                 task.project,
                 task.agent,
                 mention(&task.requester),
-                truncate(prompt, 1500)
+                truncate(prompt, STARTER_PROMPT)
             ))
             .allowed_mentions(CreateAllowedMentions::new());
         let first_line = prompt.lines().next().unwrap_or("");

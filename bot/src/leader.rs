@@ -9,20 +9,24 @@
 //!
 //! So one node, the **leader**, holds a lease in the shared store ([`crate::Backend::lease`]) and runs the gateway
 //! (in gateway mode) and every thread follower. That also keeps Discord's rate limits for the cluster as a
-//! whole: the per-route and global limits are the bot token's, and one REST client ([`crate::Rest`], which
-//! reads the `X-RateLimit-*` headers) does all the thread posting. Other nodes only answer the interactions
-//! they receive (per-interaction webhooks, their own buckets) and open the thread of a task they submitted:
-//! two or three calls per task in the parent channel, already bounded by the per-user task limits, and
-//! paced by each node's own reading of the same headers; a rare 429 from two nodes racing for the last
-//! request of a window is waited out by [`crate::Rest`] (`retry_after`).
+//! whole: the per-route and global limits are the bot token's, and every call made with the bot token comes
+//! from the leader's one REST client ([`crate::Rest`], which makes one call at a time per route and paces
+//! them by the `X-RateLimit-*` headers). Other nodes only answer the interactions they receive, through
+//! each interaction's own token and webhook (their own buckets, outside the global limit). The one exception
+//! is rare: reading a channel to recognise an old task thread the backend keeps no chain for.
 //!
-//! A node that opens a thread without leading does not follow it: it writes the thread's [`ThreadMark`]
-//! with nothing posted yet, as a follower would at its start ([`crate::dispatch`]), and leaves it there. The
-//! leader adopts every mark it does not follow yet when it becomes leader, and then every [`LeaseTimes::scan`]
-//! (a read of the marks of unfinished threads). That delays the first post of such a task by at most the
-//! scan period (2 s), which is acceptable: the interaction itself is answered at once ("Started … in
-//! #thread"), and the first thing the follower posts is the progress line, which a 2-second-old task has
-//! barely changed.
+//! So a node that does not lead does not open the thread of a task submitted through it either: it writes
+//! the task's [`ThreadMark`] with no thread and what the opening needs (`opening`), and waits a few seconds
+//! for the leader to open it, to answer "Started … in #thread" ([`crate::dispatch`]). The leader adopts
+//! every mark it does not follow yet when it becomes leader, and then every [`LeaseTimes::scan`] (a read of
+//! the marks of unfinished threads): it opens the threads asked for and follows them. That delays such a
+//! `/task`'s answer by up to the scan period (2 s): Discord shows "thinking…" meanwhile. If the leader cannot
+//! open the thread, it stops the task and says why in the mark, and the asking node passes that on. With no
+//! leader for longer than the wait (a hand-over), the answer says the thread opens in a moment, and the next
+//! leader opens it.
+//!
+//! A thread's chain and `/cc` settings ([`crate::backend::ThreadChain`]) and AskUserQuestion answers are kept
+//! by the backend, not in a node's memory, since any node answers a thread's commands.
 //!
 //! A term of leadership (`Term`) owns its followers. It ends when a renewal is refused, when no renewal
 //! succeeded in time (the store unreachable: the term's watchdog ends it `grace` before the lease could
@@ -197,7 +201,7 @@ impl Inner {
 
     /// Follows every thread whose mark says it is unfinished and that nobody follows here yet: at the start of
     /// a term (threads a restart or the previous leader left), then at each scan (threads other nodes opened).
-    pub(crate) async fn adopt_marks(&self) {
+    pub(crate) async fn adopt_marks(self: &Arc<Self>) {
         if self.config.token.is_none() || self.term().is_none() {
             return;
         }
@@ -210,16 +214,26 @@ impl Inner {
         };
         // Oldest first, so a thread's newest task is the one it remembers.
         marks.sort_by_key(|(_, task)| task.created_at);
-        for (mark, task) in marks {
+        for (mut mark, task) in marks {
             if self.threads.is_followed(&task.id) {
                 continue;
             }
             let Some(thread) =
                 std::num::NonZeroU64::new(mark.thread).map(serenity::all::ChannelId::from)
             else {
+                // A thread another node left to the leader to open (or one that could not be opened).
+                if let Some(opening) = mark.opening.as_mut().filter(|o| o.failed.is_none()) {
+                    debug!(task = %task.id, "opening a thread for another node");
+                    if let Err(why) = self.open_or_stop(opening, &task, mark.upload_limit).await {
+                        opening.failed = Some(why);
+                        if let Err(err) = self.backend.mark_thread(&mark).await {
+                            warn!(%err, task = %task.id, "could not say why the thread did not open");
+                        }
+                    }
+                }
                 continue;
             };
-            // What `/cc` set for the thread is kept if this node knows it; only the chain's task moves on.
+            // What `/cc` set for the thread is the backend's (`ThreadChain`); only the remembered task moves on.
             if self
                 .threads
                 .update(thread, |info| info.task = task.id.clone())
@@ -245,6 +259,7 @@ impl Inner {
             upload_limit,
             approvals: Default::default(),
             turn: None,
+            opening: None,
         }
     }
 }

@@ -105,11 +105,22 @@ struct Inner {
     base: String,
     token: Option<Secret>,
     application_id: RwLock<Option<ApplicationId>>,
-    /// Per route: calls wait until this instant (the bucket is empty).
-    buckets: Mutex<HashMap<String, Instant>>,
+    /// Per route: the bucket's state, locked for the whole of each call on the route (see [`Bucket`]).
+    buckets: Mutex<HashMap<String, Bucket>>,
     /// Every call waits until this instant (a global 429).
     global: Mutex<Option<Instant>>,
 }
+
+/// One route's rate-limit state: until when its calls must wait (the bucket is empty, or a 429 said so).
+///
+/// Calls on one route go one at a time: each holds the lock from before it is sent until its answer's
+/// headers are read. Otherwise calls in flight together all see the last answer's `X-RateLimit-Remaining`
+/// (say 1) and all go, and all but one get 429. This is how discord.js and serenity queue per bucket. Routes
+/// that differ (another channel, another interaction) do not wait for each other.
+type Bucket = Arc<tokio::sync::Mutex<Option<Instant>>>;
+
+/// Buckets kept before idle ones are forgotten (one per channel, thread, interaction and webhook used).
+const BUCKETS_KEPT: usize = 1024;
 
 /// The REST client; cheap to clone (shared state, one connection pool).
 #[derive(Clone)]
@@ -244,13 +255,20 @@ impl Rest {
             return Err(RestError::NoToken(format!("{method} {path}")));
         }
         let started = Instant::now();
+        let bucket = self.bucket(&key);
+        let Ok(mut bucket) = tokio::time::timeout(max_wait, bucket.lock_owned()).await else {
+            return Err(RestError::RateLimited {
+                method,
+                path: path.to_string(),
+                retry_after: Duration::ZERO,
+            });
+        };
         let mut limited = 0;
         loop {
             // Wait for an empty bucket or a global limit to reset, if that is within our budget.
             let until = {
                 let global = *lock(&self.inner.global);
-                let bucket = lock(&self.inner.buckets).get(&key).copied();
-                global.into_iter().chain(bucket).max()
+                global.into_iter().chain(*bucket).max()
             };
             if let Some(until) = until {
                 let now = Instant::now();
@@ -294,7 +312,7 @@ impl Rest {
                 .is_some_and(|v| v.as_bytes() == b"0")
             {
                 if let Some(after) = header_secs(&headers, "x-ratelimit-reset-after") {
-                    lock(&self.inner.buckets).insert(key.clone(), now + after);
+                    *bucket = Some(now + after);
                 }
             }
 
@@ -312,7 +330,7 @@ impl Rest {
                 if global {
                     *lock(&self.inner.global) = Some(now + retry_after);
                 } else {
-                    lock(&self.inner.buckets).insert(key.clone(), now + retry_after);
+                    *bucket = Some(now + retry_after);
                 }
                 limited += 1;
                 if limited > MAX_429S || (now + retry_after).duration_since(started) > max_wait {
@@ -347,6 +365,24 @@ impl Rest {
                 source,
             });
         }
+    }
+
+    /// The bucket of route `key`, made on first use. Forgets idle buckets (no call holds or waits for one)
+    /// once more than [`BUCKETS_KEPT`] are kept; an empty one is kept until it has reset.
+    fn bucket(&self, key: &str) -> Bucket {
+        let mut buckets = lock(&self.inner.buckets);
+        if let Some(b) = buckets.get(key) {
+            return b.clone();
+        }
+        if buckets.len() >= BUCKETS_KEPT {
+            let now = Instant::now();
+            buckets.retain(|_, b| {
+                Arc::strong_count(b) > 1
+                    || b.try_lock()
+                        .map_or(true, |until| until.is_some_and(|t| t > now))
+            });
+        }
+        buckets.entry(key.to_string()).or_default().clone()
     }
 
     async fn send<T: DeserializeOwned>(

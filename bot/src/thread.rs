@@ -757,6 +757,7 @@ impl Follower {
                     ids.map(|m| m.map_or(0, MessageId::get)).collect(),
                 )
             }),
+            opening: None,
         };
         if let Err(err) = self.env.backend.mark_thread(&mark).await {
             warn!(%err, task = %self.task.id, "could not record how far the thread got");

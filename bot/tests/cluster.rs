@@ -112,13 +112,18 @@ async fn asked(fake: &Fake, node: &str, n: usize) {
 
 /// `/task PROMPT` by `user`, POSTed to `node`'s endpoint as Discord would; returns (task, thread).
 async fn task_on(sim: &DiscordSim, node: &Node, user: &SimUser, prompt: &str) -> (String, String) {
+    task_at(sim, &node.url, user, prompt).await
+}
+
+/// [`task_on`] by the node's endpoint.
+async fn task_at(sim: &DiscordSim, url: &str, user: &SimUser, prompt: &str) -> (String, String) {
     let p = sim
         .prepare_slash(
             &sim.origin(user),
             &SlashCommand::new("task").opt(Opt::str("prompt", prompt)),
         )
         .unwrap();
-    let said = said_on(sim, node, &p).await;
+    let said = said_at(sim, url, &p).await;
     assert!(said.starts_with("🧵 Started `t_"), "{said}");
     let task = said.split('`').nth(1).unwrap().to_string();
     let start = said.find("<#").unwrap() + 2;
@@ -127,7 +132,11 @@ async fn task_on(sim: &DiscordSim, node: &Node, user: &SimUser, prompt: &str) ->
 
 /// What `node` answers to the interaction `p`, POSTed to its endpoint as Discord would.
 async fn said_on(sim: &DiscordSim, node: &Node, p: &Prepared) -> String {
-    let reply = sim.post_interaction(&node.url, p).await.unwrap();
+    said_at(sim, &node.url, p).await
+}
+
+async fn said_at(sim: &DiscordSim, url: &str, p: &Prepared) -> String {
+    let reply = sim.post_interaction(url, p).await.unwrap();
     assert_eq!(reply.status, 200);
     let body: Value = reply.json().unwrap();
     match body["data"]["content"].as_str() {
@@ -235,7 +244,7 @@ async fn the_leader_alone_posts_and_a_survivor_carries_the_thread_on() {
         .await
         .unwrap();
 
-    // Started on b, which opens the thread and hands it over.
+    // Started on b, which leaves opening the thread to the leader.
     let (task, thread) = task_on(&sim, &b, &alice, "build it").await;
     find(&sim, &thread, "the progress message", |m| {
         m.custom_ids() == [format!("st:{task}")]
@@ -705,4 +714,63 @@ async fn a_threads_commands_hold_across_nodes() {
     a.stop().await;
     b.stop().await;
     sim.shutdown().await;
+}
+
+/// Three nodes, a burst of tasks through all of them at once, and Discord's buckets set tight. Only the
+/// leader calls Discord with the bot token (the others leave opening their tasks' threads to it), and its
+/// client makes one call at a time per route, paced by the headers: the simulator refuses nothing (no 429,
+/// no 4xx), and every thread gets all of its output exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_under_a_burst_of_tasks_keep_discords_limits() {
+    let sim = Arc::new(DiscordSim::start().await.unwrap());
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = Node::start(&sim, &fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    let b = Node::start(&sim, &fake, "b", true).await;
+    let c = Node::start(&sim, &fake, "c", true).await;
+    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
+        .await
+        .unwrap();
+    // Four calls per route per half second: a burst of fifteen tasks needs several windows in the channel.
+    sim.set_bucket_limit(4, Duration::from_millis(500));
+    let urls = [a.url.clone(), b.url.clone(), c.url.clone()];
+    let started: Vec<_> = (0..15)
+        .map(|i| {
+            let (sim, alice, url) = (sim.clone(), alice.clone(), urls[i % 3].clone());
+            tokio::spawn(async move { task_at(&sim, &url, &alice, &format!("job {i}")).await })
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for s in started {
+        tasks.push(s.await.unwrap());
+    }
+    let lines = |i: usize| {
+        (0..3)
+            .map(|n| format!("job {i} line {n}"))
+            .collect::<Vec<_>>()
+    };
+    for (i, (task, _)) in tasks.iter().enumerate() {
+        for line in lines(i) {
+            fake.emit(task, text(&line));
+        }
+        fake.emit(task, finished(FinalState::Done, None));
+    }
+    for (i, (task, thread)) in tasks.iter().enumerate() {
+        let lines = lines(i);
+        let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
+        posted_once(&sim, task, thread, &texts).await;
+    }
+    let threads: std::collections::HashSet<_> = tasks.iter().map(|(_, t)| t).collect();
+    assert_eq!(threads.len(), 15, "one thread per task");
+    let refused: Vec<_> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.status >= 400)
+        .collect();
+    assert!(refused.is_empty(), "refused calls: {refused:#?}");
+    for node in [a, b, c] {
+        node.stop().await;
+    }
+    Arc::try_unwrap(sim).unwrap().shutdown().await;
 }

@@ -189,6 +189,9 @@ impl Backend for Fake {
     async fn default_agent(&self, user: &str) -> Result<Option<String>> {
         Ok(Self::lock(&self.defaults).get(user).cloned())
     }
+    async fn task_thread(&self, task: &str) -> Result<Option<u64>> {
+        Ok(Self::lock(&self.task_threads).get(task).copied())
+    }
     async fn set_task_thread(&self, task: &str, thread: u64) -> Result<()> {
         Self::lock(&self.task_threads).insert(task.into(), thread);
         Ok(())
@@ -325,6 +328,9 @@ impl Backend for Fake {
     async fn forget_thread(&self, task: &str) -> Result<()> {
         Self::lock(&self.marks).remove(task);
         Ok(())
+    }
+    async fn thread_mark(&self, task: &str) -> Result<Option<ThreadMark>> {
+        Ok(Self::lock(&self.marks).get(task).cloned())
     }
     async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()> {
         Self::lock(&self.chains).insert(chain.thread, chain.clone());

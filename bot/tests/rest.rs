@@ -119,6 +119,44 @@ async fn an_empty_bucket_is_waited_out_before_the_next_call() {
     assert_eq!(sim.message(&msg.id.to_string()).unwrap().content, "4");
 }
 
+/// Calls made at once on one route go one at a time, each paced by the answer before it: none meets a 429.
+/// (Sent together, they would all read the same `X-RateLimit-Remaining` and overrun the bucket.) Another
+/// route does not wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_made_at_once_on_one_route_never_overrun_its_bucket() {
+    let sim = DiscordSim::start().await.unwrap();
+    let rest = rest(&sim, Duration::from_secs(10));
+    sim.set_bucket_limit(3, Duration::from_millis(500));
+    let channel = general(&sim);
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            let rest = rest.clone();
+            tokio::spawn(async move {
+                rest.send_message(channel, &CreateMessage::new().content(i.to_string()), &[])
+                    .await
+            })
+        })
+        .collect();
+    // Meanwhile another route is called at once, not after the ten.
+    let other = rest.channel(channel).await.unwrap();
+    assert!(
+        sim.calls_to("POST", "/channels/*/messages").len() < 10,
+        "{other:?}"
+    );
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let posts = sim.calls_to("POST", "/channels/*/messages");
+    assert_eq!(posts.len(), 10);
+    assert!(
+        posts.iter().all(|c| c.status == 200),
+        "no call overran the bucket: {:?}",
+        posts.iter().map(|c| c.status).collect::<Vec<_>>()
+    );
+    // Ten calls at three per window need at least three windows after the first.
+    assert!(posts[9].at - posts[0].at >= Duration::from_millis(1400));
+}
+
 #[tokio::test]
 async fn a_wait_longer_than_allowed_fails_fast() {
     let sim = DiscordSim::start().await.unwrap();

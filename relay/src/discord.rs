@@ -632,6 +632,12 @@ impl Backend for CoreBackend {
         })
     }
 
+    async fn task_thread(&self, task: &str) -> Result<Option<u64>> {
+        let task = vec![task.to_string()];
+        let found = self.read(move |store| store.task_threads(&task)).await?;
+        Ok(found.first().map(|(_, thread)| *thread))
+    }
+
     async fn set_task_thread(&self, task: &str, thread: u64) -> Result<()> {
         let task = task.to_string();
         self.read(move |store| store.put_task_thread(&task, thread))
@@ -675,6 +681,14 @@ impl Backend for CoreBackend {
         let task = task.to_string();
         self.read(move |store| store.delete_thread_mark(&task))
             .await
+    }
+
+    async fn thread_mark(&self, task: &str) -> Result<Option<ThreadMark>> {
+        let task = task.to_string();
+        let Some(bytes) = self.read(move |store| store.thread_mark(&task)).await? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(&bytes).ok())
     }
 
     async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()> {

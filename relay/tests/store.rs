@@ -1290,6 +1290,12 @@ fn thread_marks_are_kept_and_deleted(open: Open) {
     // The typed reading skips what does not decode.
     let marks: Vec<(String, serde_json::Value)> = store.thread_marks().unwrap();
     assert_eq!(marks, [("a".to_string(), serde_json::json!({"n": 3}))]);
+    // One mark by its task.
+    assert_eq!(
+        store.thread_mark("a").unwrap().as_deref(),
+        Some(&br#"{"n":3}"#[..])
+    );
+    assert_eq!(store.thread_mark("b").unwrap(), None);
 }
 
 fn task_threads_are_kept_with_their_task_and_deleted_with_it(open: Open) {

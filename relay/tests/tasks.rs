@@ -854,6 +854,7 @@ async fn thread_marks_outlive_a_restart_and_marks_of_gone_tasks_are_dropped() {
         upload_limit: 8 << 20,
         approvals: [("a1".to_string(), 44)].into(),
         turn: Some((3, vec![45, 0])),
+        opening: None,
     };
     let backend = CoreBackend::new(relay.core.clone());
     backend.mark_thread(&mark(&id, 1)).await.unwrap();
@@ -869,6 +870,8 @@ async fn thread_marks_outlive_a_restart_and_marks_of_gone_tasks_are_dropped() {
     assert_eq!(marks.len(), 1, "{marks:?}");
     assert_eq!(marks[0].0, mark(&id, 2), "the newest mark, as written");
     assert_eq!(marks[0].1.id, id);
+    assert_eq!(backend.thread_mark(&id).await.unwrap(), Some(mark(&id, 2)));
+    assert_eq!(backend.thread_mark("t_none").await.unwrap(), None);
     let left: Vec<(String, ThreadMark)> = relay.core.store().thread_marks().unwrap();
     assert_eq!(left.len(), 1, "the mark of a task that is gone was dropped");
 

@@ -293,6 +293,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn put_thread_mark(&self, task: &str, mark: &[u8]) -> Result<()>;
     fn delete_thread_mark(&self, task: &str) -> Result<()>;
     fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>>;
+    /// One task's thread mark, if it has one.
+    fn thread_mark(&self, task: &str) -> Result<Option<Vec<u8>>>;
     /// Remembers the Discord thread a task's output went to, for as long as the task is kept (thread marks
     /// last only while a follower runs; a task's history links its thread long after). Written again with the
     /// same or another thread, the last one is kept. Deleted with the task.

@@ -1140,6 +1140,10 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn thread_mark(&self, task: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.thread_marks.get(task.as_bytes())?.map(|v| v.to_vec()))
+    }
+
     fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>> {
         self.thread_marks
             .iter()

@@ -668,14 +668,14 @@ impl DiscordSim {
         let reply = self.shared.signer.post(url, &body).await?;
         if reply.status == 200 {
             if let Ok(v) = reply.json() {
-                let kind = v["type"].as_u64().map(|t| t as u8);
-                if let Some(ix) = self
-                    .shared
-                    .lock()
-                    .interactions
-                    .get_mut(&prepared.interaction.id)
-                {
-                    ix.response_type = kind;
+                let id = &prepared.interaction.id;
+                if let Err(refused) = rest::http_reply(&self.shared, id, &v) {
+                    // Discord would drop such a reply; kept as the response so tests can see what came.
+                    tracing::warn!(?refused, "the interaction's HTTP reply would be refused");
+                    let kind = v["type"].as_u64().map(|t| t as u8);
+                    if let Some(ix) = self.shared.lock().interactions.get_mut(id) {
+                        ix.response_type = kind;
+                    }
                 }
                 self.shared.bump();
             }

@@ -694,6 +694,24 @@ fn edit(sh: &Shared, msg: &mut SimMessage, req: &Req) -> Outcome {
     Ok((200, msg.json(&sh.cfg.guild_id)))
 }
 
+/// An interaction's initial response given as the HTTP reply to Discord's POST (HTTP-interactions mode),
+/// taken as Discord takes it: the same as a callback, so a deferral leaves a "thinking…" placeholder that
+/// `@original` edits replace. Returns Discord's refusal, if it would refuse the response.
+pub(crate) fn http_reply(sh: &Shared, id: &str, body: &Value) -> Result<(), DiscordError> {
+    let mut st = sh.lock();
+    let Some(token) = st.interactions.get(id).map(|ix| ix.token.clone()) else {
+        return Err(unknown("interaction", 10062));
+    };
+    let req = Req {
+        method: "POST".into(),
+        path: format!("/interactions/{id}/{token}/callback"),
+        auth: None,
+        body: body.clone(),
+        files: Vec::new(),
+    };
+    callback(sh, &mut st, id, &token, &req, Instant::now()).map(|_| ())
+}
+
 fn callback(
     sh: &Shared,
     st: &mut super::state::State,

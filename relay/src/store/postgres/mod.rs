@@ -769,6 +769,12 @@ impl Store for PgStore {
         Ok(())
     }
 
+    fn thread_mark(&self, task: &str) -> Result<Option<Vec<u8>>> {
+        let row = self
+            .read(|c| c.query_opt("SELECT mark FROM ct_thread_marks WHERE task = $1", &[&task]))?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
     fn thread_mark_bytes(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let rows =
             self.read(|c| c.query("SELECT task, mark FROM ct_thread_marks ORDER BY task", &[]))?;
