@@ -115,8 +115,15 @@ pub struct RunArgs {
         requires = "nats_url"
     )]
     pub database_url: Option<String>,
-    /// NATS URL (nats://HOST:4222) the nodes of a cluster route through. Needs --database-url too.
-    #[arg(long, env = "CT_NATS_URL", requires = "database_url")]
+    /// NATS URL (nats://HOST:4222) the nodes of a cluster route through; with credentials,
+    /// nats://USER:PASSWORD@HOST:4222 or nats://TOKEN@HOST:4222 (percent-encode special characters). Needs
+    /// --database-url too.
+    #[arg(
+        long,
+        env = "CT_NATS_URL",
+        hide_env_values = true,
+        requires = "database_url"
+    )]
     pub nats_url: Option<String>,
     /// This node's name in the cluster (logs, metrics, `ct-relay admin cluster`); defaults to the host name.
     #[arg(long, env = "CT_NODE_ID")]

@@ -527,15 +527,19 @@ fn the_kubernetes_cluster_runs_three_probed_replicas_behind_udp_and_tcp() {
         env["CT_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name",
         "the node id is the pod's name"
     );
-    for secret_var in ["CT_DATABASE_URL", "DISCORD_TOKEN"] {
-        let reference = &env[secret_var]["valueFrom"]["secretKeyRef"];
+    // Everything that may carry a password comes from the Secret, whose template has each key.
+    let from_secret = |var: &str| {
+        let reference = &env[var]["valueFrom"]["secretKeyRef"];
         let secret = get("Secret", reference["name"].as_str().unwrap());
-        assert!(
-            secret["stringData"][reference["key"].as_str().unwrap()].is_string(),
-            "{secret_var}: the Secret template has no such key"
-        );
+        secret["stringData"][reference["key"].as_str().unwrap()]
+            .as_str()
+            .unwrap_or_else(|| panic!("{var}: the Secret template has no such key"))
+            .to_string()
+    };
+    for secret_var in ["CT_DATABASE_URL", "DISCORD_TOKEN"] {
+        from_secret(secret_var);
     }
-    let nats = env["CT_NATS_URL"]["value"].as_str().unwrap();
+    let nats = &from_secret("CT_NATS_URL");
     let nats_service = get("Service", url_host(nats));
     assert!(
         nats_service["spec"]["ports"]

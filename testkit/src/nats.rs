@@ -37,13 +37,28 @@ impl NatsServer {
     /// The server binds port 0 itself (`-p -1`) and reports the port in a ports file, so two tests starting
     /// servers at once cannot race for one port.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with("")
+    }
+
+    /// [`start`](Self::start), with a server that admits only clients that authenticate as `user` with
+    /// `password`.
+    pub fn start_with_user(user: &str, password: &str) -> anyhow::Result<Self> {
+        let quoted = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        Self::start_with(&format!(
+            "authorization {{ user: {}, password: {} }}\n",
+            quoted(user),
+            quoted(password)
+        ))
+    }
+
+    fn start_with(conf: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ct-nats-")
             .tempdir()
             .context("temp dir for nats-server")?;
         std::fs::write(
             dir.path().join("nats.conf"),
-            format!("ping_interval: \"{PING_INTERVAL}\"\nping_max: {PING_MAX}\n"),
+            format!("ping_interval: \"{PING_INTERVAL}\"\nping_max: {PING_MAX}\n{conf}"),
         )
         .context("writing nats.conf")?;
         let mut server = NatsServer {

@@ -57,6 +57,45 @@ pub fn task_subject(task: &str) -> Option<String> {
     token_ok(task).then(|| format!("ct.task.{task}"))
 }
 
+/// The client options for `url`, with the credentials it carries, and the URL without them (for logs and
+/// errors). async-nats connects to a URL's host but does not send its `user:password@` or `token@` part, so
+/// they are taken out here and given as options; without this, a NATS that requires authentication
+/// refuses every node.
+fn nats_options(url: &str) -> anyhow::Result<(async_nats::ConnectOptions, String)> {
+    // As async-nats reads it: `HOST:PORT` alone means nats://HOST:PORT.
+    let full = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("nats://{url}")
+    };
+    let mut parsed = url::Url::parse(&full)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "nats" | "tls" | "ws" | "wss") && u.has_host())
+        .ok_or_else(|| {
+            anyhow::anyhow!("--nats-url / CT_NATS_URL is not a NATS URL: give nats://HOST:4222")
+        })?;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| anyhow::anyhow!("--nats-url / CT_NATS_URL: credentials are not UTF-8"))
+    };
+    let user = decode(parsed.username())?;
+    let password = parsed.password().map(decode).transpose()?;
+    let options = match (user.is_empty(), password) {
+        (false, Some(password)) => async_nats::ConnectOptions::with_user_and_password(user, password),
+        (false, None) => async_nats::ConnectOptions::with_token(user),
+        (true, Some(_)) => anyhow::bail!(
+            "--nats-url / CT_NATS_URL has a password but no user: give nats://USER:PASSWORD@HOST:4222"
+        ),
+        (true, None) => async_nats::ConnectOptions::new(),
+    };
+    // Setting these cannot fail on a URL that has a host, which a NATS URL must.
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    Ok((options, parsed.to_string()))
+}
+
 /// A connection to NATS, shared by everything on one node.
 #[derive(Debug, Clone)]
 pub struct Bus {
@@ -110,7 +149,8 @@ impl Bus {
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> anyhow::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
+        let (options, shown) = nats_options(url)?;
+        let client = options
             .name(format!("ct-relay {node}"))
             // A node never needs its own notices: it has already acted on them.
             .no_echo()
@@ -134,7 +174,7 @@ impl Bus {
             })
             .connect(url)
             .await
-            .with_context(|| format!("connecting to NATS at {url}"))?;
+            .with_context(|| format!("connecting to NATS at {shown}"))?;
         let (queue, mut rx) = mpsc::channel::<(String, Bytes)>(PUBLISH_QUEUE);
         let pump = client.clone();
         tasks.spawn(async move {
@@ -292,5 +332,59 @@ impl Stream for Subscription {
                 Err(why) => this.refused(why),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ct_testkit::nats::NatsServer;
+
+    #[test]
+    fn credentials_are_taken_out_of_the_url_and_decoded() {
+        let (_, shown) = nats_options("nats://ct:p%40ss%20w@nats.example:4222").unwrap();
+        assert_eq!(shown, "nats://nats.example:4222");
+        let (_, shown) = nats_options("nats://s3cret-token@nats.example:4222").unwrap();
+        assert_eq!(shown, "nats://nats.example:4222");
+        let (_, shown) = nats_options("tls://nats.example").unwrap();
+        assert_eq!(shown, "tls://nats.example");
+        let refused = nats_options("nats://:only-a-password@nats.example:4222").unwrap_err();
+        assert!(refused.to_string().contains("no user"), "{refused}");
+        let (_, shown) = nats_options("nats.example:4222").unwrap();
+        assert_eq!(shown, "nats://nats.example:4222");
+        for bad in ["nats.example:4222 oops", "http://nats.example", "nats://"] {
+            let refused = nats_options(bad).unwrap_err();
+            assert!(
+                refused.to_string().contains("nats://HOST:4222"),
+                "{refused}"
+            );
+        }
+    }
+
+    async fn connected_within(url: &str, wait: Duration) -> bool {
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let seal = Seal::from_relay_secret(&[7; 32]);
+        let bus = Bus::connect(url, "n1", seal, shutdown.clone(), &tasks)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + wait;
+        while !bus.connected() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let connected = bus.connected();
+        shutdown.cancel();
+        connected
+    }
+
+    /// A NATS that requires a user and password admits a node whose URL carries them (percent-encoded, as
+    /// in any URL), and no node without them or with a wrong password.
+    #[tokio::test]
+    async fn a_nats_that_requires_a_password_admits_the_url_that_carries_it() {
+        let nats = NatsServer::start_with_user("ct", "p@ss w").unwrap();
+        let port = nats.addr().port();
+        let with = |creds: &str| format!("nats://{creds}127.0.0.1:{port}");
+        assert!(connected_within(&with("ct:p%40ss%20w@"), Duration::from_secs(10)).await);
+        assert!(!connected_within(&with("ct:wrong@"), Duration::from_secs(1)).await);
+        assert!(!connected_within(&with(""), Duration::from_secs(1)).await);
     }
 }
