@@ -139,21 +139,13 @@ impl Core {
         }
         let t = now();
         let me = self.node_id().to_string();
-        let alive: Vec<&NodeRecord> = nodes.iter().filter(|n| is_alive(n, t)).collect();
-        let ids: HashSet<String> = alive
+        let ids: HashSet<String> = nodes
             .iter()
+            .filter(|n| is_alive(n, t))
             .map(|n| n.id.clone())
             .chain([me.clone()])
             .collect();
-        // This node's own addresses first: an agent paired here tries here first.
-        let mut addrs = self.config().public_addrs.clone();
-        for n in alive.iter().filter(|n| n.id != me) {
-            for a in &n.public_addrs {
-                if !addrs.contains(a) {
-                    addrs.push(a.clone());
-                }
-            }
-        }
+        let addrs = cluster_addrs(&me, &self.config().public_addrs, &nodes, t);
         let _ = self
             .call(move |state| {
                 state.alive_nodes = ids;
@@ -161,6 +153,25 @@ impl Core {
             })
             .await;
     }
+}
+
+/// The addresses an agent may reach the cluster at, as of `nodes` at `now`: this node's own first (an agent
+/// paired or connected here tries here first), then every other live node's.
+pub(crate) fn cluster_addrs(
+    me: &str,
+    own: &[String],
+    nodes: &[NodeRecord],
+    now: u64,
+) -> Vec<String> {
+    let mut addrs = own.to_vec();
+    for n in nodes.iter().filter(|n| n.id != me && is_alive(n, now)) {
+        for a in &n.public_addrs {
+            if !addrs.contains(a) {
+                addrs.push(a.clone());
+            }
+        }
+    }
+    addrs
 }
 
 fn is_alive(n: &NodeRecord, now: u64) -> bool {

@@ -108,9 +108,26 @@ impl State {
         })?;
         self.must_be_durable();
         tracing::info!(owner, code_id = %code.id, "pairing code minted");
+        // In a cluster, the nodes as the store knows them now: the heartbeat's view (`cluster_addrs`) is up to
+        // a beat old, and would leave out a node that joined since. Minting is rare; one more read is cheap.
+        let relays = match self.bus {
+            Some(_) => match self.store.nodes() {
+                Ok(nodes) => super::nodes::cluster_addrs(
+                    &self.config.node_id,
+                    &self.config.public_addrs,
+                    &nodes,
+                    t,
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the cluster's nodes; the token names those last seen");
+                    self.cluster_addrs.clone()
+                }
+            },
+            None => self.cluster_addrs.clone(),
+        };
         Ok((
             PairingToken {
-                relays: self.cluster_addrs.clone(),
+                relays,
                 code,
                 relay: self.relay,
             },
