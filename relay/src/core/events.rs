@@ -635,10 +635,10 @@ impl State {
         // In a cluster the events just before this one may have been written by another node (the agent
         // moved here mid-task, and the old node's last write landed first). They reach this node's followers
         // only through its watch, from the store; sent now, this one would overtake them and they would be
-        // skipped as old. So it is left to the watch too, which reads everything after `up_to` in order: at
-        // the other node's notice of its write, or at the latest at the watch's next poll (`WATCH_POLL`; a
-        // node does not hear its own notices). Until it catches up, events written here wait for it as well.
+        // skipped as old. So it is left to the watch too, which is woken to read everything after `up_to`, in
+        // order (a node does not hear its own notices, so nothing else would wake it before its next poll).
         if self.bus.is_some() && seq > *up_to + 1 {
+            self.watches.wake(id);
             return;
         }
         let _ = tx.send((seq, event.clone()));

@@ -137,10 +137,8 @@ struct Shared {
     bus: Option<Bus>,
     /// Whether the shared store answered the last heartbeat (readiness in a cluster).
     health: nodes::Health,
-    /// Followers' watches of tasks whose events another node writes (see [`nodes`]).
-    watches: std::sync::Mutex<
-        std::collections::HashMap<String, tokio_util::task::AbortOnDropHandle<()>>,
-    >,
+    /// Followers' watches of tasks whose events another node writes (see [`remote`]).
+    watches: remote::Watches,
     /// The core's thread, joined when the last handle goes (after the channel closed, so it is on its way out).
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -175,13 +173,14 @@ impl Core {
         let commit = Arc::new(GroupCommit::start(store.clone())?);
         let relay = Fingerprint::of(&relay_key.verifying_key());
         let (jobs, rx) = mpsc::channel(JOB_QUEUE);
+        let watches = remote::Watches::default();
         let state = State::new(
             store.clone(),
             commit.clone(),
             config.clone(),
             metrics.clone(),
             relay,
-            bus.as_ref().map(Bus::publisher),
+            bus.as_ref().map(|bus| (bus.publisher(), watches.clone())),
             jobs.downgrade(),
         )?;
         let thread = std::thread::Builder::new()
@@ -197,7 +196,7 @@ impl Core {
                 relay_key,
                 relay,
                 bus,
-                watches: Default::default(),
+                watches,
                 health: Default::default(),
                 thread: Some(thread),
             }),

@@ -16,6 +16,8 @@
 //! it holds now. A message that finds no node is not an error on its own: the task stays queued for whichever
 //! node the agent connects to next, and the presence record says whether the agent is online at all.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +25,7 @@ use ct_protocol::message::CloseReason;
 use ct_protocol::{Fingerprint, RelayMessage};
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -316,6 +319,30 @@ impl Core {
 /// How often a watch reads a followed task's log even without a notice: a lost notice costs at most this.
 const WATCH_POLL: Duration = Duration::from_secs(2);
 
+/// This node's watches of followed tasks (see [`Core::watch`]), shared by the core's handles and its thread.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Watches(Arc<Mutex<HashMap<String, Watch>>>);
+
+#[derive(Debug)]
+struct Watch {
+    run: AbortOnDropHandle<()>,
+    /// Makes the watch read the task's log now, as a notice would.
+    wake: Arc<Notify>,
+}
+
+impl Watches {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Watch>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Has `task`'s watch read its log now (or as soon as it finishes the read in hand), if one runs.
+    pub(crate) fn wake(&self, task: &str) {
+        if let Some(watch) = self.lock().get(task) {
+            watch.wake.notify_one();
+        }
+    }
+}
+
 impl Core {
     /// Makes sure this node's followers of `task` get the events other nodes store for it: a task watching
     /// `ct.task.<id>` (and the log every [`WATCH_POLL`]) until nobody here follows the task. No-op without a
@@ -324,16 +351,14 @@ impl Core {
         let Some(bus) = self.shared.bus.clone() else {
             return;
         };
-        let mut watches = self
-            .shared
-            .watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        watches.retain(|_, w| !w.is_finished());
+        let mut watches = self.shared.watches.lock();
+        watches.retain(|_, w| !w.run.is_finished());
         if watches.contains_key(task) {
             return;
         }
         let (core, id) = (self.clone(), task.to_string());
+        let wake = Arc::new(Notify::new());
+        let woken = wake.clone();
         let handle = tokio::spawn(async move {
             let mut notices = match cluster::task_subject(&id) {
                 Some(subject) => bus.subscribe(subject).await.ok(),
@@ -343,6 +368,7 @@ impl Core {
             loop {
                 tokio::select! {
                     Some(_) = async { notices.as_mut()?.next().await }, if notices.is_some() => {}
+                    () = woken.notified() => {}
                     _ = poll.tick() => {}
                 }
                 let watched = id.clone();
@@ -366,7 +392,13 @@ impl Core {
                 }
             }
         });
-        watches.insert(task.to_string(), AbortOnDropHandle::new(handle));
+        watches.insert(
+            task.to_string(),
+            Watch {
+                run: AbortOnDropHandle::new(handle),
+                wake,
+            },
+        );
     }
 }
 

@@ -115,6 +115,8 @@ pub(crate) struct State {
     durable: Option<Ticket>,
     /// The cluster bus, when this relay is one node of several (see [`super::remote`]).
     pub(crate) bus: Option<Publisher>,
+    /// This node's watches of followed tasks, to wake one when its followers wait for it (`publish`).
+    pub(crate) watches: super::remote::Watches,
     /// In a cluster, the thread for writes no decision waits for (see [`super::books`]).
     pub(crate) books: Option<super::books::Books>,
     /// In a cluster, the threads that write task events (see [`super::writers`]).
@@ -126,18 +128,22 @@ pub(crate) struct State {
 }
 
 impl State {
-    /// The state, with the threads it owns: in a cluster (`bus`) the bookkeeping thread, and the event
-    /// writers when the config asks for them (`wake` is how they reach the core's thread). Fails only if the
-    /// system refuses a thread.
+    /// The state, with the threads it owns: in a cluster (the bus, and the node's watches of followed tasks)
+    /// the bookkeeping thread, and the event writers when the config asks for them (`wake` is how they reach
+    /// the core's thread). Fails only if the system refuses a thread.
     pub(crate) fn new(
         store: SharedStore,
         commit: Arc<GroupCommit>,
         config: Arc<CoreConfig>,
         metrics: Arc<Metrics>,
         relay: Fingerprint,
-        bus: Option<Publisher>,
+        cluster: Option<(Publisher, super::remote::Watches)>,
         wake: mpsc::WeakSender<Job>,
     ) -> std::io::Result<Self> {
+        let (bus, watches) = match cluster {
+            Some((bus, watches)) => (Some(bus), watches),
+            None => (None, Default::default()),
+        };
         Ok(Self {
             books: bus
                 .as_ref()
@@ -149,6 +155,7 @@ impl State {
             alive_nodes: HashSet::from([config.node_id.clone()]),
             cluster_addrs: config.public_addrs.clone(),
             bus,
+            watches,
             pair_limit: RateLimiter::new(
                 config.pair_burst,
                 config.pair_refill,
