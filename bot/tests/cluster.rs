@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{finished, Fake};
+use crate::dispatch::{finished, two_questions, Fake};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -653,23 +653,7 @@ async fn a_threads_commands_hold_across_nodes() {
     assert_eq!(*Fake::lock(&fake.cancels), std::slice::from_ref(&t2));
 
     // AskUserQuestion with two questions, one answered through each node: both reach Claude at once.
-    let input = json!({"questions": [
-        {"question": "Which DB?", "options": [{"label": "Postgres"}, {"label": "SQLite"}]},
-        {"question": "Tests?", "options": [{"label": "yes"}, {"label": "no"}]},
-    ]});
-    fake.emit(
-        &t2,
-        TaskEvent::ApprovalRequested {
-            approval: "q1".into(),
-            tool: "AskUserQuestion".into(),
-            summary: String::new(),
-            input,
-            question: true,
-            description: None,
-            session: None,
-            input_cut: false,
-        },
-    );
+    fake.emit(&t2, two_questions("q1"));
     let first = format!("qa:0:{t2}:q1");
     find(&sim, &thread, "the questions", |m| {
         m.custom_ids().contains(&first)

@@ -540,6 +540,23 @@ impl World {
     }
 }
 
+/// An AskUserQuestion with two questions ("Which DB?": Postgres or SQLite; "Tests?": yes or no).
+pub(crate) fn two_questions(approval: &str) -> TaskEvent {
+    TaskEvent::ApprovalRequested {
+        approval: approval.into(),
+        tool: "AskUserQuestion".into(),
+        summary: String::new(),
+        input: json!({"questions": [
+            {"question": "Which DB?", "header": "DB", "options": [{"label": "Postgres"}, {"label": "SQLite"}]},
+            {"question": "Tests?", "options": [{"label": "yes"}, {"label": "no"}]},
+        ]}),
+        question: true,
+        description: None,
+        session: None,
+        input_cut: false,
+    }
+}
+
 pub(crate) fn finished(state: FinalState, message: Option<&str>) -> TaskEvent {
     TaskEvent::Finished {
         state,
@@ -692,23 +709,7 @@ async fn approvals_deny_with_a_reason_questions_and_closing() {
     assert!(closed.components.to_string().contains("\"disabled\":true"));
 
     // AskUserQuestion: a select per question; the answers go once both have one.
-    let input = json!({"questions": [
-        {"question": "Which DB?", "header": "DB", "options": [{"label": "Postgres"}, {"label": "SQLite"}]},
-        {"question": "Tests?", "options": [{"label": "yes"}, {"label": "no"}]},
-    ]});
-    w.fake.emit(
-        &task,
-        TaskEvent::ApprovalRequested {
-            approval: "q1".into(),
-            tool: "AskUserQuestion".into(),
-            summary: String::new(),
-            input,
-            question: true,
-            description: None,
-            session: None,
-            input_cut: false,
-        },
-    );
+    w.fake.emit(&task, two_questions("q1"));
     let q = w
         .find(&thread, "question", |m| {
             m.custom_ids().contains(&format!("qa:0:{task}:q1"))
