@@ -1,8 +1,9 @@
-//! Two nodes of a cluster running the bot against one Discord application and one backend (the scripted
-//! [`Fake`], whose lease behaves as the relay's shared store's): only the lease holder posts in threads and
-//! holds the gateway; a thread opened on the other node is handed to it through its mark; when the leader
-//! leaves, or is cut off from the store, the other node takes over and carries each thread on from its mark
-//! with nothing posted twice; and the simulator sees no 429.
+//! Nodes of a cluster running the bot against one Discord application and one backend (the scripted
+//! [`Fake`], whose lease and records behave as the relay's shared store's): only the lease holder calls
+//! Discord with the bot token (it holds the gateway, posts in threads, and opens the threads of tasks started
+//! on the other nodes, which ask for them through the task's mark); a thread's commands hold whichever node
+//! answers them; when the leader leaves, or is cut off from the store, another node takes over and carries
+//! each thread on from its mark with nothing posted twice; and the simulator sees no 429.
 //!
 //! The timings are shortened ([`times`]); the defaults are in `ct_bot::leader::LeaseTimes`.
 
@@ -98,6 +99,13 @@ impl Node {
         self.run.await.unwrap();
         self.http.abort();
     }
+}
+
+/// Node "a" in HTTP-interactions mode, started first and leading: where most of these tests begin.
+async fn leader(sim: &DiscordSim, fake: &Arc<Fake>) -> Node {
+    let a = Node::start(sim, fake, "a", true).await;
+    eventually(T, || a.bot.leading()).await;
+    a
 }
 
 /// Waits until `node` has asked for the lease `n` times (so a refusal has been seen, not assumed).
@@ -226,16 +234,15 @@ fn no_429(sim: &DiscordSim) {
     assert!(limited.is_empty(), "rate-limited calls: {limited:#?}");
 }
 
-/// HTTP interactions reach either node. A task started on the node that does not lead gets its thread from
-/// that node, and its posts from the leader alone; when the leader shuts down, the other node takes over
-/// at its next renewal (not after the lease's TTL) and carries the thread on from the mark.
+/// HTTP interactions reach either node. A task started on the node that does not lead gets its thread and
+/// its posts from the leader alone; when the leader shuts down, the other node takes over at its next
+/// renewal (not after the lease's TTL) and carries the thread on from the mark.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_alone_posts_and_a_survivor_carries_the_thread_on() {
     let sim = DiscordSim::start().await.unwrap();
     let alice = sim.user("alice");
     let fake = Fake::new(&alice.id);
-    let a = Node::start(&sim, &fake, "a", true).await;
-    eventually(T, || a.bot.leading()).await;
+    let a = leader(&sim, &fake).await;
     let b = Node::start(&sim, &fake, "b", true).await;
     asked(&fake, "b", 2).await;
     assert!(!b.bot.leading(), "the lease is a's: b must not lead");
@@ -386,8 +393,7 @@ async fn a_leader_cut_off_from_the_store_stops_before_its_lease_lapses() {
     let sim = DiscordSim::start().await.unwrap();
     let alice = sim.user("alice");
     let fake = Fake::new(&alice.id);
-    let a = Node::start(&sim, &fake, "a", true).await;
-    eventually(T, || a.bot.leading()).await;
+    let a = leader(&sim, &fake).await;
     let b = Node::start(&sim, &fake, "b", true).await;
     let (task, thread) = task_on(&sim, &b, &alice, "build it").await;
     fake.emit(&task, text("one"));
@@ -431,8 +437,7 @@ async fn a_button_clicked_on_a_node_that_does_not_follow_the_thread_is_understoo
     let sim = DiscordSim::start().await.unwrap();
     let alice = sim.user("alice");
     let fake = Fake::new(&alice.id);
-    let a = Node::start(&sim, &fake, "a", true).await;
-    eventually(T, || a.bot.leading()).await;
+    let a = leader(&sim, &fake).await;
     let b = Node::start(&sim, &fake, "b", true).await;
     let (task, thread) = task_on(&sim, &a, &alice, "test it").await;
     let ask = |id: &str| TaskEvent::ApprovalRequested {
@@ -507,8 +512,7 @@ async fn a_passing_store_hiccup_does_not_interrupt_the_leader() {
     let sim = DiscordSim::start().await.unwrap();
     let alice = sim.user("alice");
     let fake = Fake::new(&alice.id);
-    let a = Node::start(&sim, &fake, "a", true).await;
-    eventually(T, || a.bot.leading()).await;
+    let a = leader(&sim, &fake).await;
     let (task, thread) = task_on(&sim, &a, &alice, "build it").await;
     fake.emit(&task, text("one"));
     find(&sim, &thread, "the first output", |m| m.content == "one").await;
@@ -546,8 +550,7 @@ async fn posts_a_dead_leader_did_not_record_are_not_doubled() {
     let sim = DiscordSim::start().await.unwrap();
     let alice = sim.user("alice");
     let fake = Fake::new(&alice.id);
-    let a = Node::start(&sim, &fake, "a", true).await;
-    eventually(T, || a.bot.leading()).await;
+    let a = leader(&sim, &fake).await;
     let (task, thread) = task_on(&sim, &a, &alice, "build it").await;
     fake.emit(&task, text("one"));
     find(&sim, &thread, "the first output", |m| m.content == "one").await;
@@ -613,8 +616,7 @@ async fn a_threads_commands_hold_across_nodes() {
     let sim = DiscordSim::start().await.unwrap();
     let alice = sim.user("alice");
     let fake = Fake::new(&alice.id);
-    let a = Node::start(&sim, &fake, "a", true).await;
-    eventually(T, || a.bot.leading()).await;
+    let a = leader(&sim, &fake).await;
     let b = Node::start(&sim, &fake, "b", true).await;
     let (t1, thread) = task_on(&sim, &a, &alice, "first").await;
     fake.emit(&t1, finished(FinalState::Done, None));
@@ -709,8 +711,7 @@ async fn three_nodes_under_a_burst_of_tasks_keep_discords_limits() {
     let sim = Arc::new(DiscordSim::start().await.unwrap());
     let alice = sim.user("alice");
     let fake = Fake::new(&alice.id);
-    let a = Node::start(&sim, &fake, "a", true).await;
-    eventually(T, || a.bot.leading()).await;
+    let a = leader(&sim, &fake).await;
     let b = Node::start(&sim, &fake, "b", true).await;
     let c = Node::start(&sim, &fake, "c", true).await;
     sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
