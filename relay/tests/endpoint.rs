@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::support::{
-    eventually, eventually_async, handshake, pair, raw, try_pair, Session, TestRelay,
+    eventually, eventually_async, handshake, pair, raw, try_pair, wrong_code, Session, TestRelay,
 };
 use ct_protocol::frame::{self, FrameReader, FrameWriter};
 use ct_protocol::handshake::{ClientHello, HandshakeError, PairRequest, Rejection, ServerHello};
@@ -145,8 +145,7 @@ async fn wrong_used_and_expired_codes_each_get_their_own_answer() {
     let relay = TestRelay::start(dir.path()).await;
 
     let token = relay.token("7").await;
-    let mut wrong = token.code.to_string();
-    wrong.replace_range(wrong.len() - 3.., "abc");
+    let wrong = wrong_code(&token.code.to_string(), 0);
     let (reason, message) = try_pair(&relay, wrong).await.expect_err("refused");
     assert_eq!(reason, Rejection::CodeWrong);
     assert!(message.contains("/register"), "{message}");
@@ -198,8 +197,7 @@ async fn guessing_codes_is_rate_limited_and_a_code_burns_after_wrong_secrets() {
     let token = relay.token("9").await;
     let mut results = Vec::new();
     for i in 0..12 {
-        let mut guess = token.code.to_string();
-        guess.replace_range(guess.len() - 2.., &format!("{:02}", 22 + i % 7));
+        let guess = wrong_code(&token.code.to_string(), i % 7);
         match try_pair(&relay, guess).await {
             Err((reason, _)) => results.push(reason),
             Ok(()) => panic!("guess {i} was not refused"),

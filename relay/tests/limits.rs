@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use crate::support::{agent, event_acked, expect_start, finished, recv, try_pair, TestRelay};
+use crate::support::{
+    agent, event_acked, expect_start, finished, recv, try_pair, wrong_code, TestRelay,
+};
 use ct_protocol::handshake::Rejection;
 use ct_protocol::message::{AgentMessage, RelayMessage};
 use ct_protocol::task::{FinalState, TaskEvent, MAX_EVENT_TEXT, MAX_PROMPT_LEN};
@@ -260,8 +262,7 @@ async fn pairing_attempts_per_address_are_limited_even_with_the_right_code() {
     cfg.core.pair_refill = Duration::from_secs(60);
     let relay = TestRelay::start_with(cfg).await;
     let token = relay.token("9").await;
-    let mut wrong = token.code.to_string();
-    wrong.replace_range(wrong.len() - 2.., "zz");
+    let wrong = wrong_code(&token.code.to_string(), 0);
     for _ in 0..2 {
         let (reason, _) = try_pair(&relay, wrong.clone()).await.unwrap_err();
         assert_eq!(reason, Rejection::CodeWrong);
