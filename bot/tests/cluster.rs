@@ -759,3 +759,51 @@ async fn three_nodes_under_a_burst_of_tasks_keep_discords_limits() {
     }
     Arc::try_unwrap(sim).unwrap().shutdown().await;
 }
+
+/// A thread the leader cannot open for another node (here, a channel Discord does not know): the task is
+/// stopped, since nobody could see or answer it, and the node that was asked says why, through the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_the_leader_cannot_open_stops_the_task_and_the_asking_node_says_why() {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let a = leader(&sim, &fake).await;
+    let b = Node::start(&sim, &fake, "b", true).await;
+    // The command comes from a channel deleted just after (as a moderator might): nothing can be posted there.
+    let channel = sim.add_channel("doomed");
+    let p = sim
+        .prepare_slash(
+            &sim.origin_in(&alice, &channel),
+            &SlashCommand::new("task").opt(Opt::str("prompt", "build it")),
+        )
+        .unwrap();
+    let rest = ct_bot::Rest::with_base(
+        &sim.api_base(),
+        Some(ct_bot::config::Secret::new(sim.token())),
+        T,
+    );
+    rest.call::<Value>(
+        reqwest::Method::DELETE,
+        &format!("/channels/{channel}"),
+        None,
+        &[],
+    )
+    .await
+    .unwrap();
+    let said = said_on(&sim, &b, &p).await;
+    assert!(said.contains("could not open a thread"), "{said}");
+    let task = Fake::lock(&fake.tasks)
+        .values()
+        .map(|t| t.info.id.clone())
+        .next()
+        .unwrap();
+    assert!(said.contains(&task), "{said}");
+    assert_eq!(*Fake::lock(&fake.cancels), std::slice::from_ref(&task));
+    assert!(
+        Fake::lock(&fake.marks).is_empty(),
+        "the failed opening is forgotten"
+    );
+    a.stop().await;
+    b.stop().await;
+    sim.shutdown().await;
+}
