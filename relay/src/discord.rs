@@ -688,7 +688,14 @@ impl Backend for CoreBackend {
         let Some(bytes) = self.read(move |store| store.thread_mark(&task)).await? else {
             return Ok(None);
         };
-        Ok(serde_json::from_slice(&bytes).ok())
+        match serde_json::from_slice(&bytes) {
+            Ok(mark) => Ok(Some(mark)),
+            // Only the bot writes these; one that does not read back is as good as none (as in `thread_marks`).
+            Err(err) => {
+                tracing::warn!(%err, "a thread mark does not decode; ignoring it");
+                Ok(None)
+            }
+        }
     }
 
     async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()> {

@@ -172,7 +172,8 @@ impl Bus {
                     other => tracing::debug!(event = %other, "NATS"),
                 }
             })
-            .connect(url)
+            // The URL without its credentials: they went into the options, and nothing else needs to hold them.
+            .connect(shown.as_str())
             .await
             .with_context(|| format!("connecting to NATS at {shown}"))?;
         let (queue, mut rx) = mpsc::channel::<(String, Bytes)>(PUBLISH_QUEUE);
