@@ -848,27 +848,28 @@ impl Inner {
                 None
             }
         };
-        let info = match (chain, remembered) {
-            (Some(chain), Some(mut info)) if chain.task == info.task => {
-                info.next_model = chain.next_model;
-                info.fresh = chain.fresh;
-                self.threads.insert(info.clone());
-                return Some(info);
-            }
-            // Another node moved the chain on (or this one does not know the thread yet).
+        match (chain, remembered) {
             (Some(chain), remembered) => {
-                let task = self.backend.task(user, &chain.task).await.ok()?;
-                let limit = remembered.map_or(upload_limit(0), |i| i.upload_limit);
-                let mut info = ThreadInfo::new(channel, &task, limit);
-                info.next_model = chain.next_model;
-                info.fresh = chain.fresh;
+                let info = match remembered {
+                    Some(info) if info.task == chain.task => info,
+                    // Another node moved the chain on (or this one does not know the thread yet).
+                    remembered => {
+                        let task = self.backend.task(user, &chain.task).await.ok()?;
+                        let limit = remembered.map_or(upload_limit(0), |i| i.upload_limit);
+                        ThreadInfo::new(channel, &task, limit)
+                    }
+                };
+                let info = ThreadInfo {
+                    next_model: chain.next_model,
+                    fresh: chain.fresh,
+                    ..info
+                };
                 self.threads.insert(info.clone());
-                return Some(info);
+                Some(info)
             }
-            (None, Some(info)) => return Some(info),
-            (None, None) => self.thread_from_name(channel, user).await?,
-        };
-        Some(info)
+            (None, Some(info)) => Some(info),
+            (None, None) => self.thread_from_name(channel, user).await,
+        }
     }
 
     /// A thread's chain found again from its name (`t_… · prompt`), for a thread nothing is kept for.
