@@ -77,6 +77,7 @@ macro_rules! contract {
             node_heartbeats_are_listed_and_removed,
             an_export_imported_into_an_empty_store_is_the_same_store,
             admission_checks_each_limit_and_writes_only_what_it_admits,
+            admission_counts_a_running_task_as_running_with_or_without_its_dispatch_time,
             web_sessions_round_trip_by_hash_and_by_user_and_survive_a_reopen,
             a_sign_in_link_is_taken_once_and_only_as_a_link,
             web_sessions_are_not_returned_once_ended,
@@ -158,7 +159,7 @@ fn reopen(open: Open, dir: &TempDir, store: SharedStore) -> SharedStore {
     open(dir.path())
 }
 
-fn fp(n: u8) -> Fingerprint {
+pub(crate) fn fp(n: u8) -> Fingerprint {
     Fingerprint([n; 32])
 }
 
@@ -177,7 +178,7 @@ fn agent(n: u8, owner: &str) -> AgentRecord {
     }
 }
 
-fn task(id: &str, user: &str, agent: u8, order: u64) -> TaskRecord {
+pub(crate) fn task(id: &str, user: &str, agent: u8, order: u64) -> TaskRecord {
     TaskRecord {
         spec: TaskSpec {
             task: id.into(),
@@ -2254,6 +2255,40 @@ fn admission_checks_each_limit_and_writes_only_what_it_admits(open: Open) {
         "what was admitted survives a reopen"
     );
     assert_eq!(store.open_tasks_of_user("1").unwrap(), 2);
+}
+
+/// What a task on an agent counts as, running or queued, is the record's own reading
+/// ([`TaskRecord::is_dispatched`]); each backend must read it the same way, including from a record written
+/// before `dispatched_at` existed (running, with no dispatch time).
+fn admission_counts_a_running_task_as_running_with_or_without_its_dispatch_time(open: Open) {
+    for state in [TaskState::Running, TaskState::WaitingApproval] {
+        let (_dir, store) = fresh(open);
+        let l = limits(100, 1, 1);
+        let mut old = task("old", "u", 1, 1);
+        old.state = state;
+        store.put_task(&old).unwrap();
+        // Its one slot is taken, so a new task waits, and the queue holds one.
+        assert_eq!(
+            store.admit_task(&task("a", "v", 1, 2), None, &l).unwrap(),
+            Admission::Admitted(None),
+            "{state:?} without a dispatch time counts as running"
+        );
+        assert_eq!(
+            store.admit_task(&task("b", "v", 1, 3), None, &l).unwrap(),
+            Admission::QueueFull { queued: 1 }
+        );
+        // A queued task that was handed to the agent but has not started counts as running too.
+        store.put_task(&dispatched(&task("a", "v", 1, 2))).unwrap();
+        store.put_task(&ended(old, 10)).unwrap();
+        assert_eq!(
+            store.admit_task(&task("b", "v", 1, 3), None, &l).unwrap(),
+            Admission::Admitted(None)
+        );
+        assert_eq!(
+            store.admit_task(&task("c", "v", 1, 4), None, &l).unwrap(),
+            Admission::QueueFull { queued: 1 }
+        );
+    }
 }
 
 /// Admits 6 tasks from each of 8 threads at once, spread over 4 handles on `store` (on PostgreSQL, as many

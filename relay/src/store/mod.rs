@@ -127,6 +127,8 @@ pub struct TaskLimits {
 impl TaskLimits {
     /// Which limit refuses one more task for a person with `open_of_user` open tasks, on an agent whose open
     /// tasks are `agent_open`; `None` when it may be admitted. The person's limit is checked first.
+    /// PostgreSQL decides the same in `ct_admit_task` (migration 9), next to the data; the store contract
+    /// suite holds both to the same cases.
     pub fn refuses(&self, open_of_user: usize, agent_open: &[TaskRecord]) -> Option<Admission> {
         if open_of_user >= self.open_per_user {
             return Some(Admission::TooManyTasks { open: open_of_user });

@@ -61,6 +61,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "thread_chains",
         sql: include_str!("../../../migrations/0008_thread_chains.sql"),
     },
+    Migration {
+        version: 9,
+        name: "admit_task",
+        sql: include_str!("../../../migrations/0009_admit_task.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).

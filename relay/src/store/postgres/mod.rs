@@ -527,46 +527,44 @@ impl Store for PgStore {
         limits: &TaskLimits,
     ) -> Result<Admission> {
         let row = TaskRow::of(rec)?;
-        self.transaction(|c| {
-            // Every admission for this person, and every one for this agent, on any node, takes the same
-            // transaction-scoped lock, so the counts below cannot change under it until this one commits. Both
-            // keys come from the database's own hash, the same on every node whatever its binary; the two locks
-            // are taken in the order of their keys, the same for every transaction, so two admissions cannot
-            // each hold one and wait for the other (and were one to, PostgreSQL breaks the deadlock and the
-            // transaction runs again). The counts are read by the next statement: in READ COMMITTED each
-            // statement sees what committed before it began, so after the locks, which a transaction that
-            // admitted a task holds until it has committed.
-            c.query_one(
-                "SELECT pg_advisory_xact_lock(least(u, a)), pg_advisory_xact_lock(greatest(u, a))
-                 FROM (SELECT hashtextextended('ct-relay admission of user ' || $1, 0) AS u,
-                              hashtextextended('ct-relay admission on agent ' || encode($2, 'hex'), 0) AS a) k",
-                &[&row.requester, &row.agent],
+        let bound = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let (open_per_user, running_per_agent, queued_per_agent) = (
+            bound(limits.open_per_user),
+            bound(limits.running_per_agent),
+            bound(limits.queued_per_agent),
+        );
+        // Locks, counts, the decision and the insert are one call to `ct_admit_task` (migration 9), which holds
+        // the same locks as any other admission, on any node, until its task is committed. Without an audit
+        // entry the call is its own transaction: one round trip. With one, the entry is numbered in the same
+        // transaction, after the task (the counter's row is then locked only until the commit).
+        let admit = |c: &mut Conn| -> Result<Admission> {
+            let columns = row.columns();
+            let limits: [&(dyn postgres::types::ToSql + Sync); 3] =
+                [&open_per_user, &running_per_agent, &queued_per_agent];
+            let out = c.query_one(
+                "SELECT outcome, n FROM ct_admit_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                &[&columns[..], &limits[..]].concat(),
             )?;
-            let counts = c.query_one(
-                "SELECT (SELECT count(*) FROM ct_tasks WHERE requester = $1 AND is_open),
-                        ARRAY(SELECT body FROM ct_tasks WHERE agent = $2 AND is_open)",
-                &[&row.requester, &row.agent],
-            )?;
-            let open_of_user = unsigned(counts.try_get(0)?, "count")? as usize;
-            let agent_open: Vec<TaskRecord> = counts
-                .try_get::<_, Vec<&[u8]>>(1)?
-                .into_iter()
-                .map(serde_json::from_slice)
-                .collect::<Result<_, _>>()?;
-            if let Some(refused) = limits.refuses(open_of_user, &agent_open) {
-                return Ok(refused);
+            let n = unsigned(out.try_get(1)?, "count")? as usize;
+            match out.try_get::<_, &str>(0)? {
+                "admitted" => Ok(Admission::Admitted(None)),
+                "too_many_tasks" => Ok(Admission::TooManyTasks { open: n }),
+                "queue_full" => Ok(Admission::QueueFull { queued: n }),
+                "conflict" => Err(StoreError::Conflict),
+                other => Err(StoreError::Schema(format!(
+                    "ct_admit_task answered {other:?}, which this ct-relay does not know"
+                ))),
             }
-            let inserted = c.execute(
-                "INSERT INTO ct_tasks (id, agent, requester, session, is_open, ord, updated_at, output_bytes, body)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
-                &row.columns(),
-            )?;
-            if inserted == 0 {
-                return Err(StoreError::Conflict);
-            }
-            let entry = entry.map(|e| Self::audit(c, e)).transpose()?;
-            Ok(Admission::Admitted(entry.map(Box::new)))
-        })
+        };
+        match entry {
+            None => self.write(admit),
+            Some(entry) => self.transaction(|c| match admit(c)? {
+                Admission::Admitted(_) => {
+                    Ok(Admission::Admitted(Some(Box::new(Self::audit(c, entry)?))))
+                }
+                refused => Ok(refused),
+            }),
+        }
     }
 
     fn open_tasks(&self, agent: &Fingerprint) -> Result<Vec<TaskRecord>> {

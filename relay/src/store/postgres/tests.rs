@@ -114,7 +114,7 @@ fn three_nodes_starting_at_once_migrate_once() {
     assert_eq!(applied[0], (1, "init".to_string()));
     assert_eq!(
         applied.last().unwrap(),
-        &(8, "thread_chains".to_string()),
+        &(9, "admit_task".to_string()),
         "{applied:?}"
     );
 }
