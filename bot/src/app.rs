@@ -44,6 +44,9 @@ pub(crate) struct Inner {
     pub(crate) stop: CancellationToken,
     /// The term of leadership in force, if this node leads: its followers and when they must stop.
     pub(crate) term: std::sync::Mutex<Option<Arc<Term>>>,
+    /// Wakes the leader's scan before its next tick (see [`Bot::scan_now`]). Wakings while a scan is due
+    /// already fold into it.
+    pub(crate) scan_now: tokio::sync::Notify,
 }
 
 /// The bot. Cheap to clone.
@@ -81,8 +84,17 @@ impl Bot {
                 tracker: TaskTracker::new(),
                 stop: CancellationToken::new(),
                 term: std::sync::Mutex::new(None),
+                scan_now: tokio::sync::Notify::new(),
             }),
         })
+    }
+
+    /// Asks this node, if it leads, to look for marks it does not follow now rather than at its next scan:
+    /// another node left a thread to open (its relay heard so from [`Backend::wake_leader`], on the cluster
+    /// bus). A node that does not lead ignores it. Cheap and safe to call any number of times: calls before
+    /// the scan runs fold into one, and a scan only reads the marks.
+    pub fn scan_now(&self) {
+        self.inner.scan_now.notify_one();
     }
 
     pub fn config(&self) -> &BotConfig {

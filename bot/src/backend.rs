@@ -559,6 +559,10 @@ pub trait Backend: Send + Sync + 'static {
     async fn thread_marks(&self) -> Result<Vec<(ThreadMark, TaskInfo)>>;
     /// One task's mark, if it has one.
     async fn thread_mark(&self, task: &str) -> Result<Option<ThreadMark>>;
+    /// Tells whichever node leads that a mark asks it to open a thread, so that it scans now (its
+    /// [`Bot::scan_now`](crate::Bot::scan_now)) rather than at its next scan. Best effort: a wake-up lost on
+    /// the way only waits for that scan. A backend with no other nodes has nothing to do.
+    async fn wake_leader(&self) {}
     /// Keeps `chain` as what its thread is at (see [`ThreadChain`]).
     async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()>;
     /// What was last kept for `thread`; `None` if nothing (a thread from before chains were kept, or one

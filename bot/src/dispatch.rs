@@ -720,6 +720,7 @@ impl Inner {
             warn!(%err, task = %task.id, "could not leave the thread to the leader; opening it here");
             return self.open_or_stop(&opening, task, limit).await.map(Some);
         }
+        self.backend.wake_leader().await;
         let deadline = tokio::time::Instant::now() + OPENING_WAIT;
         while tokio::time::Instant::now() < deadline {
             tokio::time::sleep(OPENING_POLL).await;

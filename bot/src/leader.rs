@@ -19,8 +19,11 @@
 //! the task's [`ThreadMark`] with no thread and what the opening needs (`opening`), and waits a few seconds
 //! for the leader to open it, to answer "Started … in #thread" ([`crate::dispatch`]). The leader adopts
 //! every mark it does not follow yet when it becomes leader, and then every [`LeaseTimes::scan`] (a read of
-//! the marks of unfinished threads): it opens the threads asked for and follows them. That delays such a
-//! `/task`'s answer by up to the scan period (2 s): Discord shows "thinking…" meanwhile. If the leader cannot
+//! the marks of unfinished threads): it opens the threads asked for and follows them. The asking node also
+//! wakes the leader's scan at once ([`crate::Backend::wake_leader`]; a relay passes it on over the cluster
+//! bus to every node's [`Bot::scan_now`](crate::Bot::scan_now)), so such a `/task` answers in about the
+//! time the thread takes to open; a wake-up lost on the way costs at most the scan period (2 s), while
+//! Discord shows "thinking…". If the leader cannot
 //! open the thread, it stops the task and says why in the mark, and the asking node passes that on. With no
 //! leader for longer than the wait (a hand-over), the answer says the thread opens in a moment, and the next
 //! leader opens it.
@@ -171,8 +174,10 @@ impl Inner {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    _ = tick.tick() => inner.adopt_marks().await,
+                    _ = tick.tick() => {}
+                    () = inner.scan_now.notified() => {}
                 }
+                inner.adopt_marks().await;
             }
         });
         *self.term.lock().unwrap_or_else(|p| p.into_inner()) = Some(term.clone());

@@ -46,6 +46,16 @@ struct Node {
 
 impl Node {
     async fn start(sim: &DiscordSim, fake: &Arc<Fake>, name: &str, http: bool) -> Self {
+        Self::start_with(sim, fake, name, http, times()).await
+    }
+
+    async fn start_with(
+        sim: &DiscordSim,
+        fake: &Arc<Fake>,
+        name: &str,
+        http: bool,
+        times: LeaseTimes,
+    ) -> Self {
         let mut config = BotConfig::gateway(sim.token());
         config.api_proxy = Some(sim.api_base());
         config.guild_id = Some(sim.guild_id().parse().unwrap());
@@ -57,6 +67,7 @@ impl Node {
             config.application_id = Some(sim.application_id().parse().unwrap());
         }
         let bot = Bot::new(config, fake.clone()).unwrap();
+        Fake::lock(&fake.woken).push(bot.clone());
         let endpoint = bot.clone();
         let app = axum::Router::new().route(
             "/discord/interactions",
@@ -80,7 +91,7 @@ impl Node {
         let run = tokio::spawn({
             let (bot, stop) = (bot.clone(), stop.clone());
             async move {
-                bot.lead_with(stop, times()).await;
+                bot.lead_with(stop, times).await;
                 bot.shutdown().await;
             }
         });
@@ -803,6 +814,42 @@ async fn a_thread_the_leader_cannot_open_stops_the_task_and_the_asking_node_says
         Fake::lock(&fake.marks).is_empty(),
         "the failed opening is forgotten"
     );
+    a.stop().await;
+    b.stop().await;
+    sim.shutdown().await;
+}
+
+/// A `/task` answered by a node that does not lead: the node wakes the leader (through the backend; a relay
+/// passes it on over the cluster bus), which opens the thread at once rather than at its next scan. The
+/// scans here are a minute apart, longer than the asking node waits for the thread (10 s): without the
+/// wake-up its answer would be that the thread opens in a moment, with no thread to link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_on_a_node_that_does_not_lead_wakes_the_leader_to_open_its_thread() {
+    let sim = DiscordSim::start().await.unwrap();
+    let alice = sim.user("alice");
+    let fake = Fake::new(&alice.id);
+    let slow = LeaseTimes {
+        scan: Duration::from_secs(60),
+        ..times()
+    };
+    let a = Node::start_with(&sim, &fake, "a", true, slow).await;
+    eventually(T, || a.bot.leading()).await;
+    // Registered after it adopted what marks there were at the start of its term.
+    sim.wait_for(|c| c.is("PUT", "/applications/*/guilds/*/commands"), T)
+        .await
+        .unwrap();
+    let b = Node::start_with(&sim, &fake, "b", true, slow).await;
+    asked(&fake, "b", 2).await;
+    assert!(!b.bot.leading());
+    let (task, thread) = task_on(&sim, &b, &alice, "build it").await;
+    assert!(
+        sim.threads().iter().any(|t| t.id == thread),
+        "b answered with the thread itself, not that it opens in a moment: <#{thread}>"
+    );
+    fake.emit(&task, text("built"));
+    fake.emit(&task, finished(FinalState::Done, None));
+    posted_once(&sim, &task, &thread, &["built"]).await;
+    no_429(&sim);
     a.stop().await;
     b.stop().await;
     sim.shutdown().await;

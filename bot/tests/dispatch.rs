@@ -70,6 +70,8 @@ pub(crate) struct Fake {
     chains: Mutex<HashMap<u64, ThreadChain>>,
     /// AskUserQuestion answers given so far, by (task, approval), as the relay keeps them.
     answers: Mutex<HashMap<(String, String), BTreeMap<u8, String>>>,
+    /// The bots a wake-up for the leader reaches, as a relay's cluster bus reaches every node's.
+    pub(crate) woken: Mutex<Vec<ct_bot::Bot>>,
 }
 
 impl Fake {
@@ -331,6 +333,11 @@ impl Backend for Fake {
     }
     async fn thread_mark(&self, task: &str) -> Result<Option<ThreadMark>> {
         Ok(Self::lock(&self.marks).get(task).cloned())
+    }
+    async fn wake_leader(&self) {
+        for bot in Self::lock(&self.woken).iter() {
+            bot.scan_now();
+        }
     }
     async fn set_thread_chain(&self, chain: &ThreadChain) -> Result<()> {
         Self::lock(&self.chains).insert(chain.thread, chain.clone());

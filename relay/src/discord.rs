@@ -677,6 +677,16 @@ impl Backend for CoreBackend {
             .await
     }
 
+    async fn wake_leader(&self) {
+        // Only a cluster has another node to wake: a relay of one leads itself, and never asks.
+        if let Some(bus) = self.core.bus() {
+            bus.publisher().publish(
+                crate::cluster::BOT_SCAN_SUBJECT.to_string(),
+                Default::default(),
+            );
+        }
+    }
+
     async fn forget_thread(&self, task: &str) -> Result<()> {
         let task = task.to_string();
         self.read(move |store| store.delete_thread_mark(&task))
@@ -1041,6 +1051,7 @@ pub fn start_with(
     times: LeaseTimes,
 ) -> Option<Bot> {
     config.node = core.node_id().to_string();
+    let bus = core.bus().cloned();
     let backend: Arc<dyn Backend> = Arc::new(CoreBackend::new(core));
     let bot = match Bot::new(config, backend) {
         Ok(bot) => bot,
@@ -1049,6 +1060,9 @@ pub fn start_with(
             return None;
         }
     };
+    if let Some(bus) = bus {
+        tasks.spawn(pass_on_wakes(bus, bot.clone(), shutdown.clone()));
+    }
     let running = bot.clone();
     tasks.spawn(async move {
         running.lead_with(shutdown, times).await;
@@ -1056,4 +1070,30 @@ pub fn start_with(
         info!("Discord bot stopped");
     });
     Some(bot)
+}
+
+/// Passes every wake-up another node sent on the cluster bus ([`CoreBackend::wake_leader`]) to this node's bot,
+/// which acts on it only while it leads. Sealed like everything on the bus, so only a node of this cluster can
+/// wake it; and a wake-up only makes the leader read the marks a little early.
+async fn pass_on_wakes(bus: crate::cluster::Bus, bot: Bot, shutdown: CancellationToken) {
+    use futures_util::StreamExt;
+    let mut wakes = match bus
+        .subscribe(crate::cluster::BOT_SCAN_SUBJECT.to_string())
+        .await
+    {
+        Ok(wakes) => wakes,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "threads other nodes leave to this one open at its scan only");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            wake = wakes.next() => match wake {
+                Some(_) => bot.scan_now(),
+                None => return,
+            },
+        }
+    }
 }

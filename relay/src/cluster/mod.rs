@@ -9,6 +9,9 @@
 //! - `ct.task.<id>`: after a node stores a task's events it publishes the last sequence number there. Nodes
 //!   with followers of the task read what they have not seen from the shared store, so a lost notice loses
 //!   nothing (the next notice, or the periodic check, catches up).
+//! - `ct.bot.scan`: a node that left a Discord thread for the leading node to open (see `ct_bot::leader`)
+//!   publishes here, empty; every node subscribes, and the one that leads looks for such threads at once
+//!   instead of at its next scan, which a lost message only waits for.
 //!
 //! Publishing from the core's own thread (which is not async) goes through a bounded queue to a pump task
 //! ([`Publisher`]): the thread never waits for the network.
@@ -51,6 +54,9 @@ fn token_ok(token: &str) -> bool {
 pub fn agent_subject(agent: &[u8; 32]) -> String {
     format!("ct.agent.{}", hex::encode(agent))
 }
+
+/// The subject on which the node leading the Discord bot is asked to look for threads to open now.
+pub const BOT_SCAN_SUBJECT: &str = "ct.bot.scan";
 
 /// The subject on which a task's new events are announced.
 pub fn task_subject(task: &str) -> Option<String> {
