@@ -66,6 +66,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "admit_task",
         sql: include_str!("../../../migrations/0009_admit_task.sql"),
     },
+    Migration {
+        version: 10,
+        name: "hot_task_rows",
+        sql: include_str!("../../../migrations/0010_hot_task_rows.sql"),
+    },
 ];
 
 /// Key of the advisory lock held while migrating (the ASCII of "ctrelay" and a 1).

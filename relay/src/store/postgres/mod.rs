@@ -587,11 +587,15 @@ impl Store for PgStore {
     }
 
     fn stored_bytes_of_user(&self, user: &str) -> Result<u64> {
-        // The sum of bigints is a numeric: capped back into a bigint, as the embedded store saturates.
+        // Ended tasks' bytes from the per-person index alone, open tasks' (a few) from their rows: the column the
+        // index includes stays NULL while a task runs, so its updates stay in place (migration 10). The sum of
+        // bigints is a numeric: capped back into a bigint, as the embedded store saturates.
         let row = self.read(|c| {
             c.query_one(
-                "SELECT least(coalesce(sum(output_bytes), 0), 9223372036854775807)::bigint
-                 FROM ct_tasks WHERE requester = $1",
+                "SELECT least(
+                     (SELECT coalesce(sum(ended_bytes), 0) FROM ct_tasks WHERE requester = $1)
+                     + (SELECT coalesce(sum(output_bytes), 0) FROM ct_tasks WHERE requester = $1 AND is_open),
+                     9223372036854775807)::bigint",
                 &[&user],
             )
         })?;
@@ -637,18 +641,19 @@ impl Store for PgStore {
         limit: usize,
         after: Option<&TaskRecord>,
     ) -> Result<Vec<TaskRecord>> {
-        // The cursor is where the previous batch's last task was in (updated_at, id) order, whatever happened
-        // to that task since; the next batch starts strictly after it.
+        // `ended_at` is an ended task's `updated_at` (NULL while open: migration 10). The cursor is where the
+        // previous batch's last task was in (ended_at, id) order, whatever happened to that task since; the
+        // next batch starts strictly after it.
         let rows = self.read(|c| match after {
             None => c.query(
-                "SELECT body FROM ct_tasks WHERE NOT is_open AND updated_at < $1
-                 ORDER BY updated_at, id LIMIT $2",
+                "SELECT body FROM ct_tasks WHERE ended_at < $1
+                 ORDER BY ended_at, id LIMIT $2",
                 &[&int(cutoff), &limit_of(limit)],
             ),
             Some(rec) => c.query(
                 "SELECT body FROM ct_tasks
-                 WHERE NOT is_open AND updated_at < $1 AND (updated_at, id) > ($3, $4)
-                 ORDER BY updated_at, id LIMIT $2",
+                 WHERE ended_at < $1 AND (ended_at, id) > ($3, $4)
+                 ORDER BY ended_at, id LIMIT $2",
                 &[
                     &int(cutoff),
                     &limit_of(limit),

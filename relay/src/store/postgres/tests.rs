@@ -114,7 +114,7 @@ fn three_nodes_starting_at_once_migrate_once() {
     assert_eq!(applied[0], (1, "init".to_string()));
     assert_eq!(
         applied.last().unwrap(),
-        &(9, "admit_task".to_string()),
+        &(10, "hot_task_rows".to_string()),
         "{applied:?}"
     );
 }
@@ -577,6 +577,65 @@ fn an_event_sent_again_is_stored_once() {
             (4, b"d".to_vec())
         ]
     );
+}
+
+/// A running task's row is updated in place (HOT) at each burst of its events, although its `updated_at` and
+/// `output_bytes` move every time: no index reads them while the task is open (migration 10). Before, every
+/// such update wrote into all of the table's indexes. Its ending is an ordinary update, and retention and the
+/// byte count then find it.
+#[test]
+fn a_running_tasks_event_runs_update_its_row_in_place() {
+    let url = database("hot_rows");
+    let store = PgStore::open(&url).unwrap();
+    let mut t = task("t", 1);
+    store.put_task(&t).unwrap();
+    let runs = 20;
+    for seq in 1..=runs {
+        t.updated_at += 1;
+        t.output_bytes += 10;
+        assert!(append(&store, &mut t, &[(seq, b"event")]));
+    }
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 10 * runs);
+    assert!(store.ended_before(u64::MAX, 10, None).unwrap().is_empty());
+    // A backend reports its table statistics when it exits: closing the store's connections makes them visible.
+    drop(store);
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let (updated, in_place) = loop {
+        let row = client(&url)
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'ct_tasks'",
+                &[],
+            )
+            .unwrap();
+        let counts: (i64, i64) = (row.get(0), row.get(1));
+        if counts.0 >= runs as i64 || Instant::now() > deadline {
+            break counts;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(updated, runs as i64, "one update per run");
+    assert_eq!(
+        in_place, updated,
+        "every update of the running task was HOT"
+    );
+
+    let store = PgStore::open(&url).unwrap();
+    t.state = TaskState::Done;
+    t.updated_at += 1;
+    store.put_task(&t).unwrap();
+    assert_eq!(store.stored_bytes_of_user("1").unwrap(), 10 * runs);
+    let ended = store.ended_before(u64::MAX, 10, None).unwrap();
+    assert_eq!(
+        ended
+            .iter()
+            .map(|t| t.spec.task.as_str())
+            .collect::<Vec<_>>(),
+        ["t"]
+    );
+    assert!(store
+        .ended_before(t.updated_at, 10, None)
+        .unwrap()
+        .is_empty());
 }
 
 /// An event's sequence number is part of its key: one the column cannot hold is refused, not capped onto
