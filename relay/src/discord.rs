@@ -1083,7 +1083,10 @@ async fn pass_on_wakes(bus: crate::cluster::Bus, bot: Bot, shutdown: Cancellatio
     {
         Ok(wakes) => wakes,
         Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "threads other nodes leave to this one open at its scan only");
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "cannot hear other nodes' wake-ups: threads they leave to this node open at its next scan"
+            );
             return;
         }
     };
