@@ -688,9 +688,17 @@ pub fn report(out: &Outcomes, plan: &Plan) -> Report {
 /// The cluster's rows (issue 15): each figure for the single node on sled beside the same for three nodes.
 fn cluster_report(c: &cluster::Outcome, plan: &Plan) -> Report {
     let mut r = Report::default();
+    let cluster_label = if plan.pg_rtt.is_zero() {
+        "3 nodes, PostgreSQL + NATS".to_string()
+    } else {
+        format!(
+            "3 nodes, PostgreSQL ({:.2} ms round trip away) + NATS",
+            plan.pg_rtt.as_secs_f64() * 1000.0
+        )
+    };
     let sides = [
         ("1 node, sled", &c.single),
-        ("3 nodes, PostgreSQL + NATS", &c.cluster),
+        (cluster_label.as_str(), &c.cluster),
     ];
 
     let s = "agents held, single node beside cluster (processes)";

@@ -21,6 +21,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod delay;
 pub mod dial;
 pub mod fleet;
 pub mod procfs;

@@ -77,6 +77,10 @@ struct BenchArgs {
     /// 1,000 with --quick]
     #[arg(long)]
     cluster_agents: Option<usize>,
+    /// A round trip in milliseconds added between the cluster's relays and PostgreSQL, as if it were on
+    /// another host (a delaying proxy on loopback) [default: 0]
+    #[arg(long)]
+    pg_rtt_ms: Option<f64>,
     /// Share of QUIC agents where transports are mixed
     #[arg(long, default_value_t = 0.5)]
     quic_share: f64,
@@ -178,6 +182,9 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = args.cluster_agents {
         plan.cluster_agents = n.max(1);
+    }
+    if let Some(ms) = args.pg_rtt_ms {
+        plan.pg_rtt = std::time::Duration::from_secs_f64(ms.clamp(0.0, 1000.0) / 1000.0);
     }
     if let Some(n) = args.restart_tasks {
         plan.restart_tasks = n.min(plan.restart_agents);

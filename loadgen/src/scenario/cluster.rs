@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::agent::{Behaviour, Note, Output};
+use crate::delay::DelayProxy;
 use crate::dial::{Dial, Identity, Target};
 use crate::fleet::{self, Fleet};
 use crate::procfs::{self, Stats};
@@ -147,17 +148,25 @@ impl Failover {
 struct Backends {
     pg: PgServer,
     nats: NatsServer,
+    /// Between the relays and PostgreSQL, with `--pg-rtt-ms`.
+    delay: Option<DelayProxy>,
 }
 
 impl Backends {
-    async fn start() -> Result<Self> {
-        tokio::task::spawn_blocking(|| {
-            Ok(Self {
+    async fn start(pg_rtt: Duration) -> Result<Self> {
+        let mut backends = tokio::task::spawn_blocking(|| {
+            Ok::<_, anyhow::Error>(Self {
                 pg: PgServer::start().context("starting PostgreSQL (Debian's postgresql)")?,
                 nats: NatsServer::start().context("starting nats-server")?,
+                delay: None,
             })
         })
-        .await?
+        .await??;
+        if !pg_rtt.is_zero() {
+            let upstream = SocketAddr::from(([127, 0, 0, 1], backends.pg.port()));
+            backends.delay = Some(DelayProxy::start(upstream, pg_rtt).await?);
+        }
+        Ok(backends)
     }
 
     /// A fresh database on the server, for one cluster.
@@ -166,6 +175,14 @@ impl Backends {
             let name = name.to_string();
             let pg = &self.pg;
             tokio::task::block_in_place(|| pg.create_database(&name))?
+        };
+        // The relays reach the database through the delaying proxy when there is one.
+        let url = match &self.delay {
+            Some(proxy) => url.replace(
+                &format!("127.0.0.1:{}/", self.pg.port()),
+                &format!("{}/", proxy.addr),
+            ),
+            None => url,
         };
         Ok(ClusterConfig {
             database_url: url,
@@ -179,7 +196,7 @@ pub async fn run(plan: &Plan, tools: &Tools, events_only: bool) -> Result<Outcom
     let dir = tools.work_dir.join("cluster");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let backends = Backends::start().await?;
+    let backends = Backends::start(plan.pg_rtt).await?;
     let mut out = Outcome::default();
 
     // In-process first, for the reason bench.rs gives: the 10,000-agent parts leave this process's heap large.

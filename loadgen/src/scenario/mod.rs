@@ -74,6 +74,9 @@ pub struct Plan {
     /// Agents held across the cluster's nodes (and by the single node beside it). The cluster's dispatch
     /// and failover reuse `dispatch_*` and `restart_*`, and its events figure the small-events sizes.
     pub cluster_agents: usize,
+    /// A round trip added between the cluster's relays and PostgreSQL (zero: none), as when the database is
+    /// on another host; see [`crate::delay`].
+    pub pg_rtt: Duration,
 }
 
 impl Plan {
@@ -105,6 +108,7 @@ impl Plan {
             rathole_clients: 10,
             rathole_bytes: 2 << 30,
             cluster_agents: 10_000,
+            pg_rtt: Duration::ZERO,
         }
     }
 
