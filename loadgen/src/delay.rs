@@ -44,7 +44,11 @@ impl DelayProxy {
                     () = stop.cancelled() => return,
                     accepted = listener.accept() => match accepted {
                         Ok((client, _)) => client,
-                        Err(_) => continue,
+                        // Out of descriptors, say: wait a moment rather than spin on the same error.
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
                     },
                 };
                 let Ok(server) = TcpStream::connect(upstream).await else {
