@@ -23,7 +23,7 @@ const MAX_RELAYS: usize = 8;
 const MAX_ADDR_LEN: usize = 255;
 
 /// Lower-case letters and digits without look-alikes (no 0/o, 1/l/i): 31 symbols, about 4.95 bits each.
-const ALPHABET: &[u8; 31] = b"abcdefghjkmnpqrstuvwxyz23456789";
+pub const ALPHABET: &[u8; 31] = b"abcdefghjkmnpqrstuvwxyz23456789";
 const ID_LEN: usize = 8;
 const SECRET_LEN: usize = 24;
 

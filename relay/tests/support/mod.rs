@@ -225,19 +225,22 @@ impl Session {
     }
 }
 
-/// Pairs a fresh key with `code` over QUIC: `Ok` when paired, else the relay's rejection and its message.
 /// `code` with its last character changed to the `n`th other character of the codes' alphabet: a wrong code
 /// that parses, for distinct `n` a distinct one, and never the right one. (A fixed replacement, such as "zz"
 /// for the last two characters, is the right code whenever the code happens to end in it: 1 run in 961.)
 pub fn wrong_code(code: &str, n: usize) -> String {
-    const ALPHABET: &str = "abcdefghjkmnpqrstuvwxyz23456789";
     let mut wrong = code.to_string();
     let last = wrong.pop().expect("a code is not empty");
-    let others: Vec<char> = ALPHABET.chars().filter(|c| *c != last).collect();
+    let others: Vec<char> = ct_protocol::pairing::ALPHABET
+        .iter()
+        .map(|b| *b as char)
+        .filter(|c| *c != last)
+        .collect();
     wrong.push(others[n % others.len()]);
     wrong
 }
 
+/// Pairs a fresh key with `code` over QUIC: `Ok` when paired, else the relay's rejection and its message.
 pub async fn try_pair(
     relay: &TestRelay,
     code: String,
