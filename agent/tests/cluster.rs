@@ -7,10 +7,12 @@
 use std::path::Path;
 
 use ct_agent::{LinkStatus, RunError};
+use ct_protocol::handshake::VerifiedAgent;
 use ct_protocol::project::ProjectOp;
 use ct_protocol::task::{Decision, FinalState, TaskEvent, TaskOptions};
 use ct_protocol::Transport;
 use ct_relay::cluster::Seal;
+use ct_relay::core::CoreError;
 use ct_relay::relay::ClusterConfig;
 use ct_relay::store::TaskState;
 use ct_relay::tasks::ReplyOutcome;
@@ -218,6 +220,51 @@ async fn a_revocation_on_one_node_drops_the_agent_held_by_another() {
         .expect("the agent's run ends when node-1 closes it");
     assert!(matches!(ended, Err(RunError::Revoked { .. })), "{ended:?}");
     eventually_async(T, async || w.relay.core.online().await == 0).await;
+}
+
+/// A revocation that lands while an agent's session is being admitted on another node (after its record was
+/// read, before the session could hear other nodes' notices) still ends it: the registration reads the
+/// record again once the session is subscribed.
+#[tokio::test]
+async fn a_revocation_between_an_admission_and_its_registration_ends_the_session() {
+    let mut w = cluster().await;
+    let agent = w.nodes[0].core.agents().await.unwrap().remove(0);
+    w.take_agent().stop().await.unwrap();
+    eventually_async(T, async || w.relay.core.online().await == 0).await;
+    let node = &w.nodes.last().unwrap().core;
+    // What the handshake hands the core once the agent proved its key (the admission reads only the
+    // fingerprint and the pairing request).
+    let verified = VerifiedAgent {
+        key: ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+        fingerprint: agent.fingerprint,
+        protocol: ct_protocol::version::PROTOCOL_VERSION,
+        software: "test".into(),
+        pair: None,
+    };
+    let welcome = node
+        .admit(&verified, "127.0.0.1".parse().unwrap())
+        .await
+        .expect("admitted: nothing is revoked yet");
+    w.nodes[0]
+        .core
+        .revoke(&agent.fingerprint.to_string(), OWNER)
+        .await
+        .unwrap();
+    let registered = node
+        .register_session(
+            agent.fingerprint,
+            Transport::Quic,
+            "127.0.0.1:9".parse().unwrap(),
+            "test",
+            welcome.owner,
+        )
+        .await;
+    match registered {
+        Err(CoreError::Revoked(_)) => {}
+        Ok(_) => panic!("a session was registered for a revoked key"),
+        Err(e) => panic!("refused for another reason: {e}"),
+    }
+    assert_eq!(node.online().await, 0);
 }
 
 /// Whoever can reach NATS but is not a node (no relay key) cannot act on an agent through the bus: a forged,

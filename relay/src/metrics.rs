@@ -1,4 +1,5 @@
-//! Prometheus metrics for `/metrics`: agents connected by transport, handshakes by result, frames in and out.
+//! Prometheus metrics for `/metrics`: agents connected by transport, handshakes by result, frames in and out,
+//! and how busy the core's thread is.
 
 use ct_protocol::Transport;
 use std::fmt::Write as _;
@@ -38,6 +39,14 @@ pub struct HandshakeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CoreLabels {
+    /// What the core's thread was doing: `jobs` (decisions: submissions, sessions, cancels...), `events`
+    /// (checking task events and handing them to the store), `settle` (waiting for event writes in flight to
+    /// land before a decision, in a cluster).
+    pub part: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusedLabels {
     /// `limit` (the relay's connection limit) or `per_address` (that address holds its share).
     pub reason: &'static str,
@@ -52,6 +61,9 @@ pub struct Metrics {
     pub frames_out: Family<TransportLabels, Counter>,
     pub pairings: Counter<u64, AtomicU64>,
     pub connections_refused: Family<RefusedLabels, Counter>,
+    /// Seconds the core's thread spent on each part of its work. All parts together near one second per
+    /// second: the thread is saturated, and every decision on the node waits in its queue.
+    pub core_busy: Family<CoreLabels, Counter<f64, AtomicU64>>,
     /// The node these figures are from, a label on every metric (several nodes feed one Prometheus).
     pub node: String,
 }
@@ -102,6 +114,11 @@ impl Metrics {
             .inc();
     }
 
+    /// The core thread's counter for `part` (see [`CoreLabels`]), fetched once by the thread.
+    pub fn core_busy(&self, part: &'static str) -> Counter<f64, AtomicU64> {
+        self.core_busy.get_or_create(&CoreLabels { part }).clone()
+    }
+
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
         let mut registry = if self.node.is_empty() {
@@ -137,6 +154,11 @@ impl Metrics {
             "connections_refused",
             "Connections refused at accept, by reason",
             self.connections_refused.clone(),
+        );
+        registry.register(
+            "core_busy_seconds",
+            "Seconds the core's thread spent working, by part",
+            self.core_busy.clone(),
         );
         let mut out = String::new();
         // Encoding into a String cannot fail.

@@ -109,6 +109,15 @@ async fn pairing_then_reconnecting_with_the_key_on_both_transports() {
         metrics.contains("ct_relay_agents_connected{node=\"relay\",transport=\"websocket\"} 1"),
         "{metrics}"
     );
+    // The core's thread counts the time it worked (pairing and registering these two took some).
+    let busy: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("ct_relay_core_busy_seconds_total{node=\"relay\",part=\"jobs\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no core busy time for jobs: {metrics}"));
+    assert!(busy > 0.0, "{metrics}");
 }
 
 /// An agent counts itself connected the moment it reads its Welcome, and its owner may submit a task at once,

@@ -217,6 +217,15 @@ impl Bus {
         self.publisher.clone()
     }
 
+    /// Waits, at most `within`, until NATS has taken in everything this node sent it so far (a subscription
+    /// included): after this, a message another node publishes reaches that subscription. Whether it did.
+    pub async fn settled(&self, within: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(within, self.client.flush()).await,
+            Ok(Ok(()))
+        )
+    }
+
     /// Whether the connection to NATS is up now.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected

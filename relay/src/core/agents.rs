@@ -43,13 +43,20 @@ pub struct AgentView {
 
 impl Core {
     /// Records a live session; an older session with the same key is told it was replaced. The session lives
-    /// as long as the returned guard.
+    /// as long as the returned guard. `owner`: the agent's owner, as [`admit`](Self::admit) read it.
+    ///
+    /// In a cluster the claim of the agent's presence (a write to PostgreSQL) is made on the blocking pool,
+    /// not on the core's thread: a node's agents moving to the others all at once would otherwise queue every
+    /// other decision on those nodes behind one round trip each. Once the session can hear other nodes, the
+    /// agent's record is read again: a revocation that landed after the admission read it (on this node or
+    /// another, whose notice this session could not hear yet) ends the session here.
     pub async fn register_session(
         &self,
         fp: Fingerprint,
         transport: Transport,
         peer: SocketAddr,
         software: &str,
+        owner: String,
     ) -> Result<SessionGuard, CoreError> {
         // The agent says what it is; shown to its owner on the dashboard, so kept short and printable.
         let version: String = software
@@ -57,15 +64,33 @@ impl Core {
             .filter(|c| !c.is_control())
             .take(MAX_VERSION_CHARS)
             .collect();
+        let claimed = match self.bus() {
+            Some(_) => {
+                let node = self.config().node_id.clone();
+                Some(
+                    self.read(move |store| store.claim_presence(&fp, &node))
+                        .await??,
+                )
+            }
+            None => None,
+        };
         let (close, close_rx) = mpsc::channel(1);
         let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
         let retry = Arc::new(AtomicBool::new(false));
         let (session, epoch) = {
             let retry = retry.clone();
-            self.run(move |state| {
-                state.register_session(fp, (transport, version), peer, close, outbound, retry)
-            })
-            .await?
+            let live = Live {
+                link: (transport, version),
+                peer,
+                owner,
+                close,
+                outbound,
+                retry,
+            };
+            // Touches the live table, not a task (a replaced session's batch in flight hands its record to the
+            // new session's table when it lands: the record as this node last wrote it, which it is).
+            self.run_unsettled(move |state| state.register_session(fp, live, claimed))
+                .await?
         };
         self.metrics().agents(transport).inc();
         let mut guard = SessionGuard {
@@ -79,6 +104,14 @@ impl Core {
             _holding: None,
         };
         guard._holding = self.hold(fp, epoch).await;
+        if self.bus().is_some() {
+            // Dropping the guard on the way out ends the session again.
+            let read = self.read(move |store| store.agent(&fp)).await?;
+            match read? {
+                Some(rec) if rec.revoked_at.is_none() => {}
+                _ => return Err(CoreError::Revoked(fp.short())),
+            }
+        }
         Ok(guard)
     }
 
@@ -120,26 +153,42 @@ impl Core {
 }
 
 impl State {
-    fn register_session(
+    /// `claimed`: the presence a cluster's node claimed on the blocking pool; `None`, claimed here.
+    pub(super) fn register_session(
         &mut self,
         fp: Fingerprint,
-        (transport, version): (Transport, String),
-        peer: SocketAddr,
-        close: mpsc::Sender<CloseReason>,
-        outbound: mpsc::Sender<Outbound>,
-        retry: Arc<AtomicBool>,
+        live: Live,
+        claimed: Option<Presence>,
     ) -> Result<(u64, u64), CoreError> {
         // The newest session wins everywhere: its epoch is greater than any other's, and dispatching checks
         // it, so a replaced session (here or on another node) can no longer take a task.
-        let epoch = self.store.claim_presence(&fp, &self.config.node_id)?.epoch;
+        let epoch = match claimed {
+            Some(presence) => presence.epoch,
+            None => self.store.claim_presence(&fp, &self.config.node_id)?.epoch,
+        };
         let session = self.next_session;
         self.next_session += 1;
+        let Live {
+            link,
+            peer,
+            owner,
+            close,
+            outbound,
+            retry,
+        } = live;
+        // Claims made off this thread can arrive here out of order (an agent that gave up on a slow handshake
+        // and connected again): the newest claim wins here as it does in the store, and the older session is
+        // the one replaced.
+        if self.live.get(&fp).is_some_and(|l| l.epoch > epoch) {
+            let _ = close.try_send(CloseReason::Replaced);
+            return Ok((session, epoch));
+        }
         let old = self.live.insert(
             fp,
             LiveAgent {
                 session,
                 epoch,
-                transport,
+                transport: link.0,
                 since: now(),
                 peer,
                 close,
@@ -148,13 +197,13 @@ impl State {
                 dispatched_here: HashSet::new(),
                 retry,
                 written: HashMap::new(),
-                owner: None,
+                owner,
             },
         );
         if let Some(old) = old {
             let _ = old.close.try_send(CloseReason::Replaced);
         }
-        self.touch(&fp, Some((transport, version)));
+        self.touch(&fp, Some(link));
         Ok((session, epoch))
     }
 
@@ -162,12 +211,17 @@ impl State {
     /// last-seen time is recorded, and requests it was asked fail at once.
     fn session_ended(&mut self, fp: &Fingerprint, session: u64) {
         if let Some(live) = self.live.get(fp).filter(|l| l.session == session) {
-            // Only this session's presence: a newer one (on any node) keeps its own.
-            if let Err(e) = self.store.release_presence(fp, live.epoch) {
-                tracing::warn!(error = %e, "could not record that an agent's session ended");
-            }
-            self.live.remove(fp);
-            self.touch(fp, None);
+            // Only this session's presence: a newer one (on any node) keeps its own, so the release can wait
+            // for the bookkeeping thread in a cluster. Until it is made, other nodes take this node for the
+            // agent's and queue its tasks, which its next node dispatches.
+            let (fp, epoch) = (*fp, live.epoch);
+            self.book(move |store| {
+                if let Err(e) = store.release_presence(&fp, epoch) {
+                    tracing::warn!(error = %e, "could not record that an agent's session ended");
+                }
+            });
+            self.live.remove(&fp);
+            self.touch(&fp, None);
         }
         self.drop_pending_requests(session);
     }
@@ -188,6 +242,12 @@ impl State {
                 tracing::warn!(error = %e, "could not record when an agent was last seen");
             }
         };
+        self.book(write);
+    }
+
+    /// Makes a write no decision waits for: in place on a single relay, by the bookkeeping thread in a
+    /// cluster (see [`super::books`]).
+    fn book(&self, write: impl FnOnce(&dyn crate::store::Store) + Send + 'static) {
         match &self.books {
             Some(books) => books.write(write),
             None => write(&*self.store),
@@ -301,6 +361,17 @@ impl State {
     }
 }
 
+/// What a new session brings to the live table.
+pub(super) struct Live {
+    /// Its transport, and the software version the agent gave.
+    link: (Transport, String),
+    peer: SocketAddr,
+    owner: String,
+    close: mpsc::Sender<CloseReason>,
+    outbound: mpsc::Sender<Outbound>,
+    retry: Arc<AtomicBool>,
+}
+
 /// Held by a live session; dropping it removes the session from the live table (if it is still the
 /// current one for that key) and records when the agent was last seen.
 #[derive(Debug)]
@@ -335,5 +406,58 @@ impl Drop for SessionGuard {
         let (fp, session) = (self.fp, self.session);
         self.core
             .fire(move |state| state.session_ended(&fp, session));
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::store::Presence;
+
+    /// A session's parts as the endpoint would hand them over, and the receiving end of its close channel.
+    pub(in crate::core) fn live(
+        owner: &str,
+    ) -> (Live, mpsc::Receiver<CloseReason>, mpsc::Receiver<Outbound>) {
+        let (close, close_rx) = mpsc::channel(1);
+        let (outbound, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let live = Live {
+            link: (Transport::Quic, "test".into()),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            owner: owner.into(),
+            close,
+            outbound,
+            retry: Arc::default(),
+        };
+        (live, close_rx, outbound_rx)
+    }
+
+    fn claimed(epoch: u64) -> Option<Presence> {
+        Some(Presence {
+            node: "n".into(),
+            epoch,
+            since: 0,
+        })
+    }
+
+    /// In a cluster a session's presence is claimed off the core's thread, so an agent's two connections
+    /// (one it gave up on, one it made since) can be registered in the opposite order to their claims. The
+    /// newer claim is the session that stays, whichever comes last, as it is in the store.
+    #[tokio::test]
+    async fn an_older_claim_registered_after_a_newer_one_is_the_session_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let core = crate::core::tests::core(dir.path());
+        let fp = Fingerprint([3; 32]);
+        let (newer, mut newer_closed, _out) = live("1");
+        let (older, mut older_closed, _out2) = live("1");
+        core.run(move |state| state.register_session(fp, newer, claimed(9)))
+            .await
+            .unwrap();
+        core.run(move |state| state.register_session(fp, older, claimed(4)))
+            .await
+            .unwrap();
+        assert_eq!(older_closed.try_recv().ok(), Some(CloseReason::Replaced));
+        assert!(newer_closed.try_recv().is_err(), "the newer session stays");
+        let held = core.call(move |state| state.live.get(&fp).map(|l| l.epoch));
+        assert_eq!(held.await.unwrap(), Some(9));
     }
 }

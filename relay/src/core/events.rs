@@ -147,11 +147,34 @@ impl Core {
     /// (up to the output cap) is read on the blocking pool, not on the core's thread, after the record: it may
     /// hold events (the end, too) that the record does not count yet, so a follower takes the end from the
     /// events, not from the record's state alone.
+    ///
+    /// In a cluster the record, too, is read on the blocking pool, once the follower is subscribed: the bot
+    /// follows every task it posts, and each read would be a round trip on the core's thread. It may then miss
+    /// a batch of events this node is writing at that moment; the follower gets those live, as it gets every
+    /// event written after it subscribed.
     pub async fn follow(&self, id: &str) -> Result<Following, TaskError> {
         let id = id.to_string();
-        let (rec, rx) = {
-            let id = id.clone();
-            self.run(move |state| state.subscribe(&id)).await?
+        let (rec, rx) = match self.bus() {
+            None => {
+                let id = id.clone();
+                self.run(move |state| state.subscribe(&id)).await?
+            }
+            Some(_) => {
+                let rx = {
+                    let id = id.clone();
+                    self.call_unsettled(move |state| state.followers_of(&id).subscribe())
+                        .await?
+                };
+                let rec = {
+                    let id = id.clone();
+                    self.read(move |store| store.task(&id)).await??
+                };
+                let rec = rec.ok_or_else(|| TaskError::NoSuchTask(id.clone()))?;
+                let (at, seq) = (id.clone(), rec.last_seq);
+                self.call_unsettled(move |state| state.followed_from(&at, seq))
+                    .await?;
+                (rec, rx)
+            }
         };
         // In a cluster another node may hold the agent and write the events: watch for its notices.
         self.watch(&id);
@@ -582,11 +605,14 @@ impl State {
     ) -> Result<(TaskRecord, broadcast::Receiver<(u64, TaskEvent)>), TaskError> {
         let rx = self.followers_of(id).subscribe();
         let rec = self.task(id)?;
-        // Where a watch of another node's events starts (see `remote`): the follower reads the log itself.
-        self.follower_seq
-            .entry(id.to_string())
-            .or_insert(rec.last_seq);
+        self.followed_from(id, rec.last_seq);
         Ok((rec, rx))
+    }
+
+    /// Where a watch of another node's events for `id` starts (see `remote`), when nobody here followed it yet:
+    /// the follower reads the log up to `seq` itself.
+    fn followed_from(&mut self, id: &str, seq: u64) {
+        self.follower_seq.entry(id.to_string()).or_insert(seq);
     }
 
     /// How far this node's followers of `id` have been sent events; `None` when nobody here follows it.

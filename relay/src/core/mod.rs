@@ -42,9 +42,13 @@
 //!
 //! Since the store, not this thread, is what orders decisions across nodes, a node's thread keeps its
 //! PostgreSQL round trips to what only it can do: a submission's reads and its admission run on the blocking
-//! pool around the decision ([`submit`]), bookkeeping no decision waits for (when an agent was last seen)
-//! on a thread of its own (`books`), and task events on writer threads while the core's thread goes on
-//! deciding (`writers`).
+//! pool around the decision ([`submit`]); so do an agent's admission read and presence claim
+//! ([`Core::register_session`]), the open tasks a dispatch starts from ([`Core::open_tasks_ahead`]), and a
+//! follower's first read of its task. Bookkeeping no decision waits for (when an agent was last seen, a
+//! session's presence released) runs on a thread of its own (`books`), and task events on writer threads while
+//! the core's thread goes on deciding (`writers`). With PostgreSQL a network round trip away, each round trip
+//! left on this thread caps the node at one over its duration, shared by everything the node does; the
+//! blocking pool's calls run side by side, up to [`READS_AT_ONCE`].
 
 use std::sync::Arc;
 
@@ -86,11 +90,17 @@ pub use config::CoreConfig;
 pub use state::Outbound;
 pub use writers::WRITERS as EVENT_WRITERS;
 
-use state::{Job, State};
+use state::{Job, Operation, State};
 
 /// Jobs waiting for the core's thread. Enough to absorb a burst (a relay restart brings a thousand
 /// handshakes at once); past it, callers wait.
 const JOB_QUEUE: usize = 4096;
+
+/// Store calls [`Core::read`] runs at once. On PostgreSQL each holds one of the node's pooled connections
+/// (16) for its round trips; without a cap, a burst of them (a thousand agents reconnecting, each with a read
+/// and a claim) took every connection, and the core's thread, the event writers and the bookkeeping thread
+/// waited for one behind them: every decision on the node stalled. Half the pool is left to those.
+const READS_AT_ONCE: usize = 8;
 
 /// Errors a front end shows to a person.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +116,12 @@ pub enum CoreError {
          unregister one you no longer use (/register unregister) first"
     )]
     TooManyAgents { have: usize, max: usize },
+    /// The agent's key (short fingerprint) was revoked.
+    #[error(
+        "this agent's key ({0}) was revoked: pair it again with `ct-agent pair --force <token>` \
+         (get a token with /register in Discord)"
+    )]
+    Revoked(String),
     #[error(transparent)]
     Stopped(#[from] Stopped),
     #[error(transparent)]
@@ -128,6 +144,8 @@ struct Shared {
     jobs: mpsc::Sender<Job>,
     /// For read-only queries on the blocking pool ([`Core::read`]); writes go through the core's thread.
     store: SharedStore,
+    /// Store calls on the blocking pool at once (see [`READS_AT_ONCE`]).
+    reads: Arc<tokio::sync::Semaphore>,
     commit: Arc<GroupCommit>,
     config: Arc<CoreConfig>,
     metrics: Arc<Metrics>,
@@ -190,6 +208,7 @@ impl Core {
             shared: Arc::new(Shared {
                 jobs,
                 store,
+                reads: Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE)),
                 commit,
                 config,
                 metrics,
@@ -238,10 +257,16 @@ impl Core {
         &self,
         query: impl FnOnce(&dyn Store) -> R + Send + 'static,
     ) -> Result<R, Stopped> {
+        // Held by the call itself, so a caller that stops waiting does not free a connection still in use.
+        // (The semaphore is never closed.)
+        let turn = self.shared.reads.clone().acquire_owned().await;
         let store = self.shared.store.clone();
-        tokio::task::spawn_blocking(move || query(&*store))
-            .await
-            .map_err(|_| Stopped)
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            query(&*store)
+        })
+        .await
+        .map_err(|_| Stopped)
     }
 
     /// Makes every write so far durable (shutdown).
@@ -256,8 +281,33 @@ impl Core {
         &self,
         job: impl FnOnce(&mut State) -> R + Send + 'static,
     ) -> Result<R, Stopped> {
+        self.call_as(Job::Call, job).await
+    }
+
+    /// [`call`](Self::call) for a job that reads and writes no record an event write in flight could change
+    /// (see [`Job::Unsettled`]).
+    async fn call_unsettled<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut State) -> R + Send + 'static,
+    ) -> Result<R, Stopped> {
+        self.call_as(Job::Unsettled, job).await
+    }
+
+    /// [`run`](Self::run) for a job that reads and writes no record an event write in flight could change.
+    async fn run_unsettled<T: Send + 'static, E: From<Stopped> + Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut State) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E> {
+        self.call_unsettled(job).await?
+    }
+
+    async fn call_as<R: Send + 'static>(
+        &self,
+        kind: fn(Operation) -> Job,
+        job: impl FnOnce(&mut State) -> R + Send + 'static,
+    ) -> Result<R, Stopped> {
         let (tx, rx) = oneshot::channel();
-        let job = Job::Call(Box::new(move |state: &mut State| {
+        let job = kind(Box::new(move |state: &mut State| {
             let out = job(state);
             let _ = tx.send((out, state.take_durable()));
         }));
@@ -335,10 +385,15 @@ mod tests {
     use super::*;
     use crate::store::sled::SledStore;
 
-    fn core(dir: &std::path::Path) -> Core {
+    /// A single relay's core on sled in `dir`, for the core's own tests.
+    pub(super) fn core(dir: &std::path::Path) -> Core {
+        core_with(dir, CoreConfig::default())
+    }
+
+    pub(super) fn core_with(dir: &std::path::Path, config: CoreConfig) -> Core {
         let store: SharedStore = Arc::new(SledStore::open(dir).unwrap());
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        Core::start(store, key, CoreConfig::default(), Default::default(), None).unwrap()
+        Core::start(store, key, config, Default::default(), None).unwrap()
     }
 
     /// The core's thread stops with the last handle, and the store is closed with it: the same directory opens

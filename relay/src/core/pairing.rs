@@ -26,13 +26,28 @@ impl Core {
     }
 
     /// Decides whether an authenticated agent may hold a session, pairing it first when it brings a code.
+    ///
+    /// In a cluster the agent's record is read on the blocking pool first, as a submission's reads are (see
+    /// [`super::submit`]'s `Preread`): a burst of reconnects would otherwise hold up the core's thread for a
+    /// round trip each. A revocation that lands after this read is caught when the session is registered
+    /// (see [`Core::register_session`]).
     pub async fn admit(
         &self,
         agent: &VerifiedAgent,
         peer: IpAddr,
     ) -> Result<Welcome, (Rejection, String)> {
         let agent = agent.clone();
-        self.call(move |state| state.admit(&agent, peer))
+        let fp = agent.fingerprint;
+        let known = match self.bus() {
+            Some(_) => self
+                .read(move |store| store.agent(&fp).ok())
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        // Reads and writes agents and pairing codes, never a task.
+        self.call_unsettled(move |state| state.admit(&agent, peer, known))
             .await
             .unwrap_or_else(|stopped| Err((Rejection::Unavailable, stopped.to_string())))
     }
@@ -152,10 +167,12 @@ impl State {
         Ok(())
     }
 
+    /// `known`: the agent's record as read ahead (`Some(None)`: no such agent); `None`: read here.
     fn admit(
         &mut self,
         agent: &VerifiedAgent,
         peer: IpAddr,
+        known: Option<Option<AgentRecord>>,
     ) -> Result<Welcome, (Rejection, String)> {
         let unavailable = |e: StoreError| {
             tracing::error!(error = %e, "store failure while admitting an agent");
@@ -164,16 +181,15 @@ impl State {
                 "the relay could not read its store; try again shortly".to_string(),
             )
         };
-        let known = self.store.agent(&agent.fingerprint).map_err(unavailable)?;
+        let known = match known {
+            Some(read) => read,
+            None => self.store.agent(&agent.fingerprint).map_err(unavailable)?,
+        };
         let (record, paired) = match (known, &agent.pair) {
             (Some(rec), _) if rec.revoked_at.is_some() => {
                 return Err((
                     Rejection::Revoked,
-                    format!(
-                        "this agent's key ({}) was revoked: pair it again with `ct-agent pair --force <token>` \
-                         (get a token with /register in Discord)",
-                        agent.fingerprint.short()
-                    ),
+                    CoreError::Revoked(agent.fingerprint.short()).to_string(),
                 ))
             }
             (Some(rec), _) => (rec, false),

@@ -20,7 +20,23 @@ impl Core {
     /// Called when an agent's session starts: what fits its free slots goes out now (tasks still counted as
     /// running from before wait for its `Running` report).
     pub async fn agent_connected(&self, agent: Fingerprint) {
-        let _ = self.call(move |state| state.agent_connected(&agent)).await;
+        let open = self.open_tasks_ahead(agent).await;
+        // A dispatch writes only queued tasks, which have no events in flight (see `Job::Unsettled`).
+        let _ = self
+            .call_unsettled(move |state| state.agent_connected(&agent, open))
+            .await;
+    }
+
+    /// In a cluster, `agent`'s open tasks read on the blocking pool for a dispatch on the core's thread (see
+    /// [`State::dispatch_queued_from`]): every agent that connects, and every task submitted for an agent
+    /// held here, would otherwise cost the core's thread a round trip to PostgreSQL. `None` on a single
+    /// relay (read in place), or when the read failed (read again there).
+    pub(crate) async fn open_tasks_ahead(&self, agent: Fingerprint) -> Option<Vec<TaskRecord>> {
+        self.bus()?;
+        self.read(move |store| store.open_tasks(&agent).ok())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Retries dispatching for an agent whose outbound queue was full the last time: called on a heartbeat
@@ -46,21 +62,32 @@ impl State {
     /// Sends queued tasks to the agent, oldest first, while it has free slots. A task whose requester lost
     /// their share while it waited is cancelled instead.
     pub(crate) fn dispatch_queued(&mut self, agent: &Fingerprint) -> Result<(), TaskError> {
-        let (epoch, owner_known) = if let Some(live) = self.live.get_mut(agent) {
+        self.dispatch_queued_from(agent, None)
+    }
+
+    /// [`dispatch_queued`](Self::dispatch_queued) with the agent's open tasks read already: `open`, when
+    /// `Some`, is what the store said a moment ago (in a cluster, read on the blocking pool: see [`Core::open_tasks_ahead`]).
+    /// Every dispatch is a compare-and-swap against the record as read, so a stale list sends nothing twice;
+    /// it can count too few tasks as running (one another pass dispatched since), so once a swap fails the
+    /// list is read again here and the pass starts over.
+    pub(crate) fn dispatch_queued_from(
+        &mut self,
+        agent: &Fingerprint,
+        mut open: Option<Vec<TaskRecord>>,
+    ) -> Result<(), TaskError> {
+        let epoch = if let Some(live) = self.live.get_mut(agent) {
             live.retry.store(false, Ordering::Release);
-            (live.epoch, live.owner.is_some())
+            live.epoch
         } else {
             // Held by another node (or by none yet): whichever node holds it dispatches.
             self.tell_holder(agent, &super::remote::NodeMsg::Kick);
             return Ok(());
         };
-        if !owner_known {
-            let owner = self.store().agent(agent)?.map(|a| a.owner);
-            if let Some(live) = self.live.get_mut(agent) {
-                live.owner = owner;
-            }
-        }
-        let open = self.store().open_tasks(agent)?;
+        let read_ahead = open.is_some();
+        let open = match open.take() {
+            Some(open) => open,
+            None => self.store().open_tasks(agent)?,
+        };
         let mut running = open.iter().filter(|t| t.is_dispatched()).count();
         for mut rec in open.into_iter().filter(|t| !t.is_dispatched()) {
             if running >= self.config().max_running_per_agent {
@@ -96,6 +123,9 @@ impl State {
             rec.updated_at = now();
             self.forget_written(agent, &rec.spec.task);
             if !self.store().dispatch_task_from(&rec, &was, epoch)? {
+                if read_ahead {
+                    return self.dispatch_queued_from(agent, None);
+                }
                 // Another session took it (this one was replaced), or it ended meanwhile on another node.
                 tracing::debug!(task = %rec.spec.task, "task not dispatched here: taken or ended elsewhere");
                 continue;
@@ -164,7 +194,7 @@ impl State {
     }
 
     fn share_standing(&self, rec: &TaskRecord) -> Result<Role, String> {
-        let held = self.live.get(&rec.agent).and_then(|l| l.owner.clone());
+        let held = self.live.get(&rec.agent).map(|l| l.owner.clone());
         let read = match held {
             Some(owner) => Ok(Some(owner)),
             None => self.store().agent(&rec.agent).map(|a| a.map(|a| a.owner)),
@@ -221,8 +251,12 @@ impl State {
             }
             None => Default::default(),
         };
+        // What is still open after this reconciliation: read here, not ahead (a task it ends as lost is written
+        // from this record), and handed to the dispatch that follows rather than read again.
+        let mut still_open = Vec::new();
         for mut rec in self.store().open_tasks(agent)? {
             if !rec.is_dispatched() || sent_here.contains(&rec.spec.task) {
+                still_open.push(rec);
                 continue;
             }
             if running.contains(&rec.spec.task) {
@@ -232,6 +266,7 @@ impl State {
                     };
                     self.to_agent(agent, cancel);
                 }
+                still_open.push(rec);
                 continue;
             }
             // A task sent while the agent was going away never reached it; one it ran is gone with its process.
@@ -243,12 +278,12 @@ impl State {
             )?;
             tracing::warn!(task = %rec.spec.task, "task lost: its agent no longer runs it");
         }
-        self.dispatch_queued(agent)?;
+        self.dispatch_queued_from(agent, Some(still_open))?;
         Ok(())
     }
 
-    fn agent_connected(&mut self, agent: &Fingerprint) {
-        if let Err(e) = self.dispatch_queued(agent) {
+    fn agent_connected(&mut self, agent: &Fingerprint, open: Option<Vec<TaskRecord>>) {
+        if let Err(e) = self.dispatch_queued_from(agent, open) {
             tracing::error!(error = %e, "could not dispatch queued tasks");
         }
     }
@@ -275,5 +310,61 @@ impl State {
         if let Err(e) = result {
             tracing::error!(error = %e, "could not end a revoked agent's tasks");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::CoreConfig;
+
+    fn queued(id: &str, agent: Fingerprint, order: u64) -> TaskRecord {
+        serde_json::from_value(serde_json::json!({
+            "spec": {"task": id, "project": "p", "prompt": "go",
+                     "requester": {"user": "1", "role": "owner"}},
+            "agent": agent,
+            "state": "queued", "created_at": 0, "updated_at": 0, "last_seq": 0, "order": order,
+        }))
+        .unwrap()
+    }
+
+    /// A dispatch from open tasks read a moment earlier (a cluster reads them off the core's thread) never
+    /// runs more of an agent's tasks at once than its limit: a task dispatched since the read is not counted
+    /// as running in that list, so the pass reads again when it finds one taken.
+    #[tokio::test]
+    async fn a_dispatch_from_a_stale_list_keeps_the_agents_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CoreConfig {
+            max_running_per_agent: 1,
+            ..CoreConfig::default()
+        };
+        let core = crate::core::tests::core_with(dir.path(), config);
+        let fp = Fingerprint([5; 32]);
+        for (i, id) in ["t_a", "t_b"].iter().enumerate() {
+            core.store()
+                .put_task(&queued(id, fp, i as u64 + 1))
+                .unwrap();
+        }
+        let stale = core.store().open_tasks(&fp).unwrap();
+        let (live, _closed, mut outbound) = crate::core::agents::tests::live("1");
+        core.run(move |state| state.register_session(fp, live, None))
+            .await
+            .unwrap();
+        core.run(move |state| state.dispatch_queued(&fp))
+            .await
+            .unwrap();
+        core.run(move |state| state.dispatch_queued_from(&fp, Some(stale)))
+            .await
+            .unwrap();
+        let mut started = Vec::new();
+        while let Ok(out) = outbound.try_recv() {
+            if let RelayMessage::StartTask(spec) = out.msg {
+                started.push(spec.task);
+            }
+        }
+        assert_eq!(started, ["t_a"]);
+        let open = core.store().open_tasks(&fp).unwrap();
+        let dispatched: Vec<_> = open.iter().filter(|t| t.is_dispatched()).collect();
+        assert_eq!(dispatched.len(), 1, "{open:?}");
     }
 }

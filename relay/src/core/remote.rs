@@ -34,7 +34,7 @@ use super::state::{Outbound, State};
 use super::tasks::TaskError;
 use super::Core;
 use crate::cluster::{self, Bus, RequestError};
-use crate::store::{AgentRecord, Presence};
+use crate::store::{AgentRecord, Presence, TaskRecord};
 
 /// Project requests one holding node answers at once for one agent (each waits up to the project timeout).
 const MAX_ASKS_IN_FLIGHT: usize = 8;
@@ -126,6 +126,17 @@ impl State {
         self.live.get(agent).map(|l| l.epoch)
     }
 
+    /// Another node queued a task for `agent`, held here at `epoch`: dispatch what fits. `open`: its open
+    /// tasks, read ahead (see [`Core::open_tasks_ahead`]).
+    fn kicked(&mut self, agent: &Fingerprint, epoch: u64, open: Option<Vec<TaskRecord>>) {
+        if self.epoch_here(agent) != Some(epoch) {
+            return;
+        }
+        if let Err(e) = self.dispatch_queued_from(agent, open) {
+            tracing::error!(error = %e, "could not dispatch queued tasks");
+        }
+    }
+
     /// A message from another node for the session this node holds for `agent` at `epoch`.
     fn on_node_msg(&mut self, agent: &Fingerprint, epoch: u64, msg: NodeMsg) {
         if self.epoch_here(agent) != Some(epoch) {
@@ -139,11 +150,7 @@ impl State {
                 }
             }
             NodeMsg::Claimed { .. } => {}
-            NodeMsg::Kick => {
-                if let Err(e) = self.dispatch_queued(agent) {
-                    tracing::error!(error = %e, "could not dispatch queued tasks");
-                }
-            }
+            NodeMsg::Kick => self.kicked(agent, epoch, None),
             NodeMsg::Deliver { msg } => {
                 // While a newer session of the agent (on another node) has not closed this one yet, both
                 // receive the message: only the session whose epoch the store names passes it on, so a
@@ -179,6 +186,9 @@ impl State {
     }
 }
 
+/// How long a new session's subscription waits for NATS to confirm it (see [`Core::hold`]).
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
 /// While a session lives on this node: the subscription to its agent's subject and the task serving it.
 /// Dropping it ends both.
 #[derive(Debug)]
@@ -200,6 +210,10 @@ impl Core {
                 return None;
             }
         };
+        // The session's registration reads the agent's record once this returns, to catch a revocation whose
+        // notice came before the subscription (see `Core::register_session`); that needs NATS to have the
+        // subscription by then. Without NATS it waits no longer than a moment: the record is read anyway.
+        bus.settled(SUBSCRIBE_WAIT).await;
         let core = self.clone();
         let task = tokio::spawn(async move {
             let mut asks = JoinSet::new();
@@ -236,6 +250,12 @@ impl Core {
                             bus.reply(reply_to, encode(&reply)).await;
                         });
                     }
+                    NodeMsg::Kick => {
+                        let open = core.open_tasks_ahead(agent).await;
+                        let _ = core
+                            .call_unsettled(move |state| state.kicked(&agent, epoch, open))
+                            .await;
+                    }
                     other => {
                         let _ = core
                             .call(move |state| state.on_node_msg(&agent, epoch, other))
@@ -246,7 +266,7 @@ impl Core {
         });
         // Subscribed first, then announced: a message for the new session cannot fall in between.
         let _ = self
-            .call(move |state| state.tell_holder(&agent, &NodeMsg::Claimed { epoch }))
+            .call_unsettled(move |state| state.tell_holder(&agent, &NodeMsg::Claimed { epoch }))
             .await;
         Some(Holding {
             _task: AbortOnDropHandle::new(task),

@@ -1,6 +1,8 @@
 //! Which agent a request goes to: the one named, the owner's only one, or the owner's default; and setting
 //! that default.
 
+use ct_protocol::Fingerprint;
+
 use super::audit::{Caller, OwnedCaller};
 use super::state::State;
 use super::tasks::TaskError;
@@ -77,16 +79,18 @@ impl State {
         own: bool,
     ) -> Result<AgentRecord, TaskError> {
         let mine = self.agents_of(owner)?;
-        self.choose_agent_among(owner, wanted, own, mine)
+        self.choose_agent_among(owner, wanted, own, mine, None)
     }
 
     /// [`choose_agent`](Self::choose_agent) among `mine`, the owner's agents as [`usable`] leaves them.
+    /// `default`: the owner's default agent, when it was read already (else it is read here if needed).
     pub(crate) fn choose_agent_among(
         &self,
         owner: &str,
         wanted: Option<&str>,
         own: bool,
         mine: Vec<AgentRecord>,
+        default: Option<Option<Fingerprint>>,
     ) -> Result<AgentRecord, TaskError> {
         let names = || {
             mine.iter()
@@ -99,7 +103,10 @@ impl State {
             (_, []) => Err(TaskError::OwnerHasNoAgent(owner.to_string())),
             (None | Some(""), [one]) => Ok(one.clone()),
             (None | Some(""), _) => {
-                let default = self.store().user(owner)?.default_agent;
+                let default = match default {
+                    Some(read) => read,
+                    None => self.store().user(owner)?.default_agent,
+                };
                 if let Some(agent) = mine.iter().find(|a| Some(a.fingerprint) == default) {
                     return Ok(agent.clone());
                 }

@@ -3,13 +3,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ct_protocol::message::CloseReason;
 use ct_protocol::task::TaskEvent;
 use ct_protocol::{Fingerprint, RelayMessage, Transport};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{broadcast, mpsc};
 
 use super::config::CoreConfig;
@@ -25,11 +26,18 @@ use crate::store::{SharedStore, Store};
 /// Event jobs written together at most: bounds one store operation, and the time other jobs wait behind it.
 const MAX_EVENT_BATCH: usize = 64;
 
+/// An operation on the state, which replies through whatever it captured.
+pub(crate) type Operation = Box<dyn FnOnce(&mut State) + Send>;
+
 /// Work for the core's thread.
 pub(crate) enum Job {
-    /// Any operation: runs with the state, replies through whatever it captured. The event writes in flight
-    /// are settled first (see [`super::writers`]).
-    Call(Box<dyn FnOnce(&mut State) + Send>),
+    /// Any operation. The event writes in flight are settled first (see [`super::writers`]).
+    Call(Operation),
+    /// An operation that reads and writes no record an event write in flight could change (a session's
+    /// admission, a submission's decision, a dispatch of queued tasks): runs without waiting for those
+    /// writes. In a cluster, with PostgreSQL a round trip away, that wait was most of the core's thread's
+    /// time under load (the `settle` part of `ct_relay_core_busy_seconds`), ahead of every submission.
+    Unsettled(Operation),
     /// A session's burst of task events. Consecutive ones are written together (see [`super::events`]).
     Events(EventsJob),
     /// A writer finished a write (see [`super::writers`]): its follow-up is waiting.
@@ -76,11 +84,11 @@ pub(crate) struct LiveAgent {
     /// (it revoked the agent and ended its tasks, or the agent moved to it) is never written over; a new
     /// session starts empty. At most [`MAX_WRITTEN`] entries; a task leaves when it ends.
     pub(crate) written: HashMap<String, (crate::store::TaskRecord, Vec<u8>)>,
-    /// The agent's owner, read once per session by the first dispatch (`None`: not yet). An agent's owner
-    /// never changes, and a revoked agent's session is closed, so dispatching checks shares against this
-    /// rather than reading the agent's record again for every task: on PostgreSQL that read was a round trip
-    /// on the core's thread per dispatch.
-    pub(crate) owner: Option<String>,
+    /// The agent's owner, as the session's admission read it. An agent's owner never changes, and a revoked
+    /// agent's session is closed, so dispatching checks shares against this rather than reading the agent's
+    /// record again for every task: on PostgreSQL that read was a round trip on the core's thread per
+    /// dispatch.
+    pub(crate) owner: String,
 }
 
 /// Running tasks' records one session keeps (see [`LiveAgent::written`]): more than an agent runs at once.
@@ -212,6 +220,7 @@ impl State {
     /// The thread's loop: until every handle is gone. Consecutive event jobs are taken together.
     pub(crate) fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
         let mut next = None;
+        let busy = Busy::new(&self.metrics);
         loop {
             let job = match next.take() {
                 Some(job) => job,
@@ -224,12 +233,24 @@ impl State {
                 Job::Wake => {}
                 Job::Call(job) => {
                     // Sees the store and this state as if every event batch had been written in place.
+                    let start = Instant::now();
                     self.settle();
-                    job(&mut self)
+                    let settled = Instant::now();
+                    job(&mut self);
+                    busy.settle.inc_by((settled - start).as_secs_f64());
+                    busy.jobs.inc_by(settled.elapsed().as_secs_f64());
+                }
+                Job::Unsettled(job) => {
+                    let start = Instant::now();
+                    job(&mut self);
+                    busy.jobs.inc_by(start.elapsed().as_secs_f64());
                 }
                 Job::Events(first) => {
+                    let start = Instant::now();
                     // While every writer is busy, the jobs that come in meanwhile join this batch.
                     self.wait_for_writer();
+                    let waited = Instant::now();
+                    busy.settle.inc_by((waited - start).as_secs_f64());
                     let mut batch = vec![first];
                     while batch.len() < MAX_EVENT_BATCH {
                         match jobs.try_recv() {
@@ -252,6 +273,7 @@ impl State {
                         self.settle();
                     }
                     self.record_batch(batch);
+                    busy.events.inc_by(waited.elapsed().as_secs_f64());
                 }
             }
             self.collect_written();
@@ -281,6 +303,23 @@ impl State {
                 Some(followup) => followup(self),
                 None => break,
             }
+        }
+    }
+}
+
+/// The core thread's busy-time counters (see [`Metrics::core_busy`]).
+struct Busy {
+    jobs: Counter<f64, AtomicU64>,
+    events: Counter<f64, AtomicU64>,
+    settle: Counter<f64, AtomicU64>,
+}
+
+impl Busy {
+    fn new(metrics: &Metrics) -> Self {
+        Self {
+            jobs: metrics.core_busy("jobs"),
+            events: metrics.core_busy("events"),
+            settle: metrics.core_busy("settle"),
         }
     }
 }

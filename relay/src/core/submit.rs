@@ -15,7 +15,7 @@ use super::tasks::{
 use super::{human_duration, Core};
 use crate::store::{
     now, pool_of_owner, Admission, AgentRecord, Attachment, AuditEntry, AuditKind, Presence, Store,
-    StoreError, TaskLimits, TaskRecord, TaskState,
+    StoreError, TaskLimits, TaskRecord, TaskState, UserRecord,
 };
 
 /// Longest Claude Code session id accepted for `resume` (they are UUIDs).
@@ -50,17 +50,22 @@ impl Core {
                 .run(move |state| state.submit_task(req, pre, files))
                 .await;
         }
+        let resumes = req.resume.is_some();
         // In a cluster the decision is the core's, the write (the id check, the order, the admission: each a
         // round trip to PostgreSQL) is the blocking pool's, and the queue moves on the core's thread again.
         // The store's admission is what keeps the limits across nodes (see [`Admit::write`]), and a share
         // revoked between the decision and the dispatch is caught by the dispatch, which checks the
         // requester's standing again: the same as when the revocation happens on another node, which a
         // cluster has to handle anyway.
-        let admit = self
-            .run(move |state| state.decide_task(req, pre, files).map(Box::new))
-            .await?;
+        // Neither the decision nor the queue reads a record an event write in flight could change, except
+        // a resumed session's origin (see `check_resume`), so neither waits for those writes.
+        let decide = move |state: &mut State| state.decide_task(req, pre, files).map(Box::new);
+        let admit = match resumes {
+            false => self.run_unsettled(decide).await?,
+            true => self.run(decide).await?,
+        };
         let rec = self.read(move |store| admit.write(store)).await??;
-        self.run(move |state| state.queued(rec)).await
+        self.run_unsettled(move |state| state.queued(rec)).await
     }
 
     /// In a cluster, the reads of a submission that can be done before its decision (see [`Preread`]), on the
@@ -73,7 +78,8 @@ impl Core {
         // The node's own limiter first, as on the core's thread: a flood is refused before it costs the store
         // anything.
         let user = req.user.clone();
-        self.run(move |state| state.take_local_token(&user)).await?;
+        self.run_unsettled(move |state| state.take_local_token(&user))
+            .await?;
         let config = self.config();
         let (burst, per) = (config.task_burst, token_period(config.tasks_per_minute));
         let (user, owner, wanted) = (req.user.clone(), owner_of(req), req.agent.clone());
@@ -147,6 +153,8 @@ pub(crate) struct Preread {
     agents: Option<Vec<AgentRecord>>,
     /// Where the one agent the request can mean is held (`None`: nowhere), when it can mean only one.
     presence: Option<(Fingerprint, Option<Presence>)>,
+    /// The requester's settings: their pool, and their default agent when the agents are their own.
+    user: Option<UserRecord>,
 }
 
 impl Preread {
@@ -171,6 +179,7 @@ impl Preread {
             stored_bytes,
             agents,
             presence,
+            user: store.user(user).ok(),
         }
     }
 }
@@ -228,11 +237,12 @@ impl State {
         check_request(&req)?;
         self.take_task_token(&req.user, &pre)?;
         self.check_stored(&req.user, pre.stored_bytes, super::files::size_of(&files))?;
+        let settings = match pre.user {
+            Some(settings) => settings,
+            None => self.store().user(&req.user)?,
+        };
         // A user in cluster mode who names nobody's machine means their pool worker.
-        if req.target.is_none()
-            && req.agent.is_none()
-            && self.store().user(&req.user)?.pool.is_some()
-        {
+        if req.target.is_none() && req.agent.is_none() && settings.pool.is_some() {
             return self.decide_pool_task(req, files);
         }
         let owner = owner_of(&req);
@@ -243,8 +253,9 @@ impl State {
             Some(mine) => mine,
             None => self.agents_of(&owner)?,
         };
-        let agent =
-            self.choose_agent_among(&owner, req.agent.as_deref(), owner == req.user, mine)?;
+        let own = owner == req.user;
+        let default = own.then_some(settings.default_agent);
+        let agent = self.choose_agent_among(&owner, req.agent.as_deref(), own, mine, default)?;
         if let Some(session) = &req.resume {
             self.check_resume(&req.user, &agent, session)?;
         }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ct_protocol::frame::{FrameError, FrameReader, FrameWriter};
-use ct_protocol::handshake::{self, HandshakeError, Verdict};
+use ct_protocol::handshake::{self, HandshakeError, Rejection, Verdict};
 use ct_protocol::message::{AgentMessage, CloseReason, RelayMessage};
 use ct_protocol::Transport;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -14,7 +14,7 @@ use tokio::time::{interval_at, sleep_until, Instant, Interval, MissedTickBehavio
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::core::{Core, SessionGuard};
+use crate::core::{Core, CoreError, SessionGuard};
 use crate::durable::Ticket;
 
 /// What the endpoint knows about a connection before the handshake.
@@ -85,13 +85,17 @@ where
             link.transport,
             link.peer,
             &verified.software,
+            welcome.owner.clone(),
         )
         .await
     {
         Ok(guard) => guard,
         Err(e) => {
             let message = e.to_string();
-            let reason = ct_protocol::handshake::Rejection::Unavailable;
+            let reason = match e {
+                CoreError::Revoked(_) => Rejection::Revoked,
+                _ => Rejection::Unavailable,
+            };
             let _ = writer.send(&Verdict::Rejected { reason, message }).await;
             close_gently(&mut writer).await;
             return;
