@@ -41,8 +41,8 @@ pub struct HandshakeLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CoreLabels {
     /// What the core's thread was doing: `jobs` (decisions: submissions, sessions, cancels...), `events`
-    /// (checking task events and handing them to the store), `settle` (waiting for event writes in flight to
-    /// land before a decision, in a cluster).
+    /// (checking task events and handing them to the store), and in a cluster `settle` (waiting for event
+    /// writes in flight to land before a decision) and `writers` (waiting for a free event writer).
     pub part: &'static str,
 }
 

@@ -215,7 +215,7 @@ impl State {
             // for the bookkeeping thread in a cluster. Until it is made, other nodes take this node for the
             // agent's and queue its tasks, which its next node dispatches.
             let (fp, epoch) = (*fp, live.epoch);
-            self.book(move |store| {
+            self.book(&fp, move |store| {
                 if let Err(e) = store.release_presence(&fp, epoch) {
                     tracing::warn!(error = %e, "could not record that an agent's session ended");
                 }
@@ -242,14 +242,18 @@ impl State {
                 tracing::warn!(error = %e, "could not record when an agent was last seen");
             }
         };
-        self.book(write);
+        self.book(&fp, write);
     }
 
     /// Makes a write no decision waits for: in place on a single relay, by the bookkeeping thread in a
     /// cluster (see [`super::books`]).
-    fn book(&self, write: impl FnOnce(&dyn crate::store::Store) + Send + 'static) {
+    fn book(
+        &self,
+        agent: &Fingerprint,
+        write: impl FnOnce(&dyn crate::store::Store) + Send + 'static,
+    ) {
         match &self.books {
-            Some(books) => books.write(write),
+            Some(books) => books.write(agent, write),
             None => write(&*self.store),
         }
     }

@@ -250,7 +250,7 @@ impl State {
                     // While every writer is busy, the jobs that come in meanwhile join this batch.
                     self.wait_for_writer();
                     let waited = Instant::now();
-                    busy.settle.inc_by((waited - start).as_secs_f64());
+                    busy.writers.inc_by((waited - start).as_secs_f64());
                     let mut batch = vec![first];
                     while batch.len() < MAX_EVENT_BATCH {
                         match jobs.try_recv() {
@@ -312,6 +312,7 @@ struct Busy {
     jobs: Counter<f64, AtomicU64>,
     events: Counter<f64, AtomicU64>,
     settle: Counter<f64, AtomicU64>,
+    writers: Counter<f64, AtomicU64>,
 }
 
 impl Busy {
@@ -320,6 +321,7 @@ impl Busy {
             jobs: metrics.core_busy("jobs"),
             events: metrics.core_busy("events"),
             settle: metrics.core_busy("settle"),
+            writers: metrics.core_busy("writers"),
         }
     }
 }
