@@ -212,7 +212,7 @@ impl Core {
         };
         // The session's registration reads the agent's record once this returns, to catch a revocation whose
         // notice came before the subscription (see `Core::register_session`); that needs NATS to have the
-        // subscription by then. Without NATS it waits no longer than a moment: the record is read anyway.
+        // subscription by then. Without NATS it waits at most `SUBSCRIBE_WAIT`: the record is read anyway.
         bus.settled(SUBSCRIBE_WAIT).await;
         let core = self.clone();
         let task = tokio::spawn(async move {
@@ -391,8 +391,14 @@ impl Core {
                     () = woken.notified() => {}
                     _ = poll.tick() => {}
                 }
+                // Both steps touch only this node's followers, ordered by sequence number (see `publish`),
+                // so neither waits for this node's event writes: a watch wakes for every batch another node
+                // writes, several times a task.
                 let watched = id.clone();
-                let Ok(Some(after)) = core.call(move |s| s.followed_up_to(&watched)).await else {
+                let Ok(Some(after)) = core
+                    .call_unsettled(move |s| s.followed_up_to(&watched))
+                    .await
+                else {
                     break;
                 };
                 let watched = id.clone();
@@ -407,7 +413,7 @@ impl Core {
                 if !events.is_empty() {
                     let watched = id.clone();
                     let _ = core
-                        .call(move |s| s.publish_caught_up(&watched, events))
+                        .call_unsettled(move |s| s.publish_caught_up(&watched, events))
                         .await;
                 }
             }
