@@ -137,11 +137,11 @@ impl Core {
         self.run(move |state| state.tasks_for(&user, limit)).await
     }
 
-    /// A task's record. On a single relay, read by the core's thread; in a cluster, as the store has it, read
-    /// on the blocking pool without waiting for the event writes this node has in flight: another node's reader never waits for this
-    /// node's writes either, and every follower that saw a task end asks for its record (a round trip, and a
-    /// wait for the event writes, on the core's thread for each task otherwise). Writes a caller was told of
-    /// (an acknowledged event, a submission) have landed already.
+    /// A task's record. On a single relay, read by the core's thread. In a cluster, as the store has it, read
+    /// on the blocking pool without waiting for the event writes this node has in flight: another node's
+    /// reader never waits for them either, and every follower that saw a task end asks for its record (a
+    /// round trip, and a wait for the event writes, on the core's thread for each task otherwise). Writes a
+    /// caller was told of (an acknowledged event, a submission) have landed already.
     pub async fn task(&self, id: &str) -> Result<TaskRecord, TaskError> {
         let id = id.to_string();
         if self.bus().is_some() {

@@ -44,11 +44,13 @@
 //! PostgreSQL round trips to what only it can do: a submission's reads and its admission run on the blocking
 //! pool around the decision ([`submit`]); so do an agent's admission read and presence claim
 //! ([`Core::register_session`]), the open tasks a dispatch starts from ([`Core::open_tasks_ahead`]), and a
-//! follower's first read of its task. Bookkeeping no decision waits for (when an agent was last seen, a
-//! session's presence released) runs on a thread of its own (`books`), and task events on writer threads while
-//! the core's thread goes on deciding (`writers`). With PostgreSQL a network round trip away, each round trip
-//! left on this thread caps the node at one over its duration, shared by everything the node does; the
-//! blocking pool's calls run side by side, up to [`READS_AT_ONCE`].
+//! follower's first read of its task and `Core::task`. Bookkeeping no decision waits for (when an agent was last
+//! seen, a session's presence released) runs on threads of its own (`books`), and task events on writer threads
+//! while the core's thread goes on deciding (`writers`). Decisions that touch no record an event write in flight
+//! could change do not wait for those writes (`Job::Unsettled`). With PostgreSQL a network round trip away,
+//! each round trip left on this thread caps the node at one over its duration, shared by everything the node
+//! does; the blocking pool's calls run side by side, up to [`READS_AT_ONCE`]. How busy the thread is:
+//! `ct_relay_core_busy_seconds_total` on `/metrics`.
 
 use std::sync::Arc;
 
@@ -98,7 +100,7 @@ const JOB_QUEUE: usize = 4096;
 
 /// Store calls [`Core::read`] runs at once. On PostgreSQL each holds one of the node's pooled connections
 /// (16) for its round trips; without a cap, a burst of them (a thousand agents reconnecting, each with a read
-/// and a claim) took every connection, and the core's thread, the event writers and the bookkeeping thread
+/// and a claim) took every connection, and the core's thread, the event writers and the bookkeeping threads
 /// waited for one behind them: every decision on the node stalled. Half the pool is left to those.
 const READS_AT_ONCE: usize = 8;
 

@@ -67,9 +67,9 @@ impl State {
 
     /// [`dispatch_queued`](Self::dispatch_queued) with the agent's open tasks read already: `open`, when
     /// `Some`, is what the store said a moment ago (in a cluster, read on the blocking pool: see
-    /// [`Core::open_tasks_ahead`]). Every dispatch is a compare-and-swap against the record as read, so a stale list sends nothing twice;
-    /// it can count too few tasks as running (one another pass dispatched since), so once a swap fails the
-    /// list is read again here and the pass starts over.
+    /// [`Core::open_tasks_ahead`]). Every dispatch is a compare-and-swap against the record as read, so a
+    /// stale list sends nothing twice; it can count too few tasks as running (one another pass dispatched
+    /// since), so once a swap fails the list is read again here and the pass starts over.
     pub(crate) fn dispatch_queued_from(
         &mut self,
         agent: &Fingerprint,
