@@ -262,8 +262,40 @@ async fn files_reach_claude_from_a_task_a_thread_and_a_queue_and_never_escape_th
         "nothing written outside"
     );
 
-    // A grantee's task runs in the sandbox, and reads its file there (the project folder is bound into it).
+    // Before any share, gina naming alice's agents with a file is refused, and the file is never fetched: a
+    // stranger cannot make the bot download (and hold up others' downloads) for a task they may not run.
     let gina = sim.user("gina");
+    let early = sim.upload("early.txt", None, b"not yet".to_vec());
+    let said = private(
+        sim,
+        &sim.send_slash(
+            &sim.origin(&gina),
+            &task_with("read it", &early).opt(Opt::user("target", &alice)),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert!(
+        said.contains("has not shared their agents with you"),
+        "{said}"
+    );
+    // Nor for someone with no agent at all.
+    let said = private(
+        sim,
+        &sim.send_slash(
+            &sim.origin(&sim.user("mallory")),
+            &task_with("read it", &early),
+        )
+        .unwrap(),
+    )
+    .await;
+    assert!(said.contains("you have no agent paired yet"), "{said}");
+    assert!(
+        sim.downloads().iter().all(|c| !c.path.contains(&early.id)),
+        "never downloaded"
+    );
+
+    // A grantee's task runs in the sandbox, and reads its file there (the project folder is bound into it).
     let said = private(
         sim,
         &sim.send_slash(

@@ -367,6 +367,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `/task`.
     async fn submit(&self, req: TaskRequest) -> Result<TaskInfo>;
+    /// Refuses `req` if its submission would be refused for who asks (their standing, the agent, the
+    /// project; with `files`, whether the agent takes files), taking and writing nothing. Asked before a
+    /// `/task`'s files are downloaded, so nobody makes the bot fetch files for a task they may not run. A
+    /// backend that cannot tell lets it through: the submission decides.
+    async fn vet_submit(&self, _req: &TaskRequest, _files: bool) -> Result<()> {
+        Ok(())
+    }
     /// A message in a task's thread, or `/reply`: continue the same session.
     async fn reply(&self, user: &str, task: &str, prompt: &str) -> Result<TaskInfo>;
     /// `/task` with files attached (downloaded and within [`ct_protocol::files`]' limits). A backend that

@@ -617,11 +617,6 @@ impl Inner {
                 (project, agent) = (Some(found.name), Some(found.agent));
             }
         }
-        // Refused by the size Discord reports before anything is downloaded, and before anything starts.
-        let wanted: Vec<_> = args.attachment("file", &c.data).into_iter().collect();
-        let files = crate::files::fetch(&wanted, self.config.api_proxy.as_deref())
-            .await
-            .map_err(BackendError::Refused)?;
         let req = TaskRequest {
             user: user.to_string(),
             prompt: prompt.clone(),
@@ -642,6 +637,16 @@ impl Inner {
                 .or_else(|| c.user.global_name.clone()),
             roles: roles_of(c),
         };
+        // Nothing is downloaded for a task its requester may not run (a stranger naming someone's agents):
+        // refused by the size Discord reports, then by the relay's checks, before anything is fetched.
+        let wanted: Vec<_> = args.attachment("file", &c.data).into_iter().collect();
+        if !wanted.is_empty() {
+            crate::files::check(&wanted).map_err(BackendError::Refused)?;
+            self.backend.vet_submit(&req, true).await?;
+        }
+        let files = crate::files::fetch(&wanted, self.config.api_proxy.as_deref())
+            .await
+            .map_err(BackendError::Refused)?;
         let task = self.backend.submit_with_files(req, files).await?;
         // A thread cannot hold a thread: inside one, open the new thread in its channel.
         let channel = c

@@ -250,6 +250,22 @@ impl CoreBackend {
     }
 }
 
+/// The core's submission for the bot's request, in `project` (resolved by the caller).
+fn submission(req: TaskRequest, project: String) -> Submit {
+    Submit {
+        user: req.user,
+        target: req.target,
+        agent: req.agent,
+        name: req.name,
+        project,
+        prompt: req.prompt,
+        options: req.options,
+        resume: req.resume,
+        operator: false,
+        roles: Some(req.roles),
+    }
+}
+
 /// An agent as the bot shows it, from its record alone (it is not online, or not known to be).
 fn record_info(rec: &AgentRecord) -> AgentInfo {
     AgentInfo {
@@ -516,6 +532,22 @@ impl Backend for CoreBackend {
         self.submit_with_files(req, Vec::new()).await
     }
 
+    async fn vet_submit(&self, req: &TaskRequest, files: bool) -> Result<()> {
+        let mut req = req.clone();
+        let pooled = self.to_pool(&mut req).await?;
+        let project = match (&req.project, pooled) {
+            (Some(p), _) => p.clone(),
+            // The worker finds the project in the requester's own workspace (asking it is a round trip to the
+            // worker, left to the submission); the core checks their access to the pool.
+            (None, true) => String::new(),
+            (None, false) => self.default_project(&req).await?,
+        };
+        self.core
+            .vet_task(submission(req, project), files)
+            .await
+            .map_err(task_err)
+    }
+
     async fn submit_with_files(
         &self,
         req: TaskRequest,
@@ -530,21 +562,7 @@ impl Backend for CoreBackend {
         };
         let rec = self
             .core
-            .submit_task_with_files(
-                Submit {
-                    user: req.user,
-                    target: req.target,
-                    agent: req.agent,
-                    name: req.name,
-                    project,
-                    prompt: req.prompt,
-                    options: req.options,
-                    resume: req.resume,
-                    operator: false,
-                    roles: Some(req.roles),
-                },
-                files,
-            )
+            .submit_task_with_files(submission(req, project), files)
             .await
             .map_err(task_err)?;
         self.info(&rec).await

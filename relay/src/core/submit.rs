@@ -68,6 +68,19 @@ impl Core {
         self.run_unsettled(move |state| state.queued(rec)).await
     }
 
+    /// Refuses `req` now if its submission would be refused for who is asking: their standing on the owner's
+    /// agents and the project, the agent it means, its options, and (with `files`) whether that agent takes
+    /// files. Nothing is taken or written. The bot asks this before it downloads a `/task`'s files, so a
+    /// person who may not run the task cannot make the relay fetch, and hold in memory, files for it (the
+    /// downloads at once are few, and theirs would hold up everyone else's). The submission checks all of
+    /// it again, with the limits and whether the agent is online.
+    pub async fn vet_task(&self, req: Submit, files: bool) -> Result<(), TaskError> {
+        check_request(&req)?;
+        // Shares, agents and settings: nothing an event write in flight changes.
+        self.run_unsettled(move |state| state.vet_task(&req, files))
+            .await
+    }
+
     /// In a cluster, the reads of a submission that can be done before its decision (see [`Preread`]), on the
     /// blocking pool; nothing without a cluster.
     async fn preread(&self, req: &Submit) -> Result<Preread, TaskError> {
@@ -237,25 +250,9 @@ impl State {
         check_request(&req)?;
         self.take_task_token(&req.user, &pre)?;
         self.check_stored(&req.user, pre.stored_bytes, super::files::size_of(&files))?;
-        let settings = match pre.user {
-            Some(settings) => settings,
-            None => self.store().user(&req.user)?,
-        };
-        // A user in cluster mode who names nobody's machine means their pool worker.
-        if req.target.is_none() && req.agent.is_none() && settings.pool.is_some() {
+        let Some((role, agent)) = self.requesters_standing(&req, pre.user, pre.agents)? else {
             return self.decide_pool_task(req, files);
-        }
-        let owner = owner_of(&req);
-        // The share is checked before anything about the owner's agents is looked at, so someone without a
-        // share learns nothing about them (not even their names).
-        let role = self.role_for(&req.user, &owner, &req.project)?;
-        let mine = match pre.agents {
-            Some(mine) => mine,
-            None => self.agents_of(&owner)?,
         };
-        let own = owner == req.user;
-        let default = own.then_some(settings.default_agent);
-        let agent = self.choose_agent_among(&owner, req.agent.as_deref(), own, mine, default)?;
         if let Some(session) = &req.resume {
             self.check_resume(&req.user, &agent, session)?;
         }
@@ -277,6 +274,63 @@ impl State {
             operator: req.operator,
             files,
         })
+    }
+
+    /// What [`Core::vet_task`] checks.
+    fn vet_task(&mut self, req: &Submit, files: bool) -> Result<(), TaskError> {
+        let Some((role, agent)) = self.requesters_standing(req, None, None)? else {
+            // Their pool worker: it runs the task in the requester's own workspace, and the submission checks
+            // their access to the pool.
+            return Ok(());
+        };
+        self.check_fit(&agent, role, &req.user, &req.project, &req.options, files)
+    }
+
+    /// The requester's role and the agent a request means, or why they may not run it; `None` when it goes to
+    /// their pool worker (a user in cluster mode who names nobody's machine). `settings` and `mine` (the
+    /// owner's usable agents), when read already, are not read again.
+    fn requesters_standing(
+        &mut self,
+        req: &Submit,
+        settings: Option<UserRecord>,
+        mine: Option<Vec<AgentRecord>>,
+    ) -> Result<Option<(Role, AgentRecord)>, TaskError> {
+        let settings = match settings {
+            Some(settings) => settings,
+            None => self.store().user(&req.user)?,
+        };
+        if req.target.is_none() && req.agent.is_none() && settings.pool.is_some() {
+            return Ok(None);
+        }
+        let owner = owner_of(req);
+        // The share is checked before anything about the owner's agents is looked at, so someone without a
+        // share learns nothing about them (not even their names).
+        let role = self.role_for(&req.user, &owner, &req.project)?;
+        let mine = match mine {
+            Some(mine) => mine,
+            None => self.agents_of(&owner)?,
+        };
+        let own = owner == req.user;
+        let default = own.then_some(settings.default_agent);
+        let agent = self.choose_agent_among(&owner, req.agent.as_deref(), own, mine, default)?;
+        Ok(Some((role, agent)))
+    }
+
+    /// Whether `agent` can take the task as asked: the options for the requester's role, files, the project.
+    fn check_fit(
+        &mut self,
+        agent: &AgentRecord,
+        role: Role,
+        user: &str,
+        project: &str,
+        options: &TaskOptions,
+        files: bool,
+    ) -> Result<(), TaskError> {
+        check_options(role, options)?;
+        if files {
+            super::files::agent_takes_files(agent)?;
+        }
+        self.check_agent_project(agent, role, user, project)
     }
 
     /// A cluster-mode user's task, for their pool worker (assigned, or moved off a drained or removed one,
@@ -522,11 +576,15 @@ impl State {
     /// record, and for a grantee its audit entry, ready to write.
     fn prepare(&mut self, task: NewTask) -> Result<Admit, TaskError> {
         let agent = task.agent;
-        check_options(task.role, &task.options)?;
-        if !task.files.is_empty() {
-            super::files::agent_takes_files(&agent)?;
-        }
-        self.check_agent_project(&agent, task.role, &task.user, &task.project)?;
+        let files = !task.files.is_empty();
+        self.check_fit(
+            &agent,
+            task.role,
+            &task.user,
+            &task.project,
+            &task.options,
+            files,
+        )?;
         if !self.live.contains_key(&agent.fingerprint) && !self.between_nodes(&agent, task.presence)
         {
             let seen = agent.last_seen.map_or("never connected".into(), |t| {
